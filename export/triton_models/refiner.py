@@ -1,0 +1,41 @@
+"""Triton python-backend model: CAMs -> pseudo-mask, with the project's own refiners.
+
+Copied into ``<repository>/refiner/<version>/model.py`` by the exporter; its settings (method,
+thresholds, task) come from the ``parameters`` of the generated config.pbtxt, so the file is
+the same for every export. One response per request, as the backend requires.
+"""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from training.refine import build_refiner, present_classes, refine_batch
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.multi_label = params["multi_label"] == "true"
+        self.score_threshold = float(params["score_threshold"])
+        self.refiner = build_refiner(params["method"], threshold=float(params["threshold"]))
+        self.inputs = [i["name"] for i in config["input"]]
+        (self.output,) = [o["name"] for o in config["output"]]
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                image, scores, cams = (
+                    pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs
+                )
+                classes = [present_classes(s, self.multi_label, self.score_threshold)
+                           for s in scores]
+                mask = refine_batch(self.refiner, image, cams, classes, not self.multi_label)
+                out = pb_utils.Tensor(self.output, np.ascontiguousarray(mask, dtype=np.uint8))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+            except Exception as exc:  # answer this request with an error; keep serving others
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[], error=pb_utils.TritonError(f"refiner: {exc}")))
+        return responses

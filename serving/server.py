@@ -1,0 +1,151 @@
+"""Run the real ``tritonserver`` binary (from the nvidia-pytriton wheel) on a model repository.
+
+The wheel ships tritonserver 2.51.0 (the NGC 24.10 release) with the Python backend only. We
+assemble a backend directory next to the repository: ``python/`` (the backend library, its
+utils and the Python 3.11 stub) and ``onnxruntime/model.py`` (our Python-based stand-in for
+the native ONNX Runtime backend, see ``serving/backends``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from wsss.config import ServeConfig
+
+_BACKENDS = Path(__file__).parent / "backends"
+
+
+class ServerError(RuntimeError):
+    """tritonserver did not start, or died."""
+
+
+def pytriton_root() -> Path:
+    # find_spec, not import: pytriton's own Python deps are not installed (binaries only).
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("nvidia-pytriton is not installed: run `make setup`")
+    return Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+
+
+def prepare_backends(dest: Path) -> Path:
+    """Fill ``dest`` with the python backend (3.11 stub) and our Python-based backends."""
+    root = pytriton_root()
+    python = dest / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy2(root / "backends" / "python" / name, python / name)
+    stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
+    shutil.copy2(stub / "triton_python_backend_stub", python / "triton_python_backend_stub")
+    for backend in _BACKENDS.iterdir():
+        if (backend / "model.py").is_file():
+            (dest / backend.name).mkdir(exist_ok=True)
+            shutil.copy2(backend / "model.py", dest / backend.name / "model.py")
+    return dest
+
+
+def server_env() -> dict[str, str]:
+    """The stub must find this venv's numpy first, and the wheel's bundled libraries."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    libs = pytriton_root().parent.parent / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p
+    )
+    return env
+
+
+def server_command(repository: Path, backends: Path, cfg: ServeConfig, gpu: bool) -> list[str]:
+    cmd = [
+        str(pytriton_root() / "bin" / "tritonserver"),
+        f"--model-repository={repository.resolve()}",
+        f"--backend-directory={backends.resolve()}",
+        f"--http-address={cfg.host}", f"--http-port={cfg.http_port}",
+        f"--grpc-address={cfg.host}", f"--grpc-port={cfg.grpc_port}",
+        f"--metrics-address={cfg.host}", f"--metrics-port={cfg.metrics_port}",
+        f"--model-control-mode={cfg.model_control}",
+        "--log-verbose=0",
+    ]
+    if cfg.model_control == "poll":
+        cmd.append(f"--repository-poll-secs={cfg.poll_seconds}")
+    if not gpu:
+        cmd += ["--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0",
+                "--allow-gpu-metrics=false"]
+    return cmd
+
+
+def has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None and subprocess.run(
+        ["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+class TritonServer:
+    """A tritonserver process: ``with TritonServer(...) as server:`` waits until it is ready."""
+
+    def __init__(self, repository: Path, cfg: ServeConfig, workdir: Path, log: Path | None = None):
+        self.repository, self.cfg, self.workdir = Path(repository), cfg, Path(workdir)
+        self.log_path = log or self.workdir / "tritonserver.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.cfg.host}:{self.cfg.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.cfg.host}:{self.cfg.grpc_port}"
+
+    def start(self, timeout: float = 120.0) -> TritonServer:
+        if not (self.repository / "wsss_pipeline" / "config.pbtxt").exists():
+            raise ServerError(f"{self.repository} holds no exported pipeline: run `wsss export`")
+        backends = prepare_backends(self.workdir / "backends")
+        cmd = server_command(self.repository, backends, self.cfg, has_gpu())
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(cmd, env=server_env(), stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        import tritonclient.http as http
+
+        client = http.InferenceServerClient(self.http_url)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited ({self.process.returncode}):\n{self.log_tail()}")
+            try:
+                if client.is_server_ready():
+                    return
+            except Exception:  # not listening yet
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)  # tritonserver unloads models and exits
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> TritonServer:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,259 @@
+"""The bundled benchmark: natural-looking composites with exact masks, in the real layouts.
+
+Oxford-IIIT Pet and PASCAL VOC cannot be downloaded here, so `wsss data synth` builds a
+stand-in from real material that ships in packages: animal silhouettes (``animal-mnist``,
+10 classes), photos and textures (``skimage.data``). Each animal is a smooth upscaled
+silhouette filled with a photo or texture patch and pasted on another texture among
+distractor blobs cut from the same texture pool. Because fill and clutter share one pool,
+colour alone never gives the animal away: a classifier has to learn shape, so its CAM lights
+up the discriminative parts (heads, legs, trunks) rather than the whole body, which is the
+gap that WSSS pseudo-mask refinement exists to close.
+
+Everything is drawn from one seeded generator: the same options write the same bytes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from training.data.layouts import VOC_PALETTE
+
+ANIMALS = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
+
+# skimage.data images bundled in the wheel (others are fetched from the web and fail offline).
+_TEXTURE_SOURCES = (
+    "astronaut", "chelsea", "coffee", "rocket", "brick", "grass", "gravel", "camera",
+    "coins", "moon", "text", "hubble_deep_field", "immunohistochemistry", "page",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    flavour: str = "pets"  # pets: one animal, binary; voc: one to three animals, class masks
+    count: int = 2000
+    size: int = 128
+    seed: int = 0
+    test_fraction: float = 0.25
+
+
+def load_silhouettes() -> tuple[np.ndarray, np.ndarray]:
+    """The animal-mnist arrays, read from the package's gzip pickles.
+
+    The package's own loader imports tensorflow at module level, so we read its data files.
+    """
+    spec = importlib.util.find_spec("animal_mnist")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the animal-mnist package is missing: run `make setup`")
+    folder = Path(spec.origin).parent / "data" / "Animal_MNIST"
+    with gzip.open(folder / "animal_data_version_3.gz", "rb") as f:
+        shapes = np.asarray(pickle.load(f), dtype=np.uint8)
+    with gzip.open(folder / "animal_label_version_3.gz", "rb") as f:
+        labels = np.asarray(pickle.load(f), dtype=np.int64)
+    return shapes, labels
+
+
+def load_textures() -> list[np.ndarray]:
+    """RGB uint8 photos and textures, each at least 256 px on its short side."""
+    import skimage.data
+
+    out = []
+    for name in _TEXTURE_SOURCES:
+        img = getattr(skimage.data, name)()
+        if img.ndim == 2:
+            img = np.stack([img] * 3, axis=-1)
+        img = np.ascontiguousarray(img[..., :3]).astype(np.uint8)
+        short = min(img.shape[:2])
+        if short < 256:
+            scale = 256 / short
+            img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+        out.append(img)
+    return out
+
+
+class Compositor:
+    """Draws one composite at a time from a seeded generator."""
+
+    def __init__(self, size: int, rng: np.random.Generator):
+        self.size = size
+        self.rng = rng
+        self.shapes, self.labels = load_silhouettes()
+        self.by_class = [np.flatnonzero(self.labels == c) for c in range(len(ANIMALS))]
+        self.textures = load_textures()
+
+    def texture_patch(self, exclude: set[int] = frozenset()) -> tuple[np.ndarray, int]:
+        """A random crop of a random texture, rescaled, flipped and colour-jittered."""
+        choices = [i for i in range(len(self.textures)) if i not in exclude]
+        idx = int(self.rng.choice(choices))
+        src = self.textures[idx]
+        s = self.size
+        crop = int(self.rng.uniform(0.3, 1.0) * min(src.shape[:2]))
+        crop = max(crop, s // 2)
+        y = int(self.rng.integers(0, src.shape[0] - crop + 1))
+        x = int(self.rng.integers(0, src.shape[1] - crop + 1))
+        patch = cv2.resize(src[y : y + crop, x : x + crop], (s, s), interpolation=cv2.INTER_AREA)
+        if self.rng.random() < 0.5:
+            patch = patch[:, ::-1]
+        hsv = cv2.cvtColor(np.ascontiguousarray(patch), cv2.COLOR_RGB2HSV).astype(np.int32)
+        hsv[..., 0] = (hsv[..., 0] + self.rng.integers(0, 180)) % 180
+        hsv[..., 1] = np.clip(hsv[..., 1] * self.rng.uniform(0.6, 1.4) + 20, 0, 255)
+        hsv[..., 2] = np.clip(hsv[..., 2] * self.rng.uniform(0.7, 1.2), 0, 255)
+        return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB), idx
+
+    def silhouette(self, cls: int, scale: float) -> np.ndarray:
+        """A smooth float alpha in [0, 1] of one animal of class ``cls``, ``scale`` of the side."""
+        shape = self.shapes[int(self.rng.choice(self.by_class[cls]))].astype(np.float32) / 255
+        ys, xs = np.nonzero(shape > 0.5)
+        shape = shape[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+        side = max(8, int(scale * self.size))
+        h, w = shape.shape
+        f = side / max(h, w)
+        big = cv2.resize(shape, (max(2, int(w * f)), max(2, int(h * f))), cv2.INTER_CUBIC)
+        # Blur then re-threshold: the 28 px staircase becomes a smooth contour; a narrow
+        # ramp stays as anti-aliasing, as a camera would record the edge.
+        big = cv2.GaussianBlur(big, (0, 0), sigmaX=max(0.8, side / 40))
+        alpha = np.clip((big - 0.5) * 4 + 0.5, 0, 1)
+        if self.rng.random() < 0.5:
+            alpha = alpha[:, ::-1]
+        return np.ascontiguousarray(alpha)
+
+    def blob(self) -> np.ndarray:
+        """A distractor: a smooth random blob, full-image alpha."""
+        s = self.size
+        noise = self.rng.random((8, 8)).astype(np.float32)
+        field = cv2.resize(noise, (s, s), interpolation=cv2.INTER_CUBIC)
+        cy, cx = self.rng.uniform(0, s, 2)
+        r = self.rng.uniform(0.08, 0.22) * s
+        yy, xx = np.mgrid[:s, :s]
+        dist = np.hypot(yy - cy, xx - cx) / r
+        alpha = np.clip((1.0 - dist + 0.6 * (field - 0.5)) * 6, 0, 1)
+        return alpha.astype(np.float32)
+
+    def place(self, alpha: np.ndarray) -> np.ndarray:
+        """Paste a small alpha at a random position of a full-size canvas (may be clipped)."""
+        s = self.size
+        canvas = np.zeros((s, s), np.float32)
+        h, w = alpha.shape
+        y = int(self.rng.integers(-h // 6, max(1, s - h + h // 6)))
+        x = int(self.rng.integers(-w // 6, max(1, s - w + w // 6)))
+        y0, x0 = max(0, y), max(0, x)
+        y1, x1 = min(s, y + h), min(s, x + w)
+        canvas[y0:y1, x0:x1] = alpha[y0 - y : y1 - y, x0 - x : x1 - x]
+        return canvas
+
+    def compose(self, classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """An RGB image and a label map (0 = background, c + 1 = animal of class c)."""
+        s = self.size
+        background, bg_idx = self.texture_patch()
+        image = background.astype(np.float32)
+        for _ in range(int(self.rng.integers(2, 6))):
+            fill, _ = self.texture_patch(exclude={bg_idx})
+            a = self.blob()[..., None]
+            image = image * (1 - a) + fill * a
+        label = np.zeros((s, s), np.uint8)
+        scale_range = (0.55, 0.85) if len(classes) == 1 else (0.4, 0.65)
+        for cls in classes:
+            alpha = self.place(self.silhouette(cls, self.rng.uniform(*scale_range)))
+            fill, _ = self.texture_patch(exclude={bg_idx})
+            # Soft shading: animals are lit from one side, which real photos always show.
+            yy, xx = np.mgrid[:s, :s] / s
+            angle = self.rng.uniform(0, 2 * np.pi)
+            shade = 0.85 + 0.3 * (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]
+            a = alpha[..., None]
+            image = image * (1 - a) + np.clip(fill * shade, 0, 255) * a
+            label[alpha > 0.5] = cls + 1
+        # Camera noise so no pixel value is exactly a texture's.
+        image = image + self.rng.normal(0, 3, image.shape)
+        return np.clip(image, 0, 255).astype(np.uint8), label
+
+    def ensure_visible(self, classes: list[int], min_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+        """Compose until every requested animal shows at least ``min_pixels`` pixels."""
+        for _ in range(20):
+            image, label = self.compose(classes)
+            counts = np.bincount(label.ravel(), minlength=len(ANIMALS) + 1)
+            if all(counts[c + 1] >= min_pixels for c in classes):
+                return image, label
+        return image, label
+
+
+def boundary_band(label: np.ndarray, width: int) -> np.ndarray:
+    """Pixels within ``width`` of a change of label: the ambiguous edge the formats mark."""
+    kernel = np.ones((2 * width + 1, 2 * width + 1), np.uint8)
+    dilated = cv2.dilate(label, kernel)
+    eroded = cv2.erode(label, kernel)
+    return dilated != eroded
+
+
+def write_synth(root: str | Path, opts: SynthOptions) -> Path:
+    """Write the benchmark under ``root`` in the Oxford-IIIT Pet or PASCAL VOC 2012 layout."""
+    if opts.flavour not in ("pets", "voc"):
+        raise ValueError(f"unknown flavour {opts.flavour!r}: expected pets or voc")
+    if opts.count < 4 or opts.size < 32:
+        raise ValueError("synth needs count >= 4 and size >= 32")
+    root = Path(root)
+    rng = np.random.default_rng(opts.seed)
+    comp = Compositor(opts.size, rng)
+    n_test = max(1, int(round(opts.count * opts.test_fraction)))
+    band = max(1, opts.size // 96)
+    records = []
+    for i in tqdm(range(opts.count), desc=f"synth {opts.flavour}", unit="img"):
+        if opts.flavour == "pets":
+            classes = [int(rng.integers(len(ANIMALS)))]
+        else:
+            k = int(rng.choice([1, 2, 3], p=[0.45, 0.35, 0.2]))
+            classes = [int(c) for c in rng.choice(len(ANIMALS), size=k, replace=False)]
+        image, label = comp.ensure_visible(classes, min_pixels=(opts.size // 8) ** 2)
+        split = "test" if i >= opts.count - n_test else "train"
+        records.append((i, classes, image, label, boundary_band(label, band), split))
+    writer = _write_pets if opts.flavour == "pets" else _write_voc
+    writer(root, records)
+    return root
+
+
+def _write_pets(root: Path, records) -> None:
+    images, trimaps = root / "images", root / "annotations" / "trimaps"
+    images.mkdir(parents=True, exist_ok=True)
+    trimaps.mkdir(parents=True, exist_ok=True)
+    lists = {"train": [], "test": []}
+    for i, classes, image, label, band, split in records:
+        cls = classes[0]
+        # Oxford-IIIT Pet names files <Breed>_<n>; cats capitalised, dogs lower case.
+        name = f"{ANIMALS[cls]}_{i + 1}"
+        Image.fromarray(image).save(images / f"{name}.jpg", quality=95)
+        trimap = np.where(label > 0, 1, 2).astype(np.uint8)
+        trimap[band] = 3
+        Image.fromarray(trimap).save(trimaps / f"{name}.png")
+        # <name> <class id 1..N> <species 1 cat / 2 dog> <breed id within species>
+        lists[split].append(f"{name} {cls + 1} 1 {cls + 1}")
+    (root / "annotations" / "trainval.txt").write_text("\n".join(lists["train"]) + "\n")
+    (root / "annotations" / "test.txt").write_text("\n".join(lists["test"]) + "\n")
+
+
+def _write_voc(root: Path, records) -> None:
+    jpeg, seg = root / "JPEGImages", root / "SegmentationClass"
+    sets = root / "ImageSets" / "Segmentation"
+    for d in (jpeg, seg, sets):
+        d.mkdir(parents=True, exist_ok=True)
+    lists = {"train": [], "test": []}
+    for i, _classes, image, label, band, split in records:
+        name = f"2026_{i:06d}"
+        Image.fromarray(image).save(jpeg / f"{name}.jpg", quality=95)
+        mask = label.copy()
+        mask[band] = 255
+        png = Image.fromarray(mask, mode="P")
+        png.putpalette(VOC_PALETTE)
+        png.save(seg / f"{name}.png")
+        lists[split].append(name)
+    (sets / "train.txt").write_text("\n".join(lists["train"]) + "\n")
+    (sets / "val.txt").write_text("\n".join(lists["test"]) + "\n")
+    (sets / "trainval.txt").write_text("\n".join(lists["train"] + lists["test"]) + "\n")
+    # Real VOC has fixed class names; a class list beside the data overrides them.
+    (root / "class_names.txt").write_text("\n".join(ANIMALS) + "\n")

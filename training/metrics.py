@@ -1,0 +1,36 @@
+"""Segmentation scores from a confusion matrix, ignoring 255 (trimap 3 / VOC boundaries)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from training.data import IGNORE
+
+
+class ConfusionMatrix:
+    def __init__(self, num_classes: int):
+        self.n = num_classes
+        self.matrix = np.zeros((num_classes, num_classes), np.int64)
+
+    def update(self, pred: np.ndarray, target: np.ndarray) -> None:
+        keep = target != IGNORE
+        t, p = target[keep].astype(np.int64), pred[keep].astype(np.int64)
+        if t.size and (t.max() >= self.n or p.max() >= self.n):
+            raise ValueError(f"class index out of range for {self.n} classes")
+        self.matrix += np.bincount(t * self.n + p, minlength=self.n**2).reshape(self.n, self.n)
+
+    def iou(self) -> np.ndarray:
+        tp = np.diag(self.matrix).astype(np.float64)
+        union = self.matrix.sum(0) + self.matrix.sum(1) - tp
+        return np.divide(tp, union, out=np.full(self.n, np.nan), where=union > 0)
+
+    def dice(self) -> np.ndarray:
+        tp = np.diag(self.matrix).astype(np.float64)
+        denom = self.matrix.sum(0) + self.matrix.sum(1)
+        return np.divide(2 * tp, denom, out=np.full(self.n, np.nan), where=denom > 0)
+
+    def summary(self, binary: bool) -> dict[str, float]:
+        """Binary: foreground IoU and Dice (the pets convention). Multi-class: mIoU with bg."""
+        if binary:
+            return {"iou": float(self.iou()[1]), "dice": float(self.dice()[1])}
+        return {"miou": float(np.nanmean(self.iou())), "mdice": float(np.nanmean(self.dice()))}

@@ -1,0 +1,65 @@
+"""The one model registry: a plain dict from name to builder, per family."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from training.models.classifier import CAMClassifier
+from training.models.unet import UNet
+
+
+def _resnet(name: str) -> Callable[..., CAMClassifier]:
+    def build(num_classes: int, output_stride: int = 32, cam_method: str = "cam",
+              weights: str | None = None) -> CAMClassifier:
+        net = getattr(torchvision.models, name)(weights=None)
+        if weights:
+            load_backbone_weights(net, weights)
+        if output_stride == 16:
+            # Stride 1 in layer4 (no dilation: BasicBlock forbids it) doubles the CAM
+            # resolution, which matters at the small image sizes of CPU training.
+            block = net.layer4[0]
+            block.conv1.stride = block.conv2.stride = block.downsample[0].stride = (1, 1)
+        elif output_stride != 32:
+            raise ValueError(f"output_stride must be 16 or 32, not {output_stride}")
+        features = nn.Sequential(*list(net.children())[:-2])
+        return CAMClassifier(features, net.fc.in_features, num_classes, cam_method)
+
+    return build
+
+
+def load_backbone_weights(net: nn.Module, path: str) -> None:
+    """Load a local state dict (never a download); the classification head may differ."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"backbone weights {path} not found")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("fc.")]:
+        raise ValueError(f"{path} does not fit: missing {missing}, unexpected {unexpected}")
+
+
+CLASSIFIERS: dict[str, Callable[..., CAMClassifier]] = {
+    "resnet18": _resnet("resnet18"),
+    "resnet50": _resnet("resnet50"),
+}
+
+SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
+    "unet": UNet,
+}
+
+
+def build_classifier(arch: str, **kwargs) -> CAMClassifier:
+    if arch not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier {arch!r}: one of {sorted(CLASSIFIERS)}")
+    return CLASSIFIERS[arch](**kwargs)
+
+
+def build_segmenter(arch: str, **kwargs) -> nn.Module:
+    if arch not in SEGMENTERS:
+        raise ValueError(f"unknown segmenter {arch!r}: one of {sorted(SEGMENTERS)}")
+    return SEGMENTERS[arch](**kwargs)

@@ -1,0 +1,135 @@
+"""The training stages: classifier -> pseudo-masks -> segmenter. ``wsss train`` runs them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from training.data.dataset import WSSSDataset, random_resized_crop_flip
+from training.data.layouts import IGNORE, read_class_names
+from training.loop import fit, resolve_device
+from training.models import build_classifier, build_segmenter
+from training.pipeline import ServedClassifier, load_model
+from training.refine import build_refiner, refine_batch
+from wsss.config import Config, save_config
+
+
+class _View(Dataset):
+    """A subset of a loaded dataset, with or without augmentation (images decoded once)."""
+
+    def __init__(self, base: WSSSDataset, indices: np.ndarray, augment: bool,
+                 masks: np.ndarray | None = None):
+        self.base, self.indices, self.augment, self.masks = base, indices, augment, masks
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        i = int(self.indices[k])
+        image = self.base.images[i]
+        # Segmenter training swaps the target for the pseudo-mask; GT masks stay unseen.
+        mask = self.masks[k] if self.masks is not None else self.base.masks[i]
+        if self.augment:
+            image, mask = random_resized_crop_flip(image, mask, self.base.size)
+        image = torch.from_numpy(np.ascontiguousarray(image))
+        mask = torch.from_numpy(np.ascontiguousarray(mask)).long()
+        return (image, mask) if self.masks is not None else (image, self.base.target(i))
+
+
+def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(n * fraction)))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def load_train_set(cfg: Config) -> WSSSDataset:
+    k = len(read_class_names(cfg.data.root, cfg.data.task))
+    return WSSSDataset(cfg.data.root, cfg.data.task, "train", cfg.data.image_size, k)
+
+
+def _loaders(cfg: Config, train: Dataset, val: Dataset) -> tuple[DataLoader, DataLoader]:
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    kw = {"batch_size": cfg.train.batch_size, "num_workers": cfg.data.num_workers}
+    return DataLoader(train, shuffle=True, drop_last=len(train) > cfg.train.batch_size,
+                      generator=g, **kw), DataLoader(val, **kw)
+
+
+def train_classifier(cfg: Config, data: WSSSDataset) -> nn.Module:
+    """Image-level labels only: cross-entropy (pets) or binary cross-entropy (voc)."""
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    kwargs = {"num_classes": data.num_classes, "output_stride": cfg.classifier.output_stride,
+              "weights": cfg.classifier.weights}
+    model = build_classifier(cfg.classifier.arch, **kwargs)
+    tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
+    train, val = _loaders(cfg, _View(data, tr, True), _View(data, va, False))
+    loss = nn.CrossEntropyLoss() if cfg.data.task == "pets" else nn.BCEWithLogitsLoss()
+    out = Path(cfg.runs) / "classifier"
+    meta = {"family": "classifier", "arch": cfg.classifier.arch, "task": cfg.data.task,
+            "kwargs": kwargs | {"weights": None},
+            "class_names": read_class_names(cfg.data.root, cfg.data.task)}
+    fit(model, train, val, loss, epochs=cfg.train.epochs, lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay, device=resolve_device(cfg.train.device),
+        out_dir=out, meta=meta, desc="classifier")
+    save_config(cfg, out / "config.yaml")
+    return model.cpu().eval()
+
+
+@torch.inference_mode()
+def make_pseudo_masks(cfg: Config, classifier: nn.Module, data: WSSSDataset) -> np.ndarray:
+    """Refined CAM masks for every training image, from its image-level labels."""
+    served = ServedClassifier(classifier, multi_label=cfg.data.task == "voc").eval()
+    refiner = build_refiner(cfg.refine.method, threshold=cfg.refine.threshold)
+    out = np.empty((len(data),) + data.masks.shape[1:], np.uint8)
+    bs = cfg.train.batch_size
+    for start in tqdm(range(0, len(data), bs), desc=f"pseudo-masks ({refiner.name})", leave=False):
+        images = data.images[start:start + bs]
+        _, cams = served(torch.from_numpy(images))
+        labels = [data.samples[i].labels for i in range(start, start + len(images))]
+        out[start:start + bs] = refine_batch(refiner, images, cams.numpy(), labels,
+                                             binary=cfg.data.task == "pets")
+    return out
+
+
+def train_segmenter(cfg: Config, data: WSSSDataset, pseudo: np.ndarray) -> nn.Module:
+    """Fully supervised on the pseudo-masks; validation loss is on held-out pseudo-masks too."""
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    kwargs = {"num_classes": cfg.num_seg_classes, "base_channels": cfg.segmenter.base_channels,
+              "depth": cfg.segmenter.depth}
+    model = build_segmenter(cfg.segmenter.arch, **kwargs)
+    tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
+    train, val = _loaders(cfg, _View(data, tr, True, pseudo[tr]), _View(data, va, False, pseudo[va]))
+    out = Path(cfg.runs) / "segmenter"
+    meta = {"family": "segmenter", "arch": cfg.segmenter.arch, "task": cfg.data.task,
+            "kwargs": kwargs}
+    fit(model, train, val, nn.CrossEntropyLoss(ignore_index=IGNORE), epochs=cfg.train.epochs,
+        lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+        device=resolve_device(cfg.train.device), out_dir=out, meta=meta, desc="segmenter")
+    save_config(cfg, out / "config.yaml")
+    return model.cpu().eval()
+
+
+def run(cfg: Config, stages: tuple[str, ...] = ("classifier", "pseudo", "segmenter")) -> None:
+    """Train what ``stages`` names; later stages reuse the saved checkpoint of earlier ones."""
+    data = load_train_set(cfg)
+    runs = Path(cfg.runs)
+    if "classifier" in stages:
+        classifier = train_classifier(cfg, data)
+    else:
+        classifier, _ = load_model(runs / "classifier" / "best.pt")
+    pseudo_path = runs / "pseudo" / "train_masks.npz"
+    if "pseudo" in stages or not pseudo_path.exists():
+        pseudo = make_pseudo_masks(cfg, classifier, data)
+        pseudo_path.parent.mkdir(parents=True, exist_ok=True)
+        names = np.array([s.name for s in data.samples])
+        np.savez_compressed(pseudo_path, masks=pseudo, names=names)
+    else:
+        pseudo = np.load(pseudo_path)["masks"]
+    if "segmenter" in stages:
+        train_segmenter(cfg, data, pseudo)

@@ -1,0 +1,184 @@
+"""The one typed config tree: dataclasses loaded from YAML with ``--set a.b=c`` overrides.
+
+Every stage reads its own section; the resolved tree is written next to every output so
+a checkpoint or an export can always be traced back to the settings that made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Task = Literal["pets", "voc"]
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/pets"  # a folder in Oxford-IIIT Pet or PASCAL VOC 2012 layout
+    task: Task = "pets"  # pets: one label per image, binary masks; voc: multi-label, class masks
+    image_size: int = 128  # side of the square the models see
+    synth_count: int = 2000  # images `wsss data synth` writes
+    synth_seed: int = 0
+    val_fraction: float = 0.1  # held out of trainval for checkpoint selection
+    num_workers: int = 0
+
+
+@dataclass
+class ClassifierConfig:
+    arch: str = "resnet18"
+    # 16 keeps layer4 at stride 1: a 2x finer CAM at small input sizes, same weights.
+    output_stride: int = 16
+    weights: str | None = None  # local checkpoint path; no code path downloads
+
+
+@dataclass
+class RefineConfig:
+    method: str = "otsu"  # how a CAM becomes a pseudo-mask
+    threshold: float = 0.5  # for method "fixed"
+    score_threshold: float = 0.5  # voc: a class counts as present above this sigmoid score
+
+
+@dataclass
+class SegmenterConfig:
+    arch: str = "unet"
+    base_channels: int = 16  # UNet width at full resolution; doubles per level
+    depth: int = 4
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+
+@dataclass
+class ModelServingConfig:
+    max_batch_size: int = 8
+    preferred_batch_sizes: list[int] = field(default_factory=lambda: [4, 8])
+    max_queue_delay_us: int = 500
+    instances: int = 1
+    kind: Literal["KIND_CPU", "KIND_GPU", "KIND_AUTO"] = "KIND_AUTO"
+
+
+@dataclass
+class ExportConfig:
+    repository: str = "model_repository"
+    opset: int = 17
+    atol: float = 1e-4  # ONNX Runtime vs PyTorch: the export fails past this
+    serving: ModelServingConfig = field(default_factory=ModelServingConfig)
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    model_control: Literal["none", "poll", "explicit"] = "poll"
+    poll_seconds: int = 5
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    runs: str = "runs"  # checkpoints, logs and figures go under runs/<stage>/
+
+    @property
+    def num_classes(self) -> int:
+        """Classifier outputs: the dataset's class count, read from its folder."""
+        from training.data import read_class_names
+
+        return len(read_class_names(self.data.root, self.data.task))
+
+    @property
+    def num_seg_classes(self) -> int:
+        """Segmenter outputs: background + foreground (pets) or background + classes (voc)."""
+        return 2 if self.data.task == "pets" else self.num_classes + 1
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then ``a.b=c`` overrides, each checked against the types."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return _build(Config, raw, "")
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {sorted(where + k for k in unknown)}")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{name}: expected a mapping")
+            kwargs[name] = _build(hint, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(hint, value, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{key}: {value!r} is not one of {typing.get_args(hint)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, key) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved tree, so any output can be reproduced from the file beside it."""
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

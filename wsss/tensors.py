@@ -1,0 +1,78 @@
+"""The served contract: every tensor's name, dtype and shape, defined once.
+
+The in-process pipeline returns dicts keyed by these names; the exporter names ONNX inputs and
+outputs with them and generates each config.pbtxt and the ensemble's maps from them; the
+client and the perf_analyzer flags are generated from them too. Nothing else spells a name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_TRITON_DTYPES = {
+    "uint8": "UINT8",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float32": "FP32",
+    "bytes": "BYTES",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name (or "bytes"): one of _TRITON_DTYPES
+    shape: tuple[int, ...]  # per item, without the batch dimension; -1 = any size
+    doc: str = ""
+
+    @property
+    def triton_dtype(self) -> str:
+        """The client/protocol spelling, e.g. FP32; config.pbtxt prefixes it with TYPE_."""
+        return _TRITON_DTYPES[self.dtype]
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(object) if self.dtype == "bytes" else np.dtype(self.dtype)
+
+    def check(self, array: np.ndarray, batched: bool = True) -> None:
+        """Raise ValueError unless ``array`` fits this spec: what a client must send."""
+        shape = array.shape[1:] if batched else array.shape
+        if array.dtype != self.np_dtype:
+            raise ValueError(f"{self.name}: dtype {array.dtype}, expected {self.dtype}")
+        if len(shape) != len(self.shape) or any(
+            want != -1 and got != want for got, want in zip(shape, self.shape, strict=True)
+        ):
+            raise ValueError(
+                f"{self.name}: shape {tuple(shape)}, expected {self.shape} (per item, -1 = any)"
+            )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+# Model names in the repository; the ensemble is what clients call.
+CLASSIFIER, REFINER, SEGMENTER, PIPELINE = "classifier", "refiner", "segmenter", "wsss_pipeline"
+
+
+def served_models(image_size: int, num_classes: int, num_seg_classes: int) -> dict[str, ModelSpec]:
+    """The models of the repository, in pipeline order, with their tensors."""
+    h = w = image_size
+    image = TensorSpec("IMAGE", "uint8", (h, w, 3), "RGB pixels, resized to the model size")
+    scores = TensorSpec("SCORES", "float32", (num_classes,),
+                        "class probabilities: softmax (pets) or sigmoid (voc)")
+    cams = TensorSpec("CAMS", "float32", (num_classes, h, w), "one [0, 1] map per class")
+    pseudo = TensorSpec("PSEUDO_MASK", "uint8", (h, w), "refined CAM: class index per pixel")
+    probs = TensorSpec("SEG_PROBS", "float32", (num_seg_classes, h, w), "segmenter softmax")
+    seg = TensorSpec("SEGMENTATION", "uint8", (h, w), "segmenter argmax: class index per pixel")
+    return {
+        CLASSIFIER: ModelSpec(CLASSIFIER, (image,), (scores, cams)),
+        REFINER: ModelSpec(REFINER, (image, scores, cams), (pseudo,)),
+        SEGMENTER: ModelSpec(SEGMENTER, (image,), (probs, seg)),
+        PIPELINE: ModelSpec(PIPELINE, (image,), (scores, cams, pseudo, probs, seg)),
+    }
