@@ -27,24 +27,34 @@ _REFINER_SOURCE = Path(__file__).parent / "triton_models" / "refiner.py"
 
 
 def _tensors(specs, cls):
-    return [cls(name=t.name, data_type=getattr(mc, f"TYPE_{t.triton_dtype}"), dims=list(t.shape))
-            for t in specs]
+    return [
+        cls(name=t.name, data_type=getattr(mc, f"TYPE_{t.triton_dtype}"), dims=list(t.shape))
+        for t in specs
+    ]
 
 
-def model_config(spec: ModelSpec, backend: str, serving: ModelServingConfig,
-                 parameters: dict[str, str] | None = None) -> mc.ModelConfig:
+def model_config(
+    spec: ModelSpec,
+    backend: str,
+    serving: ModelServingConfig,
+    parameters: dict[str, str] | None = None,
+) -> mc.ModelConfig:
     """A config.pbtxt for one model: tensors from its spec, batching and instances from config."""
     cfg = mc.ModelConfig(
-        name=spec.name, backend=backend, max_batch_size=serving.max_batch_size,
-        input=_tensors(spec.inputs, mc.ModelInput), output=_tensors(spec.outputs, mc.ModelOutput),
+        name=spec.name,
+        backend=backend,
+        max_batch_size=serving.max_batch_size,
+        input=_tensors(spec.inputs, mc.ModelInput),
+        output=_tensors(spec.outputs, mc.ModelOutput),
     )
     if backend == "onnxruntime":
         cfg.default_model_filename = "model.onnx"
     preferred = [b for b in serving.preferred_batch_sizes if b <= serving.max_batch_size]
     cfg.dynamic_batching.preferred_batch_size.extend(preferred)
     cfg.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_us
-    cfg.instance_group.add(count=serving.instances,
-                           kind=getattr(mc.ModelInstanceGroup.Kind, serving.kind))
+    cfg.instance_group.add(
+        count=serving.instances, kind=getattr(mc.ModelInstanceGroup.Kind, serving.kind)
+    )
     for key, value in (parameters or {}).items():
         cfg.parameters[key].string_value = value
     return cfg
@@ -53,12 +63,16 @@ def model_config(spec: ModelSpec, backend: str, serving: ModelServingConfig,
 def ensemble_config(spec: ModelSpec, steps: list[ModelSpec], max_batch_size: int) -> mc.ModelConfig:
     """Chain ``steps``; tensors pass between them by name, so each map is name -> same name."""
     cfg = mc.ModelConfig(
-        name=spec.name, platform="ensemble", max_batch_size=max_batch_size,
-        input=_tensors(spec.inputs, mc.ModelInput), output=_tensors(spec.outputs, mc.ModelOutput),
+        name=spec.name,
+        platform="ensemble",
+        max_batch_size=max_batch_size,
+        input=_tensors(spec.inputs, mc.ModelInput),
+        output=_tensors(spec.outputs, mc.ModelOutput),
     )
     for step in steps:
         cfg.ensemble_scheduling.step.add(
-            model_name=step.name, model_version=-1,
+            model_name=step.name,
+            model_version=-1,
             input_map={t.name: t.name for t in step.inputs},
             output_map={t.name: t.name for t in step.outputs},
         )
@@ -84,8 +98,15 @@ def export_repository(cfg: Config) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
     try:
-        _write_all(cfg, staging, specs, ServedClassifier(classifier, multi_label),
-                   ServedSegmenter(segmenter), multi_label, cmeta["class_names"])
+        _write_all(
+            cfg,
+            staging,
+            specs,
+            ServedClassifier(classifier, multi_label),
+            ServedSegmenter(segmenter),
+            multi_label,
+            cmeta["class_names"],
+        )
         _swap_into_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -106,9 +127,12 @@ def _write_all(cfg, root, specs, classifier, segmenter, multi_label, class_names
         write_config(model_config(specs[name], "onnxruntime", serving), root / name)
     (root / REFINER / "1").mkdir(parents=True)
     shutil.copy(_REFINER_SOURCE, root / REFINER / "1" / "model.py")
-    params = {"method": cfg.refine.method, "threshold": str(cfg.refine.threshold),
-              "score_threshold": str(cfg.refine.score_threshold),
-              "multi_label": "true" if multi_label else "false"}
+    params = {
+        "method": cfg.refine.method,
+        "threshold": str(cfg.refine.threshold),
+        "score_threshold": str(cfg.refine.score_threshold),
+        "multi_label": "true" if multi_label else "false",
+    }
     write_config(model_config(specs[REFINER], "python", serving, params), root / REFINER)
     (root / PIPELINE / "1").mkdir(parents=True)
     steps = [specs[CLASSIFIER], specs[REFINER], specs[SEGMENTER]]

@@ -66,23 +66,31 @@ def server_command(repository: Path, backends: Path, cfg: ServeConfig, gpu: bool
         str(pytriton_root() / "bin" / "tritonserver"),
         f"--model-repository={repository.resolve()}",
         f"--backend-directory={backends.resolve()}",
-        f"--http-address={cfg.host}", f"--http-port={cfg.http_port}",
-        f"--grpc-address={cfg.host}", f"--grpc-port={cfg.grpc_port}",
-        f"--metrics-address={cfg.host}", f"--metrics-port={cfg.metrics_port}",
+        f"--http-address={cfg.host}",
+        f"--http-port={cfg.http_port}",
+        f"--grpc-address={cfg.host}",
+        f"--grpc-port={cfg.grpc_port}",
+        f"--metrics-address={cfg.host}",
+        f"--metrics-port={cfg.metrics_port}",
         f"--model-control-mode={cfg.model_control}",
         "--log-verbose=0",
     ]
     if cfg.model_control == "poll":
         cmd.append(f"--repository-poll-secs={cfg.poll_seconds}")
     if not gpu:
-        cmd += ["--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0",
-                "--allow-gpu-metrics=false"]
+        cmd += [
+            "--pinned-memory-pool-byte-size=0",
+            "--cuda-memory-pool-byte-size=0:0",
+            "--allow-gpu-metrics=false",
+        ]
     return cmd
 
 
 def has_gpu() -> bool:
-    return shutil.which("nvidia-smi") is not None and subprocess.run(
-        ["nvidia-smi", "-L"], capture_output=True).returncode == 0
+    return (
+        shutil.which("nvidia-smi") is not None
+        and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+    )
 
 
 class TritonServer:
@@ -108,8 +116,9 @@ class TritonServer:
         cmd = server_command(self.repository, backends, self.cfg, has_gpu())
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
-        self.process = subprocess.Popen(cmd, env=server_env(), stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            cmd, env=server_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.wait_ready(timeout)
         return self
 
@@ -120,7 +129,9 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(f"tritonserver exited ({self.process.returncode}):\n{self.log_tail()}")
+                raise ServerError(
+                    f"tritonserver exited ({self.process.returncode}):\n{self.log_tail()}"
+                )
             try:
                 if client.is_server_ready():
                     return

@@ -66,10 +66,17 @@ def fit(
     log = (out_dir / "metrics.jsonl").open("w")
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
-        train_loss = _run_epoch(model, train, loss_fn, device, opt, sched, f"{desc} {epoch}/{epochs}")
+        train_loss = _run_epoch(
+            model, train, loss_fn, device, opt, sched, f"{desc} {epoch}/{epochs}"
+        )
         val_loss = _run_epoch(model, val, loss_fn, device, None, None, None)
-        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                  "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - start, 2)}
+        record = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "lr": sched.get_last_lr()[0],
+            "seconds": round(time.perf_counter() - start, 2),
+        }
         log.write(json.dumps(record) + "\n")
         log.flush()
         tqdm.write(f"{desc} epoch {epoch}: train {train_loss:.4f}  val {val_loss:.4f}")

@@ -61,13 +61,23 @@ class Pipeline:
     score_threshold: float = 0.5
 
     @classmethod
-    def from_checkpoints(cls, classifier: str | Path, segmenter: str | Path, refiner: Refiner,
-                         score_threshold: float = 0.5) -> Pipeline:
+    def from_checkpoints(
+        cls,
+        classifier: str | Path,
+        segmenter: str | Path,
+        refiner: Refiner,
+        score_threshold: float = 0.5,
+    ) -> Pipeline:
         net, meta = load_model(classifier)
         seg, _ = load_model(segmenter)
         multi = meta["task"] == "voc"
-        return cls(ServedClassifier(net, multi).eval(), ServedSegmenter(seg).eval(), refiner,
-                   multi, score_threshold)
+        return cls(
+            ServedClassifier(net, multi).eval(),
+            ServedSegmenter(seg).eval(),
+            refiner,
+            multi,
+            score_threshold,
+        )
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -77,12 +87,21 @@ class Pipeline:
         probs, seg = (t.numpy() for t in self.segmenter(x))
         classes = [present_classes(s, self.multi_label, self.score_threshold) for s in scores]
         pseudo = refine_batch(self.refiner, images, cams, classes, binary=not self.multi_label)
-        return {"SCORES": scores, "CAMS": cams, "PSEUDO_MASK": pseudo, "SEG_PROBS": probs,
-                "SEGMENTATION": seg}
+        return {
+            "SCORES": scores,
+            "CAMS": cams,
+            "PSEUDO_MASK": pseudo,
+            "SEG_PROBS": probs,
+            "SEGMENTATION": seg,
+        }
 
 
 def pipeline_from_config(cfg) -> Pipeline:
     runs = Path(cfg.runs)
     refiner = build_refiner(cfg.refine.method, threshold=cfg.refine.threshold)
-    return Pipeline.from_checkpoints(runs / "classifier" / "best.pt", runs / "segmenter" / "best.pt",
-                                     refiner, cfg.refine.score_threshold)
+    return Pipeline.from_checkpoints(
+        runs / "classifier" / "best.pt",
+        runs / "segmenter" / "best.pt",
+        refiner,
+        cfg.refine.score_threshold,
+    )

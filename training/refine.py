@@ -21,8 +21,9 @@ class Refiner:
         """Boolean HxW foreground of one class from its [0, 1] CAM and the RGB image."""
         raise NotImplementedError
 
-    def __call__(self, image: np.ndarray, cams: np.ndarray, classes: Sequence[int],
-                 binary: bool) -> np.ndarray:
+    def __call__(
+        self, image: np.ndarray, cams: np.ndarray, classes: Sequence[int], binary: bool
+    ) -> np.ndarray:
         """uint8 HxW mask: 0 background, else ``1`` (binary) or ``class + 1`` (multi-class).
 
         ``cams`` is [K, H, W] in [0, 1]; ``classes`` are the classes present (labels at
@@ -73,15 +74,24 @@ def build_refiner(method: str, **kwargs) -> Refiner:
 
 
 def present_classes(scores: np.ndarray, multi_label: bool, threshold: float) -> list[int]:
-    """Classes to refine at serving time: top-1, or every class above ``threshold`` (at least one)."""
+    """Classes to refine when serving: top-1, or all above ``threshold`` (at least one)."""
     if not multi_label:
         return [int(scores.argmax())]
     above = np.flatnonzero(scores >= threshold)
     return [int(c) for c in above] if len(above) else [int(scores.argmax())]
 
 
-def refine_batch(refiner: Refiner, images: np.ndarray, cams: np.ndarray,
-                 classes: Sequence[Sequence[int]], binary: bool) -> np.ndarray:
+def refine_batch(
+    refiner: Refiner,
+    images: np.ndarray,
+    cams: np.ndarray,
+    classes: Sequence[Sequence[int]],
+    binary: bool,
+) -> np.ndarray:
     """uint8 [B, H, W] masks for a batch; the same code runs in-process and inside Triton."""
-    return np.stack([refiner(img, cam, cls, binary) for img, cam, cls in
-                     zip(images, cams, classes, strict=True)])
+    return np.stack(
+        [
+            refiner(img, cam, cls, binary)
+            for img, cam, cls in zip(images, cams, classes, strict=True)
+        ]
+    )

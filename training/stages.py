@@ -22,8 +22,9 @@ from wsss.config import Config, save_config
 class _View(Dataset):
     """A subset of a loaded dataset, with or without augmentation (images decoded once)."""
 
-    def __init__(self, base: WSSSDataset, indices: np.ndarray, augment: bool,
-                 masks: np.ndarray | None = None):
+    def __init__(
+        self, base: WSSSDataset, indices: np.ndarray, augment: bool, masks: np.ndarray | None = None
+    ):
         self.base, self.indices, self.augment, self.masks = base, indices, augment, masks
 
     def __len__(self) -> int:
@@ -55,27 +56,45 @@ def load_train_set(cfg: Config) -> WSSSDataset:
 def _loaders(cfg: Config, train: Dataset, val: Dataset) -> tuple[DataLoader, DataLoader]:
     g = torch.Generator().manual_seed(cfg.train.seed)
     kw = {"batch_size": cfg.train.batch_size, "num_workers": cfg.data.num_workers}
-    return DataLoader(train, shuffle=True, drop_last=len(train) > cfg.train.batch_size,
-                      generator=g, **kw), DataLoader(val, **kw)
+    return DataLoader(
+        train, shuffle=True, drop_last=len(train) > cfg.train.batch_size, generator=g, **kw
+    ), DataLoader(val, **kw)
 
 
 def train_classifier(cfg: Config, data: WSSSDataset) -> nn.Module:
     """Image-level labels only: cross-entropy (pets) or binary cross-entropy (voc)."""
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    kwargs = {"num_classes": data.num_classes, "output_stride": cfg.classifier.output_stride,
-              "weights": cfg.classifier.weights}
+    kwargs = {
+        "num_classes": data.num_classes,
+        "output_stride": cfg.classifier.output_stride,
+        "weights": cfg.classifier.weights,
+    }
     model = build_classifier(cfg.classifier.arch, **kwargs)
     tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
     train, val = _loaders(cfg, _View(data, tr, True), _View(data, va, False))
     loss = nn.CrossEntropyLoss() if cfg.data.task == "pets" else nn.BCEWithLogitsLoss()
     out = Path(cfg.runs) / "classifier"
-    meta = {"family": "classifier", "arch": cfg.classifier.arch, "task": cfg.data.task,
-            "kwargs": kwargs | {"weights": None},
-            "class_names": read_class_names(cfg.data.root, cfg.data.task)}
-    fit(model, train, val, loss, epochs=cfg.train.epochs, lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay, device=resolve_device(cfg.train.device),
-        out_dir=out, meta=meta, desc="classifier")
+    meta = {
+        "family": "classifier",
+        "arch": cfg.classifier.arch,
+        "task": cfg.data.task,
+        "kwargs": kwargs | {"weights": None},
+        "class_names": read_class_names(cfg.data.root, cfg.data.task),
+    }
+    fit(
+        model,
+        train,
+        val,
+        loss,
+        epochs=cfg.train.epochs,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        device=resolve_device(cfg.train.device),
+        out_dir=out,
+        meta=meta,
+        desc="classifier",
+    )
     save_config(cfg, out / "config.yaml")
     return model.cpu().eval()
 
@@ -88,11 +107,12 @@ def make_pseudo_masks(cfg: Config, classifier: nn.Module, data: WSSSDataset) -> 
     out = np.empty((len(data),) + data.masks.shape[1:], np.uint8)
     bs = cfg.train.batch_size
     for start in tqdm(range(0, len(data), bs), desc=f"pseudo-masks ({refiner.name})", leave=False):
-        images = data.images[start:start + bs]
+        images = data.images[start : start + bs]
         _, cams = served(torch.from_numpy(images))
         labels = [data.samples[i].labels for i in range(start, start + len(images))]
-        out[start:start + bs] = refine_batch(refiner, images, cams.numpy(), labels,
-                                             binary=cfg.data.task == "pets")
+        out[start : start + bs] = refine_batch(
+            refiner, images, cams.numpy(), labels, binary=cfg.data.task == "pets"
+        )
     return out
 
 
@@ -100,17 +120,36 @@ def train_segmenter(cfg: Config, data: WSSSDataset, pseudo: np.ndarray) -> nn.Mo
     """Fully supervised on the pseudo-masks; validation loss is on held-out pseudo-masks too."""
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    kwargs = {"num_classes": cfg.num_seg_classes, "base_channels": cfg.segmenter.base_channels,
-              "depth": cfg.segmenter.depth}
+    kwargs = {
+        "num_classes": cfg.num_seg_classes,
+        "base_channels": cfg.segmenter.base_channels,
+        "depth": cfg.segmenter.depth,
+    }
     model = build_segmenter(cfg.segmenter.arch, **kwargs)
     tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
-    train, val = _loaders(cfg, _View(data, tr, True, pseudo[tr]), _View(data, va, False, pseudo[va]))
+    train, val = _loaders(
+        cfg, _View(data, tr, True, pseudo[tr]), _View(data, va, False, pseudo[va])
+    )
     out = Path(cfg.runs) / "segmenter"
-    meta = {"family": "segmenter", "arch": cfg.segmenter.arch, "task": cfg.data.task,
-            "kwargs": kwargs}
-    fit(model, train, val, nn.CrossEntropyLoss(ignore_index=IGNORE), epochs=cfg.train.epochs,
-        lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-        device=resolve_device(cfg.train.device), out_dir=out, meta=meta, desc="segmenter")
+    meta = {
+        "family": "segmenter",
+        "arch": cfg.segmenter.arch,
+        "task": cfg.data.task,
+        "kwargs": kwargs,
+    }
+    fit(
+        model,
+        train,
+        val,
+        nn.CrossEntropyLoss(ignore_index=IGNORE),
+        epochs=cfg.train.epochs,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        device=resolve_device(cfg.train.device),
+        out_dir=out,
+        meta=meta,
+        desc="segmenter",
+    )
     save_config(cfg, out / "config.yaml")
     return model.cpu().eval()
 

@@ -64,8 +64,9 @@ def served_models(image_size: int, num_classes: int, num_seg_classes: int) -> di
     """The models of the repository, in pipeline order, with their tensors."""
     h = w = image_size
     image = TensorSpec("IMAGE", "uint8", (h, w, 3), "RGB pixels, resized to the model size")
-    scores = TensorSpec("SCORES", "float32", (num_classes,),
-                        "class probabilities: softmax (pets) or sigmoid (voc)")
+    scores = TensorSpec(
+        "SCORES", "float32", (num_classes,), "class probabilities: softmax (pets) or sigmoid (voc)"
+    )
     cams = TensorSpec("CAMS", "float32", (num_classes, h, w), "one [0, 1] map per class")
     pseudo = TensorSpec("PSEUDO_MASK", "uint8", (h, w), "refined CAM: class index per pixel")
     probs = TensorSpec("SEG_PROBS", "float32", (num_seg_classes, h, w), "segmenter softmax")

@@ -30,12 +30,16 @@ class TritonPythonModel:
                 image, scores, cams = (
                     pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs
                 )
-                classes = [present_classes(s, self.multi_label, self.score_threshold)
-                           for s in scores]
+                classes = [
+                    present_classes(s, self.multi_label, self.score_threshold) for s in scores
+                ]
                 mask = refine_batch(self.refiner, image, cams, classes, not self.multi_label)
                 out = pb_utils.Tensor(self.output, np.ascontiguousarray(mask, dtype=np.uint8))
                 responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
             except Exception as exc:  # answer this request with an error; keep serving others
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(f"refiner: {exc}")))
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        output_tensors=[], error=pb_utils.TritonError(f"refiner: {exc}")
+                    )
+                )
         return responses

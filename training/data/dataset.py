@@ -18,8 +18,16 @@ class WSSSDataset(Dataset):
     multi-hot float vector (voc), mask uint8 HxW with 255 = ignore (evaluation only).
     """
 
-    def __init__(self, root, task: str, split: str, size: int, num_classes: int,
-                 samples: list[Sample] | None = None, augment: bool = False):
+    def __init__(
+        self,
+        root,
+        task: str,
+        split: str,
+        size: int,
+        num_classes: int,
+        samples: list[Sample] | None = None,
+        augment: bool = False,
+    ):
         self.task, self.size, self.num_classes, self.augment = task, size, num_classes, augment
         self.samples = samples if samples is not None else list_samples(root, task, split)
         if not self.samples:
@@ -28,10 +36,12 @@ class WSSSDataset(Dataset):
         self.images = np.empty((n, size, size, 3), np.uint8)
         self.masks = np.empty((n, size, size), np.uint8)
         for i, s in enumerate(tqdm(self.samples, desc=f"load {split}", unit="img", leave=False)):
-            self.images[i] = cv2.resize(read_image(s.image_path), (size, size),
-                                        interpolation=cv2.INTER_AREA)
-            self.masks[i] = cv2.resize(read_mask(s, task), (size, size),
-                                       interpolation=cv2.INTER_NEAREST)
+            self.images[i] = cv2.resize(
+                read_image(s.image_path), (size, size), interpolation=cv2.INTER_AREA
+            )
+            self.masks[i] = cv2.resize(
+                read_mask(s, task), (size, size), interpolation=cv2.INTER_NEAREST
+            )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -48,12 +58,16 @@ class WSSSDataset(Dataset):
         image, mask = self.images[i], self.masks[i]
         if self.augment:
             image, mask = random_resized_crop_flip(image, mask, self.size)
-        return torch.from_numpy(np.ascontiguousarray(image)), self.target(i), torch.from_numpy(
-            np.ascontiguousarray(mask))
+        return (
+            torch.from_numpy(np.ascontiguousarray(image)),
+            self.target(i),
+            torch.from_numpy(np.ascontiguousarray(mask)),
+        )
 
 
-def random_resized_crop_flip(image: np.ndarray, mask: np.ndarray, size: int,
-                             scale=(0.5, 1.0), rng=np.random):
+def random_resized_crop_flip(
+    image: np.ndarray, mask: np.ndarray, size: int, scale=(0.5, 1.0), rng=np.random
+):
     """Crop a random 50-100% area square-ish window, resize back, maybe mirror."""
     h, w = mask.shape
     area = h * w * rng.uniform(*scale)
@@ -61,8 +75,8 @@ def random_resized_crop_flip(image: np.ndarray, mask: np.ndarray, size: int,
     ch = int(min(h, round(np.sqrt(area / aspect))))
     cw = int(min(w, round(np.sqrt(area * aspect))))
     y, x = rng.randint(0, h - ch + 1), rng.randint(0, w - cw + 1)
-    image = cv2.resize(image[y:y + ch, x:x + cw], (size, size), interpolation=cv2.INTER_LINEAR)
-    mask = cv2.resize(mask[y:y + ch, x:x + cw], (size, size), interpolation=cv2.INTER_NEAREST)
+    image = cv2.resize(image[y : y + ch, x : x + cw], (size, size), interpolation=cv2.INTER_LINEAR)
+    mask = cv2.resize(mask[y : y + ch, x : x + cw], (size, size), interpolation=cv2.INTER_NEAREST)
     if rng.rand() < 0.5:
         image, mask = image[:, ::-1], mask[:, ::-1]
     return image, mask

@@ -117,7 +117,9 @@ def list_samples(root: str | Path, task: str, split: str) -> list[Sample]:
             for n in names
         ]
     if task == "voc":
-        listing = root / "ImageSets" / "Segmentation" / ("train.txt" if split == "train" else "val.txt")
+        listing = (
+            root / "ImageSets" / "Segmentation" / ("train.txt" if split == "train" else "val.txt")
+        )
         _require(listing, "the VOC segmentation image set")
         out = []
         for n in (ln.strip() for ln in listing.read_text().splitlines()):
@@ -128,7 +130,9 @@ def list_samples(root: str | Path, task: str, split: str) -> list[Sample]:
             # derives them (cls_labels from SegmentationClass); the pixels are never trained on.
             present = np.unique(np.asarray(Image.open(mask_path)))
             labels = tuple(int(c) - 1 for c in present if 0 < c < IGNORE)
-            out.append(Sample(n, _require(root / "JPEGImages" / f"{n}.jpg", "an image"), mask_path, labels))
+            out.append(
+                Sample(n, _require(root / "JPEGImages" / f"{n}.jpg", "an image"), mask_path, labels)
+            )
         return out
     raise DataLayoutError(f"unknown task {task!r}: expected pets or voc")
 

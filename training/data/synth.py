@@ -196,8 +196,8 @@ def write_synth(root: str | Path, opts: SynthOptions) -> Path:
     """Write the benchmark under ``root`` in the Oxford-IIIT Pet or PASCAL VOC 2012 layout."""
     if opts.flavour not in ("pets", "voc"):
         raise ValueError(f"unknown flavour {opts.flavour!r}: expected pets or voc")
-    if opts.count < 4 or opts.size < 32:
-        raise ValueError("synth needs count >= 4 and size >= 32")
+    if opts.count < len(ANIMALS) or opts.size < 32:
+        raise ValueError(f"synth needs count >= {len(ANIMALS)} and size >= 32")
     root = Path(root)
     rng = np.random.default_rng(opts.seed)
     comp = Compositor(opts.size, rng)
@@ -206,7 +206,10 @@ def write_synth(root: str | Path, opts: SynthOptions) -> Path:
     records = []
     for i in tqdm(range(opts.count), desc=f"synth {opts.flavour}", unit="img"):
         if opts.flavour == "pets":
-            classes = [int(rng.integers(len(ANIMALS)))]
+            # Balanced: every block of 10 images holds each class once, in random order.
+            if i % len(ANIMALS) == 0:
+                order = rng.permutation(len(ANIMALS))
+            classes = [int(order[i % len(ANIMALS)])]
         else:
             k = int(rng.choice([1, 2, 3], p=[0.45, 0.35, 0.2]))
             classes = [int(c) for c in rng.choice(len(ANIMALS), size=k, replace=False)]

@@ -16,8 +16,9 @@ from training.cams import CAM_METHODS, normalise_maps
 
 
 class CAMClassifier(nn.Module):
-    def __init__(self, features: nn.Module, feature_channels: int, num_classes: int,
-                 cam_method: str = "cam"):
+    def __init__(
+        self, features: nn.Module, feature_channels: int, num_classes: int, cam_method: str = "cam"
+    ):
         super().__init__()
         if cam_method not in CAM_METHODS:
             raise ValueError(f"unknown CAM method {cam_method!r}: one of {sorted(CAM_METHODS)}")

@@ -14,8 +14,12 @@ from training.models.unet import UNet
 
 
 def _resnet(name: str) -> Callable[..., CAMClassifier]:
-    def build(num_classes: int, output_stride: int = 32, cam_method: str = "cam",
-              weights: str | None = None) -> CAMClassifier:
+    def build(
+        num_classes: int,
+        output_stride: int = 32,
+        cam_method: str = "cam",
+        weights: str | None = None,
+    ) -> CAMClassifier:
         net = getattr(torchvision.models, name)(weights=None)
         if weights:
             load_backbone_weights(net, weights)

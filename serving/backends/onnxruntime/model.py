@@ -26,7 +26,9 @@ _GRAPH_LEVELS = {
 def _session_options(config: dict) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     level = str(config.get("optimization", {}).get("graph", {}).get("level", "99"))
-    opts.graph_optimization_level = _GRAPH_LEVELS.get(level, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    opts.graph_optimization_level = _GRAPH_LEVELS.get(
+        level, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
     params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
     if "intra_op_thread_count" in params:
         opts.intra_op_num_threads = int(params["intra_op_thread_count"])
@@ -61,23 +63,37 @@ class TritonPythonModel:
             feeds = {n: np.concatenate([a[i] for a in arrays]) for i, n in enumerate(self.inputs)}
             results = self.session.run(self.outputs, feeds)
         except Exception as exc:  # one bad request must not take its batch-mates' answers down
-            return [self._run_one(r) for r in requests] if len(requests) > 1 else [
-                pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc)))
-            ]
+            return (
+                [self._run_one(r) for r in requests]
+                if len(requests) > 1
+                else [
+                    pb_utils.InferenceResponse(
+                        output_tensors=[], error=pb_utils.TritonError(str(exc))
+                    )
+                ]
+            )
         responses, start = [], 0
         for size in sizes:
-            tensors = [pb_utils.Tensor(n, np.ascontiguousarray(res[start:start + size]))
-                       for n, res in zip(self.outputs, results)]
+            tensors = [
+                pb_utils.Tensor(n, np.ascontiguousarray(res[start : start + size]))
+                for n, res in zip(self.outputs, results, strict=True)
+            ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
         return responses
 
     def _run_one(self, request):
         try:
-            feeds = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs}
+            feeds = {
+                n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs
+            }
             results = self.session.run(self.outputs, feeds)
             return pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor(n, r) for n, r in zip(self.outputs, results)]
+                output_tensors=[
+                    pb_utils.Tensor(n, r) for n, r in zip(self.outputs, results, strict=True)
+                ]
             )
         except Exception as exc:
-            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc)))
+            return pb_utils.InferenceResponse(
+                output_tensors=[], error=pb_utils.TritonError(str(exc))
+            )

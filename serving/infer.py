@@ -1,0 +1,69 @@
+"""``wsss infer``: send image files to the ensemble, write mask PNGs and an overlay figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from serving.client import PipelineClient, load_image, resize
+from training.data.layouts import VOC_PALETTE
+from training.figures import overlay, panel_figure
+
+
+def infer_files(
+    paths: list[Path], url: str, protocol: str, out: Path, class_names: list[str] | None = None
+) -> list[dict]:
+    """One request per image; masks come back at the model size and are resized to the original."""
+    client = PipelineClient(url, protocol)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path in paths:
+        original = load_image(path)
+        batch = resize(original, client.image_size)[None]
+        outputs = client.infer(batch)
+        results.append(write_outputs(path, original, batch[0], outputs, out, class_names))
+    client.close()
+    return results
+
+
+def write_outputs(
+    path: Path,
+    original: np.ndarray,
+    sent: np.ndarray,
+    outputs: dict,
+    out: Path,
+    class_names: list[str] | None,
+) -> dict:
+    h, w = original.shape[:2]
+    stem = Path(path).stem
+    scores = outputs["SCORES"][0]
+    top = int(scores.argmax())
+    label = class_names[top] if class_names and top < len(class_names) else f"class {top}"
+    files = {}
+    for key in ("PSEUDO_MASK", "SEGMENTATION"):
+        mask = resize(outputs[key][0], (h, w), nearest=True)
+        png = Image.fromarray(mask, mode="P")
+        png.putpalette(VOC_PALETTE)
+        files[key] = out / f"{stem}_{key.lower()}.png"
+        png.save(files[key])
+    cam = outputs["CAMS"][0, top]
+    files["figure"] = panel_figure(
+        [
+            {
+                "image": sent,
+                f"CAM: {label} ({scores[top]:.2f})": cam,
+                "pseudo-mask": overlay(sent, outputs["PSEUDO_MASK"][0]),
+                "segmentation": overlay(sent, outputs["SEGMENTATION"][0]),
+            }
+        ],
+        ["image", f"CAM: {label} ({scores[top]:.2f})", "pseudo-mask", "segmentation"],
+        out / f"{stem}_overlay.png",
+    )
+    return {
+        "image": str(path),
+        "top_class": label,
+        "score": float(scores[top]),
+        "files": {k: str(v) for k, v in files.items()},
+    }

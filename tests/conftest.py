@@ -1,0 +1,79 @@
+"""Shared fixtures: one tiny trained + exported pipeline per session, and free ports."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from wsss.config import Config, load_config
+
+TINY = [
+    "data.image_size=64",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "data.val_fraction=0.2",
+    "segmenter.base_channels=4",
+    "segmenter.depth=2",
+    "export.serving.max_batch_size=4",
+    "export.serving.preferred_batch_sizes=[2,4]",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def pets_root(tmp_path_factory):
+    from training.data.synth import SynthOptions, write_synth
+
+    return write_synth(tmp_path_factory.mktemp("pets"), SynthOptions("pets", 40, 64, seed=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(pets_root, tmp_path_factory) -> Config:
+    work = tmp_path_factory.mktemp("work")
+    return load_config(
+        None,
+        TINY
+        + [
+            f"data.root={pets_root}",
+            f"runs={work / 'runs'}",
+            f"export.repository={work / 'model_repository'}",
+            f"serve.http_port={free_port()}",
+            f"serve.grpc_port={free_port()}",
+            f"serve.metrics_port={free_port()}",
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_cfg) -> Config:
+    from training import stages
+
+    stages.run(tiny_cfg)
+    return tiny_cfg
+
+
+@pytest.fixture(scope="session")
+def exported(trained) -> Config:
+    from export.repository import export_repository
+
+    export_repository(trained)
+    return trained
+
+
+@pytest.fixture(scope="session")
+def server(exported, tmp_path_factory):
+    from pathlib import Path
+
+    from serving.server import TritonServer
+
+    srv = TritonServer(
+        Path(exported.export.repository), exported.serve, tmp_path_factory.mktemp("server")
+    )
+    with srv:
+        yield srv

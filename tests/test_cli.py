@@ -1,0 +1,77 @@
+"""The `wsss` command line, as a user runs it, on a tiny profile."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.slow
+
+
+def wsss(*args, check=True):
+    proc = subprocess.run(
+        [sys.executable, "-m", "wsss.cli", *args], capture_output=True, text=True, timeout=600
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_data_train_evaluate_export(tmp_path):
+    sets = [
+        x
+        for o in TINY
+        + [
+            f"data.root={tmp_path / 'data'}",
+            f"runs={tmp_path / 'runs'}",
+            f"export.repository={tmp_path / 'repo'}",
+        ]
+        for x in ("--set", o)
+    ]
+    out = wsss("data", "synth", "--count", "30", *sets).stdout
+    assert "wrote 30 pets images (64x64)" in out
+    wsss("train", *sets)
+    for stage in ("classifier", "segmenter"):
+        assert (tmp_path / "runs" / stage / "best.pt").exists()
+        assert (tmp_path / "runs" / stage / "config.yaml").exists()
+        lines = (tmp_path / "runs" / stage / "metrics.jsonl").read_text().splitlines()
+        assert json.loads(lines[-1])["epoch"] == 1
+    table = wsss("evaluate", *sets).stdout
+    assert "| pseudo-mask (resnet18 CAM + otsu) |" in table and "segmentation (unet)" in table
+    results = json.loads((tmp_path / "runs" / "eval" / "results.json").read_text())
+    assert 0 <= results["pseudo_mask"]["iou"] <= 1 and results["images"] == 8
+    assert (tmp_path / "runs" / "eval" / "examples.png").stat().st_size > 1000
+    wsss("export", *sets)
+    repo = tmp_path / "repo"
+    for model in ("classifier", "segmenter", "refiner", "wsss_pipeline"):
+        assert (repo / model / "config.pbtxt").exists()
+    assert (repo / "classifier" / "1" / "model.onnx").exists()
+
+
+def test_bad_config_is_a_clear_error():
+    proc = wsss("train", "--set", "train.epochs=many", check=False)
+    assert proc.returncode != 0 and "train.epochs: expected int" in proc.stderr
+
+
+def test_failed_export_keeps_the_old_repository(exported, monkeypatch):
+    """A parity failure mid-export leaves the served repository byte-for-byte as it was."""
+    from pathlib import Path
+
+    import export.repository as repository
+    from export.onnx_export import ParityError
+
+    repo = Path(exported.export.repository)
+    before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+
+    def broken(*args, **kwargs):
+        raise ParityError("injected")
+
+    monkeypatch.setattr(repository, "check_parity", broken)
+    with pytest.raises(ParityError):
+        repository.export_repository(exported)
+    after = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+    assert after == before
+    assert not list(repo.parent.glob(".staging-*"))

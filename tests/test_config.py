@@ -1,0 +1,37 @@
+import pytest
+
+from wsss.config import ConfigError, load_config, save_config
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 3\ndata:\n  task: voc\n")
+    cfg = load_config(path, ["train.lr=0.01", "export.serving.preferred_batch_sizes=[1,2]"])
+    assert cfg.train.epochs == 3 and cfg.data.task == "voc"
+    assert cfg.train.lr == 0.01 and cfg.export.serving.preferred_batch_sizes == [1, 2]
+    assert cfg.serve.host == "127.0.0.1"
+
+
+def test_int_is_accepted_for_float():
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epoch=3", "unknown config key"),
+        ("train.epochs=three", "expected int"),
+        ("data.task=coco", "not one of"),
+        ("train.epochs", "key=value"),
+        ("train.epochs=true", "expected int"),
+    ],
+)
+def test_bad_overrides_are_explained(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.epochs=7", "classifier.weights=/x.pt"])
+    save_config(cfg, tmp_path / "out.yaml")
+    assert load_config(tmp_path / "out.yaml") == cfg

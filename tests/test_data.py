@@ -1,0 +1,123 @@
+"""The synthetic benchmark, and the readers on tiny trees in the real layouts."""
+
+import hashlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.data import (
+    IGNORE,
+    DataLayoutError,
+    list_samples,
+    read_class_names,
+    read_mask,
+)
+from training.data.dataset import WSSSDataset
+from training.data.layouts import VOC_CLASSES, VOC_PALETTE
+from training.data.synth import ANIMALS, SynthOptions, write_synth
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_synth_is_deterministic(tmp_path):
+    a = write_synth(tmp_path / "a", SynthOptions("voc", 10, 48, seed=3))
+    b = write_synth(tmp_path / "b", SynthOptions("voc", 10, 48, seed=3))
+    c = write_synth(tmp_path / "c", SynthOptions("voc", 10, 48, seed=4))
+    assert _digest(a) == _digest(b) != _digest(c)
+
+
+def test_synth_pets_layout(pets_root):
+    names = read_class_names(pets_root, "pets")
+    assert names == list(ANIMALS)
+    train = list_samples(pets_root, "pets", "train")
+    test = list_samples(pets_root, "pets", "test")
+    assert len(train) + len(test) == 40 and len(test) == 10
+    for s in train[:5]:
+        trimap = np.asarray(Image.open(s.mask_path))
+        assert set(np.unique(trimap)) <= {1, 2, 3} and 1 in trimap and 3 in trimap
+        mask = read_mask(s, "pets")
+        assert set(np.unique(mask)) <= {0, 1, IGNORE}
+        assert names[s.labels[0]] == s.name.rsplit("_", 1)[0]
+
+
+def test_synth_voc_layout(tmp_path):
+    root = write_synth(tmp_path, SynthOptions("voc", 12, 64, seed=0))
+    assert read_class_names(root, "voc") == list(ANIMALS)
+    samples = list_samples(root, "voc", "train") + list_samples(root, "voc", "test")
+    assert len(samples) == 12
+    assert any(len(s.labels) > 1 for s in samples)
+    for s in samples:
+        png = Image.open(s.mask_path)
+        assert png.mode == "P"
+        mask = read_mask(s, "voc")
+        present = {int(v) - 1 for v in np.unique(mask) if 0 < v < IGNORE}
+        assert present == set(s.labels) and IGNORE in mask
+
+
+def _real_pets_tree(root):
+    """A tiny Oxford-IIIT Pet tree, named and encoded exactly like the real one."""
+    (root / "images").mkdir(parents=True)
+    (root / "annotations" / "trimaps").mkdir(parents=True)
+    rows = [
+        ("Abyssinian_1", 1, 1, 1),
+        ("american_pit_bull_terrier_10", 2, 2, 1),
+        ("Abyssinian_2", 1, 1, 1),
+    ]
+    for name, *_ in rows:
+        Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(root / "images" / f"{name}.jpg")
+        trimap = np.full((30, 40), 2, np.uint8)
+        trimap[10:20, 10:30] = 1
+        trimap[9, 10:30] = 3
+        Image.fromarray(trimap).save(root / "annotations" / "trimaps" / f"{name}.png")
+    lines = [" ".join(map(str, r)) for r in rows]
+    (root / "annotations" / "trainval.txt").write_text("\n".join(lines[:2]) + "\n")
+    (root / "annotations" / "test.txt").write_text(lines[2] + "\n")
+    return root
+
+
+def test_reads_a_real_oxford_pet_tree(tmp_path):
+    root = _real_pets_tree(tmp_path)
+    assert read_class_names(root, "pets") == ["Abyssinian", "american_pit_bull_terrier"]
+    train = list_samples(root, "pets", "train")
+    assert [s.labels for s in train] == [(0,), (1,)]
+    mask = read_mask(train[0], "pets")
+    assert mask[15, 15] == 1 and mask[0, 0] == 0 and mask[9, 15] == IGNORE
+    ds = WSSSDataset(root, "pets", "train", 32, 2)
+    image, target, mask = ds[1]
+    assert image.shape == (32, 32, 3) and int(target) == 1 and mask.shape == (32, 32)
+
+
+def test_reads_a_real_voc_tree(tmp_path):
+    root = tmp_path
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True)
+    mask = np.zeros((20, 20), np.uint8)
+    mask[2:8, 2:8] = 15  # person
+    mask[10:18, 10:18] = 12  # dog
+    mask[8, :] = 255
+    png = Image.fromarray(mask, mode="P")
+    png.putpalette(VOC_PALETTE)
+    png.save(root / "SegmentationClass" / "2007_000032.png")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / "JPEGImages" / "2007_000032.jpg")
+    (root / "ImageSets/Segmentation/train.txt").write_text("2007_000032\n")
+    assert read_class_names(root, "voc") == list(VOC_CLASSES)
+    (s,) = list_samples(root, "voc", "train")
+    assert [VOC_CLASSES[i] for i in s.labels] == ["dog", "person"]
+    ds = WSSSDataset(root, "voc", "train", 20, 20)
+    assert ds[0][1].nonzero().flatten().tolist() == [11, 14]
+
+
+def test_layout_errors_are_clear(tmp_path):
+    with pytest.raises(DataLayoutError, match="trainval.txt is missing"):
+        read_class_names(tmp_path, "pets")
+    with pytest.raises(DataLayoutError, match="unknown task"):
+        read_class_names(tmp_path, "coco")
+    with pytest.raises(DataLayoutError, match="VOC segmentation image set"):
+        list_samples(tmp_path, "voc", "train")

@@ -1,0 +1,76 @@
+"""Every registered model through one shared tester: forward, backward, odd sizes, export."""
+
+import numpy as np
+import pytest
+import torch
+
+from export.onnx_export import ParityError, check_parity, export_onnx
+from training.models import CLASSIFIERS, SEGMENTERS, build_classifier, build_segmenter
+from training.pipeline import ServedClassifier, ServedSegmenter
+from wsss.tensors import CLASSIFIER, SEGMENTER, served_models
+
+
+@pytest.mark.parametrize("arch", sorted(CLASSIFIERS))
+@pytest.mark.parametrize("stride", [16, 32])
+def test_classifier_logits_and_cams(arch, stride):
+    net = build_classifier(arch, num_classes=3, output_stride=stride).eval()
+    x = torch.randn(2, 3, 72, 56)
+    logits, cams = net.logits_and_cams(x)
+    assert logits.shape == (2, 3) and cams.shape == (2, 3, 72, 56)
+    assert cams.min() >= 0 and cams.max() <= 1 + 1e-6
+    assert torch.allclose(net(x), logits)
+    net.train()
+    net(x).sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_output_stride_16_doubles_the_cam_resolution():
+    x = torch.randn(1, 3, 64, 64)
+    f32 = build_classifier("resnet18", num_classes=2, output_stride=32).forward_features(x)
+    f16 = build_classifier("resnet18", num_classes=2, output_stride=16).forward_features(x)
+    assert f32.shape[-1] == 2 and f16.shape[-1] == 4
+
+
+@pytest.mark.parametrize("arch", sorted(SEGMENTERS))
+@pytest.mark.parametrize("size", [(64, 64), (37, 50)])
+def test_segmenter_any_size(arch, size):
+    net = build_segmenter(arch, num_classes=3, base_channels=4, depth=3)
+    out = net(torch.randn(2, 3, *size))
+    assert out.shape == (2, 3, *size)
+    out.mean().backward()
+
+
+def _served(family):
+    if family == CLASSIFIER:
+        return ServedClassifier(build_classifier("resnet18", num_classes=4), multi_label=True)
+    return ServedSegmenter(build_segmenter("unet", num_classes=3, base_channels=4, depth=2))
+
+
+@pytest.mark.parametrize("family", [CLASSIFIER, SEGMENTER])
+def test_export_parity_with_dynamic_batch(family, tmp_path):
+    module = _served(family).eval()
+    spec = served_models(48, 4, 3)[family]
+    sample = (torch.randint(0, 256, (2, 48, 48, 3), dtype=torch.uint8),)
+    path = export_onnx(module, spec, sample, tmp_path / "m.onnx")
+    errors = check_parity(module, path, spec, sample, atol=1e-4)
+    assert set(errors) == {t.name for t in spec.outputs}
+    bigger = (torch.randint(0, 256, (5, 48, 48, 3), dtype=torch.uint8),)
+    check_parity(module, path, spec, bigger, atol=1e-4)
+
+
+def test_parity_failure_is_loud(tmp_path):
+    module = _served(CLASSIFIER).eval()
+    spec = served_models(48, 4, 3)[CLASSIFIER]
+    sample = (torch.randint(0, 256, (1, 48, 48, 3), dtype=torch.uint8),)
+    path = export_onnx(module, spec, sample, tmp_path / "m.onnx")
+    with torch.no_grad():
+        module.net.fc.bias += 1.0  # eager now disagrees with the exported file
+    with pytest.raises(ParityError, match="SCORES"):
+        check_parity(module, path, spec, sample, atol=1e-4)
+
+
+def test_served_classifier_takes_raw_pixels():
+    module = _served(CLASSIFIER).eval()
+    images = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
+    scores, cams = module(torch.from_numpy(images))
+    assert scores.shape == (2, 4) and ((scores > 0) & (scores < 1)).all()

@@ -1,0 +1,130 @@
+"""The walking skeleton on the real stack: tiny trained models, exported, served by tritonserver.
+
+Tolerances between the ensemble (ONNX Runtime in Triton) and the in-process PyTorch pipeline:
+float outputs within ATOL; class-index masks may differ on at most MISMATCH of pixels, where a
+CAM or probability within float error of a threshold or a tie lands on the other side.
+"""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from serving.bench import run_perf_analyzer
+from serving.client import ClientError, PipelineClient, load_image
+from training.data import list_samples, read_image
+from training.pipeline import pipeline_from_config
+from wsss.tensors import PIPELINE
+
+pytestmark = [pytest.mark.slow, pytest.mark.triton]
+
+ATOL = {"SCORES": 1e-4, "SEG_PROBS": 1e-4, "CAMS": 1e-3}
+MISMATCH = 1e-3
+
+
+@pytest.fixture(scope="module")
+def images(exported):
+    import cv2
+
+    size = exported.data.image_size
+    samples = list_samples(exported.data.root, "pets", "test")[:3]
+    return np.stack(
+        [
+            cv2.resize(read_image(s.image_path), (size, size), interpolation=cv2.INTER_AREA)
+            for s in samples
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(exported, images):
+    return pipeline_from_config(exported)(images)
+
+
+def _assert_close(got, want):
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert got[name].shape == value.shape and got[name].dtype == value.dtype, name
+        if name in ATOL:
+            np.testing.assert_allclose(got[name], value, atol=ATOL[name], err_msg=name)
+        else:
+            assert (got[name] != value).mean() <= MISMATCH, name
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_ensemble_matches_in_process_pipeline(server, images, reference, protocol):
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    client = PipelineClient(url, protocol)
+    assert client.image_size == images.shape[1:3]
+    _assert_close(client.infer(images), reference)
+    one = client.infer(images[1:2])  # batch of one, and the ensemble batches independently
+    _assert_close(one, {k: v[1:2] for k, v in reference.items()})
+    client.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_bad_input_is_refused_and_server_keeps_serving(server, images, reference, protocol):
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    client = PipelineClient(url, protocol)
+    wrong_shape = np.zeros((1, 17, 23, 3), np.uint8)
+    wrong_dtype = images.astype(np.float32)
+    with pytest.raises(ClientError, match="shape"):
+        client.infer(wrong_shape)
+    with pytest.raises(ClientError, match="dtype"):
+        client.infer(wrong_dtype)
+    # The same mistakes sent past the client checks: the server itself says no.
+    with pytest.raises(ClientError, match="server refused"):
+        client.infer_raw({"IMAGE": wrong_shape})
+    with pytest.raises(ClientError, match="server refused"):
+        client.infer_raw({"IMAGE": wrong_dtype})
+    with pytest.raises(ClientError, match="server refused"):
+        client.infer_raw({"NOT_AN_INPUT": images})
+    with pytest.raises(ClientError, match="cannot decode"):
+        load_image(b"\x89PNG but not really")
+    assert client.client.is_server_live() and client.client.is_model_ready(PIPELINE)
+    _assert_close(client.infer(images), reference)
+
+
+def test_perf_analyzer_completes(server, tmp_path):
+    spec = PipelineClient(server.grpc_url, "grpc").specs
+    for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+        results = run_perf_analyzer(
+            spec, url, protocol, batch=2, concurrency="1:2", interval_ms=1000, workdir=tmp_path
+        )
+        assert [r.concurrency for r in results] == [1, 2]
+        assert all(r.throughput > 0 and r.p99_ms >= r.p50_ms > 0 for r in results)
+
+
+def _wsss(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "wsss.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_infer_writes_masks_and_figure(server, exported, tmp_path):
+    sample = list_samples(exported.data.root, "pets", "test")[0]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+        out = tmp_path / protocol
+        proc = _wsss(
+            "infer",
+            str(sample.image_path),
+            "--url",
+            url,
+            "--protocol",
+            protocol,
+            "--out",
+            str(out),
+            "--repository",
+            exported.export.repository,
+        )
+        assert proc.returncode == 0, proc.stderr
+        stem = sample.image_path.stem
+        original = read_image(sample.image_path).shape[:2]
+        for kind in ("pseudo_mask", "segmentation"):
+            assert load_image(out / f"{stem}_{kind}.png").shape[:2] == original
+        assert (out / f"{stem}_overlay.png").stat().st_size > 1000
+    proc = _wsss("infer", str(bad), "--url", server.grpc_url, "--out", str(tmp_path / "bad"))
+    assert proc.returncode != 0 and "cannot decode" in proc.stderr

@@ -1,0 +1,209 @@
+"""``wsss``: one command, one subcommand per stage; each handler builds the config and calls run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from wsss.config import Config, ConfigError, load_config
+
+
+def _config(args) -> Config:
+    overrides = [
+        f"serve.{k}={os.environ[v]}"
+        for k, v in (
+            ("http_port", "HTTP_PORT"),
+            ("grpc_port", "GRPC_PORT"),
+            ("metrics_port", "METRICS_PORT"),
+        )
+        if os.environ.get(v)
+    ]
+    return load_config(args.config, overrides + list(args.set))
+
+
+def cmd_data(args) -> None:
+    from training.data.synth import SynthOptions, write_synth
+
+    cfg = _config(args)
+    root = Path(args.out or cfg.data.root)
+    opts = SynthOptions(
+        args.flavour or cfg.data.task,
+        args.count or cfg.data.synth_count,
+        args.size or cfg.data.image_size,
+        cfg.data.synth_seed,
+    )
+    write_synth(root, opts)
+    print(f"wrote {opts.count} {opts.flavour} images ({opts.size}x{opts.size}) to {root}")
+
+
+def cmd_train(args) -> None:
+    from training import stages
+
+    stages.run(_config(args), tuple(args.stages.split(",")))
+
+
+def cmd_evaluate(args) -> None:
+    from training.evaluate import evaluate, results_table
+
+    print(results_table(evaluate(_config(args))))
+
+
+def cmd_export(args) -> None:
+    from export.repository import export_repository
+
+    cfg = _config(args)
+    repo = export_repository(cfg)
+    print(f"exported to {repo}; parity: {(repo / 'parity.json').read_text()}")
+
+
+def ensure_built(cfg: Config) -> None:
+    """What `make serve` does on a fresh clone: data, training and export, if missing."""
+    from export.repository import export_repository
+    from training import stages
+    from training.data.synth import SynthOptions, write_synth
+
+    if (Path(cfg.export.repository) / "wsss_pipeline" / "config.pbtxt").exists():
+        return
+    if not Path(cfg.data.root).exists():
+        write_synth(
+            cfg.data.root,
+            SynthOptions(
+                cfg.data.task, cfg.data.synth_count, cfg.data.image_size, cfg.data.synth_seed
+            ),
+        )
+    if not (Path(cfg.runs) / "segmenter" / "best.pt").exists():
+        stages.run(cfg)
+    export_repository(cfg)
+
+
+def cmd_serve(args) -> None:
+    from serving.server import TritonServer
+
+    cfg = _config(args)
+    if args.build_if_missing:
+        ensure_built(cfg)
+    server = TritonServer(Path(cfg.export.repository), cfg.serve, Path(".cache/server"))
+    with server:
+        print(
+            f"serving {cfg.export.repository}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
+            f"metrics {cfg.serve.host}:{cfg.serve.metrics_port} (Ctrl-C stops)",
+            flush=True,
+        )
+        try:
+            server.process.wait()
+        except KeyboardInterrupt:
+            pass
+    if server.process.returncode not in (0, -2, None):
+        sys.exit(f"tritonserver exited with {server.process.returncode}:\n{server.log_tail()}")
+
+
+def _url(args) -> str:
+    if args.url:
+        return args.url
+    if args.protocol == "http":
+        return f"127.0.0.1:{os.environ.get('HTTP_PORT', '8000')}"
+    return f"127.0.0.1:{os.environ.get('GRPC_PORT', '8001')}"
+
+
+def cmd_infer(args) -> None:
+    from serving.infer import infer_files
+
+    names = None
+    names_file = Path(args.repository) / "class_names.json"
+    if names_file.exists():
+        names = json.loads(names_file.read_text())
+    for r in infer_files(
+        [Path(p) for p in args.images], _url(args), args.protocol, Path(args.out), names
+    ):
+        print(f"{r['image']}: {r['top_class']} ({r['score']:.2f}) -> {r['files']['figure']}")
+
+
+def cmd_bench(args) -> None:
+    from serving.bench import format_table, run_perf_analyzer
+    from serving.client import PipelineClient
+
+    url = _url(args)
+    spec = PipelineClient(url, args.protocol).specs
+    results = run_perf_analyzer(
+        spec, url, args.protocol, args.batch, args.concurrency, args.interval_ms
+    )
+    print(format_table(results, f"{spec.name} over {args.protocol}, batch {args.batch}"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsss", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="YAML config (see configs/)")
+    common.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=3",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build the bundled benchmark data")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    synth = data_sub.add_parser("synth", parents=[common], help="write the synthetic benchmark")
+    synth.add_argument("--flavour", choices=["pets", "voc"])
+    synth.add_argument("--out", help="folder to write (default: data.root)")
+    synth.add_argument("--count", type=int)
+    synth.add_argument("--size", type=int)
+    synth.set_defaults(func=cmd_data)
+
+    train = sub.add_parser(
+        "train", parents=[common], help="classifier -> pseudo-masks -> segmenter"
+    )
+    train.add_argument("--stages", default="classifier,pseudo,segmenter")
+    train.set_defaults(func=cmd_train)
+    sub.add_parser("evaluate", parents=[common], help="score on the test split").set_defaults(
+        func=cmd_evaluate
+    )
+    sub.add_parser("export", parents=[common], help="write the Triton repository").set_defaults(
+        func=cmd_export
+    )
+
+    serve = sub.add_parser("serve", parents=[common], help="run tritonserver on the repository")
+    serve.add_argument(
+        "--build-if-missing",
+        action="store_true",
+        help="make data, train and export first when the repository is empty",
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    for name, helptext in (
+        ("infer", "send images to the ensemble"),
+        ("bench", "perf_analyzer against the ensemble"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--url", help="host:port (default: 127.0.0.1 and GRPC_PORT/HTTP_PORT)")
+        p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+        if name == "infer":
+            p.add_argument("images", nargs="+")
+            p.add_argument("--out", default="out/infer")
+            p.add_argument("--repository", default="model_repository")
+            p.set_defaults(func=cmd_infer)
+        else:
+            p.add_argument("--batch", type=int, default=1)
+            p.add_argument(
+                "--concurrency", default="1:4:1", help="perf_analyzer range start:end:step"
+            )
+            p.add_argument("--interval-ms", type=int, default=3000)
+            p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        sys.exit(f"wsss {args.command}: {exc}")
+
+
+if __name__ == "__main__":
+    main()
