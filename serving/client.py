@@ -88,6 +88,8 @@ def _grpc_to_dict(meta) -> dict:
 
 def load_image(source: str | Path | bytes) -> np.ndarray:
     """Decode a JPEG/PNG/... file or bytes into RGB uint8; a clear error if it is not an image."""
+    if not isinstance(source, bytes) and not Path(source).is_file():
+        raise ClientError(f"{source}: no such image file")
     try:
         data = io.BytesIO(source) if isinstance(source, bytes) else source
         with Image.open(data) as img:

@@ -70,6 +70,8 @@ def train_classifier(cfg: Config, data: WSSSDataset) -> nn.Module:
         "output_stride": cfg.classifier.output_stride,
         "weights": cfg.classifier.weights,
     }
+    if cfg.classifier.pretrained:
+        kwargs["pretrained"] = True
     model = build_classifier(cfg.classifier.arch, **kwargs)
     tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
     train, val = _loaders(cfg, _View(data, tr, True), _View(data, va, False))
@@ -79,7 +81,7 @@ def train_classifier(cfg: Config, data: WSSSDataset) -> nn.Module:
         "family": "classifier",
         "arch": cfg.classifier.arch,
         "task": cfg.data.task,
-        "kwargs": kwargs | {"weights": None},
+        "kwargs": {k: v for k, v in kwargs.items() if k != "pretrained"} | {"weights": None},
         "class_names": read_class_names(cfg.data.root, cfg.data.task),
     }
     fit(

