@@ -1,161 +1,177 @@
-"""Write the Triton model repository: ONNX models, a python refiner, the ensemble, configs.
+"""Write a new version of every model into the Triton model repository, atomically.
 
-Every config.pbtxt is built as Triton's own ``ModelConfig`` protobuf (so the schema is
-checked) from the tensor specs of ``wsss.tensors``, and written with ``text_format``. The
-repository is assembled in a staging folder beside the target and moved into place only
-after every model passed its parity check, so a failed export leaves the old one intact.
+Each export gets the next version number (one number for all models, so ``classifier/7`` and
+``segmenter/7`` came from the same export). Everything is built in a staging folder beside
+the repository, parity-checked against PyTorch, and validated as a repository; only then is
+each version folder moved in with a rename and each config.pbtxt replaced with a rename. A
+polling Triton never sees a half-written version, and a failed or killed export leaves the
+repository exactly as it was. Older versions stay on disk; ``version_policy`` serves the
+latest ``export.keep_versions``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2 as mc
+from torch import nn
 
+from export.check import check_repository, versions
+from export.configs import FORMATS, PYTHON_MODELS, build_configs, render, warmup_files
 from export.onnx_export import check_parity, export_onnx
+from export.torchscript_export import check_torchscript_parity, export_torchscript
 from training.pipeline import ServedClassifier, ServedSegmenter, load_model
-from wsss.config import Config, ModelServingConfig, save_config
-from wsss.tensors import CLASSIFIER, PIPELINE, REFINER, SEGMENTER, ModelSpec, served_models
+from wsss.config import Config, save_config
+from wsss.tensors import CLASSIFIER, ENSEMBLES, SEGMENTER, served_models
 
-_REFINER_SOURCE = Path(__file__).parent / "triton_models" / "refiner.py"
-
-
-def _tensors(specs, cls):
-    return [
-        cls(name=t.name, data_type=getattr(mc, f"TYPE_{t.triton_dtype}"), dims=list(t.shape))
-        for t in specs
-    ]
+_PYTHON_SOURCES = Path(__file__).parent / "triton_models"
+STAGING_PREFIX = ".wsss-staging-"
 
 
-def model_config(
-    spec: ModelSpec,
-    backend: str,
-    serving: ModelServingConfig,
-    parameters: dict[str, str] | None = None,
-) -> mc.ModelConfig:
-    """A config.pbtxt for one model: tensors from its spec, batching and instances from config."""
-    cfg = mc.ModelConfig(
-        name=spec.name,
-        backend=backend,
-        max_batch_size=serving.max_batch_size,
-        input=_tensors(spec.inputs, mc.ModelInput),
-        output=_tensors(spec.outputs, mc.ModelOutput),
-    )
-    if backend == "onnxruntime":
-        cfg.default_model_filename = "model.onnx"
-    preferred = [b for b in serving.preferred_batch_sizes if b <= serving.max_batch_size]
-    cfg.dynamic_batching.preferred_batch_size.extend(preferred)
-    cfg.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_us
-    cfg.instance_group.add(
-        count=serving.instances, kind=getattr(mc.ModelInstanceGroup.Kind, serving.kind)
-    )
-    for key, value in (parameters or {}).items():
-        cfg.parameters[key].string_value = value
-    return cfg
+class ExportError(RuntimeError):
+    """The staged export failed validation; nothing was written to the repository."""
 
 
-def ensemble_config(spec: ModelSpec, steps: list[ModelSpec], max_batch_size: int) -> mc.ModelConfig:
-    """Chain ``steps``; tensors pass between them by name, so each map is name -> same name."""
-    cfg = mc.ModelConfig(
-        name=spec.name,
-        platform="ensemble",
-        max_batch_size=max_batch_size,
-        input=_tensors(spec.inputs, mc.ModelInput),
-        output=_tensors(spec.outputs, mc.ModelOutput),
-    )
-    for step in steps:
-        cfg.ensemble_scheduling.step.add(
-            model_name=step.name,
-            model_version=-1,
-            input_map={t.name: t.name for t in step.inputs},
-            output_map={t.name: t.name for t in step.outputs},
-        )
-    return cfg
+@dataclass
+class ExportResult:
+    repository: Path
+    version: int
+    parity: dict[str, dict[str, float]]
 
 
-def write_config(cfg: mc.ModelConfig, folder: Path) -> Path:
-    path = folder / "config.pbtxt"
-    path.write_text(text_format.MessageToString(cfg))
-    return path
-
-
-def export_repository(cfg: Config) -> Path:
-    """Export classifier, refiner, segmenter and the ensemble into ``cfg.export.repository``."""
+def export_repository(cfg: Config) -> ExportResult:
     runs = Path(cfg.runs)
     classifier, cmeta = load_model(runs / "classifier" / "best.pt")
-    segmenter, _ = load_model(runs / "segmenter" / "best.pt")
+    segmenter, smeta = load_model(runs / "segmenter" / "best.pt")
     multi_label = cmeta["task"] == "voc"
-    num_classes = len(cmeta["class_names"])
-    seg_classes = num_classes + 1 if multi_label else 2
-    specs = served_models(cfg.data.image_size, num_classes, seg_classes)
-    target = Path(cfg.export.repository)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    names = cmeta["class_names"]
+    specs = served_models(cfg.data.image_size, len(names), smeta["kwargs"]["num_classes"])
+    networks = {
+        CLASSIFIER: ServedClassifier(classifier, multi_label),
+        SEGMENTER: ServedSegmenter(segmenter),
+    }
+    params = {
+        "refiner": {
+            "method": cfg.refine.method,
+            "threshold": str(cfg.refine.threshold),
+            "score_threshold": str(cfg.refine.score_threshold),
+            "multi_label": str(multi_label).lower(),
+        }
+    }
+    configs = build_configs(specs, cfg.export, params)
+
+    repo = Path(cfg.export.repository)
+    repo.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(repo)
+    version = next_version(repo)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=repo.parent))
     try:
-        _write_all(
-            cfg,
-            staging,
-            specs,
-            ServedClassifier(classifier, multi_label),
-            ServedSegmenter(segmenter),
-            multi_label,
-            cmeta["class_names"],
+        parity = {}
+        for name, spec in specs.items():
+            folder = staging / name
+            (folder / str(version)).mkdir(parents=True)
+            (folder / "config.pbtxt").write_text(render(configs[name]))
+            for sample in warmup_files(spec, cfg.data.image_size) if name not in ENSEMBLES else []:
+                (folder / "warmup").mkdir(exist_ok=True)
+                (folder / "warmup" / sample.name).write_bytes(sample.data)
+            if name in networks:
+                parity[name] = _write_network(
+                    networks[name], spec, getattr(cfg.export, name), folder / str(version), cfg
+                )
+            elif name in PYTHON_MODELS:
+                shutil.copy(_PYTHON_SOURCES / f"{name}.py", folder / str(version) / "model.py")
+                # The python backend stub ignores PYTHONDONTWRITEBYTECODE and would create
+                # __pycache__ in this folder on load; a polling Triton sees the folder change
+                # and reloads the model mid-traffic. A file of that name makes Python skip
+                # writing bytecode (silently, even as root).
+                (folder / str(version) / "__pycache__").write_bytes(b"")
+        _write_metadata(staging / CLASSIFIER / str(version), cfg, names, parity)
+        report = check_repository(staging)
+        if not report.ok:
+            raise ExportError(f"the staged export is invalid, nothing was changed:\n{report}")
+        commit(
+            staging, repo, version, order=[n for n in specs if n not in ENSEMBLES] + list(ENSEMBLES)
         )
-        _swap_into_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return ExportResult(repo, version, parity)
 
 
-def _write_all(cfg, root, specs, classifier, segmenter, multi_label, class_names) -> None:
-    rng = np.random.default_rng(0)
+def _write_network(module: nn.Module, spec, settings, version_dir: Path, cfg: Config) -> dict:
     size = cfg.data.image_size
-    sample = (torch.from_numpy(rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)),)
-    report = {}
-    serving = cfg.export.serving
-    for name, module in ((CLASSIFIER, classifier), (SEGMENTER, segmenter)):
-        version = root / name / "1"
-        version.mkdir(parents=True)
-        path = export_onnx(module, specs[name], sample, version / "model.onnx", cfg.export.opset)
-        report[name] = check_parity(module, path, specs[name], sample, cfg.export.atol)
-        write_config(model_config(specs[name], "onnxruntime", serving), root / name)
-    (root / REFINER / "1").mkdir(parents=True)
-    shutil.copy(_REFINER_SOURCE, root / REFINER / "1" / "model.py")
-    params = {
-        "method": cfg.refine.method,
-        "threshold": str(cfg.refine.threshold),
-        "score_threshold": str(cfg.refine.score_threshold),
-        "multi_label": "true" if multi_label else "false",
-    }
-    write_config(model_config(specs[REFINER], "python", serving, params), root / REFINER)
-    (root / PIPELINE / "1").mkdir(parents=True)
-    steps = [specs[CLASSIFIER], specs[REFINER], specs[SEGMENTER]]
-    write_config(ensemble_config(specs[PIPELINE], steps, serving.max_batch_size), root / PIPELINE)
-    save_config(cfg, root / "wsss_config.yaml")
-    (root / "class_names.json").write_text(json.dumps(class_names))
-    (root / "parity.json").write_text(json.dumps(report, indent=2))
+    rng = np.random.default_rng(0)
+    trace = (torch.from_numpy(rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)),)
+    # Parity on another batch size than the one traced: proves the batch axis is free.
+    probe = (torch.from_numpy(rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8)),)
+    path = version_dir / FORMATS[settings.format][1]
+    if settings.format == "onnx":
+        export_onnx(module, spec, trace, path, cfg.export.opset)
+        return check_parity(module, path, spec, probe, cfg.export.atol)
+    export_torchscript(module, trace, path)
+    return check_torchscript_parity(module, path, spec, probe, cfg.export.atol)
 
 
-def _swap_into_place(staging: Path, target: Path) -> None:
-    """Move each staged entry over its counterpart in ``target`` by renames only.
+def _write_metadata(folder: Path, cfg: Config, class_names: list[str], parity: dict) -> None:
+    save_config(cfg, folder / "wsss_config.yaml")
+    (folder / "class_names.json").write_text(json.dumps(class_names))
+    (folder / "parity.json").write_text(json.dumps(parity, indent=2))
 
-    Other files in ``target`` (its README) stay; no half-copied model is ever visible.
+
+def next_version(repo: Path) -> int:
+    found = [v for m in repo.iterdir() if m.is_dir() for v in versions(m)]
+    return max(found, default=0) + 1
+
+
+def commit(staging: Path, repo: Path, version: int, order: list[str]) -> None:
+    """Move staged versions in, then swap configs and warm-up data, all by rename.
+
+    Models before ensembles, version folders before configs: at every instant each config
+    on disk refers only to complete versions.
     """
-    target.mkdir(parents=True, exist_ok=True)
-    for entry in sorted(staging.iterdir()):
-        dest = target / entry.name
-        old = target / f".old-{entry.name}"
-        if dest.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-        entry.rename(dest)
-        if old.is_dir():
-            shutil.rmtree(old)
-        elif old.exists():
-            old.unlink()
+    for name in order:
+        src, dest = staging / name, repo / name
+        dest.mkdir(exist_ok=True)
+        os.rename(src / str(version), dest / str(version))
+        if (src / "warmup").exists():
+            _swap_dir(src / "warmup", dest / "warmup")
+        os.replace(src / "config.pbtxt", dest / "config.pbtxt")
+
+
+def _swap_dir(src: Path, dest: Path) -> None:
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.rename(dest, old)
+    os.rename(src, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_staging(repo: Path) -> None:
+    """Delete staging folders left by exports that were killed (their process is gone)."""
+    for folder in repo.parent.glob(f"{STAGING_PREFIX}*"):
+        pid = folder.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def latest_metadata(repo: str | Path) -> Path | None:
+    """The classifier version folder holding the newest export's class names and config."""
+    folder = Path(repo) / CLASSIFIER
+    found = versions(folder) if folder.is_dir() else []
+    return folder / str(found[-1]) if found else None

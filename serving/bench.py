@@ -8,15 +8,22 @@ stable symlinks at them. The ``--shape`` flags are generated from the tensor spe
 
 from __future__ import annotations
 
+import base64
 import csv
+import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
+import numpy as np
+
 from serving.server import pytriton_root
+from wsss.images import resize_image
 from wsss.tensors import ModelSpec
 
 
@@ -57,8 +64,39 @@ def perf_analyzer_env(workdir: Path) -> dict[str, str]:
 
 
 def shape_flags(spec: ModelSpec) -> list[str]:
-    """``--shape NAME:d1,d2,...`` for every input, from the spec (batch dimension excluded)."""
-    return [f"--shape={t.name}:{','.join(str(d) for d in t.shape)}" for t in spec.inputs]
+    """``--shape NAME:d1,d2,...`` for every fixed-shape input (batch dimension excluded)."""
+    return [
+        f"--shape={t.name}:{','.join(str(d) for d in t.shape)}"
+        for t in spec.inputs
+        if -1 not in t.shape
+    ]
+
+
+def sample_image(size: int = 160) -> np.ndarray:
+    """A deterministic RGB test card, for when no real image is given."""
+    yy, xx = np.mgrid[:size, :size]
+    return np.stack([xx * 255 // size, yy * 255 // size, (xx ^ yy) & 255], -1).astype(np.uint8)
+
+
+def input_data(spec: ModelSpec, images: list[np.ndarray]) -> dict:
+    """perf_analyzer's ``--input-data`` JSON: one entry per image, for the model's one input.
+
+    Pixel inputs get the image resized to the spec's shape; bytes inputs get it PNG-encoded.
+    """
+    (tensor,) = spec.inputs
+    entries = []
+    for image in images:
+        if tensor.dtype == "bytes":
+            png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
+            # b64 is the raw serialized BYTES tensor: a 4-byte little-endian length, then data.
+            raw = struct.pack("<I", len(png)) + png
+            entries.append({tensor.name: {"b64": base64.b64encode(raw).decode()}})
+        else:
+            pixels = resize_image(image, tensor.shape[:2])
+            entries.append(
+                {tensor.name: {"content": pixels.ravel().tolist(), "shape": list(pixels.shape)}}
+            )
+    return {"data": entries}
 
 
 @dataclass
@@ -71,16 +109,26 @@ class BenchResult:
     p99_ms: float
 
 
+@dataclass
+class PerfSettings:
+    batch: int = 1
+    concurrency: str = "1:4:1"  # start:end:step
+    interval_ms: int = 3000  # time window per measurement
+    stability_percent: float = 10.0  # perf_analyzer's own default
+    max_trials: int = 10
+    # > 0: measure windows of this many requests instead of fixed time (steadier when noisy)
+    request_count: int = 0
+
+
 def perf_command(
     spec: ModelSpec,
     url: str,
     protocol: str,
-    batch: int,
-    concurrency: str,
-    interval_ms: int,
+    settings: PerfSettings,
     csv_path: Path,
+    data_path: Path,
 ) -> list[str]:
-    return [
+    cmd = [
         str(perf_analyzer_binary()),
         "-m",
         spec.name,
@@ -89,30 +137,47 @@ def perf_command(
         "-i",
         protocol,
         "-b",
-        str(batch),
-        f"--concurrency-range={concurrency}",
-        f"--measurement-interval={interval_ms}",
-        "--stability-percentage=50",
-        "--max-trials=6",
+        str(settings.batch),
+        f"--concurrency-range={settings.concurrency}",
+        f"--stability-percentage={settings.stability_percent}",
+        f"--max-trials={settings.max_trials}",
+        f"--input-data={data_path}",
         "-f",
         str(csv_path),
         *shape_flags(spec),
     ]
+    if settings.request_count > 0:
+        cmd += [
+            "--measurement-mode=count_windows",
+            f"--measurement-request-count={settings.request_count}",
+        ]
+    else:
+        cmd.append(f"--measurement-interval={settings.interval_ms}")
+    return cmd
 
 
 def run_perf_analyzer(
     spec: ModelSpec,
     url: str,
     protocol: str = "grpc",
-    batch: int = 1,
-    concurrency: str = "1:2",
-    interval_ms: int = 3000,
+    settings: PerfSettings | None = None,
+    images: list[np.ndarray] | None = None,
     workdir: Path = Path(".cache/bench"),
     timeout: float = 600,
 ) -> list[BenchResult]:
+    settings = settings or PerfSettings()
+    if settings.batch != 1 and any(t.dtype == "bytes" for t in spec.inputs):
+        # perf_analyzer cannot spread one encoded image per batch item of a BYTES input; load
+        # the server with concurrency instead (Triton's dynamic batcher batches server-side).
+        raise BenchError(
+            f"{spec.name} takes encoded images: benchmark it with batch 1 and raise --concurrency"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
-    csv_path = workdir / f"perf_{spec.name}_{protocol}_b{batch}.csv"
-    cmd = perf_command(spec, url, protocol, batch, concurrency, interval_ms, csv_path)
+    stem = f"perf_{spec.name}_{protocol}_b{settings.batch}"
+    data_path = workdir / f"{stem}_input.json"
+    data_path.write_text(json.dumps(input_data(spec, images or [sample_image()])))
+    csv_path = workdir / f"{stem}.csv"
+    cmd = perf_command(spec, url, protocol, settings, csv_path, data_path)
     proc = subprocess.run(
         cmd, env=perf_analyzer_env(workdir), capture_output=True, text=True, timeout=timeout
     )

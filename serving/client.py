@@ -7,13 +7,12 @@ and server-side errors are re-raised with the server's message.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from wsss.tensors import PIPELINE, TensorSpec, served_models
+from wsss.images import ImageError, decode_image, resize_image, resize_mask
+from wsss.tensors import PIPELINE, PIPELINE_BYTES, ModelSpec, TensorSpec, served_models
 
 
 class ClientError(ValueError):
@@ -44,7 +43,8 @@ class PipelineClient:
         h, w, _ = (int(d) for d in image["shape"][1:])
         scores = next(o for o in meta["outputs"] if o["name"] == "SCORES")
         probs = next(o for o in meta["outputs"] if o["name"] == "SEG_PROBS")
-        self.specs = served_models(h, int(scores["shape"][1]), int(probs["shape"][1]))[model]
+        self.all_specs = served_models(h, int(scores["shape"][1]), int(probs["shape"][1]))
+        self.specs = self.all_specs[model]
         self.image_spec: TensorSpec = self.specs.inputs[0]
 
     @property
@@ -60,20 +60,29 @@ class PipelineClient:
             raise ClientError(f"bad input for {self.model}: {exc}") from exc
         return self.infer_raw({self.image_spec.name: images})
 
-    def infer_raw(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer_encoded(self, blobs: list[bytes]) -> dict[str, np.ndarray]:
+        """Encoded images of one size (JPEG, PNG, ...) -> the bytes-in ensemble's outputs."""
+        spec = self.all_specs[PIPELINE_BYTES]
+        array = np.array([[b] for b in blobs], dtype=np.object_)
+        return self.infer_raw({spec.inputs[0].name: array}, spec)
+
+    def infer_raw(
+        self, arrays: dict[str, np.ndarray], spec: ModelSpec | None = None
+    ) -> dict[str, np.ndarray]:
         """Send arrays as they are (no client-side checks); server errors become ClientError."""
+        spec = spec or self.specs
         inputs = []
         for name, array in arrays.items():
             dtype = self.module.np_to_triton_dtype(array.dtype)
             tensor = self.module.InferInput(name, list(array.shape), dtype)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
-        outputs = [self.module.InferRequestedOutput(t.name) for t in self.specs.outputs]
+        outputs = [self.module.InferRequestedOutput(t.name) for t in spec.outputs]
         try:
-            result = self.client.infer(self.model, inputs, outputs=outputs)
+            result = self.client.infer(spec.name, inputs, outputs=outputs)
         except Exception as exc:  # InferenceServerException from either protocol
             raise ClientError(f"server refused the request: {exc}") from exc
-        return {t.name: result.as_numpy(t.name) for t in self.specs.outputs}
+        return {t.name: result.as_numpy(t.name) for t in spec.outputs}
 
     def close(self) -> None:
         self.client.close()
@@ -87,21 +96,19 @@ def _grpc_to_dict(meta) -> dict:
 
 
 def load_image(source: str | Path | bytes) -> np.ndarray:
-    """Decode a JPEG/PNG/... file or bytes into RGB uint8; a clear error if it is not an image."""
-    if not isinstance(source, bytes) and not Path(source).is_file():
-        raise ClientError(f"{source}: no such image file")
+    """Decode an image file or bytes into RGB uint8; a clear error if it is not an image."""
+    if isinstance(source, bytes):
+        data, where = source, "the given bytes"
+    else:
+        if not Path(source).is_file():
+            raise ClientError(f"{source}: no such image file")
+        data, where = Path(source).read_bytes(), str(source)
     try:
-        data = io.BytesIO(source) if isinstance(source, bytes) else source
-        with Image.open(data) as img:
-            return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
-        where = "the given bytes" if isinstance(source, bytes) else str(source)
-        raise ClientError(f"cannot decode {where} as an image: {exc}") from exc
+        return decode_image(data)
+    except ImageError as exc:
+        raise ClientError(f"cannot decode {where}: {exc}") from exc
 
 
 def resize(image: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    """Resize HxW[xC] to (height, width); nearest for label maps, area for pixels."""
-    import cv2
-
-    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
-    return cv2.resize(image, (size[1], size[0]), interpolation=interp)
+    """Pixels (area/bilinear) or label maps (nearest) to (height, width), as the server does."""
+    return resize_mask(image, size) if nearest else resize_image(image, size)

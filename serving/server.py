@@ -8,6 +8,7 @@ the native ONNX Runtime backend, see ``serving/backends``).
 
 from __future__ import annotations
 
+import filecmp
 import importlib.util
 import os
 import shutil
@@ -40,19 +41,29 @@ def prepare_backends(dest: Path) -> Path:
     python = dest / "python"
     python.mkdir(parents=True, exist_ok=True)
     for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-        shutil.copy2(root / "backends" / "python" / name, python / name)
+        _copy_if_changed(root / "backends" / "python" / name, python / name)
     stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
-    shutil.copy2(stub / "triton_python_backend_stub", python / "triton_python_backend_stub")
+    _copy_if_changed(stub / "triton_python_backend_stub", python / "triton_python_backend_stub")
     for backend in _BACKENDS.iterdir():
         if (backend / "model.py").is_file():
             (dest / backend.name).mkdir(exist_ok=True)
-            shutil.copy2(backend / "model.py", dest / backend.name / "model.py")
+            _copy_if_changed(backend / "model.py", dest / backend.name / "model.py")
     return dest
+
+
+def _copy_if_changed(src: Path, dst: Path) -> None:
+    """Copy unless identical: another server may be executing ``dst`` (Text file busy)."""
+    if dst.exists() and filecmp.cmp(src, dst, shallow=False):
+        return
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dst)  # a new inode: a running stub keeps its old file
 
 
 def server_env() -> dict[str, str]:
     """The stub must find this venv's numpy first, and the wheel's bundled libraries."""
     env = dict(os.environ)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # for our backends; see export.repository too
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     libs = pytriton_root().parent.parent / "nvidia_pytriton.libs"
     env["LD_LIBRARY_PATH"] = os.pathsep.join(

@@ -15,8 +15,6 @@ TINY = [
     "data.val_fraction=0.2",
     "segmenter.base_channels=4",
     "segmenter.depth=2",
-    "export.serving.max_batch_size=4",
-    "export.serving.preferred_batch_sizes=[2,4]",
 ]
 
 

@@ -6,9 +6,9 @@ from wsss.config import ConfigError, load_config, save_config
 def test_defaults_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epochs: 3\ndata:\n  task: voc\n")
-    cfg = load_config(path, ["train.lr=0.01", "export.serving.preferred_batch_sizes=[1,2]"])
+    cfg = load_config(path, ["train.lr=0.01", "export.segmenter.preferred_batch_sizes=[1,2]"])
     assert cfg.train.epochs == 3 and cfg.data.task == "voc"
-    assert cfg.train.lr == 0.01 and cfg.export.serving.preferred_batch_sizes == [1, 2]
+    assert cfg.train.lr == 0.01 and cfg.export.segmenter.preferred_batch_sizes == [1, 2]
     assert cfg.serve.host == "127.0.0.1"
 
 

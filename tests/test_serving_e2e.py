@@ -8,13 +8,15 @@ CAM or probability within float error of a threshold or a tie lands on the other
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 
-from serving.bench import run_perf_analyzer
+from serving.bench import PerfSettings, run_perf_analyzer
 from serving.client import ClientError, PipelineClient, load_image
 from training.data import list_samples, read_image
 from training.pipeline import pipeline_from_config
+from wsss.images import resize_image, resize_mask
 from wsss.tensors import PIPELINE
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
@@ -86,14 +88,56 @@ def test_bad_input_is_refused_and_server_keeps_serving(server, images, reference
     _assert_close(client.infer(images), reference)
 
 
-def test_perf_analyzer_completes(server, tmp_path):
-    spec = PipelineClient(server.grpc_url, "grpc").specs
+@pytest.mark.parametrize("model", ["wsss_pipeline", "wsss_pipeline_bytes"])
+def test_perf_analyzer_completes(server, tmp_path, model):
+    spec = PipelineClient(server.grpc_url, "grpc").all_specs[model]
+    # Count windows and a wide stability band: this checks that perf_analyzer runs against
+    # the ensemble on a shared, noisy machine, not how fast it is.
+    batch = 1 if model == "wsss_pipeline_bytes" else 2
+    settings = PerfSettings(
+        batch=batch, concurrency="1:2", stability_percent=200, max_trials=4, request_count=8
+    )
     for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
-        results = run_perf_analyzer(
-            spec, url, protocol, batch=2, concurrency="1:2", interval_ms=1000, workdir=tmp_path
-        )
+        results = run_perf_analyzer(spec, url, protocol, settings, workdir=tmp_path)
         assert [r.concurrency for r in results] == [1, 2]
         assert all(r.throughput > 0 and r.p99_ms >= r.p50_ms > 0 for r in results)
+
+
+def _png(image):
+    return cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_bytes_ensemble_matches_tensor_ensemble(server, exported, protocol):
+    """Encoded bytes of any size in, masks at that size out, equal to resizing client-side."""
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    client = PipelineClient(url, protocol)
+    sample = list_samples(exported.data.root, "pets", "test")[0]
+    big = cv2.resize(read_image(sample.image_path), (150, 110))  # not square, not model size
+    reference = client.infer(resize_image(big, client.image_size)[None])
+    for blob in (_png(big),):
+        got = client.infer_encoded([blob, blob])
+        np.testing.assert_allclose(got["SCORES"][0], reference["SCORES"][0], atol=ATOL["SCORES"])
+        for full, small in (
+            ("PSEUDO_MASK_FULL", "PSEUDO_MASK"),
+            ("SEGMENTATION_FULL", "SEGMENTATION"),
+        ):
+            assert got[full].shape == (2, 110, 150) and got[full].dtype == np.uint8
+            want = resize_mask(reference[small][0], (110, 150))
+            assert (got[full][1] != want).mean() <= MISMATCH, full
+    jpeg = cv2.imencode(".jpg", big)[1].tobytes()
+    assert client.infer_encoded([jpeg])["SEGMENTATION_FULL"].shape == (1, 110, 150)
+
+
+def test_bytes_ensemble_refuses_bad_bytes_and_keeps_serving(server, images):
+    client = PipelineClient(server.grpc_url, "grpc")
+    with pytest.raises(ClientError, match="item 1: cannot decode"):
+        client.infer_encoded([_png(images[0]), b"definitely not an image"])
+    with pytest.raises(ClientError, match="share a size"):
+        client.infer_encoded([_png(images[0]), _png(images[0][:40])])
+    with pytest.raises(ClientError, match="empty image bytes"):
+        client.infer_encoded([b""])
+    assert client.infer_encoded([_png(images[0])])["SEGMENTATION_FULL"].shape[0] == 1
 
 
 def _wsss(*args):

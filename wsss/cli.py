@@ -52,11 +52,21 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_export(args) -> None:
+    from export.check import check_repository
     from export.repository import export_repository
 
     cfg = _config(args)
-    repo = export_repository(cfg)
-    print(f"exported to {repo}; parity: {(repo / 'parity.json').read_text()}")
+    if args.check:
+        report = check_repository(args.repository or cfg.export.repository)
+        print(report)
+        if not report.ok:
+            sys.exit(1)
+        return
+    result = export_repository(cfg)
+    print(f"exported version {result.version} to {result.repository}")
+    for model, errors in result.parity.items():
+        worst = ", ".join(f"{k} {v:.2g}" for k, v in errors.items())
+        print(f"  {model}: parity with PyTorch (max abs error / mismatch fraction): {worst}")
 
 
 def ensure_built(cfg: Config) -> None:
@@ -109,12 +119,13 @@ def _url(args) -> str:
 
 
 def cmd_infer(args) -> None:
+    from export.repository import latest_metadata
     from serving.infer import infer_files
 
     names = None
-    names_file = Path(args.repository) / "class_names.json"
-    if names_file.exists():
-        names = json.loads(names_file.read_text())
+    meta = latest_metadata(args.repository)
+    if meta is not None and (meta / "class_names.json").exists():
+        names = json.loads((meta / "class_names.json").read_text())
     for r in infer_files(
         [Path(p) for p in args.images], _url(args), args.protocol, Path(args.out), names
     ):
@@ -122,14 +133,20 @@ def cmd_infer(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from serving.bench import format_table, run_perf_analyzer
-    from serving.client import PipelineClient
+    from serving.bench import PerfSettings, format_table, run_perf_analyzer
+    from serving.client import PipelineClient, load_image
 
     url = _url(args)
-    spec = PipelineClient(url, args.protocol).specs
-    results = run_perf_analyzer(
-        spec, url, args.protocol, args.batch, args.concurrency, args.interval_ms
+    spec = PipelineClient(url, args.protocol).all_specs[args.model]
+    settings = PerfSettings(
+        args.batch,
+        args.concurrency,
+        args.interval_ms,
+        args.stability,
+        request_count=args.request_count,
     )
+    images = [load_image(p) for p in args.images] or None
+    results = run_perf_analyzer(spec, url, args.protocol, settings, images)
     print(format_table(results, f"{spec.name} over {args.protocol}, batch {args.batch}"))
 
 
@@ -163,9 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("evaluate", parents=[common], help="score on the test split").set_defaults(
         func=cmd_evaluate
     )
-    sub.add_parser("export", parents=[common], help="write the Triton repository").set_defaults(
-        func=cmd_export
+    export = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write a new version into the Triton repository, or --check one",
     )
+    export.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the repository (configs, model files, ensembles); no export",
+    )
+    export.add_argument("--repository", help="repository to check (default: export.repository)")
+    export.set_defaults(func=cmd_export)
 
     serve = sub.add_parser("serve", parents=[common], help="run tritonserver on the repository")
     serve.add_argument(
@@ -193,6 +219,30 @@ def build_parser() -> argparse.ArgumentParser:
                 "--concurrency", default="1:4:1", help="perf_analyzer range start:end:step"
             )
             p.add_argument("--interval-ms", type=int, default=3000)
+            p.add_argument(
+                "--model",
+                default="wsss_pipeline",
+                choices=["wsss_pipeline", "wsss_pipeline_bytes"],
+                help="tensor-in ensemble, or the one taking encoded image bytes",
+            )
+            p.add_argument(
+                "--images",
+                nargs="*",
+                default=[],
+                help="images to send (default: a generated test card)",
+            )
+            p.add_argument(
+                "--stability",
+                type=float,
+                default=10.0,
+                help="perf_analyzer --stability-percentage (raise on noisy machines)",
+            )
+            p.add_argument(
+                "--request-count",
+                type=int,
+                default=0,
+                help="measure windows of N requests instead of --interval-ms",
+            )
             p.set_defaults(func=cmd_bench)
     return parser
 

@@ -63,20 +63,50 @@ class TrainConfig:
 
 
 @dataclass
+class OnnxRuntimeConfig:
+    """ONNX Runtime settings, written where Triton's native ORT backend reads them."""
+
+    graph_level: Literal[0, 1, 2, 99] = 99  # 0 none, 1 basic, 2 extended, 99 all
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default
+    inter_op_threads: int = 0
+    # On GPU instances: "tensorrt" asks for the TensorRT execution provider (fp16 below),
+    # "cuda" for the CUDA one; ignored on CPU instances.
+    gpu_accelerator: Literal["none", "cuda", "tensorrt"] = "none"
+    tensorrt_fp16: bool = True
+
+
+@dataclass
 class ModelServingConfig:
+    """How Triton serves one model: batching, instances, warm-up."""
+
     max_batch_size: int = 8
     preferred_batch_sizes: list[int] = field(default_factory=lambda: [4, 8])
     max_queue_delay_us: int = 500
     instances: int = 1
     kind: Literal["KIND_CPU", "KIND_GPU", "KIND_AUTO"] = "KIND_AUTO"
+    warmup: bool = True  # run generated sample data through the model at load time
+
+
+@dataclass
+class NetworkExportConfig(ModelServingConfig):
+    """A network (classifier, segmenter): its file format as well."""
+
+    # onnx: Triton's onnxruntime backend. torchscript: its pytorch backend (model.pt).
+    format: Literal["onnx", "torchscript"] = "onnx"
+    onnxruntime: OnnxRuntimeConfig = field(default_factory=OnnxRuntimeConfig)
 
 
 @dataclass
 class ExportConfig:
     repository: str = "model_repository"
     opset: int = 17
-    atol: float = 1e-4  # ONNX Runtime vs PyTorch: the export fails past this
-    serving: ModelServingConfig = field(default_factory=ModelServingConfig)
+    atol: float = 1e-3  # served vs PyTorch, max abs error of float outputs: refused past this
+    keep_versions: int = 2  # version_policy: Triton serves the latest N; older stay on disk
+    classifier: NetworkExportConfig = field(default_factory=NetworkExportConfig)
+    segmenter: NetworkExportConfig = field(default_factory=NetworkExportConfig)
+    refiner: ModelServingConfig = field(default_factory=ModelServingConfig)
+    preprocess: ModelServingConfig = field(default_factory=ModelServingConfig)
+    postprocess: ModelServingConfig = field(default_factory=ModelServingConfig)
 
 
 @dataclass

@@ -56,8 +56,16 @@ class ModelSpec:
     outputs: tuple[TensorSpec, ...]
 
 
-# Model names in the repository; the ensemble is what clients call.
-CLASSIFIER, REFINER, SEGMENTER, PIPELINE = "classifier", "refiner", "segmenter", "wsss_pipeline"
+# Model names in the repository; the ensembles are what clients call.
+CLASSIFIER, REFINER, SEGMENTER = "classifier", "refiner", "segmenter"
+PREPROCESS, POSTPROCESS = "preprocess", "postprocess"
+PIPELINE, PIPELINE_BYTES = "wsss_pipeline", "wsss_pipeline_bytes"
+
+# Each ensemble's steps in order; tensors flow between steps by their names above.
+ENSEMBLES: dict[str, tuple[str, ...]] = {
+    PIPELINE: (CLASSIFIER, REFINER, SEGMENTER),
+    PIPELINE_BYTES: (PREPROCESS, CLASSIFIER, REFINER, SEGMENTER, POSTPROCESS),
+}
 
 
 def served_models(image_size: int, num_classes: int, num_seg_classes: int) -> dict[str, ModelSpec]:
@@ -71,9 +79,16 @@ def served_models(image_size: int, num_classes: int, num_seg_classes: int) -> di
     pseudo = TensorSpec("PSEUDO_MASK", "uint8", (h, w), "refined CAM: class index per pixel")
     probs = TensorSpec("SEG_PROBS", "float32", (num_seg_classes, h, w), "segmenter softmax")
     seg = TensorSpec("SEGMENTATION", "uint8", (h, w), "segmenter argmax: class index per pixel")
+    encoded = TensorSpec("IMAGE_BYTES", "bytes", (1,), "an encoded JPEG or PNG, any size")
+    original = TensorSpec("ORIGINAL_SIZE", "int32", (2,), "height and width of the decoded image")
+    pseudo_full = TensorSpec("PSEUDO_MASK_FULL", "uint8", (-1, -1), "PSEUDO_MASK at original size")
+    seg_full = TensorSpec("SEGMENTATION_FULL", "uint8", (-1, -1), "SEGMENTATION at original size")
     return {
+        PREPROCESS: ModelSpec(PREPROCESS, (encoded,), (image, original)),
         CLASSIFIER: ModelSpec(CLASSIFIER, (image,), (scores, cams)),
         REFINER: ModelSpec(REFINER, (image, scores, cams), (pseudo,)),
         SEGMENTER: ModelSpec(SEGMENTER, (image,), (probs, seg)),
+        POSTPROCESS: ModelSpec(POSTPROCESS, (pseudo, seg, original), (pseudo_full, seg_full)),
         PIPELINE: ModelSpec(PIPELINE, (image,), (scores, cams, pseudo, probs, seg)),
+        PIPELINE_BYTES: ModelSpec(PIPELINE_BYTES, (encoded,), (scores, pseudo_full, seg_full)),
     }

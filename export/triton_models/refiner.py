@@ -30,6 +30,8 @@ class TritonPythonModel:
                 image, scores, cams = (
                     pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs
                 )
+                if not np.isfinite(cams).all():
+                    raise ValueError("CAMS holds NaN or infinite values")
                 classes = [
                     present_classes(s, self.multi_label, self.score_threshold) for s in scores
                 ]

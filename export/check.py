@@ -1,0 +1,223 @@
+"""Validate a Triton model repository and say exactly what is wrong.
+
+Checks that every config.pbtxt parses against Triton's schema and names its folder; that each
+served version holds its model file and that the file loads (ONNX in ONNX Runtime, TorchScript
+in torch, Python compiles) with the inputs and outputs its config declares; and that every
+ensemble step exists, is fed only tensors that exist by then, with matching dtypes and shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.configs import FORMATS, parse
+
+_ORT_TYPES = {
+    "tensor(float)": mc.TYPE_FP32, "tensor(uint8)": mc.TYPE_UINT8,
+    "tensor(int32)": mc.TYPE_INT32, "tensor(int64)": mc.TYPE_INT64,
+    "tensor(string)": mc.TYPE_STRING,
+}  # fmt: skip
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    models: dict[str, list[int]] = field(default_factory=dict)  # name -> served versions
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        if self.ok:
+            listing = ", ".join(f"{n} v{','.join(map(str, v))}" for n, v in self.models.items())
+            return f"OK: {len(self.models)} models ({listing})"
+        return "\n".join(["repository check failed:"] + [f"- {p}" for p in self.problems])
+
+
+def versions(folder: Path) -> list[int]:
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def served_versions(cfg: mc.ModelConfig, folder: Path) -> list[int]:
+    """The versions Triton will load under this config's version_policy."""
+    found = versions(folder)
+    policy = cfg.version_policy
+    if policy.HasField("specific"):
+        return [v for v in found if v in set(policy.specific.versions)]
+    if policy.HasField("all"):
+        return found
+    keep = policy.latest.num_versions if policy.HasField("latest") else 1
+    return found[-keep:]
+
+
+def check_repository(root: str | Path, load_models: bool = True) -> Report:
+    root = Path(root)
+    report = Report()
+    if not root.is_dir():
+        report.problems.append(f"{root}: no such repository folder")
+        return report
+    configs: dict[str, mc.ModelConfig] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        cfg = _read_config(folder, report)
+        if cfg is None:
+            continue
+        configs[folder.name] = cfg
+        served = served_versions(cfg, folder)
+        report.models[folder.name] = served
+        if not served:
+            report.problems.append(f"{folder.name}: no numbered version folder to serve")
+        if cfg.platform != "ensemble" and load_models:
+            for v in served:
+                _check_model_file(cfg, folder / str(v), report)
+    if not configs:
+        report.problems.append(f"{root}: holds no model (no <model>/config.pbtxt)")
+    for cfg in configs.values():
+        if cfg.platform == "ensemble":
+            _check_ensemble(cfg, configs, report)
+    return report
+
+
+def _read_config(folder: Path, report: Report) -> mc.ModelConfig | None:
+    path = folder / "config.pbtxt"
+    if not path.exists():
+        report.problems.append(f"{folder.name}: config.pbtxt is missing")
+        return None
+    try:
+        cfg = parse(path.read_text())
+    except text_format.ParseError as exc:
+        report.problems.append(f"{path}: does not parse as a Triton ModelConfig: {exc}")
+        return None
+    if cfg.name and cfg.name != folder.name:
+        report.problems.append(f"{path}: name {cfg.name!r} differs from its folder {folder.name!r}")
+    return cfg
+
+
+def _declared(cfg: mc.ModelConfig, tensors) -> dict[str, tuple[int, list[int]]]:
+    batch = [-1] if cfg.max_batch_size > 0 else []
+    return {t.name: (t.data_type, batch + list(t.dims)) for t in tensors}
+
+
+def _check_model_file(cfg: mc.ModelConfig, version: Path, report: Report) -> None:
+    backends = {backend: (fmt, filename) for fmt, (backend, filename) in FORMATS.items()}
+    if cfg.backend not in backends:
+        report.problems.append(f"{cfg.name}: unknown backend {cfg.backend!r}")
+        return
+    fmt, default = backends[cfg.backend]
+    path = version / (cfg.default_model_filename or default)
+    where = f"{cfg.name} v{version.name}"
+    if not path.is_file():
+        report.problems.append(f"{where}: {path.name} is missing")
+        return
+    try:
+        if fmt == "onnx":
+            _check_onnx(cfg, path, where, report)
+        elif fmt == "torchscript":
+            import torch
+
+            torch.jit.load(str(path), map_location="cpu")
+        else:
+            compile(path.read_text(), str(path), "exec")
+    except Exception as exc:  # any load failure is the finding
+        report.problems.append(f"{where}: {path.name} does not load: {exc}")
+
+
+def _check_onnx(cfg: mc.ModelConfig, path: Path, where: str, report: Report) -> None:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for kind, declared, actual in (
+        ("input", _declared(cfg, cfg.input), session.get_inputs()),
+        ("output", _declared(cfg, cfg.output), session.get_outputs()),
+    ):
+        have = {a.name: a for a in actual}
+        if set(have) != set(declared):
+            report.problems.append(
+                f"{where}: {kind}s in config {sorted(declared)} but the ONNX "
+                f"file has {sorted(have)}"
+            )
+            continue
+        for name, (dtype, dims) in declared.items():
+            a = have[name]
+            shape = [d if isinstance(d, int) else -1 for d in a.shape]
+            if _ORT_TYPES.get(a.type) != dtype:
+                report.problems.append(
+                    f"{where}: {kind} {name} is {a.type} in the ONNX file, "
+                    f"{mc.DataType.Name(dtype)} in config"
+                )
+            if not _shapes_agree(shape, dims):
+                report.problems.append(
+                    f"{where}: {kind} {name} has shape {shape} in the ONNX file, {dims} in config"
+                )
+
+
+def _shapes_agree(a: list[int], b: list[int]) -> bool:
+    return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a, b, strict=True))
+
+
+def _check_ensemble(
+    cfg: mc.ModelConfig, configs: dict[str, mc.ModelConfig], report: Report
+) -> None:
+    where = f"ensemble {cfg.name}"
+    available = dict(_declared(cfg, cfg.input))
+    read = {t for step in cfg.ensemble_scheduling.step for t in step.input_map.values()}
+    read |= {t.name for t in cfg.output}
+    for i, step in enumerate(cfg.ensemble_scheduling.step):
+        model = configs.get(step.model_name)
+        if model is None:
+            report.problems.append(f"{where} step {i}: model {step.model_name!r} does not exist")
+            return
+        inputs, outputs = _declared(model, model.input), _declared(model, model.output)
+        missing = set(inputs) - set(step.input_map)
+        if missing:
+            report.problems.append(
+                f"{where} step {i} ({model.name}): inputs {sorted(missing)} are not mapped"
+            )
+        for model_name, tensor in step.input_map.items():
+            if model_name not in inputs:
+                report.problems.append(
+                    f"{where} step {i}: {model.name} has no input {model_name!r}"
+                )
+            elif tensor not in available:
+                report.problems.append(
+                    f"{where} step {i}: {model.name}.{model_name} reads "
+                    f"{tensor!r}, which no earlier step or input provides"
+                )
+            elif not _compatible(available[tensor], inputs[model_name]):
+                report.problems.append(
+                    f"{where} step {i}: {tensor!r} "
+                    f"{_fmt(available[tensor])} does not fit "
+                    f"{model.name}.{model_name} {_fmt(inputs[model_name])}"
+                )
+        for model_name, tensor in step.output_map.items():
+            if model_name not in outputs:
+                report.problems.append(
+                    f"{where} step {i}: {model.name} has no output {model_name!r}"
+                )
+            elif tensor not in read:
+                report.problems.append(
+                    f"{where} step {i}: {tensor!r} is produced but never used "
+                    "(Triton refuses unused ensemble tensors)"
+                )
+            else:
+                available[tensor] = outputs[model_name]
+    for name, want in _declared(cfg, cfg.output).items():
+        if name not in available:
+            report.problems.append(f"{where}: output {name!r} is produced by no step")
+        elif not _compatible(available[name], want):
+            report.problems.append(
+                f"{where}: output {name!r} is {_fmt(available[name])} from "
+                f"its step but {_fmt(want)} in the ensemble config"
+            )
+
+
+def _compatible(a: tuple[int, list[int]], b: tuple[int, list[int]]) -> bool:
+    return a[0] == b[0] and _shapes_agree(a[1], b[1])
+
+
+def _fmt(t: tuple[int, list[int]]) -> str:
+    return f"{mc.DataType.Name(t[0])}{t[1]}"

@@ -1,0 +1,216 @@
+"""Generate every config.pbtxt from the tensor specs and the export config.
+
+Configs are Triton's own ``ModelConfig`` protobuf (from tritonclient), so a field that does not
+exist in Triton's schema cannot be written, and ``text_format`` renders them deterministically:
+the same specs and settings always give the same bytes (a golden test holds us to it).
+Nothing here touches a model file; ``export.repository`` does the writing.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from wsss.config import ExportConfig, ModelServingConfig, NetworkExportConfig
+from wsss.tensors import (
+    ENSEMBLES,
+    POSTPROCESS,
+    PREPROCESS,
+    REFINER,
+    ModelSpec,
+    TensorSpec,
+)
+
+# format -> (Triton backend, model file in each version folder)
+FORMATS = {
+    "onnx": ("onnxruntime", "model.onnx"),
+    "torchscript": ("pytorch", "model.pt"),
+    "python": ("python", "model.py"),
+}
+PYTHON_MODELS = (PREPROCESS, REFINER, POSTPROCESS)
+
+
+def io_names(spec: ModelSpec, fmt: str) -> dict[str, str]:
+    """Spec tensor name -> the name this model's config uses for it.
+
+    Triton's PyTorch backend binds TorchScript inputs and outputs by position, spelled
+    ``<name>__<index>``; every other format keeps the spec's names. Ensembles map between them,
+    so clients only ever see the spec's names.
+    """
+    if fmt != "torchscript":
+        return {t.name: t.name for t in spec.inputs + spec.outputs}
+    names = {t.name: f"{t.name}__{i}" for i, t in enumerate(spec.inputs)}
+    return names | {t.name: f"{t.name}__{i}" for i, t in enumerate(spec.outputs)}
+
+
+def _dtype(t: TensorSpec) -> int:
+    return getattr(mc, "TYPE_STRING" if t.dtype == "bytes" else f"TYPE_{t.triton_dtype}")
+
+
+def _tensors(specs, cls, names):
+    return [cls(name=names[t.name], data_type=_dtype(t), dims=list(t.shape)) for t in specs]
+
+
+def model_config(
+    spec: ModelSpec,
+    fmt: str,
+    serving: ModelServingConfig,
+    keep_versions: int,
+    parameters: dict[str, str] | None = None,
+) -> mc.ModelConfig:
+    """One model's config: tensors from its spec, the rest from its serving settings."""
+    backend, filename = FORMATS[fmt]
+    names = io_names(spec, fmt)
+    cfg = mc.ModelConfig(
+        name=spec.name,
+        backend=backend,
+        max_batch_size=serving.max_batch_size,
+        default_model_filename=filename,
+        input=_tensors(spec.inputs, mc.ModelInput, names),
+        output=_tensors(spec.outputs, mc.ModelOutput, names),
+    )
+    cfg.version_policy.latest.num_versions = keep_versions
+    if serving.max_batch_size > 0:
+        preferred = [b for b in serving.preferred_batch_sizes if b <= serving.max_batch_size]
+        cfg.dynamic_batching.preferred_batch_size.extend(preferred)
+        cfg.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_us
+    cfg.instance_group.add(
+        count=serving.instances, kind=getattr(mc.ModelInstanceGroup.Kind, serving.kind)
+    )
+    if serving.warmup:
+        cfg.model_warmup.append(warmup(spec, names))
+    if isinstance(serving, NetworkExportConfig) and fmt == "onnx":
+        _onnxruntime_options(cfg, serving)
+    for key, value in sorted((parameters or {}).items()):
+        cfg.parameters[key].string_value = value
+    return cfg
+
+
+def _onnxruntime_options(cfg: mc.ModelConfig, serving: NetworkExportConfig) -> None:
+    """Where Triton's onnxruntime backend reads its options (and so does our shim)."""
+    ort = serving.onnxruntime
+    cfg.optimization.graph.level = ort.graph_level
+    if ort.intra_op_threads:
+        cfg.parameters["intra_op_thread_count"].string_value = str(ort.intra_op_threads)
+    if ort.inter_op_threads:
+        cfg.parameters["inter_op_thread_count"].string_value = str(ort.inter_op_threads)
+    if ort.gpu_accelerator != "none":
+        acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(
+            name=ort.gpu_accelerator
+        )
+        if ort.gpu_accelerator == "tensorrt":
+            acc.parameters["precision_mode"] = "FP16" if ort.tensorrt_fp16 else "FP32"
+
+
+def _file_input(t: TensorSpec) -> bool:
+    """Bytes and integer tensors warm up from a generated file: random sizes could be huge."""
+    return t.dtype == "bytes" or t.dtype.startswith("int") or -1 in t.shape
+
+
+def warmup(spec: ModelSpec, names: dict[str, str]) -> mc.ModelWarmup:
+    w = mc.ModelWarmup(name="generated_sample", batch_size=1)
+    for t in spec.inputs:
+        entry = w.inputs[names[t.name]]
+        entry.data_type = _dtype(t)
+        entry.dims.extend([d if d > 0 else 1 for d in t.shape])
+        if _file_input(t):
+            entry.input_data_file = t.name
+        else:
+            # Zeros, not random_data: Triton's random FP32 bytes include NaNs.
+            entry.zero_data = True
+    return w
+
+
+@dataclass(frozen=True)
+class WarmupSample:
+    """The raw contents Triton reads from ``<model>/warmup/<name>`` for one input."""
+
+    name: str
+    data: bytes
+
+
+def warmup_files(spec: ModelSpec, image_size: int) -> list[WarmupSample]:
+    """Deterministic sample inputs: a gradient PNG for image bytes, a 2x size for sizes."""
+    out = []
+    for t in spec.inputs:
+        if not _file_input(t):
+            continue
+        if t.dtype == "bytes":
+            yy, xx = np.mgrid[:image_size, :image_size]
+            img = np.stack([xx, yy, (xx + yy) // 2], -1).astype(np.uint8)
+            png = cv2.imencode(".png", img)[1].tobytes()
+            # Triton's BYTES element: a 4-byte little-endian length, then the bytes.
+            out.append(WarmupSample(t.name, struct.pack("<I", len(png)) + png))
+        elif t.name == "ORIGINAL_SIZE":
+            out.append(WarmupSample(t.name, np.array([2 * image_size] * 2, t.dtype).tobytes()))
+        else:
+            raise ValueError(f"no warm-up sample rule for {spec.name}.{t.name}")
+    return out
+
+
+def ensemble_config(
+    spec: ModelSpec, steps: list[tuple[ModelSpec, str]], max_batch_size: int
+) -> mc.ModelConfig:
+    """Chain ``steps`` (spec, format); tensors flow by spec name, mapped to each step's names."""
+    plain = {t.name: t.name for t in spec.inputs + spec.outputs}
+    cfg = mc.ModelConfig(
+        name=spec.name,
+        platform="ensemble",
+        max_batch_size=max_batch_size,
+        input=_tensors(spec.inputs, mc.ModelInput, plain),
+        output=_tensors(spec.outputs, mc.ModelOutput, plain),
+    )
+    # Triton refuses an ensemble tensor that nothing reads, so map only the outputs that a
+    # later step consumes or the ensemble returns.
+    wanted = {t.name for t in spec.outputs} | {t.name for s, _ in steps for t in s.inputs}
+    for step, fmt in steps:
+        names = io_names(step, fmt)
+        cfg.ensemble_scheduling.step.add(
+            model_name=step.name,
+            model_version=-1,
+            input_map={names[t.name]: t.name for t in step.inputs},
+            output_map={names[t.name]: t.name for t in step.outputs if t.name in wanted},
+        )
+    return cfg
+
+
+def model_format(name: str, export: ExportConfig) -> str:
+    return "python" if name in PYTHON_MODELS else getattr(export, name).format
+
+
+def build_configs(
+    specs: dict[str, ModelSpec], export: ExportConfig, python_parameters: dict[str, dict[str, str]]
+) -> dict[str, mc.ModelConfig]:
+    """Every model's config and then the ensembles', keyed by model name."""
+    configs = {}
+    for name, spec in specs.items():
+        if name in ENSEMBLES:
+            continue
+        configs[name] = model_config(
+            spec,
+            model_format(name, export),
+            getattr(export, name),
+            export.keep_versions,
+            python_parameters.get(name),
+        )
+    for name, steps in ENSEMBLES.items():
+        # An ensemble can batch no more than its smallest member.
+        batch = min(configs[s].max_batch_size for s in steps)
+        configs[name] = ensemble_config(
+            specs[name], [(specs[s], model_format(s, export)) for s in steps], batch
+        )
+    return configs
+
+
+def render(cfg: mc.ModelConfig) -> str:
+    return text_format.MessageToString(cfg)
+
+
+def parse(text: str) -> mc.ModelConfig:
+    """Parse a config.pbtxt against Triton's schema (raises text_format.ParseError)."""
+    return text_format.Parse(text, mc.ModelConfig())
