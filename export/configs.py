@@ -60,7 +60,7 @@ def model_config(
     spec: ModelSpec,
     fmt: str,
     serving: ModelServingConfig,
-    keep_versions: int,
+    versions: list[int],
     parameters: dict[str, str] | None = None,
 ) -> mc.ModelConfig:
     """One model's config: tensors from its spec, the rest from its serving settings."""
@@ -74,7 +74,9 @@ def model_config(
         input=_tensors(spec.inputs, mc.ModelInput, names),
         output=_tensors(spec.outputs, mc.ModelOutput, names),
     )
-    cfg.version_policy.latest.num_versions = keep_versions
+    # The versions to serve, listed: "latest N" would also pick up an older version written
+    # in another format (model.onnx where the config now says model.pt) and fail to load it.
+    cfg.version_policy.specific.versions.extend(versions)
     if serving.max_batch_size > 0:
         preferred = [b for b in serving.preferred_batch_sizes if b <= serving.max_batch_size]
         cfg.dynamic_batching.preferred_batch_size.extend(preferred)
@@ -180,13 +182,22 @@ def ensemble_config(
 
 
 def model_format(name: str, export: ExportConfig) -> str:
+    if name in ENSEMBLES:
+        return "ensemble"
     return "python" if name in PYTHON_MODELS else getattr(export, name).format
 
 
 def build_configs(
-    specs: dict[str, ModelSpec], export: ExportConfig, python_parameters: dict[str, dict[str, str]]
+    specs: dict[str, ModelSpec],
+    export: ExportConfig,
+    python_parameters: dict[str, dict[str, str]],
+    versions: dict[str, list[int]],
 ) -> dict[str, mc.ModelConfig]:
-    """Every model's config and then the ensembles', keyed by model name."""
+    """Every model's config and then the ensembles', keyed by model name.
+
+    ``versions`` lists, per model, the versions to serve: the exporter picks the latest
+    ``export.keep_versions`` that hold the model's file in its configured format.
+    """
     configs = {}
     for name, spec in specs.items():
         if name in ENSEMBLES:
@@ -195,7 +206,7 @@ def build_configs(
             spec,
             model_format(name, export),
             getattr(export, name),
-            export.keep_versions,
+            versions[name],
             python_parameters.get(name),
         )
     for name, steps in ENSEMBLES.items():

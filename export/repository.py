@@ -23,7 +23,14 @@ import torch
 from torch import nn
 
 from export.check import check_repository, versions
-from export.configs import FORMATS, PYTHON_MODELS, build_configs, render, warmup_files
+from export.configs import (
+    FORMATS,
+    PYTHON_MODELS,
+    build_configs,
+    model_format,
+    render,
+    warmup_files,
+)
 from export.onnx_export import check_parity, export_onnx
 from export.torchscript_export import check_torchscript_parity, export_torchscript
 from training.pipeline import ServedClassifier, ServedSegmenter, load_model
@@ -64,12 +71,17 @@ def export_repository(cfg: Config) -> ExportResult:
             "multi_label": str(multi_label).lower(),
         }
     }
-    configs = build_configs(specs, cfg.export, params)
-
     repo = Path(cfg.export.repository)
     repo.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(repo)
     version = next_version(repo)
+    keep = {
+        n: servable_versions(
+            repo, n, model_format(n, cfg.export), version, cfg.export.keep_versions
+        )
+        for n in specs
+    }
+    configs = build_configs(specs, cfg.export, params, keep)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=repo.parent))
     try:
         parity = {}
@@ -121,6 +133,19 @@ def _write_metadata(folder: Path, cfg: Config, class_names: list[str], parity: d
     save_config(cfg, folder / "wsss_config.yaml")
     (folder / "class_names.json").write_text(json.dumps(class_names))
     (folder / "parity.json").write_text(json.dumps(parity, indent=2))
+
+
+def servable_versions(repo: Path, name: str, fmt: str, new: int, keep: int) -> list[int]:
+    """The newest ``keep`` versions of ``name`` (``new`` included) holding its model file."""
+    if keep < 1:
+        raise ValueError("export.keep_versions must be >= 1")
+    folder = repo / name
+    found = versions(folder) if folder.is_dir() else []
+    if fmt == "ensemble":  # nothing to load; Triton serves its latest version
+        return (found + [new])[-1:]
+    filename = FORMATS[fmt][1]
+    usable = [v for v in found if (folder / str(v) / filename).exists()]
+    return (usable + [new])[-keep:]
 
 
 def next_version(repo: Path) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,9 @@ from wsss.tensors import ModelSpec
 
 def export_torchscript(module: nn.Module, sample: tuple[torch.Tensor, ...], path: Path) -> Path:
     """Trace ``module`` on ``sample``; the batch dimension stays free (checked by parity)."""
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Deprecated in torch, but TorchScript is what Triton's pytorch backend (24.10) loads.
+        warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(module.eval(), sample, check_trace=False)
     traced.save(str(path))
     return path
@@ -29,7 +32,9 @@ def check_torchscript_parity(
     mismatch_fraction: float = 1e-3,
 ) -> dict[str, float]:
     """Load the saved file back and compare with eager PyTorch (ParityError past tolerance)."""
-    loaded = torch.jit.load(str(path), map_location="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded = torch.jit.load(str(path), map_location="cpu")
     with torch.no_grad():
         got = loaded(*sample)
         want = module.eval()(*sample)

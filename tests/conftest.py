@@ -75,3 +75,48 @@ def server(exported, tmp_path_factory):
     )
     with srv:
         yield srv
+
+
+def write_random_checkpoints(runs, class_names=("bear", "cat", "dog"), seg_classes=2, task="pets"):
+    """Untrained classifier + segmenter checkpoints: enough for export and serving tests."""
+    from pathlib import Path
+
+    from training.loop import save_checkpoint
+    from training.models import build_classifier, build_segmenter
+
+    runs = Path(runs)
+    ckw = {"num_classes": len(class_names), "output_stride": 16, "weights": None}
+    skw = {"num_classes": seg_classes, "base_channels": 4, "depth": 2}
+    for family, arch, model, kwargs, extra in (
+        (
+            "classifier",
+            "resnet18",
+            build_classifier("resnet18", **ckw),
+            ckw,
+            {"class_names": list(class_names)},
+        ),
+        ("segmenter", "unet", build_segmenter("unet", **skw), skw, {}),
+    ):
+        (runs / family).mkdir(parents=True, exist_ok=True)
+        meta = {"family": family, "arch": arch, "task": task, "kwargs": kwargs} | extra
+        save_checkpoint(
+            {"state_dict": model.eval().state_dict(), "meta": meta}, runs / family / "best.pt"
+        )
+    return runs
+
+
+def random_export_cfg(tmp_path, *overrides) -> Config:
+    runs = write_random_checkpoints(tmp_path / "runs")
+    return load_config(
+        None,
+        [
+            "data.image_size=48",
+            f"runs={runs}",
+            f"export.repository={tmp_path / 'repo'}",
+            f"serve.http_port={free_port()}",
+            f"serve.grpc_port={free_port()}",
+            f"serve.metrics_port={free_port()}",
+            "serve.poll_seconds=1",
+            *overrides,
+        ],
+    )

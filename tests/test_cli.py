@@ -54,24 +54,3 @@ def test_data_train_evaluate_export(tmp_path):
 def test_bad_config_is_a_clear_error():
     proc = wsss("train", "--set", "train.epochs=many", check=False)
     assert proc.returncode != 0 and "train.epochs: expected int" in proc.stderr
-
-
-def test_failed_export_keeps_the_old_repository(exported, monkeypatch):
-    """A parity failure mid-export leaves the served repository byte-for-byte as it was."""
-    from pathlib import Path
-
-    import export.repository as repository
-    from export.onnx_export import ParityError
-
-    repo = Path(exported.export.repository)
-    before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
-
-    def broken(*args, **kwargs):
-        raise ParityError("injected")
-
-    monkeypatch.setattr(repository, "check_parity", broken)
-    with pytest.raises(ParityError):
-        repository.export_repository(exported)
-    after = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
-    assert after == before
-    assert not list(repo.parent.glob(".staging-*"))

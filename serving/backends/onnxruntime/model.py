@@ -37,17 +37,32 @@ def _session_options(config: dict) -> ort.SessionOptions:
     return opts
 
 
+def _providers(config: dict, args: dict) -> list:
+    """CPU, or on a GPU instance CUDA (and TensorRT first when the config asks for it)."""
+    available = ort.get_available_providers()
+    if args.get("model_instance_kind") != "GPU" or "CUDAExecutionProvider" not in available:
+        return ["CPUExecutionProvider"]
+    device = int(args.get("model_instance_device_id", "0"))
+    providers = [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
+    accelerators = (
+        config.get("optimization", {})
+        .get("execution_accelerators", {})
+        .get("gpu_execution_accelerator", [])
+    )
+    for acc in accelerators:
+        if acc.get("name") == "tensorrt" and "TensorrtExecutionProvider" in available:
+            fp16 = acc.get("parameters", {}).get("precision_mode") == "FP16"
+            options = {"device_id": device, "trt_fp16_enable": fp16}
+            providers.insert(0, ("TensorrtExecutionProvider", options))
+    return providers
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         filename = config.get("default_model_filename") or "model.onnx"
         path = os.path.join(args["model_repository"], args["model_version"], filename)
-        providers = ["CPUExecutionProvider"]
-        if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in (
-            ort.get_available_providers()
-        ):
-            device = args.get("model_instance_device_id", "0")
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(device)}))
+        providers = _providers(config, args)
         self.session = ort.InferenceSession(path, _session_options(config), providers=providers)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]

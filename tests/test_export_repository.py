@@ -1,0 +1,227 @@
+"""The repository contract: generated configs, versions, atomic writes, and --check."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from export.check import check_repository
+from export.configs import build_configs, io_names, parse, render
+from export.onnx_export import ParityError
+from export.repository import ExportError, export_repository
+from tests.conftest import random_export_cfg
+from wsss.config import load_config
+from wsss.tensors import ENSEMBLES, served_models
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _golden_configs():
+    """Fixed specs and non-default settings, so the golden files cover every option."""
+    cfg = load_config(
+        None,
+        [
+            "export.classifier.format=torchscript",
+            "export.segmenter.onnxruntime.graph_level=1",
+            "export.segmenter.onnxruntime.intra_op_threads=2",
+            "export.segmenter.onnxruntime.gpu_accelerator=tensorrt",
+            "export.segmenter.kind=KIND_GPU",
+            "export.segmenter.instances=2",
+            "export.refiner.max_batch_size=4",
+            "export.preprocess.warmup=false",
+        ],
+    )
+    specs = served_models(64, 3, 2)
+    versions = {name: [3, 4] for name in specs}
+    params = {
+        "refiner": {
+            "method": "otsu",
+            "threshold": "0.5",
+            "score_threshold": "0.5",
+            "multi_label": "false",
+        }
+    }
+    return build_configs(specs, cfg.export, params, versions)
+
+
+def test_configs_match_golden_files_byte_for_byte():
+    first = {n: render(c) for n, c in _golden_configs().items()}
+    again = {n: render(c) for n, c in _golden_configs().items()}
+    assert first == again
+    if os.environ.get("WSSS_UPDATE_GOLDEN"):
+        for name, text in first.items():
+            (GOLDEN / f"{name}.pbtxt").write_text(text)
+    for name, text in first.items():
+        assert (GOLDEN / f"{name}.pbtxt").read_text() == text, (
+            f"{name}: regenerate with WSSS_UPDATE_GOLDEN=1 if the change is intended"
+        )
+        assert render(parse(text)) == text  # round-trips through Triton's schema
+
+
+def test_generated_settings_land_where_triton_reads_them():
+    configs = _golden_configs()
+    seg, cls, ref = configs["segmenter"], configs["classifier"], configs["refiner"]
+    assert seg.backend == "onnxruntime" and seg.optimization.graph.level == 1
+    assert seg.parameters["intra_op_thread_count"].string_value == "2"
+    (acc,) = seg.optimization.execution_accelerators.gpu_execution_accelerator
+    assert acc.name == "tensorrt" and acc.parameters["precision_mode"] == "FP16"
+    assert seg.instance_group[0].count == 2 and list(seg.version_policy.specific.versions) == [3, 4]
+    assert cls.backend == "pytorch" and [i.name for i in cls.input] == ["IMAGE__0"]
+    assert [o.name for o in cls.output] == ["SCORES__0", "CAMS__1"]
+    assert ref.max_batch_size == 4 and ref.model_warmup[0].inputs["CAMS"].zero_data
+    assert not configs["preprocess"].model_warmup
+    pipe = configs["wsss_pipeline"]
+    assert pipe.max_batch_size == 4  # no more than its smallest member
+    step = pipe.ensemble_scheduling.step[0]
+    assert dict(step.input_map) == {"IMAGE__0": "IMAGE"}
+    assert dict(step.output_map) == {"SCORES__0": "SCORES", "CAMS__1": "CAMS"}
+    spec = served_models(64, 3, 2)["classifier"]
+    assert io_names(spec, "onnx")["SCORES"] == "SCORES"
+
+
+def test_versions_accumulate_with_the_policy(tmp_path):
+    cfg = random_export_cfg(tmp_path, "export.keep_versions=2")
+    assert [export_repository(cfg).version for _ in range(3)] == [1, 2, 3]
+    repo = Path(cfg.export.repository)
+    for name in served_models(48, 3, 2):
+        assert sorted(p.name for p in (repo / name).iterdir() if p.name.isdigit()) == [
+            "1",
+            "2",
+            "3",
+        ]
+    classifier = parse((repo / "classifier" / "config.pbtxt").read_text())
+    assert list(classifier.version_policy.specific.versions) == [2, 3]
+    report = check_repository(repo)
+    assert report.ok, str(report)
+    assert report.models["classifier"] == [2, 3]
+    assert not list(tmp_path.glob(".wsss-staging-*"))
+
+
+def test_format_switch_serves_only_versions_in_the_new_format(tmp_path):
+    cfg = random_export_cfg(tmp_path, "export.keep_versions=3")
+    export_repository(cfg)
+    cfg.export.classifier.format = "torchscript"
+    result = export_repository(cfg)
+    repo = Path(cfg.export.repository)
+    assert (repo / "classifier" / "2" / "model.pt").exists()
+    classifier = parse((repo / "classifier" / "config.pbtxt").read_text())
+    assert classifier.backend == "pytorch"
+    assert list(classifier.version_policy.specific.versions) == [2]  # v1 holds model.onnx
+    assert list(
+        parse((repo / "segmenter" / "config.pbtxt").read_text()).version_policy.specific.versions
+    ) == [1, 2]
+    assert result.parity["classifier"]["SCORES"] < 1e-4
+    assert check_repository(repo).ok
+
+
+def _snapshot(repo):
+    return {p: p.read_bytes() for p in sorted(Path(repo).rglob("*")) if p.is_file()}
+
+
+def test_a_failed_export_changes_nothing(tmp_path, monkeypatch):
+    import export.repository as repository
+
+    cfg = random_export_cfg(tmp_path)
+    export_repository(cfg)
+    before = _snapshot(cfg.export.repository)
+
+    def broken(*args, **kwargs):
+        raise ParityError("injected")
+
+    monkeypatch.setattr(repository, "check_parity", broken)
+    with pytest.raises(ParityError):
+        export_repository(cfg)
+    monkeypatch.undo()
+    monkeypatch.setattr(
+        repository,
+        "check_repository",
+        lambda root: type("R", (), {"ok": False, "__str__": lambda s: "bad"})(),
+    )
+    with pytest.raises(ExportError, match="nothing was changed"):
+        export_repository(cfg)
+    assert _snapshot(cfg.export.repository) == before
+    assert not list(tmp_path.glob(".wsss-staging-*"))
+
+
+@pytest.fixture(scope="module")
+def good_repo(tmp_path_factory):
+    cfg = random_export_cfg(tmp_path_factory.mktemp("good"))
+    export_repository(cfg)
+    return Path(cfg.export.repository)
+
+
+def _edit(repo, model, old, new):
+    path = repo / model / "config.pbtxt"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+BREAKAGES = {
+    "syntax": (
+        lambda r: (r / "refiner" / "config.pbtxt").write_text("name: refiner {{"),
+        "does not parse",
+    ),
+    "unknown field": (
+        lambda r: _edit(r, "segmenter", "max_batch_size", "max_batch_sizes"),
+        'no field named "max_batch_sizes"',
+    ),
+    "missing file": (
+        lambda r: (r / "classifier" / "1" / "model.onnx").unlink(),
+        "classifier v1: model.onnx is missing",
+    ),
+    "renamed input": (
+        lambda r: _edit(r, "segmenter", 'name: "IMAGE"', 'name: "PIXELS"'),
+        "inputs in config ['PIXELS'] but the ONNX file has ['IMAGE']",
+    ),
+    "wrong dtype": (
+        lambda r: _edit(r, "refiner", "TYPE_FP32", "TYPE_FP16"),
+        "does not fit refiner.SCORES",
+    ),
+    "missing step model": (
+        lambda r: shutil.rmtree(r / "postprocess"),
+        "model 'postprocess' does not exist",
+    ),
+    "no versions": (
+        lambda r: shutil.rmtree(r / "segmenter" / "1"),
+        "segmenter: no numbered version folder",
+    ),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(BREAKAGES))
+def test_check_says_exactly_what_is_wrong(good_repo, tmp_path, breakage):
+    repo = tmp_path / "repo"
+    shutil.copytree(good_repo, repo)
+    assert check_repository(repo).ok
+    damage, message = BREAKAGES[breakage]
+    damage(repo)
+    report = check_repository(repo)
+    assert not report.ok
+    assert any(message in p for p in report.problems), report.problems
+
+
+def test_cli_check_exit_codes(good_repo, tmp_path):
+    def check(repo):
+        return subprocess.run(
+            [sys.executable, "-m", "wsss.cli", "export", "--check", "--repository", str(repo)],
+            capture_output=True,
+            text=True,
+        )
+
+    ok = check(good_repo)
+    assert ok.returncode == 0 and ok.stdout.startswith("OK: 7 models")
+    broken = tmp_path / "broken"
+    shutil.copytree(good_repo, broken)
+    (broken / "classifier" / "1" / "model.onnx").write_bytes(b"not onnx")
+    bad = check(broken)
+    assert bad.returncode == 1 and "classifier v1: model.onnx does not load" in bad.stdout
+
+
+def test_every_ensemble_step_is_a_model_of_the_repository(good_repo):
+    for name, steps in ENSEMBLES.items():
+        cfg = parse((good_repo / name / "config.pbtxt").read_text())
+        assert [s.model_name for s in cfg.ensemble_scheduling.step] == list(steps)

@@ -1,0 +1,121 @@
+"""Retrain-and-re-export into a running, polling tritonserver."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.check import check_repository
+from export.repository import export_repository
+from serving.client import PipelineClient
+from serving.server import TritonServer
+from tests.conftest import random_export_cfg
+from training.pipeline import pipeline_from_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.triton]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    work = tmp_path_factory.mktemp("live")
+    cfg = random_export_cfg(work, "export.keep_versions=2")
+    export_repository(cfg)
+    with TritonServer(Path(cfg.export.repository), cfg.serve, work / "server") as server:
+        yield cfg, server
+
+
+def _wait_for(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _images(n=2, size=48):
+    return np.random.default_rng(3).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _snapshot(repo):
+    return {p: p.read_bytes() for p in sorted(Path(repo).rglob("*")) if p.is_file()}
+
+
+def test_a_new_export_is_picked_up_while_serving(live):
+    cfg, server = live
+    client = PipelineClient(server.grpc_url)
+    before = client.infer(_images())
+    assert export_repository(cfg).version == 2
+    assert _wait_for(lambda: client.client.is_model_ready("classifier", "2"))
+    assert client.client.is_model_ready("classifier", "1")  # keep_versions=2
+    after = client.infer(_images())  # same weights re-exported: same answers
+    np.testing.assert_allclose(after["SCORES"], before["SCORES"], atol=1e-5)
+
+
+def test_a_killed_export_leaves_the_served_version(live):
+    cfg, server = live
+    repo = Path(cfg.export.repository)
+    before = _snapshot(repo)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    sets = [
+        x
+        for o in (
+            f"data.image_size={cfg.data.image_size}",
+            f"runs={cfg.runs}",
+            f"export.repository={repo}",
+        )
+        for x in ("--set", o)
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsss.cli", "export", *sets],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    # Kill it midway: once it has started writing the new version into its staging folder.
+    staged = lambda: list(repo.parent.glob(f".wsss-staging-{proc.pid}-*/classifier/*/model.onnx"))  # noqa: E731
+    assert _wait_for(staged, timeout=120), "the export never reached its staging step"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _snapshot(repo) == before
+    assert check_repository(repo).ok
+    client = PipelineClient(server.grpc_url)
+    time.sleep(2 * cfg.serve.poll_seconds)  # give the poller its chance to see anything
+    assert client.client.is_model_ready("classifier", "2")
+    assert not client.client.is_model_ready("classifier", "3")
+    assert client.infer(_images())["SEGMENTATION"].shape == (2, 48, 48)
+    # The next export sweeps the dead export's staging folder and carries on from v2.
+    assert export_repository(cfg).version == 3
+    assert not list(repo.parent.glob(".wsss-staging-*"))
+
+
+def test_torchscript_export_is_served_and_matches_pytorch(live):
+    cfg, server = live
+    cfg.export.classifier.format = "torchscript"
+    cfg.export.segmenter.format = "torchscript"
+    version = export_repository(cfg).version
+    client = PipelineClient(server.grpc_url)
+    assert _wait_for(lambda: client.client.is_model_ready("classifier", str(version)))
+
+    # A format switch renames the classifier's tensors (CAMS -> CAMS__1); the poller may
+    # load the classifier one poll before the ensemble that maps them, so wait for both.
+    def ensemble_switched():
+        steps = client.client.get_model_config("wsss_pipeline").config.ensemble_scheduling.step
+        return "CAMS__1" in steps[0].output_map and client.client.is_model_ready("wsss_pipeline")
+
+    assert _wait_for(ensemble_switched)
+    config = client.client.get_model_config("classifier").config
+    assert config.backend == "pytorch" and list(config.version_policy.specific.versions) == [
+        version
+    ]
+    images = _images(3)
+    got = client.infer(images)
+    want = pipeline_from_config(cfg)(images)
+    np.testing.assert_allclose(got["SCORES"], want["SCORES"], atol=1e-4)
+    np.testing.assert_allclose(got["CAMS"], want["CAMS"], atol=1e-3)
+    assert (got["SEGMENTATION"] != want["SEGMENTATION"]).mean() <= 1e-3
