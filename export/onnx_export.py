@@ -11,10 +11,11 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from wsss.errors import WsssError
 from wsss.tensors import ModelSpec
 
 
-class ParityError(RuntimeError):
+class ParityError(WsssError, RuntimeError):
     """ONNX Runtime disagrees with PyTorch beyond the tolerance: the export is refused."""
 
 

@@ -35,13 +35,14 @@ from export.onnx_export import check_parity, export_onnx
 from export.torchscript_export import check_torchscript_parity, export_torchscript
 from training.pipeline import ServedClassifier, ServedSegmenter, load_model
 from wsss.config import Config, save_config
+from wsss.errors import WsssError
 from wsss.tensors import CLASSIFIER, ENSEMBLES, SEGMENTER, served_models
 
 _PYTHON_SOURCES = Path(__file__).parent / "triton_models"
 STAGING_PREFIX = ".wsss-staging-"
 
 
-class ExportError(RuntimeError):
+class ExportError(WsssError, RuntimeError):
     """The staged export failed validation; nothing was written to the repository."""
 
 

@@ -23,11 +23,12 @@ import cv2
 import numpy as np
 
 from serving.server import pytriton_root
+from wsss.errors import WsssError
 from wsss.images import resize_image
 from wsss.tensors import ModelSpec
 
 
-class BenchError(RuntimeError):
+class BenchError(WsssError, RuntimeError):
     pass
 
 

@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 
 from wsss.config import ServeConfig
+from wsss.errors import WsssError
 
 _BACKENDS = Path(__file__).parent / "backends"
 
 
-class ServerError(RuntimeError):
+class ServerError(WsssError, RuntimeError):
     """tritonserver did not start, or died."""
 
 

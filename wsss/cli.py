@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from wsss.config import Config, ConfigError, load_config
+from wsss.errors import WsssError
 
 
 def _config(args) -> Config:
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (WsssError, ConfigError, FileNotFoundError, ValueError) as exc:
         sys.exit(f"wsss {args.command}: {exc}")
 
 
