@@ -11,6 +11,7 @@ latest ``export.keep_versions``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -56,6 +57,7 @@ class ExportResult:
 def export_repository(cfg: Config) -> ExportResult:
     runs = Path(cfg.runs)
     classifier, cmeta = load_model(runs / "classifier" / "best.pt")
+    classifier.cam_method = cfg.classifier.cam_method
     segmenter, smeta = load_model(runs / "segmenter" / "best.pt")
     multi_label = cmeta["task"] == "voc"
     names = cmeta["class_names"]
@@ -64,11 +66,10 @@ def export_repository(cfg: Config) -> ExportResult:
         CLASSIFIER: ServedClassifier(classifier, multi_label),
         SEGMENTER: ServedSegmenter(segmenter),
     }
+    # The refiner model rebuilds its RefineConfig from these (config.pbtxt parameters).
     params = {
         "refiner": {
-            "method": cfg.refine.method,
-            "threshold": str(cfg.refine.threshold),
-            "score_threshold": str(cfg.refine.score_threshold),
+            "refine": json.dumps(dataclasses.asdict(cfg.refine), sort_keys=True),
             "multi_label": str(multi_label).lower(),
         }
     }

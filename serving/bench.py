@@ -199,7 +199,7 @@ def parse_csv(path: Path) -> list[BenchResult]:
             float(r["Inferences/Second"]),
             *(float(r[f"p{q} latency"]) / 1e3 for q in (50, 90, 95, 99)),
         )
-        for r in rows
+        for r in sorted(rows, key=lambda r: int(r["Concurrency"]))  # the CSV's order varies
     ]
 
 

@@ -36,14 +36,7 @@ def _golden_configs():
     )
     specs = served_models(64, 3, 2)
     versions = {name: [3, 4] for name in specs}
-    params = {
-        "refiner": {
-            "method": "otsu",
-            "threshold": "0.5",
-            "score_threshold": "0.5",
-            "multi_label": "false",
-        }
-    }
+    params = {"refiner": {"refine": '{"method": "otsu"}', "multi_label": "false"}}
     return build_configs(specs, cfg.export, params, versions)
 
 

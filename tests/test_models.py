@@ -74,3 +74,25 @@ def test_served_classifier_takes_raw_pixels():
     images = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
     scores, cams = module(torch.from_numpy(images))
     assert scores.shape == (2, 4) and ((scores > 0) & (scores < 1)).all()
+
+
+def test_pretrained_resnet_comes_from_the_torch_cache_only(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="hub/checkpoints/resnet18-"):
+        build_classifier("resnet18", num_classes=2, pretrained=True)
+    # A user's cached torchvision file (here: a stand-in with the right tensors) is used.
+    reference = torchvision.models.resnet18(weights=None)
+    name = torchvision.models.ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[1]
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(reference.state_dict(), tmp_path / "hub" / "checkpoints" / name)
+    net = build_classifier("resnet18", num_classes=2, pretrained=True)
+    assert torch.equal(net.features[0].weight, reference.conv1.weight)
+
+
+def test_bundled_mobilenet_weights_load_offline():
+    net = build_classifier("mobilenet_v2", num_classes=2, pretrained=True)
+    plain = build_classifier("mobilenet_v2", num_classes=2)
+    assert not torch.equal(net.features[0][0].weight, plain.features[0][0].weight)
+    assert net.features[0][0].weight.abs().mean() > 0.01

@@ -3,11 +3,13 @@ import pytest
 
 from training.refine import (
     FixedThreshold,
+    GrabCut,
     OtsuThreshold,
     build_refiner,
     present_classes,
     refine_batch,
 )
+from wsss.config import RefineConfig
 
 
 def _blob_cam(h=32, w=32, cy=16, cx=16, r=8):
@@ -50,10 +52,64 @@ def test_present_classes():
 def test_refine_batch_and_registry():
     cams = np.stack([np.stack([_blob_cam(), _blob_cam(cx=8)])] * 3)
     masks = refine_batch(
-        build_refiner("otsu"), np.stack([IMAGE] * 3), cams, [[0], [1], [0, 1]], binary=True
+        build_refiner(RefineConfig("otsu")),
+        np.stack([IMAGE] * 3),
+        cams,
+        [[0], [1], [0, 1]],
+        binary=True,
     )
     assert masks.shape == (3, 32, 32)
-    with pytest.raises(ValueError, match="unknown refiner"):
-        build_refiner("magic")
+    assert build_refiner(RefineConfig("fixed", grabcut=True)).name == "fixed+grabcut"
+    with pytest.raises(ValueError, match="unknown refine.method"):
+        build_refiner(RefineConfig("magic"))
     with pytest.raises(ValueError, match="threshold"):
         FixedThreshold(1.5)
+
+
+def _scene():
+    """A red disc on a textured green background, and a CAM blob that overshoots it."""
+    rng = np.random.default_rng(0)
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[..., 1] = 120 + rng.integers(0, 40, (64, 64))
+    yy, xx = np.mgrid[:64, :64]
+    disc = np.hypot(yy - 30, xx - 34) < 14
+    image[disc] = (200, 30, 30)
+    cam = np.clip(1 - np.hypot(yy - 32, xx - 32) / 26, 0, 1).astype(np.float32)
+    return image, cam, disc
+
+
+def _iou(a, b):
+    return (a & b).sum() / (a | b).sum()
+
+
+def test_grabcut_snaps_a_sloppy_cam_mask_to_the_object():
+    image, cam, disc = _scene()
+    seed = FixedThreshold(0.3)
+    before = seed.foreground(cam, image)
+    after = GrabCut(seed, iterations=5).foreground(cam, image)
+    assert _iou(before, disc) < 0.8 < 0.95 < _iou(after, disc)
+
+
+@pytest.mark.parametrize("case", ["all foreground", "all background", "tiny", "one pixel"])
+def test_grabcut_degenerate_seeds_return_sensible_masks(case):
+    image, cam, _ = _scene()
+    refiner = GrabCut(FixedThreshold(0.5))
+    if case == "all foreground":
+        cam = np.ones_like(cam)
+    elif case == "all background":
+        cam = np.zeros_like(cam)
+    elif case == "tiny":
+        image, cam = image[:5, :5], cam[:5, :5]
+    else:
+        cam = np.zeros_like(cam)
+        cam[10, 10] = 1.0
+    mask = refiner.foreground(cam, image)
+    assert mask.shape == cam.shape and mask.dtype == bool
+    assert np.array_equal(mask, FixedThreshold(0.5).foreground(cam, image))
+
+
+def test_grabcut_settings_are_checked():
+    with pytest.raises(ValueError, match="iterations"):
+        GrabCut(OtsuThreshold(), iterations=0)
+    with pytest.raises(ValueError, match="sure_background"):
+        GrabCut(OtsuThreshold(), sure_fg=0.1, sure_bg=0.5)

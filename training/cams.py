@@ -1,19 +1,76 @@
-"""CAM methods in closed form for a global-average-pooled linear head.
+"""CAM, Grad-CAM and Grad-CAM++ in closed form, for a global-average-pooled linear head.
 
-Each method maps (features A [B, C, h, w], head weights W [K, C]) to raw maps [B, K, h, w]:
-only the per-class channel weighting differs, as in pytorch-grad-cam's one-file-per-method
-design. With GAP, dy_k/dA_c = W[k, c] / (h w) everywhere, which is what makes the gradient
-methods computable without autograd.
+Like pytorch-grad-cam, a base class owns the shared steps (weigh the feature channels per
+class, sum, ReLU, upsample, scale each map to [0, 1]) and each method only says how it
+weighs channels. With GAP over an h x w map and logits y = W mean(A) + b, the gradient of
+y_c with respect to A_k is W[c, k] / (h w) at every position. That constant makes the
+gradient methods computable in the forward pass, so the exported graph needs no autograd;
+``tests/test_cams.py`` checks each against pytorch-grad-cam's autograd version.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
-def cam(feats: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Zhou et al. 2016: M_k = sum_c W[k, c] A_c."""
-    return torch.relu(torch.einsum("bchw,kc->bkhw", feats, weight))
+class ClosedFormCAM:
+    name = "base"
+
+    def weights(self, feats: torch.Tensor, fc_weight: torch.Tensor) -> torch.Tensor:
+        """[B, K, C]: how much channel C counts for class K's map, per image."""
+        raise NotImplementedError
+
+    def __call__(
+        self, feats: torch.Tensor, fc_weight: torch.Tensor, size: tuple[int, int]
+    ) -> torch.Tensor:
+        """feats [B, C, h, w], head weights [K, C] -> maps [B, K, *size] in [0, 1]."""
+        maps = torch.relu(torch.einsum("bkc,bchw->bkhw", self.weights(feats, fc_weight), feats))
+        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        return normalise_maps(maps)
+
+
+class CAM(ClosedFormCAM):
+    """Zhou et al. 2016: the classifier's own weights."""
+
+    name = "cam"
+
+    def weights(self, feats, fc_weight):
+        return fc_weight.unsqueeze(0).expand(feats.shape[0], -1, -1)
+
+
+class GradCAM(ClosedFormCAM):
+    """Selvaraju et al. 2017: the spatial mean of the gradient, W / (h w) under GAP.
+
+    For this head it equals CAM up to a positive factor, which the [0, 1] scaling removes;
+    it is kept as its own method because the two differ on any other head.
+    """
+
+    name = "gradcam"
+
+    def weights(self, feats, fc_weight):
+        h, w = feats.shape[-2:]
+        return (fc_weight / (h * w)).unsqueeze(0).expand(feats.shape[0], -1, -1)
+
+
+class GradCAMPlusPlus(ClosedFormCAM):
+    """Chattopadhyay et al. 2018, eq. 19, as pytorch-grad-cam computes it.
+
+    With g = W / (h w) constant in space: a = g^2 / (2 g^2 + sum(A_k) g^3 + eps), zero
+    where g = 0; weight = sum over positions of relu(g) a = (h w) relu(g) a.
+    """
+
+    name = "gradcam++"
+    eps = 1e-6  # pytorch-grad-cam's; it matters, as g^2 is often near it
+
+    def weights(self, feats, fc_weight):
+        h, w = feats.shape[-2:]
+        g = (fc_weight / (h * w)).unsqueeze(0)  # [1, K, C]
+        g2 = g * g
+        total = feats.sum(dim=(2, 3)).unsqueeze(1)  # [B, 1, C]
+        alpha = g2 / (2 * g2 + total * g2 * g + self.eps)
+        alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
+        return (h * w) * torch.relu(g) * alpha
 
 
 def normalise_maps(maps: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -23,4 +80,4 @@ def normalise_maps(maps: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return (maps - lo) / (hi - lo + eps)
 
 
-CAM_METHODS = {"cam": cam}
+CAM_METHODS: dict[str, ClosedFormCAM] = {m.name: m for m in (CAM(), GradCAM(), GradCAMPlusPlus())}

@@ -98,10 +98,11 @@ class Pipeline:
 
 def pipeline_from_config(cfg) -> Pipeline:
     runs = Path(cfg.runs)
-    refiner = build_refiner(cfg.refine.method, threshold=cfg.refine.threshold)
-    return Pipeline.from_checkpoints(
+    pipe = Pipeline.from_checkpoints(
         runs / "classifier" / "best.pt",
         runs / "segmenter" / "best.pt",
-        refiner,
+        build_refiner(cfg.refine),
         cfg.refine.score_threshold,
     )
+    pipe.classifier.net.cam_method = cfg.classifier.cam_method
+    return pipe

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 from skimage.filters import threshold_otsu
+
+from wsss.config import RefineConfig
 
 
 class Refiner:
@@ -62,15 +65,54 @@ class OtsuThreshold(Refiner):
         return cam > threshold_otsu(cam)
 
 
-REFINERS = {"fixed": FixedThreshold, "otsu": OtsuThreshold}
+class GrabCut(Refiner):
+    """OpenCV GrabCut seeded from a threshold refiner's mask and the CAM's confident bands.
+
+    Pixels with CAM >= ``sure_fg`` are fixed foreground, <= ``sure_bg`` fixed background;
+    the rest are probable foreground or background as ``seed`` decides. GrabCut then fits
+    colour models to both and cuts along image edges. When the seed leaves one side with too
+    few pixels to fit a colour model (all foreground, all background, a tiny image), the seed
+    is returned unchanged: there is nothing for GrabCut to separate.
+    """
+
+    min_pixels = 16  # per side; GrabCut's 5-component colour models need a handful each
+
+    def __init__(
+        self, seed: Refiner, iterations: int = 5, sure_fg: float = 0.8, sure_bg: float = 0.05
+    ):
+        if iterations < 1:
+            raise ValueError("grabcut_iterations must be >= 1")
+        if not 0.0 <= sure_bg < sure_fg <= 1.0:
+            raise ValueError("need 0 <= sure_background < sure_foreground <= 1")
+        self.seed, self.iterations = seed, iterations
+        self.sure_fg, self.sure_bg = sure_fg, sure_bg
+        self.name = f"{seed.name}+grabcut"
+
+    def foreground(self, cam, image):
+        init = self.seed.foreground(cam, image)
+        mask = np.where(init, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
+        mask[(cam >= self.sure_fg) & init] = cv2.GC_FGD
+        mask[(cam <= self.sure_bg) & ~init] = cv2.GC_BGD
+        fg = np.count_nonzero(init)
+        if min(fg, init.size - fg) < self.min_pixels or min(image.shape[:2]) < 8:
+            return init
+        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        bgr = cv2.cvtColor(np.ascontiguousarray(image, np.uint8), cv2.COLOR_RGB2BGR)
+        cv2.grabCut(bgr, mask, None, bgd, fgd, self.iterations, cv2.GC_INIT_WITH_MASK)
+        return (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
 
 
-def build_refiner(method: str, **kwargs) -> Refiner:
-    if method not in REFINERS:
-        raise ValueError(f"unknown refiner {method!r}: one of {sorted(REFINERS)}")
-    if method == "fixed":
-        return FixedThreshold(kwargs.get("threshold", 0.5))
-    return REFINERS[method]()
+def build_refiner(cfg: RefineConfig) -> Refiner:
+    """The refiner a RefineConfig describes: a threshold, optionally followed by GrabCut."""
+    if cfg.method == "fixed":
+        refiner: Refiner = FixedThreshold(cfg.threshold)
+    elif cfg.method == "otsu":
+        refiner = OtsuThreshold()
+    else:
+        raise ValueError(f"unknown refine.method {cfg.method!r}: fixed or otsu")
+    if cfg.grabcut:
+        refiner = GrabCut(refiner, cfg.grabcut_iterations, cfg.sure_foreground, cfg.sure_background)
+    return refiner
 
 
 def present_classes(scores: np.ndarray, multi_label: bool, threshold: float) -> list[int]:

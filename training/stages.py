@@ -104,8 +104,9 @@ def train_classifier(cfg: Config, data: WSSSDataset) -> nn.Module:
 @torch.inference_mode()
 def make_pseudo_masks(cfg: Config, classifier: nn.Module, data: WSSSDataset) -> np.ndarray:
     """Refined CAM masks for every training image, from its image-level labels."""
+    classifier.cam_method = cfg.classifier.cam_method
     served = ServedClassifier(classifier, multi_label=cfg.data.task == "voc").eval()
-    refiner = build_refiner(cfg.refine.method, threshold=cfg.refine.threshold)
+    refiner = build_refiner(cfg.refine)
     out = np.empty((len(data),) + data.masks.shape[1:], np.uint8)
     bs = cfg.train.batch_size
     for start in tqdm(range(0, len(data), bs), desc=f"pseudo-masks ({refiner.name})", leave=False):

