@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/quick.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-fast lint format reproduce clean-models
+.PHONY: setup serve test test-fast lint format study reproduce clean-models
 
 setup: $(STAMP)
 
@@ -39,11 +39,25 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# The full-size pets profile, evaluated; numbers in the README come from this.
-reproduce: setup
-	$(BIN)/wsss data synth --config configs/pets.yaml
-	$(BIN)/wsss train --config configs/pets.yaml
-	$(BIN)/wsss evaluate --config configs/pets.yaml
+# The pseudo-mask study (paper 000, Table 1): three classifiers x CAM methods x thresholds
+# x GrabCut on the bundled pets benchmark. STUDY_CONFIG=configs/pets.yaml runs it full size.
+STUDY_CONFIG ?= configs/study.yaml
+STUDY_RUNS   ?= runs/study
+CLASSIFIERS  := resnet18:0.002:false resnet50:0.002:false mobilenet_v2:0.0005:true
+
+study: setup
+	$(BIN)/wsss data synth --config $(STUDY_CONFIG)
+	for spec in $(CLASSIFIERS); do \
+		arch=$${spec%%:*}; rest=$${spec#*:}; lr=$${rest%%:*}; pretrained=$${rest#*:}; \
+		$(BIN)/wsss train --config $(STUDY_CONFIG) --stages classifier \
+			--set classifier.arch=$$arch --set train.lr=$$lr \
+			--set classifier.pretrained=$$pretrained --set runs=$(STUDY_RUNS)/$$arch || exit 1; \
+	done
+	$(BIN)/wsss evaluate --study --config $(STUDY_CONFIG) --set evaluate.out=$(STUDY_RUNS) \
+		--set 'evaluate.runs=[$(STUDY_RUNS)/resnet18,$(STUDY_RUNS)/resnet50,$(STUDY_RUNS)/mobilenet_v2]'
+
+reproduce:
+	$(MAKE) study STUDY_CONFIG=configs/pets.yaml STUDY_RUNS=runs/pets_study
 
 clean-models:
 	find model_repository -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

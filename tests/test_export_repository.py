@@ -10,7 +10,7 @@ import pytest
 
 from export.check import check_repository
 from export.configs import build_configs, io_names, parse, render
-from export.onnx_export import ParityError
+from export.parity import ParityError
 from export.repository import ExportError, export_repository
 from tests.conftest import random_export_cfg
 from wsss.config import load_config

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.onnx_export import ParityError, check_parity, export_onnx
+from export.onnx_export import check_parity, export_onnx
+from export.parity import ParityError
 from training.models import CLASSIFIERS, SEGMENTERS, build_classifier, build_segmenter
 from training.pipeline import ServedClassifier, ServedSegmenter
 from wsss.tensors import CLASSIFIER, SEGMENTER, served_models

@@ -119,3 +119,22 @@ def test_torchscript_export_is_served_and_matches_pytorch(live):
     np.testing.assert_allclose(got["SCORES"], want["SCORES"], atol=1e-4)
     np.testing.assert_allclose(got["CAMS"], want["CAMS"], atol=1e-3)
     assert (got["SEGMENTATION"] != want["SEGMENTATION"]).mean() <= 1e-3
+
+
+def test_served_refiner_follows_the_refine_and_cam_settings(live):
+    """Re-export with Grad-CAM++ and Otsu + GrabCut: the ensemble matches the same pipeline."""
+    cfg, server = live
+    cfg.classifier.cam_method = "gradcam++"
+    cfg.refine.grabcut = True
+    cfg.refine.grabcut_iterations = 2
+    version = export_repository(cfg).version
+    client = PipelineClient(server.grpc_url)
+    assert _wait_for(lambda: client.client.is_model_ready("refiner", str(version)))
+    assert _wait_for(lambda: client.client.is_model_ready("classifier", str(version)))
+    time.sleep(2 * cfg.serve.poll_seconds)  # the ensembles reload on the same poll or the next
+    images = _images(2)
+    got = client.infer(images)
+    want = pipeline_from_config(cfg)(images)
+    assert want["PSEUDO_MASK"].any()
+    np.testing.assert_allclose(got["CAMS"], want["CAMS"], atol=1e-3)
+    assert (got["PSEUDO_MASK"] != want["PSEUDO_MASK"]).mean() <= 1e-3

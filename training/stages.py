@@ -63,42 +63,24 @@ def _loaders(cfg: Config, train: Dataset, val: Dataset) -> tuple[DataLoader, Dat
 
 def train_classifier(cfg: Config, data: WSSSDataset) -> nn.Module:
     """Image-level labels only: cross-entropy (pets) or binary cross-entropy (voc)."""
-    torch.manual_seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
+    _seed(cfg)
     kwargs = {
         "num_classes": data.num_classes,
         "output_stride": cfg.classifier.output_stride,
         "weights": cfg.classifier.weights,
     }
-    if cfg.classifier.pretrained:
-        kwargs["pretrained"] = True
-    model = build_classifier(cfg.classifier.arch, **kwargs)
+    model = build_classifier(cfg.classifier.arch, pretrained=cfg.classifier.pretrained, **kwargs)
     tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
-    train, val = _loaders(cfg, _View(data, tr, True), _View(data, va, False))
     loss = nn.CrossEntropyLoss() if cfg.data.task == "pets" else nn.BCEWithLogitsLoss()
-    out = Path(cfg.runs) / "classifier"
+    # The checkpoint rebuilds the architecture; its weights then replace any pretrained ones.
     meta = {
         "family": "classifier",
         "arch": cfg.classifier.arch,
         "task": cfg.data.task,
-        "kwargs": {k: v for k, v in kwargs.items() if k != "pretrained"} | {"weights": None},
+        "kwargs": kwargs | {"weights": None},
         "class_names": read_class_names(cfg.data.root, cfg.data.task),
     }
-    fit(
-        model,
-        train,
-        val,
-        loss,
-        epochs=cfg.train.epochs,
-        lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        device=resolve_device(cfg.train.device),
-        out_dir=out,
-        meta=meta,
-        desc="classifier",
-    )
-    save_config(cfg, out / "config.yaml")
-    return model.cpu().eval()
+    return _train(cfg, model, _View(data, tr, True), _View(data, va, False), loss, meta)
 
 
 @torch.inference_mode()
@@ -121,8 +103,7 @@ def make_pseudo_masks(cfg: Config, classifier: nn.Module, data: WSSSDataset) -> 
 
 def train_segmenter(cfg: Config, data: WSSSDataset, pseudo: np.ndarray) -> nn.Module:
     """Fully supervised on the pseudo-masks; validation loss is on held-out pseudo-masks too."""
-    torch.manual_seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
+    _seed(cfg)
     kwargs = {
         "num_classes": cfg.num_seg_classes,
         "base_channels": cfg.segmenter.base_channels,
@@ -130,28 +111,38 @@ def train_segmenter(cfg: Config, data: WSSSDataset, pseudo: np.ndarray) -> nn.Mo
     }
     model = build_segmenter(cfg.segmenter.arch, **kwargs)
     tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
-    train, val = _loaders(
-        cfg, _View(data, tr, True, pseudo[tr]), _View(data, va, False, pseudo[va])
-    )
-    out = Path(cfg.runs) / "segmenter"
+    train, val = _View(data, tr, True, pseudo[tr]), _View(data, va, False, pseudo[va])
     meta = {
         "family": "segmenter",
         "arch": cfg.segmenter.arch,
         "task": cfg.data.task,
         "kwargs": kwargs,
     }
+    return _train(cfg, model, train, val, nn.CrossEntropyLoss(ignore_index=IGNORE), meta)
+
+
+def _seed(cfg: Config) -> None:
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)  # the augmentations draw from numpy
+
+
+def _train(
+    cfg: Config, model: nn.Module, train: Dataset, val: Dataset, loss: nn.Module, meta: dict
+) -> nn.Module:
+    """The one training loop on seeded loaders; the resolved config lands beside the best.pt."""
+    family = meta["family"]
+    out = Path(cfg.runs) / family
     fit(
         model,
-        train,
-        val,
-        nn.CrossEntropyLoss(ignore_index=IGNORE),
+        *_loaders(cfg, train, val),
+        loss,
         epochs=cfg.train.epochs,
         lr=cfg.train.lr,
         weight_decay=cfg.train.weight_decay,
         device=resolve_device(cfg.train.device),
         out_dir=out,
         meta=meta,
-        desc="segmenter",
+        desc=family,
     )
     save_config(cfg, out / "config.yaml")
     return model.cpu().eval()

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from export.triton_models.respond import respond
 from wsss.images import resize_mask
 
 
@@ -20,29 +21,20 @@ class TritonPythonModel:
         self.outputs = [t["name"] for t in config["output"]]  # one per mask, same order
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                *masks, sizes = (
-                    pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs
-                )
-                if len({tuple(s) for s in sizes}) > 1:
-                    raise ValueError(
-                        "images of one request must share a size: "
-                        "send differently sized images as separate requests"
-                    )
-                out = [
-                    pb_utils.Tensor(
-                        name,
-                        np.stack([resize_mask(m, s) for m, s in zip(batch, sizes, strict=True)]),
-                    )
-                    for name, batch in zip(self.outputs, masks, strict=True)
-                ]
-                responses.append(pb_utils.InferenceResponse(output_tensors=out))
-            except Exception as exc:  # this request fails; the model keeps serving
-                responses.append(
-                    pb_utils.InferenceResponse(
-                        output_tensors=[], error=pb_utils.TritonError(f"postprocess: {exc}")
-                    )
-                )
-        return responses
+        return respond(requests, self._one, "postprocess")
+
+    def _one(self, request):
+        *masks, sizes = (
+            pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs
+        )
+        if len({tuple(s) for s in sizes}) > 1:
+            raise ValueError(
+                "images of one request must share a size: "
+                "send differently sized images as separate requests"
+            )
+        return [
+            pb_utils.Tensor(
+                name, np.stack([resize_mask(m, s) for m, s in zip(batch, sizes, strict=True)])
+            )
+            for name, batch in zip(self.outputs, masks, strict=True)
+        ]

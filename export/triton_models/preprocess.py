@@ -10,6 +10,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from export.triton_models.respond import respond
 from wsss.images import decode_image, resize_image
 
 
@@ -22,27 +23,19 @@ class TritonPythonModel:
         self.size = tuple(int(d) for d in image["dims"][:2])
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
+        return respond(requests, self._one, "preprocess")
+
+    def _one(self, request):
+        blobs = pb_utils.get_input_tensor_by_name(request, self.input).as_numpy()
+        images, sizes = [], []
+        for k, blob in enumerate(blobs.reshape(len(blobs), -1)[:, 0]):
             try:
-                blobs = pb_utils.get_input_tensor_by_name(request, self.input).as_numpy()
-                images, sizes = [], []
-                for k, blob in enumerate(blobs.reshape(len(blobs), -1)[:, 0]):
-                    try:
-                        image = decode_image(bytes(blob))
-                    except ValueError as exc:
-                        raise ValueError(f"item {k}: {exc}") from exc
-                    sizes.append(image.shape[:2])
-                    images.append(resize_image(image, self.size))
-                out = [
-                    pb_utils.Tensor(self.image_name, np.stack(images)),
-                    pb_utils.Tensor(self.size_name, np.asarray(sizes, np.int32)),
-                ]
-                responses.append(pb_utils.InferenceResponse(output_tensors=out))
-            except Exception as exc:  # this request fails; the model keeps serving
-                responses.append(
-                    pb_utils.InferenceResponse(
-                        output_tensors=[], error=pb_utils.TritonError(f"preprocess: {exc}")
-                    )
-                )
-        return responses
+                image = decode_image(bytes(blob))
+            except ValueError as exc:
+                raise ValueError(f"item {k}: {exc}") from exc
+            sizes.append(image.shape[:2])
+            images.append(resize_image(image, self.size))
+        return [
+            pb_utils.Tensor(self.image_name, np.stack(images)),
+            pb_utils.Tensor(self.size_name, np.asarray(sizes, np.int32)),
+        ]

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from export.triton_models.respond import respond
 from training.refine import build_refiner, present_classes, refine_batch
 from wsss.config import RefineConfig
 
@@ -26,24 +27,14 @@ class TritonPythonModel:
         (self.output,) = [o["name"] for o in config["output"]]
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                image, scores, cams = (
-                    pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs
-                )
-                if not np.isfinite(cams).all():
-                    raise ValueError("CAMS holds NaN or infinite values")
-                classes = [
-                    present_classes(s, self.multi_label, self.score_threshold) for s in scores
-                ]
-                mask = refine_batch(self.refiner, image, cams, classes, not self.multi_label)
-                out = pb_utils.Tensor(self.output, np.ascontiguousarray(mask, dtype=np.uint8))
-                responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
-            except Exception as exc:  # answer this request with an error; keep serving others
-                responses.append(
-                    pb_utils.InferenceResponse(
-                        output_tensors=[], error=pb_utils.TritonError(f"refiner: {exc}")
-                    )
-                )
-        return responses
+        return respond(requests, self._one, "refiner")
+
+    def _one(self, request):
+        image, scores, cams = (
+            pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs
+        )
+        if not np.isfinite(cams).all():
+            raise ValueError("CAMS holds NaN or infinite values")
+        classes = [present_classes(s, self.multi_label, self.score_threshold) for s in scores]
+        mask = refine_batch(self.refiner, image, cams, classes, not self.multi_label)
+        return [pb_utils.Tensor(self.output, np.ascontiguousarray(mask, dtype=np.uint8))]

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from export.triton_models.respond import respond
+
 
 def _by_index(tensors):
     return [t["name"] for t in sorted(tensors, key=lambda t: int(t["name"].rsplit("__", 1)[1]))]
@@ -31,27 +33,19 @@ class TritonPythonModel:
         self.outputs = _by_index(config["output"])
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                args = [
-                    torch.from_numpy(pb_utils.get_input_tensor_by_name(request, n).as_numpy()).to(
-                        self.device
-                    )
-                    for n in self.inputs
-                ]
-                with torch.no_grad():
-                    out = self.model(*args)
-                out = out if isinstance(out, tuple) else (out,)
-                tensors = [
-                    pb_utils.Tensor(n, np.ascontiguousarray(o.cpu().numpy()))
-                    for n, o in zip(self.outputs, out, strict=True)
-                ]
-                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            except Exception as exc:  # this request fails; the model keeps serving
-                responses.append(
-                    pb_utils.InferenceResponse(
-                        output_tensors=[], error=pb_utils.TritonError(f"pytorch: {exc}")
-                    )
-                )
-        return responses
+        return respond(requests, self._one, "pytorch")
+
+    def _one(self, request):
+        args = [
+            torch.from_numpy(pb_utils.get_input_tensor_by_name(request, n).as_numpy()).to(
+                self.device
+            )
+            for n in self.inputs
+        ]
+        with torch.no_grad():
+            out = self.model(*args)
+        out = out if isinstance(out, tuple) else (out,)
+        return [
+            pb_utils.Tensor(n, np.ascontiguousarray(o.cpu().numpy()))
+            for n, o in zip(self.outputs, out, strict=True)
+        ]

@@ -1,0 +1,1 @@
+"""Triton python-backend models, copied into the repository as ``<model>/<version>/model.py``."""

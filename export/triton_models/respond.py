@@ -1,0 +1,18 @@
+"""One response per request, as Triton's python backend requires; an exception fails only
+the request that raised it, with its message, and the model keeps serving."""
+
+from collections.abc import Callable
+
+
+def respond(requests, handle: Callable, label: str) -> list:
+    """``handle(request) -> list[pb_utils.Tensor]`` for each request, errors kept apart."""
+    import triton_python_backend_utils as pb_utils  # exists only inside the backend stub
+
+    responses = []
+    for request in requests:
+        try:
+            responses.append(pb_utils.InferenceResponse(output_tensors=handle(request)))
+        except Exception as exc:  # this request fails; the others and the model go on
+            error = pb_utils.TritonError(f"{label}: {exc}")
+            responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+    return responses
