@@ -16,6 +16,7 @@ from serving.client import PipelineClient
 from serving.server import TritonServer
 from tests.conftest import random_export_cfg
 from training.pipeline import pipeline_from_config
+from training.refine import build_refiner, present_classes, refine_batch
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
@@ -135,6 +136,10 @@ def test_served_refiner_follows_the_refine_and_cam_settings(live):
     images = _images(2)
     got = client.infer(images)
     want = pipeline_from_config(cfg)(images)
-    assert want["PSEUDO_MASK"].any()
     np.testing.assert_allclose(got["CAMS"], want["CAMS"], atol=1e-3)
-    assert (got["PSEUDO_MASK"] != want["PSEUDO_MASK"]).mean() <= 1e-3
+    # GrabCut turns CAM differences of ~1e-5 (ONNX Runtime vs PyTorch) into a few boundary
+    # pixels, so the refiner is checked on the served CAMs themselves: exactly equal.
+    classes = [present_classes(s, False, cfg.refine.score_threshold) for s in got["SCORES"]]
+    expected = refine_batch(build_refiner(cfg.refine), images, got["CAMS"], classes, True)
+    assert expected.any() and np.array_equal(got["PSEUDO_MASK"], expected)
+    assert build_refiner(cfg.refine).name == "otsu+grabcut"
