@@ -113,3 +113,19 @@ def test_grabcut_settings_are_checked():
         GrabCut(OtsuThreshold(), iterations=0)
     with pytest.raises(ValueError, match="sure_background"):
         GrabCut(OtsuThreshold(), sure_fg=0.1, sure_bg=0.5)
+
+
+def test_grabcut_is_deterministic_whatever_ran_before():
+    """OpenCV's global RNG state (left by any earlier code) must not change the mask."""
+    import cv2
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # noise: k-means init matters
+    yy, xx = np.mgrid[:64, :64]
+    cam = np.clip(1 - np.hypot(yy - 32, xx - 32) / 26, 0, 1).astype(np.float32)
+    refiner = GrabCut(FixedThreshold(0.3), iterations=3)
+    masks = []
+    for seed in (1, 2, 3):
+        cv2.setRNGSeed(seed)
+        masks.append(refiner.foreground(cam, image))
+    assert all(np.array_equal(m, masks[0]) for m in masks)

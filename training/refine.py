@@ -98,6 +98,9 @@ class GrabCut(Refiner):
             return init
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
         bgr = cv2.cvtColor(np.ascontiguousarray(image, np.uint8), cv2.COLOR_RGB2BGR)
+        # GrabCut seeds its colour models by k-means from OpenCV's thread-global RNG, whose
+        # state depends on whatever ran before: seed it, or masks differ between processes.
+        cv2.setRNGSeed(0)
         cv2.grabCut(bgr, mask, None, bgd, fgd, self.iterations, cv2.GC_INIT_WITH_MASK)
         return (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
 
