@@ -10,16 +10,18 @@ gradient methods computable in the forward pass, so the exported graph needs no 
 
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 
 
-class ClosedFormCAM:
+class ClosedFormCAM(abc.ABC):
     name = "base"
 
+    @abc.abstractmethod
     def weights(self, feats: torch.Tensor, fc_weight: torch.Tensor) -> torch.Tensor:
         """[B, K, C]: how much channel C counts for class K's map, per image."""
-        raise NotImplementedError
 
     def __call__(
         self, feats: torch.Tensor, fc_weight: torch.Tensor, size: tuple[int, int]

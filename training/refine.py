@@ -8,6 +8,7 @@ refiner that reasons about all classes jointly overrides ``__call__`` instead.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 
 import cv2
@@ -17,12 +18,12 @@ from skimage.filters import threshold_otsu
 from wsss.config import RefineConfig
 
 
-class Refiner:
+class Refiner(abc.ABC):
     name = "base"
 
+    @abc.abstractmethod
     def foreground(self, cam: np.ndarray, image: np.ndarray) -> np.ndarray:
         """Boolean HxW foreground of one class from its [0, 1] CAM and the RGB image."""
-        raise NotImplementedError
 
     def __call__(
         self, image: np.ndarray, cams: np.ndarray, classes: Sequence[int], binary: bool
