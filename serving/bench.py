@@ -29,7 +29,7 @@ from wsss.tensors import ModelSpec
 
 
 class BenchError(WsssError, RuntimeError):
-    pass
+    """perf_analyzer could not run, or produced no measurement."""
 
 
 def perf_analyzer_binary() -> Path:

@@ -147,7 +147,7 @@ class TritonServer:
             try:
                 if client.is_server_ready():
                     return
-            except Exception:  # not listening yet
+            except ConnectionError:  # not listening yet; anything else is a real error
                 pass
             time.sleep(0.25)
         self.stop()

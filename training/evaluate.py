@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from training.data.dataset import WSSSDataset
-from training.data.layouts import read_class_names
+from training.data.layouts import read_class_names, segmentation_classes
 from training.figures import colourise, overlay, panel_figure
 from training.metrics import ConfusionMatrix
 from training.pipeline import pipeline_from_config
@@ -27,7 +27,7 @@ def evaluate(cfg: Config, figure_count: int = 6) -> dict:
     data = WSSSDataset(cfg.data.root, cfg.data.task, "test", cfg.data.image_size, len(names))
     pipe = pipeline_from_config(cfg)
     binary = cfg.data.task == "pets"
-    n_seg = 2 if binary else len(names) + 1
+    n_seg = segmentation_classes(cfg.data.task, len(names))
     pseudo_cm, seg_cm = ConfusionMatrix(n_seg), ConfusionMatrix(n_seg)
     refine_seconds, examples, example_labels = 0.0, [], []
     bs = cfg.train.batch_size

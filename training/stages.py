@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from training.data.dataset import WSSSDataset, random_resized_crop_flip
-from training.data.layouts import IGNORE, read_class_names
+from training.data.layouts import IGNORE, read_class_names, segmentation_classes
 from training.loop import fit, resolve_device
 from training.models import build_classifier, build_segmenter
 from training.pipeline import ServedClassifier, load_model
@@ -105,7 +105,7 @@ def train_segmenter(cfg: Config, data: WSSSDataset, pseudo: np.ndarray) -> nn.Mo
     """Fully supervised on the pseudo-masks; validation loss is on held-out pseudo-masks too."""
     _seed(cfg)
     kwargs = {
-        "num_classes": cfg.num_seg_classes,
+        "num_classes": segmentation_classes(cfg.data.task, data.num_classes),
         "base_channels": cfg.segmenter.base_channels,
         "depth": cfg.segmenter.depth,
     }

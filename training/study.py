@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from training.cams import CAM_METHODS
 from training.data.dataset import WSSSDataset
-from training.data.layouts import read_class_names
+from training.data.layouts import read_class_names, segmentation_classes
 from training.figures import colourise, overlay, panel_figure
 from training.metrics import ConfusionMatrix
 from training.models.common import to_input
@@ -61,7 +61,7 @@ def run_study(cfg: Config) -> list[dict]:
 @torch.inference_mode()
 def _study_classifier(cfg, data, net, label, binary, names, out) -> list[dict]:
     combos = refiners(cfg)
-    n_seg = 2 if binary else len(names) + 1
+    n_seg = segmentation_classes(cfg.data.task, len(names))
     scores = {(m, k): ConfusionMatrix(n_seg) for m in cfg.evaluate.cam_methods for k in combos}
     seconds = dict.fromkeys(scores, 0.0)
     shown = {m: [] for m in cfg.evaluate.cam_methods}

@@ -111,8 +111,8 @@ def cmd_serve(args) -> None:
         )
         try:
             server.process.wait()
-        except KeyboardInterrupt:
-            pass
+        except KeyboardInterrupt:  # Ctrl-C is how `make serve` stops; leaving the
+            pass  # `with` block shuts tritonserver down cleanly
     if server.process.returncode not in (0, -2, None):
         sys.exit(f"tritonserver exited with {server.process.returncode}:\n{server.log_tail()}")
 

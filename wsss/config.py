@@ -153,18 +153,6 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     runs: str = "runs"  # checkpoints, logs and figures go under runs/<stage>/
 
-    @property
-    def num_classes(self) -> int:
-        """Classifier outputs: the dataset's class count, read from its folder."""
-        from training.data import read_class_names
-
-        return len(read_class_names(self.data.root, self.data.task))
-
-    @property
-    def num_seg_classes(self) -> int:
-        """Segmenter outputs: background + foreground (pets) or background + classes (voc)."""
-        return 2 if self.data.task == "pets" else self.num_classes + 1
-
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""

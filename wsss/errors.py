@@ -3,4 +3,4 @@ as one clear line instead of a traceback."""
 
 
 class WsssError(Exception):
-    pass
+    """Bad input or a failed step, reported to the user as one line."""

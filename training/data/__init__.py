@@ -8,6 +8,7 @@ from training.data.layouts import (
     read_class_names,
     read_image,
     read_mask,
+    segmentation_classes,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "read_class_names",
     "read_image",
     "read_mask",
+    "segmentation_classes",
 ]

@@ -98,6 +98,11 @@ def read_class_names(root: str | Path, task: str) -> list[str]:
     raise DataLayoutError(f"unknown task {task!r}: expected pets or voc")
 
 
+def segmentation_classes(task: str, num_classes: int) -> int:
+    """Segmenter outputs: background + pet (pets) or background + every class (voc)."""
+    return 2 if task == "pets" else num_classes + 1
+
+
 def list_samples(root: str | Path, task: str, split: str) -> list[Sample]:
     """The samples of ``split`` ("train" or "test") in a pets or voc folder."""
     root = Path(root)
