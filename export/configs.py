@@ -181,10 +181,17 @@ def ensemble_config(
     return cfg
 
 
-def model_format(name: str, export: ExportConfig) -> str:
+def model_format(name: str, export: ExportConfig, network_refiner: bool = False) -> str:
+    """ensemble, python, or the network's configured format.
+
+    The refiner is a Python model for the classical refiners and a network (ONNX or
+    TorchScript, as ``export.refiner.format`` says) for the level-set one.
+    """
     if name in ENSEMBLES:
         return "ensemble"
-    return "python" if name in PYTHON_MODELS else getattr(export, name).format
+    if name in PYTHON_MODELS and not (name == REFINER and network_refiner):
+        return "python"
+    return getattr(export, name).format
 
 
 def build_configs(
@@ -192,6 +199,7 @@ def build_configs(
     export: ExportConfig,
     python_parameters: dict[str, dict[str, str]],
     versions: dict[str, list[int]],
+    network_refiner: bool = False,
 ) -> dict[str, mc.ModelConfig]:
     """Every model's config and then the ensembles', keyed by model name.
 
@@ -204,7 +212,7 @@ def build_configs(
             continue
         configs[name] = model_config(
             spec,
-            model_format(name, export),
+            model_format(name, export, network_refiner),
             getattr(export, name),
             versions[name],
             python_parameters.get(name),
@@ -213,7 +221,9 @@ def build_configs(
         # An ensemble can batch no more than its smallest member.
         batch = min(configs[s].max_batch_size for s in steps)
         configs[name] = ensemble_config(
-            specs[name], [(specs[s], model_format(s, export)) for s in steps], batch
+            specs[name],
+            [(specs[s], model_format(s, export, network_refiner)) for s in steps],
+            batch,
         )
     return configs
 

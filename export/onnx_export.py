@@ -29,6 +29,9 @@ def export_onnx(
         # The TorchScript exporter is deprecated but is the one that handles our graphs;
         # torch.export-based export is tracked for the spectral layers of the level-set step.
         warnings.simplefilter("ignore", DeprecationWarning)
+        # Python checks on spatial sizes become constants in the trace: they are fixed by
+        # the served contract (only the batch axis is free), so that is what we want.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             module.eval(),
             sample,

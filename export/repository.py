@@ -34,10 +34,12 @@ from export.configs import (
 )
 from export.onnx_export import check_parity, export_onnx
 from export.torchscript_export import check_torchscript_parity, export_torchscript
-from training.pipeline import ServedClassifier, ServedSegmenter, load_model
+from training.levelset.model import ServedLevelSet
+from training.loop import load_checkpoint
+from training.pipeline import ServedSegmenter, load_model, refine_step
 from wsss.config import Config, save_config
 from wsss.errors import WsssError
-from wsss.tensors import CLASSIFIER, ENSEMBLES, SEGMENTER, served_models
+from wsss.tensors import CLASSIFIER, ENSEMBLES, REFINER, SEGMENTER, served_models
 
 _PYTHON_SOURCES = Path(__file__).parent / "triton_models"
 STAGING_PREFIX = ".wsss-staging-"
@@ -56,34 +58,42 @@ class ExportResult:
 
 def export_repository(cfg: Config) -> ExportResult:
     runs = Path(cfg.runs)
-    classifier, cmeta = load_model(runs / "classifier" / "best.pt")
-    classifier.cam_method = cfg.classifier.cam_method
+    classifier, refiner = refine_step(cfg)
+    names = load_model_meta(runs, cfg)["class_names"]
     segmenter, smeta = load_model(runs / "segmenter" / "best.pt")
-    multi_label = cmeta["task"] == "voc"
-    names = cmeta["class_names"]
-    specs = served_models(cfg.data.image_size, len(names), smeta["kwargs"]["num_classes"])
-    networks = {
-        CLASSIFIER: ServedClassifier(classifier, multi_label),
+    multi_label = classifier.multi_label
+    size = cfg.data.image_size
+    levelset = isinstance(refiner, ServedLevelSet)
+    features = None
+    if levelset:
+        with torch.no_grad():
+            probe = classifier(torch.zeros(1, size, size, 3, dtype=torch.uint8))
+        features = tuple(probe[2].shape[1:])
+    specs = served_models(size, len(names), smeta["kwargs"]["num_classes"], features)
+    networks: dict[str, nn.Module] = {
+        CLASSIFIER: classifier,
         SEGMENTER: ServedSegmenter(segmenter),
     }
-    # The refiner model rebuilds its RefineConfig from these (config.pbtxt parameters).
-    params = {
-        "refiner": {
+    params = {}
+    if levelset:
+        networks[REFINER] = refiner
+    else:
+        # The refiner model rebuilds its RefineConfig from these (config.pbtxt parameters).
+        params[REFINER] = {
             "refine": json.dumps(dataclasses.asdict(cfg.refine), sort_keys=True),
             "multi_label": str(multi_label).lower(),
         }
-    }
     repo = Path(cfg.export.repository)
     repo.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(repo)
     version = next_version(repo)
     keep = {
         n: servable_versions(
-            repo, n, model_format(n, cfg.export), version, cfg.export.keep_versions
+            repo, n, model_format(n, cfg.export, levelset), version, cfg.export.keep_versions
         )
         for n in specs
     }
-    configs = build_configs(specs, cfg.export, params, keep)
+    configs = build_configs(specs, cfg.export, params, keep, levelset)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=repo.parent))
     try:
         parity = {}
@@ -96,7 +106,7 @@ def export_repository(cfg: Config) -> ExportResult:
                 (folder / "warmup" / sample.name).write_bytes(sample.data)
             if name in networks:
                 parity[name] = _write_network(
-                    networks[name], spec, getattr(cfg.export, name), folder / str(version), cfg
+                    name, networks, spec, getattr(cfg.export, name), folder / str(version), cfg
                 )
             elif name in PYTHON_MODELS:
                 shutil.copy(_PYTHON_SOURCES / f"{name}.py", folder / str(version) / "model.py")
@@ -117,18 +127,40 @@ def export_repository(cfg: Config) -> ExportResult:
     return ExportResult(repo, version, parity)
 
 
-def _write_network(module: nn.Module, spec, settings, version_dir: Path, cfg: Config) -> dict:
+def _write_network(
+    name: str, networks: dict[str, nn.Module], spec, settings, version_dir: Path, cfg: Config
+) -> dict:
     size = cfg.data.image_size
     rng = np.random.default_rng(0)
-    trace = (torch.from_numpy(rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)),)
     # Parity on another batch size than the one traced: proves the batch axis is free.
-    probe = (torch.from_numpy(rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8)),)
+    trace, probe = (
+        _sample(name, networks, rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+        for n in (2, 3)
+    )
+    module = networks[name]
     path = version_dir / FORMATS[settings.format][1]
     if settings.format == "onnx":
         export_onnx(module, spec, trace, path, cfg.export.opset)
         return check_parity(module, path, spec, probe, cfg.export.atol)
     export_torchscript(module, trace, path)
     return check_torchscript_parity(module, path, spec, probe, cfg.export.atol)
+
+
+def _sample(name: str, networks: dict[str, nn.Module], images: np.ndarray) -> tuple:
+    """Inputs for tracing and parity: images, and for the refiner what the classifier gives."""
+    x = torch.from_numpy(images)
+    if name != REFINER:
+        return (x,)
+    with torch.no_grad():  # not inference mode: these tensors get traced
+        scores, cams, features = networks[CLASSIFIER](x)
+    return (x, scores, cams, features)
+
+
+def load_model_meta(runs: Path, cfg: Config) -> dict:
+    """The classifier's metadata (class names, task), from the checkpoint the export uses."""
+    if cfg.refine.method == "levelset":
+        return load_checkpoint(runs / "levelset" / "best.pt")["meta"]["classifier"]
+    return load_checkpoint(runs / "classifier" / "best.pt")["meta"]
 
 
 def _write_metadata(folder: Path, cfg: Config, class_names: list[str], parity: dict) -> None:

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from training.refine import (
+    ChanVese,
     FixedThreshold,
     GrabCut,
     OtsuThreshold,
@@ -60,8 +61,13 @@ def test_refine_batch_and_registry():
     )
     assert masks.shape == (3, 32, 32)
     assert build_refiner(RefineConfig("fixed", grabcut=True)).name == "fixed+grabcut"
-    with pytest.raises(ValueError, match="unknown refine.method"):
+    with pytest.raises(ValueError, match="no classical refiner"):
         build_refiner(RefineConfig("magic"))
+    with pytest.raises(ValueError, match="no classical refiner"):
+        build_refiner(RefineConfig("levelset"))  # a trained network: training.pipeline
+    with pytest.raises(ValueError, match="exclude each other"):
+        build_refiner(RefineConfig("otsu", grabcut=True, chanvese=True))
+    assert build_refiner(RefineConfig("otsu", chanvese=True)).name == "otsu+chanvese15"
     with pytest.raises(ValueError, match="threshold"):
         FixedThreshold(1.5)
 
@@ -129,3 +135,20 @@ def test_grabcut_is_deterministic_whatever_ran_before():
         cv2.setRNGSeed(seed)
         masks.append(refiner.foreground(cam, image))
     assert all(np.array_equal(m, masks[0]) for m in masks)
+
+
+def test_chan_vese_moves_an_overshooting_seed_onto_the_object():
+    """Classical Chan-Vese from the thresholded CAM: more iterations, closer to the disc."""
+    image, cam, truth = _scene()
+    seed = FixedThreshold(0.3)
+    start = seed.foreground(cam, image)
+    ious = [_iou(ChanVese(seed, n).foreground(cam, image), truth) for n in (1, 15, 50)]
+    assert ious[-1] > _iou(start, truth) + 0.1
+    assert ious == sorted(ious)
+
+
+def test_chan_vese_passes_degenerate_seeds_through():
+    image, cam, _ = _scene()
+    assert not ChanVese(FixedThreshold(0.99), 5).foreground(cam * 0, image).any()
+    with pytest.raises(ValueError, match=">= 1"):
+        ChanVese(FixedThreshold(), 0)

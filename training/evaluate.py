@@ -14,7 +14,6 @@ from training.data.layouts import read_class_names, segmentation_classes
 from training.figures import colourise, overlay, panel_figure
 from training.metrics import ConfusionMatrix
 from training.pipeline import pipeline_from_config
-from training.refine import refine_batch
 from wsss.config import Config, save_config
 
 
@@ -35,11 +34,12 @@ def evaluate(cfg: Config, figure_count: int = 6) -> dict:
         images = data.images[start : start + bs]
         gt = data.masks[start : start + bs]
         labels = [data.samples[i].labels for i in range(start, start + len(images))]
+        outputs = pipe.classify(images)
+        cams = outputs[1]
         with torch.inference_mode():
-            _, cams = pipe.classifier(torch.from_numpy(images))
             _, seg = pipe.segmenter(torch.from_numpy(images))
         t0 = time.perf_counter()
-        pseudo = refine_batch(pipe.refiner, images, cams.numpy(), labels, binary)
+        pseudo = pipe.refine(images, outputs, labels)
         refine_seconds += time.perf_counter() - t0
         for p, s, g in zip(pseudo, seg.numpy(), gt, strict=True):
             pseudo_cm.update(p, g)

@@ -95,7 +95,7 @@ def _run_epoch(model, loader, loss_fn, device, opt, sched, desc) -> float:
     with torch.set_grad_enabled(training):
         for images, targets, *_ in tqdm(loader, desc=desc, leave=False, disable=desc is None):
             x = to_input(images.to(device))
-            loss = loss_fn(model(x), targets.to(device))
+            loss = loss_fn(model(x), _to(targets, device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()}: lower train.lr")
             if training:
@@ -106,3 +106,10 @@ def _run_epoch(model, loader, loss_fn, device, opt, sched, desc) -> float:
             total += loss.item() * len(images)
             count += len(images)
     return total / max(count, 1)
+
+
+def _to(targets, device: torch.device):
+    """Move a target tensor, or a tuple of them, to ``device``."""
+    if isinstance(targets, (tuple, list)):
+        return type(targets)(_to(t, device) for t in targets)
+    return targets.to(device)

@@ -7,6 +7,7 @@ as the Triton ensemble does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from training.cams import CAM_METHODS
+from training.levelset.model import ServedLevelSet
+from training.levelset.train import load_levelset
 from training.loop import load_checkpoint
 from training.models import build_classifier, build_segmenter
 from training.models.classifier import CAMClassifier
@@ -22,14 +26,19 @@ from training.refine import Refiner, build_refiner, present_classes, refine_batc
 
 
 class ServedClassifier(nn.Module):
-    def __init__(self, net: CAMClassifier, multi_label: bool):
-        super().__init__()
-        self.net, self.multi_label = net, multi_label
+    """IMAGE -> SCORES, CAMS (and FEATURES, the backbone's map, for the level-set refiner)."""
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, cams = self.net.logits_and_cams(to_input(images))
+    def __init__(self, net: CAMClassifier, multi_label: bool, features: bool = False):
+        super().__init__()
+        self.net, self.multi_label, self.features = net, multi_label, features
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = to_input(images)
+        feats = self.net.forward_features(x)
+        logits = self.net.forward_head(feats)
+        cams = CAM_METHODS[self.net.cam_method](feats, self.net.fc.weight, x.shape[-2:])
         scores = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
-        return scores, cams
+        return (scores, cams, feats) if self.features else (scores, cams)
 
 
 class ServedSegmenter(nn.Module):
@@ -52,57 +61,96 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), meta
 
 
+def one_hot(classes: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
+    """Image-level labels as the scores a refiner step reads (1 for each present class)."""
+    out = np.zeros((len(classes), num_classes), np.float32)
+    for row, cls in zip(out, classes, strict=True):
+        row[list(cls)] = 1.0
+    return out
+
+
 @dataclass
 class Pipeline:
+    """Classifier -> refiner -> segmenter, as the ``wsss_pipeline`` ensemble runs them.
+
+    ``refiner`` is a classical ``Refiner`` (numpy, per image) or the level-set network
+    (``ServedLevelSet``, which reads the classifier's features as well).
+    """
+
     classifier: ServedClassifier
-    segmenter: ServedSegmenter
-    refiner: Refiner
+    segmenter: ServedSegmenter | None
+    refiner: Refiner | ServedLevelSet
     multi_label: bool
     score_threshold: float = 0.5
 
-    @classmethod
-    def from_checkpoints(
-        cls,
-        classifier: str | Path,
-        segmenter: str | Path,
-        refiner: Refiner,
-        score_threshold: float = 0.5,
-    ) -> Pipeline:
-        net, meta = load_model(classifier)
-        seg, _ = load_model(segmenter)
-        multi = meta["task"] == "voc"
-        return cls(
-            ServedClassifier(net, multi).eval(),
-            ServedSegmenter(seg).eval(),
-            refiner,
-            multi,
-            score_threshold,
-        )
+    @property
+    def refiner_name(self) -> str:
+        return self.refiner.name
+
+    @torch.inference_mode()
+    def classify(self, images: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """SCORES, CAMS and (for the level-set refiner) FEATURES of uint8 [B, H, W, 3]."""
+        return self.classifier(torch.from_numpy(np.ascontiguousarray(images)))
+
+    @torch.inference_mode()
+    def refine(
+        self,
+        images: np.ndarray,
+        outputs: tuple[torch.Tensor, ...],
+        classes: Sequence[Sequence[int]] | None = None,
+    ) -> np.ndarray:
+        """Pseudo-masks for the classes given (image labels), else for the predicted ones."""
+        scores, cams, *features = outputs
+        if isinstance(self.refiner, ServedLevelSet):
+            if classes is not None:
+                scores = torch.from_numpy(one_hot(classes, scores.shape[1]))
+            x = torch.from_numpy(np.ascontiguousarray(images))
+            return self.refiner(x, scores, cams, features[0]).numpy()
+        if classes is None:
+            classes = [
+                present_classes(s, self.multi_label, self.score_threshold) for s in scores.numpy()
+            ]
+        return refine_batch(self.refiner, images, cams.numpy(), classes, not self.multi_label)
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 [B, H, W, 3] -> the ensemble's outputs, keyed by their served names."""
-        x = torch.from_numpy(np.ascontiguousarray(images))
-        scores, cams = (t.numpy() for t in self.classifier(x))
-        probs, seg = (t.numpy() for t in self.segmenter(x))
-        classes = [present_classes(s, self.multi_label, self.score_threshold) for s in scores]
-        pseudo = refine_batch(self.refiner, images, cams, classes, binary=not self.multi_label)
+        outputs = self.classify(images)
+        pseudo = self.refine(images, outputs)
+        probs, seg = (t.numpy() for t in self.segmenter(torch.from_numpy(images)))
         return {
-            "SCORES": scores,
-            "CAMS": cams,
+            "SCORES": outputs[0].numpy(),
+            "CAMS": outputs[1].numpy(),
             "PSEUDO_MASK": pseudo,
             "SEG_PROBS": probs,
             "SEGMENTATION": seg,
         }
 
 
-def pipeline_from_config(cfg) -> Pipeline:
-    runs = Path(cfg.runs)
-    pipe = Pipeline.from_checkpoints(
-        runs / "classifier" / "best.pt",
-        runs / "segmenter" / "best.pt",
-        build_refiner(cfg.refine),
-        cfg.refine.score_threshold,
-    )
-    pipe.classifier.net.cam_method = cfg.classifier.cam_method
-    return pipe
+def refine_step(cfg, runs: Path | None = None) -> tuple[ServedClassifier, Refiner | ServedLevelSet]:
+    """The served classifier and refiner the config names, from its run's checkpoints.
+
+    For ``refine.method: levelset`` both come from the level-set checkpoint: it holds the
+    backbone the level-set head was trained on (fine-tuned or not).
+    """
+    runs = Path(runs or cfg.runs)
+    if cfg.refine.method == "levelset":
+        net, head, meta = load_levelset(runs / "levelset" / "best.pt")
+        multi = meta["classifier"]["task"] == "voc"
+        refiner: Refiner | ServedLevelSet = ServedLevelSet(head, multi, cfg.refine.score_threshold)
+    else:
+        net, meta = load_model(runs / "classifier" / "best.pt")
+        multi = meta["task"] == "voc"
+        refiner = build_refiner(cfg.refine)
+    net.cam_method = cfg.classifier.cam_method
+    served = ServedClassifier(net, multi, features=isinstance(refiner, ServedLevelSet)).eval()
+    return served, refiner
+
+
+def pipeline_from_config(cfg, segmenter: bool = True) -> Pipeline:
+    classifier, refiner = refine_step(cfg)
+    seg = None
+    if segmenter:
+        net, _ = load_model(Path(cfg.runs) / "segmenter" / "best.pt")
+        seg = ServedSegmenter(net).eval()
+    return Pipeline(classifier, seg, refiner, classifier.multi_label, cfg.refine.score_threshold)

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
+from skimage.color import rgb2gray
 from skimage.filters import threshold_otsu
+from skimage.segmentation import chan_vese
 
 from wsss.config import RefineConfig
 
@@ -106,16 +108,48 @@ class GrabCut(Refiner):
         return (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
 
 
+class ChanVese(Refiner):
+    """Classical iterative Chan-Vese (scikit-image) on the grey image, from the seed's mask.
+
+    The baseline of paper 003's efficiency table: the level set starts as the thresholded CAM
+    (positive inside, as scikit-image wants) and evolves for exactly ``iterations`` steps
+    (``tol=0``), so its cost can be compared step for step with the FNO evolution.
+    """
+
+    def __init__(self, seed: Refiner, iterations: int = 15, mu: float = 0.25):
+        if iterations < 1:
+            raise ValueError("chanvese_iterations must be >= 1")
+        self.seed, self.iterations, self.mu = seed, iterations, mu
+        self.name = f"{seed.name}+chanvese{iterations}"
+
+    def foreground(self, cam, image):
+        init = self.seed.foreground(cam, image)
+        if init.all() or not init.any():  # no contour to evolve
+            return init
+        grey = rgb2gray(image) if image.ndim == 3 else image.astype(np.float64) / 255.0
+        start = np.where(init, 1.0, -1.0)
+        return chan_vese(
+            grey, mu=self.mu, tol=0.0, max_num_iter=self.iterations, init_level_set=start
+        )
+
+
 def build_refiner(cfg: RefineConfig) -> Refiner:
-    """The refiner a RefineConfig describes: a threshold, optionally followed by GrabCut."""
+    """The refiner a RefineConfig describes: a threshold, then optionally GrabCut or Chan-Vese.
+
+    ``method: levelset`` is a trained network, built by ``training.pipeline`` instead.
+    """
     if cfg.method == "fixed":
         refiner: Refiner = FixedThreshold(cfg.threshold)
     elif cfg.method == "otsu":
         refiner = OtsuThreshold()
     else:
-        raise ValueError(f"unknown refine.method {cfg.method!r}: fixed or otsu")
+        raise ValueError(f"refine.method {cfg.method!r} has no classical refiner: fixed or otsu")
+    if cfg.grabcut and cfg.chanvese:
+        raise ValueError("refine.grabcut and refine.chanvese exclude each other: pick one")
     if cfg.grabcut:
         refiner = GrabCut(refiner, cfg.grabcut_iterations, cfg.sure_foreground, cfg.sure_background)
+    if cfg.chanvese:
+        refiner = ChanVese(refiner, cfg.chanvese_iterations)
     return refiner
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,12 @@ from tqdm import tqdm
 
 from training.data.dataset import WSSSDataset, random_resized_crop_flip
 from training.data.layouts import IGNORE, read_class_names, segmentation_classes
+from training.levelset.model import LevelSetHead
+from training.levelset.train import LevelSetLoss, LevelSetModel, head_kwargs
 from training.loop import fit, resolve_device
 from training.models import build_classifier, build_segmenter
-from training.pipeline import ServedClassifier, load_model
-from training.refine import build_refiner, refine_batch
+from training.pipeline import Pipeline, ServedClassifier, load_model, refine_step
+from training.refine import build_refiner
 from wsss.config import Config, save_config
 
 
@@ -83,21 +86,63 @@ def train_classifier(cfg: Config, data: WSSSDataset) -> nn.Module:
     return _train(cfg, model, _View(data, tr, True), _View(data, va, False), loss, meta)
 
 
-@torch.inference_mode()
-def make_pseudo_masks(cfg: Config, classifier: nn.Module, data: WSSSDataset) -> np.ndarray:
-    """Refined CAM masks for every training image, from its image-level labels."""
+class _LevelSetView(_View):
+    """Images with (seed mask, image label): the level-set stage's two kinds of target."""
+
+    def __getitem__(self, k: int):
+        image, mask = super().__getitem__(k)
+        return image, (mask, self.base.target(int(self.indices[k])))
+
+
+def seed_masks(cfg: Config, classifier: nn.Module, data: WSSSDataset) -> np.ndarray:
+    """The CAM masks of eq 10, one class index (+ 1) per pixel, from the image labels.
+
+    Each labelled class's CAM is thresholded as ``levelset.seed`` says; overlaps go to the
+    strongest CAM, unclaimed pixels to the background.
+    """
     classifier.cam_method = cfg.classifier.cam_method
     served = ServedClassifier(classifier, multi_label=cfg.data.task == "voc").eval()
-    refiner = build_refiner(cfg.refine)
+    seed = dataclasses.replace(cfg.refine, method=cfg.levelset.seed, grabcut=False, chanvese=False)
+    pipe = Pipeline(served, None, build_refiner(seed), multi_label=True)
+    return _masks(pipe, data, cfg.train.batch_size, "seed masks")
+
+
+def train_levelset(cfg: Config, data: WSSSDataset, classifier: nn.Module, cmeta: dict) -> nn.Module:
+    """Level-set initialisation + FNO evolution on the classifier's features (eq 27)."""
+    _seed(cfg)
+    seeds = seed_masks(cfg, classifier, data)
+    feature_channels = classifier.fc.in_features
+    kwargs = head_kwargs(cfg.levelset, feature_channels, data.num_classes, data.size)
+    model = LevelSetModel(classifier, LevelSetHead(**kwargs), cfg.levelset.finetune)
+    multi = cfg.data.task == "voc"
+    loss = LevelSetLoss(cfg.levelset, data.num_classes, multi, data.size)
+    tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
+    train = _LevelSetView(data, tr, True, seeds[tr])
+    val = _LevelSetView(data, va, False, seeds[va])
+    keep = ("family", "arch", "task", "kwargs", "class_names")
+    meta = {
+        "family": "levelset",
+        "task": cfg.data.task,
+        "kwargs": kwargs,
+        "finetune": cfg.levelset.finetune,
+        "classifier": {k: cmeta[k] for k in keep},
+    }
+    return _train(cfg, model, train, val, loss, meta, cfg.levelset.epochs, cfg.levelset.lr)
+
+
+def make_pseudo_masks(cfg: Config, data: WSSSDataset) -> np.ndarray:
+    """Refined CAM masks for every training image, from its image-level labels."""
+    classifier, refiner = refine_step(cfg)
+    pipe = Pipeline(classifier, None, refiner, classifier.multi_label)
+    return _masks(pipe, data, cfg.train.batch_size, f"pseudo-masks ({refiner.name})")
+
+
+def _masks(pipe: Pipeline, data: WSSSDataset, bs: int, desc: str) -> np.ndarray:
     out = np.empty((len(data),) + data.masks.shape[1:], np.uint8)
-    bs = cfg.train.batch_size
-    for start in tqdm(range(0, len(data), bs), desc=f"pseudo-masks ({refiner.name})", leave=False):
+    for start in tqdm(range(0, len(data), bs), desc=desc, leave=False):
         images = data.images[start : start + bs]
-        _, cams = served(torch.from_numpy(images))
         labels = [data.samples[i].labels for i in range(start, start + len(images))]
-        out[start : start + bs] = refine_batch(
-            refiner, images, cams.numpy(), labels, binary=cfg.data.task == "pets"
-        )
+        out[start : start + bs] = pipe.refine(images, pipe.classify(images), labels)
     return out
 
 
@@ -127,7 +172,14 @@ def _seed(cfg: Config) -> None:
 
 
 def _train(
-    cfg: Config, model: nn.Module, train: Dataset, val: Dataset, loss: nn.Module, meta: dict
+    cfg: Config,
+    model: nn.Module,
+    train: Dataset,
+    val: Dataset,
+    loss,
+    meta: dict,
+    epochs: int | None = None,
+    lr: float | None = None,
 ) -> nn.Module:
     """The one training loop on seeded loaders; the resolved config lands beside the best.pt."""
     family = meta["family"]
@@ -136,8 +188,8 @@ def _train(
         model,
         *_loaders(cfg, train, val),
         loss,
-        epochs=cfg.train.epochs,
-        lr=cfg.train.lr,
+        epochs=epochs or cfg.train.epochs,
+        lr=lr or cfg.train.lr,
         weight_decay=cfg.train.weight_decay,
         device=resolve_device(cfg.train.device),
         out_dir=out,
@@ -148,17 +200,29 @@ def _train(
     return model.cpu().eval()
 
 
-def run(cfg: Config, stages: tuple[str, ...] = ("classifier", "pseudo", "segmenter")) -> None:
-    """Train what ``stages`` names; later stages reuse the saved checkpoint of earlier ones."""
+STAGES = ("classifier", "levelset", "pseudo", "segmenter")
+
+
+def run(cfg: Config, stages: tuple[str, ...] = STAGES) -> None:
+    """Train what ``stages`` names; later stages reuse the saved checkpoint of earlier ones.
+
+    ``levelset`` runs only with ``refine.method: levelset`` (and is trained if missing).
+    """
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGES)}")
     data = load_train_set(cfg)
     runs = Path(cfg.runs)
     if "classifier" in stages:
-        classifier = train_classifier(cfg, data)
-    else:
-        classifier, _ = load_model(runs / "classifier" / "best.pt")
+        train_classifier(cfg, data)
+    if cfg.refine.method == "levelset" and (
+        "levelset" in stages or not (runs / "levelset" / "best.pt").exists()
+    ):
+        classifier, cmeta = load_model(runs / "classifier" / "best.pt")
+        train_levelset(cfg, data, classifier, cmeta)
     pseudo_path = runs / "pseudo" / "train_masks.npz"
     if "pseudo" in stages or not pseudo_path.exists():
-        pseudo = make_pseudo_masks(cfg, classifier, data)
+        pseudo = make_pseudo_masks(cfg, data)
         pseudo_path.parent.mkdir(parents=True, exist_ok=True)
         names = np.array([s.name for s in data.samples])
         np.savez_compressed(pseudo_path, masks=pseudo, names=names)

@@ -11,6 +11,9 @@ from pathlib import Path
 from wsss.config import Config, ConfigError, load_config
 from wsss.errors import WsssError
 
+# Mirrors training.stages.STAGES (kept here so `wsss --help` does not import torch).
+STAGES = ("classifier", "levelset", "pseudo", "segmenter")
+
 
 def _config(args) -> Config:
     overrides = [
@@ -47,6 +50,11 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    if args.levelset:
+        from training.levelset.study import levelset_table, run_levelset_study
+
+        print(levelset_table(run_levelset_study(_config(args), train=not args.reuse)))
+        return
     if args.study:
         from training.study import run_study, study_table
 
@@ -140,6 +148,11 @@ def cmd_infer(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.refiners:
+        from training.levelset.study import refiner_speed, speed_table
+
+        print(speed_table(refiner_speed(_config(args), args.size, args.images_count)))
+        return
     from serving.bench import PerfSettings, format_table, run_perf_analyzer
     from serving.client import PipelineClient, load_image
 
@@ -182,13 +195,27 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train", parents=[common], help="classifier -> pseudo-masks -> segmenter"
     )
-    train.add_argument("--stages", default="classifier,pseudo,segmenter")
+    train.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help="comma-separated; levelset runs only with refine.method=levelset",
+    )
     train.set_defaults(func=cmd_train)
     evaluate = sub.add_parser("evaluate", parents=[common], help="score on the test split")
     evaluate.add_argument(
         "--study",
         action="store_true",
         help="pseudo-masks of every evaluate.runs classifier x CAM method x threshold x GrabCut",
+    )
+    evaluate.add_argument(
+        "--levelset",
+        action="store_true",
+        help="level-set refiner vs CAM + Otsu / GrabCut / Chan-Vese, and its ablation",
+    )
+    evaluate.add_argument(
+        "--reuse",
+        action="store_true",
+        help="with --levelset: reuse ablation level sets already trained",
     )
     evaluate.set_defaults(func=cmd_evaluate)
     export = sub.add_parser(
@@ -214,9 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helptext in (
         ("infer", "send images to the ensemble"),
-        ("bench", "perf_analyzer against the ensemble"),
+        ("bench", "perf_analyzer against the ensemble, or --refiners in process"),
     ):
-        p = sub.add_parser(name, help=helptext)
+        p = sub.add_parser(name, help=helptext, parents=[common] if name == "bench" else [])
         p.add_argument("--url", help="host:port (default: 127.0.0.1 and GRPC_PORT/HTTP_PORT)")
         p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
         if name == "infer":
@@ -253,6 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
                 type=int,
                 default=0,
                 help="measure windows of N requests instead of --interval-ms",
+            )
+            p.add_argument(
+                "--refiners",
+                action="store_true",
+                help="no server: per-image time of the FNO level-set evolution vs Chan-Vese "
+                "iterations and GrabCut, in process (needs <runs>/levelset)",
+            )
+            p.add_argument("--size", type=int, help="with --refiners: resize images to this")
+            p.add_argument(
+                "--images-count", type=int, default=8, help="with --refiners: images timed"
             )
             p.set_defaults(func=cmd_bench)
     return parser

@@ -42,17 +42,47 @@ class ClassifierConfig:
 
 @dataclass
 class RefineConfig:
-    """How a CAM becomes a pseudo-mask: a threshold, optionally refined by GrabCut."""
+    """How a CAM becomes a pseudo-mask.
 
-    method: Literal["fixed", "otsu"] = "otsu"
+    fixed / otsu: a threshold of each CAM, optionally refined by GrabCut or by classical
+    Chan-Vese iterations (scikit-image) started from the thresholded mask. levelset: the FNO
+    level-set refiner (see LevelSetConfig), a trained network served as an ONNX model.
+    """
+
+    method: Literal["fixed", "otsu", "levelset"] = "otsu"
     threshold: float = 0.5  # for method "fixed"
     grabcut: bool = False  # refine the thresholded mask with OpenCV GrabCut
     grabcut_iterations: int = 5
+    chanvese: bool = False  # refine it with scikit-image's iterative Chan-Vese instead
+    chanvese_iterations: int = 15
     # GrabCut seeds: CAM above sure_foreground is fixed foreground, below sure_background
     # fixed background; between them the threshold's verdict is only "probable".
     sure_foreground: float = 0.8
     sure_background: float = 0.05
     score_threshold: float = 0.5  # voc serving: a class counts as present above this score
+
+
+@dataclass
+class LevelSetConfig:
+    """The FNO level-set refiner of paper 003 (section 3), trained from the classifier."""
+
+    # The CAM masks whose signed distance functions supervise the initial level sets: each
+    # present class's CAM thresholded this way, overlaps going to the strongest CAM.
+    seed: Literal["fixed", "otsu"] = "otsu"
+    sdf_clip: float = 0.1  # SDF targets: distance / (this fraction of the side), clipped to 1
+    hidden: int = 32  # width of the initialisation module
+    modes: int = 12  # Fourier modes kept per direction (capped at half the image side)
+    layers: int = 4  # Fourier layers in the FNO group; its width is the number of classes
+    alpha: float = 0.5  # CAM weighting of the energy's inputs: X * ((1 - a) + a * sigmoid(C))
+    gamma: float = 0.5  # weight of the contour length term of the energy
+    eps: float = 0.1  # width of the smooth Heaviside, in level-set units
+    feature_energy: bool = True  # the energy on the backbone features, beside the image's
+    lambda_mse: float = 1.0  # lambda1: MSE of the initial level sets to the CAM SDFs
+    lambda_energy: float = 1.0  # lambda2: Chan-Vese energy of the evolved level sets
+    finetune: bool = False  # also train the classifier's backbone (+ its classification loss)
+    classification_weight: float = 1.0  # weight of that classification loss
+    epochs: int = 6
+    lr: float = 1e-3
 
 
 @dataclass
@@ -114,7 +144,8 @@ class ExportConfig:
     keep_versions: int = 2  # version_policy: Triton serves the latest N; older stay on disk
     classifier: NetworkExportConfig = field(default_factory=NetworkExportConfig)
     segmenter: NetworkExportConfig = field(default_factory=NetworkExportConfig)
-    refiner: ModelServingConfig = field(default_factory=ModelServingConfig)
+    # A Python model for the threshold refiners; its format applies to the level-set one.
+    refiner: NetworkExportConfig = field(default_factory=NetworkExportConfig)
     preprocess: ModelServingConfig = field(default_factory=ModelServingConfig)
     postprocess: ModelServingConfig = field(default_factory=ModelServingConfig)
 
@@ -146,6 +177,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
+    levelset: LevelSetConfig = field(default_factory=LevelSetConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

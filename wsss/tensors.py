@@ -68,8 +68,17 @@ ENSEMBLES: dict[str, tuple[str, ...]] = {
 }
 
 
-def served_models(image_size: int, num_classes: int, num_seg_classes: int) -> dict[str, ModelSpec]:
-    """The models of the repository, in pipeline order, with their tensors."""
+def served_models(
+    image_size: int,
+    num_classes: int,
+    num_seg_classes: int,
+    features: tuple[int, int, int] | None = None,
+) -> dict[str, ModelSpec]:
+    """The models of the repository, in pipeline order, with their tensors.
+
+    ``features`` (channels, height, width of the backbone map) selects the level-set refiner:
+    the classifier then also returns FEATURES, which the refiner reads beside the CAMS.
+    """
     h = w = image_size
     image = TensorSpec("IMAGE", "uint8", (h, w, 3), "RGB pixels, resized to the model size")
     scores = TensorSpec(
@@ -83,10 +92,17 @@ def served_models(image_size: int, num_classes: int, num_seg_classes: int) -> di
     original = TensorSpec("ORIGINAL_SIZE", "int32", (2,), "height and width of the decoded image")
     pseudo_full = TensorSpec("PSEUDO_MASK_FULL", "uint8", (-1, -1), "PSEUDO_MASK at original size")
     seg_full = TensorSpec("SEGMENTATION_FULL", "uint8", (-1, -1), "SEGMENTATION at original size")
+    if features is None:
+        classifier = ModelSpec(CLASSIFIER, (image,), (scores, cams))
+        refiner = ModelSpec(REFINER, (image, scores, cams), (pseudo,))
+    else:
+        feats = TensorSpec("FEATURES", "float32", features, "backbone feature map")
+        classifier = ModelSpec(CLASSIFIER, (image,), (scores, cams, feats))
+        refiner = ModelSpec(REFINER, (image, scores, cams, feats), (pseudo,))
     return {
         PREPROCESS: ModelSpec(PREPROCESS, (encoded,), (image, original)),
-        CLASSIFIER: ModelSpec(CLASSIFIER, (image,), (scores, cams)),
-        REFINER: ModelSpec(REFINER, (image, scores, cams), (pseudo,)),
+        CLASSIFIER: classifier,
+        REFINER: refiner,
         SEGMENTER: ModelSpec(SEGMENTER, (image,), (probs, seg)),
         POSTPROCESS: ModelSpec(POSTPROCESS, (pseudo, seg, original), (pseudo_full, seg_full)),
         PIPELINE: ModelSpec(PIPELINE, (image,), (scores, cams, pseudo, probs, seg)),

@@ -65,3 +65,31 @@ def chan_vese_energy(
     dx = hs[..., :-1, 1:] - hs[..., :-1, :-1]
     length = torch.sqrt(dx**2 + dy**2 + 1e-8).mean(dims)
     return (region + gamma * length).mean()
+
+
+def weighted_chan_vese_energy(
+    phi: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gamma: float, eps: float = 0.1
+) -> torch.Tensor:
+    """``chan_vese_energy`` of inputs I_c = x * weight_c, per image and class: [B, K].
+
+    phi, weight [B, K, H, W]; x [B, C, H, W]. Written by hand because materialising the
+    CAM-weighted inputs [B, K, C, H, W] costs gigabytes at VOC scale (20 classes x 2048
+    feature channels); the region terms expand instead into weighted sums of x and |x|^2:
+    sum_p |w_p x_p - m|^2 h_p = sum w^2 |x|^2 h - 2 m . sum w x h + |m|^2 sum h.
+    """
+    h = heaviside(phi, eps)
+    x2 = (x * x).sum(1)  # [B, H, W]
+
+    def region(side: torch.Tensor) -> torch.Tensor:
+        mass = side.sum((-2, -1))  # [B, K]
+        s1 = torch.einsum("bchw,bkhw->bkc", x, weight * side)
+        s2 = torch.einsum("bhw,bkhw->bk", x2, weight * weight * side)
+        mean = s1 / (mass + 1e-6).unsqueeze(-1)
+        return s2 - 2 * (mean * s1).sum(-1) + (mean * mean).sum(-1) * mass
+
+    pixels = phi.shape[-1] * phi.shape[-2]
+    regions = (region(h) + region(1 - h)).clamp_min(0) / pixels
+    dy = h[..., 1:, :-1] - h[..., :-1, :-1]
+    dx = h[..., :-1, 1:] - h[..., :-1, :-1]
+    length = torch.sqrt(dx**2 + dy**2 + 1e-8).mean((-2, -1))
+    return regions + gamma * length

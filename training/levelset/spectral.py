@@ -105,9 +105,10 @@ class SpectralConv2d(nn.Module):
         return w[0], w[1]
 
     def _matrices(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        key = (x.shape[-2], x.shape[-1], x.device, x.dtype)
+        # Inference-mode tensors cannot enter autograd or tracing: cache those apart.
+        key = (x.shape[-2], x.shape[-1], x.device, x.dtype, torch.is_inference_mode_enabled())
         if key not in self._mats:
-            self._mats[key] = dft_matrices(*key[:2], self.modes_h, self.modes_w, x.device, x.dtype)
+            self._mats[key] = dft_matrices(*key[:2], self.modes_h, self.modes_w, *key[2:4])
         return self._mats[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

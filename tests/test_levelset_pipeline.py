@@ -1,0 +1,155 @@
+"""The level-set refiner end to end: trained from the classifier, evaluated, exported, served."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import TINY, free_port
+from wsss.config import load_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def levelset_cfg(trained, tmp_path_factory):
+    """The session's tiny pets run, with its classifier and segmenter, refined by level sets."""
+    from training import stages
+
+    work = tmp_path_factory.mktemp("levelset")
+    for family in ("classifier", "segmenter"):
+        shutil.copytree(f"{trained.runs}/{family}", work / "runs" / family)
+    cfg = dataclasses.replace(
+        trained,
+        runs=str(work / "runs"),
+        refine=dataclasses.replace(trained.refine, method="levelset"),
+        levelset=dataclasses.replace(trained.levelset, epochs=2, hidden=8),
+        export=dataclasses.replace(trained.export, repository=str(work / "repo")),
+        serve=dataclasses.replace(
+            trained.serve, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()
+        ),
+        evaluate=dataclasses.replace(trained.evaluate, out=str(work / "study")),
+    )
+    stages.run(cfg, ("levelset", "pseudo"))
+    return cfg
+
+
+def test_training_writes_checkpoint_and_pseudo_masks(levelset_cfg):
+    from training.loop import load_checkpoint
+
+    runs = Path(levelset_cfg.runs)
+    ckpt = load_checkpoint(runs / "levelset" / "best.pt")
+    assert ckpt["meta"]["family"] == "levelset" and not ckpt["meta"]["finetune"]
+    assert any(k.startswith("head.evolution.layers.3.spectral") for k in ckpt["state_dict"])
+    lines = (runs / "levelset" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(np.isfinite(json.loads(x)["val_loss"]) for x in lines)
+    masks = np.load(runs / "pseudo" / "train_masks.npz")["masks"]
+    assert set(np.unique(masks)) <= {0, 1}  # binary task: background / pet
+
+
+def test_levelset_study_reports_every_row(levelset_cfg):
+    from training.levelset.study import ABLATION, CHANVESE_ITERATIONS, run_levelset_study
+
+    cfg = dataclasses.replace(
+        levelset_cfg, levelset=dataclasses.replace(levelset_cfg.levelset, epochs=1)
+    )
+    result = run_levelset_study(cfg)
+    names = [r["refiner"] for r in result["rows"]]
+    assert len(names) == 2 + len(CHANVESE_ITERATIONS) + len(ABLATION)
+    assert "CAM + otsu (no level set)" in names and "MSE + energy" in names
+    for r in result["rows"]:
+        assert 0 <= r["iou"] <= 1 and r["refine_ms_per_image"] > 0
+    assert (Path(cfg.evaluate.out) / "levelset" / "levelset.md").exists()
+    assert (Path(cfg.evaluate.out) / "levelset" / "levelset_examples.png").exists()
+
+
+def test_refiner_speed_benchmark_prints_ratios(levelset_cfg):
+    from training.levelset.study import refiner_speed, speed_table
+
+    result = refiner_speed(levelset_cfg, size=48, images=2, repeat=2)
+    rows = {r["refiner"]: r for r in result["rows"]}
+    assert rows["FNO evolution (PyTorch)"]["ratio_to_fno"] == 1.0
+    assert {"Chan-Vese (50 it.)", "GrabCut (5 it.)", "level-set refiner (ONNX Runtime)"} <= set(
+        rows
+    )
+    assert all(r["ms_per_image"] > 0 for r in rows.values())
+    assert "time / FNO evolution" in speed_table(result)
+
+
+@pytest.mark.triton
+def test_served_levelset_pipeline_matches_in_process(levelset_cfg, tmp_path):
+    from export.repository import export_repository
+    from serving.client import PipelineClient
+    from serving.server import TritonServer
+    from training.data.dataset import WSSSDataset
+    from training.pipeline import pipeline_from_config
+
+    result = export_repository(levelset_cfg)
+    assert result.parity["refiner"]["PSEUDO_MASK"] <= 1e-3
+    assert "FEATURES" in result.parity["classifier"]
+    cfg = levelset_cfg
+    data = WSSSDataset(cfg.data.root, "pets", "test", cfg.data.image_size, 10)
+    images = data.images[:4]
+    want = pipeline_from_config(cfg)(images)
+    with TritonServer(Path(cfg.export.repository), cfg.serve, tmp_path) as srv:
+        for protocol, url in (("grpc", srv.grpc_url), ("http", srv.http_url)):
+            got = PipelineClient(url, protocol).infer(images)
+            assert (got["PSEUDO_MASK"] != want["PSEUDO_MASK"]).mean() <= 1e-3
+            np.testing.assert_allclose(got["SCORES"], want["SCORES"], atol=1e-4)
+
+
+def test_multi_class_levelset_trains_and_exports(tmp_path):
+    """VOC layout: multi-label classifier, one level set per class, class-index masks."""
+    from export.check import check_repository
+    from export.repository import export_repository
+    from training import stages
+    from training.data.synth import SynthOptions, write_synth
+
+    root = write_synth(tmp_path / "voc", SynthOptions("voc", 30, 48, seed=2))
+    cfg = load_config(
+        None,
+        TINY
+        + [
+            f"data.root={root}",
+            "data.task=voc",
+            "data.image_size=48",
+            f"runs={tmp_path / 'runs'}",
+            f"export.repository={tmp_path / 'repo'}",
+            "refine.method=levelset",
+            "levelset.epochs=1",
+            "levelset.hidden=8",
+            "levelset.finetune=true",
+        ],
+    )
+    stages.run(cfg)
+    masks = np.load(tmp_path / "runs" / "pseudo" / "train_masks.npz")["masks"]
+    assert masks.max() <= 10 and masks.dtype == np.uint8
+    result = export_repository(cfg)
+    assert check_repository(cfg.export.repository).ok
+    assert result.parity["refiner"]["PSEUDO_MASK"] <= 1e-3
+
+
+def test_cli_bench_refiners(levelset_cfg):
+    args = [
+        "--set",
+        f"data.root={levelset_cfg.data.root}",
+        "--set",
+        f"runs={levelset_cfg.runs}",
+        "--set",
+        "refine.method=levelset",
+        *sum((["--set", o] for o in TINY), []),
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "wsss.cli", "bench", "--refiners", "--images-count", "1", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "FNO evolution (PyTorch)" in out and "Chan-Vese (15 it.)" in out

@@ -1,0 +1,161 @@
+"""Training the level-set refiner from a trained classifier (paper 003, eqs 5-27).
+
+``LevelSetModel`` is what the one training loop (``training.loop.fit``) optimises: the
+classifier (frozen by default, or fine-tuned jointly as in the paper) and the level-set head.
+``LevelSetLoss`` is eq 27: lambda1 * MSE(Phi^0, SDF of the CAM masks) + lambda2 * the Chan-Vese
+energy of Phi^T on the CAM-weighted image and backbone features, plus the classification
+loss when the backbone is fine-tuned (so it stays a classifier).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.cams import CAM_METHODS
+from training.levelset.energy import signed_distance, weighted_chan_vese_energy
+from training.levelset.model import LevelSetHead
+from training.loop import load_checkpoint
+from training.models import build_classifier
+from training.models.classifier import CAMClassifier
+from wsss.config import LevelSetConfig
+
+
+@dataclass
+class LevelSetOutput:
+    x: torch.Tensor  # the normalised image [B, 3, H, W]
+    features: torch.Tensor  # backbone features [B, C, h, w]
+    logits: torch.Tensor  # image-level logits [B, K]
+    pixel_logits: torch.Tensor  # sum_k w_k F_k + b per pixel: the CAM before its ReLU [B, K, h, w]
+    phi0: torch.Tensor  # initial level sets [B, K, H, W]
+    phi: torch.Tensor  # evolved level sets [B, K, H, W]
+
+
+class LevelSetModel(nn.Module):
+    def __init__(self, classifier: CAMClassifier, head: LevelSetHead, finetune: bool = False):
+        super().__init__()
+        self.classifier, self.head, self.finetune = classifier, head, finetune
+        self.classifier.requires_grad_(finetune)
+
+    def train(self, mode: bool = True) -> LevelSetModel:
+        super().train(mode)
+        if not self.finetune:  # a frozen backbone keeps its batch-norm statistics too
+            self.classifier.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> LevelSetOutput:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.finetune):
+            features = self.classifier.forward_features(x)
+        fc = self.classifier.fc
+        logits = fc(features.mean(dim=(2, 3)))
+        pixel_logits = torch.einsum("bchw,kc->bkhw", features, fc.weight) + fc.bias[:, None, None]
+        cams = CAM_METHODS[self.classifier.cam_method](features, fc.weight, x.shape[-2:])
+        phi0, phi = self.head(features, x, cams)
+        return LevelSetOutput(x, features, logits, pixel_logits, phi0, phi)
+
+
+def sdf_targets(masks: np.ndarray, num_classes: int, clip: float) -> np.ndarray:
+    """float32 [B, K, H, W]: the SDF of each class's region of class-index masks (c + 1).
+
+    Classes absent from a mask get +1 everywhere: entirely outside.
+    """
+    out = np.ones((len(masks), num_classes) + masks.shape[1:], np.float32)
+    for b, mask in enumerate(masks):
+        for value in np.unique(mask):
+            if 1 <= value <= num_classes:
+                out[b, value - 1] = signed_distance(mask == value, clip)
+    return out
+
+
+class LevelSetLoss:
+    """Eq 27, on targets (seed masks [B, H, W] with class + 1 per pixel, image labels)."""
+
+    def __init__(self, cfg: LevelSetConfig, num_classes: int, multi_label: bool, image_size: int):
+        if cfg.lambda_mse < 0 or cfg.lambda_energy < 0 or cfg.lambda_mse + cfg.lambda_energy == 0:
+            raise ValueError("levelset.lambda_mse and lambda_energy: >= 0, not both 0")
+        self.cfg, self.k, self.multi_label = cfg, num_classes, multi_label
+        self.clip = cfg.sdf_clip * image_size
+        self.last: dict[str, float] = {}
+
+    def present(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.multi_label:
+            return labels > 0.5
+        return F.one_hot(labels, self.k).bool()
+
+    def energy(self, out: LevelSetOutput, present: torch.Tensor) -> torch.Tensor:
+        """Eq 24 per image and class, averaged over the classes each image holds.
+
+        Absent classes have nothing to segment; their level sets are held outside by the
+        MSE term and the mask reading ignores them, so the energy does not pull on them.
+        """
+        cfg = self.cfg
+        weight = (1 - cfg.alpha) + cfg.alpha * torch.sigmoid(out.pixel_logits)
+        full = F.interpolate(weight, size=out.phi.shape[-2:], mode="bilinear", align_corners=False)
+        e = weighted_chan_vese_energy(out.phi, out.x, full, cfg.gamma, cfg.eps)
+        if cfg.feature_energy:
+            # Unit-length feature vectors keep the feature term on the image term's scale.
+            feats = F.normalize(out.features, dim=1)
+            phi = F.adaptive_avg_pool2d(out.phi, feats.shape[-2:])
+            e = e + weighted_chan_vese_energy(phi, feats, weight, cfg.gamma, cfg.eps)
+        p = present.float()
+        return (e * p).sum() / p.sum().clamp_min(1)
+
+    def __call__(self, out: LevelSetOutput, targets) -> torch.Tensor:
+        seeds, labels = targets
+        cfg, loss = self.cfg, out.phi.new_zeros(())
+        terms = {}
+        present = self.present(labels)
+        if cfg.lambda_mse:
+            # Eq 25 over the classes each image holds: absent classes' level sets are never
+            # read, and their all-outside targets would outnumber the real ones K to 1.
+            sdf = torch.from_numpy(sdf_targets(seeds.cpu().numpy(), self.k, self.clip))
+            err = ((out.phi0 - sdf.to(out.phi0.device)) ** 2).mean((-2, -1))
+            p = present.float()
+            terms["mse"] = (err * p).sum() / p.sum().clamp_min(1)
+            loss = loss + cfg.lambda_mse * terms["mse"]
+        if cfg.lambda_energy:
+            terms["energy"] = self.energy(out, present)
+            loss = loss + cfg.lambda_energy * terms["energy"]
+        if cfg.finetune:
+            cls = (
+                F.binary_cross_entropy_with_logits(out.logits, labels)
+                if self.multi_label
+                else F.cross_entropy(out.logits, labels)
+            )
+            terms["classification"] = cls
+            loss = loss + cfg.classification_weight * cls
+        self.last = {k: float(v.detach()) for k, v in terms.items()}
+        return loss
+
+
+def head_kwargs(cfg: LevelSetConfig, feature_channels: int, num_classes: int, size: int) -> dict:
+    return {
+        "feature_channels": feature_channels,
+        "num_classes": num_classes,
+        "image_size": size,
+        "hidden": cfg.hidden,
+        "modes": cfg.modes,
+        "layers": cfg.layers,
+        # With no energy nothing trains the evolution (eq 27): masks come from Phi^0.
+        "evolve": cfg.lambda_energy > 0,
+    }
+
+
+def load_levelset(path: str | Path) -> tuple[CAMClassifier, LevelSetHead, dict]:
+    """Classifier and head from a level-set checkpoint (weights only).
+
+    The checkpoint holds the classifier too: with ``finetune`` it differs from the one the
+    stage started from, and the served pipeline must use the backbone the head was trained on.
+    """
+    ckpt = load_checkpoint(path)
+    meta = ckpt["meta"]
+    cmeta = meta["classifier"]
+    classifier = build_classifier(cmeta["arch"], **cmeta["kwargs"])
+    model = LevelSetModel(classifier, LevelSetHead(**meta["kwargs"]), meta["finetune"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.classifier.eval(), model.head.eval(), meta
