@@ -164,7 +164,7 @@ def _timed(fn, repeat: int) -> float:
     return float(np.median(times))
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference mode: the refiner is traced for ONNX Runtime below
 def refiner_speed(cfg: Config, size: int | None = None, images: int = 8, repeat: int = 5) -> dict:
     """Per-image time (batch 1, median) of each refiner on test images, in one run.
 
@@ -183,7 +183,7 @@ def refiner_speed(cfg: Config, size: int | None = None, images: int = 8, repeat:
     net.cam_method = cfg.classifier.cam_method
     classifier = ServedClassifier(net, multi, features=True).eval()
     levelset = ServedLevelSet(head, multi, cfg.refine.score_threshold).eval()
-    samples = [resize_image(img, size) for img in data.images[:images]]
+    samples = [resize_image(img, (size, size)) for img in data.images[:images]]
     labels = [data.samples[i].labels for i in range(len(samples))]
     seed = cfg.levelset.seed
     classical = {"Otsu threshold": build_refiner(dataclasses.replace(cfg.refine, method=seed))}
@@ -238,10 +238,9 @@ def _refiner_session(module, sample) -> ort.InferenceSession:
 
     image, scores, _, feats = sample
     specs = served_models(image.shape[1], scores.shape[1], 2, tuple(feats.shape[1:]))
-    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode(False):
-        # Tracing records what inference-mode tensors cannot: clone them outside it.
+    with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "refiner.onnx"
-        export_onnx(module, specs[REFINER], tuple(t.clone() for t in sample), path)
+        export_onnx(module, specs[REFINER], sample, path)
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
