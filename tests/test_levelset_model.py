@@ -130,6 +130,22 @@ def test_loss_terms_and_gradients(multi_label):
     assert not model.classifier.training
 
 
+def test_feature_energy_is_a_weighted_term():
+    torch.manual_seed(0)
+    model = _model(3).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    present = torch.tensor([[1, 0, 0], [0, 1, 1]], dtype=torch.bool)
+
+    def energy(weight):
+        cfg = LevelSetConfig(feature_energy=weight)
+        return LevelSetLoss(cfg, 3, True, 32).energy(out, present)
+
+    image_only, full = energy(0.0), energy(1.0)
+    assert full > image_only
+    torch.testing.assert_close(energy(0.25), image_only + 0.25 * (full - image_only))
+
+
 def test_finetune_trains_the_backbone_with_a_classification_loss():
     model = _model(3, finetune=True).train()
     out = model(torch.randn(2, 3, 32, 32))
@@ -144,6 +160,8 @@ def test_finetune_trains_the_backbone_with_a_classification_loss():
 def test_loss_rejects_no_terms():
     with pytest.raises(ValueError, match="not both 0"):
         LevelSetLoss(LevelSetConfig(lambda_mse=0, lambda_energy=0), 3, False, 32)
+    with pytest.raises(ValueError, match="feature_energy"):
+        LevelSetLoss(LevelSetConfig(feature_energy=-1.0), 3, False, 32)
 
 
 @pytest.mark.parametrize("multi_label", [False, True])
@@ -165,6 +183,16 @@ def test_served_refiner_exports_with_parity(tmp_path, multi_label):
     assert errors["PSEUDO_MASK"] <= 1e-3
     names = ("IMAGE", "SCORES", "CAMS", "FEATURES")
     feeds = {n: t.numpy() for n, t in zip(names, sample(3), strict=True)}
-    (got,) = ort.InferenceSession(str(path)).run(None, feeds)
+    session = ort.InferenceSession(str(path))
+    (got,) = session.run(None, feeds)
     assert got.shape == (3, size, size) and got.dtype == np.uint8
     assert got.max() <= (k if multi_label else 1)
+    # A non-finite input (a direct call to the refiner model) reads as an empty mask for
+    # that image only, in the graph as in PyTorch: NaN level sets are never inside.
+    feeds["CAMS"][0, 0, 3, 3] = np.nan
+    (bad,) = session.run(None, feeds)
+    assert got[0].any() and not bad[0].any()
+    np.testing.assert_array_equal(bad[1:], got[1:])
+    with torch.no_grad():
+        ref = served(*(torch.from_numpy(feeds[n]) for n in names)).numpy()
+    np.testing.assert_array_equal(ref[0], bad[0])

@@ -98,9 +98,16 @@ class Pipeline:
         images: np.ndarray,
         outputs: tuple[torch.Tensor, ...],
         classes: Sequence[Sequence[int]] | None = None,
+        binary: bool | None = None,
     ) -> np.ndarray:
-        """Pseudo-masks for the classes given (image labels), else for the predicted ones."""
+        """Pseudo-masks for the classes given (image labels), else for the predicted ones.
+
+        ``binary`` (default: single-label task) makes a classical refiner write 1 for every
+        object pixel, else class + 1 (the level-set seeds of a binary task need the class).
+        The served level-set graph fixes its own encoding, the task's.
+        """
         scores, cams, *features = outputs
+        binary = not self.multi_label if binary is None else binary
         if isinstance(self.refiner, ServedLevelSet):
             if classes is not None:
                 scores = torch.from_numpy(one_hot(classes, scores.shape[1]))
@@ -110,7 +117,7 @@ class Pipeline:
             classes = [
                 present_classes(s, self.multi_label, self.score_threshold) for s in scores.numpy()
             ]
-        return refine_batch(self.refiner, images, cams.numpy(), classes, not self.multi_label)
+        return refine_batch(self.refiner, images, cams.numpy(), classes, binary)
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -127,13 +134,13 @@ class Pipeline:
         }
 
 
-def refine_step(cfg, runs: Path | None = None) -> tuple[ServedClassifier, Refiner | ServedLevelSet]:
+def refine_step(cfg) -> tuple[ServedClassifier, Refiner | ServedLevelSet]:
     """The served classifier and refiner the config names, from its run's checkpoints.
 
     For ``refine.method: levelset`` both come from the level-set checkpoint: it holds the
     backbone the level-set head was trained on (fine-tuned or not).
     """
-    runs = Path(runs or cfg.runs)
+    runs = Path(cfg.runs)
     if cfg.refine.method == "levelset":
         net, head, meta = load_levelset(runs / "levelset" / "best.pt")
         multi = meta["classifier"]["task"] == "voc"

@@ -101,10 +101,11 @@ def seed_masks(cfg: Config, classifier: nn.Module, data: WSSSDataset) -> np.ndar
     strongest CAM, unclaimed pixels to the background.
     """
     classifier.cam_method = cfg.classifier.cam_method
-    served = ServedClassifier(classifier, multi_label=cfg.data.task == "voc").eval()
+    multi = cfg.data.task == "voc"
+    served = ServedClassifier(classifier, multi_label=multi).eval()
     seed = dataclasses.replace(cfg.refine, method=cfg.levelset.seed, grabcut=False, chanvese=False)
-    pipe = Pipeline(served, None, build_refiner(seed), multi_label=True)
-    return _masks(pipe, data, cfg.train.batch_size, "seed masks")
+    pipe = Pipeline(served, None, build_refiner(seed), multi_label=multi)
+    return _masks(pipe, data, cfg.train.batch_size, "seed masks", binary=False)
 
 
 def train_levelset(cfg: Config, data: WSSSDataset, classifier: nn.Module, cmeta: dict) -> nn.Module:
@@ -137,12 +138,14 @@ def make_pseudo_masks(cfg: Config, data: WSSSDataset) -> np.ndarray:
     return _masks(pipe, data, cfg.train.batch_size, f"pseudo-masks ({refiner.name})")
 
 
-def _masks(pipe: Pipeline, data: WSSSDataset, bs: int, desc: str) -> np.ndarray:
+def _masks(
+    pipe: Pipeline, data: WSSSDataset, bs: int, desc: str, binary: bool | None = None
+) -> np.ndarray:
     out = np.empty((len(data),) + data.masks.shape[1:], np.uint8)
     for start in tqdm(range(0, len(data), bs), desc=desc, leave=False):
         images = data.images[start : start + bs]
         labels = [data.samples[i].labels for i in range(start, start + len(images))]
-        out[start : start + bs] = pipe.refine(images, pipe.classify(images), labels)
+        out[start : start + bs] = pipe.refine(images, pipe.classify(images), labels, binary)
     return out
 
 

@@ -167,7 +167,12 @@ def levelset_mask(phi: torch.Tensor, present: torch.Tensor, binary: bool) -> tor
 
 
 class ServedLevelSet(nn.Module):
-    """The refine step as served: IMAGE, SCORES, CAMS, FEATURES -> PSEUDO_MASK."""
+    """The refine step as served: IMAGE, SCORES, CAMS, FEATURES -> PSEUDO_MASK.
+
+    The ensemble computes CAMS and FEATURES from uint8 pixels, so they are finite. A client
+    that calls this model directly with NaN or inf gets an empty mask for that image: the
+    DFT products spread a non-finite value over the whole level set, and NaN is never < 0.
+    """
 
     def __init__(self, head: LevelSetHead, multi_label: bool, score_threshold: float = 0.5):
         super().__init__()

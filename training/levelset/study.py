@@ -33,8 +33,9 @@ from training.refine import build_refiner
 from wsss.config import Config, save_config
 
 CHANVESE_ITERATIONS = (1, 5, 10, 15, 50)  # the paper's Table 3 columns, and 50 beyond them
-# Table 2 of paper 003: (lambda_mse, lambda_energy) per row; "no level set" is the seed mask.
-ABLATION = {"MSE only": (1.0, 0.0), "energy only": (0.0, 1.0), "MSE + energy": (1.0, 1.0)}
+# Table 2 of paper 003: which of the config's loss terms each row keeps; "no level set" is
+# the seed mask itself.
+ABLATION = {"MSE only": (True, False), "energy only": (False, True), "MSE + energy": (True, True)}
 
 
 def _test_set(cfg: Config) -> WSSSDataset:
@@ -61,12 +62,6 @@ def score(pipe: Pipeline, data: WSSSDataset, batch: int, shown: list | None = No
     return cm.summary(binary) | {"refine_ms_per_image": 1e3 * seconds / len(data)}
 
 
-def _classical(cfg: Config, **changes) -> Pipeline:
-    refine = dataclasses.replace(cfg.refine, **changes)
-    classifier, _ = refine_step(dataclasses.replace(cfg, refine=refine))
-    return Pipeline(classifier, None, build_refiner(refine), classifier.multi_label)
-
-
 def run_levelset_study(cfg: Config, train: bool = True) -> dict:
     """Score every refiner and ablation row; write levelset.json / .md and a figure.
 
@@ -79,6 +74,8 @@ def run_levelset_study(cfg: Config, train: bool = True) -> dict:
         raise FileNotFoundError(
             f"no classifier in {cfg.runs}: run `wsss train --stages classifier` first"
         )
+    if cfg.levelset.lambda_mse <= 0 or cfg.levelset.lambda_energy <= 0:
+        raise ValueError("the ablation needs levelset.lambda_mse and lambda_energy both > 0")
     data = _test_set(cfg)
     out = Path(cfg.evaluate.out) / "levelset"
     bs = cfg.train.batch_size
@@ -90,26 +87,36 @@ def run_levelset_study(cfg: Config, train: bool = True) -> dict:
         masks[name] = []
         rows.append({"group": group, "refiner": name} | score(pipe, data, bs, masks[name]))
 
-    add("classical", f"CAM + {seed} (no level set)", _classical(cfg, method=seed))
-    add("classical", f"CAM + {seed} + GrabCut", _classical(cfg, method=seed, grabcut=True))
+    # One classifier for every classical row: they differ only in the refiner.
+    seeded = dataclasses.replace(cfg.refine, method=seed)
+    classifier, _ = refine_step(dataclasses.replace(cfg, refine=seeded))
+
+    def classical(**changes) -> Pipeline:
+        refiner = build_refiner(dataclasses.replace(seeded, **changes))
+        return Pipeline(classifier, None, refiner, classifier.multi_label)
+
+    add("classical", f"CAM + {seed} (no level set)", classical())
+    add("classical", f"CAM + {seed} + GrabCut", classical(grabcut=True))
     for n in CHANVESE_ITERATIONS:
-        pipe = _classical(cfg, method=seed, chanvese=True, chanvese_iterations=n)
+        pipe = classical(chanvese=True, chanvese_iterations=n)
         add("classical", f"CAM + {seed} + Chan-Vese ({n} it.)", pipe)
     train_set = None
-    for name, (l1, l2) in ABLATION.items():
+    ls = cfg.levelset
+    for name, (mse, energy) in ABLATION.items():
+        l1, l2 = ls.lambda_mse * mse, ls.lambda_energy * energy
         runs = out / name.replace(" ", "_").replace("+", "and")
         variant = dataclasses.replace(
             cfg,
             runs=str(runs),
             refine=dataclasses.replace(cfg.refine, method="levelset"),
-            levelset=dataclasses.replace(cfg.levelset, lambda_mse=l1, lambda_energy=l2),
+            levelset=dataclasses.replace(ls, lambda_mse=l1, lambda_energy=l2),
         )
         if train or not (runs / "levelset" / "best.pt").exists():
             train_set = train_set or load_train_set(cfg)
             net, cmeta = load_model(Path(cfg.runs) / "classifier" / "best.pt")
             train_levelset(variant, train_set, net, cmeta)
-        classifier, refiner = refine_step(variant)
-        add("level set", name, Pipeline(classifier, None, refiner, classifier.multi_label))
+        served, refiner = refine_step(variant)
+        add("level set", name, Pipeline(served, None, refiner, served.multi_label))
     result = {
         "task": cfg.data.task,
         "images": len(data),

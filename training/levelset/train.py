@@ -78,6 +78,8 @@ class LevelSetLoss:
     def __init__(self, cfg: LevelSetConfig, num_classes: int, multi_label: bool, image_size: int):
         if cfg.lambda_mse < 0 or cfg.lambda_energy < 0 or cfg.lambda_mse + cfg.lambda_energy == 0:
             raise ValueError("levelset.lambda_mse and lambda_energy: >= 0, not both 0")
+        if cfg.feature_energy < 0:
+            raise ValueError("levelset.feature_energy: a weight >= 0")
         self.cfg, self.k, self.multi_label = cfg, num_classes, multi_label
         self.clip = cfg.sdf_clip * image_size
         self.last: dict[str, float] = {}
@@ -101,7 +103,9 @@ class LevelSetLoss:
             # Unit-length feature vectors keep the feature term on the image term's scale.
             feats = F.normalize(out.features, dim=1)
             phi = F.adaptive_avg_pool2d(out.phi, feats.shape[-2:])
-            e = e + weighted_chan_vese_energy(phi, feats, weight, cfg.gamma, cfg.eps)
+            e = e + cfg.feature_energy * weighted_chan_vese_energy(
+                phi, feats, weight, cfg.gamma, cfg.eps
+            )
         p = present.float()
         return (e * p).sum() / p.sum().clamp_min(1)
 
