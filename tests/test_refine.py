@@ -152,3 +152,19 @@ def test_chan_vese_passes_degenerate_seeds_through():
     assert not ChanVese(FixedThreshold(0.99), 5).foreground(cam * 0, image).any()
     with pytest.raises(ValueError, match=">= 1"):
         ChanVese(FixedThreshold(), 0)
+
+
+def test_pipeline_refine_encodes_binary_or_class_indices():
+    """Level-set seeds of a binary task need the class index, served masks need 1."""
+    import torch
+
+    from training.pipeline import Pipeline
+
+    pipe = Pipeline(None, None, OtsuThreshold(), multi_label=False)
+    cams = torch.from_numpy(np.stack([np.stack([_blob_cam(), _blob_cam(cx=8)])]))
+    outputs = (torch.tensor([[0.1, 0.9]]), cams)
+    images = IMAGE[None]
+    served = pipe.refine(images, outputs, [[1]])
+    seeds = pipe.refine(images, outputs, [[1]], binary=False)
+    assert set(np.unique(served)) == {0, 1} and set(np.unique(seeds)) == {0, 2}
+    np.testing.assert_array_equal(served > 0, seeds > 0)
