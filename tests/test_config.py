@@ -35,3 +35,13 @@ def test_saved_config_round_trips(tmp_path):
     cfg = load_config(None, ["train.epochs=7", "classifier.weights=/x.pt"])
     save_config(cfg, tmp_path / "out.yaml")
     assert load_config(tmp_path / "out.yaml") == cfg
+
+
+def test_configs_saved_by_older_runs_still_load(tmp_path):
+    # levelset.feature_energy was a bool before it became a weight.
+    path = tmp_path / "old.yaml"
+    path.write_text("levelset:\n  feature_energy: true\n")
+    assert load_config(path).levelset.feature_energy == 1.0
+    assert load_config(None, ["levelset.feature_energy=false"]).levelset.feature_energy == 0.0
+    with pytest.raises(ConfigError, match="expected float"):
+        load_config(None, ["levelset.lambda_energy=true"])

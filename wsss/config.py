@@ -211,7 +211,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(value)
+    _upgrade(raw)
     return _build(Config, raw, "")
+
+
+def _upgrade(raw: dict[str, Any]) -> None:
+    """Read configs saved beside older runs: keys whose type changed since."""
+    levelset = raw.get("levelset")
+    # levelset.feature_energy was an on/off switch before it became the feature term's weight.
+    if isinstance(levelset, dict) and isinstance(levelset.get("feature_energy"), bool):
+        levelset["feature_energy"] = float(levelset["feature_energy"])
 
 
 def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
