@@ -35,7 +35,6 @@ from export.configs import (
 from export.onnx_export import check_parity, export_onnx
 from export.torchscript_export import check_torchscript_parity, export_torchscript
 from training.levelset.model import ServedLevelSet
-from training.loop import load_checkpoint
 from training.pipeline import ServedSegmenter, load_model, refine_step
 from wsss.config import Config, save_config
 from wsss.errors import WsssError
@@ -58,8 +57,8 @@ class ExportResult:
 
 def export_repository(cfg: Config) -> ExportResult:
     runs = Path(cfg.runs)
-    classifier, refiner = refine_step(cfg)
-    names = load_model_meta(runs, cfg)["class_names"]
+    classifier, refiner, cmeta = refine_step(cfg)
+    names = cmeta["class_names"]
     segmenter, smeta = load_model(runs / "segmenter" / "best.pt")
     multi_label = classifier.multi_label
     size = cfg.data.image_size
@@ -154,13 +153,6 @@ def _sample(name: str, networks: dict[str, nn.Module], images: np.ndarray) -> tu
     with torch.no_grad():  # not inference mode: these tensors get traced
         scores, cams, features = networks[CLASSIFIER](x)
     return (x, scores, cams, features)
-
-
-def load_model_meta(runs: Path, cfg: Config) -> dict:
-    """The classifier's metadata (class names, task), from the checkpoint the export uses."""
-    if cfg.refine.method == "levelset":
-        return load_checkpoint(runs / "levelset" / "best.pt")["meta"]["classifier"]
-    return load_checkpoint(runs / "classifier" / "best.pt")["meta"]
 
 
 def _write_metadata(folder: Path, cfg: Config, class_names: list[str], parity: dict) -> None:

@@ -83,10 +83,6 @@ class Pipeline:
     multi_label: bool
     score_threshold: float = 0.5
 
-    @property
-    def refiner_name(self) -> str:
-        return self.refiner.name
-
     @torch.inference_mode()
     def classify(self, images: np.ndarray) -> tuple[torch.Tensor, ...]:
         """SCORES, CAMS and (for the level-set refiner) FEATURES of uint8 [B, H, W, 3]."""
@@ -134,16 +130,18 @@ class Pipeline:
         }
 
 
-def refine_step(cfg) -> tuple[ServedClassifier, Refiner | ServedLevelSet]:
-    """The served classifier and refiner the config names, from its run's checkpoints.
+def refine_step(cfg) -> tuple[ServedClassifier, Refiner | ServedLevelSet, dict]:
+    """The served classifier and refiner the config names, and the classifier's metadata
+    (task, class names), from the run's checkpoints.
 
-    For ``refine.method: levelset`` both come from the level-set checkpoint: it holds the
+    For ``refine.method: levelset`` all come from the level-set checkpoint: it holds the
     backbone the level-set head was trained on (fine-tuned or not).
     """
     runs = Path(cfg.runs)
     if cfg.refine.method == "levelset":
-        net, head, meta = load_levelset(runs / "levelset" / "best.pt")
-        multi = meta["classifier"]["task"] == "voc"
+        net, head, ls_meta = load_levelset(runs / "levelset" / "best.pt")
+        meta = ls_meta["classifier"]
+        multi = meta["task"] == "voc"
         refiner: Refiner | ServedLevelSet = ServedLevelSet(head, multi, cfg.refine.score_threshold)
     else:
         net, meta = load_model(runs / "classifier" / "best.pt")
@@ -151,11 +149,11 @@ def refine_step(cfg) -> tuple[ServedClassifier, Refiner | ServedLevelSet]:
         refiner = build_refiner(cfg.refine)
     net.cam_method = cfg.classifier.cam_method
     served = ServedClassifier(net, multi, features=isinstance(refiner, ServedLevelSet)).eval()
-    return served, refiner
+    return served, refiner, meta
 
 
 def pipeline_from_config(cfg, segmenter: bool = True) -> Pipeline:
-    classifier, refiner = refine_step(cfg)
+    classifier, refiner, _ = refine_step(cfg)
     seg = None
     if segmenter:
         net, _ = load_model(Path(cfg.runs) / "segmenter" / "best.pt")

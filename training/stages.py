@@ -133,7 +133,7 @@ def train_levelset(cfg: Config, data: WSSSDataset, classifier: nn.Module, cmeta:
 
 def make_pseudo_masks(cfg: Config, data: WSSSDataset) -> np.ndarray:
     """Refined CAM masks for every training image, from its image-level labels."""
-    classifier, refiner = refine_step(cfg)
+    classifier, refiner, _ = refine_step(cfg)
     pipe = Pipeline(classifier, None, refiner, classifier.multi_label)
     return _masks(pipe, data, cfg.train.batch_size, f"pseudo-masks ({refiner.name})")
 
@@ -191,8 +191,8 @@ def _train(
         model,
         *_loaders(cfg, train, val),
         loss,
-        epochs=epochs or cfg.train.epochs,
-        lr=lr or cfg.train.lr,
+        epochs=cfg.train.epochs if epochs is None else epochs,
+        lr=cfg.train.lr if lr is None else lr,
         weight_decay=cfg.train.weight_decay,
         device=resolve_device(cfg.train.device),
         out_dir=out,

@@ -48,7 +48,7 @@ def score(pipe: Pipeline, data: WSSSDataset, batch: int, shown: list | None = No
     binary = not pipe.multi_label
     cm = ConfusionMatrix(segmentation_classes(data.task, data.num_classes))
     seconds = 0.0
-    for start in tqdm(range(0, len(data), batch), desc=pipe.refiner_name, leave=False):
+    for start in tqdm(range(0, len(data), batch), desc=pipe.refiner.name, leave=False):
         images = data.images[start : start + batch]
         labels = [data.samples[i].labels for i in range(start, start + len(images))]
         outputs = pipe.classify(images)
@@ -89,7 +89,7 @@ def run_levelset_study(cfg: Config, train: bool = True) -> dict:
 
     # One classifier for every classical row: they differ only in the refiner.
     seeded = dataclasses.replace(cfg.refine, method=seed)
-    classifier, _ = refine_step(dataclasses.replace(cfg, refine=seeded))
+    classifier, _, _ = refine_step(dataclasses.replace(cfg, refine=seeded))
 
     def classical(**changes) -> Pipeline:
         refiner = build_refiner(dataclasses.replace(seeded, **changes))
@@ -115,7 +115,7 @@ def run_levelset_study(cfg: Config, train: bool = True) -> dict:
             train_set = train_set or load_train_set(cfg)
             net, cmeta = load_model(Path(cfg.runs) / "classifier" / "best.pt")
             train_levelset(variant, train_set, net, cmeta)
-        served, refiner = refine_step(variant)
+        served, refiner, _ = refine_step(variant)
         add("level set", name, Pipeline(served, None, refiner, served.multi_label))
     result = {
         "task": cfg.data.task,
