@@ -27,9 +27,9 @@ REFERENCE = {"cam": GradCAM, "gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
 @functools.lru_cache(maxsize=4)
 def _classifier(arch: str, num_classes: int = 4) -> torch.nn.Module:
     torch.manual_seed(0)
-    # Randomly initialised MobileNetV2 features are ~1e-8 (noise); its bundled ImageNet
+    # Randomly initialised MobileNetV2 features are ~1e-8 (noise); the bundled ImageNet
     # weights give real activations.
-    extra = {"pretrained": True} if arch == "mobilenet_v2" else {}
+    extra = {"pretrained": True} if arch in ("mobilenet_v2", "efficientnet_lite0") else {}
     net = build_classifier(arch, num_classes=num_classes, output_stride=16, **extra).eval()
     # Random heads give near-zero logits; larger weights make the maps less degenerate.
     with torch.no_grad():
@@ -38,7 +38,7 @@ def _classifier(arch: str, num_classes: int = 4) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("method", sorted(CAM_METHODS))
-@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "efficientnet_lite0"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("size", [(64, 64), (80, 48)])
 def test_matches_pytorch_grad_cam(method, arch, batch, size):
@@ -78,3 +78,36 @@ def test_each_method_exports_with_parity(method, tmp_path):
     probe = (torch.randint(0, 256, (3, 48, 48, 3), dtype=torch.uint8),)
     errors = check_parity(module, path, spec, probe, atol=1e-4)
     assert errors["CAMS"] < 1e-4
+
+
+@pytest.mark.parametrize("method", sorted(CAM_METHODS))
+def test_class_group_cams_match_pytorch_grad_cam_on_the_group_logit(method):
+    """A group's CAM is the map of its logit, logsumexp of its members' ImageNet logits."""
+    groups = [[3, 7, 11], [20]]
+    torch.manual_seed(0)
+    net = build_classifier(
+        "resnet18", num_classes=2, output_stride=16, head="imagenet", class_groups=groups
+    ).eval()
+    with torch.no_grad():
+        net.fc.weight.mul_(20)
+    net.cam_method = method
+
+    class RawLogits(torch.nn.Module):  # the 1000 ImageNet logits, for the reference
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net.forward_head(self.net.forward_features(x))
+
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, ours = net.logits_and_cams(x)
+    with REFERENCE[method](model=RawLogits(net), target_layers=[net.features[-1]]) as reference:
+        for g, ids in enumerate(groups):
+
+            def target(output, ids=ids):
+                return torch.logsumexp(output[ids], dim=0)
+
+            theirs = reference(input_tensor=x, targets=[target] * 2)
+            np.testing.assert_allclose(ours[:, g].numpy(), theirs, atol=TOL, err_msg=f"group {g}")

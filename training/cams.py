@@ -20,14 +20,15 @@ class ClosedFormCAM(abc.ABC):
     name = "base"
 
     @abc.abstractmethod
-    def weights(self, feats: torch.Tensor, fc_weight: torch.Tensor) -> torch.Tensor:
+    def weights(self, feats: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
         """[B, K, C]: how much channel C counts for class K's map, per image."""
 
     def __call__(
-        self, feats: torch.Tensor, fc_weight: torch.Tensor, size: tuple[int, int]
+        self, feats: torch.Tensor, class_weights: torch.Tensor, size: tuple[int, int]
     ) -> torch.Tensor:
-        """feats [B, C, h, w], head weights [K, C] -> maps [B, K, *size] in [0, 1]."""
-        maps = torch.relu(torch.einsum("bkc,bchw->bkhw", self.weights(feats, fc_weight), feats))
+        """feats [B, C, h, w], class weights [B, K, C] -> maps [B, K, *size] in [0, 1]."""
+        weights = self.weights(feats, class_weights)
+        maps = torch.relu(torch.einsum("bkc,bchw->bkhw", weights, feats))
         maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
         return normalise_maps(maps)
 
@@ -37,8 +38,8 @@ class CAM(ClosedFormCAM):
 
     name = "cam"
 
-    def weights(self, feats, fc_weight):
-        return fc_weight.unsqueeze(0).expand(feats.shape[0], -1, -1)
+    def weights(self, feats, class_weights):
+        return class_weights
 
 
 class GradCAM(ClosedFormCAM):
@@ -50,9 +51,9 @@ class GradCAM(ClosedFormCAM):
 
     name = "gradcam"
 
-    def weights(self, feats, fc_weight):
+    def weights(self, feats, class_weights):
         h, w = feats.shape[-2:]
-        return (fc_weight / (h * w)).unsqueeze(0).expand(feats.shape[0], -1, -1)
+        return class_weights / (h * w)
 
 
 class GradCAMPlusPlus(ClosedFormCAM):
@@ -65,9 +66,9 @@ class GradCAMPlusPlus(ClosedFormCAM):
     name = "gradcam++"
     eps = 1e-6  # pytorch-grad-cam's; it matters, as g^2 is often near it
 
-    def weights(self, feats, fc_weight):
+    def weights(self, feats, class_weights):
         h, w = feats.shape[-2:]
-        g = (fc_weight / (h * w)).unsqueeze(0)  # [1, K, C]
+        g = class_weights / (h * w)  # [B, K, C]
         g2 = g * g
         total = feats.sum(dim=(2, 3)).unsqueeze(1)  # [B, 1, C]
         alpha = g2 / (2 * g2 + total * g2 * g + self.eps)

@@ -3,39 +3,119 @@
 For a GAP + linear head the gradient of a class score with respect to the last feature map is
 the class weight over the map area, constant in space. So CAM, Grad-CAM and Grad-CAM++ all
 have closed forms in the forward pass, and the exported graph needs no autograd. Methods
-differ only in how they weigh the K feature channels for each class (see ``training.cams``).
+differ only in how they weigh the feature channels for each class (see ``training.cams``).
+
+Two kinds of head:
+
+- a task head, ``num_classes`` outputs trained on the task's image-level labels;
+- the pretrained ImageNet head (``head="imagenet"``), kept as it is: pseudo-masks on real
+  photos with no training at all. Its classes are the 1000 ImageNet categories, or, with
+  ``class_groups``, the task's classes, each a group of ImageNet ids (cat: 281-285). A
+  group's logit is logsumexp of its members' logits, its score the softmax mass of its
+  members, and its CAM the one of its logit: member weight rows mixed by their softmax
+  within the group. All of it is tensor arithmetic, so it exports and serves like any head.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from training.cams import CAM_METHODS
+from training.models.common import IMAGENET_MEAN, IMAGENET_STD, Normalize
+
+# Far below any logit, yet finite: exp() gives exact zeros and ONNX needs no infinities.
+_MASKED = -1e4
 
 
 class CAMClassifier(nn.Module):
     def __init__(
-        self, features: nn.Module, feature_channels: int, num_classes: int, cam_method: str = "cam"
+        self,
+        features: nn.Module,
+        feature_channels: int,
+        num_classes: int,
+        cam_method: str = "cam",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        fc: nn.Linear | None = None,
+        class_groups: Sequence[Sequence[int]] | None = None,
     ):
         super().__init__()
         if cam_method not in CAM_METHODS:
             raise ValueError(f"unknown CAM method {cam_method!r}: one of {sorted(CAM_METHODS)}")
+        self.normalize = Normalize(mean, std)
         self.features = features
-        self.fc = nn.Linear(feature_channels, num_classes)
+        self.fc = fc if fc is not None else nn.Linear(feature_channels, num_classes)
         self.cam_method = cam_method
+        self.grouped = bool(class_groups)
+        if self.grouped:
+            outputs = self.fc.out_features
+            member = torch.zeros(len(class_groups), outputs, dtype=torch.bool)
+            for g, ids in enumerate(class_groups):
+                if not ids or min(ids) < 0 or max(ids) >= outputs:
+                    raise ValueError(f"class group {g} needs ids in 0..{outputs - 1}, got {ids}")
+                member[g, list(ids)] = True
+            # 0 on a group's members, _MASKED elsewhere: added to logits, it keeps the group.
+            mask = torch.where(member, 0.0, _MASKED)
+            self.register_buffer("group_mask", mask, persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.group_mask.shape[0] if self.grouped else self.fc.out_features
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
+        """[0, 1] pixels [B, 3, H, W] -> the last feature map [B, C, h, w]."""
+        return self.features(self.normalize(x))
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        """The head's own logits [B, outputs] (the task's classes, or 1000 ImageNet ones)."""
         return self.fc(feats.mean(dim=(2, 3)))
 
+    def class_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, K]: the head's logits, or each group's logsumexp over its members."""
+        if not self.grouped:
+            return logits
+        return torch.logsumexp(logits[:, None, :] + self.group_mask, dim=-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        return self.class_logits(self.forward_head(self.forward_features(x)))
+
+    def class_scores(self, logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+        """[B, K] probabilities: sigmoid (multi-label) or softmax; a group's softmax mass."""
+        if self.grouped:
+            return torch.softmax(logits, dim=1) @ (self.group_mask == 0).float().T
+        return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
+
+    def class_weights(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image, the weights [B, K, C] and bias [B, K] of each class's logit as a linear
+        function of the pooled features: its gradient, as the CAM methods read it."""
+        weight, bias = self.fc.weight, self.fc.bias
+        if not self.grouped:
+            b = logits.shape[0]
+            return weight.expand(b, -1, -1), bias.expand(b, -1)
+        within = torch.softmax(logits[:, None, :] + self.group_mask, dim=-1)  # [B, K, outputs]
+        return within @ weight, within @ bias
+
+    def cams(
+        self,
+        feats: torch.Tensor,
+        logits: torch.Tensor,
+        size: Sequence[int],
+        method: str | None = None,
+    ) -> torch.Tensor:
+        """[B, K, *size] class activation maps, each scaled to [0, 1]."""
+        weights, _ = self.class_weights(logits)
+        return CAM_METHODS[method or self.cam_method](feats, weights, tuple(size))
+
+    def pixel_logits(self, feats: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """[B, K, h, w]: each class's logit per feature position, the CAM before its ReLU."""
+        weights, bias = self.class_weights(logits)
+        return torch.einsum("bkc,bchw->bkhw", weights, feats) + bias[:, :, None, None]
 
     def logits_and_cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, K] and CAMs [B, K, H, W] at the input size, each map scaled to [0, 1]."""
+        """Class logits [B, K] and CAMs [B, K, H, W] at the input size."""
         feats = self.forward_features(x)
         logits = self.forward_head(feats)
-        return logits, CAM_METHODS[self.cam_method](feats, self.fc.weight, x.shape[-2:])
+        return self.class_logits(logits), self.cams(feats, logits, x.shape[-2:])

