@@ -34,7 +34,6 @@ from export.configs import (
 )
 from export.onnx_export import check_parity, export_onnx
 from export.torchscript_export import check_torchscript_parity, export_torchscript
-from training.levelset.model import ServedLevelSet
 from training.pipeline import ServedSegmenter, load_model, refine_step
 from wsss.config import Config, save_config
 from wsss.errors import WsssError
@@ -62,9 +61,16 @@ def export_repository(cfg: Config) -> ExportResult:
     segmenter, smeta = load_model(runs / "segmenter" / "best.pt")
     multi_label = classifier.multi_label
     size = cfg.data.image_size
-    levelset = isinstance(refiner, ServedLevelSet)
+    kwargs = cmeta["kwargs"]
+    if kwargs.get("head") == "imagenet" and not kwargs.get("class_groups"):
+        mb = len(names) * size * size * 4 / 1e6
+        raise ExportError(
+            f"the ImageNet head without classifier.class_groups has {len(names)} classes: "
+            f"CAMS would be {mb:.0f} MB per image; give class_groups to serve it"
+        )
+    network_refiner = refiner.served == "network"  # an exported graph, not a Python model
     features = None
-    if levelset:
+    if refiner.needs_features:
         with torch.no_grad():
             probe = classifier(torch.zeros(1, size, size, 3, dtype=torch.uint8))
         features = tuple(probe[2].shape[1:])
@@ -74,8 +80,8 @@ def export_repository(cfg: Config) -> ExportResult:
         SEGMENTER: ServedSegmenter(segmenter),
     }
     params = {}
-    if levelset:
-        networks[REFINER] = refiner
+    if network_refiner:
+        networks[REFINER] = refiner.module
     else:
         # The refiner model rebuilds its RefineConfig from these (config.pbtxt parameters).
         params[REFINER] = {
@@ -88,11 +94,11 @@ def export_repository(cfg: Config) -> ExportResult:
     version = next_version(repo)
     keep = {
         n: servable_versions(
-            repo, n, model_format(n, cfg.export, levelset), version, cfg.export.keep_versions
+            repo, n, model_format(n, cfg.export, network_refiner), version, cfg.export.keep_versions
         )
         for n in specs
     }
-    configs = build_configs(specs, cfg.export, params, keep, levelset)
+    configs = build_configs(specs, cfg.export, params, keep, network_refiner)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=repo.parent))
     try:
         parity = {}

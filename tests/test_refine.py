@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 
 from training.refine import (
+    REFINERS,
     ChanVese,
     FixedThreshold,
     GrabCut,
     OtsuThreshold,
     build_refiner,
     present_classes,
-    refine_batch,
 )
 from wsss.config import RefineConfig
 
@@ -21,10 +21,15 @@ def _blob_cam(h=32, w=32, cy=16, cx=16, r=8):
 IMAGE = np.zeros((32, 32, 3), np.uint8)
 
 
-@pytest.mark.parametrize("refiner", [FixedThreshold(0.5), OtsuThreshold()])
+def _call(refiner, cams, scores):
+    """One image through the batched interface."""
+    return refiner(IMAGE[None], np.asarray(scores, np.float32)[None], cams[None])[0]
+
+
+@pytest.mark.parametrize("refiner", [FixedThreshold(False, 0.5), OtsuThreshold(False)])
 def test_binary_blob(refiner):
     cams = np.stack([np.zeros((32, 32), np.float32), _blob_cam()])
-    mask = refiner(IMAGE, cams, [1], binary=True)
+    mask = _call(refiner, cams, [0.2, 0.8])
     assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
     assert mask[16, 16] == 1 and mask[0, 0] == 0
     assert 50 < mask.sum() < 600
@@ -33,14 +38,14 @@ def test_binary_blob(refiner):
 def test_multiclass_overlap_goes_to_the_stronger_cam():
     a, b = _blob_cam(cx=10), _blob_cam(cx=22)
     cams = np.stack([a, b, np.zeros_like(a)])
-    mask = FixedThreshold(0.3)(IMAGE, cams, [0, 1], binary=False)
+    mask = _call(FixedThreshold(True, 0.3), cams, [0.9, 0.8, 0.1])
     assert mask[16, 8] == 1 and mask[16, 24] == 2 and mask[0, 0] == 0
     assert set(np.unique(mask)) == {0, 1, 2}
 
 
 def test_flat_cam_gives_background():
-    cams = np.full((2, 16, 16), 0.7, np.float32)
-    assert OtsuThreshold()(IMAGE[:16, :16], cams, [0], binary=True).sum() == 0
+    cams = np.full((2, 32, 32), 0.7, np.float32)
+    assert _call(OtsuThreshold(False), cams, [0.9, 0.1]).sum() == 0
 
 
 def test_present_classes():
@@ -48,28 +53,59 @@ def test_present_classes():
     assert present_classes(s, False, 0.5) == [1]
     assert present_classes(s, True, 0.5) == [1, 2]
     assert present_classes(np.array([0.1, 0.2]), True, 0.5) == [1]
+    # min_score: nothing is refined when even the top class is unlikely.
+    assert present_classes(np.array([0.01, 0.02]), False, 0.5, min_score=0.1) == []
+    assert present_classes(np.array([0.01, 0.02]), True, 0.5, min_score=0.1) == []
+    assert present_classes(s, True, 0.5, min_score=0.65) == [1]
 
 
-def test_refine_batch_and_registry():
+def test_min_score_gives_an_empty_mask():
+    cams = np.stack([np.zeros((32, 32), np.float32), _blob_cam()])
+    refiner = build_refiner(RefineConfig("otsu", min_score=0.5), multi_label=False)
+    assert _call(refiner, cams, [0.1, 0.3]).sum() == 0
+    assert _call(refiner, cams, [0.1, 0.6]).sum() > 50
+
+
+def test_registry_builds_every_refiner_from_config():
+    assert set(REFINERS) == {"fixed", "otsu", "grabcut", "chanvese", "levelset"}
     cams = np.stack([np.stack([_blob_cam(), _blob_cam(cx=8)])] * 3)
-    masks = refine_batch(
-        build_refiner(RefineConfig("otsu")),
-        np.stack([IMAGE] * 3),
-        cams,
-        [[0], [1], [0, 1]],
-        binary=True,
-    )
-    assert masks.shape == (3, 32, 32)
-    assert build_refiner(RefineConfig("fixed", grabcut=True)).name == "fixed+grabcut"
-    with pytest.raises(ValueError, match="no classical refiner"):
-        build_refiner(RefineConfig("magic"))
-    with pytest.raises(ValueError, match="no classical refiner"):
-        build_refiner(RefineConfig("levelset"))  # a trained network: training.pipeline
+    scores = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
+    refiner = build_refiner(RefineConfig("otsu"), multi_label=True)
+    masks = refiner(np.stack([IMAGE] * 3), scores, cams)
+    assert masks.shape == (3, 32, 32) and set(np.unique(masks[2])) == {0, 1, 2}
+    assert build_refiner(RefineConfig("fixed", grabcut=True), False).name == "fixed+grabcut"
+    assert build_refiner(RefineConfig("otsu", chanvese=True), False).name == "otsu+chanvese15"
+    assert not build_refiner(RefineConfig("otsu"), False).needs_features
+    with pytest.raises(ValueError, match="one of fixed, otsu, levelset"):
+        build_refiner(RefineConfig("magic"), False)
+    with pytest.raises(ValueError, match="trained level-set network"):
+        build_refiner(RefineConfig("levelset"), False)
     with pytest.raises(ValueError, match="exclude each other"):
-        build_refiner(RefineConfig("otsu", grabcut=True, chanvese=True))
-    assert build_refiner(RefineConfig("otsu", chanvese=True)).name == "otsu+chanvese15"
+        build_refiner(RefineConfig("otsu", grabcut=True, chanvese=True), False)
     with pytest.raises(ValueError, match="threshold"):
-        FixedThreshold(1.5)
+        FixedThreshold(False, 1.5)
+
+
+def test_binary_or_class_index_encoding():
+    """Level-set seeds of a binary task need the class index, served masks need 1."""
+    cams = np.stack([_blob_cam(), _blob_cam(cx=8)])
+    served = _call(build_refiner(RefineConfig("otsu"), False), cams, [0.1, 0.9])
+    seeds = _call(build_refiner(RefineConfig("otsu"), False, binary=False), cams, [0.1, 0.9])
+    assert set(np.unique(served)) == {0, 1} and set(np.unique(seeds)) == {0, 2}
+    np.testing.assert_array_equal(served > 0, seeds > 0)
+
+
+def test_pipeline_refines_labels_or_predictions_per_image():
+    """Labelled images use their labels; an image with None uses its predictions."""
+    import torch
+
+    from training.pipeline import Pipeline
+
+    pipe = Pipeline(None, None, OtsuThreshold(False, binary=False))
+    cams = torch.from_numpy(np.stack([np.stack([_blob_cam(), _blob_cam(cx=8)])] * 2))
+    outputs = (torch.tensor([[0.1, 0.9], [0.1, 0.9]]), cams)
+    masks = pipe.refine(np.stack([IMAGE] * 2), outputs, [(0,), None])
+    assert set(np.unique(masks[0])) == {0, 1} and set(np.unique(masks[1])) == {0, 2}
 
 
 def _scene():
@@ -90,7 +126,7 @@ def _iou(a, b):
 
 def test_grabcut_snaps_a_sloppy_cam_mask_to_the_object():
     image, cam, disc = _scene()
-    seed = FixedThreshold(0.3)
+    seed = FixedThreshold(False, 0.3)
     before = seed.foreground(cam, image)
     after = GrabCut(seed, iterations=5).foreground(cam, image)
     assert _iou(before, disc) < 0.8 < 0.95 < _iou(after, disc)
@@ -99,7 +135,7 @@ def test_grabcut_snaps_a_sloppy_cam_mask_to_the_object():
 @pytest.mark.parametrize("case", ["all foreground", "all background", "tiny", "one pixel"])
 def test_grabcut_degenerate_seeds_return_sensible_masks(case):
     image, cam, _ = _scene()
-    refiner = GrabCut(FixedThreshold(0.5))
+    refiner = GrabCut(FixedThreshold(False, 0.5))
     if case == "all foreground":
         cam = np.ones_like(cam)
     elif case == "all background":
@@ -111,14 +147,14 @@ def test_grabcut_degenerate_seeds_return_sensible_masks(case):
         cam[10, 10] = 1.0
     mask = refiner.foreground(cam, image)
     assert mask.shape == cam.shape and mask.dtype == bool
-    assert np.array_equal(mask, FixedThreshold(0.5).foreground(cam, image))
+    assert np.array_equal(mask, FixedThreshold(False, 0.5).foreground(cam, image))
 
 
 def test_grabcut_settings_are_checked():
     with pytest.raises(ValueError, match="iterations"):
-        GrabCut(OtsuThreshold(), iterations=0)
+        GrabCut(OtsuThreshold(False), iterations=0)
     with pytest.raises(ValueError, match="sure_background"):
-        GrabCut(OtsuThreshold(), sure_fg=0.1, sure_bg=0.5)
+        GrabCut(OtsuThreshold(False), sure_fg=0.1, sure_bg=0.5)
 
 
 def test_grabcut_is_deterministic_whatever_ran_before():
@@ -129,7 +165,7 @@ def test_grabcut_is_deterministic_whatever_ran_before():
     image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # noise: k-means init matters
     yy, xx = np.mgrid[:64, :64]
     cam = np.clip(1 - np.hypot(yy - 32, xx - 32) / 26, 0, 1).astype(np.float32)
-    refiner = GrabCut(FixedThreshold(0.3), iterations=3)
+    refiner = GrabCut(FixedThreshold(False, 0.3), iterations=3)
     masks = []
     for seed in (1, 2, 3):
         cv2.setRNGSeed(seed)
@@ -140,7 +176,7 @@ def test_grabcut_is_deterministic_whatever_ran_before():
 def test_chan_vese_moves_an_overshooting_seed_onto_the_object():
     """Classical Chan-Vese from the thresholded CAM: more iterations, closer to the disc."""
     image, cam, truth = _scene()
-    seed = FixedThreshold(0.3)
+    seed = FixedThreshold(False, 0.3)
     start = seed.foreground(cam, image)
     ious = [_iou(ChanVese(seed, n).foreground(cam, image), truth) for n in (1, 15, 50)]
     assert ious[-1] > _iou(start, truth) + 0.1
@@ -149,22 +185,6 @@ def test_chan_vese_moves_an_overshooting_seed_onto_the_object():
 
 def test_chan_vese_passes_degenerate_seeds_through():
     image, cam, _ = _scene()
-    assert not ChanVese(FixedThreshold(0.99), 5).foreground(cam * 0, image).any()
+    assert not ChanVese(FixedThreshold(False, 0.99), 5).foreground(cam * 0, image).any()
     with pytest.raises(ValueError, match=">= 1"):
-        ChanVese(FixedThreshold(), 0)
-
-
-def test_pipeline_refine_encodes_binary_or_class_indices():
-    """Level-set seeds of a binary task need the class index, served masks need 1."""
-    import torch
-
-    from training.pipeline import Pipeline
-
-    pipe = Pipeline(None, None, OtsuThreshold(), multi_label=False)
-    cams = torch.from_numpy(np.stack([np.stack([_blob_cam(), _blob_cam(cx=8)])]))
-    outputs = (torch.tensor([[0.1, 0.9]]), cams)
-    images = IMAGE[None]
-    served = pipe.refine(images, outputs, [[1]])
-    seeds = pipe.refine(images, outputs, [[1]], binary=False)
-    assert set(np.unique(served)) == {0, 1} and set(np.unique(seeds)) == {0, 2}
-    np.testing.assert_array_equal(served > 0, seeds > 0)
+        ChanVese(FixedThreshold(False), 0)

@@ -16,7 +16,7 @@ from serving.client import PipelineClient
 from serving.server import TritonServer
 from tests.conftest import random_export_cfg
 from training.pipeline import pipeline_from_config
-from training.refine import build_refiner, present_classes, refine_batch
+from training.refine import build_refiner
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
@@ -139,7 +139,7 @@ def test_served_refiner_follows_the_refine_and_cam_settings(live):
     np.testing.assert_allclose(got["CAMS"], want["CAMS"], atol=1e-3)
     # GrabCut turns CAM differences of ~1e-5 (ONNX Runtime vs PyTorch) into a few boundary
     # pixels, so the refiner is checked on the served CAMs themselves: exactly equal.
-    classes = [present_classes(s, False, cfg.refine.score_threshold) for s in got["SCORES"]]
-    expected = refine_batch(build_refiner(cfg.refine), images, got["CAMS"], classes, True)
+    refiner = build_refiner(cfg.refine, multi_label=False)
+    expected = refiner(images, got["SCORES"], got["CAMS"])
     assert expected.any() and np.array_equal(got["PSEUDO_MASK"], expected)
-    assert build_refiner(cfg.refine).name == "otsu+grabcut"
+    assert refiner.name == "otsu+grabcut"

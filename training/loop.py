@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from training.models.common import to_input
+from training.models.common import to_pixels
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,7 +94,7 @@ def _run_epoch(model, loader, loss_fn, device, opt, sched, desc) -> float:
     total, count = 0.0, 0
     with torch.set_grad_enabled(training):
         for images, targets, *_ in tqdm(loader, desc=desc, leave=False, disable=desc is None):
-            x = to_input(images.to(device))
+            x = to_pixels(images.to(device))
             loss = loss_fn(model(x), _to(targets, device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()}: lower train.lr")

@@ -15,29 +15,37 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.cams import CAM_METHODS
 from training.levelset.model import ServedLevelSet
 from training.levelset.train import load_levelset
 from training.loop import load_checkpoint
 from training.models import build_classifier, build_segmenter
 from training.models.classifier import CAMClassifier
-from training.models.common import to_input
-from training.refine import Refiner, build_refiner, present_classes, refine_batch
+from training.models.common import to_pixels
+from training.refine import Refiner, build_refiner
 
 
 class ServedClassifier(nn.Module):
-    """IMAGE -> SCORES, CAMS (and FEATURES, the backbone's map, for the level-set refiner)."""
+    """IMAGE -> SCORES, CAMS (and FEATURES, the backbone's map, for refiners that read it)."""
 
-    def __init__(self, net: CAMClassifier, multi_label: bool, features: bool = False):
+    def __init__(
+        self,
+        net: CAMClassifier,
+        multi_label: bool,
+        features: bool = False,
+        cam_method: str | None = None,
+        class_names: Sequence[str] | None = None,
+    ):
         super().__init__()
         self.net, self.multi_label, self.features = net, multi_label, features
+        self.cam_method = cam_method or net.cam_method
+        self.class_names = list(class_names) if class_names is not None else None
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = to_input(images)
+        x = to_pixels(images)
         feats = self.net.forward_features(x)
         logits = self.net.forward_head(feats)
-        cams = CAM_METHODS[self.net.cam_method](feats, self.net.fc.weight, x.shape[-2:])
-        scores = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
+        scores = self.net.class_scores(logits, self.multi_label)
+        cams = self.net.cams(feats, logits, x.shape[-2:], self.cam_method)
         return (scores, cams, feats) if self.features else (scores, cams)
 
 
@@ -47,12 +55,15 @@ class ServedSegmenter(nn.Module):
         self.net = net
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = torch.softmax(self.net(to_input(images)), dim=1)
+        probs = torch.softmax(self.net(to_pixels(images)), dim=1)
         return probs, probs.argmax(dim=1).to(torch.uint8)
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild a classifier or segmenter from a checkpoint (weights only: no pickled code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: train that stage first (`wsss train`)")
     ckpt = load_checkpoint(path)
     meta = ckpt["meta"]
     build = build_classifier if meta["family"] == "classifier" else build_segmenter
@@ -62,65 +73,99 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
 
 
 def one_hot(classes: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
-    """Image-level labels as the scores a refiner step reads (1 for each present class)."""
+    """Image-level labels as the scores a refiner reads (1 for each present class)."""
     out = np.zeros((len(classes), num_classes), np.float32)
     for row, cls in zip(out, classes, strict=True):
         row[list(cls)] = 1.0
     return out
 
 
+def translate_labels(
+    labels: Sequence[Sequence[int]],
+    data_names: Sequence[str],
+    class_names: Sequence[str] | None,
+) -> list[tuple[int, ...] | None]:
+    """Image labels (indices into the data's classes) -> the classifier's, matched by name.
+
+    The same labels when the names agree (a task head, or ``class_names`` None). An ImageNet
+    head's classes are its groups: labels it has no group for are dropped (a VOC photo's
+    ``person``), and an image left with none gets None: its pseudo-mask then follows the
+    classifier's predictions, as served.
+    """
+    if class_names is None or list(data_names) == list(class_names):
+        return [tuple(x) for x in labels]
+    index = {name: i for i, name in enumerate(class_names)}
+    out = []
+    for image_labels in labels:
+        mapped = tuple(index[data_names[c]] for c in image_labels if data_names[c] in index)
+        out.append(mapped or None)
+    return out
+
+
+def mask_values(data_names: Sequence[str], class_names: Sequence[str] | None) -> np.ndarray | None:
+    """uint8 lookup from a class-index mask of the classifier's classes to the data's (by
+    name; classes the data lacks become background), or None when they already agree."""
+    if class_names is None or list(data_names) == list(class_names):
+        return None
+    index = {name: i for i, name in enumerate(data_names)}
+    table = np.zeros(256, np.uint8)
+    table[255] = 255
+    for i, name in enumerate(class_names):
+        table[i + 1] = index[name] + 1 if name in index else 0
+    return table
+
+
 @dataclass
 class Pipeline:
-    """Classifier -> refiner -> segmenter, as the ``wsss_pipeline`` ensemble runs them.
+    """Classifier -> refiner -> segmenter, as the ``wsss_pipeline`` ensemble runs them."""
 
-    ``refiner`` is a classical ``Refiner`` (numpy, per image) or the level-set network
-    (``ServedLevelSet``, which reads the classifier's features as well).
-    """
-
-    classifier: ServedClassifier
+    classifier: ServedClassifier | None
     segmenter: ServedSegmenter | None
-    refiner: Refiner | ServedLevelSet
-    multi_label: bool
-    score_threshold: float = 0.5
+    refiner: Refiner | None
+
+    @property
+    def multi_label(self) -> bool:
+        return self.classifier.multi_label
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The classifier's classes (None: the data's own, as for a task head)."""
+        return self.classifier.class_names
 
     @torch.inference_mode()
     def classify(self, images: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """SCORES, CAMS and (for the level-set refiner) FEATURES of uint8 [B, H, W, 3]."""
+        """SCORES, CAMS and (for refiners that read them) FEATURES of uint8 [B, H, W, 3]."""
         return self.classifier(torch.from_numpy(np.ascontiguousarray(images)))
 
-    @torch.inference_mode()
     def refine(
         self,
         images: np.ndarray,
         outputs: tuple[torch.Tensor, ...],
-        classes: Sequence[Sequence[int]] | None = None,
-        binary: bool | None = None,
+        classes: Sequence[Sequence[int] | None] | None = None,
     ) -> np.ndarray:
-        """Pseudo-masks for the classes given (image labels), else for the predicted ones.
+        """Pseudo-masks of the classes given (image labels), else of the predicted ones.
 
-        ``binary`` (default: single-label task) makes a classical refiner write 1 for every
-        object pixel, else class + 1 (the level-set seeds of a binary task need the class).
-        The served level-set graph fixes its own encoding, the task's.
+        ``classes`` holds one entry per image: its labels in the classifier's classes, or
+        None where they are unknown (then that image's predictions decide, as served).
         """
-        scores, cams, *features = outputs
-        binary = not self.multi_label if binary is None else binary
-        if isinstance(self.refiner, ServedLevelSet):
-            if classes is not None:
-                scores = torch.from_numpy(one_hot(classes, scores.shape[1]))
-            x = torch.from_numpy(np.ascontiguousarray(images))
-            return self.refiner(x, scores, cams, features[0]).numpy()
-        if classes is None:
-            classes = [
-                present_classes(s, self.multi_label, self.score_threshold) for s in scores.numpy()
-            ]
-        return refine_batch(self.refiner, images, cams.numpy(), classes, binary)
+        scores, cams, *features = (t.numpy() for t in outputs)
+        if classes is not None:
+            labelled = [c is not None for c in classes]
+            hot = one_hot([c or () for c in classes], scores.shape[1])
+            scores = np.where(np.array(labelled)[:, None], hot, scores)
+        return self.refiner(images, scores, cams, features[0] if features else None)
 
     @torch.inference_mode()
+    def segment(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """SEG_PROBS and SEGMENTATION of uint8 [B, H, W, 3]."""
+        probs, seg = self.segmenter(torch.from_numpy(np.ascontiguousarray(images)))
+        return probs.numpy(), seg.numpy()
+
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 [B, H, W, 3] -> the ensemble's outputs, keyed by their served names."""
         outputs = self.classify(images)
         pseudo = self.refine(images, outputs)
-        probs, seg = (t.numpy() for t in self.segmenter(torch.from_numpy(images)))
+        probs, seg = self.segment(images)
         return {
             "SCORES": outputs[0].numpy(),
             "CAMS": outputs[1].numpy(),
@@ -130,26 +175,28 @@ class Pipeline:
         }
 
 
-def refine_step(cfg) -> tuple[ServedClassifier, Refiner | ServedLevelSet, dict]:
+def refine_step(cfg, binary: bool | None = None) -> tuple[ServedClassifier, Refiner, dict]:
     """The served classifier and refiner the config names, and the classifier's metadata
-    (task, class names), from the run's checkpoints.
+    (task, class names), from the run's checkpoints: the one place that reads them.
 
     For ``refine.method: levelset`` all come from the level-set checkpoint: it holds the
     backbone the level-set head was trained on (fine-tuned or not).
     """
     runs = Path(cfg.runs)
+    levelset = None
     if cfg.refine.method == "levelset":
         net, head, ls_meta = load_levelset(runs / "levelset" / "best.pt")
         meta = ls_meta["classifier"]
         multi = meta["task"] == "voc"
-        refiner: Refiner | ServedLevelSet = ServedLevelSet(head, multi, cfg.refine.score_threshold)
+        levelset = ServedLevelSet(head, multi, cfg.refine.score_threshold, cfg.refine.min_score)
     else:
         net, meta = load_model(runs / "classifier" / "best.pt")
         multi = meta["task"] == "voc"
-        refiner = build_refiner(cfg.refine)
-    net.cam_method = cfg.classifier.cam_method
-    served = ServedClassifier(net, multi, features=isinstance(refiner, ServedLevelSet)).eval()
-    return served, refiner, meta
+    refiner = build_refiner(cfg.refine, multi, binary, levelset)
+    served = ServedClassifier(
+        net, multi, refiner.needs_features, cfg.classifier.cam_method, meta["class_names"]
+    )
+    return served.eval(), refiner, meta
 
 
 def pipeline_from_config(cfg, segmenter: bool = True) -> Pipeline:
@@ -158,4 +205,4 @@ def pipeline_from_config(cfg, segmenter: bool = True) -> Pipeline:
     if segmenter:
         net, _ = load_model(Path(cfg.runs) / "segmenter" / "best.pt")
         seg = ServedSegmenter(net).eval()
-    return Pipeline(classifier, seg, refiner, classifier.multi_label, cfg.refine.score_threshold)
+    return Pipeline(classifier, seg, refiner)

@@ -1,18 +1,31 @@
-"""Pseudo-mask refiners: CAMs (+ the image) in, a class-index mask out, behind one interface.
+"""Pseudo-mask refiners behind one batched interface, and the one registry of them.
 
-A refiner decides, for one class at a time, which pixels are that class's foreground
-(``foreground``). The shared ``__call__`` combines classes: a pixel claimed by several present
-classes goes to the one whose CAM is strongest there; unclaimed pixels are background. A
-refiner that reasons about all classes jointly overrides ``__call__`` instead.
+Every refiner is called the same way, like the refine step of the served ensemble:
+
+    masks = refiner(images, scores, cams, features)
+
+uint8 images [B, H, W, 3], class scores [B, K] (predictions when serving; one-hot image
+labels when making training pseudo-masks or scoring them), [0, 1] CAMs [B, K, H, W], and the
+backbone's feature map [B, C, h, w] for the refiners that declare ``needs_features``; out come
+uint8 masks [B, H, W]: 0 background, else 1 (``binary``) or class + 1.
+
+Like pytorch-grad-cam's ``BaseCAM``, the base class owns the shared steps and a refiner
+overrides one: the classical refiners (fixed or Otsu threshold, then optionally GrabCut or
+Chan-Vese) say which pixels are one class's foreground (``ClassicalRefiner.foreground``) and
+inherit how classes combine; the FNO level set is a network and overrides the whole call.
+``served`` says how the repository serves each: ``python`` (this module, in Triton's Python
+backend) or ``network`` (an exported graph, ``module``).
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable
+from typing import ClassVar, Literal
 
 import cv2
 import numpy as np
+import torch
 from skimage.color import rgb2gray
 from skimage.filters import threshold_otsu
 from skimage.segmentation import chan_vese
@@ -20,35 +33,81 @@ from skimage.segmentation import chan_vese
 from wsss.config import RefineConfig
 
 
+def present_classes(
+    scores: np.ndarray, multi_label: bool, threshold: float, min_score: float = 0.0
+) -> list[int]:
+    """Classes to refine: top-1, or all at or above ``threshold`` (at least the top one);
+    none when even the top score is below ``min_score``."""
+    top = int(scores.argmax())
+    if scores[top] < min_score:
+        return []
+    if not multi_label:
+        return [top]
+    above = np.flatnonzero(scores >= max(threshold, min_score))
+    return [int(c) for c in above] if len(above) else [top]
+
+
 class Refiner(abc.ABC):
-    name = "base"
+    """(images, scores, cams, features) -> masks; see the module docstring."""
+
+    name: str = "base"
+    needs_features: ClassVar[bool] = False
+    served: ClassVar[Literal["python", "network"]] = "python"
+
+    def __init__(
+        self,
+        multi_label: bool,
+        binary: bool | None = None,
+        score_threshold: float = 0.5,
+        min_score: float = 0.0,
+    ):
+        self.multi_label = multi_label
+        self.binary = not multi_label if binary is None else binary
+        self.score_threshold, self.min_score = score_threshold, min_score
+
+    def present(self, scores: np.ndarray) -> list[int]:
+        return present_classes(scores, self.multi_label, self.score_threshold, self.min_score)
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        images: np.ndarray,
+        scores: np.ndarray,
+        cams: np.ndarray,
+        features: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """uint8 masks [B, H, W]."""
+
+
+class ClassicalRefiner(Refiner):
+    """Per class and image: ``foreground`` of its CAM; a pixel claimed by several present
+    classes goes to the one whose CAM is strongest there, unclaimed pixels to background."""
 
     @abc.abstractmethod
     def foreground(self, cam: np.ndarray, image: np.ndarray) -> np.ndarray:
         """Boolean HxW foreground of one class from its [0, 1] CAM and the RGB image."""
 
-    def __call__(
-        self, image: np.ndarray, cams: np.ndarray, classes: Sequence[int], binary: bool
-    ) -> np.ndarray:
-        """uint8 HxW mask: 0 background, else ``1`` (binary) or ``class + 1`` (multi-class).
+    def __call__(self, images, scores, cams, features=None):
+        return np.stack(
+            [self.refine_one(img, s, c) for img, s, c in zip(images, scores, cams, strict=True)]
+        )
 
-        ``cams`` is [K, H, W] in [0, 1]; ``classes`` are the classes present (labels at
-        training time, predictions at serving time); ``binary`` folds them into one foreground.
-        """
+    def refine_one(self, image: np.ndarray, scores: np.ndarray, cams: np.ndarray) -> np.ndarray:
         h, w = cams.shape[-2:]
         mask = np.zeros((h, w), np.uint8)
         best = np.full((h, w), -1.0, np.float32)
-        for c in classes:
+        for c in self.present(scores):
             fg = self.foreground(cams[c], image) & (cams[c] > best)
-            mask[fg] = 1 if binary else c + 1
+            mask[fg] = 1 if self.binary else c + 1
             best[fg] = cams[c][fg]
         return mask
 
 
-class FixedThreshold(Refiner):
+class FixedThreshold(ClassicalRefiner):
     name = "fixed"
 
-    def __init__(self, threshold: float = 0.5):
+    def __init__(self, multi_label: bool, threshold: float = 0.5, **kwargs):
+        super().__init__(multi_label, **kwargs)
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), not {threshold}")
         self.threshold = threshold
@@ -57,7 +116,7 @@ class FixedThreshold(Refiner):
         return cam >= self.threshold
 
 
-class OtsuThreshold(Refiner):
+class OtsuThreshold(ClassicalRefiner):
     """Otsu's threshold of the CAM histogram (scikit-image), per class and image."""
 
     name = "otsu"
@@ -68,7 +127,15 @@ class OtsuThreshold(Refiner):
         return cam > threshold_otsu(cam)
 
 
-class GrabCut(Refiner):
+class SeededRefiner(ClassicalRefiner):
+    """A refinement that starts from a threshold refiner's mask (its ``seed``)."""
+
+    def __init__(self, seed: ClassicalRefiner):
+        super().__init__(seed.multi_label, seed.binary, seed.score_threshold, seed.min_score)
+        self.seed = seed
+
+
+class GrabCut(SeededRefiner):
     """OpenCV GrabCut seeded from a threshold refiner's mask and the CAM's confident bands.
 
     Pixels with CAM >= ``sure_fg`` are fixed foreground, <= ``sure_bg`` fixed background;
@@ -81,14 +148,18 @@ class GrabCut(Refiner):
     min_pixels = 16  # per side; GrabCut's 5-component colour models need a handful each
 
     def __init__(
-        self, seed: Refiner, iterations: int = 5, sure_fg: float = 0.8, sure_bg: float = 0.05
+        self,
+        seed: ClassicalRefiner,
+        iterations: int = 5,
+        sure_fg: float = 0.8,
+        sure_bg: float = 0.05,
     ):
+        super().__init__(seed)
         if iterations < 1:
             raise ValueError("grabcut_iterations must be >= 1")
         if not 0.0 <= sure_bg < sure_fg <= 1.0:
             raise ValueError("need 0 <= sure_background < sure_foreground <= 1")
-        self.seed, self.iterations = seed, iterations
-        self.sure_fg, self.sure_bg = sure_fg, sure_bg
+        self.iterations, self.sure_fg, self.sure_bg = iterations, sure_fg, sure_bg
         self.name = f"{seed.name}+grabcut"
 
     def foreground(self, cam, image):
@@ -108,7 +179,7 @@ class GrabCut(Refiner):
         return (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
 
 
-class ChanVese(Refiner):
+class ChanVese(SeededRefiner):
     """Classical iterative Chan-Vese (scikit-image) on the grey image, from the seed's mask.
 
     The baseline of paper 003's efficiency table: the level set starts as the thresholded CAM
@@ -116,10 +187,11 @@ class ChanVese(Refiner):
     (``tol=0``), so its cost can be compared step for step with the FNO evolution.
     """
 
-    def __init__(self, seed: Refiner, iterations: int = 15, mu: float = 0.25):
+    def __init__(self, seed: ClassicalRefiner, iterations: int = 15, mu: float = 0.25):
+        super().__init__(seed)
         if iterations < 1:
             raise ValueError("chanvese_iterations must be >= 1")
-        self.seed, self.iterations, self.mu = seed, iterations, mu
+        self.iterations, self.mu = iterations, mu
         self.name = f"{seed.name}+chanvese{iterations}"
 
     def foreground(self, cam, image):
@@ -133,45 +205,72 @@ class ChanVese(Refiner):
         )
 
 
-def build_refiner(cfg: RefineConfig) -> Refiner:
-    """The refiner a RefineConfig describes: a threshold, then optionally GrabCut or Chan-Vese.
+class LevelSetRefiner(Refiner):
+    """Paper 003's FNO level-set refiner: a trained network (``training.levelset``).
 
-    ``method: levelset`` is a trained network, built by ``training.pipeline`` instead.
+    ``module`` is the graph the repository serves (``ServedLevelSet``: IMAGE, SCORES, CAMS,
+    FEATURES -> PSEUDO_MASK); this class runs it on numpy batches like any refiner.
     """
-    if cfg.method == "fixed":
-        refiner: Refiner = FixedThreshold(cfg.threshold)
-    elif cfg.method == "otsu":
-        refiner = OtsuThreshold()
-    else:
-        raise ValueError(f"refine.method {cfg.method!r} has no classical refiner: fixed or otsu")
+
+    name = "levelset (FNO)"
+    needs_features = True
+    served = "network"
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__(module.multi_label, None, module.score_threshold, module.min_score)
+        self.module = module.eval()
+
+    @torch.inference_mode()
+    def __call__(self, images, scores, cams, features=None):
+        if features is None:
+            raise ValueError("the level-set refiner needs the classifier's FEATURES")
+        tensors = (torch.from_numpy(np.ascontiguousarray(a)) for a in (images, scores, cams))
+        return self.module(*tensors, torch.from_numpy(np.ascontiguousarray(features))).numpy()
+
+
+# The registry: refine.method -> the first step; refine.grabcut / refine.chanvese -> the
+# refinement that follows it. ``build_refiner`` is the one place that reads RefineConfig.
+REFINERS: dict[str, Callable[..., Refiner]] = {
+    "fixed": FixedThreshold,
+    "otsu": OtsuThreshold,
+    "grabcut": GrabCut,
+    "chanvese": ChanVese,
+    "levelset": LevelSetRefiner,
+}
+
+
+def build_refiner(
+    cfg: RefineConfig,
+    multi_label: bool,
+    binary: bool | None = None,
+    levelset: torch.nn.Module | None = None,
+) -> Refiner:
+    """The refiner a RefineConfig describes.
+
+    ``levelset`` is the trained ``ServedLevelSet`` that ``refine.method: levelset`` needs
+    (``training.pipeline.refine_step`` loads it from the run's checkpoint).
+    """
+    if cfg.method not in ("fixed", "otsu", "levelset"):
+        raise ValueError(f"refine.method {cfg.method!r}: one of fixed, otsu, levelset")
+    if cfg.method == "levelset":
+        if levelset is None:
+            raise ValueError("refine.method levelset needs the trained level-set network")
+        if cfg.grabcut or cfg.chanvese:
+            raise ValueError("refine.grabcut and refine.chanvese follow a threshold, not levelset")
+        return REFINERS["levelset"](levelset)
+    presence = {
+        "binary": binary,
+        "score_threshold": cfg.score_threshold,
+        "min_score": cfg.min_score,
+    }
+    extra = {"threshold": cfg.threshold} if cfg.method == "fixed" else {}
+    refiner = REFINERS[cfg.method](multi_label, **extra, **presence)
     if cfg.grabcut and cfg.chanvese:
         raise ValueError("refine.grabcut and refine.chanvese exclude each other: pick one")
     if cfg.grabcut:
-        refiner = GrabCut(refiner, cfg.grabcut_iterations, cfg.sure_foreground, cfg.sure_background)
+        refiner = REFINERS["grabcut"](
+            refiner, cfg.grabcut_iterations, cfg.sure_foreground, cfg.sure_background
+        )
     if cfg.chanvese:
-        refiner = ChanVese(refiner, cfg.chanvese_iterations)
+        refiner = REFINERS["chanvese"](refiner, cfg.chanvese_iterations)
     return refiner
-
-
-def present_classes(scores: np.ndarray, multi_label: bool, threshold: float) -> list[int]:
-    """Classes to refine when serving: top-1, or all above ``threshold`` (at least one)."""
-    if not multi_label:
-        return [int(scores.argmax())]
-    above = np.flatnonzero(scores >= threshold)
-    return [int(c) for c in above] if len(above) else [int(scores.argmax())]
-
-
-def refine_batch(
-    refiner: Refiner,
-    images: np.ndarray,
-    cams: np.ndarray,
-    classes: Sequence[Sequence[int]],
-    binary: bool,
-) -> np.ndarray:
-    """uint8 [B, H, W] masks for a batch; the same code runs in-process and inside Triton."""
-    return np.stack(
-        [
-            refiner(img, cam, cls, binary)
-            for img, cam, cls in zip(images, cams, classes, strict=True)
-        ]
-    )

@@ -11,7 +11,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from export.triton_models.respond import respond
-from training.refine import build_refiner, present_classes, refine_batch
+from training.refine import build_refiner
 from wsss.config import RefineConfig
 
 
@@ -19,10 +19,8 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.multi_label = params["multi_label"] == "true"
-        refine = RefineConfig(**json.loads(params["refine"]))
-        self.score_threshold = refine.score_threshold
-        self.refiner = build_refiner(refine)
+        multi_label = params["multi_label"] == "true"
+        self.refiner = build_refiner(RefineConfig(**json.loads(params["refine"])), multi_label)
         self.inputs = [i["name"] for i in config["input"]]
         (self.output,) = [o["name"] for o in config["output"]]
 
@@ -35,6 +33,5 @@ class TritonPythonModel:
         )
         if not np.isfinite(cams).all():
             raise ValueError("CAMS holds NaN or infinite values")
-        classes = [present_classes(s, self.multi_label, self.score_threshold) for s in scores]
-        mask = refine_batch(self.refiner, image, cams, classes, not self.multi_label)
+        mask = self.refiner(image, scores, cams)
         return [pb_utils.Tensor(self.output, np.ascontiguousarray(mask, dtype=np.uint8))]

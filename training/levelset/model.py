@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.levelset.spectral import SpectralConv2d
-from training.models.common import to_input
+from training.models.common import Normalize, to_pixels
 
 
 class LevelSetInit(nn.Module):
@@ -152,15 +152,19 @@ class LevelSetHead(nn.Module):
         return phi0, self.evolution(phi0) if self.evolve else phi0
 
 
-def present_classes_mask(scores: torch.Tensor, multi_label: bool, threshold: float) -> torch.Tensor:
-    """Bool [B, K]: top-1 (pets), or every class at or above ``threshold`` (voc, at least one).
+def present_classes_mask(
+    scores: torch.Tensor, multi_label: bool, threshold: float, min_score: float = 0.0
+) -> torch.Tensor:
+    """Bool [B, K]: top-1 (pets), or every class at or above ``threshold`` (voc, at least
+    the top one); none where even the top score is below ``min_score``.
 
     The graph form of ``training.refine.present_classes``; it also takes one-hot labels.
     """
-    top = scores == scores.max(dim=1, keepdim=True).values
+    best = scores.max(dim=1, keepdim=True).values
+    top = (scores == best) & (best >= min_score)
     if not multi_label:
         return top
-    above = scores >= threshold
+    above = scores >= max(threshold, min_score)
     # Logical ops, not torch.where: ONNX Runtime has no Where kernel for bool tensors.
     return above | (top & ~above.any(dim=1, keepdim=True))
 
@@ -186,14 +190,23 @@ class ServedLevelSet(nn.Module):
     DFT products spread a non-finite value over the whole level set, and NaN is never < 0.
     """
 
-    def __init__(self, head: LevelSetHead, multi_label: bool, score_threshold: float = 0.5):
+    def __init__(
+        self,
+        head: LevelSetHead,
+        multi_label: bool,
+        score_threshold: float = 0.5,
+        min_score: float = 0.0,
+    ):
         super().__init__()
-        self.head, self.multi_label, self.score_threshold = head, multi_label, score_threshold
-        self.name = "levelset (FNO)"
+        self.head, self.multi_label = head, multi_label
+        self.score_threshold, self.min_score = score_threshold, min_score
+        self.normalize = Normalize()  # the level set's image convention: ImageNet statistics
 
     def forward(
         self, images: torch.Tensor, scores: torch.Tensor, cams: torch.Tensor, features: torch.Tensor
     ) -> torch.Tensor:
-        present = present_classes_mask(scores, self.multi_label, self.score_threshold)
-        phi = self.head(features, to_input(images), cams)[1]
+        present = present_classes_mask(
+            scores, self.multi_label, self.score_threshold, self.min_score
+        )
+        phi = self.head(features, self.normalize(to_pixels(images)), cams)[1]
         return levelset_mask(phi, present, not self.multi_label)

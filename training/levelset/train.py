@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.cams import CAM_METHODS
 from training.levelset.energy import signed_distance, weighted_chan_vese_energy
 from training.levelset.model import LevelSetHead
 from training.loop import load_checkpoint
 from training.models import build_classifier
 from training.models.classifier import CAMClassifier
+from training.models.common import Normalize
 from wsss.config import LevelSetConfig
 
 
@@ -41,6 +41,7 @@ class LevelSetModel(nn.Module):
         super().__init__()
         self.classifier, self.head, self.finetune = classifier, head, finetune
         self.classifier.requires_grad_(finetune)
+        self.normalize = Normalize()  # the level set's image convention: ImageNet statistics
 
     def train(self, mode: bool = True) -> LevelSetModel:
         super().train(mode)
@@ -48,15 +49,18 @@ class LevelSetModel(nn.Module):
             self.classifier.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> LevelSetOutput:
+    def forward(self, pixels: torch.Tensor) -> LevelSetOutput:
+        """[0, 1] pixels -> everything eq 27 reads."""
+        net = self.classifier
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.finetune):
-            features = self.classifier.forward_features(x)
-        fc = self.classifier.fc
-        logits = fc(features.mean(dim=(2, 3)))
-        pixel_logits = torch.einsum("bchw,kc->bkhw", features, fc.weight) + fc.bias[:, None, None]
-        cams = CAM_METHODS[self.classifier.cam_method](features, fc.weight, x.shape[-2:])
+            features = net.forward_features(pixels)
+        raw = net.forward_head(features)
+        cams = net.cams(features, raw, pixels.shape[-2:])
+        x = self.normalize(pixels)
         phi0, phi = self.head(features, x, cams)
-        return LevelSetOutput(x, features, logits, pixel_logits, phi0, phi)
+        return LevelSetOutput(
+            x, features, net.class_logits(raw), net.pixel_logits(features, raw), phi0, phi
+        )
 
 
 def sdf_targets(masks: np.ndarray, num_classes: int, clip: float) -> np.ndarray:
