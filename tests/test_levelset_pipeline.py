@@ -55,23 +55,24 @@ def test_training_writes_checkpoint_and_pseudo_masks(levelset_cfg):
 
 
 def test_levelset_study_reports_every_row(levelset_cfg):
-    from training.levelset.study import ABLATION, CHANVESE_ITERATIONS, run_levelset_study
+    from training.levelset.study import ABLATION, CHANVESE_ITERATIONS, UNTRAINED, run_levelset_study
 
     cfg = dataclasses.replace(
         levelset_cfg, levelset=dataclasses.replace(levelset_cfg.levelset, epochs=1)
     )
-    result = run_levelset_study(cfg)
-    names = [r["refiner"] for r in result["rows"]]
-    assert len(names) == 2 + len(CHANVESE_ITERATIONS) + len(ABLATION)
-    assert "CAM + otsu (no level set)" in names and "MSE + energy" in names
-    for r in result["rows"]:
-        assert 0 <= r["iou"] <= 1 and r["refine_ms_per_image"] > 0
-    assert (Path(cfg.evaluate.out) / "levelset" / "levelset.md").exists()
-    assert (Path(cfg.evaluate.out) / "levelset" / "levelset_examples.png").exists()
+    table = run_levelset_study(cfg)
+    out = Path(cfg.evaluate.out) / "levelset"
+    rows = json.loads((out / "levelset.json").read_text())["rows"]
+    names = [r["refiner"] for r in rows]
+    assert len(names) == 2 + len(CHANVESE_ITERATIONS) + len(ABLATION) + 1
+    assert "CAM + otsu (no level set)" in names and "MSE + energy" in names and UNTRAINED in names
+    assert all("pseudo_iou" in r and r["refine_ms"] > 0 for r in rows)
+    assert "| level set | MSE + energy |" in table
+    assert (out / "levelset.md").exists() and (out / "levelset.png").stat().st_size > 1000
 
 
 def test_refiner_speed_benchmark_prints_ratios(levelset_cfg):
-    from training.levelset.study import refiner_speed, speed_table
+    from benchmarks.refiners import refiner_speed, speed_table
 
     result = refiner_speed(levelset_cfg, size=48, images=2, repeat=2)
     rows = {r["refiner"]: r for r in result["rows"]}

