@@ -45,3 +45,32 @@ def test_configs_saved_by_older_runs_still_load(tmp_path):
     assert load_config(None, ["levelset.feature_energy=false"]).levelset.feature_energy == 0.0
     with pytest.raises(ConfigError, match="expected float"):
         load_config(None, ["levelset.lambda_energy=true"])
+
+
+def test_cli_stage_names_mirror_training():
+    from training import stages
+    from wsss import cli
+
+    assert cli.STAGES == stages.STAGES and cli.DEFAULT_STAGES == stages.DEFAULT_STAGES
+
+
+def test_class_groups_from_yaml_and_overrides(tmp_path):
+    from training.models.imagenet import expand_ids, parse_class_groups
+
+    cfg = load_config(
+        None,
+        ["classifier.head=imagenet", "classifier.class_groups={cat: ['281-285'], fox: [277, 278]}"],
+    )
+    names, groups = parse_class_groups(cfg.classifier.class_groups)
+    assert names == ["cat", "fox"] and groups == [[281, 282, 283, 284, 285], [277, 278]]
+    with pytest.raises(ConfigError, match="class_groups"):
+        load_config(None, ["classifier.class_groups=[1, 2]"])
+    for bad in (["5-1"], ["cat"], [1000], []):
+        with pytest.raises(ValueError, match="class group"):
+            expand_ids(bad)
+
+
+def test_old_study_settings_become_refiners(tmp_path):
+    saved = tmp_path / "config.yaml"
+    saved.write_text("evaluate:\n  thresholds: [otsu]\n  grabcut: [false, true]\n")
+    assert load_config(saved).evaluate.refiners == ["otsu", "otsu+grabcut"]

@@ -12,12 +12,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from training.data.dataset import WSSSDataset, random_resized_crop_flip
-from training.data.layouts import IGNORE, read_class_names, segmentation_classes
+from training.data.layouts import IGNORE, segmentation_classes
 from training.levelset.model import LevelSetHead
 from training.levelset.train import LevelSetLoss, LevelSetModel, head_kwargs
-from training.loop import fit, resolve_device
+from training.loop import fit, resolve_device, save_checkpoint
 from training.models import build_classifier, build_segmenter
-from training.pipeline import Pipeline, ServedClassifier, load_model, refine_step
+from training.models.imagenet import imagenet_class_names, parse_class_groups
+from training.pipeline import (
+    Pipeline,
+    ServedClassifier,
+    load_model,
+    refine_step,
+    translate_labels,
+)
 from training.refine import build_refiner
 from wsss.config import Config, save_config
 
@@ -52,8 +59,7 @@ def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_train_set(cfg: Config) -> WSSSDataset:
-    k = len(read_class_names(cfg.data.root, cfg.data.task))
-    return WSSSDataset(cfg.data.root, cfg.data.task, "train", cfg.data.image_size, k)
+    return WSSSDataset(cfg.data.root, cfg.data.task, "train", cfg.data.image_size)
 
 
 def _loaders(cfg: Config, train: Dataset, val: Dataset) -> tuple[DataLoader, DataLoader]:
@@ -64,26 +70,66 @@ def _loaders(cfg: Config, train: Dataset, val: Dataset) -> tuple[DataLoader, Dat
     ), DataLoader(val, **kw)
 
 
-def train_classifier(cfg: Config, data: WSSSDataset) -> nn.Module:
-    """Image-level labels only: cross-entropy (pets) or binary cross-entropy (voc)."""
-    _seed(cfg)
+def classifier_setup(cfg: Config, data_names: list[str]) -> tuple[dict, list[str]]:
+    """The classifier's builder arguments and class names, as the config describes them.
+
+    A task head has the data's classes. The ImageNet head has its groups' names, or the
+    1000 ImageNet classes when no groups are given.
+    """
+    c = cfg.classifier
+    if c.head == "imagenet":
+        if c.class_groups:
+            names, groups = parse_class_groups(c.class_groups)
+        else:
+            names, groups = list(imagenet_class_names()), None
+    else:
+        names, groups = list(data_names), None
     kwargs = {
-        "num_classes": data.num_classes,
-        "output_stride": cfg.classifier.output_stride,
-        "weights": cfg.classifier.weights,
+        "num_classes": len(names),
+        "output_stride": c.output_stride,
+        "weights": c.weights,
+        "head": c.head,
+        "class_groups": groups,
     }
+    return kwargs, names
+
+
+def train_classifier(cfg: Config, data: WSSSDataset | None) -> nn.Module:
+    """Image-level labels only: cross-entropy (pets) or binary cross-entropy (voc).
+
+    With ``classifier.head: imagenet`` there is nothing to train: the pretrained head is the
+    classifier, written as this stage's checkpoint so every later stage reads it the same way.
+    """
+    _seed(cfg)
+    kwargs, names = classifier_setup(cfg, data.class_names if data is not None else [])
+    imagenet = cfg.classifier.head == "imagenet"
+    if imagenet and not (cfg.classifier.pretrained or cfg.classifier.weights):
+        raise ValueError("classifier.head=imagenet needs classifier.pretrained=true or weights")
     model = build_classifier(cfg.classifier.arch, pretrained=cfg.classifier.pretrained, **kwargs)
-    tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
-    loss = nn.CrossEntropyLoss() if cfg.data.task == "pets" else nn.BCEWithLogitsLoss()
     # The checkpoint rebuilds the architecture; its weights then replace any pretrained ones.
     meta = {
         "family": "classifier",
         "arch": cfg.classifier.arch,
         "task": cfg.data.task,
         "kwargs": kwargs | {"weights": None},
-        "class_names": read_class_names(cfg.data.root, cfg.data.task),
+        "class_names": names,
     }
+    if imagenet:
+        out = Path(cfg.runs) / "classifier"
+        out.mkdir(parents=True, exist_ok=True)
+        save_checkpoint({"state_dict": model.state_dict(), "meta": meta}, out / "best.pt")
+        save_config(cfg, out / "config.yaml")
+        tqdm.write(f"classifier: the ImageNet head, {len(names)} classes: nothing to train")
+        return model.eval()
+    tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
+    loss = nn.CrossEntropyLoss() if cfg.data.task == "pets" else nn.BCEWithLogitsLoss()
     return _train(cfg, model, _View(data, tr, True), _View(data, va, False), loss, meta)
+
+
+def data_labels(data: WSSSDataset, class_names: list[str]) -> list[tuple[int, ...] | None]:
+    """Each image's labels in the classifier's classes (``translate_labels``)."""
+    labels = [s.labels for s in data.samples]
+    return translate_labels(labels, data.class_names, class_names)
 
 
 class _LevelSetView(_View):
@@ -94,24 +140,28 @@ class _LevelSetView(_View):
         return image, (mask, self.base.target(int(self.indices[k])))
 
 
-def seed_masks(cfg: Config, classifier: nn.Module, data: WSSSDataset) -> np.ndarray:
+def seed_masks(cfg: Config, classifier: nn.Module, data: WSSSDataset, names: list[str]):
     """The CAM masks of eq 10, one class index (+ 1) per pixel, from the image labels.
 
     Each labelled class's CAM is thresholded as ``levelset.seed`` says; overlaps go to the
     strongest CAM, unclaimed pixels to the background.
     """
-    classifier.cam_method = cfg.classifier.cam_method
     multi = cfg.data.task == "voc"
-    served = ServedClassifier(classifier, multi_label=multi).eval()
+    served = ServedClassifier(classifier, multi, cam_method=cfg.classifier.cam_method).eval()
     seed = dataclasses.replace(cfg.refine, method=cfg.levelset.seed, grabcut=False, chanvese=False)
-    pipe = Pipeline(served, None, build_refiner(seed), multi_label=multi)
-    return _masks(pipe, data, cfg.train.batch_size, "seed masks", binary=False)
+    pipe = Pipeline(served, None, build_refiner(seed, multi, binary=False))
+    return _masks(pipe, data, data_labels(data, names), cfg.train.batch_size, "seed masks")
 
 
 def train_levelset(cfg: Config, data: WSSSDataset, classifier: nn.Module, cmeta: dict) -> nn.Module:
     """Level-set initialisation + FNO evolution on the classifier's features (eq 27)."""
+    if cmeta["class_names"] != data.class_names:
+        raise ValueError(
+            "the level-set refiner learns the task's classes: train it from a task head "
+            "(classifier.head=task), not the ImageNet head"
+        )
     _seed(cfg)
-    seeds = seed_masks(cfg, classifier, data)
+    seeds = seed_masks(cfg, classifier, data, cmeta["class_names"])
     feature_channels = classifier.fc.in_features
     kwargs = head_kwargs(cfg.levelset, feature_channels, data.num_classes, data.size)
     model = LevelSetModel(classifier, LevelSetHead(**kwargs), cfg.levelset.finetune)
@@ -132,25 +182,48 @@ def train_levelset(cfg: Config, data: WSSSDataset, classifier: nn.Module, cmeta:
 
 
 def make_pseudo_masks(cfg: Config, data: WSSSDataset) -> np.ndarray:
-    """Refined CAM masks for every training image, from its image-level labels."""
-    classifier, refiner, _ = refine_step(cfg)
-    pipe = Pipeline(classifier, None, refiner, classifier.multi_label)
-    return _masks(pipe, data, cfg.train.batch_size, f"pseudo-masks ({refiner.name})")
+    """Refined CAM masks for every training image, from its image-level labels.
+
+    An image whose labels the classifier has no class for (an ImageNet head's groups that
+    miss some of the data's classes) gets the pseudo-mask of its predictions instead, as
+    served; where even its top score is below ``refine.min_score`` it gets none (255, so the
+    segmenter ignores it rather than learn that the object is background).
+    """
+    classifier, refiner, meta = refine_step(cfg)
+    pipe = Pipeline(classifier, None, refiner)
+    labels = data_labels(data, meta["class_names"])
+    desc = f"pseudo-masks ({refiner.name})"
+    return _masks(pipe, data, labels, cfg.train.batch_size, desc, cfg.refine.min_score)
 
 
 def _masks(
-    pipe: Pipeline, data: WSSSDataset, bs: int, desc: str, binary: bool | None = None
+    pipe: Pipeline,
+    data: WSSSDataset,
+    labels: list,
+    bs: int,
+    desc: str,
+    min_score: float = 0.0,
 ) -> np.ndarray:
     out = np.empty((len(data),) + data.masks.shape[1:], np.uint8)
     for start in tqdm(range(0, len(data), bs), desc=desc, leave=False):
         images = data.images[start : start + bs]
-        labels = [data.samples[i].labels for i in range(start, start + len(images))]
-        out[start : start + bs] = pipe.refine(images, pipe.classify(images), labels, binary)
+        batch = labels[start : start + bs]
+        outputs = pipe.classify(images)
+        masks = pipe.refine(images, outputs, batch)
+        unsure = outputs[0].numpy().max(axis=1) < min_score
+        masks[np.array([ls is None for ls in batch]) & unsure] = IGNORE
+        out[start : start + bs] = masks
     return out
 
 
-def train_segmenter(cfg: Config, data: WSSSDataset, pseudo: np.ndarray) -> nn.Module:
-    """Fully supervised on the pseudo-masks; validation loss is on held-out pseudo-masks too."""
+def train_segmenter(
+    cfg: Config, data: WSSSDataset, masks: np.ndarray, supervised: bool = False
+) -> nn.Module:
+    """The segmenter, fully supervised on ``masks``: the pseudo-masks (the weakly supervised
+    result), or with ``supervised`` the ground truth (the upper bound every weakly supervised
+    row is read against), written to ``<runs>/supervised``. Boundary pixels (255) are
+    ignored; validation loss is on held-out masks of the same kind.
+    """
     _seed(cfg)
     kwargs = {
         "num_classes": segmentation_classes(cfg.data.task, data.num_classes),
@@ -159,14 +232,18 @@ def train_segmenter(cfg: Config, data: WSSSDataset, pseudo: np.ndarray) -> nn.Mo
     }
     model = build_segmenter(cfg.segmenter.arch, **kwargs)
     tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
-    train, val = _View(data, tr, True, pseudo[tr]), _View(data, va, False, pseudo[va])
+    train, val = _View(data, tr, True, masks[tr]), _View(data, va, False, masks[va])
     meta = {
         "family": "segmenter",
         "arch": cfg.segmenter.arch,
         "task": cfg.data.task,
         "kwargs": kwargs,
+        "targets": "ground truth" if supervised else "pseudo-masks",
     }
-    return _train(cfg, model, train, val, nn.CrossEntropyLoss(ignore_index=IGNORE), meta)
+    out = "supervised" if supervised else "segmenter"
+    loss = nn.CrossEntropyLoss(ignore_index=IGNORE)
+    seg = cfg.segmenter
+    return _train(cfg, model, train, val, loss, meta, seg.epochs, seg.lr, out=out)
 
 
 def _seed(cfg: Config) -> None:
@@ -183,10 +260,12 @@ def _train(
     meta: dict,
     epochs: int | None = None,
     lr: float | None = None,
+    out: str | None = None,
 ) -> nn.Module:
-    """The one training loop on seeded loaders; the resolved config lands beside the best.pt."""
+    """The one training loop on seeded loaders; the resolved config lands beside the best.pt
+    in ``<runs>/<out>`` (default: the model's family)."""
     family = meta["family"]
-    out = Path(cfg.runs) / family
+    out = Path(cfg.runs) / (out or family)
     fit(
         model,
         *_loaders(cfg, train, val),
@@ -203,10 +282,13 @@ def _train(
     return model.cpu().eval()
 
 
-STAGES = ("classifier", "levelset", "pseudo", "segmenter")
+# The weakly supervised chain, in order; ``supervised`` (the segmenter on the true masks,
+# the upper bound) runs only when named.
+STAGES = ("classifier", "levelset", "pseudo", "segmenter", "supervised")
+DEFAULT_STAGES = STAGES[:4]
 
 
-def run(cfg: Config, stages: tuple[str, ...] = STAGES) -> None:
+def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
     """Train what ``stages`` names; later stages reuse the saved checkpoint of earlier ones.
 
     ``levelset`` runs only with ``refine.method: levelset`` (and is trained if missing).
@@ -214,22 +296,25 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES) -> None:
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGES)}")
-    data = load_train_set(cfg)
+    # Loaded once, and only when a stage reads it (the ImageNet head trains on nothing).
+    imagenet_only = tuple(stages) == ("classifier",) and cfg.classifier.head == "imagenet"
+    data = None if imagenet_only else load_train_set(cfg)
     runs = Path(cfg.runs)
     if "classifier" in stages:
         train_classifier(cfg, data)
+    needs_pseudo = "pseudo" in stages or "segmenter" in stages
     if cfg.refine.method == "levelset" and (
-        "levelset" in stages or not (runs / "levelset" / "best.pt").exists()
+        "levelset" in stages or (needs_pseudo and not (runs / "levelset" / "best.pt").exists())
     ):
         classifier, cmeta = load_model(runs / "classifier" / "best.pt")
         train_levelset(cfg, data, classifier, cmeta)
     pseudo_path = runs / "pseudo" / "train_masks.npz"
-    if "pseudo" in stages or not pseudo_path.exists():
+    if "pseudo" in stages or ("segmenter" in stages and not pseudo_path.exists()):
         pseudo = make_pseudo_masks(cfg, data)
         pseudo_path.parent.mkdir(parents=True, exist_ok=True)
         names = np.array([s.name for s in data.samples])
         np.savez_compressed(pseudo_path, masks=pseudo, names=names)
-    else:
-        pseudo = np.load(pseudo_path)["masks"]
     if "segmenter" in stages:
-        train_segmenter(cfg, data, pseudo)
+        train_segmenter(cfg, data, np.load(pseudo_path)["masks"])
+    if "supervised" in stages:
+        train_segmenter(cfg, data, data.masks, supervised=True)

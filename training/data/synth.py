@@ -2,13 +2,19 @@
 
 Oxford-IIIT Pet and PASCAL VOC cannot be downloaded here, so `wsss data synth` builds a
 stand-in from real material that ships in packages: animal silhouettes (``animal-mnist``,
-10 classes), photos and textures (``skimage.data``). Each animal is a smooth upscaled
-silhouette filled with a photo or texture patch and pasted on another texture among
-distractor blobs cut from the same texture pool. Like pet breeds, each class usually wears a
-coat of its own (a texture and hue), but the same coats appear on clutter, so colour alone
-never gives the animal away: a classifier must combine coat and shape, its CAM lights up
-the discriminative parts rather than the whole body and fires on look-alike clutter, which
-is the gap that WSSS pseudo-mask refinement exists to close.
+10 classes), photos and textures (``skimage.data``, matplotlib's sample photo).
+
+Two difficulties:
+
+- ``standard`` keeps the properties WSSS relies on in Oxford-IIIT Pet: the animal is the
+  subject of the photo (15-60% of the image; 8-30% each for the one to three animals of the
+  voc flavour), its coat (a texture pattern in a colour of its class, as a breed's fur) and
+  its shape give its class, backgrounds and clutter are natural-colour crops of real photos
+  and textures that mostly differ from any coat. A classifier's evidence is then spread over
+  the whole animal, as on real pets.
+- ``hard`` is the earlier adversarial set: animals wear their class's coat only 70% of the
+  time, clutter is cut from the same coats, and animals fill 55-85% of the side. Colour
+  alone misleads, CAMs cover discriminative parts and fire on look-alike clutter.
 
 Everything is drawn from one seeded generator: the same options write the same bytes.
 """
@@ -31,10 +37,22 @@ from training.data.layouts import VOC_PALETTE
 ANIMALS = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 
 # skimage.data images bundled in the wheel (others are fetched from the web and fail offline).
+# The hard set's pool: coats, backgrounds and clutter are all cut from it.
 _TEXTURE_SOURCES = (
     "astronaut", "chelsea", "coffee", "rocket", "brick", "grass", "gravel", "camera",
     "coins", "moon", "text", "hubble_deep_field", "immunohistochemistry", "page",
 )  # fmt: skip
+# The standard set's backgrounds and clutter: real photos and textures in their own colours.
+_PHOTO_SOURCES = (
+    "astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "retina",
+    "hubble_deep_field", "immunohistochemistry", "brick", "grass", "gravel", "camera",
+    "coins", "moon", "clock", "page", "grace_hopper",
+)  # fmt: skip
+# The standard set's coats: one grey pattern per class, worn in a colour of the class.
+_COAT_PATTERNS = (
+    "gravel", "grass", "chelsea", "brick", "coins", "moon", "text", "camera", "cell", "clock",
+)  # fmt: skip
+DIFFICULTIES = ("standard", "hard")
 
 
 @dataclass(frozen=True)
@@ -44,9 +62,7 @@ class SynthOptions:
     size: int = 128
     seed: int = 0
     test_fraction: float = 0.25
-    # How often an animal wears its class's coat (texture + hue) rather than a random one.
-    # Clutter draws from the same pool, so coats alone mislead; shape has to help.
-    coat_prob: float = 0.7
+    difficulty: str = "standard"  # or "hard", the adversarial set (module docstring)
 
 
 def load_silhouettes() -> tuple[np.ndarray, np.ndarray]:
@@ -65,67 +81,79 @@ def load_silhouettes() -> tuple[np.ndarray, np.ndarray]:
     return shapes, labels
 
 
-def load_textures() -> list[np.ndarray]:
-    """RGB uint8 photos and textures, each at least 256 px on its short side."""
-    import skimage.data
+def _skimage_photo(name: str) -> np.ndarray:
+    """RGB uint8 of a photo bundled offline (skimage.data, or matplotlib's sample photo)."""
+    if name == "grace_hopper":
+        import matplotlib.cbook
 
-    out = []
-    for name in _TEXTURE_SOURCES:
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+            img = np.asarray(Image.open(f).convert("RGB"))
+    else:
+        import skimage.data
+
         img = getattr(skimage.data, name)()
-        if img.ndim == 2:
-            img = np.stack([img] * 3, axis=-1)
-        img = np.ascontiguousarray(img[..., :3]).astype(np.uint8)
-        short = min(img.shape[:2])
-        if short < 256:
-            scale = 256 / short
-            img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
-        out.append(img)
-    return out
+        img = img[0] if isinstance(img, tuple) else img  # stereo pairs: the left view
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
+
+
+def _at_least(img: np.ndarray, short: int = 256) -> np.ndarray:
+    if min(img.shape[:2]) >= short:
+        return img
+    scale = short / min(img.shape[:2])
+    return cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+
+
+def load_textures(names: tuple[str, ...] = _TEXTURE_SOURCES) -> list[np.ndarray]:
+    """RGB uint8 photos and textures, each at least 256 px on its short side."""
+    return [_at_least(_skimage_photo(name)) for name in names]
 
 
 class Compositor:
-    """Draws one composite at a time from a seeded generator."""
+    """Draws one composite at a time from a seeded generator, in either difficulty."""
 
-    def __init__(self, size: int, rng: np.random.Generator, coat_prob: float = 0.7):
-        self.size = size
-        self.rng = rng
-        self.coat_prob = coat_prob
+    hard_coat_prob = 0.7  # hard: how often an animal wears its class's coat
+
+    def __init__(self, size: int, rng: np.random.Generator, difficulty: str = "standard"):
+        if difficulty not in DIFFICULTIES:
+            raise ValueError(f"unknown difficulty {difficulty!r}: one of {DIFFICULTIES}")
+        self.size, self.rng, self.difficulty = size, rng, difficulty
         self.shapes, self.labels = load_silhouettes()
         self.by_class = [np.flatnonzero(self.labels == c) for c in range(len(ANIMALS))]
-        self.textures = load_textures()
+        if difficulty == "hard":
+            self.textures = load_textures()
+        else:
+            self.photos = load_textures(_PHOTO_SOURCES)
+            self.patterns = [
+                cv2.cvtColor(t, cv2.COLOR_RGB2GRAY) for t in load_textures(_COAT_PATTERNS)
+            ]
 
-    def texture_patch(
-        self, exclude: set[int] = frozenset(), source: int | None = None, hue: int | None = None
-    ) -> tuple[np.ndarray, int]:
-        """A random crop of a texture (random unless ``source``), rescaled, flipped, jittered.
+    # -- shared pieces ---------------------------------------------------------------------
 
-        ``hue`` fixes the hue shift (a class coat) up to a small jitter; else it is random.
-        """
-        choices = [i for i in range(len(self.textures)) if i not in exclude]
-        idx = int(self.rng.choice(choices)) if source is None else source
-        src = self.textures[idx]
+    def _crop(self, src: np.ndarray, low: float) -> np.ndarray:
+        """A random square crop of ``low``-100% of the short side, resized to the image size."""
         s = self.size
-        crop = int(self.rng.uniform(0.3, 1.0) * min(src.shape[:2]))
-        crop = max(crop, s // 2)
+        crop = max(int(self.rng.uniform(low, 1.0) * min(src.shape[:2])), s // 2)
         y = int(self.rng.integers(0, src.shape[0] - crop + 1))
         x = int(self.rng.integers(0, src.shape[1] - crop + 1))
         patch = cv2.resize(src[y : y + crop, x : x + crop], (s, s), interpolation=cv2.INTER_AREA)
-        if self.rng.random() < 0.5:
-            patch = patch[:, ::-1]
-        hsv = cv2.cvtColor(np.ascontiguousarray(patch), cv2.COLOR_RGB2HSV).astype(np.int32)
-        shift = self.rng.integers(0, 180) if hue is None else hue + self.rng.integers(-6, 7)
-        hsv[..., 0] = (hsv[..., 0] + shift) % 180
-        hsv[..., 1] = np.clip(hsv[..., 1] * self.rng.uniform(0.6, 1.4) + 20, 0, 255)
-        hsv[..., 2] = np.clip(hsv[..., 2] * self.rng.uniform(0.7, 1.2), 0, 255)
-        return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB), idx
+        return np.ascontiguousarray(patch[:, ::-1] if self.rng.random() < 0.5 else patch)
 
-    def silhouette(self, cls: int, scale: float) -> np.ndarray:
-        """A smooth float alpha in [0, 1] of one animal of class ``cls``, ``scale`` of the side."""
+    def silhouette(self, cls: int, scale: float | None = None, area: float | None = None):
+        """A smooth float alpha in [0, 1] of one animal of class ``cls``.
+
+        Sized by ``scale`` (its longer side, as a fraction of the image side) or by ``area``
+        (the fraction of the image it covers, capped where it would outgrow the image).
+        """
         shape = self.shapes[int(self.rng.choice(self.by_class[cls]))].astype(np.float32) / 255
         ys, xs = np.nonzero(shape > 0.5)
         shape = shape[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-        side = max(8, int(scale * self.size))
         h, w = shape.shape
+        if area is not None:
+            fill = float((shape > 0.5).mean())
+            scale = min(1.0, np.sqrt(area / fill / (h * w)) * max(h, w))
+        side = max(8, int(scale * self.size))
         f = side / max(h, w)
         big = cv2.resize(shape, (max(2, int(w * f)), max(2, int(h * f))), cv2.INTER_CUBIC)
         # Blur then re-threshold: the 28 px staircase becomes a smooth contour; a narrow
@@ -148,46 +176,40 @@ class Compositor:
         alpha = np.clip((1.0 - dist + 0.6 * (field - 0.5)) * 6, 0, 1)
         return alpha.astype(np.float32)
 
-    def place(self, alpha: np.ndarray) -> np.ndarray:
-        """Paste a small alpha at a random position of a full-size canvas (may be clipped)."""
+    def place(self, alpha: np.ndarray, inside: bool = False) -> np.ndarray:
+        """Paste a small alpha at a random position of a full-size canvas.
+
+        ``inside`` keeps it whole; otherwise up to a sixth of it may be cut by the border.
+        """
         s = self.size
         canvas = np.zeros((s, s), np.float32)
         h, w = alpha.shape
-        y = int(self.rng.integers(-h // 6, max(1, s - h + h // 6)))
-        x = int(self.rng.integers(-w // 6, max(1, s - w + w // 6)))
+        if inside:
+            y = int(self.rng.integers(0, max(1, s - h + 1)))
+            x = int(self.rng.integers(0, max(1, s - w + 1)))
+        else:
+            y = int(self.rng.integers(-h // 6, max(1, s - h + h // 6)))
+            x = int(self.rng.integers(-w // 6, max(1, s - w + w // 6)))
         y0, x0 = max(0, y), max(0, x)
         y1, x1 = min(s, y + h), min(s, x + w)
         canvas[y0:y1, x0:x1] = alpha[y0 - y : y1 - y, x0 - x : x1 - x]
         return canvas
 
-    def coat(self, cls: int, bg_idx: int) -> np.ndarray:
-        """The animal's fill: usually its class's coat (as breeds have), else any texture."""
-        source, hue = cls % len(self.textures), (37 * cls) % 180
-        if self.rng.random() < self.coat_prob and source != bg_idx:
-            return self.texture_patch(source=source, hue=hue)[0]
-        return self.texture_patch(exclude={bg_idx})[0]
+    def _paint(self, image: np.ndarray, alpha: np.ndarray, fill: np.ndarray) -> np.ndarray:
+        """Alpha-blend ``fill`` lit from a random side: real photos always show shading."""
+        s = self.size
+        yy, xx = np.mgrid[:s, :s] / s
+        angle = self.rng.uniform(0, 2 * np.pi)
+        shade = 0.85 + 0.3 * (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]
+        a = alpha[..., None]
+        return image * (1 - a) + np.clip(fill * shade, 0, 255) * a
 
     def compose(self, classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """An RGB image and a label map (0 = background, c + 1 = animal of class c)."""
-        s = self.size
-        background, bg_idx = self.texture_patch()
-        image = background.astype(np.float32)
-        for _ in range(int(self.rng.integers(2, 6))):
-            fill, _ = self.texture_patch(exclude={bg_idx})
-            a = self.blob()[..., None]
-            image = image * (1 - a) + fill * a
-        label = np.zeros((s, s), np.uint8)
-        scale_range = (0.55, 0.85) if len(classes) == 1 else (0.4, 0.65)
-        for cls in classes:
-            alpha = self.place(self.silhouette(cls, self.rng.uniform(*scale_range)))
-            fill = self.coat(cls, bg_idx)
-            # Soft shading: animals are lit from one side, which real photos always show.
-            yy, xx = np.mgrid[:s, :s] / s
-            angle = self.rng.uniform(0, 2 * np.pi)
-            shade = 0.85 + 0.3 * (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]
-            a = alpha[..., None]
-            image = image * (1 - a) + np.clip(fill * shade, 0, 255) * a
-            label[alpha > 0.5] = cls + 1
+        if self.difficulty == "hard":
+            image, label = self._compose_hard(classes)
+        else:
+            image, label = self._compose_standard(classes)
         # Camera noise so no pixel value is exactly a texture's.
         image = image + self.rng.normal(0, 3, image.shape)
         return np.clip(image, 0, 255).astype(np.uint8), label
@@ -199,6 +221,87 @@ class Compositor:
             counts = np.bincount(label.ravel(), minlength=len(ANIMALS) + 1)
             if all(counts[c + 1] >= min_pixels for c in classes):
                 return image, label
+        return image, label
+
+    # -- standard: the animal is the subject, its coat and shape give its class ------------
+
+    def photo_patch(self, exclude: int | None = None) -> tuple[np.ndarray, int]:
+        """A crop of a real photo or texture in its own colours (brightness jittered)."""
+        choices = [i for i in range(len(self.photos)) if i != exclude]
+        idx = int(self.rng.choice(choices))
+        patch = self._crop(self.photos[idx], 0.3).astype(np.float32)
+        return np.clip(patch * self.rng.uniform(0.8, 1.15), 0, 255), idx
+
+    def class_coat(self, cls: int) -> np.ndarray:
+        """The class's pattern in the class's colour: hues 18 apart (of OpenCV's 180)."""
+        pattern = self._crop(self.patterns[cls % len(self.patterns)], 0.25).astype(np.float32)
+        lo, hi = np.percentile(pattern, (2, 98))
+        value = 70 + 175 * np.clip((pattern - lo) / max(hi - lo, 1.0), 0, 1)
+        hue = (18 * cls + 9 + self.rng.integers(-4, 5)) % 180
+        hsv = np.stack(
+            [np.full_like(value, hue), np.full_like(value, self.rng.uniform(150, 220)), value], -1
+        )
+        return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB).astype(np.float32)
+
+    def _compose_standard(self, classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        s = self.size
+        image, bg = self.photo_patch()
+        for _ in range(int(self.rng.integers(1, 5))):
+            fill, _ = self.photo_patch(exclude=bg)
+            a = self.blob()[..., None]
+            image = image * (1 - a) + fill * a
+        label = np.zeros((s, s), np.uint8)
+        areas = (0.15, 0.6) if len(classes) == 1 else (0.08, 0.3)
+        for cls in classes:
+            shape = self.silhouette(cls, area=self.rng.uniform(*areas))
+            # Of a few placements, the one hiding least of the animals already there: VOC's
+            # animals overlap, but rarely hide each other whole.
+            tries = [self.place(shape, inside=True) for _ in range(4 if label.any() else 1)]
+            alpha = min(tries, key=lambda a: float(((a > 0.5) & (label > 0)).sum()))
+            image = self._paint(image, alpha, self.class_coat(cls))
+            label[alpha > 0.5] = cls + 1
+        return image, label
+
+    # -- hard: the earlier adversarial set ---------------------------------------------------
+
+    def texture_patch(
+        self, exclude: set[int] = frozenset(), source: int | None = None, hue: int | None = None
+    ) -> tuple[np.ndarray, int]:
+        """A random crop of a texture (random unless ``source``), rescaled, flipped, jittered.
+
+        ``hue`` fixes the hue shift (a class coat) up to a small jitter; else it is random.
+        """
+        choices = [i for i in range(len(self.textures)) if i not in exclude]
+        idx = int(self.rng.choice(choices)) if source is None else source
+        patch = self._crop(self.textures[idx], 0.3)
+        hsv = cv2.cvtColor(patch, cv2.COLOR_RGB2HSV).astype(np.int32)
+        shift = self.rng.integers(0, 180) if hue is None else hue + self.rng.integers(-6, 7)
+        hsv[..., 0] = (hsv[..., 0] + shift) % 180
+        hsv[..., 1] = np.clip(hsv[..., 1] * self.rng.uniform(0.6, 1.4) + 20, 0, 255)
+        hsv[..., 2] = np.clip(hsv[..., 2] * self.rng.uniform(0.7, 1.2), 0, 255)
+        return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB), idx
+
+    def coat(self, cls: int, bg_idx: int) -> np.ndarray:
+        """The animal's fill: usually its class's coat (as breeds have), else any texture."""
+        source, hue = cls % len(self.textures), (37 * cls) % 180
+        if self.rng.random() < self.hard_coat_prob and source != bg_idx:
+            return self.texture_patch(source=source, hue=hue)[0]
+        return self.texture_patch(exclude={bg_idx})[0]
+
+    def _compose_hard(self, classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        s = self.size
+        background, bg_idx = self.texture_patch()
+        image = background.astype(np.float32)
+        for _ in range(int(self.rng.integers(2, 6))):
+            fill, _ = self.texture_patch(exclude={bg_idx})
+            a = self.blob()[..., None]
+            image = image * (1 - a) + fill * a
+        label = np.zeros((s, s), np.uint8)
+        scale_range = (0.55, 0.85) if len(classes) == 1 else (0.4, 0.65)
+        for cls in classes:
+            alpha = self.place(self.silhouette(cls, self.rng.uniform(*scale_range)))
+            image = self._paint(image, alpha, self.coat(cls, bg_idx))
+            label[alpha > 0.5] = cls + 1
         return image, label
 
 
@@ -218,7 +321,7 @@ def write_synth(root: str | Path, opts: SynthOptions) -> Path:
         raise ValueError(f"synth needs count >= {len(ANIMALS)} and size >= 32")
     root = Path(root)
     rng = np.random.default_rng(opts.seed)
-    comp = Compositor(opts.size, rng, opts.coat_prob)
+    comp = Compositor(opts.size, rng, opts.difficulty)
     n_test = max(1, int(round(opts.count * opts.test_fraction)))
     band = max(1, opts.size // 96)
     records = []
