@@ -59,7 +59,9 @@ def refiner_speed(cfg: Config, size: int | None = None, images: int = 8, repeat:
     levelset = ServedLevelSet(head, multi, cfg.refine.score_threshold).eval()
     samples = [resize_image(img, (size, size)) for img in data.images[:images]]
     labels = [data.samples[i].labels for i in range(len(samples))]
-    seeded = dataclasses.replace(cfg.refine, method=cfg.levelset.seed)
+    seeded = dataclasses.replace(
+        cfg.refine, method=cfg.levelset.seed, grabcut=False, chanvese=False
+    )
     classical = {"Otsu threshold": build_refiner(seeded, multi)}
     grabcut = dataclasses.replace(seeded, grabcut=True, grabcut_iterations=5)
     classical["GrabCut (5 it.)"] = build_refiner(grabcut, multi)

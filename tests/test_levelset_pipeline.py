@@ -57,8 +57,12 @@ def test_training_writes_checkpoint_and_pseudo_masks(levelset_cfg):
 def test_levelset_study_reports_every_row(levelset_cfg):
     from training.levelset.study import ABLATION, CHANVESE_ITERATIONS, UNTRAINED, run_levelset_study
 
+    # From a profile whose own refiner is fixed + GrabCut (as the quick profile's is): the
+    # classical rows and the level sets must not inherit it.
     cfg = dataclasses.replace(
-        levelset_cfg, levelset=dataclasses.replace(levelset_cfg.levelset, epochs=1)
+        levelset_cfg,
+        levelset=dataclasses.replace(levelset_cfg.levelset, epochs=1),
+        refine=dataclasses.replace(levelset_cfg.refine, method="fixed", grabcut=True),
     )
     table = run_levelset_study(cfg)
     out = Path(cfg.evaluate.out) / "levelset"
@@ -67,6 +71,9 @@ def test_levelset_study_reports_every_row(levelset_cfg):
     assert len(names) == 2 + len(CHANVESE_ITERATIONS) + len(ABLATION) + 1
     assert "CAM + otsu (no level set)" in names and "MSE + energy" in names and UNTRAINED in names
     assert all("pseudo_iou" in r and r["refine_ms"] > 0 for r in rows)
+    by = {r["refiner"]: r for r in rows}
+    plain, grabcut = by["CAM + otsu (no level set)"], by["CAM + otsu + GrabCut"]
+    assert plain["refine_ms"] < grabcut["refine_ms"] / 3  # the seed row ran no GrabCut
     assert "| level set | MSE + energy |" in table
     assert (out / "levelset.md").exists() and (out / "levelset.png").stat().st_size > 1000
 

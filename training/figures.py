@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
@@ -21,10 +22,16 @@ def colourise(mask: np.ndarray) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The image with each class region tinted in its palette colour and outlined in white
+    (VOC's dark colours alone vanish on dark photos)."""
     colour = colourise(mask).astype(np.float32)
     keep = ((mask > 0) & (mask != IGNORE))[..., None]
-    out = np.where(keep, (1 - alpha) * image + alpha * colour, image)
-    return out.astype(np.uint8)
+    out = np.where(keep, (1 - alpha) * image + alpha * colour, image).astype(np.uint8)
+    for value in np.unique(mask[(mask > 0) & (mask != IGNORE)]):
+        region = (mask == value).astype(np.uint8)
+        contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(out, contours, -1, (255, 255, 255), 1)
+    return out
 
 
 def panel_figure(

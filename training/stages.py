@@ -161,6 +161,8 @@ def train_levelset(cfg: Config, data: WSSSDataset, classifier: nn.Module, cmeta:
             "(classifier.head=task), not the ImageNet head"
         )
     _seed(cfg)
+    # The head learns from the CAMs the served classifier will give it.
+    classifier.cam_method = cfg.classifier.cam_method
     seeds = seed_masks(cfg, classifier, data, cmeta["class_names"])
     feature_channels = classifier.fc.in_features
     kwargs = head_kwargs(cfg.levelset, feature_channels, data.num_classes, data.size)

@@ -55,7 +55,7 @@ def run_levelset_study(cfg: Config, train: bool = True) -> str:
         pipes[name] = pipe
 
     # One classifier for every classical row: they differ only in the refiner.
-    seeded = dataclasses.replace(cfg.refine, method=seed)
+    seeded = dataclasses.replace(cfg.refine, method=seed, grabcut=False, chanvese=False)
     classifier, _, meta = refine_step(dataclasses.replace(cfg, refine=seeded))
     multi = classifier.multi_label
 
@@ -75,7 +75,9 @@ def run_levelset_study(cfg: Config, train: bool = True) -> str:
         variant = dataclasses.replace(
             cfg,
             runs=str(runs),
-            refine=dataclasses.replace(cfg.refine, method="levelset"),
+            refine=dataclasses.replace(
+                cfg.refine, method="levelset", grabcut=False, chanvese=False
+            ),
             levelset=dataclasses.replace(
                 ls, lambda_mse=ls.lambda_mse * mse, lambda_energy=ls.lambda_energy * energy
             ),
@@ -104,9 +106,7 @@ def untrained_levelset(cfg: Config, meta: dict) -> Pipeline:
     net, _ = load_model(Path(cfg.runs) / "classifier" / "best.pt")
     multi = meta["task"] == "voc"
     served = ServedClassifier(net, multi, True, cfg.classifier.cam_method, meta["class_names"])
-    with torch.no_grad():
-        channels = served(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))[2].shape[1]
     torch.manual_seed(cfg.train.seed)
-    kwargs = head_kwargs(cfg.levelset, channels, net.num_classes, cfg.data.image_size)
+    kwargs = head_kwargs(cfg.levelset, net.fc.in_features, net.num_classes, cfg.data.image_size)
     module = ServedLevelSet(LevelSetHead(**kwargs), multi, cfg.refine.score_threshold)
     return Pipeline(served.eval(), None, LevelSetRefiner(module))
