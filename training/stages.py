@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -218,13 +219,24 @@ def _masks(
     return out
 
 
+class SegmentationLoss(nn.Module):
+    """Cross-entropy over the labelled pixels (255 ignored). A batch with none, all boundary
+    or unknown, contributes nothing: torch's mean over zero pixels would be NaN."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not (target != IGNORE).any():
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, target, ignore_index=IGNORE)
+
+
 def train_segmenter(
     cfg: Config, data: WSSSDataset, masks: np.ndarray, supervised: bool = False
 ) -> nn.Module:
     """The segmenter, fully supervised on ``masks``: the pseudo-masks (the weakly supervised
     result), or with ``supervised`` the ground truth (the upper bound every weakly supervised
     row is read against), written to ``<runs>/supervised``. Boundary pixels (255) are
-    ignored; validation loss is on held-out masks of the same kind.
+    ignored, and images with no pseudo-mask at all (255 everywhere) are left out; validation
+    loss is on held-out masks of the same kind.
     """
     _seed(cfg)
     kwargs = {
@@ -233,7 +245,14 @@ def train_segmenter(
         "depth": cfg.segmenter.depth,
     }
     model = build_segmenter(cfg.segmenter.arch, **kwargs)
-    tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
+    usable = (masks != IGNORE).any(axis=(1, 2))
+    if not usable.any():
+        raise ValueError("no training image has a pseudo-mask: nothing to train the segmenter on")
+    if not usable.all():
+        tqdm.write(f"segmenter: {int((~usable).sum())} of {len(masks)} images have no mask")
+    tr, va = (idx[usable[idx]] for idx in _split(len(data), cfg.data.val_fraction, cfg.train.seed))
+    if not len(va):  # every held-out image lacked a mask: hold out one that has one
+        tr, va = tr[1:], tr[:1]
     train, val = _View(data, tr, True, masks[tr]), _View(data, va, False, masks[va])
     meta = {
         "family": "segmenter",
@@ -243,9 +262,8 @@ def train_segmenter(
         "targets": "ground truth" if supervised else "pseudo-masks",
     }
     out = "supervised" if supervised else "segmenter"
-    loss = nn.CrossEntropyLoss(ignore_index=IGNORE)
     seg = cfg.segmenter
-    return _train(cfg, model, train, val, loss, meta, seg.epochs, seg.lr, out=out)
+    return _train(cfg, model, train, val, SegmentationLoss(), meta, seg.epochs, seg.lr, out=out)
 
 
 def _seed(cfg: Config) -> None:
