@@ -25,7 +25,7 @@ from training.levelset.train import load_levelset
 from training.models.common import to_pixels
 from training.pipeline import ServedClassifier, one_hot
 from training.refine import build_refiner
-from training.studies import test_set
+from training.studies import load_test_set
 from wsss.config import Config
 from wsss.images import resize_image
 from wsss.tensors import REFINER, served_models
@@ -51,18 +51,19 @@ def refiner_speed(cfg: Config, size: int | None = None, images: int = 8, repeat:
     refine the image's labelled classes; so does the FNO (all K level sets evolve at once,
     whatever the number of classes present).
     """
-    data = test_set(cfg)
+    data = load_test_set(cfg)
     size = size or cfg.data.image_size
     net, head, meta = load_levelset(Path(cfg.runs) / "levelset" / "best.pt")
     multi = meta["classifier"]["task"] == "voc"
     classifier = ServedClassifier(net, multi, True, cfg.classifier.cam_method).eval()
-    levelset = ServedLevelSet(head, multi, cfg.refine.score_threshold).eval()
+    refine = cfg.refine
+    levelset = ServedLevelSet(head, multi, refine.score_threshold, refine.min_score).eval()
     samples = [resize_image(img, (size, size)) for img in data.images[:images]]
     labels = [data.samples[i].labels for i in range(len(samples))]
     seeded = dataclasses.replace(
         cfg.refine, method=cfg.levelset.seed, grabcut=False, chanvese=False
     )
-    classical = {"Otsu threshold": build_refiner(seeded, multi)}
+    classical = {f"{cfg.levelset.seed.capitalize()} threshold": build_refiner(seeded, multi)}
     grabcut = dataclasses.replace(seeded, grabcut=True, grabcut_iterations=5)
     classical["GrabCut (5 it.)"] = build_refiner(grabcut, multi)
     for n in CHANVESE_ITERATIONS:

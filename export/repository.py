@@ -68,6 +68,13 @@ def export_repository(cfg: Config) -> ExportResult:
             f"the ImageNet head without classifier.class_groups has {len(names)} classes: "
             f"CAMS would be {mb:.0f} MB per image; give class_groups to serve it"
         )
+    seg_names = smeta.get("class_names")
+    if multi_label and seg_names is not None and seg_names != names:
+        raise ExportError(
+            "PSEUDO_MASK would number the classifier's classes and SEGMENTATION the data's, "
+            f"which differ ({', '.join(names)} vs {', '.join(seg_names)}); give "
+            "classifier.class_groups one group per data class, in the data's order"
+        )
     network_refiner = refiner.served == "network"  # an exported graph, not a Python model
     features = None
     if refiner.needs_features:
@@ -168,7 +175,11 @@ def _write_metadata(folder: Path, cfg: Config, class_names: list[str], parity: d
 
 
 def servable_versions(repo: Path, name: str, fmt: str, new: int, keep: int) -> list[int]:
-    """The newest ``keep`` versions of ``name`` (``new`` included) holding its model file."""
+    """The newest ``keep`` versions of ``name`` (``new`` included) holding its model file.
+
+    A Python model's older version is kept only if its ``model.py`` is the current one: it
+    imports the installed project, and an older file may call what no longer exists.
+    """
     if keep < 1:
         raise ValueError("export.keep_versions must be >= 1")
     folder = repo / name
@@ -177,6 +188,9 @@ def servable_versions(repo: Path, name: str, fmt: str, new: int, keep: int) -> l
         return (found + [new])[-1:]
     filename = FORMATS[fmt][1]
     usable = [v for v in found if (folder / str(v) / filename).exists()]
+    if fmt == "python":
+        source = (_PYTHON_SOURCES / f"{name}.py").read_bytes()
+        usable = [v for v in usable if (folder / str(v) / filename).read_bytes() == source]
     return (usable + [new])[-keep:]
 
 

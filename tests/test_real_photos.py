@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from training import stages
 from training.models.imagenet import PETS_GROUPS, VOC_GROUPS
@@ -90,5 +89,40 @@ def test_pets_groups_find_the_cat_in_chelsea(tmp_path):
     c = size // 2
     assert cat[c - size // 8 : c + size // 8, c - size // 8 : c + size // 8].mean() > 0.9
     assert not cup.any()  # min_score: no pet, no pseudo-mask
-    with torch.no_grad():
-        assert float(outputs[1][0, 0].mean()) > 0.2  # the cat's CAM is not a speck
+    assert float(outputs[1][0, 0].mean()) > 0.2  # the cat's CAM is not a speck
+
+
+@pytest.mark.slow
+def test_groups_on_multi_class_data_train_in_the_data_classes(tmp_path):
+    """Pseudo-masks of an ImageNet head with groups are numbered like the data's classes,
+    so the segmenter learns the data's classes; exporting would number PSEUDO_MASK and
+    SEGMENTATION differently, so it is refused with the fix in the message."""
+    from export.repository import ExportError, export_repository
+    from training.data.synth import ANIMALS, SynthOptions, write_synth
+
+    root = write_synth(tmp_path / "voc", SynthOptions("voc", 24, 64, seed=4))
+    groups = {"zebra": [340], "dog": ["151-268"], "cat": ["281-285"], "bear": ["294-297"]}
+    cfg = load_config(
+        None,
+        [
+            f"data.root={root}",
+            "data.task=voc",
+            "data.image_size=64",
+            f"runs={tmp_path / 'runs'}",
+            f"export.repository={tmp_path / 'repo'}",
+            "classifier.arch=efficientnet_lite0",
+            "classifier.pretrained=true",
+            "classifier.head=imagenet",
+            f"classifier.class_groups={groups}",
+            "train.epochs=1",
+            "segmenter.base_channels=4",
+            "segmenter.depth=2",
+        ],
+    )
+    stages.run(cfg)
+    masks = np.load(tmp_path / "runs" / "pseudo" / "train_masks.npz")["masks"]
+    allowed = {0, 255} | {ANIMALS.index(n) + 1 for n in groups}
+    assert set(np.unique(masks)) <= allowed and len(set(np.unique(masks)) - {0, 255}) >= 2
+    assert (tmp_path / "runs" / "segmenter" / "best.pt").exists()
+    with pytest.raises(ExportError, match="class_groups one group per data class"):
+        export_repository(cfg)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from training.cams import CAM_METHODS
 from training.levelset.model import ServedLevelSet
 from training.levelset.train import load_levelset
 from training.loop import load_checkpoint
@@ -38,6 +39,9 @@ class ServedClassifier(nn.Module):
         super().__init__()
         self.net, self.multi_label, self.features = net, multi_label, features
         self.cam_method = cam_method or net.cam_method
+        if self.cam_method not in CAM_METHODS:
+            known = ", ".join(sorted(CAM_METHODS))
+            raise ValueError(f"unknown CAM method {self.cam_method!r}: one of {known}")
         self.class_names = list(class_names) if class_names is not None else None
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -90,7 +94,8 @@ def translate_labels(
     The same labels when the names agree (a task head, or ``class_names`` None). An ImageNet
     head's classes are its groups: labels it has no group for are dropped (a VOC photo's
     ``person``), and an image left with none gets None: its pseudo-mask then follows the
-    classifier's predictions, as served.
+    classifier's predictions, as served. An image labelled with no class at all (only
+    background) keeps its empty labels: it gets an empty mask.
     """
     if class_names is None or list(data_names) == list(class_names):
         return [tuple(x) for x in labels]
@@ -98,7 +103,7 @@ def translate_labels(
     out = []
     for image_labels in labels:
         mapped = tuple(index[data_names[c]] for c in image_labels if data_names[c] in index)
-        out.append(mapped or None)
+        out.append(mapped if mapped or not image_labels else None)
     return out
 
 
@@ -107,6 +112,8 @@ def mask_values(data_names: Sequence[str], class_names: Sequence[str] | None) ->
     name; classes the data lacks become background), or None when they already agree."""
     if class_names is None or list(data_names) == list(class_names):
         return None
+    if len(class_names) > 254:
+        raise ValueError(f"{len(class_names)} classes do not fit a uint8 class-index mask")
     index = {name: i for i, name in enumerate(data_names)}
     table = np.zeros(256, np.uint8)
     table[255] = 255
@@ -149,11 +156,15 @@ class Pipeline:
         None where they are unknown (then that image's predictions decide, as served).
         """
         scores, cams, *features = (t.numpy() for t in outputs)
-        if classes is not None:
-            labelled = [c is not None for c in classes]
-            hot = one_hot([c or () for c in classes], scores.shape[1])
-            scores = np.where(np.array(labelled)[:, None], hot, scores)
-        return self.refiner(images, scores, cams, features[0] if features else None)
+        if classes is None:
+            return self.refiner(images, scores, cams, features[0] if features else None)
+        labelled = np.array([c is not None for c in classes])
+        hot = one_hot([c or () for c in classes], scores.shape[1])
+        scores = np.where(labelled[:, None], hot, scores)
+        masks = self.refiner(images, scores, cams, features[0] if features else None)
+        # Labelled with no class (only background): one-hot zeros would elect a top class.
+        masks[np.array([c is not None and not c for c in classes], bool)] = 0
+        return masks
 
     @torch.inference_mode()
     def segment(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

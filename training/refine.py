@@ -229,14 +229,17 @@ class LevelSetRefiner(Refiner):
 
 
 # The registry: refine.method -> the first step; refine.grabcut / refine.chanvese -> the
-# refinement that follows it. ``build_refiner`` is the one place that reads RefineConfig.
+# refinement that follows a threshold. ``build_refiner`` is the one place that reads
+# RefineConfig.
 REFINERS: dict[str, Callable[..., Refiner]] = {
     "fixed": FixedThreshold,
     "otsu": OtsuThreshold,
+    "levelset": LevelSetRefiner,
     "grabcut": GrabCut,
     "chanvese": ChanVese,
-    "levelset": LevelSetRefiner,
 }
+METHODS = ("fixed", "otsu", "levelset")  # what refine.method names
+FOLLOW_UPS = ("grabcut", "chanvese")  # what may follow a threshold
 
 
 def build_refiner(
@@ -250,8 +253,8 @@ def build_refiner(
     ``levelset`` is the trained ``ServedLevelSet`` that ``refine.method: levelset`` needs
     (``training.pipeline.refine_step`` loads it from the run's checkpoint).
     """
-    if cfg.method not in ("fixed", "otsu", "levelset"):
-        raise ValueError(f"refine.method {cfg.method!r}: one of fixed, otsu, levelset")
+    if cfg.method not in METHODS:
+        raise ValueError(f"refine.method {cfg.method!r}: one of {', '.join(METHODS)}")
     if cfg.method == "levelset":
         if levelset is None:
             raise ValueError("refine.method levelset needs the trained level-set network")

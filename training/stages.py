@@ -23,11 +23,12 @@ from training.pipeline import (
     Pipeline,
     ServedClassifier,
     load_model,
+    mask_values,
     refine_step,
     translate_labels,
 )
 from training.refine import build_refiner
-from wsss.config import Config, save_config
+from wsss.config import Config, RefineConfig, save_config
 
 
 class _View(Dataset):
@@ -44,7 +45,8 @@ class _View(Dataset):
     def __getitem__(self, k: int):
         i = int(self.indices[k])
         image = self.base.images[i]
-        # Segmenter training swaps the target for the pseudo-mask; GT masks stay unseen.
+        # Segmenter training swaps the target for the masks it learns from (the pseudo-masks,
+        # or the ground truth for the supervised bound).
         mask = self.masks[k] if self.masks is not None else self.base.masks[i]
         if self.augment:
             image, mask = random_resized_crop_flip(image, mask, self.base.size)
@@ -81,6 +83,11 @@ def classifier_setup(cfg: Config, data_names: list[str]) -> tuple[dict, list[str
     if c.head == "imagenet":
         if c.class_groups:
             names, groups = parse_class_groups(c.class_groups)
+        elif cfg.data.task != "pets":
+            raise ValueError(
+                "the ImageNet head on a multi-class task needs classifier.class_groups: its "
+                "1000 classes do not fit a class-index mask"
+            )
         else:
             names, groups = list(imagenet_class_names()), None
     else:
@@ -162,12 +169,11 @@ def train_levelset(cfg: Config, data: WSSSDataset, classifier: nn.Module, cmeta:
             "(classifier.head=task), not the ImageNet head"
         )
     _seed(cfg)
-    # The head learns from the CAMs the served classifier will give it.
-    classifier.cam_method = cfg.classifier.cam_method
     seeds = seed_masks(cfg, classifier, data, cmeta["class_names"])
     feature_channels = classifier.fc.in_features
     kwargs = head_kwargs(cfg.levelset, feature_channels, data.num_classes, data.size)
-    model = LevelSetModel(classifier, LevelSetHead(**kwargs), cfg.levelset.finetune)
+    head = LevelSetHead(**kwargs)
+    model = LevelSetModel(classifier, head, cfg.levelset.finetune, cfg.classifier.cam_method)
     multi = cfg.data.task == "voc"
     loss = LevelSetLoss(cfg.levelset, data.num_classes, multi, data.size)
     tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
@@ -185,7 +191,8 @@ def train_levelset(cfg: Config, data: WSSSDataset, classifier: nn.Module, cmeta:
 
 
 def make_pseudo_masks(cfg: Config, data: WSSSDataset) -> np.ndarray:
-    """Refined CAM masks for every training image, from its image-level labels.
+    """Refined CAM masks for every training image, from its image-level labels, as class
+    indices of the data's classes (an ImageNet head's groups are matched by name).
 
     An image whose labels the classifier has no class for (an ImageNet head's groups that
     miss some of the data's classes) gets the pseudo-mask of its predictions instead, as
@@ -195,8 +202,11 @@ def make_pseudo_masks(cfg: Config, data: WSSSDataset) -> np.ndarray:
     classifier, refiner, meta = refine_step(cfg)
     pipe = Pipeline(classifier, None, refiner)
     labels = data_labels(data, meta["class_names"])
-    desc = f"pseudo-masks ({refiner.name})"
-    return _masks(pipe, data, labels, cfg.train.batch_size, desc, cfg.refine.min_score)
+    masks = _masks(
+        pipe, data, labels, cfg.train.batch_size, f"pseudo-masks ({refiner.name})", cfg.refine
+    )
+    values = mask_values(data.class_names, meta["class_names"])
+    return masks if values is None or refiner.binary else values[masks]
 
 
 def _masks(
@@ -205,8 +215,9 @@ def _masks(
     labels: list,
     bs: int,
     desc: str,
-    min_score: float = 0.0,
+    refine: RefineConfig | None = None,
 ) -> np.ndarray:
+    min_score = refine.min_score if refine is not None else 0.0
     out = np.empty((len(data),) + data.masks.shape[1:], np.uint8)
     for start in tqdm(range(0, len(data), bs), desc=desc, leave=False):
         images = data.images[start : start + bs]
@@ -247,7 +258,7 @@ def train_segmenter(
     model = build_segmenter(cfg.segmenter.arch, **kwargs)
     usable = (masks != IGNORE).any(axis=(1, 2))
     if not usable.any():
-        raise ValueError("no training image has a pseudo-mask: nothing to train the segmenter on")
+        raise ValueError("no training image has a mask: nothing to train the segmenter on")
     if not usable.all():
         tqdm.write(f"segmenter: {int((~usable).sum())} of {len(masks)} images have no mask")
     tr, va = (idx[usable[idx]] for idx in _split(len(data), cfg.data.val_fraction, cfg.train.seed))
@@ -259,6 +270,7 @@ def train_segmenter(
         "arch": cfg.segmenter.arch,
         "task": cfg.data.task,
         "kwargs": kwargs,
+        "class_names": data.class_names,  # its outputs: background, then these
         "targets": "ground truth" if supervised else "pseudo-masks",
     }
     out = "supervised" if supervised else "segmenter"
@@ -308,10 +320,20 @@ STAGES = ("classifier", "levelset", "pseudo", "segmenter", "supervised")
 DEFAULT_STAGES = STAGES[:4]
 
 
+def _fits(pseudo_path: Path, data: WSSSDataset) -> bool:
+    """Saved pseudo-masks that belong to this data: same images, same size."""
+    if not pseudo_path.exists():
+        return False
+    saved = np.load(pseudo_path)
+    names = [s.name for s in data.samples]
+    return saved["masks"].shape == data.masks.shape and saved["names"].tolist() == names
+
+
 def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
     """Train what ``stages`` names; later stages reuse the saved checkpoint of earlier ones.
 
-    ``levelset`` runs only with ``refine.method: levelset`` (and is trained if missing).
+    ``levelset`` runs only with ``refine.method: levelset``, and is trained when missing if
+    pseudo-masks are to be made; saved pseudo-masks are reused only for the same images.
     """
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -329,7 +351,7 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
         classifier, cmeta = load_model(runs / "classifier" / "best.pt")
         train_levelset(cfg, data, classifier, cmeta)
     pseudo_path = runs / "pseudo" / "train_masks.npz"
-    if "pseudo" in stages or ("segmenter" in stages and not pseudo_path.exists()):
+    if "pseudo" in stages or ("segmenter" in stages and not _fits(pseudo_path, data)):
         pseudo = make_pseudo_masks(cfg, data)
         pseudo_path.parent.mkdir(parents=True, exist_ok=True)
         names = np.array([s.name for s in data.samples])

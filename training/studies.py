@@ -31,14 +31,14 @@ from training.pipeline import (
     pipeline_from_config,
     refine_step,
 )
-from training.refine import build_refiner
+from training.refine import FOLLOW_UPS, METHODS, build_refiner
 from wsss.config import Config, RefineConfig, load_config, save_config
 from wsss.images import resize_image
 
 SUPERVISED = "supervised bound (segmenter on the true masks)"
 
 
-def test_set(cfg: Config) -> WSSSDataset:
+def load_test_set(cfg: Config) -> WSSSDataset:
     return WSSSDataset(cfg.data.root, cfg.data.task, "test", cfg.data.image_size)
 
 
@@ -71,7 +71,7 @@ def metric_key(task: str, part: str) -> str:
 
 def evaluate_profile(cfg: Config) -> str:
     """``wsss evaluate``: writes ``<runs>/eval/results.{json,md,png}``; returns the table."""
-    data = test_set(cfg)
+    data = load_test_set(cfg)
     pipe = pipeline_from_config(cfg)
     arch = cfg.classifier.arch
     pseudo = f"pseudo-masks ({arch} {pipe.classifier.cam_method} + {pipe.refiner.name})"
@@ -104,8 +104,11 @@ def evaluate_profile(cfg: Config) -> str:
 def parse_refiner(spec: str, base: RefineConfig) -> RefineConfig:
     """``fixed``, ``otsu``, ``otsu+grabcut``, ``fixed+chanvese``, ``levelset`` -> a config."""
     method, _, post = spec.partition("+")
-    if method not in ("fixed", "otsu", "levelset") or post not in ("", "grabcut", "chanvese"):
-        raise ValueError(f"evaluate.refiners: {spec!r} is not a threshold[+grabcut|+chanvese]")
+    if method not in METHODS or (post and (post not in FOLLOW_UPS or method == "levelset")):
+        raise ValueError(
+            f"evaluate.refiners: {spec!r} is not levelset or a threshold (fixed, otsu), "
+            f"optionally +{' or +'.join(FOLLOW_UPS)}"
+        )
     return dataclasses.replace(
         base, method=method, grabcut=post == "grabcut", chanvese=post == "chanvese"
     )
@@ -121,7 +124,7 @@ def classifier_label(run: Path, meta: dict) -> str:
 def cam_study(cfg: Config) -> str:
     """``wsss evaluate --study``: writes ``<evaluate.out>/study.{json,md}`` and a figure per
     classifier and CAM method under ``figures/``; returns the table."""
-    data = test_set(cfg)
+    data = load_test_set(cfg)
     specs = cfg.evaluate.refiners
     pipes: dict[str, Pipeline] = {}
     labels: dict[str, dict] = {}  # pipeline name -> its row's leading columns

@@ -97,22 +97,21 @@ def ensure_built(cfg: Config) -> None:
     """What `make serve` does on a fresh clone: data, training and export, if missing."""
     from export.repository import export_repository
     from training import stages
-    from training.data.synth import SynthOptions, write_synth
+    from training.data.synth import SynthOptions, ensure_synth
 
     if (Path(cfg.export.repository) / "wsss_pipeline" / "config.pbtxt").exists():
         return
-    if not Path(cfg.data.root).exists():
-        write_synth(
-            cfg.data.root,
-            SynthOptions(
-                cfg.data.task,
-                cfg.data.synth_count,
-                cfg.data.image_size,
-                cfg.data.synth_seed,
-                difficulty=cfg.data.synth_difficulty,
-            ),
-        )
-    if not (Path(cfg.runs) / "segmenter" / "best.pt").exists():
+    rewritten = ensure_synth(
+        cfg.data.root,
+        SynthOptions(
+            cfg.data.task,
+            cfg.data.synth_count,
+            cfg.data.image_size,
+            cfg.data.synth_seed,
+            difficulty=cfg.data.synth_difficulty,
+        ),
+    )
+    if rewritten or not (Path(cfg.runs) / "segmenter" / "best.pt").exists():
         stages.run(cfg)
     export_repository(cfg)
 

@@ -73,9 +73,11 @@ class RefineConfig:
     sure_foreground: float = 0.8
     sure_background: float = 0.05
     score_threshold: float = 0.5  # voc serving: a class counts as present above this score
-    # Serving: when even the top score is below this, no class is refined (an empty mask).
-    # 0 always refines the top class; the ImageNet head's group scores (the softmax mass of
-    # a group's ImageNet classes) are small on photos of none of the groups.
+    # When even the top score is below this, no class is refined: an empty mask when
+    # serving, and no pseudo-mask at all (ignored) for a training image whose labels the
+    # classifier has no class for. 0 always refines the top class. The ImageNet head's group
+    # scores (the softmax mass of a group's ImageNet classes) are small on photos of none of
+    # the groups.
     min_score: float = 0.0
 
 
@@ -190,7 +192,9 @@ class EvaluateConfig:
     """``wsss evaluate --study``: every classifier run x CAM method x refiner."""
 
     runs: list[str] = field(default_factory=list)  # run folders with classifier/best.pt
-    cam_methods: list[str] = field(default_factory=lambda: ["cam", "gradcam", "gradcam++"])
+    cam_methods: list[Literal["cam", "gradcam", "gradcam++"]] = field(
+        default_factory=lambda: ["cam", "gradcam", "gradcam++"]
+    )
     # A threshold (fixed, otsu), optionally +grabcut or +chanvese; levelset: the run's
     # trained level set (<run>/levelset), scored with the CAM method it was trained on.
     refiners: list[str] = field(

