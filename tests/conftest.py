@@ -77,7 +77,13 @@ def server(exported, tmp_path_factory):
         yield srv
 
 
-def write_random_checkpoints(runs, class_names=("bear", "cat", "dog"), seg_classes=2, task="pets"):
+def write_random_checkpoints(
+    runs,
+    class_names=("bear", "cat", "dog"),
+    seg_classes=2,
+    task="pets",
+    segmenter=("unet", {"base_channels": 4, "depth": 2}),
+):
     """Untrained classifier + segmenter checkpoints: enough for export and serving tests."""
     from pathlib import Path
 
@@ -86,7 +92,7 @@ def write_random_checkpoints(runs, class_names=("bear", "cat", "dog"), seg_class
 
     runs = Path(runs)
     ckw = {"num_classes": len(class_names), "output_stride": 16, "weights": None}
-    skw = {"num_classes": seg_classes, "base_channels": 4, "depth": 2}
+    seg_arch, skw = segmenter[0], {"num_classes": seg_classes} | segmenter[1]
     for family, arch, model, kwargs, extra in (
         (
             "classifier",
@@ -95,7 +101,7 @@ def write_random_checkpoints(runs, class_names=("bear", "cat", "dog"), seg_class
             ckw,
             {"class_names": list(class_names)},
         ),
-        ("segmenter", "unet", build_segmenter("unet", **skw), skw, {}),
+        ("segmenter", seg_arch, build_segmenter(seg_arch, **skw), skw, {}),
     ):
         (runs / family).mkdir(parents=True, exist_ok=True)
         meta = {"family": family, "arch": arch, "task": task, "kwargs": kwargs} | extra
@@ -105,8 +111,10 @@ def write_random_checkpoints(runs, class_names=("bear", "cat", "dog"), seg_class
     return runs
 
 
-def random_export_cfg(tmp_path, *overrides) -> Config:
-    runs = write_random_checkpoints(tmp_path / "runs")
+def random_export_cfg(tmp_path, *overrides, segmenter=None) -> Config:
+    runs = write_random_checkpoints(
+        tmp_path / "runs", **({"segmenter": segmenter} if segmenter else {})
+    )
     return load_config(
         None,
         [

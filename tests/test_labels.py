@@ -171,3 +171,24 @@ def test_efficientnet_weights_with_another_head(tmp_path):
     torch.save({"conv_stem.weight": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="does not fit"):
         build_classifier("efficientnet_lite0", num_classes=3, weights=str(path))
+
+
+def test_bce_and_dice_losses():
+    import torch.nn.functional as F
+
+    from training.stages import SegmentationLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8)
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[:, 0] = 255
+    onehot = F.one_hot(target.clamp(max=2), 3).permute(0, 3, 1, 2).float()
+    per_pixel = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").mean(1)
+    want = per_pixel[target != 255].mean()
+    torch.testing.assert_close(SegmentationLoss("bce")(logits, target), want)
+    # Dice adds a term that is ~0 for a perfect prediction and grows as it degrades.
+    perfect = (onehot * 40 - 20).masked_fill((target == 255)[:, None], 0.0)
+    dice = SegmentationLoss("ce", dice=1.0)
+    assert dice(perfect, target) < 0.01 < dice(logits, target) - SegmentationLoss()(logits, target)
+    with pytest.raises(ValueError, match="segmenter.loss"):
+        SegmentationLoss("focal")

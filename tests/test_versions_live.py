@@ -132,14 +132,30 @@ def test_served_refiner_follows_the_refine_and_cam_settings(live):
     client = PipelineClient(server.grpc_url)
     assert _wait_for(lambda: client.client.is_model_ready("refiner", str(version)))
     assert _wait_for(lambda: client.client.is_model_ready("classifier", str(version)))
-    time.sleep(2 * cfg.serve.poll_seconds)  # the ensembles reload on the same poll or the next
     images = _images(2)
-    got = client.infer(images)
     want = pipeline_from_config(cfg)(images)
-    np.testing.assert_allclose(got["CAMS"], want["CAMS"], atol=1e-3)
+    # The ensembles reload on the same poll or the next: wait until the served CAMs are the
+    # Grad-CAM++ ones.
+    assert _wait_for(lambda: np.allclose(client.infer(images)["CAMS"], want["CAMS"], atol=1e-3))
+    got = client.infer(images)
     # GrabCut turns CAM differences of ~1e-5 (ONNX Runtime vs PyTorch) into a few boundary
     # pixels, so the refiner is checked on the served CAMs themselves: exactly equal.
     refiner = build_refiner(cfg.refine, multi_label=False)
     expected = refiner(images, got["SCORES"], got["CAMS"])
     assert expected.any() and np.array_equal(got["PSEUDO_MASK"], expected)
     assert refiner.name == "otsu+grabcut"
+
+
+def test_deeplabv3_segmenter_is_exported_and_served(tmp_path):
+    """The served ensemble runs the segmenter the config names: DeepLabV3 here."""
+    seg = ("deeplabv3", {"backbone": "mobilenet_v2", "output_stride": 16})
+    cfg = random_export_cfg(tmp_path, "segmenter.arch=deeplabv3", segmenter=seg)
+    result = export_repository(cfg)
+    assert result.parity["segmenter"]["SEG_PROBS"] < 1e-3
+    images = _images(3)
+    want = pipeline_from_config(cfg)(images)
+    with TritonServer(Path(cfg.export.repository), cfg.serve, tmp_path / "server") as server:
+        for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+            got = PipelineClient(url, protocol).infer(images)
+            np.testing.assert_allclose(got["SEG_PROBS"], want["SEG_PROBS"], atol=1e-3)
+            assert (got["SEGMENTATION"] != want["SEGMENTATION"]).mean() <= 1e-3

@@ -231,13 +231,57 @@ def _masks(
 
 
 class SegmentationLoss(nn.Module):
-    """Cross-entropy over the labelled pixels (255 ignored). A batch with none, all boundary
-    or unknown, contributes nothing: torch's mean over zero pixels would be NaN."""
+    """Cross-entropy (``ce``) or one binary cross-entropy per class (``bce``, one vs rest)
+    over the labelled pixels (255 ignored), plus ``dice`` x soft Dice over the classes.
+
+    A batch with no labelled pixel, all boundary or unknown, contributes nothing: torch's
+    mean over zero pixels would be NaN.
+    """
+
+    def __init__(self, kind: str = "ce", dice: float = 0.0):
+        super().__init__()
+        if kind not in ("ce", "bce") or dice < 0:
+            raise ValueError("segmenter.loss: ce or bce; segmenter.dice: a weight >= 0")
+        self.kind, self.dice = kind, dice
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if not (target != IGNORE).any():
+        valid = target != IGNORE
+        if not valid.any():
             return logits.sum() * 0.0
-        return F.cross_entropy(logits, target, ignore_index=IGNORE)
+        k = logits.shape[1]
+        onehot = F.one_hot(torch.where(valid, target, 0), k).permute(0, 3, 1, 2).float()
+        if self.kind == "ce":
+            loss = F.cross_entropy(logits, target, ignore_index=IGNORE)
+            probs = torch.softmax(logits, dim=1)
+        else:
+            per_pixel = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+            loss = per_pixel.mean(dim=1)[valid].mean()
+            probs = torch.sigmoid(logits)
+        if self.dice:
+            v = valid[:, None].float()
+            inter = (probs * onehot * v).sum(dim=(0, 2, 3))
+            total = (probs * v).sum(dim=(0, 2, 3)) + (onehot * v).sum(dim=(0, 2, 3))
+            loss = loss + self.dice * (1 - ((2 * inter + 1) / (total + 1)).mean())
+        return loss
+
+
+def segmenter_kwargs(cfg: Config, num_classes: int) -> tuple[dict, dict]:
+    """The segmenter's builder arguments: to build it now (ImageNet weights included), and
+    to rebuild it from its checkpoint (whose weights replace them)."""
+    seg = cfg.segmenter
+    if seg.arch == "unet":
+        kwargs = {
+            "num_classes": num_classes,
+            "base_channels": seg.base_channels,
+            "depth": seg.depth,
+        }
+        return kwargs, kwargs
+    kwargs = {
+        "num_classes": num_classes,
+        "backbone": seg.backbone,
+        "output_stride": seg.output_stride,
+    }
+    return kwargs | {"pretrained": seg.pretrained, "weights": seg.weights}, kwargs
 
 
 def train_segmenter(
@@ -250,12 +294,14 @@ def train_segmenter(
     loss is on held-out masks of the same kind.
     """
     _seed(cfg)
-    kwargs = {
-        "num_classes": segmentation_classes(cfg.data.task, data.num_classes),
-        "base_channels": cfg.segmenter.base_channels,
-        "depth": cfg.segmenter.depth,
-    }
-    model = build_segmenter(cfg.segmenter.arch, **kwargs)
+    seg = cfg.segmenter
+    build, kwargs = segmenter_kwargs(cfg, segmentation_classes(cfg.data.task, data.num_classes))
+    model = build_segmenter(seg.arch, **build)
+    if seg.arch == "deeplabv3" and not (seg.pretrained or seg.weights):
+        tqdm.write(
+            f"segmenter: DeepLabV3's {seg.backbone} backbone trains from scratch (no ImageNet "
+            "weights: segmenter.pretrained=true or segmenter.weights=<state dict>)"
+        )
     usable = (masks != IGNORE).any(axis=(1, 2))
     if not usable.any():
         raise ValueError("no training image has a mask: nothing to train the segmenter on")
@@ -274,8 +320,8 @@ def train_segmenter(
         "targets": "ground truth" if supervised else "pseudo-masks",
     }
     out = "supervised" if supervised else "segmenter"
-    seg = cfg.segmenter
-    return _train(cfg, model, train, val, SegmentationLoss(), meta, seg.epochs, seg.lr, out=out)
+    loss = SegmentationLoss(seg.loss, seg.dice)
+    return _train(cfg, model, train, val, loss, meta, seg.epochs, seg.lr, out=out)
 
 
 def _seed(cfg: Config) -> None:

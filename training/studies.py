@@ -50,6 +50,12 @@ def supervised_pipeline(runs: str | Path) -> Pipeline | None:
     return Pipeline(None, ServedSegmenter(load_model(path)[0]).eval(), None)
 
 
+def segmenter_label(cfg: Config) -> str:
+    """``unet``, or ``deeplabv3 resnet50`` (the backbone says which DeepLabV3)."""
+    seg = cfg.segmenter
+    return f"{seg.arch} {seg.backbone}" if seg.arch == "deeplabv3" else seg.arch
+
+
 def bound(result: Evaluation | None) -> float | None:
     """The supervised segmenter's score: IoU (binary) or mIoU."""
     if result is None:
@@ -75,7 +81,7 @@ def evaluate_profile(cfg: Config) -> str:
     pipe = pipeline_from_config(cfg)
     arch = cfg.classifier.arch
     pseudo = f"pseudo-masks ({arch} {pipe.classifier.cam_method} + {pipe.refiner.name})"
-    segmenter = f"segmenter ({cfg.segmenter.arch}, trained on the pseudo-masks)"
+    segmenter = f"segmenter ({segmenter_label(cfg)}, trained on the pseudo-masks)"
     pipes = {pseudo: Pipeline(pipe.classifier, None, pipe.refiner)}
     pipes[segmenter] = Pipeline(None, pipe.segmenter, None)
     supervised = supervised_pipeline(cfg.runs)

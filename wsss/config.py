@@ -110,9 +110,21 @@ class LevelSetConfig:
 
 @dataclass
 class SegmenterConfig:
-    arch: str = "unet"
+    arch: str = "unet"  # unet, or deeplabv3 (torchvision's ASPP head on a registry backbone)
     base_channels: int = 16  # UNet width at full resolution; doubles per level
     depth: int = 4
+    # DeepLabV3: the backbone (resnet50 as in paper 000, or mobilenet_v2 / efficientnet_lite0
+    # whose ImageNet weights ship offline), its output stride (16 or 32; 16 keeps serving
+    # fast), and its ImageNet weights: pretrained (offline; resnet50 from the torch cache)
+    # or a local state dict. Without either the backbone trains from scratch.
+    backbone: str = "resnet50"
+    output_stride: int = 16
+    pretrained: bool = False
+    weights: str | None = None
+    # ce: cross-entropy over the classes; bce: one binary cross-entropy per class (one vs
+    # rest). dice > 0 adds that weight of soft Dice loss. Ignored pixels (255) count in none.
+    loss: Literal["ce", "bce"] = "ce"
+    dice: float = 0.0
     # A segmenter trained from scratch wants more epochs and a higher rate than a classifier
     # fine-tuned from ImageNet; unset, train.epochs / train.lr apply.
     epochs: int | None = None

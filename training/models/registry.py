@@ -25,6 +25,7 @@ import torchvision
 from torch import nn
 
 from training.models.classifier import CAMClassifier
+from training.models.deeplab import DeepLabV3
 from training.models.imagenet import IMAGENET_CLASSES
 from training.models.unet import UNet
 
@@ -279,6 +280,7 @@ CLASSIFIERS: dict[str, Callable[..., CAMClassifier]] = {
 
 SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
     "unet": UNet,
+    "deeplabv3": DeepLabV3,
 }
 
 
