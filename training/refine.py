@@ -228,6 +228,50 @@ class LevelSetRefiner(Refiner):
         return self.module(*tensors, torch.from_numpy(np.ascontiguousarray(features))).numpy()
 
 
+class ViTAttentionRefiner(Refiner):
+    """Paper 000's open question: the foreground of a pretrained ViT's attention, with no CAM
+    (``training.attention``). Binary tasks mark it 1; multi-class ones give each of its
+    pixels to the present class whose CAM is strongest there."""
+
+    name = "vit attention"
+
+    def __init__(
+        self,
+        multi_label: bool,
+        layers=(10, 11),
+        sigma: float = 8.0,
+        kernel: int = 15,
+        weights: str | None = None,
+        arch: str = "vit_small_patch14_dinov2",
+        **presence,
+    ):
+        from training.attention import ViTAttention
+
+        super().__init__(multi_label, **presence)
+        if sigma < 0 or kernel < 0:
+            raise ValueError("refine.vit_sigma and refine.vit_kernel: >= 0")
+        self.attention = ViTAttention(layers, weights, arch)
+        self.sigma, self.kernel = sigma, kernel
+
+    def __call__(self, images, scores, cams, features=None):
+        from training.attention import attention_mask
+
+        h, w = cams.shape[-2:]
+        out = np.zeros((len(images), h, w), np.uint8)
+        for b, attention in enumerate(self.attention(images)):
+            classes = self.present(scores[b])
+            if not classes:
+                continue
+            fg = attention_mask(attention, self.sigma, self.kernel).astype(np.uint8)
+            fg = cv2.resize(fg, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+            if self.binary:
+                out[b][fg] = 1
+            else:
+                strongest = np.asarray(classes)[cams[b][classes].argmax(axis=0)] + 1
+                out[b][fg] = strongest[fg]
+        return out
+
+
 # The registry: refine.method -> the first step; refine.grabcut / refine.chanvese -> the
 # refinement that follows a threshold. ``build_refiner`` is the one place that reads
 # RefineConfig.
@@ -235,10 +279,11 @@ REFINERS: dict[str, Callable[..., Refiner]] = {
     "fixed": FixedThreshold,
     "otsu": OtsuThreshold,
     "levelset": LevelSetRefiner,
+    "vit": ViTAttentionRefiner,
     "grabcut": GrabCut,
     "chanvese": ChanVese,
 }
-METHODS = ("fixed", "otsu", "levelset")  # what refine.method names
+METHODS = ("fixed", "otsu", "levelset", "vit")  # what refine.method names
 FOLLOW_UPS = ("grabcut", "chanvese")  # what may follow a threshold
 
 
@@ -266,6 +311,18 @@ def build_refiner(
         "score_threshold": cfg.score_threshold,
         "min_score": cfg.min_score,
     }
+    if cfg.method == "vit":
+        if cfg.grabcut or cfg.chanvese:
+            raise ValueError("refine.grabcut and refine.chanvese follow a threshold, not vit")
+        return REFINERS["vit"](
+            multi_label,
+            cfg.vit_layers,
+            cfg.vit_sigma,
+            cfg.vit_kernel,
+            cfg.vit_weights,
+            cfg.vit_arch,
+            **presence,
+        )
     extra = {"threshold": cfg.threshold} if cfg.method == "fixed" else {}
     refiner = REFINERS[cfg.method](multi_label, **extra, **presence)
     if cfg.grabcut and cfg.chanvese:

@@ -36,6 +36,7 @@ from wsss.config import Config, RefineConfig, load_config, save_config
 from wsss.images import resize_image
 
 SUPERVISED = "supervised bound (segmenter on the true masks)"
+VIT = "ViT attention (no classifier)"
 
 
 def load_test_set(cfg: Config) -> WSSSDataset:
@@ -110,9 +111,10 @@ def evaluate_profile(cfg: Config) -> str:
 def parse_refiner(spec: str, base: RefineConfig) -> RefineConfig:
     """``fixed``, ``otsu``, ``otsu+grabcut``, ``fixed+chanvese``, ``levelset`` -> a config."""
     method, _, post = spec.partition("+")
-    if method not in METHODS or (post and (post not in FOLLOW_UPS or method == "levelset")):
+    networks = ("levelset", "vit")
+    if method not in METHODS or (post and (post not in FOLLOW_UPS or method in networks)):
         raise ValueError(
-            f"evaluate.refiners: {spec!r} is not levelset or a threshold (fixed, otsu), "
+            f"evaluate.refiners: {spec!r} is levelset, vit, or a threshold (fixed, otsu) "
             f"optionally +{' or +'.join(FOLLOW_UPS)}"
         )
     return dataclasses.replace(
@@ -148,7 +150,7 @@ def cam_study(cfg: Config) -> str:
             stem = run.name if "[" in who else who.split()[0]
             columns = figures.setdefault(f"{stem}_{cam}", [])
             for spec in specs:
-                if spec == "levelset":
+                if spec in ("levelset", "vit"):  # below: not one per CAM method
                     continue
                 refiner = build_refiner(parse_refiner(spec, cfg.refine), multi)
                 name = f"{who} / {cam} / {refiner.name}"
@@ -168,6 +170,11 @@ def cam_study(cfg: Config) -> str:
             pipes[name] = Pipeline(served, None, refiner)
             labels[name] = {"classifier": who, "CAM": served.cam_method, "refiner": refiner.name}
         supervised = supervised or supervised_pipeline(run)
+        if "vit" in specs and VIT not in pipes:  # no classifier: one row for the study
+            refiner = build_refiner(parse_refiner("vit", cfg.refine), multi)
+            served = ServedClassifier(net, multi, False, "cam", meta["class_names"]).eval()
+            pipes[VIT] = Pipeline(served, None, refiner)
+            labels[VIT] = {"classifier": "-", "CAM": "-", "refiner": VIT}
     supervised = supervised or supervised_pipeline(cfg.runs)
     if supervised is not None:
         pipes[SUPERVISED] = supervised

