@@ -11,16 +11,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from training import distributed
 from training.models.common import to_pixels
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device ``train.device`` names; under torchrun, this rank's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return distributed.setup(torch.device(name))
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -53,48 +56,69 @@ def fit(
     Batches are ``(uint8 NHWC images, targets, ...)``. Writes ``best.pt`` (state dict + meta)
     and ``metrics.jsonl`` (one line per epoch) under ``out_dir``; loads the best weights back
     into ``model`` and returns the checkpoint path.
+
+    Under torchrun the model is wrapped in DistributedDataParallel, ``train`` should draw
+    from a ``DistributedSampler`` and ``val`` hold this rank's shard (``training.distributed``);
+    losses are averaged over every rank's images, so all ranks keep the same epoch, and rank 0
+    alone writes and reports.
     """
     if epochs < 1:
         raise ValueError("epochs must be >= 1")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
+    net = model
+    if distributed.active():
+        ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=ids)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=epochs * len(train), pct_start=0.15
     )
     best, best_path = math.inf, out_dir / "best.pt"
-    log = (out_dir / "metrics.jsonl").open("w")
+    log = (out_dir / "metrics.jsonl").open("w") if main else None
     for epoch in range(1, epochs + 1):
+        if isinstance(train.sampler, DistributedSampler):
+            train.sampler.set_epoch(epoch)
         start = time.perf_counter()
-        train_loss = _run_epoch(
-            model, train, loss_fn, device, opt, sched, f"{desc} {epoch}/{epochs}"
-        )
-        val_loss = _run_epoch(model, val, loss_fn, device, None, None, None)
+        bar = f"{desc} {epoch}/{epochs}" if main else None
+        train_loss, seen = _run_epoch(net, train, loss_fn, device, opt, sched, bar)
+        val_loss, _ = _run_epoch(net, val, loss_fn, device, None, None, None)
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
             "val_loss": val_loss,
             "lr": sched.get_last_lr()[0],
             "seconds": round(time.perf_counter() - start, 2),
+            "train_images": seen,  # over all ranks: each image once per epoch
+            "world_size": distributed.world_size(),
         }
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        tqdm.write(f"{desc} epoch {epoch}: train {train_loss:.4f}  val {val_loss:.4f}")
-        if val_loss < best:
+        if main:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            tqdm.write(f"{desc} epoch {epoch}: train {train_loss:.4f}  val {val_loss:.4f}")
+        if val_loss < best:  # the same on every rank: the losses are global
             best = val_loss
-            save_checkpoint({"state_dict": model.state_dict(), "meta": meta | record}, best_path)
-    log.close()
+            if main:
+                state = {"state_dict": model.state_dict(), "meta": meta | record}
+                save_checkpoint(state, best_path)
+    if log is not None:
+        log.close()
+    distributed.barrier()  # the best checkpoint is written before anyone reads it
     model.load_state_dict(load_checkpoint(best_path)["state_dict"])
     return best_path
 
 
-def _run_epoch(model, loader, loss_fn, device, opt, sched, desc) -> float:
+def _run_epoch(model, loader, loss_fn, device, opt, sched, desc) -> tuple[float, int]:
+    """The mean loss over every rank's images, and how many images that was."""
     training = opt is not None
     model.train(training)
     total, count = 0.0, 0
     with torch.set_grad_enabled(training):
         for images, targets, *_ in tqdm(loader, desc=desc, leave=False, disable=desc is None):
-            x = to_pixels(images.to(device))
+            # Contiguous NCHW: DDP's gradient buckets expect that layout of the weights' grads.
+            x = to_pixels(images.to(device)).contiguous()
             loss = loss_fn(model(x), _to(targets, device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()}: lower train.lr")
@@ -105,7 +129,8 @@ def _run_epoch(model, loader, loss_fn, device, opt, sched, desc) -> float:
                 sched.step()
             total += loss.item() * len(images)
             count += len(images)
-    return total / max(count, 1)
+    total, count = distributed.all_sum([total, count], device)
+    return total / max(count, 1), int(count)
 
 
 def _to(targets, device: torch.device):

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from training import distributed
 from training.data.dataset import WSSSDataset, random_resized_crop_flip
 from training.data.layouts import IGNORE, segmentation_classes
 from training.levelset.model import LevelSetHead
@@ -66,11 +67,20 @@ def load_train_set(cfg: Config) -> WSSSDataset:
 
 
 def _loaders(cfg: Config, train: Dataset, val: Dataset) -> tuple[DataLoader, DataLoader]:
+    """Seeded loaders; under torchrun each rank draws its share of ``train`` (batch_size
+    images per rank and step) and validates on its shard of ``val``."""
     g = torch.Generator().manual_seed(cfg.train.seed)
     kw = {"batch_size": cfg.train.batch_size, "num_workers": cfg.data.num_workers}
+    sampler = distributed.train_sampler(train, cfg.train.seed)
+    per_rank = len(train) // distributed.world_size()
     return DataLoader(
-        train, shuffle=True, drop_last=len(train) > cfg.train.batch_size, generator=g, **kw
-    ), DataLoader(val, **kw)
+        train,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=per_rank > cfg.train.batch_size,
+        generator=g,
+        **kw,
+    ), DataLoader(distributed.shard(val), **kw)
 
 
 def classifier_setup(cfg: Config, data_names: list[str]) -> tuple[dict, list[str]]:
@@ -124,10 +134,12 @@ def train_classifier(cfg: Config, data: WSSSDataset | None) -> nn.Module:
     }
     if imagenet:
         out = Path(cfg.runs) / "classifier"
-        out.mkdir(parents=True, exist_ok=True)
-        save_checkpoint({"state_dict": model.state_dict(), "meta": meta}, out / "best.pt")
-        save_config(cfg, out / "config.yaml")
-        tqdm.write(f"classifier: the ImageNet head, {len(names)} classes: nothing to train")
+        with distributed.main_first() as main:
+            if main:
+                out.mkdir(parents=True, exist_ok=True)
+                save_checkpoint({"state_dict": model.state_dict(), "meta": meta}, out / "best.pt")
+                save_config(cfg, out / "config.yaml")
+                tqdm.write(f"classifier: the ImageNet head, {len(names)} classes: nothing to train")
         return model.eval()
     tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
     loss = nn.CrossEntropyLoss() if cfg.data.task == "pets" else nn.BCEWithLogitsLoss()
@@ -219,7 +231,8 @@ def _masks(
 ) -> np.ndarray:
     min_score = refine.min_score if refine is not None else 0.0
     out = np.empty((len(data),) + data.masks.shape[1:], np.uint8)
-    for start in tqdm(range(0, len(data), bs), desc=desc, leave=False):
+    bar = tqdm(range(0, len(data), bs), desc=desc, leave=False, disable=not distributed.is_main())
+    for start in bar:
         images = data.images[start : start + bs]
         batch = labels[start : start + bs]
         outputs = pipe.classify(images)
@@ -325,8 +338,8 @@ def train_segmenter(
 
 
 def _seed(cfg: Config) -> None:
-    torch.manual_seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)  # the augmentations draw from numpy
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    np.random.seed(cfg.train.seed + distributed.rank())  # the augmentations draw from numpy
 
 
 def _train(
@@ -356,7 +369,8 @@ def _train(
         meta=meta,
         desc=family,
     )
-    save_config(cfg, out / "config.yaml")
+    if distributed.is_main():
+        save_config(cfg, out / "config.yaml")
     return model.cpu().eval()
 
 
@@ -384,6 +398,7 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGES)}")
+    resolve_device(cfg.train.device)  # under torchrun: join the process group first
     # Loaded once, and only when a stage reads it (the ImageNet head trains on nothing).
     imagenet_only = tuple(stages) == ("classifier",) and cfg.classifier.head == "imagenet"
     data = None if imagenet_only else load_train_set(cfg)
@@ -391,17 +406,22 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
     if "classifier" in stages:
         train_classifier(cfg, data)
     needs_pseudo = "pseudo" in stages or "segmenter" in stages
+    distributed.barrier()  # every rank decides what to make from the same files
     if cfg.refine.method == "levelset" and (
         "levelset" in stages or (needs_pseudo and not (runs / "levelset" / "best.pt").exists())
     ):
         classifier, cmeta = load_model(runs / "classifier" / "best.pt")
         train_levelset(cfg, data, classifier, cmeta)
     pseudo_path = runs / "pseudo" / "train_masks.npz"
+    distributed.barrier()
     if "pseudo" in stages or ("segmenter" in stages and not _fits(pseudo_path, data)):
-        pseudo = make_pseudo_masks(cfg, data)
-        pseudo_path.parent.mkdir(parents=True, exist_ok=True)
-        names = np.array([s.name for s in data.samples])
-        np.savez_compressed(pseudo_path, masks=pseudo, names=names)
+        # Under torchrun rank 0 makes them while the others wait (inference, not training).
+        with distributed.main_first() as main:
+            if main:
+                pseudo = make_pseudo_masks(cfg, data)
+                pseudo_path.parent.mkdir(parents=True, exist_ok=True)
+                names = np.array([s.name for s in data.samples])
+                np.savez_compressed(pseudo_path, masks=pseudo, names=names)
     if "segmenter" in stages:
         train_segmenter(cfg, data, np.load(pseudo_path)["masks"])
     if "supervised" in stages:

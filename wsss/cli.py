@@ -50,9 +50,12 @@ def cmd_data(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from training import stages
+    from training import distributed, stages
 
-    stages.run(_config(args), tuple(args.stages.split(",")))
+    try:
+        stages.run(_config(args), tuple(args.stages.split(",")))
+    finally:
+        distributed.teardown()
 
 
 def cmd_evaluate(args) -> None:
