@@ -161,6 +161,7 @@ _COLUMNS = {
     "seg_mdice": "segmenter mDice",
     "of_bound": "/ supervised",
     "refine_ms": "refine ms/image",
+    "train_seconds": "training s",
 }
 
 
@@ -184,6 +185,8 @@ def markdown_table(
 def _format(key: str, value: float) -> str:
     if key == "refine_ms":
         return f"{value:.2f}"
+    if key == "train_seconds":
+        return f"{value:.0f}"
     if key == "of_bound":
         return f"{value:.2f}x"
     return f"{value:.3f}"

@@ -78,6 +78,16 @@ def cmd_evaluate(args) -> None:
         print(evaluate_profile(cfg))
 
 
+def cmd_reproduce(args) -> None:
+    from benchmarks.reproduce import reproduce
+    from wsss.config import load_profile
+
+    path = Path(args.profile)
+    if not path.exists() and not path.suffix:  # a profile's name: configs/reproduce/<name>
+        path = Path("configs/reproduce") / f"{args.profile}.yaml"
+    print(reproduce(load_profile(path, args.set), path.stem))
+
+
 def cmd_export(args) -> None:
     from export.check import check_repository
     from export.repository import export_repository
@@ -104,16 +114,7 @@ def ensure_built(cfg: Config) -> None:
 
     if (Path(cfg.export.repository) / "wsss_pipeline" / "config.pbtxt").exists():
         return
-    rewritten = ensure_synth(
-        cfg.data.root,
-        SynthOptions(
-            cfg.data.task,
-            cfg.data.synth_count,
-            cfg.data.image_size,
-            cfg.data.synth_seed,
-            difficulty=cfg.data.synth_difficulty,
-        ),
-    )
+    rewritten = ensure_synth(cfg.data.root, SynthOptions.of(cfg.data))
     if rewritten or not (Path(cfg.runs) / "segmenter" / "best.pt").exists():
         stages.run(cfg)
     export_repository(cfg)
@@ -245,6 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --levelset: reuse ablation level sets already trained",
     )
     evaluate.set_defaults(func=cmd_evaluate)
+    reproduce = sub.add_parser(
+        "reproduce",
+        help="both papers' tables: every pseudo-mask source x segmenter, the supervised bound, "
+        "paper 003's ablation and speed (reports/<profile>/)",
+    )
+    reproduce.add_argument(
+        "--profile",
+        default="quick",
+        help="quick, full, or a profile file (configs/reproduce/*.yaml)",
+    )
+    reproduce.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override the profile"
+    )
+    reproduce.set_defaults(func=cmd_reproduce)
     export = sub.add_parser(
         "export",
         parents=[common],

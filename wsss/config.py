@@ -251,6 +251,43 @@ class Config:
     runs: str = "runs"  # checkpoints, logs and figures go under runs/<stage>/
 
 
+@dataclass
+class BenchmarkProfile:
+    """One benchmark of a reproduce profile: its base config and the rows to measure."""
+
+    config: str  # a config file (configs/*.yaml): data, training and export settings
+    set: list[str] = field(default_factory=list)  # overrides on it (image size, epochs)
+    # name -> overrides making that classifier (arch, pretrained, lr, epochs)
+    classifiers: dict[str, list[str]] = field(default_factory=dict)
+    # Pseudo-mask sources, each "<classifier>/<cam method>/<refiner>" with a refiner as
+    # evaluate.refiners spells it (fixed, otsu+grabcut, levelset, vit, ...), or "truth":
+    # the ground-truth masks (the supervised bound).
+    sources: list[str] = field(default_factory=list)
+    # Paper 003's Table 2 ablation and Table 3 speed on this classifier ("" skips them);
+    # a "<it>/cam/levelset" source then uses the ablation's MSE + energy level set.
+    ablation: str = ""
+
+
+@dataclass
+class ReproduceProfile:
+    """``wsss reproduce``: both papers' tables from one command (configs/reproduce/)."""
+
+    out: str = "reports/quick"  # results.md, results.json and figures
+    runs: str = "runs/reproduce"  # every checkpoint it trains
+    # name -> overrides making that segmenter; each is trained on every source's masks
+    segmenters: dict[str, list[str]] = field(default_factory=dict)
+    benchmarks: dict[str, BenchmarkProfile] = field(default_factory=dict)
+
+
+def load_profile(path: str | Path, overrides: list[str] = ()) -> ReproduceProfile:
+    """A reproduce profile from YAML, with ``a.b=c`` overrides, checked like a config."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    _override(raw, overrides)
+    return _build(ReproduceProfile, raw, "")
+
+
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
@@ -263,6 +300,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         raw = yaml.safe_load(text) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
+    _override(raw, overrides)
+    _upgrade(raw)
+    return _build(Config, raw, "")
+
+
+def _override(raw: dict[str, Any], overrides: list[str]) -> None:
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -272,8 +315,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(value)
-    _upgrade(raw)
-    return _build(Config, raw, "")
 
 
 def _upgrade(raw: dict[str, Any]) -> None:
@@ -311,6 +352,10 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping")
+        return _build(hint, value, f"{key}.")
     origin = typing.get_origin(hint)
     if origin is Literal:
         if value not in typing.get_args(hint):

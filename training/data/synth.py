@@ -68,6 +68,14 @@ class SynthOptions:
     test_fraction: float = 0.25
     difficulty: str = "standard"  # or "hard", the adversarial set (module docstring)
 
+    @classmethod
+    def of(cls, data) -> SynthOptions:
+        """The benchmark a config's ``data`` section describes."""
+        return cls(
+            data.task, data.synth_count, data.image_size, data.synth_seed,
+            difficulty=data.synth_difficulty,
+        )  # fmt: skip
+
 
 def load_silhouettes() -> tuple[np.ndarray, np.ndarray]:
     """The animal-mnist arrays, read from the package's gzip pickles.

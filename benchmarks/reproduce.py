@@ -1,0 +1,442 @@
+"""``wsss reproduce``: both papers' tables from one command, on the bundled benchmarks.
+
+For each benchmark of the profile (``configs/reproduce/*.yaml``):
+
+1. trains each classifier it names (paper 000's CAM backbones);
+2. with ``ablation``, runs paper 003's Table 2 ablation (``training.levelset.study``) and
+   Table 3 speed (``benchmarks.refiners``) on that classifier; its MSE + energy level set is
+   the ``levelset`` source;
+3. makes each pseudo-mask source's masks of the training images, as ``wsss train`` does, and
+   trains every segmenter of the profile on them; ``truth`` trains them on the ground truth
+   (the supervised bound, boundary pixels ignored);
+4. scores everything in one pass over the test split with the one harness
+   (``training.evaluate``): pseudo-mask IoU/Dice, each segmenter's IoU/Dice (mIoU for
+   multi-class data), its ratio to the same segmenter's supervised bound, training time.
+
+Checkpoints land under ``<runs>/<benchmark>/``; a model whose saved config equals the one it
+would be trained with is reused (a rerun after a crash, or with one more row, retrains
+only what changed). Writes ``<out>/results.{md,json}`` and figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from training import stages
+from training.data.dataset import WSSSDataset
+from training.data.synth import SynthOptions, ensure_synth
+from training.evaluate import Evaluation, evaluate, markdown_table
+from training.figures import colourise, overlay, panel_figure
+from training.pipeline import Pipeline, ServedSegmenter, load_model, refine_step
+from training.studies import load_test_set, parse_refiner
+from wsss.config import BenchmarkProfile, Config, ReproduceProfile, load_config
+
+TRUTH = "truth"
+ABLATION_LEVELSET = "MSE_and_energy"  # the ablation row the levelset source uses
+
+
+@dataclasses.dataclass
+class Source:
+    """A pseudo-mask source: a classifier's CAM method and a refiner, or the ground truth."""
+
+    spec: str
+    classifier: str = ""
+    cam: str = ""
+    refiner: str = ""
+
+    @classmethod
+    def parse(cls, spec: str, classifiers: dict) -> Source:
+        if spec == TRUTH:
+            return cls(spec)
+        parts = spec.split("/")
+        if len(parts) != 3 or parts[0] not in classifiers:
+            raise ValueError(
+                f"reproduce source {spec!r}: '<classifier>/<cam method>/<refiner>' with a "
+                f"classifier of the benchmark ({', '.join(classifiers)}), or 'truth'"
+            )
+        if parts[1] not in ("cam", "gradcam", "gradcam++"):
+            raise ValueError(f"reproduce source {spec!r}: cam, gradcam or gradcam++")
+        return cls(spec, *parts)
+
+    @property
+    def label(self) -> str:
+        if self.spec == TRUTH:
+            return "ground truth (supervised bound)"
+        if self.refiner == "vit":
+            return "ViT attention (no CAM)"
+        names = {"cam": "CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
+        refiner = {"levelset": "FNO level set"}.get(self.refiner, self.refiner)
+        return f"{self.classifier} {names[self.cam]} + {refiner}"
+
+    @property
+    def slug(self) -> str:
+        return self.spec.replace("/", "_").replace("+", "p")
+
+
+def reproduce(profile: ReproduceProfile, name: str) -> str:
+    """Run every benchmark of ``profile``; write the report; return its markdown."""
+    started = time.perf_counter()
+    results = {}
+    for bench, spec in profile.benchmarks.items():
+        results[bench] = run_benchmark(profile, bench, spec)
+    seconds = time.perf_counter() - started
+    report = {
+        "profile": name,
+        "machine": machine(),
+        "total_seconds": round(seconds, 1),
+        "benchmarks": results,
+    }
+    out = Path(profile.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    text = render(report)
+    (out / "results.md").write_text(text)
+    return text
+
+
+def machine() -> dict:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "platform": platform.platform(),
+    }
+
+
+def bench_config(profile: ReproduceProfile, bench: str, spec: BenchmarkProfile, *extra) -> Config:
+    cfg = load_config(spec.config, [*spec.set, *extra])
+    return dataclasses.replace(cfg, runs=str(Path(profile.runs) / bench))
+
+
+def _same_config(folder: Path, cfg: Config) -> bool:
+    """A checkpoint in ``folder`` trained with exactly ``cfg`` (saved beside it)."""
+    saved = folder / "config.yaml"
+    if not ((folder / "best.pt").exists() and saved.exists()):
+        return False
+    return dataclasses.asdict(load_config(saved)) == dataclasses.asdict(cfg)
+
+
+def _train_seconds(folder: Path) -> float:
+    """The summed epoch times of a run (from its metrics.jsonl): the training time."""
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return float(sum(json.loads(line)["seconds"] for line in lines))
+
+
+def run_benchmark(profile: ReproduceProfile, bench: str, spec: BenchmarkProfile) -> dict:
+    cfg = bench_config(profile, bench, spec)
+    ensure_synth(cfg.data.root, SynthOptions.of(cfg.data))
+    root = Path(cfg.runs)
+    train_set = stages.load_train_set(cfg)
+    test_set = load_test_set(cfg)
+    sources = [Source.parse(s, spec.classifiers) for s in spec.sources]
+
+    # 1. classifiers
+    classifier_cfgs = {}
+    for name, sets in spec.classifiers.items():
+        c = bench_config(profile, bench, spec, *sets)
+        c = dataclasses.replace(c, runs=str(root / "classifiers" / name))
+        classifier_cfgs[name] = c
+        if not _same_config(Path(c.runs) / "classifier", c):
+            tqdm.write(f"reproduce {bench}: classifier {name}")
+            stages.run(c, ("classifier",))
+
+    # 2. paper 003: the ablation and the speed table
+    ablation = speed = None
+    levelset_runs = {}
+    if spec.ablation:
+        from benchmarks.refiners import refiner_speed
+        from training.levelset.study import run_levelset_study
+
+        c = classifier_cfgs[spec.ablation]
+        study_out = root / "ablation"
+        c = dataclasses.replace(c, evaluate=dataclasses.replace(c.evaluate, out=str(study_out)))
+        tqdm.write(f"reproduce {bench}: paper 003's ablation on {spec.ablation}")
+        run_levelset_study(c, train=not _ablation_done(study_out, c))
+        ablation = json.loads((study_out / "levelset" / "levelset.json").read_text())
+        trained = study_out / "levelset" / ABLATION_LEVELSET
+        levelset_runs[spec.ablation] = trained
+        speed = refiner_speed(dataclasses.replace(c, runs=str(trained)))
+
+    # 3. pseudo-masks and segmenters
+    pipes: dict[str, Pipeline] = {}
+    rows: list[dict] = []
+    for source in sources:
+        refine_cfg = _source_config(source, classifier_cfgs, levelset_runs)
+        if refine_cfg is not None:
+            classifier, refiner, _ = refine_step(refine_cfg)
+            pipes[f"pseudo {source.spec}"] = Pipeline(classifier, None, refiner)
+        masks = None
+        for seg_name, seg_sets in profile.segmenters.items():
+            c = bench_config(profile, bench, spec, *seg_sets)
+            c = dataclasses.replace(c, runs=str(root / "segmenters" / source.slug / seg_name))
+            out = Path(c.runs) / ("supervised" if source.spec == TRUTH else "segmenter")
+            pseudo_seconds = None
+            if not _same_config(out, c):
+                if masks is None:
+                    t0 = time.perf_counter()
+                    masks = (
+                        train_set.masks
+                        if refine_cfg is None
+                        else stages.make_pseudo_masks(refine_cfg, train_set)
+                    )
+                    pseudo_seconds = time.perf_counter() - t0
+                tqdm.write(f"reproduce {bench}: {seg_name} on {source.label}")
+                stages.train_segmenter(c, train_set, masks, supervised=source.spec == TRUTH)
+            net, _ = load_model(out / "best.pt")
+            pipes[f"{seg_name} {source.spec}"] = Pipeline(None, ServedSegmenter(net).eval(), None)
+            row = {"source": source.label, "segmenter": seg_name, "spec": source.spec}
+            row["train_seconds"] = round(_train_seconds(out), 1)
+            if pseudo_seconds is not None:
+                row["pseudo_seconds"] = round(pseudo_seconds, 1)
+            rows.append(row)
+
+    # 4. one pass over the test split
+    examples = max(cfg.evaluate.figure_images, 0)
+    scored = evaluate(pipes, test_set, cfg.train.batch_size, examples, f"reproduce {bench}")
+    key = "iou" if test_set.task == "pets" else "miou"
+    bounds = {
+        r["segmenter"]: _score(scored, r, key) for r in rows if r["spec"] == TRUTH
+    }  # fmt: skip
+    classifiers = {}
+    for r in rows:
+        seg = scored[f"{r['segmenter']} {r['spec']}"].row()
+        r |= {k: v for k, v in seg.items() if k.startswith("seg_")}
+        pseudo = scored.get(f"pseudo {r['spec']}")
+        if pseudo is not None:
+            p = pseudo.row()
+            r |= {k: v for k, v in p.items() if k.startswith("pseudo_")}
+            name = Source.parse(r["spec"], spec.classifiers).classifier
+            if "accuracy" in p or "map" in p:
+                classifiers.setdefault(name, p.get("accuracy", p.get("map")))
+        if bounds.get(r["segmenter"]):
+            r["of_bound"] = r[f"seg_{key}"] / bounds[r["segmenter"]]
+    weak = [r for r in rows if r["spec"] != TRUTH]
+    best = max(weak, key=lambda r: r[f"seg_{key}"]) if weak else None
+    _figures(Path(profile.out), bench, test_set, scored, sources, profile, rows, key, examples)
+    return {
+        "task": test_set.task,
+        "image_size": cfg.data.image_size,
+        "train_images": len(train_set),
+        "test_images": len(test_set),
+        "metric": key,
+        "classifiers": classifiers,
+        "rows": rows,
+        "best": {k: best[k] for k in ("source", "segmenter", "spec", f"seg_{key}")}
+        if best
+        else None,
+        "orderings": orderings(rows, key, ablation),
+        "ablation": ablation,
+        "speed": speed,
+    }
+
+
+def _score(scored: dict[str, Evaluation], row: dict, key: str) -> float:
+    return scored[f"{row['segmenter']} {row['spec']}"].row()[f"seg_{key}"]
+
+
+def _ablation_done(study_out: Path, cfg: Config) -> bool:
+    """The ablation's level sets exist and were trained from this classifier config."""
+    trained = study_out / "levelset" / ABLATION_LEVELSET / "levelset"
+    saved = study_out / "levelset" / "config.yaml"
+    if not ((trained / "best.pt").exists() and saved.exists()):
+        return False
+    return dataclasses.asdict(load_config(saved)) == dataclasses.asdict(cfg)
+
+
+def _source_config(
+    source: Source, classifiers: dict[str, Config], levelset_runs: dict[str, Path]
+) -> Config | None:
+    """The config whose ``refine_step`` makes this source's pseudo-masks (None: the truth)."""
+    if source.spec == TRUTH:
+        return None
+    c = classifiers[source.classifier]
+    refine = parse_refiner(source.refiner, c.refine)
+    c = dataclasses.replace(
+        c, refine=refine, classifier=dataclasses.replace(c.classifier, cam_method=source.cam)
+    )
+    if source.refiner == "levelset":
+        if source.classifier in levelset_runs:
+            return dataclasses.replace(c, runs=str(levelset_runs[source.classifier]))
+        if not (Path(c.runs) / "levelset" / "best.pt").exists():
+            stages.run(c, ("levelset",))
+    return c
+
+
+def orderings(rows: list[dict], key: str, ablation: dict | None) -> list[dict]:
+    """The papers' orderings, checked on the measured rows (whichever way they come out)."""
+    seg = f"seg_{key}"
+    found = []
+    by = {(r["spec"], r["segmenter"]): r for r in rows}
+    segmenters = sorted({r["segmenter"] for r in rows})
+    if "deeplabv3" in segmenters and "unet" in segmenters:
+        pairs = [
+            (by[(s, "deeplabv3")][seg], by[(s, "unet")][seg])
+            for s in {r["spec"] for r in rows}
+            if (s, "deeplabv3") in by and (s, "unet") in by
+        ]
+        ahead = sum(d > u for d, u in pairs)
+        found.append({
+            "paper": "000",
+            "claim": "DeepLabV3 ahead of UNet on the same pseudo-masks",
+            "measured": f"DeepLabV3 ahead on {ahead} of {len(pairs)} sources",
+            "holds": ahead > len(pairs) / 2,
+        })  # fmt: skip
+    for r in rows:
+        spec = r["spec"]
+        if spec.endswith("+grabcut"):
+            plain = by.get((spec.removesuffix("+grabcut"), r["segmenter"]))
+            if plain is not None and f"pseudo_{key}" in r:
+                found.append({
+                    "paper": "000",
+                    "claim": f"GrabCut helps ({r['segmenter']})",
+                    "measured": f"pseudo {plain[f'pseudo_{key}']:.3f} -> {r[f'pseudo_{key}']:.3f}, "
+                    f"segmenter {plain[seg]:.3f} -> {r[seg]:.3f}",
+                    "holds": r[seg] > plain[seg],
+                })  # fmt: skip
+        if spec.endswith("/levelset"):
+            clf, cam, _ = spec.split("/")
+            cams = [
+                o for o in rows
+                if o["segmenter"] == r["segmenter"] and o["spec"].startswith(f"{clf}/{cam}/")
+                and o["spec"].split("/")[2] in ("fixed", "otsu")
+            ]  # fmt: skip
+            if cams:
+                top = max(cams, key=lambda o: o[seg])
+                found.append({
+                    "paper": "003",
+                    "claim": f"level set ahead of CAM ({r['segmenter']})",
+                    "measured": f"{r[seg]:.3f} vs {top[seg]:.3f} ({top['source']})",
+                    "holds": r[seg] > top[seg],
+                })  # fmt: skip
+    if ablation:
+        from training.levelset.study import ABLATION
+
+        level = {row["refiner"]: row for row in ablation["rows"] if row["refiner"] in ABLATION}
+        metric = f"pseudo_{key}"
+        if level and all(metric in row for row in level.values()):
+            top = max(level, key=lambda n: level[n][metric])
+            found.append({
+                "paper": "003",
+                "claim": "MSE + energy best of the ablation",
+                "measured": ", ".join(f"{n} {row[metric]:.3f}" for n, row in level.items()),
+                "holds": top == "MSE + energy",
+            })  # fmt: skip
+    return found
+
+
+def _figures(out, bench, data: WSSSDataset, scored, sources, profile, rows, key, examples):
+    """A bar chart of every row, and example outputs of the main sources."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    labels = [s.label for s in sources]
+    segmenters = list(profile.segmenters)
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(labels) * len(segmenters) + 1.5))
+    height = 0.8 / len(segmenters)
+    for k, seg in enumerate(segmenters):
+        mine = {r["spec"]: r[f"seg_{key}"] for r in rows if r["segmenter"] == seg}
+        values = [mine.get(s.spec, 0) for s in sources]
+        ys = np.arange(len(labels)) + k * height
+        ax.barh(ys, values, height, label=f"{seg} test {key.upper()}")
+    pseudo = [
+        scored[f"pseudo {s.spec}"].row().get(f"pseudo_{key}", np.nan)
+        if f"pseudo {s.spec}" in scored else np.nan for s in sources
+    ]  # fmt: skip
+    ax.scatter(pseudo, np.arange(len(labels)) + 0.4 - height / 2, color="k", marker="|", s=200,
+               label=f"pseudo-mask {key.upper()}", zorder=3)  # fmt: skip
+    ax.set_yticks(np.arange(len(labels)) + 0.4 - height / 2, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"test {key.upper()}")
+    ax.set_title(f"{bench}: segmenters trained on each pseudo-mask source")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / f"{bench}_segmenters.png", dpi=110)
+    plt.close(fig)
+    if not examples:
+        return
+    best_seg = {
+        s.spec: max(segmenters, key=lambda g: scored[f"{g} {s.spec}"].row()[f"seg_{key}"])
+        for s in sources
+    }
+    shown = [s for s in sources if f"pseudo {s.spec}" in scored][:6]
+    figure = []
+    for i in range(min(examples, 4)):
+        row = {"image": data.images[i]}
+        for s in shown:
+            mask = scored[f"pseudo {s.spec}"].examples["pseudo"][i]
+            row[f"{s.label}: pseudo"] = overlay(data.images[i], mask)
+        for s in sources:
+            if s.spec == TRUTH or s is shown[0]:
+                g = best_seg[s.spec]
+                mask = scored[f"{g} {s.spec}"].examples["seg"][i]
+                row[f"{g} on {s.label}"] = overlay(data.images[i], mask)
+        row["ground truth"] = colourise(data.masks[i])
+        figure.append(row)
+    panel_figure(figure, list(figure[0]), out / f"{bench}_examples.png")
+
+
+def render(report: dict) -> str:
+    m = report["machine"]
+    where = m["gpu"] or f"CPU, {m['cpu_cores']} cores"
+    lines = [
+        f"# Reproduced: profile `{report['profile']}`",
+        "",
+        f"`make reproduce PROFILE={report['profile']}` on {where}: "
+        f"{report['total_seconds'] / 60:.1f} minutes in all (one run; models trained in "
+        "that run unless reused from an identical earlier one).",
+        "",
+    ]
+    for bench, b in report["benchmarks"].items():
+        key = b["metric"]
+        lines += [
+            f"## {bench} ({b['task']}, {b['image_size']} px, {b['train_images']} training / "
+            f"{b['test_images']} test images)",
+            "",
+            "Classifier "
+            + ("accuracy" if b["task"] == "pets" else "mAP")
+            + ": "
+            + ", ".join(f"{n} {v:.3f}" for n, v in b["classifiers"].items()),
+            "",
+        ]
+        metrics = [f"pseudo_{key}", f"seg_{key}", "seg_dice" if key == "iou" else "seg_mdice"]
+        metrics += ["of_bound", "train_seconds"]
+        table = markdown_table(b["rows"], ["source", "segmenter"], metrics)
+        lines += [table, ""]
+        if b["best"]:
+            best = b["best"]
+            lines += [
+                f"Best weakly supervised: {best['segmenter']} on {best['source']} "
+                f"({key} {best[f'seg_{key}']:.3f}).",
+                "",
+            ]
+        lines += ["Orderings the papers report, checked on these rows:", ""]
+        for o in b["orderings"]:
+            verdict = "holds" if o["holds"] else "does not hold"
+            lines.append(f"- paper {o['paper']}: {o['claim']}: {verdict} ({o['measured']})")
+        lines += ["", f"![segmenters]({bench}_segmenters.png)", ""]
+        if b["ablation"]:
+            rows = b["ablation"]["rows"]
+            lines += [
+                f"### Paper 003's ablation (Table 2) on {bench}",
+                "",
+                markdown_table(rows, ["group", "refiner"]),
+            ]
+        if b["speed"]:
+            from benchmarks.refiners import speed_table
+
+            lines += [f"### Paper 003's speed (Table 3) on {bench}", "", speed_table(b["speed"])]
+    return "\n".join(lines) + "\n"

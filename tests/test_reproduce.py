@@ -1,0 +1,95 @@
+"""``wsss reproduce`` end to end on a tiny profile: every row trained, scored and reported,
+the supervised bound as the reference, and a rerun that reuses what it trained."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from benchmarks.reproduce import reproduce
+from wsss.config import load_profile
+
+pytestmark = pytest.mark.slow
+
+
+def _profile(tmp_path):
+    tiny = ["train.epochs=2", "train.batch_size=16", "levelset.epochs=1", "data.synth_count=60"]
+    spec = {
+        "out": str(tmp_path / "report"),
+        "runs": str(tmp_path / "runs"),
+        "segmenters": {
+            "unet": [
+                "segmenter.arch=unet",
+                "segmenter.base_channels=4",
+                "segmenter.depth=2",
+                "segmenter.epochs=2",
+            ],
+            "deeplabv3": [
+                "segmenter.arch=deeplabv3",
+                "segmenter.backbone=mobilenet_v2",
+                "segmenter.pretrained=true",
+                "segmenter.epochs=1",
+            ],
+        },  # fmt: skip
+        "benchmarks": {
+            "pets": {
+                "config": "configs/quick.yaml",
+                "set": [f"data.root={tmp_path / 'pets'}", "data.image_size=64", *tiny],
+                "classifiers": {"mobilenet_v2": ["classifier.arch=mobilenet_v2"]},
+                "sources": [
+                    "mobilenet_v2/cam/fixed",
+                    "mobilenet_v2/cam/fixed+grabcut",
+                    "mobilenet_v2/cam/levelset",
+                    "truth",
+                ],  # fmt: skip
+                "ablation": "mobilenet_v2",
+            }
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return load_profile(path)
+
+
+def test_reproduce_writes_every_row_against_the_bound_and_reuses_models(tmp_path):
+    profile = _profile(tmp_path)
+    text = reproduce(profile, "tiny")
+    report = json.loads((tmp_path / "report" / "results.json").read_text())
+    pets = report["benchmarks"]["pets"]
+    rows = {(r["spec"], r["segmenter"]): r for r in pets["rows"]}
+    assert len(rows) == 4 * 2
+    for seg in ("unet", "deeplabv3"):
+        assert rows[("truth", seg)]["of_bound"] == pytest.approx(1.0)
+        assert rows[("truth", seg)]["seg_iou"] > 0
+        fixed = rows[("mobilenet_v2/cam/fixed", seg)]
+        assert 0 < fixed["pseudo_iou"] < 1 and fixed["train_seconds"] > 0
+        bound = rows[("truth", seg)]["seg_iou"]
+        assert fixed["of_bound"] == pytest.approx(fixed["seg_iou"] / bound)
+    # Paper 003's tables and the papers' orderings, checked on the measured rows.
+    ablation = {r["refiner"] for r in pets["ablation"]["rows"]}
+    assert {"MSE only", "energy only", "MSE + energy"} <= ablation
+    speeds = [r["refiner"] for r in pets["speed"]["rows"]]
+    assert any("GrabCut" in n for n in speeds) and any("Chan-Vese" in n for n in speeds)
+    claims = {o["claim"] for o in pets["orderings"]}
+    assert "DeepLabV3 ahead of UNet on the same pseudo-masks" in claims
+    assert "MSE + energy best of the ablation" in claims
+    assert pets["best"]["spec"] != "truth"
+    assert "## pets" in text and "ground truth (supervised bound)" in text
+    assert (tmp_path / "report" / "pets_segmenters.png").stat().st_size > 10_000
+    assert (tmp_path / "report" / "pets_examples.png").exists()
+
+    # A rerun with the same profile trains nothing again.
+    checkpoints = sorted((tmp_path / "runs").rglob("best.pt"))
+    stamps = [p.stat().st_mtime_ns for p in checkpoints]
+    reproduce(_profile(tmp_path), "tiny")
+    assert [p.stat().st_mtime_ns for p in checkpoints] == stamps
+    assert sorted((tmp_path / "runs").rglob("best.pt")) == checkpoints
+
+
+def test_bad_source_is_refused_by_name(tmp_path):
+    profile = _profile(tmp_path)
+    profile.benchmarks["pets"].sources = ["resnet18/cam/otsu"]
+    with pytest.raises(ValueError, match="resnet18/cam/otsu"):
+        reproduce(profile, "tiny")
