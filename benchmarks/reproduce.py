@@ -35,10 +35,10 @@ from training import stages
 from training.data.dataset import WSSSDataset
 from training.data.synth import SynthOptions, ensure_synth
 from training.evaluate import Evaluation, evaluate, markdown_table
-from training.figures import colourise, overlay, panel_figure
 from training.pipeline import Pipeline, ServedSegmenter, load_model, refine_step
 from training.studies import load_test_set, parse_refiner
 from wsss.config import BenchmarkProfile, Config, ReproduceProfile, load_config
+from wsss.figures import colourise, overlay, panel_figure
 
 TRUTH = "truth"
 ABLATION_LEVELSET = "MSE_and_energy"  # the ablation row the levelset source uses
@@ -386,7 +386,7 @@ def _figures(out, bench, data: WSSSDataset, scored, sources, profile, rows, key,
                 row[f"{g} on {s.label}"] = overlay(data.images[i], mask)
         row["ground truth"] = colourise(data.masks[i])
         figure.append(row)
-    panel_figure(figure, list(figure[0]), out / f"{bench}_examples.png")
+    panel_figure(figure, list(figure[0]), out / f"{bench}_examples.jpg")
 
 
 def render(report: dict) -> str:
@@ -428,6 +428,7 @@ def render(report: dict) -> str:
             verdict = "holds" if o["holds"] else "does not hold"
             lines.append(f"- paper {o['paper']}: {o['claim']}: {verdict} ({o['measured']})")
         lines += ["", f"![segmenters]({bench}_segmenters.png)", ""]
+        lines += [f"![examples]({bench}_examples.jpg)", ""]
         if b["ablation"]:
             rows = b["ablation"]["rows"]
             lines += [

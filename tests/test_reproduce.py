@@ -78,7 +78,7 @@ def test_reproduce_writes_every_row_against_the_bound_and_reuses_models(tmp_path
     assert pets["best"]["spec"] != "truth"
     assert "## pets" in text and "ground truth (supervised bound)" in text
     assert (tmp_path / "report" / "pets_segmenters.png").stat().st_size > 10_000
-    assert (tmp_path / "report" / "pets_examples.png").exists()
+    assert (tmp_path / "report" / "pets_examples.jpg").exists()
 
     # A rerun with the same profile trains nothing again.
     checkpoints = sorted((tmp_path / "runs").rglob("best.pt"))
