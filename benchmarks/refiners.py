@@ -28,7 +28,7 @@ from training.refine import build_refiner
 from training.studies import load_test_set
 from wsss.config import Config
 from wsss.images import resize_image
-from wsss.tensors import REFINER, served_models
+from wsss.tensors import CAMS, FEATURES, IMAGE, REFINER, SCORES, served_models
 
 
 def _timed(fn, repeat: int) -> float:
@@ -78,7 +78,7 @@ def refiner_speed(cfg: Config, size: int | None = None, images: int = 8, repeat:
         if session is None:  # the served graph, as the repository's refiner runs it
             session = _refiner_session(levelset, (x, scores, cams, feats))
         phi0 = head.init(feats, levelset.normalize(to_pixels(x)), cams)
-        feeds = {"IMAGE": x, "SCORES": scores, "CAMS": cams, "FEATURES": feats}
+        feeds = {IMAGE: x, SCORES: scores, CAMS: cams, FEATURES: feats}
         feeds = {k: v.numpy() for k, v in feeds.items()}
         timings = {
             "FNO evolution (PyTorch)": _timed(partial(head.evolution, phi0), repeat),

@@ -19,6 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from wsss.config import ExportConfig, ModelServingConfig, NetworkExportConfig
 from wsss.tensors import (
     ENSEMBLES,
+    ORIGINAL_SIZE,
     POSTPROCESS,
     PREPROCESS,
     REFINER,
@@ -148,7 +149,7 @@ def warmup_files(spec: ModelSpec, image_size: int) -> list[WarmupSample]:
             png = cv2.imencode(".png", img)[1].tobytes()
             # Triton's BYTES element: a 4-byte little-endian length, then the bytes.
             out.append(WarmupSample(t.name, struct.pack("<I", len(png)) + png))
-        elif t.name == "ORIGINAL_SIZE":
+        elif t.name == ORIGINAL_SIZE:
             out.append(WarmupSample(t.name, np.array([2 * image_size] * 2, t.dtype).tobytes()))
         else:
             raise ValueError(f"no warm-up sample rule for {spec.name}.{t.name}")

@@ -37,7 +37,7 @@ from export.torchscript_export import check_torchscript_parity, export_torchscri
 from training.pipeline import ServedSegmenter, load_model, refine_step
 from wsss.config import Config, save_config
 from wsss.errors import WsssError
-from wsss.tensors import CLASSIFIER, ENSEMBLES, REFINER, SEGMENTER, served_models
+from wsss.tensors import CLASSIFIER, ENSEMBLES, PREPROCESS, REFINER, SEGMENTER, served_models
 
 _PYTHON_SOURCES = Path(__file__).parent / "triton_models"
 STAGING_PREFIX = ".wsss-staging-"
@@ -86,7 +86,7 @@ def export_repository(cfg: Config) -> ExportResult:
         CLASSIFIER: classifier,
         SEGMENTER: ServedSegmenter(segmenter),
     }
-    params = {}
+    params = {PREPROCESS: {"max_pixels": str(cfg.export.max_image_pixels)}}
     if network_refiner:
         networks[REFINER] = refiner.module
     else:

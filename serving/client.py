@@ -11,8 +11,19 @@ from pathlib import Path
 
 import numpy as np
 
-from wsss.images import ImageError, decode_image, resize_image, resize_mask
-from wsss.tensors import PIPELINE, PIPELINE_BYTES, ModelSpec, TensorSpec, served_models
+from wsss.images import ImageError, decode_image, encode_png, resize_image, resize_mask
+from wsss.tensors import (
+    CLASSIFIER,
+    FEATURES,
+    PIPELINE,
+    PIPELINE_BYTES,
+    SCORES,
+    SEG_PROBS,
+    SEGMENTER,
+    ModelSpec,
+    TensorSpec,
+    served_models,
+)
 
 
 class ClientError(ValueError):
@@ -30,34 +41,49 @@ def _protocol(protocol: str):
 
 
 class PipelineClient:
+    """Either ensemble (``wsss_pipeline``: pixels in; ``wsss_pipeline_bytes``: encoded images
+    in), over gRPC or HTTP. Sizes, class counts and the level-set refiner's FEATURES come
+    from the served classifier's and segmenter's metadata."""
+
     def __init__(self, url: str, protocol: str = "grpc", model: str = PIPELINE):
+        if model not in (PIPELINE, PIPELINE_BYTES):
+            raise ClientError(f"model must be {PIPELINE} or {PIPELINE_BYTES}, not {model!r}")
         self.module = _protocol(protocol)
         self.protocol, self.model = protocol, model
         self.client = self.module.InferenceServerClient(url)
+        meta = {m: self._metadata(m, url) for m in (model, CLASSIFIER, SEGMENTER)}
+        (image,) = meta[CLASSIFIER]["inputs"]
+        h, w, _ = (int(d) for d in image["shape"][1:])
+        outputs = {o["name"]: o["shape"] for o in meta[CLASSIFIER]["outputs"]}
+        probs = {o["name"]: o["shape"] for o in meta[SEGMENTER]["outputs"]}[SEG_PROBS]
+        features = tuple(int(d) for d in outputs[FEATURES][1:]) if FEATURES in outputs else None
+        self.all_specs = served_models(h, int(outputs[SCORES][1]), int(probs[1]), features)
+        self.specs = self.all_specs[model]
+        self.image_spec: TensorSpec = self.all_specs[PIPELINE].inputs[0]
+
+    def _metadata(self, model: str, url: str) -> dict:
         try:
             meta = self.client.get_model_metadata(model)
         except Exception as exc:
-            raise ClientError(f"cannot reach model {model!r} at {url} ({protocol}): {exc}") from exc
-        meta = meta if isinstance(meta, dict) else _grpc_to_dict(meta)
-        (image,) = meta["inputs"]
-        h, w, _ = (int(d) for d in image["shape"][1:])
-        scores = next(o for o in meta["outputs"] if o["name"] == "SCORES")
-        probs = next(o for o in meta["outputs"] if o["name"] == "SEG_PROBS")
-        self.all_specs = served_models(h, int(scores["shape"][1]), int(probs["shape"][1]))
-        self.specs = self.all_specs[model]
-        self.image_spec: TensorSpec = self.specs.inputs[0]
+            raise ClientError(
+                f"cannot reach model {model!r} at {url} ({self.protocol}): {exc}"
+            ) from exc
+        return meta if isinstance(meta, dict) else _grpc_to_dict(meta)
 
     @property
     def image_size(self) -> tuple[int, int]:
         return self.image_spec.shape[0], self.image_spec.shape[1]
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """uint8 [B, H, W, 3] -> every output of the ensemble, by name."""
+        """uint8 [B, H, W, 3] at the model size -> every output of the ensemble, by name
+        (to the bytes ensemble each image travels as a lossless PNG)."""
         images = np.asarray(images)
         try:
             self.image_spec.check(images)
         except ValueError as exc:
             raise ClientError(f"bad input for {self.model}: {exc}") from exc
+        if self.model == PIPELINE_BYTES:
+            return self.infer_encoded([encode_png(image) for image in images])
         return self.infer_raw({self.image_spec.name: images})
 
     def infer_encoded(self, blobs: list[bytes]) -> dict[str, np.ndarray]:

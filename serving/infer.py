@@ -8,8 +8,9 @@ import numpy as np
 from PIL import Image
 
 from serving.client import PipelineClient, load_image, resize
-from training.data.layouts import VOC_PALETTE
-from training.figures import overlay, panel_figure
+from wsss.figures import overlay, panel_figure
+from wsss.palette import VOC_PALETTE
+from wsss.tensors import CAMS, PSEUDO_MASK, SCORES, SEGMENTATION
 
 
 def infer_files(
@@ -38,24 +39,24 @@ def write_outputs(
 ) -> dict:
     h, w = original.shape[:2]
     stem = Path(path).stem
-    scores = outputs["SCORES"][0]
+    scores = outputs[SCORES][0]
     top = int(scores.argmax())
     label = class_names[top] if class_names and top < len(class_names) else f"class {top}"
     files = {}
-    for key in ("PSEUDO_MASK", "SEGMENTATION"):
+    for key in (PSEUDO_MASK, SEGMENTATION):
         mask = resize(outputs[key][0], (h, w), nearest=True)
         png = Image.fromarray(mask, mode="P")
         png.putpalette(VOC_PALETTE)
         files[key] = out / f"{stem}_{key.lower()}.png"
         png.save(files[key])
-    cam = outputs["CAMS"][0, top]
+    cam = outputs[CAMS][0, top]
     files["figure"] = panel_figure(
         [
             {
                 "image": sent,
                 f"CAM: {label} ({scores[top]:.2f})": cam,
-                "pseudo-mask": overlay(sent, outputs["PSEUDO_MASK"][0]),
-                "segmentation": overlay(sent, outputs["SEGMENTATION"][0]),
+                "pseudo-mask": overlay(sent, outputs[PSEUDO_MASK][0]),
+                "segmentation": overlay(sent, outputs[SEGMENTATION][0]),
             }
         ],
         ["image", f"CAM: {label} ({scores[top]:.2f})", "pseudo-mask", "segmentation"],

@@ -122,34 +122,47 @@ class TritonServer:
         return f"{self.cfg.host}:{self.cfg.grpc_port}"
 
     def start(self, timeout: float = 120.0) -> TritonServer:
+        if self.running:
+            raise ServerError(
+                f"tritonserver is already running (pid {self.process.pid}): stop() it first"
+            )
         if not (self.repository / "wsss_pipeline" / "config.pbtxt").exists():
             raise ServerError(f"{self.repository} holds no exported pipeline: run `wsss export`")
         backends = prepare_backends(self.workdir / "backends")
         cmd = server_command(self.repository, backends, self.cfg, has_gpu())
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            cmd, env=server_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        with self.log_path.open("wb") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                cmd, env=server_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.wait_ready(timeout)
         return self
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def wait_ready(self, timeout: float) -> None:
         import tritonclient.http as http
 
+        # Closed when ready: an open keep-alive connection makes tritonserver wait out its
+        # exit timeout (30 s) at shutdown.
         client = http.InferenceServerClient(self.http_url)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerError(
-                    f"tritonserver exited ({self.process.returncode}):\n{self.log_tail()}"
-                )
-            try:
-                if client.is_server_ready():
-                    return
-            except ConnectionError:  # not listening yet; anything else is a real error
-                pass
-            time.sleep(0.25)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise ServerError(
+                        f"tritonserver exited ({self.process.returncode}):\n{self.log_tail()}"
+                    )
+                try:
+                    if client.is_server_ready():
+                        return
+                except ConnectionError:  # not listening yet; anything else is a real error
+                    pass
+                time.sleep(0.25)
+        finally:
+            client.close()
         self.stop()
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
@@ -158,14 +171,21 @@ class TritonServer:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
+        """SIGINT (tritonserver unloads its models and exits), SIGKILL after ``timeout``; then
+        whatever is left of its process group (Python backend stubs) is killed too."""
+        if self.process is None:
             return
-        self.process.send_signal(signal.SIGINT)  # tritonserver unloads models and exits
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
         try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        except (ProcessLookupError, PermissionError):  # the group is already gone
+            pass
 
     def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self

@@ -5,12 +5,14 @@ float outputs within ATOL; class-index masks may differ on at most MISMATCH of p
 CAM or probability within float error of a threshold or a tie lands on the other side.
 """
 
+import io
 import subprocess
 import sys
 
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from serving.bench import PerfSettings, run_perf_analyzer
 from serving.client import ClientError, PipelineClient, load_image
@@ -129,6 +131,19 @@ def test_bytes_ensemble_matches_tensor_ensemble(server, exported, protocol):
     assert client.infer_encoded([jpeg])["SEGMENTATION_FULL"].shape == (1, 110, 150)
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_client_of_the_bytes_ensemble(server, images, protocol):
+    """PipelineClient(model=wsss_pipeline_bytes) sends pixels as PNG: the same masks back."""
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    tensor = PipelineClient(url, protocol).infer(images[:2])
+    client = PipelineClient(url, protocol, model="wsss_pipeline_bytes")
+    got = client.infer(images[:2])
+    np.testing.assert_allclose(got["SCORES"], tensor["SCORES"], atol=ATOL["SCORES"])
+    assert (got["SEGMENTATION_FULL"] != tensor["SEGMENTATION"]).mean() <= MISMATCH
+    with pytest.raises(ClientError, match="must be wsss_pipeline or wsss_pipeline_bytes"):
+        PipelineClient(url, protocol, model="classifier")
+
+
 def test_bytes_ensemble_refuses_bad_bytes_and_keeps_serving(server, images):
     client = PipelineClient(server.grpc_url, "grpc")
     with pytest.raises(ClientError, match="item 1: cannot decode"):
@@ -137,6 +152,42 @@ def test_bytes_ensemble_refuses_bad_bytes_and_keeps_serving(server, images):
         client.infer_encoded([_png(images[0]), _png(images[0][:40])])
     with pytest.raises(ClientError, match="empty image bytes"):
         client.infer_encoded([b""])
+    assert client.infer_encoded([_png(images[0])])["SEGMENTATION_FULL"].shape[0] == 1
+
+
+def _gif(image) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+def _huge_png() -> bytes:
+    """12,000 x 12,000 pixels in a few hundred KB: a one-bit PNG."""
+    buf = io.BytesIO()
+    Image.new("1", (12_000, 12_000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_bad_bytes_are_a_client_error_through_the_ensemble(server, images, protocol):
+    """HTTP 400 / gRPC INVALID_ARGUMENT with a message that says what is wrong; the server
+    goes on serving."""
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    client = PipelineClient(url, protocol)
+    jpeg = cv2.imencode(".jpg", images[0])[1].tobytes()
+    cases = {
+        "not an image": ([b"definitely not an image"], "cannot decode"),
+        "empty": ([b""], "empty image bytes"),
+        "truncated JPEG": ([jpeg[: len(jpeg) // 3]], "cannot decode"),
+        "GIF": ([_gif(images[0])], "cannot decode"),
+        "too many pixels": ([_huge_png()], "exceeds the limit"),
+        "sizes differ": ([_png(images[0]), _png(images[0][:40])], "share a size"),
+    }
+    for name, (blobs, message) in cases.items():
+        with pytest.raises(ClientError, match=message) as info:
+            client.infer_encoded(blobs)
+        status = info.value.__cause__.status()
+        assert status in ("400", "StatusCode.INVALID_ARGUMENT"), (name, status)
     assert client.infer_encoded([_png(images[0])])["SEGMENTATION_FULL"].shape[0] == 1
 
 

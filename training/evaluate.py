@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from training.data.dataset import WSSSDataset
 from training.data.layouts import segmentation_classes
-from training.figures import colourise, overlay, panel_figure
 from training.metrics import ConfusionMatrix, average_precision
 from training.pipeline import Pipeline, mask_values, translate_labels
+from wsss.figures import colourise, overlay, panel_figure
 
 
 @dataclass

@@ -23,6 +23,7 @@ from training.models import build_classifier, build_segmenter
 from training.models.classifier import CAMClassifier
 from training.models.common import to_pixels
 from training.refine import Refiner, build_refiner
+from wsss.tensors import CAMS, PSEUDO_MASK, SCORES, SEG_PROBS, SEGMENTATION
 
 
 class ServedClassifier(nn.Module):
@@ -178,11 +179,11 @@ class Pipeline:
         pseudo = self.refine(images, outputs)
         probs, seg = self.segment(images)
         return {
-            "SCORES": outputs[0].numpy(),
-            "CAMS": outputs[1].numpy(),
-            "PSEUDO_MASK": pseudo,
-            "SEG_PROBS": probs,
-            "SEGMENTATION": seg,
+            SCORES: outputs[0].numpy(),
+            CAMS: outputs[1].numpy(),
+            PSEUDO_MASK: pseudo,
+            SEG_PROBS: probs,
+            SEGMENTATION: seg,
         }
 
 

@@ -22,7 +22,6 @@ from PIL import Image
 from training.data.dataset import WSSSDataset
 from training.data.layouts import VOC_CLASSES, Sample
 from training.evaluate import Evaluation, evaluate, figure_rows, markdown_table, write_report
-from training.figures import overlay, panel_figure
 from training.pipeline import (
     Pipeline,
     ServedClassifier,
@@ -33,6 +32,7 @@ from training.pipeline import (
 )
 from training.refine import FOLLOW_UPS, METHODS, build_refiner
 from wsss.config import Config, RefineConfig, load_config, save_config
+from wsss.figures import overlay, panel_figure
 from wsss.images import resize_image
 
 SUPERVISED = "supervised bound (segmenter on the true masks)"

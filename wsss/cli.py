@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -127,6 +128,8 @@ def cmd_serve(args) -> None:
     if args.build_if_missing:
         ensure_built(cfg)
     server = TritonServer(Path(cfg.export.repository), cfg.serve, Path(".cache/server"))
+    # SIGTERM (docker stop, kill) stops it as Ctrl-C does: through the `with` block below.
+    signal.signal(signal.SIGTERM, _interrupt)
     with server:
         print(
             f"serving {cfg.export.repository}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
@@ -137,8 +140,12 @@ def cmd_serve(args) -> None:
             server.process.wait()
         except KeyboardInterrupt:  # Ctrl-C is how `make serve` stops; leaving the
             pass  # `with` block shuts tritonserver down cleanly
-    if server.process.returncode not in (0, -2, None):
+    if server.process.returncode not in (0, -signal.SIGINT, None):
         sys.exit(f"tritonserver exited with {server.process.returncode}:\n{server.log_tail()}")
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _url(args) -> str:

@@ -193,6 +193,9 @@ class ExportConfig:
     opset: int = 17
     atol: float = 1e-3  # served vs PyTorch, max abs error of float outputs: refused past this
     keep_versions: int = 2  # version_policy: Triton serves the latest N; older stay on disk
+    # The bytes-in ensemble refuses images with more pixels than this (from the header,
+    # before decoding): 400 INVALID_ARG.
+    max_image_pixels: int = 40_000_000
     classifier: NetworkExportConfig = field(default_factory=NetworkExportConfig)
     segmenter: NetworkExportConfig = field(default_factory=NetworkExportConfig)
     # A Python model for the threshold refiners; its format applies to the level-set one.

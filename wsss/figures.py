@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from training.data.layouts import IGNORE, VOC_PALETTE  # noqa: E402
+from wsss.palette import IGNORE, VOC_PALETTE  # noqa: E402
 
 _PALETTE = np.array(VOC_PALETTE, np.uint8).reshape(256, 3)
 

@@ -6,28 +6,60 @@ resizes before sending produce identical pixels (OpenCV decode, area downsamplin
 
 from __future__ import annotations
 
+import io
+
 import cv2
 import numpy as np
 
 MAX_ENCODED_BYTES = 64 << 20  # refuse larger uploads before decoding anything
 MAX_SIDE = 16384  # decoded images and requested output sizes stay below this
+# Decoded pixels an image may have, checked from its header before decoding: a 12,000 x
+# 12,000 PNG is 450 KB on the wire and 430 MB decoded. The served limit is
+# export.max_image_pixels (the preprocess model's max_pixels parameter).
+MAX_PIXELS = 40_000_000
 
 
 class ImageError(ValueError):
     """Bytes that are not a decodable image, or a size out of range."""
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded JPEG/PNG/BMP/WebP/... -> RGB uint8 HxWx3 (grey and alpha are converted)."""
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from the image's header, without decoding its pixels; None when the
+    header is not one Pillow reads (OpenCV then decides whether it is an image at all)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # lazy: reads the header only
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None
+    return height, width
+
+
+def check_pixels(size: tuple[int, int] | None, max_pixels: int = MAX_PIXELS) -> None:
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ImageError(
+            f"image of {size[1]}x{size[0]} = {size[0] * size[1]:,} pixels exceeds the limit of "
+            f"{max_pixels:,}: send it smaller"
+        )
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Encoded JPEG/PNG/BMP/WebP/... -> RGB uint8 HxWx3 (grey and alpha are converted).
+
+    Images over ``max_pixels`` are refused from their header, before any pixel is decoded.
+    """
     if not data:
         raise ImageError("empty image bytes")
     if len(data) > MAX_ENCODED_BYTES:
         raise ImageError(f"encoded image of {len(data)} bytes exceeds {MAX_ENCODED_BYTES}")
+    check_pixels(header_size(data), max_pixels)
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
         raise ImageError("cannot decode the bytes as an image (JPEG, PNG, BMP, WebP, TIFF)")
     if max(bgr.shape[:2]) > MAX_SIDE:
         raise ImageError(f"image of {bgr.shape[1]}x{bgr.shape[0]} exceeds {MAX_SIDE} px")
+    check_pixels(bgr.shape[:2], max_pixels)  # a header Pillow could not read
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
@@ -45,3 +77,11 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if not (0 < h <= MAX_SIDE and 0 < w <= MAX_SIDE):
         raise ImageError(f"output size {h}x{w} is out of range (1..{MAX_SIDE})")
     return cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """RGB uint8 -> PNG bytes (lossless: the bytes ensemble decodes the same pixels)."""
+    ok, data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ImageError("cannot encode the image as PNG")
+    return data.tobytes()

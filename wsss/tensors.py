@@ -56,6 +56,19 @@ class ModelSpec:
     outputs: tuple[TensorSpec, ...]
 
 
+# Tensor names: importable, so no served name is spelled anywhere else.
+IMAGE = "IMAGE"
+SCORES = "SCORES"
+CAMS = "CAMS"
+FEATURES = "FEATURES"
+PSEUDO_MASK = "PSEUDO_MASK"
+SEG_PROBS = "SEG_PROBS"
+SEGMENTATION = "SEGMENTATION"
+IMAGE_BYTES = "IMAGE_BYTES"
+ORIGINAL_SIZE = "ORIGINAL_SIZE"
+PSEUDO_MASK_FULL = "PSEUDO_MASK_FULL"
+SEGMENTATION_FULL = "SEGMENTATION_FULL"
+
 # Model names in the repository; the ensembles are what clients call.
 CLASSIFIER, REFINER, SEGMENTER = "classifier", "refiner", "segmenter"
 PREPROCESS, POSTPROCESS = "preprocess", "postprocess"
@@ -80,23 +93,23 @@ def served_models(
     the classifier then also returns FEATURES, which the refiner reads beside the CAMS.
     """
     h = w = image_size
-    image = TensorSpec("IMAGE", "uint8", (h, w, 3), "RGB pixels, resized to the model size")
+    image = TensorSpec(IMAGE, "uint8", (h, w, 3), "RGB pixels, resized to the model size")
     scores = TensorSpec(
-        "SCORES", "float32", (num_classes,), "class probabilities: softmax (pets) or sigmoid (voc)"
+        SCORES, "float32", (num_classes,), "class probabilities: softmax (pets) or sigmoid (voc)"
     )
-    cams = TensorSpec("CAMS", "float32", (num_classes, h, w), "one [0, 1] map per class")
-    pseudo = TensorSpec("PSEUDO_MASK", "uint8", (h, w), "refined CAM: class index per pixel")
-    probs = TensorSpec("SEG_PROBS", "float32", (num_seg_classes, h, w), "segmenter softmax")
-    seg = TensorSpec("SEGMENTATION", "uint8", (h, w), "segmenter argmax: class index per pixel")
-    encoded = TensorSpec("IMAGE_BYTES", "bytes", (1,), "an encoded JPEG or PNG, any size")
-    original = TensorSpec("ORIGINAL_SIZE", "int32", (2,), "height and width of the decoded image")
-    pseudo_full = TensorSpec("PSEUDO_MASK_FULL", "uint8", (-1, -1), "PSEUDO_MASK at original size")
-    seg_full = TensorSpec("SEGMENTATION_FULL", "uint8", (-1, -1), "SEGMENTATION at original size")
+    cams = TensorSpec(CAMS, "float32", (num_classes, h, w), "one [0, 1] map per class")
+    pseudo = TensorSpec(PSEUDO_MASK, "uint8", (h, w), "refined CAM: class index per pixel")
+    probs = TensorSpec(SEG_PROBS, "float32", (num_seg_classes, h, w), "segmenter softmax")
+    seg = TensorSpec(SEGMENTATION, "uint8", (h, w), "segmenter argmax: class index per pixel")
+    encoded = TensorSpec(IMAGE_BYTES, "bytes", (1,), "an encoded JPEG or PNG, any size")
+    original = TensorSpec(ORIGINAL_SIZE, "int32", (2,), "height and width of the decoded image")
+    pseudo_full = TensorSpec(PSEUDO_MASK_FULL, "uint8", (-1, -1), "PSEUDO_MASK at original size")
+    seg_full = TensorSpec(SEGMENTATION_FULL, "uint8", (-1, -1), "SEGMENTATION at original size")
     if features is None:
         classifier = ModelSpec(CLASSIFIER, (image,), (scores, cams))
         refiner = ModelSpec(REFINER, (image, scores, cams), (pseudo,))
     else:
-        feats = TensorSpec("FEATURES", "float32", features, "backbone feature map")
+        feats = TensorSpec(FEATURES, "float32", features, "backbone feature map")
         classifier = ModelSpec(CLASSIFIER, (image,), (scores, cams, feats))
         refiner = ModelSpec(REFINER, (image, scores, cams, feats), (pseudo,))
     return {

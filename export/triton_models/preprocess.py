@@ -11,7 +11,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from export.triton_models.respond import respond
-from wsss.images import decode_image, resize_image
+from wsss.images import MAX_PIXELS, check_pixels, decode_image, header_size, resize_image
 
 
 class TritonPythonModel:
@@ -21,21 +21,44 @@ class TritonPythonModel:
         image, size = config["output"]
         self.image_name, self.size_name = image["name"], size["name"]
         self.size = tuple(int(d) for d in image["dims"][:2])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.max_pixels = int(params.get("max_pixels", MAX_PIXELS))
 
     def execute(self, requests):
         return respond(requests, self._one, "preprocess")
 
     def _one(self, request):
         blobs = pb_utils.get_input_tensor_by_name(request, self.input).as_numpy()
-        images, sizes = [], []
-        for k, blob in enumerate(blobs.reshape(len(blobs), -1)[:, 0]):
+        blobs = [bytes(b) for b in blobs.reshape(len(blobs), -1)[:, 0]]
+        # From the headers, before decoding anything: too many pixels, or sizes that differ
+        # (the masks of one request come back as one tensor, so they share a size).
+        headers = [header_size(b) for b in blobs]
+        for k, size in enumerate(headers):
             try:
-                image = decode_image(bytes(blob))
+                check_pixels(size, self.max_pixels)
+            except ValueError as exc:
+                raise ValueError(f"item {k}: {exc}") from exc
+        _same_size(headers)
+        images, sizes = [], []
+        for k, blob in enumerate(blobs):
+            try:
+                image = decode_image(blob, self.max_pixels)
             except ValueError as exc:
                 raise ValueError(f"item {k}: {exc}") from exc
             sizes.append(image.shape[:2])
             images.append(resize_image(image, self.size))
+        _same_size(sizes)
         return [
             pb_utils.Tensor(self.image_name, np.stack(images)),
             pb_utils.Tensor(self.size_name, np.asarray(sizes, np.int32)),
         ]
+
+
+def _same_size(sizes) -> None:
+    known = {tuple(s) for s in sizes if s is not None}
+    if len(known) > 1:
+        shown = ", ".join(f"{w}x{h}" for h, w in sorted(known))
+        raise ValueError(
+            f"images of one request must share a size (got {shown}): "
+            "send differently sized images as separate requests"
+        )

@@ -19,31 +19,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-IGNORE = 255
+from wsss.palette import IGNORE, VOC_PALETTE  # noqa: F401 (re-exported)
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor",
 )  # fmt: skip
-
-
-def _voc_palette() -> list[int]:
-    """The standard VOC colour map (bit-interleaved class index), 256 RGB triples."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
-VOC_PALETTE = _voc_palette()
 
 
 class DataLayoutError(ValueError):

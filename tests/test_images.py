@@ -1,0 +1,38 @@
+"""Decoding client images: limits checked from the header, before any pixel is decoded."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsss import images
+from wsss.images import ImageError, decode_image, encode_png, header_size
+
+
+def _png(size, mode="1") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_huge_image_is_refused_from_its_header(monkeypatch):
+    blob = _png((12_000, 12_000))
+    assert len(blob) < 1_000_000 and header_size(blob) == (12_000, 12_000)
+    # Decoding would take seconds and 430 MB: it must not even start.
+    monkeypatch.setattr(images.cv2, "imdecode", lambda *a: pytest.fail("decoded"))
+    with pytest.raises(ImageError, match="144,000,000 pixels exceeds the limit"):
+        decode_image(blob)
+    monkeypatch.undo()
+    with pytest.raises(ImageError, match="exceeds the limit of 100"):
+        decode_image(_png((20, 10), "RGB"), max_pixels=100)
+
+
+def test_png_round_trip_and_headers_of_non_images():
+    image = np.random.default_rng(0).integers(0, 255, (17, 23, 3), np.uint8)
+    assert np.array_equal(decode_image(encode_png(image)), image)
+    assert header_size(b"not an image") is None
+    with pytest.raises(ImageError, match="cannot decode"):
+        decode_image(b"not an image")

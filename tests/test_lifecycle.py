@@ -1,0 +1,103 @@
+"""Starting and stopping the real tritonserver: one process per server, a quick clean stop on
+Ctrl-C or SIGTERM with exit status 0, no process left behind, a clean restart on the same
+ports after a kill."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serving.server import ServerError, TritonServer
+from tests.conftest import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.triton]
+
+
+def _group(pgid: int) -> list[int]:
+    """Live processes (not zombies) whose process group is ``pgid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        state, group = fields[0], int(fields[2])
+        if group == pgid and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _ports(cfg):
+    serve = dataclasses.replace(
+        cfg.serve, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()
+    )
+    return dataclasses.replace(cfg, serve=serve)
+
+
+def test_start_twice_is_refused_and_stop_leaves_nothing(exported, tmp_path):
+    cfg = _ports(exported)
+    server = TritonServer(Path(cfg.export.repository), cfg.serve, tmp_path)
+    with server:
+        pid = server.process.pid
+        assert len(_group(pid)) >= 2  # tritonserver and its Python stubs
+        with pytest.raises(ServerError, match="already running"):
+            server.start()
+        assert server.process.pid == pid
+    assert _group(pid) == []
+    # A killed server restarts cleanly on the same repository and ports.
+    server.start()
+    os.killpg(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+    server.process = None
+    with server:
+        assert server.running
+    assert not server.running
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_wsss_serve_stops_cleanly_on_ctrl_c_and_sigterm(exported, tmp_path, sig):
+    cfg = _ports(exported)
+    s = cfg.serve
+    cmd = [sys.executable, "-m", "wsss", "serve"]
+    for key, value in (
+        ("export.repository", cfg.export.repository),
+        ("serve.http_port", s.http_port),
+        ("serve.grpc_port", s.grpc_port),
+        ("serve.metrics_port", s.metrics_port),
+    ):
+        cmd += ["--set", f"{key}={value}"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        env=os.environ | {"PYTHONPATH": str(Path.cwd())}, start_new_session=True,
+    )  # fmt: skip
+    for line in proc.stdout:  # waits on the server saying it is ready, not on a clock
+        if line.startswith("serving "):
+            break
+    else:
+        pytest.fail(f"wsss serve exited ({proc.wait()}) before serving")
+    (triton,) = [pid for pid in _pids() if f"--http-port={s.http_port}" in _cmdline(pid)]
+    assert len(_group(triton)) >= 2  # tritonserver and its Python stubs
+    proc.send_signal(sig)
+    # tritonserver's exit timeout is 30 s: a stop that waits on a connection takes that long.
+    assert proc.wait(timeout=20) == 0, proc.stdout.read()
+    assert _group(triton) == []
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""

@@ -1,0 +1,445 @@
+"""The classical pseudo-mask steps in numpy and OpenCV alone: thresholds, GrabCut, Chan-Vese,
+and the ViT-attention post-processing.
+
+Training (``training.refine``, ``training.attention``) and the served refiner both run this
+module, so a pseudo-mask is made one way. Written here rather than imported because the served
+repository may need nothing beyond numpy, OpenCV, Pillow and ONNX Runtime: ``otsu_threshold``
+is scikit-image's ``threshold_otsu``, ``chan_vese`` is scikit-image's ``chan_vese`` without
+its unused energy bookkeeping, and ``largest_component`` replaces SciPy's ``ndimage.label``
+with OpenCV's; each is tested equal to the library it stands in for (tests/test_classical.py).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def present_classes(
+    scores: np.ndarray, multi_label: bool, threshold: float, min_score: float = 0.0
+) -> list[int]:
+    """Classes to refine: top-1, or all at or above ``threshold`` (at least the top one);
+    none when even the top score is below ``min_score``."""
+    top = int(scores.argmax())
+    if scores[top] < min_score:
+        return []
+    if not multi_label:
+        return [top]
+    above = np.flatnonzero(scores >= max(threshold, min_score))
+    return [int(c) for c in above] if len(above) else [top]
+
+
+def combine(
+    foregrounds: dict[int, np.ndarray], cams: np.ndarray, binary: bool
+) -> np.ndarray:
+    """uint8 mask from each present class's boolean foreground: a pixel claimed by several
+    classes goes to the one whose CAM is strongest there (the first on ties), unclaimed
+    pixels to background (0); classes are numbered ``c + 1``, or all 1 when ``binary``."""
+    h, w = cams.shape[-2:]
+    mask = np.zeros((h, w), np.uint8)
+    best = np.full((h, w), -1.0, np.float32)
+    for c, fg in foregrounds.items():
+        fg = fg & (cams[c] > best)
+        mask[fg] = 1 if binary else c + 1
+        best[fg] = cams[c][fg]
+    return mask
+
+
+def otsu_threshold(values: np.ndarray, nbins: int = 256) -> float:
+    """Otsu's threshold of a float map's histogram: ``skimage.filters.threshold_otsu``."""
+    values = np.asarray(values).ravel()
+    if np.all(values == values[0]):
+        return float(values[0])
+    counts, edges = np.histogram(values, bins=nbins, range=(values.min(), values.max()))
+    centres = (edges[:-1] + edges[1:]) / 2.0
+    weight1 = np.cumsum(counts)
+    weight2 = np.cumsum(counts[::-1])[::-1]
+    mean1 = np.cumsum(counts * centres) / weight1
+    mean2 = (np.cumsum((counts * centres)[::-1]) / weight2[::-1])[::-1]
+    variance12 = weight1[:-1] * weight2[1:] * (mean1[:-1] - mean2[1:]) ** 2
+    return float(centres[np.argmax(variance12)])
+
+
+def otsu_foreground(cam: np.ndarray) -> np.ndarray:
+    """Pixels above the CAM's Otsu threshold; none for a flat map (no two modes to split)."""
+    if float(cam.max() - cam.min()) < 1e-6:
+        return np.zeros(cam.shape, bool)
+    return cam > otsu_threshold(cam)
+
+
+GRABCUT_MIN_PIXELS = 16  # per side; GrabCut's 5-component colour models need a handful each
+
+
+def grabcut(
+    image: np.ndarray,
+    cam: np.ndarray,
+    init: np.ndarray,
+    iterations: int = 5,
+    sure_fg: float = 0.8,
+    sure_bg: float = 0.05,
+) -> np.ndarray:
+    """OpenCV GrabCut from a boolean ``init`` mask and the CAM's confident bands.
+
+    Pixels with CAM >= ``sure_fg`` (inside ``init``) are fixed foreground, <= ``sure_bg``
+    (outside it) fixed background, the rest probable foreground or background as ``init``
+    says. When one side has too few pixels to fit a colour model, or the image is tiny,
+    ``init`` comes back unchanged: there is nothing for GrabCut to separate.
+    """
+    mask = np.where(init, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
+    mask[(cam >= sure_fg) & init] = cv2.GC_FGD
+    mask[(cam <= sure_bg) & ~init] = cv2.GC_BGD
+    fg = np.count_nonzero(init)
+    if min(fg, init.size - fg) < GRABCUT_MIN_PIXELS or min(image.shape[:2]) < 8:
+        return init
+    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    bgr = cv2.cvtColor(np.ascontiguousarray(image, np.uint8), cv2.COLOR_RGB2BGR)
+    # GrabCut seeds its colour models by k-means from OpenCV's thread-global RNG, whose
+    # state depends on whatever ran before: seed it, or masks differ between processes.
+    cv2.setRNGSeed(0)
+    cv2.grabCut(bgr, mask, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
+    return (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
+
+
+def grey(image: np.ndarray) -> np.ndarray:
+    """float64 [0, 1] luminance with ITU-R 709 weights, as ``skimage.color.rgb2gray``."""
+    if image.ndim == 2:
+        return image.astype(np.float64) / 255.0
+    return (image.astype(np.float64) * (1.0 / 255.0)) @ np.array([0.2125, 0.7154, 0.0721])
+
+
+def chan_vese(
+    image: np.ndarray,
+    init: np.ndarray,
+    iterations: int,
+    mu: float = 0.25,
+    lambda1: float = 1.0,
+    lambda2: float = 1.0,
+    dt: float = 0.5,
+) -> np.ndarray:
+    """Chan-Vese on a 2-D float image from a boolean ``init``, for exactly ``iterations``
+    steps (or until the level set stops moving): ``skimage.segmentation.chan_vese`` with
+    ``init_level_set`` +1 inside / -1 outside and ``tol=0``. Getreuer's semi-implicit update
+    (IPOL 2012, eq. 22); the energy it also tracks decides nothing, so it is not computed."""
+    image = image.astype(np.float64)
+    image = image - image.min()
+    if image.max() != 0:
+        image = image / image.max()
+    phi = np.where(init, 1.0, -1.0)
+    eta = 1e-16
+    for _ in range(iterations):
+        p = np.pad(phi, 1, mode="edge")
+        centre, right, left = p[1:-1, 1:-1], p[1:-1, 2:], p[1:-1, :-2]
+        down, up = p[2:, 1:-1], p[:-2, 1:-1]
+        phix0, phiy0 = (right - left) / 2.0, (down - up) / 2.0
+        c1 = 1.0 / np.sqrt(eta + (right - centre) ** 2 + phiy0**2)
+        c2 = 1.0 / np.sqrt(eta + (centre - left) ** 2 + phiy0**2)
+        c3 = 1.0 / np.sqrt(eta + phix0**2 + (down - centre) ** 2)
+        c4 = 1.0 / np.sqrt(eta + phix0**2 + (centre - up) ** 2)
+        curvature = right * c1 + left * c2 + down * c3 + up * c4
+        inside = (phi > 0).astype(image.dtype)
+        inside_sum, outside_sum = inside.sum(), (1.0 - inside).sum()
+        mean_in = (image * inside).sum() / (inside_sum if inside_sum != 0 else 1.0)
+        mean_out = (image * (1.0 - inside)).sum() / (outside_sum if outside_sum != 0 else 1.0)
+        fit = -lambda1 * (image - mean_in) ** 2 + lambda2 * (image - mean_out) ** 2
+        delta = 1.0 / (1.0 + phi**2)
+        new = (phi + dt * delta * (mu * curvature + fit)) / (
+            1 + mu * dt * delta * (c1 + c2 + c3 + c4)
+        )
+        moved = np.sqrt(((new - phi) ** 2).mean())
+        phi = new
+        if moved == 0:
+            break
+    return phi > 0
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected part of a boolean mask (``scipy.ndimage.label``'s default
+    connectivity; the first in raster order on ties)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        mask.astype(np.uint8), connectivity=4
+    )
+    if count <= 2:  # background plus at most one part
+        return mask.astype(bool)
+    return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+
+
+def attention_mask(attention: np.ndarray, sigma: float = 8.0, kernel: int = 15) -> np.ndarray:
+    """Boolean foreground of one [0, 1] attention map: Gaussian smoothing (``sigma`` px),
+    Otsu, opening then closing with a ``kernel``-px ellipse, the largest connected part."""
+    smooth = cv2.GaussianBlur(attention.astype(np.float32), (0, 0), sigma) if sigma else attention
+    if float(smooth.max() - smooth.min()) < 1e-6:
+        return np.zeros(attention.shape, bool)
+    mask = (smooth > otsu_threshold(smooth)).astype(np.uint8)
+    if kernel > 1:
+        ellipse = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (kernel, kernel))
+        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, ellipse)
+        mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, ellipse)
+    return largest_component(mask)
+
+
+VIT_SIZE = 224  # the ViT's input side; attention is post-processed at this resolution
+
+
+def vit_input(images: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 RGB [B, H, W, 3] -> normalised float32 [B, 3, 224, 224]."""
+    x = np.stack(
+        [cv2.resize(i, (VIT_SIZE, VIT_SIZE), interpolation=cv2.INTER_AREA) for i in images]
+    )
+    x = (x.astype(np.float32) / 255.0 - np.float32(mean)) / np.float32(std)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def fuse_attention(attention: np.ndarray, prefix: int) -> np.ndarray:
+    """Attention [B, layers, heads, T, T] -> fused CLS maps [B, 224, 224] in [0, 1]: each
+    head's CLS row over the patches, min-max scaled, mean over heads, max over layers."""
+    cls = attention[:, :, :, 0, prefix:]
+    side = int(round(np.sqrt(cls.shape[-1])))
+    maps = cls.reshape(*cls.shape[:3], side, side)
+    lo = maps.min(axis=(3, 4), keepdims=True)
+    maps = (maps - lo) / (maps.max(axis=(3, 4), keepdims=True) - lo + 1e-8)
+    fused = maps.mean(axis=2).max(axis=1)
+    return np.stack(
+        [cv2.resize(m, (VIT_SIZE, VIT_SIZE), interpolation=cv2.INTER_LINEAR) for m in fused]
+    )
+
+
+def attention_pseudo_mask(
+    attention: np.ndarray,
+    scores: np.ndarray,
+    cams: np.ndarray,
+    classes: list[int],
+    binary: bool,
+    sigma: float,
+    kernel: int,
+) -> np.ndarray:
+    """One image's uint8 mask from its fused attention map: the attention foreground, marked
+    1 (binary) or, per pixel, the present class whose CAM is strongest there."""
+    h, w = cams.shape[-2:]
+    out = np.zeros((h, w), np.uint8)
+    if not classes:
+        return out
+    fg = attention_mask(attention, sigma, kernel).astype(np.uint8)
+    fg = cv2.resize(fg, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+    if binary:
+        out[fg] = 1
+    else:
+        strongest = np.asarray(classes)[cams[classes].argmax(axis=0)] + 1
+        out[fg] = strongest[fg]
+    return out
+
+
+# The refiners: one batched interface, ``masks = refiner(images, scores, cams, features)``
+# (see ``training.refine``, which adds the networks and the registry).
+
+
+class Refiner:
+    """(images, scores, cams, features) -> uint8 masks [B, H, W]; see ``training.refine``.
+
+    ``served`` says how the repository serves it: ``python`` (this module, copied into the
+    refiner's version folder) or ``network`` (an exported graph, its ``module``).
+    """
+
+    name = "base"
+    needs_features = False
+    served = "python"
+
+    def __init__(
+        self,
+        multi_label: bool,
+        binary: bool | None = None,
+        score_threshold: float = 0.5,
+        min_score: float = 0.0,
+    ):
+        self.multi_label = multi_label
+        self.binary = not multi_label if binary is None else binary
+        self.score_threshold, self.min_score = score_threshold, min_score
+
+    def present(self, scores: np.ndarray) -> list[int]:
+        return present_classes(scores, self.multi_label, self.score_threshold, self.min_score)
+
+    def __call__(self, images, scores, cams, features=None) -> np.ndarray:
+        raise NotImplementedError
+
+
+class ClassicalRefiner(Refiner):
+    """Per class and image: ``foreground`` of its CAM, then ``combine`` (the strongest CAM
+    wins a pixel claimed by several present classes)."""
+
+    def foreground(self, cam: np.ndarray, image: np.ndarray) -> np.ndarray:
+        """Boolean HxW foreground of one class from its [0, 1] CAM and the RGB image."""
+        raise NotImplementedError
+
+    def __call__(self, images, scores, cams, features=None):
+        return np.stack(
+            [self.refine_one(img, s, c) for img, s, c in zip(images, scores, cams, strict=True)]
+        )
+
+    def refine_one(self, image: np.ndarray, scores: np.ndarray, cams: np.ndarray) -> np.ndarray:
+        present = {c: self.foreground(cams[c], image) for c in self.present(scores)}
+        return combine(present, cams, self.binary)
+
+
+class FixedThreshold(ClassicalRefiner):
+    name = "fixed"
+
+    def __init__(self, multi_label: bool, threshold: float = 0.5, **presence):
+        super().__init__(multi_label, **presence)
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), not {threshold}")
+        self.threshold = threshold
+
+    def foreground(self, cam, image):
+        return cam >= self.threshold
+
+
+class OtsuThreshold(ClassicalRefiner):
+    """Otsu's threshold of the CAM histogram, per class and image."""
+
+    name = "otsu"
+
+    def foreground(self, cam, image):
+        return otsu_foreground(cam)
+
+
+class SeededRefiner(ClassicalRefiner):
+    """A refinement that starts from a threshold refiner's mask (its ``seed``)."""
+
+    def __init__(self, seed: ClassicalRefiner):
+        super().__init__(seed.multi_label, seed.binary, seed.score_threshold, seed.min_score)
+        self.seed = seed
+
+
+class GrabCut(SeededRefiner):
+    """``grabcut`` seeded from a threshold refiner's mask and the CAM's confident bands."""
+
+    def __init__(
+        self,
+        seed: ClassicalRefiner,
+        iterations: int = 5,
+        sure_fg: float = 0.8,
+        sure_bg: float = 0.05,
+    ):
+        super().__init__(seed)
+        if iterations < 1:
+            raise ValueError("grabcut_iterations must be >= 1")
+        if not 0.0 <= sure_bg < sure_fg <= 1.0:
+            raise ValueError("need 0 <= sure_background < sure_foreground <= 1")
+        self.iterations, self.sure_fg, self.sure_bg = iterations, sure_fg, sure_bg
+        self.name = f"{seed.name}+grabcut"
+
+    def foreground(self, cam, image):
+        init = self.seed.foreground(cam, image)
+        return grabcut(image, cam, init, self.iterations, self.sure_fg, self.sure_bg)
+
+
+class ChanVese(SeededRefiner):
+    """Classical iterative Chan-Vese on the grey image, from the seed's mask.
+
+    The baseline of paper 003's efficiency table: exactly ``iterations`` steps, so its cost
+    can be compared step for step with the FNO evolution.
+    """
+
+    def __init__(self, seed: ClassicalRefiner, iterations: int = 15, mu: float = 0.25):
+        super().__init__(seed)
+        if iterations < 1:
+            raise ValueError("chanvese_iterations must be >= 1")
+        self.iterations, self.mu = iterations, mu
+        self.name = f"{seed.name}+chanvese{iterations}"
+
+    def foreground(self, cam, image):
+        init = self.seed.foreground(cam, image)
+        if init.all() or not init.any():  # no contour to evolve
+            return init
+        return chan_vese(grey(image), init, self.iterations, self.mu)
+
+
+class AttentionRefiner(Refiner):
+    """Paper 000's open question: the foreground of a pretrained ViT's attention, with no CAM.
+
+    ``attention(images) -> [B, 224, 224]`` fused maps (``OnnxAttention``, or a timm ViT in
+    ``training.attention``). Binary tasks mark the foreground 1; multi-class ones give each
+    of its pixels to the present class whose CAM is strongest there.
+    """
+
+    name = "vit attention"
+
+    def __init__(self, multi_label: bool, attention, sigma=8.0, kernel=15, **presence):
+        super().__init__(multi_label, **presence)
+        if sigma < 0 or kernel < 0:
+            raise ValueError("refine.vit_sigma and refine.vit_kernel: >= 0")
+        self.attention, self.sigma, self.kernel = attention, sigma, kernel
+
+    def __call__(self, images, scores, cams, features=None):
+        return np.stack(
+            [
+                attention_pseudo_mask(
+                    fused, s, c, self.present(s), self.binary, self.sigma, self.kernel
+                )
+                for fused, s, c in zip(self.attention(images), scores, cams, strict=True)
+            ]
+        )
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class OnnxAttention:
+    """Fused CLS attention maps of uint8 images from an ONNX ViT whose graph outputs are the
+    chosen layers' attention softmaxes [B, heads, T, T] (``training.attention`` adds them)."""
+
+    def __init__(self, model, mean=IMAGENET_MEAN, std=IMAGENET_STD, prefix: int = 1):
+        import onnxruntime as ort
+
+        model = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.mean, self.std, self.prefix = mean, std, prefix
+
+    def raw(self, x: np.ndarray) -> np.ndarray:
+        return np.stack(self.session.run(self.outputs, {self.input: x}), axis=1)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return fuse_attention(self.raw(vit_input(images, self.mean, self.std)), self.prefix)
+
+
+def build_classical(
+    settings: dict, multi_label: bool, binary: bool | None = None, attention=None
+) -> Refiner:
+    """The threshold, GrabCut, Chan-Vese or attention refiner that ``settings`` (the fields
+    of ``wsss.config.RefineConfig``, as a dict) describe: the one builder of them, for
+    training (``training.refine.build_refiner``) and for the served refiner model."""
+    method = settings["method"]
+    presence = {
+        "binary": binary,
+        "score_threshold": settings["score_threshold"],
+        "min_score": settings["min_score"],
+    }
+    grabcut_on, chanvese_on = settings["grabcut"], settings["chanvese"]
+    if method == "vit":
+        if grabcut_on or chanvese_on:
+            raise ValueError("refine.grabcut and refine.chanvese follow a threshold, not vit")
+        if attention is None:
+            raise ValueError("refine.method vit needs the ViT attention")
+        return AttentionRefiner(
+            multi_label, attention, settings["vit_sigma"], settings["vit_kernel"], **presence
+        )
+    if method == "fixed":
+        refiner = FixedThreshold(multi_label, settings["threshold"], **presence)
+    elif method == "otsu":
+        refiner = OtsuThreshold(multi_label, **presence)
+    else:
+        raise ValueError(f"refine.method {method!r} is not a classical refiner")
+    if grabcut_on and chanvese_on:
+        raise ValueError("refine.grabcut and refine.chanvese exclude each other: pick one")
+    if grabcut_on:
+        refiner = GrabCut(
+            refiner,
+            settings["grabcut_iterations"],
+            settings["sure_foreground"],
+            settings["sure_background"],
+        )
+    if chanvese_on:
+        refiner = ChanVese(refiner, settings["chanvese_iterations"])
+    return refiner
