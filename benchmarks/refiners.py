@@ -27,7 +27,7 @@ from training.pipeline import ServedClassifier, one_hot
 from training.refine import build_refiner
 from training.studies import load_test_set
 from wsss.config import Config
-from wsss.images import resize_image
+from wsss.served.images import resize_image
 from wsss.tensors import CAMS, FEATURES, IMAGE, REFINER, SCORES, served_models
 
 

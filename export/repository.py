@@ -35,11 +35,14 @@ from export.configs import (
 from export.onnx_export import check_parity, export_onnx
 from export.torchscript_export import check_torchscript_parity, export_torchscript
 from training.pipeline import ServedSegmenter, load_model, refine_step
+from wsss import served
 from wsss.config import Config, save_config
 from wsss.errors import WsssError
+from wsss.served import HELPERS
+from wsss.served.classical import VIT_FILE
 from wsss.tensors import CLASSIFIER, ENSEMBLES, PREPROCESS, REFINER, SEGMENTER, served_models
 
-_PYTHON_SOURCES = Path(__file__).parent / "triton_models"
+_PYTHON_SOURCES = Path(served.__file__).parent
 STAGING_PREFIX = ".wsss-staging-"
 
 
@@ -76,6 +79,7 @@ def export_repository(cfg: Config) -> ExportResult:
             "classifier.class_groups one group per data class, in the data's order"
         )
     network_refiner = refiner.served == "network"  # an exported graph, not a Python model
+    vit = _vit_model(refiner) if cfg.refine.method == "vit" else None
     features = None
     if refiner.needs_features:
         with torch.no_grad():
@@ -121,12 +125,9 @@ def export_repository(cfg: Config) -> ExportResult:
                     name, networks, spec, getattr(cfg.export, name), folder / str(version), cfg
                 )
             elif name in PYTHON_MODELS:
-                shutil.copy(_PYTHON_SOURCES / f"{name}.py", folder / str(version) / "model.py")
-                # The python backend stub ignores PYTHONDONTWRITEBYTECODE and would create
-                # __pycache__ in this folder on load; a polling Triton sees the folder change
-                # and reloads the model mid-traffic. A file of that name makes Python skip
-                # writing bytecode (silently, even as root).
-                (folder / str(version) / "__pycache__").write_bytes(b"")
+                _write_python_model(name, folder / str(version))
+                if name == REFINER and vit is not None:
+                    (folder / str(version) / VIT_FILE).write_bytes(vit)
         _write_metadata(staging / CLASSIFIER / str(version), cfg, names, parity)
         report = check_repository(staging)
         if not report.ok:
@@ -137,6 +138,33 @@ def export_repository(cfg: Config) -> ExportResult:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(repo, version, parity)
+
+
+def _write_python_model(name: str, version_dir: Path) -> None:
+    """``wsss/served/<name>.py`` as model.py and the package's helpers beside it: the version
+    folder holds all the code it runs (see ``wsss.served``)."""
+    shutil.copy(_PYTHON_SOURCES / f"{name}.py", version_dir / "model.py")
+    for helper in HELPERS:
+        shutil.copy(_PYTHON_SOURCES / helper, version_dir / helper)
+    # The python backend stub ignores PYTHONDONTWRITEBYTECODE and would create __pycache__
+    # in this folder on load; a polling Triton sees the folder change and reloads the model
+    # mid-traffic. A file of that name makes Python skip writing bytecode (silently, even as
+    # root).
+    (version_dir / "__pycache__").write_bytes(b"")
+
+
+def _vit_model(refiner) -> bytes:
+    """The ViT the served refiner runs: its ONNX with the chosen layers' attention as
+    outputs. A timm checkpoint works in training but is not served (no torch in Triton)."""
+    from training.attention import onnx_with_attention
+
+    vit = refiner.attention
+    if vit.path.suffix != ".onnx":
+        raise ExportError(
+            f"refine.vit_weights {vit.path} is a timm checkpoint: the served refiner runs "
+            "ONNX Runtime only; serve the bundled ONNX ViT or export yours to ONNX"
+        )
+    return onnx_with_attention(vit.path, vit.layers)
 
 
 def _write_network(
@@ -164,8 +192,8 @@ def _sample(name: str, networks: dict[str, nn.Module], images: np.ndarray) -> tu
     if name != REFINER:
         return (x,)
     with torch.no_grad():  # not inference mode: these tensors get traced
-        scores, cams, features = networks[CLASSIFIER](x)
-    return (x, scores, cams, features)
+        outputs = networks[CLASSIFIER](x)  # scores, cams (and features for the level set)
+    return (x, *outputs)
 
 
 def _write_metadata(folder: Path, cfg: Config, class_names: list[str], parity: dict) -> None:
@@ -177,8 +205,9 @@ def _write_metadata(folder: Path, cfg: Config, class_names: list[str], parity: d
 def servable_versions(repo: Path, name: str, fmt: str, new: int, keep: int) -> list[int]:
     """The newest ``keep`` versions of ``name`` (``new`` included) holding its model file.
 
-    A Python model's older version is kept only if its ``model.py`` is the current one: it
-    imports the installed project, and an older file may call what no longer exists.
+    A Python model's older version is kept only if it holds its helpers too: versions from
+    before the served code was copied beside model.py import the installed project, which
+    may no longer have what they call.
     """
     if keep < 1:
         raise ValueError("export.keep_versions must be >= 1")
@@ -189,8 +218,7 @@ def servable_versions(repo: Path, name: str, fmt: str, new: int, keep: int) -> l
     filename = FORMATS[fmt][1]
     usable = [v for v in found if (folder / str(v) / filename).exists()]
     if fmt == "python":
-        source = (_PYTHON_SOURCES / f"{name}.py").read_bytes()
-        usable = [v for v in usable if (folder / str(v) / filename).read_bytes() == source]
+        usable = [v for v in usable if all((folder / str(v) / h).is_file() for h in HELPERS)]
     return (usable + [new])[-keep:]
 
 

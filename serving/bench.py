@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -24,7 +26,7 @@ import numpy as np
 
 from serving.server import pytriton_root
 from wsss.errors import WsssError
-from wsss.images import resize_image
+from wsss.served.images import resize_image
 from wsss.tensors import ModelSpec
 
 
@@ -108,6 +110,10 @@ class BenchResult:
     p90_ms: float
     p95_ms: float
     p99_ms: float
+    # False: perf_analyzer found no stable window for this level (a busy machine); the figures
+    # are its last trial's throughput and average latency, and the percentiles are unknown.
+    stable: bool = True
+    mean_ms: float = float("nan")  # the average latency (given for unstable levels)
 
 
 @dataclass
@@ -177,14 +183,44 @@ def run_perf_analyzer(
     stem = f"perf_{spec.name}_{protocol}_b{settings.batch}"
     data_path = workdir / f"{stem}_input.json"
     data_path.write_text(json.dumps(input_data(spec, images or [sample_image()])))
-    csv_path = workdir / f"{stem}.csv"
-    cmd = perf_command(spec, url, protocol, settings, csv_path, data_path)
-    proc = subprocess.run(
-        cmd, env=perf_analyzer_env(workdir), capture_output=True, text=True, timeout=timeout
-    )
-    if proc.returncode != 0:
-        raise BenchError(f"perf_analyzer failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return parse_csv(csv_path)
+    results = []
+    for level in concurrency_levels(settings.concurrency):
+        csv_path = workdir / f"{stem}_c{level}.csv"
+        one = dataclasses.replace(settings, concurrency=f"{level}:{level}:1")
+        cmd = [*perf_command(spec, url, protocol, one, csv_path, data_path), "-v"]
+        proc = subprocess.run(
+            cmd, env=perf_analyzer_env(workdir), capture_output=True, text=True, timeout=timeout
+        )
+        if proc.returncode == 0:
+            results += parse_csv(csv_path)
+        elif "Failed to obtain stable measurement" in proc.stdout + proc.stderr and _PASS.search(
+            proc.stdout
+        ):
+            throughput, latency_us = _PASS.findall(proc.stdout)[-1]
+            nan = float("nan")
+            results.append(
+                BenchResult(
+                    level, float(throughput), nan, nan, nan, nan, False, float(latency_us) / 1e3
+                )
+            )
+        else:
+            raise BenchError(
+                f"perf_analyzer failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+            )
+    return results
+
+
+# perf_analyzer -v prints each trial: "Pass [3] throughput: 74.5 infer/sec. Avg latency: ..."
+_PASS = re.compile(r"Pass \[\d+\] throughput: ([\d.]+) infer/sec\. Avg latency: (\d+) usec")
+
+
+def concurrency_levels(spec: str) -> list[int]:
+    """perf_analyzer's start:end:step (end and step optional) -> every level it names."""
+    parts = [int(p) for p in spec.split(":")]
+    start, end, step = (parts + [parts[0], 1][len(parts) - 1 :])[:3]
+    if start < 1 or end < start or step < 1:
+        raise BenchError(f"concurrency range {spec!r}: want start:end:step with 1 <= start <= end")
+    return list(range(start, end + 1, step))
 
 
 def parse_csv(path: Path) -> list[BenchResult]:
@@ -210,9 +246,17 @@ def format_table(results: list[BenchResult], title: str) -> str:
         "| concurrency | infer/s | p50 ms | p90 ms | p95 ms | p99 ms |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
-    lines += [
-        f"| {r.concurrency} | {r.throughput:.1f} | {r.p50_ms:.1f} | {r.p90_ms:.1f} | "
-        f"{r.p95_ms:.1f} | {r.p99_ms:.1f} |"
-        for r in results
-    ]
+    for r in results:
+        if r.stable:
+            lines.append(
+                f"| {r.concurrency} | {r.throughput:.1f} | {r.p50_ms:.1f} | {r.p90_ms:.1f} | "
+                f"{r.p95_ms:.1f} | {r.p99_ms:.1f} |"
+            )
+        else:
+            lines.append(
+                f"| {r.concurrency} (unstable) | {r.throughput:.1f} | mean {r.mean_ms:.1f} | "
+                "- | - | - |"
+            )
+    if not all(r.stable for r in results):
+        lines += ["", "unstable: no window within the stability band; the last trial's figures."]
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsss.images import ImageError, decode_image, encode_png, resize_image, resize_mask
+from wsss.served.images import ImageError, decode_image, encode_png, resize_image, resize_mask
 from wsss.tensors import (
     CLASSIFIER,
     FEATURES,
@@ -75,11 +75,16 @@ class PipelineClient:
         return self.image_spec.shape[0], self.image_spec.shape[1]
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """uint8 [B, H, W, 3] at the model size -> every output of the ensemble, by name
-        (to the bytes ensemble each image travels as a lossless PNG)."""
+        """uint8 [B, H, W, 3] -> every output of the ensemble, by name. At the model size for
+        ``wsss_pipeline``; any one size for the bytes ensemble, to which each image travels
+        as a lossless PNG and whose masks come back at that size."""
         images = np.asarray(images)
         try:
-            self.image_spec.check(images)
+            if self.model == PIPELINE_BYTES:
+                if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+                    raise ValueError(f"{images.dtype}{images.shape}, expected uint8 [B, H, W, 3]")
+            else:
+                self.image_spec.check(images)
         except ValueError as exc:
             raise ClientError(f"bad input for {self.model}: {exc}") from exc
         if self.model == PIPELINE_BYTES:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsss import images
-from wsss.images import ImageError, decode_image, encode_png, header_size
+from wsss.served import images
+from wsss.served.images import ImageError, decode_image, encode_png, header_size
 
 
 def _png(size, mode="1") -> bytes:

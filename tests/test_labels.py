@@ -52,7 +52,7 @@ def test_an_image_labelled_with_no_class_gets_an_empty_mask():
 
 
 def test_present_classes_mask_is_the_graph_form_of_present_classes():
-    from training.levelset.model import present_classes_mask
+    from training.refine import present_classes_mask
 
     rng = np.random.default_rng(0)
     scores = rng.random((200, 5)).astype(np.float32) ** 3
@@ -142,13 +142,17 @@ def test_bundled_data_is_rewritten_only_when_its_options_change(tmp_path):
     assert (own / "keep.txt").exists() and not (own / "images").exists()
 
 
-def test_older_python_refiners_are_not_served_after_their_code_changed(tmp_path):
+def test_python_versions_without_their_own_helpers_are_not_served(tmp_path):
+    """Versions exported before the served code was copied beside model.py import the
+    project, which may have changed: only self-contained versions stay servable."""
     from export.repository import servable_versions
+    from wsss.served import HELPERS
 
-    current = __import__("pathlib").Path(__file__).parent.parent / "export/triton_models/refiner.py"
-    for version, text in ((1, "old code"), (2, current.read_text())):
+    for version in (1, 2):
         (tmp_path / "refiner" / str(version)).mkdir(parents=True)
-        (tmp_path / "refiner" / str(version) / "model.py").write_text(text)
+        (tmp_path / "refiner" / str(version) / "model.py").write_text("code")
+    for helper in HELPERS:
+        (tmp_path / "refiner" / "2" / helper).write_text("helper")
     assert servable_versions(tmp_path, "refiner", "python", 3, keep=3) == [2, 3]
 
 

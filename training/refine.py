@@ -13,196 +13,131 @@ Like pytorch-grad-cam's ``BaseCAM``, the base class owns the shared steps and a 
 overrides one: the classical refiners (fixed or Otsu threshold, then optionally GrabCut or
 Chan-Vese) say which pixels are one class's foreground (``ClassicalRefiner.foreground``) and
 inherit how classes combine; the FNO level set is a network and overrides the whole call.
-``served`` says how the repository serves each: ``python`` (this module, in Triton's Python
-backend) or ``network`` (an exported graph, ``module``).
+The classical ones and ViT attention live in ``wsss.served.classical`` (numpy and OpenCV
+only), which the served refiner model runs too; this module adds the networks and the one
+registry. ``served`` says how the repository serves each: ``python`` (the Python refiner
+model) or ``network`` (an exported graph, ``module``): the fixed and Otsu thresholds, with
+nothing after them, are the ``ServedThreshold`` graph.
 """
 
 from __future__ import annotations
 
-import abc
+import dataclasses
 from collections.abc import Callable
-from typing import ClassVar, Literal
 
-import cv2
 import numpy as np
 import torch
-from skimage.color import rgb2gray
-from skimage.filters import threshold_otsu
-from skimage.segmentation import chan_vese
+from torch import nn
 
 from wsss.config import RefineConfig
+from wsss.served.classical import (
+    AttentionRefiner,
+    ChanVese,
+    ClassicalRefiner,
+    FixedThreshold,
+    GrabCut,
+    OtsuThreshold,
+    Refiner,
+    SeededRefiner,
+    build_classical,
+    present_classes,
+)
+
+__all__ = [
+    "AttentionRefiner",
+    "ChanVese",
+    "ClassicalRefiner",
+    "FixedThreshold",
+    "GrabCut",
+    "LevelSetRefiner",
+    "OtsuThreshold",
+    "Refiner",
+    "SeededRefiner",
+    "ServedThreshold",
+    "build_refiner",
+    "present_classes",
+]
 
 
-def present_classes(
-    scores: np.ndarray, multi_label: bool, threshold: float, min_score: float = 0.0
-) -> list[int]:
-    """Classes to refine: top-1, or all at or above ``threshold`` (at least the top one);
-    none when even the top score is below ``min_score``."""
-    top = int(scores.argmax())
-    if scores[top] < min_score:
-        return []
+def present_classes_mask(
+    scores: torch.Tensor, multi_label: bool, threshold: float, min_score: float = 0.0
+) -> torch.Tensor:
+    """Bool [B, K]: top-1 (pets), or every class at or above ``threshold`` (voc, at least
+    the top one); none where even the top score is below ``min_score``.
+
+    The graph form of ``present_classes``; it also takes one-hot labels.
+    """
+    best = scores.max(dim=1, keepdim=True).values
+    top = (scores == best) & (best >= min_score)
     if not multi_label:
-        return [top]
-    above = np.flatnonzero(scores >= max(threshold, min_score))
-    return [int(c) for c in above] if len(above) else [top]
+        return top
+    above = scores >= max(threshold, min_score)
+    # Logical ops, not torch.where: ONNX Runtime has no Where kernel for bool tensors.
+    return above | (top & ~above.any(dim=1, keepdim=True))
 
 
-class Refiner(abc.ABC):
-    """(images, scores, cams, features) -> masks; see the module docstring."""
-
-    name: str = "base"
-    needs_features: ClassVar[bool] = False
-    served: ClassVar[Literal["python", "network"]] = "python"
-
-    def __init__(
-        self,
-        multi_label: bool,
-        binary: bool | None = None,
-        score_threshold: float = 0.5,
-        min_score: float = 0.0,
-    ):
-        self.multi_label = multi_label
-        self.binary = not multi_label if binary is None else binary
-        self.score_threshold, self.min_score = score_threshold, min_score
-
-    def present(self, scores: np.ndarray) -> list[int]:
-        return present_classes(scores, self.multi_label, self.score_threshold, self.min_score)
-
-    @abc.abstractmethod
-    def __call__(
-        self,
-        images: np.ndarray,
-        scores: np.ndarray,
-        cams: np.ndarray,
-        features: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """uint8 masks [B, H, W]."""
+def claim_mask(inside: torch.Tensor, strength: torch.Tensor, binary: bool) -> torch.Tensor:
+    """uint8 [B, H, W] from per-class foregrounds [B, K, H, W]: 0 background, else 1 or
+    class + 1; a pixel inside several classes goes to the strongest there (the first on
+    ties). The graph form of ``wsss.served.classical.combine``."""
+    score = torch.where(inside, strength, torch.full_like(strength, -1.0))
+    best = score.argmax(dim=1)
+    label = torch.ones_like(best) if binary else best + 1
+    return torch.where(inside.any(dim=1), label, torch.zeros_like(best)).to(torch.uint8)
 
 
-class ClassicalRefiner(Refiner):
-    """Per class and image: ``foreground`` of its CAM; a pixel claimed by several present
-    classes goes to the one whose CAM is strongest there, unclaimed pixels to background."""
-
-    @abc.abstractmethod
-    def foreground(self, cam: np.ndarray, image: np.ndarray) -> np.ndarray:
-        """Boolean HxW foreground of one class from its [0, 1] CAM and the RGB image."""
-
-    def __call__(self, images, scores, cams, features=None):
-        return np.stack(
-            [self.refine_one(img, s, c) for img, s, c in zip(images, scores, cams, strict=True)]
-        )
-
-    def refine_one(self, image: np.ndarray, scores: np.ndarray, cams: np.ndarray) -> np.ndarray:
-        h, w = cams.shape[-2:]
-        mask = np.zeros((h, w), np.uint8)
-        best = np.full((h, w), -1.0, np.float32)
-        for c in self.present(scores):
-            fg = self.foreground(cams[c], image) & (cams[c] > best)
-            mask[fg] = 1 if self.binary else c + 1
-            best[fg] = cams[c][fg]
-        return mask
+def otsu_thresholds(maps: torch.Tensor, nbins: int = 256) -> torch.Tensor:
+    """Otsu's threshold of each row of ``maps`` [N, P], in tensor ops that export to ONNX:
+    a histogram of ``nbins`` bins over the row's [min, max] (ScatterElements with add), then
+    scikit-image's ``threshold_otsu`` on it. Equal to it within one bin (float32 binning)."""
+    lo, hi = maps.amin(dim=1, keepdim=True), maps.amax(dim=1, keepdim=True)
+    span = (hi - lo).clamp_min(1e-12)
+    index = ((maps - lo) / span * nbins).floor().clamp(0, nbins - 1).long()
+    counts = torch.zeros_like(maps[:, :1]).expand(-1, nbins).contiguous()
+    counts = counts.scatter_add(1, index, torch.ones_like(maps))
+    centres = lo + (torch.arange(nbins, dtype=maps.dtype) + 0.5) * (span / nbins)
+    weight1 = counts.cumsum(1)
+    weight2 = counts.flip(1).cumsum(1).flip(1)
+    mass = counts * centres
+    mean1 = mass.cumsum(1) / weight1.clamp_min(1.0)
+    mean2 = mass.flip(1).cumsum(1).flip(1) / weight2.clamp_min(1.0)
+    variance = weight1[:, :-1] * weight2[:, 1:] * (mean1[:, :-1] - mean2[:, 1:]) ** 2
+    return centres.gather(1, variance.argmax(dim=1, keepdim=True))[:, 0]
 
 
-class FixedThreshold(ClassicalRefiner):
-    name = "fixed"
+class ServedThreshold(nn.Module):
+    """The fixed or Otsu refiner as a graph: IMAGE, SCORES, CAMS -> PSEUDO_MASK.
 
-    def __init__(self, multi_label: bool, threshold: float = 0.5, **kwargs):
-        super().__init__(multi_label, **kwargs)
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), not {threshold}")
-        self.threshold = threshold
-
-    def foreground(self, cam, image):
-        return cam >= self.threshold
-
-
-class OtsuThreshold(ClassicalRefiner):
-    """Otsu's threshold of the CAM histogram (scikit-image), per class and image."""
-
-    name = "otsu"
-
-    def foreground(self, cam, image):
-        if float(cam.max() - cam.min()) < 1e-6:  # a flat map has no two modes to split
-            return np.zeros(cam.shape, bool)
-        return cam > threshold_otsu(cam)
-
-
-class SeededRefiner(ClassicalRefiner):
-    """A refinement that starts from a threshold refiner's mask (its ``seed``)."""
-
-    def __init__(self, seed: ClassicalRefiner):
-        super().__init__(seed.multi_label, seed.binary, seed.score_threshold, seed.min_score)
-        self.seed = seed
-
-
-class GrabCut(SeededRefiner):
-    """OpenCV GrabCut seeded from a threshold refiner's mask and the CAM's confident bands.
-
-    Pixels with CAM >= ``sure_fg`` are fixed foreground, <= ``sure_bg`` fixed background;
-    the rest are probable foreground or background as ``seed`` decides. GrabCut then fits
-    colour models to both and cuts along image edges. When the seed leaves one side with too
-    few pixels to fit a colour model (all foreground, all background, a tiny image), the seed
-    is returned unchanged: there is nothing for GrabCut to separate.
+    Equal to ``FixedThreshold`` / ``OtsuThreshold`` (Otsu's threshold within one histogram
+    bin), without a Python hop in the served pipeline. IMAGE is an input only because every
+    refiner takes it.
     """
 
-    min_pixels = 16  # per side; GrabCut's 5-component colour models need a handful each
+    def __init__(self, refiner: FixedThreshold | OtsuThreshold):
+        super().__init__()
+        self.otsu = isinstance(refiner, OtsuThreshold)
+        self.threshold = getattr(refiner, "threshold", 0.5)
+        self.multi_label, self.binary = refiner.multi_label, refiner.binary
+        self.score_threshold, self.min_score = refiner.score_threshold, refiner.min_score
 
-    def __init__(
-        self,
-        seed: ClassicalRefiner,
-        iterations: int = 5,
-        sure_fg: float = 0.8,
-        sure_bg: float = 0.05,
-    ):
-        super().__init__(seed)
-        if iterations < 1:
-            raise ValueError("grabcut_iterations must be >= 1")
-        if not 0.0 <= sure_bg < sure_fg <= 1.0:
-            raise ValueError("need 0 <= sure_background < sure_foreground <= 1")
-        self.iterations, self.sure_fg, self.sure_bg = iterations, sure_fg, sure_bg
-        self.name = f"{seed.name}+grabcut"
-
-    def foreground(self, cam, image):
-        init = self.seed.foreground(cam, image)
-        mask = np.where(init, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
-        mask[(cam >= self.sure_fg) & init] = cv2.GC_FGD
-        mask[(cam <= self.sure_bg) & ~init] = cv2.GC_BGD
-        fg = np.count_nonzero(init)
-        if min(fg, init.size - fg) < self.min_pixels or min(image.shape[:2]) < 8:
-            return init
-        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-        bgr = cv2.cvtColor(np.ascontiguousarray(image, np.uint8), cv2.COLOR_RGB2BGR)
-        # GrabCut seeds its colour models by k-means from OpenCV's thread-global RNG, whose
-        # state depends on whatever ran before: seed it, or masks differ between processes.
-        cv2.setRNGSeed(0)
-        cv2.grabCut(bgr, mask, None, bgd, fgd, self.iterations, cv2.GC_INIT_WITH_MASK)
-        return (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
-
-
-class ChanVese(SeededRefiner):
-    """Classical iterative Chan-Vese (scikit-image) on the grey image, from the seed's mask.
-
-    The baseline of paper 003's efficiency table: the level set starts as the thresholded CAM
-    (positive inside, as scikit-image wants) and evolves for exactly ``iterations`` steps
-    (``tol=0``), so its cost can be compared step for step with the FNO evolution.
-    """
-
-    def __init__(self, seed: ClassicalRefiner, iterations: int = 15, mu: float = 0.25):
-        super().__init__(seed)
-        if iterations < 1:
-            raise ValueError("chanvese_iterations must be >= 1")
-        self.iterations, self.mu = iterations, mu
-        self.name = f"{seed.name}+chanvese{iterations}"
-
-    def foreground(self, cam, image):
-        init = self.seed.foreground(cam, image)
-        if init.all() or not init.any():  # no contour to evolve
-            return init
-        grey = rgb2gray(image) if image.ndim == 3 else image.astype(np.float64) / 255.0
-        start = np.where(init, 1.0, -1.0)
-        return chan_vese(
-            grey, mu=self.mu, tol=0.0, max_num_iter=self.iterations, init_level_set=start
+    def forward(
+        self, images: torch.Tensor, scores: torch.Tensor, cams: torch.Tensor
+    ) -> torch.Tensor:
+        present = present_classes_mask(
+            scores, self.multi_label, self.score_threshold, self.min_score
         )
+        # The batch size is read from IMAGE, which keeps it an input of the traced graph
+        # (the exporter drops inputs that nothing reads).
+        b, k, h, w = images.shape[0], cams.shape[1], cams.shape[2], cams.shape[3]
+        present = present.reshape(b, k, 1, 1)
+        if self.otsu:
+            flat = cams.reshape(b * k, h * w)
+            cut = otsu_thresholds(flat).reshape(b, k, 1, 1)
+            spread = (flat.amax(dim=1) - flat.amin(dim=1)).reshape(b, k, 1, 1)
+            foreground = (cams > cut) & (spread >= 1e-6)  # a flat map splits into nothing
+        else:
+            foreground = cams >= self.threshold
+        return claim_mask(foreground & present, cams, self.binary)
 
 
 class LevelSetRefiner(Refiner):
@@ -228,58 +163,14 @@ class LevelSetRefiner(Refiner):
         return self.module(*tensors, torch.from_numpy(np.ascontiguousarray(features))).numpy()
 
 
-class ViTAttentionRefiner(Refiner):
-    """Paper 000's open question: the foreground of a pretrained ViT's attention, with no CAM
-    (``training.attention``). Binary tasks mark it 1; multi-class ones give each of its
-    pixels to the present class whose CAM is strongest there."""
-
-    name = "vit attention"
-
-    def __init__(
-        self,
-        multi_label: bool,
-        layers=(10, 11),
-        sigma: float = 8.0,
-        kernel: int = 15,
-        weights: str | None = None,
-        arch: str = "vit_small_patch14_dinov2",
-        **presence,
-    ):
-        from training.attention import ViTAttention
-
-        super().__init__(multi_label, **presence)
-        if sigma < 0 or kernel < 0:
-            raise ValueError("refine.vit_sigma and refine.vit_kernel: >= 0")
-        self.attention = ViTAttention(layers, weights, arch)
-        self.sigma, self.kernel = sigma, kernel
-
-    def __call__(self, images, scores, cams, features=None):
-        from training.attention import attention_mask
-
-        h, w = cams.shape[-2:]
-        out = np.zeros((len(images), h, w), np.uint8)
-        for b, attention in enumerate(self.attention(images)):
-            classes = self.present(scores[b])
-            if not classes:
-                continue
-            fg = attention_mask(attention, self.sigma, self.kernel).astype(np.uint8)
-            fg = cv2.resize(fg, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-            if self.binary:
-                out[b][fg] = 1
-            else:
-                strongest = np.asarray(classes)[cams[b][classes].argmax(axis=0)] + 1
-                out[b][fg] = strongest[fg]
-        return out
-
-
 # The registry: refine.method -> the first step; refine.grabcut / refine.chanvese -> the
 # refinement that follows a threshold. ``build_refiner`` is the one place that reads
-# RefineConfig.
+# RefineConfig (through ``build_classical`` for all but the level set).
 REFINERS: dict[str, Callable[..., Refiner]] = {
     "fixed": FixedThreshold,
     "otsu": OtsuThreshold,
     "levelset": LevelSetRefiner,
-    "vit": ViTAttentionRefiner,
+    "vit": AttentionRefiner,
     "grabcut": GrabCut,
     "chanvese": ChanVese,
 }
@@ -296,7 +187,8 @@ def build_refiner(
     """The refiner a RefineConfig describes.
 
     ``levelset`` is the trained ``ServedLevelSet`` that ``refine.method: levelset`` needs
-    (``training.pipeline.refine_step`` loads it from the run's checkpoint).
+    (``training.pipeline.refine_step`` loads it from the run's checkpoint). A fixed or Otsu
+    threshold with nothing after it is served as its graph (``ServedThreshold``).
     """
     if cfg.method not in METHODS:
         raise ValueError(f"refine.method {cfg.method!r}: one of {', '.join(METHODS)}")
@@ -306,31 +198,12 @@ def build_refiner(
         if cfg.grabcut or cfg.chanvese:
             raise ValueError("refine.grabcut and refine.chanvese follow a threshold, not levelset")
         return REFINERS["levelset"](levelset)
-    presence = {
-        "binary": binary,
-        "score_threshold": cfg.score_threshold,
-        "min_score": cfg.min_score,
-    }
-    if cfg.method == "vit":
-        if cfg.grabcut or cfg.chanvese:
-            raise ValueError("refine.grabcut and refine.chanvese follow a threshold, not vit")
-        return REFINERS["vit"](
-            multi_label,
-            cfg.vit_layers,
-            cfg.vit_sigma,
-            cfg.vit_kernel,
-            cfg.vit_weights,
-            cfg.vit_arch,
-            **presence,
-        )
-    extra = {"threshold": cfg.threshold} if cfg.method == "fixed" else {}
-    refiner = REFINERS[cfg.method](multi_label, **extra, **presence)
-    if cfg.grabcut and cfg.chanvese:
-        raise ValueError("refine.grabcut and refine.chanvese exclude each other: pick one")
-    if cfg.grabcut:
-        refiner = REFINERS["grabcut"](
-            refiner, cfg.grabcut_iterations, cfg.sure_foreground, cfg.sure_background
-        )
-    if cfg.chanvese:
-        refiner = REFINERS["chanvese"](refiner, cfg.chanvese_iterations)
+    attention = None
+    if cfg.method == "vit" and not (cfg.grabcut or cfg.chanvese):
+        from training.attention import ViTAttention
+
+        attention = ViTAttention(cfg.vit_layers, cfg.vit_weights, cfg.vit_arch)
+    refiner = build_classical(dataclasses.asdict(cfg), multi_label, binary, attention)
+    if isinstance(refiner, FixedThreshold | OtsuThreshold):
+        refiner.served, refiner.module = "network", ServedThreshold(refiner).eval()
     return refiner

@@ -33,7 +33,7 @@ from training.pipeline import (
 from training.refine import FOLLOW_UPS, METHODS, build_refiner
 from wsss.config import Config, RefineConfig, load_config, save_config
 from wsss.figures import overlay, panel_figure
-from wsss.images import resize_image
+from wsss.served.images import resize_image
 
 SUPERVISED = "supervised bound (segmenter on the true masks)"
 VIT = "ViT attention (no classifier)"

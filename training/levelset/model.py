@@ -21,6 +21,7 @@ from torch import nn
 
 from training.levelset.spectral import SpectralConv2d
 from training.models.common import Normalize, to_pixels
+from training.refine import claim_mask, present_classes_mask
 
 
 class LevelSetInit(nn.Module):
@@ -152,34 +153,13 @@ class LevelSetHead(nn.Module):
         return phi0, self.evolution(phi0) if self.evolve else phi0
 
 
-def present_classes_mask(
-    scores: torch.Tensor, multi_label: bool, threshold: float, min_score: float = 0.0
-) -> torch.Tensor:
-    """Bool [B, K]: top-1 (pets), or every class at or above ``threshold`` (voc, at least
-    the top one); none where even the top score is below ``min_score``.
-
-    The graph form of ``training.refine.present_classes``; it also takes one-hot labels.
-    """
-    best = scores.max(dim=1, keepdim=True).values
-    top = (scores == best) & (best >= min_score)
-    if not multi_label:
-        return top
-    above = scores >= max(threshold, min_score)
-    # Logical ops, not torch.where: ONNX Runtime has no Where kernel for bool tensors.
-    return above | (top & ~above.any(dim=1, keepdim=True))
-
-
 def levelset_mask(phi: torch.Tensor, present: torch.Tensor, binary: bool) -> torch.Tensor:
     """uint8 [B, H, W] from level sets [B, K, H, W]: 0 background, 1 or class + 1.
 
     A pixel belongs to a present class whose level set is negative there; where several
     are, to the one it lies deepest inside (the most negative phi).
     """
-    inside = (phi < 0) & present[:, :, None, None]
-    depth = torch.where(inside, -phi, torch.full_like(phi, -1.0))
-    best = depth.argmax(dim=1)
-    label = torch.ones_like(best) if binary else best + 1
-    return torch.where(inside.any(dim=1), label, torch.zeros_like(best)).to(torch.uint8)
+    return claim_mask((phi < 0) & present[:, :, None, None], -phi, binary)
 
 
 class ServedLevelSet(nn.Module):

@@ -29,9 +29,7 @@ def present_classes(
     return [int(c) for c in above] if len(above) else [top]
 
 
-def combine(
-    foregrounds: dict[int, np.ndarray], cams: np.ndarray, binary: bool
-) -> np.ndarray:
+def combine(foregrounds: dict[int, np.ndarray], cams: np.ndarray, binary: bool) -> np.ndarray:
     """uint8 mask from each present class's boolean foreground: a pixel claimed by several
     classes goes to the one whose CAM is strongest there (the first on ties), unclaimed
     pixels to background (0); classes are numbered ``c + 1``, or all 1 when ``binary``."""
@@ -178,6 +176,7 @@ def attention_mask(attention: np.ndarray, sigma: float = 8.0, kernel: int = 15) 
 
 
 VIT_SIZE = 224  # the ViT's input side; attention is post-processed at this resolution
+VIT_FILE = "vit_attention.onnx"  # in the served refiner's version folder
 
 
 def vit_input(images: np.ndarray, mean, std) -> np.ndarray:

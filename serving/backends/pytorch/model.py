@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from export.triton_models.respond import respond
+from wsss.served.respond import respond
 
 
 def _by_index(tensors):

@@ -10,8 +10,8 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from export.triton_models.respond import respond
-from wsss.images import resize_mask
+from .images import resize_mask
+from .respond import respond
 
 
 class TritonPythonModel:

@@ -10,8 +10,8 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from export.triton_models.respond import respond
-from wsss.images import MAX_PIXELS, check_pixels, decode_image, header_size, resize_image
+from .images import MAX_PIXELS, check_pixels, decode_image, header_size, resize_image
+from .respond import respond
 
 
 class TritonPythonModel:

@@ -1,0 +1,198 @@
+"""The served repository stands alone: its Python models run with the project unimportable,
+and the thresholds are ONNX graphs equal to the numpy refiners (and to scikit-image)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import json_format
+
+from export.configs import parse
+from export.repository import export_repository
+from tests.conftest import random_export_cfg
+from training.refine import ServedThreshold, build_refiner
+from wsss.config import RefineConfig
+from wsss.served import HELPERS, MODELS
+from wsss.served.images import decode_image, encode_png, resize_image, resize_mask
+from wsss.tensors import (
+    CAMS,
+    IMAGE,
+    IMAGE_BYTES,
+    ORIGINAL_SIZE,
+    POSTPROCESS,
+    PREPROCESS,
+    PSEUDO_MASK,
+    PSEUDO_MASK_FULL,
+    REFINER,
+    SCORES,
+    SEGMENTATION,
+    SEGMENTATION_FULL,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVED = ROOT / "wsss" / "served"
+ALLOWED = {"numpy", "cv2", "PIL", "onnxruntime", "triton_python_backend_utils"}
+
+
+def test_served_modules_import_only_numpy_opencv_pillow_onnxruntime():
+    stdlib = set(sys.stdlib_module_names)
+    for path in SERVED.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = [node.module.split(".")[0]]
+            else:
+                continue
+            bad = [r for r in roots if r not in ALLOWED | stdlib | {"__future__"}]
+            assert not bad, f"{path.name} imports {bad}: the served repository has no such module"
+    assert {f"{m}.py" for m in MODELS} | set(HELPERS) | {"__init__.py"} == {
+        p.name for p in SERVED.glob("*.py")
+    }
+
+
+def _blobs(k=3, size=48, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    cams = []
+    for _ in range(2):
+        maps = []
+        for _ in range(k):
+            cy, cx, r = rng.uniform(10, size - 10, 2).tolist() + [rng.uniform(6, 14)]
+            blob = np.clip(1 - np.hypot(yy - cy, xx - cx) / (2 * r), 0, 1)
+            maps.append(blob + 0.05 * rng.random((size, size)))
+        cams.append(np.stack(maps))
+    cams = np.clip(np.asarray(cams, np.float32), 0, 1)
+    scores = rng.dirichlet(np.ones(k), 2).astype(np.float32)
+    return cams, scores
+
+
+def _photo(size):
+    import cv2
+    import skimage.data
+
+    return cv2.resize(skimage.data.chelsea(), (size, size), interpolation=cv2.INTER_AREA)
+
+
+def _run_standalone(repo: Path, model: str, inputs: dict, tmp_path: Path) -> dict:
+    """One request to ``model``'s newest version, run by tests/served_stub.py."""
+    folder = repo / model
+    version = max(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+    config = json_format.MessageToDict(
+        parse((folder / "config.pbtxt").read_text()), preserving_proto_field_name=True
+    )
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "served_stub.py"),
+            str(folder),
+            str(version),
+            str(tmp_path / "config.json"),
+            str(tmp_path / "inputs.npz"),
+            str(tmp_path / "out.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,  # not the checkout: nothing of the project on the path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with np.load(tmp_path / "out.npz", allow_pickle=True) as out:
+        result = {k: out[k] for k in out.files}
+    assert list(result.pop("loaded")) == []
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "refine",
+    [
+        ["refine.method=fixed", "refine.grabcut=true"],
+        ["refine.method=otsu", "refine.chanvese=true", "refine.chanvese_iterations=5"],
+        ["refine.method=vit"],
+    ],
+    ids=["grabcut", "chanvese", "vit"],
+)
+def test_python_refiner_runs_without_the_project(tmp_path, refine):
+    cfg = random_export_cfg(tmp_path, *refine)
+    export_repository(cfg)
+    cams, scores = _blobs()
+    images = np.stack([_photo(48), _photo(48)[::-1]])
+    got = _run_standalone(
+        Path(cfg.export.repository),
+        REFINER,
+        {IMAGE: images, SCORES: scores, CAMS: cams},
+        tmp_path,
+    )
+    want = build_refiner(cfg.refine, multi_label=False)(images, scores, cams)
+    np.testing.assert_array_equal(got[PSEUDO_MASK], want)
+    assert 0 < (want > 0).mean() < 1  # a real mask, not an empty or full one
+
+
+@pytest.mark.slow
+def test_pre_and_postprocess_run_without_the_project(tmp_path):
+    cfg = random_export_cfg(tmp_path)
+    export_repository(cfg)
+    repo = Path(cfg.export.repository)
+    photo = _photo(120)[:, :100]
+    blob = np.array([[encode_png(photo)]], dtype=object)
+    got = _run_standalone(repo, PREPROCESS, {IMAGE_BYTES: blob}, tmp_path)
+    np.testing.assert_array_equal(got[IMAGE][0], resize_image(decode_image(blob[0, 0]), (48, 48)))
+    np.testing.assert_array_equal(got[ORIGINAL_SIZE], [[120, 100]])
+    bad = _run_standalone(repo, PREPROCESS, {IMAGE_BYTES: np.array([[b"no"]], object)}, tmp_path)
+    assert "cannot decode" in str(bad["error"]) and int(bad["code"]) == 3  # INVALID_ARG
+
+    masks = np.random.default_rng(0).integers(0, 3, (1, 48, 48), dtype=np.uint8)
+    sizes = np.array([[120, 100]], np.int32)
+    got = _run_standalone(
+        repo,
+        POSTPROCESS,
+        {PSEUDO_MASK: masks, SEGMENTATION: masks, ORIGINAL_SIZE: sizes},
+        tmp_path,
+    )
+    np.testing.assert_array_equal(got[SEGMENTATION_FULL][0], resize_mask(masks[0], (120, 100)))
+    np.testing.assert_array_equal(got[PSEUDO_MASK_FULL][0], resize_mask(masks[0], (120, 100)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fixed", "otsu"])
+def test_threshold_refiners_are_served_as_onnx_equal_to_numpy(tmp_path, method):
+    import onnxruntime as ort
+
+    cfg = random_export_cfg(tmp_path, f"refine.method={method}")
+    export_repository(cfg)
+    folder = Path(cfg.export.repository) / REFINER
+    version = max(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+    assert 'backend: "onnxruntime"' in (folder / "config.pbtxt").read_text()
+    assert not (folder / str(version) / "model.py").exists()
+    session = ort.InferenceSession(str(folder / str(version) / "model.onnx"))
+    for seed in range(4):
+        cams, scores = _blobs(seed=seed)
+        images = np.zeros((2, 48, 48, 3), np.uint8)
+        (got,) = session.run(None, {IMAGE: images, SCORES: scores, CAMS: cams})
+        want = build_refiner(cfg.refine, multi_label=False)(images, scores, cams)
+        # Otsu's threshold may land one histogram bin away (float32 binning): a few pixels.
+        assert (got != want).mean() <= (0.01 if method == "otsu" else 0.0)
+        assert (want > 0).any()
+
+
+def test_served_threshold_matches_numpy_for_several_classes():
+    cams, _ = _blobs(k=4, seed=3)
+    scores = np.array([[0.9, 0.7, 0.1, 0.6], [0.2, 0.1, 0.3, 0.05]], np.float32)
+    images = np.zeros((2, 48, 48, 3), np.uint8)
+    for method in ("fixed", "otsu"):
+        for binary in (True, False):
+            refiner = build_refiner(RefineConfig(method, threshold=0.4), True, binary)
+            want = refiner(images, scores, cams)
+            with torch.inference_mode():
+                got = ServedThreshold(refiner)(*map(torch.from_numpy, (images, scores, cams)))
+            assert (got.numpy() != want).mean() <= 0.01
+            assert len(np.unique(want)) > (2 if not binary else 1)
