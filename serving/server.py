@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -89,6 +90,8 @@ def server_command(repository: Path, backends: Path, cfg: ServeConfig, gpu: bool
     ]
     if cfg.model_control == "poll":
         cmd.append(f"--repository-poll-secs={cfg.poll_seconds}")
+    elif cfg.model_control == "explicit":  # load everything at start; then only on request
+        cmd.append("--load-model=*")
     if not gpu:
         cmd += [
             "--pinned-memory-pool-byte-size=0",
@@ -186,6 +189,99 @@ class TritonServer:
             os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):  # the group is already gone
             pass
+
+    # Python-backend stubs. Every model but the ensembles runs in one under `wsss serve` (the
+    # ONNX Runtime and PyTorch stand-in backends are Python-based). Triton 2.51 keeps a model
+    # whose stub was killed READY, and fails each of its requests ("Stub process ... is not
+    # healthy") until the model is reloaded; it does not reload it by itself.
+
+    def stubs(self) -> set[tuple[str, str]]:
+        """(model, version) of every live stub process serving this repository (from /proc)."""
+        root = str(self.repository.resolve()) + os.sep
+        found = set()
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:  # exited meanwhile
+                continue
+            if len(argv) > 1 and argv[0].endswith(b"triton_python_backend_stub"):
+                path = argv[1].decode(errors="replace")
+                if path.startswith(root) and state != "Z":
+                    model, version = Path(path).relative_to(root).parts[:2]
+                    found.add((model, version))
+        return found
+
+    def dead_stubs(self, client) -> list[tuple[str, str]]:
+        """READY versions (not ensembles) whose stub process is gone: not really ready."""
+        ensembles = {"ensemble"}
+        ready = [
+            (m.name, m.version)
+            for m in client.get_model_repository_index().models
+            if m.state == "READY"
+        ]
+        live = self.stubs()
+        dead = []
+        for name, version in ready:
+            if (name, version) in live:
+                continue
+            platform = client.get_model_config(name).config.platform
+            if platform not in ensembles:
+                dead.append((name, version))
+        return dead
+
+    def reload(self, client, model: str) -> None:
+        """Load ``model`` again, with new stubs: unload + load (and the ensembles it takes
+        down with it) under explicit model control; under poll, newer version-folder
+        timestamps make the next poll reload it."""
+        if self.cfg.model_control == "explicit":
+            ensembles = [
+                m.name
+                for m in client.get_model_repository_index().models
+                if m.state == "READY"
+                and client.get_model_config(m.name).config.platform == "ensemble"
+            ]
+            client.unload_model(model)
+            client.load_model(model)
+            for name in ensembles:
+                client.load_model(name)
+        else:
+            # The poller compares folder timestamps, not the config's: an entry added to and
+            # removed from each version folder is a change it reloads.
+            for folder in (self.repository / model).iterdir():
+                if folder.name.isdigit():
+                    marker = folder / ".wsss-reload"
+                    marker.touch()
+                    marker.unlink()
+
+    def watch(self, interval: float) -> threading.Thread:
+        """A daemon thread that reloads every model whose stub died (seen dead twice in a
+        row, ``interval`` seconds apart), until the server stops."""
+        import tritonclient.grpc as grpc
+
+        def loop() -> None:
+            suspects: set[tuple[str, str]] = set()
+            while self.running:
+                time.sleep(interval)
+                # A client per round, closed at once: an open connection would make
+                # tritonserver wait out its exit timeout when it is stopped.
+                client = grpc.InferenceServerClient(self.grpc_url)
+                try:
+                    dead = set(self.dead_stubs(client))
+                    for model in sorted({m for m, _ in dead & suspects}):
+                        print(f"wsss: the stub of {model} died; reloading it", flush=True)
+                        self.reload(client, model)
+                    suspects = dead
+                except Exception:  # the server is stopping, or busy reloading
+                    suspects = set()
+                finally:
+                    client.close()
+
+        thread = threading.Thread(target=loop, name="wsss-stub-watchdog", daemon=True)
+        thread.start()
+        return thread
 
     def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self

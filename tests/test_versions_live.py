@@ -1,6 +1,7 @@
 """Retrain-and-re-export into a running, polling tritonserver."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,7 +87,13 @@ def test_a_killed_export_leaves_the_served_version(live):
     assert _snapshot(repo) == before
     assert check_repository(repo).ok
     client = PipelineClient(server.grpc_url)
-    time.sleep(2 * cfg.serve.poll_seconds)  # give the poller its chance to see anything
+    # Wait for a poll that began after the kill: one that loads a canary model added now.
+    canary = repo / "poll_canary"
+    shutil.copytree(repo / "postprocess", canary)
+    config = canary / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "postprocess"', 'name: "poll_canary"'))
+    assert _wait_for(lambda: client.client.is_model_ready("poll_canary"))
+    shutil.rmtree(canary)
     assert client.client.is_model_ready("classifier", "2")
     assert not client.client.is_model_ready("classifier", "3")
     assert client.infer(_images())["SEGMENTATION"].shape == (2, 48, 48)

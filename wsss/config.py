@@ -58,7 +58,7 @@ class RefineConfig:
     """How a CAM becomes a pseudo-mask.
 
     fixed / otsu: a threshold of each CAM, optionally refined by GrabCut or by classical
-    Chan-Vese iterations (scikit-image) started from the thresholded mask. levelset: the FNO
+    Chan-Vese iterations started from the thresholded mask. levelset: the FNO
     level-set refiner (see LevelSetConfig), a trained network served as an ONNX model.
     """
 
@@ -66,7 +66,7 @@ class RefineConfig:
     threshold: float = 0.5  # for method "fixed"
     grabcut: bool = False  # refine the thresholded mask with OpenCV GrabCut
     grabcut_iterations: int = 5
-    chanvese: bool = False  # refine it with scikit-image's iterative Chan-Vese instead
+    chanvese: bool = False  # refine it with classical iterative Chan-Vese instead
     chanvese_iterations: int = 15
     # GrabCut seeds: CAM above sure_foreground is fixed foreground, below sure_background
     # fixed background; between them the threshold's verdict is only "probable".
@@ -212,6 +212,9 @@ class ServeConfig:
     metrics_port: int = 8002
     model_control: Literal["none", "poll", "explicit"] = "poll"
     poll_seconds: int = 5
+    # wsss serve reloads a model whose Python-backend stub process died (Triton 24.10 keeps
+    # reporting it READY while every request fails), checking every this many seconds; 0: off.
+    watchdog_seconds: float = 2.0
 
 
 @dataclass

@@ -57,6 +57,49 @@ def _providers(config: dict, args: dict) -> list:
     return providers
 
 
+_ONNX_TYPES = {
+    "tensor(uint8)": "TYPE_UINT8",
+    "tensor(int32)": "TYPE_INT32",
+    "tensor(int64)": "TYPE_INT64",
+    "tensor(float)": "TYPE_FP32",
+    "tensor(float16)": "TYPE_FP16",
+    "tensor(bool)": "TYPE_BOOL",
+}
+
+
+def _check_against_config(session, config: dict, path: str) -> None:
+    """Refuse to load a model file whose tensors are not the ones its config declares, as the
+    native backend does: a wrong name, dtype or shape fails the load (the previous version
+    keeps serving), not every request afterwards."""
+    batched = int(config.get("max_batch_size", 0)) > 0
+    for kind, declared, actual in (
+        ("input", config.get("input", []), session.get_inputs()),
+        ("output", config.get("output", []), session.get_outputs()),
+    ):
+        found = {t.name: t for t in actual}
+        for tensor in declared:
+            name = tensor["name"]
+            if name not in found:
+                raise ValueError(
+                    f"{path}: the config's {kind} {name} is not in the model "
+                    f"(it has {', '.join(sorted(found)) or 'none'})"
+                )
+            got = found[name]
+            if _ONNX_TYPES.get(got.type, got.type) != tensor["data_type"]:
+                raise ValueError(
+                    f"{path}: {kind} {name} is {got.type}, the config says {tensor['data_type']}"
+                )
+            shape = got.shape[1:] if batched else got.shape
+            dims = [int(d) for d in tensor["dims"]]
+            if len(shape) != len(dims) or any(
+                isinstance(s, int) and d != -1 and s != d for s, d in zip(shape, dims, strict=True)
+            ):
+                raise ValueError(
+                    f"{path}: {kind} {name} has shape {list(got.shape)}, the config says "
+                    f"{'[batch] + ' if batched else ''}{dims}"
+                )
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -64,6 +107,7 @@ class TritonPythonModel:
         path = os.path.join(args["model_repository"], args["model_version"], filename)
         providers = _providers(config, args)
         self.session = ort.InferenceSession(path, _session_options(config), providers=providers)
+        _check_against_config(self.session, config, path)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
 

@@ -1,0 +1,278 @@
+"""Reload and load, as Triton's own QA tests them (qa/L0_lifecycle, qa/L0_model_update): the
+ensemble under 16 concurrent clients while versions change, break, and stubs die.
+
+Every wait is on a condition (a model state, a count of answers), never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import tritonclient.grpc as grpc
+
+from export.check import check_repository
+from export.repository import export_repository
+from serving.server import TritonServer
+from tests.conftest import random_export_cfg, write_random_checkpoints
+from training.pipeline import pipeline_from_config
+from wsss.tensors import (
+    CAMS,
+    CLASSIFIER,
+    ENSEMBLES,
+    IMAGE,
+    PIPELINE,
+    PIPELINE_BYTES,
+    POSTPROCESS,
+    PREPROCESS,
+    PSEUDO_MASK,
+    SCORES,
+    SEGMENTATION,
+    SEGMENTATION_FULL,
+    SEGMENTER,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.triton]
+
+CONCURRENCY = 16
+CHECKED = (SCORES, PSEUDO_MASK, SEGMENTATION)
+
+
+def _wait_for(predicate, timeout=90.0, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _close(got: np.ndarray, want: np.ndarray) -> bool:
+    if np.issubdtype(want.dtype, np.floating):
+        return np.allclose(got, want, atol=1e-3)
+    return (got != want).mean() <= 0.01  # argmax masks: near-ties, Otsu within one bin
+
+
+class Load:
+    """``CONCURRENCY`` threads sending one image each to ``wsss_pipeline`` until stopped; every
+    answer is checked, tensor by tensor, against the in-process outputs of each version."""
+
+    def __init__(self, url: str, images: np.ndarray, references: dict[str, dict]):
+        self.url, self.images, self.references = url, images, references
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.answers = dict.fromkeys(references, 0)  # tensors equal to that version's
+        self.failures: list[str] = []
+        self.mismatches: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(CONCURRENCY)]
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+    def count(self, version: str) -> int:
+        with self.lock:
+            return self.answers[version]
+
+    def _run(self, worker: int) -> None:
+        client = grpc.InferenceServerClient(self.url)
+        outputs = [grpc.InferRequestedOutput(n) for n in CHECKED]
+        k = worker
+        while not self.stop.is_set():
+            index = k % len(self.images)
+            tensor = grpc.InferInput(IMAGE, [1, *self.images.shape[1:]], "UINT8")
+            tensor.set_data_from_numpy(self.images[index : index + 1])
+            try:
+                result = client.infer(PIPELINE, [tensor], outputs=outputs)
+            except Exception as exc:
+                with self.lock:
+                    self.failures.append(str(exc))
+                continue
+            for name in CHECKED:
+                got = result.as_numpy(name)[0]
+                matched = [v for v, ref in self.references.items() if _close(got, ref[name][index])]
+                with self.lock:
+                    if not matched:
+                        self.mismatches.append(f"{name} of image {index}")
+                    elif name == SCORES:  # the classifier's version tells the answer's
+                        self.answers[matched[0]] += 1
+            k += CONCURRENCY
+        client.close()
+
+
+def _images(n=4, size=48):
+    return np.random.default_rng(7).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _state(client, model: str, version: str) -> str:
+    for m in client.get_model_repository_index().models:
+        if m.name == model and m.version == version:
+            return m.state
+    return ""
+
+
+def _load_all(client) -> None:
+    """Explicit model control: load what changed, composing models before ensembles."""
+    for name in (CLASSIFIER, "refiner", SEGMENTER, PREPROCESS, POSTPROCESS, *ENSEMBLES):
+        client.load_model(name)
+
+
+@pytest.fixture(params=["poll", "explicit"])
+def live(request, tmp_path):
+    cfg = random_export_cfg(tmp_path, f"serve.model_control={request.param}")
+    export_repository(cfg)
+    with TritonServer(Path(cfg.export.repository), cfg.serve, tmp_path / "server") as server:
+        client = grpc.InferenceServerClient(server.grpc_url)
+        yield cfg, server, client
+        client.close()
+
+
+def test_reexport_under_load_fails_nothing_and_answers_old_or_new(live):
+    cfg, server, client = live
+    images = _images()
+    old = pipeline_from_config(cfg)(images)
+    torch.manual_seed(123)  # other weights: the new version answers differently
+    write_random_checkpoints(cfg.runs)
+    new = pipeline_from_config(cfg)(images)
+    assert not np.allclose(old[SCORES], new[SCORES], atol=1e-3)
+    with Load(server.grpc_url, images, {"old": old, "new": new}) as load:
+        _wait_for(lambda: load.count("old") >= 50, what="answers from the old version")
+        version = export_repository(cfg).version
+        if cfg.serve.model_control == "explicit":
+            _load_all(client)
+        _wait_for(lambda: load.count("new") >= 50, what="answers from the new version")
+    assert load.failures == [], load.failures[:3]
+    assert load.mismatches == [], load.mismatches[:3]
+    assert client.is_model_ready(CLASSIFIER, str(version))
+    # Triton's own counters agree: every request a success, time spent in the classifier.
+    answered = load.count("old") + load.count("new")
+    _wait_for(
+        lambda: _metric(cfg, "nv_inference_request_success", PIPELINE) >= answered,
+        what="the success counter",
+    )
+    assert _metric(cfg, "nv_inference_request_failure", PIPELINE) == 0
+    assert _metric(cfg, "nv_inference_compute_infer_duration_us", CLASSIFIER) > 0
+
+
+def _metric(cfg, name: str, model: str) -> float:
+    """Sum over versions of one Prometheus counter of ``model`` from Triton's /metrics."""
+    url = f"http://{cfg.serve.host}:{cfg.serve.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    pattern = re.compile(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', re.M)
+    return sum(float(v) for v in pattern.findall(text))
+
+
+def _corrupt(repo: Path, version: int) -> str:
+    (repo / CLASSIFIER / str(version) / "model.onnx").write_bytes(b"not an onnx model")
+    return "does not load"
+
+
+def _renamed_output(repo: Path, version: int) -> str:
+    path = repo / CLASSIFIER / str(version) / "model.onnx"
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        node.output[:] = ["CAMS_RENAMED" if o == CAMS else o for o in node.output]
+    for out in model.graph.output:
+        if out.name == CAMS:
+            out.name = "CAMS_RENAMED"
+    onnx.save(model, str(path))
+    return CAMS
+
+
+@pytest.mark.parametrize("breakage", [_corrupt, _renamed_output], ids=["corrupt", "renamed"])
+def test_a_broken_version_is_refused_and_the_old_keeps_serving(live, breakage):
+    cfg, server, client = live
+    repo = Path(cfg.export.repository)
+    images = _images()
+    old = pipeline_from_config(cfg)(images)
+    with Load(server.grpc_url, images, {"old": old}) as load:
+        _wait_for(lambda: load.count("old") >= 50, what="answers")
+        # A new version lands beside the old one, then is broken the way a hand-copied or
+        # half-synced repository would be (wsss export itself refuses such a file).
+        staged = repo.parent / "broken"
+        (staged / "2").mkdir(parents=True)
+        (staged / "2" / "model.onnx").write_bytes(
+            (repo / CLASSIFIER / "1" / "model.onnx").read_bytes()
+        )
+        os.rename(staged / "2", repo / CLASSIFIER / "2")
+        problem = breakage(repo, 2)
+        config = repo / CLASSIFIER / "config.pbtxt"
+        config.write_text(config.read_text().replace("versions: 1", "versions: 1\n    versions: 2"))
+        if cfg.serve.model_control == "explicit":
+            with pytest.raises(Exception, match="load failed"):
+                client.load_model(CLASSIFIER)
+        _wait_for(
+            lambda: _state(client, CLASSIFIER, "2") == "UNAVAILABLE", what="version 2 refused"
+        )
+        seen = load.count("old")
+        _wait_for(lambda: load.count("old") >= seen + 50, what="answers after the refusal")
+    assert load.failures == [], load.failures[:3]
+    assert load.mismatches == [], load.mismatches[:3]
+    assert client.is_model_ready(CLASSIFIER, "1") and client.is_model_ready(PIPELINE)
+    report = check_repository(repo)
+    assert not report.ok and "classifier v2" in str(report) and problem in str(report)
+
+
+def test_readiness_follows_the_steps_an_ensemble_needs(tmp_path):
+    cfg = random_export_cfg(tmp_path, "serve.model_control=explicit")
+    export_repository(cfg)
+    with TritonServer(Path(cfg.export.repository), cfg.serve, tmp_path / "server") as server:
+        client = grpc.InferenceServerClient(server.grpc_url)
+        assert client.is_model_ready(PIPELINE) and client.is_model_ready(PIPELINE_BYTES)
+        client.unload_model(SEGMENTER)
+        _wait_for(lambda: not client.is_model_ready(PIPELINE), what="the ensemble not ready")
+        assert not client.is_model_ready(PIPELINE_BYTES)
+        client.load_model(SEGMENTER)
+        _wait_for(lambda: client.is_model_ready(PIPELINE), what="the ensemble ready again")
+        assert client.is_model_ready(PIPELINE_BYTES)
+        client.close()
+
+
+def _stub_pid(server, model: str) -> int:
+    root = str(server.repository.resolve())
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 1 and argv[1].decode().startswith(f"{root}/{model}/"):
+            return int(proc.name)
+    raise AssertionError(f"no stub for {model}")
+
+
+def test_a_killed_stub_is_reported_and_reloaded(live):
+    """Triton 2.51 keeps a model whose stub died READY and fails its requests; the server's
+    watchdog (on under `wsss serve`) finds the dead stub and reloads the model."""
+    cfg, server, client = live
+    images = _images()
+    pid = _stub_pid(server, PREPROCESS)
+    os.kill(pid, signal.SIGKILL)
+    _wait_for(lambda: (PREPROCESS, "1") in server.dead_stubs(client), what="the dead stub")
+    server.watch(0.2)
+    from serving.client import ClientError, PipelineClient
+
+    bytes_client = PipelineClient(server.grpc_url, model=PIPELINE_BYTES)
+
+    def served() -> bool:
+        try:
+            return bytes_client.infer(images[:1])[SEGMENTATION_FULL].shape == (1, 48, 48)
+        except ClientError:  # "Stub process 'preprocess_0_0' is not healthy" until reloaded
+            return False
+
+    _wait_for(served, what="the bytes ensemble serving again")
+    assert _stub_pid(server, PREPROCESS) != pid and not server.dead_stubs(client)
