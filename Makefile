@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/quick.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-fast lint format study photos levelset-study reproduce clean-models
+.PHONY: setup serve test test-fast lint format study photos levelset-study reproduce bench clean-models
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ serve: setup
 
 test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The served ensembles against the same models in process (eager PyTorch, ONNX Runtime),
+# side by side in one run: ratios, tables, a plot in reports/bench/ (benchmarks/serving.py).
+bench: setup
+	$(BIN)/python -m benchmarks.serving --config $(CONFIG)
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow and not triton and not docker" $(PYTEST_ARGS)

@@ -75,6 +75,16 @@ def shape_flags(spec: ModelSpec) -> list[str]:
     ]
 
 
+def output_bytes(spec: ModelSpec) -> int:
+    """The largest output of one item, in bytes: perf_analyzer's shared-memory region size."""
+    sizes = []
+    for t in spec.outputs:
+        if -1 in t.shape or t.dtype == "bytes":
+            raise BenchError(f"{spec.name}.{t.name} has no fixed size: no shared memory for it")
+        sizes.append(int(np.prod(t.shape)) * t.np_dtype.itemsize)
+    return max(sizes)
+
+
 def sample_image(size: int = 160) -> np.ndarray:
     """A deterministic RGB test card, for when no real image is given."""
     yy, xx = np.mgrid[:size, :size]
@@ -125,6 +135,8 @@ class PerfSettings:
     max_trials: int = 10
     # > 0: measure windows of this many requests instead of fixed time (steadier when noisy)
     request_count: int = 0
+    # "system": tensors travel through system shared memory instead of the socket
+    shared_memory: str = "none"
 
 
 def perf_command(
@@ -153,6 +165,11 @@ def perf_command(
         str(csv_path),
         *shape_flags(spec),
     ]
+    if settings.shared_memory != "none":
+        cmd += [
+            f"--shared-memory={settings.shared_memory}",
+            f"--output-shared-memory-size={output_bytes(spec) * settings.batch}",
+        ]
     if settings.request_count > 0:
         cmd += [
             "--measurement-mode=count_windows",

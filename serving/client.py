@@ -54,8 +54,9 @@ class PipelineClient:
         meta = {m: self._metadata(m, url) for m in (model, CLASSIFIER, SEGMENTER)}
         (image,) = meta[CLASSIFIER]["inputs"]
         h, w, _ = (int(d) for d in image["shape"][1:])
-        outputs = {o["name"]: o["shape"] for o in meta[CLASSIFIER]["outputs"]}
-        probs = {o["name"]: o["shape"] for o in meta[SEGMENTER]["outputs"]}[SEG_PROBS]
+        outputs = {_served_name(o["name"]): o["shape"] for o in meta[CLASSIFIER]["outputs"]}
+        probs = {_served_name(o["name"]): o["shape"] for o in meta[SEGMENTER]["outputs"]}
+        probs = probs[SEG_PROBS]
         features = tuple(int(d) for d in outputs[FEATURES][1:]) if FEATURES in outputs else None
         self.all_specs = served_models(h, int(outputs[SCORES][1]), int(probs[1]), features)
         self.specs = self.all_specs[model]
@@ -117,6 +118,13 @@ class PipelineClient:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _served_name(name: str) -> str:
+    """A TorchScript model's tensors are ``<name>__<index>`` (Triton's PyTorch backend binds
+    by position); the ensembles map them back to the served names."""
+    base, _, index = name.rpartition("__")
+    return base if base and index.isdigit() else name
 
 
 def _grpc_to_dict(meta) -> dict:

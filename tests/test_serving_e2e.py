@@ -127,6 +127,27 @@ def test_perf_analyzer_reports_unstable_levels_flagged(server, tmp_path):
     assert "(unstable)" in format_table(results, "t")
 
 
+def test_bench_measures_baselines_and_server_side_by_side(server, exported, tmp_path):
+    from benchmarks.serving import eager_rows, ort_rows, plot, ratios, report, served_rows
+    from training.studies import load_test_set
+
+    photos = [np.asarray(p) for p in load_test_set(exported).images[:3]]
+    size = (exported.data.image_size, exported.data.image_size)
+    images = np.stack([resize_image(p, size) for p in photos])
+    rows = eager_rows(exported, images, 0.3) + ort_rows(exported, images, 0.3)
+    settings = PerfSettings(concurrency="1:2", stability_percent=200, max_trials=3, request_count=8)
+    rows += served_rows(server, images, photos, settings)
+    served = {(r.what, r.concurrency) for r in rows if r.what.startswith("served")}
+    assert len(served) == 8  # gRPC, HTTP, shared memory, bytes: concurrency 1 and 2 each
+    assert {r.batch for r in rows if r.what.startswith("ONNX")} == {1, 4, 8}
+    assert all(r.images_per_s > 0 for r in rows)
+    found = ratios(rows)
+    assert len(found) == 3 and all(v > 0 for v in found.values())
+    assert "target >= 0.9" in report(rows, found, exported, "test")
+    plot(rows, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
 def test_concurrency_levels():
     assert concurrency_levels("1:4:1") == [1, 2, 3, 4]
     assert concurrency_levels("1:5:2") == [1, 3, 5]
