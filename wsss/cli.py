@@ -131,7 +131,7 @@ def cmd_serve(args) -> None:
     # SIGTERM (docker stop, kill) stops it as Ctrl-C does: through the `with` block below.
     signal.signal(signal.SIGTERM, _interrupt)
     with server:
-        if cfg.serve.watchdog_seconds > 0:
+        if cfg.serve.watchdog_seconds > 0 and cfg.serve.model_control != "none":
             server.watch(cfg.serve.watchdog_seconds)
         print(
             f"serving {cfg.export.repository}: HTTP {server.http_url}, gRPC {server.grpc_url}, "

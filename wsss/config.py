@@ -214,6 +214,7 @@ class ServeConfig:
     poll_seconds: int = 5
     # wsss serve reloads a model whose Python-backend stub process died (Triton 24.10 keeps
     # reporting it READY while every request fails), checking every this many seconds; 0: off.
+    # Needs model_control poll or explicit (a reload is how a stub comes back).
     watchdog_seconds: float = 2.0
 
 
