@@ -21,6 +21,7 @@ from pathlib import Path
 
 from wsss.config import ServeConfig
 from wsss.errors import WsssError
+from wsss.tensors import PIPELINE
 
 _BACKENDS = Path(__file__).parent / "backends"
 
@@ -86,6 +87,7 @@ def server_command(repository: Path, backends: Path, cfg: ServeConfig, gpu: bool
         f"--metrics-address={cfg.host}",
         f"--metrics-port={cfg.metrics_port}",
         f"--model-control-mode={cfg.model_control}",
+        f"--exit-timeout-secs={cfg.exit_timeout_seconds}",
         "--log-verbose=0",
     ]
     if cfg.model_control == "poll":
@@ -129,7 +131,7 @@ class TritonServer:
             raise ServerError(
                 f"tritonserver is already running (pid {self.process.pid}): stop() it first"
             )
-        if not (self.repository / "wsss_pipeline" / "config.pbtxt").exists():
+        if not (self.repository / PIPELINE / "config.pbtxt").exists():
             raise ServerError(f"{self.repository} holds no exported pipeline: run `wsss export`")
         backends = prepare_backends(self.workdir / "backends")
         cmd = server_command(self.repository, backends, self.cfg, has_gpu())

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tritonclient.http as http
 
 from serving.server import ServerError, TritonServer
 from tests.conftest import free_port
@@ -86,9 +87,16 @@ def test_wsss_serve_stops_cleanly_on_ctrl_c_and_sigterm(exported, tmp_path, sig)
         pytest.fail(f"wsss serve exited ({proc.wait()}) before serving")
     (triton,) = [pid for pid in _pids() if f"--http-port={s.http_port}" in _cmdline(pid)]
     assert len(_group(triton)) >= 2  # tritonserver and its Python stubs
+    # A user's client left connected (keep-alive) holds tritonserver for its exit timeout:
+    # Triton's default of 30 s would outlast the wait below; serve.exit_timeout_seconds (5)
+    # does not.
+    user = http.InferenceServerClient(f"127.0.0.1:{s.http_port}")
+    assert user.is_server_ready()
     proc.send_signal(sig)
-    # tritonserver's exit timeout is 30 s: a stop that waits on a connection takes that long.
-    assert proc.wait(timeout=20) == 0, proc.stdout.read()
+    try:
+        assert proc.wait(timeout=20) == 0, proc.stdout.read()
+    finally:
+        user.close()
     assert _group(triton) == []
 
 

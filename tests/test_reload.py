@@ -274,5 +274,8 @@ def test_a_killed_stub_is_reported_and_reloaded(live):
         except ClientError:  # "Stub process 'preprocess_0_0' is not healthy" until reloaded
             return False
 
-    _wait_for(served, what="the bytes ensemble serving again")
+    try:
+        _wait_for(served, what="the bytes ensemble serving again")
+    finally:
+        bytes_client.close()  # an open client makes tritonserver wait out its exit timeout
     assert _stub_pid(server, PREPROCESS) != pid and not server.dead_stubs(client)

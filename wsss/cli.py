@@ -11,6 +11,7 @@ from pathlib import Path
 
 from wsss.config import Config, ConfigError, load_config
 from wsss.errors import WsssError
+from wsss.tensors import PIPELINE, PIPELINE_BYTES
 
 # Mirrors training.stages.STAGES / DEFAULT_STAGES (kept here so `wsss --help` does not
 # import torch); a test holds the two to each other.
@@ -113,7 +114,7 @@ def ensure_built(cfg: Config) -> None:
     from training import stages
     from training.data.synth import SynthOptions, ensure_synth
 
-    if (Path(cfg.export.repository) / "wsss_pipeline" / "config.pbtxt").exists():
+    if (Path(cfg.export.repository) / PIPELINE / "config.pbtxt").exists():
         return
     rewritten = ensure_synth(cfg.data.root, SynthOptions.of(cfg.data))
     if rewritten or not (Path(cfg.runs) / "segmenter" / "best.pt").exists():
@@ -138,12 +139,20 @@ def cmd_serve(args) -> None:
             f"metrics {cfg.serve.host}:{cfg.serve.metrics_port} (Ctrl-C stops)",
             flush=True,
         )
+        asked_to_stop = False
         try:
             server.process.wait()
         except KeyboardInterrupt:  # Ctrl-C is how `make serve` stops; leaving the
-            pass  # `with` block shuts tritonserver down cleanly
-    if server.process.returncode not in (0, -signal.SIGINT, None):
-        sys.exit(f"tritonserver exited with {server.process.returncode}:\n{server.log_tail()}")
+            asked_to_stop = True  # `with` block shuts tritonserver down cleanly
+    code = server.process.returncode
+    if asked_to_stop:
+        # Past serve.exit_timeout_seconds (a client still connected) tritonserver exits 1
+        # and `stop` ends what is left of its process group: still the stop that was asked.
+        if code not in (0, -signal.SIGINT):
+            print(f"wsss serve: tritonserver stopped at its exit timeout ({code})", flush=True)
+        return
+    if code not in (0, None):
+        sys.exit(f"tritonserver exited with {code}:\n{server.log_tail()}")
 
 
 def _interrupt(signum, frame) -> None:
@@ -310,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--interval-ms", type=int, default=3000)
             p.add_argument(
                 "--model",
-                default="wsss_pipeline",
-                choices=["wsss_pipeline", "wsss_pipeline_bytes"],
+                default=PIPELINE,
+                choices=[PIPELINE, PIPELINE_BYTES],
                 help="tensor-in ensemble, or the one taking encoded image bytes",
             )
             p.add_argument(

@@ -216,6 +216,10 @@ class ServeConfig:
     # reporting it READY while every request fails), checking every this many seconds; 0: off.
     # Needs model_control poll or explicit (a reload is how a stub comes back).
     watchdog_seconds: float = 2.0
+    # On Ctrl-C / SIGTERM tritonserver waits up to this long for in-flight requests and open
+    # client connections (a notebook's keep-alive client holds it the whole time) before it
+    # exits; Triton's own default is 30 s, longer than `docker stop` waits.
+    exit_timeout_seconds: int = 5
 
 
 @dataclass
