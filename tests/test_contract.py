@@ -16,6 +16,7 @@ PACKAGES = ("training", "export", "serving", "wsss", "benchmarks")
 def test_no_served_tensor_name_is_spelled_outside_wsss_tensors():
     names = [v for k, v in vars(tensors).items() if isinstance(v, str) and k == v]  # tensors
     assert {"IMAGE", "SCORES", "CAMS", "SEGMENTATION", "IMAGE_BYTES"} <= set(names)
+    names += list(tensors.ENSEMBLES)  # and the ensembles clients call
     alternatives = "|".join(map(re.escape, names))
     quoted = re.compile(rf"""["']({alternatives})["']""")
     found = []
