@@ -36,7 +36,7 @@ from export.onnx_export import check_parity, export_onnx
 from export.torchscript_export import check_torchscript_parity, export_torchscript
 from training.pipeline import ServedSegmenter, load_model, refine_step
 from wsss import served
-from wsss.config import Config, save_config
+from wsss.config import Config, save_config, served_config
 from wsss.errors import WsssError
 from wsss.served import HELPERS
 from wsss.served.classical import VIT_FILE
@@ -59,6 +59,7 @@ class ExportResult:
 
 def export_repository(cfg: Config) -> ExportResult:
     runs = Path(cfg.runs)
+    saved, cfg = cfg, served_config(cfg)  # export.refine, when set, is the served refiner
     classifier, refiner, cmeta = refine_step(cfg)
     names = cmeta["class_names"]
     segmenter, smeta = load_model(runs / "segmenter" / "best.pt")
@@ -128,7 +129,7 @@ def export_repository(cfg: Config) -> ExportResult:
                 _write_python_model(name, folder / str(version))
                 if name == REFINER and vit is not None:
                     (folder / str(version) / VIT_FILE).write_bytes(vit)
-        _write_metadata(staging / CLASSIFIER / str(version), cfg, names, parity)
+        _write_metadata(staging / CLASSIFIER / str(version), saved, names, parity)
         report = check_repository(staging)
         if not report.ok:
             raise ExportError(f"the staged export is invalid, nothing was changed:\n{report}")

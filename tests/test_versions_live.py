@@ -18,6 +18,7 @@ from serving.server import TritonServer
 from tests.conftest import random_export_cfg
 from training.pipeline import pipeline_from_config
 from training.refine import build_refiner
+from wsss.config import RefineConfig, load_config, served_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
@@ -151,6 +152,27 @@ def test_served_refiner_follows_the_refine_and_cam_settings(live):
     expected = refiner(images, got["SCORES"], got["CAMS"])
     assert expected.any() and np.array_equal(got["PSEUDO_MASK"], expected)
     assert refiner.name == "otsu+grabcut"
+
+    # export.refine serves another refiner than the one that made the training masks: a
+    # fixed threshold, as an ONNX graph; the export's saved config keeps both.
+    cfg.export.refine = RefineConfig(method="fixed", threshold=0.4)
+    version = export_repository(cfg).version
+    assert _wait_for(lambda: client.client.is_model_ready("refiner", str(version)))
+    assert client.client.get_model_config("refiner").config.backend == "onnxruntime"
+
+    fixed = build_refiner(cfg.export.refine, multi_label=False)
+
+    def served_threshold() -> bool:  # the ensemble reloads on this poll or the next
+        got = client.infer(images)
+        return np.array_equal(got["PSEUDO_MASK"], fixed(images, got["SCORES"], got["CAMS"]))
+
+    assert _wait_for(served_threshold)
+    folder = Path(cfg.export.repository) / "classifier" / str(version)
+    saved = load_config(folder / "wsss_config.yaml")
+    assert saved.refine.grabcut and saved.export.refine.method == "fixed"
+    assert (
+        fixed.name == "fixed" and pipeline_from_config(served_config(cfg)).refiner.name == "fixed"
+    )
 
 
 def test_deeplabv3_segmenter_is_exported_and_served(tmp_path):

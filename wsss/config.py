@@ -196,6 +196,12 @@ class ExportConfig:
     # The bytes-in ensemble refuses images with more pixels than this (from the header,
     # before decoding): 400 INVALID_ARG.
     max_image_pixels: int = 40_000_000
+    # The refiner the served ensemble runs, where it should differ from the one that makes
+    # the training pseudo-masks (`refine`): GrabCut's edges help the segmenter learn, but
+    # served they cost 50-200 ms per image on a CPU for the PSEUDO_MASK output alone, while
+    # a fixed or Otsu threshold is an ONNX graph of well under 1 ms (reports/bench/).
+    # Unset: `refine`.
+    refine: RefineConfig | None = None
     classifier: NetworkExportConfig = field(default_factory=NetworkExportConfig)
     segmenter: NetworkExportConfig = field(default_factory=NetworkExportConfig)
     # A Python model for the threshold refiners; its format applies to the level-set one.
@@ -399,6 +405,13 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     ):
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
     return value
+
+
+def served_config(cfg: Config) -> Config:
+    """The config as the repository serves it: ``export.refine``, when set, as ``refine``."""
+    if cfg.export.refine is None:
+        return cfg
+    return dataclasses.replace(cfg, refine=cfg.export.refine)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
