@@ -30,9 +30,12 @@ test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The served ensembles against the same models in process (eager PyTorch, ONNX Runtime),
-# side by side in one run: ratios, tables, a plot in reports/bench/ (benchmarks/serving.py).
+# side by side in one run, with the refiners' per-image times: ratios, tables, a plot in
+# reports/bench/ (benchmarks/serving.py). SWEEP=1 measures serving settings instead
+# (reports/bench/tuning.md). BENCH_ARGS passes more flags (--concurrency 1:8, ...).
+BENCH_ARGS ?=
 bench: setup
-	$(BIN)/python -m benchmarks.serving --config $(CONFIG)
+	$(BIN)/python -m benchmarks.serving --config $(CONFIG) $(if $(SWEEP),--sweep) $(BENCH_ARGS)
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow and not triton and not docker" $(PYTEST_ARGS)

@@ -5,21 +5,34 @@ better than any absolute figure:
 
 - eager PyTorch: ``training.pipeline.Pipeline`` (classifier, refiner, segmenter), batch 1;
 - ONNX Runtime in process: the repository's own ONNX files (and its refiner: the same graph,
-  or the same Python code the refiner model runs), batch 1, 4 and 8 - the compute limit;
+  or the same Python code the refiner model runs), batch 1, 4 and 8, with ONNX Runtime's
+  default threads and with one thread per session - the best of them is the compute limit;
 - served: perf_analyzer against ``wsss_pipeline`` over gRPC and HTTP, with and without
-  system shared memory, a concurrency sweep, and ``wsss_pipeline_bytes`` fed real benchmark
-  images as base64 JSON.
+  system shared memory, a concurrency sweep and batch sizes, and ``wsss_pipeline_bytes`` fed
+  real benchmark images as base64 JSON; Triton's per-model statistics say where each
+  request's time went (queue, inputs, model, outputs) and what batches formed;
+- the refiners, per image in process (paper 003's Table 3: FNO level set, GrabCut,
+  Chan-Vese at 1/5/10/15/50 iterations, Otsu; ``benchmarks.refiners``).
+
+``--sweep`` exports the repository once per serving setting (ONNX Runtime threads, queue
+delay, instances) and measures each served, in one run: the evidence for the defaults
+(``reports/bench/tuning.md``).
 
 Writes ``results.json``, ``results.csv``, ``throughput_latency.png`` and ``results.md`` into
-``reports/bench/`` (``--out``) and prints the report.
+``reports/bench/`` (``--out``) and prints the report. Everything is measured on the machine
+it runs on; the report names it (CPU or GPU, never mixed).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
+import os
 import platform
+import shutil
+import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,12 +41,19 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from serving.bench import BenchResult, PerfSettings, run_perf_analyzer
+from serving.bench import (
+    BenchResult,
+    PerfSettings,
+    concurrency_levels,
+    run_perf_analyzer,
+    settled_statistics,
+    statistics_delta,
+)
 from serving.client import PipelineClient
-from serving.server import TritonServer
-from training.pipeline import pipeline_from_config
+from serving.server import TritonServer, has_gpu
+from training.pipeline import pipeline_from_config, refine_step
 from training.studies import load_test_set
-from wsss.config import Config, load_config
+from wsss.config import Config, ServeConfig, load_config, served_config, with_overrides
 from wsss.served.images import resize_image
 from wsss.tensors import (
     CAMS,
@@ -47,6 +67,10 @@ from wsss.tensors import (
     SEGMENTER,
 )
 
+EAGER = "eager PyTorch pipeline (in process)"
+ORT = "ONNX Runtime pipeline (in process"  # + ", N threads)"
+SERVED = "served wsss_pipeline"
+
 
 @dataclass
 class Row:
@@ -59,7 +83,7 @@ class Row:
     p50_ms: float
     p95_ms: float
     stable: bool = True
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # mean_ms; models: Triton's per-model times
 
 
 def _time_calls(fn, batch: int, seconds: float) -> tuple[float, float, float]:
@@ -85,32 +109,34 @@ def _batches(images: np.ndarray, batch: int):
 
 
 def eager_rows(cfg: Config, images: np.ndarray, seconds: float) -> list[Row]:
+    """``cfg`` as served (``served_config``): the refiner the repository runs."""
     pipe = pipeline_from_config(cfg)
     feed = _batches(images, 1)
     rate, p50, p95 = _time_calls(lambda: pipe(next(feed)), 1, seconds)
-    return [Row("eager PyTorch pipeline (in process)", 1, 1, rate, p50, p95)]
+    return [Row(EAGER, 1, 1, rate, p50, p95)]
 
 
 class OrtPipeline:
     """The repository's newest ONNX files run in process, chained as the ensemble chains
-    them; a Python refiner runs the same code as the served one (``training.refine``)."""
+    them; a Python refiner runs the same code as the served one. ``threads``: ONNX
+    Runtime's intra-op threads per session (0: its default, one per core)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, threads: int = 0):
         repo = Path(cfg.export.repository)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
 
         def session(name: str) -> ort.InferenceSession | None:
             folder = repo / name
             version = max(int(p.name) for p in folder.iterdir() if p.name.isdigit())
             path = folder / str(version) / "model.onnx"
-            return ort.InferenceSession(str(path)) if path.exists() else None
+            if not path.exists():
+                return None
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
         self.classifier, self.segmenter = session(CLASSIFIER), session(SEGMENTER)
         self.refiner_graph = session(REFINER)
-        self.refiner = None
-        if self.refiner_graph is None:
-            from training.pipeline import refine_step
-
-            self.refiner = refine_step(cfg)[1]
+        self.refiner = refine_step(cfg)[1] if self.refiner_graph is None else None
         if self.classifier is None or self.segmenter is None:
             raise SystemExit("make bench needs ONNX classifier and segmenter exports")
 
@@ -126,88 +152,150 @@ class OrtPipeline:
         self.segmenter.run(None, {IMAGE: images})
 
 
-def ort_rows(cfg: Config, images: np.ndarray, seconds: float) -> list[Row]:
-    pipe = OrtPipeline(cfg)
+def ort_rows(
+    cfg: Config,
+    images: np.ndarray,
+    seconds: float,
+    batches: tuple[int, ...] = (1, 4, 8),
+    threads: tuple[int, ...] = (0, 1),
+) -> list[Row]:
     rows = []
-    for batch in (1, 4, 8):
-        feed = _batches(images, batch)
-        rate, p50, p95 = _time_calls(lambda f=feed: pipe(next(f)), batch, seconds)
-        rows.append(Row("ONNX Runtime pipeline (in process)", batch, 1, rate, p50, p95))
+    for n in threads:
+        pipe = OrtPipeline(cfg, n)
+        label = f"{ORT}, {'default' if n == 0 else n} thread{'s' if n != 1 else ''})"
+        for batch in batches:
+            feed = _batches(images, batch)
+            rate, p50, p95 = _time_calls(lambda f=feed, p=pipe: p(next(f)), batch, seconds)
+            rows.append(Row(label, batch, 1, rate, p50, p95))
     return rows
+
+
+@dataclass(frozen=True)
+class ServedRun:
+    what: str
+    model: str
+    protocol: str
+    shared_memory: str = "none"
+    real_images: bool = False  # the bytes ensemble gets encoded benchmark photos
+
+
+SERVED_RUNS = (
+    ServedRun(f"{SERVED}, gRPC", PIPELINE, "grpc"),
+    ServedRun(f"{SERVED}, HTTP", PIPELINE, "http"),
+    ServedRun(f"{SERVED}, gRPC + system shm", PIPELINE, "grpc", "system"),
+    ServedRun(
+        "served wsss_pipeline_bytes (real images), gRPC", PIPELINE_BYTES, "grpc", "none", True
+    ),
+)
 
 
 def served_rows(
-    server: TritonServer, images: np.ndarray, photos: list[np.ndarray], settings: PerfSettings
+    server: TritonServer,
+    images: np.ndarray,
+    photos: list[np.ndarray],
+    settings: PerfSettings,
+    batches: tuple[int, ...] = (),
+    runs: tuple[ServedRun, ...] = SERVED_RUNS,
 ) -> list[Row]:
+    """Every run at every concurrency level of ``settings``, then ``wsss_pipeline`` over gRPC
+    at each of ``batches`` (concurrency 1), each with Triton's per-model statistics."""
     client = PipelineClient(server.grpc_url)
     specs = client.all_specs
     client.close()
-    runs = [
-        ("served wsss_pipeline, gRPC", specs[PIPELINE], server.grpc_url, "grpc", "none", None),
-        ("served wsss_pipeline, HTTP", specs[PIPELINE], server.http_url, "http", "none", None),
-        (
-            "served wsss_pipeline, gRPC + system shm",
-            specs[PIPELINE],
-            server.grpc_url,
-            "grpc",
-            "system",
-            None,
-        ),
-        (
-            "served wsss_pipeline_bytes (real images), gRPC",
-            specs[PIPELINE_BYTES],
-            server.grpc_url,
-            "grpc",
-            "none",
-            photos,
-        ),
-    ]
+    plan = [(run, level, 1) for run in runs for level in concurrency_levels(settings.concurrency)]
+    plan += [(runs[0], 1, b) for b in batches]
     rows = []
-    for what, spec, url, protocol, shm, data in runs:
-        one = PerfSettings(**{**asdict(settings), "shared_memory": shm})
-        sample = data if data is not None else list(images[:8])
-        results: list[BenchResult] = run_perf_analyzer(spec, url, protocol, one, sample)
-        rows += [
-            Row(
-                what,
-                1,
-                r.concurrency,
-                r.throughput,
-                r.p50_ms,
-                r.p95_ms,
-                r.stable,
-                {"mean_ms": r.mean_ms},
-            )
-            for r in results
-        ]
+    for run, level, batch in plan:
+        url = server.grpc_url if run.protocol == "grpc" else server.http_url
+        one = dataclasses.replace(
+            settings, batch=batch, concurrency=str(level), shared_memory=run.shared_memory
+        )
+        sample = photos if run.real_images else list(images[:8])
+        before = settled_statistics(server.grpc_url)
+        (result,) = run_perf_analyzer(specs[run.model], url, run.protocol, one, sample)
+        models = statistics_delta(before, settled_statistics(server.grpc_url))
+        rows.append(_row(run.what, batch, result, models))
     return rows
 
 
+def _row(what: str, batch: int, r: BenchResult, models: dict) -> Row:
+    extra = {"mean_ms": r.mean_ms, "models": {k: asdict(v) for k, v in models.items()}}
+    return Row(what, batch, r.concurrency, r.throughput, r.p50_ms, r.p95_ms, r.stable, extra)
+
+
 def ratios(rows: list[Row]) -> dict[str, float]:
-    """The issue's targets, each a ratio of figures measured in this run."""
-    ort_ = [r for r in rows if r.what.startswith("ONNX Runtime")]
-    eager = next(r for r in rows if r.what.startswith("eager"))
-    grpc_ = [r for r in rows if r.what == "served wsss_pipeline, gRPC"]
-    served = [r for r in rows if r.what.startswith("served wsss_pipeline,")]
-    ort_b1 = next(r for r in ort_ if r.batch == 1)
-    c1 = next(r for r in grpc_ if r.concurrency == 1)
+    """The issue's targets, each a ratio of figures measured in this run.
+
+    The compute limit is the best in-process ONNX Runtime throughput over every batch size
+    and thread setting measured; the latency reference is its best batch-1 median.
+    """
+    in_process = [r for r in rows if r.what.startswith(ORT)]
+    eager = next(r for r in rows if r.what == EAGER)
+    served = [r for r in rows if r.what.startswith(f"{SERVED},")]
+    c1 = next(r for r in served if r.what == f"{SERVED}, gRPC" and r.concurrency == r.batch == 1)
+    best_p50 = min(r.p50_ms for r in in_process if r.batch == 1)
     best_served = max(r.images_per_s for r in served)
-    limit = max(r.images_per_s for r in ort_)
+    limit = max(r.images_per_s for r in in_process)
     return {
         "served p50 at concurrency 1 / in-process ONNX Runtime p50 (target <= 1.2)": (
-            c1.p50_ms / ort_b1.p50_ms
+            c1.p50_ms / best_p50
         ),
         "served best throughput / compute limit (target >= 0.9)": best_served / limit,
         "served best throughput / eager PyTorch (target >= 2)": best_served / eager.images_per_s,
     }
 
 
-def report(rows: list[Row], r: dict[str, float], cfg: Config, command: str) -> str:
+def time_table(rows: list[Row]) -> list[str]:
+    """Triton's per-model statistics for gRPC at concurrency 1 and at the best level."""
+    grpc_ = [r for r in rows if r.what == f"{SERVED}, gRPC" and r.batch == 1 and r.extra]
+    if not grpc_:
+        return []
+    best = max(grpc_, key=lambda r: r.images_per_s)
+    lines = [
+        "| where | model | requests | mean batch | queue us | inputs us | model us | outputs us |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in [grpc_[0]] + ([best] if best is not grpc_[0] else []):
+        for name, t in row.extra["models"].items():
+            lines.append(
+                f"| gRPC, concurrency {row.concurrency} | {name} | {t['requests']} | "
+                f"{t['mean_batch']:.2f} | {t['queue_us']:.0f} | {t['compute_input_us']:.0f} | "
+                f"{t['compute_infer_us']:.0f} | {t['compute_output_us']:.0f} |"
+            )
+    return lines
+
+
+def refiner_table(result: dict | None) -> list[str]:
+    if not result:
+        return []
+    lines = [
+        f"Refiners per image, in process ({result['image_size']} px, {result['classes']} "
+        f"classes, batch 1, median over {result['images']} test images):",
+        "",
+        "| refiner | ms / image | / FNO evolution |",
+        "|---|---:|---:|",
+    ]
+    lines += [
+        f"| {r['refiner']} | {r['ms_per_image']:.2f} | {r['ratio_to_fno']:.1f}x |"
+        for r in result["rows"]
+    ]
+    return lines
+
+
+def report(
+    rows: list[Row],
+    r: dict[str, float],
+    cfg: Config,
+    command: str,
+    refiners: dict | None = None,
+) -> str:
+    served = served_config(cfg)
     lines = [
         "# Serving benchmark",
         "",
-        f"Made by `{command}` on {platform.machine()} ({_cpu()}), "
-        f"{cfg.data.image_size} px, refiner `{_refiner(cfg)}`; one run, all rows side by side.",
+        f"Made by `{command}` on {machine()}, {cfg.data.image_size} px, served refiner "
+        f"`{refiner_label(served)}` (training pseudo-masks: `{refiner_label(cfg)}`); one run, "
+        "all rows side by side.",
         "",
         "| ratio | measured |",
         "|---|---:|",
@@ -224,46 +312,179 @@ def report(rows: list[Row], r: dict[str, float], cfg: Config, command: str) -> s
             f"| {row.what}{flag} | {row.batch} | {row.concurrency} | {row.images_per_s:.1f} | "
             f"{p50} | {p95} |"
         )
+    table = time_table(rows)
+    if table:
+        lines += ["", "Where a served request's time goes (Triton's per-model statistics):", ""]
+        lines += table
+    if refiners:
+        lines += ["", *refiner_table(refiners)]
     lines += ["", "![throughput against p95 latency](throughput_latency.png)", ""]
     return "\n".join(lines)
 
 
-def _refiner(cfg: Config) -> str:
+def refiner_label(cfg: Config) -> str:
     extra = "+grabcut" if cfg.refine.grabcut else "+chanvese" if cfg.refine.chanvese else ""
     return cfg.refine.method + extra
 
 
-def _cpu() -> str:
+def machine() -> str:
+    """The hardware the figures belong to: the GPU when one is used, else the CPU."""
+    if has_gpu():
+        import subprocess
+
+        gpu = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return f"GPU {gpu}"
+    cpu = platform.processor() or "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                import os
-
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+                cpu = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    return f"{platform.machine()} CPU ({cpu}, {os.cpu_count()} cores)"
 
 
 def plot(rows: list[Row], path: Path) -> None:
+    """One line per configuration: served ones across concurrency levels, in-process ones
+    across batch sizes, and the served batch sizes as a line of their own."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for what in dict.fromkeys(r.what for r in rows):
-        pts = [r for r in rows if r.what == what and r.stable]
-        if pts:
-            ax.plot([r.p95_ms for r in pts], [r.images_per_s for r in pts], "o-", label=what)
-    ax.set_xlabel("p95 latency per request (ms)")
+    series: dict[str, list[Row]] = {}
+    for r in rows:
+        if r.stable:
+            batched = r.what.startswith(SERVED) and r.batch > 1
+            series.setdefault(f"{r.what}, batch > 1" if batched else r.what, []).append(r)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for label, pts in series.items():
+        ax.plot([r.p95_ms for r in pts], [r.images_per_s for r in pts], "o-", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("p95 latency per request (ms, log)")
     ax.set_ylabel("images / s")
-    ax.set_title("throughput against p95 latency (labels: batch or concurrency sweep)")
-    ax.legend(fontsize=7)
+    ax.set_title("throughput against p95 latency (points: concurrency or batch size)")
+    ax.legend(fontsize=6.5)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write(rows: list[Row], r: dict, out: Path, text: str, refiners: dict | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"ratios": r, "rows": [asdict(x) for x in rows], "refiners": refiners}
+    (out / "results.json").write_text(json.dumps(payload, indent=2))
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            ["what", "batch", "concurrency", "images_per_s", "p50_ms", "p95_ms", "stable"]
+        )
+        for x in rows:
+            writer.writerow(
+                [x.what, x.batch, x.concurrency]
+                + [f"{v:.2f}" for v in (x.images_per_s, x.p50_ms, x.p95_ms)]
+                + [x.stable]
+            )
+    plot(rows, out / "throughput_latency.png")
+    (out / "results.md").write_text(text)
+
+
+def ensure_levelset(cfg: Config) -> Config:
+    """The config whose run holds a trained level set, training one if missing: the refiner
+    table needs it (``make bench`` runs from a fresh clone)."""
+    from training import stages
+
+    refine = dataclasses.replace(cfg.refine, method="levelset", grabcut=False, chanvese=False)
+    cfg = dataclasses.replace(cfg, refine=refine)
+    if not (Path(cfg.runs) / "levelset" / "best.pt").exists():
+        stages.run(cfg, ("levelset",))
+    return cfg
+
+
+# --sweep: serving settings measured side by side, each exported into its own repository:
+# (ONNX Runtime intra-op threads per session, dynamic batcher queue delay in us, instances
+# of the classifier and the segmenter). Every setting is explicit, whatever the config says.
+SWEEP = (
+    (0, 500, 1),  # ONNX Runtime's default threads (one per core), Triton-style 500 us delay
+    (1, 500, 1),
+    (1, 0, 1),
+    (2, 0, 1),
+    (1, 0, 2),
+)
+
+
+def sweep_overrides(threads: int, delay: int, instances: int) -> list[str]:
+    out = []
+    for model in ("classifier", "segmenter", "refiner"):
+        out += [
+            f"export.{model}.onnxruntime.intra_op_threads={threads}",
+            f"export.{model}.max_queue_delay_us={delay}",
+            f"export.{model}.instances={instances if model != 'refiner' else 1}",
+        ]
+    return out
+
+
+def sweep_label(threads: int, delay: int, instances: int) -> str:
+    t = "default threads" if threads == 0 else f"{threads} thread{'s' if threads > 1 else ''}"
+    return f"{t}, {delay} us queue delay, {instances} instance{'s' if instances > 1 else ''}"
+
+
+def sweep(cfg: Config, images: np.ndarray, settings: PerfSettings, out: Path) -> str:
+    """Export once per SWEEP setting, serve each and measure gRPC over the concurrency
+    range: which serving defaults measure best on this machine."""
+    from export.repository import export_repository
+
+    results = {}
+    base = Path(".cache/bench/sweep")
+    for setting in SWEEP:
+        name, slug = sweep_label(*setting), "_".join(map(str, setting))
+        repo = base / slug / "repository"
+        variant = with_overrides(cfg, sweep_overrides(*setting) + [f"export.repository={repo}"])
+        shutil.rmtree(repo, ignore_errors=True)
+        export_repository(variant)
+        with TritonServer(repo, free_ports(variant.serve), base / slug / "server") as server:
+            rows = served_rows(server, images, [], settings, runs=SERVED_RUNS[:1])
+        results[name] = [asdict(r) for r in rows]
+    lines = [
+        "# Serving settings, measured side by side",
+        "",
+        f"Made by `make bench SWEEP=1` on {machine()}, {cfg.data.image_size} px, served refiner "
+        f"`{refiner_label(served_config(cfg))}`; `wsss_pipeline` over gRPC, batch 1, one run.",
+        "",
+        "| setting | concurrency | images/s | p50 ms | p95 ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, rows in results.items():
+        for row in rows:
+            stable = "" if row["stable"] else " (unstable)"
+            lines.append(
+                f"| {name}{stable} | {row['concurrency']} | {row['images_per_s']:.1f} | "
+                f"{row['p50_ms']:.1f} | {row['p95_ms']:.1f} |"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tuning.json").write_text(json.dumps(results, indent=2))
+    text = "\n".join(lines) + "\n"
+    (out / "tuning.md").write_text(text)
+    return text
+
+
+def free_ports(serve: ServeConfig) -> ServeConfig:
+    """The serve settings on free loopback ports: a running `make serve` keeps its own."""
+    ports = []
+    for _ in range(3):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    http, grpc, metrics = ports
+    return dataclasses.replace(
+        serve, host="127.0.0.1", http_port=http, grpc_port=grpc, metrics_port=metrics
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -272,49 +493,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--out", default="reports/bench")
     parser.add_argument("--concurrency", default="1:4:1")
+    parser.add_argument("--batches", default="4,8", help="served batch sizes (concurrency 1)")
     parser.add_argument("--seconds", type=float, default=5.0, help="per in-process row")
+    parser.add_argument("--sweep", action="store_true", help="the serving-settings sweep only")
+    parser.add_argument("--no-refiners", action="store_true", help="skip the refiner table")
     args = parser.parse_args(argv)
     from wsss.cli import ensure_built
 
     cfg = load_config(args.config, args.set)
     ensure_built(cfg)
+    served = served_config(cfg)
     data = load_test_set(cfg)
     size = (cfg.data.image_size, cfg.data.image_size)
     photos = [np.asarray(img) for img in data.images[:8]]
     images = np.stack([resize_image(p, size) for p in photos])
-    rows = eager_rows(cfg, images, args.seconds) + ort_rows(cfg, images, args.seconds)
-    workdir = Path(".cache/bench")
-    with TritonServer(Path(cfg.export.repository), cfg.serve, workdir / "server") as server:
-        settings = PerfSettings(
-            concurrency=args.concurrency, stability_percent=25, max_trials=8, request_count=64
-        )
-        rows += served_rows(server, images, photos, settings)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    r = ratios(rows)
-    (out / "results.json").write_text(
-        json.dumps({"ratios": r, "rows": [asdict(x) for x in rows]}, indent=2)
+    settings = PerfSettings(
+        concurrency=args.concurrency, stability_percent=25, max_trials=8, request_count=64
     )
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(
-            ["what", "batch", "concurrency", "images_per_s", "p50_ms", "p95_ms", "stable"]
-        )
-        for x in rows:
-            writer.writerow(
-                [
-                    x.what,
-                    x.batch,
-                    x.concurrency,
-                    f"{x.images_per_s:.2f}",
-                    f"{x.p50_ms:.2f}",
-                    f"{x.p95_ms:.2f}",
-                    x.stable,
-                ]
-            )
-    plot(rows, out / "throughput_latency.png")
-    text = report(rows, r, cfg, "make bench")
-    (out / "results.md").write_text(text)
+    out = Path(args.out)
+    if args.sweep:
+        print(sweep(cfg, images, settings, out))
+        return
+    refiners = None
+    if not args.no_refiners:
+        from benchmarks.refiners import refiner_speed
+
+        refiners = refiner_speed(ensure_levelset(cfg))
+    rows = eager_rows(served, images, args.seconds) + ort_rows(served, images, args.seconds)
+    batches = tuple(int(b) for b in args.batches.split(",") if b)
+    repo = Path(cfg.export.repository)
+    with TritonServer(repo, free_ports(cfg.serve), Path(".cache/bench/server")) as s:
+        rows += served_rows(s, images, photos, settings, batches)
+    r = ratios(rows)
+    text = report(rows, r, cfg, "make bench", refiners)
+    write(rows, r, out, text, refiners)
     print(text)
 
 

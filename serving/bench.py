@@ -277,3 +277,76 @@ def format_table(results: list[BenchResult], title: str) -> str:
     if not all(r.stable for r in results):
         lines += ["", "unstable: no window within the stability band; the last trial's figures."]
     return "\n".join(lines)
+
+
+# Triton's cumulative per-model counters (GET /v2/models/stats), summed over versions.
+_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def model_statistics(url: str) -> dict[str, dict[str, int]]:
+    """Per model: successful requests, executions (batches), inferences (items), and the
+    nanoseconds spent queued and computing inputs, the model and outputs, since it loaded."""
+    import tritonclient.grpc as grpc
+
+    client = grpc.InferenceServerClient(url)
+    try:
+        stats = client.get_inference_statistics(as_json=True)
+    finally:
+        client.close()
+    out: dict[str, dict[str, int]] = {}
+    for model in stats.get("model_stats", []):
+        s = model.get("inference_stats", {})
+        d = out.setdefault(model["name"], dict.fromkeys(("requests", "executions", "items"), 0))
+        d["requests"] += int(s.get("success", {}).get("count", 0))
+        d["executions"] += int(model.get("execution_count", 0))
+        d["items"] += int(model.get("inference_count", 0))
+        for part in _PARTS:
+            d[part] = d.get(part, 0) + int(s.get(part, {}).get("ns", 0))
+    return out
+
+
+def settled_statistics(url: str, timeout: float = 10.0) -> dict[str, dict[str, int]]:
+    """``model_statistics`` once two reads in a row agree: Triton records a request's
+    statistics as its steps release it, a moment after the client has its answer."""
+    import time
+
+    last = model_statistics(url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = model_statistics(url)
+        if now == last:
+            break
+        last = now
+    return last
+
+
+@dataclass
+class ModelTime:
+    """Where one model's time went over a measurement: per request, in microseconds."""
+
+    requests: int
+    mean_batch: float  # items per execution: what the dynamic batcher formed
+    queue_us: float
+    compute_input_us: float
+    compute_infer_us: float
+    compute_output_us: float
+
+
+def statistics_delta(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
+) -> dict[str, ModelTime]:
+    """The per-request breakdown of every model that served requests between two snapshots."""
+    out = {}
+    for name, now in after.items():
+        was = before.get(name, {})
+        diff = {k: v - was.get(k, 0) for k, v in now.items()}
+        if diff["requests"] <= 0:
+            continue
+        per = 1e-3 / diff["requests"]
+        out[name] = ModelTime(
+            diff["requests"],
+            diff["items"] / max(diff["executions"], 1),
+            *(diff[part] * per for part in _PARTS),
+        )
+    return out

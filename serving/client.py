@@ -7,6 +7,7 @@ and server-side errors are re-raised with the server's message.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -75,10 +76,14 @@ class PipelineClient:
     def image_size(self) -> tuple[int, int]:
         return self.image_spec.shape[0], self.image_spec.shape[1]
 
-    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """uint8 [B, H, W, 3] -> every output of the ensemble, by name. At the model size for
-        ``wsss_pipeline``; any one size for the bytes ensemble, to which each image travels
-        as a lossless PNG and whose masks come back at that size."""
+    def infer(
+        self, images: np.ndarray, outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """uint8 [B, H, W, 3] -> the ensemble's outputs, by name: all of them, or only
+        ``outputs`` (Triton then runs only the steps those need: asking for SEGMENTATION
+        alone runs the segmenter alone). At the model size for ``wsss_pipeline``; any one
+        size for the bytes ensemble, to which each image travels as a lossless PNG and whose
+        masks come back at that size."""
         images = np.asarray(images)
         try:
             if self.model == PIPELINE_BYTES:
@@ -89,32 +94,45 @@ class PipelineClient:
         except ValueError as exc:
             raise ClientError(f"bad input for {self.model}: {exc}") from exc
         if self.model == PIPELINE_BYTES:
-            return self.infer_encoded([encode_png(image) for image in images])
-        return self.infer_raw({self.image_spec.name: images})
+            return self.infer_encoded([encode_png(image) for image in images], outputs)
+        return self.infer_raw({self.image_spec.name: images}, outputs=outputs)
 
-    def infer_encoded(self, blobs: list[bytes]) -> dict[str, np.ndarray]:
+    def infer_encoded(
+        self, blobs: list[bytes], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
         """Encoded images of one size (JPEG, PNG, ...) -> the bytes-in ensemble's outputs."""
         spec = self.all_specs[PIPELINE_BYTES]
         array = np.array([[b] for b in blobs], dtype=np.object_)
-        return self.infer_raw({spec.inputs[0].name: array}, spec)
+        return self.infer_raw({spec.inputs[0].name: array}, spec, outputs)
 
     def infer_raw(
-        self, arrays: dict[str, np.ndarray], spec: ModelSpec | None = None
+        self,
+        arrays: dict[str, np.ndarray],
+        spec: ModelSpec | None = None,
+        outputs: Sequence[str] | None = None,
     ) -> dict[str, np.ndarray]:
         """Send arrays as they are (no client-side checks); server errors become ClientError."""
         spec = spec or self.specs
+        served = [t.name for t in spec.outputs]
+        wanted = list(outputs) if outputs is not None else served
+        unknown = sorted(set(wanted) - set(served))
+        if unknown or not wanted:
+            raise ClientError(
+                f"{spec.name} has outputs {', '.join(served)}; asked for "
+                f"{', '.join(unknown) if unknown else 'none'}"
+            )
         inputs = []
         for name, array in arrays.items():
             dtype = self.module.np_to_triton_dtype(array.dtype)
             tensor = self.module.InferInput(name, list(array.shape), dtype)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
-        outputs = [self.module.InferRequestedOutput(t.name) for t in spec.outputs]
+        requested = [self.module.InferRequestedOutput(name) for name in wanted]
         try:
-            result = self.client.infer(spec.name, inputs, outputs=outputs)
+            result = self.client.infer(spec.name, inputs, outputs=requested)
         except Exception as exc:  # InferenceServerException from either protocol
             raise ClientError(f"server refused the request: {exc}") from exc
-        return {t.name: result.as_numpy(t.name) for t in spec.outputs}
+        return {name: result.as_numpy(name) for name in wanted}
 
     def close(self) -> None:
         self.client.close()

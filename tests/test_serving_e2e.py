@@ -6,6 +6,7 @@ CAM or probability within float error of a threshold or a tie lands on the other
 """
 
 import io
+import json
 import subprocess
 import sys
 
@@ -20,12 +21,22 @@ from serving.bench import (
     concurrency_levels,
     format_table,
     run_perf_analyzer,
+    settled_statistics,
+    statistics_delta,
 )
 from serving.client import ClientError, PipelineClient, load_image
 from training.data import list_samples, read_image
 from training.pipeline import pipeline_from_config
 from wsss.served.images import resize_image, resize_mask
-from wsss.tensors import PIPELINE
+from wsss.tensors import (
+    CLASSIFIER,
+    PIPELINE,
+    PSEUDO_MASK,
+    REFINER,
+    SCORES,
+    SEGMENTATION,
+    SEGMENTER,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
@@ -70,6 +81,26 @@ def test_ensemble_matches_in_process_pipeline(server, images, reference, protoco
     _assert_close(client.infer(images), reference)
     one = client.infer(images[1:2])  # batch of one, and the ensemble batches independently
     _assert_close(one, {k: v[1:2] for k, v in reference.items()})
+    client.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_asking_for_some_outputs_runs_only_the_steps_they_need(server, images, reference, protocol):
+    """Triton's ensemble runs only the steps a request's outputs need: SEGMENTATION alone
+    is the segmenter alone (no classifier, no refiner); PSEUDO_MASK needs both of those."""
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    client = PipelineClient(url, protocol)
+    for outputs, steps in (
+        ([SEGMENTATION], {SEGMENTER}),
+        ([PSEUDO_MASK, SCORES], {CLASSIFIER, REFINER}),
+    ):
+        before = settled_statistics(server.grpc_url)
+        got = client.infer(images, outputs=outputs)
+        ran = statistics_delta(before, settled_statistics(server.grpc_url))
+        assert set(ran) == steps | {PIPELINE}, (outputs, sorted(ran))
+        _assert_close(got, {k: reference[k] for k in outputs})
+    with pytest.raises(ClientError, match="asked for CAMS_TYPO"):
+        client.infer(images, outputs=["CAMS_TYPO"])
     client.close()
 
 
@@ -128,7 +159,7 @@ def test_perf_analyzer_reports_unstable_levels_flagged(server, tmp_path):
 
 
 def test_bench_measures_baselines_and_server_side_by_side(server, exported, tmp_path):
-    from benchmarks.serving import eager_rows, ort_rows, plot, ratios, report, served_rows
+    from benchmarks.serving import eager_rows, ort_rows, ratios, report, served_rows, write
     from training.studies import load_test_set
 
     photos = [np.asarray(p) for p in load_test_set(exported).images[:3]]
@@ -136,16 +167,30 @@ def test_bench_measures_baselines_and_server_side_by_side(server, exported, tmp_
     images = np.stack([resize_image(p, size) for p in photos])
     rows = eager_rows(exported, images, 0.3) + ort_rows(exported, images, 0.3)
     settings = PerfSettings(concurrency="1:2", stability_percent=200, max_trials=3, request_count=8)
-    rows += served_rows(server, images, photos, settings)
-    served = {(r.what, r.concurrency) for r in rows if r.what.startswith("served")}
-    assert len(served) == 8  # gRPC, HTTP, shared memory, bytes: concurrency 1 and 2 each
-    assert {r.batch for r in rows if r.what.startswith("ONNX")} == {1, 4, 8}
+    rows += served_rows(server, images, photos, settings, batches=(2,))
+    served = {(r.what, r.concurrency, r.batch) for r in rows if r.what.startswith("served")}
+    # gRPC, HTTP, shared memory, bytes: concurrency 1 and 2 each; gRPC at batch 2
+    assert len(served) == 9 and ("served wsss_pipeline, gRPC", 1, 2) in served
+    in_process = {(r.what, r.batch) for r in rows if r.what.startswith("ONNX")}
+    assert {b for _, b in in_process} == {1, 4, 8} and len(in_process) == 6  # 2 thread settings
     assert all(r.images_per_s > 0 for r in rows)
+    # Triton's per-model statistics of each served row: every step of the ensemble served
+    # the requests perf_analyzer sent, and its model time is measured.
+    grpc_c1 = next(r for r in rows if r.what == "served wsss_pipeline, gRPC" and r.batch == 1)
+    models = grpc_c1.extra["models"]
+    assert {"wsss_pipeline", "classifier", "refiner", "segmenter"} <= set(models)
+    assert models["classifier"]["requests"] == models["wsss_pipeline"]["requests"] > 0
+    assert models["classifier"]["compute_infer_us"] > 0
+    batched = next(r for r in rows if r.batch == 2 and r.what.startswith("served"))
+    assert batched.extra["models"]["classifier"]["mean_batch"] >= 2
     found = ratios(rows)
     assert len(found) == 3 and all(v > 0 for v in found.values())
-    assert "target >= 0.9" in report(rows, found, exported, "test")
-    plot(rows, tmp_path / "plot.png")
-    assert (tmp_path / "plot.png").stat().st_size > 10_000
+    text = report(rows, found, exported, "test", None)
+    assert "target >= 0.9" in text and "| gRPC, concurrency 1 | classifier |" in text
+    write(rows, found, tmp_path, text, None)
+    assert (tmp_path / "throughput_latency.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "results.json").read_text())["ratios"] == found
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == len(rows) + 1
 
 
 def test_concurrency_levels():

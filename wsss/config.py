@@ -407,6 +407,13 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     return value
 
 
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """``cfg`` with ``a.b=c`` overrides applied, checked as a loaded config is."""
+    raw = dataclasses.asdict(cfg)
+    _override(raw, overrides)
+    return _build(Config, raw, "")
+
+
 def served_config(cfg: Config) -> Config:
     """The config as the repository serves it: ``export.refine``, when set, as ``refine``."""
     if cfg.export.refine is None:
