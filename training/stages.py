@@ -63,7 +63,12 @@ def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_train_set(cfg: Config) -> WSSSDataset:
-    return WSSSDataset(cfg.data.root, cfg.data.task, "train", cfg.data.image_size)
+    data = WSSSDataset(
+        cfg.data.root, cfg.data.task, "train", cfg.data.image_size, layout=cfg.data.layout
+    )
+    if distributed.is_main():  # VOC's train and train_aug are easily mixed up: say which
+        tqdm.write(f"train data: {data.source}")
+    return data
 
 
 def _loaders(cfg: Config, train: Dataset, val: Dataset) -> tuple[DataLoader, DataLoader]:

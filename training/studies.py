@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from training.data.dataset import WSSSDataset
 from training.data.layouts import VOC_CLASSES, Sample
@@ -40,7 +41,11 @@ VIT = "ViT attention (no classifier)"
 
 
 def load_test_set(cfg: Config) -> WSSSDataset:
-    return WSSSDataset(cfg.data.root, cfg.data.task, "test", cfg.data.image_size)
+    data = WSSSDataset(
+        cfg.data.root, cfg.data.task, "test", cfg.data.image_size, layout=cfg.data.layout
+    )
+    tqdm.write(f"test data: {data.source}")
+    return data
 
 
 def supervised_pipeline(runs: str | Path) -> Pipeline | None:

@@ -16,12 +16,19 @@ from typing import Any, Literal
 import yaml
 
 Task = Literal["pets", "voc"]
+# Where the data is read from (training/data/layouts.py's LAYOUTS; a test holds the two
+# equal). coco reads whichever of 2014 and 2017 is there; coco2014 / coco2017 pick one.
+Layout = Literal["pets", "voc", "voc_aug", "coco", "coco2014", "coco2017", "folder"]
 
 
 @dataclass
 class DataConfig:
-    root: str = "data/pets"  # a folder in Oxford-IIIT Pet or PASCAL VOC 2012 layout
+    root: str = "data/pets"  # a folder in one of the layouts below
     task: Task = "pets"  # pets: one label per image, binary masks; voc: multi-label, class masks
+    # pets (Oxford-IIIT Pet), voc (VOC 2012: train / val), voc_aug (VOC's train_aug set with
+    # SegmentationClassAug/, tested on val), coco (COCO 2014 or 2017), folder (images/ and a
+    # labels.csv). Unset: the task's own (pets or voc). All but pets and folder need task voc.
+    layout: Layout | None = None
     image_size: int = 128  # side of the square the models see
     synth_count: int = 2000  # images `wsss data synth` writes
     synth_seed: int = 0

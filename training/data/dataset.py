@@ -1,4 +1,4 @@
-"""A torch Dataset over either layout: resized uint8 images, image-level targets, masks."""
+"""A torch Dataset over any layout: resized uint8 images, image-level targets, masks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from tqdm import tqdm
 
 from training.data.layouts import (
     IGNORE,
+    DataLayoutError,
     Sample,
+    describe,
     list_samples,
     read_class_names,
     read_image,
@@ -23,6 +25,8 @@ class WSSSDataset(Dataset):
 
     Items are ``(image, target, mask)``: image uint8 HxWx3, target the class index (pets) or a
     multi-hot float vector (voc), mask uint8 HxW with 255 = ignore (evaluation only).
+    ``layout`` names the reader (``training.data.layouts.LAYOUTS``; None: the task's own);
+    ``source`` says what was read, e.g. VOC's train or train_aug, and how many images.
     """
 
     def __init__(
@@ -34,23 +38,30 @@ class WSSSDataset(Dataset):
         num_classes: int | None = None,
         samples: list[Sample] | None = None,
         augment: bool = False,
+        layout: str | None = None,
     ):
-        self.class_names = read_class_names(root, task)
+        self.class_names = read_class_names(root, task, layout)
         self.num_classes = num_classes or len(self.class_names)
         self.task, self.size, self.augment = task, size, augment
-        self.samples = samples if samples is not None else list_samples(root, task, split)
+        self.samples = samples if samples is not None else list_samples(root, task, split, layout)
         if not self.samples:
-            raise ValueError(f"{root}: the {split} split is empty")
+            raise DataLayoutError(f"{root}: the {split} split is empty")
         n = len(self.samples)
+        what = describe(root, task, split, layout) if samples is None else str(root)
+        self.source = f"{what}: {n:,} images, {len(self.class_names)} classes"
         self.images = np.empty((n, size, size, 3), np.uint8)
         self.masks = np.empty((n, size, size), np.uint8)
+        known = len(self.class_names)
         for i, s in enumerate(tqdm(self.samples, desc=f"load {split}", unit="img", leave=False)):
-            self.images[i] = cv2.resize(
-                read_image(s.image_path), (size, size), interpolation=cv2.INTER_AREA
-            )
-            self.masks[i] = cv2.resize(
-                read_mask(s, task), (size, size), interpolation=cv2.INTER_NEAREST
-            )
+            image = read_image(s.image_path)
+            mask = read_mask(s, task, image.shape[:2], known)
+            self.images[i] = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+            self.masks[i] = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether any pixel can be scored (a plain folder may come without masks)."""
+        return bool((self.masks != IGNORE).any())
 
     def __len__(self) -> int:
         return len(self.samples)

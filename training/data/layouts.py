@@ -1,24 +1,41 @@
-"""Readers for the two on-disk layouts our users' data arrives in, unchanged.
+"""One registry of readers for the on-disk layouts our users' data arrives in, unchanged.
 
-- Oxford-IIIT Pet: ``images/<Breed>_<n>.jpg``, ``annotations/trimaps/<name>.png``
+- ``pets``, Oxford-IIIT Pet: ``images/<Breed>_<n>.jpg``, ``annotations/trimaps/<name>.png``
   (1 foreground, 2 background, 3 boundary), ``annotations/{trainval,test}.txt`` with lines
   ``<name> <class id> <species> <breed id>``.
-- PASCAL VOC 2012: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette PNG, class
-  index per pixel, 255 on boundaries), ``ImageSets/Segmentation/{train,val}.txt``.
+- ``voc``, PASCAL VOC 2012: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette
+  PNG, class index per pixel, 255 on boundaries), ``ImageSets/Segmentation/{train,val}.txt``.
+- ``voc_aug``, VOC with SBD's augmented training set (the 10,582 images WSSS papers train
+  on): ``ImageSets/Segmentation/train_aug.txt`` with masks in ``SegmentationClassAug/``;
+  tested on VOC's own ``val.txt`` and ``SegmentationClass/``.
+- ``coco`` (``coco2014``, ``coco2017``): ``training.data.coco``.
+- ``folder``, your own photos: ``training.data.folder``.
 
-Training sees image-level labels only; masks are read for evaluation. Every mask is turned
-into the one convention the rest of the project uses: class index per pixel, 255 = ignore.
+``data.task`` says what the labels mean (pets: one per image, a binary foreground mask;
+voc: multi-label, class masks) and ``data.layout`` where they are read from; unset, the
+layout is the task's own. Every mask becomes the one convention the rest of the project
+uses: class index per pixel, 255 = ignore.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from training.data.base import (
+    DataLayoutError,
+    Layout,
+    Sample,
+    image_size,
+    read_image,
+    read_png_mask,
+    require,
+)
+from training.data.coco import CocoLayout
+from training.data.folder import FolderLayout
 from wsss.palette import IGNORE, VOC_PALETTE  # noqa: F401 (re-exported)
 
 VOC_CLASSES = (
@@ -28,24 +45,6 @@ VOC_CLASSES = (
 )  # fmt: skip
 
 
-class DataLayoutError(ValueError):
-    """A data folder that is not in the layout its task expects."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    name: str
-    image_path: Path
-    mask_path: Path
-    labels: tuple[int, ...]  # 0-based classifier class ids present in the image
-
-
-def _require(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise DataLayoutError(f"{path} is missing: expected {what}")
-    return path
-
-
 @lru_cache(maxsize=8)
 def _pets_index(root: str) -> tuple[dict[str, int], list[str]]:
     """Class id of every listed image, and class names ordered by id (from the file names)."""
@@ -53,7 +52,7 @@ def _pets_index(root: str) -> tuple[dict[str, int], list[str]]:
     ids: dict[str, int] = {}
     names: dict[int, str] = {}
     for split in ("trainval", "test"):
-        listing = _require(ann / f"{split}.txt", "the Oxford-IIIT Pet annotations lists")
+        listing = require(ann / f"{split}.txt", "the Oxford-IIIT Pet annotations lists")
         for line in listing.read_text().splitlines():
             if not line.strip() or line.startswith("#"):
                 continue
@@ -68,16 +67,146 @@ def _pets_index(root: str) -> tuple[dict[str, int], list[str]]:
     return ids, [names[i] for i in range(len(names))]
 
 
-def read_class_names(root: str | Path, task: str) -> list[str]:
-    root = Path(root)
-    if task == "pets":
+class PetsLayout(Layout):
+    title = "Oxford-IIIT Pet"
+    tasks = ("pets",)
+
+    def class_names(self, root: Path) -> list[str]:
         return _pets_index(str(root))[1]
-    if task == "voc":
+
+    def _listing(self, root: Path, split: str) -> Path:
+        return root / "annotations" / ("trainval.txt" if split == "train" else "test.txt")
+
+    def source(self, root: Path, split: str) -> str:
+        return str(self._listing(root, split))
+
+    def samples(self, root: Path, split: str) -> list[Sample]:
+        ids, _ = _pets_index(str(root))
+        listing = self._listing(root, split)
+        names = [ln.split()[0] for ln in listing.read_text().splitlines() if ln.strip()]
+        return [
+            Sample(
+                n,
+                require(root / "images" / f"{n}.jpg", f"an image listed in {listing}"),
+                root / "annotations" / "trimaps" / f"{n}.png",
+                (ids[n],),
+                self.name,
+            )
+            for n in names
+        ]
+
+    def mask(self, sample: Sample) -> np.ndarray:
+        """Trimap 1 (pet) -> 1, 2 (background) -> 0, 3 (boundary) -> 255."""
+        raw = np.asarray(Image.open(require(sample.mask_path, "a trimap")))
+        mask = np.full(raw.shape, IGNORE, np.uint8)
+        mask[raw == 1] = 1
+        mask[raw == 2] = 0
+        return mask
+
+
+class VocLayout(Layout):
+    """PASCAL VOC 2012; ``train_set`` / ``train_masks`` pick the training list and its masks
+    (``train`` in ``SegmentationClass/``, or SBD's ``train_aug`` in ``SegmentationClassAug/``).
+    The test split is always VOC's ``val``."""
+
+    title = "PASCAL VOC 2012"
+
+    def __init__(self, train_set: str = "train", train_masks: str = "SegmentationClass"):
+        self.train_set, self.train_masks = train_set, train_masks
+
+    def class_names(self, root: Path) -> list[str]:
+        # Real VOC has fixed class names; a class list beside the data overrides them.
         custom = root / "class_names.txt"
         if custom.exists():
             return [n.strip() for n in custom.read_text().splitlines() if n.strip()]
         return list(VOC_CLASSES)
-    raise DataLayoutError(f"unknown task {task!r}: expected pets or voc")
+
+    def _listing(self, root: Path, split: str) -> Path:
+        name = self.train_set if split == "train" else "val"
+        return root / "ImageSets" / "Segmentation" / f"{name}.txt"
+
+    def _masks(self, root: Path, split: str) -> Path:
+        return root / (self.train_masks if split == "train" else "SegmentationClass")
+
+    def source(self, root: Path, split: str) -> str:
+        name = self.train_set if split == "train" else "val"
+        return f"{name} ({self._listing(root, split)}, masks in {self._masks(root, split).name}/)"
+
+    def ids(self, listing: Path) -> list[str]:
+        """Image ids, one a line; DeepLab's train_aug.txt writes ``/JPEGImages/<id>.jpg
+        /SegmentationClassAug/<id>.png`` instead, which gives the same ids."""
+        require(listing, f"the VOC segmentation image set {listing.stem}")
+        return [Path(ln.split()[0]).stem for ln in listing.read_text().splitlines() if ln.strip()]
+
+    def samples(self, root: Path, split: str) -> list[Sample]:
+        listing = self._listing(root, split)
+        ids = self.ids(listing)
+        if split == "train" and self.train_set != "train":
+            self._check_disjoint(listing, ids, self._listing(root, "test"))
+        n_classes = len(self.class_names(root))
+        masks = self._masks(root, split)
+        out = []
+        for n in ids:
+            mask_path = require(masks / f"{n}.png", f"a class mask of an image in {listing}")
+            # Image-level labels are the classes present in the mask, as the WSSS literature
+            # derives them (cls_labels from SegmentationClass); the pixels are never trained on.
+            present = [int(c) for c in np.unique(read_png_mask(mask_path)) if c != IGNORE]
+            if present and present[-1] > n_classes:
+                raise DataLayoutError(
+                    f"{mask_path}: class index {present[-1]} is not in the class list "
+                    f"({n_classes} classes)"
+                )
+            image = require(root / "JPEGImages" / f"{n}.jpg", f"an image listed in {listing}")
+            out.append(Sample(n, image, mask_path, tuple(c - 1 for c in present if c), self.name))
+        return out
+
+    @staticmethod
+    def _check_disjoint(train: Path, ids: list[str], val: Path) -> None:
+        """train_aug.txt and val.txt must not share images: the scores would be on images
+        the models were trained on (the standard 10,582-image list shares none)."""
+        if not val.exists():
+            return
+        shared = sorted(set(ids) & {ln.strip() for ln in val.read_text().splitlines()})
+        if shared:
+            raise DataLayoutError(
+                f"{train}: {len(shared)} of its images are also in {val.name} (e.g. "
+                f"{shared[0]}): evaluation would score images the models trained on"
+            )
+
+
+# The one registry: data.layout names one of these (wsss.config.Layout mirrors the keys).
+LAYOUTS: dict[str, Layout] = {
+    "pets": PetsLayout(),
+    "voc": VocLayout(),
+    "voc_aug": VocLayout("train_aug", "SegmentationClassAug"),
+    "coco": CocoLayout(),
+    "coco2014": CocoLayout(2014),
+    "coco2017": CocoLayout(2017),
+    "folder": FolderLayout(),
+}
+for _name, _layout in LAYOUTS.items():
+    _layout.name = _name
+TASK_LAYOUTS = {"pets": "pets", "voc": "voc"}  # each task's own layout
+
+
+def get_layout(task: str, layout: str | None = None) -> Layout:
+    """The reader of ``layout`` (default: the task's own), checked to fit the task."""
+    if task not in TASK_LAYOUTS:
+        raise DataLayoutError(f"unknown task {task!r}: expected pets or voc")
+    name = layout or TASK_LAYOUTS[task]
+    if name not in LAYOUTS:
+        raise DataLayoutError(f"unknown layout {name!r}: one of {', '.join(LAYOUTS)}")
+    reader = LAYOUTS[name]
+    if task not in reader.tasks:
+        raise DataLayoutError(
+            f"the {name} layout does not fit data.task={task}: its labels suit "
+            f"data.task={' or '.join(reader.tasks)}"
+        )
+    return reader
+
+
+def read_class_names(root: str | Path, task: str, layout: str | None = None) -> list[str]:
+    return get_layout(task, layout).class_names(Path(root))
 
 
 def segmentation_classes(task: str, num_classes: int) -> int:
@@ -85,57 +214,75 @@ def segmentation_classes(task: str, num_classes: int) -> int:
     return 2 if task == "pets" else num_classes + 1
 
 
-def list_samples(root: str | Path, task: str, split: str) -> list[Sample]:
-    """The samples of ``split`` ("train" or "test") in a pets or voc folder."""
+def list_samples(
+    root: str | Path, task: str, split: str, layout: str | None = None
+) -> list[Sample]:
+    """The samples of ``split`` ("train" or "test"); an empty split is an error."""
     root = Path(root)
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, not {split!r}")
+    reader = get_layout(task, layout)
+    samples = reader.samples(root, split)
+    if not samples:
+        raise DataLayoutError(f"{reader.source(root, split)}: the {split} split is empty")
     if task == "pets":
-        ids, _ = _pets_index(str(root))
-        listing = root / "annotations" / ("trainval.txt" if split == "train" else "test.txt")
-        names = [ln.split()[0] for ln in listing.read_text().splitlines() if ln.strip()]
-        return [
-            Sample(
-                n,
-                _require(root / "images" / f"{n}.jpg", "an image"),
-                root / "annotations" / "trimaps" / f"{n}.png",
-                (ids[n],),
-            )
-            for n in names
-        ]
-    if task == "voc":
-        listing = (
-            root / "ImageSets" / "Segmentation" / ("train.txt" if split == "train" else "val.txt")
+        for s in samples:
+            if len(s.labels) != 1:
+                raise DataLayoutError(
+                    f"{reader.source(root, split)}: {s.name} has {len(s.labels)} labels, but "
+                    "data.task=pets takes one per image (data.task=voc is multi-label)"
+                )
+    return samples
+
+
+def describe(root: str | Path, task: str, split: str, layout: str | None = None) -> str:
+    """What ``split`` is read from, e.g. ``PASCAL VOC 2012 train_aug (.../train_aug.txt,
+    masks in SegmentationClassAug/)``: VOC's train and train_aug are easily mixed up."""
+    reader = get_layout(task, layout)
+    return f"{reader.title} {reader.source(Path(root), split)}"
+
+
+def read_mask(
+    sample: Sample,
+    task: str,
+    size: tuple[int, int] | None = None,
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """The ground-truth mask as class index per pixel (pets: 0 bg / 1 pet), 255 = ignore.
+
+    ``size`` (height, width) is its image's: a mask of another size is an error, as is a
+    class index past ``num_classes``. A sample without a mask is ignored everywhere.
+    """
+    if sample.mask_path is None:
+        return np.full(size or image_size(sample.image_path), IGNORE, np.uint8)
+    mask = get_layout(task, sample.layout).mask(sample)
+    if size is not None and mask.shape != tuple(size):
+        raise DataLayoutError(
+            f"{sample.mask_path}: the mask of {sample.name} is {mask.shape[1]}x{mask.shape[0]} "
+            f"but its image {sample.image_path} is {size[1]}x{size[0]}"
         )
-        _require(listing, "the VOC segmentation image set")
-        out = []
-        for n in (ln.strip() for ln in listing.read_text().splitlines()):
-            if not n:
-                continue
-            mask_path = _require(root / "SegmentationClass" / f"{n}.png", "a VOC class mask")
-            # Image-level labels are the classes present in the mask, as the WSSS literature
-            # derives them (cls_labels from SegmentationClass); the pixels are never trained on.
-            present = np.unique(np.asarray(Image.open(mask_path)))
-            labels = tuple(int(c) - 1 for c in present if 0 < c < IGNORE)
-            out.append(
-                Sample(n, _require(root / "JPEGImages" / f"{n}.jpg", "an image"), mask_path, labels)
-            )
-        return out
-    raise DataLayoutError(f"unknown task {task!r}: expected pets or voc")
+    labelled = mask[mask != IGNORE]
+    if num_classes is not None and labelled.size and labelled.max() > num_classes:
+        raise DataLayoutError(
+            f"{sample.mask_path}: class index {labelled.max()} in the mask of {sample.name} is "
+            f"not in the class list ({num_classes} classes)"
+        )
+    if task == "pets":  # binary foreground: any class is the pet
+        mask = np.where((mask > 0) & (mask != IGNORE), 1, mask).astype(np.uint8)
+    return mask
 
 
-def read_mask(sample: Sample, task: str) -> np.ndarray:
-    """The ground-truth mask as class index per pixel (pets: 0 bg / 1 pet), 255 = ignore."""
-    raw = np.asarray(Image.open(sample.mask_path))
-    if task == "pets":
-        mask = np.full(raw.shape, IGNORE, np.uint8)
-        mask[raw == 1] = 1
-        mask[raw == 2] = 0
-        return mask
-    return raw.astype(np.uint8)
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 HxWx3, whatever the file's mode."""
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+__all__ = [
+    "IGNORE",
+    "LAYOUTS",
+    "VOC_CLASSES",
+    "DataLayoutError",
+    "Sample",
+    "describe",
+    "get_layout",
+    "list_samples",
+    "read_class_names",
+    "read_image",
+    "read_mask",
+    "segmentation_classes",
+]

@@ -1,0 +1,100 @@
+"""What every layout reader gives the rest of the project, whatever the files look like.
+
+A reader lists the ``Sample`` s of a split, each with its image-level labels (0-based indices
+into the reader's class names), and turns a sample's annotation into the one mask
+convention the project uses: class index per pixel (0 background, class c as c + 1), 255 =
+ignore. Training sees the labels only; masks are for evaluation and the supervised bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from wsss.errors import WsssError
+from wsss.palette import IGNORE
+
+
+class DataLayoutError(WsssError, ValueError):
+    """A data folder that is not in the layout it was said to be in; names the file."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    image_path: Path
+    # The file its mask comes from: a PNG, or for COCO the annotation file; None: no mask
+    # (a plain folder without masks/), so nothing of it is scored.
+    mask_path: Path | None
+    labels: tuple[int, ...]  # 0-based classifier class ids present in the image
+    layout: str | None = None  # the reader that listed it (None: the task's own layout)
+    image_id: int | None = None  # COCO: the image's id in its annotation file
+
+
+def require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DataLayoutError(f"{path} is missing: expected {what}")
+    return path
+
+
+def read_png_mask(path: Path) -> np.ndarray:
+    """A class-index PNG (palette or greyscale, as VOC and SBD write them) as uint8."""
+    with Image.open(path) as png:
+        if png.mode not in ("P", "L"):
+            raise DataLayoutError(
+                f"{path}: a mask must be a palette or greyscale PNG of class indices, "
+                f"not {png.mode}"
+            )
+        return np.asarray(png).astype(np.uint8)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the image's header, without decoding it."""
+    with Image.open(path) as img:
+        return img.height, img.width
+
+
+class Layout:
+    """One on-disk layout: its class names, the samples of a split, and their masks.
+
+    Splits are ``train`` and ``test``; each layout maps them onto its own files.
+    """
+
+    name = ""  # its key in the registry (training.data.layouts.LAYOUTS)
+    title = ""  # what the data is, for the line that says what was read
+    tasks: tuple[str, ...] = ("voc",)  # the label semantics it can feed (wsss.config.Task)
+
+    def class_names(self, root: Path) -> list[str]:
+        raise NotImplementedError
+
+    def samples(self, root: Path, split: str) -> list[Sample]:
+        raise NotImplementedError
+
+    def source(self, root: Path, split: str) -> str:
+        """Which files ``split`` is read from, e.g. ``ImageSets/Segmentation/train.txt``."""
+        raise NotImplementedError
+
+    def mask(self, sample: Sample) -> np.ndarray:
+        """Class index per pixel, 255 = ignore (the default: a class-index PNG)."""
+        return read_png_mask(sample.mask_path)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """RGB uint8 HxWx3, whatever the file's mode."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+__all__ = [
+    "IGNORE",
+    "DataLayoutError",
+    "Layout",
+    "Sample",
+    "image_size",
+    "read_image",
+    "read_png_mask",
+    "require",
+]

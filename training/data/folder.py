@@ -1,0 +1,116 @@
+"""A plain folder of your own photos: no conversion to a benchmark's layout needed.
+
+    images/        the photos (any format Pillow reads; subfolders allowed)
+    labels.csv     a header, then ``image,labels[,split]``: the path under images/, its class
+                   names separated by ";" (empty: background only), ``train`` or ``test``
+    classes.txt    optional: one class name a line, in class order (default: the sorted
+                   names found in labels.csv)
+    masks/         optional: ``<image path without its extension>.png``, class index per
+                   pixel: 0 background, the n-th class of classes.txt as n, 255 ignored
+
+Where the split column is missing or empty, one image in five is test, chosen by a hash of
+its path: adding photos moves none of the others. With ``masks/``, every test image needs
+its mask and a training image's is optional (only the supervised bound reads it). Without
+``masks/``, training and pseudo-masks work and evaluation scores the classifier only.
+"""
+
+from __future__ import annotations
+
+import csv
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.data.base import DataLayoutError, Layout, Sample, require
+
+LABELS, CLASSES, IMAGES, MASKS = "labels.csv", "classes.txt", "images", "masks"
+SEPARATOR = ";"
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Row:
+    line: int  # in labels.csv, for error messages
+    image: str
+    labels: tuple[str, ...]
+    split: str
+
+
+def default_split(image: str) -> str:
+    """One image in five is test, by a hash of its path (stable across runs and additions)."""
+    return "test" if zlib.crc32(image.encode()) % 5 == 0 else "train"
+
+
+def read_rows(path: Path) -> list[Row]:
+    require(path, "labels.csv: image,labels[,split] for each photo")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip().lower() for h in reader.fieldnames or []]
+        if "image" not in header or "labels" not in header:
+            raise DataLayoutError(
+                f"{path}: the header must name the columns image and labels (and optionally "
+                f"split), not {', '.join(header) or 'nothing'}"
+            )
+        reader.fieldnames = header
+        rows = []
+        for record in reader:
+            image = (record["image"] or "").strip()
+            if not image:
+                raise DataLayoutError(f"{path}, line {reader.line_num}: no image named")
+            names = (record["labels"] or "").split(SEPARATOR)
+            split = (record.get("split") or "").strip().lower() or default_split(image)
+            if split not in SPLITS:
+                raise DataLayoutError(
+                    f"{path}, line {reader.line_num}: split {split!r} is not train or test"
+                )
+            labels = tuple(n.strip() for n in names if n.strip())
+            rows.append(Row(reader.line_num, image, labels, split))
+    return rows
+
+
+class FolderLayout(Layout):
+    title = "image folder"
+    tasks = ("pets", "voc")  # one label a row, or several
+
+    def class_names(self, root: Path) -> list[str]:
+        listed = root / CLASSES
+        if not listed.exists():
+            return sorted({n for row in read_rows(root / LABELS) for n in row.labels})
+        names = [n.strip() for n in listed.read_text().splitlines() if n.strip()]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise DataLayoutError(f"{listed}: {', '.join(repeated)} listed more than once")
+        return names
+
+    def source(self, root: Path, split: str) -> str:
+        masks = "with masks/" if (root / MASKS).is_dir() else "no masks/"
+        return f"{root / LABELS} ({split} rows, {masks})"
+
+    def samples(self, root: Path, split: str) -> list[Sample]:
+        labels_csv = root / LABELS
+        names = self.class_names(root)
+        index = {n: i for i, n in enumerate(names)}
+        masks = root / MASKS
+        out = []
+        for row in read_rows(labels_csv):
+            if row.split != split:
+                continue
+            unknown = [n for n in row.labels if n not in index]
+            if unknown:
+                raise DataLayoutError(
+                    f"{labels_csv}, line {row.line}: label {unknown[0]!r} is not in the class "
+                    f"list ({root / CLASSES}: {', '.join(names)})"
+                )
+            where = f"an image listed in {labels_csv}, line {row.line}"
+            image = require(root / IMAGES / row.image, where)
+            mask = None
+            if masks.is_dir():
+                mask = masks / Path(row.image).with_suffix(".png")
+                if split == "test":
+                    require(mask, f"the mask of a test image ({labels_csv}, line {row.line})")
+                elif not mask.exists():
+                    mask = None
+            labels = tuple(sorted({index[n] for n in row.labels}))
+            name = Path(row.image).with_suffix("").as_posix()
+            out.append(Sample(name, image, mask, labels, self.name))
+        return out
