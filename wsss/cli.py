@@ -7,9 +7,10 @@ import json
 import os
 import signal
 import sys
+import typing
 from pathlib import Path
 
-from wsss.config import Config, ConfigError, load_config
+from wsss.config import Config, ConfigError, Layout, load_config
 from wsss.errors import WsssError
 from wsss.tensors import PIPELINE, PIPELINE_BYTES
 
@@ -43,11 +44,12 @@ def cmd_data(args) -> None:
         args.size or cfg.data.image_size,
         cfg.data.synth_seed,
         difficulty=args.difficulty or cfg.data.synth_difficulty,
+        layout=args.layout or cfg.data.layout,
     )
     write_synth(root, opts)
     print(
         f"wrote {opts.count} {opts.flavour} images ({opts.size}x{opts.size}, "
-        f"{opts.difficulty}) to {root}"
+        f"{opts.difficulty}) to {root} in the {opts.layout or opts.flavour} layout"
     )
 
 
@@ -221,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="action", required=True)
     synth = data_sub.add_parser("synth", parents=[common], help="write the synthetic benchmark")
     synth.add_argument("--flavour", choices=["pets", "voc"])
+    synth.add_argument(
+        "--layout",
+        choices=typing.get_args(Layout),
+        help="the files' layout (default: data.layout, else the flavour's own); "
+        "coco, voc_aug and coco20xx need the voc flavour",
+    )
     synth.add_argument("--out", help="folder to write (default: data.root)")
     synth.add_argument("--count", type=int)
     synth.add_argument("--size", type=int)

@@ -35,7 +35,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from training.data.layouts import VOC_PALETTE
+from training.data.layouts import get_layout
+from training.data.writers import WRITERS
 
 ANIMALS = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 
@@ -67,14 +68,25 @@ class SynthOptions:
     seed: int = 0
     test_fraction: float = 0.25
     difficulty: str = "standard"  # or "hard", the adversarial set (module docstring)
+    # The files' layout (training.data.layouts.LAYOUTS); None: the flavour's own (pets, voc).
+    # pets images go in the pets or folder layout, voc ones in any but pets.
+    layout: str | None = None
 
     @classmethod
     def of(cls, data) -> SynthOptions:
         """The benchmark a config's ``data`` section describes."""
         return cls(
             data.task, data.synth_count, data.image_size, data.synth_seed,
-            difficulty=data.synth_difficulty,
+            difficulty=data.synth_difficulty, layout=data.layout,
         )  # fmt: skip
+
+    def record(self) -> dict:
+        """What ``synth.json`` holds; without ``layout`` when unset, as folders written
+        before there were layouts hold it (so they are not rewritten for nothing)."""
+        out = dataclasses.asdict(self)
+        if out["layout"] is None:
+            del out["layout"]
+        return out
 
 
 def load_silhouettes() -> tuple[np.ndarray, np.ndarray]:
@@ -326,9 +338,10 @@ def boundary_band(label: np.ndarray, width: int) -> np.ndarray:
 
 
 def write_synth(root: str | Path, opts: SynthOptions) -> Path:
-    """Write the benchmark under ``root`` in the Oxford-IIIT Pet or PASCAL VOC 2012 layout."""
+    """Write the benchmark under ``root`` in ``opts.layout`` (default: the flavour's own)."""
     if opts.flavour not in ("pets", "voc"):
         raise ValueError(f"unknown flavour {opts.flavour!r}: expected pets or voc")
+    layout = get_layout(opts.flavour, opts.layout).name  # refuses a layout the task can't read
     if opts.count < len(ANIMALS) or opts.size < 32:
         raise ValueError(f"synth needs count >= {len(ANIMALS)} and size >= 32")
     root = Path(root)
@@ -349,9 +362,8 @@ def write_synth(root: str | Path, opts: SynthOptions) -> Path:
         image, label = comp.ensure_visible(classes, min_pixels=(opts.size // 8) ** 2)
         split = "test" if i >= opts.count - n_test else "train"
         records.append((i, classes, image, label, boundary_band(label, band), split))
-    writer = _write_pets if opts.flavour == "pets" else _write_voc
-    writer(root, records)
-    (root / SYNTH_RECORD).write_text(json.dumps(dataclasses.asdict(opts), indent=2))
+    WRITERS[layout](root, records, ANIMALS)
+    (root / SYNTH_RECORD).write_text(json.dumps(opts.record(), indent=2))
     return root
 
 
@@ -363,7 +375,7 @@ def ensure_synth(root: str | Path, opts: SynthOptions) -> bool:
     """
     root = Path(root)
     record = root / SYNTH_RECORD
-    if record.exists() and json.loads(record.read_text()) == dataclasses.asdict(opts):
+    if record.exists() and json.loads(record.read_text()) == opts.record():
         return False
     if root.exists() and not record.exists():
         return False
@@ -371,44 +383,3 @@ def ensure_synth(root: str | Path, opts: SynthOptions) -> bool:
         shutil.rmtree(root)
     write_synth(root, opts)
     return True
-
-
-def _write_pets(root: Path, records) -> None:
-    images, trimaps = root / "images", root / "annotations" / "trimaps"
-    images.mkdir(parents=True, exist_ok=True)
-    trimaps.mkdir(parents=True, exist_ok=True)
-    lists = {"train": [], "test": []}
-    for i, classes, image, label, band, split in records:
-        cls = classes[0]
-        # Oxford-IIIT Pet names files <Breed>_<n>; cats capitalised, dogs lower case.
-        name = f"{ANIMALS[cls]}_{i + 1}"
-        Image.fromarray(image).save(images / f"{name}.jpg", quality=95)
-        trimap = np.where(label > 0, 1, 2).astype(np.uint8)
-        trimap[band] = 3
-        Image.fromarray(trimap).save(trimaps / f"{name}.png")
-        # <name> <class id 1..N> <species 1 cat / 2 dog> <breed id within species>
-        lists[split].append(f"{name} {cls + 1} 1 {cls + 1}")
-    (root / "annotations" / "trainval.txt").write_text("\n".join(lists["train"]) + "\n")
-    (root / "annotations" / "test.txt").write_text("\n".join(lists["test"]) + "\n")
-
-
-def _write_voc(root: Path, records) -> None:
-    jpeg, seg = root / "JPEGImages", root / "SegmentationClass"
-    sets = root / "ImageSets" / "Segmentation"
-    for d in (jpeg, seg, sets):
-        d.mkdir(parents=True, exist_ok=True)
-    lists = {"train": [], "test": []}
-    for i, _classes, image, label, band, split in records:
-        name = f"2026_{i:06d}"
-        Image.fromarray(image).save(jpeg / f"{name}.jpg", quality=95)
-        mask = label.copy()
-        mask[band] = 255
-        png = Image.fromarray(mask, mode="P")
-        png.putpalette(VOC_PALETTE)
-        png.save(seg / f"{name}.png")
-        lists[split].append(name)
-    (sets / "train.txt").write_text("\n".join(lists["train"]) + "\n")
-    (sets / "val.txt").write_text("\n".join(lists["test"]) + "\n")
-    (sets / "trainval.txt").write_text("\n".join(lists["train"] + lists["test"]) + "\n")
-    # Real VOC has fixed class names; a class list beside the data overrides them.
-    (root / "class_names.txt").write_text("\n".join(ANIMALS) + "\n")

@@ -1,0 +1,370 @@
+"""The COCO, VOC train_aug and plain-folder readers: what they read, and how bad data fails.
+
+Each layout is written by ``wsss data synth`` (tiny), read back against the files it wrote,
+then copied and broken once per error the issue names: the message must name the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import typing
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.data import (
+    IGNORE,
+    LAYOUTS,
+    DataLayoutError,
+    describe,
+    get_layout,
+    list_samples,
+    read_class_names,
+    read_mask,
+)
+from training.data.dataset import WSSSDataset
+from training.data.synth import ANIMALS, SynthOptions, write_synth
+from training.data.writers import COCO_CATEGORIES
+from wsss.config import Layout
+
+COUNT, SIZE = 16, 48  # 12 train, 4 test
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    """One tiny synthetic copy per layout; tests that break one work on a copy."""
+    out = {}
+    for layout, flavour in (("coco", "voc"), ("voc_aug", "voc"), ("folder", "voc")):
+        folder = tmp_path_factory.mktemp(layout)
+        out[layout] = write_synth(folder, SynthOptions(flavour, COUNT, SIZE, 5, layout=layout))
+    folder = tmp_path_factory.mktemp("folder_pets")
+    out["folder_pets"] = write_synth(folder, SynthOptions("pets", COUNT, SIZE, 5, layout="folder"))
+    return out
+
+
+def test_the_registry_and_the_config_name_the_same_layouts():
+    assert tuple(LAYOUTS) == typing.get_args(Layout)
+
+
+def test_a_layout_refuses_a_task_it_cannot_feed(tmp_path):
+    with pytest.raises(DataLayoutError, match="coco layout does not fit data.task=pets"):
+        get_layout("pets", "coco")
+    with pytest.raises(DataLayoutError, match="unknown layout 'imagenet'"):
+        get_layout("voc", "imagenet")
+    with pytest.raises(DataLayoutError, match="voc_aug layout does not fit"):
+        write_synth(tmp_path, SynthOptions("pets", 10, 32, layout="voc_aug"))
+
+
+def test_coco_categories_are_cocos_own():
+    from torchvision.models._meta import _COCO_CATEGORIES  # index = COCO category id
+
+    assert COCO_CATEGORIES == {i: n for i, n in enumerate(_COCO_CATEGORIES) if n[0] not in "N_"}
+
+
+# -- COCO ----------------------------------------------------------------------------------
+
+
+def test_coco_classes_labels_and_masks_are_the_annotations(roots):
+    root = roots["coco"]
+    names = read_class_names(root, "voc", "coco")
+    assert names == list(COCO_CATEGORIES.values()) and len(names) == 80
+    # ids 1..90 with gaps, numbered in order: bear (id 23) is class 21, toothbrush (90) 79
+    assert names[79] == "toothbrush" and names.index("bear") == 21
+    for split, json_name in (("train", "instances_train2017"), ("test", "instances_val2017")):
+        content = json.loads((root / "annotations" / f"{json_name}.json").read_text())
+        index = {c: i for i, c in enumerate(sorted(COCO_CATEGORIES))}
+        samples = list_samples(root, "voc", split, "coco")
+        assert len(samples) == (12 if split == "train" else 4)
+        assert [s.image_path.name for s in samples] == [i["file_name"] for i in content["images"]]
+        for s in samples:
+            anns = [a for a in content["annotations"] if a["image_id"] == s.image_id]
+            assert s.labels == tuple(sorted({index[a["category_id"]] for a in anns}))
+            _check_semantic_mask(read_mask(s, "voc"), anns, index)
+    crowds = [a for a in json.loads((root / "annotations/instances_train2017.json").read_text())[
+        "annotations"] if a["iscrowd"]]  # fmt: skip
+    assert crowds, "the synthetic COCO has crowd regions to ignore"
+
+
+def _check_semantic_mask(mask, anns, index):
+    """Crowd pixels are 255; a pixel of one instance alone has its class; no instance: 0."""
+    import pycocotools.mask as cm
+
+    h, w = mask.shape
+    pixels = []
+    for a in anns:
+        seg = a["segmentation"]
+        rles = cm.frPyObjects(seg, h, w) if isinstance(seg, list) else [seg]
+        if isinstance(seg, dict) and isinstance(seg["counts"], list):
+            rles = [cm.frPyObjects(seg, h, w)]
+        pixels.append(cm.decode(cm.merge(rles)).astype(bool) if rles else np.zeros((h, w), bool))
+    crowd = np.zeros((h, w), bool)
+    for a, p in zip(anns, pixels, strict=True):
+        if a["iscrowd"]:
+            crowd |= p
+    assert (mask[crowd] == IGNORE).all()
+    cover = np.sum([p for a, p in zip(anns, pixels, strict=True) if not a["iscrowd"]], axis=0)
+    for a, p in zip(anns, pixels, strict=True):
+        alone = p & (cover == 1) & ~crowd
+        if not a["iscrowd"]:
+            assert (mask[alone] == index[a["category_id"]] + 1).all()
+    anywhere = np.any(pixels, axis=0) if pixels else np.zeros((h, w), bool)
+    assert (mask[~anywhere] == 0).all()
+
+
+def _tiny_coco(root, year=2014):
+    """A hand-made COCO tree: category 90 (toothbrush), a dog over a person, a crowd."""
+    folder = root / f"train{year}"
+    folder.mkdir(parents=True)
+    (root / "annotations").mkdir()
+    name = f"COCO_train{year}_000000000042.jpg"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(folder / name)
+    person = np.zeros((20, 30), np.uint8, order="F")
+    person[2:18, 2:20] = 1
+    import pycocotools.mask as cm
+
+    rle = cm.encode(np.asfortranarray(person))
+    crowd = np.zeros((20, 30), np.uint8)
+    crowd[15:20, 22:30] = 1
+    flat = crowd.ravel(order="F")
+    runs = np.diff(np.flatnonzero(np.diff(np.r_[2, flat, 2])))  # run lengths, zeros first
+    content = {
+        "images": [{"id": 42, "file_name": name, "height": 20, "width": 30}],
+        "categories": [
+            {"id": 90, "name": "toothbrush"},
+            {"id": 1, "name": "person"},
+            {"id": 18, "name": "dog"},
+        ],
+        "annotations": [
+            # the dog (smaller) listed first: it must still be drawn over the person
+            {"id": 1, "image_id": 42, "category_id": 18, "iscrowd": 0,
+             "segmentation": [[5, 5, 10, 5, 10, 10, 5, 10]]},
+            {"id": 2, "image_id": 42, "category_id": 1, "iscrowd": 0,
+             "segmentation": {"size": [20, 30], "counts": rle["counts"].decode()}},
+            {"id": 3, "image_id": 42, "category_id": 90, "iscrowd": 0,
+             "segmentation": [[22, 2, 28, 2, 28, 6, 22, 6]]},
+            {"id": 4, "image_id": 42, "category_id": 1, "iscrowd": 1,
+             "segmentation": {"size": [20, 30], "counts": runs.tolist()}},
+        ],
+    }  # fmt: skip
+    (root / "annotations" / f"instances_train{year}.json").write_text(json.dumps(content))
+    return root
+
+
+def test_coco_maps_category_90_and_ignores_crowds(tmp_path):
+    root = _tiny_coco(tmp_path)
+    assert read_class_names(root, "voc", "coco") == ["person", "dog", "toothbrush"]
+    (s,) = list_samples(root, "voc", "train", "coco")  # the year found from the files
+    assert "train2014" in describe(root, "voc", "train", "coco")
+    assert s.name == "COCO_train2014_000000000042" and s.labels == (0, 1, 2)
+    mask = read_mask(s, "voc", (20, 30), 3)
+    assert mask[3, 25] == 3  # category 90 -> class 2 (toothbrush) -> mask value 3
+    assert mask[7, 7] == 2 and mask[3, 3] == 1  # the dog drawn over the person
+    assert (mask[15:20, 22:30] == IGNORE).all()  # the crowd
+    assert mask[0, 0] == 0 and mask[10, 25] == 0
+    both = tmp_path / "annotations" / "instances_train2017.json"
+    shutil.copy(tmp_path / "annotations" / "instances_train2014.json", both)
+    with pytest.raises(DataLayoutError, match="both COCO 2014 and 2017.*coco2014"):
+        list_samples(root, "voc", "train", "coco")
+    assert len(list_samples(root, "voc", "train", "coco2014")) == 1
+
+
+# -- VOC train_aug ---------------------------------------------------------------------------
+
+
+def test_voc_aug_trains_on_train_aug_and_tests_on_val(roots):
+    root = roots["voc_aug"]
+    aug = list_samples(root, "voc", "train", "voc_aug")
+    plain = list_samples(root, "voc", "train", "voc")
+    assert len(aug) == 12 and len(plain) == 4  # VOC's train is a third of train_aug here
+    assert {s.name for s in plain} < {s.name for s in aug}
+    assert all(s.mask_path.parent.name == "SegmentationClassAug" for s in aug)
+    assert [s.name for s in list_samples(root, "voc", "test", "voc_aug")] == [
+        s.name for s in list_samples(root, "voc", "test", "voc")
+    ]
+    said = describe(root, "voc", "train", "voc_aug")
+    assert "train_aug" in said and "train_aug.txt" in said and "SegmentationClassAug/" in said
+    data = WSSSDataset(root, "voc", "train", SIZE, layout="voc_aug")
+    assert data.source.endswith(": 12 images, 10 classes") and data.class_names == list(ANIMALS)
+    for s, mask in zip(aug, data.masks, strict=True):
+        truth = np.asarray(Image.open(s.mask_path))
+        assert (mask == truth).all()
+        assert set(s.labels) == {int(v) - 1 for v in np.unique(truth) if 0 < v < IGNORE}
+
+
+def test_voc_aug_reads_deeplabs_two_column_list(roots, tmp_path):
+    root = shutil.copytree(roots["voc_aug"], tmp_path / "voc")
+    listing = root / "ImageSets/Segmentation/train_aug.txt"
+    ids = listing.read_text().split()
+    listing.write_text("".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in ids))
+    assert [s.name for s in list_samples(root, "voc", "train", "voc_aug")] == ids
+
+
+def test_voc_aug_refuses_a_train_aug_that_holds_val_images(roots, tmp_path):
+    root = shutil.copytree(roots["voc_aug"], tmp_path / "voc")
+    sets = root / "ImageSets/Segmentation"
+    val = sets.joinpath("val.txt").read_text().split()
+    with (sets / "train_aug.txt").open("a") as f:
+        f.write(val[0] + "\n")
+    with pytest.raises(DataLayoutError, match=f"{sets / 'train_aug.txt'}: 1 of its images"):
+        list_samples(root, "voc", "train", "voc_aug")
+
+
+# -- a plain folder --------------------------------------------------------------------------
+
+
+def test_folder_reads_labels_csv_classes_and_masks(roots):
+    root = roots["folder"]
+    assert read_class_names(root, "voc", "folder") == list(ANIMALS)
+    rows = list(csv.DictReader((root / "labels.csv").open()))
+    for split in ("train", "test"):
+        samples = list_samples(root, "voc", split, "folder")
+        wanted = [r for r in rows if r["split"] == split]
+        assert [s.image_path.name for s in samples] == [r["image"] for r in wanted]
+        for s, r in zip(samples, wanted, strict=True):
+            listed = r["labels"].split(";")
+            assert [ANIMALS[c] for c in s.labels] == sorted(listed, key=ANIMALS.index)
+            shown = {ANIMALS[v - 1] for v in np.unique(read_mask(s, "voc")) if 0 < v < IGNORE}
+            assert shown == set(listed)
+
+
+def test_folder_of_single_labels_feeds_the_pets_task(roots):
+    root = roots["folder_pets"]
+    data = WSSSDataset(root, "pets", "test", SIZE, layout="folder")
+    assert set(np.unique(data.masks)) == {0, 1, IGNORE}  # any class is the foreground
+    rows = [r for r in csv.DictReader((root / "labels.csv").open()) if r["split"] == "test"]
+    assert [int(data[i][1]) for i in range(len(data))] == [ANIMALS.index(r["labels"]) for r in rows]
+    with pytest.raises(DataLayoutError, match="takes one per image"):
+        list_samples(roots["folder"], "pets", "test", "folder")
+
+
+def test_folder_without_masks_or_splits(roots, tmp_path):
+    """No masks/: every mask is ignored. No split column: one image in five is test, by
+    a hash of its path; adding photos moves none of the others."""
+    root = shutil.copytree(roots["folder"], tmp_path / "mine")
+    shutil.rmtree(root / "masks")
+    (root / "classes.txt").unlink()  # the class list: the sorted names in labels.csv
+    rows = list(csv.DictReader((root / "labels.csv").open()))
+    _write_csv(root, [[r["image"], r["labels"]] for r in rows], ["image", "labels"])
+    train = list_samples(root, "voc", "train", "folder")
+    test = list_samples(root, "voc", "test", "folder")
+    assert len(train) + len(test) == COUNT and len(test) > 0
+    found = {n for r in rows for n in r["labels"].split(";")}
+    assert read_class_names(root, "voc", "folder") == sorted(found)
+    data = WSSSDataset(root, "voc", "test", SIZE, layout="folder")
+    assert not data.has_masks and (data.masks == IGNORE).all()
+    extra = root / "images" / "extra.jpg"
+    shutil.copy(train[0].image_path, extra)
+    more = [[r["image"], r["labels"]] for r in rows] + [["extra.jpg", "cat"]]
+    _write_csv(root, more, ["image", "labels"])
+    again = list_samples(root, "voc", "test", "folder")
+    assert [s.name for s in again if s.name != "extra"] == [s.name for s in test]
+
+
+def _write_csv(root, rows, header=("image", "labels", "split")):
+    with (root / "labels.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+# -- malformed copies: one per error, each message names the file ---------------------------
+
+
+def _coco_json(root, split="val"):
+    return root / "annotations" / f"instances_{split}2017.json"
+
+
+def _edit_json(path, change):
+    content = json.loads(path.read_text())
+    change(content)
+    path.write_text(json.dumps(content))
+    return path
+
+
+def _first_image(root, folder):
+    return sorted((root / folder).iterdir())[0]
+
+
+def _resize_mask(path):
+    Image.open(path).resize((SIZE + 2, SIZE), Image.NEAREST).save(path)
+    return path
+
+
+def _break_coco(root, error):
+    ann = _coco_json(root)
+    if error == "missing annotations":
+        ann.unlink()
+        return "test", ann, "is missing"
+    if error == "image absent":
+        image = _first_image(root, "val2017")
+        image.unlink()
+        return "test", image, "is missing"
+    if error == "mask size":
+        _edit_json(ann, lambda c: c["images"][0].update(width=SIZE + 2))
+        return "test", ann, "but its image"
+    if error == "unknown label":
+        _edit_json(ann, lambda c: c["annotations"][0].update(category_id=999))
+        return "test", ann, "category_id 999, which is not in its categories"
+    _edit_json(ann, lambda c: c.update(images=[]))
+    return "test", ann, "the test split is empty"
+
+
+def _break_voc_aug(root, error):
+    listing = root / "ImageSets/Segmentation/train_aug.txt"
+    first = listing.read_text().split()[0]
+    if error == "missing annotations":
+        listing.unlink()
+        return "train", listing, "is missing"
+    if error == "image absent":
+        image = root / "JPEGImages" / f"{first}.jpg"
+        image.unlink()
+        return "train", image, "is missing"
+    mask = root / "SegmentationClassAug" / f"{first}.png"
+    if error == "mask size":
+        return "train", _resize_mask(mask), "but its image"
+    if error == "unknown label":
+        truth = np.asarray(Image.open(mask)).copy()
+        truth[0, 0] = 15  # 10 classes
+        Image.fromarray(truth, mode="L").save(mask)
+        return "train", mask, "class index 15 is not in the class list"
+    listing.write_text("\n")
+    return "train", listing, "the train split is empty"
+
+
+def _break_folder(root, error):
+    labels = root / "labels.csv"
+    rows = list(csv.reader(labels.open()))[1:]
+    if error == "missing annotations":
+        labels.unlink()
+        return "train", labels, "is missing"
+    if error == "image absent":
+        image = root / "images" / rows[0][0]
+        image.unlink()
+        return rows[0][2], image, "is missing"
+    if error == "mask size":
+        test = next(r for r in rows if r[2] == "test")
+        mask = root / "masks" / test[0].replace(".jpg", ".png")
+        return "test", _resize_mask(mask), "but its image"
+    if error == "unknown label":
+        rows[0][1] = "unicorn"
+        _write_csv(root, rows)
+        return rows[0][2], labels, "line 2: label 'unicorn' is not in the class list"
+    _write_csv(root, [[r[0], r[1], "train"] for r in rows])
+    return "test", labels, "the test split is empty"
+
+
+BREAK = {"coco": _break_coco, "voc_aug": _break_voc_aug, "folder": _break_folder}
+ERRORS = ("missing annotations", "image absent", "mask size", "unknown label", "empty split")
+
+
+@pytest.mark.parametrize("error", ERRORS)
+@pytest.mark.parametrize("layout", list(BREAK))
+def test_a_malformed_copy_fails_naming_the_file(roots, tmp_path, layout, error):
+    root = shutil.copytree(roots[layout], tmp_path / layout)
+    split, culprit, message = BREAK[layout](root, error)
+    with pytest.raises(DataLayoutError, match=message) as info:
+        WSSSDataset(root, "voc", split, 32, layout=layout)
+    assert str(culprit) in str(info.value)
