@@ -60,9 +60,11 @@ class Evaluation:
         return {"map": average_precision(scores, truth)}
 
     def row(self) -> dict[str, float]:
+        """The scores it has; masks with no labelled pixel (a folder without masks/) give
+        no mask scores rather than NaN."""
         out: dict[str, float] = dict(self.classification())
         for part, cm in (("pseudo", self.pseudo), ("seg", self.segmentation)):
-            if cm is not None:
+            if cm is not None and cm.matrix.any():
                 out |= {f"{part}_{k}": v for k, v in cm.summary(self.binary).items()}
         if self.pseudo is not None:
             out["refine_ms"] = 1e3 * self.refine_seconds / max(self.images, 1)

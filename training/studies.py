@@ -107,9 +107,12 @@ def evaluate_profile(cfg: Config) -> str:
         columns.append(("supervised", SUPERVISED, "seg"))
     out = Path(cfg.runs) / "eval"
     meta = {"task": data.task, "images": len(data), "image_size": cfg.data.image_size}
+    meta["masks"] = data.has_masks
     figure = figure_rows(data, results, columns)
     table = write_report(out, "results", rows, ["output"], meta, figure)
     save_config(cfg, out / "config.yaml")
+    if not data.has_masks:
+        return f"nothing to score but the classifier: no test image has a mask\n{table}"
     return table
 
 
