@@ -38,6 +38,7 @@ from training.pipeline import ServedSegmenter, load_model, refine_step
 from wsss import served
 from wsss.config import Config, save_config, served_config
 from wsss.errors import WsssError
+from wsss.palette import VOC_PALETTE
 from wsss.served import HELPERS
 from wsss.served.classical import VIT_FILE
 from wsss.tensors import CLASSIFIER, ENSEMBLES, PREPROCESS, REFINER, SEGMENTER, served_models
@@ -129,7 +130,8 @@ def export_repository(cfg: Config) -> ExportResult:
                 _write_python_model(name, folder / str(version))
                 if name == REFINER and vit is not None:
                     (folder / str(version) / VIT_FILE).write_bytes(vit)
-        _write_metadata(staging / CLASSIFIER / str(version), saved, names, parity)
+        palette = smeta.get("palette") or VOC_PALETTE  # older checkpoints: VOC's colours
+        _write_metadata(staging / CLASSIFIER / str(version), saved, names, palette, parity)
         report = check_repository(staging)
         if not report.ok:
             raise ExportError(f"the staged export is invalid, nothing was changed:\n{report}")
@@ -197,9 +199,14 @@ def _sample(name: str, networks: dict[str, nn.Module], images: np.ndarray) -> tu
     return (x, *outputs)
 
 
-def _write_metadata(folder: Path, cfg: Config, class_names: list[str], parity: dict) -> None:
+def _write_metadata(
+    folder: Path, cfg: Config, class_names: list[str], palette: list[int], parity: dict
+) -> None:
+    """Beside the classifier: the config, its class names (mask value n is the n-th) and
+    the masks' palette (256 RGB triples, the data's own colours), and the parity check."""
     save_config(cfg, folder / "wsss_config.yaml")
     (folder / "class_names.json").write_text(json.dumps(class_names))
+    (folder / "palette.json").write_text(json.dumps(palette))
     (folder / "parity.json").write_text(json.dumps(parity, indent=2))
 
 

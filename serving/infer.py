@@ -14,7 +14,12 @@ from wsss.tensors import CAMS, PSEUDO_MASK, SCORES, SEGMENTATION
 
 
 def infer_files(
-    paths: list[Path], url: str, protocol: str, out: Path, class_names: list[str] | None = None
+    paths: list[Path],
+    url: str,
+    protocol: str,
+    out: Path,
+    class_names: list[str] | None = None,
+    palette: list[int] | None = None,
 ) -> list[dict]:
     """One request per image; masks come back at the model size and are resized to the original."""
     client = PipelineClient(url, protocol)
@@ -24,7 +29,7 @@ def infer_files(
         original = load_image(path)
         batch = resize(original, client.image_size)[None]
         outputs = client.infer(batch)
-        results.append(write_outputs(path, original, batch[0], outputs, out, class_names))
+        results.append(write_outputs(path, original, batch[0], outputs, out, class_names, palette))
     client.close()
     return results
 
@@ -36,7 +41,9 @@ def write_outputs(
     outputs: dict,
     out: Path,
     class_names: list[str] | None,
+    palette: list[int] | None = None,
 ) -> dict:
+    """Mask PNGs in the data's colours (``palette``, from the export; default VOC's)."""
     h, w = original.shape[:2]
     stem = Path(path).stem
     scores = outputs[SCORES][0]
@@ -46,7 +53,7 @@ def write_outputs(
     for key in (PSEUDO_MASK, SEGMENTATION):
         mask = resize(outputs[key][0], (h, w), nearest=True)
         png = Image.fromarray(mask, mode="P")
-        png.putpalette(VOC_PALETTE)
+        png.putpalette(palette or VOC_PALETTE)
         files[key] = out / f"{stem}_{key.lower()}.png"
         png.save(files[key])
     cam = outputs[CAMS][0, top]

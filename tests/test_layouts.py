@@ -368,3 +368,36 @@ def test_a_malformed_copy_fails_naming_the_file(roots, tmp_path, layout, error):
     with pytest.raises(DataLayoutError, match=message) as info:
         WSSSDataset(root, "voc", split, 32, layout=layout)
     assert str(culprit) in str(info.value)
+
+
+# -- palettes: the masks' colours follow the data into exports and `wsss infer` ---------------
+
+
+def test_the_masks_palette_is_the_datas(roots):
+    from training.data.writers import folder_palette
+    from wsss.palette import VOC_PALETTE
+
+    for layout, palette in (
+        ("folder", folder_palette(len(ANIMALS))),
+        ("voc_aug", VOC_PALETTE),
+        ("coco", VOC_PALETTE),  # COCO has no colours of its own
+    ):
+        assert WSSSDataset(roots[layout], "voc", "test", 32, layout=layout).palette == palette
+    assert folder_palette(len(ANIMALS)) != VOC_PALETTE
+
+
+def test_infer_writes_masks_in_the_exported_palette(tmp_path):
+    from serving.infer import write_outputs
+    from training.data.writers import folder_palette
+
+    outputs = {
+        "SCORES": np.array([[0.2, 0.9]], np.float32),
+        "CAMS": np.zeros((1, 2, 8, 8), np.float32),
+        "PSEUDO_MASK": np.full((1, 8, 8), 2, np.uint8),
+        "SEGMENTATION": np.ones((1, 8, 8), np.uint8),
+    }
+    image = np.zeros((8, 8, 3), np.uint8)
+    palette = folder_palette(2)
+    got = write_outputs(tmp_path / "x.png", image, image, outputs, tmp_path, ["a", "b"], palette)
+    png = Image.open(got["files"]["SEGMENTATION"])
+    assert png.getpalette()[:9] == palette[:9] and got["top_class"] == "b"

@@ -18,8 +18,10 @@ import pytest
 from export.configs import parse
 from tests.conftest import TINY, free_port
 from training.data import list_samples, read_class_names, read_image
+from training.data.writers import folder_palette
 from training.pipeline import pipeline_from_config
 from wsss.config import load_config
+from wsss.palette import VOC_PALETTE
 from wsss.served.images import resize_image
 
 pytestmark = pytest.mark.slow
@@ -82,6 +84,10 @@ def test_each_layout_trains_evaluates_and_exports_its_classes(exported_layout):
     repo = Path(cfg.export.repository)
     assert check_repository(repo).ok
     assert json.loads((repo / "classifier" / "1" / "class_names.json").read_text()) == names
+    # The masks' colours follow the data: the folder's own, VOC's for the others.
+    palette = json.loads((repo / "classifier" / "1" / "palette.json").read_text())
+    own = cfg.data.layout == "folder"
+    assert palette == (folder_palette(len(names)) if own else VOC_PALETTE)
     seg = parse((repo / "segmenter" / "config.pbtxt").read_text())
     assert list(seg.output[0].dims) == [len(names) + 1, 64, 64]  # background + the data's
     outputs = pipeline_from_config(cfg)(_test_images(cfg))

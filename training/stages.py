@@ -335,6 +335,7 @@ def train_segmenter(
         "task": cfg.data.task,
         "kwargs": kwargs,
         "class_names": data.class_names,  # its outputs: background, then these
+        "palette": data.palette,  # their colours in mask PNGs (export's palette.json)
         "targets": "ground truth" if supervised else "pseudo-masks",
     }
     out = "supervised" if supervised else "segmenter"

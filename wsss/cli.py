@@ -173,12 +173,14 @@ def cmd_infer(args) -> None:
     from export.repository import latest_metadata
     from serving.infer import infer_files
 
-    names = None
+    names = palette = None
     meta = latest_metadata(args.repository)
     if meta is not None and (meta / "class_names.json").exists():
         names = json.loads((meta / "class_names.json").read_text())
+    if meta is not None and (meta / "palette.json").exists():
+        palette = json.loads((meta / "palette.json").read_text())
     for r in infer_files(
-        [Path(p) for p in args.images], _url(args), args.protocol, Path(args.out), names
+        [Path(p) for p in args.images], _url(args), args.protocol, Path(args.out), names, palette
     ):
         print(f"{r['image']}: {r['top_class']} ({r['score']:.2f}) -> {r['files']['figure']}")
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from wsss.errors import WsssError
-from wsss.palette import IGNORE
+from wsss.palette import IGNORE, VOC_PALETTE
 
 
 class DataLayoutError(WsssError, ValueError):
@@ -51,6 +51,17 @@ def read_png_mask(path: Path) -> np.ndarray:
         return np.asarray(png).astype(np.uint8)
 
 
+def png_palette(folder: Path) -> list[int] | None:
+    """The colours of the first palette PNG in ``folder`` (256 RGB triples, VOC's past its
+    end), or None where there is none: masks coloured as their authors chose."""
+    first = next(iter(sorted(folder.glob("*.png"))), None) if folder.is_dir() else None
+    if first is None:
+        return None
+    with Image.open(first) as png:
+        colours = png.getpalette() if png.mode == "P" else None
+    return None if colours is None else (colours + VOC_PALETTE[len(colours) :])[:768]
+
+
 def image_size(path: Path) -> tuple[int, int]:
     """(height, width) from the image's header, without decoding it."""
     with Image.open(path) as img:
@@ -81,6 +92,10 @@ class Layout:
         """Class index per pixel, 255 = ignore (the default: a class-index PNG)."""
         return read_png_mask(sample.mask_path)
 
+    def palette(self, root: Path) -> list[int] | None:
+        """The colours of the data's masks (768 ints), or None: VOC's colour map."""
+        return None
+
 
 def read_image(path: str | Path) -> np.ndarray:
     """RGB uint8 HxWx3, whatever the file's mode."""
@@ -94,6 +109,7 @@ __all__ = [
     "Layout",
     "Sample",
     "image_size",
+    "png_palette",
     "read_image",
     "read_png_mask",
     "require",

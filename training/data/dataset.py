@@ -17,6 +17,7 @@ from training.data.layouts import (
     read_class_names,
     read_image,
     read_mask,
+    read_palette,
 )
 
 
@@ -26,7 +27,8 @@ class WSSSDataset(Dataset):
     Items are ``(image, target, mask)``: image uint8 HxWx3, target the class index (pets) or a
     multi-hot float vector (voc), mask uint8 HxW with 255 = ignore (evaluation only).
     ``layout`` names the reader (``training.data.layouts.LAYOUTS``; None: the task's own);
-    ``source`` says what was read, e.g. VOC's train or train_aug, and how many images.
+    ``source`` says what was read, e.g. VOC's train or train_aug, and how many images;
+    ``palette`` the colours of its masks (VOC's colour map unless the masks bring theirs).
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class WSSSDataset(Dataset):
         n = len(self.samples)
         what = describe(root, task, split, layout) if samples is None else str(root)
         self.source = f"{what}: {n:,} images, {len(self.class_names)} classes"
+        self.palette = read_palette(root, task, layout)  # the masks' colours, for exports
         self.images = np.empty((n, size, size, 3), np.uint8)
         self.masks = np.empty((n, size, size), np.uint8)
         known = len(self.class_names)

@@ -21,7 +21,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.data.base import DataLayoutError, Layout, Sample, require
+from training.data.base import DataLayoutError, Layout, Sample, png_palette, require
 
 LABELS, CLASSES, IMAGES, MASKS = "labels.csv", "classes.txt", "images", "masks"
 SEPARATOR = ";"
@@ -81,6 +81,9 @@ class FolderLayout(Layout):
         if repeated:
             raise DataLayoutError(f"{listed}: {', '.join(repeated)} listed more than once")
         return names
+
+    def palette(self, root: Path) -> list[int] | None:
+        return png_palette(root / MASKS)
 
     def source(self, root: Path, split: str) -> str:
         masks = "with masks/" if (root / MASKS).is_dir() else "no masks/"

@@ -30,13 +30,14 @@ from training.data.base import (
     Layout,
     Sample,
     image_size,
+    png_palette,
     read_image,
     read_png_mask,
     require,
 )
 from training.data.coco import CocoLayout
 from training.data.folder import FolderLayout
-from wsss.palette import IGNORE, VOC_PALETTE  # noqa: F401 (re-exported)
+from wsss.palette import IGNORE, VOC_PALETTE
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -120,6 +121,9 @@ class VocLayout(Layout):
         if custom.exists():
             return [n.strip() for n in custom.read_text().splitlines() if n.strip()]
         return list(VOC_CLASSES)
+
+    def palette(self, root: Path) -> list[int] | None:
+        return png_palette(root / "SegmentationClass")
 
     def _listing(self, root: Path, split: str) -> Path:
         name = self.train_set if split == "train" else "val"
@@ -242,6 +246,11 @@ def describe(root: str | Path, task: str, split: str, layout: str | None = None)
     return f"{reader.title} {reader.source(Path(root), split)}"
 
 
+def read_palette(root: str | Path, task: str, layout: str | None = None) -> list[int]:
+    """The colours of the data's masks (256 RGB triples): theirs, else VOC's colour map."""
+    return get_layout(task, layout).palette(Path(root)) or list(VOC_PALETTE)
+
+
 def read_mask(
     sample: Sample,
     task: str,
@@ -284,5 +293,6 @@ __all__ = [
     "read_class_names",
     "read_image",
     "read_mask",
+    "read_palette",
     "segmentation_classes",
 ]

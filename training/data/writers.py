@@ -36,10 +36,19 @@ COCO_CATEGORIES = {i: n for i, n in enumerate(_COCO_BY_ID, start=1) if n is not 
 CROWD_EVERY = 4  # every 4th COCO image marks one animal as a crowd region (ignored)
 
 
-def _palette_png(mask: np.ndarray, path: Path) -> None:
+def _palette_png(mask: np.ndarray, path: Path, palette: list[int] = VOC_PALETTE) -> None:
     png = Image.fromarray(mask, mode="P")
-    png.putpalette(VOC_PALETTE)
+    png.putpalette(palette)
     png.save(path)
+
+
+def folder_palette(n: int) -> list[int]:
+    """Someone's own mask colours: black background, ``n`` classes round the hue wheel, the
+    rest VOC's (so that a palette that follows the data can be told from VOC's)."""
+    hues = np.linspace(0, 180, n, endpoint=False).astype(np.uint8)
+    hsv = np.stack([hues, np.full(n, 255, np.uint8), np.full(n, 230, np.uint8)], -1)
+    rgb = cv2.cvtColor(hsv[None], cv2.COLOR_HSV2RGB)[0]
+    return [0, 0, 0, *rgb.ravel().tolist(), *VOC_PALETTE[3 * (n + 1) :]]
 
 
 def _banded(label: np.ndarray, band: np.ndarray) -> np.ndarray:
@@ -113,15 +122,16 @@ def write_voc_aug(root: Path, records, names) -> None:
 
 
 def write_folder(root: Path, records, names) -> None:
-    """``images/``, ``labels.csv`` (image, labels, split), ``classes.txt`` and ``masks/``."""
+    """``images/``, ``labels.csv`` (image, labels, split), ``classes.txt`` and ``masks/`` in
+    colours of their own (``folder_palette``)."""
     images, masks = root / "images", root / "masks"
     images.mkdir(parents=True, exist_ok=True)
     masks.mkdir(exist_ok=True)
-    rows = []
+    rows, palette = [], folder_palette(len(names))
     for i, classes, image, label, band, split in records:
         name = f"photo_{i + 1:04d}"
         Image.fromarray(image).save(images / f"{name}.jpg", quality=95)
-        _palette_png(_banded(label, band), masks / f"{name}.png")
+        _palette_png(_banded(label, band), masks / f"{name}.png", palette)
         # The animals that show: a photo's labels say what is in it.
         shown = [c for c in classes if (label == c + 1).any()] or classes
         rows.append([f"{name}.jpg", ";".join(names[c] for c in shown), split])
