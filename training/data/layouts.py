@@ -178,18 +178,24 @@ class VocLayout(Layout):
             )
 
 
+def _named(layouts: dict[str, Layout]) -> dict[str, Layout]:
+    for name, layout in layouts.items():
+        layout.name = name  # recorded in its samples, so their masks are read by it
+    return layouts
+
+
 # The one registry: data.layout names one of these (wsss.config.Layout mirrors the keys).
-LAYOUTS: dict[str, Layout] = {
-    "pets": PetsLayout(),
-    "voc": VocLayout(),
-    "voc_aug": VocLayout("train_aug", "SegmentationClassAug"),
-    "coco": CocoLayout(),
-    "coco2014": CocoLayout(2014),
-    "coco2017": CocoLayout(2017),
-    "folder": FolderLayout(),
-}
-for _name, _layout in LAYOUTS.items():
-    _layout.name = _name
+LAYOUTS: dict[str, Layout] = _named(
+    {
+        "pets": PetsLayout(),
+        "voc": VocLayout(),
+        "voc_aug": VocLayout("train_aug", "SegmentationClassAug"),
+        "coco": CocoLayout(),
+        "coco2014": CocoLayout(2014),
+        "coco2017": CocoLayout(2017),
+        "folder": FolderLayout(),
+    }
+)
 TASK_LAYOUTS = {"pets": "pets", "voc": "voc"}  # each task's own layout
 
 
