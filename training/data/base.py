@@ -8,6 +8,8 @@ ignore. Training sees the labels only; masks are for evaluation and the supervis
 
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +70,7 @@ def image_size(path: Path) -> tuple[int, int]:
         return img.height, img.width
 
 
-class Layout:
+class Layout(abc.ABC):
     """One on-disk layout: its class names, the samples of a split, and their masks.
 
     Splits are ``train`` and ``test``; each layout maps them onto its own files.
@@ -78,15 +80,17 @@ class Layout:
     title = ""  # what the data is, for the line that says what was read
     tasks: tuple[str, ...] = ("voc",)  # the label semantics it can feed (wsss.config.Task)
 
+    @abc.abstractmethod
     def class_names(self, root: Path) -> list[str]:
-        raise NotImplementedError
+        """The classes, in the order of their indices (mask value n is the n-th)."""
 
+    @abc.abstractmethod
     def samples(self, root: Path, split: str) -> list[Sample]:
-        raise NotImplementedError
+        """The samples of ``split`` (train or test), with their image-level labels."""
 
+    @abc.abstractmethod
     def source(self, root: Path, split: str) -> str:
         """Which files ``split`` is read from, e.g. ``ImageSets/Segmentation/train.txt``."""
-        raise NotImplementedError
 
     def mask(self, sample: Sample) -> np.ndarray:
         """Class index per pixel, 255 = ignore (the default: a class-index PNG)."""
