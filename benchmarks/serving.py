@@ -132,7 +132,7 @@ class OrtPipeline:
             path = folder / str(version) / "model.onnx"
             if not path.exists():
                 return None
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(path), options, providers=_providers())
 
         self.classifier, self.segmenter = session(CLASSIFIER), session(SEGMENTER)
         self.refiner_graph = session(REFINER)
@@ -150,6 +150,13 @@ class OrtPipeline:
         else:
             self.refiner(images, out[SCORES], out[CAMS], out.get(FEATURES))
         self.segmenter.run(None, {IMAGE: images})
+
+
+def _providers() -> list[str]:
+    """CUDA where a GPU is present (the served models then run on it too), else the CPU."""
+    if has_gpu() and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
 
 
 def ort_rows(
@@ -407,32 +414,52 @@ def ensure_levelset(cfg: Config) -> Config:
     return cfg
 
 
-# --sweep: serving settings measured side by side, each exported into its own repository:
-# (ONNX Runtime intra-op threads per session, dynamic batcher queue delay in us, instances
-# of the classifier and the segmenter). Every setting is explicit, whatever the config says.
-SWEEP = (
-    (0, 500, 1),  # ONNX Runtime's default threads (one per core), Triton-style 500 us delay
-    (1, 500, 1),
-    (1, 0, 1),
-    (2, 0, 1),
-    (1, 0, 2),
+@dataclass(frozen=True)
+class Setting:
+    """One serving setting of the sweep, applied to the classifier, segmenter and refiner;
+    every field explicit, whatever the config says."""
+
+    threads: int  # ONNX Runtime intra-op threads per session (0: one per core)
+    delay_us: int  # dynamic batcher queue delay
+    instances: int  # of the classifier and the segmenter (the refiner keeps one)
+    accelerator: str = "none"  # on a GPU: cuda or tensorrt (instances on the GPU)
+
+    def overrides(self) -> list[str]:
+        out = []
+        for model in ("classifier", "segmenter", "refiner"):
+            out += [
+                f"export.{model}.onnxruntime.intra_op_threads={self.threads}",
+                f"export.{model}.max_queue_delay_us={self.delay_us}",
+                f"export.{model}.instances={self.instances if model != 'refiner' else 1}",
+            ]
+            if self.accelerator != "none":
+                out += [
+                    f"export.{model}.kind=KIND_GPU",
+                    f"export.{model}.onnxruntime.gpu_accelerator={self.accelerator}",
+                ]
+        return out
+
+    @property
+    def label(self) -> str:
+        t = "default threads" if self.threads == 0 else f"{self.threads} thread"
+        t += "s" if self.threads > 1 else ""
+        label = f"{t}, {self.delay_us} us queue delay, {self.instances} instance"
+        label += "s" if self.instances > 1 else ""
+        return label if self.accelerator == "none" else f"{self.accelerator}, {label}"
+
+
+CPU_SWEEP = (
+    Setting(0, 500, 1),  # ONNX Runtime's and Triton's usual defaults
+    Setting(1, 500, 1),
+    Setting(1, 0, 1),
+    Setting(2, 0, 1),
+    Setting(1, 500, 2),
+    Setting(1, 0, 2),  # the defaults now (wsss/config.py)
+    Setting(1, 0, 3),
 )
-
-
-def sweep_overrides(threads: int, delay: int, instances: int) -> list[str]:
-    out = []
-    for model in ("classifier", "segmenter", "refiner"):
-        out += [
-            f"export.{model}.onnxruntime.intra_op_threads={threads}",
-            f"export.{model}.max_queue_delay_us={delay}",
-            f"export.{model}.instances={instances if model != 'refiner' else 1}",
-        ]
-    return out
-
-
-def sweep_label(threads: int, delay: int, instances: int) -> str:
-    t = "default threads" if threads == 0 else f"{threads} thread{'s' if threads > 1 else ''}"
-    return f"{t}, {delay} us queue delay, {instances} instance{'s' if instances > 1 else ''}"
+GPU_SWEEP = tuple(
+    Setting(0, delay, n, acc) for acc in ("cuda", "tensorrt") for delay in (0, 500) for n in (1, 2)
+)
 
 
 def sweep(cfg: Config, images: np.ndarray, settings: PerfSettings, out: Path) -> str:
@@ -442,10 +469,11 @@ def sweep(cfg: Config, images: np.ndarray, settings: PerfSettings, out: Path) ->
 
     results = {}
     base = Path(".cache/bench/sweep")
-    for setting in SWEEP:
-        name, slug = sweep_label(*setting), "_".join(map(str, setting))
+    for setting in GPU_SWEEP if has_gpu() else CPU_SWEEP:
+        name = setting.label
+        slug = "_".join(str(v) for v in dataclasses.astuple(setting))
         repo = base / slug / "repository"
-        variant = with_overrides(cfg, sweep_overrides(*setting) + [f"export.repository={repo}"])
+        variant = with_overrides(cfg, setting.overrides() + [f"export.repository={repo}"])
         shutil.rmtree(repo, ignore_errors=True)
         export_repository(variant)
         with TritonServer(repo, free_ports(variant.serve), base / slug / "server") as server:
@@ -491,7 +519,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/quick.yaml")
     parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--out", default="reports/bench")
+    parser.add_argument(
+        "--out", help="default: reports/bench, or reports/bench/gpu where a GPU is used"
+    )
     parser.add_argument("--concurrency", default="1:4:1")
     parser.add_argument("--batches", default="4,8", help="served batch sizes (concurrency 1)")
     parser.add_argument("--seconds", type=float, default=5.0, help="per in-process row")
@@ -510,7 +540,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = PerfSettings(
         concurrency=args.concurrency, stability_percent=25, max_trials=8, request_count=64
     )
-    out = Path(args.out)
+    out = Path(args.out or ("reports/bench/gpu" if has_gpu() else "reports/bench"))
     if args.sweep:
         print(sweep(cfg, images, settings, out))
         return

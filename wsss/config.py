@@ -165,7 +165,11 @@ class OnnxRuntimeConfig:
     """ONNX Runtime settings, written where Triton's native ORT backend reads them."""
 
     graph_level: Literal[0, 1, 2, 99] = 99  # 0 none, 1 basic, 2 extended, 99 all
-    intra_op_threads: int = 0  # 0: ONNX Runtime's default
+    # Threads per session. 0: ONNX Runtime's default, one per core, spinning while idle:
+    # served, the classifier's and the segmenter's pools (they run side by side) fought
+    # over the cores, 3.4x slower on 2 cores than one thread each (reports/bench/tuning.md).
+    # Scale a CPU server with instances instead.
+    intra_op_threads: int = 1
     inter_op_threads: int = 0
     # On GPU instances: "tensorrt" asks for the TensorRT execution provider (fp16 below),
     # "cuda" for the CUDA one; ignored on CPU instances.
@@ -191,6 +195,11 @@ class NetworkExportConfig(ModelServingConfig):
 
     # onnx: Triton's onnxruntime backend. torchscript: its pytorch backend (model.pt).
     format: Literal["onnx", "torchscript"] = "onnx"
+    # Two single-threaded instances use both cores of a small CPU server under load and
+    # take queued requests at once (no batching delay): measured best here
+    # (reports/bench/tuning.md). Raise instances with the cores.
+    instances: int = 2
+    max_queue_delay_us: int = 0
     onnxruntime: OnnxRuntimeConfig = field(default_factory=OnnxRuntimeConfig)
 
 

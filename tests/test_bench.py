@@ -1,0 +1,30 @@
+"""make bench's own pieces that need no server: the sweep's settings are real config."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.serving import CPU_SWEEP, GPU_SWEEP, Setting
+from wsss.config import ConfigError, load_config, with_overrides
+
+
+@pytest.mark.parametrize("setting", CPU_SWEEP + GPU_SWEEP, ids=lambda s: s.label)
+def test_every_sweep_setting_is_applied_to_the_served_networks(setting: Setting):
+    cfg = with_overrides(load_config("configs/quick.yaml"), setting.overrides())
+    for name in ("classifier", "segmenter", "refiner"):
+        model = getattr(cfg.export, name)
+        assert model.onnxruntime.intra_op_threads == setting.threads
+        assert model.max_queue_delay_us == setting.delay_us
+        assert model.instances == (1 if name == "refiner" else setting.instances)
+        gpu = setting.accelerator != "none"
+        assert (model.kind == "KIND_GPU") == gpu
+        assert model.onnxruntime.gpu_accelerator == setting.accelerator
+    assert cfg.export.refine.method == "fixed"  # the rest of the config is kept
+
+
+def test_with_overrides_checks_what_it_applies():
+    cfg = load_config(None)
+    assert with_overrides(cfg, ["export.classifier.instances=3"]).export.classifier.instances == 3
+    assert cfg.export.classifier.instances == 2  # the original is untouched
+    with pytest.raises(ConfigError):
+        with_overrides(cfg, ["export.classifier.instancez=3"])
