@@ -7,6 +7,7 @@ CAM or probability within float error of a threshold or a tie lands on the other
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -159,20 +160,31 @@ def test_perf_analyzer_reports_unstable_levels_flagged(server, tmp_path):
 
 
 def test_bench_measures_baselines_and_server_side_by_side(server, exported, tmp_path):
-    from benchmarks.serving import eager_rows, ort_rows, ratios, report, served_rows, write
+    from benchmarks.serving import (
+        eager_rows,
+        ort_rows,
+        parallel_rows,
+        ratios,
+        report,
+        served_rows,
+        write,
+    )
     from training.studies import load_test_set
 
     photos = [np.asarray(p) for p in load_test_set(exported).images[:3]]
     size = (exported.data.image_size, exported.data.image_size)
     images = np.stack([resize_image(p, size) for p in photos])
     rows = eager_rows(exported, images, 0.3) + ort_rows(exported, images, 0.3)
+    (parallel,) = parallel_rows(exported, images, 0.3, batches=(1,))
+    assert parallel.concurrency == os.cpu_count() and parallel.images_per_s > 0
+    rows.append(parallel)
     settings = PerfSettings(concurrency="1:2", stability_percent=200, max_trials=3, request_count=8)
     rows += served_rows(server, images, photos, settings, batches=(2,))
     served = {(r.what, r.concurrency, r.batch) for r in rows if r.what.startswith("served")}
     # gRPC, HTTP, shared memory, bytes: concurrency 1 and 2 each; gRPC at batch 2
     assert len(served) == 9 and ("served wsss_pipeline, gRPC", 1, 2) in served
     in_process = {(r.what, r.batch) for r in rows if r.what.startswith("ONNX")}
-    assert {b for _, b in in_process} == {1, 4, 8} and len(in_process) == 6  # 2 thread settings
+    assert {b for _, b in in_process} == {1, 4, 8} and len(in_process) == 7  # 2 thread settings
     assert all(r.images_per_s > 0 for r in rows)
     # Triton's per-model statistics of each served row: every step of the ensemble served
     # the requests perf_analyzer sent, and its model time is measured.
