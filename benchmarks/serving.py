@@ -65,6 +65,7 @@ from wsss.tensors import (
     PIPELINE_BYTES,
     REFINER,
     SCORES,
+    SEGMENTATION,
     SEGMENTER,
 )
 
@@ -265,13 +266,37 @@ def served_rows(
     return rows
 
 
+OUTPUT_SETS = {
+    "every output": None,
+    "SCORES + SEGMENTATION": (SCORES, SEGMENTATION),
+    "SEGMENTATION only": (SEGMENTATION,),
+}
+
+
+def output_rows(server: TritonServer, images: np.ndarray, seconds: float) -> list[Row]:
+    """One gRPC client at a time asking for each set of outputs: Triton runs only the steps
+    a request's outputs need and sends only those (CAMS alone is K x H x W floats)."""
+    client = PipelineClient(server.grpc_url)
+    rows = []
+    try:
+        for name, outputs in OUTPUT_SETS.items():
+            feed = _batches(images, 1)
+            rate, p50, p95 = _time_calls(
+                lambda o=outputs, f=feed: client.infer(next(f), o), 1, seconds
+            )
+            rows.append(Row(f"{SERVED}, gRPC client asking for {name}", 1, 1, rate, p50, p95))
+    finally:
+        client.close()
+    return rows
+
+
 def _row(what: str, batch: int, r: BenchResult, models: dict) -> Row:
     extra = {"mean_ms": r.mean_ms, "models": {k: asdict(v) for k, v in models.items()}}
     return Row(what, batch, r.concurrency, r.throughput, r.p50_ms, r.p95_ms, r.stable, extra)
 
 
 def ratios(rows: list[Row]) -> dict[str, float]:
-    """The issue's targets, each a ratio of figures measured in this run.
+    """The serving targets, each a ratio of figures measured in this run.
 
     The compute limit is the best in-process ONNX Runtime throughput over every batch size
     and thread setting measured, one pipeline per core running at once included; the latency
@@ -279,7 +304,8 @@ def ratios(rows: list[Row]) -> dict[str, float]:
     """
     in_process = [r for r in rows if r.what.startswith(ORT)]
     eager = next(r for r in rows if r.what == EAGER)
-    served = [r for r in rows if r.what.startswith(f"{SERVED},")]
+    tensor_in = {run.what for run in SERVED_RUNS if run.model == PIPELINE}  # perf_analyzer's
+    served = [r for r in rows if r.what in tensor_in]
     c1 = next(r for r in served if r.what == f"{SERVED}, gRPC" and r.concurrency == r.batch == 1)
     best_p50 = min(r.p50_ms for r in in_process if r.batch == 1 and r.concurrency == 1)
     best_served = max(r.images_per_s for r in served)
@@ -598,6 +624,7 @@ def main(argv: list[str] | None = None) -> None:
     repo = Path(cfg.export.repository)
     with TritonServer(repo, free_ports(cfg.serve), Path(".cache/bench/server")) as s:
         rows += served_rows(s, images, photos, settings, batches)
+        rows += output_rows(s, images, args.seconds)
     r = ratios(rows)
     text = report(rows, r, cfg, "make bench", refiners)
     write(rows, r, out, text, refiners)

@@ -14,10 +14,13 @@ import numpy as np
 
 from wsss.served.images import ImageError, decode_image, encode_png, resize_image, resize_mask
 from wsss.tensors import (
+    CAMS,
     CLASSIFIER,
     FEATURES,
     PIPELINE,
     PIPELINE_BYTES,
+    PSEUDO_MASK,
+    PSEUDO_MASK_FULL,
     SCORES,
     SEG_PROBS,
     SEGMENTER,
@@ -25,6 +28,26 @@ from wsss.tensors import (
     TensorSpec,
     served_models,
 )
+
+# Outputs requested from Triton together whenever one of them is asked for. Triton 2.51
+# prunes an ensemble's steps for the outputs a request names (asking SEGMENTATION alone runs
+# the segmenter alone), but its backward walk also counts an unrequested ensemble output
+# that a later step consumes (SCORES and CAMS feed the refiner) as unneeded: asking
+# PSEUDO_MASK or SCORES alone prunes the classifier and the request fails with "unexpected
+# deadlock". Asking the chain together keeps it whole; tests try every subset.
+_ASKED_TOGETHER = {
+    PIPELINE: (SCORES, CAMS, PSEUDO_MASK),
+    PIPELINE_BYTES: (SCORES, PSEUDO_MASK_FULL),
+}
+
+
+def requested_outputs(model: str, asked: Sequence[str]) -> list[str]:
+    """What to request from Triton for the outputs ``asked`` of ``model`` (a superset)."""
+    wanted = set(asked)
+    group = _ASKED_TOGETHER.get(model, ())
+    if wanted & set(group):
+        wanted |= set(group)
+    return sorted(wanted)
 
 
 class ClientError(ValueError):
@@ -127,7 +150,9 @@ class PipelineClient:
             tensor = self.module.InferInput(name, list(array.shape), dtype)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
-        requested = [self.module.InferRequestedOutput(name) for name in wanted]
+        requested = [
+            self.module.InferRequestedOutput(name) for name in requested_outputs(spec.name, wanted)
+        ]
         try:
             result = self.client.infer(spec.name, inputs, outputs=requested)
         except Exception as exc:  # InferenceServerException from either protocol

@@ -8,7 +8,15 @@ import pytest
 
 from wsss.config import Config, load_config
 
+# One instance of each served network in tests (the default is two): each instance of a
+# Python-backend model is a stub process, and Triton 2.51's Python backend can abort at start
+# (boost::interprocess::lock_exception, triton-inference-server/server#8882) when many stubs
+# start on a machine that is very busy. Tests check behaviour, not throughput; `make bench`
+# measures the default.
+ONE_INSTANCE = [f"export.{m}.instances=1" for m in ("classifier", "segmenter", "refiner")]
+
 TINY = [
+    *ONE_INSTANCE,
     "data.image_size=64",
     "train.epochs=1",
     "train.batch_size=16",
@@ -125,6 +133,7 @@ def random_export_cfg(tmp_path, *overrides, segmenter=None) -> Config:
             f"serve.grpc_port={free_port()}",
             f"serve.metrics_port={free_port()}",
             "serve.poll_seconds=1",
+            *ONE_INSTANCE,
             *overrides,
         ],
     )

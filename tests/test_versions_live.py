@@ -176,15 +176,23 @@ def test_served_refiner_follows_the_refine_and_cam_settings(live):
 
 
 def test_deeplabv3_segmenter_is_exported_and_served(tmp_path):
-    """The served ensemble runs the segmenter the config names: DeepLabV3 here."""
+    """The served ensemble runs the segmenter the config names: DeepLabV3 here, with the
+    networks at their default two instances (other tests serve one)."""
     seg = ("deeplabv3", {"backbone": "mobilenet_v2", "output_stride": 16})
-    cfg = random_export_cfg(tmp_path, "segmenter.arch=deeplabv3", segmenter=seg)
+    two = ["export.classifier.instances=2", "export.segmenter.instances=2"]
+    cfg = random_export_cfg(tmp_path, "segmenter.arch=deeplabv3", *two, segmenter=seg)
     result = export_repository(cfg)
     assert result.parity["segmenter"]["SEG_PROBS"] < 1e-3
     images = _images(3)
     want = pipeline_from_config(cfg)(images)
     with TritonServer(Path(cfg.export.repository), cfg.serve, tmp_path / "server") as server:
+        grpc_client = PipelineClient(server.grpc_url)
+        config = grpc_client.client.get_model_config("segmenter").config
+        assert config.instance_group[0].count == 2
+        grpc_client.close()
         for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
-            got = PipelineClient(url, protocol).infer(images)
+            client = PipelineClient(url, protocol)
+            got = client.infer(images)
+            client.close()
             np.testing.assert_allclose(got["SEG_PROBS"], want["SEG_PROBS"], atol=1e-3)
             assert (got["SEGMENTATION"] != want["SEGMENTATION"]).mean() <= 1e-3

@@ -9,7 +9,6 @@ ignore. Training sees the labels only; masks are for evaluation and the supervis
 from __future__ import annotations
 
 import abc
-
 from dataclasses import dataclass
 from pathlib import Path
 
