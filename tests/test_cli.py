@@ -33,6 +33,9 @@ def test_data_train_evaluate_export(tmp_path):
     ]
     out = wsss("data", "synth", "--count", "30", *sets).stdout
     assert "wrote 30 pets images (64x64, standard)" in out
+    # What the trainer container runs first: the same benchmark is not written again.
+    out = wsss("data", "synth", "--count", "30", "--if-missing", *sets).stdout
+    assert "left as it is" in out
     wsss("train", *sets)
     for stage in ("classifier", "segmenter"):
         assert (tmp_path / "runs" / stage / "best.pt").exists()

@@ -34,7 +34,7 @@ def _config(args) -> Config:
 
 
 def cmd_data(args) -> None:
-    from training.data.synth import SynthOptions, write_synth
+    from training.data.synth import SynthOptions, ensure_synth, write_synth
 
     cfg = _config(args)
     root = Path(args.out or cfg.data.root)
@@ -46,7 +46,11 @@ def cmd_data(args) -> None:
         difficulty=args.difficulty or cfg.data.synth_difficulty,
         layout=args.layout or cfg.data.layout,
     )
-    write_synth(root, opts)
+    if not args.if_missing:
+        write_synth(root, opts)
+    elif not ensure_synth(root, opts):
+        print(f"{root} already holds this benchmark or data of its own: left as it is")
+        return
     print(
         f"wrote {opts.count} {opts.flavour} images ({opts.size}x{opts.size}, "
         f"{opts.difficulty}) to {root} in the {opts.layout or opts.flavour} layout"
@@ -234,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", help="folder to write (default: data.root)")
     synth.add_argument("--count", type=int)
     synth.add_argument("--size", type=int)
+    synth.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="write only when the folder does not hold this benchmark already (a folder of "
+        "your own data is never touched); for the trainer container",
+    )
     synth.add_argument(
         "--difficulty",
         choices=["standard", "hard"],
