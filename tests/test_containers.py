@@ -1,0 +1,141 @@
+"""The container files, checked without an engine: hadolint on the Dockerfile, `docker compose
+config` on every compose file and profile, the Kubernetes manifests against Kubernetes'
+schemas, and the serve-gpu stage (its base image cannot be pulled here) against what the
+served repository and the bundled server need. The tools come with the test extra."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_CPU = ["-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml"]
+# The NGC release of the tritonserver in each nvidia-pytriton wheel (2.51.0 in 0.7.0).
+NGC_RELEASE = {"0.7.0": "24.10"}
+
+
+def tool(name: str) -> str:
+    """The tool from this environment's bin (the test extra installs it there), else PATH."""
+    path = shutil.which(name, path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    if path is None:
+        pytest.skip(f"{name} is not installed (pip install -e '.[test]')")
+    return path
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "WSSS_"))}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_hadolint_passes_the_dockerfile():
+    run(tool("hadolint"), "--no-color", "Dockerfile")
+
+
+@pytest.mark.parametrize("files", [[], COMPOSE_CPU], ids=["gpu", "cpu"])
+def test_compose_files_are_valid_and_bind_loopback(files):
+    compose = tool("docker-compose")
+    profiles = ["--profile", "retrain", "--profile", "bench"]
+    config = json.loads(run(compose, *files, *profiles, "config", "--format", "json").stdout)
+    services = config["services"]
+    assert set(services) == {"triton", "trainer", "bench"}
+    triton = services["triton"]
+    assert triton["network_mode"] == "host" and triton["healthcheck"]["test"]
+    assert {v["target"] for v in triton["volumes"]} == {"/var/lib/wsss"}
+    if files:  # the CPU variant: serve-cpu, no GPU asked for, `wsss serve` on loopback
+        assert triton["image"].endswith(":serve-cpu") and "deploy" not in triton
+        assert triton["command"] == ["--set", "serve.host=127.0.0.1"]
+    else:
+        assert triton["image"].endswith(":serve-gpu")
+        assert triton["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+        for flag in ("http", "grpc", "metrics"):
+            assert f"--{flag}-address=127.0.0.1" in triton["command"]
+    # The trainer writes into the repository triton serves: the same folder, mounted whole
+    # so that an export's staging folder and the repository share a filesystem.
+    assert [v["source"] for v in services["trainer"]["volumes"]] == [
+        v["source"] for v in triton["volumes"]
+    ]
+    assert services["bench"]["depends_on"]["triton"]["condition"] == "service_healthy"
+
+
+def test_kubernetes_manifests_match_the_schemas():
+    manifests = sorted(str(p) for p in (ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+    assert manifests
+    run(tool("kubernetes-validate"), "--strict", "--quiet", *manifests)
+
+
+def _stage(name: str) -> str:
+    """The text of one stage of the Dockerfile."""
+    text = (ROOT / "Dockerfile").read_text()
+    match = re.search(rf"^FROM \S+ AS {name}\n(.*?)(?=^FROM |\Z)", text, re.S | re.M)
+    assert match, name
+    return match.group(0)
+
+
+def _pins() -> dict[str, str]:
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    return {n.lower(): v for n, _, v in (line.partition("==") for line in lines if "==" in line)}
+
+
+def test_serve_gpu_stage_is_the_bundled_servers_release():
+    """Checked statically: nvcr.io cannot be reached here."""
+    text = (ROOT / "Dockerfile").read_text()
+    (base,) = re.findall(r"^ARG GPU_BASE_IMAGE=(\S+)$", text, re.M)
+    release = NGC_RELEASE[_pins()["nvidia-pytriton"]]
+    assert base == f"nvcr.io/nvidia/tritonserver:{release}-py3"
+    stage = _stage("serve-gpu")
+    assert stage.startswith("FROM ${GPU_BASE_IMAGE} AS serve-gpu")
+    assert "--model-repository=/var/lib/wsss/model_repository" in stage
+    assert "--model-control-mode=poll" in stage and "HEALTHCHECK" in stage
+    assert re.search(r"^USER 1000$", stage, re.M)  # triton-server, not root
+    # the last stage: the legacy builder builds every stage before its target
+    assert text.rstrip().endswith(stage.rstrip())
+
+
+def _served_imports() -> set[str]:
+    """Top-level modules the repository's Python models import, past the standard library."""
+    found = set()
+    for path in (ROOT / "wsss" / "served").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return found - set(sys.stdlib_module_names) - {"__future__", "triton_python_backend_utils"}
+
+
+@pytest.mark.parametrize("requirements", ["serve-requirements.txt", "gpu-requirements.txt"])
+def test_images_install_what_the_served_models_import(requirements):
+    packages = {"numpy": "numpy", "cv2": "opencv-python-headless", "PIL": "pillow"}
+    packages["onnxruntime"] = "onnxruntime"
+    assert _served_imports() <= set(packages)
+    lines = (ROOT / "docker" / requirements).read_text().splitlines()
+    listed = {
+        re.split(r"[=<>\[ ]", line, maxsplit=1)[0].lower(): line
+        for line in (raw.split("#")[0].strip() for raw in lines)
+        if line
+    }
+    for module in _served_imports():
+        assert packages[module] in listed, f"{requirements} lacks {packages[module]}"
+    # numpy < 2 (Triton 24.10's Python backend returns empty outputs with numpy 2), and the
+    # project's own OpenCV pin, which is the newest that accepts numpy 1.26.
+    pins = _pins()
+    if "==" in listed["numpy"]:
+        assert listed["numpy"].endswith(f"=={pins['numpy']}")
+    else:
+        assert "<2" in listed["numpy"]
+    if "==" in listed["opencv-python-headless"]:
+        assert listed["opencv-python-headless"].endswith(pins["opencv-python-headless"])
+    # The serve-cpu image takes the CPU build of the project's ONNX Runtime release.
+    if requirements == "serve-requirements.txt":
+        assert listed["onnxruntime"] == f"onnxruntime=={pins['onnxruntime-gpu']}"
+        assert "torch" not in listed
