@@ -98,6 +98,16 @@ class Engine:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.process = None
+        self._unmount_leftovers()
+
+    def _unmount_leftovers(self) -> None:
+        """dockerd leaves its default network namespace (and, when killed, container
+        filesystems) mounted under its roots; those mounts are ours to remove."""
+        roots = tuple(str(self.cache / folder) + os.sep for folder in ("exec", "data"))
+        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+        for point in reversed(mounts):  # the innermost first
+            if point.startswith(roots):
+                subprocess.run(["umount", "--lazy", point], capture_output=True, check=False)
 
     def __enter__(self) -> Engine:
         return self.start()
