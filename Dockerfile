@@ -109,7 +109,7 @@ WORKDIR /var/lib/wsss
 USER 1000
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["/bin/sh", "-c", "url=localhost:${HTTP_PORT:-8000}/v2 && curl -fsS -o /dev/null $url/health/ready && curl -fsS -o /dev/null $url/models/wsss_pipeline/ready"]
+    CMD ["/bin/sh", "-c", "url=localhost:${HTTP_PORT:-8000}/v2 && curl -fsS -o /dev/null $url/health/live && curl -fsS -o /dev/null $url/models/wsss_pipeline/ready && curl -fsS -o /dev/null $url/models/wsss_pipeline_bytes/ready"]
 # tritonserver itself is the main process (it stops cleanly on SIGTERM), under NGC's
 # entrypoint; poll mode loads each re-exported version as `wsss serve` does. Arguments
 # given to `docker run` / compose's `command:` / Kubernetes' `args:` are appended.

@@ -1,10 +1,13 @@
-"""Container health check: exit 0 when Triton is ready and so is each model named.
+"""Container health check: exit 0 when Triton is live and each model named is ready.
 
     python -m serving.health [MODEL ...]
 
-Triton's ``/v2/health/ready`` alone is not enough: when a step of an ensemble is unloaded or
-broken, the ensemble turns UNAVAILABLE while the server can stay ready, so the images name
-the ensembles too. Standard library only (the images' HEALTHCHECK runs it often), and each
+With models named, the server's own ``/v2/health/ready`` is not asked: it answers 400 as long
+as any version of any model is not READY, and after a re-export under load an old ensemble
+version was seen to stay UNLOADING for minutes (Triton 2.51) while the new one served every
+request, so a container would turn unhealthy for no fault. What clients need is the
+ensembles: they turn UNAVAILABLE when a step is unloaded or broken. With no model named,
+``/v2/health/ready`` is the check. Standard library only (HEALTHCHECK runs it often), and each
 request closes its connection: an open one would make tritonserver wait out its exit
 timeout when the container is stopped.
 """
@@ -18,8 +21,10 @@ import urllib.request
 
 
 def ready(base: str, models: list[str], timeout: float = 3.0) -> str | None:
-    """None when the server and every model answer 200, else what was not ready."""
-    for path in ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in models)]:
+    """None when the server is live and every model ready (or, with no models named, the
+    server ready), else what was not."""
+    paths = [f"/v2/models/{m}/ready" for m in models] if models else ["/v2/health/ready"]
+    for path in ["/v2/health/live", *paths]:
         try:
             with urllib.request.urlopen(base + path, timeout=timeout) as response:
                 if response.status != 200:
