@@ -4,7 +4,7 @@
 
 With models named, the server's own ``/v2/health/ready`` is not asked: it answers 400 as long
 as any version of any model is not READY, and after a re-export under load an old ensemble
-version was seen to stay UNLOADING for minutes (Triton 2.51) while the new one served every
+version was seen to stay UNLOADING for over 90 s (Triton 2.51) while the new one served every
 request, so a container would turn unhealthy for no fault. What clients need is the
 ensembles: they turn UNAVAILABLE when a step is unloaded or broken. With no model named,
 ``/v2/health/ready`` is the check. Standard library only (HEALTHCHECK runs it often), and each
