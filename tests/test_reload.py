@@ -156,6 +156,9 @@ def test_reexport_under_load_fails_nothing_and_answers_old_or_new(live):
         if cfg.serve.model_control == "explicit":
             _load_all(client)
         _wait_for(lambda: load.count("new") >= 50, what="answers from the new version")
+        # The old versions unload while the load goes on: the server is ready again (what
+        # a health check on /v2/health/ready sees).
+        _wait_for(client.is_server_ready, timeout=60, what="the server ready under load")
     assert load.failures == [], load.failures[:3]
     assert load.mismatches == [], load.mismatches[:3]
     assert client.is_model_ready(CLASSIFIER, str(version))
