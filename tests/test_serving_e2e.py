@@ -180,6 +180,7 @@ def test_perf_analyzer_reports_unstable_levels_flagged(server, tmp_path):
 
 def test_bench_measures_baselines_and_server_side_by_side(server, exported, tmp_path):
     from benchmarks.serving import (
+        cpu_per_image,
         eager_rows,
         ort_rows,
         output_rows,
@@ -223,8 +224,13 @@ def test_bench_measures_baselines_and_server_side_by_side(server, exported, tmp_
     batched = next(r for r in rows if r.batch == 2 and r.what.startswith("served"))
     assert batched.extra["models"]["classifier"]["mean_batch"] >= 2
     found = ratios(rows)
-    assert len(found) == 3 and all(v > 0 for v in found.values())
-    text = report(rows, found, exported, "test", None)
+    assert len(found) == 4 and all(v > 0 for v in found.values())
+    one = PerfSettings(concurrency="2", stability_percent=200, max_trials=3, request_count=8)
+    cpu = cpu_per_image(server, images, one)
+    for process in ("tritonserver", "perf_analyzer", "classifier (Python stub)"):
+        assert cpu[process] > 0, cpu
+    text = report(rows, found, exported, "test", None, cpu)
+    assert "| classifier (Python stub) |" in text
     assert "target >= 0.9" in text and "| gRPC, concurrency 1 | classifier |" in text
     write(rows, found, tmp_path, text, None)
     assert (tmp_path / "throughput_latency.png").stat().st_size > 10_000
