@@ -526,15 +526,29 @@ def plot(rows: list[Row], path: Path) -> None:
         if r.stable:
             batched = r.what.startswith(SERVED) and r.batch > 1
             series.setdefault(f"{r.what}, batch > 1" if batched else r.what, []).append(r)
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for label, pts in series.items():
-        ax.plot([r.p95_ms for r in pts], [r.images_per_s for r in pts], "o-", label=label)
+    fig, ax = plt.subplots(figsize=(10, 5))
+    colours = plt.cm.tab20.colors
+    for k, (label, pts) in enumerate(series.items()):
+        ax.plot(
+            [r.p95_ms for r in pts],
+            [r.images_per_s for r in pts],
+            "os^D"[k % 4] + "-",
+            color=colours[(2 * k) % 20 + (k // 10) % 2],
+            label=label,
+        )
     ax.set_xscale("log")
+    ticks = [
+        t
+        for t in (5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+        if t <= 2 * max(r.p95_ms for r in rows if r.stable)
+    ]
+    ax.set_xticks(ticks)
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("p95 latency per request (ms, log)")
     ax.set_ylabel("images / s")
     ax.set_title("throughput against p95 latency (points: concurrency or batch size)")
-    ax.legend(fontsize=6.5)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
