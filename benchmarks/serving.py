@@ -424,23 +424,6 @@ def cpu_table(cpu: dict[str, float] | None, concurrency: str) -> list[str]:
     return lines + [f"| all | {sum(cpu.values()):.2f} |"]
 
 
-def refiner_table(result: dict | None) -> list[str]:
-    if not result:
-        return []
-    lines = [
-        f"Refiners per image, in process ({result['image_size']} px, {result['classes']} "
-        f"classes, batch 1, median over {result['images']} test images):",
-        "",
-        "| refiner | ms / image | / FNO evolution |",
-        "|---|---:|---:|",
-    ]
-    lines += [
-        f"| {r['refiner']} | {r['ms_per_image']:.2f} | {r['ratio_to_fno']:.1f}x |"
-        for r in result["rows"]
-    ]
-    return lines
-
-
 def report(
     rows: list[Row],
     r: dict[str, float],
@@ -480,7 +463,9 @@ def report(
     if cpu:
         lines += ["", *cpu_table(cpu, str(best.concurrency))]
     if refiners:
-        lines += ["", *refiner_table(refiners)]
+        from benchmarks.refiners import speed_table
+
+        lines += ["", "Refiners, in process:", "", speed_table(refiners)]
     lines += ["", "![throughput against p95 latency](throughput_latency.png)", ""]
     return "\n".join(lines)
 
