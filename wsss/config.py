@@ -167,8 +167,8 @@ class OnnxRuntimeConfig:
     graph_level: Literal[0, 1, 2, 99] = 99  # 0 none, 1 basic, 2 extended, 99 all
     # Threads per session. 0: ONNX Runtime's default, one per core, spinning while idle:
     # served, the classifier's and the segmenter's pools (they run side by side) fought
-    # over the cores, 3.4x slower on 2 cores than one thread each (reports/bench/tuning.md).
-    # Scale a CPU server with instances instead.
+    # over the cores: 45.9 images/s at concurrency 1 against 68.2 with one thread each on 2
+    # cores (reports/bench/tuning.md). Scale a CPU server with instances instead.
     intra_op_threads: int = 1
     inter_op_threads: int = 0
     # On GPU instances: "tensorrt" asks for the TensorRT execution provider (fp16 below),
@@ -214,9 +214,9 @@ class ExportConfig:
     max_image_pixels: int = 40_000_000
     # The refiner the served ensemble runs, where it should differ from the one that makes
     # the training pseudo-masks (`refine`): GrabCut's edges help the segmenter learn, but
-    # served they cost 50-200 ms per image on a CPU for the PSEUDO_MASK output alone, while
-    # a fixed or Otsu threshold is an ONNX graph of well under 1 ms (reports/bench/).
-    # Unset: `refine`.
+    # served they cost 130-150 ms per image on a 2-core CPU for the PSEUDO_MASK output
+    # alone, while a fixed or Otsu threshold is an ONNX graph of well under 1 ms
+    # (reports/bench/). Unset: `refine`.
     refine: RefineConfig | None = None
     classifier: NetworkExportConfig = field(default_factory=NetworkExportConfig)
     segmenter: NetworkExportConfig = field(default_factory=NetworkExportConfig)
