@@ -2,7 +2,8 @@
 
 Checks that every config.pbtxt parses against Triton's schema and names its folder; that each
 served version holds its model file and that the file loads (ONNX in ONNX Runtime, TorchScript
-in torch, Python compiles) with the inputs and outputs its config declares; and that every
+in torch, Python compiles) with the inputs and outputs its config declares; that every
+output's ``label_filename`` is in the model's folder with one label per class; and that every
 ensemble step exists, is fed only tensors that exist by then, with matching dtypes and shapes.
 """
 
@@ -67,6 +68,7 @@ def check_repository(root: str | Path, load_models: bool = True) -> Report:
         if cfg is None:
             continue
         configs[folder.name] = cfg
+        _check_labels(cfg, folder, report)
         served = served_versions(cfg, folder)
         report.models[folder.name] = served
         if not served:
@@ -95,6 +97,27 @@ def _read_config(folder: Path, report: Report) -> mc.ModelConfig | None:
     if cfg.name and cfg.name != folder.name:
         report.problems.append(f"{path}: name {cfg.name!r} differs from its folder {folder.name!r}")
     return cfg
+
+
+def _check_labels(cfg: mc.ModelConfig, folder: Path, report: Report) -> None:
+    """Triton refuses to load a model whose labels file is missing; a short one names no
+    class past its end."""
+    for output in cfg.output:
+        if not output.label_filename:
+            continue
+        path = folder / output.label_filename
+        if not path.is_file():
+            report.problems.append(
+                f"{cfg.name}: output {output.name}'s label_filename {path.name} is missing "
+                "(Triton reads it from the model's folder)"
+            )
+            continue
+        count = len(path.read_text().splitlines())
+        if len(output.dims) == 1 and count != output.dims[0]:
+            report.problems.append(
+                f"{cfg.name}: {path.name} has {count} labels, output {output.name} "
+                f"{output.dims[0]} classes"
+            )
 
 
 def _declared(cfg: mc.ModelConfig, tensors) -> dict[str, tuple[int, list[int]]]:

@@ -19,6 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from wsss.config import ExportConfig, ModelServingConfig, NetworkExportConfig
 from wsss.tensors import (
     ENSEMBLES,
+    LABELS_FILE,
     ORIGINAL_SIZE,
     POSTPROCESS,
     PREPROCESS,
@@ -53,8 +54,19 @@ def _dtype(t: TensorSpec) -> int:
     return getattr(mc, "TYPE_STRING" if t.dtype == "bytes" else f"TYPE_{t.triton_dtype}")
 
 
-def _tensors(specs, cls, names):
-    return [cls(name=names[t.name], data_type=_dtype(t), dims=list(t.shape)) for t in specs]
+def _tensors(specs, cls, names, labelled=False):
+    """Config tensors; with ``labelled``, outputs of one value per class name their labels."""
+    out = [cls(name=names[t.name], data_type=_dtype(t), dims=list(t.shape)) for t in specs]
+    for tensor, t in zip(out, specs, strict=True):
+        if labelled and t.labelled:
+            tensor.label_filename = LABELS_FILE
+    return out
+
+
+def labelled(spec: ModelSpec) -> bool:
+    """Whether ``spec`` returns class scores: its config carries the class names and its
+    folder the labels file (the classifier and the ensembles)."""
+    return any(t.labelled for t in spec.outputs)
 
 
 def model_config(
@@ -63,8 +75,13 @@ def model_config(
     serving: ModelServingConfig,
     versions: list[int],
     parameters: dict[str, str] | None = None,
+    labels: dict[str, str] | None = None,
 ) -> mc.ModelConfig:
-    """One model's config: tensors from its spec, the rest from its serving settings."""
+    """One model's config: tensors from its spec, the rest from its serving settings.
+
+    ``labels`` (``wsss.tensors.label_parameters``) name the classes of a model that has
+    labelled outputs: they join its parameters, and those outputs get the labels file.
+    """
     backend, filename = FORMATS[fmt]
     names = io_names(spec, fmt)
     cfg = mc.ModelConfig(
@@ -73,7 +90,7 @@ def model_config(
         max_batch_size=serving.max_batch_size,
         default_model_filename=filename,
         input=_tensors(spec.inputs, mc.ModelInput, names),
-        output=_tensors(spec.outputs, mc.ModelOutput, names),
+        output=_tensors(spec.outputs, mc.ModelOutput, names, labels is not None),
     )
     # The versions to serve, listed: "latest N" would also pick up an older version written
     # in another format (model.onnx where the config now says model.pt) and fail to load it.
@@ -89,7 +106,7 @@ def model_config(
         cfg.model_warmup.append(warmup(spec, names))
     if isinstance(serving, NetworkExportConfig) and fmt == "onnx":
         _onnxruntime_options(cfg, serving)
-    for key, value in sorted((parameters or {}).items()):
+    for key, value in sorted(((parameters or {}) | (labels or {})).items()):
         cfg.parameters[key].string_value = value
     return cfg
 
@@ -157,17 +174,26 @@ def warmup_files(spec: ModelSpec, image_size: int) -> list[WarmupSample]:
 
 
 def ensemble_config(
-    spec: ModelSpec, steps: list[tuple[ModelSpec, str]], max_batch_size: int
+    spec: ModelSpec,
+    steps: list[tuple[ModelSpec, str]],
+    max_batch_size: int,
+    labels: dict[str, str] | None = None,
 ) -> mc.ModelConfig:
-    """Chain ``steps`` (spec, format); tensors flow by spec name, mapped to each step's names."""
+    """Chain ``steps`` (spec, format); tensors flow by spec name, mapped to each step's names.
+
+    ``labels`` as for ``model_config``: the ensemble is what clients ask, so it names the
+    classes itself.
+    """
     plain = {t.name: t.name for t in spec.inputs + spec.outputs}
     cfg = mc.ModelConfig(
         name=spec.name,
         platform="ensemble",
         max_batch_size=max_batch_size,
         input=_tensors(spec.inputs, mc.ModelInput, plain),
-        output=_tensors(spec.outputs, mc.ModelOutput, plain),
+        output=_tensors(spec.outputs, mc.ModelOutput, plain, labels is not None),
     )
+    for key, value in sorted((labels or {}).items()):
+        cfg.parameters[key].string_value = value
     # Triton refuses an ensemble tensor that nothing reads, so map only the outputs that a
     # later step consumes or the ensemble returns.
     wanted = {t.name for t in spec.outputs} | {t.name for s, _ in steps for t in s.inputs}
@@ -201,11 +227,13 @@ def build_configs(
     python_parameters: dict[str, dict[str, str]],
     versions: dict[str, list[int]],
     network_refiner: bool = False,
+    labels: dict[str, str] | None = None,
 ) -> dict[str, mc.ModelConfig]:
     """Every model's config and then the ensembles', keyed by model name.
 
     ``versions`` lists, per model, the versions to serve: the exporter picks the latest
     ``export.keep_versions`` that hold the model's file in its configured format.
+    ``labels`` (``wsss.tensors.label_parameters``) go to every model with labelled outputs.
     """
     configs = {}
     for name, spec in specs.items():
@@ -217,6 +245,7 @@ def build_configs(
             getattr(export, name),
             versions[name],
             python_parameters.get(name),
+            labels if labelled(spec) else None,
         )
     for name, steps in ENSEMBLES.items():
         # An ensemble can batch no more than its smallest member.
@@ -225,6 +254,7 @@ def build_configs(
             specs[name],
             [(specs[s], model_format(s, export, network_refiner)) for s in steps],
             batch,
+            labels if labelled(specs[name]) else None,
         )
     return configs
 

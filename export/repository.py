@@ -28,6 +28,7 @@ from export.configs import (
     FORMATS,
     PYTHON_MODELS,
     build_configs,
+    labelled,
     model_format,
     render,
     warmup_files,
@@ -41,7 +42,17 @@ from wsss.errors import WsssError
 from wsss.palette import VOC_PALETTE
 from wsss.served import HELPERS
 from wsss.served.classical import VIT_FILE
-from wsss.tensors import CLASSIFIER, ENSEMBLES, PREPROCESS, REFINER, SEGMENTER, served_models
+from wsss.tensors import (
+    CLASSIFIER,
+    ENSEMBLES,
+    LABELS_FILE,
+    PREPROCESS,
+    REFINER,
+    SEGMENTER,
+    label_parameters,
+    labels_text,
+    served_models,
+)
 
 _PYTHON_SOURCES = Path(served.__file__).parent
 STAGING_PREFIX = ".wsss-staging-"
@@ -111,7 +122,9 @@ def export_repository(cfg: Config) -> ExportResult:
         )
         for n in specs
     }
-    configs = build_configs(specs, cfg.export, params, keep, network_refiner)
+    palette = smeta.get("palette") or VOC_PALETTE  # older checkpoints: VOC's colours
+    labels = label_parameters(names, palette)  # served: clients read them from the server
+    configs = build_configs(specs, cfg.export, params, keep, network_refiner, labels)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=repo.parent))
     try:
         parity = {}
@@ -119,6 +132,8 @@ def export_repository(cfg: Config) -> ExportResult:
             folder = staging / name
             (folder / str(version)).mkdir(parents=True)
             (folder / "config.pbtxt").write_text(render(configs[name]))
+            if labelled(spec):  # Triton's classification extension reads it
+                (folder / LABELS_FILE).write_text(labels_text(names))
             for sample in warmup_files(spec, cfg.data.image_size) if name not in ENSEMBLES else []:
                 (folder / "warmup").mkdir(exist_ok=True)
                 (folder / "warmup" / sample.name).write_bytes(sample.data)
@@ -130,7 +145,6 @@ def export_repository(cfg: Config) -> ExportResult:
                 _write_python_model(name, folder / str(version))
                 if name == REFINER and vit is not None:
                     (folder / str(version) / VIT_FILE).write_bytes(vit)
-        palette = smeta.get("palette") or VOC_PALETTE  # older checkpoints: VOC's colours
         _write_metadata(staging / CLASSIFIER / str(version), saved, names, palette, parity)
         report = check_repository(staging)
         if not report.ok:
@@ -247,6 +261,8 @@ def commit(staging: Path, repo: Path, version: int, order: list[str]) -> None:
         os.rename(src / str(version), dest / str(version))
         if (src / "warmup").exists():
             _swap_dir(src / "warmup", dest / "warmup")
+        if (src / LABELS_FILE).exists():  # before the config that names it
+            os.replace(src / LABELS_FILE, dest / LABELS_FILE)
         os.replace(src / "config.pbtxt", dest / "config.pbtxt")
 
 

@@ -119,9 +119,11 @@ def write_random_checkpoints(
     return runs
 
 
-def random_export_cfg(tmp_path, *overrides, segmenter=None) -> Config:
+def random_export_cfg(tmp_path, *overrides, segmenter=None, class_names=None) -> Config:
     runs = write_random_checkpoints(
-        tmp_path / "runs", **({"segmenter": segmenter} if segmenter else {})
+        tmp_path / "runs",
+        **({"segmenter": segmenter} if segmenter else {}),
+        **({"class_names": class_names} if class_names else {}),
     )
     return load_config(
         None,

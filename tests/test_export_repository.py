@@ -14,7 +14,8 @@ from export.parity import ParityError
 from export.repository import ExportError, export_repository
 from tests.conftest import random_export_cfg
 from wsss.config import load_config
-from wsss.tensors import ENSEMBLES, served_models
+from wsss.palette import VOC_PALETTE
+from wsss.tensors import ENSEMBLES, label_parameters, read_label_parameters, served_models
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -37,7 +38,8 @@ def _golden_configs():
     specs = served_models(64, 3, 2)
     versions = {name: [3, 4] for name in specs}
     params = {"refiner": {"refine": '{"method": "otsu"}', "multi_label": "false"}}
-    return build_configs(specs, cfg.export, params, versions)
+    labels = label_parameters(["bear", "cat", "dog"], VOC_PALETTE)
+    return build_configs(specs, cfg.export, params, versions, labels=labels)
 
 
 def test_configs_match_golden_files_byte_for_byte():
@@ -182,6 +184,14 @@ BREAKAGES = {
         lambda r: shutil.rmtree(r / "segmenter" / "1"),
         "segmenter: no numbered version folder",
     ),
+    "missing labels": (
+        lambda r: (r / "wsss_pipeline" / "labels.txt").unlink(),
+        "wsss_pipeline: output SCORES's label_filename labels.txt is missing",
+    ),
+    "short labels": (
+        lambda r: (r / "classifier" / "labels.txt").write_text("bear\ncat\n"),
+        "classifier: labels.txt has 2 labels, output SCORES 3 classes",
+    ),
 }
 
 
@@ -218,3 +228,20 @@ def test_every_ensemble_step_is_a_model_of_the_repository(good_repo):
     for name, steps in ENSEMBLES.items():
         cfg = parse((good_repo / name / "config.pbtxt").read_text())
         assert [s.model_name for s in cfg.ensemble_scheduling.step] == list(steps)
+
+
+def test_the_export_names_its_classes_where_clients_and_triton_read_them(good_repo):
+    """Class names and palette in the config of every model a client asks (the classifier,
+    the ensembles), and the labels file Triton's classification extension reads beside it."""
+    labelled = {"classifier", *ENSEMBLES}
+    for name in ("classifier", "refiner", "segmenter", "preprocess", "postprocess", *ENSEMBLES):
+        cfg = parse((good_repo / name / "config.pbtxt").read_text())
+        params = {k: v.string_value for k, v in cfg.parameters.items()}
+        names, palette = read_label_parameters(params)
+        files = {o.name: o.label_filename for o in cfg.output if o.label_filename}
+        if name not in labelled:
+            assert names is None and not files and not (good_repo / name / "labels.txt").exists()
+            continue
+        assert names == ["bear", "cat", "dog"] and palette == VOC_PALETTE, name
+        assert set(files) in ({"SCORES"}, {"SCORES__0"}) and set(files.values()) == {"labels.txt"}
+        assert (good_repo / name / "labels.txt").read_text() == "bear\ncat\ndog\n"

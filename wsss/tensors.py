@@ -7,6 +7,7 @@ client and the perf_analyzer flags are generated from them too. Nothing else spe
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,9 @@ class TensorSpec:
     dtype: str  # numpy dtype name (or "bytes"): one of _TRITON_DTYPES
     shape: tuple[int, ...]  # per item, without the batch dimension; -1 = any size
     doc: str = ""
+    # One value per class, in class order: served with a labels file, so Triton's
+    # classification extension answers top-k requests with the class names.
+    labelled: bool = False
 
     @property
     def triton_dtype(self) -> str:
@@ -74,6 +78,40 @@ CLASSIFIER, REFINER, SEGMENTER = "classifier", "refiner", "segmenter"
 PREPROCESS, POSTPROCESS = "preprocess", "postprocess"
 PIPELINE, PIPELINE_BYTES = "wsss_pipeline", "wsss_pipeline_bytes"
 
+# What the outputs mean travels with the served models, so a client never guesses it: the
+# config parameters of every model with a labelled output (the classifier, the ensembles) hold
+# these two JSON strings, and each such model's folder holds LABELS_FILE (Triton reads
+# ``label_filename`` relative to the model's folder).
+CLASS_NAMES = "class_names"  # ["cat", "dog"]: SCORES[n] and CAMS[n] are class n
+PALETTE = "palette"  # 256 RGB triples, flat: the colours of mask values in PNGs
+LABELS_FILE = "labels.txt"  # one class name per line, in class order
+
+
+def label_parameters(class_names: list[str], palette: list[int]) -> dict[str, str]:
+    """The config parameters that name the classes and colour the masks."""
+    bad = [n for n in class_names if not n.strip() or "\n" in n or "\r" in n]
+    if bad:
+        raise ValueError(f"class names must be one non-empty line each, not {bad!r}")
+    if len(palette) != 768:
+        raise ValueError(f"a palette is 256 RGB triples (768 numbers), not {len(palette)}")
+    return {
+        CLASS_NAMES: json.dumps(list(class_names)),
+        PALETTE: json.dumps(list(palette), separators=(",", ":")),
+    }
+
+
+def labels_text(class_names: list[str]) -> str:
+    """LABELS_FILE's contents: line n names class n."""
+    return "".join(f"{name}\n" for name in class_names)
+
+
+def read_label_parameters(parameters: dict[str, str]) -> tuple[list[str] | None, list[int] | None]:
+    """Class names and palette from a served config's parameters; None where it has none
+    (an export from before they were served)."""
+    names, palette = parameters.get(CLASS_NAMES), parameters.get(PALETTE)
+    return (json.loads(names) if names else None, json.loads(palette) if palette else None)
+
+
 # Each ensemble's steps in order; tensors flow between steps by their names above.
 ENSEMBLES: dict[str, tuple[str, ...]] = {
     PIPELINE: (CLASSIFIER, REFINER, SEGMENTER),
@@ -95,7 +133,11 @@ def served_models(
     h = w = image_size
     image = TensorSpec(IMAGE, "uint8", (h, w, 3), "RGB pixels, resized to the model size")
     scores = TensorSpec(
-        SCORES, "float32", (num_classes,), "class probabilities: softmax (pets) or sigmoid (voc)"
+        SCORES,
+        "float32",
+        (num_classes,),
+        "class probabilities: softmax (pets) or sigmoid (voc)",
+        labelled=True,
     )
     cams = TensorSpec(CAMS, "float32", (num_classes, h, w), "one [0, 1] map per class")
     pseudo = TensorSpec(PSEUDO_MASK, "uint8", (h, w), "refined CAM: class index per pixel")
