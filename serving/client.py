@@ -1,7 +1,8 @@
 """Clients of the served ensemble over gRPC or HTTP, generated from ``wsss.tensors``.
 
-Names come from the spec module; sizes come from the server's own metadata, so a client
-never disagrees with the repository it talks to. Inputs are checked before they are sent,
+Names come from the spec module; sizes come from the server's own metadata and the class
+names and mask colours from its model config, so a client never disagrees with the server it
+talks to (whatever a local model repository holds). Inputs are checked before they are sent,
 and server-side errors are re-raised with the server's message.
 """
 
@@ -26,6 +27,7 @@ from wsss.tensors import (
     SEGMENTER,
     ModelSpec,
     TensorSpec,
+    read_label_parameters,
     served_models,
 )
 
@@ -67,7 +69,8 @@ def _protocol(protocol: str):
 class PipelineClient:
     """Either ensemble (``wsss_pipeline``: pixels in; ``wsss_pipeline_bytes``: encoded images
     in), over gRPC or HTTP. Sizes, class counts and the level-set refiner's FEATURES come
-    from the served classifier's and segmenter's metadata."""
+    from the served classifier's and segmenter's metadata; ``class_names`` and ``palette``
+    from the ensemble's config (None where an older export serves none)."""
 
     def __init__(self, url: str, protocol: str = "grpc", model: str = PIPELINE):
         if model not in (PIPELINE, PIPELINE_BYTES):
@@ -85,6 +88,7 @@ class PipelineClient:
         self.all_specs = served_models(h, int(outputs[SCORES][1]), int(probs[1]), features)
         self.specs = self.all_specs[model]
         self.image_spec: TensorSpec = self.all_specs[PIPELINE].inputs[0]
+        self.class_names, self.palette = read_label_parameters(self._parameters(model, url))
 
     def _metadata(self, model: str, url: str) -> dict:
         try:
@@ -94,6 +98,19 @@ class PipelineClient:
                 f"cannot reach model {model!r} at {url} ({self.protocol}): {exc}"
             ) from exc
         return meta if isinstance(meta, dict) else _grpc_to_dict(meta)
+
+    def _parameters(self, model: str, url: str) -> dict[str, str]:
+        """The string parameters of ``model``'s config, as the server holds it."""
+        try:
+            if self.protocol == "grpc":
+                config = self.client.get_model_config(model, as_json=True)["config"]
+            else:
+                config = self.client.get_model_config(model)
+        except Exception as exc:
+            raise ClientError(
+                f"cannot read model {model!r}'s config at {url} ({self.protocol}): {exc}"
+            ) from exc
+        return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -13,24 +13,24 @@ from wsss.palette import VOC_PALETTE
 from wsss.tensors import CAMS, PSEUDO_MASK, SCORES, SEGMENTATION
 
 
-def infer_files(
-    paths: list[Path],
-    url: str,
-    protocol: str,
-    out: Path,
-    class_names: list[str] | None = None,
-    palette: list[int] | None = None,
-) -> list[dict]:
-    """One request per image; masks come back at the model size and are resized to the original."""
+def infer_files(paths: list[Path], url: str, protocol: str, out: Path) -> list[dict]:
+    """One request per image; masks come back at the model size and are resized to the original.
+    Class names and mask colours are the server's own (its ensemble's config)."""
     client = PipelineClient(url, protocol)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for path in paths:
-        original = load_image(path)
-        batch = resize(original, client.image_size)[None]
-        outputs = client.infer(batch)
-        results.append(write_outputs(path, original, batch[0], outputs, out, class_names, palette))
-    client.close()
+    try:
+        for path in paths:
+            original = load_image(path)
+            batch = resize(original, client.image_size)[None]
+            outputs = client.infer(batch)
+            results.append(
+                write_outputs(
+                    path, original, batch[0], outputs, out, client.class_names, client.palette
+                )
+            )
+    finally:
+        client.close()
     return results
 
 
@@ -43,7 +43,8 @@ def write_outputs(
     class_names: list[str] | None,
     palette: list[int] | None = None,
 ) -> dict:
-    """Mask PNGs in the data's colours (``palette``, from the export; default VOC's)."""
+    """Mask PNGs in the data's colours (``palette``, from the server; default VOC's); the top
+    class by name, or ``class N`` where the server names none."""
     h, w = original.shape[:2]
     stem = Path(path).stem
     scores = outputs[SCORES][0]

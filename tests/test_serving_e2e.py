@@ -353,8 +353,6 @@ def test_cli_infer_writes_masks_and_figure(server, exported, tmp_path):
             protocol,
             "--out",
             str(out),
-            "--repository",
-            exported.export.repository,
         )
         assert proc.returncode == 0, proc.stderr
         stem = sample.image_path.stem

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -174,18 +173,9 @@ def _url(args) -> str:
 
 
 def cmd_infer(args) -> None:
-    from export.repository import latest_metadata
-    from serving.infer import infer_files
+    from serving.infer import infer_files  # no torch: class names come from the server
 
-    names = palette = None
-    meta = latest_metadata(args.repository)
-    if meta is not None and (meta / "class_names.json").exists():
-        names = json.loads((meta / "class_names.json").read_text())
-    if meta is not None and (meta / "palette.json").exists():
-        palette = json.loads((meta / "palette.json").read_text())
-    for r in infer_files(
-        [Path(p) for p in args.images], _url(args), args.protocol, Path(args.out), names, palette
-    ):
+    for r in infer_files([Path(p) for p in args.images], _url(args), args.protocol, Path(args.out)):
         print(f"{r['image']}: {r['top_class']} ({r['score']:.2f}) -> {r['files']['figure']}")
 
 
@@ -329,7 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "infer":
             p.add_argument("images", nargs="+")
             p.add_argument("--out", default="out/infer")
-            p.add_argument("--repository", default="model_repository")
             p.set_defaults(func=cmd_infer)
         else:
             p.add_argument("--batch", type=int, default=1)
