@@ -5,8 +5,8 @@ Each export gets the next version number (one number for all models, so ``classi
 the repository, parity-checked against PyTorch, and validated as a repository; only then is
 each version folder moved in with a rename and each config.pbtxt replaced with a rename. A
 polling Triton never sees a half-written version, and a failed or killed export leaves the
-repository exactly as it was. Older versions stay on disk; ``version_policy`` serves the
-latest ``export.keep_versions``.
+repository exactly as it was. Exports into one repository take turns (``export.lock``).
+Older versions stay on disk; ``version_policy`` serves the latest ``export.keep_versions``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from export.configs import (
     render,
     warmup_files,
 )
+from export.lock import locked_staging
 from export.onnx_export import check_parity, export_onnx
 from export.torchscript_export import check_torchscript_parity, export_torchscript
 from training.pipeline import ServedSegmenter, load_model, refine_step
@@ -55,7 +55,6 @@ from wsss.tensors import (
 )
 
 _PYTHON_SOURCES = Path(served.__file__).parent
-STAGING_PREFIX = ".wsss-staging-"
 
 
 class ExportError(WsssError, RuntimeError):
@@ -70,6 +69,18 @@ class ExportResult:
 
 
 def export_repository(cfg: Config) -> ExportResult:
+    """Export into ``cfg.export.repository``, one export at a time (see ``export.lock``).
+
+    The lock is taken first and held to the last rename: the version number, the versions
+    to keep and the staging folder are this export's alone.
+    """
+    repo = Path(cfg.export.repository)
+    repo.mkdir(parents=True, exist_ok=True)
+    with locked_staging(repo, cfg.export.lock_wait_seconds) as staging:
+        return _export(cfg, repo, staging)
+
+
+def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
     runs = Path(cfg.runs)
     saved, cfg = cfg, served_config(cfg)  # export.refine, when set, is the served refiner
     classifier, refiner, cmeta = refine_step(cfg)
@@ -112,9 +123,6 @@ def export_repository(cfg: Config) -> ExportResult:
             "refine": json.dumps(dataclasses.asdict(cfg.refine), sort_keys=True),
             "multi_label": str(multi_label).lower(),
         }
-    repo = Path(cfg.export.repository)
-    repo.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(repo)
     version = next_version(repo)
     keep = {
         n: servable_versions(
@@ -125,35 +133,29 @@ def export_repository(cfg: Config) -> ExportResult:
     palette = smeta.get("palette") or VOC_PALETTE  # older checkpoints: VOC's colours
     labels = label_parameters(names, palette)  # served: clients read them from the server
     configs = build_configs(specs, cfg.export, params, keep, network_refiner, labels)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=repo.parent))
-    try:
-        parity = {}
-        for name, spec in specs.items():
-            folder = staging / name
-            (folder / str(version)).mkdir(parents=True)
-            (folder / "config.pbtxt").write_text(render(configs[name]))
-            if labelled(spec):  # Triton's classification extension reads it
-                (folder / LABELS_FILE).write_text(labels_text(names))
-            for sample in warmup_files(spec, cfg.data.image_size) if name not in ENSEMBLES else []:
-                (folder / "warmup").mkdir(exist_ok=True)
-                (folder / "warmup" / sample.name).write_bytes(sample.data)
-            if name in networks:
-                parity[name] = _write_network(
-                    name, networks, spec, getattr(cfg.export, name), folder / str(version), cfg
-                )
-            elif name in PYTHON_MODELS:
-                _write_python_model(name, folder / str(version))
-                if name == REFINER and vit is not None:
-                    (folder / str(version) / VIT_FILE).write_bytes(vit)
-        _write_metadata(staging / CLASSIFIER / str(version), saved, names, palette, parity)
-        report = check_repository(staging)
-        if not report.ok:
-            raise ExportError(f"the staged export is invalid, nothing was changed:\n{report}")
-        commit(
-            staging, repo, version, order=[n for n in specs if n not in ENSEMBLES] + list(ENSEMBLES)
-        )
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    parity = {}
+    for name, spec in specs.items():
+        folder = staging / name
+        (folder / str(version)).mkdir(parents=True)
+        (folder / "config.pbtxt").write_text(render(configs[name]))
+        if labelled(spec):  # Triton's classification extension reads it
+            (folder / LABELS_FILE).write_text(labels_text(names))
+        for sample in warmup_files(spec, cfg.data.image_size) if name not in ENSEMBLES else []:
+            (folder / "warmup").mkdir(exist_ok=True)
+            (folder / "warmup" / sample.name).write_bytes(sample.data)
+        if name in networks:
+            parity[name] = _write_network(
+                name, networks, spec, getattr(cfg.export, name), folder / str(version), cfg
+            )
+        elif name in PYTHON_MODELS:
+            _write_python_model(name, folder / str(version))
+            if name == REFINER and vit is not None:
+                (folder / str(version) / VIT_FILE).write_bytes(vit)
+    _write_metadata(staging / CLASSIFIER / str(version), saved, names, palette, parity)
+    report = check_repository(staging)
+    if not report.ok:
+        raise ExportError(f"the staged export is invalid, nothing was changed:\n{report}")
+    commit(staging, repo, version, order=[n for n in specs if n not in ENSEMBLES] + list(ENSEMBLES))
     return ExportResult(repo, version, parity)
 
 
@@ -273,24 +275,6 @@ def _swap_dir(src: Path, dest: Path) -> None:
         os.rename(dest, old)
     os.rename(src, dest)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def remove_stale_staging(repo: Path) -> None:
-    """Delete staging folders left by exports that were killed (their process is gone)."""
-    for folder in repo.parent.glob(f"{STAGING_PREFIX}*"):
-        pid = folder.name[len(STAGING_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def latest_metadata(repo: str | Path) -> Path | None:

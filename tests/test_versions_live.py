@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from export.check import check_repository
+from export.lock import staging_root
 from export.repository import export_repository
 from serving.client import PipelineClient
 from serving.server import TritonServer
@@ -81,7 +82,7 @@ def test_a_killed_export_leaves_the_served_version(live):
         stderr=subprocess.DEVNULL,
     )
     # Kill it midway: once it has started writing the new version into its staging folder.
-    staged = lambda: list(repo.parent.glob(f".wsss-staging-{proc.pid}-*/classifier/*/model.onnx"))  # noqa: E731
+    staged = lambda: list(staging_root(repo).glob(f"*-{proc.pid}-*/classifier/*/model.onnx"))  # noqa: E731
     assert _wait_for(staged, timeout=120), "the export never reached its staging step"
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -209,6 +209,9 @@ class ExportConfig:
     opset: int = 17
     atol: float = 1e-3  # served vs PyTorch, max abs error of float outputs: refused past this
     keep_versions: int = 2  # version_policy: Triton serves the latest N; older stay on disk
+    # While another export into the same repository runs (export/lock.py), wait this many
+    # seconds for it, saying so, then fail; unset: as long as it takes; 0 (--no-wait): fail.
+    lock_wait_seconds: float | None = None
     # The bytes-in ensemble refuses images with more pixels than this (from the header,
     # before decoding): 400 INVALID_ARG.
     max_image_pixels: int = 40_000_000
