@@ -106,6 +106,8 @@ def cmd_export(args) -> None:
         if not report.ok:
             sys.exit(1)
         return
+    if args.no_wait:
+        cfg.export.lock_wait_seconds = 0
     result = export_repository(cfg)
     print(f"exported version {result.version} to {result.repository}")
     for model, errors in result.parity.items():
@@ -299,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate the repository (configs, model files, ensembles); no export",
     )
     export.add_argument("--repository", help="repository to check (default: export.repository)")
+    export.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="fail at once if another export into the repository is running, instead of "
+        "waiting for it (export.lock_wait_seconds)",
+    )
     export.set_defaults(func=cmd_export)
 
     serve = sub.add_parser("serve", parents=[common], help="run tritonserver on the repository")
