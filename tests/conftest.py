@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +26,33 @@ TINY = [
     "segmenter.base_channels=4",
     "segmenter.depth=2",
 ]
+
+
+# The real Oxford-IIIT Pet photos the `realdata` tests train and score on: the shared subset
+# beside the project (CI has it), or wherever WSSS_PET_DATA points.
+REAL_PETS = Path(
+    os.environ.get("WSSS_PET_DATA")
+    or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "oxford-pet-subset"
+)
+
+
+@pytest.fixture(scope="session")
+def real_pets() -> Path:
+    if not (REAL_PETS / "annotations" / "trainval.txt").is_file():
+        pytest.skip(f"no Oxford-IIIT Pet photos at {REAL_PETS} (set WSSS_PET_DATA to a Pet folder)")
+    return REAL_PETS
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say how many real-photo tests ran, so a skip is never silent in CI."""
+    counts = {}
+    for outcome in ("passed", "failed", "error", "skipped"):
+        counts[outcome] = sum(
+            1 for r in terminalreporter.stats.get(outcome, []) if "realdata" in r.keywords
+        )
+    if any(counts.values()):
+        ran = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+        terminalreporter.write_line(f"real-photo tests ({REAL_PETS}): {ran}")
 
 
 def free_port() -> int:

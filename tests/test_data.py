@@ -121,3 +121,67 @@ def test_layout_errors_are_clear(tmp_path):
         read_class_names(tmp_path, "coco")
     with pytest.raises(DataLayoutError, match="VOC segmentation image set"):
         list_samples(tmp_path, "voc", "train")
+
+
+def _pet_subset(root, ids=(1, 2, 6)):
+    """A Pet folder of three official breeds with non-contiguous ids, its images saved as
+    the real release has some: JPEG, PNG and GIF under .jpg, greyscale, CMYK, alpha."""
+    breeds = {1: ("Abyssinian", 1), 2: ("american_bulldog", 2), 6: ("Bengal", 1)}
+    (root / "images").mkdir(parents=True)
+    (root / "annotations" / "trimaps").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    formats = [("JPEG", "RGB"), ("PNG", "RGB"), ("GIF", "P"), ("JPEG", "L"), ("JPEG", "CMYK"),
+               ("PNG", "RGBA")]  # fmt: skip
+    lines = {"trainval": ["#Image CLASS-ID SPECIES BREED ID"], "test": []}
+    k = 0
+    for cid in ids:
+        breed, species = breeds[cid]
+        for n in range(1, 5):
+            name = f"{breed}_{n}"
+            fmt, mode = formats[k % len(formats)]
+            k += 1
+            rgb = Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8))
+            rgb.convert(mode).save(root / "images" / f"{name}.jpg", format=fmt)
+            Image.fromarray(np.full((20, 30), 1 + n % 3, np.uint8)).save(
+                root / "annotations" / "trimaps" / f"{name}.png"
+            )
+            split = "test" if n == 4 else "trainval"
+            lines[split].append(f"{name} {cid} {species} {n}")
+    for split, rows in lines.items():
+        (root / "annotations" / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_a_pet_subset_reads_with_its_official_ids(tmp_path):
+    root = _pet_subset(tmp_path)
+    assert read_class_names(root, "pets") == ["Abyssinian", "american_bulldog", "Bengal"]
+    data = WSSSDataset(root, "pets", "train", 16)
+    assert len(data) == 9 and not data.skipped
+    assert sorted({s.labels for s in data.samples}) == [(0,), (1,), (2,)]
+    assert [(c["official_id"], c["species"]) for c in data.class_info] == [(1, 1), (2, 2), (6, 1)]
+    assert data.images.shape == (9, 16, 16, 3)
+    assert data.full_mask(0).shape == (20, 30)
+
+
+@pytest.mark.parametrize("broken", ["corrupt", "missing"])
+def test_an_unreadable_pet_image_is_named_or_skipped_and_counted(tmp_path, broken):
+    root = _pet_subset(tmp_path)
+    bad = root / "images" / "Bengal_2.jpg"
+    if broken == "corrupt":
+        bad.write_bytes(b"\xff\xd8not a jpeg at all")
+    else:
+        bad.unlink()
+    with pytest.raises(DataLayoutError, match=r"Bengal_2\.jpg.*skip_unreadable"):
+        WSSSDataset(root, "pets", "train", 16)
+    data = WSSSDataset(root, "pets", "train", 16, skip_unreadable=True)
+    assert len(data) == 8 and len(data.skipped) == 1 and "Bengal_2.jpg" in data.skipped[0]
+    assert "Bengal_2" not in [s.name for s in data.samples]
+    assert "1 unreadable skipped" in data.source
+
+
+def test_a_pet_class_id_given_to_two_breeds_is_refused(tmp_path):
+    root = _pet_subset(tmp_path)
+    listing = root / "annotations" / "test.txt"
+    listing.write_text(listing.read_text().replace("Bengal_4 6", "Bengal_4 1"))
+    with pytest.raises(DataLayoutError, match="class id 1"):
+        read_class_names(root, "pets")

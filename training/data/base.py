@@ -99,17 +99,35 @@ class Layout(abc.ABC):
         """The colours of the data's masks (768 ints), or None: VOC's colour map."""
         return None
 
+    def class_info(self, root: Path) -> list[dict]:
+        """What the data says of each class beyond its name (Pet: official id, species)."""
+        return []
+
+
+class UnreadableImageError(DataLayoutError):
+    """A listed image that is missing or does not decode; names the file."""
+
 
 def read_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 HxWx3, whatever the file's mode."""
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+    """RGB uint8 HxWx3 of whatever decodes, by content rather than by name: a PNG or GIF
+    saved as ``.jpg`` (Oxford-IIIT Pet has a few), greyscale, palette, CMYK, or with an
+    alpha channel (dropped). A missing or undecodable file is an ``UnreadableImageError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableImageError(f"{path}: the image is missing")
+    try:
+        with Image.open(path) as img:
+            img.seek(0)  # an animated GIF: its first frame
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise UnreadableImageError(f"{path}: cannot decode the image ({exc})") from None
 
 
 __all__ = [
     "IGNORE",
     "DataLayoutError",
     "Layout",
+    "UnreadableImageError",
     "Sample",
     "image_size",
     "png_palette",

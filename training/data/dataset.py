@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from training.data.base import UnreadableImageError
 from training.data.layouts import (
     IGNORE,
     DataLayoutError,
     Sample,
     describe,
+    get_layout,
     list_samples,
     read_class_names,
     read_image,
@@ -41,25 +45,51 @@ class WSSSDataset(Dataset):
         samples: list[Sample] | None = None,
         augment: bool = False,
         layout: str | None = None,
+        skip_unreadable: bool = False,
     ):
         self.class_names = read_class_names(root, task, layout)
+        self.class_info = get_layout(task, layout).class_info(Path(root))
         self.num_classes = num_classes or len(self.class_names)
         self.task, self.size, self.augment = task, size, augment
-        self.samples = samples if samples is not None else list_samples(root, task, split, layout)
-        if not self.samples:
+        listed = samples if samples is not None else list_samples(root, task, split, layout)
+        if not listed:
             raise DataLayoutError(f"{root}: the {split} split is empty")
+        self.palette = read_palette(root, task, layout)  # the masks' colours, for exports
+        images = np.empty((len(listed), size, size, 3), np.uint8)
+        masks = np.empty((len(listed), size, size), np.uint8)
+        known = len(self.class_names)
+        # Listed files that are missing or do not decode: an error naming the first, or with
+        # skip_unreadable (data.skip_unreadable) left out and counted in ``skipped``.
+        self.samples, self.skipped = [], []
+        for s in tqdm(listed, desc=f"load {split}", unit="img", leave=False):
+            try:
+                image = read_image(s.image_path)
+            except UnreadableImageError as exc:
+                if not skip_unreadable:
+                    raise UnreadableImageError(
+                        f"{exc} (listed in the {split} split; data.skip_unreadable=true "
+                        "leaves such files out)"
+                    ) from None
+                self.skipped.append(str(exc))
+                continue
+            mask = read_mask(s, task, image.shape[:2], known)
+            i = len(self.samples)
+            images[i] = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+            masks[i] = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+            self.samples.append(s)
         n = len(self.samples)
+        if not n:
+            raise DataLayoutError(f"{root}: no image of the {split} split could be read")
+        self.images, self.masks = images[:n], masks[:n]
         what = describe(root, task, split, layout) if samples is None else str(root)
         self.source = f"{what}: {n:,} images, {len(self.class_names)} classes"
-        self.palette = read_palette(root, task, layout)  # the masks' colours, for exports
-        self.images = np.empty((n, size, size, 3), np.uint8)
-        self.masks = np.empty((n, size, size), np.uint8)
-        known = len(self.class_names)
-        for i, s in enumerate(tqdm(self.samples, desc=f"load {split}", unit="img", leave=False)):
-            image = read_image(s.image_path)
-            mask = read_mask(s, task, image.shape[:2], known)
-            self.images[i] = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-            self.masks[i] = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+        if self.skipped:
+            self.source += f" ({len(self.skipped)} unreadable skipped)"
+
+    def full_mask(self, i: int) -> np.ndarray:
+        """Sample ``i``'s ground truth at its image's own resolution, read again from disk
+        (scores are taken there, with the model's masks resized back)."""
+        return read_mask(self.samples[i], self.task, None, len(self.class_names))
 
     @property
     def has_masks(self) -> bool:

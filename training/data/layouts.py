@@ -19,6 +19,8 @@ uses: class index per pixel, 255 = ignore.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -46,26 +48,48 @@ VOC_CLASSES = (
 )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class PetClass:
+    """One class of a Pet listing: its official id (1-37 in the full release), its name from
+    the file names, and its species (1 cat, 2 dog) as the lists give them."""
+
+    official_id: int
+    name: str
+    species: int | None
+
+
 @lru_cache(maxsize=8)
-def _pets_index(root: str) -> tuple[dict[str, int], list[str]]:
-    """Class id of every listed image, and class names ordered by id (from the file names)."""
+def _pets_index(root: str) -> tuple[dict[str, int], tuple[PetClass, ...]]:
+    """The classifier class of every listed image, and the classes present, in the order of
+    their official ids.
+
+    Any subset of the official release reads as it comes: a user who keeps three breeds has
+    ids such as 1, 2 and 6, which become classes 0, 1 and 2 (one classifier output per class
+    present); the official ids and species are kept in ``PetClass``.
+    """
     ann = Path(root) / "annotations"
-    ids: dict[str, int] = {}
-    names: dict[int, str] = {}
+    official: dict[str, int] = {}
+    classes: dict[int, PetClass] = {}
     for split in ("trainval", "test"):
         listing = require(ann / f"{split}.txt", "the Oxford-IIIT Pet annotations lists")
         for line in listing.read_text().splitlines():
             if not line.strip() or line.startswith("#"):
                 continue
             parts = line.split()
-            if len(parts) < 2 or not parts[1].isdigit():
+            if len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) < 1:
                 raise DataLayoutError(f"{listing}: bad line {line!r}")
-            name, cls = parts[0], int(parts[1]) - 1
-            ids[name] = cls
-            names.setdefault(cls, name.rsplit("_", 1)[0])
-    if sorted(names) != list(range(len(names))):
-        raise DataLayoutError(f"{ann}: class ids are not contiguous from 1: {sorted(names)}")
-    return ids, [names[i] for i in range(len(names))]
+            name, cls = parts[0], int(parts[1])
+            species = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else None
+            breed = name.rsplit("_", 1)[0]
+            known = classes.setdefault(cls, PetClass(cls, breed, species))
+            if known.name.lower() != breed.lower():
+                raise DataLayoutError(
+                    f"{listing}: {name} has class id {cls}, which {known.name} images have too"
+                )
+            official[name] = cls
+    order = {cls: i for i, cls in enumerate(sorted(classes))}
+    ids = {name: order[cls] for name, cls in official.items()}
+    return ids, tuple(classes[c] for c in sorted(classes))
 
 
 class PetsLayout(Layout):
@@ -73,7 +97,11 @@ class PetsLayout(Layout):
     tasks = ("pets",)
 
     def class_names(self, root: Path) -> list[str]:
-        return _pets_index(str(root))[1]
+        return [c.name for c in _pets_index(str(root))[1]]
+
+    def class_info(self, root: Path) -> list[dict]:
+        """Each class's official id and species (1 cat, 2 dog), in class order."""
+        return [dataclasses.asdict(c) for c in _pets_index(str(root))[1]]
 
     def _listing(self, root: Path, split: str) -> Path:
         return root / "annotations" / ("trainval.txt" if split == "train" else "test.txt")
@@ -84,11 +112,14 @@ class PetsLayout(Layout):
     def samples(self, root: Path, split: str) -> list[Sample]:
         ids, _ = _pets_index(str(root))
         listing = self._listing(root, split)
-        names = [ln.split()[0] for ln in listing.read_text().splitlines() if ln.strip()]
+        lines = listing.read_text().splitlines()
+        names = [ln.split()[0] for ln in lines if ln.strip() and not ln.startswith("#")]
+        # Image files are checked as they are read (training.data.dataset), where a missing
+        # or undecodable one is an error naming it, or is skipped and counted.
         return [
             Sample(
                 n,
-                require(root / "images" / f"{n}.jpg", f"an image listed in {listing}"),
+                root / "images" / f"{n}.jpg",
                 root / "annotations" / "trimaps" / f"{n}.png",
                 (ids[n],),
                 self.name,
