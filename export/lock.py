@@ -9,15 +9,17 @@ a host and a container (or two pods) could not do, as each sees its own.
 
 The lock is a POSIX record lock (``fcntl.lockf``: ``F_SETLK`` on the whole file), not
 ``flock``: it is what NFS itself implements (NLM for NFSv3, part of the protocol in NFSv4),
-so it holds between hosts on NFS, CephFS, EFS or Filestore volumes (the ReadWriteMany
-volumes ``deploy/kubernetes`` mounts), while ``flock`` is only emulated by it on Linux NFS
-clients and is local to one host elsewhere. The holder's kernel releases it when the
-process dies however it dies; an NFSv4 server releases the lock of a client machine that
-vanished when its lease runs out (90 s by default). It relies on the volume's locks reaching
-the server: an NFS mount with ``nolock`` or ``local_lock=posix|all`` keeps them on one
-node, and exports from two nodes would no longer be kept apart. One caveat of POSIX locks:
-closing any descriptor of the lock file releases the process's lock, so nothing else in an
-export opens it.
+and CephFS keeps it on its metadata servers, so it holds between hosts on the ReadWriteMany
+volumes ``deploy/kubernetes`` mounts (NFS, EFS, Filestore, CephFS); ``flock`` reaches an NFS
+server only because Linux clients emulate it with this very lock (since 2.6.12), and not
+every network filesystem's client carries it at all. On one host (compose's bind mount) the
+host and its containers share the kernel's locks. The holder's kernel releases the lock
+when the process dies, however it dies; an NFSv4 server releases the lock of a client
+machine that vanished when its lease runs out (90 s by default on Linux). It relies on the
+volume's locks reaching the server: an NFS mount with ``nolock`` or ``local_lock=posix|all``
+keeps them on one node, and exports from two nodes would no longer be kept apart. A caveat
+of POSIX locks: closing any descriptor of the lock file releases the process's lock, so
+nothing else in an export opens it.
 
 The lock file itself is never removed (removing it would let a waiter lock a file nobody
 else opens any more); it holds a line saying who holds it, for the waiter's message, and is
