@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 
@@ -7,6 +8,7 @@ from training.refine import (
     FixedThreshold,
     GrabCut,
     OtsuThreshold,
+    SaliencyRefiner,
     build_refiner,
     present_classes,
 )
@@ -67,7 +69,7 @@ def test_min_score_gives_an_empty_mask():
 
 
 def test_registry_builds_every_refiner_from_config():
-    assert set(REFINERS) == {"fixed", "otsu", "grabcut", "chanvese", "levelset", "vit"}
+    assert set(REFINERS) == {"fixed", "otsu", "grabcut", "chanvese", "levelset", "vit", "saliency"}
     cams = np.stack([np.stack([_blob_cam(), _blob_cam(cx=8)])] * 3)
     scores = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
     refiner = build_refiner(RefineConfig("otsu"), multi_label=True)
@@ -188,3 +190,54 @@ def test_chan_vese_passes_degenerate_seeds_through():
     assert not ChanVese(FixedThreshold(False, 0.99), 5).foreground(cam * 0, image).any()
     with pytest.raises(ValueError, match=">= 1"):
         ChanVese(FixedThreshold(False), 0)
+
+
+class _Saliency:
+    """A stand-in saliency model: the same [224, 224] map for every image."""
+
+    def __init__(self, blob):
+        self.map = cv2.resize(blob, (224, 224), interpolation=cv2.INTER_LINEAR)
+
+    def __call__(self, images):
+        return np.stack([self.map] * len(images))
+
+
+def _saliency_case():
+    """A salient blob where the class's CAM is (left) and one the CAM never reaches
+    (right); a CAM-confident spot (top) outside every salient part."""
+    salient = np.maximum(_blob_cam(cx=9, r=5), _blob_cam(cx=25, r=4))
+    cam = _blob_cam(cx=9, r=5) * 0.9 + _blob_cam(cy=3, cx=3, r=1.5)
+    return salient, np.stack([np.zeros_like(cam), np.clip(cam, 0, 1)])
+
+
+@pytest.mark.parametrize("doubt, other", [("keep", 1), ("background", 0), ("ignore", 255)])
+def test_saliency_gives_the_extent_and_the_cam_the_doubts(doubt, other):
+    salient, cams = _saliency_case()
+    refiner = SaliencyRefiner(False, _Saliency(salient), doubt, cam_threshold=0.5, sure_fg=0.8)
+    mask = _call(refiner, cams, [0.1, 0.9])
+    assert mask[16, 9] == 1 and mask[31, 16] == 0  # the labelled object; background
+    assert mask[16, 25] == other  # salient, but no CAM of a present class reaches it
+    assert mask[3, 3] == (0 if doubt == "keep" else other)  # CAM-sure, not salient
+
+
+def test_saliency_pixels_go_to_the_strongest_present_class():
+    salient = np.maximum(_blob_cam(cx=9, r=5), _blob_cam(cx=24, r=5))
+    cams = np.stack([_blob_cam(cx=9, r=5), _blob_cam(cx=24, r=5), np.zeros((32, 32), np.float32)])
+    mask = _call(SaliencyRefiner(True, _Saliency(salient)), cams, [0.9, 0.8, 0.1])
+    assert mask[16, 9] == 1 and mask[16, 24] == 2 and mask[0, 0] == 0
+    # No class present (min_score): an empty mask, whatever is salient.
+    empty = SaliencyRefiner(False, _Saliency(salient), min_score=0.95)
+    assert _call(empty, cams[:2], [0.5, 0.5]).sum() == 0
+
+
+def test_saliency_is_built_from_config_with_its_follow_ups():
+    cases = (
+        ({}, "saliency"),
+        ({"grabcut": True}, "saliency+grabcut"),
+        ({"chanvese": True, "chanvese_iterations": 3}, "saliency+chanvese3"),
+    )
+    for extra, name in cases:
+        refiner = build_refiner(RefineConfig(method="saliency", **extra), multi_label=False)
+        assert isinstance(refiner, SaliencyRefiner) and refiner.name == name
+    with pytest.raises(ValueError, match="saliency_doubt"):
+        build_refiner(RefineConfig(method="saliency", saliency_doubt="maybe"), False)

