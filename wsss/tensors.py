@@ -124,12 +124,17 @@ def served_models(
     num_classes: int,
     num_seg_classes: int,
     features: tuple[int, int, int] | None = None,
+    segmenter_input: str = IMAGE,
 ) -> dict[str, ModelSpec]:
     """The models of the repository, in pipeline order, with their tensors.
 
     ``features`` (channels, height, width of the backbone map) selects the level-set refiner:
     the classifier then also returns FEATURES, which the refiner reads beside the CAMS.
+    ``segmenter_input``: IMAGE for a trained segmenter; PSEUDO_MASK for the pass-through one
+    (``segmenter.arch: passthrough``), which serves the refined mask as the segmentation.
     """
+    if segmenter_input not in (IMAGE, PSEUDO_MASK):
+        raise ValueError(f"the segmenter reads {IMAGE} or {PSEUDO_MASK}, not {segmenter_input!r}")
     h = w = image_size
     image = TensorSpec(IMAGE, "uint8", (h, w, 3), "RGB pixels, resized to the model size")
     scores = TensorSpec(
@@ -141,7 +146,9 @@ def served_models(
     )
     cams = TensorSpec(CAMS, "float32", (num_classes, h, w), "one [0, 1] map per class")
     pseudo = TensorSpec(PSEUDO_MASK, "uint8", (h, w), "refined CAM: class index per pixel")
-    probs = TensorSpec(SEG_PROBS, "float32", (num_seg_classes, h, w), "segmenter softmax")
+    probs = TensorSpec(
+        SEG_PROBS, "float32", (num_seg_classes, h, w), "segmenter softmax (passed through: one-hot)"
+    )
     seg = TensorSpec(SEGMENTATION, "uint8", (h, w), "segmenter argmax: class index per pixel")
     encoded = TensorSpec(IMAGE_BYTES, "bytes", (1,), "an encoded JPEG or PNG, any size")
     original = TensorSpec(ORIGINAL_SIZE, "int32", (2,), "height and width of the decoded image")
@@ -158,7 +165,9 @@ def served_models(
         PREPROCESS: ModelSpec(PREPROCESS, (encoded,), (image, original)),
         CLASSIFIER: classifier,
         REFINER: refiner,
-        SEGMENTER: ModelSpec(SEGMENTER, (image,), (probs, seg)),
+        SEGMENTER: ModelSpec(
+            SEGMENTER, (image if segmenter_input == IMAGE else pseudo,), (probs, seg)
+        ),
         POSTPROCESS: ModelSpec(POSTPROCESS, (pseudo, seg, original), (pseudo_full, seg_full)),
         PIPELINE: ModelSpec(PIPELINE, (image,), (scores, cams, pseudo, probs, seg)),
         PIPELINE_BYTES: ModelSpec(PIPELINE_BYTES, (encoded,), (scores, pseudo_full, seg_full)),
