@@ -63,6 +63,7 @@ from wsss.tensors import (
     IMAGE,
     PIPELINE,
     PIPELINE_BYTES,
+    PSEUDO_MASK,
     REFINER,
     SCORES,
     SEGMENTATION,
@@ -148,10 +149,12 @@ class OrtPipeline:
         if self.refiner_graph is not None:
             wanted = {i.name for i in self.refiner_graph.get_inputs()}
             feeds = {IMAGE: images, **{k: v for k, v in out.items() if k in wanted}}
-            self.refiner_graph.run(None, feeds)
+            (pseudo,) = self.refiner_graph.run(None, feeds)
         else:
-            self.refiner(images, out[SCORES], out[CAMS], out.get(FEATURES))
-        self.segmenter.run(None, {IMAGE: images})
+            pseudo = self.refiner(images, out[SCORES], out[CAMS], out.get(FEATURES))
+        # A trained segmenter reads the pixels, the pass-through one the refined mask.
+        (read,) = (i.name for i in self.segmenter.get_inputs())
+        self.segmenter.run(None, {read: {IMAGE: images, PSEUDO_MASK: pseudo}[read]})
 
 
 def _providers() -> list[str]:

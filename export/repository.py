@@ -35,7 +35,7 @@ from export.configs import (
 from export.lock import locked_staging
 from export.onnx_export import check_parity, export_onnx
 from export.torchscript_export import check_torchscript_parity, export_torchscript
-from training.pipeline import ServedSegmenter, load_model, refine_step
+from training.pipeline import PassThroughSegmenter, ServedSegmenter, load_model, refine_step
 from wsss import served
 from wsss.config import Config, save_config, served_config
 from wsss.errors import WsssError
@@ -45,8 +45,10 @@ from wsss.served.classical import VIT_FILE
 from wsss.tensors import (
     CLASSIFIER,
     ENSEMBLES,
+    IMAGE,
     LABELS_FILE,
     PREPROCESS,
+    PSEUDO_MASK,
     REFINER,
     SEGMENTER,
     label_parameters,
@@ -109,10 +111,12 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
         with torch.no_grad():
             probe = classifier(torch.zeros(1, size, size, 3, dtype=torch.uint8))
         features = tuple(probe[2].shape[1:])
-    specs = served_models(size, len(names), smeta["kwargs"]["num_classes"], features)
+    passthrough = isinstance(segmenter, PassThroughSegmenter)  # serves PSEUDO_MASK as it is
+    seg_input = PSEUDO_MASK if passthrough else IMAGE
+    specs = served_models(size, len(names), smeta["kwargs"]["num_classes"], features, seg_input)
     networks: dict[str, nn.Module] = {
         CLASSIFIER: classifier,
-        SEGMENTER: ServedSegmenter(segmenter),
+        SEGMENTER: segmenter if passthrough else ServedSegmenter(segmenter),
     }
     params = {PREPROCESS: {"max_pixels": str(cfg.export.max_image_pixels)}}
     if network_refiner:
@@ -206,8 +210,15 @@ def _write_network(
 
 
 def _sample(name: str, networks: dict[str, nn.Module], images: np.ndarray) -> tuple:
-    """Inputs for tracing and parity: images, and for the refiner what the classifier gives."""
+    """Inputs for tracing and parity: images, for the refiner what the classifier gives, and
+    for a pass-through segmenter masks of every class and 255 (ignored: passed through too)."""
     x = torch.from_numpy(images)
+    module = networks[name]
+    if isinstance(module, PassThroughSegmenter):
+        masks = images[..., 0] % (module.num_classes + 1)
+        return (
+            torch.from_numpy(np.where(masks == module.num_classes, 255, masks).astype(np.uint8)),
+        )
     if name != REFINER:
         return (x,)
     with torch.no_grad():  # not inference mode: these tensors get traced

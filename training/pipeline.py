@@ -1,8 +1,9 @@
 """The served pipeline, in process: the reference every exported model is checked against.
 
 ``ServedClassifier`` and ``ServedSegmenter`` are exactly the graphs that get exported: uint8
-NHWC pixels in, the tensors of ``wsss.tensors`` out. ``Pipeline`` chains them with a refiner
-as the Triton ensemble does.
+NHWC pixels in, the tensors of ``wsss.tensors`` out (``PassThroughSegmenter``, the segmenter
+of ``segmenter.arch: passthrough``, reads PSEUDO_MASK instead). ``Pipeline`` chains them with a
+refiner as the Triton ensemble does.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from training.models import build_classifier, build_segmenter
 from training.models.classifier import CAMClassifier
 from training.models.common import to_pixels
 from training.refine import Refiner, build_refiner
+from wsss.config import PASSTHROUGH
 from wsss.tensors import CAMS, PSEUDO_MASK, SCORES, SEG_PROBS, SEGMENTATION
 
 
@@ -55,6 +57,8 @@ class ServedClassifier(nn.Module):
 
 
 class ServedSegmenter(nn.Module):
+    """IMAGE -> SEG_PROBS (the trained segmenter's softmax), SEGMENTATION (its argmax)."""
+
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
@@ -64,6 +68,42 @@ class ServedSegmenter(nn.Module):
         return probs, probs.argmax(dim=1).to(torch.uint8)
 
 
+class PassThroughSegmenter(nn.Module):
+    """PSEUDO_MASK -> SEG_PROBS (its one-hot), SEGMENTATION (the mask itself).
+
+    The served segmenter of ``segmenter.arch: passthrough``: nothing trained, so the served
+    segmentation is exactly the refined mask, and the ensembles keep all their tensors. A mask
+    value outside the ``num_classes`` segmentation classes (255) passes through as it is, with
+    all-zero probabilities.
+    """
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        classes = torch.arange(self.num_classes, device=masks.device).view(1, -1, 1, 1)
+        # Compared as int64: ONNX Runtime's CPU Equal has no uint8 kernel.
+        probs = (masks.long().unsqueeze(1) == classes).to(torch.float32)
+        # A copy: an exported graph output that is its input would share its name.
+        return probs, masks.clone()
+
+
+class ServedPassThrough:
+    """A pass-through segmenter on images, in process: the PSEUDO_MASK the ensemble makes of
+    them (the classifier's predictions, refined) through ``module``. Scored, it is the
+    served segmentation; exported, only ``module`` is."""
+
+    def __init__(self, classifier: ServedClassifier, refiner: Refiner, module: nn.Module):
+        self.source = Pipeline(classifier, None, refiner)
+        self.module = module
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = images.numpy()
+        masks = self.source.refine(pixels, self.source.classify(pixels))
+        return self.module(torch.from_numpy(masks))
+
+
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild a classifier or segmenter from a checkpoint (weights only: no pickled code)."""
     path = Path(path)
@@ -71,6 +111,8 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
         raise FileNotFoundError(f"{path} not found: train that stage first (`wsss train`)")
     ckpt = load_checkpoint(path)
     meta = ckpt["meta"]
+    if meta["family"] == "segmenter" and meta["arch"] == PASSTHROUGH:  # no weights
+        return PassThroughSegmenter(**meta["kwargs"]).eval(), meta
     build = build_classifier if meta["family"] == "classifier" else build_segmenter
     model = build(meta["arch"], **meta["kwargs"])
     model.load_state_dict(ckpt["state_dict"])
@@ -128,7 +170,7 @@ class Pipeline:
     """Classifier -> refiner -> segmenter, as the ``wsss_pipeline`` ensemble runs them."""
 
     classifier: ServedClassifier | None
-    segmenter: ServedSegmenter | None
+    segmenter: ServedSegmenter | ServedPassThrough | None
     refiner: Refiner | None
 
     @property
@@ -168,16 +210,22 @@ class Pipeline:
         return masks
 
     @torch.inference_mode()
-    def segment(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """SEG_PROBS and SEGMENTATION of uint8 [B, H, W, 3]."""
-        probs, seg = self.segmenter(torch.from_numpy(np.ascontiguousarray(images)))
+    def segment(
+        self, images: np.ndarray, pseudo: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """SEG_PROBS and SEGMENTATION of uint8 [B, H, W, 3]; a pass-through segmenter reads
+        ``pseudo`` where given (the PSEUDO_MASK already made of these images, as served)."""
+        if pseudo is not None and isinstance(self.segmenter, ServedPassThrough):
+            probs, seg = self.segmenter.module(torch.from_numpy(pseudo))
+        else:
+            probs, seg = self.segmenter(torch.from_numpy(np.ascontiguousarray(images)))
         return probs.numpy(), seg.numpy()
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 [B, H, W, 3] -> the ensemble's outputs, keyed by their served names."""
         outputs = self.classify(images)
         pseudo = self.refine(images, outputs)
-        probs, seg = self.segment(images)
+        probs, seg = self.segment(images, pseudo)
         return {
             SCORES: outputs[0].numpy(),
             CAMS: outputs[1].numpy(),
@@ -216,5 +264,8 @@ def pipeline_from_config(cfg, segmenter: bool = True) -> Pipeline:
     seg = None
     if segmenter:
         net, _ = load_model(Path(cfg.runs) / "segmenter" / "best.pt")
-        seg = ServedSegmenter(net).eval()
+        if isinstance(net, PassThroughSegmenter):
+            seg = ServedPassThrough(classifier, refiner, net)
+        else:
+            seg = ServedSegmenter(net).eval()
     return Pipeline(classifier, seg, refiner)

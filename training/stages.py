@@ -21,6 +21,7 @@ from training.loop import fit, resolve_device, save_checkpoint
 from training.models import build_classifier, build_segmenter
 from training.models.imagenet import imagenet_class_names, parse_class_groups
 from training.pipeline import (
+    PassThroughSegmenter,
     Pipeline,
     ServedClassifier,
     load_model,
@@ -29,7 +30,7 @@ from training.pipeline import (
     translate_labels,
 )
 from training.refine import build_refiner
-from wsss.config import Config, RefineConfig, save_config
+from wsss.config import PASSTHROUGH, Config, RefineConfig, save_config
 
 
 class _View(Dataset):
@@ -343,6 +344,31 @@ def train_segmenter(
     return _train(cfg, model, train, val, loss, meta, seg.epochs, seg.lr, out=out)
 
 
+def passthrough_segmenter(cfg: Config, data: WSSSDataset) -> nn.Module:
+    """``segmenter.arch: passthrough``: nothing to train, the refined mask is served as the
+    segmentation. Its checkpoint (no weights: its classes and palette) is still written, so
+    every later stage reads the segmenter the same way."""
+    num_classes = segmentation_classes(cfg.data.task, data.num_classes)
+    meta = {
+        "family": "segmenter",
+        "arch": PASSTHROUGH,
+        "task": cfg.data.task,
+        "kwargs": {"num_classes": num_classes},
+        "class_names": data.class_names,
+        "palette": data.palette,
+        "targets": "none: the served PSEUDO_MASK passes through",
+    }
+    model = PassThroughSegmenter(num_classes)
+    out = Path(cfg.runs) / "segmenter"
+    with distributed.main_first() as main:
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_checkpoint({"state_dict": model.state_dict(), "meta": meta}, out / "best.pt")
+            save_config(cfg, out / "config.yaml")
+            tqdm.write("segmenter: passthrough, nothing to train: SEGMENTATION is the PSEUDO_MASK")
+    return model.eval()
+
+
 def _seed(cfg: Config) -> None:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     np.random.seed(cfg.train.seed + distributed.rank())  # the augmentations draw from numpy
@@ -400,6 +426,8 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
 
     ``levelset`` runs only with ``refine.method: levelset``, and is trained when missing if
     pseudo-masks are to be made; saved pseudo-masks are reused only for the same images.
+    With ``segmenter.arch: passthrough`` nothing reads training pseudo-masks: ``pseudo`` and
+    ``supervised`` are skipped and ``segmenter`` writes the pass-through's checkpoint.
     """
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -420,6 +448,13 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
         train_levelset(cfg, data, classifier, cmeta)
     pseudo_path = runs / "pseudo" / "train_masks.npz"
     distributed.barrier()
+    if cfg.segmenter.arch == PASSTHROUGH:  # no segmenter to train: no masks to train it on
+        skipped = [s for s in ("pseudo", "supervised") if s in stages]
+        if skipped and distributed.is_main():
+            tqdm.write(f"{', '.join(skipped)}: skipped, segmenter.arch passthrough trains nothing")
+        if "segmenter" in stages:
+            passthrough_segmenter(cfg, data)
+        return
     if "pseudo" in stages or ("segmenter" in stages and not _fits(pseudo_path, data)):
         # Under torchrun rank 0 makes them while the others wait (inference, not training).
         with distributed.main_first() as main:

@@ -32,7 +32,7 @@ from training.pipeline import (
     refine_step,
 )
 from training.refine import FOLLOW_UPS, METHODS, build_refiner
-from wsss.config import Config, RefineConfig, load_config, save_config
+from wsss.config import PASSTHROUGH, Config, RefineConfig, load_config, save_config
 from wsss.figures import overlay, panel_figure
 from wsss.served.images import resize_image
 
@@ -88,6 +88,8 @@ def evaluate_profile(cfg: Config) -> str:
     arch = cfg.classifier.arch
     pseudo = f"pseudo-masks ({arch} {pipe.classifier.cam_method} + {pipe.refiner.name})"
     segmenter = f"segmenter ({segmenter_label(cfg)}, trained on the pseudo-masks)"
+    if cfg.segmenter.arch == PASSTHROUGH:  # scored as served: the predictions' pseudo-masks
+        segmenter = "segmenter (passthrough: the served pseudo-mask, from predictions)"
     pipes = {pseudo: Pipeline(pipe.classifier, None, pipe.refiner)}
     pipes[segmenter] = Pipeline(None, pipe.segmenter, None)
     supervised = supervised_pipeline(cfg.runs)

@@ -1,0 +1,142 @@
+"""segmenter.arch passthrough: no segmenter trained, the refined mask served as SEGMENTATION."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.configs import build_configs, parse
+from export.onnx_export import check_parity, export_onnx
+from export.torchscript_export import check_torchscript_parity, export_torchscript
+from tests.conftest import random_export_cfg
+from training.pipeline import PassThroughSegmenter, Pipeline, ServedPassThrough
+from wsss.config import PASSTHROUGH, load_config, with_overrides
+from wsss.tensors import (
+    ENSEMBLES,
+    IMAGE,
+    PIPELINE,
+    PSEUDO_MASK,
+    SEG_PROBS,
+    SEGMENTATION,
+    SEGMENTER,
+    served_models,
+)
+
+
+def _masks(batch: int, classes: int, size: int = 16) -> torch.Tensor:
+    """Every class value and 255 (ignored), at random."""
+    values = torch.tensor([*range(classes), 255], dtype=torch.uint8)
+    return values[torch.randint(0, classes + 1, (batch, size, size))]
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_segmentation_is_the_mask_and_probs_its_one_hot(classes):
+    masks = _masks(3, classes)
+    probs, seg = PassThroughSegmenter(classes)(masks)
+    assert probs.dtype == torch.float32 and probs.shape == (3, classes, 16, 16)
+    assert seg.dtype == torch.uint8 and torch.equal(seg, masks)
+    labelled = masks != 255
+    assert torch.equal(probs.argmax(1)[labelled], masks[labelled].long())
+    assert torch.equal(probs.sum(1), labelled.float())  # one-hot; 255 gets no class at all
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_exports_with_parity_and_a_free_batch_axis(fmt, tmp_path):
+    module = PassThroughSegmenter(3).eval()
+    spec = served_models(16, 2, 3, segmenter_input=PSEUDO_MASK)[SEGMENTER]
+    trace, probe = (_masks(2, 3),), (_masks(5, 3),)
+    if fmt == "onnx":
+        path = export_onnx(module, spec, trace, tmp_path / "model.onnx")
+        errors = check_parity(module, path, spec, probe, atol=0.0)
+    else:
+        path = export_torchscript(module, trace, tmp_path / "model.pt")
+        errors = check_torchscript_parity(module, path, spec, probe, atol=0.0)
+    assert errors == {SEG_PROBS: 0.0, SEGMENTATION: 0.0}
+
+
+def test_the_segmenter_spec_reads_the_pseudo_mask_and_the_ensembles_keep_their_tensors():
+    plain, passed = served_models(32, 3, 2), served_models(32, 3, 2, segmenter_input=PSEUDO_MASK)
+    assert plain == served_models(32, 3, 2, segmenter_input=IMAGE)
+    assert [t.name for t in passed[SEGMENTER].inputs] == [PSEUDO_MASK]
+    assert passed[SEGMENTER].inputs[0] == plain[PIPELINE].outputs[2]  # the refiner's tensor
+    assert passed[SEGMENTER].outputs == plain[SEGMENTER].outputs
+    assert all(passed[n] == plain[n] for n in passed if n != SEGMENTER)
+    with pytest.raises(ValueError, match="reads IMAGE or PSEUDO_MASK"):
+        served_models(32, 3, 2, segmenter_input=SEGMENTATION)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_both_ensembles_map_the_pseudo_mask_into_the_segmenter(fmt):
+    export = load_config(None, [f"export.segmenter.format={fmt}"]).export
+    specs = served_models(32, 3, 2, segmenter_input=PSEUDO_MASK)
+    versions = {name: [1] for name in specs}
+    params = {"refiner": {"refine": "{}", "multi_label": "false"}}
+    configs = build_configs(specs, export, params, versions)
+    name = {"onnx": PSEUDO_MASK, "torchscript": f"{PSEUDO_MASK}__0"}[fmt]
+    assert [i.name for i in configs[SEGMENTER].input] == [name]
+    for ensemble in ENSEMBLES:
+        config = parse(str(configs[ensemble]))  # still Triton's schema
+        (step,) = [s for s in config.ensemble_scheduling.step if s.model_name == SEGMENTER]
+        assert dict(step.input_map) == {name: PSEUDO_MASK}
+        assert [o.name for o in config.output] == [t.name for t in specs[ensemble].outputs]
+
+
+@pytest.fixture
+def passthrough_cfg(tmp_path, pets_root):
+    """Random classifier, the fixed threshold, and the pass-through written by `wsss train`."""
+    from training import stages
+
+    cfg = random_export_cfg(tmp_path, f"data.root={pets_root}", "refine.method=fixed")
+    cfg = with_overrides(cfg, [f"segmenter.arch={PASSTHROUGH}"])
+    stages.run(cfg, ("pseudo", "segmenter", "supervised"))
+    return cfg
+
+
+def test_train_writes_the_pass_through_and_skips_what_would_train_it(passthrough_cfg, capsys):
+    from training.pipeline import load_model
+
+    runs = Path(passthrough_cfg.runs)
+    module, meta = load_model(runs / "segmenter" / "best.pt")
+    assert isinstance(module, PassThroughSegmenter) and module.num_classes == 2  # pets
+    assert meta["arch"] == PASSTHROUGH and meta["palette"] and meta["class_names"]
+    assert not (runs / "pseudo").exists() and not (runs / "supervised").exists()
+    from training import stages
+
+    stages.run(passthrough_cfg, ("pseudo", "supervised"))
+    assert "pseudo, supervised: skipped" in capsys.readouterr().out
+    assert not (runs / "pseudo").exists() and not (runs / "supervised").exists()
+
+
+def test_the_pipeline_serves_the_refined_mask_as_the_segmentation(passthrough_cfg):
+    from training.pipeline import pipeline_from_config
+
+    pipe = pipeline_from_config(passthrough_cfg)
+    assert isinstance(pipe.segmenter, ServedPassThrough)
+    images = np.random.default_rng(0).integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
+    out = pipe(images)
+    np.testing.assert_array_equal(out[SEGMENTATION], out[PSEUDO_MASK])
+    assert out[SEG_PROBS].shape == (3, 2, 48, 48) and out[SEG_PROBS].dtype == np.float32
+    np.testing.assert_array_equal(out[SEG_PROBS].argmax(1), out[SEGMENTATION])
+    # Scored alone (as `wsss evaluate` scores a segmenter), it makes the served mask itself.
+    probs, seg = Pipeline(None, pipe.segmenter, None).segment(images)
+    np.testing.assert_array_equal(seg, out[SEGMENTATION])
+    np.testing.assert_array_equal(probs, out[SEG_PROBS])
+
+
+def test_export_serves_the_pass_through_graph(passthrough_cfg):
+    import onnx
+
+    from export.check import check_repository
+    from export.repository import export_repository
+
+    result = export_repository(passthrough_cfg)
+    repo = Path(passthrough_cfg.export.repository)
+    assert result.parity[SEGMENTER] == {SEG_PROBS: 0.0, SEGMENTATION: 0.0}
+    graph = onnx.load(str(repo / SEGMENTER / str(result.version) / "model.onnx")).graph
+    assert [i.name for i in graph.input] == [PSEUDO_MASK]
+    assert len(graph.initializer) + len(graph.node) < 20  # a tiny graph, no network
+    report = check_repository(repo)
+    assert report.ok, str(report)
