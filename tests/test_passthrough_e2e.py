@@ -1,0 +1,135 @@
+"""The pass-through segmenter on the real stack: exported, served by tritonserver, asked over
+gRPC through both ensembles, and every subset of outputs asked as ``wsss.pruning`` says."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpc
+from tritonclient.utils import InferenceServerException
+
+from serving.client import PipelineClient
+from tests.conftest import free_port
+from training.data import list_samples, read_image
+from wsss.config import PASSTHROUGH, with_overrides
+from wsss.pruning import answered, ensemble_steps, outputs_to_request
+from wsss.served.images import encode_png, resize_image
+from wsss.tensors import (
+    CLASSIFIER,
+    PIPELINE,
+    PIPELINE_BYTES,
+    PSEUDO_MASK,
+    PSEUDO_MASK_FULL,
+    SCORES,
+    SEG_PROBS,
+    SEGMENTATION,
+    SEGMENTATION_FULL,
+    SEGMENTER,
+    served_models,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.triton]
+
+
+@pytest.fixture(scope="module")
+def passthrough(trained, tmp_path_factory):
+    """The tiny trained classifier, the fixed threshold, the pass-through segmenter."""
+    from export.repository import export_repository
+    from training import stages
+
+    work = tmp_path_factory.mktemp("passthrough")
+    shutil.copytree(Path(trained.runs) / "classifier", work / "runs" / "classifier")
+    cfg = with_overrides(
+        trained,
+        [
+            f"runs={work / 'runs'}",
+            f"export.repository={work / 'model_repository'}",
+            f"segmenter.arch={PASSTHROUGH}",
+            "refine.method=fixed",
+            *(f"serve.{p}_port={free_port()}" for p in ("http", "grpc", "metrics")),
+        ],
+    )
+    stages.run(cfg, ("segmenter",))
+    export_repository(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def server(passthrough, tmp_path_factory):
+    from serving.server import TritonServer
+
+    repo = Path(passthrough.export.repository)
+    with TritonServer(repo, passthrough.serve, tmp_path_factory.mktemp("server")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def images(passthrough):
+    size = (passthrough.data.image_size,) * 2
+    samples = list_samples(passthrough.data.root, "pets", "test")[:3]
+    return np.stack([resize_image(read_image(s.image_path), size) for s in samples])
+
+
+def test_both_ensembles_serve_the_refined_mask_as_the_segmentation(server, passthrough, images):
+    from training.pipeline import pipeline_from_config
+
+    client = PipelineClient(server.grpc_url, "grpc")
+    got = client.infer(images)
+    assert set(got) == {t.name for t in client.specs.outputs}  # every tensor, as before
+    np.testing.assert_array_equal(got[SEGMENTATION], got[PSEUDO_MASK])
+    assert got[SEG_PROBS].shape == (len(images), 2, *images.shape[1:3])
+    np.testing.assert_array_equal(got[SEG_PROBS].argmax(1), got[SEGMENTATION])
+    np.testing.assert_array_equal(got[SEG_PROBS].sum(1), 1.0)  # one-hot
+    assert 0 < got[PSEUDO_MASK].mean() < 1  # a mask with both classes: a real check
+    want = pipeline_from_config(passthrough)(images)
+    assert (got[PSEUDO_MASK] != want[PSEUDO_MASK]).mean() <= 1e-3
+    np.testing.assert_array_equal(want[SEGMENTATION], want[PSEUDO_MASK])
+    np.testing.assert_allclose(got[SCORES], want[SCORES], atol=1e-4)
+
+    full = PipelineClient(server.grpc_url, "grpc", model=PIPELINE_BYTES).infer(images)
+    assert set(full) == {SCORES, PSEUDO_MASK_FULL, SEGMENTATION_FULL}
+    np.testing.assert_array_equal(full[SEGMENTATION_FULL], full[PSEUDO_MASK_FULL])
+    np.testing.assert_array_equal(full[SEGMENTATION_FULL], got[SEGMENTATION])  # same size
+    client.close()
+
+
+def test_every_subset_is_answered_as_the_pruning_model_says(server, images):
+    """Each subset of each ensemble's outputs: asked alone, the server answers it or fails
+    with "unexpected deadlock" exactly as ``wsss.pruning`` predicts; asked with
+    ``outputs_to_request``'s extras, it is answered with the full request's values."""
+    client = grpc.InferenceServerClient(server.grpc_url)
+    meta = client.get_model_metadata(SEGMENTER)
+    assert [i.name for i in meta.inputs] == [PSEUDO_MASK]
+    k, s = (int(client.get_model_metadata(m).outputs[0].shape[1]) for m in (CLASSIFIER, SEGMENTER))
+    specs = served_models(images.shape[1], k, s, segmenter_input=PSEUDO_MASK)
+    blobs = np.array([[encode_png(image)] for image in images[:1]], dtype=np.object_)
+    deadlocks = 0
+    for model, array in {PIPELINE: images[:1], PIPELINE_BYTES: blobs}.items():
+        (name,), outputs = [t.name for t in specs[model].inputs], specs[model].outputs
+        names, steps = [t.name for t in outputs], ensemble_steps(specs, model)
+        full = _infer(client, model, name, array, names)
+        for n in range(1, len(names) + 1):
+            for asked in itertools.combinations(names, n):
+                if answered(steps, [name], names, asked):
+                    _infer(client, model, name, array, list(asked))
+                else:
+                    deadlocks += 1
+                    with pytest.raises(InferenceServerException, match="deadlock"):
+                        _infer(client, model, name, array, list(asked))
+                got = _infer(client, model, name, array, outputs_to_request(specs, model, asked))
+                for out in asked:
+                    np.testing.assert_allclose(got[out], full[out], atol=1e-5, err_msg=out)
+    assert deadlocks > 0 and client.is_model_ready(PIPELINE)  # and it goes on serving
+    client.close()
+
+
+def _infer(client, model: str, name: str, array: np.ndarray, outputs: list[str]) -> dict:
+    tensor = grpc.InferInput(name, list(array.shape), grpc.np_to_triton_dtype(array.dtype))
+    tensor.set_data_from_numpy(array)
+    requested = [grpc.InferRequestedOutput(n) for n in outputs]
+    result = client.infer(model, [tensor], outputs=requested)
+    return {n: result.as_numpy(n) for n in outputs}

@@ -1,0 +1,120 @@
+"""The model of Triton 2.51's ensemble pruning, and the outputs to request around it.
+
+Held to the live server's behaviour twice: here, to what tests/test_serving_e2e.py sees on
+the trained segmenter's ensembles (and serving.client's groups answer); in
+tests/test_passthrough_e2e.py, request by request on the pass-through's.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from export.configs import build_configs
+from serving.client import requested_outputs
+from wsss.config import load_config
+from wsss.pruning import answered, ensemble_steps, outputs_to_request, pruned_steps
+from wsss.tensors import (
+    CAMS,
+    CLASSIFIER,
+    ENSEMBLES,
+    IMAGE,
+    PIPELINE,
+    PSEUDO_MASK,
+    REFINER,
+    SCORES,
+    SEGMENTATION,
+    served_models,
+)
+
+LAYOUTS = {  # segmenter input x level-set FEATURES
+    "trained": (IMAGE, None),
+    "trained, level set": (IMAGE, (8, 4, 4)),
+    "passthrough": (PSEUDO_MASK, None),
+    "passthrough, level set": (PSEUDO_MASK, (8, 4, 4)),
+}
+
+
+def _specs(layout: str):
+    segmenter_input, features = LAYOUTS[layout]
+    return served_models(32, 3, 2, features, segmenter_input)
+
+
+def _names(specs, model):
+    return [t.name for t in specs[model].inputs], [t.name for t in specs[model].outputs]
+
+
+def _subsets(names):
+    return [s for k in range(1, len(names) + 1) for s in itertools.combinations(names, k)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_steps_are_those_the_generated_ensembles_map(layout, fmt):
+    specs = _specs(layout)
+    export = load_config(None, [f"export.{m}.format={fmt}" for m in ("classifier", "segmenter")])
+    params = {REFINER: {"refine": "{}", "multi_label": "false"}}
+    configs = build_configs(specs, export.export, params, {n: [1] for n in specs})
+    for model in ENSEMBLES:
+        mapped = [
+            (frozenset(s.input_map.values()), frozenset(s.output_map.values()))
+            for s in configs[model].ensemble_scheduling.step
+        ]
+        assert mapped == ensemble_steps(specs, model)
+
+
+def test_the_model_fails_and_prunes_what_the_live_server_does():
+    """What tests/test_serving_e2e.py and serving.client's comments record of Triton 2.51."""
+    specs = _specs("trained")
+    steps, (inputs, outputs) = ensemble_steps(specs, PIPELINE), _names(specs, PIPELINE)
+    order = ENSEMBLES[PIPELINE]
+    assert {order[i] for i in pruned_steps(steps, outputs, [SEGMENTATION])} == {
+        CLASSIFIER,
+        REFINER,
+    }
+    assert answered(steps, inputs, outputs, [SEGMENTATION])
+    for alone in (PSEUDO_MASK, SCORES):  # "unexpected deadlock"
+        assert not answered(steps, inputs, outputs, [alone])
+    assert answered(steps, inputs, outputs, [SCORES, CAMS, PSEUDO_MASK])
+
+
+@pytest.mark.parametrize("model", list(ENSEMBLES))
+def test_the_clients_groups_answer_every_subset_of_a_trained_segmenters_ensembles(model):
+    specs = _specs("trained")
+    steps, (inputs, outputs) = ensemble_steps(specs, model), _names(specs, model)
+    for asked in _subsets(outputs):
+        assert answered(steps, inputs, outputs, requested_outputs(model, asked)), asked
+
+
+def test_the_pass_through_needs_the_whole_chain_for_any_output():
+    """Every output of wsss_pipeline then needs the classifier and refiner: SEGMENTATION
+    alone, or PSEUDO_MASK without a segmenter output, is pruned to a deadlock."""
+    specs = _specs("passthrough")
+    steps, (inputs, outputs) = ensemble_steps(specs, PIPELINE), _names(specs, PIPELINE)
+    assert not answered(steps, inputs, outputs, [SEGMENTATION])
+    assert not answered(steps, inputs, outputs, [SCORES, CAMS, PSEUDO_MASK])
+    assert outputs_to_request(specs, PIPELINE, [SEGMENTATION]) == [
+        SCORES,
+        PSEUDO_MASK,
+        SEGMENTATION,
+    ]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("model", list(ENSEMBLES))
+def test_every_subset_is_answered_asking_the_fewest_extra_outputs(layout, model):
+    specs = _specs(layout)
+    steps, (inputs, outputs) = ensemble_steps(specs, model), _names(specs, model)
+    for asked in _subsets(outputs):
+        requested = outputs_to_request(specs, model, asked)
+        assert set(asked) <= set(requested) and answered(steps, inputs, outputs, requested)
+        assert requested == [n for n in outputs if n in requested]  # in the ensemble's order
+        for extra in set(requested) - set(asked):  # none of them is spare
+            fewer = [n for n in requested if n != extra]
+            assert not answered(steps, inputs, outputs, fewer), (asked, extra)
+
+
+def test_an_unknown_output_is_refused():
+    with pytest.raises(ValueError, match="CAMS_TYPO"):
+        outputs_to_request(_specs("trained"), PIPELINE, ["CAMS_TYPO"])
