@@ -140,3 +140,11 @@ def test_export_serves_the_pass_through_graph(passthrough_cfg):
     assert len(graph.initializer) + len(graph.node) < 20  # a tiny graph, no network
     report = check_repository(repo)
     assert report.ok, str(report)
+
+
+def test_evaluate_scores_it_as_the_served_segmentation(passthrough_cfg):
+    from training.studies import evaluate_profile
+
+    table = evaluate_profile(passthrough_cfg)
+    (row,) = [r for r in table.splitlines() if r.startswith("| segmenter (passthrough")]
+    assert "from predictions" in row and any(c.strip() for c in row.split("|")[2:])
