@@ -8,6 +8,7 @@ and server-side errors are re-raised with the server's message.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,8 +53,23 @@ def requested_outputs(model: str, asked: Sequence[str]) -> list[str]:
     return sorted(wanted)
 
 
+# How each protocol says the server refused a request's input (HTTP 400 / INVALID_ARGUMENT):
+# bytes that are not an image, say, as opposed to a server that is down or failing.
+_INVALID_INPUT = ("400", "StatusCode.INVALID_ARGUMENT")
+
+
 class ClientError(ValueError):
-    """Bad input, or a request the server refused; the message says which and why."""
+    """Bad input, or a request the server refused; the message says which and why.
+    ``reason`` is the server's own message where it refused one."""
+
+    def __init__(self, message: str, status: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.status, self.reason = status, reason or message
+
+    @property
+    def invalid_input(self) -> bool:
+        """The server refused what was sent (not: it could not be reached, or failed)."""
+        return self.status in _INVALID_INPUT
 
 
 def _protocol(protocol: str):
@@ -76,7 +92,7 @@ class PipelineClient:
         if model not in (PIPELINE, PIPELINE_BYTES):
             raise ClientError(f"model must be {PIPELINE} or {PIPELINE_BYTES}, not {model!r}")
         self.module = _protocol(protocol)
-        self.protocol, self.model = protocol, model
+        self.url, self.protocol, self.model = url, protocol, model
         self.client = self.module.InferenceServerClient(url)
         meta = {m: self._metadata(m, url) for m in (model, CLASSIFIER, SEGMENTER)}
         (image,) = meta[CLASSIFIER]["inputs"]
@@ -89,6 +105,17 @@ class PipelineClient:
         self.specs = self.all_specs[model]
         self.image_spec: TensorSpec = self.all_specs[PIPELINE].inputs[0]
         self.class_names, self.palette = read_label_parameters(self._parameters(model, url))
+
+    def fork(self, model: str | None = None) -> PipelineClient:
+        """A client of its own (of ``model``, either ensemble; default this one) sharing what
+        this one read from the server: one per thread, as tritonclient's HTTP client wants."""
+        twin = copy.copy(self)
+        twin.client = self.module.InferenceServerClient(self.url)
+        if model is not None and model != self.model:
+            if model not in (PIPELINE, PIPELINE_BYTES):
+                raise ClientError(f"model must be {PIPELINE} or {PIPELINE_BYTES}, not {model!r}")
+            twin.model, twin.specs = model, self.all_specs[model]
+        return twin
 
     def _metadata(self, model: str, url: str) -> dict:
         try:
@@ -173,7 +200,9 @@ class PipelineClient:
         try:
             result = self.client.infer(spec.name, inputs, outputs=requested)
         except Exception as exc:  # InferenceServerException from either protocol
-            raise ClientError(f"server refused the request: {exc}") from exc
+            status = exc.status() if hasattr(exc, "status") else None
+            reason = exc.message() if hasattr(exc, "message") else None
+            raise ClientError(f"server refused the request: {exc}", status, reason) from exc
         return {name: result.as_numpy(name) for name in wanted}
 
     def close(self) -> None:
