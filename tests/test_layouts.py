@@ -387,17 +387,11 @@ def test_the_masks_palette_is_the_datas(roots):
 
 
 def test_infer_writes_masks_in_the_exported_palette(tmp_path):
-    from serving.infer import write_outputs
+    from serving.infer import top_class, write_mask
     from training.data.writers import folder_palette
 
-    outputs = {
-        "SCORES": np.array([[0.2, 0.9]], np.float32),
-        "CAMS": np.zeros((1, 2, 8, 8), np.float32),
-        "PSEUDO_MASK": np.full((1, 8, 8), 2, np.uint8),
-        "SEGMENTATION": np.ones((1, 8, 8), np.uint8),
-    }
-    image = np.zeros((8, 8, 3), np.uint8)
     palette = folder_palette(2)
-    got = write_outputs(tmp_path / "x.png", image, image, outputs, tmp_path, ["a", "b"], palette)
-    png = Image.open(got["files"]["SEGMENTATION"])
-    assert png.getpalette()[:9] == palette[:9] and got["top_class"] == "b"
+    path = write_mask(np.ones((8, 8), np.uint8), palette, tmp_path / "x_segmentation.png")
+    png = Image.open(path)
+    assert png.getpalette()[:9] == palette[:9]
+    assert top_class(np.array([0.2, 0.9], np.float32), ["a", "b"])[0] == "b"

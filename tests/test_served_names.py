@@ -13,7 +13,14 @@ from PIL import Image
 from export.configs import parse
 from serving.client import PipelineClient, load_image, requested_outputs, resize
 from tests.conftest import free_port, random_export_cfg
-from wsss.tensors import CLASSIFIER, IMAGE, PIPELINE, SCORES, read_label_parameters
+from wsss.tensors import (
+    CLASSIFIER,
+    IMAGE,
+    PIPELINE,
+    PIPELINE_BYTES,
+    SCORES,
+    read_label_parameters,
+)
 
 # Runs `wsss` as its entry point does, then says whether anything imported torch.
 _WSSS_WITHOUT_TORCH = """
@@ -37,14 +44,15 @@ def _wsss(*args, cwd=None):
     )
 
 
-def test_the_client_and_wsss_infer_import_no_torch():
+def test_the_client_and_wsss_infer_import_no_torch(tmp_path):
     code = "import sys, serving.client, serving.infer; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip() == "False", proc.stderr
     assert "torch modules: []" in _wsss("infer", "--help").stderr
     # The whole infer path up to the server, which is not there: a clear error, no torch.
-    proc = _wsss("infer", "x.png", "--url", f"127.0.0.1:{free_port()}")
-    assert proc.returncode != 0 and "cannot reach model 'wsss_pipeline'" in proc.stderr
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    proc = _wsss("infer", str(tmp_path / "x.png"), "--url", f"127.0.0.1:{free_port()}")
+    assert proc.returncode != 0 and f"cannot reach model '{PIPELINE_BYTES}'" in proc.stderr
     assert "torch modules: []" in proc.stderr
 
 

@@ -175,10 +175,21 @@ def _url(args) -> str:
 
 
 def cmd_infer(args) -> None:
-    from serving.infer import infer_files  # no torch: class names come from the server
+    from serving.infer import FIGURE, InferOptions, read_list, run  # no torch, names: server's
 
-    for r in infer_files([Path(p) for p in args.images], _url(args), args.protocol, Path(args.out)):
-        print(f"{r['image']}: {r['top_class']} ({r['score']:.2f}) -> {r['files']['figure']}")
+    sources = [*args.images, *(s for f in args.list for s in read_list(f))]
+    if not sources:
+        sys.exit("wsss infer: name image files, folders or globs, or --list FILE")
+    one_file = len(sources) == 1 and Path(sources[0]).is_file()  # figures by default
+    figures = one_file if args.figures is None else args.figures
+    options = InferOptions(Path(args.out), args.concurrency, figures, args.resume)
+    report = run(sources, _url(args), args.protocol, options)
+    for r in report.done if figures else ():
+        print(f"{r['image']}: {r['top_class']} ({r['score']:.2f}) -> {r['files'][FIGURE]}")
+    print(report.summary(options.out), file=sys.stderr)
+    if report.failed:
+        print(report.failures(), file=sys.stderr)
+        sys.exit(f"wsss infer: {len(report.failed)} of the images could not be read (above)")
 
 
 def cmd_bench(args) -> None:
@@ -202,6 +213,15 @@ def cmd_bench(args) -> None:
     images = [load_image(p) for p in args.images] or None
     results = run_perf_analyzer(spec, url, args.protocol, settings, images)
     print(format_table(results, f"{spec.name} over {args.protocol}, batch {args.batch}"))
+
+
+INFER_HELP = f"""Send images to {PIPELINE_BYTES} (the server decodes and resizes them; masks
+come back at each image's size) and write <out>/<subfolder>/<name>_pseudo_mask.png and
+<name>_segmentation.png, mirroring each image's folder under the folder it was found in (a
+folder named, a glob's fixed part, the common folder of files named one by one). Folders are
+walked recursively for .jpg .jpeg .png .bmp .webp .tif .tiff (hidden names and --out left
+out). Files the server cannot read are listed at the end and the exit status is 1; the run
+goes on. Stopped midway, it leaves whole files only: --resume carries on."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,8 +345,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--url", help="host:port (default: 127.0.0.1 and GRPC_PORT/HTTP_PORT)")
         p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
         if name == "infer":
-            p.add_argument("images", nargs="+")
+            p.description = INFER_HELP
+            p.formatter_class = argparse.RawDescriptionHelpFormatter
+            p.add_argument("images", nargs="*", help="image files, folders, globs")
+            p.add_argument(
+                "--list",
+                action="append",
+                default=[],
+                metavar="FILE",
+                help="a file naming one image (or folder, or glob) per line; - for stdin",
+            )
             p.add_argument("--out", default="out/infer")
+            p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+            p.add_argument(
+                "--figures",
+                action=argparse.BooleanOptionalAction,
+                help="also draw <name>_overlay.png (default: for one file named alone)",
+            )
+            p.add_argument(
+                "--resume", action="store_true", help="skip images whose files are all there"
+            )
             p.set_defaults(func=cmd_infer)
         else:
             p.add_argument("--batch", type=int, default=1)

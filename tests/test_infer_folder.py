@@ -1,0 +1,157 @@
+"""`wsss infer` on folders, globs and file lists: mirrored outputs written whole, unreadable
+files listed without stopping the run, --resume, and the same masks at any concurrency."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.bench import settled_statistics
+from serving.client import ClientError, PipelineClient
+from serving.infer import InferOptions, Item, find_images, read_list, run
+from wsss.tensors import PIPELINE_BYTES, PSEUDO_MASK_FULL, SEGMENTATION_FULL
+
+MASKS = {PSEUDO_MASK_FULL: "pseudo_mask", SEGMENTATION_FULL: "segmentation"}
+# In the order a folder walk finds them: a folder's files, then its subfolders, by name.
+GOOD = ("top.png", "sub/one.png", "sub/deeper/three.JPEG", "sub/deeper/two.jpg")
+BAD = ("bad/corrupt.jpg", "bad/not_an_image.png")
+
+
+def _touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+# -- finding the images: no server --------------------------------------------------------
+
+
+def test_folders_globs_and_named_files_mirror_from_their_roots(tmp_path, monkeypatch):
+    for name in ("a/x.jpg", "a/b/y.PNG", "a/notes.txt", "a/.hidden.jpg", "a/.cache/z.jpg"):
+        _touch(tmp_path / name)
+    _touch(tmp_path / "a" / "masks" / "old_segmentation.png")  # the run's own --out
+    monkeypatch.chdir(tmp_path)
+    items, missing = find_images(["a"], exclude=Path("a/masks"))
+    assert [(str(i.path), str(i.name)) for i in items] == [("a/x.jpg", "x"), ("a/b/y.PNG", "b/y")]
+    items, _ = find_images(["a/**/*.*"], exclude=Path("a/masks"))  # from its fixed part
+    assert sorted(str(i.name) for i in items) == ["b/y", "x"]
+    items, _ = find_images(["a/**/*.png"])
+    assert [str(i.name) for i in items] == ["masks/old_segmentation"]  # case: the glob's
+    items, missing = find_images(["a/b/y.PNG", "a/x.jpg", "a/notes.txt", "nowhere.jpg"])
+    assert sorted(str(i.name) for i in items) == ["b/y", "notes", "x"]  # named: sent as named
+    assert [(str(f.path), f.reason) for f in missing] == [("nowhere.jpg", "no such file or folder")]
+    items, _ = find_images(["a", "a/x.jpg"], exclude=Path("a/masks"))  # x.jpg: sent once
+    assert [str(i.name) for i in items] == ["x", "b/y"]
+    (tmp_path / "list.txt").write_text("# photos\n\na/x.jpg\n  a/b/y.PNG  \n")
+    assert read_list("list.txt") == ["a/x.jpg", "a/b/y.PNG"]
+    assert Item(Path("a/b/y.PNG"), Path("b/y")).output(Path("o"), "seg") == Path("o/b/y_seg.png")
+
+
+def test_two_images_that_would_write_the_same_files_are_refused_up_front(tmp_path):
+    _touch(tmp_path / "cat.jpg")
+    _touch(tmp_path / "cat.png")
+    with pytest.raises(ClientError, match="would write the same files"):
+        find_images([str(tmp_path)])
+
+
+# -- through the server -------------------------------------------------------------------
+
+
+def _wsss(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "wsss.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def photos(exported, tmp_path_factory):
+    """A folder with subfolders, images of several sizes, a corrupt JPEG, a text file named
+    like a PNG, and a file that is not an image by name (left alone)."""
+    from training.data import list_samples, read_image
+
+    root = tmp_path_factory.mktemp("photos")
+    samples = list_samples(exported.data.root, "pets", "test")
+    sizes = ((64, 64), (50, 90), (77, 41), (64, 100))
+    for name, sample, (h, w) in zip(GOOD, samples, sizes, strict=False):
+        image = cv2.resize(read_image(sample.image_path), (w, h))[..., ::-1]
+        _touch(root / name, cv2.imencode(Path(name).suffix.lower(), image)[1].tobytes())
+    _touch(root / BAD[0], (root / GOOD[3]).read_bytes()[:20] + b"\0" * 200)
+    _touch(root / BAD[1], b"these are notes, not pixels\n")
+    _touch(root / "readme.txt", b"not sent: no image suffix")
+    return root
+
+
+def _outputs(out: Path, name: str) -> dict[str, Path]:
+    stem = Path(name).with_suffix("")
+    return {key: out / stem.parent / f"{stem.name}_{what}.png" for key, what in MASKS.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_a_folder_is_mirrored_and_unreadable_files_listed_without_stopping(
+    server, photos, tmp_path
+):
+    out = tmp_path / "out"
+    proc = _wsss("infer", str(photos), "--url", server.grpc_url, "--out", str(out))
+    assert proc.returncode == 1, proc.stderr
+    listed = proc.stderr.split("could not be read:")[1]
+    for name in BAD:
+        assert f"{photos / name}: " in listed and "cannot decode" in listed, proc.stderr
+    assert "readme" not in proc.stderr and proc.stdout == ""  # no figures for a folder
+    assert f"{len(GOOD) + len(BAD)} images -> {out}: {len(GOOD)} written, 2 unreadable" in (
+        proc.stderr
+    )
+    client = PipelineClient(server.grpc_url, model=PIPELINE_BYTES)
+    for name in GOOD:
+        want = client.infer_encoded([(photos / name).read_bytes()])
+        for key, path in _outputs(out, name).items():
+            png = Image.open(path)
+            assert png.getpalette() == client.palette
+            np.testing.assert_array_equal(np.asarray(png), want[key][0], err_msg=str(path))
+    client.close()
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    expected = {p.relative_to(out).as_posix() for n in GOOD for p in _outputs(out, n).values()}
+    assert set(written) - {"sub", "sub/deeper"} == expected  # nothing for BAD, no temp files
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_resume_sends_only_the_images_not_yet_written(server, photos, tmp_path):
+    options = InferOptions(tmp_path / "out", concurrency=2, progress=False)
+    first = run([str(photos / "sub")], server.grpc_url, "grpc", options)
+    assert len(first.done) == 3 and not first.failed
+    redo, *kept = (_outputs(options.out, n.removeprefix("sub/")) for n in GOOD[1:])
+    mtimes = {p: p.stat().st_mtime_ns for files in kept for p in files.values()}
+    redo[SEGMENTATION_FULL].unlink()  # as a run stopped between an image's two files leaves it
+    before = settled_statistics(server.grpc_url)[PIPELINE_BYTES]["requests"]
+    options.resume = True
+    again = run([str(photos / "sub")], server.grpc_url, "grpc", options)
+    sent = settled_statistics(server.grpc_url)[PIPELINE_BYTES]["requests"] - before
+    assert (again.skipped, len(again.done), sent) == (2, 1, 1)
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert all(p.exists() for p in redo.values())
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_many_in_flight_write_the_same_masks_as_one_at_a_time(server, photos, tmp_path, protocol):
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    masks = {}
+    for concurrency in (1, 4):
+        options = InferOptions(tmp_path / str(concurrency), concurrency, progress=False)
+        report = run([str(photos)], url, protocol, options)
+        assert len(report.done) == len(GOOD) and len(report.failed) == len(BAD)
+        assert [r["image"] for r in report.done] == [str(photos / n) for n in GOOD]
+        masks[concurrency] = {
+            (n, k): np.asarray(Image.open(p))
+            for n in GOOD
+            for k, p in _outputs(options.out, n).items()
+        }
+    assert masks[1].keys() == masks[4].keys()
+    for key, mask in masks[1].items():
+        np.testing.assert_array_equal(masks[4][key], mask, err_msg=str(key))
