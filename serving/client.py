@@ -14,15 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from wsss.pruning import outputs_to_request
 from wsss.served.images import ImageError, decode_image, encode_png, resize_image, resize_mask
 from wsss.tensors import (
-    CAMS,
     CLASSIFIER,
     FEATURES,
     PIPELINE,
     PIPELINE_BYTES,
-    PSEUDO_MASK,
-    PSEUDO_MASK_FULL,
     SCORES,
     SEG_PROBS,
     SEGMENTER,
@@ -32,25 +30,17 @@ from wsss.tensors import (
     served_models,
 )
 
-# Outputs requested from Triton together whenever one of them is asked for. Triton 2.51
-# prunes an ensemble's steps for the outputs a request names (asking SEGMENTATION alone runs
-# the segmenter alone), but its backward walk also counts an unrequested ensemble output
-# that a later step consumes (SCORES and CAMS feed the refiner) as unneeded: asking
-# PSEUDO_MASK or SCORES alone prunes the classifier and the request fails with "unexpected
-# deadlock". Asking the chain together keeps it whole; tests try every subset.
-_ASKED_TOGETHER = {
-    PIPELINE: (SCORES, CAMS, PSEUDO_MASK),
-    PIPELINE_BYTES: (SCORES, PSEUDO_MASK_FULL),
-}
 
+def requested_outputs(specs: dict[str, ModelSpec], model: str, asked: Sequence[str]) -> list[str]:
+    """What to request from Triton for the outputs ``asked`` of ``model`` (a superset).
 
-def requested_outputs(model: str, asked: Sequence[str]) -> list[str]:
-    """What to request from Triton for the outputs ``asked`` of ``model`` (a superset)."""
-    wanted = set(asked)
-    group = _ASKED_TOGETHER.get(model, ())
-    if wanted & set(group):
-        wanted |= set(group)
-    return sorted(wanted)
+    Triton 2.51 prunes an ensemble's steps for the outputs a request names, and its backward
+    walk drops steps a request needs (SCORES and CAMS feed the refiner; a pass-through
+    segmenter reads PSEUDO_MASK): the request then fails with "unexpected deadlock".
+    ``wsss.pruning`` models the walk and names the fewest extra outputs that keep the chain
+    whole; tests try every subset on the real server.
+    """
+    return outputs_to_request(specs, model, asked)
 
 
 # How each protocol says the server refused a request's input (HTTP 400 / INVALID_ARGUMENT):
@@ -101,7 +91,11 @@ class PipelineClient:
         probs = {_served_name(o["name"]): o["shape"] for o in meta[SEGMENTER]["outputs"]}
         probs = probs[SEG_PROBS]
         features = tuple(int(d) for d in outputs[FEATURES][1:]) if FEATURES in outputs else None
-        self.all_specs = served_models(h, int(outputs[SCORES][1]), int(probs[1]), features)
+        # A pass-through segmenter reads the refiner's PSEUDO_MASK instead of IMAGE.
+        (seg_input,) = (_served_name(i["name"]) for i in meta[SEGMENTER]["inputs"])
+        self.all_specs = served_models(
+            h, int(outputs[SCORES][1]), int(probs[1]), features, seg_input
+        )
         self.specs = self.all_specs[model]
         self.image_spec: TensorSpec = self.all_specs[PIPELINE].inputs[0]
         self.class_names, self.palette = read_label_parameters(self._parameters(model, url))
@@ -195,7 +189,8 @@ class PipelineClient:
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
         requested = [
-            self.module.InferRequestedOutput(name) for name in requested_outputs(spec.name, wanted)
+            self.module.InferRequestedOutput(name)
+            for name in requested_outputs(self.all_specs, spec.name, wanted)
         ]
         try:
             result = self.client.infer(spec.name, inputs, outputs=requested)

@@ -79,12 +79,13 @@ def test_the_model_fails_and_prunes_what_the_live_server_does():
     assert answered(steps, inputs, outputs, [SCORES, CAMS, PSEUDO_MASK])
 
 
+@pytest.mark.parametrize("segmenter", ["trained", "passthrough"])
 @pytest.mark.parametrize("model", list(ENSEMBLES))
-def test_the_clients_groups_answer_every_subset_of_a_trained_segmenters_ensembles(model):
-    specs = _specs("trained")
+def test_the_client_asks_for_what_answers_every_subset(model, segmenter):
+    specs = _specs(segmenter)
     steps, (inputs, outputs) = ensemble_steps(specs, model), _names(specs, model)
     for asked in _subsets(outputs):
-        assert answered(steps, inputs, outputs, requested_outputs(model, asked)), asked
+        assert answered(steps, inputs, outputs, requested_outputs(specs, model, asked)), asked
 
 
 def test_the_pass_through_needs_the_whole_chain_for_any_output():

@@ -85,7 +85,7 @@ def test_top_k_answers_with_the_served_class_names(server, exported, protocol, m
     # Ask the chain together (see serving.client), SCORES as top-k "score:index:label".
     outputs = [
         client.module.InferRequestedOutput(n, class_count=k if n == SCORES else 0)
-        for n in requested_outputs(model, [SCORES])
+        for n in requested_outputs(client.all_specs, model, [SCORES])
     ]
     result = client.client.infer(model, [tensor], outputs=outputs)
     top = [b.decode() for b in result.as_numpy(SCORES)[0]]

@@ -93,7 +93,7 @@ def test_every_subset_of_outputs_is_answered_running_only_what_it_needs(
 ):
     """Any outputs a client asks for come back, and only those; Triton runs only the steps
     they need (SEGMENTATION alone: the segmenter alone). Triton 2.51's pruning fails some
-    subsets by itself (see serving.client._ASKED_TOGETHER): every one is tried."""
+    subsets by itself (see wsss.pruning): every one is tried."""
     url = server.grpc_url if protocol == "grpc" else server.http_url
     client = PipelineClient(url, protocol)
     names = [t.name for t in client.specs.outputs]
