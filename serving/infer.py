@@ -19,8 +19,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -297,8 +298,7 @@ def infer_images(items: list[Item], url: str, protocol: str, options: InferOptio
     start = time.monotonic()
     try:
         with ThreadPoolExecutor(options.concurrency, thread_name_prefix="infer") as pool:
-            futures = {pool.submit(run.one, item): item for item in todo}
-            _collect(futures, report, bar.update)
+            _stream(pool, run.one, todo, report, bar.update, 2 * options.concurrency)
         report.seconds = time.monotonic() - start
     finally:
         bar.close()
@@ -308,18 +308,28 @@ def infer_images(items: list[Item], url: str, protocol: str, options: InferOptio
     return report
 
 
-def _collect(futures: dict, report: InferReport, tick: Callable[[], object]) -> None:
-    """Results as they land; on an error that is not one image's, cancel what has not
-    started (the pool's shutdown waits for the requests in flight) and raise it."""
+def _stream(
+    pool, one: Callable, todo: list[Item], report: InferReport, tick: Callable, window: int
+):
+    """``window`` images submitted at a time (twice the threads: a thread never waits for
+    work, and a stopped run has little to cancel), results as they land. On an error that
+    is not one image's, cancel what has not started (the pool's shutdown waits for the
+    requests in flight) and raise it."""
+    queued = iter(todo)
+    pending = {pool.submit(one, item): item for item in islice(queued, window)}
     try:
-        for future in as_completed(futures):
-            try:
-                report.done.append(future.result())
-            except _Unreadable as exc:
-                report.failed.append(Failure(futures[future].path, str(exc)))
-            tick()
+        while pending:
+            landed, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in landed:
+                item = pending.pop(future)
+                try:
+                    report.done.append(future.result())
+                except _Unreadable as exc:
+                    report.failed.append(Failure(item.path, str(exc)))
+                tick()
+            pending |= {pool.submit(one, item): item for item in islice(queued, len(landed))}
     except BaseException:
-        for future in futures:
+        for future in pending:
             future.cancel()
         raise
 
