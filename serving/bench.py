@@ -26,7 +26,7 @@ import numpy as np
 
 from serving.server import pytriton_root
 from wsss.errors import WsssError
-from wsss.served.images import resize_image
+from wsss.served.images import decode_image, resize_image
 from wsss.tensors import ModelSpec
 
 
@@ -91,20 +91,25 @@ def sample_image(size: int = 160) -> np.ndarray:
     return np.stack([xx * 255 // size, yy * 255 // size, (xx ^ yy) & 255], -1).astype(np.uint8)
 
 
-def input_data(spec: ModelSpec, images: list[np.ndarray]) -> dict:
+def input_data(spec: ModelSpec, images: list[np.ndarray | bytes]) -> dict:
     """perf_analyzer's ``--input-data`` JSON: one entry per image, for the model's one input.
 
-    Pixel inputs get the image resized to the spec's shape; bytes inputs get it PNG-encoded.
+    Pixel inputs get the image resized to the spec's shape; bytes inputs get it PNG-encoded,
+    or as it is where it comes encoded already (a file's own bytes).
     """
     (tensor,) = spec.inputs
     entries = []
     for image in images:
         if tensor.dtype == "bytes":
-            png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
+            if isinstance(image, bytes):
+                data = image
+            else:
+                data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
             # b64 is the raw serialized BYTES tensor: a 4-byte little-endian length, then data.
-            raw = struct.pack("<I", len(png)) + png
+            raw = struct.pack("<I", len(data)) + data
             entries.append({tensor.name: {"b64": base64.b64encode(raw).decode()}})
         else:
+            image = decode_image(image) if isinstance(image, bytes) else image
             pixels = resize_image(image, tensor.shape[:2])
             entries.append(
                 {tensor.name: {"content": pixels.ravel().tolist(), "shape": list(pixels.shape)}}
@@ -185,7 +190,7 @@ def run_perf_analyzer(
     url: str,
     protocol: str = "grpc",
     settings: PerfSettings | None = None,
-    images: list[np.ndarray] | None = None,
+    images: list[np.ndarray | bytes] | None = None,
     workdir: Path = Path(".cache/bench"),
     timeout: float = 600,
 ) -> list[BenchResult]:

@@ -28,3 +28,23 @@ def test_with_overrides_checks_what_it_applies():
     assert cfg.export.classifier.instances == 2  # the original is untouched
     with pytest.raises(ConfigError):
         with_overrides(cfg, ["export.classifier.instancez=3"])
+
+
+def test_perf_analyzer_input_takes_a_files_own_bytes():
+    """The bytes ensemble gets an encoded file as it is (not decoded and re-encoded as PNG);
+    a pixel ensemble gets it decoded and resized."""
+    import base64
+    import struct
+
+    import cv2
+    import numpy as np
+
+    from serving.bench import input_data
+    from wsss.tensors import PIPELINE, PIPELINE_BYTES, served_models
+
+    specs = served_models(8, 2, 2)
+    jpeg = cv2.imencode(".jpg", np.zeros((5, 7, 3), np.uint8))[1].tobytes()
+    ((entry,),) = (e.values() for e in input_data(specs[PIPELINE_BYTES], [jpeg])["data"])
+    assert base64.b64decode(entry["b64"]) == struct.pack("<I", len(jpeg)) + jpeg
+    ((entry,),) = (e.values() for e in input_data(specs[PIPELINE], [jpeg])["data"])
+    assert entry["shape"] == [8, 8, 3]
