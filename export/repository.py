@@ -41,7 +41,7 @@ from wsss.config import Config, save_config, served_config
 from wsss.errors import WsssError
 from wsss.palette import VOC_PALETTE
 from wsss.served import HELPERS
-from wsss.served.classical import VIT_FILE
+from wsss.served.classical import SALIENCY_FILE, VIT_FILE
 from wsss.tensors import (
     CLASSIFIER,
     ENSEMBLES,
@@ -105,7 +105,7 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
             "classifier.class_groups one group per data class, in the data's order"
         )
     network_refiner = refiner.served == "network"  # an exported graph, not a Python model
-    vit = _vit_model(refiner) if cfg.refine.method == "vit" else None
+    model_files = _refiner_files(cfg, refiner)  # the ONNX models a Python refiner runs
     features = None
     if refiner.needs_features:
         with torch.no_grad():
@@ -153,8 +153,8 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
             )
         elif name in PYTHON_MODELS:
             _write_python_model(name, folder / str(version))
-            if name == REFINER and vit is not None:
-                (folder / str(version) / VIT_FILE).write_bytes(vit)
+            for file, data in model_files.items() if name == REFINER else ():
+                (folder / str(version) / file).write_bytes(data)
     _write_metadata(staging / CLASSIFIER / str(version), saved, names, palette, parity)
     report = check_repository(staging)
     if not report.ok:
@@ -176,12 +176,23 @@ def _write_python_model(name: str, version_dir: Path) -> None:
     (version_dir / "__pycache__").write_bytes(b"")
 
 
-def _vit_model(refiner) -> bytes:
+def _refiner_files(cfg: Config, refiner) -> dict[str, bytes]:
+    """Files beside the Python refiner's model.py: the ViT with its attention as outputs
+    (vit), or the saliency model as it is (saliency)."""
+    if cfg.refine.method == "vit":
+        return {VIT_FILE: _vit_model(refiner.attention)}
+    if cfg.refine.method == "saliency":
+        from training.refine import saliency_model
+
+        return {SALIENCY_FILE: saliency_model(cfg.refine).read_bytes()}
+    return {}
+
+
+def _vit_model(vit) -> bytes:
     """The ViT the served refiner runs: its ONNX with the chosen layers' attention as
     outputs. A timm checkpoint works in training but is not served (no torch in Triton)."""
     from training.attention import onnx_with_attention
 
-    vit = refiner.attention
     if vit.path.suffix != ".onnx":
         raise ExportError(
             f"refine.vit_weights {vit.path} is a timm checkpoint: the served refiner runs "

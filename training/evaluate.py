@@ -17,11 +17,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
 from training.data.dataset import WSSSDataset
-from training.data.layouts import segmentation_classes
+from training.data.layouts import IGNORE, segmentation_classes
 from training.metrics import ConfusionMatrix, average_precision
 from training.pipeline import Pipeline, mask_values, translate_labels
 from wsss.figures import colourise, overlay, panel_figure
@@ -40,6 +41,10 @@ class Evaluation:
     scores: list[np.ndarray] = field(default_factory=list)
     labels: list[tuple[int, ...]] = field(default_factory=list)
     examples: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    # Binary tasks: each scored image's own foreground IoU, for the mean over images that
+    # some papers report beside the IoU pooled over the split (the confusion matrices').
+    pseudo_image_iou: list[float] = field(default_factory=list)
+    seg_image_iou: list[float] = field(default_factory=list)
 
     def classification(self) -> dict[str, float]:
         """Top-1 accuracy (single-label) or mAP over classes (multi-label), on the images
@@ -66,9 +71,39 @@ class Evaluation:
         for part, cm in (("pseudo", self.pseudo), ("seg", self.segmentation)):
             if cm is not None and cm.matrix.any():
                 out |= {f"{part}_{k}": v for k, v in cm.summary(self.binary).items()}
+                per_image = self.pseudo_image_iou if part == "pseudo" else self.seg_image_iou
+                if per_image:
+                    out[f"{part}_image_iou"] = float(np.mean(per_image))
         if self.pseudo is not None:
             out["refine_ms"] = 1e3 * self.refine_seconds / max(self.images, 1)
         return out
+
+
+def score_masks(
+    cm: ConfusionMatrix,
+    per_image: list[float],
+    masks: np.ndarray,
+    data: WSSSDataset,
+    start: int,
+    binary: bool,
+) -> None:
+    """Add model-size masks [B, H, W] of images ``start...`` to ``cm`` against their ground
+    truth at each photo's own resolution (masks resized back, nearest, as the served bytes
+    ensemble returns them); ignored pixels (255) of a training pseudo-mask count as
+    background, which claims nothing."""
+    for k, mask in enumerate(masks):
+        truth = data.full_mask(start + k)
+        h, w = truth.shape
+        mask = np.where(mask == IGNORE, 0, mask).astype(np.uint8)
+        if mask.shape != (h, w):
+            mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+        cm.update(mask, truth)
+        if binary:
+            keep = truth != IGNORE
+            pred, true = mask[keep] == 1, truth[keep] == 1
+            union = np.count_nonzero(pred | true)
+            if union:
+                per_image.append(np.count_nonzero(pred & true) / union)
 
 
 def evaluate(
@@ -78,7 +113,9 @@ def evaluate(
     examples: int = 0,
     desc: str = "evaluate",
 ) -> dict[str, Evaluation]:
-    """Score every pipeline on ``data`` in one pass; keep the first ``examples`` outputs."""
+    """Score every pipeline on ``data`` in one pass; keep the first ``examples`` outputs.
+
+    Scores are taken at each photo's own resolution (``score_masks``)."""
     binary = data.task == "pets"
     n_seg = segmentation_classes(data.task, data.num_classes)
     results, labels, values = {}, {}, {}
@@ -90,12 +127,11 @@ def evaluate(
         )
         if pipe.classifier is not None:
             raw = [s.labels for s in data.samples]
-            labels[name] = translate_labels(raw, data.class_names, pipe.class_names)
+            labels[name] = translate_labels(raw, data.class_names, pipe.class_names, data.aliases)
             if not binary:  # class-index masks: into the data's classes for scoring
                 values[name] = mask_values(data.class_names, pipe.class_names)
     for start in tqdm(range(0, len(data), batch_size), desc=desc, leave=False):
         images = data.images[start : start + batch_size]
-        truth = data.masks[start : start + batch_size]
         shown = max(0, min(len(images), examples - start))
         outputs: dict[int, tuple] = {}  # one forward pass per distinct classifier
         for name, pipe in pipelines.items():
@@ -121,13 +157,11 @@ def evaluate(
                 r.refine_seconds += time.perf_counter() - t0
                 if values.get(name) is not None:
                     pseudo = values[name][pseudo]
-                for m, g in zip(pseudo, truth, strict=True):
-                    r.pseudo.update(m, g)
+                score_masks(r.pseudo, r.pseudo_image_iou, pseudo, data, start, binary)
                 r.examples.setdefault("pseudo", []).extend(pseudo[:shown])
             if pipe.segmenter is not None:
                 seg = pipe.segment(images)[1]
-                for m, g in zip(seg, truth, strict=True):
-                    r.segmentation.update(m, g)
+                score_masks(r.segmentation, r.seg_image_iou, seg, data, start, binary)
                 r.examples.setdefault("seg", []).extend(seg[:shown])
     return results
 
@@ -155,10 +189,12 @@ _COLUMNS = {
     "map": "classifier mAP",
     "pseudo_iou": "pseudo-mask IoU",
     "pseudo_dice": "pseudo-mask Dice",
+    "pseudo_image_iou": "pseudo-mask IoU per image",
     "pseudo_miou": "pseudo-mask mIoU",
     "pseudo_mdice": "pseudo-mask mDice",
     "seg_iou": "segmenter IoU",
     "seg_dice": "segmenter Dice",
+    "seg_image_iou": "segmenter IoU per image",
     "seg_miou": "segmenter mIoU",
     "seg_mdice": "segmenter mDice",
     "of_bound": "/ supervised",

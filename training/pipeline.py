@@ -131,6 +131,7 @@ def translate_labels(
     labels: Sequence[Sequence[int]],
     data_names: Sequence[str],
     class_names: Sequence[str] | None,
+    aliases: Sequence[str | None] = (),
 ) -> list[tuple[int, ...] | None]:
     """Image labels (indices into the data's classes) -> the classifier's, matched by name.
 
@@ -143,9 +144,15 @@ def translate_labels(
     if class_names is None or list(data_names) == list(class_names):
         return [tuple(x) for x in labels]
     index = {name: i for i, name in enumerate(class_names)}
+    # A data class the classifier does not name may go by another name it does (a Pet
+    # breed by its species, for the ImageNet head's cat and dog groups).
+    own = [
+        name if name in index or c >= len(aliases) or aliases[c] is None else aliases[c]
+        for c, name in enumerate(data_names)
+    ]
     out = []
     for image_labels in labels:
-        mapped = tuple(index[data_names[c]] for c in image_labels if data_names[c] in index)
+        mapped = tuple(index[own[c]] for c in image_labels if own[c] in index)
         out.append(mapped if mapped or not image_labels else None)
     return out
 

