@@ -90,16 +90,24 @@ class Source:
 
 
 def reproduce(profile: ReproduceProfile, name: str) -> str:
-    """Run every benchmark of ``profile``; write the report; return its markdown."""
+    """Run every benchmark of ``profile``; write the report; return its markdown. The
+    report is written once the tables are measured, and again after each benchmark's
+    further training seeds (hours on a CPU): a run stopped there keeps its tables."""
     started = time.perf_counter()
-    results = {}
+    results = {bench: _run_once(profile, bench, spec) for bench, spec in profile.benchmarks.items()}
+    text = _write_report(profile, name, results, started)
     for bench, spec in profile.benchmarks.items():
-        results[bench] = run_benchmark(profile, bench, spec)
-    seconds = time.perf_counter() - started
+        if spec.seeds:
+            results[bench] |= run_seeds(profile, bench, spec, results[bench])
+            text = _write_report(profile, name, results, started)
+    return text
+
+
+def _write_report(profile: ReproduceProfile, name: str, results: dict, started: float) -> str:
     report = {
         "profile": name,
         "machine": machine(),
-        "total_seconds": round(seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
         "benchmarks": results,
     }
     out = Path(profile.out)
@@ -139,19 +147,16 @@ def _train_seconds(folder: Path) -> float:
     return float(sum(json.loads(line)["seconds"] for line in lines))
 
 
-def run_benchmark(profile: ReproduceProfile, bench: str, spec: BenchmarkProfile) -> dict:
-    """The benchmark's table (one run), and with ``spec.seeds`` its seeded rows again under
-    each further training seed, summarised as mean and spread over all runs."""
-    result = _run_once(profile, bench, spec)
-    if not spec.seeds:
-        return result
+def run_seeds(profile: ReproduceProfile, bench: str, spec: BenchmarkProfile, first: dict) -> dict:
+    """The seeded rows again under each of ``spec.seeds`` (classifiers and segmenters
+    retrained), summarised with the first run's as mean and spread."""
     keep = spec.seeded if spec.seeded is not None else (spec.segmented or spec.sources)
     segs = spec.seed_segmenters if spec.seed_segmenters is not None else list(profile.segmenters)
     seeded_profile = dataclasses.replace(
         profile, segmenters={k: v for k, v in profile.segmenters.items() if k in segs}
     )
-    runs = [[r for r in result["rows"] if r["spec"] in keep and r["segmenter"] in ("", *segs)]]
-    accuracy = [result["classifiers"]]
+    runs = [[r for r in first["rows"] if r["spec"] in keep and r["segmenter"] in ("", *segs)]]
+    accuracy = [first["classifiers"]]
     for seed in spec.seeds:
         again = dataclasses.replace(
             spec,
@@ -164,12 +169,13 @@ def run_benchmark(profile: ReproduceProfile, bench: str, spec: BenchmarkProfile)
         one = _run_once(seeded_profile, bench, again, Path(f"seed{seed}"), figures=False)
         runs.append(one["rows"])
         accuracy.append(one["classifiers"])
-    result["seeds"] = [result.get("seed", 0), *spec.seeds]
-    result["seeded_rows"] = seed_summary(runs)
-    result["seeded_classifiers"] = {
-        name: _spread([a[name] for a in accuracy if name in a]) for name in accuracy[0]
+    return {
+        "seeds": [0, *spec.seeds],
+        "seeded_rows": seed_summary(runs),
+        "seeded_classifiers": {
+            name: _spread([a[name] for a in accuracy if name in a]) for name in accuracy[0]
+        },
     }
-    return result
 
 
 def _spread(values: list[float]) -> dict:
@@ -465,6 +471,42 @@ def _figures(out, bench, data: WSSSDataset, scored, sources, profile, rows, key,
     panel_figure(figure, list(figure[0]), out / f"{bench}_examples.jpg")
 
 
+def seeded_table(b: dict) -> str:
+    """The headline rows as mean ± spread over the training seeds."""
+    key = b["metric"]
+    metrics = [f"pseudo_{key}", f"seg_{key}", "of_bound"]
+    if key == "iou":
+        metrics[1:1] = ["pseudo_image_iou"]
+        metrics.insert(-1, "seg_image_iou")
+    head = ["source", "segmenter", *metrics]
+    lines = [
+        f"Headline rows over training seeds {', '.join(map(str, b['seeds']))} (classifiers "
+        "and segmenters retrained; mean ± population standard deviation):",
+        "",
+        "Classifier "
+        + ("accuracy" if b["task"] == "pets" else "mAP")
+        + ": "
+        + ", ".join(
+            f"{n} {v['mean']:.3f} ± {v['std']:.3f}" for n, v in b["seeded_classifiers"].items()
+        ),
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|---|" + "---:|" * len(metrics),
+    ]
+    for r in b["seeded_rows"]:
+        cells = [r["source"], r["segmenter"]]
+        for m in metrics:
+            v = r.get(m)
+            if v is None:
+                cells.append("")
+            elif m == "of_bound":
+                cells.append(f"{v['mean']:.2f}x ± {v['std']:.2f}")
+            else:
+                cells.append(f"{v['mean']:.3f} ± {v['std']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def render(report: dict) -> str:
     m = report["machine"]
     where = m["gpu"] or f"CPU, {m['cpu_cores']} cores"
@@ -509,6 +551,8 @@ def render(report: dict) -> str:
                 f"({key} {best[f'seg_{key}']:.3f}).",
                 "",
             ]
+        if b.get("seeded_rows"):
+            lines += seeded_table(b), ""
         lines += ["Orderings the papers report, checked on these rows:", ""]
         for o in b["orderings"]:
             verdict = "holds" if o["holds"] else "does not hold"
