@@ -2,12 +2,13 @@
 
 Each image travels as its own encoded bytes to ``wsss_pipeline_bytes``: the server decodes
 and resizes it, and sends the masks back at the image's size. ``concurrency`` requests are
-in flight, one thread and one client each (as fast as tritonclient's gRPC ``async_infer``,
-and the same for HTTP: reports/bench/infer_folder.md). Every file lands atomically (a
-temporary name in its folder, then ``os.replace``) under a path that mirrors the image's
-subfolder, so an interrupted run leaves whole files only and ``resume`` carries on from it.
-Bytes the server cannot read as an image fail that image alone: it is listed at the end and
-the run goes on. Class names and mask colours are the server's own (its ensemble's config).
+in flight, one thread and one client each: one way for both protocols, within a few per
+cent of tritonclient's gRPC ``async_infer`` (reports/bench/infer_folder.md). Every file
+lands atomically (a temporary name in its folder, then ``os.replace``) under a path that
+mirrors the image's subfolder, so an interrupted run leaves whole files only and ``resume``
+carries on from it. Bytes the server cannot read as an image fail that image alone: it is
+listed at the end and the run goes on. Class names and mask colours are the server's own
+(its ensemble's config).
 """
 
 from __future__ import annotations
