@@ -162,6 +162,11 @@ def run_seeds(profile: ReproduceProfile, bench: str, spec: BenchmarkProfile, fir
             spec,
             set=[*spec.set, f"train.seed={seed}"],
             sources=[s for s in spec.sources if s in keep],
+            classifiers={
+                name: sets
+                for name, sets in spec.classifiers.items()
+                if any(s.startswith(f"{name}/") for s in keep)
+            },
             ablation="",
             seeds=[],
         )
