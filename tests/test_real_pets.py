@@ -65,6 +65,7 @@ def few_photos(real_pets, tmp_path_factory):
     return cfg, classifier, WSSSDataset(real_pets, "pets", "test", 128, samples=test)
 
 
+@pytest.mark.slow
 def test_saliency_beats_cam_which_beats_the_whole_image(few_photos):
     cfg, classifier, test = few_photos
     refine = cfg.refine
