@@ -3,8 +3,13 @@ processes (gloo), all running the one training loop on the same config.
 
 torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; without them everything here is a
 no-op and training runs in one process as before. Rank 0 alone writes checkpoints, metrics,
-configs and pseudo-masks and shows progress; the other ranks wait for it where they read
-what it wrote.
+configs and reports and shows progress; the other ranks wait for it where they read what it
+wrote.
+
+Inference over a whole split (training pseudo-masks, ``wsss evaluate``) is sharded instead:
+each rank takes a contiguous share cut on batch boundaries (``batch_shard``), so its batches
+are exactly those one process would make, writes its result as its own part file
+(``exchange_parts``), and rank 0 merges the parts in rank order.
 """
 
 from __future__ import annotations
@@ -12,13 +17,17 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler, Subset
 
-# Rank 0 makes the pseudo-masks of the whole training set while the others wait: allow more
-# than torch's default 30 minutes for it.
+# The longest any rank may wait in a collective. The long waits are bounded by a share, not by
+# the job: a rank that finished its share of a sharded pass waits for the slowest share (at
+# most that share's own time), then for rank 0 to merge the parts. Generous, rather than
+# torch's default 30 minutes, for a slow rank or a slow shared file system.
 TIMEOUT = datetime.timedelta(hours=3)
 
 
@@ -98,3 +107,56 @@ def shard(data: Dataset) -> Dataset:
     if not active():
         return data
     return Subset(data, range(rank(), len(data), dist.get_world_size()))
+
+
+def batch_shard(n: int, batch_size: int) -> range:
+    """This rank's contiguous share of ``n`` items: whole batches of ``batch_size`` from the
+    start (the last one short, as in one process), the batches dealt out evenly, earlier
+    ranks first. One process: all of them. A rank may get none when batches are fewer than
+    ranks."""
+    world = dist.get_world_size() if active() else 1
+    batches = -(-n // batch_size)
+    first, last = (batches * r // world for r in (rank(), rank() + 1))
+    return range(min(first * batch_size, n), min(last * batch_size, n))
+
+
+def part_path(folder: Path, stem: str, of_rank: int, world: int) -> Path:
+    return Path(folder) / f"{stem}.part-{of_rank:05d}-of-{world:05d}.npz"
+
+
+def exchange_parts(
+    folder: Path, stem: str, arrays: dict[str, np.ndarray]
+) -> list[dict[str, np.ndarray]] | None:
+    """Write this rank's part of a sharded result, wait for every rank's, and hand rank 0
+    all of them in rank order (None on the other ranks, which are done). In one process:
+    ``[arrays]``, nothing written.
+
+    Parts are ``<folder>/<stem>.part-RRRRR-of-WWWWW.npz`` (no pickles), on a file system
+    every rank sees (as the run folder must be for training); rank 0 deletes them once
+    read, and the folder once empty. A part left by an earlier launch is never read: every
+    rank overwrites its own before the barrier, and the name holds the world size.
+    """
+    if not active():
+        return [arrays]
+    world = dist.get_world_size()
+    path = part_path(folder, stem, rank(), world)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:  # a file object: numpy adds no suffix
+        np.savez(f, **arrays)
+    os.replace(tmp, path)  # rank 0 never sees half a part
+    # Each rank enters the barrier only once its own share is written, so it waits for the
+    # slowest shard to finish, never for the whole job: at most that shard's own time
+    # (1/world of the job), in practice the spread between equal shares of the same work.
+    barrier()
+    if not is_main():
+        return None
+    paths = [part_path(folder, stem, r, world) for r in range(world)]
+    parts = []
+    for p in paths:
+        with np.load(p) as saved:
+            parts.append({k: saved[k] for k in saved.files})
+        p.unlink()
+    if not any(path.parent.iterdir()):
+        path.parent.rmdir()
+    return parts

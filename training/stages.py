@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,7 @@ from tqdm import tqdm
 
 from training import distributed
 from training.data.dataset import WSSSDataset, random_resized_crop_flip
-from training.data.layouts import IGNORE, segmentation_classes
+from training.data.layouts import IGNORE, describe, list_samples, segmentation_classes
 from training.levelset.model import LevelSetHead
 from training.levelset.train import LevelSetLoss, LevelSetModel, head_kwargs
 from training.loop import fit, resolve_device, save_checkpoint
@@ -213,9 +216,10 @@ def train_levelset(cfg: Config, data: WSSSDataset, classifier: nn.Module, cmeta:
     return _train(cfg, model, train, val, loss, meta, cfg.levelset.epochs, cfg.levelset.lr)
 
 
-def make_pseudo_masks(cfg: Config, data: WSSSDataset) -> np.ndarray:
-    """Refined CAM masks for every training image, from its image-level labels, as class
-    indices of the data's classes (an ImageNet head's groups are matched by name).
+def make_pseudo_masks(cfg: Config, data: WSSSDataset, share: range | None = None) -> np.ndarray:
+    """Refined CAM masks for every training image (or the images ``share`` indexes), from
+    its image-level labels, as class indices of the data's classes (an ImageNet head's
+    groups are matched by name).
 
     An image whose labels the classifier has no class for (an ImageNet head's groups that
     miss some of the data's classes) gets the pseudo-mask of its predictions instead, as
@@ -225,9 +229,8 @@ def make_pseudo_masks(cfg: Config, data: WSSSDataset) -> np.ndarray:
     classifier, refiner, meta = refine_step(cfg)
     pipe = Pipeline(classifier, None, refiner)
     labels = data_labels(data, meta["class_names"])
-    masks = _masks(
-        pipe, data, labels, cfg.train.batch_size, f"pseudo-masks ({refiner.name})", cfg.refine
-    )
+    desc = f"pseudo-masks ({refiner.name})"
+    masks = _masks(pipe, data, labels, cfg.train.batch_size, desc, cfg.refine, share)
     values = mask_values(data.class_names, meta["class_names"])
     return masks if values is None or refiner.binary else values[masks]
 
@@ -239,19 +242,92 @@ def _masks(
     bs: int,
     desc: str,
     refine: RefineConfig | None = None,
+    share: range | None = None,
 ) -> np.ndarray:
+    """The masks of the images ``share`` indexes (default: all), in batches of ``bs`` from
+    its start: one process's batches when the share starts on a batch boundary."""
+    share = range(len(data)) if share is None else share
     min_score = refine.min_score if refine is not None else 0.0
-    out = np.empty((len(data),) + data.masks.shape[1:], np.uint8)
-    bar = tqdm(range(0, len(data), bs), desc=desc, leave=False, disable=not distributed.is_main())
-    for start in bar:
-        images = data.images[start : start + bs]
-        batch = labels[start : start + bs]
+    out = np.empty((len(share),) + data.masks.shape[1:], np.uint8)
+    starts = range(share.start, share.stop, bs)
+    for start in tqdm(starts, desc=desc, leave=False, disable=not distributed.is_main()):
+        stop = min(start + bs, share.stop)
+        images = data.images[start:stop]
+        batch = labels[start:stop]
         outputs = pipe.classify(images)
         masks = pipe.refine(images, outputs, batch)
         unsure = outputs[0].numpy().max(axis=1) < min_score
         masks[np.array([ls is None for ls in batch]) & unsure] = IGNORE
-        out[start : start + bs] = masks
+        out[start - share.start : stop - share.start] = masks
     return out
+
+
+def train_share(cfg: Config) -> WSSSDataset | None:
+    """Only this rank's share of the training images, decoded (``distributed.batch_shard`` of
+    the listed images); None where the share is empty.
+
+    With ``data.skip_unreadable`` a share loses its own unreadable images, so later batches
+    start where one process's would not (the masks of a batch do not depend on which
+    images share it, up to float rounding).
+    """
+    layout = cfg.data.layout
+    listed = list_samples(cfg.data.root, cfg.data.task, "train", layout)
+    share = distributed.batch_shard(len(listed), cfg.train.batch_size)
+    if distributed.is_main():
+        what = describe(cfg.data.root, cfg.data.task, "train", layout)
+        each = ", each rank decodes its share" if distributed.active() else ""
+        tqdm.write(f"train data: {what}: {len(listed):,} images listed{each}")
+    if not len(share):
+        return None
+    return WSSSDataset(
+        cfg.data.root,
+        cfg.data.task,
+        "train",
+        cfg.data.image_size,
+        samples=listed[share.start : share.stop],
+        layout=layout,
+        skip_unreadable=cfg.data.skip_unreadable,
+    )
+
+
+def write_pseudo_masks(cfg: Config, data: WSSSDataset | None, path: Path) -> None:
+    """The pseudo-masks of the training set, made by every rank and saved by rank 0 to
+    ``path`` (masks, names).
+
+    Each rank makes those of its contiguous share (whole batches: the batches one process
+    makes, so the same masks, byte for byte) and writes them as its part; rank 0 merges the
+    parts in rank order. No rank waits for the whole set: only for the slowest share, then
+    for the merge. ``data``: the whole training set, already decoded for another stage, or
+    None to decode only this rank's share. Rank 0 records how long it took, from decoding
+    to the merged file, in ``<path stem>.json``.
+    """
+    t0 = time.perf_counter()
+    if data is None:
+        data = train_share(cfg)
+        share = None if data is None else range(len(data))
+    else:
+        share = distributed.batch_shard(len(data), cfg.train.batch_size)
+    if data is None or not len(share):  # more ranks than batches: an empty part
+        size = cfg.data.image_size
+        masks, names = np.empty((0, size, size), np.uint8), np.array([], str)
+    else:
+        masks = make_pseudo_masks(cfg, data, share)
+        names = np.array([data.samples[i].name for i in share])
+    parts = distributed.exchange_parts(
+        path.parent / "parts", path.stem, {"masks": masks, "names": names}
+    )
+    with distributed.main_first() as main:  # the others wait for the merge only
+        if main:
+            merged = {k: np.concatenate([p[k] for p in parts]) for k in ("masks", "names")}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            with tmp.open("wb") as f:
+                np.savez_compressed(f, **merged)
+            os.replace(tmp, path)  # a killed merge leaves the previous masks, not half
+            made = {"images": len(merged["masks"]), "processes": distributed.world_size()}
+            made["seconds"] = round(time.perf_counter() - t0, 3)
+            path.with_suffix(".json").write_text(json.dumps(made) + "\n")
+            tqdm.write(f"pseudo-masks: {made['images']} images in {made['seconds']:.1f} s")
 
 
 class SegmentationLoss(nn.Module):
@@ -438,10 +514,17 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGES)}")
     resolve_device(cfg.train.device)  # under torchrun: join the process group first
-    # Loaded once, and only when a stage reads it (the ImageNet head trains on nothing).
-    imagenet_only = tuple(stages) == ("classifier",) and cfg.classifier.head == "imagenet"
-    data = None if imagenet_only else load_train_set(cfg)
     runs = Path(cfg.runs)
+    # Loaded once, and only when a stage reads it (the ImageNet head trains on nothing);
+    # pseudo-masks alone decode only each rank's share (write_pseudo_masks).
+    imagenet_only = tuple(stages) == ("classifier",) and cfg.classifier.head == "imagenet"
+    levelset_missing = not (runs / "levelset" / "best.pt").exists()
+    pseudo_only = (
+        tuple(stages) == ("pseudo",)
+        and cfg.segmenter.arch != PASSTHROUGH
+        and not (cfg.refine.method == "levelset" and levelset_missing)
+    )
+    data = None if imagenet_only or pseudo_only else load_train_set(cfg)
     if "classifier" in stages:
         train_classifier(cfg, data)
     needs_pseudo = "pseudo" in stages or "segmenter" in stages
@@ -461,13 +544,7 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
             passthrough_segmenter(cfg, data)
         return
     if "pseudo" in stages or ("segmenter" in stages and not _fits(pseudo_path, data)):
-        # Under torchrun rank 0 makes them while the others wait (inference, not training).
-        with distributed.main_first() as main:
-            if main:
-                pseudo = make_pseudo_masks(cfg, data)
-                pseudo_path.parent.mkdir(parents=True, exist_ok=True)
-                names = np.array([s.name for s in data.samples])
-                np.savez_compressed(pseudo_path, masks=pseudo, names=names)
+        write_pseudo_masks(cfg, data, pseudo_path)  # under torchrun: sharded over the ranks
     if "segmenter" in stages:
         train_segmenter(cfg, data, np.load(pseudo_path)["masks"])
     if "supervised" in stages:
