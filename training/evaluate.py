@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from training import distributed
 from training.data.dataset import WSSSDataset
 from training.data.layouts import IGNORE, segmentation_classes
 from training.metrics import ConfusionMatrix, average_precision
@@ -78,6 +79,50 @@ class Evaluation:
             out["refine_ms"] = 1e3 * self.refine_seconds / max(self.images, 1)
         return out
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What was scored, as plain arrays (a rank's part file under torchrun): ``merged``
+        reads them back. Labels become multi-hot rows beside the scores."""
+        out = {
+            "images": np.array(self.images),
+            "refine_seconds": np.array(self.refine_seconds),
+            "pseudo_image_iou": np.array(self.pseudo_image_iou, np.float64),
+            "seg_image_iou": np.array(self.seg_image_iou, np.float64),
+        }
+        for part, cm in (("pseudo", self.pseudo), ("seg", self.segmentation)):
+            if cm is not None:
+                out[part] = cm.matrix
+        if self.scores:
+            out["scores"] = np.stack(self.scores)
+            out["labels"] = np.zeros(out["scores"].shape, bool)
+            for row, ls in zip(out["labels"], self.labels, strict=True):
+                row[list(ls)] = True
+        for kind, shown in self.examples.items():  # kept when empty: figure_rows counts them
+            out[f"examples.{kind}"] = np.array(shown)
+        return out
+
+    @classmethod
+    def merged(cls, binary: bool, parts: Sequence[dict[str, np.ndarray]]) -> Evaluation:
+        """The one Evaluation of consecutive shares' ``arrays``, in order: confusion matrices
+        and counts summed, per-image lists joined (so means are taken as one process would)."""
+        r = cls(binary)
+        for part in parts:
+            r.images += int(part["images"])
+            r.refine_seconds += float(part["refine_seconds"])
+            r.pseudo_image_iou += part["pseudo_image_iou"].tolist()
+            r.seg_image_iou += part["seg_image_iou"].tolist()
+            for key, attr in (("pseudo", "pseudo"), ("seg", "segmentation")):
+                if key in part:
+                    cm = getattr(r, attr) or ConfusionMatrix(len(part[key]))
+                    cm.matrix += part[key]
+                    setattr(r, attr, cm)
+            if "scores" in part:
+                r.scores += list(part["scores"])
+                r.labels += [tuple(np.flatnonzero(row).tolist()) for row in part["labels"]]
+            for key, shown in part.items():
+                if key.startswith("examples."):
+                    r.examples.setdefault(key.removeprefix("examples."), []).extend(shown)
+        return r
+
 
 def score_masks(
     cm: ConfusionMatrix,
@@ -112,10 +157,13 @@ def evaluate(
     batch_size: int = 32,
     examples: int = 0,
     desc: str = "evaluate",
+    share: range | None = None,
 ) -> dict[str, Evaluation]:
-    """Score every pipeline on ``data`` in one pass; keep the first ``examples`` outputs.
+    """Score every pipeline on ``data`` (or the images ``share`` indexes, in batches from its
+    start) in one pass; keep the outputs of the first ``examples`` images of ``data``.
 
     Scores are taken at each photo's own resolution (``score_masks``)."""
+    share = range(len(data)) if share is None else share
     binary = data.task == "pets"
     n_seg = segmentation_classes(data.task, data.num_classes)
     results, labels, values = {}, {}, {}
@@ -130,8 +178,10 @@ def evaluate(
             labels[name] = translate_labels(raw, data.class_names, pipe.class_names, data.aliases)
             if not binary:  # class-index masks: into the data's classes for scoring
                 values[name] = mask_values(data.class_names, pipe.class_names)
-    for start in tqdm(range(0, len(data), batch_size), desc=desc, leave=False):
-        images = data.images[start : start + batch_size]
+    starts = range(share.start, share.stop, batch_size)
+    for start in tqdm(starts, desc=desc, leave=False, disable=not distributed.is_main()):
+        stop = min(start + batch_size, share.stop)
+        images = data.images[start:stop]
         shown = max(0, min(len(images), examples - start))
         outputs: dict[int, tuple] = {}  # one forward pass per distinct classifier
         for name, pipe in pipelines.items():
@@ -141,7 +191,7 @@ def evaluate(
                 key = id(pipe.classifier)
                 if key not in outputs:
                     outputs[key] = pipe.classify(images)
-                batch_labels = labels[name][start : start + batch_size]
+                batch_labels = labels[name][start:stop]
                 for s, ls in zip(outputs[key][0].numpy(), batch_labels, strict=True):
                     if ls is not None:
                         r.scores.append(s)
@@ -164,6 +214,35 @@ def evaluate(
                 score_masks(r.segmentation, r.seg_image_iou, seg, data, start, binary)
                 r.examples.setdefault("seg", []).extend(seg[:shown])
     return results
+
+
+def evaluate_shards(
+    pipelines: Mapping[str, Pipeline],
+    data: WSSSDataset,
+    parts: Path,
+    batch_size: int = 32,
+    examples: int = 0,
+    desc: str = "evaluate",
+) -> dict[str, Evaluation] | None:
+    """``evaluate``, sharded under torchrun: each rank scores its contiguous share of
+    ``data`` (whole batches: one process's batches), writes what it scored as its part under
+    ``parts``, and rank 0 merges them into one process's numbers (the times summed); the
+    other ranks get None. One process: ``evaluate`` itself."""
+    share = distributed.batch_shard(len(data), batch_size)
+    results = evaluate(pipelines, data, batch_size, examples, desc, share)
+    if not distributed.active():
+        return results
+    # Pipelines by position: every rank built the same ones, in the same order.
+    mine = {f"{i}.{k}": v for i, r in enumerate(results.values()) for k, v in r.arrays().items()}
+    shares = distributed.exchange_parts(parts, "evaluation", mine)
+    if shares is None:
+        return None
+    merged = {}
+    for i, (name, r) in enumerate(results.items()):
+        pre = f"{i}."
+        own = [{k.removeprefix(pre): v for k, v in p.items() if k.startswith(pre)} for p in shares]
+        merged[name] = Evaluation.merged(r.binary, own)
+    return merged
 
 
 def figure_rows(

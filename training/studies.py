@@ -17,12 +17,21 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
+from training import distributed
 from training.data.dataset import WSSSDataset
 from training.data.layouts import VOC_CLASSES, Sample
-from training.evaluate import Evaluation, evaluate, figure_rows, markdown_table, write_report
+from training.evaluate import (
+    Evaluation,
+    evaluate,
+    evaluate_shards,
+    figure_rows,
+    markdown_table,
+    write_report,
+)
 from training.pipeline import (
     Pipeline,
     ServedClassifier,
@@ -40,7 +49,7 @@ SUPERVISED = "supervised bound (segmenter on the true masks)"
 VIT = "ViT attention (no classifier)"
 
 
-def load_test_set(cfg: Config) -> WSSSDataset:
+def load_test_set(cfg: Config, say: bool = True) -> WSSSDataset:
     data = WSSSDataset(
         cfg.data.root,
         cfg.data.task,
@@ -49,7 +58,8 @@ def load_test_set(cfg: Config) -> WSSSDataset:
         layout=cfg.data.layout,
         skip_unreadable=cfg.data.skip_unreadable,
     )
-    tqdm.write(f"test data: {data.source}")
+    if say:
+        tqdm.write(f"test data: {data.source}")
     return data
 
 
@@ -86,9 +96,14 @@ def metric_key(task: str, part: str) -> str:
     return f"{part}_iou" if task == "pets" else f"{part}_miou"
 
 
-def evaluate_profile(cfg: Config) -> str:
-    """``wsss evaluate``: writes ``<runs>/eval/results.{json,md,png}``; returns the table."""
-    data = load_test_set(cfg)
+def evaluate_profile(cfg: Config) -> str | None:
+    """``wsss evaluate``: writes ``<runs>/eval/results.{json,md,png}``; returns the table.
+
+    Under torchrun each rank scores its share of the test split and rank 0 alone merges,
+    writes and returns the table; the other ranks return None.
+    """
+    distributed.setup(torch.device("cpu"))  # the pipelines run on the CPU: gloo
+    data = load_test_set(cfg, say=distributed.is_main())
     pipe = pipeline_from_config(cfg)
     arch = cfg.classifier.arch
     pseudo = f"pseudo-masks ({arch} {pipe.classifier.cam_method} + {pipe.refiner.name})"
@@ -100,7 +115,11 @@ def evaluate_profile(cfg: Config) -> str:
     supervised = supervised_pipeline(cfg.runs)
     if supervised is not None:
         pipes[SUPERVISED] = supervised
-    results = evaluate(pipes, data, cfg.train.batch_size, cfg.evaluate.figure_images)
+    out = Path(cfg.runs) / "eval"
+    bs, shown = cfg.train.batch_size, cfg.evaluate.figure_images
+    results = evaluate_shards(pipes, data, out / "parts", bs, shown)
+    if results is None:  # another rank: rank 0 has this one's share and writes the report
+        return None
     reference = bound(results.get(SUPERVISED))
     rows = []
     for name, r in results.items():
@@ -112,7 +131,6 @@ def evaluate_profile(cfg: Config) -> str:
     columns += [("segmenter", segmenter, "seg")]
     if supervised is not None:
         columns.append(("supervised", SUPERVISED, "seg"))
-    out = Path(cfg.runs) / "eval"
     meta = {"task": data.task, "images": len(data), "image_size": cfg.data.image_size}
     meta["masks"] = data.has_masks
     figure = figure_rows(data, results, columns)

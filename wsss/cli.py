@@ -86,9 +86,15 @@ def cmd_evaluate(args) -> None:
 
         print(cam_study(cfg))
     else:
+        from training import distributed
         from training.studies import evaluate_profile
 
-        print(evaluate_profile(cfg))
+        try:  # under torchrun: each rank scores its share, rank 0 reports
+            table = evaluate_profile(cfg)
+        finally:
+            distributed.teardown()
+        if table is not None:
+            print(table)
 
 
 def cmd_reproduce(args) -> None:
