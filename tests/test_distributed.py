@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from training.data.synth import SynthOptions, write_synth
@@ -56,3 +58,111 @@ def test_two_cpu_processes_share_the_data_and_write_one_checkpoint(tmp_path):
 
     model, meta = load_model(runs / "classifier" / "best.pt")
     assert meta["world_size"] == 2 and meta["class_names"]
+
+
+def _wsss(args: list[str], processes: int) -> subprocess.CompletedProcess:
+    """``wsss ARGS`` in one plain process, or under torchrun in ``processes`` CPU processes;
+    one thread each either way, so each batch is computed alike."""
+    cmd = [sys.executable, "-m", "wsss", *args]
+    if processes > 1:
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_sharded_pseudo_masks_and_evaluation_equal_one_process(tmp_path):
+    """GrabCut pseudo-masks and `wsss evaluate` over 2 ranks: the same bytes and numbers as
+    one process. 24 training images in batches of 5 (shares of 10 and 14: uneven, the last
+    batch short) and 8 test images (shares of 5 and 3)."""
+    from tests.conftest import write_random_checkpoints
+    from training import stages
+    from training.data.dataset import WSSSDataset
+    from training.data.layouts import read_class_names
+    from wsss.config import load_config
+
+    root = write_synth(tmp_path / "pets", SynthOptions("pets", 32, 64, seed=5))
+    names = read_class_names(root, "pets")
+    base = [f"data.root={root}", "data.image_size=64", "train.batch_size=5"]
+    base += ["train.device=cpu", "refine.method=fixed", "refine.grabcut=true"]
+    runs = {1: write_random_checkpoints(tmp_path / "runs1", class_names=names)}
+    runs[2] = shutil.copytree(runs[1], tmp_path / "runs2")  # the same untrained weights
+    for n, folder in runs.items():
+        args = [a for o in [*base, f"runs={folder}"] for a in ("--set", o)]
+        _wsss(["train", "--stages", "pseudo", *args], n)
+        done = _wsss(["evaluate", *args], n)
+        assert done.stdout.count("| output |") == 1, done.stdout  # rank 0 alone reports
+
+    one, two = (np.load(runs[n] / "pseudo" / "train_masks.npz") for n in (1, 2))
+    assert one["masks"].shape == (24, 64, 64) and one["masks"].dtype == two["masks"].dtype
+    assert one["masks"].tobytes() == two["masks"].tobytes()
+    assert one["names"].tolist() == two["names"].tolist()
+    assert (one["masks"] == 1).any()  # GrabCut found some foreground: not a vacuous match
+    for folder in (runs[2] / "pseudo" / "parts", runs[2] / "eval" / "parts"):
+        assert not folder.exists(), "rank 0 deletes the parts it merged"
+
+    rows = [json.loads((runs[n] / "eval" / "results.json").read_text())["rows"] for n in (1, 2)]
+    for row in (r for rs in rows for r in rs):
+        row.pop("refine_ms", None)  # a time: summed over the ranks, not equal
+    assert rows[0] == rows[1]
+    assert {"accuracy", "pseudo_iou", "pseudo_image_iou", "seg_iou"} <= set(rows[0][0] | rows[0][1])
+
+    # Whole data already decoded (another stage read it): shares sliced from it, in one
+    # process, concatenate to the whole.
+    cfg = load_config(None, [*base, f"runs={runs[1]}"])
+    data = WSSSDataset(root, "pets", "train", 64)
+    shares = [range(0, 10), range(10, 24)]
+    parts = [stages.make_pseudo_masks(cfg, data, s) for s in shares]
+    whole = stages.make_pseudo_masks(cfg, data)
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_evaluations_of_consecutive_shares_merge_into_the_whole(tmp_path):
+    """In one process, without torchrun: multi-label scores (mAP from the labels' multi-hot
+    rows), class matrices and the figure's examples, which here span both shares."""
+    from tests.conftest import write_random_checkpoints
+    from training.data.dataset import WSSSDataset
+    from training.data.layouts import read_class_names
+    from training.evaluate import Evaluation, evaluate, figure_rows
+    from training.pipeline import Pipeline, pipeline_from_config
+    from wsss.config import load_config
+
+    root = write_synth(tmp_path / "voc", SynthOptions("voc", 24, 48, seed=2))
+    data = WSSSDataset(root, "voc", "test", 48)
+    names = read_class_names(root, "voc")
+    runs = write_random_checkpoints(
+        tmp_path / "runs", class_names=names, seg_classes=len(names) + 1, task="voc"
+    )
+    pipe = pipeline_from_config(load_config(None, [f"runs={runs}", "data.task=voc"]))
+    pipes = {"pseudo": Pipeline(pipe.classifier, None, pipe.refiner)}
+    pipes["seg"] = Pipeline(None, pipe.segmenter, None)
+    whole = evaluate(pipes, data, 2, examples=3)
+    shares = [evaluate(pipes, data, 2, 3, share=s) for s in (range(0, 2), range(2, len(data)))]
+    merged = {
+        n: Evaluation.merged(r.binary, [s[n].arrays() for s in shares]) for n, r in whole.items()
+    }
+    for name, r in whole.items():
+        scores = [{k: v for k, v in x.row().items() if k != "refine_ms"} for x in (r, merged[name])]
+        assert scores[0] == scores[1]
+        assert merged[name].examples.keys() == r.examples.keys()
+        for kind, shown in r.examples.items():
+            np.testing.assert_array_equal(np.array(merged[name].examples[kind]), np.array(shown))
+    assert "map" in merged["pseudo"].row() and "seg_miou" in merged["seg"].row()
+    assert len(figure_rows(data, merged, [("CAM", "pseudo", "cam")])) == 3
+
+
+@pytest.mark.parametrize("n, batch, world", [(24, 5, 2), (10, 4, 3), (3, 4, 2), (0, 4, 2)])
+def test_batch_shards_cover_the_items_in_whole_batches(monkeypatch, n, batch, world):
+    from training import distributed
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: world)
+    shares = []
+    for r in range(world):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        shares.append(distributed.batch_shard(n, batch))
+    assert [i for s in shares for i in s] == list(range(n))  # in order, each once
+    assert all(s.start % batch == 0 for s in shares if len(s))
+    sizes = [-(-len(s) // batch) for s in shares]  # batches per rank: within one of each other
+    assert max(sizes) - min(sizes) <= 1
