@@ -48,7 +48,7 @@ def test_data_train_evaluate_export(tmp_path):
     results = json.loads((tmp_path / "runs" / "eval" / "results.json").read_text())
     pseudo, seg = results["rows"]
     assert results["images"] == 8 and {"accuracy", "pseudo_iou", "refine_ms"} <= set(pseudo)
-    assert {"seg_iou", "seg_dice"} == set(seg) - {"output"}
+    assert {"seg_iou", "seg_dice", "seg_image_iou"} == set(seg) - {"output"}
     assert (tmp_path / "runs" / "eval" / "results.png").stat().st_size > 1000
     wsss("export", *sets)
     repo = tmp_path / "repo"
