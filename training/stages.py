@@ -67,14 +67,7 @@ def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_train_set(cfg: Config) -> WSSSDataset:
-    data = WSSSDataset(
-        cfg.data.root,
-        cfg.data.task,
-        "train",
-        cfg.data.image_size,
-        layout=cfg.data.layout,
-        skip_unreadable=cfg.data.skip_unreadable,
-    )
+    data = WSSSDataset.from_config(cfg.data, "train")
     if distributed.is_main():  # VOC's train and train_aug are easily mixed up: say which
         tqdm.write(f"train data: {data.source}")
     return data

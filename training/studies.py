@@ -50,14 +50,7 @@ VIT = "ViT attention (no classifier)"
 
 
 def load_test_set(cfg: Config, say: bool = True) -> WSSSDataset:
-    data = WSSSDataset(
-        cfg.data.root,
-        cfg.data.task,
-        "test",
-        cfg.data.image_size,
-        layout=cfg.data.layout,
-        skip_unreadable=cfg.data.skip_unreadable,
-    )
+    data = WSSSDataset.from_config(cfg.data, "test")
     if say:
         tqdm.write(f"test data: {data.source}")
     return data

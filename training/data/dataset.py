@@ -93,6 +93,19 @@ class WSSSDataset(Dataset):
         species = {1: "cat", 2: "dog"}
         return [species.get(info.get("species")) for info in self.class_info]
 
+    @classmethod
+    def from_config(cls, data, split: str) -> WSSSDataset:
+        """``split`` of the data a ``wsss.config.DataConfig`` describes: the one place the
+        config's data settings become a dataset."""
+        return cls(
+            data.root,
+            data.task,
+            split,
+            data.image_size,
+            layout=data.layout,
+            skip_unreadable=data.skip_unreadable,
+        )
+
     def full_mask(self, i: int) -> np.ndarray:
         """Sample ``i``'s ground truth at its image's own resolution, read again from disk
         (scores are taken there, with the model's masks resized back)."""
