@@ -159,6 +159,7 @@ def test_a_pet_subset_reads_with_its_official_ids(tmp_path):
     assert len(data) == 9 and not data.skipped
     assert sorted({s.labels for s in data.samples}) == [(0,), (1,), (2,)]
     assert [(c["official_id"], c["species"]) for c in data.class_info] == [(1, 1), (2, 2), (6, 1)]
+    assert data.aliases == ["cat", "dog", "cat"]
     assert data.images.shape == (9, 16, 16, 3)
     assert data.full_mask(0).shape == (20, 30)
 

@@ -88,10 +88,9 @@ class WSSSDataset(Dataset):
 
     @property
     def aliases(self) -> list[str | None]:
-        """Another name of each class, where the data gives one: a Pet breed's species (cat
-        or dog), which an ImageNet head's groups may name."""
-        species = {1: "cat", 2: "dog"}
-        return [species.get(info.get("species")) for info in self.class_info]
+        """Another name of each class, where the layout gives one (``class_info``'s alias: a
+        Pet breed's species, cat or dog), which an ImageNet head's groups may name."""
+        return [info.get("alias") for info in self.class_info]
 
     @classmethod
     def from_config(cls, data, split: str) -> WSSSDataset:

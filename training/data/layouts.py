@@ -101,7 +101,11 @@ class PetsLayout(Layout):
 
     def class_info(self, root: Path) -> list[dict]:
         """Each class's official id and species (1 cat, 2 dog), in class order."""
-        return [dataclasses.asdict(c) for c in _pets_index(str(root))[1]]
+        species = {1: "cat", 2: "dog"}  # the lists' species column
+        return [
+            dataclasses.asdict(c) | {"alias": species.get(c.species)}
+            for c in _pets_index(str(root))[1]
+        ]
 
     def _listing(self, root: Path, split: str) -> Path:
         return root / "annotations" / ("trainval.txt" if split == "train" else "test.txt")
