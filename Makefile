@@ -9,7 +9,7 @@ CONFIG ?= configs/serve.yaml
 BENCH_CONFIG ?= configs/quick.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-fast lint format study photos levelset-study reproduce bench clean-models \
+.PHONY: setup serve test test-fast lint format study photos levelset-study reproduce bench soak clean-models \
 	image-base image-cpu image-train image-gpu
 
 setup: $(STAMP)
@@ -41,6 +41,11 @@ BENCH_ARGS ?=
 bench: setup
 	$(BIN)/python -m benchmarks.serving --config $(BENCH_CONFIG) \
 		--set export.repository=runs/quick/model_repository $(if $(SWEEP),--sweep) $(BENCH_ARGS)
+
+# 20,000 requests on wsss_pipeline_bytes at concurrency 8 with the shared Pet photos: every
+# tritonserver and stub process's resident memory after the warm-up (reports/soak/).
+soak: setup
+	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow and not triton and not docker" $(PYTEST_ARGS)

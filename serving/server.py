@@ -67,6 +67,10 @@ def server_env() -> dict[str, str]:
     """The stub must find this venv's numpy first, and the wheel's bundled libraries."""
     env = dict(os.environ)
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # for our backends; see export.repository too
+    # glibc gives each thread that allocates its own heap arena (up to 8 per core), and
+    # tritonserver's gRPC and scheduler threads each keep fragments of theirs: its resident
+    # set crept up through a 20,000-request soak (reports/soak/). Two arenas bound that.
+    env.setdefault("MALLOC_ARENA_MAX", "2")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     libs = pytriton_root().parent.parent / "nvidia_pytriton.libs"
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
@@ -89,6 +93,8 @@ def server_command(repository: Path, backends: Path, cfg: ServeConfig, gpu: bool
         f"--model-control-mode={cfg.model_control}",
         f"--exit-timeout-secs={cfg.exit_timeout_seconds}",
         "--log-verbose=0",
+        f"--backend-config=python,shm-default-byte-size={cfg.python_shm_mb << 20}",
+        f"--backend-config=python,shm-growth-byte-size={cfg.python_shm_mb << 20}",
     ]
     if cfg.model_control == "poll":
         cmd.append(f"--repository-poll-secs={cfg.poll_seconds}")

@@ -29,6 +29,7 @@ def _golden_configs():
             "export.segmenter.onnxruntime.graph_level=1",
             "export.segmenter.onnxruntime.intra_op_threads=2",
             "export.segmenter.onnxruntime.gpu_accelerator=tensorrt",
+            "export.segmenter.onnxruntime.shrink_arena=true",
             "export.segmenter.kind=KIND_GPU",
             "export.segmenter.instances=2",
             "export.refiner.max_batch_size=4",
@@ -61,12 +62,17 @@ def test_generated_settings_land_where_triton_reads_them():
     seg, cls, ref = configs["segmenter"], configs["classifier"], configs["refiner"]
     assert seg.backend == "onnxruntime" and seg.optimization.graph.level == 1
     assert seg.parameters["intra_op_thread_count"].string_value == "2"
+    assert seg.parameters["memory.enable_memory_arena_shrinkage"].string_value == "cpu:0"
     (acc,) = seg.optimization.execution_accelerators.gpu_execution_accelerator
     assert acc.name == "tensorrt" and acc.parameters["precision_mode"] == "FP16"
     assert seg.instance_group[0].count == 2 and list(seg.version_policy.specific.versions) == [3, 4]
     assert cls.backend == "pytorch" and [i.name for i in cls.input] == ["IMAGE__0"]
     assert [o.name for o in cls.output] == ["SCORES__0", "CAMS__1"]
     assert ref.max_batch_size == 4 and ref.model_warmup[0].inputs["CAMS"].zero_data
+    # Generated inputs warm up at the largest batch (ONNX Runtime's arena reaches its size
+    # at load); an encoded image read from a file stays one sample.
+    assert ref.model_warmup[0].batch_size == 4 and seg.model_warmup[0].batch_size == 8
+    assert configs["postprocess"].model_warmup[0].batch_size == 1
     assert not configs["preprocess"].model_warmup
     pipe = configs["wsss_pipeline"]
     assert pipe.max_batch_size == 4  # no more than its smallest member

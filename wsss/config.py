@@ -195,6 +195,17 @@ class OnnxRuntimeConfig:
     # "cuda" for the CUDA one; ignored on CPU instances.
     gpu_accelerator: Literal["none", "cuda", "tensorrt"] = "none"
     tensorrt_fp16: bool = True
+    # Shrink ONNX Runtime's CPU memory arena after every run (the backend's
+    # memory.enable_memory_arena_shrinkage = cpu:0): memory back after each batch, at the
+    # cost of allocating it again; the stubs' resident sets then swung by 20-40 MiB from
+    # one second to the next in a soak (reports/soak/). Off: the arena keeps the largest
+    # batch's memory, which the warm-up at the largest batch reaches at load.
+    shrink_arena: bool = False
+    # ONNX Runtime's memory pattern (the backend's enable_mem_pattern): a block planned per
+    # input shape, and dynamic batching sends every batch size from 1 to max_batch_size. On,
+    # a stub's arena grew by a 32 MiB chunk 15,000 requests after its warm-up; off, every
+    # stub stayed flat through 20,000 requests (reports/soak/).
+    memory_pattern: bool = False
 
 
 @dataclass
@@ -265,6 +276,11 @@ class ServeConfig:
     # client connections (a notebook's keep-alive client holds it the whole time) before it
     # exits; Triton's own default is 30 s, longer than `docker stop` waits.
     exit_timeout_seconds: int = 5
+    # Each Python-backend stub's shared-memory region, which carries its tensors to and from
+    # tritonserver: the initial size and the growth step, in MiB (Triton's own default, 1 MiB,
+    # grows a step at a time as full-resolution masks of varying sizes fragment it; the
+    # regions kept growing through a 20,000-request soak: reports/soak/).
+    python_shm_mb: int = 16
 
 
 @dataclass

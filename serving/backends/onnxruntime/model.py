@@ -34,7 +34,20 @@ def _session_options(config: dict) -> ort.SessionOptions:
         opts.intra_op_num_threads = int(params["intra_op_thread_count"])
     if "inter_op_thread_count" in params:
         opts.inter_op_num_threads = int(params["inter_op_thread_count"])
+    if params.get("enable_mem_pattern") == "0":
+        opts.enable_mem_pattern = False
     return opts
+
+
+def _run_options(config: dict) -> ort.RunOptions:
+    """Per-run options: ``memory.enable_memory_arena_shrinkage`` (as the native backend
+    reads it) returns the arena's extra chunks after each run."""
+    options = ort.RunOptions()
+    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    shrink = params.get("memory.enable_memory_arena_shrinkage")
+    if shrink:
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", shrink)
+    return options
 
 
 def _providers(config: dict, args: dict) -> list:
@@ -110,6 +123,7 @@ class TritonPythonModel:
         _check_against_config(self.session, config, path)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.run_options = _run_options(config)
 
     def execute(self, requests):
         """Run every request of a dynamic batch in one session call, then split the results."""
@@ -120,7 +134,7 @@ class TritonPythonModel:
             ]
             sizes = [a[0].shape[0] for a in arrays]
             feeds = {n: np.concatenate([a[i] for a in arrays]) for i, n in enumerate(self.inputs)}
-            results = self.session.run(self.outputs, feeds)
+            results = self.session.run(self.outputs, feeds, self.run_options)
         except Exception as exc:  # one bad request must not take its batch-mates' answers down
             return (
                 [self._run_one(r) for r in requests]
@@ -146,7 +160,7 @@ class TritonPythonModel:
             feeds = {
                 n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs
             }
-            results = self.session.run(self.outputs, feeds)
+            results = self.session.run(self.outputs, feeds, self.run_options)
             return pb_utils.InferenceResponse(
                 output_tensors=[
                     pb_utils.Tensor(n, r) for n, r in zip(self.outputs, results, strict=True)

@@ -1,0 +1,46 @@
+"""The soak benchmark's leak check: growth measured after the warm-up flags a process that
+climbs and passes one that levels off; a short soak through the served bytes ensemble keeps
+every process's memory flat by a margin and fails no request."""
+
+import cv2
+import pytest
+
+from benchmarks.soak import Sample, processes, rss_growth, soak
+
+
+def _samples(series: dict[str, list[float]], step: int = 100) -> list[Sample]:
+    n = len(next(iter(series.values())))
+    return [Sample(k * step, float(k), {p: v[k] for p, v in series.items()}) for k in range(n)]
+
+
+def test_growth_counts_from_the_warm_up_and_flags_the_process_that_climbs():
+    warm = [50.0, 80.0, 95.0, 100.0]  # warm-up: up to request 300
+    flat = warm + [100.0, 101.0, 99.0, 100.0, 100.5, 100.0, 99.5, 100.0]
+    leak = warm + [100.0 + 2.0 * k for k in range(1, 9)]  # +2 MiB per 100 requests
+    spike = warm + [100.0] * 4 + [140.0] + [100.0] * 3  # one sample high, then back
+    growth = rss_growth(_samples({"flat": flat, "leak": leak, "spike": spike}), 300, 1100)
+    assert abs(growth["flat"]["growth"]) < 0.01
+    assert growth["leak"]["growth"] > 0.1
+    assert growth["flat"]["after_warmup_mb"] == pytest.approx(100.0)  # not the warm-up's 50
+    assert abs(growth["spike"]["growth"]) < 0.01 and growth["spike"]["peak_growth"] > 0.3
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_a_short_soak_fails_no_request_and_no_process_keeps_growing(server, exported):
+    from training.data import list_samples, read_image
+
+    photos = [
+        cv2.imencode(".jpg", read_image(s.image_path)[..., ::-1])[1].tobytes()
+        for s in list_samples(exported.data.root, "pets", "test")
+    ]
+    names = processes(server).values()
+    assert "tritonserver" in names and any(n.startswith("refiner/") for n in names)
+    run = soak(server, photos, requests=1500, concurrency=8, warmup=700, progress=False)
+    assert run.failures == [] and run.gone == []
+    assert len(run.samples) >= 3
+    growth = run.growth()
+    assert set(growth) == set(names)
+    # 5% is the benchmark's bar over 20,000 requests; twice that over 800 is a leak check
+    # with room for an allocator's step, not a timing.
+    assert {n: g for n, g in growth.items() if g["growth"] > 0.10} == {}
