@@ -7,8 +7,12 @@ import torch
 from training.levelset.energy import (
     cam_weighted,
     chan_vese_energy,
+    edge_stop,
     heaviside,
+    rgb_to_lab,
+    seed_region_energy,
     signed_distance,
+    weighted_chan_vese_energy,
 )
 
 
@@ -73,3 +77,51 @@ def test_cam_weighting_shapes_and_extremes():
     assert out.shape == (2, 4, 3, 8, 8) and torch.allclose(out, torch.ones_like(out))
     low = cam_weighted(image, -cams, alpha=0.3)
     assert torch.allclose(low, torch.full_like(low, 0.7))
+
+
+def test_lab_is_scikit_images_lab_scaled():
+    from skimage.color import rgb2lab
+
+    pixels = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(0))
+    pixels[0, :, 0, 0] = 0.0  # black and white: the formulas' two branches
+    pixels[0, :, 0, 1] = 1.0
+    ours = rgb_to_lab(pixels).numpy()
+    theirs = np.stack([rgb2lab(p.permute(1, 2, 0).numpy()) for p in pixels]) / 25
+    np.testing.assert_allclose(ours, theirs.transpose(0, 3, 1, 2), atol=2e-3)
+
+
+def test_edges_make_a_contour_along_them_cheaper():
+    truth = _disc()
+    image = torch.from_numpy(np.where(truth, 1.0, 0.0)).float()[None, None].expand(1, 3, 40, 40)
+    g = edge_stop(image, beta=50.0)
+    assert g.shape == (1, 1, 40, 40)
+    assert g[0, 0, 2, 2] == pytest.approx(1.0) and g[0, 0, 20, 20] == pytest.approx(1.0)
+    ring = torch.from_numpy(truth ^ np.roll(truth, 1, axis=1))
+    assert g[0, 0][ring].max() < 0.2  # on the disc's edge
+    # The same contour on the disc's edge, with and without the edge weight: only its
+    # length term changes, and it is cheaper along the edge.
+    phi = torch.from_numpy(signed_distance(truth, 5.0))[None, None]
+    weight = torch.ones(1, 1, 40, 40)
+    plain = weighted_chan_vese_energy(phi, image, weight, gamma=1.0)
+    along = weighted_chan_vese_energy(phi, image, weight, gamma=1.0, edges=g)
+    assert along < plain
+    shifted = torch.from_numpy(signed_distance(np.roll(truth, 8, axis=1), 5.0))[None, None]
+    # Off the edge, the weight saves (nearly) nothing.
+    off_saving = weighted_chan_vese_energy(shifted, image, weight, 1.0) - weighted_chan_vese_energy(
+        shifted, image, weight, 1.0, edges=g
+    )
+    assert off_saving < 0.5 * (plain - along)
+
+
+def test_seed_region_energy_counts_disagreement_and_skips_doubt():
+    seed = torch.zeros(1, 40, 40, dtype=torch.long)
+    seed[0][torch.from_numpy(_disc())] = 1
+    phi = torch.from_numpy(signed_distance(_disc(), 0.05))[None, None]  # sharp: H ~ 0 or 1
+    close = seed_region_energy(phi, seed).item()  # H is smooth: 0.97 deep inside, not 1
+    assert close < 0.05
+    wrong = torch.from_numpy(signed_distance(np.roll(_disc(), 10, axis=1), 0.05))[None, None]
+    far = seed_region_energy(wrong, seed).item()
+    assert far > 3 * close + 0.1
+    doubt = seed.clone()
+    doubt[0, :, 20:] = 255  # the half where the shifted disc disagrees most: not counted
+    assert seed_region_energy(wrong, doubt).item() < far

@@ -161,3 +161,35 @@ def test_cli_bench_refiners(levelset_cfg):
         check=True,
     ).stdout
     assert "FNO evolution (PyTorch)" in out and "Chan-Vese (15 it.)" in out
+
+
+def test_folds_cover_the_images_once_and_refuse_nonsense():
+    from training.levelset.tuning import fold_indices
+
+    folds = fold_indices(10, 3, seed=0)
+    assert [len(f) for f in folds] == [4, 3, 3]
+    assert sorted(np.concatenate(folds).tolist()) == list(range(10))
+    assert [f.tolist() for f in fold_indices(10, 3, seed=0)] == [f.tolist() for f in folds]
+    with pytest.raises(ValueError, match="--folds"):
+        fold_indices(10, 1, seed=0)
+
+
+@pytest.mark.slow
+def test_cross_validation_scores_each_variant_on_held_out_images(trained, tmp_path):
+    from training.levelset.tuning import cross_validate
+
+    cfg = dataclasses.replace(
+        trained,
+        evaluate=dataclasses.replace(trained.evaluate, out=str(tmp_path)),
+        levelset=dataclasses.replace(trained.levelset, epochs=1),
+    )
+    variants = {"paper": [], "lab": ["levelset.colour=lab", "levelset.edge=10"]}
+    table = cross_validate(cfg, variants, folds=2)
+    report = json.loads((tmp_path / "levelset_cv" / "levelset_cv.json").read_text())
+    names = [r["name"] for r in report["rows"]]
+    assert names == ["seed: CAM + otsu", "CAM + otsu + GrabCut", "paper", "lab"]
+    assert all(len(r["folds"]) == 2 for r in report["rows"])
+    assert report["chosen"] in variants and f"Chosen: **{report['chosen']}**" in table
+    # Each variant trained per fold on the other fold only, with its own settings saved.
+    saved = tmp_path / "levelset_cv" / "lab" / "fold1" / "levelset" / "config.yaml"
+    assert "colour: lab" in saved.read_text()

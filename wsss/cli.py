@@ -77,6 +77,10 @@ def cmd_evaluate(args) -> None:
         from training.studies import photo_study
 
         print(photo_study(cfg))
+    elif args.levelset and args.variants:
+        from training.levelset.tuning import cross_validate, read_variants
+
+        print(cross_validate(cfg, read_variants(args.variants), args.folds, reuse=args.reuse))
     elif args.levelset:
         from training.levelset.study import run_levelset_study
 
@@ -315,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--reuse",
         action="store_true",
         help="with --levelset: reuse ablation level sets already trained",
+    )
+    evaluate.add_argument(
+        "--variants",
+        help="with --levelset: a YAML file of level-set variants (name: [KEY=VALUE, ...]) "
+        "chosen between by cross-validation on the training split, never the test list",
+    )
+    evaluate.add_argument(
+        "--folds", type=int, default=3, help="with --variants: the number of folds"
     )
     evaluate.set_defaults(func=cmd_evaluate)
     reproduce = sub.add_parser(

@@ -118,7 +118,9 @@ class LevelSetConfig:
 
     # The CAM masks whose signed distance functions supervise the initial level sets: each
     # present class's CAM thresholded this way, overlaps going to the strongest CAM.
-    seed: Literal["fixed", "otsu"] = "otsu"
+    # saliency: the saliency-guided masks of refine.method saliency (region-based
+    # initialisation); the served level set reads no saliency: the head learns the seed.
+    seed: Literal["fixed", "otsu", "saliency"] = "otsu"
     sdf_clip: float = 0.1  # SDF targets: distance / (this fraction of the side), clipped to 1
     hidden: int = 32  # width of the initialisation module
     modes: int = 12  # Fourier modes kept per direction (capped at half the image side)
@@ -129,6 +131,13 @@ class LevelSetConfig:
     # Weight of the energy on the backbone features, beside the image's (0: image only). At
     # stride 16 a heavy feature term pulls contours to 16-pixel blocks (README's tuning).
     feature_energy: float = 0.1
+    # Photo terms (docs/levelset.md; each off at its default, the paper's energy): the image
+    # term's colour space (rgb: ImageNet-normalised, as the paper; lab: CIE Lab, chroma apart
+    # from lightness), the edge-stopping weight beta of the length term (g = 1 / (1 + beta
+    # |grad I|^2)), and the weight of a region term towards the seed masks.
+    colour: Literal["rgb", "lab"] = "rgb"
+    edge: float = 0.0
+    seed_energy: float = 0.0
     lambda_mse: float = 1.0  # lambda1: MSE of the initial level sets to the CAM SDFs
     # lambda2: Chan-Vese energy of the evolved level sets. The energy is ~10x the MSE in
     # size; 0.3 measured best of 0.1 / 0.3 / 1 on the pets benchmark (README).

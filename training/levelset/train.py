@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.levelset.energy import signed_distance, weighted_chan_vese_energy
+from training.levelset.energy import (
+    edge_stop,
+    rgb_to_lab,
+    seed_region_energy,
+    signed_distance,
+    weighted_chan_vese_energy,
+)
 from training.levelset.model import LevelSetHead
 from training.loop import load_checkpoint
 from training.models import build_classifier
@@ -34,6 +40,7 @@ class LevelSetOutput:
     pixel_logits: torch.Tensor  # sum_k w_k F_k + b per pixel: the CAM before its ReLU [B, K, h, w]
     phi0: torch.Tensor  # initial level sets [B, K, H, W]
     phi: torch.Tensor  # evolved level sets [B, K, H, W]
+    pixels: torch.Tensor | None = None  # the image in [0, 1] [B, 3, H, W]
 
 
 class LevelSetModel(nn.Module):
@@ -67,7 +74,7 @@ class LevelSetModel(nn.Module):
         x = self.normalize(pixels)
         phi0, phi = self.head(features, x, cams)
         return LevelSetOutput(
-            x, features, net.class_logits(raw), net.pixel_logits(features, raw), phi0, phi
+            x, features, net.class_logits(raw), net.pixel_logits(features, raw), phi0, phi, pixels
         )
 
 
@@ -90,8 +97,11 @@ class LevelSetLoss:
     def __init__(self, cfg: LevelSetConfig, num_classes: int, multi_label: bool, image_size: int):
         if cfg.lambda_mse < 0 or cfg.lambda_energy < 0 or cfg.lambda_mse + cfg.lambda_energy == 0:
             raise ValueError("levelset.lambda_mse and lambda_energy: >= 0, not both 0")
-        if cfg.feature_energy < 0:
-            raise ValueError("levelset.feature_energy: a weight >= 0")
+        for name in ("feature_energy", "edge", "seed_energy"):
+            if getattr(cfg, name) < 0:
+                raise ValueError(f"levelset.{name}: a weight >= 0")
+        if cfg.colour not in ("rgb", "lab"):
+            raise ValueError(f"levelset.colour: rgb or lab, not {cfg.colour!r}")
         self.cfg, self.k, self.multi_label = cfg, num_classes, multi_label
         self.clip = cfg.sdf_clip * image_size
         self.last: dict[str, float] = {}
@@ -101,16 +111,27 @@ class LevelSetLoss:
             return labels > 0.5
         return F.one_hot(labels, self.k).bool()
 
-    def energy(self, out: LevelSetOutput, present: torch.Tensor) -> torch.Tensor:
+    def energy(
+        self, out: LevelSetOutput, present: torch.Tensor, seeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Eq 24 per image and class, averaged over the classes each image holds.
 
         Absent classes have nothing to segment; their level sets are held outside by the
         MSE term and the mask reading ignores them, so the energy does not pull on them.
+        The photo terms beside the paper's (each off at its default): the image term in
+        Lab (``colour``), an edge-stopping length term (``edge``), and a region term
+        towards the seed masks (``seed_energy``).
         """
         cfg = self.cfg
         weight = (1 - cfg.alpha) + cfg.alpha * torch.sigmoid(out.pixel_logits)
         full = F.interpolate(weight, size=out.phi.shape[-2:], mode="bilinear", align_corners=False)
-        e = weighted_chan_vese_energy(out.phi, out.x, full, cfg.gamma, cfg.eps)
+        image = out.x
+        if cfg.colour == "lab":
+            image = rgb_to_lab(out.pixels)
+        edges = edge_stop(image, cfg.edge) if cfg.edge else None
+        e = weighted_chan_vese_energy(out.phi, image, full, cfg.gamma, cfg.eps, edges)
+        if cfg.seed_energy and seeds is not None:
+            e = e + cfg.seed_energy * seed_region_energy(out.phi, seeds.to(out.phi.device), cfg.eps)
         if cfg.feature_energy:
             # Unit-length feature vectors keep the feature term on the image term's scale.
             feats = F.normalize(out.features, dim=1)
@@ -135,7 +156,7 @@ class LevelSetLoss:
             terms["mse"] = (err * p).sum() / p.sum().clamp_min(1)
             loss = loss + cfg.lambda_mse * terms["mse"]
         if cfg.lambda_energy:
-            terms["energy"] = self.energy(out, present)
+            terms["energy"] = self.energy(out, present, seeds)
             loss = loss + cfg.lambda_energy * terms["energy"]
         if cfg.finetune:
             cls = (
