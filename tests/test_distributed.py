@@ -166,3 +166,55 @@ def test_batch_shards_cover_the_items_in_whole_batches(monkeypatch, n, batch, wo
     assert all(s.start % batch == 0 for s in shares if len(s))
     sizes = [-(-len(s) // batch) for s in shares]  # batches per rank: within one of each other
     assert max(sizes) - min(sizes) <= 1
+
+
+SEEDS = """
+import sys
+
+import numpy as np
+import torch
+
+from training import distributed, stages
+from training.data.dataset import WSSSDataset
+from training.pipeline import load_model
+from wsss.config import load_config
+
+root, runs, out = sys.argv[1:4]
+made = []  # how many seeds this process computed itself
+compute = stages._masks
+stages._masks = lambda *a, **k: made.append(len(m := compute(*a, **k))) or m
+distributed.setup(torch.device("cpu"))
+cfg = load_config(None, [f"data.root={root}", "data.image_size=64", "train.batch_size=5"])
+net, meta = load_model(f"{runs}/classifier/best.pt")
+data = WSSSDataset(root, "pets", "train", 64)
+np.save(f"{out}-{distributed.rank()}.npy", stages.seed_masks(cfg, net, data, meta["class_names"]))
+np.save(f"{out}-{distributed.rank()}-made.npy", np.array(made))
+distributed.teardown()
+"""
+
+
+def test_level_set_seeds_made_in_shares_reach_every_rank_whole(tmp_path):
+    """The level set's seed masks under torchrun: each rank makes its share (10 and 14 of
+    24 images, batches of 5) and every rank ends with all 24, the bytes one process makes."""
+    from tests.conftest import write_random_checkpoints
+    from training.data.layouts import read_class_names
+
+    root = write_synth(tmp_path / "pets", SynthOptions("pets", 32, 64, seed=5))
+    runs = write_random_checkpoints(tmp_path / "runs", class_names=read_class_names(root, "pets"))
+    script = tmp_path / "seeds.py"
+    script.write_text(SEEDS)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    for name, launcher in (
+        ("one", [sys.executable]),
+        ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc-per-node=2"]),
+    ):  # fmt: skip
+        cmd = [*launcher, str(script), str(root), str(runs), str(tmp_path / name)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one = np.load(tmp_path / "one-0.npy")
+    assert one.shape == (24, 64, 64) and 0 in one and (one > 0).any()  # not vacuous
+    assert np.load(tmp_path / "one-0-made.npy").tolist() == [24]
+    for rank, share in ((0, 10), (1, 14)):
+        assert np.load(tmp_path / f"two-{rank}.npy").tobytes() == one.tobytes()
+        assert np.load(tmp_path / f"two-{rank}-made.npy").tolist() == [share]

@@ -109,15 +109,34 @@ def shard(data: Dataset) -> Dataset:
     return Subset(data, range(rank(), len(data), dist.get_world_size()))
 
 
-def batch_shard(n: int, batch_size: int) -> range:
-    """This rank's contiguous share of ``n`` items: whole batches of ``batch_size`` from the
-    start (the last one short, as in one process), the batches dealt out evenly, earlier
-    ranks first. One process: all of them. A rank may get none when batches are fewer than
-    ranks."""
+def batch_shard(n: int, batch_size: int, of_rank: int | None = None) -> range:
+    """This rank's (or ``of_rank``'s) contiguous share of ``n`` items: whole batches of
+    ``batch_size`` from the start (the last one short, as in one process), the batches dealt
+    out evenly, earlier ranks first. One process: all of them. A rank may get none when
+    batches are fewer than ranks."""
     world = dist.get_world_size() if active() else 1
+    r = rank() if of_rank is None else of_rank
     batches = -(-n // batch_size)
-    first, last = (batches * r // world for r in (rank(), rank() + 1))
+    first, last = (batches * k // world for k in (r, r + 1))
     return range(min(first * batch_size, n), min(last * batch_size, n))
+
+
+def all_gather_shares(mine: np.ndarray, n: int, batch_size: int) -> np.ndarray:
+    """Every rank's ``batch_shard`` result (``mine``: this rank's rows), concatenated in
+    rank order on every rank: the whole ``n`` rows, as one process computes them. For
+    results every rank needs whole (the level set's seed masks: each rank's sampler draws
+    from all of them), where writing parts for rank 0 alone would not do."""
+    if not active():
+        return mine
+    world = dist.get_world_size()
+    sizes = [len(batch_shard(n, batch_size, r)) for r in range(world)]
+    # Collectives take equal shapes: each share padded to the largest, then cut back.
+    padded = np.zeros((max(sizes),) + mine.shape[1:], mine.dtype)
+    padded[: len(mine)] = mine
+    tensor = torch.from_numpy(padded)
+    gathered = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(gathered, tensor)
+    return np.concatenate([g.numpy()[:size] for g, size in zip(gathered, sizes, strict=True)])
 
 
 def part_path(folder: Path, stem: str, of_rank: int, world: int) -> Path:

@@ -171,13 +171,18 @@ def seed_masks(cfg: Config, classifier: nn.Module, data: WSSSDataset, names: lis
     """The CAM masks of eq 10, one class index (+ 1) per pixel, from the image labels.
 
     Each labelled class's CAM is thresholded as ``levelset.seed`` says; overlaps go to the
-    strongest CAM, unclaimed pixels to the background.
+    strongest CAM, unclaimed pixels to the background. Under torchrun each rank makes the
+    seeds of its ``batch_shard`` and the ranks exchange them: every rank needs all of them
+    (its sampler draws from the whole set), none computes them all.
     """
     multi = cfg.data.task == "voc"
     served = ServedClassifier(classifier, multi, cam_method=cfg.classifier.cam_method).eval()
     seed = dataclasses.replace(cfg.refine, method=cfg.levelset.seed, grabcut=False, chanvese=False)
     pipe = Pipeline(served, None, build_refiner(seed, multi, binary=False))
-    return _masks(pipe, data, data_labels(data, names), cfg.train.batch_size, "seed masks")
+    bs = cfg.train.batch_size
+    share = distributed.batch_shard(len(data), bs)
+    mine = _masks(pipe, data, data_labels(data, names), bs, "seed masks", share=share)
+    return distributed.all_gather_shares(mine, len(data), bs)
 
 
 def train_levelset(cfg: Config, data: WSSSDataset, classifier: nn.Module, cmeta: dict) -> nn.Module:
