@@ -113,13 +113,14 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
 # tritonserver itself is the main process (it stops cleanly on SIGTERM), under NGC's
 # entrypoint; poll mode loads each re-exported version as `wsss serve` does. Arguments
 # given to `docker run` / compose's `command:` / Kubernetes' `args:` are appended.
-# The Python backend's shared-memory regions and glibc's arenas as `wsss serve` sets them
-# (serve.python_shm_mb; serving/server.py): with them every process kept its memory within
-# 3% through a 20,000-request soak (reports/soak/fixes.md).
+# glibc's arenas as `wsss serve` sets them (serving/server.py): with them, and 16 MiB
+# Python-backend regions, every process kept its memory within 3% through a 20,000-request
+# soak (reports/soak/fixes.md). Where /dev/shm is large (compose's shm_size: 1gb), append
+#   --backend-config=python,shm-default-byte-size=16777216
+#   --backend-config=python,shm-growth-byte-size=16777216
+# to the arguments; Docker's default 64 MB /dev/shm cannot hold eight such regions.
 ENV MALLOC_ARENA_MAX=2
 ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "tritonserver", \
     "--model-repository=/var/lib/wsss/model_repository", \
-    "--model-control-mode=poll", "--repository-poll-secs=5", "--exit-timeout-secs=10", \
-    "--backend-config=python,shm-default-byte-size=16777216", \
-    "--backend-config=python,shm-growth-byte-size=16777216"]
+    "--model-control-mode=poll", "--repository-poll-secs=5", "--exit-timeout-secs=10"]
 CMD []

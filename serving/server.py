@@ -93,9 +93,11 @@ def server_command(repository: Path, backends: Path, cfg: ServeConfig, gpu: bool
         f"--model-control-mode={cfg.model_control}",
         f"--exit-timeout-secs={cfg.exit_timeout_seconds}",
         "--log-verbose=0",
-        f"--backend-config=python,shm-default-byte-size={cfg.python_shm_mb << 20}",
-        f"--backend-config=python,shm-growth-byte-size={cfg.python_shm_mb << 20}",
     ]
+    shm = cfg.python_shm_mb if cfg.python_shm_mb is not None else auto_python_shm_mb()
+    if shm:
+        for key in ("shm-default-byte-size", "shm-growth-byte-size"):
+            cmd.append(f"--backend-config=python,{key}={shm << 20}")
     if cfg.model_control == "poll":
         cmd.append(f"--repository-poll-secs={cfg.poll_seconds}")
     elif cfg.model_control == "explicit":  # load everything at start; then only on request
@@ -107,6 +109,17 @@ def server_command(repository: Path, backends: Path, cfg: ServeConfig, gpu: bool
             "--allow-gpu-metrics=false",
         ]
     return cmd
+
+
+def auto_python_shm_mb(shm: str = "/dev/shm") -> int:
+    """16 (MiB per Python-backend stub region) where ``shm`` holds at least 512 MiB; else 0,
+    Triton's own default (1 MiB): each stub's region is reserved whole at start, and a
+    container's default 64 MB /dev/shm holds fewer than eight of 16 MiB."""
+    try:
+        total = shutil.disk_usage(shm).total
+    except OSError:
+        return 0
+    return 16 if total >= 512 << 20 else 0
 
 
 def has_gpu() -> bool:

@@ -2,10 +2,14 @@
 climbs and passes one that levels off; a short soak through the served bytes ensemble keeps
 every process's memory flat by a margin and fails no request."""
 
+from types import SimpleNamespace
+
 import cv2
 import pytest
 
 from benchmarks.soak import Sample, processes, rss_growth, soak
+from serving import server as triton
+from wsss.config import ServeConfig
 
 
 def _samples(series: dict[str, list[float]], step: int = 100) -> list[Sample]:
@@ -23,6 +27,20 @@ def test_growth_counts_from_the_warm_up_and_flags_the_process_that_climbs():
     assert growth["leak"]["growth"] > 0.1
     assert growth["flat"]["after_warmup_mb"] == pytest.approx(100.0)  # not the warm-up's 50
     assert abs(growth["spike"]["growth"]) < 0.01 and growth["spike"]["peak_growth"] > 0.3
+
+
+def test_stub_regions_are_16_mib_only_where_dev_shm_holds_them(monkeypatch, tmp_path):
+    def flags(cfg):
+        cmd = triton.server_command(tmp_path, tmp_path, cfg, gpu=False)
+        return [c for c in cmd if c.startswith("--backend-config=python,shm")]
+
+    sixteen = ["--backend-config=python,shm-default-byte-size=16777216",
+               "--backend-config=python,shm-growth-byte-size=16777216"]  # fmt: skip
+    for total, expected in ((24 << 30, sixteen), (64 << 20, [])):  # a host; Docker's default
+        usage = SimpleNamespace(total=total, used=0, free=total)
+        monkeypatch.setattr(triton.shutil, "disk_usage", lambda _, u=usage: u)
+        assert flags(ServeConfig()) == expected
+    assert flags(ServeConfig(python_shm_mb=4))[0].endswith(f"={4 << 20}")  # said: taken
 
 
 @pytest.mark.slow

@@ -286,10 +286,12 @@ class ServeConfig:
     # exits; Triton's own default is 30 s, longer than `docker stop` waits.
     exit_timeout_seconds: int = 5
     # Each Python-backend stub's shared-memory region, which carries its tensors to and from
-    # tritonserver: the initial size and the growth step, in MiB (Triton's own default, 1 MiB,
-    # grows a step at a time as full-resolution masks of varying sizes fragment it; the
-    # regions kept growing through a 20,000-request soak: reports/soak/).
-    python_shm_mb: int = 16
+    # tritonserver: the initial size and the growth step, in MiB. Triton's own default, 1 MiB,
+    # grows a step at a time as full-resolution masks of varying sizes fragment it: the
+    # regions kept growing through a 20,000-request soak (reports/soak/). Unset: 16 where
+    # /dev/shm holds at least 512 MiB, else Triton's default (a container's 64 MB /dev/shm
+    # cannot hold eight 16 MiB regions: run it with --shm-size, as docker-compose.yml does).
+    python_shm_mb: int | None = None
 
 
 @dataclass
