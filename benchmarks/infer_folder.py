@@ -90,6 +90,23 @@ def repository(config: str, overrides: list[str], given: str | None, tmp: Path):
     return tmp / "repo", "the profile's networks, untrained (a network's speed is not its weights')"
 
 
+def profile_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of a benchmark that serves a profile to the shared photos (this one, the
+    soak): the profile, its overrides, the photos, and a repository to serve instead."""
+    parser.add_argument("--config", default="configs/quick.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--images", default=PHOTOS, help="a folder of photos, read in place")
+    parser.add_argument("--repository", help="default: the profile's networks, untrained")
+
+
+def profile_server(args, work: Path) -> tuple[TritonServer, str]:
+    """A tritonserver (not started) for ``profile_arguments``' repository on free ports, and
+    how the report names what it serves."""
+    repo, served = repository(args.config, args.set, args.repository, work)
+    serve = free_ports(load_config(args.config, args.set).serve)
+    return TritonServer(repo, serve, work / "server"), served
+
+
 def _wsss(*args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "wsss.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=900)
@@ -245,12 +262,9 @@ def report(rows: list[Measured], load: tuple[float, float], args, served: str, c
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/quick.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--images", default=PHOTOS, help="a folder of photos, read in place")
+    profile_arguments(parser)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repository", help="default: the profile's networks, untrained")
     parser.add_argument(
         "--request-count", type=int, default=0, help="perf_analyzer's window (default: N photos)"
     )
@@ -261,9 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     args.command = shlex.join([".venv/bin/python", "-m", "benchmarks.infer_folder", *given])
     with tempfile.TemporaryDirectory(prefix="wsss-infer-folder-") as tmp:
         work = Path(tmp)
-        repo, served = repository(args.config, args.set, args.repository, work)
-        serve = free_ports(load_config(args.config, args.set).serve)
-        with TritonServer(repo, serve, work / "server") as server:
+        server, served = profile_server(args, work)
+        with server:
             rows, load = measure(server.grpc_url, args, work)
         count = len(find_images([args.images])[0])
     text = report(rows, load, args, served, count)

@@ -31,11 +31,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.infer_folder import PHOTOS, repository
-from benchmarks.serving import free_ports, machine
+from benchmarks.infer_folder import profile_arguments, profile_server
+from benchmarks.serving import machine
 from serving.infer import find_images
 from serving.server import TritonServer
-from wsss.config import load_config
 from wsss.tensors import IMAGE_BYTES, PIPELINE_BYTES, SEGMENTATION_FULL
 
 SERVER = "tritonserver"
@@ -293,14 +292,11 @@ def report(run: Soak, args, served: str, max_growth: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/quick.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--images", default=PHOTOS, help="a folder of photos, read once")
+    profile_arguments(parser)
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2_000)
     parser.add_argument("--max-growth", type=float, default=0.05)
-    parser.add_argument("--repository", help="default: the profile's networks, untrained")
     parser.add_argument("--out", default="reports/soak")
     args = parser.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
@@ -309,9 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     photos = [item.path.read_bytes() for item in items]
     with tempfile.TemporaryDirectory(prefix="wsss-soak-") as tmp:
         work = Path(tmp)
-        repo, served = repository(args.config, args.set, args.repository, work)
-        serve = free_ports(load_config(args.config, args.set).serve)
-        with TritonServer(repo, serve, work / "server") as server:
+        server, served = profile_server(args, work)
+        with server:
             run = soak(server, photos, args.requests, args.concurrency, args.warmup)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
