@@ -51,7 +51,7 @@ from serving.bench import (
     statistics_delta,
 )
 from serving.client import PipelineClient
-from serving.server import TritonServer, has_gpu
+from serving.server import TritonServer, has_gpu, processes
 from training.pipeline import pipeline_from_config, refine_step
 from training.studies import load_test_set
 from wsss.config import Config, ServeConfig, load_config, served_config, with_overrides
@@ -295,22 +295,11 @@ def output_rows(server: TritonServer, images: np.ndarray, seconds: float) -> lis
 
 def _cpu_seconds() -> dict[int, tuple[str, float]]:
     """pid -> (what it is, CPU seconds so far): tritonserver, each model's stub, the rest."""
-    tick = os.sysconf("SC_CLK_TCK")
     found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:  # exited meanwhile
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        name = Path(argv[0].decode(errors="replace")).name or stat.split("(", 1)[1].split(")")[0]
-        if name == "triton_python_backend_stub" and len(argv) > 1:
-            parts = Path(argv[1].decode(errors="replace")).parts
-            name = f"{parts[-3]} (Python stub)" if len(parts) >= 3 else name
-        found[int(proc.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    for proc in processes():
+        stub = proc.stub_of()
+        name = f"{stub[0]} (Python stub)" if stub else proc.name
+        found[proc.pid] = (name, proc.cpu_seconds)
     return found
 
 

@@ -35,6 +35,7 @@ from benchmarks.infer_folder import profile_arguments, profile_server
 from benchmarks.serving import machine
 from serving.infer import find_images
 from serving.server import TritonServer
+from serving.server import processes as serving_processes
 from wsss.tensors import IMAGE_BYTES, PIPELINE_BYTES, SEGMENTATION_FULL
 
 SERVER = "tritonserver"
@@ -44,24 +45,13 @@ def processes(server: TritonServer) -> dict[int, str]:
     """pid -> name of tritonserver and of every live stub serving its repository (a stub
     is named for its model, version and instance: ``classifier/1 (stub 0)``)."""
     found = {server.process.pid: SERVER}
-    root = str(server.repository.resolve()) + "/"
     count: dict[str, int] = {}
-    for proc in sorted(
-        Path("/proc").iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else 0
-    ):
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:  # exited meanwhile
-            continue
-        if len(argv) > 1 and argv[0].endswith(b"triton_python_backend_stub"):
-            path = argv[1].decode(errors="replace")
-            if path.startswith(root):
-                model, version = Path(path).relative_to(root).parts[:2]
-                key = f"{model}/{version}"
-                count[key] = count.get(key, -1) + 1
-                found[int(proc.name)] = f"{key} (stub {count[key]})"
+    for proc in serving_processes():
+        stub = proc.stub_of(server.repository)
+        if stub is not None:
+            key = "/".join(stub)
+            count[key] = count.get(key, -1) + 1
+            found[proc.pid] = f"{key} (stub {count[key]})"
     return found
 
 

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from wsss.config import ServeConfig
@@ -122,6 +124,59 @@ def auto_python_shm_mb(shm: str = "/dev/shm") -> int:
     return 16 if total >= 512 << 20 else 0
 
 
+STUB = "triton_python_backend_stub"
+
+
+@dataclass(frozen=True)
+class Process:
+    """One live process as /proc shows it: what the server's checks and benchmarks read."""
+
+    pid: int
+    argv: tuple[str, ...]
+    comm: str  # the kernel's name for it (when argv is empty)
+    state: str  # R, S, ..., Z (a zombie: exited, not yet reaped)
+    cpu_seconds: float  # user + system so far
+
+    @property
+    def name(self) -> str:
+        return Path(self.argv[0]).name if self.argv and self.argv[0] else self.comm
+
+    def stub_of(self, repository: Path | None = None) -> tuple[str, str] | None:
+        """(model, version) when this is a Python-backend stub (of ``repository``, if
+        given): the stub's first argument is ``<repository>/<model>/<version>/model.py``."""
+        if self.name != STUB or len(self.argv) < 2:
+            return None
+        path = Path(self.argv[1])
+        if repository is None:
+            return (path.parts[-3], path.parts[-2]) if len(path.parts) >= 3 else None
+        try:
+            model, version = path.relative_to(repository.resolve()).parts[:2]
+        except ValueError:  # another server's stub
+            return None
+        return model, version
+
+
+def processes() -> Iterator[Process]:
+    """Every process in /proc, in pid order (those that exit while read are skipped)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = sorted(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
+    for pid in pids:
+        proc = Path("/proc") / str(pid)
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            stat = (proc / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        yield Process(
+            pid,
+            tuple(a.decode(errors="replace") for a in argv if a),
+            stat[stat.index("(") + 1 : stat.rindex(")")],
+            fields[0],
+            (int(fields[11]) + int(fields[12])) / tick,
+        )
+
+
 def has_gpu() -> bool:
     return (
         shutil.which("nvidia-smi") is not None
@@ -218,22 +273,8 @@ class TritonServer:
 
     def stubs(self) -> set[tuple[str, str]]:
         """(model, version) of every live stub process serving this repository (from /proc)."""
-        root = str(self.repository.resolve()) + os.sep
-        found = set()
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                argv = (proc / "cmdline").read_bytes().split(b"\0")
-                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:  # exited meanwhile
-                continue
-            if len(argv) > 1 and argv[0].endswith(b"triton_python_backend_stub"):
-                path = argv[1].decode(errors="replace")
-                if path.startswith(root) and state != "Z":
-                    model, version = Path(path).relative_to(root).parts[:2]
-                    found.add((model, version))
-        return found
+        found = (p.stub_of(self.repository) for p in processes() if p.state != "Z")
+        return {stub for stub in found if stub is not None}
 
     def dead_stubs(self, client) -> list[tuple[str, str]]:
         """READY versions (not ensembles) whose stub process is gone: not really ready."""

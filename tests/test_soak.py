@@ -2,6 +2,7 @@
 climbs and passes one that levels off; a short soak through the served bytes ensemble keeps
 every process's memory flat by a margin and fails no request."""
 
+import os
 from types import SimpleNamespace
 
 import cv2
@@ -62,3 +63,18 @@ def test_a_short_soak_fails_no_request_and_no_process_keeps_growing(server, expo
     # 5% is the benchmark's bar over 20,000 requests; twice that over 800 is a leak check
     # with room for an allocator's step, not a timing.
     assert {n: g for n, g in growth.items() if g["growth"] > 0.10} == {}
+
+
+def test_processes_name_stubs_by_model_and_version(tmp_path):
+    repo = tmp_path / "model_repository"
+    stub = triton.STUB
+    argv = (f"/opt/backends/python/{stub}", str(repo / "refiner" / "3" / "model.py"), "x")
+    proc = triton.Process(41, argv, stub, "S", 1.5)
+    assert proc.name == stub
+    assert proc.stub_of(repo) == ("refiner", "3") and proc.stub_of() == ("refiner", "3")
+    assert proc.stub_of(tmp_path / "another_repository") is None
+    assert triton.Process(7, (), "kworker/0:1", "I", 0.0).stub_of() is None
+    assert triton.Process(7, (), "kworker/0:1", "I", 0.0).name == "kworker/0:1"
+    # Every process this machine runs is read, this one with its own CPU time.
+    me = next(p for p in triton.processes() if p.pid == os.getpid())
+    assert me.state in "RS" and me.cpu_seconds > 0 and "python" in me.name
