@@ -43,7 +43,7 @@ def engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image(engine, tmp_path_factory):
-    """`make image-base` and `make image-cpu` as the README runs them (cached layers)."""
+    """`make image-base` and `make image-cpu` as docs/deployment.md runs them (cached layers)."""
     log = tmp_path_factory.mktemp("docker") / "build.log"
     for target in (["image-base"], ["image-cpu", f"BASE_IMAGE={BASE}"]):
         with log.open("a") as out:
