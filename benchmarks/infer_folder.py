@@ -59,19 +59,18 @@ class Measured:
 def random_export(cfg: Config) -> Config:
     """The profile's classifier and segmenter, untrained, exported into its repository."""
     from export.repository import export_repository
-    from training.data.layouts import segmentation_classes
     from training.data.synth import ANIMALS
     from training.loop import save_checkpoint
     from training.models import build_classifier, build_segmenter
     from training.stages import classifier_setup, segmenter_kwargs
 
     ckw, names = classifier_setup(cfg, list(ANIMALS))
-    build, skw = segmenter_kwargs(cfg, segmentation_classes(cfg.data.task, len(names)))
+    build, skw = segmenter_kwargs(cfg, cfg.data.kind.segmentation_classes(len(names)))
     for family, arch, model, kwargs in (
         ("classifier", cfg.classifier.arch, build_classifier(cfg.classifier.arch, **ckw), ckw),
         ("segmenter", cfg.segmenter.arch, build_segmenter(cfg.segmenter.arch, **build), skw),
     ):
-        meta = {"family": family, "arch": arch, "task": cfg.data.task, "kwargs": kwargs}
+        meta = {"family": family, "arch": arch, "task": cfg.data.kind.as_meta(), "kwargs": kwargs}
         meta |= {"class_names": names} if family == "classifier" else {}
         out = Path(cfg.runs) / family
         out.mkdir(parents=True, exist_ok=True)

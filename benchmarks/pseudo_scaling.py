@@ -55,7 +55,7 @@ def place_classifier(cfg: Config, given: str | None, runs: Path) -> str:
     names = read_class_names(cfg.data.root, cfg.data.task, cfg.data.layout)
     kwargs, names = classifier_setup(cfg, names)
     net = build_classifier(cfg.classifier.arch, pretrained=False, **kwargs)
-    meta = {"family": "classifier", "arch": cfg.classifier.arch, "task": cfg.data.task}
+    meta = {"family": "classifier", "arch": cfg.classifier.arch, "task": cfg.data.kind.as_meta()}
     meta |= {"kwargs": kwargs | {"weights": None}, "class_names": names}
     save_checkpoint(
         {"state_dict": net.eval().state_dict(), "meta": meta}, runs / "classifier" / "best.pt"

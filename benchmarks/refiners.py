@@ -28,6 +28,7 @@ from training.refine import build_refiner
 from training.studies import load_test_set
 from wsss.config import Config
 from wsss.served.images import resize_image
+from wsss.task import get_task
 from wsss.tensors import CAMS, FEATURES, IMAGE, REFINER, SCORES, served_models
 
 
@@ -54,15 +55,13 @@ def refiner_speed(cfg: Config, size: int | None = None, images: int = 8, repeat:
     data = load_test_set(cfg)
     size = size or cfg.data.image_size
     net, head, meta = load_levelset(Path(cfg.runs) / "levelset" / "best.pt")
-    multi = meta["classifier"]["task"] == "voc"
+    multi = get_task(meta["classifier"]["task"]).multi_label
     classifier = ServedClassifier(net, multi, True, cfg.classifier.cam_method).eval()
     refine = cfg.refine
     levelset = ServedLevelSet(head, multi, refine.score_threshold, refine.min_score).eval()
     samples = [resize_image(img, (size, size)) for img in data.images[:images]]
     labels = [data.samples[i].labels for i in range(len(samples))]
-    seeded = dataclasses.replace(
-        cfg.refine, method=cfg.levelset.seed, grabcut=False, chanvese=False
-    )
+    seeded = cfg.refine.only(cfg.levelset.seed)
     classical = {f"{cfg.levelset.seed.capitalize()} threshold": build_refiner(seeded, multi)}
     grabcut = dataclasses.replace(seeded, grabcut=True, grabcut_iterations=5)
     classical["GrabCut (5 it.)"] = build_refiner(grabcut, multi)

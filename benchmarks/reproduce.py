@@ -39,6 +39,7 @@ from training.pipeline import Pipeline, ServedSegmenter, load_model, refine_step
 from training.studies import load_test_set, parse_refiner
 from wsss.config import BenchmarkProfile, Config, ReproduceProfile, load_config
 from wsss.figures import colourise, overlay, panel_figure
+from wsss.task import get_task
 
 TRUTH = "truth"
 ABLATION_LEVELSET = "MSE_and_energy"  # the ablation row the levelset source uses
@@ -285,7 +286,7 @@ def _run_once(
     # 4. one pass over the test split
     examples = max(cfg.evaluate.figure_images, 0)
     scored = evaluate(pipes, test_set, cfg.train.batch_size, examples, f"reproduce {bench}")
-    key = "iou" if test_set.task == "pets" else "miou"
+    key = test_set.kind.iou
     bounds = {
         r["segmenter"]: _score(scored, r, key) for r in rows if r["spec"] == TRUTH
     }  # fmt: skip
@@ -489,7 +490,7 @@ def seeded_table(b: dict) -> str:
         "and segmenters retrained; mean ± population standard deviation):",
         "",
         "Classifier "
-        + ("accuracy" if b["task"] == "pets" else "mAP")
+        + get_task(b["task"]).metric_label
         + ": "
         + ", ".join(
             f"{n} {v['mean']:.3f} ± {v['std']:.3f}" for n, v in b["seeded_classifiers"].items()
@@ -537,7 +538,7 @@ def render(report: dict) -> str:
             f"{b['test_images']} test images)",
             "",
             "Classifier "
-            + ("accuracy" if b["task"] == "pets" else "mAP")
+            + get_task(b["task"]).metric_label
             + ": "
             + ", ".join(f"{n} {v:.3f}" for n, v in b["classifiers"].items()),
             "",

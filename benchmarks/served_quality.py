@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from serving.client import PipelineClient
 from training.data.dataset import WSSSDataset
-from training.data.layouts import segmentation_classes
 from training.evaluate import Evaluation, markdown_table, score_masks
 from training.metrics import ConfusionMatrix
 from training.pipeline import mask_values, translate_labels
@@ -34,12 +33,12 @@ def served_quality(
     """Score the server at ``url`` on ``data`` (its files, sent as they are)."""
     client = PipelineClient(url, protocol, PIPELINE_BYTES)
     names = client.class_names or [f"class {i}" for i in range(client.specs.outputs[0].shape[0])]
-    binary = data.task == "pets"
+    binary = data.kind.binary_masks
     labels = translate_labels(
         [s.labels for s in data.samples], data.class_names, names, data.aliases
     )
     values = None if binary else mask_values(data.class_names, names)
-    n_seg = segmentation_classes(data.task, data.num_classes)
+    n_seg = data.kind.segmentation_classes(data.num_classes)
     result = Evaluation(binary, ConfusionMatrix(n_seg), ConfusionMatrix(n_seg))
     forks = [client.fork() for _ in range(concurrency)]
 

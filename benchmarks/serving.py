@@ -568,7 +568,7 @@ def ensure_levelset(cfg: Config) -> Config:
     table needs it (``make bench`` runs from a fresh clone)."""
     from training import stages
 
-    refine = dataclasses.replace(cfg.refine, method="levelset", grabcut=False, chanvese=False)
+    refine = cfg.refine.only("levelset")
     cfg = dataclasses.replace(cfg, refine=refine)
     if not (Path(cfg.runs) / "levelset" / "best.pt").exists():
         stages.run(cfg, ("levelset",))

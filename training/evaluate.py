@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from training import distributed
 from training.data.dataset import WSSSDataset
-from training.data.layouts import IGNORE, segmentation_classes
+from training.data.layouts import IGNORE
 from training.metrics import ConfusionMatrix, average_precision
 from training.pipeline import Pipeline, mask_values, translate_labels
 from wsss.figures import colourise, overlay, panel_figure
@@ -164,8 +164,8 @@ def evaluate(
 
     Scores are taken at each photo's own resolution (``score_masks``)."""
     share = range(len(data)) if share is None else share
-    binary = data.task == "pets"
-    n_seg = segmentation_classes(data.task, data.num_classes)
+    binary = data.kind.binary_masks
+    n_seg = data.kind.segmentation_classes(data.num_classes)
     results, labels, values = {}, {}, {}
     for name, pipe in pipelines.items():
         results[name] = Evaluation(

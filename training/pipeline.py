@@ -25,6 +25,7 @@ from training.models.classifier import CAMClassifier
 from training.models.common import to_pixels
 from training.refine import Refiner, build_refiner
 from wsss.config import PASSTHROUGH
+from wsss.task import get_task
 from wsss.tensors import CAMS, PSEUDO_MASK, SCORES, SEG_PROBS, SEGMENTATION
 
 
@@ -254,11 +255,11 @@ def refine_step(cfg, binary: bool | None = None) -> tuple[ServedClassifier, Refi
     if cfg.refine.method == "levelset":
         net, head, ls_meta = load_levelset(runs / "levelset" / "best.pt")
         meta = ls_meta["classifier"]
-        multi = meta["task"] == "voc"
+        multi = get_task(meta["task"]).multi_label
         levelset = ServedLevelSet(head, multi, cfg.refine.score_threshold, cfg.refine.min_score)
     else:
         net, meta = load_model(runs / "classifier" / "best.pt")
-        multi = meta["task"] == "voc"
+        multi = get_task(meta["task"]).multi_label
     refiner = build_refiner(cfg.refine, multi, binary, levelset)
     served = ServedClassifier(
         net, multi, refiner.needs_features, cfg.classifier.cam_method, meta["class_names"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -17,7 +16,7 @@ from tqdm import tqdm
 
 from training import distributed
 from training.data.dataset import WSSSDataset, random_resized_crop_flip
-from training.data.layouts import IGNORE, describe, list_samples, segmentation_classes
+from training.data.layouts import IGNORE, describe, list_samples
 from training.levelset.model import LevelSetHead
 from training.levelset.train import LevelSetLoss, LevelSetModel, head_kwargs
 from training.loop import fit, resolve_device, save_checkpoint
@@ -100,7 +99,7 @@ def classifier_setup(cfg: Config, data_names: list[str]) -> tuple[dict, list[str
     if c.head == "imagenet":
         if c.class_groups:
             names, groups = parse_class_groups(c.class_groups)
-        elif cfg.data.task != "pets":
+        elif cfg.data.kind.multi_label:
             raise ValueError(
                 "the ImageNet head on a multi-class task needs classifier.class_groups: its "
                 "1000 classes do not fit a class-index mask"
@@ -135,7 +134,7 @@ def train_classifier(cfg: Config, data: WSSSDataset | None) -> nn.Module:
     meta = {
         "family": "classifier",
         "arch": cfg.classifier.arch,
-        "task": cfg.data.task,
+        "task": cfg.data.kind.as_meta(),
         "kwargs": kwargs | {"weights": None},
         "class_names": names,
     }
@@ -149,7 +148,7 @@ def train_classifier(cfg: Config, data: WSSSDataset | None) -> nn.Module:
                 tqdm.write(f"classifier: the ImageNet head, {len(names)} classes: nothing to train")
         return model.eval()
     tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
-    loss = nn.CrossEntropyLoss() if cfg.data.task == "pets" else nn.BCEWithLogitsLoss()
+    loss = {"ce": nn.CrossEntropyLoss, "bce": nn.BCEWithLogitsLoss}[cfg.data.kind.loss]()
     return _train(cfg, model, _View(data, tr, True), _View(data, va, False), loss, meta)
 
 
@@ -175,9 +174,9 @@ def seed_masks(cfg: Config, classifier: nn.Module, data: WSSSDataset, names: lis
     seeds of its ``batch_shard`` and the ranks exchange them: every rank needs all of them
     (its sampler draws from the whole set), none computes them all.
     """
-    multi = cfg.data.task == "voc"
+    multi = cfg.data.kind.multi_label
     served = ServedClassifier(classifier, multi, cam_method=cfg.classifier.cam_method).eval()
-    seed = dataclasses.replace(cfg.refine, method=cfg.levelset.seed, grabcut=False, chanvese=False)
+    seed = cfg.refine.only(cfg.levelset.seed)
     pipe = Pipeline(served, None, build_refiner(seed, multi, binary=False))
     bs = cfg.train.batch_size
     share = distributed.batch_shard(len(data), bs)
@@ -198,7 +197,7 @@ def train_levelset(cfg: Config, data: WSSSDataset, classifier: nn.Module, cmeta:
     kwargs = head_kwargs(cfg.levelset, feature_channels, data.num_classes, data.size)
     head = LevelSetHead(**kwargs)
     model = LevelSetModel(classifier, head, cfg.levelset.finetune, cfg.classifier.cam_method)
-    multi = cfg.data.task == "voc"
+    multi = cfg.data.kind.multi_label
     loss = LevelSetLoss(cfg.levelset, data.num_classes, multi, data.size)
     tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
     train = _LevelSetView(data, tr, True, seeds[tr])
@@ -206,7 +205,7 @@ def train_levelset(cfg: Config, data: WSSSDataset, classifier: nn.Module, cmeta:
     keep = ("family", "arch", "task", "kwargs", "class_names")
     meta = {
         "family": "levelset",
-        "task": cfg.data.task,
+        "task": cfg.data.kind.as_meta(),
         "kwargs": kwargs,
         "finetune": cfg.levelset.finetune,
         "classifier": {k: cmeta[k] for k in keep},
@@ -393,7 +392,7 @@ def train_segmenter(
     """
     _seed(cfg)
     seg = cfg.segmenter
-    build, kwargs = segmenter_kwargs(cfg, segmentation_classes(cfg.data.task, data.num_classes))
+    build, kwargs = segmenter_kwargs(cfg, cfg.data.kind.segmentation_classes(data.num_classes))
     model = build_segmenter(seg.arch, **build)
     if seg.arch == "deeplabv3" and not (seg.pretrained or seg.weights):
         tqdm.write(
@@ -412,7 +411,7 @@ def train_segmenter(
     meta = {
         "family": "segmenter",
         "arch": cfg.segmenter.arch,
-        "task": cfg.data.task,
+        "task": cfg.data.kind.as_meta(),
         "kwargs": kwargs,
         "class_names": data.class_names,  # its outputs: background, then these
         "palette": data.palette,  # their colours in mask PNGs (export's palette.json)
@@ -427,11 +426,11 @@ def passthrough_segmenter(cfg: Config, data: WSSSDataset) -> nn.Module:
     """``segmenter.arch: passthrough``: nothing to train, the refined mask is served as the
     segmentation. Its checkpoint (no weights: its classes and palette) is still written, so
     every later stage reads the segmenter the same way."""
-    num_classes = segmentation_classes(cfg.data.task, data.num_classes)
+    num_classes = cfg.data.kind.segmentation_classes(data.num_classes)
     meta = {
         "family": "segmenter",
         "arch": PASSTHROUGH,
-        "task": cfg.data.task,
+        "task": cfg.data.kind.as_meta(),
         "kwargs": {"num_classes": num_classes},
         "class_names": data.class_names,
         "palette": data.palette,

@@ -44,6 +44,7 @@ from training.refine import FOLLOW_UPS, METHODS, build_refiner
 from wsss.config import PASSTHROUGH, Config, RefineConfig, load_config, save_config
 from wsss.figures import overlay, panel_figure
 from wsss.served.images import resize_image
+from wsss.task import get_task
 
 SUPERVISED = "supervised bound (segmenter on the true masks)"
 VIT = "ViT attention (no classifier)"
@@ -85,10 +86,6 @@ def with_ratio(row: dict, key: str, reference: float | None) -> dict:
     return row
 
 
-def metric_key(task: str, part: str) -> str:
-    return f"{part}_iou" if task == "pets" else f"{part}_miou"
-
-
 def evaluate_profile(cfg: Config) -> str | None:
     """``wsss evaluate``: writes ``<runs>/eval/results.{json,md,png}``; returns the table.
 
@@ -118,7 +115,7 @@ def evaluate_profile(cfg: Config) -> str | None:
     for name, r in results.items():
         row = {"output": name} | r.row()
         for part in ("pseudo", "seg"):
-            with_ratio(row, metric_key(data.task, part), reference)
+            with_ratio(row, data.kind.iou_key(part), reference)
         rows.append(row)
     columns = [("CAM", pseudo, "cam"), ("pseudo-mask", pseudo, "pseudo")]
     columns += [("segmenter", segmenter, "seg")]
@@ -170,7 +167,7 @@ def cam_study(cfg: Config) -> str:
         who = classifier_label(run, meta)
         who = f"{who} [{run}]" if who in seen else who  # two runs of one architecture
         seen.add(who)
-        multi = meta["task"] == "voc"
+        multi = get_task(meta["task"]).multi_label
         for cam in cfg.evaluate.cam_methods:
             served = ServedClassifier(net, multi, False, cam, meta["class_names"]).eval()
             stem = run.name if "[" in who else who.split()[0]
@@ -207,7 +204,7 @@ def cam_study(cfg: Config) -> str:
         labels[SUPERVISED] = {"classifier": "-", "CAM": "-", "refiner": SUPERVISED}
     results = evaluate(pipes, data, cfg.train.batch_size, cfg.evaluate.figure_images, "study")
     reference = bound(results.get(SUPERVISED))
-    key = metric_key(data.task, "pseudo")
+    key = data.kind.iou_key("pseudo")
     rows = [with_ratio(labels[n] | r.row(), key, reference) for n, r in results.items()]
     out = Path(cfg.evaluate.out)
     for stem, columns in figures.items():

@@ -15,6 +15,9 @@ from typing import Any, Literal
 
 import yaml
 
+from wsss.task import Task as TaskKind
+from wsss.task import get_task
+
 Task = Literal["pets", "voc"]
 # Where the data is read from (training/data/layouts.py's LAYOUTS; a test holds the two
 # equal). coco reads whichever of 2014 and 2017 is there; coco2014 / coco2017 pick one.
@@ -40,6 +43,11 @@ class DataConfig:
     # leaves such images out and counts them in the line that says what was read.
     skip_unreadable: bool = False
     num_workers: int = 0
+
+    @property
+    def kind(self) -> TaskKind:
+        """The ``wsss.task.Task`` that ``task`` names: what behaves differently per task."""
+        return get_task(self.task)
 
 
 @dataclass
@@ -111,6 +119,11 @@ class RefineConfig:
     # the groups.
     min_score: float = 0.0
 
+    def only(self, method: str) -> RefineConfig:
+        """These settings with ``method`` and nothing on top (no GrabCut, no Chan-Vese): a
+        seed mask, or the level set, beside the configured refiner."""
+        return dataclasses.replace(self, method=method, grabcut=False, chanvese=False)
+
 
 @dataclass
 class LevelSetConfig:
@@ -129,7 +142,7 @@ class LevelSetConfig:
     gamma: float = 0.5  # weight of the contour length term of the energy
     eps: float = 0.1  # width of the smooth Heaviside, in level-set units
     # Weight of the energy on the backbone features, beside the image's (0: image only). At
-    # stride 16 a heavy feature term pulls contours to 16-pixel blocks (README's tuning).
+    # stride 16 a heavy feature term pulls contours to 16-pixel blocks (docs/levelset.md).
     feature_energy: float = 0.1
     # Photo terms (docs/levelset.md; each off at its default, the paper's energy): the image
     # term's colour space (rgb: ImageNet-normalised, as the paper; lab: CIE Lab, chroma apart
@@ -140,7 +153,7 @@ class LevelSetConfig:
     seed_energy: float = 0.0
     lambda_mse: float = 1.0  # lambda1: MSE of the initial level sets to the CAM SDFs
     # lambda2: Chan-Vese energy of the evolved level sets. The energy is ~10x the MSE in
-    # size; 0.3 measured best of 0.1 / 0.3 / 1 on the pets benchmark (README).
+    # size; 0.3 measured best of 0.1 / 0.3 / 1 on the pets benchmark (docs/levelset.md).
     lambda_energy: float = 0.3
     finetune: bool = False  # also train the classifier's backbone (+ its classification loss)
     classification_weight: float = 1.0  # weight of that classification loss
@@ -317,6 +330,9 @@ class EvaluateConfig:
         ]
     )
     figure_images: int = 6  # test images shown per figure
+    # --levelset: the Table 2 rows MSE only and energy only beside MSE + energy (false:
+    # MSE + energy only, for runs repeated over seeds).
+    levelset_ablation: bool = True
     out: str = "runs/study"  # study.json, study.md and figures go here
 
 

@@ -12,7 +12,6 @@ from training.data.layouts import (
     read_class_names,
     read_image,
     read_mask,
-    segmentation_classes,
 )
 
 __all__ = [
@@ -26,5 +25,4 @@ __all__ = [
     "read_class_names",
     "read_image",
     "read_mask",
-    "segmentation_classes",
 ]

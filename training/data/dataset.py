@@ -24,6 +24,7 @@ from training.data.layouts import (
     read_mask,
     read_palette,
 )
+from wsss.task import get_task
 
 
 class WSSSDataset(Dataset):
@@ -52,6 +53,7 @@ class WSSSDataset(Dataset):
         self.class_info = get_layout(task, layout).class_info(Path(root))
         self.num_classes = num_classes or len(self.class_names)
         self.task, self.size, self.augment = task, size, augment
+        self.kind = get_task(task)  # what the labels mean (wsss.task)
         listed = samples if samples is not None else list_samples(root, task, split, layout)
         if not listed:
             raise DataLayoutError(f"{root}: the {split} split is empty")
@@ -131,7 +133,7 @@ class WSSSDataset(Dataset):
 
     def target(self, i: int) -> torch.Tensor:
         labels = self.samples[i].labels
-        if self.task == "pets":
+        if not self.kind.multi_label:
             return torch.tensor(labels[0])
         multi_hot = torch.zeros(self.num_classes)
         multi_hot[list(labels)] = 1.0

@@ -40,6 +40,7 @@ from training.data.base import (
 from training.data.coco import CocoLayout
 from training.data.folder import FolderLayout
 from wsss.palette import IGNORE, VOC_PALETTE
+from wsss.task import get_task
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -254,11 +255,6 @@ def read_class_names(root: str | Path, task: str, layout: str | None = None) -> 
     return get_layout(task, layout).class_names(Path(root))
 
 
-def segmentation_classes(task: str, num_classes: int) -> int:
-    """Segmenter outputs: background + pet (pets) or background + every class (voc)."""
-    return 2 if task == "pets" else num_classes + 1
-
-
 def list_samples(
     root: str | Path, task: str, split: str, layout: str | None = None
 ) -> list[Sample]:
@@ -270,7 +266,7 @@ def list_samples(
     samples = reader.samples(root, split)
     if not samples:
         raise DataLayoutError(f"{reader.source(root, split)}: the {split} split is empty")
-    if task == "pets":
+    if not get_task(task).multi_label:
         for s in samples:
             if len(s.labels) != 1:
                 raise DataLayoutError(
@@ -317,7 +313,7 @@ def read_mask(
             f"{sample.mask_path}: class index {labelled.max()} in the mask of {sample.name} is "
             f"not in the class list ({num_classes} classes)"
         )
-    if task == "pets":  # binary foreground: any class is the pet
+    if get_task(task).binary_masks:  # binary foreground: any class is the pet
         mask = np.where((mask > 0) & (mask != IGNORE), 1, mask).astype(np.uint8)
     return mask
 
@@ -335,5 +331,4 @@ __all__ = [
     "read_image",
     "read_mask",
     "read_palette",
-    "segmentation_classes",
 ]

@@ -25,6 +25,7 @@ from training.evaluate import evaluate
 from training.pipeline import Pipeline, ServedClassifier, load_model, refine_step
 from training.refine import build_refiner
 from wsss.config import Config, load_config, with_overrides
+from wsss.task import get_task
 
 SEED, GRABCUT = "seed: CAM + {seed}", "CAM + {seed} + GrabCut"
 
@@ -80,8 +81,8 @@ def cross_validate(
         train, test = full.subset(train_idx), full.subset(test_idx)
         tqdm.write(f"fold {k + 1}/{folds}: train on {len(train)}, score {len(test)}")
         net, meta = load_model(classifier_path)
-        multi = meta["task"] == "voc"
-        seeded = dataclasses.replace(cfg.refine, method=seed, grabcut=False, chanvese=False)
+        multi = get_task(meta["task"]).multi_label
+        seeded = cfg.refine.only(seed)
         served = ServedClassifier(net, multi, False, cfg.classifier.cam_method, meta["class_names"])
         grabcut = dataclasses.replace(seeded, grabcut=True)
         pipes = {
@@ -97,9 +98,7 @@ def cross_validate(
             variant = with_overrides(cfg, [*sets, f"runs={out / _slug(name) / f'fold{k}'}"])
             variant = dataclasses.replace(
                 variant,
-                refine=dataclasses.replace(
-                    variant.refine, method="levelset", grabcut=False, chanvese=False
-                ),
+                refine=variant.refine.only("levelset"),
             )
             folder = Path(variant.runs)
             if not (reuse and _trained_with(folder, variant)):
