@@ -54,6 +54,12 @@ def test_training_writes_checkpoint_and_pseudo_masks(levelset_cfg):
     assert set(np.unique(masks)) <= {0, 1}  # binary task: background / pet
 
 
+def ckpt_finetuned(runs: Path) -> bool:
+    from training.loop import load_checkpoint
+
+    return load_checkpoint(runs / "levelset" / "best.pt")["meta"]["finetune"]
+
+
 def test_levelset_study_reports_every_row(levelset_cfg):
     from training.levelset.study import ABLATION, CHANVESE_ITERATIONS, UNTRAINED, run_levelset_study
 
@@ -68,12 +74,18 @@ def test_levelset_study_reports_every_row(levelset_cfg):
     out = Path(cfg.evaluate.out) / "levelset"
     rows = json.loads((out / "levelset.json").read_text())["rows"]
     names = [r["refiner"] for r in rows]
-    assert len(names) == 2 + len(CHANVESE_ITERATIONS) + len(ABLATION) + 1
+    # + the backbone update: its level set and its CAMs with the seed's threshold.
+    assert len(names) == 2 + len(CHANVESE_ITERATIONS) + len(ABLATION) + 1 + 2
     assert "CAM + otsu (no level set)" in names and "MSE + energy" in names and UNTRAINED in names
     assert all("pseudo_iou" in r and r["refine_ms"] > 0 for r in rows)
     by = {r["refiner"]: r for r in rows}
     plain, grabcut = by["CAM + otsu (no level set)"], by["CAM + otsu + GrabCut"]
     assert plain["refine_ms"] < grabcut["refine_ms"] / 3  # the seed row ran no GrabCut
+    # The updated backbone is another classifier: its scores and CAMs moved in training.
+    updated = by["CAM + otsu, updated backbone"]
+    assert updated["pseudo_iou"] != plain["pseudo_iou"]
+    assert updated["refine_ms"] < grabcut["refine_ms"] / 3
+    assert ckpt_finetuned(out / "updated_backbone")
     assert "| level set | MSE + energy |" in table
     assert (out / "levelset.md").exists() and (out / "levelset.png").stat().st_size > 1000
 
@@ -193,3 +205,30 @@ def test_cross_validation_scores_each_variant_on_held_out_images(trained, tmp_pa
     # Each variant trained per fold on the other fold only, with its own settings saved.
     saved = tmp_path / "levelset_cv" / "lab" / "fold1" / "levelset" / "config.yaml"
     assert "colour: lab" in saved.read_text()
+
+
+def test_merge_studies_averages_rows_over_seeds(tmp_path):
+    from training.levelset.study import merge_studies
+
+    for seed, (seed_iou, ls_iou) in enumerate([(0.50, 0.56), (0.54, 0.58)]):
+        rows = [
+            {
+                "group": "classical",
+                "refiner": "CAM + otsu",
+                "pseudo_iou": seed_iou,
+                "accuracy": 0.9,
+            },
+            {"group": "level set", "refiner": "MSE + energy", "pseudo_iou": ls_iou},
+        ]
+        if seed == 0:  # a row only one study has is left out
+            rows.append({"group": "level set", "refiner": "MSE only", "pseudo_iou": 0.1})
+        folder = tmp_path / f"seed{seed}" / "levelset"
+        folder.mkdir(parents=True)
+        (folder / "levelset.json").write_text(json.dumps({"rows": rows}))
+    table = merge_studies([tmp_path / "seed0", tmp_path / "seed1"], tmp_path / "merged")
+    merged = json.loads((tmp_path / "merged" / "levelset_seeds.json").read_text())["rows"]
+    assert [r["refiner"] for r in merged] == ["CAM + otsu", "MSE + energy"]
+    assert merged[0]["pseudo_iou"]["mean"] == pytest.approx(0.52)
+    assert merged[0]["pseudo_iou"]["std"] == pytest.approx(0.02)
+    assert "accuracy" not in merged[1]
+    assert "| level set | MSE + energy | 0.570 ± 0.010 |" in table

@@ -81,6 +81,10 @@ def cmd_evaluate(args) -> None:
         from training.levelset.tuning import cross_validate, read_variants
 
         print(cross_validate(cfg, read_variants(args.variants), args.folds, reuse=args.reuse))
+    elif args.levelset and args.merge:
+        from training.levelset.study import merge_studies
+
+        print(merge_studies(args.merge, cfg.evaluate.out))
     elif args.levelset:
         from training.levelset.study import run_levelset_study
 
@@ -327,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--folds", type=int, default=3, help="with --variants: the number of folds"
+    )
+    evaluate.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="with --levelset: studies already run (their evaluate.out, one per training "
+        "seed) -> mean ± std per row in <evaluate.out>/levelset_seeds.md",
     )
     evaluate.set_defaults(func=cmd_evaluate)
     reproduce = sub.add_parser(

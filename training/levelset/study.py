@@ -11,8 +11,10 @@ from each test image's labels, as in training. The speed table (Table 3) is a be
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from training.evaluate import evaluate, figure_rows, write_report
@@ -22,12 +24,15 @@ from training.pipeline import Pipeline, ServedClassifier, load_model, refine_ste
 from training.refine import LevelSetRefiner, build_refiner
 from training.studies import load_test_set
 from wsss.config import Config, save_config
+from wsss.task import get_task
 
 CHANVESE_ITERATIONS = (1, 5, 10, 15, 50)  # the paper's Table 3 columns, and 50 beyond them
 # Table 2 of paper 003: which of the config's loss terms each row keeps; "no level set" is
 # the seed mask itself.
 ABLATION = {"MSE only": (True, False), "energy only": (False, True), "MSE + energy": (True, True)}
 UNTRAINED = "untrained (initialisation only)"
+BOTH = "MSE + energy"
+UPDATED = "updated backbone"
 
 
 def run_levelset_study(cfg: Config, train: bool = True) -> str:
@@ -55,7 +60,7 @@ def run_levelset_study(cfg: Config, train: bool = True) -> str:
         pipes[name] = pipe
 
     # One classifier for every classical row: they differ only in the refiner.
-    seeded = dataclasses.replace(cfg.refine, method=seed, grabcut=False, chanvese=False)
+    seeded = cfg.refine.only(seed)
     classifier, _, meta = refine_step(dataclasses.replace(cfg, refine=seeded))
     multi = classifier.multi_label
 
@@ -70,29 +75,44 @@ def run_levelset_study(cfg: Config, train: bool = True) -> str:
         add("classical", f"CAM + {seed} + Chan-Vese ({n} it.)", chanvese)
     train_set = None
     ls = cfg.levelset
-    for name, (mse, energy) in ABLATION.items():
-        runs = out / name.replace(" ", "_").replace("+", "and")
+
+    def trained(folder: str, **changes) -> tuple[ServedClassifier, Pipeline]:
+        """The level set trained under ``out/folder`` with these levelset changes."""
+        nonlocal train_set
+        runs = out / folder
         variant = dataclasses.replace(
             cfg,
             runs=str(runs),
-            refine=dataclasses.replace(
-                cfg.refine, method="levelset", grabcut=False, chanvese=False
-            ),
-            levelset=dataclasses.replace(
-                ls, lambda_mse=ls.lambda_mse * mse, lambda_energy=ls.lambda_energy * energy
-            ),
+            refine=cfg.refine.only("levelset"),
+            levelset=dataclasses.replace(ls, **changes),
         )
         if train or not (runs / "levelset" / "best.pt").exists():
             train_set = train_set or load_train_set(cfg)
             net, cmeta = load_model(Path(cfg.runs) / "classifier" / "best.pt")
             train_levelset(variant, train_set, net, cmeta)
         served, refiner, _ = refine_step(variant)
-        add("level set", name, Pipeline(served, None, refiner))
+        return served, Pipeline(served, None, refiner)
+
+    rows = ABLATION if cfg.evaluate.levelset_ablation else {BOTH: ABLATION[BOTH]}
+    for name, (mse, energy) in rows.items():
+        folder = name.replace(" ", "_").replace("+", "and")
+        changes = {"lambda_mse": ls.lambda_mse * mse, "lambda_energy": ls.lambda_energy * energy}
+        served, pipe = trained(folder, **changes)
+        add("level set", name, pipe)
     add("level set", UNTRAINED, untrained_levelset(cfg, meta))
+    # The backbone update of section 3.1: the level set trained with the classifier
+    # fine-tuned on it (eq 27 + the classification loss), whose CAMs then seed the same
+    # threshold. With levelset.finetune set the rows above already are that.
+    if not ls.finetune:
+        served, pipe = trained(UPDATED.replace(" ", "_"), finetune=True)
+        add("backbone update", f"{BOTH}, {UPDATED}", pipe)
+    # The updated classifier's CAMs, thresholded as the seed row's (it also reads features).
+    add("backbone update", f"CAM + {seed}, {UPDATED}", Pipeline(served, None, classical().refiner))
     results = evaluate(pipes, data, cfg.train.batch_size, cfg.evaluate.figure_images, "level set")
     rows = [{"group": groups[n], "refiner": n} | r.row() for n, r in results.items()]
     shown = [n for n in pipes if "Chan-Vese" not in n or "(15 it.)" in n]
-    columns = [("CAM", shown[0], "cam")] + [(n, n, "pseudo") for n in shown]
+    columns = [("CAM", shown[0], "cam"), (f"CAM, {UPDATED}", shown[-1], "cam")]
+    columns += [(n, n, "pseudo") for n in shown]
     meta = {"task": data.task, "images": len(data), "image_size": cfg.data.image_size}
     table = write_report(
         out, "levelset", rows, ["group", "refiner"], meta, figure_rows(data, results, columns)
@@ -104,10 +124,58 @@ def run_levelset_study(cfg: Config, train: bool = True) -> str:
 def untrained_levelset(cfg: Config, meta: dict) -> Pipeline:
     """The level-set refiner as it starts, before any training: the row training must beat."""
     net, _ = load_model(Path(cfg.runs) / "classifier" / "best.pt")
-    multi = meta["task"] == "voc"
+    multi = get_task(meta["task"]).multi_label
     served = ServedClassifier(net, multi, True, cfg.classifier.cam_method, meta["class_names"])
     torch.manual_seed(cfg.train.seed)
     kwargs = head_kwargs(cfg.levelset, net.fc.in_features, net.num_classes, cfg.data.image_size)
     refine = cfg.refine
     module = ServedLevelSet(LevelSetHead(**kwargs), multi, refine.score_threshold, refine.min_score)
     return Pipeline(served.eval(), None, LevelSetRefiner(module))
+
+
+# Scores the seed summary reports per row: mean ± std over the runs.
+MERGED = ("pseudo_iou", "pseudo_image_iou", "refine_ms", "accuracy")
+
+
+def merge_studies(folders: list[str | Path], out: str | Path) -> str:
+    """Rows of several studies (one per training seed) -> mean ± std per row and score.
+
+    Each folder is a study's ``evaluate.out``; rows are matched by name, and a row missing
+    from any study is left out. Writes ``levelset_seeds.{md,json}`` under ``out``.
+    """
+    studies = [json.loads((Path(f) / "levelset" / "levelset.json").read_text()) for f in folders]
+    names = [r["refiner"] for r in studies[0]["rows"]]
+    by = [{r["refiner"]: r for r in s["rows"]} for s in studies]
+    names = [n for n in names if all(n in b for b in by)]
+    rows = []
+    for name in names:
+        row = {"group": by[0][name]["group"], "refiner": name}
+        for key in MERGED:
+            values = [b[name][key] for b in by if key in b[name]]
+            if len(values) == len(by):
+                row[key] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+                row[key]["runs"] = values
+        rows.append(row)
+    lines = [
+        f"Mean ± std over {len(folders)} studies ({', '.join(str(f) for f in folders)}).",
+        "",
+        "| group | refiner | IoU | per image | accuracy | refine ms/image |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+
+    def cell(row: dict, key: str, digits: int = 3) -> str:
+        v = row.get(key)
+        return "" if v is None else f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}"
+
+    for r in rows:
+        lines.append(
+            f"| {r['group']} | {r['refiner']} | {cell(r, 'pseudo_iou')} | "
+            f"{cell(r, 'pseudo_image_iou')} | {cell(r, 'accuracy')} | {cell(r, 'refine_ms', 1)} |"
+        )
+    text = "\n".join(lines) + "\n"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "levelset_seeds.md").write_text(text)
+    meta = {"studies": [str(f) for f in folders], "rows": rows}
+    (out / "levelset_seeds.json").write_text(json.dumps(meta, indent=1))
+    return text
