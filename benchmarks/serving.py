@@ -689,10 +689,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", action="store_true", help="the serving-settings sweep only")
     parser.add_argument("--no-refiners", action="store_true", help="skip the refiner table")
     args = parser.parse_args(argv)
-    from wsss.cli import ensure_built
+    from export.repository import build_if_missing
 
     cfg = load_config(args.config, args.set)
-    ensure_built(cfg)
+    build_if_missing(cfg)
     served = served_config(cfg)
     data = load_test_set(cfg)
     size = (cfg.data.image_size, cfg.data.image_size)

@@ -47,6 +47,7 @@ from wsss.tensors import (
     ENSEMBLES,
     IMAGE,
     LABELS_FILE,
+    PIPELINE,
     PREPROCESS,
     PSEUDO_MASK,
     REFINER,
@@ -304,3 +305,16 @@ def latest_metadata(repo: str | Path) -> Path | None:
     folder = Path(repo) / CLASSIFIER
     found = versions(folder) if folder.is_dir() else []
     return folder / str(found[-1]) if found else None
+
+
+def build_if_missing(cfg: Config) -> None:
+    """What `make serve` does on a fresh clone: data, training and export, if missing."""
+    from training import stages
+    from training.data.synth import SynthOptions, ensure_synth
+
+    if (Path(cfg.export.repository) / PIPELINE / "config.pbtxt").exists():
+        return
+    rewritten = ensure_synth(cfg.data.root, SynthOptions.of(cfg.data))
+    if rewritten or not (Path(cfg.runs) / "segmenter" / "best.pt").exists():
+        stages.run(cfg)
+    export_repository(cfg)

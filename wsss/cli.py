@@ -135,26 +135,14 @@ def cmd_export(args) -> None:
         print(f"  {model}: parity with PyTorch (max abs error / mismatch fraction): {worst}")
 
 
-def ensure_built(cfg: Config) -> None:
-    """What `make serve` does on a fresh clone: data, training and export, if missing."""
-    from export.repository import export_repository
-    from training import stages
-    from training.data.synth import SynthOptions, ensure_synth
-
-    if (Path(cfg.export.repository) / PIPELINE / "config.pbtxt").exists():
-        return
-    rewritten = ensure_synth(cfg.data.root, SynthOptions.of(cfg.data))
-    if rewritten or not (Path(cfg.runs) / "segmenter" / "best.pt").exists():
-        stages.run(cfg)
-    export_repository(cfg)
-
-
 def cmd_serve(args) -> None:
     from serving.server import TritonServer
 
     cfg = _config(args)
     if args.build_if_missing:
-        ensure_built(cfg)
+        from export.repository import build_if_missing
+
+        build_if_missing(cfg)
     server = TritonServer(Path(cfg.export.repository), cfg.serve, Path(".cache/server"))
     # SIGTERM (docker stop, kill) stops it as Ctrl-C does: through the `with` block below.
     signal.signal(signal.SIGTERM, _interrupt)
