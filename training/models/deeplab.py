@@ -1,6 +1,7 @@
 """DeepLabV3: torchvision's ASPP head (``DeepLabHead``) on a backbone of the classifier registry.
 
-The backbones are the classifiers' own feature extractors (``training.models.registry``), so
+The backbones are the classifiers' own feature extractors (the registry builds the
+classifier and hands it over: ``training.models.registry.deeplabv3``), so
 weight loading, input normalisation and output stride are written once: ResNet50 as in
 paper 000 (ImageNet weights from the torch cache, or ``weights``), and the backbones whose
 ImageNet weights ship offline (MobileNetV2, EfficientNet-Lite0), so that the comparison with
@@ -15,31 +16,20 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
+from training.models.classifier import CAMClassifier
+
 # DeepLabV3's atrous rates for its output strides (Chen et al. 2017, section 4.1).
 ATROUS_RATES = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
 
 
 class DeepLabV3(nn.Module):
-    def __init__(
-        self,
-        num_classes: int,
-        backbone: str = "resnet50",
-        output_stride: int = 16,
-        pretrained: bool = False,
-        weights: str | None = None,
-    ):
-        super().__init__()
-        from training.models.registry import build_classifier  # the registry builds us too
+    """``net``'s normalisation and feature extractor (built at ``output_stride``), the ASPP
+    head on top."""
 
+    def __init__(self, num_classes: int, net: CAMClassifier, output_stride: int = 16):
+        super().__init__()
         if output_stride not in ATROUS_RATES:
             raise ValueError(f"output_stride must be one of {sorted(ATROUS_RATES)}")
-        net = build_classifier(
-            backbone,
-            num_classes=1,
-            output_stride=output_stride,
-            pretrained=pretrained,
-            weights=weights,
-        )
         self.normalize, self.backbone = net.normalize, net.features
         self.head = DeepLabHead(net.fc.in_features, num_classes, ATROUS_RATES[output_stride])
 

@@ -25,7 +25,7 @@ import torchvision
 from torch import nn
 
 from training.models.classifier import CAMClassifier
-from training.models.deeplab import DeepLabV3
+from training.models.deeplab import ATROUS_RATES, DeepLabV3
 from training.models.imagenet import IMAGENET_CLASSES
 from training.models.unet import UNet
 
@@ -278,9 +278,26 @@ CLASSIFIERS: dict[str, Callable[..., CAMClassifier]] = {
     "efficientnet_lite0": _efficientnet_lite0,
 }
 
+
+def deeplabv3(
+    num_classes: int,
+    backbone: str = "resnet50",
+    output_stride: int = 16,
+    pretrained: bool = False,
+    weights: str | None = None,
+) -> DeepLabV3:
+    """DeepLabV3 on the feature extractor of the registry's ``backbone`` classifier."""
+    if output_stride not in ATROUS_RATES:
+        raise ValueError(f"output_stride must be one of {sorted(ATROUS_RATES)}")
+    net = build_classifier(
+        backbone, num_classes=1, output_stride=output_stride, pretrained=pretrained, weights=weights
+    )
+    return DeepLabV3(num_classes, net, output_stride)
+
+
 SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
     "unet": UNet,
-    "deeplabv3": DeepLabV3,
+    "deeplabv3": deeplabv3,
 }
 
 
