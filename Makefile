@@ -9,7 +9,7 @@ CONFIG ?= configs/serve.yaml
 BENCH_CONFIG ?= configs/quick.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-fast lint format study photos levelset-study reproduce bench soak clean-models \
+.PHONY: setup serve test test-fast lint format study photos levelset-study levelset-real reproduce bench soak clean-models \
 	image-base image-cpu image-train image-gpu
 
 setup: $(STAMP)
@@ -108,6 +108,34 @@ levelset-study: setup
 		$(BIN)/wsss bench --refiners --config $$config \
 			--set runs=$$runs/study/levelset/MSE_and_energy || exit 1; \
 	done
+
+# The level set on the real Pet photos (issue #22, reports/levelset_real/): Table 2 from the
+# profile's classifier, the energy chosen by 2-fold cross-validation on the training photos,
+# then the chosen energy (LEVELSET_REAL_SETS) and the backbone update from the classifiers of
+# `make reproduce PROFILE=pets_real` (seed 0, then SEEDS), merged, and the speed table.
+LEVELSET_REAL = runs/levelset_real
+LEVELSET_REAL_SETS ?=
+SEEDS ?= 0
+PETS_REAL_CLASSIFIERS = runs/reproduce_pets_real/pets_real
+
+levelset-real: setup
+	test -f runs/pets_real/classifier/best.pt || \
+		$(BIN)/wsss train --config configs/pets_real.yaml --stages classifier
+	$(BIN)/wsss evaluate --levelset --config configs/pets_real.yaml \
+		--set evaluate.out=$(LEVELSET_REAL)/study
+	$(BIN)/wsss evaluate --levelset --config configs/pets_real.yaml --folds 2 --reuse \
+		--variants configs/levelset/photo_variants.yaml --set evaluate.out=$(LEVELSET_REAL)/cv
+	for s in $(SEEDS); do \
+		run=$(PETS_REAL_CLASSIFIERS)/classifiers/mobilenet_v2; \
+		test $$s = 0 || run=$(PETS_REAL_CLASSIFIERS)/seed$$s/classifiers/mobilenet_v2; \
+		$(BIN)/wsss evaluate --levelset --config configs/pets_real.yaml $(LEVELSET_REAL_SETS) \
+			--set runs=$$run --set train.seed=$$s --set evaluate.levelset_ablation=false \
+			--set evaluate.out=$(LEVELSET_REAL)/seed$$s || exit 1; \
+	done
+	$(BIN)/wsss evaluate --levelset --config configs/pets_real.yaml \
+		--merge $(foreach s,$(SEEDS),$(LEVELSET_REAL)/seed$(s)) --set evaluate.out=reports/levelset_real
+	$(BIN)/wsss bench --refiners --config configs/pets_real.yaml \
+		--set runs=$(LEVELSET_REAL)/seed0/levelset/MSE_and_energy
 
 # Both papers' tables from one command (benchmarks/reproduce.py): every pseudo-mask source x
 # segmenter with the supervised bound, on the pets and voc benchmarks, and paper 003's

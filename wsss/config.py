@@ -333,6 +333,9 @@ class EvaluateConfig:
     # --levelset: the Table 2 rows MSE only and energy only beside MSE + energy (false:
     # MSE + energy only, for runs repeated over seeds).
     levelset_ablation: bool = True
+    # --levelset: also the backbone update (paper 003, section 3.1): the level set trained
+    # with the classifier fine-tuned, and that classifier's CAMs; a second, slower training.
+    levelset_backbone_update: bool = True
     out: str = "runs/study"  # study.json, study.md and figures go here
 
 
