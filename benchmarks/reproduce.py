@@ -34,7 +34,7 @@ from tqdm import tqdm
 from training import stages
 from training.data.dataset import WSSSDataset
 from training.data.synth import SynthOptions, ensure_synth
-from training.evaluate import Evaluation, evaluate, markdown_table
+from training.evaluate import Evaluation, evaluate, markdown_table, spread
 from training.pipeline import Pipeline, ServedSegmenter, load_model, refine_step
 from training.studies import load_test_set, parse_refiner
 from wsss.config import BenchmarkProfile, Config, ReproduceProfile, load_config
@@ -179,13 +179,9 @@ def run_seeds(profile: ReproduceProfile, bench: str, spec: BenchmarkProfile, fir
         "seeds": [0, *spec.seeds],
         "seeded_rows": seed_summary(runs),
         "seeded_classifiers": {
-            name: _spread([a[name] for a in accuracy if name in a]) for name in accuracy[0]
+            name: spread([a[name] for a in accuracy if name in a]) for name in accuracy[0]
         },
     }
-
-
-def _spread(values: list[float]) -> dict:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": values}
 
 
 def seed_summary(runs: list[list[dict]]) -> list[dict]:
@@ -200,7 +196,7 @@ def seed_summary(runs: list[list[dict]]) -> list[dict]:
         row = {k: first[k] for k in ("source", "segmenter", "spec")}
         for key, value in first.items():
             if isinstance(value, float) and key != "train_seconds":
-                row[key] = _spread([r[key] for r in same if key in r])
+                row[key] = spread([r[key] for r in same if key in r])
         out.append(row)
     return out
 

@@ -309,6 +309,11 @@ def _format(key: str, value: float) -> str:
     return f"{value:.3f}"
 
 
+def spread(values: list[float]) -> dict:
+    """Mean and population std of a score over runs (training seeds), with the runs."""
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": list(values)}
+
+
 def write_report(
     out: Path,
     stem: str,

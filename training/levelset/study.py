@@ -14,10 +14,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from training.evaluate import evaluate, figure_rows, write_report
+from training.evaluate import evaluate, figure_rows, spread, write_report
 from training.levelset.model import LevelSetHead, ServedLevelSet
 from training.levelset.train import head_kwargs
 from training.pipeline import Pipeline, ServedClassifier, load_model, refine_step
@@ -163,8 +162,7 @@ def merge_studies(folders: list[str | Path], out: str | Path) -> str:
         for key in MERGED:
             values = [b[name][key] for b in by if key in b[name]]
             if len(values) == len(by):
-                row[key] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
-                row[key]["runs"] = values
+                row[key] = spread(values)
         rows.append(row)
     lines = [
         f"Mean ± std over {len(folders)} studies ({', '.join(str(f) for f in folders)}).",
