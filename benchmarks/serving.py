@@ -53,6 +53,7 @@ from serving.bench import (
 from serving.client import PipelineClient
 from serving.server import TritonServer, has_gpu, processes
 from training.pipeline import pipeline_from_config, refine_step
+from training.refine import RefinerSpec
 from training.studies import load_test_set
 from wsss.config import Config, ServeConfig, load_config, served_config, with_overrides
 from wsss.served.images import resize_image
@@ -463,8 +464,7 @@ def report(
 
 
 def refiner_label(cfg: Config) -> str:
-    extra = "+grabcut" if cfg.refine.grabcut else "+chanvese" if cfg.refine.chanvese else ""
-    return cfg.refine.method + extra
+    return str(RefinerSpec.of(cfg.refine))
 
 
 def machine() -> str:

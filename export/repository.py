@@ -11,7 +11,6 @@ Older versions stay on disk; ``version_policy`` serves the latest ``export.keep_
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -36,12 +35,12 @@ from export.lock import locked_staging
 from export.onnx_export import check_parity, export_onnx
 from export.torchscript_export import check_torchscript_parity, export_torchscript
 from training.pipeline import PassThroughSegmenter, ServedSegmenter, load_model, refine_step
+from training.refine import RefinerSpec, saliency_model, served_settings
 from wsss import served
 from wsss.config import Config, save_config, served_config
 from wsss.errors import WsssError
 from wsss.palette import VOC_PALETTE
 from wsss.served import HELPERS
-from wsss.served.classical import SALIENCY_FILE, VIT_FILE
 from wsss.tensors import (
     CLASSIFIER,
     ENSEMBLES,
@@ -123,9 +122,9 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
     if network_refiner:
         networks[REFINER] = refiner.module
     else:
-        # The refiner model rebuilds its RefineConfig from these (config.pbtxt parameters).
+        # The refiner model rebuilds itself from these (config.pbtxt parameters).
         params[REFINER] = {
-            "refine": json.dumps(dataclasses.asdict(cfg.refine), sort_keys=True),
+            "refine": json.dumps(served_settings(cfg.refine), sort_keys=True),
             "multi_label": str(multi_label).lower(),
         }
     version = next_version(repo)
@@ -178,15 +177,16 @@ def _write_python_model(name: str, version_dir: Path) -> None:
 
 
 def _refiner_files(cfg: Config, refiner) -> dict[str, bytes]:
-    """Files beside the Python refiner's model.py: the ViT with its attention as outputs
-    (vit), or the saliency model as it is (saliency)."""
-    if cfg.refine.method == "vit":
-        return {VIT_FILE: _vit_model(refiner.attention)}
-    if cfg.refine.method == "saliency":
-        from training.refine import saliency_model
-
-        return {SALIENCY_FILE: saliency_model(cfg.refine).read_bytes()}
-    return {}
+    """Files beside the Python refiner's model.py, as its registry entry names them: the ViT
+    with its attention as outputs (the attention runner), or the saliency model as it is."""
+    entry = RefinerSpec.of(cfg.refine).entry
+    if entry.runner is None:
+        return {}
+    model = {
+        "attention": lambda: _vit_model(refiner.attention),
+        "saliency": lambda: saliency_model(cfg.refine).read_bytes(),
+    }[entry.runner]
+    return {entry.export_file: model()}
 
 
 def _vit_model(vit) -> bytes:

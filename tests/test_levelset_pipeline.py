@@ -232,3 +232,5 @@ def test_merge_studies_averages_rows_over_seeds(tmp_path):
     assert merged[0]["pseudo_iou"]["std"] == pytest.approx(0.02)
     assert "accuracy" not in merged[1]
     assert "| level set | MSE + energy | 0.570 ± 0.010 |" in table
+    with pytest.raises(FileNotFoundError, match="seed2"):
+        merge_studies([tmp_path / "seed0", tmp_path / "seed2"], tmp_path / "merged")

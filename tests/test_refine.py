@@ -69,7 +69,9 @@ def test_min_score_gives_an_empty_mask():
 
 
 def test_registry_builds_every_refiner_from_config():
-    assert set(REFINERS) == {"fixed", "otsu", "grabcut", "chanvese", "levelset", "vit", "saliency"}
+    seeds = {n for n, e in REFINERS.items() if e.role == "seed"}
+    assert seeds == {"fixed", "otsu", "levelset", "vit", "saliency"}
+    assert set(REFINERS) - seeds == {"grabcut", "chanvese"}
     cams = np.stack([np.stack([_blob_cam(), _blob_cam(cx=8)])] * 3)
     scores = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
     refiner = build_refiner(RefineConfig("otsu"), multi_label=True)
@@ -78,7 +80,7 @@ def test_registry_builds_every_refiner_from_config():
     assert build_refiner(RefineConfig("fixed", grabcut=True), False).name == "fixed+grabcut"
     assert build_refiner(RefineConfig("otsu", chanvese=True), False).name == "otsu+chanvese15"
     assert not build_refiner(RefineConfig("otsu"), False).needs_features
-    with pytest.raises(ValueError, match="one of fixed, otsu, levelset, vit"):
+    with pytest.raises(ValueError, match="one of fixed, otsu, saliency, vit, levelset"):
         build_refiner(RefineConfig("magic"), False)
     with pytest.raises(ValueError, match="trained level-set network"):
         build_refiner(RefineConfig("levelset"), False)

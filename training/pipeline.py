@@ -23,7 +23,7 @@ from training.loop import load_checkpoint
 from training.models import build_classifier, build_segmenter
 from training.models.classifier import CAMClassifier
 from training.models.common import to_pixels
-from training.refine import Refiner, build_refiner
+from training.refine import Refiner, RefinerSpec, build_refiner
 from wsss.config import PASSTHROUGH
 from wsss.task import get_task
 from wsss.tensors import CAMS, PSEUDO_MASK, SCORES, SEG_PROBS, SEGMENTATION
@@ -252,8 +252,9 @@ def refine_step(cfg, binary: bool | None = None) -> tuple[ServedClassifier, Refi
     """
     runs = Path(cfg.runs)
     levelset = None
-    if cfg.refine.method == "levelset":
-        net, head, ls_meta = load_levelset(runs / "levelset" / "best.pt")
+    network = RefinerSpec.of(cfg.refine).checkpoint  # the level set's, holding its backbone
+    if network:
+        net, head, ls_meta = load_levelset(runs / network)
         meta = ls_meta["classifier"]
         multi = get_task(meta["task"]).multi_label
         levelset = ServedLevelSet(head, multi, cfg.refine.score_threshold, cfg.refine.min_score)

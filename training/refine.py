@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -32,6 +34,8 @@ from torch import nn
 
 from wsss.config import RefineConfig
 from wsss.served.classical import (
+    SALIENCY_FILE,
+    VIT_FILE,
     AttentionRefiner,
     ChanVese,
     ClassicalRefiner,
@@ -54,12 +58,16 @@ __all__ = [
     "GrabCut",
     "LevelSetRefiner",
     "OtsuThreshold",
+    "REFINERS",
     "Refiner",
+    "RefinerEntry",
+    "RefinerSpec",
     "SaliencyRefiner",
     "SeededRefiner",
     "ServedThreshold",
     "build_refiner",
     "saliency_model",
+    "served_settings",
     "present_classes",
 ]
 
@@ -168,20 +176,188 @@ class LevelSetRefiner(Refiner):
         return self.module(*tensors, torch.from_numpy(np.ascontiguousarray(features))).numpy()
 
 
-# The registry: refine.method -> the first step; refine.grabcut / refine.chanvese -> the
-# refinement that follows a threshold. ``build_refiner`` is the one place that reads
-# RefineConfig (through ``build_classical`` for all but the level set).
-REFINERS: dict[str, Callable[..., Refiner]] = {
-    "fixed": FixedThreshold,
-    "otsu": OtsuThreshold,
-    "levelset": LevelSetRefiner,
-    "vit": AttentionRefiner,
-    "saliency": SaliencyRefiner,
-    "grabcut": GrabCut,
-    "chanvese": ChanVese,
+# The registry. A refiner is a seed (where the mask starts: a CAM threshold, saliency, ViT
+# attention, or the level set) optionally followed by a refinement of the seed's mask
+# (GrabCut or Chan-Vese), spelled ``seed`` or ``seed+follow`` everywhere: configs
+# (refine.method, which also takes the spec), evaluate.refiners, reports and the CLI. Each
+# entry says how it is built and served and what it needs, so no other module asks which
+# refiner it is holding.
+
+
+@dataclass(frozen=True)
+class RefinerEntry:
+    """One registered refiner step.
+
+    ``role``: ``seed`` (makes a mask from the CAMs) or ``follow`` (refines a seed's mask).
+    ``served``: how the repository serves it alone: ``graph`` (an exported network) or
+    ``python`` (the Python refiner model; any follow-up makes the whole refiner Python).
+    ``checkpoint``: the trained network it needs, under the run folder. ``runner`` and
+    ``export_file``: the ONNX model the served Python refiner runs beside its model.py, and
+    the role it plays there (``attention`` or ``saliency``). ``follow_ups``: whether GrabCut
+    or Chan-Vese may refine its mask. ``build`` (seeds only): the refiner from a RefineConfig.
+    """
+
+    name: str
+    role: Literal["seed", "follow"]
+    served: Literal["graph", "python"]
+    summary: str
+    needs_features: bool = False
+    checkpoint: str | None = None
+    runner: Literal["attention", "saliency"] | None = None
+    export_file: str | None = None
+    follow_ups: bool = False
+    build: Callable[..., Refiner] | None = None
+
+
+def _threshold(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
+    refiner = build_classical(dataclasses.asdict(cfg), multi_label, binary)
+    if isinstance(refiner, FixedThreshold | OtsuThreshold):  # nothing after it: a graph
+        refiner.served, refiner.module = "network", ServedThreshold(refiner).eval()
+    return refiner
+
+
+def _attention(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
+    from training.attention import ViTAttention
+
+    attention = ViTAttention(cfg.vit_layers, cfg.vit_weights, cfg.vit_arch)
+    return build_classical(dataclasses.asdict(cfg), multi_label, binary, attention=attention)
+
+
+def _saliency(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
+    saliency = OnnxSaliency(saliency_model(cfg))
+    return build_classical(dataclasses.asdict(cfg), multi_label, binary, saliency=saliency)
+
+
+def _levelset(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
+    if levelset is None:
+        raise ValueError("refine.method levelset needs the trained level-set network")
+    return LevelSetRefiner(levelset)
+
+
+REFINERS: dict[str, RefinerEntry] = {
+    e.name: e
+    for e in (
+        RefinerEntry(
+            "fixed",
+            "seed",
+            "graph",
+            "the CAM at or above refine.threshold",
+            follow_ups=True,
+            build=_threshold,
+        ),
+        RefinerEntry(
+            "otsu",
+            "seed",
+            "graph",
+            "the CAM above its Otsu threshold",
+            follow_ups=True,
+            build=_threshold,
+        ),
+        RefinerEntry(
+            "saliency",
+            "seed",
+            "python",
+            "a saliency model's extent, the class from the CAMs",
+            runner="saliency",
+            export_file=SALIENCY_FILE,
+            follow_ups=True,
+            build=_saliency,
+        ),
+        RefinerEntry(
+            "vit",
+            "seed",
+            "python",
+            "a pretrained ViT's attention, no CAM",
+            runner="attention",
+            export_file=VIT_FILE,
+            build=_attention,
+        ),
+        RefinerEntry(
+            "levelset",
+            "seed",
+            "graph",
+            "the trained FNO level set (paper 003)",
+            needs_features=True,
+            checkpoint="levelset/best.pt",
+            build=_levelset,
+        ),
+        RefinerEntry("grabcut", "follow", "python", "OpenCV GrabCut from the seed's mask"),
+        RefinerEntry("chanvese", "follow", "python", "classical Chan-Vese from the seed's mask"),
+    )
 }
-METHODS = ("fixed", "otsu", "levelset", "vit", "saliency")  # what refine.method names
-FOLLOW_UPS = ("grabcut", "chanvese")  # what may follow a threshold
+METHODS = tuple(n for n, e in REFINERS.items() if e.role == "seed")  # refine.method
+FOLLOW_UPS = tuple(n for n, e in REFINERS.items() if e.role == "follow")
+
+
+@dataclass(frozen=True)
+class RefinerSpec:
+    """One refiner as one value: its seed and the follow-up refining it, ``otsu+grabcut``.
+
+    ``RefinerSpec.parse`` reads the spelling, ``RefinerSpec.of`` a RefineConfig, ``apply``
+    writes it into one; ``str`` gives the spelling back.
+    """
+
+    seed: str
+    follow: str | None = None
+
+    def __post_init__(self):
+        entry = REFINERS.get(self.seed)
+        follow = REFINERS.get(self.follow) if self.follow is not None else None
+        bad_follow = self.follow is not None and (
+            follow is None or follow.role != "follow" or not entry.follow_ups
+        )
+        if entry is None or entry.role != "seed" or bad_follow:
+            can = [n for n in METHODS if REFINERS[n].follow_ups]
+            raise ValueError(
+                f"refiner {str(self)!r}: one of {', '.join(METHODS)}; "
+                f"{', '.join(can)} optionally +{' or +'.join(FOLLOW_UPS)}"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> RefinerSpec:
+        seed, plus, follow = text.strip().partition("+")
+        return cls(seed, follow if plus else None)
+
+    @classmethod
+    def of(cls, cfg: RefineConfig) -> RefinerSpec:
+        if cfg.grabcut and cfg.chanvese:
+            raise ValueError("refine.grabcut and refine.chanvese exclude each other: pick one")
+        follow = "grabcut" if cfg.grabcut else "chanvese" if cfg.chanvese else None
+        return cls(cfg.method, follow)
+
+    def __str__(self) -> str:
+        return self.seed + (f"+{self.follow}" if self.follow else "")
+
+    def apply(self, base: RefineConfig) -> RefineConfig:
+        """``base`` with this refiner (and every other setting of base)."""
+        follow = self.follow
+        return dataclasses.replace(
+            base, method=self.seed, grabcut=follow == "grabcut", chanvese=follow == "chanvese"
+        )
+
+    @property
+    def entry(self) -> RefinerEntry:
+        return REFINERS[self.seed]
+
+    @property
+    def served(self) -> str:
+        return self.entry.served if self.follow is None else "python"
+
+    @property
+    def checkpoint(self) -> str | None:
+        return self.entry.checkpoint
+
+
+def served_settings(cfg: RefineConfig) -> dict:
+    """The settings the served Python refiner rebuilds itself from (its config.pbtxt
+    parameters): the RefineConfig's fields, and the ONNX model it runs beside its model.py
+    by role. Training's 255 (ignore) is background in a served mask."""
+    settings = dataclasses.asdict(cfg)
+    entry = RefinerSpec.of(cfg).entry
+    settings["runners"] = {entry.runner: entry.export_file} if entry.runner else {}
+    if settings["saliency_doubt"] == "ignore":
+        settings["saliency_doubt"] = "background"
+    return settings
 
 
 def saliency_model(cfg: RefineConfig) -> Path:
@@ -201,29 +377,10 @@ def build_refiner(
     binary: bool | None = None,
     levelset: torch.nn.Module | None = None,
 ) -> Refiner:
-    """The refiner a RefineConfig describes.
+    """The refiner a RefineConfig describes, built as its registry entry says.
 
     ``levelset`` is the trained ``ServedLevelSet`` that ``refine.method: levelset`` needs
     (``training.pipeline.refine_step`` loads it from the run's checkpoint). A fixed or Otsu
     threshold with nothing after it is served as its graph (``ServedThreshold``).
     """
-    if cfg.method not in METHODS:
-        raise ValueError(f"refine.method {cfg.method!r}: one of {', '.join(METHODS)}")
-    if cfg.method == "levelset":
-        if levelset is None:
-            raise ValueError("refine.method levelset needs the trained level-set network")
-        if cfg.grabcut or cfg.chanvese:
-            raise ValueError("refine.grabcut and refine.chanvese follow a threshold, not levelset")
-        return REFINERS["levelset"](levelset)
-    attention = None
-    if cfg.method == "vit" and not (cfg.grabcut or cfg.chanvese):
-        from training.attention import ViTAttention
-
-        attention = ViTAttention(cfg.vit_layers, cfg.vit_weights, cfg.vit_arch)
-    saliency = None
-    if cfg.method == "saliency":
-        saliency = OnnxSaliency(saliency_model(cfg))
-    refiner = build_classical(dataclasses.asdict(cfg), multi_label, binary, attention, saliency)
-    if isinstance(refiner, FixedThreshold | OtsuThreshold):
-        refiner.served, refiner.module = "network", ServedThreshold(refiner).eval()
-    return refiner
+    return RefinerSpec.of(cfg).entry.build(cfg, multi_label, binary, levelset)

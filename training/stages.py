@@ -31,7 +31,7 @@ from training.pipeline import (
     refine_step,
     translate_labels,
 )
-from training.refine import build_refiner
+from training.refine import RefinerSpec, build_refiner
 from wsss.config import PASSTHROUGH, Config, RefineConfig, save_config
 
 
@@ -512,23 +512,20 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGES)}")
     resolve_device(cfg.train.device)  # under torchrun: join the process group first
     runs = Path(cfg.runs)
+    network = RefinerSpec.of(cfg.refine).checkpoint  # a refiner trained here (the level set)
     # Loaded once, and only when a stage reads it (the ImageNet head trains on nothing);
     # pseudo-masks alone decode only each rank's share (write_pseudo_masks).
     imagenet_only = tuple(stages) == ("classifier",) and cfg.classifier.head == "imagenet"
-    levelset_missing = not (runs / "levelset" / "best.pt").exists()
+    levelset_missing = bool(network) and not (runs / network).exists()
     pseudo_only = (
-        tuple(stages) == ("pseudo",)
-        and cfg.segmenter.arch != PASSTHROUGH
-        and not (cfg.refine.method == "levelset" and levelset_missing)
+        tuple(stages) == ("pseudo",) and cfg.segmenter.arch != PASSTHROUGH and not levelset_missing
     )
     data = None if imagenet_only or pseudo_only else load_train_set(cfg)
     if "classifier" in stages:
         train_classifier(cfg, data)
     needs_pseudo = "pseudo" in stages or "segmenter" in stages
     distributed.barrier()  # every rank decides what to make from the same files
-    if cfg.refine.method == "levelset" and (
-        "levelset" in stages or (needs_pseudo and not (runs / "levelset" / "best.pt").exists())
-    ):
+    if network and ("levelset" in stages or (needs_pseudo and not (runs / network).exists())):
         classifier, cmeta = load_model(runs / "classifier" / "best.pt")
         train_levelset(cfg, data, classifier, cmeta)
     pseudo_path = runs / "pseudo" / "train_masks.npz"

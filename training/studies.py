@@ -40,7 +40,7 @@ from training.pipeline import (
     pipeline_from_config,
     refine_step,
 )
-from training.refine import FOLLOW_UPS, METHODS, build_refiner
+from training.refine import RefinerSpec, build_refiner
 from wsss.config import PASSTHROUGH, Config, RefineConfig, load_config, save_config
 from wsss.figures import overlay, panel_figure
 from wsss.served.images import resize_image
@@ -132,17 +132,12 @@ def evaluate_profile(cfg: Config) -> str | None:
 
 
 def parse_refiner(spec: str, base: RefineConfig) -> RefineConfig:
-    """``fixed``, ``otsu``, ``otsu+grabcut``, ``fixed+chanvese``, ``levelset`` -> a config."""
-    method, _, post = spec.partition("+")
-    networks = ("levelset", "vit")
-    if method not in METHODS or (post and (post not in FOLLOW_UPS or method in networks)):
-        raise ValueError(
-            f"evaluate.refiners: {spec!r} is levelset, vit, or a threshold (fixed, otsu) "
-            f"optionally +{' or +'.join(FOLLOW_UPS)}"
-        )
-    return dataclasses.replace(
-        base, method=method, grabcut=post == "grabcut", chanvese=post == "chanvese"
-    )
+    """``otsu``, ``otsu+grabcut``, ``saliency+chanvese``, ``levelset`` (``RefinerSpec``) ->
+    ``base`` with that refiner."""
+    try:
+        return RefinerSpec.parse(spec).apply(base)
+    except ValueError as e:
+        raise ValueError(f"evaluate.refiners: {e}") from None
 
 
 def classifier_label(run: Path, meta: dict) -> str:

@@ -71,6 +71,9 @@ class ClassifierConfig:
     class_groups: dict[str, list[int | str]] = field(default_factory=dict)
 
 
+FOLLOW_UPS = ("grabcut", "chanvese")  # RefineConfig's switches for what refines a seed
+
+
 @dataclass
 class RefineConfig:
     """How a CAM becomes a pseudo-mask.
@@ -80,6 +83,7 @@ class RefineConfig:
     level-set refiner (see LevelSetConfig), a trained network served as an ONNX model.
     """
 
+    # The seed; "otsu+grabcut" (training.refine.RefinerSpec's spelling) also sets grabcut.
     method: Literal["fixed", "otsu", "levelset", "vit", "saliency"] = "otsu"
     threshold: float = 0.5  # for method "fixed"
     grabcut: bool = False  # refine the thresholded mask with OpenCV GrabCut
@@ -438,6 +442,15 @@ def _upgrade(raw: dict[str, Any]) -> None:
         evaluate.setdefault(
             "refiners", [t + ("+grabcut" if g else "") for t in thresholds for g in grabcut]
         )
+    refine = raw.get("refine")
+    # refine.method also takes a refiner's one spelling, seed+follow-up: otsu+grabcut.
+    if isinstance(refine, dict) and "+" in str(refine.get("method", "")):
+        method, _, follow = refine["method"].partition("+")
+        if follow not in FOLLOW_UPS:
+            raise ConfigError(
+                f"refine.method {refine['method']!r}: a seed optionally +{' or +'.join(FOLLOW_UPS)}"
+            )
+        refine.update({"method": method, follow: True})
     levelset = raw.get("levelset")
     # levelset.feature_energy was an on/off switch before it became the feature term's weight.
     if isinstance(levelset, dict) and isinstance(levelset.get("feature_energy"), bool):

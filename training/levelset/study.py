@@ -114,13 +114,14 @@ def run_levelset_study(cfg: Config, train: bool = True) -> str:
             add("backbone update", f"{BOTH}, {UPDATED}", pipe)
         # The updated classifier's CAMs, thresholded as before (it reads features too).
         updated = Pipeline(served, None, cam_only.refiner)
-        add("backbone update", f"CAM + {threshold}, {UPDATED}", updated)
+        updated_cam = f"CAM + {threshold}, {UPDATED}"
+        add("backbone update", updated_cam, updated)
     results = evaluate(pipes, data, cfg.train.batch_size, cfg.evaluate.figure_images, "level set")
     rows = [{"group": groups[n], "refiner": n} | r.row() for n, r in results.items()]
     shown = [n for n in pipes if "Chan-Vese" not in n or "(15 it.)" in n]
     columns = [("CAM", shown[0], "cam")]
     if cfg.evaluate.levelset_backbone_update:
-        columns.append((f"CAM, {UPDATED}", shown[-1], "cam"))
+        columns.append((f"CAM, {UPDATED}", updated_cam, "cam"))
     columns += [(n, n, "pseudo") for n in shown]
     meta = {"task": data.task, "images": len(data), "image_size": cfg.data.image_size}
     table = write_report(
@@ -152,7 +153,14 @@ def merge_studies(folders: list[str | Path], out: str | Path) -> str:
     Each folder is a study's ``evaluate.out``; rows are matched by name, and a row missing
     from any study is left out. Writes ``levelset_seeds.{md,json}`` under ``out``.
     """
-    studies = [json.loads((Path(f) / "levelset" / "levelset.json").read_text()) for f in folders]
+    paths = [Path(f) / "levelset" / "levelset.json" for f in folders]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"no level-set study at {', '.join(missing)}: run `wsss evaluate --levelset` with "
+            "evaluate.out set to each folder first"
+        )
+    studies = [json.loads(p.read_text()) for p in paths]
     names = [r["refiner"] for r in studies[0]["rows"]]
     by = [{r["refiner"]: r for r in s["rows"]} for s in studies]
     names = [n for n in names if all(n in b for b in by)]

@@ -556,6 +556,69 @@ class FollowChanVese:
         return chan_vese(grey(image), init, self.iterations)
 
 
+def _follow_up(settings: dict, seeded: bool):
+    """The GrabCut or Chan-Vese step that ``settings`` put after the seed, if any: a
+    refiner wrapping a threshold (``seeded``), or the step a saliency mask goes through."""
+    if settings["grabcut"] and settings["chanvese"]:
+        raise ValueError("refine.grabcut and refine.chanvese exclude each other: pick one")
+    if settings["grabcut"]:
+        bands = settings["sure_foreground"], settings["sure_background"]
+        if seeded:
+            return lambda seed: GrabCut(seed, settings["grabcut_iterations"], *bands)
+        return FollowGrabCut(settings["grabcut_iterations"], *bands)
+    if settings["chanvese"]:
+        if seeded:
+            return lambda seed: ChanVese(seed, settings["chanvese_iterations"])
+        return FollowChanVese(settings["chanvese_iterations"])
+    return None
+
+
+def _followed(refiner: ClassicalRefiner, settings: dict) -> ClassicalRefiner:
+    follow = _follow_up(settings, seeded=True)
+    return follow(refiner) if follow else refiner
+
+
+def _fixed(settings, multi_label, presence, runners):
+    return _followed(FixedThreshold(multi_label, settings["threshold"], **presence), settings)
+
+
+def _otsu(settings, multi_label, presence, runners):
+    return _followed(OtsuThreshold(multi_label, **presence), settings)
+
+
+def _saliency(settings, multi_label, presence, runners):
+    if "saliency" not in runners:
+        raise ValueError("refine.method saliency needs the saliency model")
+    return SaliencyRefiner(
+        multi_label,
+        runners["saliency"],
+        settings["saliency_doubt"],
+        settings["threshold"],
+        settings["sure_foreground"],
+        _follow_up(settings, seeded=False),
+        **presence,
+    )
+
+
+def _attention(settings, multi_label, presence, runners):
+    if _follow_up(settings, seeded=False) is not None:
+        raise ValueError("refine.grabcut and refine.chanvese follow a threshold, not vit")
+    if "attention" not in runners:
+        raise ValueError("refine.method vit needs the ViT attention")
+    return AttentionRefiner(
+        multi_label,
+        runners["attention"],
+        settings["vit_sigma"],
+        settings["vit_kernel"],
+        **presence,
+    )
+
+
+# refine.method -> its builder, for the refiners this module runs (training.refine's
+# registry adds the level set, a network, and says which of these is served how).
+CLASSICAL = {"fixed": _fixed, "otsu": _otsu, "saliency": _saliency, "vit": _attention}
+
+
 def build_classical(
     settings: dict,
     multi_label: bool,
@@ -564,59 +627,17 @@ def build_classical(
     saliency=None,
 ) -> Refiner:
     """The threshold, GrabCut, Chan-Vese, attention or saliency refiner that ``settings``
-    (the fields of ``wsss.config.RefineConfig``, as a dict) describe: the one builder of them, for
-    training (``training.refine.build_refiner``) and for the served refiner model."""
+    (the fields of ``wsss.config.RefineConfig``, as a dict) describe: the one builder of them,
+    for training (through ``training.refine``'s registry) and for the served refiner model.
+    ``attention`` and ``saliency`` are the ONNX (or timm) runners the ViT and saliency
+    refiners read."""
     method = settings["method"]
+    if method not in CLASSICAL:
+        raise ValueError(f"refine.method {method!r} is not a classical refiner")
     presence = {
         "binary": binary,
         "score_threshold": settings["score_threshold"],
         "min_score": settings["min_score"],
     }
-    grabcut_on, chanvese_on = settings["grabcut"], settings["chanvese"]
-    if grabcut_on and chanvese_on:
-        raise ValueError("refine.grabcut and refine.chanvese exclude each other: pick one")
-    if method == "saliency":
-        if saliency is None:
-            raise ValueError("refine.method saliency needs the saliency model")
-        follow = None
-        if grabcut_on:
-            follow = FollowGrabCut(
-                settings["grabcut_iterations"],
-                settings["sure_foreground"],
-                settings["sure_background"],
-            )
-        elif chanvese_on:
-            follow = FollowChanVese(settings["chanvese_iterations"])
-        return SaliencyRefiner(
-            multi_label,
-            saliency,
-            settings["saliency_doubt"],
-            settings["threshold"],
-            settings["sure_foreground"],
-            follow,
-            **presence,
-        )
-    if method == "vit":
-        if grabcut_on or chanvese_on:
-            raise ValueError("refine.grabcut and refine.chanvese follow a threshold, not vit")
-        if attention is None:
-            raise ValueError("refine.method vit needs the ViT attention")
-        return AttentionRefiner(
-            multi_label, attention, settings["vit_sigma"], settings["vit_kernel"], **presence
-        )
-    if method == "fixed":
-        refiner = FixedThreshold(multi_label, settings["threshold"], **presence)
-    elif method == "otsu":
-        refiner = OtsuThreshold(multi_label, **presence)
-    else:
-        raise ValueError(f"refine.method {method!r} is not a classical refiner")
-    if grabcut_on:
-        refiner = GrabCut(
-            refiner,
-            settings["grabcut_iterations"],
-            settings["sure_foreground"],
-            settings["sure_background"],
-        )
-    if chanvese_on:
-        refiner = ChanVese(refiner, settings["chanvese_iterations"])
-    return refiner
+    runners = {k: v for k, v in (("attention", attention), ("saliency", saliency)) if v}
+    return CLASSICAL[method](settings, multi_label, presence, runners)

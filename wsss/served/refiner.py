@@ -3,11 +3,11 @@ saliency.
 
 Copied into ``<repository>/refiner/<version>/model.py`` with this package's other modules
 beside it; the fixed and Otsu thresholds alone are served as an ONNX graph instead. Its
-settings (``refine``: the fields of RefineConfig, ``multi_label``) come from the
-``parameters`` of the generated config.pbtxt, so the file is the same for every export. ViT
-attention reads ``vit_attention.onnx`` from the version folder (the exporter writes it with
-the chosen layers' attention as graph outputs); saliency runs ``saliency.onnx`` there on the
-model-size IMAGE. One response per request.
+settings (``refine``: the fields of RefineConfig and the ONNX models it runs, ``multi_label``)
+come from the ``parameters`` of the generated config.pbtxt, so the file is the same for every
+export. ViT attention reads ``vit_attention.onnx`` from the version folder (the exporter
+writes it with the chosen layers' attention as graph outputs); saliency runs ``saliency.onnx``
+there on the model-size IMAGE. One response per request.
 """
 
 import json
@@ -16,26 +16,25 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .classical import SALIENCY_FILE, VIT_FILE, OnnxAttention, OnnxSaliency, build_classical
+from .classical import OnnxAttention, OnnxSaliency, build_classical
 from .respond import respond
+
+RUNNERS = {"attention": OnnxAttention, "saliency": OnnxSaliency}  # ONNX models by role
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        # Written at export by training.refine.served_settings: the RefineConfig's fields,
+        # and which ONNX model in this folder plays which role.
         settings = json.loads(params["refine"])
-        attention = saliency = None
-        if settings["method"] == "vit":
-            attention = OnnxAttention(Path(__file__).with_name(VIT_FILE))
-        if settings["method"] == "saliency":
-            saliency = OnnxSaliency(Path(__file__).with_name(SALIENCY_FILE))
-            if settings.get("saliency_doubt") == "ignore":  # 255 is for training masks only
-                settings["saliency_doubt"] = "background"
+        runners = {
+            role: RUNNERS[role](Path(__file__).with_name(name))
+            for role, name in settings.pop("runners").items()
+        }
         multi_label = params["multi_label"] == "true"
-        self.refiner = build_classical(
-            settings, multi_label, attention=attention, saliency=saliency
-        )
+        self.refiner = build_classical(settings, multi_label, **runners)
         self.inputs = [i["name"] for i in config["input"]]
         (self.output,) = [o["name"] for o in config["output"]]
 

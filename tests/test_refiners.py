@@ -1,0 +1,156 @@
+"""Every registered refiner through one grid, like tests/test_models.py for the models.
+
+Each spelling the registry accepts (``training.refine.RefinerSpec``: a seed, optionally
+followed by GrabCut or Chan-Vese) is built from its config and run on the same batches:
+batch sizes and image sizes, degenerate CAMs (all zero, flat, all one), binary and
+multi-class tasks, and its served form (the graph for ``graph`` refiners, the Python model's
+settings as the exporter writes them for the others). A new refiner needs a registry entry;
+its test here is the line that lists its spelling, which the first test demands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from export.repository import _refiner_files
+from training.levelset.model import LevelSetHead, ServedLevelSet
+from training.refine import FOLLOW_UPS, REFINERS, RefinerSpec, build_refiner, served_settings
+from wsss import config as wsss_config
+from wsss.config import Config, RefineConfig
+from wsss.served.classical import OnnxAttention, OnnxSaliency, build_classical
+
+SPECS = [
+    "fixed",
+    "otsu",
+    "fixed+grabcut",
+    "otsu+grabcut",
+    "fixed+chanvese",
+    "otsu+chanvese",
+    "saliency",
+    "saliency+grabcut",
+    "saliency+chanvese",
+    "vit",
+    "levelset",
+]
+FEATURES = 8  # channels of the fake backbone features the level set reads
+
+
+def test_the_grid_covers_every_spelling_the_registry_accepts():
+    accepted = []
+    for seed in (n for n, e in REFINERS.items() if e.role == "seed"):
+        for follow in (None, *FOLLOW_UPS):
+            try:
+                accepted.append(str(RefinerSpec(seed, follow)))
+            except ValueError:
+                pass
+    assert sorted(accepted) == sorted(SPECS)
+    assert FOLLOW_UPS == wsss_config.FOLLOW_UPS  # the config's switches are the registry's
+
+
+def test_one_spelling_round_trips_through_config_and_cli_overrides():
+    for text in SPECS:
+        spec = RefinerSpec.parse(text)
+        assert str(RefinerSpec.of(spec.apply(RefineConfig()))) == text
+        cfg = wsss_config.load_config(None, [f"refine.method={text}"])
+        assert str(RefinerSpec.of(cfg.refine)) == text
+    with pytest.raises(ValueError, match="optionally \\+grabcut or \\+chanvese"):
+        RefinerSpec.parse("vit+grabcut")
+    with pytest.raises(ValueError, match="exclude each other"):
+        RefinerSpec.of(RefineConfig("otsu", grabcut=True, chanvese=True))
+    with pytest.raises(wsss_config.ConfigError, match="refine.method 'otsu\\+magic'"):
+        wsss_config.load_config(None, ["refine.method=otsu+magic"])
+
+
+def _levelset(k: int, size: int, multi_label: bool) -> ServedLevelSet:
+    torch.manual_seed(0)
+    head = LevelSetHead(FEATURES, k, size, hidden=8, modes=4, layers=2).eval()
+    return ServedLevelSet(head, multi_label).eval()
+
+
+def _refiner(text: str, k: int, size: int, multi_label: bool):
+    cfg = RefinerSpec.parse(text).apply(RefineConfig(chanvese_iterations=3))
+    levelset = _levelset(k, size, multi_label) if text == "levelset" else None
+    return cfg, build_refiner(cfg, multi_label, levelset=levelset)
+
+
+def _batch(b: int, k: int, h: int, w: int, kind: str):
+    """Images with a bright disc; CAMs a blob on the disc (``blob``) or degenerate."""
+    rng = np.random.default_rng(b * 100 + k)
+    images = rng.integers(0, 80, (b, h, w, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    disc = np.hypot(yy - h / 2, xx - w / 2) < min(h, w) / 4
+    images[:, disc] = (220, 60, 40)
+    blob = np.clip(1 - np.hypot(yy - h / 2, xx - w / 2) / (min(h, w) / 2), 0, 1)
+    value = {"blob": None, "zero": 0.0, "flat": 0.5, "one": 1.0}[kind]
+    cams = np.zeros((b, k, h, w), np.float32)
+    cams[:, 0] = blob if value is None else value
+    if k > 2:
+        cams[:, 2] = np.roll(blob, w // 4, axis=1) if value is None else value
+    scores = np.zeros((b, k), np.float32)
+    scores[:, 0] = 0.9
+    if k > 2:
+        scores[:, 2] = 0.8
+    features = rng.standard_normal((b, FEATURES, h // 8, w // 8)).astype(np.float32)
+    return images, scores, cams, features
+
+
+def _run(refiner, batch):
+    images, scores, cams, features = batch
+    return refiner(images, scores, cams, features if refiner.needs_features else None)
+
+
+@pytest.mark.parametrize("text", SPECS)
+@pytest.mark.parametrize("multi_label", [False, True], ids=["binary", "multi"])
+def test_every_refiner_on_the_grid(text, multi_label):
+    k = 3 if multi_label else 2
+    shapes = [(1, 32, 32), (3, 48, 40)]
+    if text == "levelset":  # its head is built for one square side
+        shapes = [(1, 32, 32), (3, 32, 32)]
+    for b, h, w in shapes:
+        _, refiner = _refiner(text, k, h, multi_label)
+        allowed = {0, 1} if refiner.binary else {0, 1, 3}  # background, the present classes
+        for kind in ("blob", "zero", "flat", "one"):
+            masks = _run(refiner, _batch(b, k, h, w, kind))
+            assert masks.shape == (b, h, w) and masks.dtype == np.uint8, (kind, masks.shape)
+            assert set(np.unique(masks)) <= allowed, (kind, np.unique(masks))
+            if kind == "blob" and text != "levelset":  # an untrained level set marks nothing
+                assert masks.any(axis=(1, 2)).all(), kind
+            if kind == "blob" and text in ("fixed", "otsu"):  # a CAM-only seed: the blob
+                h2, w2 = h // 2, w // 2
+                assert (masks[:, h2, w2] > 0).all() and (masks[:, 0, 0] == 0).all()
+
+
+@pytest.mark.parametrize("text", SPECS)
+def test_every_refiner_serves_as_it_trains(text):
+    """The served form gives the training refiner's masks: the graph for graph refiners,
+    the Python model's builder from the settings the exporter writes for the others."""
+    k, size, multi_label = 3, 32, True
+    cfg, refiner = _refiner(text, k, size, multi_label)
+    batch = _batch(2, k, size, size, "blob")
+    expected = _run(refiner, batch)
+    spec = RefinerSpec.of(cfg)
+    assert refiner.served == {"graph": "network", "python": "python"}[spec.served]
+    assert refiner.needs_features == spec.entry.needs_features
+    if spec.served == "graph":
+        images, scores, cams, features = (torch.from_numpy(a) for a in batch)
+        inputs = (
+            (images, scores, cams, features) if refiner.needs_features else (images, scores, cams)
+        )
+        with torch.no_grad():
+            np.testing.assert_array_equal(refiner.module(*inputs).numpy(), expected)
+        return
+    # What the exporter writes: the settings in config.pbtxt, the ONNX models beside them.
+    settings = json.loads(json.dumps(served_settings(cfg)))
+    files = _refiner_files(dataclasses.replace(Config(), refine=cfg), refiner)
+    runners = {
+        role: {"attention": OnnxAttention, "saliency": OnnxSaliency}[role](files[name])
+        for role, name in settings.pop("runners").items()
+    }
+    assert set(runners) == ({spec.entry.runner} if spec.entry.runner else set())
+    served = build_classical(settings, multi_label, **runners)
+    np.testing.assert_array_equal(_run(served, batch), expected)
