@@ -22,7 +22,8 @@ from training.levelset.model import LevelSetHead, ServedLevelSet
 from training.refine import FOLLOW_UPS, REFINERS, RefinerSpec, build_refiner, served_settings
 from wsss import config as wsss_config
 from wsss.config import Config, RefineConfig
-from wsss.served.classical import OnnxAttention, OnnxSaliency, build_classical
+from wsss.served.classical import OnnxAttention, OnnxSaliency
+from wsss.served.refiners import build_classical
 
 SPECS = [
     "fixed",

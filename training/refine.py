@@ -13,11 +13,12 @@ Like pytorch-grad-cam's ``BaseCAM``, the base class owns the shared steps and a 
 overrides one: the classical refiners (fixed or Otsu threshold, then optionally GrabCut or
 Chan-Vese) say which pixels are one class's foreground (``ClassicalRefiner.foreground``) and
 inherit how classes combine; the FNO level set is a network and overrides the whole call.
-The classical ones and ViT attention live in ``wsss.served.classical`` (numpy and OpenCV
-only), which the served refiner model runs too; this module adds the networks and the one
-registry. ``served`` says how the repository serves each: ``python`` (the Python refiner
-model) or ``network`` (an exported graph, ``module``): the fixed and Otsu thresholds, with
-nothing after them, are the ``ServedThreshold`` graph.
+The classical ones, ViT attention and saliency live in ``wsss.served.refiners`` (over the
+algorithms of ``wsss.served.classical``; numpy and OpenCV only), which the served refiner
+model runs too; this module adds the networks and the one registry. ``served`` says how the
+repository serves each: ``python`` (the Python refiner model) or ``network`` (an exported
+graph, ``module``): the fixed and Otsu thresholds, with nothing after them, are the
+``ServedThreshold`` graph.
 """
 
 from __future__ import annotations
@@ -33,21 +34,18 @@ import torch
 from torch import nn
 
 from wsss.config import RefineConfig
-from wsss.served.classical import (
-    SALIENCY_FILE,
-    VIT_FILE,
+from wsss.served.classical import SALIENCY_FILE, VIT_FILE, OnnxSaliency, present_classes
+from wsss.served.refiners import (
     AttentionRefiner,
     ChanVese,
     ClassicalRefiner,
     FixedThreshold,
     GrabCut,
-    OnnxSaliency,
     OtsuThreshold,
     Refiner,
     SaliencyRefiner,
     SeededRefiner,
     build_classical,
-    present_classes,
 )
 
 __all__ = [

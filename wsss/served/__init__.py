@@ -11,4 +11,4 @@ to those imports.
 """
 
 MODELS = ("preprocess", "postprocess", "refiner")  # copied as model.py
-HELPERS = ("classical.py", "images.py", "respond.py")  # copied beside it
+HELPERS = ("classical.py", "images.py", "refiners.py", "respond.py")  # copied beside it

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .classical import OnnxAttention, OnnxSaliency, build_classical
+from .classical import OnnxAttention, OnnxSaliency
+from .refiners import build_classical
 from .respond import respond
 
 RUNNERS = {"attention": OnnxAttention, "saliency": OnnxSaliency}  # ONNX models by role

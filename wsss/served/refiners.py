@@ -1,0 +1,332 @@
+"""The refiners: one batched interface, ``masks = refiner(images, scores, cams, features)``,
+over the algorithms of ``classical`` (thresholds, GrabCut, Chan-Vese, ViT attention,
+saliency), and the one builder of them from a RefineConfig's fields (``build_classical``).
+
+Training builds them through ``training.refine``'s registry (which adds the level set, a
+network, and says how each is served); the served refiner model builds them from the
+settings the exporter writes into its config.pbtxt. Both run this file, so a pseudo-mask is
+made one way; like every module of this package it needs numpy and OpenCV only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .classical import (
+    DOUBTS,
+    attention_pseudo_mask,
+    chan_vese,
+    combine,
+    grabcut,
+    grey,
+    otsu_foreground,
+    present_classes,
+    saliency_pseudo_mask,
+)
+
+
+class Refiner:
+    """(images, scores, cams, features) -> uint8 masks [B, H, W]; see ``training.refine``.
+
+    ``served`` says how the repository serves it: ``python`` (this module, copied into the
+    refiner's version folder) or ``network`` (an exported graph, its ``module``).
+    """
+
+    name = "base"
+    needs_features = False
+    served = "python"
+
+    def __init__(
+        self,
+        multi_label: bool,
+        binary: bool | None = None,
+        score_threshold: float = 0.5,
+        min_score: float = 0.0,
+    ):
+        self.multi_label = multi_label
+        self.binary = not multi_label if binary is None else binary
+        self.score_threshold, self.min_score = score_threshold, min_score
+
+    def present(self, scores: np.ndarray) -> list[int]:
+        return present_classes(scores, self.multi_label, self.score_threshold, self.min_score)
+
+    def __call__(self, images, scores, cams, features=None) -> np.ndarray:
+        raise NotImplementedError
+
+
+class ClassicalRefiner(Refiner):
+    """Per class and image: ``foreground`` of its CAM, then ``combine`` (the strongest CAM
+    wins a pixel claimed by several present classes)."""
+
+    def foreground(self, cam: np.ndarray, image: np.ndarray) -> np.ndarray:
+        """Boolean HxW foreground of one class from its [0, 1] CAM and the RGB image."""
+        raise NotImplementedError
+
+    def __call__(self, images, scores, cams, features=None):
+        return np.stack(
+            [self.refine_one(img, s, c) for img, s, c in zip(images, scores, cams, strict=True)]
+        )
+
+    def refine_one(self, image: np.ndarray, scores: np.ndarray, cams: np.ndarray) -> np.ndarray:
+        present = {c: self.foreground(cams[c], image) for c in self.present(scores)}
+        return combine(present, cams, self.binary)
+
+
+class FixedThreshold(ClassicalRefiner):
+    name = "fixed"
+
+    def __init__(self, multi_label: bool, threshold: float = 0.5, **presence):
+        super().__init__(multi_label, **presence)
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), not {threshold}")
+        self.threshold = threshold
+
+    def foreground(self, cam, image):
+        return cam >= self.threshold
+
+
+class OtsuThreshold(ClassicalRefiner):
+    """Otsu's threshold of the CAM histogram, per class and image."""
+
+    name = "otsu"
+
+    def foreground(self, cam, image):
+        return otsu_foreground(cam)
+
+
+class SeededRefiner(ClassicalRefiner):
+    """A refinement that starts from a threshold refiner's mask (its ``seed``)."""
+
+    def __init__(self, seed: ClassicalRefiner):
+        super().__init__(seed.multi_label, seed.binary, seed.score_threshold, seed.min_score)
+        self.seed = seed
+
+
+class GrabCut(SeededRefiner):
+    """``grabcut`` seeded from a threshold refiner's mask and the CAM's confident bands."""
+
+    def __init__(
+        self,
+        seed: ClassicalRefiner,
+        iterations: int = 5,
+        sure_fg: float = 0.8,
+        sure_bg: float = 0.05,
+    ):
+        super().__init__(seed)
+        if iterations < 1:
+            raise ValueError("grabcut_iterations must be >= 1")
+        if not 0.0 <= sure_bg < sure_fg <= 1.0:
+            raise ValueError("need 0 <= sure_background < sure_foreground <= 1")
+        self.iterations, self.sure_fg, self.sure_bg = iterations, sure_fg, sure_bg
+        self.name = f"{seed.name}+grabcut"
+
+    def foreground(self, cam, image):
+        init = self.seed.foreground(cam, image)
+        return grabcut(image, cam, init, self.iterations, self.sure_fg, self.sure_bg)
+
+
+class ChanVese(SeededRefiner):
+    """Classical iterative Chan-Vese on the grey image, from the seed's mask.
+
+    The baseline of paper 003's efficiency table: exactly ``iterations`` steps, so its cost
+    can be compared step for step with the FNO evolution.
+    """
+
+    def __init__(self, seed: ClassicalRefiner, iterations: int = 15, mu: float = 0.25):
+        super().__init__(seed)
+        if iterations < 1:
+            raise ValueError("chanvese_iterations must be >= 1")
+        self.iterations, self.mu = iterations, mu
+        self.name = f"{seed.name}+chanvese{iterations}"
+
+    def foreground(self, cam, image):
+        init = self.seed.foreground(cam, image)
+        if init.all() or not init.any():  # no contour to evolve
+            return init
+        return chan_vese(grey(image), init, self.iterations, self.mu)
+
+
+class AttentionRefiner(Refiner):
+    """Paper 000's open question: the foreground of a pretrained ViT's attention, with no CAM.
+
+    ``attention(images) -> [B, 224, 224]`` fused maps (``OnnxAttention``, or a timm ViT in
+    ``training.attention``). Binary tasks mark the foreground 1; multi-class ones give each
+    of its pixels to the present class whose CAM is strongest there.
+    """
+
+    name = "vit attention"
+
+    def __init__(self, multi_label: bool, attention, sigma=8.0, kernel=15, **presence):
+        super().__init__(multi_label, **presence)
+        if sigma < 0 or kernel < 0:
+            raise ValueError("refine.vit_sigma and refine.vit_kernel: >= 0")
+        self.attention, self.sigma, self.kernel = attention, sigma, kernel
+
+    def __call__(self, images, scores, cams, features=None):
+        return np.stack(
+            [
+                attention_pseudo_mask(
+                    fused, s, c, self.present(s), self.binary, self.sigma, self.kernel
+                )
+                for fused, s, c in zip(self.attention(images), scores, cams, strict=True)
+            ]
+        )
+
+
+class SaliencyRefiner(Refiner):
+    """Saliency-guided pseudo-masks (the EPS family of WSSS methods): the extent from a
+    class-agnostic saliency model, the class and the doubts from the CAMs
+    (``saliency_pseudo_mask``), optionally refined by GrabCut or Chan-Vese from there.
+
+    ``saliency(images) -> [B, 224, 224]`` (``OnnxSaliency``). Uses more than image labels:
+    an off-the-shelf saliency model, labelled as such in every table.
+    """
+
+    name = "saliency"
+
+    def __init__(
+        self,
+        multi_label: bool,
+        saliency,
+        doubt: str = "keep",
+        cam_threshold: float = 0.5,
+        sure_fg: float = 0.8,
+        follow=None,
+        **presence,
+    ):
+        super().__init__(multi_label, **presence)
+        if doubt not in DOUBTS:
+            raise ValueError(f"refine.saliency_doubt {doubt!r}: one of {', '.join(DOUBTS)}")
+        self.saliency, self.doubt, self.follow = saliency, doubt, follow
+        self.cam_threshold, self.sure_fg = cam_threshold, sure_fg
+        if follow is not None:
+            self.name = f"saliency+{follow.name}"
+
+    def __call__(self, images, scores, cams, features=None):
+        return np.stack(
+            [
+                saliency_pseudo_mask(
+                    img,
+                    sal,
+                    c,
+                    self.present(s),
+                    self.binary,
+                    self.doubt,
+                    self.cam_threshold,
+                    self.sure_fg,
+                    self.follow,
+                )  # fmt: skip
+                for img, sal, s, c in zip(images, self.saliency(images), scores, cams, strict=True)
+            ]
+        )
+
+
+class FollowGrabCut:
+    """GrabCut from the saliency's mask, its confident bands read off the saliency map."""
+
+    name = "grabcut"
+
+    def __init__(self, iterations: int = 5, sure_fg: float = 0.8, sure_bg: float = 0.05):
+        self.iterations, self.sure_fg, self.sure_bg = iterations, sure_fg, sure_bg
+
+    def __call__(self, image, saliency, init):
+        return grabcut(image, saliency, init, self.iterations, self.sure_fg, self.sure_bg)
+
+
+class FollowChanVese:
+    """Classical Chan-Vese on the grey image from the saliency's mask."""
+
+    def __init__(self, iterations: int = 15):
+        self.iterations, self.name = iterations, f"chanvese{iterations}"
+
+    def __call__(self, image, saliency, init):
+        if init.all():
+            return init
+        return chan_vese(grey(image), init, self.iterations)
+
+
+def _follow_up(settings: dict, seeded: bool):
+    """The GrabCut or Chan-Vese step that ``settings`` put after the seed, if any: a
+    refiner wrapping a threshold (``seeded``), or the step a saliency mask goes through."""
+    if settings["grabcut"] and settings["chanvese"]:
+        raise ValueError("refine.grabcut and refine.chanvese exclude each other: pick one")
+    if settings["grabcut"]:
+        bands = settings["sure_foreground"], settings["sure_background"]
+        if seeded:
+            return lambda seed: GrabCut(seed, settings["grabcut_iterations"], *bands)
+        return FollowGrabCut(settings["grabcut_iterations"], *bands)
+    if settings["chanvese"]:
+        if seeded:
+            return lambda seed: ChanVese(seed, settings["chanvese_iterations"])
+        return FollowChanVese(settings["chanvese_iterations"])
+    return None
+
+
+def _followed(refiner: ClassicalRefiner, settings: dict) -> ClassicalRefiner:
+    follow = _follow_up(settings, seeded=True)
+    return follow(refiner) if follow else refiner
+
+
+def _fixed(settings, multi_label, presence, runners):
+    return _followed(FixedThreshold(multi_label, settings["threshold"], **presence), settings)
+
+
+def _otsu(settings, multi_label, presence, runners):
+    return _followed(OtsuThreshold(multi_label, **presence), settings)
+
+
+def _saliency(settings, multi_label, presence, runners):
+    if "saliency" not in runners:
+        raise ValueError("refine.method saliency needs the saliency model")
+    return SaliencyRefiner(
+        multi_label,
+        runners["saliency"],
+        settings["saliency_doubt"],
+        settings["threshold"],
+        settings["sure_foreground"],
+        _follow_up(settings, seeded=False),
+        **presence,
+    )
+
+
+def _attention(settings, multi_label, presence, runners):
+    if _follow_up(settings, seeded=False) is not None:
+        raise ValueError("refine.grabcut and refine.chanvese follow a threshold, not vit")
+    if "attention" not in runners:
+        raise ValueError("refine.method vit needs the ViT attention")
+    return AttentionRefiner(
+        multi_label,
+        runners["attention"],
+        settings["vit_sigma"],
+        settings["vit_kernel"],
+        **presence,
+    )
+
+
+# refine.method -> its builder, for the refiners this module runs (training.refine's
+# registry adds the level set, a network, and says which of these is served how).
+CLASSICAL = {"fixed": _fixed, "otsu": _otsu, "saliency": _saliency, "vit": _attention}
+
+
+def build_classical(
+    settings: dict,
+    multi_label: bool,
+    binary: bool | None = None,
+    attention=None,
+    saliency=None,
+) -> Refiner:
+    """The threshold, GrabCut, Chan-Vese, attention or saliency refiner that ``settings``
+    (the fields of ``wsss.config.RefineConfig``, as a dict) describe: the one builder of them,
+    for training (through ``training.refine``'s registry) and for the served refiner model.
+    ``attention`` and ``saliency`` are the ONNX (or timm) runners the ViT and saliency
+    refiners read."""
+    method = settings["method"]
+    if method not in CLASSICAL:
+        raise ValueError(f"refine.method {method!r} is not a classical refiner")
+    presence = {
+        "binary": binary,
+        "score_threshold": settings["score_threshold"],
+        "min_score": settings["min_score"],
+    }
+    runners = {k: v for k, v in (("attention", attention), ("saliency", saliency)) if v}
+    return CLASSICAL[method](settings, multi_label, presence, runners)
