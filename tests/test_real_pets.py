@@ -41,10 +41,9 @@ class _Whole:
         return np.ones(images.shape[:3], np.uint8)
 
 
-@pytest.fixture(scope="module")
-def few_photos(real_pets, tmp_path_factory):
-    """A pretrained MobileNetV2 trained 2 epochs on 48 trainval photos at 128 px, and 40
-    test photos (every few of the list, all three breeds)."""
+def _few(real_pets, runs, batch_size: int, *more: str):
+    """The config of a pretrained MobileNetV2 trained 2 epochs at 128 px, 48 trainval photos
+    (every sixth) and 38 test photos (every fourth; all three breeds in both)."""
     cfg = load_config(
         None,
         [
@@ -53,17 +52,27 @@ def few_photos(real_pets, tmp_path_factory):
             "classifier.arch=mobilenet_v2",
             "classifier.pretrained=true",
             "train.epochs=2",
-            "train.batch_size=16",
+            f"train.batch_size={batch_size}",
             "train.lr=0.001",
-            f"runs={tmp_path_factory.mktemp('real') / 'runs'}",
+            f"runs={runs}",
+            *more,
         ],
     )
     train = list_samples(real_pets, "pets", "train")[::6]
     test = list_samples(real_pets, "pets", "test")[::4]
-    data = WSSSDataset(real_pets, "pets", "train", 128, samples=train)
-    net = stages.train_classifier(cfg, data)
-    classifier = ServedClassifier(net, multi_label=False).eval()
-    return cfg, classifier, WSSSDataset(real_pets, "pets", "test", 128, samples=test)
+    return (
+        cfg,
+        WSSSDataset(real_pets, "pets", "train", 128, samples=train),
+        WSSSDataset(real_pets, "pets", "test", 128, samples=test),
+    )
+
+
+@pytest.fixture(scope="module")
+def few_photos(real_pets, tmp_path_factory):
+    """That classifier trained, and the test photos."""
+    cfg, train, test = _few(real_pets, tmp_path_factory.mktemp("real") / "runs", 16)
+    net = stages.train_classifier(cfg, train)
+    return cfg, ServedClassifier(net, multi_label=False).eval(), test
 
 
 @pytest.mark.slow
@@ -92,34 +101,18 @@ def test_trained_level_set_beats_its_cam_seed(real_pets, tmp_path):
     classifier's CAM + Otsu masks (the paper's energy, frozen backbone), its pseudo-masks
     beat those seeds on 38 test photos. Measured with these settings over training seeds 0,
     1, 2: +6.4, +5.0, +2.9 IoU points (reports/levelset_real/README.md)."""
-    cfg = load_config(
-        None,
-        [
-            f"data.root={real_pets}",
-            "data.image_size=128",
-            "classifier.arch=mobilenet_v2",
-            "classifier.pretrained=true",
-            "train.epochs=2",
-            "train.batch_size=8",
-            "train.lr=0.001",
-            "levelset.epochs=24",
-            "levelset.lr=0.003",
-            f"runs={tmp_path / 'runs'}",
-        ],
-    )
-    train = list_samples(real_pets, "pets", "train")[::6]
-    data = WSSSDataset(real_pets, "pets", "train", 128, samples=train)
+    more = ("levelset.epochs=24", "levelset.lr=0.003")
+    cfg, data, test = _few(real_pets, tmp_path / "runs", 8, *more)
     stages.train_classifier(cfg, data)
     net, cmeta = load_model(tmp_path / "runs" / "classifier" / "best.pt")
     levelset = dataclasses.replace(cfg, refine=cfg.refine.only("levelset"))
     stages.train_levelset(levelset, data, net, cmeta)
-    test = list_samples(real_pets, "pets", "test")[::4]
     pipes = {}
     for name, c in (("seed", dataclasses.replace(cfg, refine=cfg.refine.only("otsu"))),
                     ("levelset", levelset)):  # fmt: skip
         classifier, refiner, _ = refine_step(c)
         pipes[name] = Pipeline(classifier, None, refiner)
-    scored = evaluate(pipes, WSSSDataset(real_pets, "pets", "test", 128, samples=test), 16)
+    scored = evaluate(pipes, test, 16)
     rows = {name: r.row() for name, r in scored.items()}
     assert rows["levelset"]["pseudo_iou"] > rows["seed"]["pseudo_iou"] + 0.015, rows
     assert rows["levelset"]["pseudo_image_iou"] > rows["seed"]["pseudo_image_iou"], rows
