@@ -35,17 +35,17 @@ test: setup
 
 # The served ensembles against the same models in process (eager PyTorch, ONNX Runtime),
 # side by side in one run, with the refiners' per-image times: ratios, tables, a plot in
-# reports/bench/ (benchmarks/serving.py). SWEEP=1 measures serving settings instead
+# reports/bench/ (`wsss bench --report`, benchmarks/serving.py). SWEEP=1 measures serving settings instead
 # (reports/bench/tuning.md). BENCH_ARGS passes more flags (--concurrency 1:8, ...).
 BENCH_ARGS ?=
 bench: setup
-	$(BIN)/python -m benchmarks.serving --config $(BENCH_CONFIG) \
+	$(BIN)/wsss bench --report --config $(BENCH_CONFIG) \
 		--set export.repository=runs/quick/model_repository $(if $(SWEEP),--sweep) $(BENCH_ARGS)
 
 # 20,000 requests on wsss_pipeline_bytes at concurrency 8 with the shared Pet photos: every
 # tritonserver and stub process's resident memory after the warm-up (reports/soak/).
 soak: setup
-	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
+	$(BIN)/wsss soak $(SOAK_ARGS)
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow and not triton and not docker" $(PYTEST_ARGS)

@@ -25,7 +25,6 @@ it runs on; the report names it (CPU or GPU, never mixed).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -676,22 +675,11 @@ def free_ports(serve: ServeConfig) -> ServeConfig:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/quick.yaml")
-    parser.add_argument("--set", action="append", default=[])
-    parser.add_argument(
-        "--out", help="default: reports/bench, or reports/bench/gpu where a GPU is used"
-    )
-    parser.add_argument("--concurrency", default="1:4:1")
-    parser.add_argument("--batches", default="4,8", help="served batch sizes (concurrency 1)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="per in-process row")
-    parser.add_argument("--sweep", action="store_true", help="the serving-settings sweep only")
-    parser.add_argument("--no-refiners", action="store_true", help="skip the refiner table")
-    args = parser.parse_args(argv)
+def bench_report(args) -> None:
+    """``wsss bench --report`` (``make bench``): its flags are the CLI table's ``BENCH``."""
     from export.repository import build_if_missing
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config or "configs/quick.yaml", args.set)
     build_if_missing(cfg)
     served = served_config(cfg)
     data = load_test_set(cfg)
@@ -725,7 +713,3 @@ def main(argv: list[str] | None = None) -> None:
     text = report(rows, r, cfg, "make bench", refiners, cpu)
     write(rows, r, out, text, refiners, cpu)
     print(text)
-
-
-if __name__ == "__main__":
-    main()

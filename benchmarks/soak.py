@@ -17,7 +17,6 @@ with untrained weights (a network's memory is not its weights' values).
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import statistics
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.infer_folder import profile_arguments, profile_server
+from benchmarks.infer_folder import PHOTOS, profile_server
 from benchmarks.serving import machine
 from serving.infer import find_images
 from serving.server import TritonServer
@@ -280,17 +279,12 @@ def report(run: Soak, args, served: str, max_growth: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    profile_arguments(parser)
-    parser.add_argument("--requests", type=int, default=20_000)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2_000)
-    parser.add_argument("--max-growth", type=float, default=0.05)
-    parser.add_argument("--out", default="reports/soak")
-    args = parser.parse_args(argv)
-    given = sys.argv[1:] if argv is None else argv
-    args.command = shlex.join([".venv/bin/python", "-m", "benchmarks.soak", *given])
+def soak_report(args) -> int:
+    """``wsss soak`` (``make soak``): its flags are the CLI table's ``SOAK``; 0 when no
+    process grew past --max-growth and every request was answered, else 1."""
+    args.config = args.config or "configs/quick.yaml"
+    args.images = args.images or PHOTOS
+    args.command = shlex.join(["wsss", *sys.argv[1:]])
     items, _ = find_images([args.images])
     photos = [item.path.read_bytes() for item in items]
     with tempfile.TemporaryDirectory(prefix="wsss-soak-") as tmp:
@@ -307,8 +301,4 @@ def main(argv: list[str] | None = None) -> None:
     (out / "results.json").write_text(json.dumps(payload, separators=(",", ":")))
     print(text)
     worst = max(g["growth"] for g in run.growth().values())
-    sys.exit(0 if not run.failures and not run.gone and worst <= args.max_growth else 1)
-
-
-if __name__ == "__main__":
-    main()
+    return 0 if not run.failures and not run.gone and worst <= args.max_growth else 1

