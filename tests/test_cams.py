@@ -37,10 +37,27 @@ def _classifier(arch: str, num_classes: int = 4) -> torch.nn.Module:
     return net
 
 
-@pytest.mark.parametrize("method", sorted(CAM_METHODS))
-@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "efficientnet_lite0"])
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("size", [(64, 64), (80, 48)])
+METHODS = sorted(CAM_METHODS)
+ARCHS = ["resnet18", "mobilenet_v2", "efficientnet_lite0"]
+BATCHES = [1, 3]
+SIZES = [(64, 64), (80, 48)]
+# Every pair of values of any two of (method, arch, batch, size) in at least one case: the
+# orthogonal array L9 (its 3-level columns folded onto the 2-level factors), 9 cases where
+# the full product is 36. A mismatch that shows only for two factors together is caught.
+L9 = [(0, 0, 0, 0), (0, 1, 1, 1), (0, 2, 2, 2), (1, 0, 1, 2), (1, 1, 2, 0), (1, 2, 0, 1),
+      (2, 0, 2, 1), (2, 1, 0, 2), (2, 2, 1, 0)]  # fmt: skip
+PAIRWISE = [(METHODS[a], ARCHS[b], BATCHES[c % 2], SIZES[d % 2]) for a, b, c, d in L9]
+
+
+def test_the_cases_cover_every_pair():
+    values = (METHODS, ARCHS, BATCHES, SIZES)
+    for i in range(4):
+        for j in range(i + 1, 4):
+            pairs = {(case[i], case[j]) for case in PAIRWISE}
+            assert len(pairs) == len(values[i]) * len(values[j]), (i, j)
+
+
+@pytest.mark.parametrize(("method", "arch", "batch", "size"), PAIRWISE)
 def test_matches_pytorch_grad_cam(method, arch, batch, size):
     net = _classifier(arch)
     net.cam_method = method
