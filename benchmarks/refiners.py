@@ -127,3 +127,10 @@ def speed_table(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['refiner']} | {r['ms_per_image']:.2f} | {r['ratio_to_fno']:.1f}x |")
     return "\n".join(lines) + "\n"
+
+
+def table3(cfg: Config) -> tuple[dict, str]:
+    """Paper 003's Table 3 for ``wsss reproduce``: the refiners timed side by side, and
+    their markdown table."""
+    timings = refiner_speed(cfg)
+    return timings, speed_table(timings)

@@ -108,13 +108,14 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_reproduce(args) -> None:
-    from benchmarks.reproduce import reproduce
+    from benchmarks.refiners import table3
+    from training.reproduce import reproduce
     from wsss.config import load_profile
 
     path = Path(args.profile)
     if not path.exists() and not path.suffix:  # a profile's name: configs/reproduce/<name>
         path = Path("configs/reproduce") / f"{args.profile}.yaml"
-    print(reproduce(load_profile(path, args.set), path.stem))
+    print(reproduce(load_profile(path, args.set), path.stem, speed=table3))
 
 
 def cmd_export(args) -> None:

@@ -4,8 +4,9 @@ For each benchmark of the profile (``configs/reproduce/*.yaml``):
 
 1. trains each classifier it names (paper 000's CAM backbones);
 2. with ``ablation``, runs paper 003's Table 2 ablation (``training.levelset.study``) and
-   Table 3 speed (``benchmarks.refiners``) on that classifier; its MSE + energy level set is
-   the ``levelset`` source;
+   Table 3 speed (the ``speed`` it is given: the CLI passes ``benchmarks.refiners``, which
+   times the exported graphs, so nothing here imports a layer above training) on that
+   classifier; its MSE + energy level set is the ``levelset`` source;
 3. makes each pseudo-mask source's masks of the training images, as ``wsss train`` does, and
    trains every segmenter of the profile on them; ``truth`` trains them on the ground truth
    (the supervised bound, boundary pixels ignored);
@@ -25,6 +26,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -90,12 +92,20 @@ class Source:
         return self.spec.replace("/", "_").replace("+", "p")
 
 
-def reproduce(profile: ReproduceProfile, name: str) -> str:
+# Table 3: a level-set run's config -> (the timings, their markdown table).
+Speed = Callable[[Config], tuple[dict, str]]
+
+
+def reproduce(profile: ReproduceProfile, name: str, speed: Speed | None = None) -> str:
     """Run every benchmark of ``profile``; write the report; return its markdown. The
     report is written once the tables are measured, and again after each benchmark's
-    further training seeds (hours on a CPU): a run stopped there keeps its tables."""
+    further training seeds (hours on a CPU): a run stopped there keeps its tables. Without
+    ``speed`` the report has no Table 3."""
     started = time.perf_counter()
-    results = {bench: _run_once(profile, bench, spec) for bench, spec in profile.benchmarks.items()}
+    results = {
+        bench: _run_once(profile, bench, spec, speed=speed)
+        for bench, spec in profile.benchmarks.items()
+    }
     text = _write_report(profile, name, results, started)
     for bench, spec in profile.benchmarks.items():
         if spec.seeds:
@@ -207,6 +217,7 @@ def _run_once(
     spec: BenchmarkProfile,
     sub: Path = Path(),
     figures: bool = True,
+    speed: Speed | None = None,
 ) -> dict:
     cfg = bench_config(profile, bench, spec)
     ensure_synth(cfg.data.root, SynthOptions.of(cfg.data))
@@ -227,10 +238,9 @@ def _run_once(
             stages.run(c, ("classifier",))
 
     # 2. paper 003: the ablation and the speed table
-    ablation = speed = None
+    ablation = timings = timings_table = None
     levelset_runs = {}
     if spec.ablation:
-        from benchmarks.refiners import refiner_speed
         from training.levelset.study import run_levelset_study
 
         c = classifier_cfgs[spec.ablation]
@@ -241,7 +251,8 @@ def _run_once(
         ablation = json.loads((study_out / "levelset" / "levelset.json").read_text())
         trained = study_out / "levelset" / ABLATION_LEVELSET
         levelset_runs[spec.ablation] = trained
-        speed = refiner_speed(dataclasses.replace(c, runs=str(trained)))
+        if speed is not None:
+            timings, timings_table = speed(dataclasses.replace(c, runs=str(trained)))
 
     # 3. pseudo-masks and segmenters
     pipes: dict[str, Pipeline] = {}
@@ -317,7 +328,8 @@ def _run_once(
         else None,
         "orderings": orderings(rows, key, ablation),
         "ablation": ablation,
-        "speed": speed,
+        "speed": timings,
+        "speed_table": timings_table,
     }
 
 
@@ -568,8 +580,6 @@ def render(report: dict) -> str:
                 "",
                 markdown_table(rows, ["group", "refiner"]),
             ]
-        if b["speed"]:
-            from benchmarks.refiners import speed_table
-
-            lines += [f"### Paper 003's speed (Table 3) on {bench}", "", speed_table(b["speed"])]
+        if b["speed_table"]:
+            lines += [f"### Paper 003's speed (Table 3) on {bench}", "", b["speed_table"]]
     return "\n".join(lines) + "\n"
