@@ -111,33 +111,38 @@ levelset-study: setup
 
 # The level set on the real Pet photos (issue #22, reports/levelset_real/): Table 2 from the
 # profile's classifier, the energy chosen by 2-fold cross-validation on the training photos,
-# then the chosen energy (LEVELSET_REAL_SETS) and the backbone update from the classifiers of
-# `make reproduce PROFILE=pets_real` (seed 0, then SEEDS), merged, and the speed table.
+# then the profile's level set (the CV's choice; LEVELSET_REAL_SETS adds overrides), frozen
+# and with the backbone update, from the classifiers of `make reproduce PROFILE=pets_real`
+# (SEEDS), merged, and the speed table.
 LEVELSET_REAL = runs/levelset_real
+# The profile's level set is the chosen one: Table 2 and the CV start from the paper's.
+PAPER_LEVELSET = --set levelset.seed=otsu --set levelset.colour=rgb --set levelset.edge=0 \
+	--set levelset.seed_energy=0 --set levelset.finetune=false
 LEVELSET_REAL_SETS ?=
-SEEDS ?= 0
+SEEDS ?= 0 1 2
 PETS_REAL_CLASSIFIERS = runs/reproduce_pets_real/pets_real
 
 levelset-real: setup
 	test -f runs/pets_real/classifier/best.pt || \
 		$(BIN)/wsss train --config configs/pets_real.yaml --stages classifier
-	$(BIN)/wsss evaluate --levelset --config configs/pets_real.yaml \
+	$(BIN)/wsss evaluate --levelset --config configs/pets_real.yaml $(PAPER_LEVELSET) \
 		--set evaluate.out=$(LEVELSET_REAL)/study
-	$(BIN)/wsss evaluate --levelset --config configs/pets_real.yaml --folds 2 --reuse \
-		--variants configs/levelset/photo_variants.yaml --set evaluate.out=$(LEVELSET_REAL)/cv
+	$(BIN)/wsss evaluate --levelset --config configs/pets_real.yaml $(PAPER_LEVELSET) --folds 2 \
+		--reuse --variants configs/levelset/photo_variants.yaml --set evaluate.out=$(LEVELSET_REAL)/cv
 	for s in $(SEEDS); do \
 		run=$(PETS_REAL_CLASSIFIERS)/classifiers/mobilenet_v2; \
 		test $$s = 0 || run=$(PETS_REAL_CLASSIFIERS)/seed$$s/classifiers/mobilenet_v2; \
 		$(BIN)/wsss evaluate --levelset --config configs/pets_real.yaml $(LEVELSET_REAL_SETS) \
-			--set runs=$$run --set train.seed=$$s --set evaluate.levelset_ablation=false \
-			--set evaluate.out=$(LEVELSET_REAL)/seed$$s || exit 1; \
+			--set levelset.finetune=false --set runs=$$run --set train.seed=$$s \
+			--set evaluate.levelset_ablation=false --set evaluate.out=$(LEVELSET_REAL)/seed$$s \
+			|| exit 1; \
 	done
 	$(BIN)/wsss evaluate --levelset --config configs/pets_real.yaml \
 		--merge $(foreach s,$(SEEDS),$(LEVELSET_REAL)/seed$(s)) --set evaluate.out=reports/levelset_real
 	$(BIN)/wsss bench --refiners --config configs/pets_real.yaml \
 		--set runs=$(LEVELSET_REAL)/seed0/levelset/MSE_and_energy
 
-# Both papers' tables from one command (benchmarks/reproduce.py): every pseudo-mask source x
+# Both papers' tables from one command (training/reproduce.py): every pseudo-mask source x
 # segmenter with the supervised bound, on the pets and voc benchmarks, and paper 003's
 # ablation and speed; writes reports/$(PROFILE)/results.{md,json} and figures. quick: under
 # 40 minutes on a 2-core CPU; full: 224 px, for a GPU.
