@@ -139,8 +139,8 @@ levelset-real: setup
 	done
 	$(BIN)/wsss evaluate --levelset --config configs/pets_real.yaml \
 		--merge $(foreach s,$(SEEDS),$(LEVELSET_REAL)/seed$(s)) --set evaluate.out=reports/levelset_real
-	$(BIN)/wsss bench --refiners --config configs/pets_real.yaml \
-		--set runs=$(LEVELSET_REAL)/seed0/levelset/MSE_and_energy
+	$(BIN)/wsss bench --refiners --config configs/pets_real.yaml $(PAPER_LEVELSET) \
+		--set runs=$(LEVELSET_REAL)/study/levelset/MSE_and_energy
 
 # Both papers' tables from one command (training/reproduce.py): every pseudo-mask source x
 # segmenter with the supervised bound, on the pets and voc benchmarks, and paper 003's

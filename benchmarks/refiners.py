@@ -24,7 +24,7 @@ from training.levelset.study import CHANVESE_ITERATIONS
 from training.levelset.train import load_levelset
 from training.models.common import to_pixels
 from training.pipeline import ServedClassifier, one_hot
-from training.refine import build_refiner
+from training.refine import LEVELSET, build_refiner
 from training.studies import load_test_set
 from wsss.config import Config
 from wsss.served.images import resize_image
@@ -54,7 +54,7 @@ def refiner_speed(cfg: Config, size: int | None = None, images: int = 8, repeat:
     """
     data = load_test_set(cfg)
     size = size or cfg.data.image_size
-    net, head, meta = load_levelset(Path(cfg.runs) / "levelset" / "best.pt")
+    net, head, meta = load_levelset(Path(cfg.runs) / LEVELSET.checkpoint)
     multi = get_task(meta["classifier"]["task"]).multi_label
     classifier = ServedClassifier(net, multi, True, cfg.classifier.cam_method).eval()
     refine = cfg.refine

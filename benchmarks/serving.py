@@ -52,7 +52,7 @@ from serving.bench import (
 from serving.client import PipelineClient
 from serving.server import TritonServer, has_gpu, processes
 from training.pipeline import pipeline_from_config, refine_step
-from training.refine import RefinerSpec
+from training.refine import LEVELSET, RefinerSpec
 from training.studies import load_test_set
 from wsss.config import Config, ServeConfig, load_config, served_config, with_overrides
 from wsss.served.images import resize_image
@@ -569,7 +569,7 @@ def ensure_levelset(cfg: Config) -> Config:
 
     refine = cfg.refine.only("levelset")
     cfg = dataclasses.replace(cfg, refine=refine)
-    if not (Path(cfg.runs) / "levelset" / "best.pt").exists():
+    if not (Path(cfg.runs) / LEVELSET.checkpoint).exists():
         stages.run(cfg, ("levelset",))
     return cfg
 

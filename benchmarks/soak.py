@@ -247,7 +247,7 @@ def report(run: Soak, args, served: str, max_growth: float) -> str:
     lines = [
         f"# Soak: {run.requests:,} requests on `{PIPELINE_BYTES}`, concurrency {run.concurrency}",
         "",
-        f"Made by `{args.command}` on {machine()}; {served}, the `{Path(args.config).stem}` "
+        f"Made by `{args.invocation}` on {machine()}; {served}, the `{Path(args.config).stem}` "
         f"profile; the {run.photos} photos of `{args.images}` in turn, each request one file's "
         f"own bytes, over gRPC. {run.seconds / 60:.1f} minutes ({rate:.1f} requests/s, other "
         "work sharing the cores). The resident set (VmRSS) of tritonserver and of every stub "
@@ -284,7 +284,7 @@ def soak_report(args) -> int:
     process grew past --max-growth and every request was answered, else 1."""
     args.config = args.config or "configs/quick.yaml"
     args.images = args.images or PHOTOS
-    args.command = shlex.join(["wsss", *sys.argv[1:]])
+    args.invocation = shlex.join(["wsss", *sys.argv[1:]])
     items, _ = find_images([args.images])
     photos = [item.path.read_bytes() for item in items]
     with tempfile.TemporaryDirectory(prefix="wsss-soak-") as tmp:
@@ -297,7 +297,7 @@ def soak_report(args) -> int:
     plot(run, out / "rss.png")
     text = report(run, args, served, args.max_growth)
     (out / "results.md").write_text(text)
-    payload = asdict(run) | {"growth": run.growth(), "command": args.command}
+    payload = asdict(run) | {"growth": run.growth(), "command": args.invocation}
     (out / "results.json").write_text(json.dumps(payload, separators=(",", ":")))
     print(text)
     worst = max(g["growth"] for g in run.growth().values())

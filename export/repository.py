@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,8 +266,35 @@ def servable_versions(repo: Path, name: str, fmt: str, new: int, keep: int) -> l
     filename = FORMATS[fmt][1]
     usable = [v for v in found if (folder / str(v) / filename).exists()]
     if fmt == "python":
-        usable = [v for v in usable if all((folder / str(v) / h).is_file() for h in HELPERS)]
+        usable = [v for v in usable if self_contained(folder / str(v))]
     return (usable + [new])[-keep:]
+
+
+_PROJECT_IMPORT = re.compile(
+    r"^\s*(from|import)\s+(wsss|training|export|serving|benchmarks)\b", re.M
+)
+_LOCAL_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.M)
+
+
+def self_contained(version_dir: Path) -> bool:
+    """A Python model's version folder holds every module its model.py imports from beside
+    it (``from .x import``, followed through those modules), and none imports the project:
+    it serves whatever the installed project has become. Each version is checked against
+    its own code, so a version exported before a helper was added stays servable."""
+    seen, todo = set(), ["model"]
+    while todo:
+        module = todo.pop()
+        path = version_dir / f"{module}.py"
+        if module in seen:
+            continue
+        if not path.is_file():
+            return False
+        seen.add(module)
+        source = path.read_text(errors="replace")
+        if _PROJECT_IMPORT.search(source):
+            return False
+        todo += _LOCAL_IMPORT.findall(source)
+    return True
 
 
 def next_version(repo: Path) -> int:

@@ -144,16 +144,33 @@ def test_bundled_data_is_rewritten_only_when_its_options_change(tmp_path):
 
 def test_python_versions_without_their_own_helpers_are_not_served(tmp_path):
     """Versions exported before the served code was copied beside model.py import the
-    project, which may have changed: only self-contained versions stay servable."""
+    project, which may have changed: only self-contained versions stay servable, each
+    judged by its own code (one exported before a helper existed still serves)."""
     from export.repository import servable_versions
-    from wsss.served import HELPERS
 
-    for version in (1, 2):
-        (tmp_path / "refiner" / str(version)).mkdir(parents=True)
-        (tmp_path / "refiner" / str(version) / "model.py").write_text("code")
-    for helper in HELPERS:
-        (tmp_path / "refiner" / "2" / helper).write_text("helper")
-    assert servable_versions(tmp_path, "refiner", "python", 3, keep=3) == [2, 3]
+    files = {
+        1: {"model.py": "from wsss.served.classical import build_classical\n"},
+        # before wsss/served/refiners.py existed: its own three helpers
+        2: {
+            "model.py": "from .classical import build_classical\nfrom .respond import respond\n",
+            "classical.py": "import numpy as np\n",
+            "respond.py": "",
+        },
+        3: {  # the refiners module it imports is missing
+            "model.py": "from .refiners import build_classical\n",
+            "classical.py": "",
+        },
+        4: {  # refiners.py imports classical.py, which is missing
+            "model.py": "from .refiners import build_classical\n",
+            "refiners.py": "from .classical import grabcut\n",
+        },
+    }
+    for version, contents in files.items():
+        folder = tmp_path / "refiner" / str(version)
+        folder.mkdir(parents=True)
+        for name, text in contents.items():
+            (folder / name).write_text(text)
+    assert servable_versions(tmp_path, "refiner", "python", 5, keep=5) == [2, 5]
 
 
 def test_efficientnet_weights_with_another_head(tmp_path):

@@ -59,12 +59,21 @@ def test_one_spelling_round_trips_through_config_and_cli_overrides():
         assert str(RefinerSpec.of(spec.apply(RefineConfig()))) == text
         cfg = wsss_config.load_config(None, [f"refine.method={text}"])
         assert str(RefinerSpec.of(cfg.refine)) == text
-    with pytest.raises(ValueError, match="optionally \\+grabcut or \\+chanvese"):
-        RefinerSpec.parse("vit+grabcut")
+    for bad in ("vit+grabcut", "magic+grabcut", "otsu+otsu", "grabcut"):
+        with pytest.raises(ValueError, match="optionally \\+grabcut or \\+chanvese"):
+            RefinerSpec.parse(bad)
     with pytest.raises(ValueError, match="exclude each other"):
         RefinerSpec.of(RefineConfig("otsu", grabcut=True, chanvese=True))
     with pytest.raises(wsss_config.ConfigError, match="refine.method 'otsu\\+magic'"):
         wsss_config.load_config(None, ["refine.method=otsu+magic"])
+    with pytest.raises(wsss_config.ConfigError, match="contradicts refine.grabcut=false"):
+        wsss_config.load_config(None, ["refine.method=otsu+grabcut", "refine.grabcut=false"])
+    served = wsss_config.load_config(None, ["export.refine.method=saliency+grabcut"]).export
+    assert str(RefinerSpec.of(served.refine)) == "saliency+grabcut"
+    # Overriding a whole config (a study's variant): the spelling replaces the switches.
+    base = wsss_config.load_config(None, ["refine.method=otsu+grabcut"])
+    again = wsss_config.with_overrides(base, ["refine.method=fixed+chanvese"])
+    assert str(RefinerSpec.of(again.refine)) == "fixed+chanvese"
 
 
 def _levelset(k: int, size: int, multi_label: bool) -> ServedLevelSet:

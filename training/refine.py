@@ -283,6 +283,7 @@ REFINERS: dict[str, RefinerEntry] = {
         RefinerEntry("chanvese", "follow", "python", "classical Chan-Vese from the seed's mask"),
     )
 }
+LEVELSET = REFINERS["levelset"]  # the one trained refiner: its checkpoint under a run
 METHODS = tuple(n for n, e in REFINERS.items() if e.role == "seed")  # refine.method
 FOLLOW_UPS = tuple(n for n, e in REFINERS.items() if e.role == "follow")
 
@@ -301,10 +302,11 @@ class RefinerSpec:
     def __post_init__(self):
         entry = REFINERS.get(self.seed)
         follow = REFINERS.get(self.follow) if self.follow is not None else None
+        bad_seed = entry is None or entry.role != "seed"
         bad_follow = self.follow is not None and (
-            follow is None or follow.role != "follow" or not entry.follow_ups
+            bad_seed or follow is None or follow.role != "follow" or not entry.follow_ups
         )
-        if entry is None or entry.role != "seed" or bad_follow:
+        if bad_seed or bad_follow:
             can = [n for n in METHODS if REFINERS[n].follow_ups]
             raise ValueError(
                 f"refiner {str(self)!r}: one of {', '.join(METHODS)}; "

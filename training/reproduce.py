@@ -38,6 +38,7 @@ from training.data.dataset import WSSSDataset
 from training.data.synth import SynthOptions, ensure_synth
 from training.evaluate import Evaluation, evaluate, markdown_table, spread
 from training.pipeline import Pipeline, ServedSegmenter, load_model, refine_step
+from training.refine import LEVELSET
 from training.studies import load_test_set, parse_refiner
 from wsss.config import BenchmarkProfile, Config, ReproduceProfile, load_config
 from wsss.figures import colourise, overlay, panel_figure
@@ -360,7 +361,7 @@ def _source_config(
     if source.refiner == "levelset":
         if source.classifier in levelset_runs:
             return dataclasses.replace(c, runs=str(levelset_runs[source.classifier]))
-        if not (Path(c.runs) / "levelset" / "best.pt").exists():
+        if not (Path(c.runs) / LEVELSET.checkpoint).exists():
             stages.run(c, ("levelset",))
     return c
 

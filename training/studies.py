@@ -40,7 +40,7 @@ from training.pipeline import (
     pipeline_from_config,
     refine_step,
 )
-from training.refine import RefinerSpec, build_refiner
+from training.refine import LEVELSET, RefinerSpec, build_refiner
 from wsss.config import PASSTHROUGH, Config, RefineConfig, load_config, save_config
 from wsss.figures import overlay, panel_figure
 from wsss.served.images import resize_image
@@ -177,7 +177,7 @@ def cam_study(cfg: Config) -> str:
                 if not columns:
                     columns.append(("CAM", name, "cam"))
                 columns.append((refiner.name, name, "pseudo"))
-        if "levelset" in specs and (run / "levelset" / "best.pt").exists():
+        if "levelset" in specs and (run / LEVELSET.checkpoint).exists():
             # The level set was trained on one CAM method's maps: it is scored with those.
             trained = load_config(run / "levelset" / "config.yaml")
             variant = dataclasses.replace(

@@ -432,7 +432,7 @@ def _override(raw: dict[str, Any], overrides: list[str]) -> None:
         node[leaf] = yaml.safe_load(value)
 
 
-def _upgrade(raw: dict[str, Any]) -> None:
+def _upgrade(raw: dict[str, Any], given: bool = True) -> None:
     """Read configs saved beside older runs: keys whose type or shape changed since."""
     evaluate = raw.get("evaluate")
     # evaluate.thresholds x evaluate.grabcut became one list of refiners.
@@ -442,19 +442,36 @@ def _upgrade(raw: dict[str, Any]) -> None:
         evaluate.setdefault(
             "refiners", [t + ("+grabcut" if g else "") for t in thresholds for g in grabcut]
         )
-    refine = raw.get("refine")
-    # refine.method also takes a refiner's one spelling, seed+follow-up: otsu+grabcut.
-    if isinstance(refine, dict) and "+" in str(refine.get("method", "")):
-        method, _, follow = refine["method"].partition("+")
-        if follow not in FOLLOW_UPS:
-            raise ConfigError(
-                f"refine.method {refine['method']!r}: a seed optionally +{' or +'.join(FOLLOW_UPS)}"
-            )
-        refine.update({"method": method, follow: True})
+    export = raw.get("export")
+    for where, refine in (("refine", raw.get("refine")), ("export.refine", _get(export, "refine"))):
+        _spelled_refiner(refine, where, given)
     levelset = raw.get("levelset")
     # levelset.feature_energy was an on/off switch before it became the feature term's weight.
     if isinstance(levelset, dict) and isinstance(levelset.get("feature_energy"), bool):
         levelset["feature_energy"] = float(levelset["feature_energy"])
+
+
+def _get(node: Any, key: str) -> Any:
+    return node.get(key) if isinstance(node, dict) else None
+
+
+def _spelled_refiner(refine: Any, where: str, given: bool) -> None:
+    """``method`` also takes a refiner's one spelling, seed+follow-up (``otsu+grabcut``,
+    training.refine.RefinerSpec): the follow-up's switches are set from it. ``given``: the
+    switches present were written by the user (a loaded file and its overrides), so one
+    that says otherwise is an error; else (a whole config overridden) the spelling wins."""
+    if not (isinstance(refine, dict) and "+" in str(refine.get("method", ""))):
+        return
+    method, _, follow = refine["method"].partition("+")
+    if follow not in FOLLOW_UPS:
+        raise ConfigError(
+            f"{where}.method {refine['method']!r}: a seed optionally +{' or +'.join(FOLLOW_UPS)}"
+        )
+    conflicts = [f"{where}.{follow}=false"] if refine.get(follow) is False else []
+    conflicts += [f"{where}.{f}=true" for f in FOLLOW_UPS if f != follow and refine.get(f)]
+    if given and conflicts:
+        raise ConfigError(f"{where}.method {refine['method']!r} contradicts {', '.join(conflicts)}")
+    refine.update({"method": method} | {f: f == follow for f in FOLLOW_UPS})
 
 
 def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
@@ -518,6 +535,7 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
     """``cfg`` with ``a.b=c`` overrides applied, checked as a loaded config is."""
     raw = dataclasses.asdict(cfg)
     _override(raw, overrides)
+    _upgrade(raw, given=False)
     return _build(Config, raw, "")
 
 

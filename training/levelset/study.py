@@ -20,7 +20,7 @@ from training.evaluate import evaluate, figure_rows, spread, write_report
 from training.levelset.model import LevelSetHead, ServedLevelSet
 from training.levelset.train import head_kwargs
 from training.pipeline import Pipeline, ServedClassifier, load_model, refine_step
-from training.refine import LevelSetRefiner, build_refiner
+from training.refine import LEVELSET, LevelSetRefiner, build_refiner
 from training.studies import load_test_set
 from wsss.config import Config, save_config
 from wsss.task import get_task
@@ -91,7 +91,7 @@ def run_levelset_study(cfg: Config, train: bool = True) -> str:
             refine=cfg.refine.only("levelset"),
             levelset=dataclasses.replace(ls, **changes),
         )
-        if train or not (runs / "levelset" / "best.pt").exists():
+        if train or not (runs / LEVELSET.checkpoint).exists():
             train_set = train_set or load_train_set(cfg)
             net, cmeta = load_model(Path(cfg.runs) / "classifier" / "best.pt")
             train_levelset(variant, train_set, net, cmeta)
