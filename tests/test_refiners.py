@@ -3,7 +3,7 @@
 Each spelling the registry accepts (``training.refine.RefinerSpec``: a seed, optionally
 followed by GrabCut or Chan-Vese) is built from its config and run on the same batches:
 batch sizes and image sizes, degenerate CAMs (all zero, flat, all one), binary and
-multi-class tasks, and its served form (the graph for ``graph`` refiners, the Python model's
+multi-class tasks, and its served form (the graph for ``network`` refiners, the Python model's
 settings as the exporter writes them for the others). A new refiner needs a registry entry;
 its test here is the line that lists its spelling, which the first test demands.
 """
@@ -144,9 +144,9 @@ def test_every_refiner_serves_as_it_trains(text):
     batch = _batch(2, k, size, size, "blob")
     expected = _run(refiner, batch)
     spec = RefinerSpec.of(cfg)
-    assert refiner.served == {"graph": "network", "python": "python"}[spec.served]
+    assert refiner.served == spec.served
     assert refiner.needs_features == spec.entry.needs_features
-    if spec.served == "graph":
+    if spec.served == "network":
         images, scores, cams, features = (torch.from_numpy(a) for a in batch)
         inputs = (
             (images, scores, cams, features) if refiner.needs_features else (images, scores, cams)

@@ -187,8 +187,9 @@ class RefinerEntry:
     """One registered refiner step.
 
     ``role``: ``seed`` (makes a mask from the CAMs) or ``follow`` (refines a seed's mask).
-    ``served``: how the repository serves it alone: ``graph`` (an exported network) or
-    ``python`` (the Python refiner model; any follow-up makes the whole refiner Python).
+    ``served``: how the repository serves it alone, as ``Refiner.served`` says it:
+    ``network`` (an exported graph) or ``python`` (the Python refiner model; any follow-up
+    makes the whole refiner Python).
     ``checkpoint``: the trained network it needs, under the run folder. ``runner`` and
     ``export_file``: the ONNX model the served Python refiner runs beside its model.py, and
     the role it plays there (``attention`` or ``saliency``). ``follow_ups``: whether GrabCut
@@ -197,7 +198,7 @@ class RefinerEntry:
 
     name: str
     role: Literal["seed", "follow"]
-    served: Literal["graph", "python"]
+    served: Literal["network", "python"]
     summary: str
     needs_features: bool = False
     checkpoint: str | None = None
@@ -238,7 +239,7 @@ REFINERS: dict[str, RefinerEntry] = {
         RefinerEntry(
             "fixed",
             "seed",
-            "graph",
+            "network",
             "the CAM at or above refine.threshold",
             follow_ups=True,
             build=_threshold,
@@ -246,7 +247,7 @@ REFINERS: dict[str, RefinerEntry] = {
         RefinerEntry(
             "otsu",
             "seed",
-            "graph",
+            "network",
             "the CAM above its Otsu threshold",
             follow_ups=True,
             build=_threshold,
@@ -273,7 +274,7 @@ REFINERS: dict[str, RefinerEntry] = {
         RefinerEntry(
             "levelset",
             "seed",
-            "graph",
+            "network",
             "the trained FNO level set (paper 003)",
             needs_features=True,
             checkpoint="levelset/best.pt",
