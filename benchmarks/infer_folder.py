@@ -17,7 +17,6 @@ command that made them to ``--report``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import queue
 import re
@@ -89,25 +88,18 @@ def repository(config: str, overrides: list[str], given: str | None, tmp: Path):
     return tmp / "repo", "the profile's networks, untrained (a network's speed is not its weights')"
 
 
-def profile_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of a benchmark that serves a profile to the shared photos (this one, the
-    soak): the profile, its overrides, the photos, and a repository to serve instead."""
-    parser.add_argument("--config", default="configs/quick.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--images", default=PHOTOS, help="a folder of photos, read in place")
-    parser.add_argument("--repository", help="default: the profile's networks, untrained")
-
-
 def profile_server(args, work: Path) -> tuple[TritonServer, str]:
-    """A tritonserver (not started) for ``profile_arguments``' repository on free ports, and
-    how the report names what it serves."""
+    """A tritonserver (not started) on free ports for ``args.repository``, else for the
+    profile's (``args.config``, ``args.set``) networks, untrained, and how the report names
+    what it serves: the flags of a benchmark that serves a profile to photos (this one, the
+    soak)."""
     repo, served = repository(args.config, args.set, args.repository, work)
     serve = free_ports(load_config(args.config, args.set).serve)
     return TritonServer(repo, serve, work / "server"), served
 
 
 def _wsss(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "wsss.cli", *args]
+    command = [sys.executable, "-m", "cli", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=900)
 
 
@@ -259,19 +251,11 @@ def report(rows: list[Measured], load: tuple[float, float], args, served: str, c
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    profile_arguments(parser)
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument(
-        "--request-count", type=int, default=0, help="perf_analyzer's window (default: N photos)"
-    )
-    parser.add_argument("--stability", type=float, default=25.0)
-    parser.add_argument("--report", default="reports/bench/infer_folder.md")
-    args = parser.parse_args(argv)
-    given = sys.argv[1:] if argv is None else argv
-    args.command = shlex.join([".venv/bin/python", "-m", "benchmarks.infer_folder", *given])
+def infer_folder_report(args) -> None:
+    """``wsss infer-bench``: its flags are the CLI table's ``INFER_BENCH``."""
+    args.config = args.config or "configs/quick.yaml"
+    args.images = args.images or PHOTOS
+    args.command = shlex.join(["wsss", *sys.argv[1:]])
     with tempfile.TemporaryDirectory(prefix="wsss-infer-folder-") as tmp:
         work = Path(tmp)
         server, served = profile_server(args, work)
@@ -282,7 +266,3 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text(text)
     print(text)
-
-
-if __name__ == "__main__":
-    main()

@@ -18,7 +18,6 @@ by the tests (it takes minutes on real photos): run it on an idle machine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -65,7 +64,7 @@ def place_classifier(cfg: Config, given: str | None, runs: Path) -> str:
 
 def pseudo_command(args, runs: Path, processes: int, python: str = sys.executable) -> list[str]:
     """``wsss train --stages pseudo`` of the profile into ``runs``, in ``processes``."""
-    cmd = [python, "-m", "wsss", "train", "--stages", "pseudo"]
+    cmd = [python, "-m", "cli", "train", "--stages", "pseudo"]
     if processes > 1:
         launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
         cmd[1:1] = launch
@@ -157,18 +156,10 @@ def report(args, seconds, masks, count: int, classifier: str, load) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/pets_real.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--classifier", help="a classifier best.pt (default: the profile's run)")
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="per process (OMP_NUM_THREADS)")
-    parser.add_argument("--report", default="reports/scaling/pseudo_masks.md")
-    args = parser.parse_args(argv)
-    given = sys.argv[1:] if argv is None else argv
-    args.command = shlex.join([".venv/bin/python", "-m", "benchmarks.pseudo_scaling", *given])
+def scaling_report(args) -> None:
+    """``wsss scaling``: its flags are the CLI table's ``SCALING``."""
+    args.config = args.config or "configs/pets_real.yaml"
+    args.command = shlex.join(["wsss", *sys.argv[1:]])
     cfg = load_config(args.config, args.set)
     with tempfile.TemporaryDirectory(prefix="wsss-pseudo-scaling-") as tmp:
         work = Path(tmp)
@@ -181,7 +172,3 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text(text)
     print(text)
-
-
-if __name__ == "__main__":
-    main()

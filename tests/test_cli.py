@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def wsss(*args, check=True):
     proc = subprocess.run(
-        [sys.executable, "-m", "wsss.cli", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=600
     )
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -48,8 +48,8 @@ def test_configs_saved_by_older_runs_still_load(tmp_path):
 
 
 def test_cli_stage_names_mirror_training():
+    from cli import main as cli
     from training import stages
-    from wsss import cli
 
     assert cli.STAGES == stages.STAGES and cli.DEFAULT_STAGES == stages.DEFAULT_STAGES
 

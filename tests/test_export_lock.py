@@ -67,7 +67,7 @@ def _snapshot(repo):
 
 
 def _wsss_export(config: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "wsss.cli", "export", "--config", str(config), *args]
+    return [sys.executable, "-m", "cli", "export", "--config", str(config), *args]
 
 
 @pytest.fixture

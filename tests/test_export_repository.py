@@ -216,7 +216,7 @@ def test_check_says_exactly_what_is_wrong(good_repo, tmp_path, breakage):
 def test_cli_check_exit_codes(good_repo, tmp_path):
     def check(repo):
         return subprocess.run(
-            [sys.executable, "-m", "wsss.cli", "export", "--check", "--repository", str(repo)],
+            [sys.executable, "-m", "cli", "export", "--check", "--repository", str(repo)],
             capture_output=True,
             text=True,
         )

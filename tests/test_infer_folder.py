@@ -63,7 +63,7 @@ def test_two_images_that_would_write_the_same_files_are_refused_up_front(tmp_pat
 
 def _wsss(*args):
     return subprocess.run(
-        [sys.executable, "-m", "wsss.cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=300
     )
 
 

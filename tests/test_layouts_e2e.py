@@ -43,7 +43,7 @@ def _settings(work: Path, layout: str) -> list[str]:
 
 
 def _synth(settings: list[str]) -> None:
-    from wsss import cli
+    from cli import main as cli
 
     cli.main(["data", "synth", "--count", str(COUNT), *(x for s in settings for x in ("--set", s))])
 
@@ -142,7 +142,7 @@ def test_bad_data_is_one_line_from_the_cli(tmp_path):
     lines[1] = "photo_0001.jpg,unicorn,train"
     labels.write_text("\n".join(lines) + "\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "wsss.cli", "train", *(x for s in settings for x in ("--set", s))],
+        [sys.executable, "-m", "cli", "train", *(x for s in settings for x in ("--set", s))],
         capture_output=True,
         text=True,
         timeout=300,

@@ -167,7 +167,7 @@ def test_cli_bench_refiners(levelset_cfg):
         *sum((["--set", o] for o in TINY), []),
     ]
     out = subprocess.run(
-        [sys.executable, "-m", "wsss.cli", "bench", "--refiners", "--images-count", "1", *args],
+        [sys.executable, "-m", "cli", "bench", "--refiners", "--images-count", "1", *args],
         capture_output=True,
         text=True,
         check=True,

@@ -25,7 +25,7 @@ from wsss.tensors import (
 # Runs `wsss` as its entry point does, then says whether anything imported torch.
 _WSSS_WITHOUT_TORCH = """
 import sys
-from wsss.cli import main
+from cli.main import main
 try:
     main(sys.argv[1:])
 finally:

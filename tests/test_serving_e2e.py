@@ -334,7 +334,7 @@ def test_bad_bytes_are_a_client_error_through_the_ensemble(server, images, proto
 
 def _wsss(*args):
     return subprocess.run(
-        [sys.executable, "-m", "wsss.cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=300
     )
 
 

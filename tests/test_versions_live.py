@@ -76,7 +76,7 @@ def test_a_killed_export_leaves_the_served_version(live):
         for x in ("--set", o)
     ]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wsss.cli", "export", *sets],
+        [sys.executable, "-m", "cli", "export", *sets],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -1,4 +1,7 @@
-"""``wsss``: one command, one subcommand per stage; each handler builds the config and calls run."""
+"""``wsss``: one command, one subcommand per stage; each handler builds the config and calls run.
+
+The parser is made from ``COMMANDS``; handlers import their stage when they run, so
+``wsss --help``, ``wsss infer`` and the client import no torch."""
 
 from __future__ import annotations
 
@@ -237,6 +240,18 @@ def cmd_soak(args) -> None:
     sys.exit(soak_report(args))
 
 
+def cmd_infer_bench(args) -> None:
+    from benchmarks.infer_folder import infer_folder_report
+
+    infer_folder_report(args)
+
+
+def cmd_scaling(args) -> None:
+    from benchmarks.pseudo_scaling import scaling_report
+
+    scaling_report(args)
+
+
 INFER_HELP = f"""Send images to {PIPELINE_BYTES} (the server decodes and resizes them; masks
 come back at each image's size) and write <out>/<subfolder>/<name>_pseudo_mask.png and
 <name>_segmentation.png, mirroring each image's folder under the folder it was found in (a
@@ -457,6 +472,24 @@ SOAK = (
     flag("--out", default="reports/soak"),
 )
 
+INFER_BENCH = (
+    flag("--images", help="a folder of photos, read in place (default: the shared Pet photos)"),
+    flag("--repository", help="default: the profile's networks, untrained"),
+    flag("--concurrency", type=int, default=4),
+    flag("--rounds", type=int, default=5),
+    flag("--request-count", type=int, default=0, help="perf_analyzer's window (default: N photos)"),
+    flag("--stability", type=float, default=25.0),
+    flag("--report", default="reports/bench/infer_folder.md"),
+)
+
+SCALING = (
+    flag("--classifier", help="a classifier best.pt (default: the profile's run)"),
+    flag("--processes", type=int, default=2),
+    flag("--rounds", type=int, default=3),
+    flag("--threads", type=int, default=1, help="per process (OMP_NUM_THREADS)"),
+    flag("--report", default="reports/scaling/pseudo_masks.md"),
+)
+
 # The whole command line: `build_parser` makes argparse's parsers from this table.
 COMMANDS = (
     Command(
@@ -497,6 +530,20 @@ COMMANDS = (
         "the warm-up (reports/soak/; --config defaults to configs/quick.yaml)",
         cmd_soak,
         SOAK,
+    ),
+    Command(
+        "infer-bench",
+        "`wsss infer DIR` against `wsss bench` on the same photos, one server, one run "
+        "(reports/bench/infer_folder.md; --config defaults to configs/quick.yaml)",
+        cmd_infer_bench,
+        INFER_BENCH,
+    ),
+    Command(
+        "scaling",
+        "GrabCut pseudo-masks in one process against several under torchrun "
+        "(reports/scaling/; --config defaults to configs/pets_real.yaml)",
+        cmd_scaling,
+        SCALING,
     ),
 )
 

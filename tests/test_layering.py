@@ -1,0 +1,79 @@
+"""The floors of the layout hold: data flows training -> export -> model_repository ->
+serving over the ground floor (wsss/), benchmarks above them, the CLI on top; no import
+points back up. Every import counts, those inside functions too."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Each package and the project packages it may import.
+MAY_IMPORT = {
+    "wsss": set(),
+    "training": {"wsss"},
+    "export": {"wsss", "training"},
+    "serving": {"wsss"},
+    "benchmarks": {"wsss", "training", "export", "serving"},
+    "cli": {"wsss", "training", "export", "serving", "benchmarks"},
+}
+# `python -m wsss` / `torchrun -m wsss`: an entry point that runs the CLI, never imported.
+ENTRY_POINTS = {("wsss/__main__.py", "cli")}
+
+
+def _imports(path: Path) -> set[str]:
+    """The project packages a module imports (absolute imports; relative ones stay home)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found |= {n.split(".")[0] for n in names} & MAY_IMPORT.keys()
+    return found
+
+
+def test_no_import_points_up_a_floor():
+    wrong = []
+    for package, allowed in MAY_IMPORT.items():
+        files = sorted((ROOT / package).rglob("*.py"))
+        assert files, package
+        for path in files:
+            name = path.relative_to(ROOT).as_posix()
+            for target in _imports(path) - allowed - {package}:
+                if (name, target) not in ENTRY_POINTS:
+                    wrong.append(f"{name} imports {target}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_checker_sees_an_import_inside_a_function(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text(
+        "import os\n\ndef f():\n    from cli.main import main\n    import training.cams\n"
+    )
+    assert _imports(module) == {"cli", "training"}
+
+
+def test_every_command_is_made_from_the_table():
+    """Each subcommand of the table parses to its handler; the benchmarks that once had
+    their own argparse mains are `wsss` subcommands, and their runs call `wsss` too."""
+    import sys
+
+    from benchmarks.pseudo_scaling import pseudo_command
+    from cli.main import COMMANDS, build_parser, cmd_infer_bench, cmd_scaling
+
+    parser = build_parser()
+    args = parser.parse_args(["scaling", "--config", "c.yaml", "--processes", "3"])
+    assert args.func is cmd_scaling and args.rounds == 3 and args.threads == 1
+    command = pseudo_command(args, Path("runs3"), 3)
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert command[command.index("--nproc-per-node=3") + 1 :][:5] == [
+        "-m", "cli", "train", "--stages", "pseudo"
+    ]  # fmt: skip
+    args = parser.parse_args(["infer-bench", "--concurrency", "2"])
+    assert args.func is cmd_infer_bench and args.concurrency == 2 and args.config is None
+    for command in COMMANDS:
+        for leaf in command.commands or (command,):
+            assert leaf.run is not None, leaf.name
+    for module in ("benchmarks/infer_folder.py", "benchmarks/pseudo_scaling.py"):
+        assert "argparse" not in (ROOT / module).read_text(), module
