@@ -10,6 +10,8 @@ import pytest
 
 from wsss.config import Config, load_config
 
+ROOT = Path(__file__).resolve().parents[1]  # the project: tests/ mirrors its packages
+
 # One instance of each served network in tests (the default is two): each instance of a
 # Python-backend model is a stub process, and Triton 2.51's Python backend can abort at start
 # (boost::interprocess::lock_exception, triton-inference-server/server#8882) when many stubs
@@ -31,8 +33,7 @@ TINY = [
 # The real Oxford-IIIT Pet photos the `realdata` tests train and score on: the shared subset
 # beside the project (CI has it), or wherever WSSS_PET_DATA points.
 REAL_PETS = Path(
-    os.environ.get("WSSS_PET_DATA")
-    or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "oxford-pet-subset"
+    os.environ.get("WSSS_PET_DATA") or ROOT.parent / "shared" / "data" / "oxford-pet-subset"
 )
 
 

@@ -5,7 +5,7 @@ class, sum, ReLU, upsample, scale each map to [0, 1]) and each method only says 
 weighs channels. With GAP over an h x w map and logits y = W mean(A) + b, the gradient of
 y_c with respect to A_k is W[c, k] / (h w) at every position. That constant makes the
 gradient methods computable in the forward pass, so the exported graph needs no autograd;
-``tests/test_cams.py`` checks each against pytorch-grad-cam's autograd version.
+``tests/training/test_cams.py`` checks each against pytorch-grad-cam's autograd version.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ module, so a pseudo-mask is made one way. Written here rather than imported beca
 repository may need nothing beyond numpy, OpenCV, Pillow and ONNX Runtime: ``otsu_threshold``
 is scikit-image's ``threshold_otsu``, ``chan_vese`` is scikit-image's ``chan_vese`` without
 its unused energy bookkeeping, and ``largest_component`` replaces SciPy's ``ndimage.label``
-with OpenCV's; each is tested equal to the library it stands in for (tests/test_classical.py).
+with OpenCV's; each is tested equal to the library it stands in for
+(tests/wsss/served/test_classical.py).
 """
 
 from __future__ import annotations

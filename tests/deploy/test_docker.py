@@ -20,14 +20,13 @@ import pytest
 
 from serving.client import PipelineClient
 from serving.health import ready
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 from tests.docker_engine import Engine, missing
 from wsss.served.images import encode_png
 from wsss.tensors import PIPELINE, PIPELINE_BYTES
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
 BASE = "wsss-base:bookworm"
 IMAGE = "wsss:serve-cpu"
 

@@ -100,7 +100,7 @@ def test_each_layout_is_served_as_in_process(exported_layout, tmp_path):
     """The served ensemble of each layout's export against the in-process pipeline."""
     from serving.client import PipelineClient
     from serving.server import TritonServer
-    from tests.test_serving_e2e import _assert_close
+    from tests.serving.test_serving_e2e import _assert_close
 
     cfg = exported_layout
     images = _test_images(cfg)

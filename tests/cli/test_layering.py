@@ -5,7 +5,8 @@ points back up. Every import counts, those inside functions too."""
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
 # Each package and the project packages it may import.
 MAY_IMPORT = {
     "wsss": set(),
@@ -77,3 +78,16 @@ def test_every_command_is_made_from_the_table():
             assert leaf.run is not None, leaf.name
     for module in ("benchmarks/infer_folder.py", "benchmarks/pseudo_scaling.py"):
         assert "argparse" not in (ROOT / module).read_text(), module
+
+
+def test_tests_mirror_the_packages():
+    """Every test file sits under tests/<package>/ (or tests/deploy/ for the container files),
+    in a folder the package has, so a module's tests are found where the module is."""
+    stray = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        folder = path.parent.relative_to(ROOT / "tests")
+        if folder.parts[0] == "deploy":
+            continue
+        if not folder.parts or not (ROOT / folder).is_dir():
+            stray.append(str(path.relative_to(ROOT)))
+    assert not stray, stray

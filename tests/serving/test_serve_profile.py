@@ -15,14 +15,14 @@ import pytest
 from benchmarks.served_quality import served_quality
 from export.repository import export_repository
 from serving.server import TritonServer
-from tests.conftest import ONE_INSTANCE, free_port
+from tests.conftest import ONE_INSTANCE, ROOT, free_port
 from training import stages
 from training.data.dataset import WSSSDataset
 from training.data.layouts import list_samples
 from training.data.synth import SynthOptions, ensure_synth
 from wsss.config import load_config
 
-CONFIG = Path(__file__).parent.parent / "configs" / "serve.yaml"
+CONFIG = ROOT / "configs" / "serve.yaml"
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton, pytest.mark.realdata]
 

@@ -1,8 +1,8 @@
 """The model of Triton 2.51's ensemble pruning, and the outputs to request around it.
 
-Held to the live server's behaviour twice: here, to what tests/test_serving_e2e.py sees on
+Held to the live server's behaviour twice: here, to what tests/serving/test_serving_e2e.py sees on
 the trained segmenter's ensembles (and serving.client's groups answer); in
-tests/test_passthrough_e2e.py, request by request on the pass-through's.
+tests/serving/test_passthrough_e2e.py, request by request on the pass-through's.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def test_steps_are_those_the_generated_ensembles_map(layout, fmt):
 
 
 def test_the_model_fails_and_prunes_what_the_live_server_does():
-    """What tests/test_serving_e2e.py and serving.client's comments record of Triton 2.51."""
+    """What tests/serving/test_serving_e2e.py and serving.client's comments record of
+    Triton 2.51."""
     specs = _specs("trained")
     steps, (inputs, outputs) = ensemble_steps(specs, PIPELINE), _names(specs, PIPELINE)
     order = ENSEMBLES[PIPELINE]

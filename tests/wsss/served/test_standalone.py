@@ -16,7 +16,7 @@ from google.protobuf import json_format
 
 from export.configs import parse
 from export.repository import export_repository
-from tests.conftest import random_export_cfg
+from tests.conftest import ROOT, random_export_cfg
 from training.refine import ServedThreshold, build_refiner
 from wsss.config import RefineConfig
 from wsss.served import HELPERS, MODELS
@@ -36,7 +36,6 @@ from wsss.tensors import (
     SEGMENTATION_FULL,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 SERVED = ROOT / "wsss" / "served"
 ALLOWED = {"numpy", "cv2", "PIL", "onnxruntime", "triton_python_backend_utils"}
 

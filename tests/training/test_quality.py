@@ -53,7 +53,7 @@ def study(tmp_path_factory):
             "segmenter.lr=0.003",
             "levelset.epochs=3",
             "levelset.hidden=16",
-            "evaluate.levelset_backbone_update=false",  # tests/test_levelset_pipeline.py's
+            "evaluate.levelset_backbone_update=false",  # tests/training/levelset/test_pipeline.py's
         ],
     )
     stages.run(cfg, ("classifier", "pseudo", "segmenter", "supervised"))
