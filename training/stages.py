@@ -139,14 +139,8 @@ def train_classifier(cfg: Config, data: WSSSDataset | None) -> nn.Module:
         "class_names": names,
     }
     if imagenet:
-        out = Path(cfg.runs) / "classifier"
-        with distributed.main_first() as main:
-            if main:
-                out.mkdir(parents=True, exist_ok=True)
-                save_checkpoint({"state_dict": model.state_dict(), "meta": meta}, out / "best.pt")
-                save_config(cfg, out / "config.yaml")
-                tqdm.write(f"classifier: the ImageNet head, {len(names)} classes: nothing to train")
-        return model.eval()
+        note = f"classifier: the ImageNet head, {len(names)} classes: nothing to train"
+        return _untrained(cfg, "classifier", model, meta, note)
     tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
     loss = {"ce": nn.CrossEntropyLoss, "bce": nn.BCEWithLogitsLoss}[cfg.data.kind.loss]()
     return _train(cfg, model, _View(data, tr, True), _View(data, va, False), loss, meta)
@@ -436,14 +430,20 @@ def passthrough_segmenter(cfg: Config, data: WSSSDataset) -> nn.Module:
         "palette": data.palette,
         "targets": "none: the served PSEUDO_MASK passes through",
     }
-    model = PassThroughSegmenter(num_classes)
-    out = Path(cfg.runs) / "segmenter"
+    note = "segmenter: passthrough, nothing to train: SEGMENTATION is the PSEUDO_MASK"
+    return _untrained(cfg, "segmenter", PassThroughSegmenter(num_classes), meta, note)
+
+
+def _untrained(cfg: Config, stage: str, model: nn.Module, meta: dict, note: str) -> nn.Module:
+    """A stage with nothing to train: its model saved as if trained (rank 0 writes, the
+    others wait), so that export and the next stages find it where they look."""
+    out = Path(cfg.runs) / stage
     with distributed.main_first() as main:
         if main:
             out.mkdir(parents=True, exist_ok=True)
             save_checkpoint({"state_dict": model.state_dict(), "meta": meta}, out / "best.pt")
             save_config(cfg, out / "config.yaml")
-            tqdm.write("segmenter: passthrough, nothing to train: SEGMENTATION is the PSEUDO_MASK")
+            tqdm.write(note)
     return model.eval()
 
 
