@@ -30,8 +30,11 @@ $(STAMP): pyproject.toml constraints.txt
 serve: setup
 	$(BIN)/wsss serve --config $(CONFIG) --build-if-missing
 
+# Two pytest-xdist workers (TEST_JOBS=0: one process); each module's tests stay on one worker,
+# so a module's trained fixture is made once (docs/testing.md).
+TEST_JOBS ?= 2
 test: setup
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_JOBS) --dist loadscope $(PYTEST_ARGS)
 
 # The served ensembles against the same models in process (eager PyTorch, ONNX Runtime),
 # side by side in one run, with the refiners' per-image times: ratios, tables, a plot in
@@ -48,7 +51,8 @@ soak: setup
 	$(BIN)/wsss soak $(SOAK_ARGS)
 
 test-fast: setup
-	$(BIN)/pytest -m "not slow and not triton and not docker" $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_JOBS) --dist loadscope -m "not slow and not triton and not docker" \
+		$(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

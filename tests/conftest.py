@@ -12,6 +12,12 @@ from wsss.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]  # the project: tests/ mirrors its packages
 
+# `make test` runs two pytest-xdist workers on a 2-core machine: each, and what it starts,
+# gets one torch/OpenMP thread (read when torch is first imported, after this), so that
+# the two do not oversubscribe the cores. Set OMP_NUM_THREADS to choose otherwise.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # One instance of each served network in tests (the default is two): each instance of a
 # Python-backend model is a stub process, and Triton 2.51's Python backend can abort at start
 # (boost::interprocess::lock_exception, triton-inference-server/server#8882) when many stubs

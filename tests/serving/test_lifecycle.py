@@ -94,7 +94,9 @@ def test_wsss_serve_stops_cleanly_on_ctrl_c_and_sigterm(exported, tmp_path, sig)
     assert user.is_server_ready()
     proc.send_signal(sig)
     try:
-        assert proc.wait(timeout=20) == 0, proc.stdout.read()
+        # Under Triton's 30 s the wait still tells the two apart; the rest of it is for a
+        # busy machine, where the stubs' own stop took 20 s once.
+        assert proc.wait(timeout=28) == 0, proc.stdout.read()
     finally:
         user.close()
     assert _group(triton) == []
