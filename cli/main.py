@@ -151,7 +151,10 @@ def cmd_serve(args) -> None:
         build_if_missing(cfg)
     server = TritonServer(Path(cfg.export.repository), cfg.serve, Path(".cache/server"))
     # SIGTERM (docker stop, kill) stops it as Ctrl-C does: through the `with` block below.
+    # SIGINT is set too: a shell script's `wsss serve &` starts it with SIGINT ignored, and
+    # Python then raises no KeyboardInterrupt, so `kill -INT` would leave it serving.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     with server:
         if cfg.serve.watchdog_seconds > 0 and cfg.serve.model_control != "none":
             server.watch(cfg.serve.watchdog_seconds)
