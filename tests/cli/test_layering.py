@@ -91,3 +91,9 @@ def test_tests_mirror_the_packages():
         if not folder.parts or not (ROOT / folder).is_dir():
             stray.append(str(path.relative_to(ROOT)))
     assert not stray, stray
+
+
+def test_the_suite_order_names_modules_that_exist():
+    from tests.conftest import LONGEST_FIRST
+
+    assert [m for m in LONGEST_FIRST if not (ROOT / "tests" / m).is_file()] == []
