@@ -9,7 +9,7 @@ CONFIG ?= configs/serve.yaml
 BENCH_CONFIG ?= configs/quick.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-fast lint format study photos levelset-study levelset-real reproduce bench soak clean-models \
+.PHONY: setup serve test test-fast coverage lint format study photos levelset-study levelset-real reproduce bench soak clean-models \
 	image-base image-cpu image-train image-gpu
 
 setup: $(STAMP)
@@ -49,6 +49,13 @@ bench: setup
 # tritonserver and stub process's resident memory after the warm-up (reports/soak/).
 soak: setup
 	$(BIN)/wsss soak $(SOAK_ARGS)
+
+# Line coverage of the project's packages over the whole suite (in-process code; the
+# subprocesses the tests start are not traced): a table per file and the total.
+COVERED := cli wsss training export serving benchmarks
+coverage: setup
+	$(BIN)/pytest -n $(TEST_JOBS) --dist loadscope $(foreach p,$(COVERED),--cov=$(p)) \
+		--cov-report=term $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/pytest -n $(TEST_JOBS) --dist loadscope -m "not slow and not triton and not docker" \

@@ -60,32 +60,3 @@ def test_data_train_evaluate_export(tmp_path):
 def test_bad_config_is_a_clear_error():
     proc = wsss("train", "--set", "train.epochs=many", check=False)
     assert proc.returncode != 0 and "train.epochs: expected int" in proc.stderr
-
-
-def test_voc_multilabel_end_to_end(tmp_path):
-    """The voc flavour through every stage: multi-hot labels, BCE, class-index masks, mIoU."""
-    sets = [
-        x
-        for o in TINY
-        + [
-            "data.task=voc",
-            f"data.root={tmp_path / 'voc'}",
-            f"runs={tmp_path / 'runs'}",
-            f"export.repository={tmp_path / 'repo'}",
-        ]
-        for x in ("--set", o)
-    ]
-    assert "wrote 30 voc images" in wsss("data", "synth", "--count", "30", *sets).stdout
-    wsss("train", *sets)
-    wsss("evaluate", *sets)
-    results = json.loads((tmp_path / "runs" / "eval" / "results.json").read_text())
-    assert results["task"] == "voc" and {"map", "pseudo_miou"} <= set(results["rows"][0])
-    wsss("export", *sets)
-    assert wsss("export", "--check", "--repository", str(tmp_path / "repo")).stdout.startswith("OK")
-    from export.configs import parse
-
-    seg = parse((tmp_path / "repo" / "segmenter" / "config.pbtxt").read_text())
-    assert list(seg.output[0].dims) == [11, 64, 64]  # background + 10 animals
-    refiner = parse((tmp_path / "repo" / "refiner" / "config.pbtxt").read_text())
-    # The Otsu refiner is an ONNX graph; its multi-label presence rule is inside it.
-    assert refiner.backend == "onnxruntime" and list(refiner.input[1].dims) == [10]

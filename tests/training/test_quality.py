@@ -2,12 +2,14 @@
 reference by a margin, so a regression in the data, a model, a refiner or the harness fails.
 
 One pretrained classifier, the segmenter on its pseudo-masks and on the true masks (the
-supervised bound), the level-set study and ViT attention, all through the CLI's own
-functions, about two minutes on 2 cores. Measured on this setup (96 px, 320 images, 3
-epochs): classifier accuracy 0.875 (chance 0.1); pseudo-mask IoU 0.456 for CAM + Otsu and
-0.397 for ViT attention, against 0.246 for marking the whole image; segmenter 0.469;
-supervised bound 0.844; level set (MSE + energy) 0.322 against 0.128 for its untrained
-initialisation. Margins are about half those gaps.
+supervised bound) and the level-set study (without its ablation, whose rows
+tests/training/test_reproduce.py checks), all through the CLI's own functions, about two
+and a half minutes on one core. Measured on this setup (96 px, 320 images, 3 epochs):
+classifier accuracy 0.85 (chance 0.1); pseudo-mask IoU 0.456 for CAM + Otsu against 0.246
+for marking the whole image; segmenter 0.469; supervised bound 0.844; level set (MSE +
+energy) 0.322 against 0.129 for its untrained initialisation. Margins are about half those
+gaps. ViT attention is held to real photos (tests/training/test_attention.py), where it
+must land on the pet.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import numpy as np
 import pytest
 
-from wsss.config import RefineConfig, load_config
+from wsss.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +29,7 @@ def study(tmp_path_factory):
     from training import stages
     from training.data.dataset import WSSSDataset
     from training.data.synth import SynthOptions, write_synth
-    from training.evaluate import evaluate
     from training.levelset.study import run_levelset_study
-    from training.pipeline import Pipeline, refine_step
-    from training.refine import build_refiner
     from training.studies import evaluate_profile
 
     work = tmp_path_factory.mktemp("quality")
@@ -53,6 +52,7 @@ def study(tmp_path_factory):
             "segmenter.lr=0.003",
             "levelset.epochs=3",
             "levelset.hidden=16",
+            "evaluate.levelset_ablation=false",  # MSE + energy only
             "evaluate.levelset_backbone_update=false",  # tests/training/levelset/test_pipeline.py's
         ],
     )
@@ -64,10 +64,7 @@ def study(tmp_path_factory):
     test = WSSSDataset(root, "pets", "test", 96)
     labelled = test.masks != 255
     whole_image = float(((test.masks == 1) & labelled).sum() / labelled.sum())
-    classifier, _, _ = refine_step(cfg)
-    vit = Pipeline(classifier, None, build_refiner(RefineConfig("vit"), multi_label=False))
     return {
-        "vit": evaluate({"vit": vit}, test)["vit"].row(),
         "pseudo": profile[0],
         "segmenter": profile[1],
         "supervised": profile[2],
@@ -101,7 +98,6 @@ def test_trained_level_set_beats_its_untrained_initialisation(study):
 
     rows = study["levelset"]
     assert rows["MSE + energy"]["pseudo_iou"] >= rows[UNTRAINED]["pseudo_iou"] + 0.1
-    assert rows["MSE only"]["pseudo_iou"] >= rows[UNTRAINED]["pseudo_iou"] + 0.1
 
 
 def test_every_refiner_is_timed_and_grabcut_is_the_slow_one(study):
@@ -109,8 +105,3 @@ def test_every_refiner_is_timed_and_grabcut_is_the_slow_one(study):
     grabcut = rows["CAM + otsu + GrabCut"]["refine_ms"]
     assert grabcut > 5 * rows["CAM + otsu (no level set)"]["refine_ms"]
     assert all(np.isfinite(r["refine_ms"]) and r["refine_ms"] > 0 for r in rows.values())
-
-
-def test_vit_attention_masks_beat_marking_the_whole_image(study):
-    """No classifier, no training: a pretrained ViT's attention alone finds the animals."""
-    assert study["vit"]["pseudo_iou"] >= study["whole_image"] + 0.08

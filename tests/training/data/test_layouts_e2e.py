@@ -79,6 +79,7 @@ def test_each_layout_trains_evaluates_and_exports_its_classes(exported_layout):
     assert "| pseudo-masks (resnet18 cam + otsu) |" in table
     results = json.loads((Path(cfg.runs) / "eval" / "results.json").read_text())
     assert results["images"] == COUNT // 4 and results["masks"] is True
+    assert results["task"] == "voc"
     assert {"map", "pseudo_miou"} <= set(results["rows"][0])
     assert {"seg_miou"} <= set(results["rows"][1])
     repo = Path(cfg.export.repository)
@@ -90,6 +91,9 @@ def test_each_layout_trains_evaluates_and_exports_its_classes(exported_layout):
     assert palette == (folder_palette(len(names)) if own else VOC_PALETTE)
     seg = parse((repo / "segmenter" / "config.pbtxt").read_text())
     assert list(seg.output[0].dims) == [len(names) + 1, 64, 64]  # background + the data's
+    refiner = parse((repo / "refiner" / "config.pbtxt").read_text())
+    # The Otsu refiner is an ONNX graph; its multi-label presence rule is inside it.
+    assert refiner.backend == "onnxruntime" and list(refiner.input[1].dims) == [len(names)]
     outputs = pipeline_from_config(cfg)(_test_images(cfg))
     assert outputs["SCORES"].shape == (3, len(names))
     assert outputs["SEGMENTATION"].max() <= len(names)
