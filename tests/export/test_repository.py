@@ -213,6 +213,7 @@ def test_check_says_exactly_what_is_wrong(good_repo, tmp_path, breakage):
     assert any(message in p for p in report.problems), report.problems
 
 
+@pytest.mark.slow  # two `wsss export --check` processes, each importing torch
 def test_cli_check_exit_codes(good_repo, tmp_path):
     def check(repo):
         return subprocess.run(

@@ -197,38 +197,44 @@ def _renamed_output(repo: Path, version: int) -> str:
     return CAMS
 
 
-@pytest.mark.parametrize("breakage", [_corrupt, _renamed_output], ids=["corrupt", "renamed"])
-def test_a_broken_version_is_refused_and_the_old_keeps_serving(live, breakage):
+def test_broken_versions_are_refused_and_the_old_keeps_serving(live):
+    """Version 2 lands corrupt, then version 3 with an output renamed; one server sees both
+    (a server start per breakage cost the suite a minute for the same checks)."""
     cfg, server, client = live
     repo = Path(cfg.export.repository)
     images = _images()
     old = pipeline_from_config(cfg)(images)
+    problems = []
     with Load(server.grpc_url, images, {"old": old}) as load:
         _wait_for(lambda: load.count("old") >= 50, what="answers")
-        # A new version lands beside the old one, then is broken the way a hand-copied or
-        # half-synced repository would be (wsss export itself refuses such a file).
-        staged = repo.parent / "broken"
-        (staged / "2").mkdir(parents=True)
-        (staged / "2" / "model.onnx").write_bytes(
-            (repo / CLASSIFIER / "1" / "model.onnx").read_bytes()
-        )
-        os.rename(staged / "2", repo / CLASSIFIER / "2")
-        problem = breakage(repo, 2)
-        config = repo / CLASSIFIER / "config.pbtxt"
-        config.write_text(config.read_text().replace("versions: 1", "versions: 1\n    versions: 2"))
-        if cfg.serve.model_control == "explicit":
-            with pytest.raises(Exception, match="load failed"):
-                client.load_model(CLASSIFIER)
-        _wait_for(
-            lambda: _state(client, CLASSIFIER, "2") == "UNAVAILABLE", what="version 2 refused"
-        )
-        seen = load.count("old")
-        _wait_for(lambda: load.count("old") >= seen + 50, what="answers after the refusal")
+        for version, breakage in ((2, _corrupt), (3, _renamed_output)):
+            # A new version lands beside the old one, then is broken the way a hand-copied
+            # or half-synced repository would be (wsss export itself refuses such a file).
+            staged = repo.parent / "broken" / str(version)
+            staged.mkdir(parents=True)
+            (staged / "model.onnx").write_bytes(
+                (repo / CLASSIFIER / "1" / "model.onnx").read_bytes()
+            )
+            os.rename(staged, repo / CLASSIFIER / str(version))
+            problems.append(breakage(repo, version))
+            config = repo / CLASSIFIER / "config.pbtxt"
+            last = f"versions: {version - 1}"
+            config.write_text(config.read_text().replace(last, f"{last}\n    versions: {version}"))
+            if cfg.serve.model_control == "explicit":
+                with pytest.raises(Exception, match="load failed"):
+                    client.load_model(CLASSIFIER)
+            _wait_for(
+                lambda v=version: _state(client, CLASSIFIER, str(v)) == "UNAVAILABLE",
+                what=f"version {version} refused",
+            )
+            seen = load.count("old")
+            _wait_for(lambda s=seen: load.count("old") >= s + 50, what="answers after it")
     assert load.failures == [], load.failures[:3]
     assert load.mismatches == [], load.mismatches[:3]
     assert client.is_model_ready(CLASSIFIER, "1") and client.is_model_ready(PIPELINE)
-    report = check_repository(repo)
-    assert not report.ok and "classifier v2" in str(report) and problem in str(report)
+    report = str(check_repository(repo))
+    for version, problem in zip((2, 3), problems, strict=True):
+        assert f"classifier v{version}" in report and problem in report, report
 
 
 def test_readiness_follows_the_steps_an_ensemble_needs(tmp_path):
