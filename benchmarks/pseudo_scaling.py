@@ -34,7 +34,7 @@ import numpy as np
 from benchmarks.serving import machine
 from wsss.config import Config, load_config
 
-GRABCUT = ["refine.method=fixed", "refine.grabcut=true"]  # CAM, fixed threshold, GrabCut
+GRABCUT = ["refine.method=fixed+grabcut"]  # CAM, fixed threshold, GrabCut
 
 
 def place_classifier(cfg: Config, given: str | None, runs: Path) -> str:
