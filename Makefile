@@ -34,7 +34,7 @@ serve: setup
 # so a module's trained fixture is made once (docs/testing.md).
 TEST_JOBS ?= 2
 test: setup
-	$(BIN)/pytest -n $(TEST_JOBS) --dist loadscope $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_JOBS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The served ensembles against the same models in process (eager PyTorch, ONNX Runtime),
 # side by side in one run, with the refiners' per-image times: ratios, tables, a plot in
@@ -54,11 +54,11 @@ soak: setup
 # subprocesses the tests start are not traced): a table per file and the total.
 COVERED := cli wsss training export serving benchmarks
 coverage: setup
-	$(BIN)/pytest -n $(TEST_JOBS) --dist loadscope $(foreach p,$(COVERED),--cov=$(p)) \
+	$(BIN)/pytest -n $(TEST_JOBS) --dist loadscope --no-loadscope-reorder $(foreach p,$(COVERED),--cov=$(p)) \
 		--cov-report=term $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/pytest -n $(TEST_JOBS) --dist loadscope -m "not slow and not triton and not docker" \
+	$(BIN)/pytest -n $(TEST_JOBS) --dist loadscope --no-loadscope-reorder -m "not slow and not triton and not docker" \
 		$(PYTEST_ARGS)
 
 lint: setup

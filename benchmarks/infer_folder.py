@@ -215,7 +215,7 @@ def report(rows: list[Measured], load: tuple[float, float], args, served: str, c
     lines = [
         "# `wsss infer DIR` against `wsss bench`: same server, photos, ensemble, concurrency",
         "",
-        f"Made by `{args.command}` on {machine()}; {served}, the `{Path(args.config).stem}` "
+        f"Made by `{args.invocation}` on {machine()}; {served}, the `{Path(args.config).stem}` "
         f"profile; {count} photos in `{args.images}` (JPEG, read in place), "
         f"`{PIPELINE_BYTES}` over gRPC at concurrency {args.concurrency}, figures off; "
         f"{args.rounds} rounds in one run, the order reversed every other round; the "
@@ -255,7 +255,7 @@ def infer_folder_report(args) -> None:
     """``wsss infer-bench``: its flags are the CLI table's ``INFER_BENCH``."""
     args.config = args.config or "configs/quick.yaml"
     args.images = args.images or PHOTOS
-    args.command = shlex.join(["wsss", *sys.argv[1:]])
+    args.invocation = shlex.join(["wsss", *sys.argv[1:]])
     with tempfile.TemporaryDirectory(prefix="wsss-infer-folder-") as tmp:
         work = Path(tmp)
         server, served = profile_server(args, work)

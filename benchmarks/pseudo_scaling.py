@@ -115,7 +115,7 @@ def report(args, seconds, masks, count: int, classifier: str, load) -> str:
     lines = [
         f"# GrabCut pseudo-masks: 1 process against {n} under torchrun",
         "",
-        f"Made by `{args.command}` on {machine()}; {count:,} training images of "
+        f"Made by `{args.invocation}` on {machine()}; {count:,} training images of "
         f"`{cfg.data.root}` at {cfg.data.image_size} px, batches of {cfg.train.batch_size}, "
         f"CAM + fixed threshold + GrabCut ({cfg.refine.grabcut_iterations} iterations), "
         f"{classifier}; {args.rounds} rounds in one run, the order reversed every other "
@@ -159,7 +159,7 @@ def report(args, seconds, masks, count: int, classifier: str, load) -> str:
 def scaling_report(args) -> None:
     """``wsss scaling``: its flags are the CLI table's ``SCALING``."""
     args.config = args.config or "configs/pets_real.yaml"
-    args.command = shlex.join(["wsss", *sys.argv[1:]])
+    args.invocation = shlex.join(["wsss", *sys.argv[1:]])
     cfg = load_config(args.config, args.set)
     with tempfile.TemporaryDirectory(prefix="wsss-pseudo-scaling-") as tmp:
         work = Path(tmp)

@@ -5,6 +5,8 @@ points back up. Every import counts, those inside functions too."""
 import ast
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 # Each package and the project packages it may import.
@@ -56,12 +58,13 @@ def test_the_checker_sees_an_import_inside_a_function(tmp_path):
 
 
 def test_every_command_is_made_from_the_table():
-    """Each subcommand of the table parses to its handler; the benchmarks that once had
-    their own argparse mains are `wsss` subcommands, and their runs call `wsss` too."""
+    """Every subcommand of the table has a handler; the benchmarks that once had their own
+    argparse mains are `wsss` subcommands that parse to theirs, run `wsss` themselves, and
+    fail as every subcommand does, naming it."""
     import sys
 
     from benchmarks.pseudo_scaling import pseudo_command
-    from cli.main import COMMANDS, build_parser, cmd_infer_bench, cmd_scaling
+    from cli.main import COMMANDS, build_parser, cmd_infer_bench, cmd_scaling, main
 
     parser = build_parser()
     args = parser.parse_args(["scaling", "--config", "c.yaml", "--processes", "3"])
@@ -78,6 +81,9 @@ def test_every_command_is_made_from_the_table():
             assert leaf.run is not None, leaf.name
     for module in ("benchmarks/infer_folder.py", "benchmarks/pseudo_scaling.py"):
         assert "argparse" not in (ROOT / module).read_text(), module
+    for name in ("scaling", "infer-bench"):
+        with pytest.raises(SystemExit, match=f"^wsss {name}: .*nowhere.yaml"):
+            main([name, "--config", "nowhere.yaml"])
 
 
 def test_tests_mirror_the_packages():
@@ -86,7 +92,7 @@ def test_tests_mirror_the_packages():
     stray = []
     for path in sorted((ROOT / "tests").rglob("test_*.py")):
         folder = path.parent.relative_to(ROOT / "tests")
-        if folder.parts[0] == "deploy":
+        if folder.parts[:1] == ("deploy",):
             continue
         if not folder.parts or not (ROOT / folder).is_dir():
             stray.append(str(path.relative_to(ROOT)))

@@ -9,7 +9,7 @@ import sys
 import wsss.tensors as tensors
 from tests.conftest import ROOT
 
-PACKAGES = ("training", "export", "serving", "wsss", "benchmarks")
+PACKAGES = ("training", "export", "serving", "wsss", "benchmarks", "cli")
 
 
 def test_no_served_tensor_name_is_spelled_outside_wsss_tensors():
