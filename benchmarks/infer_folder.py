@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import queue
 import re
-import shlex
 import statistics
 import subprocess
 import sys
@@ -253,9 +252,7 @@ def report(rows: list[Measured], load: tuple[float, float], args, served: str, c
 
 def infer_folder_report(args) -> None:
     """``wsss infer-bench``: its flags are the CLI table's ``INFER_BENCH``."""
-    args.config = args.config or "configs/quick.yaml"
     args.images = args.images or PHOTOS
-    args.invocation = shlex.join(["wsss", *sys.argv[1:]])
     with tempfile.TemporaryDirectory(prefix="wsss-infer-folder-") as tmp:
         work = Path(tmp)
         server, served = profile_server(args, work)

@@ -158,8 +158,6 @@ def report(args, seconds, masks, count: int, classifier: str, load) -> str:
 
 def scaling_report(args) -> None:
     """``wsss scaling``: its flags are the CLI table's ``SCALING``."""
-    args.config = args.config or "configs/pets_real.yaml"
-    args.invocation = shlex.join(["wsss", *sys.argv[1:]])
     cfg = load_config(args.config, args.set)
     with tempfile.TemporaryDirectory(prefix="wsss-pseudo-scaling-") as tmp:
         work = Path(tmp)

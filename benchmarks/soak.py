@@ -18,9 +18,7 @@ with untrained weights (a network's memory is not its weights' values).
 from __future__ import annotations
 
 import json
-import shlex
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -282,9 +280,7 @@ def report(run: Soak, args, served: str, max_growth: float) -> str:
 def soak_report(args) -> int:
     """``wsss soak`` (``make soak``): its flags are the CLI table's ``SOAK``; 0 when no
     process grew past --max-growth and every request was answered, else 1."""
-    args.config = args.config or "configs/quick.yaml"
     args.images = args.images or PHOTOS
-    args.invocation = shlex.join(["wsss", *sys.argv[1:]])
     items, _ = find_images([args.images])
     photos = [item.path.read_bytes() for item in items]
     with tempfile.TemporaryDirectory(prefix="wsss-soak-") as tmp:

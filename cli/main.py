@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 import typing
@@ -280,6 +281,7 @@ class Command:
     arguments: tuple[tuple[tuple[str, ...], dict], ...] = ()
     config: bool = True
     description: str | None = None
+    default_config: str | None = None  # --config when none is given
     commands: tuple[Command, ...] = ()
 
 
@@ -533,6 +535,7 @@ COMMANDS = (
         "the warm-up (reports/soak/; --config defaults to configs/quick.yaml)",
         cmd_soak,
         SOAK,
+        default_config="configs/quick.yaml",
     ),
     Command(
         "infer-bench",
@@ -540,6 +543,7 @@ COMMANDS = (
         "(reports/bench/infer_folder.md; --config defaults to configs/quick.yaml)",
         cmd_infer_bench,
         INFER_BENCH,
+        default_config="configs/quick.yaml",
     ),
     Command(
         "scaling",
@@ -547,14 +551,22 @@ COMMANDS = (
         "(reports/scaling/; --config defaults to configs/pets_real.yaml)",
         cmd_scaling,
         SCALING,
+        default_config="configs/pets_real.yaml",
     ),
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsss", description=__doc__)
+    _add_commands(parser, COMMANDS, "command")
+    return parser
+
+
+def _config_flags(default: str | None) -> argparse.ArgumentParser:
+    """--config and --set, made anew for each command: argparse parents share their
+    actions, so one command's default would otherwise become every command's."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="YAML config (see configs/)")
+    common.add_argument("--config", default=default, help="YAML config (see configs/)")
     common.add_argument(
         "--set",
         action="append",
@@ -562,17 +574,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.epochs=3",
     )
-    _add_commands(parser, COMMANDS, common, "command")
-    return parser
+    return common
 
 
-def _add_commands(parser, commands, common, dest: str) -> None:
+def _add_commands(parser, commands, dest: str) -> None:
     sub = parser.add_subparsers(dest=dest, required=True)
     for c in commands:
         p = sub.add_parser(
             c.name,
             help=c.help,
-            parents=[common] if c.config else [],
+            parents=[_config_flags(c.default_config)] if c.config else [],
             description=c.description,
             formatter_class=argparse.RawDescriptionHelpFormatter
             if c.description
@@ -581,13 +592,15 @@ def _add_commands(parser, commands, common, dest: str) -> None:
         for names, kwargs in c.arguments:
             p.add_argument(*names, **kwargs)
         if c.commands:
-            _add_commands(p, c.commands, common, "action")
+            _add_commands(p, c.commands, "action")
         else:
             p.set_defaults(func=c.run)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # The command line as run, for the reports that name the command that made them.
+    args.invocation = shlex.join(["wsss", *(sys.argv[1:] if argv is None else argv)])
     try:
         args.func(args)
     except (WsssError, ConfigError, FileNotFoundError, ValueError) as exc:

@@ -271,7 +271,7 @@ def servable_versions(repo: Path, name: str, fmt: str, new: int, keep: int) -> l
 
 
 _PROJECT_IMPORT = re.compile(
-    r"^\s*(from|import)\s+(wsss|training|export|serving|benchmarks)\b", re.M
+    r"^\s*(from|import)\s+(wsss|training|export|serving|benchmarks|cli)\b", re.M
 )
 _LOCAL_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.M)
 

@@ -75,7 +75,10 @@ def test_every_command_is_made_from_the_table():
         "-m", "cli", "train", "--stages", "pseudo"
     ]  # fmt: skip
     args = parser.parse_args(["infer-bench", "--concurrency", "2"])
-    assert args.func is cmd_infer_bench and args.concurrency == 2 and args.config is None
+    assert args.func is cmd_infer_bench and args.concurrency == 2
+    assert args.config == "configs/quick.yaml"  # the table's default for this command
+    assert parser.parse_args(["scaling"]).config == "configs/pets_real.yaml"
+    assert parser.parse_args(["train"]).config is None  # one command's default is its own
     for command in COMMANDS:
         for leaf in command.commands or (command,):
             assert leaf.run is not None, leaf.name
