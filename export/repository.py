@@ -35,7 +35,13 @@ from export.configs import (
 from export.lock import locked_staging
 from export.onnx_export import check_parity, export_onnx
 from export.torchscript_export import check_torchscript_parity, export_torchscript
-from training.pipeline import PassThroughSegmenter, ServedSegmenter, load_model, refine_step
+from training.pipeline import (
+    PassThroughSegmenter,
+    ServedSegmenter,
+    load_model,
+    refine_step,
+    resolved_refine,
+)
 from training.refine import RefinerSpec, saliency_model, served_settings
 from wsss import served
 from wsss.config import Config, save_config, served_config
@@ -105,6 +111,13 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
             f"which differ ({', '.join(names)} vs {', '.join(seg_names)}); give "
             "classifier.class_groups one group per data class, in the data's order"
         )
+    if refiner.served == "training":
+        spec = RefinerSpec.of(cfg.refine)
+        raise ExportError(
+            f"refine.method {spec} is not served: {spec.follow} makes training pseudo-masks "
+            f"only (its library is not in the serving images); set export.refine.method, "
+            f"e.g. {spec.seed}"
+        )
     network_refiner = refiner.served == "network"  # an exported graph, not a Python model
     model_files = _refiner_files(cfg, refiner)  # the ONNX models a Python refiner runs
     features = None
@@ -125,7 +138,7 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
     else:
         # The refiner model rebuilds itself from these (config.pbtxt parameters).
         params[REFINER] = {
-            "refine": json.dumps(served_settings(cfg.refine), sort_keys=True),
+            "refine": json.dumps(served_settings(resolved_refine(cfg, cmeta)), sort_keys=True),
             "multi_label": str(multi_label).lower(),
         }
     version = next_version(repo)

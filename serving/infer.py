@@ -38,6 +38,7 @@ from wsss.tensors import (
     PSEUDO_MASK,
     PSEUDO_MASK_FULL,
     SCORES,
+    SEG_PROBS,
     SEGMENTATION,
     SEGMENTATION_FULL,
 )
@@ -252,7 +253,7 @@ class _Run:
     def figure(self, data: bytes, path: Path) -> Path:
         """Image, CAM of the top class, pseudo-mask and segmentation at the model size: the
         tensor ensemble's outputs (the bytes ensemble returns no CAMs)."""
-        from wsss.figures import overlay, panel_figure  # matplotlib: only when drawing
+        from wsss.figures import legend_entries, overlay, panel_figure  # matplotlib: when drawing
 
         client = self.client(PIPELINE)
         sent = resize(load_image(data), client.image_size)
@@ -260,14 +261,23 @@ class _Run:
         top = int(outputs[SCORES].argmax())
         label, score = top_class(outputs[SCORES], self.base.class_names)
         cam = f"CAM: {label} ({score:.2f})"
+        masks = [outputs[PSEUDO_MASK], outputs[SEGMENTATION]]
         panels = {
             "image": sent,
             cam: outputs[CAMS][top],
-            "pseudo-mask": overlay(sent, outputs[PSEUDO_MASK]),
-            "segmentation": overlay(sent, outputs[SEGMENTATION]),
+            "pseudo-mask": overlay(sent, masks[0], palette=self.palette),
+            "segmentation": overlay(sent, masks[1], palette=self.palette),
         }
+        # The classes the masks hold, named and coloured as the server says (binary masks:
+        # the foreground, named by the top class).
+        names = self.base.class_names or []
+        if outputs[SEG_PROBS].shape[0] == 2:  # background + one foreground: the top class
+            names = [label]
+        legend = legend_entries(masks, names, self.palette)
         with _FIGURE_LOCK:
-            return atomic_write(path, lambda tmp: panel_figure([panels], list(panels), tmp))
+            return atomic_write(
+                path, lambda tmp: panel_figure([panels], list(panels), tmp, legend=legend)
+            )
 
 
 def infer_images(items: list[Item], url: str, protocol: str, options: InferOptions) -> InferReport:

@@ -50,6 +50,22 @@ def real_pets() -> Path:
     return REAL_PETS
 
 
+# Real multi-object photos (COCO photos with VOC's 20 classes, VOC layout): the shared
+# subset beside the project, or wherever WSSS_COCO_VOC_DATA points.
+REAL_SCENES = Path(
+    os.environ.get("WSSS_COCO_VOC_DATA") or ROOT.parent / "shared" / "data" / "coco-voc-subset"
+)
+
+
+@pytest.fixture(scope="session")
+def real_scenes() -> Path:
+    if not (REAL_SCENES / "ImageSets" / "Segmentation" / "val.txt").is_file():
+        pytest.skip(
+            f"no multi-object photos at {REAL_SCENES} (set WSSS_COCO_VOC_DATA to a VOC folder)"
+        )
+    return REAL_SCENES
+
+
 # The longest modules, longest first (measured: `make test PYTEST_ARGS=--durations=0`). Under
 # `make test` each of the two workers takes a module at a time, so a long module handed out
 # last leaves the other worker idle to the end; these go first, then every other module
@@ -93,7 +109,7 @@ def pytest_terminal_summary(terminalreporter):
         )
     if any(counts.values()):
         ran = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
-        terminalreporter.write_line(f"real-photo tests ({REAL_PETS}): {ran}")
+        terminalreporter.write_line(f"real-photo tests ({REAL_PETS}, {REAL_SCENES}): {ran}")
 
 
 def free_port() -> int:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from training import distributed
 from training.data.dataset import WSSSDataset
 from training.data.layouts import IGNORE
-from training.metrics import ConfusionMatrix, average_precision
+from training.metrics import ConfusionMatrix, average_precision, label_f1
 from training.pipeline import Pipeline, mask_values, translate_labels
 from wsss.figures import colourise, overlay, panel_figure
 
@@ -41,6 +41,9 @@ class Evaluation:
     # Image-level: (scores, labels in the classifier's classes) of the images that have them.
     scores: list[np.ndarray] = field(default_factory=list)
     labels: list[tuple[int, ...]] = field(default_factory=list)
+    # Multi-label: the classes its refiner takes as present (at its score thresholds), per
+    # image with labels, for the label F1 beside mAP.
+    predicted: list[tuple[int, ...]] = field(default_factory=list)
     examples: dict[str, list[np.ndarray]] = field(default_factory=dict)
     # Binary tasks: each scored image's own foreground IoU, for the mean over images that
     # some papers report beside the IoU pooled over the split (the confusion matrices').
@@ -63,7 +66,10 @@ class Evaluation:
         truth = np.zeros_like(scores, dtype=bool)
         for row, ls in zip(truth, self.labels, strict=True):
             row[list(ls)] = True
-        return {"map": average_precision(scores, truth)}
+        out = {"map": average_precision(scores, truth), "map_classes": int(truth.any(0).sum())}
+        if len(self.predicted) == len(self.labels):
+            out["label_f1"] = label_f1(self.predicted, self.labels)
+        return out
 
     def row(self) -> dict[str, float]:
         """The scores it has; masks with no labelled pixel (a folder without masks/) give
@@ -96,6 +102,10 @@ class Evaluation:
             out["labels"] = np.zeros(out["scores"].shape, bool)
             for row, ls in zip(out["labels"], self.labels, strict=True):
                 row[list(ls)] = True
+            if len(self.predicted) == len(self.labels):
+                out["predicted"] = np.zeros(out["scores"].shape, bool)
+                for row, ps in zip(out["predicted"], self.predicted, strict=True):
+                    row[list(ps)] = True
         for kind, shown in self.examples.items():  # kept when empty: figure_rows counts them
             out[f"examples.{kind}"] = np.array(shown)
         return out
@@ -118,6 +128,8 @@ class Evaluation:
             if "scores" in part:
                 r.scores += list(part["scores"])
                 r.labels += [tuple(np.flatnonzero(row).tolist()) for row in part["labels"]]
+            if "predicted" in part:
+                r.predicted += [tuple(np.flatnonzero(row).tolist()) for row in part["predicted"]]
             for key, shown in part.items():
                 if key.startswith("examples."):
                     r.examples.setdefault(key.removeprefix("examples."), []).extend(shown)
@@ -196,6 +208,8 @@ def evaluate(
                     if ls is not None:
                         r.scores.append(s)
                         r.labels.append(ls)
+                        if not binary and pipe.refiner is not None:
+                            r.predicted.append(tuple(pipe.refiner.present(s)))
                 if shown:  # the CAM of the first label (else of the top class) of each image
                     scores, cams = (t.numpy() for t in outputs[key][:2])
                     first = [ls[0] if ls else int(scores[k].argmax()) for k, ls in
@@ -266,16 +280,20 @@ def figure_rows(
 _COLUMNS = {
     "accuracy": "classifier accuracy",
     "map": "classifier mAP",
+    "map_classes": "mAP classes",
+    "label_f1": "label F1",
     "pseudo_iou": "pseudo-mask IoU",
     "pseudo_dice": "pseudo-mask Dice",
     "pseudo_image_iou": "pseudo-mask IoU per image",
     "pseudo_miou": "pseudo-mask mIoU",
     "pseudo_mdice": "pseudo-mask mDice",
+    "pseudo_classes": "pseudo-mask classes",
     "seg_iou": "segmenter IoU",
     "seg_dice": "segmenter Dice",
     "seg_image_iou": "segmenter IoU per image",
     "seg_miou": "segmenter mIoU",
     "seg_mdice": "segmenter mDice",
+    "seg_classes": "segmenter classes",
     "of_bound": "/ supervised",
     "refine_ms": "refine ms/image",
     "train_seconds": "training s",
@@ -302,7 +320,7 @@ def markdown_table(
 def _format(key: str, value: float) -> str:
     if key == "refine_ms":
         return f"{value:.2f}"
-    if key == "train_seconds":
+    if key in ("train_seconds", "map_classes", "pseudo_classes", "seg_classes"):
         return f"{value:.0f}"
     if key == "of_bound":
         return f"{value:.2f}x"

@@ -30,10 +30,21 @@ class ConfusionMatrix:
         return np.divide(2 * tp, denom, out=np.full(self.n, np.nan), where=denom > 0)
 
     def summary(self, binary: bool) -> dict[str, float]:
-        """Binary: foreground IoU and Dice (the pets convention). Multi-class: mIoU with bg."""
+        """Binary: foreground IoU and Dice (the pets convention). Multi-class: mIoU over
+        background + the classes that the truth or the prediction holds (ignored pixels
+        aside), and how many classes that mean is over (``classes``, background included)."""
         if binary:
             return {"iou": float(self.iou()[1]), "dice": float(self.dice()[1])}
-        return {"miou": float(np.nanmean(self.iou())), "mdice": float(np.nanmean(self.dice()))}
+        iou = self.iou()
+        return {
+            "miou": float(np.nanmean(iou)),
+            "mdice": float(np.nanmean(self.dice())),
+            "classes": int(np.count_nonzero(~np.isnan(iou))),
+        }
+
+    def per_class(self) -> list[float | None]:
+        """Each class's IoU (None where neither truth nor prediction holds it)."""
+        return [None if np.isnan(v) else float(v) for v in self.iou()]
 
 
 def average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
@@ -48,3 +59,14 @@ def average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
         precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
         aps.append(float(precision[hits].mean()))
     return float(np.mean(aps)) if aps else float("nan")
+
+
+def label_f1(predicted: list[set[int]], truth: list[set[int]]) -> float:
+    """Mean over images of the F1 of the predicted class set against the true one (an
+    image with neither scores 1): how well a multi-label classifier says what a photo
+    holds at its thresholds, beside the threshold-free mAP."""
+    scores = []
+    for p, t in zip(predicted, truth, strict=True):
+        p, t = set(p), set(t)
+        scores.append(1.0 if not p and not t else 2 * len(p & t) / (len(p) + len(t)))
+    return float(np.mean(scores)) if scores else float("nan")

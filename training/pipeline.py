@@ -8,6 +8,7 @@ refiner as the Triton ensemble does.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,6 +244,16 @@ class Pipeline:
         }
 
 
+def resolved_refine(cfg, meta: dict):
+    """The RefineConfig the refiner is built from: ``cfg.refine``, with the per-class score
+    thresholds that ``classifier.threshold_folds`` chose (saved in the classifier's
+    checkpoint) in place of ``refine.score_threshold``."""
+    thresholds = meta.get("score_thresholds")
+    if not (cfg.classifier.threshold_folds and thresholds):
+        return cfg.refine
+    return dataclasses.replace(cfg.refine, score_threshold=list(thresholds))
+
+
 def refine_step(cfg, binary: bool | None = None) -> tuple[ServedClassifier, Refiner, dict]:
     """The served classifier and refiner the config names, and the classifier's metadata
     (task, class names), from the run's checkpoints: the one place that reads them.
@@ -257,11 +268,13 @@ def refine_step(cfg, binary: bool | None = None) -> tuple[ServedClassifier, Refi
         net, head, ls_meta = load_levelset(runs / network)
         meta = ls_meta["classifier"]
         multi = get_task(meta["task"]).multi_label
-        levelset = ServedLevelSet(head, multi, cfg.refine.score_threshold, cfg.refine.min_score)
+        refine = resolved_refine(cfg, meta)
+        levelset = ServedLevelSet(head, multi, refine.score_threshold, refine.min_score)
     else:
         net, meta = load_model(runs / "classifier" / "best.pt")
         multi = get_task(meta["task"]).multi_label
-    refiner = build_refiner(cfg.refine, multi, binary, levelset)
+        refine = resolved_refine(cfg, meta)
+    refiner = build_refiner(refine, multi, binary, levelset)
     served = ServedClassifier(
         net, multi, refiner.needs_features, cfg.classifier.cam_method, meta["class_names"]
     )

@@ -24,7 +24,7 @@ graph, ``module``): the fixed and Otsu thresholds, with nothing after them, are 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -71,10 +71,14 @@ __all__ = [
 
 
 def present_classes_mask(
-    scores: torch.Tensor, multi_label: bool, threshold: float, min_score: float = 0.0
+    scores: torch.Tensor,
+    multi_label: bool,
+    threshold: float | Sequence[float],
+    min_score: float = 0.0,
 ) -> torch.Tensor:
     """Bool [B, K]: top-1 (pets), or every class at or above ``threshold`` (voc, at least
-    the top one); none where even the top score is below ``min_score``.
+    the top one; one threshold, or one per class); none where even the top score is below
+    ``min_score``.
 
     The graph form of ``present_classes``; it also takes one-hot labels.
     """
@@ -82,7 +86,8 @@ def present_classes_mask(
     top = (scores == best) & (best >= min_score)
     if not multi_label:
         return top
-    above = scores >= max(threshold, min_score)
+    cut = torch.as_tensor(np.maximum(threshold, min_score), dtype=scores.dtype)
+    above = scores >= cut
     # Logical ops, not torch.where: ONNX Runtime has no Where kernel for bool tensors.
     return above | (top & ~above.any(dim=1, keepdim=True))
 
@@ -189,7 +194,8 @@ class RefinerEntry:
     ``role``: ``seed`` (makes a mask from the CAMs) or ``follow`` (refines a seed's mask).
     ``served``: how the repository serves it alone, as ``Refiner.served`` says it:
     ``network`` (an exported graph) or ``python`` (the Python refiner model; any follow-up
-    makes the whole refiner Python).
+    makes the whole refiner Python); ``training``: not served at all (the dense CRF, whose
+    library the serving images lack): export refuses it, ``export.refine`` serves another.
     ``checkpoint``: the trained network it needs, under the run folder. ``runner`` and
     ``export_file``: the ONNX model the served Python refiner runs beside its model.py, and
     the role it plays there (``attention`` or ``saliency``). ``follow_ups``: whether GrabCut
@@ -198,7 +204,7 @@ class RefinerEntry:
 
     name: str
     role: Literal["seed", "follow"]
-    served: Literal["network", "python"]
+    served: Literal["network", "python", "training"]
     summary: str
     needs_features: bool = False
     checkpoint: str | None = None
@@ -208,11 +214,26 @@ class RefinerEntry:
     build: Callable[..., Refiner] | None = None
 
 
+def _steps(cfg: RefineConfig) -> dict:
+    """The follow-ups training brings to the shared builder: the dense CRF (not served)."""
+    if not cfg.crf:
+        return {}
+    from training.crf import DenseCRF
+
+    return {"crf": DenseCRF.of(cfg)}
+
+
+def _training_only(refiner: Refiner, cfg: RefineConfig) -> Refiner:
+    if cfg.crf:  # its library is not in the serving images: export refuses it
+        refiner.served = "training"
+    return refiner
+
+
 def _threshold(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
-    refiner = build_classical(dataclasses.asdict(cfg), multi_label, binary)
+    refiner = build_classical(dataclasses.asdict(cfg), multi_label, binary, steps=_steps(cfg))
     if isinstance(refiner, FixedThreshold | OtsuThreshold):  # nothing after it: a graph
         refiner.served, refiner.module = "network", ServedThreshold(refiner).eval()
-    return refiner
+    return _training_only(refiner, cfg)
 
 
 def _attention(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
@@ -224,7 +245,9 @@ def _attention(cfg: RefineConfig, multi_label: bool, binary: bool | None, levels
 
 def _saliency(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
     saliency = OnnxSaliency(saliency_model(cfg))
-    return build_classical(dataclasses.asdict(cfg), multi_label, binary, saliency=saliency)
+    settings = dataclasses.asdict(cfg)
+    refiner = build_classical(settings, multi_label, binary, saliency=saliency, steps=_steps(cfg))
+    return _training_only(refiner, cfg)
 
 
 def _levelset(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
@@ -282,6 +305,12 @@ REFINERS: dict[str, RefinerEntry] = {
         ),
         RefinerEntry("grabcut", "follow", "python", "OpenCV GrabCut from the seed's mask"),
         RefinerEntry("chanvese", "follow", "python", "classical Chan-Vese from the seed's mask"),
+        RefinerEntry(
+            "crf",
+            "follow",
+            "training",
+            "a dense CRF from the seed's mask (training pseudo-masks; not served)",
+        ),
     )
 }
 LEVELSET = REFINERS["levelset"]  # the one trained refiner: its checkpoint under a run
@@ -321,20 +350,18 @@ class RefinerSpec:
 
     @classmethod
     def of(cls, cfg: RefineConfig) -> RefinerSpec:
-        if cfg.grabcut and cfg.chanvese:
-            raise ValueError("refine.grabcut and refine.chanvese exclude each other: pick one")
-        follow = "grabcut" if cfg.grabcut else "chanvese" if cfg.chanvese else None
-        return cls(cfg.method, follow)
+        on = [f for f in FOLLOW_UPS if getattr(cfg, f)]
+        if len(on) > 1:
+            raise ValueError(f"refine.{' and refine.'.join(on)} exclude each other: pick one")
+        return cls(cfg.method, on[0] if on else None)
 
     def __str__(self) -> str:
         return self.seed + (f"+{self.follow}" if self.follow else "")
 
     def apply(self, base: RefineConfig) -> RefineConfig:
         """``base`` with this refiner (and every other setting of base)."""
-        follow = self.follow
-        return dataclasses.replace(
-            base, method=self.seed, grabcut=follow == "grabcut", chanvese=follow == "chanvese"
-        )
+        switches = {f: f == self.follow for f in FOLLOW_UPS}
+        return dataclasses.replace(base, method=self.seed, **switches)
 
     @property
     def entry(self) -> RefinerEntry:
@@ -342,7 +369,9 @@ class RefinerSpec:
 
     @property
     def served(self) -> str:
-        return self.entry.served if self.follow is None else "python"
+        if self.follow is None:
+            return self.entry.served
+        return "training" if REFINERS[self.follow].served == "training" else "python"
 
     @property
     def checkpoint(self) -> str | None:

@@ -19,7 +19,7 @@ from training.data.dataset import WSSSDataset, random_resized_crop_flip
 from training.data.layouts import IGNORE, describe, list_samples
 from training.levelset.model import LevelSetHead
 from training.levelset.train import LevelSetLoss, LevelSetModel, head_kwargs
-from training.loop import fit, resolve_device, save_checkpoint
+from training.loop import fit, load_checkpoint, resolve_device, save_checkpoint
 from training.models import build_classifier, build_segmenter
 from training.models.imagenet import imagenet_class_names, parse_class_groups
 from training.pipeline import (
@@ -118,11 +118,21 @@ def classifier_setup(cfg: Config, data_names: list[str]) -> tuple[dict, list[str
     return kwargs, names
 
 
+def learns_classes(cfg: Config) -> bool:
+    """Whether the classifier stage trains anything: a task head, or the ImageNet head's
+    learned classes (class groups with no ids: ``CAMClassifier``)."""
+    c = cfg.classifier
+    return c.head != "imagenet" or any(not ids for ids in c.class_groups.values())
+
+
 def train_classifier(cfg: Config, data: WSSSDataset | None) -> nn.Module:
     """Image-level labels only: cross-entropy (pets) or binary cross-entropy (voc).
 
     With ``classifier.head: imagenet`` there is nothing to train: the pretrained head is the
     classifier, written as this stage's checkpoint so every later stage reads it the same way.
+    Its learned classes (class groups with no ids) are the exception: their head trains on
+    the labels, the backbone and the ImageNet head frozen. ``classifier.threshold_folds``
+    then chooses each class's score threshold by cross-validation (``choose_thresholds``).
     """
     _seed(cfg)
     kwargs, names = classifier_setup(cfg, data.class_names if data is not None else [])
@@ -138,12 +148,126 @@ def train_classifier(cfg: Config, data: WSSSDataset | None) -> nn.Module:
         "kwargs": kwargs | {"weights": None},
         "class_names": names,
     }
-    if imagenet:
+    if not learns_classes(cfg):
         note = f"classifier: the ImageNet head, {len(names)} classes: nothing to train"
-        return _untrained(cfg, "classifier", model, meta, note)
+        model = _untrained(cfg, "classifier", model, meta, note)
+        if cfg.classifier.threshold_folds and data is not None:
+            choose_thresholds(cfg, data, model, meta, None)
+        return model
+    if model.frozen and names != data.class_names:
+        raise ValueError(
+            "classifier.class_groups with learned classes (no ids) name the data's classes in "
+            f"its order: {', '.join(data.class_names)}"
+        )
     tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
+    model = _fit_classifier(cfg, model, data, tr, va, meta, "classifier")
+    if cfg.classifier.threshold_folds:
+        choose_thresholds(cfg, data, model, meta, kwargs)
+    return model
+
+
+def _fit_classifier(cfg, model, data, tr, va, meta, out) -> nn.Module:
+    if model.frozen:
+        model.freeze()
     loss = {"ce": nn.CrossEntropyLoss, "bce": nn.BCEWithLogitsLoss}[cfg.data.kind.loss]()
-    return _train(cfg, model, _View(data, tr, True), _View(data, va, False), loss, meta)
+    return _train(cfg, model, _View(data, tr, True), _View(data, va, False), loss, meta, out=out)
+
+
+def _predicted(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Bool [N, K]: what ``present_classes`` takes as present, every class at or above its
+    threshold, else the top one."""
+    above = scores >= thresholds
+    top = np.zeros_like(above)
+    top[np.arange(len(scores)), scores.argmax(1)] = True
+    return np.where(above.any(1, keepdims=True), above, top)
+
+
+def _image_f1(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Mean per-image F1 of bool [N, K] predictions (``training.metrics.label_f1``)."""
+    tp = (predicted & truth).sum(1)
+    total = predicted.sum(1) + truth.sum(1)
+    return float(np.mean(np.where(total > 0, 2 * tp / np.maximum(total, 1), 1.0)))
+
+
+def label_thresholds(scores: np.ndarray, truth: np.ndarray, passes: int = 2) -> np.ndarray:
+    """Per-class score thresholds that maximise the mean per-image label F1 (what the
+    reports give) of ``scores`` [N, K] against ``truth`` (bool): the best single threshold
+    first, then each class's own by coordinate ascent, a class at a time, cutting halfway
+    between two of its scores; a class moves only when the F1 rises. Classes of different
+    scales (softmax masses beside sigmoids) each get their own cut."""
+    candidates = np.unique(np.quantile(scores, np.linspace(0, 1, 101)))
+    flat = [_image_f1(_predicted(scores, np.full(scores.shape[1], t)), truth) for t in candidates]
+    cuts = np.full(scores.shape[1], candidates[int(np.argmax(flat))])
+    best = max(flat)
+    for _ in range(passes):
+        for c in range(scores.shape[1]):
+            values = np.unique(scores[:, c])
+            for t in np.concatenate([(values[:-1] + values[1:]) / 2, [values[-1] + 1e-6]]):
+                trial = cuts.copy()
+                trial[c] = t
+                f1 = _image_f1(_predicted(scores, trial), truth)
+                if f1 > best + 1e-9:
+                    best, cuts = f1, trial
+    return cuts
+
+
+def choose_thresholds(cfg: Config, data: WSSSDataset, model, meta: dict, kwargs) -> list[float]:
+    """Each class's score threshold, chosen by ``classifier.threshold_folds``-fold
+    cross-validation on the training photos: every photo scored by a classifier that did
+    not train on it (one trained per fold with the same recipe; an untrained head scores
+    them as it is), then per class the threshold of the best F1 over the photos. Saved in
+    the checkpoint's meta (``score_thresholds``, ``threshold_cv``), which the refiner reads
+    in place of ``refine.score_threshold``."""
+    if not cfg.data.kind.multi_label:
+        raise ValueError(
+            "classifier.threshold_folds: per-class thresholds are for multi-label tasks"
+        )
+    folds = cfg.classifier.threshold_folds
+    if folds < 2 and kwargs is not None:
+        raise ValueError("classifier.threshold_folds: 0 (off) or at least 2 folds")
+    multi = True
+    order = np.random.default_rng(cfg.train.seed).permutation(len(data))
+    scores = np.zeros((len(data), model.num_classes), np.float32)
+    for k in range(folds if kwargs is not None else 1):
+        held = np.sort(order[k::folds]) if kwargs is not None else np.arange(len(data))
+        fold_model = model
+        if kwargs is not None:  # a classifier per fold, trained without its held-out photos
+            rest = np.setdiff1d(np.arange(len(data)), held)
+            tr, va = _split(len(rest), cfg.data.val_fraction, cfg.train.seed)
+            fold = build_classifier(
+                cfg.classifier.arch, pretrained=cfg.classifier.pretrained, **kwargs
+            )
+            _seed(cfg)
+            fold_model = _fit_classifier(
+                cfg, fold, data, rest[tr], rest[va], meta, f"classifier/folds/{k}"
+            )
+        served = ServedClassifier(fold_model.eval(), multi).eval()
+        with torch.inference_mode():
+            for start in range(0, len(held), cfg.train.batch_size):
+                idx = held[start : start + cfg.train.batch_size]
+                scores[idx] = served(torch.from_numpy(data.images[idx]))[0].numpy()
+    truth = np.zeros(scores.shape, bool)
+    for row, labels in zip(truth, data_labels(data, meta["class_names"]), strict=True):
+        row[list(labels or ())] = True
+    cuts = label_thresholds(scores, truth)
+    thresholds = [float(t) for t in cuts]
+    path = Path(cfg.runs) / "classifier" / "best.pt"
+    if distributed.is_main():
+        ckpt = load_checkpoint(path)
+        ckpt["meta"]["score_thresholds"] = thresholds
+        ckpt["meta"]["threshold_cv"] = {
+            "folds": folds if kwargs is not None else 0,
+            "images": len(data),
+            "label_f1": round(_image_f1(_predicted(scores, cuts), truth), 4),
+            "positives": truth.sum(0).tolist(),
+        }
+        save_checkpoint(ckpt, path)
+        shown = ", ".join(
+            f"{n} {t:.3f}" for n, t in zip(meta["class_names"], thresholds, strict=True)
+        )
+        tqdm.write(f"classifier: per-class thresholds by cross-validation: {shown}")
+    distributed.barrier()
+    return thresholds
 
 
 def data_labels(data: WSSSDataset, class_names: list[str]) -> list[tuple[int, ...] | None]:
@@ -196,13 +320,14 @@ def train_levelset(cfg: Config, data: WSSSDataset, classifier: nn.Module, cmeta:
     tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
     train = _LevelSetView(data, tr, True, seeds[tr])
     val = _LevelSetView(data, va, False, seeds[va])
-    keep = ("family", "arch", "task", "kwargs", "class_names")
+    keep = ("family", "arch", "task", "kwargs", "class_names", "score_thresholds")
+    cmeta = {k: v for k, v in cmeta.items() if k in keep}
     meta = {
         "family": "levelset",
         "task": cfg.data.kind.as_meta(),
         "kwargs": kwargs,
         "finetune": cfg.levelset.finetune,
-        "classifier": {k: cmeta[k] for k in keep},
+        "classifier": cmeta,
     }
     return _train(cfg, model, train, val, loss, meta, cfg.levelset.epochs, cfg.levelset.lr)
 
@@ -515,7 +640,11 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
     network = RefinerSpec.of(cfg.refine).checkpoint  # a refiner trained here (the level set)
     # Loaded once, and only when a stage reads it (the ImageNet head trains on nothing);
     # pseudo-masks alone decode only each rank's share (write_pseudo_masks).
-    imagenet_only = tuple(stages) == ("classifier",) and cfg.classifier.head == "imagenet"
+    imagenet_only = (
+        tuple(stages) == ("classifier",)
+        and not learns_classes(cfg)
+        and not cfg.classifier.threshold_folds
+    )
     levelset_missing = bool(network) and not (runs / network).exists()
     pseudo_only = (
         tuple(stages) == ("pseudo",) and cfg.segmenter.arch != PASSTHROUGH and not levelset_missing

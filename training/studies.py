@@ -39,6 +39,7 @@ from training.pipeline import (
     load_model,
     pipeline_from_config,
     refine_step,
+    resolved_refine,
 )
 from training.refine import LEVELSET, RefinerSpec, build_refiner
 from wsss.config import PASSTHROUGH, Config, RefineConfig, load_config, save_config
@@ -51,9 +52,11 @@ VIT = "ViT attention (no classifier)"
 
 
 def load_test_set(cfg: Config, say: bool = True) -> WSSSDataset:
-    data = WSSSDataset.from_config(cfg.data, "test")
+    """The photos the evaluation scores: the test split, or with ``evaluate.split: train``
+    the training photos (where choices are made, never on the test list reported)."""
+    data = WSSSDataset.from_config(cfg.data, cfg.evaluate.split)
     if say:
-        tqdm.write(f"test data: {data.source}")
+        tqdm.write(f"{cfg.evaluate.split} data: {data.source}")
     return data
 
 
@@ -141,10 +144,14 @@ def parse_refiner(spec: str, base: RefineConfig) -> RefineConfig:
 
 
 def classifier_label(run: Path, meta: dict) -> str:
-    """``resnet18``, or ``mobilenet_v2 (ImageNet)`` when the run started from ImageNet."""
+    """``resnet18``, or ``mobilenet_v2 (ImageNet)`` when the run started from ImageNet;
+    an ImageNet head with learned classes names them (``+ person learned``)."""
     saved = run / "classifier" / "config.yaml"
     pretrained = saved.exists() and load_config(saved).classifier.pretrained
-    return f"{meta['arch']} (ImageNet)" if pretrained else meta["arch"]
+    label = f"{meta['arch']} (ImageNet)" if pretrained else meta["arch"]
+    groups = meta["kwargs"].get("class_groups") or []
+    learned = [n for n, ids in zip(meta["class_names"], groups, strict=False) if not ids]
+    return f"{label} + {', '.join(learned)} learned" if learned else label
 
 
 def cam_study(cfg: Config) -> str:
@@ -163,6 +170,7 @@ def cam_study(cfg: Config) -> str:
         who = f"{who} [{run}]" if who in seen else who  # two runs of one architecture
         seen.add(who)
         multi = get_task(meta["task"]).multi_label
+        base = resolved_refine(cfg, meta)  # with the classifier's own score thresholds
         for cam in cfg.evaluate.cam_methods:
             served = ServedClassifier(net, multi, False, cam, meta["class_names"]).eval()
             stem = run.name if "[" in who else who.split()[0]
@@ -170,7 +178,7 @@ def cam_study(cfg: Config) -> str:
             for spec in specs:
                 if spec in ("levelset", "vit"):  # below: not one per CAM method
                     continue
-                refiner = build_refiner(parse_refiner(spec, cfg.refine), multi)
+                refiner = build_refiner(parse_refiner(spec, base), multi)
                 name = f"{who} / {cam} / {refiner.name}"
                 pipes[name] = Pipeline(served, None, refiner)
                 labels[name] = {"classifier": who, "CAM": cam, "refiner": refiner.name}
@@ -189,7 +197,7 @@ def cam_study(cfg: Config) -> str:
             labels[name] = {"classifier": who, "CAM": served.cam_method, "refiner": refiner.name}
         supervised = supervised or supervised_pipeline(run)
         if "vit" in specs and VIT not in pipes:  # no classifier: one row for the study
-            refiner = build_refiner(parse_refiner("vit", cfg.refine), multi)
+            refiner = build_refiner(parse_refiner("vit", base), multi)
             served = ServedClassifier(net, multi, False, "cam", meta["class_names"]).eval()
             pipes[VIT] = Pipeline(served, None, refiner)
             labels[VIT] = {"classifier": "-", "CAM": "-", "refiner": VIT}

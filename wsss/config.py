@@ -68,10 +68,17 @@ class ClassifierConfig:
     # With head=imagenet: the classes, each a list of ImageNet ids or "first-last" ranges,
     # e.g. {cat: ["281-285"], dog: ["151-268"]} (training/models/imagenet.py documents the
     # groups for pets and VOC). Empty: the 1000 ImageNet classes themselves.
+    # A group with no ids ([]) is a class ImageNet has no category for (VOC's person): a
+    # learned class, scored by a head trained on the image labels while the backbone and
+    # the ImageNet head stay frozen (training/models/classifier.py).
     class_groups: dict[str, list[int | str]] = field(default_factory=dict)
+    # Multi-label: choose each class's score threshold (which classes a photo holds) by this
+    # many folds of cross-validation on the training photos, by F1; saved with the
+    # checkpoint and read in place of refine.score_threshold. 0: refine.score_threshold.
+    threshold_folds: int = 0
 
 
-FOLLOW_UPS = ("grabcut", "chanvese")  # RefineConfig's switches for what refines a seed
+FOLLOW_UPS = ("grabcut", "chanvese", "crf")  # RefineConfig's switches for what refines a seed
 
 
 @dataclass
@@ -90,6 +97,18 @@ class RefineConfig:
     grabcut_iterations: int = 5
     chanvese: bool = False  # refine it with classical iterative Chan-Vese instead
     chanvese_iterations: int = 15
+    # Or a fully connected CRF (Krahenbuhl & Koltun 2011, pydensecrf2) per class from the
+    # seed's mask: the seed's verdict as the unary (crf_confidence inside, 1 - it outside),
+    # a smoothness kernel and an appearance kernel (crf_spatial px, crf_colour RGB levels,
+    # weight crf_weight), mean-field for crf_iterations steps. Training pseudo-masks only:
+    # its compiled library is not in the serving images (export.refine serves another).
+    # Defaults chosen on the 150 training photos of configs/coco_voc.yaml.
+    crf: bool = False
+    crf_confidence: float = 0.8
+    crf_iterations: int = 5
+    crf_spatial: float = 50.0
+    crf_colour: float = 13.0
+    crf_weight: float = 10.0
     # GrabCut seeds: CAM above sure_foreground is fixed foreground, below sure_background
     # fixed background; between them the threshold's verdict is only "probable".
     sure_foreground: float = 0.8
@@ -115,7 +134,9 @@ class RefineConfig:
     # background). Uses more than image labels: every table labels its rows so.
     saliency_doubt: Literal["keep", "background", "ignore"] = "keep"
     saliency_weights: str | None = None
-    score_threshold: float = 0.5  # voc serving: a class counts as present above this score
+    # voc serving: a class counts as present at or above this score (one per class: a list
+    # in the classifier's class order; classifier.threshold_folds chooses them instead).
+    score_threshold: float | list[float] = 0.5
     # When even the top score is below this, no class is refined: an empty mask when
     # serving, and no pseudo-mask at all (ignored) for a training image whose labels the
     # classifier has no class for. 0 always refines the top class. The ImageNet head's group
@@ -126,7 +147,7 @@ class RefineConfig:
     def only(self, method: str) -> RefineConfig:
         """These settings with ``method`` and nothing on top (no GrabCut, no Chan-Vese): a
         seed mask, or the level set, beside the configured refiner."""
-        return dataclasses.replace(self, method=method, grabcut=False, chanvese=False)
+        return dataclasses.replace(self, method=method, grabcut=False, chanvese=False, crf=False)
 
 
 @dataclass
@@ -334,6 +355,9 @@ class EvaluateConfig:
         ]
     )
     figure_images: int = 6  # test images shown per figure
+    # The photos scored: the test split (what reports give), or the training photos, where
+    # a profile's choices (refiner, thresholds, CRF weights) are made and compared.
+    split: Literal["test", "train"] = "test"
     # --levelset: the Table 2 rows MSE only and energy only beside MSE + energy (false:
     # MSE + energy only, for runs repeated over seeds).
     levelset_ablation: bool = True

@@ -16,15 +16,41 @@ from wsss.palette import IGNORE, VOC_PALETTE  # noqa: E402
 _PALETTE = np.array(VOC_PALETTE, np.uint8).reshape(256, 3)
 
 
-def colourise(mask: np.ndarray) -> np.ndarray:
-    """Class index map -> RGB with the VOC palette (255 = ignore shows as cream)."""
-    return _PALETTE[mask]
+def _palette(palette: list[int] | None) -> np.ndarray:
+    """[256, 3] colours: a flat PNG palette (a served model's), or VOC's."""
+    if not palette:
+        return _PALETTE
+    flat = np.zeros(768, np.uint8)
+    flat[: len(palette)] = palette[:768]
+    return flat.reshape(256, 3)
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def colourise(mask: np.ndarray, palette: list[int] | None = None) -> np.ndarray:
+    """Class index map -> RGB with the palette (VOC's by default; 255 = ignore shows as
+    cream in VOC's)."""
+    return _palette(palette)[mask]
+
+
+def legend_entries(
+    masks: list[np.ndarray], class_names: list[str], palette: list[int] | None = None
+) -> list[tuple[str, tuple[float, float, float]]]:
+    """(name, RGB in [0, 1]) of each class value the masks hold (0 background, c + 1 the
+    class ``class_names[c]``), in class order: what a legend of the overlays says."""
+    colours = _palette(palette)
+    values = sorted({int(v) for m in masks for v in np.unique(m)} - {0, IGNORE})
+    return [
+        (class_names[v - 1] if v - 1 < len(class_names) else f"class {v - 1}",
+         tuple(float(c) / 255 for c in colours[v]))
+        for v in values
+    ]  # fmt: skip
+
+
+def overlay(
+    image: np.ndarray, mask: np.ndarray, alpha: float = 0.5, palette: list[int] | None = None
+) -> np.ndarray:
     """The image with each class region tinted in its palette colour and outlined in white
     (VOC's dark colours alone vanish on dark photos)."""
-    colour = colourise(mask).astype(np.float32)
+    colour = colourise(mask, palette).astype(np.float32)
     keep = ((mask > 0) & (mask != IGNORE))[..., None]
     out = np.where(keep, (1 - alpha) * image + alpha * colour, image).astype(np.uint8)
     for value in np.unique(mask[(mask > 0) & (mask != IGNORE)]):
@@ -39,8 +65,10 @@ def panel_figure(
     titles: list[str],
     path: Path,
     row_labels: list[str] | None = None,
+    legend: list[tuple[str, tuple[float, float, float]]] | None = None,
 ) -> Path:
-    """A grid: one row per image, one column per entry (RGB arrays or [0, 1] heatmaps)."""
+    """A grid: one row per image, one column per entry (RGB arrays or [0, 1] heatmaps);
+    ``legend``: (class name, colour) pairs drawn below it (``legend_entries``)."""
     n, m = len(rows), len(titles)
     fig, axes = plt.subplots(n, m, figsize=(2.2 * m, 2.2 * n), squeeze=False)
     for r, row in enumerate(rows):
@@ -58,6 +86,12 @@ def panel_figure(
             if c == 0 and row_labels:
                 ax.set_ylabel(row_labels[r], fontsize=8)
     fig.tight_layout()
+    if legend:
+        from matplotlib.patches import Patch
+
+        handles = [Patch(facecolor=c, edgecolor="black", label=n) for n, c in legend]
+        fig.subplots_adjust(bottom=0.12 + 0.04 * ((len(handles) - 1) // 6))
+        fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

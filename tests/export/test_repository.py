@@ -252,3 +252,14 @@ def test_the_export_names_its_classes_where_clients_and_triton_read_them(good_re
         assert names == ["bear", "cat", "dog"] and palette == VOC_PALETTE, name
         assert set(files) in ({"SCORES"}, {"SCORES__0"}) and set(files.values()) == {"labels.txt"}
         assert (good_repo / name / "labels.txt").read_text() == "bear\ncat\ndog\n"
+
+
+def test_a_training_only_refiner_is_refused_and_another_served(tmp_path):
+    """The dense CRF makes training pseudo-masks only: export says so and writes nothing;
+    export.refine then serves its seed."""
+    cfg = random_export_cfg(tmp_path, "refine.method=fixed+crf")
+    with pytest.raises(ExportError, match="fixed\\+crf is not served.*export.refine.method"):
+        export_repository(cfg)
+    assert not any(Path(cfg.export.repository).glob("*/1"))
+    served = random_export_cfg(tmp_path, "refine.method=fixed+crf", "export.refine.method=fixed")
+    assert export_repository(served).version == 1

@@ -66,6 +66,53 @@ def test_present_classes_mask_is_the_graph_form_of_present_classes():
                     assert sorted(np.flatnonzero(row).tolist()) == want
 
 
+def test_per_class_thresholds_in_both_forms():
+    """One threshold per class: the numpy and graph forms agree, and each class is cut at
+    its own threshold (a class that no other threshold would keep is kept)."""
+    from training.refine import present_classes_mask
+
+    rng = np.random.default_rng(1)
+    scores = rng.random((100, 4)).astype(np.float32)
+    cuts = [0.9, 0.2, 0.5, 0.99]
+    graph = present_classes_mask(torch.from_numpy(scores), True, cuts).numpy()
+    for row, s in zip(graph, scores, strict=True):
+        want = present_classes(s, True, cuts)
+        assert sorted(np.flatnonzero(row).tolist()) == want
+    assert present_classes(np.array([0.3, 0.25, 0.1, 0.1]), True, cuts) == [1]
+    assert present_classes(np.array([0.95, 0.25, 0.6, 0.1]), True, cuts) == [0, 1, 2]
+
+
+def test_label_thresholds_beat_any_flat_threshold_on_mixed_scales():
+    """Two classes on different scales (a softmax mass, a sigmoid): per-class thresholds
+    find both, where any one threshold misses one of them."""
+    from training.metrics import label_f1
+    from training.stages import label_thresholds
+
+    rng = np.random.default_rng(0)
+    truth = rng.random((200, 2)) < 0.5
+    scores = np.where(truth, 0.6, 0.4) + rng.normal(0, 0.05, truth.shape)
+    scores[:, 0] *= 0.05  # small masses: present at ~0.03, absent at ~0.02
+    cuts = label_thresholds(scores, truth)
+    assert 0.02 < cuts[0] < 0.03 and 0.45 < cuts[1] < 0.55
+
+    def f1(t):
+        return label_f1([present_classes(s, True, t) for s in scores],
+                        [np.flatnonzero(x).tolist() for x in truth])  # fmt: skip
+
+    assert f1(cuts) > max(f1(t) for t in np.linspace(0, 1, 101)) + 0.1
+
+
+def test_label_f1_and_the_class_counts():
+    from training.metrics import ConfusionMatrix, label_f1
+
+    assert label_f1([{1, 2}, set(), {3}], [{1}, set(), {4}]) == pytest.approx((2 / 3 + 1 + 0) / 3)
+    cm = ConfusionMatrix(4)
+    cm.update(np.array([0, 1, 1, 0], np.uint8), np.array([0, 1, 2, 255], np.uint8))
+    summary = cm.summary(binary=False)
+    assert summary["classes"] == 3  # background, 1 and 2; class 3 is nowhere
+    assert cm.per_class()[3] is None and cm.per_class()[2] == 0.0
+
+
 def test_average_precision():
     truth = np.array([[1, 0], [1, 0], [0, 1], [0, 0]], bool)
     perfect = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.2, 0.1]])
@@ -122,7 +169,7 @@ def test_study_refiner_specs():
     base = RefineConfig("fixed", grabcut=True)
     assert parse_refiner("otsu", base) == RefineConfig("otsu")
     assert parse_refiner("fixed+chanvese", base).chanvese
-    for bad in ("levelset+grabcut", "otsu+crf", "magic"):
+    for bad in ("levelset+grabcut", "otsu+magic", "magic"):
         with pytest.raises(ValueError, match="evaluate.refiners"):
             parse_refiner(bad, base)
 

@@ -33,9 +33,12 @@ SPECS = [
     "otsu+grabcut",
     "fixed+chanvese",
     "otsu+chanvese",
+    "fixed+crf",
+    "otsu+crf",
     "saliency",
     "saliency+grabcut",
     "saliency+chanvese",
+    "saliency+crf",
     "vit",
     "levelset",
 ]
@@ -147,6 +150,12 @@ def test_every_refiner_serves_as_it_trains(text):
     spec = RefinerSpec.of(cfg)
     assert refiner.served == spec.served
     assert refiner.needs_features == spec.entry.needs_features
+    if spec.served == "training":  # not served: the Python model refuses it, saying so
+        settings = json.loads(json.dumps(served_settings(cfg)))
+        settings.pop("runners")
+        with pytest.raises(ValueError, match="training only"):
+            build_classical(settings, multi_label, saliency=lambda images: images[..., 0])
+        return
     if spec.served == "network":
         images, scores, cams, features = (torch.from_numpy(a) for a in batch)
         inputs = (

@@ -50,16 +50,45 @@ class CAMClassifier(nn.Module):
         self.fc = fc if fc is not None else nn.Linear(feature_channels, num_classes)
         self.cam_method = cam_method
         self.grouped = bool(class_groups)
+        self.learned = None  # the head of the groups with no ImageNet ids
         if self.grouped:
             outputs = self.fc.out_features
             member = torch.zeros(len(class_groups), outputs, dtype=torch.bool)
             for g, ids in enumerate(class_groups):
-                if not ids or min(ids) < 0 or max(ids) >= outputs:
+                if ids and (min(ids) < 0 or max(ids) >= outputs):
                     raise ValueError(f"class group {g} needs ids in 0..{outputs - 1}, got {ids}")
                 member[g, list(ids)] = True
             # 0 on a group's members, _MASKED elsewhere: added to logits, it keeps the group.
             mask = torch.where(member, 0.0, _MASKED)
             self.register_buffer("group_mask", mask, persistent=False)
+            learned = [g for g, ids in enumerate(class_groups) if not ids]
+            if len(learned) == len(class_groups):
+                raise ValueError("class groups: at least one needs ImageNet ids")
+            if learned:
+                self.learned = nn.Linear(feature_channels, len(learned))
+                # [L, K]: learned head output l -> its class; [K]: which classes are learned.
+                place = torch.zeros(len(learned), len(class_groups))
+                place[range(len(learned)), learned] = 1.0
+                self.register_buffer("learned_place", place, persistent=False)
+                self.register_buffer("is_learned", place.sum(0).bool(), persistent=False)
+
+    @property
+    def frozen(self) -> bool:
+        """A head with learned classes trains only them: the backbone and the ImageNet
+        head keep their pretrained weights (and the backbone's batch-norm statistics)."""
+        return self.learned is not None
+
+    def freeze(self) -> CAMClassifier:
+        """Stop gradients to the backbone and the ImageNet head (``frozen``)."""
+        for module in (self.features, self.fc):
+            module.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> CAMClassifier:
+        super().train(mode)
+        if self.frozen:  # frozen batch norm: its running statistics stay ImageNet's
+            self.features.eval()
+        return self
 
     @property
     def num_classes(self) -> int:
@@ -70,14 +99,39 @@ class CAMClassifier(nn.Module):
         return self.features(self.normalize(x))
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
-        """The head's own logits [B, outputs] (the task's classes, or 1000 ImageNet ones)."""
-        return self.fc(feats.mean(dim=(2, 3)))
+        """The head's own logits [B, outputs] (the task's classes, or 1000 ImageNet ones,
+        then the learned classes' logits)."""
+        pooled = feats.mean(dim=(2, 3))
+        if self.learned is None:
+            return self.fc(pooled)
+        return torch.cat([self.fc(pooled), self.learned(pooled)], dim=1)
+
+    def _split(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ImageNet logits [B, 1000] and the learned classes' [B, L] (None: none)."""
+        if self.learned is None:
+            return logits, None
+        n = self.fc.out_features
+        return logits[:, :n], logits[:, n:]
+
+    def _place(self, grouped: torch.Tensor, learned: torch.Tensor | None) -> torch.Tensor:
+        """[B, K, ...]: the learned classes' values where they belong, the groups' elsewhere."""
+        if learned is None:
+            return grouped
+        if learned.dim() == 2:  # [B, L] -> [B, K]
+            placed = learned @ self.learned_place
+        else:  # [B, L, C] -> [B, K, C]
+            placed = torch.matmul(self.learned_place.T, learned)
+        keep = self.is_learned.view(1, -1, *([1] * (grouped.dim() - 2)))
+        return torch.where(keep, placed, grouped)
 
     def class_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """[B, K]: the head's logits, or each group's logsumexp over its members."""
+        """[B, K]: the head's logits, or each group's logsumexp over its members (a learned
+        class: its own head's logit)."""
         if not self.grouped:
             return logits
-        return torch.logsumexp(logits[:, None, :] + self.group_mask, dim=-1)
+        imagenet, learned = self._split(logits)
+        grouped = torch.logsumexp(imagenet[:, None, :] + self.group_mask, dim=-1)
+        return self._place(grouped, learned)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.class_logits(self.forward_head(self.forward_features(x)))
@@ -85,7 +139,9 @@ class CAMClassifier(nn.Module):
     def class_scores(self, logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
         """[B, K] probabilities: sigmoid (multi-label) or softmax; a group's softmax mass."""
         if self.grouped:
-            return torch.softmax(logits, dim=1) @ (self.group_mask == 0).float().T
+            imagenet, learned = self._split(logits)
+            mass = torch.softmax(imagenet, dim=1) @ (self.group_mask == 0).float().T
+            return self._place(mass, None if learned is None else torch.sigmoid(learned))
         return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
 
     def class_weights(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,8 +151,14 @@ class CAMClassifier(nn.Module):
         if not self.grouped:
             b = logits.shape[0]
             return weight.expand(b, -1, -1), bias.expand(b, -1)
-        within = torch.softmax(logits[:, None, :] + self.group_mask, dim=-1)  # [B, K, outputs]
-        return within @ weight, within @ bias
+        imagenet, learned = self._split(logits)
+        within = torch.softmax(imagenet[:, None, :] + self.group_mask, dim=-1)  # [B, K, 1000]
+        weights, biases = within @ weight, within @ bias
+        if learned is None:
+            return weights, biases
+        b = logits.shape[0]
+        own = self.learned.weight.expand(b, -1, -1)  # [B, L, C]
+        return self._place(weights, own), self._place(biases, self.learned.bias.expand(b, -1))
 
     def cams(
         self,

@@ -72,6 +72,10 @@ def expand_ids(spec: Sequence[int | str], where: str = "class group") -> list[in
 def parse_class_groups(
     groups: Mapping[str, Sequence[int | str]],
 ) -> tuple[list[str], list[list[int]]]:
-    """Class names (in order) and each one's ImageNet ids; names must be unique."""
+    """Class names (in order) and each one's ImageNet ids; names must be unique. An empty
+    list is a class ImageNet has no category for (VOC's person): a learned class, ``[]``
+    here, which ``CAMClassifier`` scores with a head trained on the image labels."""
     names = list(groups)
-    return names, [expand_ids(groups[n], f"class group {n!r}") for n in names]
+    if names and all(not groups[n] for n in names):
+        raise ValueError("class groups: at least one needs ImageNet ids")
+    return names, [expand_ids(groups[n], f"class group {n!r}") if groups[n] else [] for n in names]

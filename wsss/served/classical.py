@@ -18,16 +18,16 @@ import numpy as np
 
 
 def present_classes(
-    scores: np.ndarray, multi_label: bool, threshold: float, min_score: float = 0.0
+    scores: np.ndarray, multi_label: bool, threshold, min_score: float = 0.0
 ) -> list[int]:
-    """Classes to refine: top-1, or all at or above ``threshold`` (at least the top one);
-    none when even the top score is below ``min_score``."""
+    """Classes to refine: top-1, or all at or above ``threshold`` (one, or one per class;
+    at least the top one); none when even the top score is below ``min_score``."""
     top = int(scores.argmax())
     if scores[top] < min_score:
         return []
     if not multi_label:
         return [top]
-    above = np.flatnonzero(scores >= max(threshold, min_score))
+    above = np.flatnonzero(scores >= np.maximum(threshold, min_score))
     return [int(c) for c in above] if len(above) else [top]
 
 

@@ -221,6 +221,22 @@ class SaliencyRefiner(Refiner):
         )
 
 
+class Followed(SeededRefiner):
+    """A seed's mask refined by a follow-up step the caller brings, ``step(image, cam,
+    init) -> bool`` (training's dense CRF, ``training.crf``)."""
+
+    def __init__(self, seed: ClassicalRefiner, step):
+        super().__init__(seed)
+        self.step = step
+        self.name = f"{seed.name}+{step.name}"
+
+    def foreground(self, cam, image):
+        init = self.seed.foreground(cam, image)
+        if init.all() or not init.any():  # no boundary to move
+            return init
+        return self.step(image, cam, init)
+
+
 class FollowGrabCut:
     """GrabCut from the saliency's mask, its confident bands read off the saliency map."""
 
@@ -245,11 +261,24 @@ class FollowChanVese:
         return chan_vese(grey(image), init, self.iterations)
 
 
-def _follow_up(settings: dict, seeded: bool):
-    """The GrabCut or Chan-Vese step that ``settings`` put after the seed, if any: a
-    refiner wrapping a threshold (``seeded``), or the step a saliency mask goes through."""
-    if settings["grabcut"] and settings["chanvese"]:
-        raise ValueError("refine.grabcut and refine.chanvese exclude each other: pick one")
+FOLLOW_UPS = ("grabcut", "chanvese", "crf")  # the switches of a RefineConfig
+
+
+def _follow_up(settings: dict, seeded: bool, steps: dict | None = None):
+    """The GrabCut, Chan-Vese or CRF step that ``settings`` put after the seed, if any: a
+    refiner wrapping a threshold (``seeded``), or the step a saliency mask goes through.
+    ``steps``: follow-ups the caller brings (training's CRF), by switch name."""
+    on = [f for f in FOLLOW_UPS if settings.get(f)]  # older settings lack the newer switches
+    if len(on) > 1:
+        raise ValueError(f"refine.{' and refine.'.join(on)} exclude each other: pick one")
+    if settings.get("crf"):
+        step = (steps or {}).get("crf")
+        if step is None:
+            raise ValueError(
+                "refine.crf runs in training only (its library is not in the serving images): "
+                "serve another refiner with export.refine"
+            )
+        return (lambda seed: Followed(seed, step)) if seeded else step
     if settings["grabcut"]:
         bands = settings["sure_foreground"], settings["sure_background"]
         if seeded:
@@ -262,20 +291,21 @@ def _follow_up(settings: dict, seeded: bool):
     return None
 
 
-def _followed(refiner: ClassicalRefiner, settings: dict) -> ClassicalRefiner:
-    follow = _follow_up(settings, seeded=True)
+def _followed(refiner: ClassicalRefiner, settings: dict, steps) -> ClassicalRefiner:
+    follow = _follow_up(settings, seeded=True, steps=steps)
     return follow(refiner) if follow else refiner
 
 
-def _fixed(settings, multi_label, presence, runners):
-    return _followed(FixedThreshold(multi_label, settings["threshold"], **presence), settings)
+def _fixed(settings, multi_label, presence, runners, steps):
+    seed = FixedThreshold(multi_label, settings["threshold"], **presence)
+    return _followed(seed, settings, steps)
 
 
-def _otsu(settings, multi_label, presence, runners):
-    return _followed(OtsuThreshold(multi_label, **presence), settings)
+def _otsu(settings, multi_label, presence, runners, steps):
+    return _followed(OtsuThreshold(multi_label, **presence), settings, steps)
 
 
-def _saliency(settings, multi_label, presence, runners):
+def _saliency(settings, multi_label, presence, runners, steps):
     if "saliency" not in runners:
         raise ValueError("refine.method saliency needs the saliency model")
     return SaliencyRefiner(
@@ -284,14 +314,14 @@ def _saliency(settings, multi_label, presence, runners):
         settings["saliency_doubt"],
         settings["threshold"],
         settings["sure_foreground"],
-        _follow_up(settings, seeded=False),
+        _follow_up(settings, seeded=False, steps=steps),
         **presence,
     )
 
 
-def _attention(settings, multi_label, presence, runners):
-    if _follow_up(settings, seeded=False) is not None:
-        raise ValueError("refine.grabcut and refine.chanvese follow a threshold, not vit")
+def _attention(settings, multi_label, presence, runners, steps):
+    if any(settings.get(f) for f in FOLLOW_UPS):
+        raise ValueError("refine.grabcut, chanvese and crf follow a threshold, not vit")
     if "attention" not in runners:
         raise ValueError("refine.method vit needs the ViT attention")
     return AttentionRefiner(
@@ -314,12 +344,13 @@ def build_classical(
     binary: bool | None = None,
     attention=None,
     saliency=None,
+    steps: dict | None = None,
 ) -> Refiner:
     """The threshold, GrabCut, Chan-Vese, attention or saliency refiner that ``settings``
     (the fields of ``wsss.config.RefineConfig``, as a dict) describe: the one builder of them,
     for training (through ``training.refine``'s registry) and for the served refiner model.
     ``attention`` and ``saliency`` are the ONNX (or timm) runners the ViT and saliency
-    refiners read."""
+    refiners read; ``steps`` the follow-ups the caller brings (training's CRF)."""
     method = settings["method"]
     if method not in CLASSICAL:
         raise ValueError(f"refine.method {method!r} is not a classical refiner")
@@ -329,4 +360,4 @@ def build_classical(
         "min_score": settings["min_score"],
     }
     runners = {k: v for k, v in (("attention", attention), ("saliency", saliency)) if v}
-    return CLASSICAL[method](settings, multi_label, presence, runners)
+    return CLASSICAL[method](settings, multi_label, presence, runners, steps)

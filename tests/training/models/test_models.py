@@ -25,6 +25,11 @@ MODELS = {
         "head": "imagenet",
         "class_groups": [[281, 282, 283], [151, 152], [340]],
     },
+    (CLASSIFIER, "efficientnet_lite0", "imagenet groups + learned"): {
+        "pretrained": True,
+        "head": "imagenet",
+        "class_groups": [[281, 282, 283], [], [340]],
+    },
     (SEGMENTER, "unet", "depth 3"): {"base_channels": 4, "depth": 3},
     (SEGMENTER, "deeplabv3", "resnet50"): {"backbone": "resnet50"},
     (SEGMENTER, "deeplabv3", "mobilenet_v2"): {"backbone": "mobilenet_v2", "pretrained": True},
@@ -217,3 +222,38 @@ def test_class_groups_score_the_softmax_mass_of_their_members():
         torch.testing.assert_close(
             net.logits_and_cams(x)[1][:, 1], plain.logits_and_cams(x)[1][:, 7]
         )
+
+
+def test_learned_classes_beside_imagenet_groups():
+    """A group with no ids is a learned class: its own linear head's sigmoid and weight
+    row; the groups keep the ImageNet head's values; training moves only the learned head,
+    batch-norm statistics included (export: the shared tester's "groups + learned")."""
+    torch.manual_seed(0)
+    groups = [[1, 2, 3], [], [7]]
+    net = build_classifier("resnet18", num_classes=3, head="imagenet", class_groups=groups)
+    plain = build_classifier(
+        "resnet18", num_classes=2, head="imagenet", class_groups=[[1, 2, 3], [7]]
+    )
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if "learned" not in k})
+    assert net.frozen and not plain.frozen
+    x = torch.rand(2, 3, 48, 48)
+    with torch.no_grad():
+        feats = net.eval().forward_features(x)
+        raw = net.forward_head(feats)
+        own = net.learned(feats.mean(dim=(2, 3)))[:, 0]
+        torch.testing.assert_close(net.class_scores(raw, True)[:, 1], torch.sigmoid(own))
+        torch.testing.assert_close(net(x)[:, [0, 2]], plain.eval()(x))
+        # CAM in closed form: the learned class's pixel logits average to its logit.
+        torch.testing.assert_close(net.pixel_logits(feats, raw).mean(dim=(2, 3))[:, 1], own)
+        cams, ref = net.logits_and_cams(x)[1], plain.logits_and_cams(x)[1]
+        torch.testing.assert_close(cams[:, [0, 2]], ref)
+    net.freeze().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    loss = net(x)[:, 1].sum()
+    loss.backward()
+    opt.step()
+    changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"learned.weight", "learned.bias"}
+    with pytest.raises(ValueError, match="at least one needs ImageNet ids"):
+        build_classifier("resnet18", num_classes=1, head="imagenet", class_groups=[[]])

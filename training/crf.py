@@ -1,0 +1,62 @@
+"""A fully connected CRF as a pseudo-mask follow-up (Krahenbuhl & Koltun, NIPS 2011).
+
+The WSSS literature's standard post-processing of CAM masks (PSA, IRN and most since): each
+pixel's label is pulled towards those of pixels near it and of similar colour. Here it runs
+per class, like GrabCut: the seed's mask is the unary (``confidence`` that a pixel inside it
+is the class, 1 - that outside), then ``iterations`` steps of mean-field inference with a
+smoothness kernel (3 px) and an appearance kernel (``spatial`` px, ``colour`` RGB levels).
+The inference is pydensecrf2's (the maintained build of Krahenbuhl's code), not rewritten.
+It is a training follow-up only: the library compiles from source, which the serving images
+do not do (``wsss.served.refiners._follow_up`` refuses it there).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class DenseCRF:
+    """``step(image, cam, init) -> bool``: the follow-up ``Followed`` and the saliency
+    refiner call, from a RefineConfig's crf_* settings."""
+
+    name = "crf"
+
+    def __init__(
+        self,
+        confidence: float = 0.8,
+        iterations: int = 5,
+        spatial: float = 50.0,
+        colour: float = 13.0,
+        weight: float = 10.0,
+    ):
+        if not 0.5 < confidence < 1.0:
+            raise ValueError(f"refine.crf_confidence must be in (0.5, 1), not {confidence}")
+        if iterations < 1 or spatial <= 0 or colour <= 0 or weight < 0:
+            raise ValueError("refine.crf_iterations >= 1, crf_spatial and crf_colour > 0")
+        try:
+            import pydensecrf.densecrf  # noqa: F401
+        except ImportError as exc:
+            raise ImportError("refine.crf needs pydensecrf2: run `make setup`") from exc
+        self.confidence, self.iterations = confidence, iterations
+        self.spatial, self.colour, self.weight = spatial, colour, weight
+
+    @classmethod
+    def of(cls, cfg) -> DenseCRF:
+        """From a RefineConfig's crf_* fields."""
+        return cls(
+            cfg.crf_confidence, cfg.crf_iterations, cfg.crf_spatial, cfg.crf_colour, cfg.crf_weight
+        )
+
+    def __call__(self, image: np.ndarray, cam: np.ndarray, init: np.ndarray) -> np.ndarray:
+        import pydensecrf.densecrf as dcrf
+
+        h, w = init.shape
+        p = np.where(init, self.confidence, 1.0 - self.confidence).astype(np.float32)
+        unary = -np.log(np.stack([1.0 - p, p]).reshape(2, -1))
+        crf = dcrf.DenseCRF2D(w, h, 2)
+        crf.setUnaryEnergy(np.ascontiguousarray(unary, np.float32))
+        crf.addPairwiseGaussian(sxy=3, compat=3)
+        rgb = np.ascontiguousarray(image[..., :3], np.uint8)
+        crf.addPairwiseBilateral(sxy=self.spatial, srgb=self.colour, rgbim=rgb, compat=self.weight)
+        q = np.asarray(crf.inference(self.iterations)).reshape(2, h, w)
+        return q[1] > q[0]
