@@ -74,6 +74,7 @@ def real_scenes() -> Path:
 LONGEST_FIRST = (
     "training/test_quality.py",
     "training/test_real_pets.py",
+    "training/test_real_scenes.py",
     "training/test_distributed.py",
     "serving/test_versions_live.py",
     "cli/test_main.py",

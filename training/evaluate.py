@@ -26,7 +26,7 @@ from training.data.dataset import WSSSDataset
 from training.data.layouts import IGNORE
 from training.metrics import ConfusionMatrix, average_precision, label_f1
 from training.pipeline import Pipeline, mask_values, translate_labels
-from wsss.figures import colourise, overlay, panel_figure
+from wsss.figures import colourise, legend_entries, overlay, panel_figure
 
 
 @dataclass
@@ -259,6 +259,23 @@ def evaluate_shards(
     return merged
 
 
+def figure_legend(
+    data: WSSSDataset, results: Mapping[str, Evaluation]
+) -> tuple[list[str] | None, list | None]:
+    """For class-index masks: each shown image's labelled classes (row labels) and a legend
+    of every class its figure's masks hold; (None, None) for binary masks."""
+    if data.kind.binary_masks:
+        return None, None
+    count = min(len(v) for r in results.values() for v in r.examples.values())
+    masks = [data.masks[k] for k in range(count)]
+    for r in results.values():
+        for part in ("pseudo", "seg"):
+            masks += list(r.examples.get(part, []))[:count]
+    names = data.class_names
+    labels = [", ".join(names[c] for c in data.samples[k].labels) for k in range(count)]
+    return labels, legend_entries(masks, names, data.palette)
+
+
 def figure_rows(
     data: WSSSDataset, results: Mapping[str, Evaluation], columns: Sequence[tuple[str, str, str]]
 ) -> list[dict[str, np.ndarray]]:
@@ -340,12 +357,14 @@ def write_report(
     meta: dict,
     figure: list[dict[str, np.ndarray]] | None = None,
     figure_labels: list[str] | None = None,
+    legend: list[tuple[str, tuple[float, float, float]]] | None = None,
 ) -> str:
-    """``<stem>.json`` (meta + rows), ``<stem>.md`` (the table) and ``<stem>.png``."""
+    """``<stem>.json`` (meta + rows), ``<stem>.md`` (the table) and ``<stem>.png`` (with a
+    class ``legend``: ``wsss.figures.legend_entries``)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(meta | {"rows": rows}, indent=2))
     table = markdown_table(rows, labels)
     (out / f"{stem}.md").write_text(table)
     if figure:
-        panel_figure(figure, list(figure[0]), out / f"{stem}.png", figure_labels)
+        panel_figure(figure, list(figure[0]), out / f"{stem}.png", figure_labels, legend)
     return table

@@ -28,6 +28,7 @@ from training.evaluate import (
     Evaluation,
     evaluate,
     evaluate_shards,
+    figure_legend,
     figure_rows,
     markdown_table,
     write_report,
@@ -127,7 +128,8 @@ def evaluate_profile(cfg: Config) -> str | None:
     meta = {"task": data.task, "images": len(data), "image_size": cfg.data.image_size}
     meta["masks"] = data.has_masks
     figure = figure_rows(data, results, columns)
-    table = write_report(out, "results", rows, ["output"], meta, figure)
+    labels, legend = figure_legend(data, results)
+    table = write_report(out, "results", rows, ["output"], meta, figure, labels, legend)
     save_config(cfg, out / "config.yaml")
     if not data.has_masks:
         return f"nothing to score but the classifier: no test image has a mask\n{table}"
@@ -202,6 +204,8 @@ def cam_study(cfg: Config) -> str:
             pipes[VIT] = Pipeline(served, None, refiner)
             labels[VIT] = {"classifier": "-", "CAM": "-", "refiner": VIT}
     supervised = supervised or supervised_pipeline(cfg.runs)
+    if cfg.evaluate.split == "train":  # trained on these very photos: no bound to read
+        supervised = None
     if supervised is not None:
         pipes[SUPERVISED] = supervised
         labels[SUPERVISED] = {"classifier": "-", "CAM": "-", "refiner": SUPERVISED}
