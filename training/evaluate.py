@@ -78,6 +78,8 @@ class Evaluation:
         for part, cm in (("pseudo", self.pseudo), ("seg", self.segmentation)):
             if cm is not None and cm.matrix.any():
                 out |= {f"{part}_{k}": v for k, v in cm.summary(self.binary).items()}
+                if not self.binary:  # per class, background first (None: nowhere)
+                    out[f"{part}_class_iou"] = cm.per_class()
                 per_image = self.pseudo_image_iou if part == "pseudo" else self.seg_image_iou
                 if per_image:
                     out[f"{part}_image_iou"] = float(np.mean(per_image))

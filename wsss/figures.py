@@ -90,7 +90,8 @@ def panel_figure(
         from matplotlib.patches import Patch
 
         handles = [Patch(facecolor=c, edgecolor="black", label=n) for n, c in legend]
-        fig.subplots_adjust(bottom=0.12 + 0.04 * ((len(handles) - 1) // 6))
+        lines = (len(handles) + 5) // 6
+        fig.subplots_adjust(bottom=(0.15 + 0.2 * lines) / fig.get_figheight())
         fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
