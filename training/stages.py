@@ -215,9 +215,9 @@ def choose_thresholds(cfg: Config, data: WSSSDataset, model, meta: dict, kwargs)
     """Each class's score threshold, chosen by ``classifier.threshold_folds``-fold
     cross-validation on the training photos: every photo scored by a classifier that did
     not train on it (one trained per fold with the same recipe; an untrained head scores
-    them as it is), then per class the threshold of the best F1 over the photos. Saved in
-    the checkpoint's meta (``score_thresholds``, ``threshold_cv``), which the refiner reads
-    in place of ``refine.score_threshold``."""
+    them as it is), then the thresholds of the best per-image label F1 over the photos
+    (``label_thresholds``). Saved in the checkpoint's meta (``score_thresholds``,
+    ``threshold_cv``), which the refiner reads in place of ``refine.score_threshold``."""
     if not cfg.data.kind.multi_label:
         raise ValueError(
             "classifier.threshold_folds: per-class thresholds are for multi-label tasks"
@@ -225,7 +225,6 @@ def choose_thresholds(cfg: Config, data: WSSSDataset, model, meta: dict, kwargs)
     folds = cfg.classifier.threshold_folds
     if folds < 2 and kwargs is not None:
         raise ValueError("classifier.threshold_folds: 0 (off) or at least 2 folds")
-    multi = True
     order = np.random.default_rng(cfg.train.seed).permutation(len(data))
     scores = np.zeros((len(data), model.num_classes), np.float32)
     for k in range(folds if kwargs is not None else 1):
@@ -241,7 +240,7 @@ def choose_thresholds(cfg: Config, data: WSSSDataset, model, meta: dict, kwargs)
             fold_model = _fit_classifier(
                 cfg, fold, data, rest[tr], rest[va], meta, f"classifier/folds/{k}"
             )
-        served = ServedClassifier(fold_model.eval(), multi).eval()
+        served = ServedClassifier(fold_model.eval(), multi_label=True).eval()
         with torch.inference_mode():
             for start in range(0, len(held), cfg.train.batch_size):
                 idx = held[start : start + cfg.train.batch_size]

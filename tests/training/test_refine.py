@@ -71,7 +71,7 @@ def test_min_score_gives_an_empty_mask():
 def test_registry_builds_every_refiner_from_config():
     seeds = {n for n, e in REFINERS.items() if e.role == "seed"}
     assert seeds == {"fixed", "otsu", "levelset", "vit", "saliency"}
-    assert set(REFINERS) - seeds == {"grabcut", "chanvese"}
+    assert set(REFINERS) - seeds == {"grabcut", "chanvese", "crf"}
     cams = np.stack([np.stack([_blob_cam(), _blob_cam(cx=8)])] * 3)
     scores = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
     refiner = build_refiner(RefineConfig("otsu"), multi_label=True)

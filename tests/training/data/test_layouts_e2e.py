@@ -133,7 +133,8 @@ def test_a_folder_without_masks_trains_and_evaluation_scores_the_classifier_only
     results = json.loads((tmp_path / "runs" / "eval" / "results.json").read_text())
     assert results["masks"] is False
     pseudo, seg = results["rows"]
-    assert set(pseudo) == {"output", "map", "refine_ms"} and set(seg) == {"output"}
+    assert set(pseudo) == {"output", "map", "map_classes", "label_f1", "refine_ms"}
+    assert set(seg) == {"output"}
     with pytest.raises(ValueError, match="no training image has a mask"):
         stages.run(cfg, ("supervised",))
 
