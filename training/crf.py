@@ -6,8 +6,8 @@ per class, like GrabCut: the seed's mask is the unary (``confidence`` that a pix
 is the class, 1 - that outside), then ``iterations`` steps of mean-field inference with a
 smoothness kernel (3 px) and an appearance kernel (``spatial`` px, ``colour`` RGB levels).
 The inference is pydensecrf2's (the maintained build of Krahenbuhl's code), not rewritten.
-It is a training follow-up only: the library compiles from source, which the serving images
-do not do (``wsss.served.refiners._follow_up`` refuses it there).
+It is a training follow-up only, and an optional extra (``wsss[crf]``): the library
+compiles from source, which the container images cannot (the served refiner refuses it).
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ class DenseCRF:
         try:
             import pydensecrf.densecrf  # noqa: F401
         except ImportError as exc:
-            raise ImportError("refine.crf needs pydensecrf2: run `make setup`") from exc
+            raise ImportError(
+                "refine.crf needs pydensecrf2, which compiles from source: `make setup`, or "
+                "pip install 'wsss[crf]' where a C compiler is (the container images have none)"
+            ) from exc
         self.confidence, self.iterations = confidence, iterations
         self.spatial, self.colour, self.weight = spatial, colour, weight
 

@@ -68,7 +68,10 @@ class Evaluation:
             row[list(ls)] = True
         out = {"map": average_precision(scores, truth), "map_classes": int(truth.any(0).sum())}
         if len(self.predicted) == len(self.labels):
-            out["label_f1"] = label_f1(self.predicted, self.labels)
+            predicted = np.zeros_like(truth)
+            for row, ps in zip(predicted, self.predicted, strict=True):
+                row[list(ps)] = True
+            out["label_f1"] = label_f1(predicted, truth)
         return out
 
     def row(self) -> dict[str, float]:

@@ -61,12 +61,13 @@ def average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(aps)) if aps else float("nan")
 
 
-def label_f1(predicted: list[set[int]], truth: list[set[int]]) -> float:
-    """Mean over images of the F1 of the predicted class set against the true one (an
-    image with neither scores 1): how well a multi-label classifier says what a photo
-    holds at its thresholds, beside the threshold-free mAP."""
-    scores = []
-    for p, t in zip(predicted, truth, strict=True):
-        p, t = set(p), set(t)
-        scores.append(1.0 if not p and not t else 2 * len(p & t) / (len(p) + len(t)))
-    return float(np.mean(scores)) if scores else float("nan")
+def label_f1(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over images of the F1 of the predicted class set against the true one, both
+    bool [N, K] (an image with neither scores 1): how well a multi-label classifier says
+    what a photo holds at its thresholds, beside the threshold-free mAP."""
+    predicted, truth = np.asarray(predicted, bool), np.asarray(truth, bool)
+    if not len(truth):
+        return float("nan")
+    hits = (predicted & truth).sum(1)
+    total = predicted.sum(1) + truth.sum(1)
+    return float(np.mean(np.where(total > 0, 2 * hits / np.maximum(total, 1), 1.0)))

@@ -247,7 +247,9 @@ class Pipeline:
 def resolved_refine(cfg, meta: dict):
     """The RefineConfig the refiner is built from: ``cfg.refine``, with the per-class score
     thresholds that ``classifier.threshold_folds`` chose (saved in the classifier's
-    checkpoint) in place of ``refine.score_threshold``."""
+    checkpoint) in place of ``refine.score_threshold``. A checkpoint without them (another
+    run's classifier scored under this config, e.g. a study's baseline) keeps
+    ``refine.score_threshold``."""
     thresholds = meta.get("score_thresholds")
     if not (cfg.classifier.threshold_folds and thresholds):
         return cfg.refine

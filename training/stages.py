@@ -20,6 +20,7 @@ from training.data.layouts import IGNORE, describe, list_samples
 from training.levelset.model import LevelSetHead
 from training.levelset.train import LevelSetLoss, LevelSetModel, head_kwargs
 from training.loop import fit, load_checkpoint, resolve_device, save_checkpoint
+from training.metrics import label_f1
 from training.models import build_classifier, build_segmenter
 from training.models.imagenet import imagenet_class_names, parse_class_groups
 from training.pipeline import (
@@ -31,7 +32,7 @@ from training.pipeline import (
     refine_step,
     translate_labels,
 )
-from training.refine import RefinerSpec, build_refiner
+from training.refine import RefinerSpec, build_refiner, present_classes_mask
 from wsss.config import PASSTHROUGH, Config, RefineConfig, save_config
 
 
@@ -173,20 +174,10 @@ def _fit_classifier(cfg, model, data, tr, va, meta, out) -> nn.Module:
     return _train(cfg, model, _View(data, tr, True), _View(data, va, False), loss, meta, out=out)
 
 
-def _predicted(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Bool [N, K]: what ``present_classes`` takes as present, every class at or above its
-    threshold, else the top one."""
-    above = scores >= thresholds
-    top = np.zeros_like(above)
-    top[np.arange(len(scores)), scores.argmax(1)] = True
-    return np.where(above.any(1, keepdims=True), above, top)
-
-
-def _image_f1(predicted: np.ndarray, truth: np.ndarray) -> float:
-    """Mean per-image F1 of bool [N, K] predictions (``training.metrics.label_f1``)."""
-    tp = (predicted & truth).sum(1)
-    total = predicted.sum(1) + truth.sum(1)
-    return float(np.mean(np.where(total > 0, 2 * tp / np.maximum(total, 1), 1.0)))
+def _label_f1(scores: np.ndarray, cuts: np.ndarray, truth: np.ndarray) -> float:
+    """The label F1 of what the refiner takes as present at ``cuts`` (its graph form)."""
+    present = present_classes_mask(torch.from_numpy(scores), True, cuts).numpy()
+    return label_f1(present, truth)
 
 
 def label_thresholds(scores: np.ndarray, truth: np.ndarray, passes: int = 2) -> np.ndarray:
@@ -196,7 +187,7 @@ def label_thresholds(scores: np.ndarray, truth: np.ndarray, passes: int = 2) -> 
     between two of its scores; a class moves only when the F1 rises. Classes of different
     scales (softmax masses beside sigmoids) each get their own cut."""
     candidates = np.unique(np.quantile(scores, np.linspace(0, 1, 101)))
-    flat = [_image_f1(_predicted(scores, np.full(scores.shape[1], t)), truth) for t in candidates]
+    flat = [_label_f1(scores, np.full(scores.shape[1], t), truth) for t in candidates]
     cuts = np.full(scores.shape[1], candidates[int(np.argmax(flat))])
     best = max(flat)
     for _ in range(passes):
@@ -205,7 +196,7 @@ def label_thresholds(scores: np.ndarray, truth: np.ndarray, passes: int = 2) -> 
             for t in np.concatenate([(values[:-1] + values[1:]) / 2, [values[-1] + 1e-6]]):
                 trial = cuts.copy()
                 trial[c] = t
-                f1 = _image_f1(_predicted(scores, trial), truth)
+                f1 = _label_f1(scores, trial, truth)
                 if f1 > best + 1e-9:
                     best, cuts = f1, trial
     return cuts
@@ -257,7 +248,7 @@ def choose_thresholds(cfg: Config, data: WSSSDataset, model, meta: dict, kwargs)
         ckpt["meta"]["threshold_cv"] = {
             "folds": folds if kwargs is not None else 0,
             "images": len(data),
-            "label_f1": round(_image_f1(_predicted(scores, cuts), truth), 4),
+            "label_f1": round(_label_f1(scores, cuts, truth), 4),
             "positives": truth.sum(0).tolist(),
         }
         save_checkpoint(ckpt, path)

@@ -151,8 +151,8 @@ def classifier_label(run: Path, meta: dict) -> str:
     saved = run / "classifier" / "config.yaml"
     pretrained = saved.exists() and load_config(saved).classifier.pretrained
     label = f"{meta['arch']} (ImageNet)" if pretrained else meta["arch"]
-    groups = meta["kwargs"].get("class_groups") or []
-    learned = [n for n, ids in zip(meta["class_names"], groups, strict=False) if not ids]
+    groups = meta["kwargs"].get("class_groups") or [[0]] * len(meta["class_names"])
+    learned = [n for n, ids in zip(meta["class_names"], groups, strict=True) if not ids]
     return f"{label} + {', '.join(learned)} learned" if learned else label
 
 

@@ -96,8 +96,10 @@ def test_label_thresholds_beat_any_flat_threshold_on_mixed_scales():
     assert 0.02 < cuts[0] < 0.03 and 0.45 < cuts[1] < 0.55
 
     def f1(t):
-        return label_f1([present_classes(s, True, t) for s in scores],
-                        [np.flatnonzero(x).tolist() for x in truth])  # fmt: skip
+        predicted = np.zeros_like(truth)
+        for row, s in zip(predicted, scores, strict=True):
+            row[present_classes(s, True, t)] = True
+        return label_f1(predicted, truth)
 
     assert f1(cuts) > max(f1(t) for t in np.linspace(0, 1, 101)) + 0.1
 
@@ -105,7 +107,9 @@ def test_label_thresholds_beat_any_flat_threshold_on_mixed_scales():
 def test_label_f1_and_the_class_counts():
     from training.metrics import ConfusionMatrix, label_f1
 
-    assert label_f1([{1, 2}, set(), {3}], [{1}, set(), {4}]) == pytest.approx((2 / 3 + 1 + 0) / 3)
+    predicted = np.array([[0, 1, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 1, 0]], bool)
+    truth = np.array([[0, 1, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1]], bool)
+    assert label_f1(predicted, truth) == pytest.approx((2 / 3 + 1 + 0) / 3)
     cm = ConfusionMatrix(4)
     cm.update(np.array([0, 1, 1, 0], np.uint8), np.array([0, 1, 2, 255], np.uint8))
     summary = cm.summary(binary=False)

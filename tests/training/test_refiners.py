@@ -23,6 +23,7 @@ from training.levelset.model import LevelSetHead, ServedLevelSet
 from training.refine import FOLLOW_UPS, REFINERS, RefinerSpec, build_refiner, served_settings
 from wsss import config as wsss_config
 from wsss.config import Config, RefineConfig
+from wsss.served import refiners as served_refiners
 from wsss.served.classical import OnnxAttention, OnnxSaliency
 from wsss.served.refiners import build_classical
 
@@ -54,7 +55,8 @@ def test_the_grid_covers_every_spelling_the_registry_accepts():
             except ValueError:
                 pass
     assert sorted(accepted) == sorted(SPECS)
-    assert FOLLOW_UPS == wsss_config.FOLLOW_UPS  # the config's switches are the registry's
+    # The config's switches and the served builder's are the registry's.
+    assert FOLLOW_UPS == wsss_config.FOLLOW_UPS == served_refiners.FOLLOW_UPS
 
 
 def test_one_spelling_round_trips_through_config_and_cli_overrides():
