@@ -17,6 +17,7 @@ from PIL import Image
 
 from wsss.errors import WsssError
 from wsss.palette import IGNORE, VOC_PALETTE
+from wsss.served.images import MAX_PIXELS, ImageError, decode_image
 
 
 class DataLayoutError(WsssError, ValueError):
@@ -108,19 +109,19 @@ class UnreadableImageError(DataLayoutError):
     """A listed image that is missing or does not decode; names the file."""
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """RGB uint8 HxWx3 of whatever decodes, by content rather than by name: a PNG or GIF
     saved as ``.jpg`` (Oxford-IIIT Pet has a few), greyscale, palette, CMYK, or with an
-    alpha channel (dropped). A missing or undecodable file is an ``UnreadableImageError``."""
+    alpha channel (dropped). The server's decoder (``wsss.served.images.decode_image``), so
+    training and serving read the same pixels. A missing or undecodable file, or one over
+    ``max_pixels``, is an ``UnreadableImageError``."""
     path = Path(path)
     if not path.is_file():
         raise UnreadableImageError(f"{path}: the image is missing")
     try:
-        with Image.open(path) as img:
-            img.seek(0)  # an animated GIF: its first frame
-            return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise UnreadableImageError(f"{path}: cannot decode the image ({exc})") from None
+        return decode_image(path.read_bytes(), max_pixels)
+    except ImageError as exc:
+        raise UnreadableImageError(f"{path}: {exc}") from None
 
 
 __all__ = [

@@ -1,7 +1,10 @@
-"""Image decoding and resizing, shared by clients and the Triton pre/post-processing models.
+"""Image decoding and resizing, shared by training, clients and the Triton pre/post-processing
+models.
 
-One implementation on both sides of the wire means the bytes-in ensemble and a client that
-resizes before sending produce identical pixels (OpenCV decode, area downsampling).
+One implementation on both sides of the wire means that training, the bytes-in ensemble and a
+client that resizes before sending produce identical pixels: Pillow decodes (by content, not
+by the file's name: a GIF saved as .jpg reads as its first frame), OpenCV resizes (area
+downsampling).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ class ImageError(ValueError):
 
 def header_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) from the image's header, without decoding its pixels; None when the
-    header is not one Pillow reads (OpenCV then decides whether it is an image at all)."""
+    header is not one Pillow reads (``decode_image`` then refuses it)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -45,22 +48,36 @@ def check_pixels(size: tuple[int, int] | None, max_pixels: int = MAX_PIXELS) -> 
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Encoded JPEG/PNG/BMP/WebP/... -> RGB uint8 HxWx3 (grey and alpha are converted).
+    """Encoded JPEG/PNG/GIF/BMP/WebP/TIFF/... -> RGB uint8 HxWx3, by Pillow: grey, palette,
+    CMYK and 16-bit are converted, alpha dropped, an animated image gives its first frame.
+    The pixels are as stored (EXIF orientation is not applied, as datasets' masks expect).
 
     Images over ``max_pixels`` are refused from their header, before any pixel is decoded.
     """
+    from PIL import Image, UnidentifiedImageError
+
     if not data:
         raise ImageError("empty image bytes")
     if len(data) > MAX_ENCODED_BYTES:
         raise ImageError(f"encoded image of {len(data)} bytes exceeds {MAX_ENCODED_BYTES}")
-    check_pixels(header_size(data), max_pixels)
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ImageError("cannot decode the bytes as an image (JPEG, PNG, BMP, WebP, TIFF)")
-    if max(bgr.shape[:2]) > MAX_SIDE:
-        raise ImageError(f"image of {bgr.shape[1]}x{bgr.shape[0]} exceeds {MAX_SIDE} px")
-    check_pixels(bgr.shape[:2], max_pixels)  # a header Pillow could not read
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    unreadable = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError)
+    try:
+        image = Image.open(io.BytesIO(data))  # lazy: reads the header only
+    except unreadable:
+        image = None
+    if image is None:
+        raise ImageError("cannot decode the bytes as an image (JPEG, PNG, GIF, BMP, WebP, TIFF)")
+    with image:
+        width, height = image.size
+        if max(width, height) > MAX_SIDE:
+            raise ImageError(f"image of {width}x{height} exceeds {MAX_SIDE} px")
+        check_pixels((height, width), max_pixels)
+        try:
+            image.seek(0)
+            rgb = np.asarray(image.convert("RGB"))
+        except (*unreadable, Image.DecompressionBombError) as exc:
+            raise ImageError(f"cannot decode the image ({exc})") from None
+    return np.ascontiguousarray(rgb)
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

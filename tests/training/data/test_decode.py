@@ -1,0 +1,49 @@
+"""Training reads images with the server's decoder: a GIF named .jpg, an unreadable file."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.data.base import UnreadableImageError, read_image
+from wsss.served.images import ImageError, decode_image, encode_png
+
+
+def _animated_gif(frames: list[np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    first, *rest = [Image.fromarray(f).quantize(64) for f in frames]
+    first.save(buf, format="GIF", save_all=True, append_images=rest)
+    return buf.getvalue()
+
+
+def test_training_and_serving_read_a_gif_named_jpg_as_its_first_frame(tmp_path):
+    """The full Oxford-IIIT Pet release ships a GIF named .jpg (Abyssinian_34.jpg): training,
+    ``wsss infer`` and the server read it with one decoder, as its first frame."""
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (12, 20, 3), np.uint8) for _ in range(2)]
+    blob = _animated_gif(frames)
+    with Image.open(io.BytesIO(blob)) as gif:
+        assert gif.n_frames == 2
+        expected = np.asarray(gif.convert("RGB"))  # the first frame's palette colours
+    path = tmp_path / "Abyssinian_34.jpg"
+    path.write_bytes(blob)
+    decoded = decode_image(blob)
+    assert decoded.shape == (12, 20, 3) and decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded, expected)
+    np.testing.assert_array_equal(read_image(path), decoded)
+    # The same pixels as a PNG decode the same: the format does not change the input.
+    np.testing.assert_array_equal(decode_image(encode_png(decoded)), decoded)
+    with pytest.raises(ImageError, match="exceeds the limit of 100"):
+        decode_image(blob, max_pixels=100)
+
+
+def test_unreadable_files_name_themselves(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(UnreadableImageError, match="broken.jpg: cannot decode"):
+        read_image(bad)
+    with pytest.raises(UnreadableImageError, match="missing"):
+        read_image(tmp_path / "absent.jpg")
