@@ -260,9 +260,12 @@ INFER_HELP = f"""Send images to {PIPELINE_BYTES} (the server decodes and resizes
 come back at each image's size) and write <out>/<subfolder>/<name>_pseudo_mask.png and
 <name>_segmentation.png, mirroring each image's folder under the folder it was found in (a
 folder named, a glob's fixed part, the common folder of files named one by one). Folders are
-walked recursively for .jpg .jpeg .png .bmp .webp .tif .tiff (hidden names and --out left
-out). Files the server cannot read are listed at the end and the exit status is 1; the run
-goes on. Stopped midway, it leaves whole files only: --resume carries on."""
+walked recursively for .jpg .jpeg .png .gif .bmp .webp .tif .tiff (hidden names and --out
+left out). <out>/predictions.jsonl gets one record per image as it lands: the classes it
+holds at the server's thresholds, every class's score, each class's share of the masks, the
+files; or why it failed. Files the server cannot read are listed at the end and the exit
+status is 1; the run goes on. Stopped midway, it leaves whole files only: --resume carries on
+from the records."""
 
 
 def flag(*names: str, **kwargs) -> tuple[tuple[str, ...], dict]:

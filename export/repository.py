@@ -149,7 +149,13 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
         for n in specs
     }
     palette = smeta.get("palette") or VOC_PALETTE  # older checkpoints: VOC's colours
-    labels = label_parameters(names, palette)  # served: clients read them from the server
+    refine = resolved_refine(cfg, cmeta)  # the served refiner's thresholds
+    presence = {
+        "multi_label": multi_label,
+        "threshold": refine.score_threshold,
+        "min_score": refine.min_score,
+    }
+    labels = label_parameters(names, palette, presence)  # served: clients read them
     configs = build_configs(specs, cfg.export, params, keep, network_refiner, labels)
     parity = {}
     for name, spec in specs.items():

@@ -28,6 +28,7 @@ from wsss.tensors import (
     ModelSpec,
     TensorSpec,
     read_label_parameters,
+    read_presence,
     served_models,
 )
 
@@ -78,8 +79,9 @@ def _protocol(protocol: str):
 class PipelineClient:
     """Either ensemble (``wsss_pipeline``: pixels in; ``wsss_pipeline_bytes``: encoded images
     in), over gRPC or HTTP. Sizes, class counts and the level-set refiner's FEATURES come
-    from the served classifier's and segmenter's metadata; ``class_names`` and ``palette``
-    from the ensemble's config (None where an older export serves none)."""
+    from the served classifier's and segmenter's metadata; ``class_names``, ``palette`` and
+    ``presence`` (which classes a photo holds) from the ensemble's config (None where an
+    older export serves none)."""
 
     def __init__(self, url: str, protocol: str = "grpc", model: str = PIPELINE):
         if model not in (PIPELINE, PIPELINE_BYTES):
@@ -99,9 +101,12 @@ class PipelineClient:
         self.all_specs = served_models(
             h, int(outputs[SCORES][1]), int(probs[1]), features, seg_input
         )
+        self.mask_classes = int(probs[1])  # background + the classes; 2: binary masks
         self.specs = self.all_specs[model]
         self.image_spec: TensorSpec = self.all_specs[PIPELINE].inputs[0]
-        self.class_names, self.palette = read_label_parameters(self._parameters(model, url))
+        parameters = self._parameters(model, url)
+        self.class_names, self.palette = read_label_parameters(parameters)
+        self.presence = read_presence(parameters)  # None: an export from before it
 
     def fork(self, model: str | None = None) -> PipelineClient:
         """A client of its own (of ``model``, either ensemble; default this one) sharing what

@@ -9,12 +9,18 @@ mirrors the image's subfolder, so an interrupted run leaves whole files only and
 carries on from it. Bytes the server cannot read as an image fail that image alone: it is
 listed at the end and the run goes on. Class names and mask colours are the server's own
 (its ensemble's config).
+
+Every image's outcome is also a line of ``<out>/predictions.jsonl``, appended as it lands:
+the classes the photo holds (at the server's own thresholds), every class's score, each
+class's share of the masks' pixels and the files written, or why it failed. ``resume``
+skips an image whose latest record says it was written and whose files are all there.
 """
 
 from __future__ import annotations
 
 import glob
 import io
+import json
 import os
 import sys
 import threading
@@ -31,6 +37,7 @@ from tqdm import tqdm
 
 from serving.client import ClientError, PipelineClient, load_image, resize
 from wsss.palette import VOC_PALETTE
+from wsss.served.classical import present_classes
 from wsss.tensors import (
     CAMS,
     PIPELINE,
@@ -44,10 +51,11 @@ from wsss.tensors import (
 )
 
 # What a folder walk or a glob picks up (names given one by one are sent whatever they are).
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 # Each full-size mask and the file it is written as: <stem>_pseudo_mask.png, _segmentation.png
 MASK_FILES = {PSEUDO_MASK_FULL: PSEUDO_MASK.lower(), SEGMENTATION_FULL: SEGMENTATION.lower()}
 FIGURE = "overlay"  # <stem>_overlay.png, with figures on
+PREDICTIONS = "predictions.jsonl"  # <out>/predictions.jsonl: one record per image
 _FIGURE_LOCK = threading.Lock()  # matplotlib's pyplot is not thread-safe
 
 
@@ -247,8 +255,20 @@ class _Run:
         }
         if self.options.figures:
             files[FIGURE] = self.figure(data, item.output(self.options.out, FIGURE))
+        masks = {what: outputs[key][0] for key, what in MASK_FILES.items()}
+        base = self.base
+        binary = base.mask_classes == 2
+        record = prediction(outputs[SCORES][0], masks, base.class_names, base.presence, binary)
         label, score = top_class(outputs[SCORES][0], self.base.class_names)
-        return {"image": str(item.path), "top_class": label, "score": score, "files": files}
+        return {
+            "image": str(item.path),
+            "name": item.name.as_posix(),
+            "status": "ok",
+            "top_class": label,
+            "score": score,
+            **record,
+            "files": {what: str(path) for what, path in files.items()},
+        }
 
     def figure(self, data: bytes, path: Path) -> Path:
         """Image, CAM of the top class, pseudo-mask and segmentation at the model size: the
@@ -290,11 +310,17 @@ def infer_images(items: list[Item], url: str, protocol: str, options: InferOptio
         )
     report = InferReport()
     wanted = [*MASK_FILES.values(), *([FIGURE] if options.figures else [])]
-    todo = [
-        item
-        for item in items
-        if not (options.resume and all(item.output(options.out, w).exists() for w in wanted))
-    ]
+    kept = read_predictions(options.out / PREDICTIONS) if options.resume else {}
+
+    def written(item: Item) -> bool:
+        record = kept.get(item.name.as_posix())
+        return (
+            record is not None
+            and record.get("status") == "ok"
+            and all(Path(record["files"].get(w, "")).is_file() for w in wanted)
+        )
+
+    todo = [item for item in items if not written(item)]
     report.skipped = len(items) - len(todo)
     if not todo:
         return report
@@ -308,8 +334,11 @@ def infer_images(items: list[Item], url: str, protocol: str, options: InferOptio
     )
     start = time.monotonic()
     try:
-        with ThreadPoolExecutor(options.concurrency, thread_name_prefix="infer") as pool:
-            _stream(pool, run.one, todo, report, bar.update, 2 * options.concurrency)
+        with (
+            ThreadPoolExecutor(options.concurrency, thread_name_prefix="infer") as pool,
+            Predictions(options.out / PREDICTIONS) as records,
+        ):
+            _stream(pool, run.one, todo, report, bar.update, 2 * options.concurrency, records)
         report.seconds = time.monotonic() - start
     finally:
         bar.close()
@@ -320,12 +349,18 @@ def infer_images(items: list[Item], url: str, protocol: str, options: InferOptio
 
 
 def _stream(
-    pool, one: Callable, todo: list[Item], report: InferReport, tick: Callable, window: int
+    pool,
+    one: Callable,
+    todo: list[Item],
+    report: InferReport,
+    tick: Callable,
+    window: int,
+    records: Predictions,
 ):
     """``window`` images submitted at a time (twice the threads: a thread never waits for
-    work, and a stopped run has little to cancel), results as they land. On an error that
-    is not one image's, cancel what has not started (the pool's shutdown waits for the
-    requests in flight) and raise it."""
+    work, and a stopped run has little to cancel), results as they land, each recorded in
+    ``records``. On an error that is not one image's, cancel what has not started (the
+    pool's shutdown waits for the requests in flight) and raise it."""
     queued = iter(todo)
     pending = {pool.submit(one, item): item for item in islice(queued, window)}
     try:
@@ -335,14 +370,103 @@ def _stream(
                 item = pending.pop(future)
                 try:
                     report.done.append(future.result())
+                    records.write(report.done[-1])
                 except _Unreadable as exc:
                     report.failed.append(Failure(item.path, str(exc)))
+                    records.failure(item, str(exc))
                 tick()
             pending |= {pool.submit(one, item): item for item in islice(queued, len(landed))}
     except BaseException:
         for future in pending:
             future.cancel()
         raise
+
+
+class Predictions:
+    """``predictions.jsonl``: one JSON record per line, appended and flushed as each image
+    lands (a run stopped midway keeps every record up to it; a line cut short by a crash is
+    skipped on reading)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> Predictions:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = self.path.open("a", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def failure(self, item: Item, reason: str) -> None:
+        name = item.name.as_posix()
+        self.write({"image": str(item.path), "name": name, "status": "failed", "error": reason})
+
+
+def read_predictions(path: Path) -> dict[str, dict]:
+    """The latest record of each image (by its name under the output folder) in a
+    predictions file; empty where there is none."""
+    records: dict[str, dict] = {}
+    if not path.is_file():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the line a crash cut short
+            continue
+        if isinstance(record, dict) and "name" in record:
+            records[record["name"]] = record
+    return records
+
+
+def prediction(
+    scores: np.ndarray,
+    masks: dict[str, np.ndarray],
+    class_names: list[str] | None,
+    presence: dict | None,
+    binary: bool = False,
+) -> dict:
+    """What one image's answer says, by class name: the classes present (at the served
+    refiner's thresholds; from an export that does not serve them, the classes the
+    pseudo-mask holds), every class's score, and each class's share of every mask's pixels.
+    Binary masks (one foreground) name their foreground by the top present class."""
+    k = len(scores)
+    names = [
+        class_names[c] if class_names and c < len(class_names) else f"class {c}" for c in range(k)
+    ]
+    if presence is not None:
+        threshold = np.asarray(presence["threshold"], np.float32)
+        present = present_classes(
+            scores, presence["multi_label"], threshold, presence.get("min_score", 0.0)
+        )
+    else:
+        held = np.unique(masks[MASK_FILES[PSEUDO_MASK_FULL]])
+        present = [int(scores.argmax())]
+        if not binary:
+            present = [int(v) - 1 for v in held if 1 <= v <= k] or present
+    present = sorted(present, key=lambda c: -scores[c])
+    shares = {}
+    for what, mask in masks.items():
+        values, counts = np.unique(mask, return_counts=True)
+        share = {}
+        for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+            if value == 0:
+                label = "background"
+            elif binary:
+                label = names[present[0]] if present else names[int(scores.argmax())]
+            else:
+                label = names[value - 1] if value - 1 < k else f"value {value}"
+            share[label] = round(count / mask.size, 6)
+        shares[what] = share
+    return {
+        "classes": [{"class": names[c], "score": float(scores[c])} for c in present],
+        "scores": {names[c]: float(scores[c]) for c in range(k)},
+        "mask_share": shares,
+    }
 
 
 def top_class(scores: np.ndarray, class_names: list[str] | None) -> tuple[str, float]:

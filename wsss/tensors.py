@@ -84,25 +84,43 @@ PIPELINE, PIPELINE_BYTES = "wsss_pipeline", "wsss_pipeline_bytes"
 # ``label_filename`` relative to the model's folder).
 CLASS_NAMES = "class_names"  # ["cat", "dog"]: SCORES[n] and CAMS[n] are class n
 PALETTE = "palette"  # 256 RGB triples, flat: the colours of mask values in PNGs
+# Which classes a photo holds, as the refiner decides (wsss.served.classical.present_classes):
+# {"multi_label": true, "threshold": 0.3 or one per class, "min_score": 0.0}.
+PRESENCE = "presence"
 LABELS_FILE = "labels.txt"  # one class name per line, in class order
 
 
-def label_parameters(class_names: list[str], palette: list[int]) -> dict[str, str]:
-    """The config parameters that name the classes and colour the masks."""
+def label_parameters(
+    class_names: list[str], palette: list[int], presence: dict | None = None
+) -> dict[str, str]:
+    """The config parameters that name the classes, colour the masks and (``presence``)
+    say which classes a photo holds."""
     bad = [n for n in class_names if not n.strip() or "\n" in n or "\r" in n]
     if bad:
         raise ValueError(f"class names must be one non-empty line each, not {bad!r}")
     if len(palette) != 768:
         raise ValueError(f"a palette is 256 RGB triples (768 numbers), not {len(palette)}")
-    return {
+    params = {
         CLASS_NAMES: json.dumps(list(class_names)),
         PALETTE: json.dumps(list(palette), separators=(",", ":")),
     }
+    if presence is not None:
+        threshold = presence["threshold"]
+        if not isinstance(threshold, (int, float)) and len(threshold) != len(class_names):
+            raise ValueError(f"{len(threshold)} score thresholds for {len(class_names)} classes")
+        params[PRESENCE] = json.dumps(presence, sort_keys=True)
+    return params
 
 
 def labels_text(class_names: list[str]) -> str:
     """LABELS_FILE's contents: line n names class n."""
     return "".join(f"{name}\n" for name in class_names)
+
+
+def read_presence(parameters: dict[str, str]) -> dict | None:
+    """``PRESENCE`` from a served config's parameters; None from an export before it."""
+    presence = parameters.get(PRESENCE)
+    return json.loads(presence) if presence else None
 
 
 def read_label_parameters(parameters: dict[str, str]) -> tuple[list[str] | None, list[int] | None]:

@@ -12,7 +12,16 @@ from PIL import Image
 
 from serving.bench import settled_statistics
 from serving.client import ClientError, PipelineClient
-from serving.infer import InferOptions, Item, find_images, read_list, run
+from serving.infer import (
+    PREDICTIONS,
+    InferOptions,
+    Item,
+    find_images,
+    prediction,
+    read_list,
+    read_predictions,
+    run,
+)
 from wsss.tensors import PIPELINE_BYTES, PSEUDO_MASK_FULL, SEGMENTATION_FULL
 
 MASKS = {PSEUDO_MASK_FULL: "pseudo_mask", SEGMENTATION_FULL: "segmentation"}
@@ -56,6 +65,53 @@ def test_two_images_that_would_write_the_same_files_are_refused_up_front(tmp_pat
     _touch(tmp_path / "cat.png")
     with pytest.raises(ClientError, match="would write the same files"):
         find_images([str(tmp_path)])
+
+
+def test_a_prediction_names_the_classes_present_at_the_served_thresholds():
+    scores = np.array([0.9, 0.35, 0.2], np.float32)
+    names = ["cat", "dog", "person"]
+    mask = np.array([[0, 1, 1, 2], [0, 0, 2, 3]], np.uint8)
+    masks = {"pseudo_mask": mask, "segmentation": np.zeros_like(mask)}
+    # Per-class thresholds (a multi-label classifier's, chosen by cross-validation).
+    presence = {"multi_label": True, "threshold": [0.95, 0.3, 0.1], "min_score": 0.0}
+    record = prediction(scores, masks, names, presence)
+    assert record["classes"] == [
+        {"class": "dog", "score": pytest.approx(0.35)},
+        {"class": "person", "score": pytest.approx(0.2)},
+    ]  # cat's 0.9 is below its own 0.95
+    assert record["scores"] == {
+        n: pytest.approx(float(v)) for n, v in zip(names, scores, strict=True)
+    }
+    assert record["mask_share"]["pseudo_mask"] == {
+        "background": 0.375,
+        "cat": 0.25,
+        "dog": 0.25,
+        "person": 0.125,
+    }
+    assert record["mask_share"]["segmentation"] == {"background": 1.0}
+    # One threshold; single-label: the top class; binary masks name the foreground by it.
+    one = {"multi_label": True, "threshold": 0.5, "min_score": 0.0}
+    assert [c["class"] for c in prediction(scores, masks, names, one)["classes"]] == ["cat"]
+    single = {"multi_label": False, "threshold": 0.5, "min_score": 0.0}
+    binary = {"pseudo_mask": (mask > 0).astype(np.uint8)}
+    record = prediction(scores, binary, names, single, binary=True)
+    assert record["mask_share"]["pseudo_mask"] == {"background": 0.375, "cat": 0.625}
+    # An export without the served thresholds: the classes the pseudo-mask holds.
+    record = prediction(scores, {"pseudo_mask": mask[:, :3]}, names, None)
+    assert [c["class"] for c in record["classes"]] == ["cat", "dog"]
+
+
+def test_predictions_file_keeps_each_images_latest_record(tmp_path):
+    path = tmp_path / PREDICTIONS
+    path.write_text(
+        '{"name": "a", "status": "failed", "error": "x"}\n'
+        '{"name": "b", "status": "ok", "files": {}}\n'
+        '{"name": "a", "status": "ok", "files": {}}\n'
+        '{"name": "c", "stat'  # cut short by a crash
+    )
+    records = read_predictions(path)
+    assert sorted(records) == ["a", "b"] and records["a"]["status"] == "ok"
+    assert read_predictions(tmp_path / "absent.jsonl") == {}
 
 
 # -- through the server -------------------------------------------------------------------
@@ -112,10 +168,31 @@ def test_a_folder_is_mirrored_and_unreadable_files_listed_without_stopping(
             png = Image.open(path)
             assert png.getpalette() == client.palette
             np.testing.assert_array_equal(np.asarray(png), want[key][0], err_msg=str(path))
-    client.close()
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
     expected = {p.relative_to(out).as_posix() for n in GOOD for p in _outputs(out, n).values()}
+    expected.add(PREDICTIONS)
     assert set(written) - {"sub", "sub/deeper"} == expected  # nothing for BAD, no temp files
+    # One record per image, failures too, by the server's class names and thresholds.
+    assert client.presence == {"multi_label": False, "threshold": 0.5, "min_score": 0.0}
+    records = read_predictions(out / PREDICTIONS)
+    assert len((out / PREDICTIONS).read_text().splitlines()) == len(GOOD) + len(BAD)
+    assert sorted(records) == sorted(str(Path(n).with_suffix("")) for n in GOOD + BAD)
+    for name in BAD:
+        record = records[str(Path(name).with_suffix(""))]
+        assert record["status"] == "failed" and "cannot decode" in record["error"]
+    for name in GOOD:
+        record = records[str(Path(name).with_suffix(""))]
+        want = client.infer_encoded([(photos / name).read_bytes()])
+        assert record["status"] == "ok" and record["image"] == str(photos / name)
+        assert list(record["scores"]) == client.class_names
+        top = client.class_names[int(want["SCORES"][0].argmax())]
+        assert [c["class"] for c in record["classes"]] == [top]  # pets: one class per photo
+        for what, share in record["mask_share"].items():
+            assert sum(share.values()) == pytest.approx(1.0, abs=1e-5)
+            assert set(share) <= {"background", top}
+            mask = np.asarray(Image.open(record["files"][what]))
+            assert share.get("background", 0.0) == pytest.approx((mask == 0).mean(), abs=1e-6)
+    client.close()
 
 
 @pytest.mark.slow
@@ -134,6 +211,36 @@ def test_resume_sends_only_the_images_not_yet_written(server, photos, tmp_path):
     assert (again.skipped, len(again.done), sent) == (2, 1, 1)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     assert all(p.exists() for p in redo.values())
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_an_interrupted_run_resumes_from_its_predictions(server, photos, tmp_path, monkeypatch):
+    """The server fails midway: the run stops with the records of the images that landed;
+    --resume sends only the others, and the file ends with one written record per image."""
+    options = InferOptions(tmp_path / "out", concurrency=1, progress=False)
+    sent = []
+    real = PipelineClient.infer_encoded
+
+    def failing(self, blobs):
+        sent.append(1)
+        if len(sent) == 3:
+            raise ClientError("the server went away", status="503")
+        return real(self, blobs)
+
+    monkeypatch.setattr(PipelineClient, "infer_encoded", failing)
+    with pytest.raises(ClientError, match="went away"):
+        run([str(photos / "sub")], server.grpc_url, "grpc", options)
+    first = read_predictions(options.out / PREDICTIONS)
+    assert len(first) == 2 and all(r["status"] == "ok" for r in first.values())
+    sent.clear()
+    options.resume = True
+    again = run([str(photos / "sub")], server.grpc_url, "grpc", options)
+    assert (again.skipped, len(again.done), len(sent)) == (2, 1, 1)
+    records = read_predictions(options.out / PREDICTIONS)
+    assert sorted(records) == ["deeper/three", "deeper/two", "one"]
+    assert all(r["status"] == "ok" for r in records.values())
+    assert {k: records[k] for k in first} == first  # the landed records are kept as they were
 
 
 @pytest.mark.slow
