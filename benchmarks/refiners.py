@@ -24,7 +24,7 @@ from training.levelset.study import CHANVESE_ITERATIONS
 from training.levelset.train import load_levelset
 from training.models.common import to_pixels
 from training.pipeline import ServedClassifier, one_hot
-from training.refine import LEVELSET, build_refiner
+from training.refine import LEVELSET, build_refiner, seeded
 from training.studies import load_test_set
 from wsss.config import Config
 from wsss.served.images import resize_image
@@ -61,12 +61,13 @@ def refiner_speed(cfg: Config, size: int | None = None, images: int = 8, repeat:
     levelset = ServedLevelSet(head, multi, refine.score_threshold, refine.min_score).eval()
     samples = [resize_image(img, (size, size)) for img in data.images[:images]]
     labels = [data.samples[i].labels for i in range(len(samples))]
-    seeded = cfg.refine.only(cfg.levelset.seed)
-    classical = {f"{cfg.levelset.seed.capitalize()} threshold": build_refiner(seeded, multi)}
-    grabcut = dataclasses.replace(seeded, grabcut=True, grabcut_iterations=5)
+    start = seeded(cfg.refine, cfg.levelset.seed)
+    classical = {f"{cfg.levelset.seed.capitalize()} threshold": build_refiner(start, multi)}
+    start = cfg.refine.only(start.method)  # the follow-ups refine the seed's threshold
+    grabcut = dataclasses.replace(start, grabcut=True, grabcut_iterations=5)
     classical["GrabCut (5 it.)"] = build_refiner(grabcut, multi)
     for n in CHANVESE_ITERATIONS:
-        chanvese = dataclasses.replace(seeded, chanvese=True, chanvese_iterations=n)
+        chanvese = dataclasses.replace(start, chanvese=True, chanvese_iterations=n)
         classical[f"Chan-Vese ({n} it.)"] = build_refiner(chanvese, multi)
     totals: dict[str, float] = {}
     session = None

@@ -378,6 +378,11 @@ class RefinerSpec:
         return self.entry.checkpoint
 
 
+def seeded(cfg: RefineConfig, seed: str) -> RefineConfig:
+    """``cfg`` with the refiner ``seed`` spells (``levelset.seed``: ``otsu``, ``fixed+crf``)."""
+    return RefinerSpec.parse(seed).apply(cfg)
+
+
 def served_settings(cfg: RefineConfig) -> dict:
     """The settings the served Python refiner rebuilds itself from (its config.pbtxt
     parameters): the RefineConfig's fields, and the ONNX model it runs beside its model.py

@@ -32,7 +32,7 @@ from training.pipeline import (
     refine_step,
     translate_labels,
 )
-from training.refine import RefinerSpec, build_refiner, present_classes_mask
+from training.refine import RefinerSpec, build_refiner, present_classes_mask, seeded
 from wsss.config import PASSTHROUGH, Config, RefineConfig, save_config
 
 
@@ -277,14 +277,14 @@ class _LevelSetView(_View):
 def seed_masks(cfg: Config, classifier: nn.Module, data: WSSSDataset, names: list[str]):
     """The CAM masks of eq 10, one class index (+ 1) per pixel, from the image labels.
 
-    Each labelled class's CAM is thresholded as ``levelset.seed`` says; overlaps go to the
-    strongest CAM, unclaimed pixels to the background. Under torchrun each rank makes the
-    seeds of its ``batch_shard`` and the ranks exchange them: every rank needs all of them
-    (its sampler draws from the whole set), none computes them all.
+    Each labelled class's CAM is thresholded (and refined) as ``levelset.seed`` says;
+    overlaps go to the strongest CAM, unclaimed pixels to the background. Under torchrun
+    each rank makes the seeds of its ``batch_shard`` and the ranks exchange them: every rank
+    needs all of them (its sampler draws from the whole set), none computes them all.
     """
     multi = cfg.data.kind.multi_label
     served = ServedClassifier(classifier, multi, cam_method=cfg.classifier.cam_method).eval()
-    seed = cfg.refine.only(cfg.levelset.seed)
+    seed = seeded(cfg.refine, cfg.levelset.seed)
     pipe = Pipeline(served, None, build_refiner(seed, multi, binary=False))
     bs = cfg.train.batch_size
     share = distributed.batch_shard(len(data), bs)

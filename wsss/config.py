@@ -79,6 +79,7 @@ class ClassifierConfig:
 
 
 FOLLOW_UPS = ("grabcut", "chanvese", "crf")  # RefineConfig's switches for what refines a seed
+LEVELSET_SEEDS = ("fixed", "otsu", "saliency")  # the masks a level set can learn to start from
 
 
 @dataclass
@@ -154,11 +155,13 @@ class RefineConfig:
 class LevelSetConfig:
     """The FNO level-set refiner of paper 003 (section 3), trained from the classifier."""
 
-    # The CAM masks whose signed distance functions supervise the initial level sets: each
+    # The masks whose signed distance functions supervise the initial level sets: each
     # present class's CAM thresholded this way, overlaps going to the strongest CAM.
     # saliency: the saliency-guided masks of refine.method saliency (region-based
     # initialisation); the served level set reads no saliency: the head learns the seed.
-    seed: Literal["fixed", "otsu", "saliency"] = "otsu"
+    # A follow-up may refine the seed, spelled as refine.method is (fixed+crf: the CAM at
+    # refine.threshold, then the dense CRF), with refine's other settings.
+    seed: str = "otsu"
     sdf_clip: float = 0.1  # SDF targets: distance / (this fraction of the side), clipped to 1
     hidden: int = 32  # width of the initialisation module
     modes: int = 12  # Fourier modes kept per direction (capped at half the image side)
@@ -184,6 +187,14 @@ class LevelSetConfig:
     classification_weight: float = 1.0  # weight of that classification loss
     epochs: int = 6
     lr: float = 1e-3
+
+    def __post_init__(self):
+        method, plus, follow = self.seed.partition("+")
+        if method not in LEVELSET_SEEDS or (plus and follow not in FOLLOW_UPS):
+            raise ConfigError(
+                f"levelset.seed {self.seed!r}: one of {', '.join(LEVELSET_SEEDS)}, "
+                f"optionally +{' or +'.join(FOLLOW_UPS)}"
+            )
 
 
 # segmenter.arch that trains no segmenter: the served segmenter passes the refined mask through.

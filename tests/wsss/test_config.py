@@ -24,11 +24,18 @@ def test_int_is_accepted_for_float():
         ("data.task=coco", "not one of"),
         ("train.epochs", "key=value"),
         ("train.epochs=true", "expected int"),
+        ("levelset.seed=levelset", "levelset.seed 'levelset': one of fixed, otsu, saliency"),
+        ("levelset.seed=otsu+vit", "optionally \\+grabcut or \\+chanvese or \\+crf"),
     ],
 )
 def test_bad_overrides_are_explained(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_levelset_seed_takes_a_refiner_spelling():
+    assert load_config(None, ["levelset.seed=fixed+crf"]).levelset.seed == "fixed+crf"
+    assert load_config(None, []).levelset.seed == "otsu"
 
 
 def test_saved_config_round_trips(tmp_path):

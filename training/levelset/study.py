@@ -19,8 +19,14 @@ import torch
 from training.evaluate import evaluate, figure_rows, spread, write_report
 from training.levelset.model import LevelSetHead, ServedLevelSet
 from training.levelset.train import head_kwargs
-from training.pipeline import Pipeline, ServedClassifier, load_model, refine_step
-from training.refine import LEVELSET, LevelSetRefiner, build_refiner
+from training.pipeline import (
+    Pipeline,
+    ServedClassifier,
+    load_model,
+    refine_step,
+    resolved_refine,
+)
+from training.refine import LEVELSET, LevelSetRefiner, build_refiner, seeded
 from training.studies import load_test_set
 from wsss.config import Config, save_config
 from wsss.task import get_task
@@ -59,25 +65,34 @@ def run_levelset_study(cfg: Config, train: bool = True) -> str:
         groups[name] = group
         pipes[name] = pipe
 
-    # One classifier for every classical row: they differ only in the refiner.
-    seeded = cfg.refine.only(seed)
-    classifier, _, meta = refine_step(dataclasses.replace(cfg, refine=seeded))
+    # One classifier for every classical row: they differ only in the refiner. The refiners
+    # read the classifier's own per-class thresholds where it has them (the label F1 column).
+    classifier, _, meta = refine_step(dataclasses.replace(cfg, refine=seeded(cfg.refine, seed)))
     multi = classifier.multi_label
+    refine = resolved_refine(cfg, meta)
+    seed_cfg = seeded(refine, seed)
 
-    def classical(**changes) -> Pipeline:
-        refiner = build_refiner(dataclasses.replace(seeded, **changes), multi)
+    def classical(method: str, **changes) -> Pipeline:
+        refiner = build_refiner(dataclasses.replace(refine.only(method), **changes), multi)
         return Pipeline(classifier, None, refiner)
 
-    add("classical", f"CAM + {seed} (no level set)", classical())
-    # The CAMs' own masks: their threshold (the CAM quality the backbone update is judged by).
-    threshold = seed if seed in THRESHOLDS else "otsu"
-    cam_only = Pipeline(classifier, None, build_refiner(cfg.refine.only(threshold), multi))
-    if threshold != seed:
-        add("classical", f"CAM + {threshold}", cam_only)
-    add("classical", f"CAM + {seed} + GrabCut", classical(grabcut=True))
+    add(
+        "classical",
+        f"CAM + {seed} (no level set)",
+        Pipeline(classifier, None, build_refiner(seed_cfg, multi)),
+    )
+    # The CAMs' own masks: their threshold (the CAM quality the backbone update is judged by),
+    # and Otsu's, the paper's baseline; GrabCut and Chan-Vese refine the seed's own mask.
+    start = seed_cfg.method
+    threshold = start if start in THRESHOLDS else "otsu"
+    cam_only = classical(threshold)
+    for method in dict.fromkeys((threshold, "otsu")):
+        if method != seed:
+            add("classical", f"CAM + {method}", classical(method))
+    add("classical", f"CAM + {start} + GrabCut", classical(start, grabcut=True))
     for n in CHANVESE_ITERATIONS:
-        chanvese = classical(chanvese=True, chanvese_iterations=n)
-        add("classical", f"CAM + {seed} + Chan-Vese ({n} it.)", chanvese)
+        chanvese = classical(start, chanvese=True, chanvese_iterations=n)
+        add("classical", f"CAM + {start} + Chan-Vese ({n} it.)", chanvese)
     train_set = None
     ls = cfg.levelset
 
@@ -138,20 +153,30 @@ def untrained_levelset(cfg: Config, meta: dict) -> Pipeline:
     served = ServedClassifier(net, multi, True, cfg.classifier.cam_method, meta["class_names"])
     torch.manual_seed(cfg.train.seed)
     kwargs = head_kwargs(cfg.levelset, net.fc.in_features, net.num_classes, cfg.data.image_size)
-    refine = cfg.refine
+    refine = resolved_refine(cfg, meta)
     module = ServedLevelSet(LevelSetHead(**kwargs), multi, refine.score_threshold, refine.min_score)
     return Pipeline(served.eval(), None, LevelSetRefiner(module))
 
 
-# Scores the seed summary reports per row: mean ± std over the runs.
-MERGED = ("pseudo_iou", "pseudo_image_iou", "refine_ms", "accuracy")
+# Scores the seed summary reports per row: mean ± std over the runs (a single-label study's
+# IoU and accuracy, a multi-label study's mIoU, mAP and label F1), and their headers.
+MERGED = {
+    "pseudo_iou": "IoU",
+    "pseudo_miou": "mIoU",
+    "pseudo_image_iou": "per image",
+    "accuracy": "accuracy",
+    "map": "mAP",
+    "label_f1": "label F1",
+    "refine_ms": "refine ms/image",
+}
 
 
 def merge_studies(folders: list[str | Path], out: str | Path) -> str:
     """Rows of several studies (one per training seed) -> mean ± std per row and score.
 
     Each folder is a study's ``evaluate.out``; rows are matched by name, and a row missing
-    from any study is left out. Writes ``levelset_seeds.{md,json}`` under ``out``.
+    from any study is left out. Writes ``levelset_seeds.{md,json}`` under ``out``, with
+    each row's gain over the seed row (``... (no level set)``) per study where it has one.
     """
     paths = [Path(f) / "levelset" / "levelset.json" for f in folders]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -172,22 +197,32 @@ def merge_studies(folders: list[str | Path], out: str | Path) -> str:
             if len(values) == len(by):
                 row[key] = spread(values)
         rows.append(row)
+    keys = [k for k in MERGED if any(k in r for r in rows)]
+    quality = next((k for k in ("pseudo_miou", "pseudo_iou") if k in keys), None)
+    seed = next((n for n in names if n.endswith("(no level set)")), None)
+    if quality and seed:  # each study's gain over its own seed, in points
+        for row in rows:
+            gains = [100 * (b[row["refiner"]][quality] - b[seed][quality]) for b in by]
+            row["gain_points"] = [round(g, 1) for g in gains]
     lines = [
         f"Mean ± std over {len(folders)} studies ({', '.join(str(f) for f in folders)}).",
         "",
-        "| group | refiner | IoU | per image | accuracy | refine ms/image |",
-        "|---|---|---:|---:|---:|---:|",
+        "| group | refiner | "
+        + " | ".join(MERGED[k] for k in keys)
+        + (" | vs seed, points per study |" if seed and quality else " |"),
+        "|---|---|" + "---:|" * (len(keys) + bool(seed and quality)),
     ]
 
-    def cell(row: dict, key: str, digits: int = 3) -> str:
+    def cell(row: dict, key: str) -> str:
         v = row.get(key)
+        digits = 1 if key == "refine_ms" else 3
         return "" if v is None else f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}"
 
     for r in rows:
-        lines.append(
-            f"| {r['group']} | {r['refiner']} | {cell(r, 'pseudo_iou')} | "
-            f"{cell(r, 'pseudo_image_iou')} | {cell(r, 'accuracy')} | {cell(r, 'refine_ms', 1)} |"
-        )
+        cells = [r["group"], r["refiner"], *(cell(r, k) for k in keys)]
+        if seed and quality:
+            cells.append(" / ".join(f"{g:+.1f}" for g in r["gain_points"]))
+        lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

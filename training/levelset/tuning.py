@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from training.evaluate import evaluate
 from training.pipeline import Pipeline, ServedClassifier, load_model, refine_step
-from training.refine import build_refiner
+from training.refine import build_refiner, seeded
 from wsss.config import Config, load_config, with_overrides
 from wsss.task import get_task
 
@@ -82,17 +82,16 @@ def cross_validate(
         tqdm.write(f"fold {k + 1}/{folds}: train on {len(train)}, score {len(test)}")
         net, meta = load_model(classifier_path)
         multi = get_task(meta["task"]).multi_label
-        seeded = cfg.refine.only(seed)
+        start = seeded(cfg.refine, seed)
         served = ServedClassifier(net, multi, False, cfg.classifier.cam_method, meta["class_names"])
-        grabcut = dataclasses.replace(seeded, grabcut=True)
+        grabcut = dataclasses.replace(cfg.refine.only(start.method), grabcut=True)
         pipes = {
-            SEED.format(seed=seed): Pipeline(served.eval(), None, build_refiner(seeded, multi)),
+            SEED.format(seed=seed): Pipeline(served.eval(), None, build_refiner(start, multi)),
             GRABCUT.format(seed=seed): Pipeline(served.eval(), None, build_refiner(grabcut, multi)),
         }
         for other in sorted(seeds - {seed}):  # the other seeds the variants start from
-            start = dataclasses.replace(seeded, method=other)
             pipes[SEED.format(seed=other)] = Pipeline(
-                served.eval(), None, build_refiner(start, multi)
+                served.eval(), None, build_refiner(seeded(cfg.refine, other), multi)
             )
         for name, sets in variants.items():
             variant = with_overrides(cfg, [*sets, f"runs={out / _slug(name) / f'fold{k}'}"])

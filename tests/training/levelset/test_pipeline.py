@@ -234,3 +234,25 @@ def test_merge_studies_averages_rows_over_seeds(tmp_path):
     assert "| level set | MSE + energy | 0.570 ± 0.010 |" in table
     with pytest.raises(FileNotFoundError, match="seed2"):
         merge_studies([tmp_path / "seed0", tmp_path / "seed2"], tmp_path / "merged")
+
+
+def test_merge_studies_of_multi_label_rows_gives_each_seeds_gain(tmp_path):
+    """Multi-label studies score mIoU, mAP and label F1; each row's gain over the seed row
+    is listed per study, so "level set >= its seed + 3 points, on each seed" can be read."""
+    from training.levelset.study import merge_studies
+
+    seed_row = "CAM + fixed+crf (no level set)"
+    for k, (seed_miou, ls_miou) in enumerate([(0.38, 0.40), (0.39, 0.37)]):
+        rows = [
+            {"group": "classical", "refiner": seed_row, "pseudo_miou": seed_miou, "map": 0.68},
+            {"group": "level set", "refiner": "MSE + energy", "pseudo_miou": ls_miou, "map": 0.68},
+        ]
+        folder = tmp_path / f"seed{k}" / "levelset"
+        folder.mkdir(parents=True)
+        (folder / "levelset.json").write_text(json.dumps({"rows": rows}))
+    table = merge_studies([tmp_path / "seed0", tmp_path / "seed1"], tmp_path / "merged")
+    merged = json.loads((tmp_path / "merged" / "levelset_seeds.json").read_text())["rows"]
+    assert merged[1]["pseudo_miou"]["mean"] == pytest.approx(0.385)
+    assert merged[1]["gain_points"] == [2.0, -2.0] and merged[0]["gain_points"] == [0.0, 0.0]
+    assert "| mIoU | mAP | vs seed, points per study |" in table
+    assert "| level set | MSE + energy | 0.385 ± 0.015 | 0.680 ± 0.000 | +2.0 / -2.0 |" in table
