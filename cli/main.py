@@ -140,6 +140,14 @@ def cmd_export(args) -> None:
     for model, errors in result.parity.items():
         worst = ", ".join(f"{k} {v:.2g}" for k, v in errors.items())
         print(f"  {model}: parity with PyTorch (max abs error / mismatch fraction): {worst}")
+    for model, done in result.quantized.items():
+        agreement = (
+            f"int8 masks vs fp32: IoU {done['mask_iou']:.4f}, pixels agreeing "
+            f"{done['pixel_agreement']:.4f} on {done['photos']}"
+            if "mask_iou" in done
+            else done.get("agreement", "")
+        )
+        print(f"  {model}: quantize {done['quantize']}; {agreement}".rstrip("; "))
 
 
 def cmd_serve(args) -> None:
@@ -211,6 +219,11 @@ def cmd_infer(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.quantized:
+        from benchmarks.quantized import quantized_report
+
+        print(quantized_report(args))
+        return
     if args.report:
         from benchmarks.serving import bench_report
 
@@ -467,6 +480,13 @@ BENCH = (
     flag("--seconds", type=float, default=5.0, help="with --report: per in-process row"),
     flag("--sweep", action="store_true", help="with --report: the serving-settings sweep only"),
     flag("--no-refiners", action="store_true", help="with --report: skip the refiner table"),
+    flag(
+        "--quantized",
+        action="store_true",
+        help="the profile served with its saliency ViT in fp32 and in int8, side by side, on "
+        "the Pet test photos (--images: another Pet folder) (reports/bench/quantized.md; "
+        "--config defaults to configs/serve.yaml)",
+    ),
     flag("--out", help="with --report: default reports/bench, or reports/bench/gpu on a GPU"),
 )
 

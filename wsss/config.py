@@ -290,6 +290,10 @@ class NetworkExportConfig(ModelServingConfig):
     instances: int = 2
     max_queue_delay_us: int = 0
     onnxruntime: OnnxRuntimeConfig = field(default_factory=OnnxRuntimeConfig)
+    # int8 for CPU instances (export/quantize.py): dynamic, ONNX Runtime's dynamic
+    # quantization (weights int8, activations on the fly). So far the refiner's saliency ViT
+    # only, nine tenths of the default model's cost; KIND_GPU instances keep fp32.
+    quantize: Literal["none", "dynamic"] = "none"
 
 
 @dataclass
