@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # make serve: the ImageNet head + saliency + pass-through profile (no training; answers real
 # photos of cats and dogs). make bench: the quick profile, in a repository of its own.
 CONFIG ?= configs/serve.yaml
-BENCH_CONFIG ?= configs/quick.yaml
+BENCH_CONFIG ?= configs/serve.yaml
 PYTEST_ARGS ?=
 
 .PHONY: setup serve test test-fast coverage lint format study photos levelset-study levelset-real reproduce bench soak clean-models \
@@ -36,14 +36,17 @@ TEST_JOBS ?= 2
 test: setup
 	$(BIN)/pytest -n $(TEST_JOBS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
-# The served ensembles against the same models in process (eager PyTorch, ONNX Runtime),
-# side by side in one run, with the refiners' per-image times: ratios, tables, a plot in
-# reports/bench/ (`wsss bench --report`, benchmarks/serving.py). SWEEP=1 measures serving settings instead
+# A profile (BENCH_CONFIG, default: what make serve serves) served from its own repository
+# against the same models in process (eager PyTorch, ONNX Runtime), side by side in one run,
+# on real photos (the shared Pet test photos for a profile on synthetic data; --images DIR):
+# ratios, tables, a plot in reports/bench/<profile>/ (reports/bench/ for quick; `wsss bench
+# --report`, benchmarks/serving.py). SWEEP=1 measures serving settings instead
 # (reports/bench/tuning.md). BENCH_ARGS passes more flags (--concurrency 1:8, ...).
 BENCH_ARGS ?=
 bench: setup
 	$(BIN)/wsss bench --report --config $(BENCH_CONFIG) \
-		--set export.repository=runs/quick/model_repository $(if $(SWEEP),--sweep) $(BENCH_ARGS)
+		$(if $(filter configs/quick.yaml,$(BENCH_CONFIG)),--set export.repository=runs/quick/model_repository) \
+		$(if $(SWEEP),--sweep) $(BENCH_ARGS)
 
 # 20,000 requests on wsss_pipeline_bytes at concurrency 8 with the shared Pet photos: every
 # tritonserver and stub process's resident memory after the warm-up (reports/soak/).

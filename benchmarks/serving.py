@@ -53,9 +53,8 @@ from serving.client import PipelineClient
 from serving.server import TritonServer, has_gpu, processes
 from training.pipeline import pipeline_from_config, refine_step
 from training.refine import LEVELSET, RefinerSpec
-from training.studies import load_test_set
 from wsss.config import Config, ServeConfig, load_config, served_config, with_overrides
-from wsss.served.images import resize_image
+from wsss.served.images import decode_image, resize_image
 from wsss.tensors import (
     CAMS,
     CLASSIFIER,
@@ -423,14 +422,16 @@ def report(
     command: str,
     refiners: dict | None = None,
     cpu: dict[str, float] | None = None,
+    photos: str = "",
 ) -> str:
     served = served_config(cfg)
+    sent = f" Photos: {photos}, the bytes ensemble gets their files." if photos else ""
     lines = [
         "# Serving benchmark",
         "",
-        f"Made by `{command}` on {machine()}, {cfg.data.image_size} px, served refiner "
-        f"`{refiner_label(served)}` (training pseudo-masks: `{refiner_label(cfg)}`); one run, "
-        "all rows side by side.",
+        f"Made by `{command}` on {machine()}, profile `{cfg.runs}`, {cfg.data.image_size} px, "
+        f"served refiner `{refiner_label(served)}` (training pseudo-masks: "
+        f"`{refiner_label(cfg)}`); one run, all rows side by side.{sent}",
         "",
         "| ratio | measured |",
         "|---|---:|",
@@ -675,6 +676,47 @@ def free_ports(serve: ServeConfig) -> ServeConfig:
     )
 
 
+# Real photos a profile with synthetic data is benchmarked on: the shared Pet test photos.
+SHARED_PETS = Path("../shared/data/oxford-pet-subset")
+PHOTOS = 8  # photos sent (each request one of them, in turn) and timed in process
+
+
+def bench_photos(cfg: Config, images: list[str]) -> tuple[list[np.ndarray], list[bytes], str]:
+    """The photos a benchmark sends: ``images`` (files or folders), else the profile's own
+    test photos where they are real, else the shared Pet test photos (a profile on synthetic
+    data, e.g. make serve's); decoded, their files' bytes, and what they are."""
+    if images:
+        from serving.infer import find_images
+
+        items, missing = find_images(images)
+        if missing or not items:
+            raise SystemExit(f"wsss bench: no images in {', '.join(images)}")
+        files = [item.path for item in items[:PHOTOS]]
+        where = ", ".join(images)
+    else:
+        real = cfg.data.synth_count == 0 or not SHARED_PETS.is_dir()
+        data_cfg = (
+            cfg if real else with_overrides(cfg, [f"data.root={SHARED_PETS}", "data.task=pets"])
+        )
+        from training.data import list_samples
+
+        samples = list_samples(data_cfg.data.root, data_cfg.data.task, "test", data_cfg.data.layout)
+        files = [s.image_path for s in samples[:: max(1, len(samples) // PHOTOS)][:PHOTOS]]
+        where = f"the test photos of {data_cfg.data.root}"
+    blobs = [Path(f).read_bytes() for f in files]
+    return [decode_image(b) for b in blobs], blobs, f"{len(files)} of {where}"
+
+
+def report_folder(config: str | None, out: str | None) -> Path:
+    """reports/bench for the quick profile (its history), reports/bench/<profile> for the
+    others; reports/bench/gpu[/<profile>] on a GPU."""
+    base = Path("reports/bench/gpu" if has_gpu() else "reports/bench")
+    if out:
+        return Path(out)
+    stem = Path(config or "configs/quick.yaml").stem
+    return base if stem == "quick" else base / stem
+
+
 def bench_report(args) -> None:
     """``wsss bench --report`` (``make bench``): its flags are the CLI table's ``BENCH``."""
     from export.repository import build_if_missing
@@ -682,19 +724,21 @@ def bench_report(args) -> None:
     cfg = load_config(args.config or "configs/quick.yaml", args.set)
     build_if_missing(cfg)
     served = served_config(cfg)
-    data = load_test_set(cfg)
     size = (cfg.data.image_size, cfg.data.image_size)
-    photos = [np.asarray(img) for img in data.images[:8]]
+    photos, blobs, source = bench_photos(cfg, args.images)
     images = np.stack([resize_image(p, size) for p in photos])
     settings = PerfSettings(
         concurrency=args.concurrency, stability_percent=25, max_trials=8, request_count=64
     )
-    out = Path(args.out or ("reports/bench/gpu" if has_gpu() else "reports/bench"))
+    out = report_folder(args.config, args.out)
     if args.sweep:
         print(sweep(cfg, images, settings, out))
         return
     refiners = None
-    if not args.no_refiners:
+    # The refiner-speed table where the profile serves a level set (the quick profile trains
+    # one for it: its history has the table).
+    levelset = RefinerSpec.of(served.refine).checkpoint is not None
+    if not args.no_refiners and (levelset or Path(args.config or "").stem in ("", "quick")):
         from benchmarks.refiners import refiner_speed
 
         refiners = refiner_speed(ensure_levelset(cfg))
@@ -703,13 +747,14 @@ def bench_report(args) -> None:
     batches = tuple(int(b) for b in args.batches.split(",") if b)
     repo = Path(cfg.export.repository)
     with TritonServer(repo, free_ports(cfg.serve), Path(".cache/bench/server")) as s:
-        rows += served_rows(s, images, photos, settings, batches)
+        rows += served_rows(s, images, blobs, settings, batches)
         rows += output_rows(s, images, args.seconds)
         best = best_grpc(rows)
         cpu = cpu_per_image(
             s, images, dataclasses.replace(settings, concurrency=str(best.concurrency))
         )
     r = ratios(rows)
-    text = report(rows, r, cfg, "make bench", refiners, cpu)
+    command = "make bench" + (f" BENCH_CONFIG={args.config}" if args.config else "")
+    text = report(rows, r, cfg, command, refiners, cpu, source)
     write(rows, r, out, text, refiners, cpu)
     print(text)

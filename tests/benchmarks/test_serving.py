@@ -48,3 +48,25 @@ def test_perf_analyzer_input_takes_a_files_own_bytes():
     assert base64.b64decode(entry["b64"]) == struct.pack("<I", len(jpeg)) + jpeg
     ((entry,),) = (e.values() for e in input_data(specs[PIPELINE], [jpeg])["data"])
     assert entry["shape"] == [8, 8, 3]
+
+
+@pytest.mark.realdata
+def test_a_profile_on_synthetic_data_is_benchmarked_on_real_photos(tmp_path, real_pets):
+    from benchmarks.serving import SHARED_PETS, bench_photos, report_folder
+    from wsss.config import load_config
+
+    if real_pets.resolve() != SHARED_PETS.resolve():
+        pytest.skip("the shared Pet photos are elsewhere")
+    serve = load_config("configs/serve.yaml")
+    assert serve.data.synth_count > 0
+    photos, blobs, source = bench_photos(serve, [])
+    assert len(photos) == len(blobs) == 8 and "oxford-pet-subset" in source
+    assert photos[0].ndim == 3 and blobs[0][:2] == b"\xff\xd8"  # the JPEG files as they are
+    # Any folder instead.
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(blobs[0])
+    photos, blobs, source = bench_photos(serve, [str(folder)])
+    assert len(photos) == 1 and str(folder) in source
+    assert report_folder("configs/serve.yaml", None).name == "serve"
+    assert report_folder("configs/quick.yaml", None) == report_folder(None, None)
