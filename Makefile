@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # make serve: the ImageNet head + saliency + pass-through profile (no training; answers real
-# photos of cats and dogs). make bench: the quick profile, in a repository of its own.
+# photos of cats and dogs). make bench: that profile's speed (BENCH_CONFIG for another).
 CONFIG ?= configs/serve.yaml
 BENCH_CONFIG ?= configs/serve.yaml
 PYTEST_ARGS ?=
@@ -41,12 +41,10 @@ test: setup
 # on real photos (the shared Pet test photos for a profile on synthetic data; --images DIR):
 # ratios, tables, a plot in reports/bench/<profile>/ (reports/bench/ for quick; `wsss bench
 # --report`, benchmarks/serving.py). SWEEP=1 measures serving settings instead
-# (reports/bench/tuning.md). BENCH_ARGS passes more flags (--concurrency 1:8, ...).
+# (tuning.md in that folder). BENCH_ARGS passes more flags (--concurrency 1:8, ...).
 BENCH_ARGS ?=
 bench: setup
-	$(BIN)/wsss bench --report --config $(BENCH_CONFIG) \
-		$(if $(filter configs/quick.yaml,$(BENCH_CONFIG)),--set export.repository=runs/quick/model_repository) \
-		$(if $(SWEEP),--sweep) $(BENCH_ARGS)
+	$(BIN)/wsss bench --report --config $(BENCH_CONFIG) $(if $(SWEEP),--sweep) $(BENCH_ARGS)
 
 # 20,000 requests on wsss_pipeline_bytes at concurrency 8 with the shared Pet photos: every
 # tritonserver and stub process's resident memory after the warm-up (reports/soak/).

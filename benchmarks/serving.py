@@ -51,7 +51,7 @@ from serving.bench import (
 )
 from serving.client import PipelineClient
 from serving.server import TritonServer, has_gpu, processes
-from training.pipeline import pipeline_from_config, refine_step
+from training.pipeline import pipeline_from_config
 from training.refine import LEVELSET, RefinerSpec
 from wsss.config import Config, ServeConfig, load_config, served_config, with_overrides
 from wsss.served.images import decode_image, resize_image
@@ -138,7 +138,7 @@ class OrtPipeline:
 
         self.classifier, self.segmenter = session(CLASSIFIER), session(SEGMENTER)
         self.refiner_graph = session(REFINER)
-        self.refiner = refine_step(cfg)[1] if self.refiner_graph is None else None
+        self.refiner = served_refiner(repo) if self.refiner_graph is None else None
         if self.classifier is None or self.segmenter is None:
             raise SystemExit("make bench needs ONNX classifier and segmenter exports")
 
@@ -154,6 +154,28 @@ class OrtPipeline:
         # A trained segmenter reads the pixels, the pass-through one the refined mask.
         (read,) = (i.name for i in self.segmenter.get_inputs())
         self.segmenter.run(None, {read: {IMAGE: images, PSEUDO_MASK: pseudo}[read]})
+
+
+def served_refiner(repo: Path):
+    """The repository's Python refiner, built in process as the served model builds itself:
+    from its config.pbtxt's settings and the ONNX files of its newest version (an int8
+    saliency ViT where the export quantized it)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from wsss.served.classical import OnnxAttention, OnnxSaliency
+    from wsss.served.refiners import build_classical
+
+    folder = repo / REFINER
+    config = text_format.Parse(
+        (folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    settings = json.loads(params["refine"])
+    version = folder / str(max(int(p.name) for p in folder.iterdir() if p.name.isdigit()))
+    runners = {"attention": OnnxAttention, "saliency": OnnxSaliency}
+    built = {role: runners[role](version / name) for role, name in settings.pop("runners").items()}
+    return build_classical(settings, params["multi_label"] == "true", **built)
 
 
 def _providers() -> list[str]:
@@ -181,11 +203,11 @@ def ort_rows(
     return rows
 
 
-def _loop(pipe, feed, stop: threading.Event, out: list[float]) -> None:
-    """Call ``pipe`` on ``feed`` until ``stop``, after a warm-up; seconds per call to out."""
-    for _ in range(3):
-        pipe(next(feed))
-    while not stop.is_set():
+def _loop(pipe, feed, stop: threading.Event, out: list[float], least: int = 3) -> None:
+    """Call ``pipe`` on ``feed`` until ``stop`` and at least ``least`` times, after a warm-up
+    call; seconds per call to out (a slow profile's batch may outlast the window)."""
+    pipe(next(feed))
+    while len(out) < least or not stop.is_set():
         t0 = time.perf_counter()
         pipe(next(feed))
         out.append(time.perf_counter() - t0)
@@ -717,11 +739,21 @@ def report_folder(config: str | None, out: str | None) -> Path:
     return base if stem == "quick" else base / stem
 
 
+def own_repository(cfg: Config, config: str | None, sets: list[str]) -> Config:
+    """The profile's own repository: make serve's for its profile, ``<runs>/model_repository``
+    for the others (every profile's export.repository defaults to make serve's), unless
+    ``--set export.repository=...`` names one."""
+    if Path(config or "").stem == "serve" or any(s.startswith("export.repository=") for s in sets):
+        return cfg
+    return with_overrides(cfg, [f"export.repository={Path(cfg.runs) / 'model_repository'}"])
+
+
 def bench_report(args) -> None:
     """``wsss bench --report`` (``make bench``): its flags are the CLI table's ``BENCH``."""
     from export.repository import build_if_missing
 
     cfg = load_config(args.config or "configs/quick.yaml", args.set)
+    cfg = own_repository(cfg, args.config, args.set)
     build_if_missing(cfg)
     served = served_config(cfg)
     size = (cfg.data.image_size, cfg.data.image_size)

@@ -434,7 +434,11 @@ INFER = (
         action=argparse.BooleanOptionalAction,
         help="also draw <name>_overlay.png (default: for one file named alone)",
     ),
-    flag("--resume", action="store_true", help="skip images whose files are all there"),
+    flag(
+        "--resume",
+        action="store_true",
+        help="skip images that predictions.jsonl records as written and whose files are there",
+    ),
 )
 
 BENCH = (
@@ -448,7 +452,13 @@ BENCH = (
         choices=[PIPELINE, PIPELINE_BYTES],
         help="tensor-in ensemble, or the one taking encoded image bytes",
     ),
-    flag("--images", nargs="*", default=[], help="images to send (default: a generated test card)"),
+    flag(
+        "--images",
+        nargs="*",
+        default=[],
+        help="images to send (default: a generated test card; with --report and "
+        "--quantized, real photos: see there)",
+    ),
     flag(
         "--stability",
         type=float,
@@ -472,9 +482,12 @@ BENCH = (
     flag(
         "--report",
         action="store_true",
-        help="what `make bench` writes: the profile served (its own server on free ports) "
-        "against the same models in process, side by side, with the refiners' times "
-        "(reports/bench/; --config defaults to configs/quick.yaml)",
+        help="what `make bench` writes: the profile served from its own repository (its own "
+        "server on free ports) against the same models in process, side by side, on real "
+        "photos (--images FILES or DIRS; default the profile's real test photos, else the "
+        "shared Pet test photos), with the level set's refiner times where it serves one "
+        "(reports/bench/<profile>/, reports/bench/ for quick; --config defaults to "
+        "configs/quick.yaml)",
     ),
     flag("--batches", default="4,8", help="with --report: served batch sizes (concurrency 1)"),
     flag("--seconds", type=float, default=5.0, help="with --report: per in-process row"),
@@ -487,7 +500,11 @@ BENCH = (
         "the Pet test photos (--images: another Pet folder) (reports/bench/quantized.md; "
         "--config defaults to configs/serve.yaml)",
     ),
-    flag("--out", help="with --report: default reports/bench, or reports/bench/gpu on a GPU"),
+    flag(
+        "--out",
+        help="with --report: default reports/bench/<profile> (reports/bench for quick), "
+        "under reports/bench/gpu on a GPU",
+    ),
 )
 
 SOAK = (

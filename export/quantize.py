@@ -2,11 +2,13 @@
 changes in the masks.
 
 ``quantize_dynamic`` stores the weights of MatMul / Gemm / Conv as 8-bit integers and
-quantizes activations on the fly (``DynamicQuantizeLinear``, ``MatMulInteger``); on a CPU with
-VNNI the saliency ViT-S/14 of the default model runs its int8 graph at about half its fp32
-time (reports/bench/). Its check is not a tolerance on floats, which int8 does not keep, but
-the agreement of the masks the two graphs give on the configured photos: the foreground each
-saliency map's Otsu threshold keeps, fp32 against int8.
+quantizes activations on the fly (``DynamicQuantizeLinear``, ``MatMulInteger``). How much
+faster depends on the CPU's integer kernels: on this project's AMD EPYC without VNNI the
+default model's ViT-S/14 took 0.81x its fp32 time on one thread, 0.91x on two
+(reports/bench/quantized.md); a run on a CPU with AVX-512 VNNI measured 0.39x. Its check is
+not a tolerance on floats, which int8 does not keep, but the agreement of the masks the two
+graphs give on the configured photos: the foreground each saliency map's Otsu threshold
+keeps, fp32 against int8.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ class InferOptions:
     out: Path = Path("out/infer")
     concurrency: int = 1  # requests in flight
     figures: bool = False  # also draw <stem>_overlay.png (one more request, and matplotlib)
-    resume: bool = False  # skip images whose files are all there already
+    resume: bool = False  # skip images recorded as written whose files are all there
     progress: bool = True  # a progress bar on stderr, where stderr is a terminal
 
 
@@ -317,7 +317,7 @@ def infer_images(items: list[Item], url: str, protocol: str, options: InferOptio
         return (
             record is not None
             and record.get("status") == "ok"
-            and all(Path(record["files"].get(w, "")).is_file() for w in wanted)
+            and all(item.output(options.out, w).is_file() for w in wanted)
         )
 
     todo = [item for item in items if not written(item)]
@@ -392,7 +392,14 @@ class Predictions:
 
     def __enter__(self) -> Predictions:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        cut = False
+        if self.path.is_file() and self.path.stat().st_size:
+            with self.path.open("rb") as f:
+                f.seek(-1, os.SEEK_END)
+                cut = f.read(1) != b"\n"
         self.file = self.path.open("a", encoding="utf-8")
+        if cut:  # a crash cut the last line short: this run's records start on their own
+            self.file.write("\n")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -451,9 +458,10 @@ def prediction(
     present = sorted(present, key=lambda c: -scores[c])
     shares = {}
     for what, mask in masks.items():
-        values, counts = np.unique(mask, return_counts=True)
+        counts = np.bincount(mask.ravel(), minlength=1)  # one pass; masks are uint8
+        values = np.flatnonzero(counts)
         share = {}
-        for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+        for value, count in zip(values.tolist(), counts[values].tolist(), strict=True):
             if value == 0:
                 label = "background"
             elif binary:

@@ -70,3 +70,19 @@ def test_a_profile_on_synthetic_data_is_benchmarked_on_real_photos(tmp_path, rea
     assert len(photos) == 1 and str(folder) in source
     assert report_folder("configs/serve.yaml", None).name == "serve"
     assert report_folder("configs/quick.yaml", None) == report_folder(None, None)
+
+
+def test_each_profile_is_benchmarked_from_its_own_repository():
+    """Every profile's export.repository defaults to make serve's: the bench gives the
+    others <runs>/model_repository, so it neither times nor overwrites make serve's."""
+    from benchmarks.serving import own_repository
+
+    serve = load_config("configs/serve.yaml")
+    assert own_repository(serve, "configs/serve.yaml", []).export.repository == "model_repository"
+    quick = load_config("configs/quick.yaml")
+    got = own_repository(quick, "configs/quick.yaml", []).export.repository
+    assert got == "runs/quick/model_repository"
+    mine = with_overrides(quick, ["export.repository=/tmp/mine"])
+    assert (
+        own_repository(mine, None, ["export.repository=/tmp/mine"]).export.repository == "/tmp/mine"
+    )

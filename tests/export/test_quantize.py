@@ -114,9 +114,15 @@ def test_quantized_bench_report_states_the_targets_ratios():
         "dynamic": {"perf": perf(60.0, 30.0), "quality": quality},
     }
     text = _report(
-        SimpleNamespace(runs="runs/serve"), {"fp32": 80.0, "int8": 40.0}, served, 149, "pets"
+        SimpleNamespace(runs="runs/serve"),
+        {"fp32, default threads": 80.0, "int8, default threads": 40.0},
+        served,
+        149,
+        "pets",
     )
     # fp32 ViT alone: 12.5 images/s; int8 served: 30 / 12.5 = 2.4x, p50 60 / 80 = 0.75x.
-    assert "best throughput 30.0 images/s = 2.40x the fp32 ViT's own rate (12.5/s)" in text
+    assert (
+        "best throughput 30.0 images/s = 2.40x the fp32 ViT's own rate in process (12.5/s, " in text
+    )
     assert "p50 at concurrency 1 = 0.75x the fp32 ViT's time" in text
     assert "| int8 (dynamic) | 0.950 | 0.840 | 0.850 |" in text

@@ -16,6 +16,7 @@ from serving.infer import (
     PREDICTIONS,
     InferOptions,
     Item,
+    Predictions,
     find_images,
     prediction,
     read_list,
@@ -112,6 +113,16 @@ def test_predictions_file_keeps_each_images_latest_record(tmp_path):
     records = read_predictions(path)
     assert sorted(records) == ["a", "b"] and records["a"]["status"] == "ok"
     assert read_predictions(tmp_path / "absent.jsonl") == {}
+    # The next run appends on a line of its own, not onto the one the crash cut short.
+    item = Item(Path("photos/c.jpg"), Path("c"))
+    with Predictions(path) as records:
+        records.failure(item, "gone")
+    assert read_predictions(path)["c"] == {
+        "image": "photos/c.jpg",
+        "name": "c",
+        "status": "failed",
+        "error": "gone",
+    }
 
 
 # -- through the server -------------------------------------------------------------------

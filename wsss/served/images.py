@@ -20,6 +20,16 @@ MAX_SIDE = 16384  # decoded images and requested output sizes stay below this
 # 12,000 PNG is 450 KB on the wire and 430 MB decoded. The served limit is
 # export.max_image_pixels (the preprocess model's max_pixels parameter).
 MAX_PIXELS = 40_000_000
+# What Pillow may read: the photo formats, not every plugin it has (EPS would call Ghostscript).
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")  # MPO reads as JPEG
+
+
+def _open(data: bytes):
+    """Pillow's lazy open (the header only) of ``data``, in the photo formats alone."""
+    from PIL import Image
+
+    Image.init()  # every plugin registered: FORMATS names some Pillow loads only here
+    return Image.open(io.BytesIO(data), formats=FORMATS)
 
 
 class ImageError(ValueError):
@@ -32,10 +42,10 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as image:  # lazy: reads the header only
+        with _open(data) as image:
             width, height = image.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None  # decode_image says why
     return height, width
 
 
@@ -50,7 +60,8 @@ def check_pixels(size: tuple[int, int] | None, max_pixels: int = MAX_PIXELS) -> 
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Encoded JPEG/PNG/GIF/BMP/WebP/TIFF/... -> RGB uint8 HxWx3, by Pillow: grey, palette,
     CMYK and 16-bit are converted, alpha dropped, an animated image gives its first frame.
-    The pixels are as stored (EXIF orientation is not applied, as datasets' masks expect).
+    The pixels are as stored: EXIF orientation is not applied, in training (whose datasets'
+    masks are drawn on the stored pixels) or served, so the masks line up with both.
 
     Images over ``max_pixels`` are refused from their header, before any pixel is decoded.
     """
@@ -62,7 +73,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError(f"encoded image of {len(data)} bytes exceeds {MAX_ENCODED_BYTES}")
     unreadable = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError)
     try:
-        image = Image.open(io.BytesIO(data))  # lazy: reads the header only
+        image = _open(data)
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, far above ours
+        raise ImageError(f"the image exceeds the limit of {max_pixels:,} pixels ({exc})") from None
     except unreadable:
         image = None
     if image is None:
@@ -74,10 +87,21 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         check_pixels((height, width), max_pixels)
         try:
             image.seek(0)
-            rgb = np.asarray(image.convert("RGB"))
+            rgb = _rgb(image)
         except (*unreadable, Image.DecompressionBombError) as exc:
             raise ImageError(f"cannot decode the image ({exc})") from None
-    return np.ascontiguousarray(rgb)
+    return rgb
+
+
+def _rgb(image) -> np.ndarray:
+    """A writable RGB uint8 array of a Pillow image; 16- and 32-bit greyscale scaled to 8
+    bits (Pillow's own conversion would clip them to white)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        grey = np.asarray(image).astype(np.int64)
+        bits = 16 if image.mode.startswith("I;16") or grey.max(initial=0) < 1 << 16 else 32
+        grey = (np.clip(grey, 0, (1 << bits) - 1) >> (bits - 8)).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.array(image.convert("RGB"))
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -35,3 +35,17 @@ def test_png_round_trip_and_headers_of_non_images():
     assert header_size(b"not an image") is None
     with pytest.raises(ImageError, match="cannot decode"):
         decode_image(b"not an image")
+
+
+def test_sixteen_bit_grey_scales_to_eight_bits_and_a_pillow_bomb_is_a_size_error():
+    grey = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="PNG")
+    decoded = decode_image(buf.getvalue())
+    np.testing.assert_array_equal(decoded[..., 0], (grey >> 8).astype(np.uint8))
+    assert decoded.flags.writeable and (decoded[..., 0] == decoded[..., 2]).all()
+    # Past Pillow's own limit (179 MP) it refuses at open: still our 400, not a crash.
+    bomb = _png((14_000, 14_000))
+    assert header_size(bomb) is None
+    with pytest.raises(ImageError, match="exceeds the limit"):
+        decode_image(bomb)
