@@ -5,10 +5,10 @@ changes in the masks.
 quantizes activations on the fly (``DynamicQuantizeLinear``, ``MatMulInteger``). How much
 faster depends on the CPU's integer kernels: on this project's AMD EPYC without VNNI the
 default model's ViT-S/14 took 0.81x its fp32 time on one thread, 0.91x on two
-(reports/bench/quantized.md); a run on a CPU with AVX-512 VNNI measured 0.39x. Its check is
-not a tolerance on floats, which int8 does not keep, but the agreement of the masks the two
-graphs give on the configured photos: the foreground each saliency map's Otsu threshold
-keeps, fp32 against int8.
+(reports/bench/quantized.md); issue #32 reports 0.39x (53 vs 137 ms) from a CPU with
+AVX-512 VNNI, not re-measured here. Its check is not a tolerance on floats, which int8 does
+not keep, but the agreement of the masks the two graphs give on the configured photos: the
+foreground each saliency map's Otsu threshold keeps, fp32 against int8.
 """
 
 from __future__ import annotations
