@@ -31,7 +31,7 @@ from training.data.layouts import list_samples
 from training.refine import RefinerSpec, saliency_model
 from wsss.config import load_config, with_overrides
 from wsss.served.classical import OnnxSaliency
-from wsss.tensors import PIPELINE_BYTES
+from wsss.tensors import PIPELINE_BYTES, SALIENCY
 
 DEFAULT_PHOTOS = Path("../shared/data/oxford-pet-subset")
 KINDS = ("none", "dynamic")  # fp32, int8
@@ -62,7 +62,7 @@ def vit_times(fp32: bytes, int8: bytes, images: np.ndarray, rounds: int) -> dict
 
 def quantized_report(args) -> str:
     cfg = load_config(args.config or "configs/serve.yaml", args.set)
-    if RefinerSpec.of(cfg.export.refine or cfg.refine).entry.runner != "saliency":
+    if RefinerSpec.of(cfg.export.refine or cfg.refine).entry.vit != SALIENCY:
         raise SystemExit(
             "wsss bench --quantized: the profile's served refiner runs no saliency ViT"
         )
@@ -85,9 +85,7 @@ def quantized_report(args) -> str:
     served = {}
     for kind in KINDS:
         repo = work / kind / "model_repository"
-        variant = with_overrides(
-            cfg, [f"export.repository={repo}", f"export.refiner.quantize={kind}"]
-        )
+        variant = with_overrides(cfg, [f"export.repository={repo}", f"export.vit.quantize={kind}"])
         shutil.rmtree(repo, ignore_errors=True)  # this profile's models, exported now
         export_repository(variant)
         with TritonServer(repo, free_ports(cfg.serve), work / kind / "server") as server:

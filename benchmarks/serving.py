@@ -67,6 +67,7 @@ from wsss.tensors import (
     SCORES,
     SEGMENTATION,
     SEGMENTER,
+    VIT,
 )
 
 EAGER = "eager PyTorch pipeline (in process)"
@@ -130,6 +131,8 @@ class OrtPipeline:
 
         def session(name: str) -> ort.InferenceSession | None:
             folder = repo / name
+            if not folder.is_dir():
+                return None
             version = max(int(p.name) for p in folder.iterdir() if p.name.isdigit())
             path = folder / str(version) / "model.onnx"
             if not path.exists():
@@ -138,6 +141,7 @@ class OrtPipeline:
 
         self.classifier, self.segmenter = session(CLASSIFIER), session(SEGMENTER)
         self.refiner_graph = session(REFINER)
+        self.vit = session(VIT)  # the saliency or attention ViT, where the refiner reads one
         self.refiner = served_refiner(repo) if self.refiner_graph is None else None
         if self.classifier is None or self.segmenter is None:
             raise SystemExit("make bench needs ONNX classifier and segmenter exports")
@@ -150,7 +154,8 @@ class OrtPipeline:
             feeds = {IMAGE: images, **{k: v for k, v in out.items() if k in wanted}}
             (pseudo,) = self.refiner_graph.run(None, feeds)
         else:
-            pseudo = self.refiner(images, out[SCORES], out[CAMS], out.get(FEATURES))
+            maps = self.vit.run(None, {IMAGE: images})[0] if self.vit is not None else None
+            pseudo = self.refiner(images, out[SCORES], out[CAMS], out.get(FEATURES), maps)
         # A trained segmenter reads the pixels, the pass-through one the refined mask.
         (read,) = (i.name for i in self.segmenter.get_inputs())
         self.segmenter.run(None, {read: {IMAGE: images, PSEUDO_MASK: pseudo}[read]})
@@ -158,8 +163,9 @@ class OrtPipeline:
 
 def served_refiner(repo: Path):
     """The repository's Python refiner, built in process as the served model builds itself:
-    from its config.pbtxt's settings and the ONNX files of its newest version (an int8
-    saliency ViT where the export quantized it)."""
+    from its config.pbtxt's settings. It runs no network: the ViT model's maps are given to
+    it (``OrtPipeline``). An export from before the ViT was its own model kept the ViT in the
+    refiner's version folder: that is run as it was served."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -174,7 +180,8 @@ def served_refiner(repo: Path):
     settings = json.loads(params["refine"])
     version = folder / str(max(int(p.name) for p in folder.iterdir() if p.name.isdigit()))
     runners = {"attention": OnnxAttention, "saliency": OnnxSaliency}
-    built = {role: runners[role](version / name) for role, name in settings.pop("runners").items()}
+    old = settings.pop("runners", {})
+    built = {role: runners[role](version / name) for role, name in old.items()}
     return build_classical(settings, params["multi_label"] == "true", **built)
 
 

@@ -24,8 +24,10 @@ from wsss.tensors import (
     POSTPROCESS,
     PREPROCESS,
     REFINER,
+    VIT,
     ModelSpec,
     TensorSpec,
+    ensemble_members,
 )
 
 # format -> (Triton backend, model file in each version folder)
@@ -223,10 +225,12 @@ def model_format(name: str, export: ExportConfig, network_refiner: bool = False)
     """ensemble, python, or the network's configured format.
 
     The refiner is a Python model for the classical refiners and a network (ONNX or
-    TorchScript, as ``export.refiner.format`` says) for the level-set one.
+    TorchScript, as ``export.refiner.format`` says) for the level-set one; the ViT is ONNX.
     """
     if name in ENSEMBLES:
         return "ensemble"
+    if name == VIT:
+        return "onnx"
     if name in PYTHON_MODELS and not (name == REFINER and network_refiner):
         return "python"
     return getattr(export, name).format
@@ -258,7 +262,8 @@ def build_configs(
             python_parameters.get(name),
             labels if labelled(spec) else None,
         )
-    for name, steps in ENSEMBLES.items():
+    for name in ENSEMBLES:
+        steps = ensemble_members(name, specs)
         # An ensemble can batch no more than its smallest member.
         batch = min(configs[s].max_batch_size for s in steps)
         configs[name] = ensemble_config(

@@ -48,17 +48,17 @@ def is_quantized(model: bytes) -> bool:
     return bool(ops & {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul"})
 
 
-def saliency_agreement(fp32: bytes, int8: bytes, images: np.ndarray) -> dict[str, float]:
-    """How far the int8 saliency graph's masks are from the fp32 one's on ``images`` (uint8
-    [N, H, W, 3]): the IoU of their Otsu foregrounds pooled over the images, the share of
-    pixels that agree, and the largest change of a saliency value."""
-    from wsss.served.classical import OnnxSaliency, otsu_foreground
+def map_agreement(reference, served, images: np.ndarray) -> dict[str, float]:
+    """How far ``served``'s ViT maps are from ``reference``'s on ``images`` (uint8 [N, H, W,
+    3]); each is ``images -> [N, 224, 224]`` maps (``OnnxSaliency``, ``OnnxMaps``): the IoU
+    of their Otsu foregrounds pooled over the images, the share of pixels that agree, and
+    the largest change of a map value."""
+    from wsss.served.classical import otsu_foreground
 
-    a, b = OnnxSaliency(fp32), OnnxSaliency(int8)
     inter = union = same = pixels = 0
     worst = 0.0
     for image in images:
-        sa, sb = a(image[None])[0], b(image[None])[0]
+        sa, sb = reference(image[None])[0], served(image[None])[0]
         fa, fb = otsu_foreground(sa), otsu_foreground(sb)
         inter += int((fa & fb).sum())
         union += int((fa | fb).sum())
@@ -68,6 +68,6 @@ def saliency_agreement(fp32: bytes, int8: bytes, images: np.ndarray) -> dict[str
     return {
         "mask_iou": inter / union if union else 1.0,
         "pixel_agreement": same / pixels if pixels else 1.0,
-        "max_abs_saliency": worst,
+        "max_abs_map": worst,
         "images": len(images),
     }

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from google.protobuf.text_format import ParseError
 from torch import nn
 
 from export.check import check_repository, versions
@@ -27,15 +28,18 @@ from export.configs import (
     FORMATS,
     PYTHON_MODELS,
     build_configs,
+    io_names,
     labelled,
     model_format,
+    parse,
     render,
     warmup_files,
 )
 from export.lock import locked_staging
 from export.onnx_export import check_parity, export_onnx
-from export.quantize import quantize_graph, saliency_agreement
+from export.quantize import map_agreement, quantize_graph
 from export.torchscript_export import check_torchscript_parity, export_torchscript
+from export.vit import served_vit
 from training.pipeline import (
     PassThroughSegmenter,
     ServedSegmenter,
@@ -49,6 +53,7 @@ from wsss.config import Config, save_config, served_config
 from wsss.errors import WsssError
 from wsss.palette import VOC_PALETTE
 from wsss.served import HELPERS
+from wsss.served.classical import OnnxAttention, OnnxMaps, OnnxSaliency
 from wsss.tensors import (
     CLASSIFIER,
     ENSEMBLES,
@@ -58,7 +63,10 @@ from wsss.tensors import (
     PREPROCESS,
     PSEUDO_MASK,
     REFINER,
+    SALIENCY,
     SEGMENTER,
+    VIT,
+    ModelSpec,
     label_parameters,
     labels_text,
     served_models,
@@ -122,8 +130,10 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
             f"e.g. {spec.seed}"
         )
     network_refiner = refiner.served == "network"  # an exported graph, not a Python model
-    model_files = _refiner_files(cfg, refiner)  # the ONNX models a Python refiner runs
-    quantized = _quantize(cfg, model_files)  # int8 in place of fp32, where asked and checked
+    # The ViT a saliency or attention refiner reads: its own model, beside the classifier.
+    vit_map = None if network_refiner else RefinerSpec.of(cfg.refine).entry.vit
+    _refuse_quantize(cfg, vit_map)
+    vit = _vit(cfg, refiner, vit_map) if vit_map else None
     features = None
     if refiner.needs_features:
         with torch.no_grad():
@@ -131,7 +141,9 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
         features = tuple(probe[2].shape[1:])
     passthrough = isinstance(segmenter, PassThroughSegmenter)  # serves PSEUDO_MASK as it is
     seg_input = PSEUDO_MASK if passthrough else IMAGE
-    specs = served_models(size, len(names), smeta["kwargs"]["num_classes"], features, seg_input)
+    specs = served_models(
+        size, len(names), smeta["kwargs"]["num_classes"], features, seg_input, vit_map
+    )
     networks: dict[str, nn.Module] = {
         CLASSIFIER: classifier,
         SEGMENTER: segmenter if passthrough else ServedSegmenter(segmenter),
@@ -148,9 +160,14 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
     version = next_version(repo)
     keep = {
         n: servable_versions(
-            repo, n, model_format(n, cfg.export, network_refiner), version, cfg.export.keep_versions
+            repo,
+            n,
+            model_format(n, cfg.export, network_refiner),
+            version,
+            cfg.export.keep_versions,
+            spec,
         )
-        for n in specs
+        for n, spec in specs.items()
     }
     palette = smeta.get("palette") or VOC_PALETTE  # older checkpoints: VOC's colours
     refine = resolved_refine(cfg, cmeta)  # the served refiner's thresholds
@@ -175,11 +192,13 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
             parity[name] = _write_network(
                 name, networks, spec, getattr(cfg.export, name), folder / str(version), cfg
             )
+        elif name == VIT:
+            (folder / str(version) / FORMATS["onnx"][1]).write_bytes(vit.graph)
+            parity[name] = vit.parity
         elif name in PYTHON_MODELS:
             _write_python_model(name, folder / str(version))
-            for file, data in model_files.items() if name == REFINER else ():
-                (folder / str(version) / file).write_bytes(data)
     _write_metadata(staging / CLASSIFIER / str(version), saved, names, palette, parity)
+    quantized = {VIT: vit.quantized} if vit and vit.quantized else {}
     if quantized:
         path = staging / CLASSIFIER / str(version) / "quantized.json"
         path.write_text(json.dumps(quantized, indent=2))
@@ -203,66 +222,79 @@ def _write_python_model(name: str, version_dir: Path) -> None:
     (version_dir / "__pycache__").write_bytes(b"")
 
 
-def _refiner_files(cfg: Config, refiner) -> dict[str, bytes]:
-    """Files beside the Python refiner's model.py, as its registry entry names them: the ViT
-    with its attention as outputs (the attention runner), or the saliency model as it is."""
-    entry = RefinerSpec.of(cfg.refine).entry
-    if entry.runner is None:
-        return {}
-    model = {
-        "attention": lambda: _vit_model(refiner.attention),
-        "saliency": lambda: saliency_model(cfg.refine).read_bytes(),
-    }[entry.runner]
-    return {entry.export_file: model()}
+@dataclass
+class ServedViT:
+    """The ViT model's graph, its agreement with the in-process ViT, and what was quantized."""
+
+    graph: bytes
+    parity: dict[str, float]
+    quantized: dict = field(default_factory=dict)
 
 
-# The int8 saliency graph's foreground against the fp32 one's (pooled IoU on the photos at
-# hand) below which export refuses it (tests/export/test_quantize.py holds >= 0.95 on 16 Pet
-# test photos).
+# The served ViT's foreground (Otsu of its map) against the in-process fp32 ViT's, pooled
+# IoU on the photos at hand, below which export refuses it: fp32 differs only by the resize's
+# rounding (1e-3 at most on 320 px photos), int8 by its weights (tests/export/test_quantize.py
+# holds >= 0.95 on 16 Pet test photos).
+MIN_VIT_AGREEMENT = 0.99
 MIN_QUANTIZED_AGREEMENT = 0.9
 QUANTIZE_PHOTOS = 16  # photos of the configured training split the agreement is measured on
 
 
-def _quantize(cfg: Config, files: dict[str, bytes]) -> dict[str, dict]:
-    """The refiner's saliency ViT in int8 (``export.refiner.quantize``), in ``files`` in
-    place of its fp32 graph, checked on the configured training photos: what was done, per
-    model. Refused where it would quantize nothing or move the masks too far."""
-    for name in (CLASSIFIER, SEGMENTER):
+def _refuse_quantize(cfg: Config, vit_map: str | None) -> None:
+    """Refuse an int8 switch that would quantize nothing."""
+    for name in (CLASSIFIER, SEGMENTER, REFINER):
         if getattr(cfg.export, name).quantize != "none":
             raise ExportError(
-                f"export.{name}.quantize: only the refiner's saliency ViT is quantized so far "
-                "(export.refiner.quantize), nine tenths of the default model's cost"
+                f"export.{name}.quantize: only the ViT is quantized so far (export.vit.quantize), "
+                "nine tenths of the default model's cost"
             )
-    settings = cfg.export.refiner
-    if settings.quantize == "none":
-        return {}
-    spec = RefinerSpec.of(cfg.refine)
-    if spec.entry.runner != "saliency":
+    if cfg.export.vit.quantize != "none" and vit_map is None:
         raise ExportError(
-            f"export.refiner.quantize: the refiner {spec} runs no saliency ViT to quantize"
+            f"export.vit.quantize: the refiner {RefinerSpec.of(cfg.refine)} reads no ViT "
+            "to quantize"
         )
-    if settings.kind == "KIND_GPU":
-        return {REFINER: {"quantize": "none: KIND_GPU instances keep fp32"}}
-    fp32 = files[spec.entry.export_file]
-    int8 = quantize_graph(fp32)
-    done = {
-        "quantize": "dynamic: int8 weights (ONNX Runtime quantize_dynamic)",
-        "model": spec.entry.export_file,
-    }
+
+
+def _vit(cfg: Config, refiner, role: str) -> ServedViT:
+    """The ViT model that gives ``role`` (SALIENCY or ATTENTION): the refiner's ViT with its
+    pre- and post-processing in the graph (``export.vit``), int8 where
+    ``export.vit.quantize`` asks (CPU instances), checked against the in-process fp32 ViT on
+    the configured training photos (random images where there are none)."""
+    settings = cfg.export.vit
+    if settings.format != "onnx":
+        raise ExportError(f"export.vit.format {settings.format}: the ViT is an ONNX graph")
+    if role == SALIENCY:
+        fp32 = saliency_model(cfg.refine).read_bytes()
+        reference = OnnxSaliency(fp32, threads=0)
+    else:
+        fp32 = _vit_model(refiner.attention)
+        reference = OnnxAttention(fp32)
+    core, quantized = fp32, {}
+    if settings.quantize != "none":
+        if settings.kind == "KIND_GPU":
+            quantized = {"quantize": "none: KIND_GPU instances keep fp32"}
+        else:
+            core = quantize_graph(fp32)
+            quantized = {"quantize": "dynamic: int8 weights (ONNX Runtime quantize_dynamic)"}
+    graph = served_vit(core, role, cfg.data.image_size)
     images, source = _photos(cfg, QUANTIZE_PHOTOS)
     if images is None:
-        done["agreement"] = f"not measured: {source}"
-    else:
-        agreement = saliency_agreement(fp32, int8, images)
-        done |= agreement | {"photos": source}
-        if agreement["mask_iou"] < MIN_QUANTIZED_AGREEMENT:
-            raise ExportError(
-                f"export.refiner.quantize: the int8 saliency masks agree with fp32 at IoU "
-                f"{agreement['mask_iou']:.3f} on {source} (< {MIN_QUANTIZED_AGREEMENT}): "
-                "nothing was changed; export it with quantize: none"
-            )
-    files[spec.entry.export_file] = int8
-    return {REFINER: done}
+        size = cfg.data.image_size
+        images = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
+        source = f"4 random images ({source})"
+    agreement = map_agreement(reference, OnnxMaps(graph, threads=0), images)
+    least = MIN_QUANTIZED_AGREEMENT if core is not fp32 else MIN_VIT_AGREEMENT
+    if agreement["mask_iou"] < least:
+        what = "int8 " if core is not fp32 else ""
+        raise ExportError(
+            f"export.vit: the served {what}ViT's masks agree with the in-process fp32 ViT's at "
+            f"IoU {agreement['mask_iou']:.3f} on {source} (< {least}): nothing was changed"
+            + ("; export it with export.vit.quantize: none" if what else "")
+        )
+    parity = {"max_abs_error": agreement["max_abs_map"], "mask_mismatch": 1 - agreement["mask_iou"]}
+    if core is not fp32:
+        quantized |= {"model": VIT, "photos": source} | agreement
+    return ServedViT(graph, parity, quantized)
 
 
 def _photos(cfg: Config, count: int) -> tuple[np.ndarray | None, str]:
@@ -347,17 +379,23 @@ def _write_metadata(
     (folder / "parity.json").write_text(json.dumps(parity, indent=2))
 
 
-def servable_versions(repo: Path, name: str, fmt: str, new: int, keep: int) -> list[int]:
+def servable_versions(
+    repo: Path, name: str, fmt: str, new: int, keep: int, spec: ModelSpec | None = None
+) -> list[int]:
     """The newest ``keep`` versions of ``name`` (``new`` included) holding its model file.
 
     A Python model's older version is kept only if it holds its helpers too: versions from
     before the served code was copied beside model.py import the installed project, which
-    may no longer have what they call.
+    may no longer have what they call. Where the model's tensors change (``spec`` against
+    the config on disk; the refiner that now reads the ViT model's map), no older version
+    is kept: Triton serves every version under the one new config.
     """
     if keep < 1:
         raise ValueError("export.keep_versions must be >= 1")
     folder = repo / name
     found = versions(folder) if folder.is_dir() else []
+    if spec is not None and fmt != "ensemble" and not _same_tensors(folder, spec, fmt):
+        return [new]
     if fmt == "ensemble":  # nothing to load; Triton serves its latest version
         return (found + [new])[-1:]
     filename = FORMATS[fmt][1]
@@ -365,6 +403,25 @@ def servable_versions(repo: Path, name: str, fmt: str, new: int, keep: int) -> l
     if fmt == "python":
         usable = [v for v in usable if self_contained(folder / str(v))]
     return (usable + [new])[-keep:]
+
+
+def _same_tensors(folder: Path, spec: ModelSpec, fmt: str) -> bool:
+    """Whether the config on disk in ``folder`` (if any) has ``spec``'s tensors."""
+    path = folder / "config.pbtxt"
+    if not path.is_file():
+        return True
+    try:
+        old = parse(path.read_text())
+    except ParseError:
+        return False
+    names = io_names(spec, fmt)
+
+    def tensors(items):
+        return sorted((t.name, tuple(t.dims)) for t in items)
+
+    return tensors(old.input) == sorted((names[t.name], t.shape) for t in spec.inputs) and tensors(
+        old.output
+    ) == sorted((names[t.name], t.shape) for t in spec.outputs)
 
 
 _PROJECT_IMPORT = re.compile(

@@ -106,7 +106,9 @@ def pytest_terminal_summary(terminalreporter):
     counts = {}
     for outcome in ("passed", "failed", "error", "skipped"):
         counts[outcome] = sum(
-            1 for r in terminalreporter.stats.get(outcome, []) if "realdata" in r.keywords
+            1
+            for r in terminalreporter.stats.get(outcome, [])
+            if "realdata" in getattr(r, "keywords", ())
         )
     if any(counts.values()):
         ran = ", ".join(f"{n} {k}" for k, n in counts.items() if n)

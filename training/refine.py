@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from wsss.config import RefineConfig
-from wsss.served.classical import SALIENCY_FILE, VIT_FILE, OnnxSaliency, present_classes
+from wsss.served.classical import OnnxSaliency, present_classes
 from wsss.served.refiners import (
     AttentionRefiner,
     ChanVese,
@@ -47,6 +47,7 @@ from wsss.served.refiners import (
     SeededRefiner,
     build_classical,
 )
+from wsss.tensors import ATTENTION, SALIENCY
 
 __all__ = [
     "AttentionRefiner",
@@ -172,7 +173,7 @@ class LevelSetRefiner(Refiner):
         self.module = module.eval()
 
     @torch.inference_mode()
-    def __call__(self, images, scores, cams, features=None):
+    def __call__(self, images, scores, cams, features=None, maps=None):
         if features is None:
             raise ValueError("the level-set refiner needs the classifier's FEATURES")
         tensors = (torch.from_numpy(np.ascontiguousarray(a)) for a in (images, scores, cams))
@@ -196,9 +197,9 @@ class RefinerEntry:
     ``network`` (an exported graph) or ``python`` (the Python refiner model; any follow-up
     makes the whole refiner Python); ``training``: not served at all (the dense CRF, whose
     library the serving images lack): export refuses it, ``export.refine`` serves another.
-    ``checkpoint``: the trained network it needs, under the run folder. ``runner`` and
-    ``export_file``: the ONNX model the served Python refiner runs beside its model.py, and
-    the role it plays there (``attention`` or ``saliency``). ``follow_ups``: whether GrabCut
+    ``checkpoint``: the trained network it needs, under the run folder. ``vit``: the map a
+    ViT gives it (SALIENCY or ATTENTION, ``wsss.tensors``), served by the repository's ViT
+    model beside the classifier (``export.vit``). ``follow_ups``: whether GrabCut
     or Chan-Vese may refine its mask. ``build`` (seeds only): the refiner from a RefineConfig.
     """
 
@@ -208,8 +209,7 @@ class RefinerEntry:
     summary: str
     needs_features: bool = False
     checkpoint: str | None = None
-    runner: Literal["attention", "saliency"] | None = None
-    export_file: str | None = None
+    vit: str | None = None  # SALIENCY or ATTENTION
     follow_ups: bool = False
     build: Callable[..., Refiner] | None = None
 
@@ -280,8 +280,7 @@ REFINERS: dict[str, RefinerEntry] = {
             "seed",
             "python",
             "a saliency model's extent, the class from the CAMs",
-            runner="saliency",
-            export_file=SALIENCY_FILE,
+            vit=SALIENCY,
             follow_ups=True,
             build=_saliency,
         ),
@@ -290,8 +289,7 @@ REFINERS: dict[str, RefinerEntry] = {
             "seed",
             "python",
             "a pretrained ViT's attention, no CAM",
-            runner="attention",
-            export_file=VIT_FILE,
+            vit=ATTENTION,
             build=_attention,
         ),
         RefinerEntry(
@@ -385,11 +383,9 @@ def seeded(cfg: RefineConfig, seed: str) -> RefineConfig:
 
 def served_settings(cfg: RefineConfig) -> dict:
     """The settings the served Python refiner rebuilds itself from (its config.pbtxt
-    parameters): the RefineConfig's fields, and the ONNX model it runs beside its model.py
-    by role. Training's 255 (ignore) is background in a served mask."""
+    parameters): the RefineConfig's fields (a ViT's maps come as an input, from the ViT
+    model). Training's 255 (ignore) is background in a served mask."""
     settings = dataclasses.asdict(cfg)
-    entry = RefinerSpec.of(cfg).entry
-    settings["runners"] = {entry.runner: entry.export_file} if entry.runner else {}
     if settings["saliency_doubt"] == "ignore":
         settings["saliency_doubt"] = "background"
     return settings

@@ -291,8 +291,9 @@ class NetworkExportConfig(ModelServingConfig):
     max_queue_delay_us: int = 0
     onnxruntime: OnnxRuntimeConfig = field(default_factory=OnnxRuntimeConfig)
     # int8 for CPU instances (export/quantize.py): dynamic, ONNX Runtime's dynamic
-    # quantization (weights int8, activations on the fly). So far the refiner's saliency ViT
-    # only, nine tenths of the default model's cost; KIND_GPU instances keep fp32.
+    # quantization (weights int8, activations on the fly). So far the ViT only
+    # (export.vit.quantize), nine tenths of the default model's cost; KIND_GPU instances keep
+    # fp32.
     quantize: Literal["none", "dynamic"] = "none"
 
 
@@ -320,6 +321,9 @@ class ExportConfig:
     refiner: NetworkExportConfig = field(default_factory=NetworkExportConfig)
     preprocess: ModelServingConfig = field(default_factory=ModelServingConfig)
     postprocess: ModelServingConfig = field(default_factory=ModelServingConfig)
+    # The saliency or attention ViT that refine.method saliency or vit reads: its own ONNX
+    # model, a step of the ensembles beside the classifier (export/vit.py). ONNX only.
+    vit: NetworkExportConfig = field(default_factory=NetworkExportConfig)
 
 
 @dataclass
@@ -484,6 +488,10 @@ def _upgrade(raw: dict[str, Any], given: bool = True) -> None:
     export = raw.get("export")
     for where, refine in (("refine", raw.get("refine")), ("export.refine", _get(export, "refine"))):
         _spelled_refiner(refine, where, given)
+    # The ViT left the refiner for its own model, and its int8 switch with it.
+    refiner = _get(export, "refiner")
+    if given and _get(refiner, "quantize") not in (None, "none"):
+        export.setdefault("vit", {}).setdefault("quantize", refiner.pop("quantize"))
     levelset = raw.get("levelset")
     # levelset.feature_energy was an on/off switch before it became the feature term's weight.
     if isinstance(levelset, dict) and isinstance(levelset.get("feature_energy"), bool):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Sequence
 
-from wsss.tensors import ENSEMBLES, ModelSpec
+from wsss.tensors import ModelSpec, ensemble_members
 
 # A step as its ensemble maps it: the tensors it reads, and those of its outputs that are
 # mapped (an output that nothing reads and the ensemble does not return is left unmapped).
@@ -27,7 +27,7 @@ Step = tuple[frozenset[str], frozenset[str]]
 def ensemble_steps(specs: dict[str, ModelSpec], model: str) -> list[Step]:
     """``model``'s steps as ``export.configs.ensemble_config`` maps them (a test holds the two
     to each other)."""
-    steps = [specs[name] for name in ENSEMBLES[model]]
+    steps = [specs[name] for name in ensemble_members(model, specs)]
     wanted = {t.name for t in specs[model].outputs} | {t.name for s in steps for t in s.inputs}
     return [
         (

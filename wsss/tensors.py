@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wsss.served.classical import VIT_SIZE  # the side of the ViT's maps: its own input
+
 _TRITON_DTYPES = {
     "uint8": "UINT8",
     "int32": "INT32",
@@ -72,9 +74,16 @@ IMAGE_BYTES = "IMAGE_BYTES"
 ORIGINAL_SIZE = "ORIGINAL_SIZE"
 PSEUDO_MASK_FULL = "PSEUDO_MASK_FULL"
 SEGMENTATION_FULL = "SEGMENTATION_FULL"
+# What the ViT model returns: one [0, 1] map per image at the ViT's input side, the extent a
+# saliency- or attention-guided refiner reads (a class-agnostic saliency model's output, or
+# a ViT's fused CLS attention).
+SALIENCY = "SALIENCY"
+ATTENTION = "ATTENTION"
+VIT_MAPS = (SALIENCY, ATTENTION)
 
 # Model names in the repository; the ensembles are what clients call.
 CLASSIFIER, REFINER, SEGMENTER = "classifier", "refiner", "segmenter"
+VIT = "vit"  # the saliency or attention ViT, where the refiner reads one: beside the classifier
 PREPROCESS, POSTPROCESS = "preprocess", "postprocess"
 PIPELINE, PIPELINE_BYTES = "wsss_pipeline", "wsss_pipeline_bytes"
 
@@ -130,11 +139,18 @@ def read_label_parameters(parameters: dict[str, str]) -> tuple[list[str] | None,
     return (json.loads(names) if names else None, json.loads(palette) if palette else None)
 
 
-# Each ensemble's steps in order; tensors flow between steps by their names above.
+# Each ensemble's steps in order; tensors flow between steps by their names above. A step
+# whose model the repository does not hold (the ViT, for a refiner that reads none) is left
+# out: ``ensemble_members``.
 ENSEMBLES: dict[str, tuple[str, ...]] = {
-    PIPELINE: (CLASSIFIER, REFINER, SEGMENTER),
-    PIPELINE_BYTES: (PREPROCESS, CLASSIFIER, REFINER, SEGMENTER, POSTPROCESS),
+    PIPELINE: (CLASSIFIER, VIT, REFINER, SEGMENTER),
+    PIPELINE_BYTES: (PREPROCESS, CLASSIFIER, VIT, REFINER, SEGMENTER, POSTPROCESS),
 }
+
+
+def ensemble_members(ensemble: str, specs: dict[str, ModelSpec]) -> list[str]:
+    """``ensemble``'s steps, in order, among the models of ``specs`` (``served_models``)."""
+    return [name for name in ENSEMBLES[ensemble] if name in specs]
 
 
 def served_models(
@@ -143,6 +159,7 @@ def served_models(
     num_seg_classes: int,
     features: tuple[int, int, int] | None = None,
     segmenter_input: str = IMAGE,
+    vit: str | None = None,
 ) -> dict[str, ModelSpec]:
     """The models of the repository, in pipeline order, with their tensors.
 
@@ -150,9 +167,15 @@ def served_models(
     the classifier then also returns FEATURES, which the refiner reads beside the CAMS.
     ``segmenter_input``: IMAGE for a trained segmenter; PSEUDO_MASK for the pass-through one
     (``segmenter.arch: passthrough``), which serves the refined mask as the segmentation.
+    ``vit`` (SALIENCY or ATTENTION) adds the ViT model, which reads IMAGE beside the
+    classifier and gives the refiner that map.
     """
     if segmenter_input not in (IMAGE, PSEUDO_MASK):
         raise ValueError(f"the segmenter reads {IMAGE} or {PSEUDO_MASK}, not {segmenter_input!r}")
+    if vit is not None and vit not in VIT_MAPS:
+        raise ValueError(f"the ViT gives {' or '.join(VIT_MAPS)}, not {vit!r}")
+    if vit is not None and features is not None:
+        raise ValueError("the level-set refiner reads FEATURES, not a ViT's map")
     h = w = image_size
     image = TensorSpec(IMAGE, "uint8", (h, w, 3), "RGB pixels, resized to the model size")
     scores = TensorSpec(
@@ -172,16 +195,23 @@ def served_models(
     original = TensorSpec(ORIGINAL_SIZE, "int32", (2,), "height and width of the decoded image")
     pseudo_full = TensorSpec(PSEUDO_MASK_FULL, "uint8", (-1, -1), "PSEUDO_MASK at original size")
     seg_full = TensorSpec(SEGMENTATION_FULL, "uint8", (-1, -1), "SEGMENTATION at original size")
-    if features is None:
-        classifier = ModelSpec(CLASSIFIER, (image,), (scores, cams))
-        refiner = ModelSpec(REFINER, (image, scores, cams), (pseudo,))
-    else:
+    vit_model = {}
+    if features is not None:
         feats = TensorSpec(FEATURES, "float32", features, "backbone feature map")
         classifier = ModelSpec(CLASSIFIER, (image,), (scores, cams, feats))
         refiner = ModelSpec(REFINER, (image, scores, cams, feats), (pseudo,))
+    else:
+        classifier = ModelSpec(CLASSIFIER, (image,), (scores, cams))
+        refiner = ModelSpec(REFINER, (image, scores, cams), (pseudo,))
+        if vit is not None:
+            what = {SALIENCY: "class-agnostic saliency", ATTENTION: "fused CLS attention"}[vit]
+            extent = TensorSpec(vit, "float32", (VIT_SIZE, VIT_SIZE), f"[0, 1] {what} map")
+            vit_model = {VIT: ModelSpec(VIT, (image,), (extent,))}
+            refiner = ModelSpec(REFINER, (image, scores, cams, extent), (pseudo,))
     return {
         PREPROCESS: ModelSpec(PREPROCESS, (encoded,), (image, original)),
         CLASSIFIER: classifier,
+        **vit_model,
         REFINER: refiner,
         SEGMENTER: ModelSpec(
             SEGMENTER, (image if segmenter_input == IMAGE else pseudo,), (probs, seg)

@@ -1,27 +1,31 @@
-"""int8 saliency ViT for CPU instances: the masks it gives on real photos, and what export
-does with it (or refuses)."""
+"""The ViT model's int8 graph for CPU instances: the masks it gives on real photos, and what
+export does with it (or refuses)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from export.quantize import is_quantized, quantize_graph, saliency_agreement
-from export.repository import REFINER, ExportError, _quantize
+from export.quantize import is_quantized, map_agreement, quantize_graph
+from export.repository import ExportError, _refuse_quantize, _vit
+from export.vit import served_vit
 from training.refine import saliency_model
 from wsss.config import Config, RefineConfig, load_config
-from wsss.served.classical import OnnxSaliency, otsu_foreground
+from wsss.served.classical import OnnxMaps, OnnxSaliency, otsu_foreground
+from wsss.tensors import SALIENCY
 
 
-def _tiny_saliency() -> bytes:
+def tiny_saliency() -> bytes:
     """A graph with the saliency model's interface: [B, 3, 224, 224] -> output_importance."""
     rng = np.random.default_rng(0)
     weight = helper.make_tensor(
         "w",
         TensorProto.FLOAT,
         [224, 224],
-        rng.standard_normal((224, 224)).astype(np.float32).ravel(),
+        rng.standard_normal((224, 224)).astype(np.float32).ravel() / 15,
     )
     nodes = [
         helper.make_node("ReduceMean", ["x"], ["grey"], axes=[1], keepdims=0),
@@ -40,42 +44,68 @@ def _tiny_saliency() -> bytes:
     return model.SerializeToString()
 
 
-def _config(*overrides: str) -> Config:
-    return load_config(None, ["refine.method=saliency", "data.root=/nonexistent", *overrides])
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    path = tmp_path / "tiny_saliency.onnx"
+    path.write_bytes(tiny_saliency())
+    return path
 
 
-def test_export_quantizes_the_saliency_graph_and_says_what_it_did():
-    fp32 = _tiny_saliency()
-    files = {"saliency.onnx": fp32}
-    done = _quantize(_config("export.refiner.quantize=dynamic"), files)
-    assert is_quantized(files["saliency.onnx"]) and not is_quantized(fp32)
-    assert done[REFINER]["quantize"].startswith("dynamic")
-    assert done[REFINER]["agreement"].startswith("not measured: no photos at hand")
+def _config(tiny: Path, *overrides: str) -> Config:
+    return load_config(
+        None,
+        [
+            "refine.method=saliency",
+            f"refine.saliency_weights={tiny}",
+            "data.root=/nonexistent",
+            *overrides,
+        ],
+    )
+
+
+def test_export_quantizes_the_vit_and_says_what_it_did(tiny):
+    vit = _vit(_config(tiny, "export.vit.quantize=dynamic"), None, SALIENCY)
+    assert is_quantized(vit.graph)
+    assert vit.quantized["quantize"].startswith("dynamic")
+    # No photos at hand: checked on random images, and it says so.
+    assert vit.quantized["photos"].startswith("4 random images (no photos at hand")
+    assert vit.quantized["mask_iou"] >= 0.9
     # Nothing asked, nothing done; GPU instances keep fp32.
-    files = {"saliency.onnx": fp32}
-    assert _quantize(_config(), files) == {} and files["saliency.onnx"] == fp32
-    gpu = _config("export.refiner.quantize=dynamic", "export.refiner.kind=KIND_GPU")
-    assert "KIND_GPU" in _quantize(gpu, files)[REFINER]["quantize"]
-    assert files["saliency.onnx"] == fp32
+    plain = _vit(_config(tiny), None, SALIENCY)
+    assert plain.quantized == {} and not is_quantized(plain.graph)
+    # The fp32 graph with the resize inside (128 px -> 224 here): the in-process masks.
+    assert plain.parity["mask_mismatch"] < 0.01 and plain.parity["max_abs_error"] < 0.01
+    gpu = _vit(
+        _config(tiny, "export.vit.quantize=dynamic", "export.vit.kind=KIND_GPU"), None, SALIENCY
+    )
+    assert "KIND_GPU" in gpu.quantized["quantize"] and not is_quantized(gpu.graph)
+
+
+def test_old_configs_quantize_the_vit():
+    """``export.refiner.quantize`` quantized the ViT inside the refiner: it now means the
+    ViT model's."""
+    cfg = load_config(None, ["export.refiner.quantize=dynamic"])
+    assert cfg.export.vit.quantize == "dynamic" and cfg.export.refiner.quantize == "none"
 
 
 @pytest.mark.parametrize(
-    "overrides, message",
+    "overrides, vit_map, message",
     [
-        (["export.classifier.quantize=dynamic"], "only the refiner's saliency ViT"),
-        (["export.refiner.quantize=dynamic", "refine.method=otsu"], "runs no saliency ViT"),
+        (["export.classifier.quantize=dynamic"], SALIENCY, "only the ViT"),
+        (["export.vit.quantize=dynamic", "refine.method=otsu"], None, "reads no ViT"),
     ],
 )
-def test_export_refuses_what_it_would_not_quantize(overrides, message):
+def test_export_refuses_what_it_would_not_quantize(tiny, overrides, vit_map, message):
     with pytest.raises(ExportError, match=message):
-        _quantize(_config(*overrides), {"saliency.onnx": _tiny_saliency()})
+        _refuse_quantize(_config(tiny, *overrides), vit_map)
 
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_int8_saliency_keeps_the_masks_on_real_photos(real_pets):
-    """On 16 Pet test photos the int8 graph's foreground agrees with fp32's (IoU >= 0.95)
-    and is as good against the trimaps (within 0.01 IoU), from a third of the bytes."""
+def test_int8_vit_keeps_the_masks_on_real_photos(real_pets):
+    """On 16 Pet test photos the served int8 ViT's foreground agrees with the in-process fp32
+    ViT's (IoU >= 0.95) and is as good against the trimaps (within 0.01 IoU), from a third
+    of the bytes."""
     from training.data import list_samples
     from training.data.dataset import WSSSDataset
 
@@ -84,17 +114,18 @@ def test_int8_saliency_keeps_the_masks_on_real_photos(real_pets):
     assert is_quantized(int8) and len(int8) < 0.4 * len(fp32)
     samples = list_samples(real_pets, "pets", "test")[::9][:16]
     data = WSSSDataset(real_pets, "pets", "test", 224, samples=samples)
-    agreement = saliency_agreement(fp32, int8, data.images)
+    served = OnnxMaps(served_vit(int8, SALIENCY, 224))
+    reference = OnnxSaliency(fp32)
+    agreement = map_agreement(reference, served, data.images)
     assert agreement["mask_iou"] >= 0.95 and agreement["images"] == 16, agreement
 
-    def iou(model: bytes) -> float:
-        maps = OnnxSaliency(model)(data.images)
-        fg = np.stack([otsu_foreground(m) for m in maps])
+    def iou(run) -> float:
+        fg = np.stack([otsu_foreground(m) for m in run(data.images)])
         truth, known = data.masks == 1, data.masks != 255
         return float((fg & truth & known).sum() / ((fg | truth) & known).sum())
 
-    assert iou(int8) >= iou(fp32) - 0.01
-    assert iou(fp32) >= 0.6  # the saliency masks sit on the pets at all
+    assert iou(served) >= iou(reference) - 0.01
+    assert iou(reference) >= 0.6  # the saliency masks sit on the pets at all
 
 
 def test_quantized_bench_report_states_the_targets_ratios():

@@ -118,6 +118,31 @@ def test_format_switch_serves_only_versions_in_the_new_format(tmp_path):
     assert check_repository(repo).ok
 
 
+def _versions(repo: Path, model: str) -> list[int]:
+    return list(parse((repo / model / "config.pbtxt").read_text()).version_policy.specific.versions)
+
+
+def test_a_refiner_that_now_reads_the_vit_serves_only_its_new_version(tmp_path):
+    """Triton serves every version under the one config: where the refiner's tensors change
+    (it now reads the ViT model's map), its older versions are not served under it; the
+    models whose tensors stay keep theirs, and the repository stays valid."""
+    cfg = random_export_cfg(tmp_path, "refine.method=fixed+grabcut")
+    export_repository(cfg)
+    saliency = random_export_cfg(tmp_path, "refine.method=saliency")
+    result = export_repository(saliency)
+    repo = Path(cfg.export.repository)
+    assert result.version == 2 and _versions(repo, "refiner") == [2]
+    assert _versions(repo, "classifier") == [1, 2] and _versions(repo, "vit") == [2]
+    refiner = parse((repo / "refiner" / "config.pbtxt").read_text())
+    assert [i.name for i in refiner.input] == ["IMAGE", "SCORES", "CAMS", "SALIENCY"]
+    assert check_repository(repo).ok
+    # Back to the GrabCut refiner: the ViT is no step any more, its folder stays on disk.
+    export_repository(cfg)
+    bytes_ensemble = parse((repo / "wsss_pipeline_bytes" / "config.pbtxt").read_text())
+    assert "vit" not in [s.model_name for s in bytes_ensemble.ensemble_scheduling.step]
+    assert _versions(repo, "refiner") == [3] and check_repository(repo).ok
+
+
 def _snapshot(repo):
     return {p: p.read_bytes() for p in sorted(Path(repo).rglob("*")) if p.is_file()}
 
@@ -232,9 +257,13 @@ def test_cli_check_exit_codes(good_repo, tmp_path):
 
 
 def test_every_ensemble_step_is_a_model_of_the_repository(good_repo):
+    models = {p.name for p in good_repo.iterdir() if (p / "config.pbtxt").exists()}
+    assert "vit" not in models  # an Otsu refiner reads no ViT: no ViT step
     for name, steps in ENSEMBLES.items():
         cfg = parse((good_repo / name / "config.pbtxt").read_text())
-        assert [s.model_name for s in cfg.ensemble_scheduling.step] == list(steps)
+        assert [s.model_name for s in cfg.ensemble_scheduling.step] == [
+            s for s in steps if s in models
+        ]
 
 
 def test_the_export_names_its_classes_where_clients_and_triton_read_them(good_repo):

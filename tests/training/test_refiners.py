@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from export.repository import _refiner_files
+from export.repository import _vit
 from training.levelset.model import LevelSetHead, ServedLevelSet
 from training.refine import FOLLOW_UPS, REFINERS, RefinerSpec, build_refiner, served_settings
 from wsss import config as wsss_config
 from wsss.config import Config, RefineConfig
 from wsss.served import refiners as served_refiners
-from wsss.served.classical import OnnxAttention, OnnxSaliency
+from wsss.served.classical import OnnxMaps
 from wsss.served.refiners import build_classical
 
 SPECS = [
@@ -154,7 +154,6 @@ def test_every_refiner_serves_as_it_trains(text):
     assert refiner.needs_features == spec.entry.needs_features
     if spec.served == "training":  # not served: the Python model refuses it, saying so
         settings = json.loads(json.dumps(served_settings(cfg)))
-        settings.pop("runners")
         with pytest.raises(ValueError, match="training only"):
             build_classical(settings, multi_label, saliency=lambda images: images[..., 0])
         return
@@ -166,13 +165,21 @@ def test_every_refiner_serves_as_it_trains(text):
         with torch.no_grad():
             np.testing.assert_array_equal(refiner.module(*inputs).numpy(), expected)
         return
-    # What the exporter writes: the settings in config.pbtxt, the ONNX models beside them.
+    # What the exporter writes: the settings in config.pbtxt, and the ViT model whose maps
+    # the refiner is given (its pre-processing in the graph: 32 px resized to 224 as
+    # OpenCV's INTER_AREA, up to the rounding of a tie).
     settings = json.loads(json.dumps(served_settings(cfg)))
-    files = _refiner_files(dataclasses.replace(Config(), refine=cfg), refiner)
-    runners = {
-        role: {"attention": OnnxAttention, "saliency": OnnxSaliency}[role](files[name])
-        for role, name in settings.pop("runners").items()
-    }
-    assert set(runners) == ({spec.entry.runner} if spec.entry.runner else set())
-    served = build_classical(settings, multi_label, **runners)
-    np.testing.assert_array_equal(_run(served, batch), expected)
+    assert "runners" not in settings  # the served refiner runs no network
+    served = build_classical(settings, multi_label)
+    maps = None
+    if spec.entry.vit:
+        export = Config(refine=cfg, data=dataclasses.replace(Config().data, root="/nonexistent"))
+        export.data.image_size = size
+        vit = _vit(export, refiner, spec.entry.vit)
+        maps = OnnxMaps(vit.graph)(batch[0])
+        with pytest.raises(ValueError, match="or its maps"):
+            served(*batch[:3])  # neither a ViT nor its maps
+    got = served(*batch[:3], maps=maps)
+    assert (got == expected).mean() >= 0.99
+    if not spec.entry.vit:
+        np.testing.assert_array_equal(got, expected)

@@ -23,22 +23,26 @@ from wsss.tensors import (
     PIPELINE,
     PSEUDO_MASK,
     REFINER,
+    SALIENCY,
     SCORES,
     SEGMENTATION,
+    ensemble_members,
     served_models,
 )
 
-LAYOUTS = {  # segmenter input x level-set FEATURES
-    "trained": (IMAGE, None),
-    "trained, level set": (IMAGE, (8, 4, 4)),
-    "passthrough": (PSEUDO_MASK, None),
-    "passthrough, level set": (PSEUDO_MASK, (8, 4, 4)),
+LAYOUTS = {  # segmenter input x level-set FEATURES x the ViT's map
+    "trained": (IMAGE, None, None),
+    "trained, level set": (IMAGE, (8, 4, 4), None),
+    "trained, ViT": (IMAGE, None, SALIENCY),
+    "passthrough": (PSEUDO_MASK, None, None),
+    "passthrough, level set": (PSEUDO_MASK, (8, 4, 4), None),
+    "passthrough, ViT": (PSEUDO_MASK, None, SALIENCY),
 }
 
 
 def _specs(layout: str):
-    segmenter_input, features = LAYOUTS[layout]
-    return served_models(32, 3, 2, features, segmenter_input)
+    segmenter_input, features, vit = LAYOUTS[layout]
+    return served_models(32, 3, 2, features, segmenter_input, vit)
 
 
 def _names(specs, model):
@@ -69,7 +73,7 @@ def test_the_model_fails_and_prunes_what_the_live_server_does():
     Triton 2.51."""
     specs = _specs("trained")
     steps, (inputs, outputs) = ensemble_steps(specs, PIPELINE), _names(specs, PIPELINE)
-    order = ENSEMBLES[PIPELINE]
+    order = ensemble_members(PIPELINE, specs)
     assert {order[i] for i in pruned_steps(steps, outputs, [SEGMENTATION])} == {
         CLASSIFIER,
         REFINER,
@@ -115,6 +119,16 @@ def test_every_subset_is_answered_asking_the_fewest_extra_outputs(layout, model)
         for extra in set(requested) - set(asked):  # none of them is spare
             fewer = [n for n in requested if n != extra]
             assert not answered(steps, inputs, outputs, fewer), (asked, extra)
+
+
+@pytest.mark.parametrize("segmenter", ["trained", "passthrough"])
+@pytest.mark.parametrize("model", list(ENSEMBLES))
+def test_the_vit_step_changes_no_request(segmenter, model):
+    """The client models the ensembles without the ViT step (it reads the classifier's and
+    segmenter's metadata only): the outputs it asks for are the same with it."""
+    plain, vit = _specs(segmenter), _specs(f"{segmenter}, ViT")
+    for asked in _subsets(_names(plain, model)[1]):
+        assert outputs_to_request(plain, model, asked) == outputs_to_request(vit, model, asked)
 
 
 def test_an_unknown_output_is_refused():

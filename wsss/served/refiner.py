@@ -3,40 +3,34 @@ saliency.
 
 Copied into ``<repository>/refiner/<version>/model.py`` with this package's other modules
 beside it; the fixed and Otsu thresholds alone are served as an ONNX graph instead. Its
-settings (``refine``: the fields of RefineConfig and the ONNX models it runs, ``multi_label``)
-come from the ``parameters`` of the generated config.pbtxt, so the file is the same for every
-export. ViT attention reads ``vit_attention.onnx`` from the version folder (the exporter
-writes it with the chosen layers' attention as graph outputs); saliency runs ``saliency.onnx``
-there on the model-size IMAGE. One response per request.
+settings (``refine``: the fields of RefineConfig; ``multi_label``) come from the
+``parameters`` of the generated config.pbtxt, so the file is the same for every export. The
+saliency and attention refiners read their ViT's map as a fourth input (SALIENCY or
+ATTENTION), made by the repository's ViT model beside the classifier: this model runs no
+network, it combines maps. One response per request.
 """
 
 import json
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .classical import OnnxAttention, OnnxSaliency
 from .refiners import build_classical
 from .respond import respond
-
-RUNNERS = {"attention": OnnxAttention, "saliency": OnnxSaliency}  # ONNX models by role
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        # Written at export by training.refine.served_settings: the RefineConfig's fields,
-        # and which ONNX model in this folder plays which role.
+        # Written at export by training.refine.served_settings: the RefineConfig's fields.
         settings = json.loads(params["refine"])
-        runners = {
-            role: RUNNERS[role](Path(__file__).with_name(name))
-            for role, name in settings.pop("runners").items()
-        }
+        settings.pop("runners", None)  # exports before the ViT was a model of its own
         multi_label = params["multi_label"] == "true"
-        self.refiner = build_classical(settings, multi_label, **runners)
-        self.inputs = [i["name"] for i in config["input"]]
+        self.refiner = build_classical(settings, multi_label)
+        # IMAGE, SCORES, CAMS, then the ViT's map where it reads one (wsss.tensors' order).
+        names = [i["name"] for i in config["input"]]
+        self.inputs, self.maps = names[:3], (names[3] if len(names) > 3 else None)
         (self.output,) = [o["name"] for o in config["output"]]
 
     def execute(self, requests):
@@ -48,5 +42,10 @@ class TritonPythonModel:
         )
         if not np.isfinite(cams).all():
             raise ValueError("CAMS holds NaN or infinite values")
-        mask = self.refiner(image, scores, cams)
+        maps = None
+        if self.maps is not None:
+            maps = pb_utils.get_input_tensor_by_name(request, self.maps).as_numpy()
+            if not np.isfinite(maps).all():
+                raise ValueError(f"{self.maps} holds NaN or infinite values")
+        mask = self.refiner(image, scores, cams, maps=maps)
         return [pb_utils.Tensor(self.output, np.ascontiguousarray(mask, dtype=np.uint8))]

