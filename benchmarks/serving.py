@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from tqdm import tqdm
 
 from serving.bench import (
     BenchResult,
@@ -606,21 +607,32 @@ def ensure_levelset(cfg: Config) -> Config:
 
 @dataclass(frozen=True)
 class Setting:
-    """One serving setting of the sweep, applied to the classifier, segmenter and refiner;
-    every field explicit, whatever the config says."""
+    """One serving setting of the sweep, every model's, explicit whatever the config says:
+    instances and ONNX Runtime threads of the networks (classifier and segmenter), of the
+    ViT (where the profile serves one) and the refiner's instances, and the batching delay
+    of them all."""
 
     threads: int  # ONNX Runtime intra-op threads per session (0: one per core)
-    delay_us: int  # dynamic batcher queue delay
-    instances: int  # of the classifier and the segmenter (the refiner keeps one)
+    delay_us: int  # dynamic batcher queue delay, every model
+    instances: int  # of the classifier and the segmenter
+    refiner: int = 1  # instances of the refiner
+    vit: int = 1  # instances of the ViT
+    vit_threads: int = 1  # the ViT's intra-op threads
     accelerator: str = "none"  # on a GPU: cuda or tensorrt (instances on the GPU)
 
     def overrides(self) -> list[str]:
         out = []
-        for model in ("classifier", "segmenter", "refiner"):
+        models = {
+            "classifier": (self.instances, self.threads),
+            "segmenter": (self.instances, self.threads),
+            "refiner": (self.refiner, self.threads),
+            "vit": (self.vit, self.vit_threads),
+        }
+        for model, (instances, threads) in models.items():
             out += [
-                f"export.{model}.onnxruntime.intra_op_threads={self.threads}",
+                f"export.{model}.onnxruntime.intra_op_threads={threads}",
                 f"export.{model}.max_queue_delay_us={self.delay_us}",
-                f"export.{model}.instances={self.instances if model != 'refiner' else 1}",
+                f"export.{model}.instances={instances}",
             ]
             if self.accelerator != "none":
                 out += [
@@ -631,35 +643,44 @@ class Setting:
 
     @property
     def label(self) -> str:
-        t = "default threads" if self.threads == 0 else f"{self.threads} thread"
-        t += "s" if self.threads > 1 else ""
-        label = f"{t}, {self.delay_us} us queue delay, {self.instances} instance"
-        label += "s" if self.instances > 1 else ""
+        def threads(n: int) -> str:
+            return "default threads" if n == 0 else f"{n} thread" + ("s" if n > 1 else "")
+
+        label = (
+            f"networks {self.instances} x {threads(self.threads)}, refiner {self.refiner}, "
+            f"ViT {self.vit} x {threads(self.vit_threads)}, {self.delay_us} us queue delay"
+        )
         return label if self.accelerator == "none" else f"{self.accelerator}, {label}"
 
 
 CPU_SWEEP = (
-    Setting(0, 500, 1),  # ONNX Runtime's and Triton's usual defaults
-    Setting(1, 500, 1),
-    Setting(1, 0, 1),
-    Setting(2, 0, 1),
-    Setting(1, 500, 2),
-    Setting(1, 0, 2),  # the defaults now (wsss/config.py)
-    Setting(1, 0, 3),
+    Setting(0, 500, 1, 1, 1, 0),  # ONNX Runtime's and Triton's usual defaults
+    Setting(1, 0, 2, 2, 2, 1),  # the shipped defaults before the sweep (wsss/config.py)
+    Setting(1, 500, 2, 2, 2, 1),
+    Setting(1, 0, 1, 1, 1, 1),
+    Setting(1, 0, 1, 1, 1, 2),
+    Setting(1, 0, 1, 2, 2, 1),
+    Setting(1, 0, 2, 2, 1, 2),
+    Setting(1, 0, 2, 1, 2, 1),
 )
 GPU_SWEEP = tuple(
-    Setting(0, delay, n, acc) for acc in ("cuda", "tensorrt") for delay in (0, 500) for n in (1, 2)
+    Setting(0, delay, n, n, n, 0, acc)
+    for acc in ("cuda", "tensorrt")
+    for delay in (0, 500)
+    for n in (1, 2)
 )
+BYTES_RUN = SERVED_RUNS[3]  # the targets' ensemble: real photos' files, gRPC
 
 
-def sweep(cfg: Config, images: np.ndarray, settings: PerfSettings, out: Path) -> str:
-    """Export once per SWEEP setting, serve each and measure gRPC over the concurrency
-    range: which serving defaults measure best on this machine."""
+def sweep(cfg: Config, blobs: list[bytes], settings: PerfSettings, out: Path, command: str) -> str:
+    """Export once per SWEEP setting, serve each and measure the bytes ensemble over gRPC
+    (the photos' files) over the concurrency range: which serving settings measure best on
+    this machine, and so which the profile ships."""
     from export.repository import export_repository
 
     results = {}
     base = Path(".cache/bench/sweep")
-    for setting in GPU_SWEEP if has_gpu() else CPU_SWEEP:
+    for setting in tqdm(GPU_SWEEP if has_gpu() else CPU_SWEEP, desc="sweep", unit="setting"):
         name = setting.label
         slug = "_".join(str(v) for v in dataclasses.astuple(setting))
         repo = base / slug / "repository"
@@ -667,13 +688,17 @@ def sweep(cfg: Config, images: np.ndarray, settings: PerfSettings, out: Path) ->
         shutil.rmtree(repo, ignore_errors=True)
         export_repository(variant)
         with TritonServer(repo, free_ports(variant.serve), base / slug / "server") as server:
-            rows = served_rows(server, images, [], settings, runs=SERVED_RUNS[:1])
+            rows = served_rows(server, np.zeros((0,)), blobs, settings, runs=(BYTES_RUN,))
         results[name] = [asdict(r) for r in rows]
+        shutil.rmtree(repo, ignore_errors=True)
+    best = max(results, key=lambda n: max(r["images_per_s"] for r in results[n]))
     lines = [
         "# Serving settings, measured side by side",
         "",
-        f"Made by `make bench SWEEP=1` on {machine()}, {cfg.data.image_size} px, served refiner "
-        f"`{refiner_label(served_config(cfg))}`; `wsss_pipeline` over gRPC, batch 1, one run.",
+        f"Made by `{command}` on {machine()}, {cfg.data.image_size} "
+        f"px, served refiner `{refiner_label(served_config(cfg))}`; `wsss_pipeline_bytes` over "
+        f"gRPC, {len(blobs)} real photos sent as their files, every output, one run. "
+        "Networks: the classifier and the segmenter.",
         "",
         "| setting | concurrency | images/s | p50 ms | p95 ms |",
         "|---|---:|---:|---:|---:|",
@@ -685,6 +710,15 @@ def sweep(cfg: Config, images: np.ndarray, settings: PerfSettings, out: Path) ->
                 f"| {name}{stable} | {row['concurrency']} | {row['images_per_s']:.1f} | "
                 f"{row['p50_ms']:.1f} | {row['p95_ms']:.1f} |"
             )
+    c1 = {
+        n: next(r["p50_ms"] for r in rows if r["concurrency"] == 1) for n, rows in results.items()
+    }
+    lines += [
+        "",
+        f"Best throughput: **{best}** "
+        f"({max(r['images_per_s'] for r in results[best]):.1f} images/s); lowest p50 at "
+        f"concurrency 1: **{min(c1, key=c1.get)}** ({min(c1.values()):.0f} ms).",
+    ]
     out.mkdir(parents=True, exist_ok=True)
     (out / "tuning.json").write_text(json.dumps(results, indent=2))
     text = "\n".join(lines) + "\n"
@@ -770,8 +804,9 @@ def bench_report(args) -> None:
         concurrency=args.concurrency, stability_percent=25, max_trials=8, request_count=64
     )
     out = report_folder(args.config, args.out)
+    command = "make bench" + (f" BENCH_CONFIG={args.config}" if args.config else "")
     if args.sweep:
-        print(sweep(cfg, images, settings, out))
+        print(sweep(cfg, blobs, settings, out, command + " SWEEP=1"))
         return
     refiners = None
     # The refiner-speed table where the profile serves a level set (the quick profile trains
@@ -793,7 +828,6 @@ def bench_report(args) -> None:
             s, images, dataclasses.replace(settings, concurrency=str(best.concurrency))
         )
     r = ratios(rows)
-    command = "make bench" + (f" BENCH_CONFIG={args.config}" if args.config else "")
     text = report(rows, r, cfg, command, refiners, cpu, source)
     write(rows, r, out, text, refiners, cpu)
     print(text)

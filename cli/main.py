@@ -17,7 +17,7 @@ from pathlib import Path
 
 from wsss.config import Config, ConfigError, Layout, load_config
 from wsss.errors import WsssError
-from wsss.tensors import PIPELINE, PIPELINE_BYTES
+from wsss.tensors import PIPELINE, PIPELINE_BYTES, VIT
 
 # Mirrors training.stages.STAGES / DEFAULT_STAGES (kept here so `wsss --help` does not
 # import torch); a test holds the two to each other.
@@ -139,7 +139,8 @@ def cmd_export(args) -> None:
     print(f"exported version {result.version} to {result.repository}")
     for model, errors in result.parity.items():
         worst = ", ".join(f"{k} {v:.2g}" for k, v in errors.items())
-        print(f"  {model}: parity with PyTorch (max abs error / mismatch fraction): {worst}")
+        against = "the in-process fp32 ViT" if model == VIT else "PyTorch"
+        print(f"  {model}: parity with {against} (max abs error / mismatch fraction): {worst}")
     for model, done in result.quantized.items():
         agreement = (
             f"int8 masks vs fp32: IoU {done['mask_iou']:.4f}, pixels agreeing "

@@ -11,11 +11,17 @@ from wsss.config import ConfigError, load_config, with_overrides
 @pytest.mark.parametrize("setting", CPU_SWEEP + GPU_SWEEP, ids=lambda s: s.label)
 def test_every_sweep_setting_is_applied_to_the_served_networks(setting: Setting):
     cfg = with_overrides(load_config("configs/quick.yaml"), setting.overrides())
-    for name in ("classifier", "segmenter", "refiner"):
+    expected = {
+        "classifier": (setting.instances, setting.threads),
+        "segmenter": (setting.instances, setting.threads),
+        "refiner": (setting.refiner, setting.threads),
+        "vit": (setting.vit, setting.vit_threads),
+    }
+    for name, (instances, threads) in expected.items():
         model = getattr(cfg.export, name)
-        assert model.onnxruntime.intra_op_threads == setting.threads
+        assert model.onnxruntime.intra_op_threads == threads
         assert model.max_queue_delay_us == setting.delay_us
-        assert model.instances == (1 if name == "refiner" else setting.instances)
+        assert model.instances == instances
         gpu = setting.accelerator != "none"
         assert (model.kind == "KIND_GPU") == gpu
         assert model.onnxruntime.gpu_accelerator == setting.accelerator
