@@ -15,14 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from wsss.config import Config, ConfigError, Layout, load_config
+from wsss.config import DEFAULT_STAGES, STAGES, Config, ConfigError, Layout, load_config
 from wsss.errors import WsssError
 from wsss.tensors import PIPELINE, PIPELINE_BYTES, VIT
-
-# Mirrors training.stages.STAGES / DEFAULT_STAGES (kept here so `wsss --help` does not
-# import torch); a test holds the two to each other.
-STAGES = ("classifier", "levelset", "pseudo", "segmenter", "supervised")
-DEFAULT_STAGES = STAGES[:4]
 
 
 def _config(args) -> Config:

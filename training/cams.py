@@ -15,10 +15,10 @@ import abc
 import torch
 import torch.nn.functional as F
 
+from wsss.config import CAM_METHODS as CONFIG_CAM_METHODS
+
 
 class ClosedFormCAM(abc.ABC):
-    name = "base"
-
     @abc.abstractmethod
     def weights(self, feats: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
         """[B, K, C]: how much channel C counts for class K's map, per image."""
@@ -36,8 +36,6 @@ class ClosedFormCAM(abc.ABC):
 class CAM(ClosedFormCAM):
     """Zhou et al. 2016: the classifier's own weights."""
 
-    name = "cam"
-
     def weights(self, feats, class_weights):
         return class_weights
 
@@ -48,8 +46,6 @@ class GradCAM(ClosedFormCAM):
     For this head it equals CAM up to a positive factor, which the [0, 1] scaling removes;
     it is kept as its own method because the two differ on any other head.
     """
-
-    name = "gradcam"
 
     def weights(self, feats, class_weights):
         h, w = feats.shape[-2:]
@@ -63,7 +59,6 @@ class GradCAMPlusPlus(ClosedFormCAM):
     where g = 0; weight = sum over positions of relu(g) a = (h w) relu(g) a.
     """
 
-    name = "gradcam++"
     eps = 1e-6  # pytorch-grad-cam's; it matters, as g^2 is often near it
 
     def weights(self, feats, class_weights):
@@ -83,4 +78,7 @@ def normalise_maps(maps: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return (maps - lo) / (hi - lo + eps)
 
 
-CAM_METHODS: dict[str, ClosedFormCAM] = {m.name: m for m in (CAM(), GradCAM(), GradCAMPlusPlus())}
+# Keyed by the config's names (wsss.config.CAM_METHODS), in their order.
+CAM_METHODS: dict[str, ClosedFormCAM] = dict(
+    zip(CONFIG_CAM_METHODS, (CAM(), GradCAM(), GradCAMPlusPlus()), strict=True)
+)

