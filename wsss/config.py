@@ -22,6 +22,7 @@ Task = Literal["pets", "voc"]
 # Where the data is read from (training/data/layouts.py's LAYOUTS; a test holds the two
 # equal). coco reads whichever of 2014 and 2017 is there; coco2014 / coco2017 pick one.
 Layout = Literal["pets", "voc", "voc_aug", "coco", "coco2014", "coco2017", "folder"]
+LAYOUTS = typing.get_args(Layout)  # training/data/layouts.py's readers, by these names
 
 
 @dataclass

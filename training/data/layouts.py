@@ -39,6 +39,7 @@ from training.data.base import (
 )
 from training.data.coco import CocoLayout
 from training.data.folder import FolderLayout
+from wsss.config import LAYOUTS as CONFIG_LAYOUTS
 from wsss.palette import IGNORE, VOC_PALETTE
 from wsss.task import get_task
 
@@ -220,17 +221,24 @@ def _named(layouts: dict[str, Layout]) -> dict[str, Layout]:
     return layouts
 
 
-# The one registry: data.layout names one of these (wsss.config.Layout mirrors the keys).
+# The one registry: data.layout names one of these, by the config's names (wsss.config's
+# LAYOUTS, in their order).
 LAYOUTS: dict[str, Layout] = _named(
-    {
-        "pets": PetsLayout(),
-        "voc": VocLayout(),
-        "voc_aug": VocLayout("train_aug", "SegmentationClassAug"),
-        "coco": CocoLayout(),
-        "coco2014": CocoLayout(2014),
-        "coco2017": CocoLayout(2017),
-        "folder": FolderLayout(),
-    }
+    dict(
+        zip(
+            CONFIG_LAYOUTS,
+            (
+                PetsLayout(),
+                VocLayout(),
+                VocLayout("train_aug", "SegmentationClassAug"),
+                CocoLayout(),
+                CocoLayout(2014),
+                CocoLayout(2017),
+                FolderLayout(),
+            ),
+            strict=True,
+        )
+    )
 )
 TASK_LAYOUTS = {"pets": "pets", "voc": "voc"}  # each task's own layout
 
