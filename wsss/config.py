@@ -361,7 +361,7 @@ class ServeConfig:
 
 @dataclass
 class EvaluateConfig:
-    """``wsss evaluate --study``: every classifier run x CAM method x refiner."""
+    """``wsss study cams``: every classifier run x CAM method x refiner."""
 
     runs: list[str] = field(default_factory=list)  # run folders with classifier/best.pt
     cam_methods: list[CamMethod] = field(default_factory=lambda: list(CAM_METHODS))

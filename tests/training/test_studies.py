@@ -1,4 +1,4 @@
-"""`wsss evaluate --study`: the full grid in one harness pass, with figures and the bound."""
+"""`wsss study cams`: the full grid in one harness pass, with figures and the bound."""
 
 import dataclasses
 import json

@@ -182,7 +182,7 @@ def merge_studies(folders: list[str | Path], out: str | Path) -> str:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(
-            f"no level-set study at {', '.join(missing)}: run `wsss evaluate --levelset` with "
+            f"no level-set study at {', '.join(missing)}: run `wsss study levelset` with "
             "evaluate.out set to each folder first"
         )
     studies = [json.loads(p.read_text()) for p in paths]

@@ -7,7 +7,7 @@ from the same classifier. Beside them on every fold: the seed itself (CAM + thre
 GrabCut from it, the rows a variant has to beat. The variant with the best mean IoU over the
 folds wins; a variant's spread over the folds says how far its lead can be trusted.
 
-``wsss evaluate --levelset --folds K --variants FILE`` (a YAML mapping of names to override
+``wsss study levelset --folds K --variants FILE`` (a YAML mapping of names to override
 lists); writes ``<evaluate.out>/levelset_cv.{md,json}``.
 """
 

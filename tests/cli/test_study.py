@@ -1,0 +1,46 @@
+"""`wsss study <name>` runs the studies; `wsss evaluate`'s old flags still run them, saying
+the new spelling."""
+
+from __future__ import annotations
+
+import pytest
+
+from cli import main as cli
+
+
+@pytest.mark.parametrize("name", ["cams", "levelset", "photos", "served"])
+def test_each_study_is_a_subcommand(name):
+    args = cli.build_parser().parse_args(["study", name, "--config", "configs/quick.yaml"])
+    assert args.func is cli.cmd_study and args.action == name
+    assert args.config == "configs/quick.yaml"
+
+
+@pytest.mark.parametrize(
+    "flags, study",
+    [
+        (["--study"], "cams"),
+        (["--levelset", "--reuse"], "levelset"),
+        (["--photos"], "photos"),
+        (["--served", "--served-label", "mine"], "served"),
+    ],
+)
+def test_the_old_evaluate_flags_run_their_study(monkeypatch, capsys, flags, study):
+    ran = []
+    monkeypatch.setattr(cli, "cmd_study", lambda args: ran.append(args))
+    cli.main(["evaluate", "--config", "configs/quick.yaml", *flags])
+    (args,) = ran
+    assert args.action == study
+    assert f"is now `wsss study {study}`" in capsys.readouterr().err
+    if study == "served":
+        assert args.label == "mine"
+    if study == "levelset":
+        assert args.reuse
+
+
+def test_evaluate_alone_scores_the_profile(monkeypatch):
+    import training.studies
+
+    ran = []
+    monkeypatch.setattr(training.studies, "evaluate_profile", lambda cfg: ran.append(cfg))
+    cli.main(["evaluate", "--config", "configs/quick.yaml"])
+    assert len(ran) == 1
