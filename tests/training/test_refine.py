@@ -6,6 +6,7 @@ from training.refine import (
     REFINERS,
     ChanVese,
     FixedThreshold,
+    Followed,
     GrabCut,
     OtsuThreshold,
     SaliencyRefiner,
@@ -132,14 +133,14 @@ def test_grabcut_snaps_a_sloppy_cam_mask_to_the_object():
     image, cam, disc = _scene()
     seed = FixedThreshold(False, 0.3)
     before = seed.foreground(cam, image)
-    after = GrabCut(seed, iterations=5).foreground(cam, image)
+    after = Followed(seed, GrabCut(iterations=5)).foreground(cam, image)
     assert _iou(before, disc) < 0.8 < 0.95 < _iou(after, disc)
 
 
 @pytest.mark.parametrize("case", ["all foreground", "all background", "tiny", "one pixel"])
 def test_grabcut_degenerate_seeds_return_sensible_masks(case):
     image, cam, _ = _scene()
-    refiner = GrabCut(FixedThreshold(False, 0.5))
+    refiner = Followed(FixedThreshold(False, 0.5), GrabCut())
     if case == "all foreground":
         cam = np.ones_like(cam)
     elif case == "all background":
@@ -156,9 +157,9 @@ def test_grabcut_degenerate_seeds_return_sensible_masks(case):
 
 def test_grabcut_settings_are_checked():
     with pytest.raises(ValueError, match="iterations"):
-        GrabCut(OtsuThreshold(False), iterations=0)
+        GrabCut(iterations=0)
     with pytest.raises(ValueError, match="sure_background"):
-        GrabCut(OtsuThreshold(False), sure_fg=0.1, sure_bg=0.5)
+        GrabCut(sure_fg=0.1, sure_bg=0.5)
 
 
 def test_grabcut_is_deterministic_whatever_ran_before():
@@ -169,7 +170,7 @@ def test_grabcut_is_deterministic_whatever_ran_before():
     image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # noise: k-means init matters
     yy, xx = np.mgrid[:64, :64]
     cam = np.clip(1 - np.hypot(yy - 32, xx - 32) / 26, 0, 1).astype(np.float32)
-    refiner = GrabCut(FixedThreshold(False, 0.3), iterations=3)
+    refiner = Followed(FixedThreshold(False, 0.3), GrabCut(iterations=3))
     masks = []
     for seed in (1, 2, 3):
         cv2.setRNGSeed(seed)
@@ -182,16 +183,17 @@ def test_chan_vese_moves_an_overshooting_seed_onto_the_object():
     image, cam, truth = _scene()
     seed = FixedThreshold(False, 0.3)
     start = seed.foreground(cam, image)
-    ious = [_iou(ChanVese(seed, n).foreground(cam, image), truth) for n in (1, 15, 50)]
+    ious = [_iou(Followed(seed, ChanVese(n)).foreground(cam, image), truth) for n in (1, 15, 50)]
     assert ious[-1] > _iou(start, truth) + 0.1
     assert ious == sorted(ious)
 
 
 def test_chan_vese_passes_degenerate_seeds_through():
     image, cam, _ = _scene()
-    assert not ChanVese(FixedThreshold(False, 0.99), 5).foreground(cam * 0, image).any()
+    assert not Followed(FixedThreshold(False, 0.99), ChanVese(5)).foreground(cam * 0, image).any()
+    assert not ChanVese(5)(image, cam, np.zeros(cam.shape, bool)).any()  # after saliency too
     with pytest.raises(ValueError, match=">= 1"):
-        ChanVese(FixedThreshold(False), 0)
+        ChanVese(0)
 
 
 class _Saliency:

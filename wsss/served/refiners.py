@@ -105,48 +105,62 @@ class SeededRefiner(ClassicalRefiner):
         self.seed = seed
 
 
-class GrabCut(SeededRefiner):
-    """``grabcut`` seeded from a threshold refiner's mask and the CAM's confident bands."""
+# The follow-ups: one class per algorithm, each a step ``step(image, guide, init) -> bool``
+# that refines a mask. ``guide`` is what the mask came from (a class's CAM after a threshold,
+# the saliency map after saliency), whose confident bands a step may read. ``Followed``
+# puts one after a threshold; the saliency refiner calls it on its own mask. Training brings
+# a third, the dense CRF (training.crf), which is not served.
 
-    def __init__(
-        self,
-        seed: ClassicalRefiner,
-        iterations: int = 5,
-        sure_fg: float = 0.8,
-        sure_bg: float = 0.05,
-    ):
-        super().__init__(seed)
+
+class GrabCut:
+    """OpenCV GrabCut from the mask, the guide's confident bands fixed (``grabcut``)."""
+
+    name = "grabcut"
+
+    def __init__(self, iterations: int = 5, sure_fg: float = 0.8, sure_bg: float = 0.05):
         if iterations < 1:
             raise ValueError("grabcut_iterations must be >= 1")
         if not 0.0 <= sure_bg < sure_fg <= 1.0:
             raise ValueError("need 0 <= sure_background < sure_foreground <= 1")
         self.iterations, self.sure_fg, self.sure_bg = iterations, sure_fg, sure_bg
-        self.name = f"{seed.name}+grabcut"
 
-    def foreground(self, cam, image):
-        init = self.seed.foreground(cam, image)
-        return grabcut(image, cam, init, self.iterations, self.sure_fg, self.sure_bg)
+    def __call__(self, image, guide, init):
+        return grabcut(image, guide, init, self.iterations, self.sure_fg, self.sure_bg)
 
 
-class ChanVese(SeededRefiner):
-    """Classical iterative Chan-Vese on the grey image, from the seed's mask.
+class ChanVese:
+    """Classical iterative Chan-Vese on the grey image, from the mask.
 
     The baseline of paper 003's efficiency table: exactly ``iterations`` steps, so its cost
     can be compared step for step with the FNO evolution.
     """
 
-    def __init__(self, seed: ClassicalRefiner, iterations: int = 15, mu: float = 0.25):
-        super().__init__(seed)
+    def __init__(self, iterations: int = 15, mu: float = 0.25):
         if iterations < 1:
             raise ValueError("chanvese_iterations must be >= 1")
         self.iterations, self.mu = iterations, mu
-        self.name = f"{seed.name}+chanvese{iterations}"
+        self.name = f"chanvese{iterations}"
 
-    def foreground(self, cam, image):
-        init = self.seed.foreground(cam, image)
+    def __call__(self, image, guide, init):
         if init.all() or not init.any():  # no contour to evolve
             return init
         return chan_vese(grey(image), init, self.iterations, self.mu)
+
+
+class Followed(SeededRefiner):
+    """A seed's mask refined by a step (``GrabCut``, ``ChanVese``, training's dense CRF),
+    guided by the class's CAM."""
+
+    def __init__(self, seed: ClassicalRefiner, step):
+        super().__init__(seed)
+        self.step = step
+        self.name = f"{seed.name}+{step.name}"
+
+    def foreground(self, cam, image):
+        init = self.seed.foreground(cam, image)
+        if init.all() or not init.any():  # no boundary to move
+            return init
+        return self.step(image, cam, init)
 
 
 class AttentionRefiner(Refiner):
@@ -239,74 +253,31 @@ def _vit_maps(runner, images, maps, method: str, what: str) -> np.ndarray:
     return runner(images)
 
 
-class Followed(SeededRefiner):
-    """A seed's mask refined by a follow-up step the caller brings, ``step(image, cam,
-    init) -> bool`` (training's dense CRF, ``training.crf``)."""
-
-    def __init__(self, seed: ClassicalRefiner, step):
-        super().__init__(seed)
-        self.step = step
-        self.name = f"{seed.name}+{step.name}"
-
-    def foreground(self, cam, image):
-        init = self.seed.foreground(cam, image)
-        if init.all() or not init.any():  # no boundary to move
-            return init
-        return self.step(image, cam, init)
-
-
-class FollowGrabCut:
-    """GrabCut from the saliency's mask, its confident bands read off the saliency map."""
-
-    name = "grabcut"
-
-    def __init__(self, iterations: int = 5, sure_fg: float = 0.8, sure_bg: float = 0.05):
-        self.iterations, self.sure_fg, self.sure_bg = iterations, sure_fg, sure_bg
-
-    def __call__(self, image, saliency, init):
-        return grabcut(image, saliency, init, self.iterations, self.sure_fg, self.sure_bg)
-
-
-class FollowChanVese:
-    """Classical Chan-Vese on the grey image from the saliency's mask."""
-
-    def __init__(self, iterations: int = 15):
-        self.iterations, self.name = iterations, f"chanvese{iterations}"
-
-    def __call__(self, image, saliency, init):
-        if init.all():
-            return init
-        return chan_vese(grey(image), init, self.iterations)
-
-
 FOLLOW_UPS = ("grabcut", "chanvese", "crf")  # the switches of a RefineConfig
 
 
 def _follow_up(settings: dict, seeded: bool, steps: dict | None = None):
-    """The GrabCut, Chan-Vese or CRF step that ``settings`` put after the seed, if any: a
+    """The GrabCut, Chan-Vese or CRF step that ``settings`` put after the seed, if any: as a
     refiner wrapping a threshold (``seeded``), or the step a saliency mask goes through.
     ``steps``: follow-ups the caller brings (training's CRF), by switch name."""
     on = [f for f in FOLLOW_UPS if settings.get(f)]  # older settings lack the newer switches
     if len(on) > 1:
         raise ValueError(f"refine.{' and refine.'.join(on)} exclude each other: pick one")
-    if settings.get("crf"):
+    if not on:
+        return None
+    if on == ["crf"]:
         step = (steps or {}).get("crf")
         if step is None:
             raise ValueError(
                 "refine.crf runs in training only (its library is not in the serving images): "
                 "serve another refiner with export.refine"
             )
-        return (lambda seed: Followed(seed, step)) if seeded else step
-    if settings["grabcut"]:
+    elif on == ["grabcut"]:
         bands = settings["sure_foreground"], settings["sure_background"]
-        if seeded:
-            return lambda seed: GrabCut(seed, settings["grabcut_iterations"], *bands)
-        return FollowGrabCut(settings["grabcut_iterations"], *bands)
-    if settings["chanvese"]:
-        if seeded:
-            return lambda seed: ChanVese(seed, settings["chanvese_iterations"])
-        return FollowChanVese(settings["chanvese_iterations"])
-    return None
+        step = GrabCut(settings["grabcut_iterations"], *bands)
+    else:
+        step = ChanVese(settings["chanvese_iterations"])
+    return (lambda seed: Followed(seed, step)) if seeded else step
 
 
 def _followed(refiner: ClassicalRefiner, settings: dict, steps) -> ClassicalRefiner:
