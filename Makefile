@@ -53,7 +53,7 @@ soak: setup
 
 # Line coverage of the project's packages over the whole suite (in-process code; the
 # subprocesses the tests start are not traced): a table per file and the total.
-COVERED := cli wsss training export serving benchmarks
+COVERED := cli wsss training export serving experiments benchmarks
 coverage: setup
 	$(BIN)/pytest -n $(TEST_JOBS) --dist loadscope --no-loadscope-reorder $(foreach p,$(COVERED),--cov=$(p)) \
 		--cov-report=term $(PYTEST_ARGS)
@@ -154,7 +154,7 @@ levelset-real: setup
 	$(BIN)/wsss bench --refiners --config configs/pets_real.yaml $(PAPER_LEVELSET) \
 		--set runs=$(LEVELSET_REAL)/study/levelset/MSE_and_energy
 
-# Both papers' tables from one command (training/reproduce.py): every pseudo-mask source x
+# Both papers' tables from one command (experiments/reproduce.py): every pseudo-mask source x
 # segmenter with the supervised bound, on the pets and voc benchmarks, and paper 003's
 # ablation and speed; writes reports/$(PROFILE)/results.{md,json} and figures. quick: under
 # 40 minutes on a 2-core CPU; full: 224 px, for a GPU.

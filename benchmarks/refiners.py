@@ -18,14 +18,14 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
+from experiments.levelset_study import CHANVESE_ITERATIONS
 from export.onnx_export import export_onnx
+from training.evaluate import load_test_set
 from training.levelset.model import ServedLevelSet
-from training.levelset.study import CHANVESE_ITERATIONS
 from training.levelset.train import load_levelset
 from training.models.common import to_pixels
 from training.pipeline import ServedClassifier, one_hot
 from training.refine import LEVELSET, build_refiner, seeded
-from training.studies import load_test_set
 from wsss.config import Config
 from wsss.served.images import resize_image
 from wsss.task import get_task

@@ -75,8 +75,8 @@ def cmd_evaluate(args) -> None:
         args.label = args.served_label
         cmd_study(args)
         return
+    from experiments.studies import evaluate_profile
     from training import distributed
-    from training.studies import evaluate_profile
 
     cfg = _config(args)
     try:  # under torchrun: each rank scores its share, rank 0 reports
@@ -95,35 +95,35 @@ def cmd_study(args) -> None:
     cfg = _config(args)
     if args.action == "served":
         from benchmarks.served_quality import report, served_quality
-        from training.studies import load_test_set
+        from training.evaluate import load_test_set
 
         result, meta = served_quality(load_test_set(cfg), _url(args), args.protocol)
         print(report(result, meta, args.label or _url(args)))
     elif args.action == "photos":
-        from training.studies import photo_study
+        from experiments.studies import photo_study
 
         print(photo_study(cfg))
     elif args.action == "levelset" and args.variants:
-        from training.levelset.tuning import cross_validate, read_variants
+        from experiments.levelset_tuning import cross_validate, read_variants
 
         print(cross_validate(cfg, read_variants(args.variants), args.folds, reuse=args.reuse))
     elif args.action == "levelset" and args.merge:
-        from training.levelset.study import merge_studies
+        from experiments.levelset_study import merge_studies
 
         print(merge_studies(args.merge, cfg.evaluate.out))
     elif args.action == "levelset":
-        from training.levelset.study import run_levelset_study
+        from experiments.levelset_study import run_levelset_study
 
         print(run_levelset_study(cfg, train=not args.reuse))
     else:
-        from training.studies import cam_study
+        from experiments.studies import cam_study
 
         print(cam_study(cfg))
 
 
 def cmd_reproduce(args) -> None:
     from benchmarks.refiners import table3
-    from training.reproduce import reproduce
+    from experiments.reproduce import reproduce
     from wsss.config import load_profile
 
     path = Path(args.profile)

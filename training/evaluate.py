@@ -26,6 +26,7 @@ from training.data.dataset import WSSSDataset
 from training.data.layouts import IGNORE
 from training.metrics import ConfusionMatrix, average_precision, label_f1
 from training.pipeline import Pipeline, mask_values, translate_labels
+from wsss.config import Config
 from wsss.figures import colourise, legend_entries, overlay, panel_figure
 
 
@@ -373,3 +374,12 @@ def write_report(
     if figure:
         panel_figure(figure, list(figure[0]), out / f"{stem}.png", figure_labels, legend)
     return table
+
+
+def load_test_set(cfg: Config, say: bool = True) -> WSSSDataset:
+    """The photos the evaluation scores: the test split, or with ``evaluate.split: train``
+    the training photos (where choices are made, never on the test list reported)."""
+    data = WSSSDataset.from_config(cfg.data, cfg.evaluate.split)
+    if say:
+        tqdm.write(f"{cfg.evaluate.split} data: {data.source}")
+    return data

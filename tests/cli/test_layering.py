@@ -1,5 +1,6 @@
 """The floors of the layout hold: data flows training -> export -> model_repository ->
-serving over the ground floor (wsss/), benchmarks above them, the CLI on top; no import
+serving over the ground floor (wsss/), the experiments above training and export,
+benchmarks above them, the CLI on top; no import
 points back up. Every import counts, those inside functions too."""
 
 import ast
@@ -15,8 +16,9 @@ MAY_IMPORT = {
     "training": {"wsss"},
     "export": {"wsss", "training"},
     "serving": {"wsss"},
-    "benchmarks": {"wsss", "training", "export", "serving"},
-    "cli": {"wsss", "training", "export", "serving", "benchmarks"},
+    "experiments": {"wsss", "training", "export"},  # no stage imports an experiment
+    "benchmarks": {"wsss", "training", "export", "serving", "experiments"},
+    "cli": {"wsss", "training", "export", "serving", "experiments", "benchmarks"},
 }
 # `python -m wsss` / `torchrun -m wsss`: an entry point that runs the CLI, never imported.
 ENTRY_POINTS = {("wsss/__main__.py", "cli")}

@@ -38,9 +38,9 @@ def test_the_old_evaluate_flags_run_their_study(monkeypatch, capsys, flags, stud
 
 
 def test_evaluate_alone_scores_the_profile(monkeypatch):
-    import training.studies
+    import experiments.studies
 
     ran = []
-    monkeypatch.setattr(training.studies, "evaluate_profile", lambda cfg: ran.append(cfg))
+    monkeypatch.setattr(experiments.studies, "evaluate_profile", lambda cfg: ran.append(cfg))
     cli.main(["evaluate", "--config", "configs/quick.yaml"])
     assert len(ran) == 1

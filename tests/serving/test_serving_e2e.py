@@ -190,7 +190,7 @@ def test_bench_measures_baselines_and_server_side_by_side(server, exported, tmp_
         served_rows,
         write,
     )
-    from training.studies import load_test_set
+    from training.evaluate import load_test_set
 
     photos = [np.asarray(p) for p in load_test_set(exported).images[:3]]
     size = (exported.data.image_size, exported.data.image_size)

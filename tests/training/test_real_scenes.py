@@ -19,10 +19,9 @@ import pytest
 from tests.conftest import ROOT
 from training import stages
 from training.data.layouts import VOC_CLASSES, list_samples
-from training.evaluate import evaluate
+from training.evaluate import evaluate, load_test_set
 from training.metrics import average_precision
 from training.pipeline import Pipeline, refine_step
-from training.studies import load_test_set
 from wsss.config import load_config
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]

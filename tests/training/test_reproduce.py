@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from benchmarks.refiners import table3
-from training.reproduce import reproduce
+from experiments.reproduce import reproduce
 from wsss.config import load_profile
 
 pytestmark = pytest.mark.slow

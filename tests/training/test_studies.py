@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from training.studies import cam_study
+from experiments.studies import cam_study
 from wsss.config import EvaluateConfig
 
 pytestmark = pytest.mark.slow

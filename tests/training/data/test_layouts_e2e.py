@@ -69,8 +69,8 @@ def _test_images(cfg, count=3) -> np.ndarray:
 
 
 def test_each_layout_trains_evaluates_and_exports_its_classes(exported_layout):
+    from experiments.studies import evaluate_profile
     from export.check import check_repository
-    from training.studies import evaluate_profile
 
     cfg = exported_layout
     names = read_class_names(cfg.data.root, "voc", cfg.data.layout)
@@ -119,8 +119,8 @@ def test_each_layout_is_served_as_in_process(exported_layout, tmp_path):
 
 
 def test_a_folder_without_masks_trains_and_evaluation_scores_the_classifier_only(tmp_path):
+    from experiments.studies import evaluate_profile
     from training import stages
-    from training.studies import evaluate_profile
 
     settings = _settings(tmp_path, "folder")
     _synth(settings)

@@ -61,7 +61,12 @@ def ckpt_finetuned(runs: Path) -> bool:
 
 
 def test_levelset_study_reports_every_row(levelset_cfg):
-    from training.levelset.study import ABLATION, CHANVESE_ITERATIONS, UNTRAINED, run_levelset_study
+    from experiments.levelset_study import (
+        ABLATION,
+        CHANVESE_ITERATIONS,
+        UNTRAINED,
+        run_levelset_study,
+    )
 
     # From a profile whose own refiner is fixed + GrabCut (as the quick profile's is): the
     # classical rows and the level sets must not inherit it.
@@ -176,7 +181,7 @@ def test_cli_bench_refiners(levelset_cfg):
 
 
 def test_folds_cover_the_images_once_and_refuse_nonsense():
-    from training.levelset.tuning import fold_indices
+    from experiments.levelset_tuning import fold_indices
 
     folds = fold_indices(10, 3, seed=0)
     assert [len(f) for f in folds] == [4, 3, 3]
@@ -188,7 +193,7 @@ def test_folds_cover_the_images_once_and_refuse_nonsense():
 
 @pytest.mark.slow
 def test_cross_validation_scores_each_variant_on_held_out_images(trained, tmp_path):
-    from training.levelset.tuning import cross_validate
+    from experiments.levelset_tuning import cross_validate
 
     cfg = dataclasses.replace(
         trained,
@@ -208,7 +213,7 @@ def test_cross_validation_scores_each_variant_on_held_out_images(trained, tmp_pa
 
 
 def test_merge_studies_averages_rows_over_seeds(tmp_path):
-    from training.levelset.study import merge_studies
+    from experiments.levelset_study import merge_studies
 
     for seed, (seed_iou, ls_iou) in enumerate([(0.50, 0.56), (0.54, 0.58)]):
         rows = [
@@ -239,7 +244,7 @@ def test_merge_studies_averages_rows_over_seeds(tmp_path):
 def test_merge_studies_of_multi_label_rows_gives_each_seeds_gain(tmp_path):
     """Multi-label studies score mIoU, mAP and label F1; each row's gain over the seed row
     is listed per study, so "level set >= its seed + 3 points, on each seed" can be read."""
-    from training.levelset.study import merge_studies
+    from experiments.levelset_study import merge_studies
 
     seed_row = "CAM + fixed+crf (no level set)"
     for k, (seed_miou, ls_miou) in enumerate([(0.38, 0.40), (0.39, 0.37)]):

@@ -143,7 +143,7 @@ def test_export_serves_the_pass_through_graph(passthrough_cfg):
 
 
 def test_evaluate_scores_it_as_the_served_segmentation(passthrough_cfg):
-    from training.studies import evaluate_profile
+    from experiments.studies import evaluate_profile
 
     table = evaluate_profile(passthrough_cfg)
     (row,) = [r for r in table.splitlines() if r.startswith("| segmenter (passthrough")]

@@ -12,9 +12,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_deeplabv3_trains_and_rebuilds_from_its_checkpoint(trained, tmp_path):
+    from experiments.studies import evaluate_profile
     from training import stages
     from training.pipeline import load_model
-    from training.studies import evaluate_profile
 
     runs = tmp_path / "runs"
     for stage in ("classifier", "pseudo"):

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from training import distributed
 from training.data.dataset import WSSSDataset
@@ -30,6 +29,7 @@ from training.evaluate import (
     evaluate_shards,
     figure_legend,
     figure_rows,
+    load_test_set,
     markdown_table,
     write_report,
 )
@@ -50,15 +50,6 @@ from wsss.task import get_task
 
 SUPERVISED = "supervised bound (segmenter on the true masks)"
 VIT = "ViT attention (no classifier)"
-
-
-def load_test_set(cfg: Config, say: bool = True) -> WSSSDataset:
-    """The photos the evaluation scores: the test split, or with ``evaluate.split: train``
-    the training photos (where choices are made, never on the test list reported)."""
-    data = WSSSDataset.from_config(cfg.data, cfg.evaluate.split)
-    if say:
-        tqdm.write(f"{cfg.evaluate.split} data: {data.source}")
-    return data
 
 
 def supervised_pipeline(runs: str | Path) -> Pipeline | None:

@@ -3,7 +3,7 @@
 For each benchmark of the profile (``configs/reproduce/*.yaml``):
 
 1. trains each classifier it names (paper 000's CAM backbones);
-2. with ``ablation``, runs paper 003's Table 2 ablation (``training.levelset.study``) and
+2. with ``ablation``, runs paper 003's Table 2 ablation (``experiments.levelset_study``) and
    Table 3 speed (the ``speed`` it is given: the CLI passes ``benchmarks.refiners``, which
    times the exported graphs, so nothing here imports a layer above training) on that
    classifier; its MSE + energy level set is the ``levelset`` source;
@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from experiments.studies import parse_refiner
 from training import stages
 from training.data.dataset import WSSSDataset
 from training.data.synth import SynthOptions, ensure_synth
-from training.evaluate import Evaluation, evaluate, markdown_table, spread
+from training.evaluate import Evaluation, evaluate, load_test_set, markdown_table, spread
 from training.pipeline import Pipeline, ServedSegmenter, load_model, refine_step
 from training.refine import LEVELSET
-from training.studies import load_test_set, parse_refiner
 from wsss.config import (
     CAM_LABELS,
     CAM_METHODS,
@@ -247,7 +247,7 @@ def _run_once(
     ablation = timings = timings_table = None
     levelset_runs = {}
     if spec.ablation:
-        from training.levelset.study import run_levelset_study
+        from experiments.levelset_study import run_levelset_study
 
         c = classifier_cfgs[spec.ablation]
         study_out = root / "ablation"
@@ -420,7 +420,7 @@ def orderings(rows: list[dict], key: str, ablation: dict | None) -> list[dict]:
                     "holds": r[seg] > top[seg],
                 })  # fmt: skip
     if ablation:
-        from training.levelset.study import ABLATION
+        from experiments.levelset_study import ABLATION
 
         level = {row["refiner"]: row for row in ablation["rows"] if row["refiner"] in ABLATION}
         metric = f"pseudo_{key}"

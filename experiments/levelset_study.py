@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from training.evaluate import evaluate, figure_rows, spread, write_report
+from training.evaluate import evaluate, figure_rows, load_test_set, spread, write_report
 from training.levelset.model import LevelSetHead, ServedLevelSet
 from training.levelset.train import head_kwargs
 from training.pipeline import (
@@ -27,7 +27,6 @@ from training.pipeline import (
     resolved_refine,
 )
 from training.refine import LEVELSET, LevelSetRefiner, build_refiner, seeded
-from training.studies import load_test_set
 from wsss.config import Config, save_config
 from wsss.task import get_task
 
