@@ -206,7 +206,25 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
     if not report.ok:
         raise ExportError(f"the staged export is invalid, nothing was changed:\n{report}")
     commit(staging, repo, version, order=[n for n in specs if n not in ENSEMBLES] + list(ENSEMBLES))
+    _retire(repo, specs)
     return ExportResult(repo, version, parity, quantized)
+
+
+# Models an export writes only for some refiners: once no ensemble steps through one, Triton
+# would still load it (a polling server keeps every model folder it finds).
+OPTIONAL_MODELS = (VIT,)
+
+
+def _retire(repo: Path, specs: dict[str, ModelSpec]) -> None:
+    """Remove an optional model this export left out (the ViT, after a refiner that reads
+    none), now that the committed ensembles no longer step through it: out of the folder
+    name Triton polls first, then deleted."""
+    for name in OPTIONAL_MODELS:
+        if name not in specs and (repo / name).is_dir():
+            retired = repo / f".{name}.retired"
+            shutil.rmtree(retired, ignore_errors=True)
+            os.rename(repo / name, retired)
+            shutil.rmtree(retired, ignore_errors=True)
 
 
 def _write_python_model(name: str, version_dir: Path) -> None:
@@ -415,13 +433,8 @@ def _same_tensors(folder: Path, spec: ModelSpec, fmt: str) -> bool:
     except ParseError:
         return False
     names = io_names(spec, fmt)
-
-    def tensors(items):
-        return sorted((t.name, tuple(t.dims)) for t in items)
-
-    return tensors(old.input) == sorted((names[t.name], t.shape) for t in spec.inputs) and tensors(
-        old.output
-    ) == sorted((names[t.name], t.shape) for t in spec.outputs)
+    on_disk = sorted((t.name, tuple(t.dims)) for t in [*old.input, *old.output])
+    return on_disk == sorted((names[t.name], t.shape) for t in spec.inputs + spec.outputs)
 
 
 _PROJECT_IMPORT = re.compile(

@@ -136,10 +136,11 @@ def test_a_refiner_that_now_reads_the_vit_serves_only_its_new_version(tmp_path):
     refiner = parse((repo / "refiner" / "config.pbtxt").read_text())
     assert [i.name for i in refiner.input] == ["IMAGE", "SCORES", "CAMS", "SALIENCY"]
     assert check_repository(repo).ok
-    # Back to the GrabCut refiner: the ViT is no step any more, its folder stays on disk.
+    # Back to the GrabCut refiner: the ViT is no step any more, and no model Triton loads.
     export_repository(cfg)
     bytes_ensemble = parse((repo / "wsss_pipeline_bytes" / "config.pbtxt").read_text())
     assert "vit" not in [s.model_name for s in bytes_ensemble.ensemble_scheduling.step]
+    assert not (repo / "vit").exists() and not (repo / ".vit.retired").exists()
     assert _versions(repo, "refiner") == [3] and check_repository(repo).ok
 
 
