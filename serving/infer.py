@@ -359,27 +359,40 @@ def _stream(
 ):
     """``window`` images submitted at a time (twice the threads: a thread never waits for
     work, and a stopped run has little to cancel), results as they land, each recorded in
-    ``records``. On an error that is not one image's, cancel what has not started (the
-    pool's shutdown waits for the requests in flight) and raise it."""
+    ``records``. On an error that is not one image's, drop what has not started, record the
+    requests in flight as they land, then raise it: no image that came back is lost."""
     queued = iter(todo)
     pending = {pool.submit(one, item): item for item in islice(queued, window)}
     try:
-        while pending:
-            landed, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in landed:
-                item = pending.pop(future)
-                try:
-                    report.done.append(future.result())
-                    records.write(report.done[-1])
-                except _Unreadable as exc:
-                    report.failed.append(Failure(item.path, str(exc)))
-                    records.failure(item, str(exc))
-                tick()
-            pending |= {pool.submit(one, item): item for item in islice(queued, len(landed))}
-    except BaseException:
+        _drain(pending, queued, pool, one, report, tick, records)
+    except BaseException:  # e.g. Ctrl-C while waiting
         for future in pending:
             future.cancel()
         raise
+
+
+def _drain(pending, queued, pool, one, report, tick, records):
+    error = None
+    while pending:
+        landed, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for future in landed:  # every landed image is recorded, even after another's error
+            item = pending.pop(future)
+            try:
+                report.done.append(future.result())
+                records.write(report.done[-1])
+            except _Unreadable as exc:
+                report.failed.append(Failure(item.path, str(exc)))
+                records.failure(item, str(exc))
+            except BaseException as exc:
+                error = error or exc
+            tick()
+        if error is None:
+            pending |= {pool.submit(one, item): item for item in islice(queued, len(landed))}
+        else:  # what has not started is dropped; what is in flight lands and is recorded
+            for future in [f for f in pending if f.cancel()]:
+                del pending[future]
+    if error is not None:
+        raise error
 
 
 class Predictions:

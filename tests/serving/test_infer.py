@@ -3,6 +3,8 @@ files listed without stopping the run, --resume, and the same masks at any concu
 
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -15,8 +17,10 @@ from serving.client import ClientError, PipelineClient
 from serving.infer import (
     PREDICTIONS,
     InferOptions,
+    InferReport,
     Item,
     Predictions,
+    _stream,
     find_images,
     prediction,
     read_list,
@@ -123,6 +127,32 @@ def test_predictions_file_keeps_each_images_latest_record(tmp_path):
         "status": "failed",
         "error": "gone",
     }
+
+
+def test_images_in_flight_when_the_server_fails_are_still_recorded(tmp_path):
+    """The server's error lands first, an image sent before it lands after: the run raises
+    the error, and the image that came back is in the report and the predictions file."""
+    failed = threading.Event()
+    items = [Item(Path(f"{n}.png"), Path(n)) for n in ("slow", "bad", "never")]
+
+    def one(item):
+        if item.name.name == "bad":
+            failed.set()
+            raise ClientError("the server went away", status="503")
+        if item.name.name == "never":
+            raise AssertionError("sent after the server failed")
+        assert failed.wait(30)
+        return {"image": str(item.path), "name": item.name.as_posix(), "status": "ok"}
+
+    report = InferReport()
+    with (
+        ThreadPoolExecutor(2) as pool,
+        Predictions(tmp_path / PREDICTIONS) as records,
+        pytest.raises(ClientError, match="went away"),
+    ):
+        _stream(pool, one, items, report, lambda: None, 2, records)
+    assert [r["name"] for r in report.done] == ["slow"]
+    assert list(read_predictions(tmp_path / PREDICTIONS)) == ["slow"]
 
 
 # -- through the server -------------------------------------------------------------------
