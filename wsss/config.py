@@ -172,6 +172,10 @@ class LevelSetConfig:
     seed: str = "otsu"
     sdf_clip: float = 0.1  # SDF targets: distance / (this fraction of the side), clipped to 1
     hidden: int = 32  # width of the initialisation module
+    # Initial level sets that start at the CAM's own mask at this level (fixed threshold)
+    # and learn a correction to it; None: learned from scratch, as in the paper. With few
+    # photos per class the latter does not reach its seed (reports/coco_voc/README.md).
+    cam_prior: float | None = None
     modes: int = 12  # Fourier modes kept per direction (capped at half the image side)
     layers: int = 4  # Fourier layers in the FNO group; its width is the number of classes
     alpha: float = 0.5  # CAM weighting of the energy's inputs: X * ((1 - a) + a * sigmoid(C))
@@ -197,6 +201,10 @@ class LevelSetConfig:
     lr: float = 1e-3
 
     def __post_init__(self):
+        if self.cam_prior is not None and not 0 < self.cam_prior < 1:
+            raise ConfigError(
+                f"levelset.cam_prior {self.cam_prior}: a CAM level in (0, 1), or null"
+            )
         method, plus, follow = self.seed.partition("+")
         if method not in LEVELSET_SEEDS or (plus and follow not in FOLLOW_UPS):
             raise ConfigError(

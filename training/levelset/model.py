@@ -31,10 +31,25 @@ class LevelSetInit(nn.Module):
     the features, passed in so the head need not relearn it from a 1x1 projection); the image
     branch gives the edges a coarse feature map cannot. ``tanh`` keeps the output in the
     range of the clipped SDF targets.
+
+    ``cam_prior`` (a CAM level t, or None: the paper's f_LSI) adds ``PRIOR_SCALE * (t - CAM)``
+    before the ``tanh`` and zeroes the head's last layer, so an untrained head's level sets
+    are the CAM's own fixed-threshold masks and training learns a correction to them rather
+    than the masks themselves (20 classes and 128 photos are too few for the latter:
+    reports/coco_voc/README.md).
     """
 
-    def __init__(self, feature_channels: int, num_classes: int, hidden: int = 32):
+    PRIOR_SCALE = 4.0  # (t - CAM) in [-1, 1] -> level-set units of about the clipped SDF's
+
+    def __init__(
+        self,
+        feature_channels: int,
+        num_classes: int,
+        hidden: int = 32,
+        cam_prior: float | None = None,
+    ):
         super().__init__()
+        self.cam_prior = cam_prior
         self.project = nn.Sequential(nn.Conv2d(feature_channels, hidden, 1), nn.ReLU(inplace=True))
         half = hidden // 2
         self.image = nn.Sequential(
@@ -48,12 +63,19 @@ class LevelSetInit(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, num_classes, 1),
         )
+        if cam_prior is not None:
+            with torch.no_grad():
+                self.head[-1].weight.zero_()
+                self.head[-1].bias.zero_()
 
     def forward(self, features: torch.Tensor, x: torch.Tensor, cams: torch.Tensor) -> torch.Tensor:
         semantic = F.interpolate(
             self.project(features), size=x.shape[-2:], mode="bilinear", align_corners=False
         )
-        return torch.tanh(self.head(torch.cat([semantic, cams, self.image(x)], dim=1)))
+        phi = self.head(torch.cat([semantic, cams, self.image(x)], dim=1))
+        if self.cam_prior is not None:
+            phi = phi + self.PRIOR_SCALE * (self.cam_prior - cams)
+        return torch.tanh(phi)
 
 
 class ChannelAttention(nn.Module):
@@ -138,11 +160,12 @@ class LevelSetHead(nn.Module):
         modes: int = 12,
         layers: int = 4,
         evolve: bool = True,
+        cam_prior: float | None = None,
     ):
         super().__init__()
         # The truncated transform keeps at most half the side in each direction.
         self.modes = min(modes, image_size // 2)
-        self.init = LevelSetInit(feature_channels, num_classes, hidden)
+        self.init = LevelSetInit(feature_channels, num_classes, hidden, cam_prior)
         self.evolution = FNOGroup(num_classes, self.modes, layers)
         self.evolve = evolve  # False: read masks from Phi^0 (the "no energy" ablation)
 

@@ -180,6 +180,7 @@ def head_kwargs(cfg: LevelSetConfig, feature_channels: int, num_classes: int, si
         "layers": cfg.layers,
         # With no energy nothing trains the evolution (eq 27): masks come from Phi^0.
         "evolve": cfg.lambda_energy > 0,
+        "cam_prior": cfg.cam_prior,
     }
 
 

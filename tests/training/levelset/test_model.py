@@ -44,6 +44,22 @@ def test_untrained_evolution_stays_near_identity():
     assert torch.corrcoef(torch.stack([out.flatten(), phi0.flatten()]))[0, 1] > 0.9
 
 
+def test_cam_prior_starts_at_the_cams_fixed_threshold_masks():
+    """With cam_prior, an untrained head's initial level sets are the CAM's own masks at that
+    level; without it (the paper's f_LSI) they are not."""
+    torch.manual_seed(0)
+    feats, x, cams = torch.randn(2, 24, 5, 5), torch.randn(2, 3, 40, 40), torch.rand(2, 3, 40, 40)
+    phi0, _ = LevelSetHead(24, 3, 40, cam_prior=0.3)(feats, x, cams)
+    assert torch.equal(phi0 < 0, cams > 0.3)
+    phi0, _ = LevelSetHead(24, 3, 40)(feats, x, cams)
+    assert (phi0 < 0).eq(cams > 0.3).float().mean() < 0.75
+
+
+def test_cam_prior_is_a_level_inside_the_cams_range():
+    with pytest.raises(ValueError, match="cam_prior"):
+        LevelSetConfig(cam_prior=1.5)
+
+
 def test_channel_attention_mixes_classes():
     """Changing one class's level set changes another's evolution (SE attention + 1x1)."""
     torch.manual_seed(0)
