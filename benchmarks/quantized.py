@@ -28,10 +28,11 @@ from serving.client import PipelineClient
 from serving.server import TritonServer
 from training.data.dataset import WSSSDataset
 from training.data.layouts import list_samples
-from training.refine import RefinerSpec, saliency_model
+from training.refine import saliency_model
 from wsss.config import load_config, with_overrides
 from wsss.served.classical import OnnxSaliency
-from wsss.tensors import PIPELINE_BYTES, SALIENCY
+from wsss.served.registry import RefinerSpec
+from wsss.tensors import PIPELINE_BYTES
 
 DEFAULT_PHOTOS = Path("../shared/data/oxford-pet-subset")
 KINDS = ("none", "dynamic")  # fp32, int8
@@ -62,7 +63,7 @@ def vit_times(fp32: bytes, int8: bytes, images: np.ndarray, rounds: int) -> dict
 
 def quantized_report(args) -> str:
     cfg = load_config(args.config or "configs/serve.yaml", args.set)
-    if RefinerSpec.of(cfg.export.refine or cfg.refine).entry.vit != SALIENCY:
+    if RefinerSpec.of(cfg.export.refine or cfg.refine).entry.vit != "saliency":
         raise SystemExit(
             "wsss bench --quantized: the profile's served refiner runs no saliency ViT"
         )

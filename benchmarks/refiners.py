@@ -25,9 +25,10 @@ from training.levelset.model import ServedLevelSet
 from training.levelset.train import load_levelset
 from training.models.common import to_pixels
 from training.pipeline import ServedClassifier, one_hot
-from training.refine import LEVELSET, build_refiner, seeded
+from training.refine import build_refiner, seeded
 from wsss.config import Config
 from wsss.served.images import resize_image
+from wsss.served.registry import LEVELSET
 from wsss.task import get_task
 from wsss.tensors import CAMS, FEATURES, IMAGE, REFINER, SCORES, served_models
 

@@ -53,9 +53,9 @@ from serving.bench import (
 from serving.client import PipelineClient
 from serving.server import TritonServer, has_gpu, processes
 from training.pipeline import pipeline_from_config
-from training.refine import LEVELSET, RefinerSpec
 from wsss.config import Config, ServeConfig, load_config, served_config, with_overrides
 from wsss.served.images import decode_image, resize_image
+from wsss.served.registry import LEVELSET, RefinerSpec
 from wsss.tensors import (
     CAMS,
     CLASSIFIER,

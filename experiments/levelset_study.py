@@ -26,8 +26,9 @@ from training.pipeline import (
     refine_step,
     resolved_refine,
 )
-from training.refine import LEVELSET, LevelSetRefiner, build_refiner, seeded
+from training.refine import LevelSetRefiner, build_refiner, seeded
 from wsss.config import Config, save_config
+from wsss.served.registry import CAM_MASKS, LEVELSET
 from wsss.task import get_task
 
 CHANVESE_ITERATIONS = (1, 5, 10, 15, 50)  # the paper's Table 3 columns, and 50 beyond them
@@ -36,7 +37,6 @@ CHANVESE_ITERATIONS = (1, 5, 10, 15, 50)  # the paper's Table 3 columns, and 50 
 ABLATION = {"MSE only": (True, False), "energy only": (False, True), "MSE + energy": (True, True)}
 UNTRAINED = "untrained (initialisation only)"
 BOTH = "MSE + energy"
-THRESHOLDS = ("fixed", "otsu")  # seeds that are the CAMs' own masks
 UPDATED = "updated backbone"
 
 
@@ -83,7 +83,7 @@ def run_levelset_study(cfg: Config, train: bool = True) -> str:
     # The CAMs' own masks: their threshold (the CAM quality the backbone update is judged by),
     # and Otsu's, the paper's baseline; GrabCut and Chan-Vese refine the seed's own mask.
     start = seed_cfg.method
-    threshold = start if start in THRESHOLDS else "otsu"
+    threshold = start if start in CAM_MASKS else "otsu"
     cam_only = classical(threshold)
     for method in dict.fromkeys((threshold, "otsu")):
         if method != seed:

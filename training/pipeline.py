@@ -24,8 +24,9 @@ from training.loop import load_checkpoint
 from training.models import build_classifier, build_segmenter
 from training.models.classifier import CAMClassifier
 from training.models.common import to_pixels
-from training.refine import Refiner, RefinerSpec, build_refiner
+from training.refine import Refiner, build_refiner
 from wsss.config import PASSTHROUGH
+from wsss.served.registry import RefinerSpec
 from wsss.task import get_task
 from wsss.tensors import CAMS, PSEUDO_MASK, SCORES, SEG_PROBS, SEGMENTATION
 

@@ -24,10 +24,8 @@ graph, ``module``): the fixed and Otsu thresholds, with nothing after them, are 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -48,7 +46,11 @@ from wsss.served.refiners import (
     SeededRefiner,
     build_classical,
 )
-from wsss.tensors import ATTENTION, SALIENCY
+from wsss.served.registry import (
+    RefinerSpec,
+    builder,
+    register,
+)
 
 __all__ = [
     "AttentionRefiner",
@@ -59,10 +61,7 @@ __all__ = [
     "GrabCut",
     "LevelSetRefiner",
     "OtsuThreshold",
-    "REFINERS",
     "Refiner",
-    "RefinerEntry",
-    "RefinerSpec",
     "SaliencyRefiner",
     "SeededRefiner",
     "ServedThreshold",
@@ -166,7 +165,6 @@ class LevelSetRefiner(Refiner):
     FEATURES -> PSEUDO_MASK); this class runs it on numpy batches like any refiner.
     """
 
-    name = "levelset (FNO)"
     needs_features = True
     served = "network"
 
@@ -182,74 +180,30 @@ class LevelSetRefiner(Refiner):
         return self.module(*tensors, torch.from_numpy(np.ascontiguousarray(features))).numpy()
 
 
-# The registry. A refiner is a seed (where the mask starts: a CAM threshold, saliency, ViT
-# attention, or the level set) optionally followed by a refinement of the seed's mask
-# (GrabCut or Chan-Vese), spelled ``seed`` or ``seed+follow`` everywhere: configs
-# (refine.method, which also takes the spec), evaluate.refiners, reports and the CLI. Each
-# entry says how it is built and served and what it needs, so no other module asks which
-# refiner it is holding.
-
-
-@dataclass(frozen=True)
-class RefinerEntry:
-    """One registered refiner step.
-
-    ``role``: ``seed`` (makes a mask from the CAMs) or ``follow`` (refines a seed's mask).
-    ``served``: how the repository serves it alone, as ``Refiner.served`` says it:
-    ``network`` (an exported graph) or ``python`` (the Python refiner model; any follow-up
-    makes the whole refiner Python); ``training``: not served at all (the dense CRF, whose
-    library the serving images lack): export refuses it, ``export.refine`` serves another.
-    ``checkpoint``: the trained network it needs, under the run folder. ``vit``: the map a
-    ViT gives it (SALIENCY or ATTENTION, ``wsss.tensors``), served by the repository's ViT
-    model beside the classifier (``export.vit``). ``follow_ups``: whether GrabCut
-    or Chan-Vese may refine its mask. ``build`` (seeds only): the refiner from a RefineConfig.
-    """
-
-    name: str
-    role: Literal["seed", "follow"]
-    served: Literal["network", "python", "training"]
-    summary: str
-    needs_features: bool = False
-    checkpoint: str | None = None
-    vit: str | None = None  # SALIENCY or ATTENTION
-    follow_ups: bool = False
-    build: Callable[..., Refiner] | None = None
-
-
-def _steps(cfg: RefineConfig) -> dict:
-    """The follow-ups training brings to the shared builder: the dense CRF (not served)."""
-    if not cfg.crf:
-        return {}
-    from training.crf import DenseCRF
-
-    return {"crf": DenseCRF.of(cfg)}
-
-
-def _training_only(refiner: Refiner, cfg: RefineConfig) -> Refiner:
-    if cfg.crf:  # its library is not in the serving images: export refuses it
-        refiner.served = "training"
-    return refiner
+# The torch side of the refiner table (``wsss.served.registry``): the builders that need
+# torch or training's libraries, registered against the table's entries. ``build_refiner``
+# prefers them to the served (numpy) builders of ``wsss.served.refiners``.
 
 
 def _threshold(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
-    refiner = build_classical(dataclasses.asdict(cfg), multi_label, binary, steps=_steps(cfg))
-    if isinstance(refiner, FixedThreshold | OtsuThreshold):  # nothing after it: a graph
+    refiner = build_classical(dataclasses.asdict(cfg), multi_label, binary, side="training")
+    if RefinerSpec.of(cfg).follow is None:  # nothing after it: served as a graph
         refiner.served, refiner.module = "network", ServedThreshold(refiner).eval()
-    return _training_only(refiner, cfg)
+    return refiner
 
 
 def _attention(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
     from training.attention import ViTAttention
 
     attention = ViTAttention(cfg.vit_layers, cfg.vit_weights, cfg.vit_arch)
-    return build_classical(dataclasses.asdict(cfg), multi_label, binary, attention=attention)
+    settings = dataclasses.asdict(cfg)
+    return build_classical(settings, multi_label, binary, attention=attention, side="training")
 
 
 def _saliency(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
     saliency = OnnxSaliency(saliency_model(cfg))
     settings = dataclasses.asdict(cfg)
-    refiner = build_classical(settings, multi_label, binary, saliency=saliency, steps=_steps(cfg))
-    return _training_only(refiner, cfg)
+    return build_classical(settings, multi_label, binary, saliency=saliency, side="training")
 
 
 def _levelset(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
@@ -258,124 +212,21 @@ def _levelset(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelse
     return LevelSetRefiner(levelset)
 
 
-REFINERS: dict[str, RefinerEntry] = {
-    e.name: e
-    for e in (
-        RefinerEntry(
-            "fixed",
-            "seed",
-            "network",
-            "the CAM at or above refine.threshold",
-            follow_ups=True,
-            build=_threshold,
-        ),
-        RefinerEntry(
-            "otsu",
-            "seed",
-            "network",
-            "the CAM above its Otsu threshold",
-            follow_ups=True,
-            build=_threshold,
-        ),
-        RefinerEntry(
-            "saliency",
-            "seed",
-            "python",
-            "a saliency model's extent, the class from the CAMs",
-            vit=SALIENCY,
-            follow_ups=True,
-            build=_saliency,
-        ),
-        RefinerEntry(
-            "vit",
-            "seed",
-            "python",
-            "a pretrained ViT's attention, no CAM",
-            vit=ATTENTION,
-            build=_attention,
-        ),
-        RefinerEntry(
-            "levelset",
-            "seed",
-            "network",
-            "the trained FNO level set (paper 003)",
-            needs_features=True,
-            checkpoint="levelset/best.pt",
-            build=_levelset,
-        ),
-        RefinerEntry("grabcut", "follow", "python", "OpenCV GrabCut from the seed's mask"),
-        RefinerEntry("chanvese", "follow", "python", "classical Chan-Vese from the seed's mask"),
-        RefinerEntry(
-            "crf",
-            "follow",
-            "training",
-            "a dense CRF from the seed's mask (training pseudo-masks; not served)",
-        ),
-    )
-}
-LEVELSET = REFINERS["levelset"]  # the one trained refiner: its checkpoint under a run
-METHODS = tuple(n for n, e in REFINERS.items() if e.role == "seed")  # refine.method
-FOLLOW_UPS = tuple(n for n, e in REFINERS.items() if e.role == "follow")
+def _crf(settings: dict):
+    from training.crf import DenseCRF
+
+    return DenseCRF.of(settings)
 
 
-@dataclass(frozen=True)
-class RefinerSpec:
-    """One refiner as one value: its seed and the follow-up refining it, ``otsu+grabcut``.
-
-    ``RefinerSpec.parse`` reads the spelling, ``RefinerSpec.of`` a RefineConfig, ``apply``
-    writes it into one; ``str`` gives the spelling back.
-    """
-
-    seed: str
-    follow: str | None = None
-
-    def __post_init__(self):
-        entry = REFINERS.get(self.seed)
-        follow = REFINERS.get(self.follow) if self.follow is not None else None
-        bad_seed = entry is None or entry.role != "seed"
-        bad_follow = self.follow is not None and (
-            bad_seed or follow is None or follow.role != "follow" or not entry.follow_ups
-        )
-        if bad_seed or bad_follow:
-            can = [n for n in METHODS if REFINERS[n].follow_ups]
-            raise ValueError(
-                f"refiner {str(self)!r}: one of {', '.join(METHODS)}; "
-                f"{', '.join(can)} optionally +{' or +'.join(FOLLOW_UPS)}"
-            )
-
-    @classmethod
-    def parse(cls, text: str) -> RefinerSpec:
-        seed, plus, follow = text.strip().partition("+")
-        return cls(seed, follow if plus else None)
-
-    @classmethod
-    def of(cls, cfg: RefineConfig) -> RefinerSpec:
-        on = [f for f in FOLLOW_UPS if getattr(cfg, f)]
-        if len(on) > 1:
-            raise ValueError(f"refine.{' and refine.'.join(on)} exclude each other: pick one")
-        return cls(cfg.method, on[0] if on else None)
-
-    def __str__(self) -> str:
-        return self.seed + (f"+{self.follow}" if self.follow else "")
-
-    def apply(self, base: RefineConfig) -> RefineConfig:
-        """``base`` with this refiner (and every other setting of base)."""
-        switches = {f: f == self.follow for f in FOLLOW_UPS}
-        return dataclasses.replace(base, method=self.seed, **switches)
-
-    @property
-    def entry(self) -> RefinerEntry:
-        return REFINERS[self.seed]
-
-    @property
-    def served(self) -> str:
-        if self.follow is None:
-            return self.entry.served
-        return "training" if REFINERS[self.follow].served == "training" else "python"
-
-    @property
-    def checkpoint(self) -> str | None:
-        return self.entry.checkpoint
+for _name, _build in (
+    ("fixed", _threshold),
+    ("otsu", _threshold),
+    ("saliency", _saliency),
+    ("vit", _attention),
+    ("levelset", _levelset),
+    ("crf", _crf),
+):
+    register(_name, "training")(_build)
 
 
 def seeded(cfg: RefineConfig, seed: str) -> RefineConfig:
@@ -416,4 +267,8 @@ def build_refiner(
     (``training.pipeline.refine_step`` loads it from the run's checkpoint). A fixed or Otsu
     threshold with nothing after it is served as its graph (``ServedThreshold``).
     """
-    return RefinerSpec.of(cfg).entry.build(cfg, multi_label, binary, levelset)
+    spec = RefinerSpec.of(cfg)
+    refiner = builder(spec.seed, "training")(cfg, multi_label, binary, levelset)
+    refiner.name = str(spec)
+    refiner.served = spec.served
+    return refiner

@@ -32,8 +32,9 @@ from training.pipeline import (
     refine_step,
     translate_labels,
 )
-from training.refine import RefinerSpec, build_refiner, present_classes_mask, seeded
+from training.refine import build_refiner, present_classes_mask, seeded
 from wsss.config import DEFAULT_STAGES, PASSTHROUGH, STAGES, Config, RefineConfig, save_config
+from wsss.served.registry import RefinerSpec
 
 
 class _View(Dataset):

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from wsss.served.registry import FOLLOW_UPS, LEVELSET_SEEDS, METHODS, RefinerSpec
 from wsss.task import Task as TaskKind
 from wsss.task import get_task
 
@@ -79,7 +80,6 @@ class ClassifierConfig:
     threshold_folds: int = 0
 
 
-FOLLOW_UPS = ("grabcut", "chanvese", "crf")  # RefineConfig's switches for what refines a seed
 # Lists the CLI, the config and training all read, defined once here: `wsss --help` must
 # not import torch, and wsss/ may not import training.
 STAGES = ("classifier", "levelset", "pseudo", "segmenter", "supervised")  # `wsss train --stages`
@@ -87,7 +87,6 @@ DEFAULT_STAGES = STAGES[:4]  # levelset runs only when asked
 CamMethod = Literal["cam", "gradcam", "gradcam++"]  # closed-form CAMs (training/cams.py)
 CAM_METHODS = typing.get_args(CamMethod)
 CAM_LABELS = {"cam": "CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}  # in tables
-LEVELSET_SEEDS = ("fixed", "otsu", "saliency")  # the masks a level set can learn to start from
 
 
 @dataclass
@@ -99,8 +98,9 @@ class RefineConfig:
     level-set refiner (see LevelSetConfig), a trained network served as an ONNX model.
     """
 
-    # The seed; "otsu+grabcut" (training.refine.RefinerSpec's spelling) also sets grabcut.
-    method: Literal["fixed", "otsu", "levelset", "vit", "saliency"] = "otsu"
+    # The seed (wsss.served.registry.METHODS); a refiner's spelling, "otsu+grabcut" or
+    # "otsu+chanvese15" (RefinerSpec), also sets its follow-up's switch and count.
+    method: str = "otsu"
     threshold: float = 0.5  # for method "fixed"
     grabcut: bool = False  # refine the thresholded mask with OpenCV GrabCut
     grabcut_iterations: int = 5
@@ -152,6 +152,10 @@ class RefineConfig:
     # scores (the softmax mass of a group's ImageNet classes) are small on photos of none of
     # the groups.
     min_score: float = 0.0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"refine.method {self.method!r}: one of {', '.join(METHODS)}")
 
     def only(self, method: str) -> RefineConfig:
         """These settings with ``method`` and nothing on top (no GrabCut, no Chan-Vese): a
@@ -205,8 +209,11 @@ class LevelSetConfig:
             raise ConfigError(
                 f"levelset.cam_prior {self.cam_prior}: a CAM level in (0, 1), or null"
             )
-        method, plus, follow = self.seed.partition("+")
-        if method not in LEVELSET_SEEDS or (plus and follow not in FOLLOW_UPS):
+        try:
+            spec = RefinerSpec.parse(self.seed)
+        except ValueError:
+            spec = None
+        if spec is None or spec.seed not in LEVELSET_SEEDS:
             raise ConfigError(
                 f"levelset.seed {self.seed!r}: one of {', '.join(LEVELSET_SEEDS)}, "
                 f"optionally +{' or +'.join(FOLLOW_UPS)}"
@@ -497,7 +504,8 @@ def _upgrade(raw: dict[str, Any], given: bool = True) -> None:
         thresholds = evaluate.pop("thresholds", ["fixed", "otsu"])
         grabcut = evaluate.pop("grabcut", [False, True])
         evaluate.setdefault(
-            "refiners", [t + ("+grabcut" if g else "") for t in thresholds for g in grabcut]
+            "refiners",
+            [str(RefinerSpec(t, "grabcut" if g else None)) for t in thresholds for g in grabcut],
         )
     export = raw.get("export")
     for where, refine in (("refine", raw.get("refine")), ("export.refine", _get(export, "refine"))):
@@ -518,21 +526,25 @@ def _get(node: Any, key: str) -> Any:
 
 def _spelled_refiner(refine: Any, where: str, given: bool) -> None:
     """``method`` also takes a refiner's one spelling, seed+follow-up (``otsu+grabcut``,
-    training.refine.RefinerSpec): the follow-up's switches are set from it. ``given``: the
-    switches present were written by the user (a loaded file and its overrides), so one
-    that says otherwise is an error; else (a whole config overridden) the spelling wins."""
+    ``otsu+chanvese15``: ``wsss.served.registry.RefinerSpec``): the follow-up's switch (and
+    count) are set from it. ``given``: the switches present were written by the user (a
+    loaded file and its overrides), so one that says otherwise is an error; else (a whole
+    config overridden) the spelling wins."""
     if not (isinstance(refine, dict) and "+" in str(refine.get("method", ""))):
         return
-    method, _, follow = refine["method"].partition("+")
-    if follow not in FOLLOW_UPS:
-        raise ConfigError(
-            f"{where}.method {refine['method']!r}: a seed optionally +{' or +'.join(FOLLOW_UPS)}"
-        )
-    conflicts = [f"{where}.{follow}=false"] if refine.get(follow) is False else []
-    conflicts += [f"{where}.{f}=true" for f in FOLLOW_UPS if f != follow and refine.get(f)]
+    try:
+        spec = RefinerSpec.parse(refine["method"])
+    except ValueError as e:
+        raise ConfigError(f"{where}.method {refine['method']!r}: {e}") from None
+    fields = spec.switches()
+    conflicts = [
+        f"{where}.{k}={str(refine[k]).lower()}"
+        for k, v in fields.items()
+        if k != "method" and k in refine and refine[k] != v and (v is not False or refine[k])
+    ]
     if given and conflicts:
         raise ConfigError(f"{where}.method {refine['method']!r} contradicts {', '.join(conflicts)}")
-    refine.update({"method": method} | {f: f == follow for f in FOLLOW_UPS})
+    refine.update(fields)
 
 
 def _build(cls: type, raw: dict[str, Any], where: str) -> Any:

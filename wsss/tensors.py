@@ -80,6 +80,9 @@ SEGMENTATION_FULL = "SEGMENTATION_FULL"
 SALIENCY = "SALIENCY"
 ATTENTION = "ATTENTION"
 VIT_MAPS = (SALIENCY, ATTENTION)
+# The ViT output a refiner reads, by the kind its entry in the refiner table names
+# (wsss.served.registry.RefinerEntry.vit).
+VIT_OUTPUT = {"saliency": SALIENCY, "attention": ATTENTION}
 
 # Model names in the repository; the ensembles are what clients call.
 CLASSIFIER, REFINER, SEGMENTER = "classifier", "refiner", "segmenter"

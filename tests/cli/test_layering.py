@@ -4,6 +4,7 @@ benchmarks above them, the CLI on top; no import
 points back up. Every import counts, those inside functions too."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,42 @@ def test_the_suite_order_names_modules_that_exist():
     from tests.conftest import LONGEST_FIRST
 
     assert [m for m in LONGEST_FIRST if not (ROOT / "tests" / m).is_file()] == []
+
+
+# What a refiner is (its spelling, its parts, how each is served) is decided by the table
+# in wsss/served/registry.py and nowhere else: no other module takes a spelling apart or
+# compares a name with a refiner's. Every other module asks the parsed RefinerSpec (its
+# ``seed``, ``follow`` and entries' fields may be compared: they are the table's).
+SPELLING_READERS = {"wsss/served/registry.py"}
+PARTS = "fixed|otsu|saliency|vit|levelset|grabcut|chanvese|crf"
+READS_A_SPELLING = re.compile(
+    rf"""partition\("\+"\)|split\("\+"\)|"\+(?:{PARTS})|(?:startswith|endswith|removeprefix|"""
+    rf"""removesuffix)\("[/+]?(?:{PARTS})|"""
+    rf"""(?<!\.seed )(?<!\.follow )(?<!\.vit )[=!]= "(?:{PARTS})"|"""
+    rf"""\bif\b.* in \("(?:{PARTS})", "(?:{PARTS})\""""
+)
+
+
+def test_only_the_refiner_table_reads_a_refiners_spelling():
+    readers = set()
+    for package in MAY_IMPORT:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if READS_A_SPELLING.search(path.read_text()):
+                readers.add(path.relative_to(ROOT).as_posix())
+    assert readers == SPELLING_READERS
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        'seed, _, follow = method.partition("+")',
+        'if spec.endswith("+grabcut"):',
+        'if spec.endswith("/levelset"):',
+        'if refiner == "vit":',
+        'if spec in ("levelset", "vit"):',
+        'name.startswith("saliency")',
+        'if entry.name == "crf":',
+    ],
+)
+def test_the_spelling_check_sees_a_reader(line):
+    assert READS_A_SPELLING.search(line)

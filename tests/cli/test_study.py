@@ -11,7 +11,7 @@ from cli import main as cli
 @pytest.mark.parametrize("name", ["cams", "levelset", "photos", "served"])
 def test_each_study_is_a_subcommand(name):
     args = cli.build_parser().parse_args(["study", name, "--config", "configs/quick.yaml"])
-    assert args.func is cli.cmd_study and args.action == name
+    assert args.func is getattr(cli, f"study_{name}") and args.action == name
     assert args.config == "configs/quick.yaml"
 
 
@@ -26,10 +26,9 @@ def test_each_study_is_a_subcommand(name):
 )
 def test_the_old_evaluate_flags_run_their_study(monkeypatch, capsys, flags, study):
     ran = []
-    monkeypatch.setattr(cli, "cmd_study", lambda args: ran.append(args))
+    monkeypatch.setattr(cli, f"study_{study}", lambda args: ran.append(args))
     cli.main(["evaluate", "--config", "configs/quick.yaml", *flags])
     (args,) = ran
-    assert args.action == study
     assert f"is now `wsss study {study}`" in capsys.readouterr().err
     if study == "served":
         assert args.label == "mine"

@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 
 from training.refine import (
-    REFINERS,
     ChanVese,
     FixedThreshold,
     Followed,
@@ -14,6 +13,7 @@ from training.refine import (
     present_classes,
 )
 from wsss.config import RefineConfig
+from wsss.served.registry import REFINERS
 
 
 def _blob_cam(h=32, w=32, cy=16, cx=16, r=8):
@@ -70,7 +70,7 @@ def test_min_score_gives_an_empty_mask():
 
 
 def test_registry_builds_every_refiner_from_config():
-    seeds = {n for n, e in REFINERS.items() if e.role == "seed"}
+    seeds = {n for n, e in REFINERS.items() if e.part == "seed"}
     assert seeds == {"fixed", "otsu", "levelset", "vit", "saliency"}
     assert set(REFINERS) - seeds == {"grabcut", "chanvese", "crf"}
     cams = np.stack([np.stack([_blob_cam(), _blob_cam(cx=8)])] * 3)

@@ -1,12 +1,12 @@
 """Every registered refiner through one grid, as tests/training/models/test_models.py runs
 the models.
 
-Each spelling the registry accepts (``training.refine.RefinerSpec``: a seed, optionally
+Each spelling the table accepts (``wsss.served.registry.RefinerSpec``: a seed, optionally
 followed by GrabCut or Chan-Vese) is built from its config and run on the same batches:
 batch sizes and image sizes, degenerate CAMs (all zero, flat, all one), binary and
 multi-class tasks, and its served form (the graph for ``network`` refiners, the Python model's
-settings as the exporter writes them for the others). A new refiner needs a registry entry;
-its test here is the line that lists its spelling, which the first test demands.
+settings as the exporter writes them for the others). A new refiner is a table entry and a
+class; its test here is the line that lists its spelling, which the first test demands.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import torch
 
 from export.repository import _vit
 from training.levelset.model import LevelSetHead, ServedLevelSet
-from training.refine import FOLLOW_UPS, REFINERS, RefinerSpec, build_refiner, served_settings
+from training.refine import build_refiner, served_settings
 from wsss import config as wsss_config
 from wsss.config import Config, RefineConfig
-from wsss.served import refiners as served_refiners
 from wsss.served.classical import OnnxMaps
 from wsss.served.refiners import build_classical
+from wsss.served.registry import FOLLOW_UPS, REFINERS, RefinerSpec, builder
+from wsss.tensors import VIT_OUTPUT
 
 SPECS = [
     "fixed",
@@ -48,24 +49,38 @@ FEATURES = 8  # channels of the fake backbone features the level set reads
 
 def test_the_grid_covers_every_spelling_the_registry_accepts():
     accepted = []
-    for seed in (n for n, e in REFINERS.items() if e.role == "seed"):
+    for seed in (n for n, e in REFINERS.items() if e.part == "seed"):
         for follow in (None, *FOLLOW_UPS):
             try:
                 accepted.append(str(RefinerSpec(seed, follow)))
             except ValueError:
                 pass
     assert sorted(accepted) == sorted(SPECS)
-    # The config's switches and the served builder's are the registry's.
-    assert FOLLOW_UPS == wsss_config.FOLLOW_UPS == served_refiners.FOLLOW_UPS
+    # Every part has its class: a builder registered against its entry (the served numpy
+    # one, or training's), and the config reads the table's names.
+    assert all(builder(name, "training") for name in REFINERS)
+    assert wsss_config.FOLLOW_UPS is FOLLOW_UPS
 
 
 def test_one_spelling_round_trips_through_config_and_cli_overrides():
-    for text in SPECS:
+    for text in SPECS + ["otsu+chanvese50"]:
+        # A config's Chan-Vese carries its iteration count (chanvese_iterations: 15).
+        spelled = text + "15" if text.endswith("chanvese") else text
         spec = RefinerSpec.parse(text)
-        assert str(RefinerSpec.of(spec.apply(RefineConfig()))) == text
+        assert str(RefinerSpec.of(spec.apply(RefineConfig()))) == spelled
         cfg = wsss_config.load_config(None, [f"refine.method={text}"])
-        assert str(RefinerSpec.of(cfg.refine)) == text
-    for bad in ("vit+grabcut", "magic+grabcut", "otsu+otsu", "grabcut"):
+        assert str(RefinerSpec.of(cfg.refine)) == spelled
+        assert RefinerSpec.parse(spelled) == RefinerSpec.of(cfg.refine)
+        if spec.served == "python":  # the served model's refiner is named the same
+            assert build_classical(served_settings(cfg.refine), True).name == spelled
+    assert wsss_config.load_config(None, ["refine.method=otsu+chanvese50"]).refine == (
+        RefineConfig("otsu", chanvese=True, chanvese_iterations=50)
+    )
+    with pytest.raises(wsss_config.ConfigError, match="contradicts refine.chanvese_iterations=5"):
+        wsss_config.load_config(
+            None, ["refine.method=otsu+chanvese50", "refine.chanvese_iterations=5"]
+        )
+    for bad in ("vit+grabcut", "magic+grabcut", "otsu+otsu", "grabcut", "otsu+grabcut5"):
         with pytest.raises(ValueError, match="optionally \\+grabcut or \\+chanvese"):
             RefinerSpec.parse(bad)
     with pytest.raises(ValueError, match="exclude each other"):
@@ -79,7 +94,7 @@ def test_one_spelling_round_trips_through_config_and_cli_overrides():
     # Overriding a whole config (a study's variant): the spelling replaces the switches.
     base = wsss_config.load_config(None, ["refine.method=otsu+grabcut"])
     again = wsss_config.with_overrides(base, ["refine.method=fixed+chanvese"])
-    assert str(RefinerSpec.of(again.refine)) == "fixed+chanvese"
+    assert str(RefinerSpec.of(again.refine)) == "fixed+chanvese15"
 
 
 def _levelset(k: int, size: int, multi_label: bool) -> ServedLevelSet:
@@ -175,7 +190,7 @@ def test_every_refiner_serves_as_it_trains(text):
     if spec.entry.vit:
         export = Config(refine=cfg, data=dataclasses.replace(Config().data, root="/nonexistent"))
         export.data.image_size = size
-        vit = _vit(export, refiner, spec.entry.vit)
+        vit = _vit(export, refiner, VIT_OUTPUT[spec.entry.vit])
         maps = OnnxMaps(vit.graph)(batch[0])
         with pytest.raises(ValueError, match="or its maps"):
             served(*batch[:3])  # neither a ViT nor its maps

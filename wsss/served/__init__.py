@@ -11,4 +11,5 @@ to those imports.
 """
 
 MODELS = ("preprocess", "postprocess", "refiner")  # copied as model.py
-HELPERS = ("classical.py", "images.py", "refiners.py", "respond.py")  # copied beside it
+# Copied beside it:
+HELPERS = ("classical.py", "images.py", "refiners.py", "registry.py", "respond.py")

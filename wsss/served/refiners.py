@@ -23,6 +23,7 @@ from .classical import (
     present_classes,
     saliency_pseudo_mask,
 )
+from .registry import RefinerSpec, builder, register
 
 
 class Refiner:
@@ -115,8 +116,6 @@ class SeededRefiner(ClassicalRefiner):
 class GrabCut:
     """OpenCV GrabCut from the mask, the guide's confident bands fixed (``grabcut``)."""
 
-    name = "grabcut"
-
     def __init__(self, iterations: int = 5, sure_fg: float = 0.8, sure_bg: float = 0.05):
         if iterations < 1:
             raise ValueError("grabcut_iterations must be >= 1")
@@ -139,7 +138,6 @@ class ChanVese:
         if iterations < 1:
             raise ValueError("chanvese_iterations must be >= 1")
         self.iterations, self.mu = iterations, mu
-        self.name = f"chanvese{iterations}"
 
     def __call__(self, image, guide, init):
         if init.all() or not init.any():  # no contour to evolve
@@ -154,7 +152,6 @@ class Followed(SeededRefiner):
     def __init__(self, seed: ClassicalRefiner, step):
         super().__init__(seed)
         self.step = step
-        self.name = f"{seed.name}+{step.name}"
 
     def foreground(self, cam, image):
         init = self.seed.foreground(cam, image)
@@ -171,8 +168,6 @@ class AttentionRefiner(Refiner):
     tasks mark the foreground 1; multi-class ones give each of its pixels to the present class
     whose CAM is strongest there.
     """
-
-    name = "vit attention"
 
     def __init__(self, multi_label: bool, attention, sigma=8.0, kernel=15, **presence):
         super().__init__(multi_label, **presence)
@@ -219,8 +214,6 @@ class SaliencyRefiner(Refiner):
             raise ValueError(f"refine.saliency_doubt {doubt!r}: one of {', '.join(DOUBTS)}")
         self.saliency, self.doubt, self.follow = saliency, doubt, follow
         self.cam_threshold, self.sure_fg = cam_threshold, sure_fg
-        if follow is not None:
-            self.name = f"saliency+{follow.name}"
 
     def __call__(self, images, scores, cams, features=None, maps=None):
         saliency = _vit_maps(self.saliency, images, maps, "saliency", "the saliency model")
@@ -253,62 +246,38 @@ def _vit_maps(runner, images, maps, method: str, what: str) -> np.ndarray:
     return runner(images)
 
 
-FOLLOW_UPS = ("grabcut", "chanvese", "crf")  # the switches of a RefineConfig
+# The builders of the table's entries this module holds (``wsss.served.registry``): a seed's
+# from the settings, the presence settings, the ViT runners and its follow-up step; a
+# follow-up's step from the settings.
 
 
-def _follow_up(settings: dict, seeded: bool, steps: dict | None = None):
-    """The GrabCut, Chan-Vese or CRF step that ``settings`` put after the seed, if any: as a
-    refiner wrapping a threshold (``seeded``), or the step a saliency mask goes through.
-    ``steps``: follow-ups the caller brings (training's CRF), by switch name."""
-    on = [f for f in FOLLOW_UPS if settings.get(f)]  # older settings lack the newer switches
-    if len(on) > 1:
-        raise ValueError(f"refine.{' and refine.'.join(on)} exclude each other: pick one")
-    if not on:
-        return None
-    if on == ["crf"]:
-        step = (steps or {}).get("crf")
-        if step is None:
-            raise ValueError(
-                "refine.crf runs in training only (its library is not in the serving images): "
-                "serve another refiner with export.refine"
-            )
-    elif on == ["grabcut"]:
-        bands = settings["sure_foreground"], settings["sure_background"]
-        step = GrabCut(settings["grabcut_iterations"], *bands)
-    else:
-        step = ChanVese(settings["chanvese_iterations"])
-    return (lambda seed: Followed(seed, step)) if seeded else step
-
-
-def _followed(refiner: ClassicalRefiner, settings: dict, steps) -> ClassicalRefiner:
-    follow = _follow_up(settings, seeded=True, steps=steps)
-    return follow(refiner) if follow else refiner
-
-
-def _fixed(settings, multi_label, presence, runners, steps):
+@register("fixed", "served")
+def _fixed(settings, multi_label, presence, runners, step):
     seed = FixedThreshold(multi_label, settings["threshold"], **presence)
-    return _followed(seed, settings, steps)
+    return Followed(seed, step) if step else seed
 
 
-def _otsu(settings, multi_label, presence, runners, steps):
-    return _followed(OtsuThreshold(multi_label, **presence), settings, steps)
+@register("otsu", "served")
+def _otsu(settings, multi_label, presence, runners, step):
+    seed = OtsuThreshold(multi_label, **presence)
+    return Followed(seed, step) if step else seed
 
 
-def _saliency(settings, multi_label, presence, runners, steps):
+@register("saliency", "served")
+def _saliency(settings, multi_label, presence, runners, step):
     return SaliencyRefiner(
         multi_label,
         runners.get("saliency"),
         settings["saliency_doubt"],
         settings["threshold"],
         settings["sure_foreground"],
-        _follow_up(settings, seeded=False, steps=steps),
+        step,
         **presence,
     )
 
 
-def _attention(settings, multi_label, presence, runners, steps):
-    if any(settings.get(f) for f in FOLLOW_UPS):
-        raise ValueError("refine.grabcut, chanvese and crf follow a threshold, not vit")
+@register("vit", "served")
+def _attention(settings, multi_label, presence, runners, step):
     return AttentionRefiner(
         multi_label,
         runners.get("attention"),
@@ -318,9 +287,15 @@ def _attention(settings, multi_label, presence, runners, steps):
     )
 
 
-# refine.method -> its builder, for the refiners this module runs (training.refine's
-# registry adds the level set, a network, and says which of these is served how).
-CLASSICAL = {"fixed": _fixed, "otsu": _otsu, "saliency": _saliency, "vit": _attention}
+@register("grabcut", "served")
+def _grabcut(settings):
+    bands = settings["sure_foreground"], settings["sure_background"]
+    return GrabCut(settings["grabcut_iterations"], *bands)
+
+
+@register("chanvese", "served")
+def _chanvese(settings):
+    return ChanVese(settings["chanvese_iterations"])
 
 
 def build_classical(
@@ -329,21 +304,34 @@ def build_classical(
     binary: bool | None = None,
     attention=None,
     saliency=None,
-    steps: dict | None = None,
+    side: str = "served",
 ) -> Refiner:
     """The threshold, GrabCut, Chan-Vese, attention or saliency refiner that ``settings``
-    (the fields of ``wsss.config.RefineConfig``, as a dict) describe: the one builder of them,
-    for training (through ``training.refine``'s registry) and for the served refiner model.
+    (the fields of ``wsss.config.RefineConfig``, as a dict) describe, from the builders the
+    table holds for its parts: the one builder of them, for training (``side="training"``,
+    which adds its own steps such as the dense CRF) and for the served refiner model.
     ``attention`` and ``saliency`` are the ONNX (or timm) runners the ViT and saliency
     refiners read (none for the served refiner: its ViT is a model of its own, whose maps it
-    is given); ``steps`` the follow-ups the caller brings (training's CRF)."""
-    method = settings["method"]
-    if method not in CLASSICAL:
-        raise ValueError(f"refine.method {method!r} is not a classical refiner")
+    is given). The refiner's ``name`` is its spelling."""
+    spec = RefinerSpec.of(settings)
+    build = builder(spec.seed, "served")  # training's seed builders wrap these
+    if build is None or spec.entry.part != "seed":
+        raise ValueError(f"refine.method {spec.seed!r} is not built from numpy alone")
+    step = None
+    if spec.follow is not None:
+        make = builder(spec.follow, side)
+        if make is None:
+            raise ValueError(
+                f"refine.{spec.follow} runs in training only (its library is not in the "
+                "serving images): serve another refiner with export.refine"
+            )
+        step = make(settings)
     presence = {
         "binary": binary,
         "score_threshold": settings["score_threshold"],
         "min_score": settings["min_score"],
     }
     runners = {k: v for k, v in (("attention", attention), ("saliency", saliency)) if v}
-    return CLASSICAL[method](settings, multi_label, presence, runners, steps)
+    refiner = build(settings, multi_label, presence, runners, step)
+    refiner.name = str(spec)
+    return refiner

@@ -17,11 +17,12 @@ from google.protobuf import json_format
 from export.configs import parse
 from export.repository import export_repository
 from tests.conftest import ROOT, random_export_cfg
-from training.refine import RefinerSpec, ServedThreshold, build_refiner
+from training.refine import ServedThreshold, build_refiner
 from wsss.config import RefineConfig
 from wsss.served import HELPERS, MODELS
 from wsss.served.classical import OnnxMaps
 from wsss.served.images import decode_image, encode_png, resize_image, resize_mask
+from wsss.served.registry import RefinerSpec
 from wsss.tensors import (
     CAMS,
     IMAGE,
@@ -36,6 +37,7 @@ from wsss.tensors import (
     SEGMENTATION,
     SEGMENTATION_FULL,
     VIT,
+    VIT_OUTPUT,
 )
 
 SERVED = ROOT / "wsss" / "served"
@@ -131,7 +133,7 @@ def test_python_refiner_runs_without_the_project(tmp_path, refine):
     images = np.stack([_photo(48), _photo(48)[::-1]])
     repo = Path(cfg.export.repository)
     inputs = {IMAGE: images, SCORES: scores, CAMS: cams}
-    vit = RefinerSpec.of(cfg.refine).entry.vit
+    vit = VIT_OUTPUT.get(RefinerSpec.of(cfg.refine).entry.vit)
     if vit:  # the ViT model's maps, as the ensemble hands them on (an ONNX graph)
         inputs[vit] = OnnxMaps(repo / VIT / "1" / "model.onnx")(images)
     got = _run_standalone(repo, REFINER, inputs, tmp_path)
