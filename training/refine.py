@@ -1,4 +1,4 @@
-"""Pseudo-mask refiners behind one batched interface, and the one registry of them.
+"""Pseudo-mask refiners behind one batched interface: the torch side of the refiner table.
 
 Every refiner is called the same way, like the refine step of the served ensemble:
 
@@ -15,9 +15,10 @@ Chan-Vese) say which pixels are one class's foreground (``ClassicalRefiner.foreg
 inherit how classes combine; the FNO level set is a network and overrides the whole call.
 The classical ones, ViT attention and saliency live in ``wsss.served.refiners`` (over the
 algorithms of ``wsss.served.classical``; numpy and OpenCV only), which the served refiner
-model runs too; this module adds the networks and the one registry. ``served`` says how the
-repository serves each: ``python`` (the Python refiner model) or ``network`` (an exported
-graph, ``module``): the fixed and Otsu thresholds, with nothing after them, are the
+model runs too; this module adds the networks and the dense CRF, registered against the
+entries of the one refiner table (``wsss.served.registry``), and ``build_refiner``. ``served``
+says how the repository serves each: ``python`` (the Python refiner model) or ``network`` (an
+exported graph, ``module``): the fixed and Otsu thresholds, with nothing after them, are the
 ``ServedThreshold`` graph.
 """
 
