@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.serving import free_ports, machine
-from serving.bench import PerfSettings, run_perf_analyzer
 from serving.client import PipelineClient
 from serving.infer import MASK_FILES, Item, find_images, write_mask
+from serving.perf import PerfSettings, run_perf_analyzer
 from serving.server import TritonServer
 from wsss.config import Config, load_config
 from wsss.tensors import IMAGE_BYTES, PIPELINE_BYTES

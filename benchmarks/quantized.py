@@ -23,8 +23,8 @@ from benchmarks.served_quality import served_quality
 from benchmarks.serving import free_ports
 from export.quantize import quantize_graph
 from export.repository import build_if_missing, export_repository
-from serving.bench import PerfSettings, run_perf_analyzer
 from serving.client import PipelineClient
+from serving.perf import PerfSettings, run_perf_analyzer
 from serving.server import TritonServer
 from training.data.dataset import WSSSDataset
 from training.data.layouts import list_samples

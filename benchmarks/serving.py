@@ -12,7 +12,7 @@ better than any absolute figure:
   real benchmark images as base64 JSON; Triton's per-model statistics say where each
   request's time went (queue, inputs, model, outputs) and what batches formed;
 - the refiners, per image in process (paper 003's Table 3: FNO level set, GrabCut,
-  Chan-Vese at 1/5/10/15/50 iterations, Otsu; ``benchmarks.refiners``).
+  Chan-Vese at 1/5/10/15/50 iterations, Otsu; ``benchmarks.refiner_speed``).
 
 ``--sweep`` exports the repository once per serving setting (ONNX Runtime threads, queue
 delay, instances) and measures each served, in one run: the evidence for the defaults
@@ -42,7 +42,8 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from serving.bench import (
+from serving.client import PipelineClient
+from serving.perf import (
     BenchResult,
     PerfSettings,
     concurrency_levels,
@@ -50,7 +51,6 @@ from serving.bench import (
     settled_statistics,
     statistics_delta,
 )
-from serving.client import PipelineClient
 from serving.server import TritonServer, has_gpu, processes
 from training.pipeline import pipeline_from_config
 from wsss.config import Config, ServeConfig, load_config, served_config, with_overrides
@@ -486,7 +486,7 @@ def report(
     if cpu:
         lines += ["", *cpu_table(cpu, str(best.concurrency))]
     if refiners:
-        from benchmarks.refiners import speed_table
+        from benchmarks.refiner_speed import speed_table
 
         lines += ["", "Refiners, in process:", "", speed_table(refiners)]
     lines += ["", "![throughput against p95 latency](throughput_latency.png)", ""]
@@ -813,7 +813,7 @@ def bench_report(args) -> None:
     # one for it: its history has the table).
     levelset = RefinerSpec.of(served.refine).checkpoint is not None
     if not args.no_refiners and (levelset or Path(args.config or "").stem in ("", "quick")):
-        from benchmarks.refiners import refiner_speed
+        from benchmarks.refiner_speed import refiner_speed
 
         refiners = refiner_speed(ensure_levelset(cfg))
     rows = eager_rows(served, images, args.seconds) + ort_rows(served, images, args.seconds)

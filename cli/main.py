@@ -17,6 +17,7 @@ from pathlib import Path
 
 from wsss.config import DEFAULT_STAGES, STAGES, Config, ConfigError, Layout, load_config
 from wsss.errors import WsssError
+from wsss.task import TASKS
 from wsss.tensors import PIPELINE, PIPELINE_BYTES, VIT
 
 
@@ -39,7 +40,7 @@ def cmd_data(args) -> None:
     cfg = _config(args)
     root = Path(args.out or cfg.data.root)
     opts = SynthOptions(
-        args.flavour or cfg.data.task,
+        _synth_task(args) or cfg.data.task,
         args.count or cfg.data.synth_count,
         args.size or cfg.data.image_size,
         cfg.data.synth_seed,
@@ -52,9 +53,15 @@ def cmd_data(args) -> None:
         print(f"{root} already holds this benchmark or data of its own: left as it is")
         return
     print(
-        f"wrote {opts.count} {opts.flavour} images ({opts.size}x{opts.size}, "
-        f"{opts.difficulty}) to {root} in the {opts.layout or opts.flavour} layout"
+        f"wrote {opts.count} {opts.task} images ({opts.size}x{opts.size}, "
+        f"{opts.difficulty}) to {root} in the {opts.layout or opts.task} layout"
     )
+
+
+def _synth_task(args) -> str | None:
+    if args.flavour:
+        print("wsss data synth --flavour is now --task (data.task)", file=sys.stderr)
+    return args.task or args.flavour
 
 
 def cmd_train(args) -> None:
@@ -131,7 +138,7 @@ def study_served(args) -> None:
 
 
 def cmd_reproduce(args) -> None:
-    from benchmarks.refiners import table3
+    from benchmarks.refiner_speed import table3
     from experiments.reproduce import reproduce
     from wsss.config import load_profile
 
@@ -250,12 +257,12 @@ def cmd_bench(args) -> None:
         bench_report(args)
         return
     if args.refiners:
-        from benchmarks.refiners import refiner_speed, speed_table
+        from benchmarks.refiner_speed import refiner_speed, speed_table
 
         print(speed_table(refiner_speed(_config(args), args.size, args.images_count)))
         return
-    from serving.bench import PerfSettings, format_table, run_perf_analyzer
     from serving.client import PipelineClient, load_image
+    from serving.perf import PerfSettings, format_table, run_perf_analyzer
 
     url = _url(args)
     spec = PipelineClient(url, args.protocol).all_specs[args.model]
@@ -327,12 +334,13 @@ URL = (
 )
 
 SYNTH = (
-    flag("--flavour", choices=["pets", "voc"]),
+    flag("--task", choices=list(TASKS), help="the labels' kind (default: data.task)"),
+    flag("--flavour", choices=list(TASKS), help=argparse.SUPPRESS),  # deprecated: --task
     flag(
         "--layout",
         choices=typing.get_args(Layout),
-        help="the files' layout (default: data.layout, else the flavour's own); "
-        "coco, voc_aug and coco20xx need the voc flavour",
+        help="the files' layout (default: data.layout, else the task's own); "
+        "coco, voc_aug and coco20xx need the voc task",
     ),
     flag("--out", help="folder to write (default: data.root)"),
     flag("--count", type=int),

@@ -5,7 +5,7 @@ Named pipelines fed to the one harness (``training.evaluate``): CAM + threshold,
 level set, MSE only, energy only, both), each trained from the same classifier, and the
 level set as initialised before training (what training has to beat). Pseudo-masks come
 from each test image's labels, as in training. The speed table (Table 3) is a benchmark:
-``benchmarks/refiners.py``.
+``benchmarks/refiner_speed.py``.
 """
 
 from __future__ import annotations

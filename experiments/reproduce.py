@@ -4,7 +4,7 @@ For each benchmark of the profile (``configs/reproduce/*.yaml``):
 
 1. trains each classifier it names (paper 000's CAM backbones);
 2. with ``ablation``, runs paper 003's Table 2 ablation (``experiments.levelset_study``) and
-   Table 3 speed (the ``speed`` it is given: the CLI passes ``benchmarks.refiners``, which
+   Table 3 speed (the ``speed`` it is given: the CLI passes ``benchmarks.refiner_speed``, which
    times the exported graphs, so nothing here imports a layer above training) on that
    classifier; its MSE + energy level set is the ``levelset`` source;
 3. makes each pseudo-mask source's masks of the training images, as ``wsss train`` does, and

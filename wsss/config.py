@@ -16,10 +16,9 @@ from typing import Any, Literal
 import yaml
 
 from wsss.served.registry import FOLLOW_UPS, LEVELSET_SEEDS, METHODS, RefinerSpec
-from wsss.task import Task as TaskKind
-from wsss.task import get_task
+from wsss.task import Task, get_task
 
-Task = Literal["pets", "voc"]
+TaskName = Literal["pets", "voc"]  # wsss.task.TASKS' names (a test holds the two equal)
 # Where the data is read from (training/data/layouts.py's LAYOUTS; a test holds the two
 # equal). coco reads whichever of 2014 and 2017 is there; coco2014 / coco2017 pick one.
 Layout = Literal["pets", "voc", "voc_aug", "coco", "coco2014", "coco2017", "folder"]
@@ -29,7 +28,9 @@ LAYOUTS = typing.get_args(Layout)  # training/data/layouts.py's readers, by thes
 @dataclass
 class DataConfig:
     root: str = "data/pets"  # a folder in one of the layouts below
-    task: Task = "pets"  # pets: one label per image, binary masks; voc: multi-label, class masks
+    task: TaskName = (
+        "pets"  # pets: one label per image, binary masks; voc: multi-label, class masks
+    )
     # pets (Oxford-IIIT Pet), voc (VOC 2012: train / val), voc_aug (VOC's train_aug set with
     # SegmentationClassAug/, tested on val), coco (COCO 2014 or 2017), folder (images/ and a
     # labels.csv). Unset: the task's own (pets or voc). All but pets and folder need task voc.
@@ -47,7 +48,7 @@ class DataConfig:
     num_workers: int = 0
 
     @property
-    def kind(self) -> TaskKind:
+    def kind(self) -> Task:
         """The ``wsss.task.Task`` that ``task`` names: what behaves differently per task."""
         return get_task(self.task)
 

@@ -45,7 +45,7 @@ def test_perf_analyzer_input_takes_a_files_own_bytes():
     import cv2
     import numpy as np
 
-    from serving.bench import input_data
+    from serving.perf import input_data
     from wsss.tensors import PIPELINE, PIPELINE_BYTES, served_models
 
     specs = served_models(8, 2, 2)

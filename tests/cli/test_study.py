@@ -43,3 +43,14 @@ def test_evaluate_alone_scores_the_profile(monkeypatch):
     monkeypatch.setattr(experiments.studies, "evaluate_profile", lambda cfg: ran.append(cfg))
     cli.main(["evaluate", "--config", "configs/quick.yaml"])
     assert len(ran) == 1
+
+
+@pytest.mark.parametrize("flag", ["--task", "--flavour"])
+def test_synth_takes_the_task_and_the_old_flavour_flag(monkeypatch, capsys, tmp_path, flag):
+    import training.data.synth as synth
+
+    written = []
+    monkeypatch.setattr(synth, "write_synth", lambda root, opts: written.append(opts))
+    cli.main(["data", "synth", flag, "voc", "--out", str(tmp_path), "--count", "4"])
+    assert [o.task for o in written] == ["voc"]
+    assert ("is now --task" in capsys.readouterr().err) == (flag == "--flavour")

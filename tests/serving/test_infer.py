@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.bench import settled_statistics
 from serving.client import ClientError, PipelineClient
 from serving.infer import (
     PREDICTIONS,
@@ -27,6 +26,7 @@ from serving.infer import (
     read_predictions,
     run,
 )
+from serving.perf import settled_statistics
 from wsss.tensors import PIPELINE_BYTES, PSEUDO_MASK_FULL, SEGMENTATION_FULL
 
 MASKS = {PSEUDO_MASK_FULL: "pseudo_mask", SEGMENTATION_FULL: "segmentation"}

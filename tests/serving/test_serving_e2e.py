@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.bench import (
+from serving.client import ClientError, PipelineClient, load_image
+from serving.perf import (
     BenchError,
     PerfSettings,
     concurrency_levels,
@@ -26,7 +27,6 @@ from serving.bench import (
     settled_statistics,
     statistics_delta,
 )
-from serving.client import ClientError, PipelineClient, load_image
 from training.data import list_samples, read_image
 from training.pipeline import pipeline_from_config
 from wsss.served.images import resize_image, resize_mask

@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from benchmarks.refiners import table3
+from benchmarks.refiner_speed import table3
 from experiments.reproduce import reproduce
 from wsss.config import load_profile
 

@@ -26,3 +26,11 @@ def test_checkpoints_saved_with_the_name_or_the_fields_read_alike():
     )
     with pytest.raises(ValueError, match="unknown task 'coco'"):
         get_task("coco")
+
+
+def test_the_configs_task_names_are_the_tasks():
+    import typing
+
+    from wsss.config import TaskName
+
+    assert typing.get_args(TaskName) == tuple(TASKS)

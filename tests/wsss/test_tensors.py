@@ -31,7 +31,7 @@ def test_no_served_tensor_name_is_spelled_outside_wsss_tensors():
 
 def test_serving_imports_neither_training_nor_torch():
     code = (
-        "import sys, serving.client, serving.infer, serving.server, serving.bench\n"
+        "import sys, serving.client, serving.infer, serving.server, serving.perf\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
         "('training', 'export', 'torch', 'torchvision', 'timm'))\n"
         "print(' '.join(bad))"

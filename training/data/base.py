@@ -78,7 +78,7 @@ class Layout(abc.ABC):
 
     name = ""  # its key in the registry (training.data.layouts.LAYOUTS)
     title = ""  # what the data is, for the line that says what was read
-    tasks: tuple[str, ...] = ("voc",)  # the label semantics it can feed (wsss.config.Task)
+    tasks: tuple[str, ...] = ("voc",)  # the label semantics it can feed (wsss.config.TaskName)
 
     @abc.abstractmethod
     def class_names(self, root: Path) -> list[str]:

@@ -63,13 +63,13 @@ SYNTH_RECORD = "synth.json"  # the options a folder was written with
 
 @dataclass(frozen=True)
 class SynthOptions:
-    flavour: str = "pets"  # pets: one animal, binary; voc: one to three animals, class masks
+    task: str = "pets"  # pets: one animal, binary; voc: one to three animals, class masks
     count: int = 2000
     size: int = 128
     seed: int = 0
     test_fraction: float = 0.25
     difficulty: str = "standard"  # or "hard", the adversarial set (module docstring)
-    # The files' layout (training.data.layouts.LAYOUTS); None: the flavour's own (pets, voc).
+    # The files' layout (training.data.layouts.LAYOUTS); None: the task's own (pets, voc).
     # pets images go in the pets or folder layout, voc ones in any but pets.
     layout: str | None = None
 
@@ -85,6 +85,7 @@ class SynthOptions:
         """What ``synth.json`` holds; without ``layout`` when unset, as folders written
         before there were layouts hold it (so they are not rewritten for nothing)."""
         out = dataclasses.asdict(self)
+        out["flavour"] = out.pop("task")  # the key folders were written with before
         if out["layout"] is None:
             del out["layout"]
         return out
@@ -339,10 +340,10 @@ def boundary_band(label: np.ndarray, width: int) -> np.ndarray:
 
 
 def write_synth(root: str | Path, opts: SynthOptions) -> Path:
-    """Write the benchmark under ``root`` in ``opts.layout`` (default: the flavour's own)."""
-    if opts.flavour not in ("pets", "voc"):
-        raise ValueError(f"unknown flavour {opts.flavour!r}: expected pets or voc")
-    layout = get_layout(opts.flavour, opts.layout).name  # refuses a layout the task can't read
+    """Write the benchmark under ``root`` in ``opts.layout`` (default: the task's own)."""
+    if opts.task not in ("pets", "voc"):
+        raise ValueError(f"unknown task {opts.task!r}: expected pets or voc")
+    layout = get_layout(opts.task, opts.layout).name  # refuses a layout the task can't read
     if opts.count < len(ANIMALS) or opts.size < 32:
         raise ValueError(f"synth needs count >= {len(ANIMALS)} and size >= 32")
     root = Path(root)
@@ -351,8 +352,8 @@ def write_synth(root: str | Path, opts: SynthOptions) -> Path:
     n_test = max(1, int(round(opts.count * opts.test_fraction)))
     band = max(1, opts.size // 96)
     records = []
-    for i in tqdm(range(opts.count), desc=f"synth {opts.flavour}", unit="img"):
-        if opts.flavour == "pets":
+    for i in tqdm(range(opts.count), desc=f"synth {opts.task}", unit="img"):
+        if opts.task == "pets":
             # Balanced: every block of 10 images holds each class once, in random order.
             if i % len(ANIMALS) == 0:
                 order = rng.permutation(len(ANIMALS))

@@ -37,9 +37,9 @@ COUNT, SIZE = 16, 48  # 12 train, 4 test
 def roots(tmp_path_factory):
     """One tiny synthetic copy per layout; tests that break one work on a copy."""
     out = {}
-    for layout, flavour in (("coco", "voc"), ("voc_aug", "voc"), ("folder", "voc")):
+    for layout, task in (("coco", "voc"), ("voc_aug", "voc"), ("folder", "voc")):
         folder = tmp_path_factory.mktemp(layout)
-        out[layout] = write_synth(folder, SynthOptions(flavour, COUNT, SIZE, 5, layout=layout))
+        out[layout] = write_synth(folder, SynthOptions(task, COUNT, SIZE, 5, layout=layout))
     folder = tmp_path_factory.mktemp("folder_pets")
     out["folder_pets"] = write_synth(folder, SynthOptions("pets", COUNT, SIZE, 5, layout="folder"))
     return out

@@ -96,7 +96,7 @@ def test_levelset_study_reports_every_row(levelset_cfg):
 
 
 def test_refiner_speed_benchmark_prints_ratios(levelset_cfg):
-    from benchmarks.refiners import refiner_speed, speed_table
+    from benchmarks.refiner_speed import refiner_speed, speed_table
 
     result = refiner_speed(levelset_cfg, size=48, images=2, repeat=2)
     rows = {r["refiner"]: r for r in result["rows"]}
