@@ -124,14 +124,14 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
             f"which differ ({', '.join(names)} vs {', '.join(seg_names)}); give "
             "classifier.class_groups one group per data class, in the data's order"
         )
-    if refiner.served == "training":
+    if refiner.served_as == "training":
         spec = RefinerSpec.of(cfg.refine)
         raise ExportError(
             f"refine.method {spec} is not served: {spec.follow} makes training pseudo-masks "
             f"only (its library is not in the serving images); set export.refine.method, "
             f"e.g. {spec.seed}"
         )
-    network_refiner = refiner.served == "network"  # an exported graph, not a Python model
+    network_refiner = refiner.served_as == "network"  # an exported graph, not a Python model
     # The ViT a saliency or attention refiner reads: its own model, beside the classifier.
     kind = None if network_refiner else RefinerSpec.of(cfg.refine).entry.vit
     vit_map = VIT_OUTPUT.get(kind)

@@ -16,7 +16,7 @@ inherit how classes combine; the FNO level set is a network and overrides the wh
 The classical ones, ViT attention and saliency live in ``wsss.served.refiners`` (over the
 algorithms of ``wsss.served.classical``; numpy and OpenCV only), which the served refiner
 model runs too; this module adds the networks and the dense CRF, registered against the
-entries of the one refiner table (``wsss.served.registry``), and ``build_refiner``. ``served``
+entries of the one refiner table (``wsss.served.registry``), and ``build_refiner``. ``served_as``
 says how the repository serves each: ``python`` (the Python refiner model) or ``network`` (an
 exported graph, ``module``): the fixed and Otsu thresholds, with nothing after them, are the
 ``ServedThreshold`` graph.
@@ -167,7 +167,7 @@ class LevelSetRefiner(Refiner):
     """
 
     needs_features = True
-    served = "network"
+    served_as = "network"
 
     def __init__(self, module: torch.nn.Module):
         super().__init__(module.multi_label, None, module.score_threshold, module.min_score)
@@ -189,7 +189,7 @@ class LevelSetRefiner(Refiner):
 def _threshold(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
     refiner = build_classical(dataclasses.asdict(cfg), multi_label, binary, side="training")
     if RefinerSpec.of(cfg).follow is None:  # nothing after it: served as a graph
-        refiner.served, refiner.module = "network", ServedThreshold(refiner).eval()
+        refiner.served_as, refiner.module = "network", ServedThreshold(refiner).eval()
     return refiner
 
 
@@ -271,5 +271,5 @@ def build_refiner(
     spec = RefinerSpec.of(cfg)
     refiner = builder(spec.seed, "training")(cfg, multi_label, binary, levelset)
     refiner.name = str(spec)
-    refiner.served = spec.served
+    refiner.served_as = spec.served_as
     return refiner

@@ -71,7 +71,7 @@ def test_one_spelling_round_trips_through_config_and_cli_overrides():
         cfg = wsss_config.load_config(None, [f"refine.method={text}"])
         assert str(RefinerSpec.of(cfg.refine)) == spelled
         assert RefinerSpec.parse(spelled) == RefinerSpec.of(cfg.refine)
-        if spec.served == "python":  # the served model's refiner is named the same
+        if spec.served_as == "python":  # the served model's refiner is named the same
             assert build_classical(served_settings(cfg.refine), True).name == spelled
     assert wsss_config.load_config(None, ["refine.method=otsu+chanvese50"]).refine == (
         RefineConfig("otsu", chanvese=True, chanvese_iterations=50)
@@ -165,14 +165,14 @@ def test_every_refiner_serves_as_it_trains(text):
     batch = _batch(2, k, size, size, "blob")
     expected = _run(refiner, batch)
     spec = RefinerSpec.of(cfg)
-    assert refiner.served == spec.served
+    assert refiner.served_as == spec.served_as
     assert refiner.needs_features == spec.entry.needs_features
-    if spec.served == "training":  # not served: the Python model refuses it, saying so
+    if spec.served_as == "training":  # not served: the Python model refuses it, saying so
         settings = json.loads(json.dumps(served_settings(cfg)))
         with pytest.raises(ValueError, match="training only"):
             build_classical(settings, multi_label, saliency=lambda images: images[..., 0])
         return
-    if spec.served == "network":
+    if spec.served_as == "network":
         images, scores, cams, features = (torch.from_numpy(a) for a in batch)
         inputs = (
             (images, scores, cams, features) if refiner.needs_features else (images, scores, cams)

@@ -32,13 +32,13 @@ class Refiner:
     it); ``maps``: the ViT's [B, 224, 224] maps (saliency or attention) where the served
     ensemble's ViT model made them, else the refiner runs its own ViT.
 
-    ``served`` says how the repository serves it: ``python`` (this module, copied into the
+    ``served_as`` says how the repository serves it: ``python`` (this module, copied into the
     refiner's version folder) or ``network`` (an exported graph, its ``module``).
     """
 
     name = "base"
     needs_features = False
-    served = "python"
+    served_as = "python"
 
     def __init__(
         self,

@@ -33,7 +33,7 @@ Side = Literal["served", "training"]
 class RefinerEntry:
     """One part of a refiner.
 
-    ``part``: ``seed`` (makes a mask) or ``follow`` (refines a seed's mask). ``served``: how
+    ``part``: ``seed`` (makes a mask) or ``follow`` (refines a seed's mask). ``served_as``: how
     the repository serves it: ``network`` (an exported graph), ``python`` (the Python
     refiner model; any follow-up makes the whole refiner Python) or ``training`` (not served:
     export refuses it and ``export.refine`` serves another). ``checkpoint``: the trained
@@ -49,7 +49,7 @@ class RefinerEntry:
 
     name: str
     part: Part
-    served: Serving
+    served_as: Serving
     summary: str  # what it is built from
     label: str  # in tables and legends
     needs_features: bool = False
@@ -229,10 +229,10 @@ class RefinerSpec:
         return (self.entry,) + ((self.follow_entry,) if self.follow else ())
 
     @property
-    def served(self) -> Serving:
+    def served_as(self) -> Serving:
         if self.follow is None:
-            return self.entry.served
-        return "training" if self.follow_entry.served == "training" else "python"
+            return self.entry.served_as
+        return "training" if self.follow_entry.served_as == "training" else "python"
 
     @property
     def checkpoint(self) -> str | None:
