@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from wsss.config import DEFAULT_STAGES, STAGES, Config, ConfigError, Layout, load_config
-from wsss.errors import WsssError
+from wsss.config import DEFAULT_STAGES, STAGES, Config, Layout, load_config
+from wsss.errors import InputError, WsssError
 from wsss.task import TASKS
 from wsss.tensors import PIPELINE, PIPELINE_BYTES, VIT
 
@@ -694,7 +694,7 @@ def main(argv: list[str] | None = None) -> None:
     args.invocation = shlex.join(["wsss", *(sys.argv[1:] if argv is None else argv)])
     try:
         args.func(args)
-    except (WsssError, ConfigError, FileNotFoundError, ValueError) as exc:
+    except (WsssError, InputError, FileNotFoundError) as exc:  # a bug keeps its traceback
         sys.exit(f"wsss {args.command}: {exc}")
 
 

@@ -28,6 +28,7 @@ from training.pipeline import (
 )
 from training.refine import LevelSetRefiner, build_refiner, seeded
 from wsss.config import Config, save_config
+from wsss.errors import InputError
 from wsss.served.registry import CAM_MASKS, LEVELSET
 from wsss.task import get_task
 
@@ -53,7 +54,7 @@ def run_levelset_study(cfg: Config, train: bool = True) -> str:
             f"no classifier in {cfg.runs}: run `wsss train --stages classifier` first"
         )
     if cfg.levelset.lambda_mse <= 0 or cfg.levelset.lambda_energy <= 0:
-        raise ValueError("the ablation needs levelset.lambda_mse and lambda_energy both > 0")
+        raise InputError("the ablation needs levelset.lambda_mse and lambda_energy both > 0")
     data = load_test_set(cfg)
     out = Path(cfg.evaluate.out) / "levelset"
     seed = cfg.levelset.seed

@@ -25,6 +25,7 @@ from training.evaluate import evaluate
 from training.pipeline import Pipeline, ServedClassifier, load_model, refine_step
 from training.refine import build_refiner, seeded
 from wsss.config import Config, load_config, with_overrides
+from wsss.errors import InputError
 from wsss.task import get_task
 
 SEED, GRABCUT = "seed: CAM + {seed}", "CAM + {seed} + GrabCut"
@@ -33,7 +34,7 @@ SEED, GRABCUT = "seed: CAM + {seed}", "CAM + {seed} + GrabCut"
 def fold_indices(n: int, folds: int, seed: int) -> list[np.ndarray]:
     """``folds`` disjoint held-out sets covering 0..n-1, drawn at random with ``seed``."""
     if not 2 <= folds <= n:
-        raise ValueError(f"--folds: between 2 and the {n} training images, not {folds}")
+        raise InputError(f"--folds: between 2 and the {n} training images, not {folds}")
     order = np.random.default_rng(seed).permutation(n)
     return [np.sort(part) for part in np.array_split(order, folds)]
 
@@ -41,7 +42,7 @@ def fold_indices(n: int, folds: int, seed: int) -> list[np.ndarray]:
 def read_variants(path: str | Path) -> dict[str, list[str]]:
     variants = yaml.safe_load(Path(path).read_text())
     if not isinstance(variants, dict) or not all(isinstance(v, list) for v in variants.values()):
-        raise ValueError(f"{path}: a mapping of variant names to lists of KEY=VALUE overrides")
+        raise InputError(f"{path}: a mapping of variant names to lists of KEY=VALUE overrides")
     return {str(k): [str(x) for x in v] for k, v in variants.items()}
 
 

@@ -47,6 +47,7 @@ from wsss.config import (
     ReproduceProfile,
     load_config,
 )
+from wsss.errors import InputError
 from wsss.figures import colourise, overlay, panel_figure
 from wsss.served.registry import CAM_MASKS, LEVELSET, MORE_THAN_LABELS, RefinerSpec
 from wsss.task import get_task
@@ -70,12 +71,12 @@ class Source:
             return cls(spec)
         parts = spec.split("/")
         if len(parts) != 3 or parts[0] not in classifiers:
-            raise ValueError(
+            raise InputError(
                 f"reproduce source {spec!r}: '<classifier>/<cam method>/<refiner>' with a "
                 f"classifier of the benchmark ({', '.join(classifiers)}), or 'truth'"
             )
         if parts[1] not in CAM_METHODS:
-            raise ValueError(f"reproduce source {spec!r}: one of {', '.join(CAM_METHODS)}")
+            raise InputError(f"reproduce source {spec!r}: one of {', '.join(CAM_METHODS)}")
         return cls(spec, *parts)
 
     @property

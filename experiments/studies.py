@@ -44,6 +44,7 @@ from training.pipeline import (
 )
 from training.refine import build_refiner
 from wsss.config import PASSTHROUGH, Config, RefineConfig, load_config, save_config
+from wsss.errors import InputError
 from wsss.figures import overlay, panel_figure
 from wsss.served.images import resize_image
 from wsss.served.registry import LEVELSET, RefinerSpec
@@ -134,7 +135,7 @@ def parse_refiner(spec: str, base: RefineConfig) -> RefineConfig:
     try:
         return RefinerSpec.parse(spec).apply(base)
     except ValueError as e:
-        raise ValueError(f"evaluate.refiners: {e}") from None
+        raise InputError(f"evaluate.refiners: {e}") from None
 
 
 def classifier_label(run: Path, meta: dict) -> str:
@@ -267,7 +268,7 @@ def photo_study(cfg: Config) -> str:
     present = [data.class_names[c] for c in data.samples[0].labels]
     scored = [n for n in present if n in meta["class_names"]]
     if not scored:
-        raise ValueError(
+        raise InputError(
             f"the classifier has none of the photo's classes ({', '.join(present)}): use an "
             "ImageNet head with VOC class groups (configs/imagenet_voc.yaml)"
         )

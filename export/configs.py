@@ -17,6 +17,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from wsss.config import ExportConfig, ModelServingConfig, NetworkExportConfig
+from wsss.errors import InputError
 from wsss.tensors import (
     ENSEMBLES,
     LABELS_FILE,
@@ -182,7 +183,7 @@ def warmup_files(spec: ModelSpec, image_size: int) -> list[WarmupSample]:
         elif t.name == ORIGINAL_SIZE:
             out.append(WarmupSample(t.name, np.array([2 * image_size] * 2, t.dtype).tobytes()))
         else:
-            raise ValueError(f"no warm-up sample rule for {spec.name}.{t.name}")
+            raise InputError(f"no warm-up sample rule for {spec.name}.{t.name}")
     return out
 
 

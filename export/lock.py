@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
-from wsss.errors import WsssError
+from wsss.errors import InputError, WsssError
 
 STAGING_PREFIX = ".wsss-staging-"
 LOCK_PREFIX = ".wsss-export-"
@@ -123,7 +123,7 @@ def _remove_leftovers(root: Path) -> None:
 def _lock(path: Path, repo: Path, wait_seconds: float | None) -> Iterator[Holder | None]:
     """Hold the lock on ``path``; yield the note of a holder that did not finish, if any."""
     if wait_seconds is not None and wait_seconds < 0:
-        raise ValueError(f"export.lock_wait_seconds must be >= 0, not {wait_seconds}")
+        raise InputError(f"export.lock_wait_seconds must be >= 0, not {wait_seconds}")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except PermissionError as exc:

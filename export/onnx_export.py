@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from export.parity import compare
+from wsss.errors import InputError
 from wsss.tensors import ModelSpec
 
 
@@ -23,7 +24,7 @@ def export_onnx(
 ) -> Path:
     """Export ``module`` with ``spec``'s input/output names; only the batch axis is dynamic."""
     if opset < 17:
-        raise ValueError("opset must be >= 17")
+        raise InputError("opset must be >= 17")
     dynamic = {t.name: {0: "batch"} for t in spec.inputs + spec.outputs}
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated but is the one that handles our graphs;

@@ -50,7 +50,7 @@ from training.pipeline import (
 from training.refine import saliency_model, served_settings
 from wsss import served
 from wsss.config import Config, save_config, served_config
-from wsss.errors import WsssError
+from wsss.errors import InputError, WsssError
 from wsss.palette import VOC_PALETTE
 from wsss.served import HELPERS
 from wsss.served.classical import OnnxAttention, OnnxMaps, OnnxSaliency
@@ -412,7 +412,7 @@ def servable_versions(
     is kept: Triton serves every version under the one new config.
     """
     if keep < 1:
-        raise ValueError("export.keep_versions must be >= 1")
+        raise InputError("export.keep_versions must be >= 1")
     folder = repo / name
     found = versions(folder) if folder.is_dir() else []
     if spec is not None and fmt != "ensemble" and not _same_tensors(folder, spec, fmt):

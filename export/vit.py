@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from wsss.errors import InputError
 from wsss.served.classical import IMAGENET_MEAN, IMAGENET_STD, SALIENCY_OUTPUT
 from wsss.tensors import ATTENTION, IMAGE, SALIENCY, VIT_SIZE
 
@@ -45,14 +46,14 @@ def served_vit(model: bytes, role: str, image_size: int, prefix: int = 1) -> byt
     IMAGE [B, image_size, image_size, 3] uint8 and return ``role`` (SALIENCY or ATTENTION)
     [B, 224, 224]. ``prefix``: the tokens before the patches (the CLS token)."""
     if role not in (SALIENCY, ATTENTION):
-        raise ValueError(f"a served ViT returns {SALIENCY} or {ATTENTION}, not {role!r}")
+        raise InputError(f"a served ViT returns {SALIENCY} or {ATTENTION}, not {role!r}")
     m = onnx.load_from_string(model)
     graph = m.graph
     (vit_input,) = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
     nodes, inits = _preprocess(image_size, vit_input.name)
     if role == SALIENCY:
         if SALIENCY_OUTPUT not in [o.name for o in graph.output]:
-            raise ValueError(f"the saliency model has no output {SALIENCY_OUTPUT!r}")
+            raise InputError(f"the saliency model has no output {SALIENCY_OUTPUT!r}")
         post, post_inits = _squeeze(SALIENCY_OUTPUT, SALIENCY)
     else:
         post, post_inits = _fuse([o.name for o in graph.output], prefix)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsss.errors import InputError, WsssError
 from wsss.pruning import outputs_to_request
 from wsss.served.images import ImageError, decode_image, encode_png, resize_image, resize_mask
 from wsss.tensors import (
@@ -52,7 +53,7 @@ def requested_outputs(specs: dict[str, ModelSpec], model: str, asked: Sequence[s
 _INVALID_INPUT = ("400", "StatusCode.INVALID_ARGUMENT")
 
 
-class ClientError(ValueError):
+class ClientError(WsssError, ValueError):
     """Bad input, or a request the server refused; the message says which and why.
     ``reason`` is the server's own message where it refused one."""
 
@@ -157,7 +158,7 @@ class PipelineClient:
         try:
             if self.model == PIPELINE_BYTES:
                 if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-                    raise ValueError(f"{images.dtype}{images.shape}, expected uint8 [B, H, W, 3]")
+                    raise InputError(f"{images.dtype}{images.shape}, expected uint8 [B, H, W, 3]")
             else:
                 self.image_spec.check(images)
         except ValueError as exc:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsss.errors import InputError
 from wsss.served.classical import (
     VIT_SIZE,
     OnnxAttention,
@@ -54,7 +55,7 @@ def onnx_with_attention(path: Path, layers: Sequence[int]) -> bytes:
     names = [_ONNX_SOFTMAX.format(i) for i in layers]
     missing = [n for n in names if n not in known]
     if missing:
-        raise ValueError(f"{path} has no attention node {missing[0]}: check refine.vit_layers")
+        raise InputError(f"{path} has no attention node {missing[0]}: check refine.vit_layers")
     del model.graph.output[:]
     for name in names:
         model.graph.output.append(
@@ -74,7 +75,7 @@ class ViTAttention:
     ):
         self.layers = list(layers)
         if not self.layers:
-            raise ValueError("refine.vit_layers: at least one layer")
+            raise InputError("refine.vit_layers: at least one layer")
         self.path = Path(weights) if weights else bundled_vit_onnx()
         if not self.path.is_file():
             raise FileNotFoundError(f"ViT weights {self.path} not found")
@@ -92,7 +93,7 @@ class ViTAttention:
         try:
             net.load_state_dict(state, strict=False)
         except RuntimeError as exc:
-            raise ValueError(f"{path} does not fit {arch}: {exc}") from None
+            raise InputError(f"{path} does not fit {arch}: {exc}") from None
         net.eval()
         captured: dict[int, torch.Tensor] = {}
         for i in self.layers:

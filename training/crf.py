@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from wsss.errors import InputError
+
 
 class DenseCRF:
     """``step(image, cam, init) -> bool``: the follow-up ``Followed`` and the saliency
@@ -30,9 +32,9 @@ class DenseCRF:
         weight: float = 10.0,
     ):
         if not 0.5 < confidence < 1.0:
-            raise ValueError(f"refine.crf_confidence must be in (0.5, 1), not {confidence}")
+            raise InputError(f"refine.crf_confidence must be in (0.5, 1), not {confidence}")
         if iterations < 1 or spatial <= 0 or colour <= 0 or weight < 0:
-            raise ValueError("refine.crf_iterations >= 1, crf_spatial and crf_colour > 0")
+            raise InputError("refine.crf_iterations >= 1, crf_spatial and crf_colour > 0")
         try:
             import pydensecrf.densecrf  # noqa: F401
         except ImportError as exc:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from training import distributed
 from training.models.common import to_pixels
+from wsss.errors import InputError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,7 +64,7 @@ def fit(
     alone writes and reports.
     """
     if epochs < 1:
-        raise ValueError("epochs must be >= 1")
+        raise InputError("epochs must be >= 1")
     main = distributed.is_main()
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)

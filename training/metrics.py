@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from training.data import IGNORE
+from wsss.errors import InputError
 
 
 class ConfusionMatrix:
@@ -16,7 +17,7 @@ class ConfusionMatrix:
         keep = target != IGNORE
         t, p = target[keep].astype(np.int64), pred[keep].astype(np.int64)
         if t.size and (t.max() >= self.n or p.max() >= self.n):
-            raise ValueError(f"class index out of range for {self.n} classes")
+            raise InputError(f"class index out of range for {self.n} classes")
         self.matrix += np.bincount(t * self.n + p, minlength=self.n**2).reshape(self.n, self.n)
 
     def iou(self) -> np.ndarray:

@@ -26,6 +26,7 @@ from training.models.classifier import CAMClassifier
 from training.models.common import to_pixels
 from training.refine import Refiner, build_refiner
 from wsss.config import PASSTHROUGH
+from wsss.errors import InputError
 from wsss.served.registry import RefinerSpec
 from wsss.task import get_task
 from wsss.tensors import CAMS, PSEUDO_MASK, SCORES, SEG_PROBS, SEGMENTATION
@@ -47,7 +48,7 @@ class ServedClassifier(nn.Module):
         self.cam_method = cam_method or net.cam_method
         if self.cam_method not in CAM_METHODS:
             known = ", ".join(sorted(CAM_METHODS))
-            raise ValueError(f"unknown CAM method {self.cam_method!r}: one of {known}")
+            raise InputError(f"unknown CAM method {self.cam_method!r}: one of {known}")
         self.class_names = list(class_names) if class_names is not None else None
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -166,7 +167,7 @@ def mask_values(data_names: Sequence[str], class_names: Sequence[str] | None) ->
     if class_names is None or list(data_names) == list(class_names):
         return None
     if len(class_names) > 254:
-        raise ValueError(f"{len(class_names)} classes do not fit a uint8 class-index mask")
+        raise InputError(f"{len(class_names)} classes do not fit a uint8 class-index mask")
     index = {name: i for i, name in enumerate(data_names)}
     table = np.zeros(256, np.uint8)
     table[255] = 255

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from wsss.config import RefineConfig
+from wsss.errors import InputError
 from wsss.served.classical import OnnxSaliency, present_classes
 from wsss.served.refiners import (
     AttentionRefiner,
@@ -176,7 +177,7 @@ class LevelSetRefiner(Refiner):
     @torch.inference_mode()
     def __call__(self, images, scores, cams, features=None, maps=None):
         if features is None:
-            raise ValueError("the level-set refiner needs the classifier's FEATURES")
+            raise InputError("the level-set refiner needs the classifier's FEATURES")
         tensors = (torch.from_numpy(np.ascontiguousarray(a)) for a in (images, scores, cams))
         return self.module(*tensors, torch.from_numpy(np.ascontiguousarray(features))).numpy()
 
@@ -209,7 +210,7 @@ def _saliency(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelse
 
 def _levelset(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
     if levelset is None:
-        raise ValueError("refine.method levelset needs the trained level-set network")
+        raise InputError("refine.method levelset needs the trained level-set network")
     return LevelSetRefiner(levelset)
 
 

@@ -34,6 +34,7 @@ from training.pipeline import (
 )
 from training.refine import build_refiner, present_classes_mask, seeded
 from wsss.config import DEFAULT_STAGES, PASSTHROUGH, STAGES, Config, RefineConfig, save_config
+from wsss.errors import InputError
 from wsss.served.registry import RefinerSpec
 
 
@@ -102,7 +103,7 @@ def classifier_setup(cfg: Config, data_names: list[str]) -> tuple[dict, list[str
         if c.class_groups:
             names, groups = parse_class_groups(c.class_groups)
         elif cfg.data.kind.multi_label:
-            raise ValueError(
+            raise InputError(
                 "the ImageNet head on a multi-class task needs classifier.class_groups: its "
                 "1000 classes do not fit a class-index mask"
             )
@@ -140,7 +141,7 @@ def train_classifier(cfg: Config, data: WSSSDataset | None) -> nn.Module:
     kwargs, names = classifier_setup(cfg, data.class_names if data is not None else [])
     imagenet = cfg.classifier.head == "imagenet"
     if imagenet and not (cfg.classifier.pretrained or cfg.classifier.weights):
-        raise ValueError("classifier.head=imagenet needs classifier.pretrained=true or weights")
+        raise InputError("classifier.head=imagenet needs classifier.pretrained=true or weights")
     model = build_classifier(cfg.classifier.arch, pretrained=cfg.classifier.pretrained, **kwargs)
     # The checkpoint rebuilds the architecture; its weights then replace any pretrained ones.
     meta = {
@@ -157,7 +158,7 @@ def train_classifier(cfg: Config, data: WSSSDataset | None) -> nn.Module:
             choose_thresholds(cfg, data, model, meta, None)
         return model
     if model.frozen and names != data.class_names:
-        raise ValueError(
+        raise InputError(
             "classifier.class_groups with learned classes (no ids) name the data's classes in "
             f"its order: {', '.join(data.class_names)}"
         )
@@ -211,12 +212,12 @@ def choose_thresholds(cfg: Config, data: WSSSDataset, model, meta: dict, kwargs)
     (``label_thresholds``). Saved in the checkpoint's meta (``score_thresholds``,
     ``threshold_cv``), which the refiner reads in place of ``refine.score_threshold``."""
     if not cfg.data.kind.multi_label:
-        raise ValueError(
+        raise InputError(
             "classifier.threshold_folds: per-class thresholds are for multi-label tasks"
         )
     folds = cfg.classifier.threshold_folds
     if folds < 2 and kwargs is not None:
-        raise ValueError("classifier.threshold_folds: 0 (off) or at least 2 folds")
+        raise InputError("classifier.threshold_folds: 0 (off) or at least 2 folds")
     order = np.random.default_rng(cfg.train.seed).permutation(len(data))
     scores = np.zeros((len(data), model.num_classes), np.float32)
     for k in range(folds if kwargs is not None else 1):
@@ -296,7 +297,7 @@ def seed_masks(cfg: Config, classifier: nn.Module, data: WSSSDataset, names: lis
 def train_levelset(cfg: Config, data: WSSSDataset, classifier: nn.Module, cmeta: dict) -> nn.Module:
     """Level-set initialisation + FNO evolution on the classifier's features (eq 27)."""
     if cmeta["class_names"] != data.class_names:
-        raise ValueError(
+        raise InputError(
             "the level-set refiner learns the task's classes: train it from a task head "
             "(classifier.head=task), not the ImageNet head"
         )
@@ -448,7 +449,7 @@ class SegmentationLoss(nn.Module):
     def __init__(self, kind: str = "ce", dice: float = 0.0):
         super().__init__()
         if kind not in ("ce", "bce") or dice < 0:
-            raise ValueError("segmenter.loss: ce or bce; segmenter.dice: a weight >= 0")
+            raise InputError("segmenter.loss: ce or bce; segmenter.dice: a weight >= 0")
         self.kind, self.dice = kind, dice
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -511,7 +512,7 @@ def train_segmenter(
         )
     usable = (masks != IGNORE).any(axis=(1, 2))
     if not usable.any():
-        raise ValueError("no training image has a mask: nothing to train the segmenter on")
+        raise InputError("no training image has a mask: nothing to train the segmenter on")
     if not usable.all():
         tqdm.write(f"segmenter: {int((~usable).sum())} of {len(masks)} images have no mask")
     tr, va = (idx[usable[idx]] for idx in _split(len(data), cfg.data.val_fraction, cfg.train.seed))
@@ -623,7 +624,7 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
     """
     unknown = set(stages) - set(STAGES)
     if unknown:
-        raise ValueError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGES)}")
+        raise InputError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGES)}")
     resolve_device(cfg.train.device)  # under torchrun: join the process group first
     runs = Path(cfg.runs)
     network = RefinerSpec.of(cfg.refine).checkpoint  # a refiner trained here (the level set)

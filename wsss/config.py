@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from wsss.errors import InputError
 from wsss.served.registry import FOLLOW_UPS, LEVELSET_SEEDS, METHODS, RefinerSpec
 from wsss.task import Task, get_task
 
@@ -468,7 +469,7 @@ def load_profile(path: str | Path, overrides: list[str] = ()) -> ReproduceProfil
     return _build(ReproduceProfile, raw, "")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file or override that does not fit the schema."""
 
 

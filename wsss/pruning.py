@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Sequence
 
+from wsss.errors import InputError
 from wsss.tensors import ModelSpec, ensemble_members
 
 # A step as its ensemble maps it: the tensors it reads, and those of its outputs that are
@@ -91,7 +92,7 @@ def outputs_to_request(specs: dict[str, ModelSpec], model: str, asked: Iterable[
     spec, asked = specs[model], set(asked)
     names = [t.name for t in spec.outputs]
     if not asked <= set(names):
-        raise ValueError(
+        raise InputError(
             f"{model} has outputs {', '.join(names)}, not {sorted(asked - set(names))}"
         )
     steps, inputs = ensemble_steps(specs, model), [t.name for t in spec.inputs]
@@ -101,4 +102,4 @@ def outputs_to_request(specs: dict[str, ModelSpec], model: str, asked: Iterable[
             requested = [n for n in names if n in asked or n in more]
             if answered(steps, inputs, names, requested):
                 return requested
-    raise ValueError(f"{model}: no request of its outputs is answered whole")
+    raise InputError(f"{model}: no request of its outputs is answered whole")

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from wsss.errors import InputError
+
 
 @dataclass(frozen=True)
 class Task:
@@ -66,5 +68,5 @@ def get_task(value: str | dict | Task) -> Task:
     if isinstance(value, dict):
         return Task(**value)
     if value not in TASKS:
-        raise ValueError(f"unknown task {value!r}: one of {', '.join(TASKS)}")
+        raise InputError(f"unknown task {value!r}: one of {', '.join(TASKS)}")
     return TASKS[value]

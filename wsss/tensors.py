@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wsss.errors import InputError
 from wsss.served.classical import VIT_SIZE  # the side of the ViT's maps: its own input
 
 _TRITON_DTYPES = {
@@ -46,11 +47,11 @@ class TensorSpec:
         """Raise ValueError unless ``array`` fits this spec: what a client must send."""
         shape = array.shape[1:] if batched else array.shape
         if array.dtype != self.np_dtype:
-            raise ValueError(f"{self.name}: dtype {array.dtype}, expected {self.dtype}")
+            raise InputError(f"{self.name}: dtype {array.dtype}, expected {self.dtype}")
         if len(shape) != len(self.shape) or any(
             want != -1 and got != want for got, want in zip(shape, self.shape, strict=True)
         ):
-            raise ValueError(
+            raise InputError(
                 f"{self.name}: shape {tuple(shape)}, expected {self.shape} (per item, -1 = any)"
             )
 
@@ -109,9 +110,9 @@ def label_parameters(
     say which classes a photo holds."""
     bad = [n for n in class_names if not n.strip() or "\n" in n or "\r" in n]
     if bad:
-        raise ValueError(f"class names must be one non-empty line each, not {bad!r}")
+        raise InputError(f"class names must be one non-empty line each, not {bad!r}")
     if len(palette) != 768:
-        raise ValueError(f"a palette is 256 RGB triples (768 numbers), not {len(palette)}")
+        raise InputError(f"a palette is 256 RGB triples (768 numbers), not {len(palette)}")
     params = {
         CLASS_NAMES: json.dumps(list(class_names)),
         PALETTE: json.dumps(list(palette), separators=(",", ":")),
@@ -119,7 +120,7 @@ def label_parameters(
     if presence is not None:
         threshold = presence["threshold"]
         if not isinstance(threshold, (int, float)) and len(threshold) != len(class_names):
-            raise ValueError(f"{len(threshold)} score thresholds for {len(class_names)} classes")
+            raise InputError(f"{len(threshold)} score thresholds for {len(class_names)} classes")
         params[PRESENCE] = json.dumps(presence, sort_keys=True)
     return params
 
@@ -174,11 +175,11 @@ def served_models(
     classifier and gives the refiner that map.
     """
     if segmenter_input not in (IMAGE, PSEUDO_MASK):
-        raise ValueError(f"the segmenter reads {IMAGE} or {PSEUDO_MASK}, not {segmenter_input!r}")
+        raise InputError(f"the segmenter reads {IMAGE} or {PSEUDO_MASK}, not {segmenter_input!r}")
     if vit is not None and vit not in VIT_MAPS:
-        raise ValueError(f"the ViT gives {' or '.join(VIT_MAPS)}, not {vit!r}")
+        raise InputError(f"the ViT gives {' or '.join(VIT_MAPS)}, not {vit!r}")
     if vit is not None and features is not None:
-        raise ValueError("the level-set refiner reads FEATURES, not a ViT's map")
+        raise InputError("the level-set refiner reads FEATURES, not a ViT's map")
     h = w = image_size
     image = TensorSpec(IMAGE, "uint8", (h, w, 3), "RGB pixels, resized to the model size")
     scores = TensorSpec(

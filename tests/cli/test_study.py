@@ -54,3 +54,21 @@ def test_synth_takes_the_task_and_the_old_flavour_flag(monkeypatch, capsys, tmp_
     cli.main(["data", "synth", flag, "voc", "--out", str(tmp_path), "--count", "4"])
     assert [o.task for o in written] == ["voc"]
     assert ("is now --task" in capsys.readouterr().err) == (flag == "--flavour")
+
+
+def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch):
+    from wsss.errors import InputError
+
+    def refused(args):
+        raise InputError("levelset.seed 'magic': one of fixed, otsu, saliency")
+
+    monkeypatch.setattr(cli, "study_cams", refused)
+    with pytest.raises(SystemExit, match=r"^wsss evaluate: levelset.seed 'magic'"):
+        cli.main(["evaluate", "--config", "configs/quick.yaml", "--study"])
+
+    def bug(args):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(cli, "study_cams", bug)
+    with pytest.raises(ValueError, match="broadcast"):
+        cli.main(["evaluate", "--config", "configs/quick.yaml", "--study"])

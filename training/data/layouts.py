@@ -40,6 +40,7 @@ from training.data.base import (
 from training.data.coco import CocoLayout
 from training.data.folder import FolderLayout
 from wsss.config import LAYOUTS as CONFIG_LAYOUTS
+from wsss.errors import InputError
 from wsss.palette import IGNORE, VOC_PALETTE
 from wsss.task import get_task
 
@@ -269,7 +270,7 @@ def list_samples(
     """The samples of ``split`` ("train" or "test"); an empty split is an error."""
     root = Path(root)
     if split not in ("train", "test"):
-        raise ValueError(f"split must be train or test, not {split!r}")
+        raise InputError(f"split must be train or test, not {split!r}")
     reader = get_layout(task, layout)
     samples = reader.samples(root, split)
     if not samples:

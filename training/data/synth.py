@@ -38,6 +38,7 @@ from tqdm import tqdm
 from training.data.base import DataLayoutError
 from training.data.layouts import get_layout
 from training.data.writers import WRITERS
+from wsss.errors import InputError
 
 ANIMALS = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 
@@ -143,7 +144,7 @@ class Compositor:
 
     def __init__(self, size: int, rng: np.random.Generator, difficulty: str = "standard"):
         if difficulty not in DIFFICULTIES:
-            raise ValueError(f"unknown difficulty {difficulty!r}: one of {DIFFICULTIES}")
+            raise InputError(f"unknown difficulty {difficulty!r}: one of {DIFFICULTIES}")
         self.size, self.rng, self.difficulty = size, rng, difficulty
         self.shapes, self.labels = load_silhouettes()
         self.by_class = [np.flatnonzero(self.labels == c) for c in range(len(ANIMALS))]
@@ -342,10 +343,10 @@ def boundary_band(label: np.ndarray, width: int) -> np.ndarray:
 def write_synth(root: str | Path, opts: SynthOptions) -> Path:
     """Write the benchmark under ``root`` in ``opts.layout`` (default: the task's own)."""
     if opts.task not in ("pets", "voc"):
-        raise ValueError(f"unknown task {opts.task!r}: expected pets or voc")
+        raise InputError(f"unknown task {opts.task!r}: expected pets or voc")
     layout = get_layout(opts.task, opts.layout).name  # refuses a layout the task can't read
     if opts.count < len(ANIMALS) or opts.size < 32:
-        raise ValueError(f"synth needs count >= {len(ANIMALS)} and size >= 32")
+        raise InputError(f"synth needs count >= {len(ANIMALS)} and size >= 32")
     root = Path(root)
     rng = np.random.default_rng(opts.seed)
     comp = Compositor(opts.size, rng, opts.difficulty)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import distance_transform_edt
 
+from wsss.errors import InputError
+
 
 def signed_distance(mask: np.ndarray, clip: float) -> np.ndarray:
     """Euclidean SDF of a boolean mask: negative inside, positive outside, in [-1, 1].
@@ -23,7 +25,7 @@ def signed_distance(mask: np.ndarray, clip: float) -> np.ndarray:
     (pixels), then clipped. An empty mask is all +1, a full one all -1.
     """
     if clip <= 0:
-        raise ValueError("clip must be > 0 pixels")
+        raise InputError("clip must be > 0 pixels")
     mask = np.asarray(mask, bool)
     if not mask.any():
         return np.ones(mask.shape, np.float32)

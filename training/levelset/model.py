@@ -22,6 +22,7 @@ from torch import nn
 from training.levelset.spectral import SpectralConv2d
 from training.models.common import Normalize, to_pixels
 from training.refine import claim_mask, present_classes_mask
+from wsss.errors import InputError
 
 
 class LevelSetInit(nn.Module):
@@ -127,7 +128,7 @@ class FNOGroup(nn.Module):
     def __init__(self, width: int, modes: int = 12, layers: int = 4):
         super().__init__()
         if layers < 1:
-            raise ValueError("levelset.layers must be >= 1")
+            raise InputError("levelset.layers must be >= 1")
         self.layers = nn.ModuleList(FourierLayer(width, modes) for _ in range(layers))
         self.residual = nn.Conv2d(width, width, 1)
         # Start as "evolution = identity + a small learned update", so an untrained group

@@ -17,12 +17,14 @@ import math
 import torch
 from torch import nn
 
+from wsss.errors import InputError
+
 
 def _check_modes(h: int, w: int, modes_h: int, modes_w: int) -> None:
     # Beyond these the two kept row blocks overlap (h) or the Nyquist column is reached (w),
     # where the real inverse transform treats bins differently.
     if not (1 <= modes_h <= h // 2 and 1 <= modes_w <= w // 2):
-        raise ValueError(
+        raise InputError(
             f"modes ({modes_h}, {modes_w}) need 1 <= modes <= size // 2 for a {h}x{w} input"
         )
 

@@ -30,6 +30,7 @@ from training.models import build_classifier
 from training.models.classifier import CAMClassifier
 from training.models.common import Normalize
 from wsss.config import LevelSetConfig
+from wsss.errors import InputError
 
 
 @dataclass
@@ -96,12 +97,12 @@ class LevelSetLoss:
 
     def __init__(self, cfg: LevelSetConfig, num_classes: int, multi_label: bool, image_size: int):
         if cfg.lambda_mse < 0 or cfg.lambda_energy < 0 or cfg.lambda_mse + cfg.lambda_energy == 0:
-            raise ValueError("levelset.lambda_mse and lambda_energy: >= 0, not both 0")
+            raise InputError("levelset.lambda_mse and lambda_energy: >= 0, not both 0")
         for name in ("feature_energy", "edge", "seed_energy"):
             if getattr(cfg, name) < 0:
-                raise ValueError(f"levelset.{name}: a weight >= 0")
+                raise InputError(f"levelset.{name}: a weight >= 0")
         if cfg.colour not in ("rgb", "lab"):
-            raise ValueError(f"levelset.colour: rgb or lab, not {cfg.colour!r}")
+            raise InputError(f"levelset.colour: rgb or lab, not {cfg.colour!r}")
         self.cfg, self.k, self.multi_label = cfg, num_classes, multi_label
         self.clip = cfg.sdf_clip * image_size
         self.last: dict[str, float] = {}

@@ -25,6 +25,7 @@ from torch import nn
 
 from training.cams import CAM_METHODS
 from training.models.common import IMAGENET_MEAN, IMAGENET_STD, Normalize
+from wsss.errors import InputError
 
 # Far below any logit, yet finite: exp() gives exact zeros and ONNX needs no infinities.
 _MASKED = -1e4
@@ -44,7 +45,7 @@ class CAMClassifier(nn.Module):
     ):
         super().__init__()
         if cam_method not in CAM_METHODS:
-            raise ValueError(f"unknown CAM method {cam_method!r}: one of {sorted(CAM_METHODS)}")
+            raise InputError(f"unknown CAM method {cam_method!r}: one of {sorted(CAM_METHODS)}")
         self.normalize = Normalize(mean, std)
         self.features = features
         self.fc = fc if fc is not None else nn.Linear(feature_channels, num_classes)
@@ -56,14 +57,14 @@ class CAMClassifier(nn.Module):
             member = torch.zeros(len(class_groups), outputs, dtype=torch.bool)
             for g, ids in enumerate(class_groups):
                 if ids and (min(ids) < 0 or max(ids) >= outputs):
-                    raise ValueError(f"class group {g} needs ids in 0..{outputs - 1}, got {ids}")
+                    raise InputError(f"class group {g} needs ids in 0..{outputs - 1}, got {ids}")
                 member[g, list(ids)] = True
             # 0 on a group's members, _MASKED elsewhere: added to logits, it keeps the group.
             mask = torch.where(member, 0.0, _MASKED)
             self.register_buffer("group_mask", mask, persistent=False)
             learned = [g for g, ids in enumerate(class_groups) if not ids]
             if len(learned) == len(class_groups):
-                raise ValueError("class groups: at least one needs ImageNet ids")
+                raise InputError("class groups: at least one needs ImageNet ids")
             if learned:
                 self.learned = nn.Linear(feature_channels, len(learned))
                 # [L, K]: learned head output l -> its class; [K]: which classes are learned.

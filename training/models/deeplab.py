@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from training.models.classifier import CAMClassifier
+from wsss.errors import InputError
 
 # DeepLabV3's atrous rates for its output strides (Chen et al. 2017, section 4.1).
 ATROUS_RATES = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
@@ -29,7 +30,7 @@ class DeepLabV3(nn.Module):
     def __init__(self, num_classes: int, net: CAMClassifier, output_stride: int = 16):
         super().__init__()
         if output_stride not in ATROUS_RATES:
-            raise ValueError(f"output_stride must be one of {sorted(ATROUS_RATES)}")
+            raise InputError(f"output_stride must be one of {sorted(ATROUS_RATES)}")
         self.normalize, self.backbone = net.normalize, net.features
         self.head = DeepLabHead(net.fc.in_features, num_classes, ATROUS_RATES[output_stride])
 

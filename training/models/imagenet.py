@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
+from wsss.errors import InputError
+
 IMAGENET_CLASSES = 1000
 
 PETS_GROUPS: dict[str, list[int | str]] = {
@@ -58,14 +60,14 @@ def expand_ids(spec: Sequence[int | str], where: str = "class group") -> list[in
             continue
         first, sep, last = str(item).partition("-")
         if not (sep and first.strip().isdigit() and last.strip().isdigit()):
-            raise ValueError(f"{where}: {item!r} is neither an id nor a 'first-last' range")
+            raise InputError(f"{where}: {item!r} is neither an id nor a 'first-last' range")
         lo, hi = int(first), int(last)
         if lo > hi:
-            raise ValueError(f"{where}: empty range {item!r}")
+            raise InputError(f"{where}: empty range {item!r}")
         ids.update(range(lo, hi + 1))
     bad = sorted(i for i in ids if not 0 <= i < IMAGENET_CLASSES)
     if bad or not ids:
-        raise ValueError(f"{where}: needs ImageNet ids in 0..{IMAGENET_CLASSES - 1}, got {spec}")
+        raise InputError(f"{where}: needs ImageNet ids in 0..{IMAGENET_CLASSES - 1}, got {spec}")
     return sorted(ids)
 
 
@@ -77,5 +79,5 @@ def parse_class_groups(
     here, which ``CAMClassifier`` scores with a head trained on the image labels."""
     names = list(groups)
     if names and all(not groups[n] for n in names):
-        raise ValueError("class groups: at least one needs ImageNet ids")
+        raise InputError("class groups: at least one needs ImageNet ids")
     return names, [expand_ids(groups[n], f"class group {n!r}") if groups[n] else [] for n in names]

@@ -28,13 +28,14 @@ from training.models.classifier import CAMClassifier
 from training.models.deeplab import ATROUS_RATES, DeepLabV3
 from training.models.imagenet import IMAGENET_CLASSES
 from training.models.unet import UNet
+from wsss.errors import InputError
 
 
 def _check_head(head: str, class_groups) -> None:
     if head not in ("task", "imagenet"):
-        raise ValueError(f"classifier.head must be task or imagenet, not {head!r}")
+        raise InputError(f"classifier.head must be task or imagenet, not {head!r}")
     if class_groups and head != "imagenet":
-        raise ValueError("classifier.class_groups needs classifier.head=imagenet")
+        raise InputError("classifier.class_groups needs classifier.head=imagenet")
 
 
 def _classifier(
@@ -78,7 +79,7 @@ def _resnet(name: str) -> Callable[..., CAMClassifier]:
             block = net.layer4[0]
             block.conv1.stride = block.conv2.stride = block.downsample[0].stride = (1, 1)
         elif output_stride != 32:
-            raise ValueError(f"output_stride must be 16 or 32, not {output_stride}")
+            raise InputError(f"output_stride must be 16 or 32, not {output_stride}")
         features = nn.Sequential(*list(net.children())[:-2])
         channels = net.fc.in_features
         return _classifier(features, channels, num_classes, cam_method, head, class_groups, net.fc)
@@ -101,7 +102,7 @@ def _mobilenet_v2(
     features = torchvision.models.mobilenet_v2(weights=None).features
     path = weights or (bundled_mobilenet_v2_weights() if pretrained else None)
     if path and head == "imagenet":
-        raise ValueError(
+        raise InputError(
             "mobilenet_v2's offline weights have no ImageNet head: use "
             "classifier.arch=efficientnet_lite0, whose head ships offline"
         )
@@ -115,7 +116,7 @@ def _mobilenet_v2(
         # The last stride-2 depthwise conv (block 14) to stride 1: 2x finer CAMs.
         features[14].conv[1][0].stride = (1, 1)
     elif output_stride != 32:
-        raise ValueError(f"output_stride must be 16 or 32, not {output_stride}")
+        raise InputError(f"output_stride must be 16 or 32, not {output_stride}")
     return _classifier(features, 1280, num_classes, cam_method, head, class_groups, None)
 
 
@@ -138,7 +139,7 @@ def _efficientnet_lite0(
 
     _check_head(head, class_groups)
     if output_stride not in (16, 32):
-        raise ValueError(f"output_stride must be 16 or 32, not {output_stride}")
+        raise InputError(f"output_stride must be 16 or 32, not {output_stride}")
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False, output_stride=output_stride)
     path = weights or (bundled_efficientnet_lite0_weights() if pretrained else None)
     if path:
@@ -150,7 +151,7 @@ def _efficientnet_lite0(
         missing, unexpected = _load(net, state, path)
         missing = [k for k in missing if head == "imagenet" or not k.startswith("classifier.")]
         if missing or unexpected:
-            raise ValueError(f"{path} does not fit: missing {missing}, unexpected {unexpected}")
+            raise InputError(f"{path} does not fit: missing {missing}, unexpected {unexpected}")
     # timm's forward_features, as modules: stem, blocks, 1x1 head conv (BN + ReLU6 in bn*).
     features = nn.Sequential(net.conv_stem, net.bn1, net.blocks, net.conv_head, net.bn2)
     norm = {"mean": net.pretrained_cfg["mean"], "std": net.pretrained_cfg["std"]}
@@ -200,11 +201,11 @@ def _in_order(source: dict, target: dict) -> dict:
     src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
     dst = [k for k in target if not k.endswith("num_batches_tracked")]
     if len(src) != len(dst):
-        raise ValueError(f"checkpoint has {len(src)} tensors, the model {len(dst)}")
+        raise InputError(f"checkpoint has {len(src)} tensors, the model {len(dst)}")
     out = dict(target)
     for (name, value), key in zip(src, dst, strict=True):
         if value.shape != target[key].shape:
-            raise ValueError(
+            raise InputError(
                 f"{name} {tuple(value.shape)} does not fit {key} {tuple(target[key].shape)}"
             )
         out[key] = value
@@ -255,7 +256,7 @@ def _load(net: nn.Module, state: dict, path) -> tuple[list[str], list[str]]:
     try:
         return net.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # torch raises on a tensor of the wrong shape
-        raise ValueError(f"{path} does not fit: {exc}") from None
+        raise InputError(f"{path} does not fit: {exc}") from None
 
 
 def load_backbone_weights(net: nn.Module, path: str, keep_head: bool = False) -> None:
@@ -268,7 +269,7 @@ def load_backbone_weights(net: nn.Module, path: str, keep_head: bool = False) ->
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = _load(net, state, path)
     if unexpected or [k for k in missing if keep_head or not k.startswith("fc.")]:
-        raise ValueError(f"{path} does not fit: missing {missing}, unexpected {unexpected}")
+        raise InputError(f"{path} does not fit: missing {missing}, unexpected {unexpected}")
 
 
 CLASSIFIERS: dict[str, Callable[..., CAMClassifier]] = {
@@ -288,7 +289,7 @@ def deeplabv3(
 ) -> DeepLabV3:
     """DeepLabV3 on the feature extractor of the registry's ``backbone`` classifier."""
     if output_stride not in ATROUS_RATES:
-        raise ValueError(f"output_stride must be one of {sorted(ATROUS_RATES)}")
+        raise InputError(f"output_stride must be one of {sorted(ATROUS_RATES)}")
     net = build_classifier(
         backbone, num_classes=1, output_stride=output_stride, pretrained=pretrained, weights=weights
     )
@@ -303,11 +304,11 @@ SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
 
 def build_classifier(arch: str, **kwargs) -> CAMClassifier:
     if arch not in CLASSIFIERS:
-        raise ValueError(f"unknown classifier {arch!r}: one of {sorted(CLASSIFIERS)}")
+        raise InputError(f"unknown classifier {arch!r}: one of {sorted(CLASSIFIERS)}")
     return CLASSIFIERS[arch](**kwargs)
 
 
 def build_segmenter(arch: str, **kwargs) -> nn.Module:
     if arch not in SEGMENTERS:
-        raise ValueError(f"unknown segmenter {arch!r}: one of {sorted(SEGMENTERS)}")
+        raise InputError(f"unknown segmenter {arch!r}: one of {sorted(SEGMENTERS)}")
     return SEGMENTERS[arch](**kwargs)

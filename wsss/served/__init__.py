@@ -12,4 +12,11 @@ to those imports.
 
 MODELS = ("preprocess", "postprocess", "refiner")  # copied as model.py
 # Copied beside it:
-HELPERS = ("classical.py", "images.py", "refiners.py", "registry.py", "respond.py")
+HELPERS = (
+    "classical.py",
+    "errors.py",
+    "images.py",
+    "refiners.py",
+    "registry.py",
+    "respond.py",
+)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from .errors import InputError
+
 
 def present_classes(
     scores: np.ndarray, multi_label: bool, threshold, min_score: float = 0.0
@@ -278,7 +280,7 @@ class OnnxSaliency:
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
         if output not in [o.name for o in self.session.get_outputs()]:
-            raise ValueError(f"the saliency model has no output {output!r}")
+            raise InputError(f"the saliency model has no output {output!r}")
         self.output, self.mean, self.std = output, mean, std
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -348,7 +350,7 @@ def saliency_pseudo_mask(
     if doubt == "keep":
         return out
     if doubt not in DOUBTS:
-        raise ValueError(f"refine.saliency_doubt {doubt!r}: one of {', '.join(DOUBTS)}")
+        raise InputError(f"refine.saliency_doubt {doubt!r}: one of {', '.join(DOUBTS)}")
     cam = cams[classes].max(axis=0)
     count, parts = cv2.connectedComponents(fg.astype(np.uint8), connectivity=8)
     reached = np.unique(parts[(cam >= cam_threshold) & fg])

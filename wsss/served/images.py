@@ -14,6 +14,8 @@ import io
 import cv2
 import numpy as np
 
+from .errors import InputError
+
 MAX_ENCODED_BYTES = 64 << 20  # refuse larger uploads before decoding anything
 MAX_SIDE = 16384  # decoded images and requested output sizes stay below this
 # Decoded pixels an image may have, checked from its header before decoding: a 12,000 x
@@ -32,7 +34,7 @@ def _open(data: bytes):
     return Image.open(io.BytesIO(data), formats=FORMATS)
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """Bytes that are not a decodable image, or a size out of range."""
 
 

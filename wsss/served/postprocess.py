@@ -10,6 +10,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from .errors import InputError
 from .images import resize_mask
 from .respond import respond
 
@@ -28,7 +29,7 @@ class TritonPythonModel:
             pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs
         )
         if len({tuple(s) for s in sizes}) > 1:
-            raise ValueError(
+            raise InputError(
                 "images of one request must share a size: "
                 "send differently sized images as separate requests"
             )

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from .errors import InputError
 from .images import MAX_PIXELS, check_pixels, decode_image, header_size, resize_image
 from .respond import respond
 
@@ -37,14 +38,14 @@ class TritonPythonModel:
             try:
                 check_pixels(size, self.max_pixels)
             except ValueError as exc:
-                raise ValueError(f"item {k}: {exc}") from exc
+                raise InputError(f"item {k}: {exc}") from exc
         _same_size(headers)
         images, sizes = [], []
         for k, blob in enumerate(blobs):
             try:
                 image = decode_image(blob, self.max_pixels)
             except ValueError as exc:
-                raise ValueError(f"item {k}: {exc}") from exc
+                raise InputError(f"item {k}: {exc}") from exc
             sizes.append(image.shape[:2])
             images.append(resize_image(image, self.size))
         _same_size(sizes)
@@ -58,7 +59,7 @@ def _same_size(sizes) -> None:
     known = {tuple(s) for s in sizes if s is not None}
     if len(known) > 1:
         shown = ", ".join(f"{w}x{h}" for h, w in sorted(known))
-        raise ValueError(
+        raise InputError(
             f"images of one request must share a size (got {shown}): "
             "send differently sized images as separate requests"
         )

@@ -15,6 +15,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from .errors import InputError
 from .refiners import build_classical
 from .respond import respond
 
@@ -41,11 +42,11 @@ class TritonPythonModel:
             pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs
         )
         if not np.isfinite(cams).all():
-            raise ValueError("CAMS holds NaN or infinite values")
+            raise InputError("CAMS holds NaN or infinite values")
         maps = None
         if self.maps is not None:
             maps = pb_utils.get_input_tensor_by_name(request, self.maps).as_numpy()
             if not np.isfinite(maps).all():
-                raise ValueError(f"{self.maps} holds NaN or infinite values")
+                raise InputError(f"{self.maps} holds NaN or infinite values")
         mask = self.refiner(image, scores, cams, maps=maps)
         return [pb_utils.Tensor(self.output, np.ascontiguousarray(mask, dtype=np.uint8))]

@@ -23,6 +23,7 @@ from .classical import (
     present_classes,
     saliency_pseudo_mask,
 )
+from .errors import InputError
 from .registry import RefinerSpec, builder, register
 
 
@@ -82,7 +83,7 @@ class FixedThreshold(ClassicalRefiner):
     def __init__(self, multi_label: bool, threshold: float = 0.5, **presence):
         super().__init__(multi_label, **presence)
         if not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), not {threshold}")
+            raise InputError(f"threshold must be in (0, 1), not {threshold}")
         self.threshold = threshold
 
     def foreground(self, cam, image):
@@ -118,9 +119,9 @@ class GrabCut:
 
     def __init__(self, iterations: int = 5, sure_fg: float = 0.8, sure_bg: float = 0.05):
         if iterations < 1:
-            raise ValueError("grabcut_iterations must be >= 1")
+            raise InputError("grabcut_iterations must be >= 1")
         if not 0.0 <= sure_bg < sure_fg <= 1.0:
-            raise ValueError("need 0 <= sure_background < sure_foreground <= 1")
+            raise InputError("need 0 <= sure_background < sure_foreground <= 1")
         self.iterations, self.sure_fg, self.sure_bg = iterations, sure_fg, sure_bg
 
     def __call__(self, image, guide, init):
@@ -136,7 +137,7 @@ class ChanVese:
 
     def __init__(self, iterations: int = 15, mu: float = 0.25):
         if iterations < 1:
-            raise ValueError("chanvese_iterations must be >= 1")
+            raise InputError("chanvese_iterations must be >= 1")
         self.iterations, self.mu = iterations, mu
 
     def __call__(self, image, guide, init):
@@ -172,7 +173,7 @@ class AttentionRefiner(Refiner):
     def __init__(self, multi_label: bool, attention, sigma=8.0, kernel=15, **presence):
         super().__init__(multi_label, **presence)
         if sigma < 0 or kernel < 0:
-            raise ValueError("refine.vit_sigma and refine.vit_kernel: >= 0")
+            raise InputError("refine.vit_sigma and refine.vit_kernel: >= 0")
         self.attention, self.sigma, self.kernel = attention, sigma, kernel
 
     def __call__(self, images, scores, cams, features=None, maps=None):
@@ -211,7 +212,7 @@ class SaliencyRefiner(Refiner):
     ):
         super().__init__(multi_label, **presence)
         if doubt not in DOUBTS:
-            raise ValueError(f"refine.saliency_doubt {doubt!r}: one of {', '.join(DOUBTS)}")
+            raise InputError(f"refine.saliency_doubt {doubt!r}: one of {', '.join(DOUBTS)}")
         self.saliency, self.doubt, self.follow = saliency, doubt, follow
         self.cam_threshold, self.sure_fg = cam_threshold, sure_fg
 
@@ -239,10 +240,10 @@ def _vit_maps(runner, images, maps, method: str, what: str) -> np.ndarray:
     """The ViT's maps: given (the served ViT model's), or run here."""
     if maps is not None:
         if len(maps) != len(images):
-            raise ValueError(f"{len(maps)} ViT maps for {len(images)} images")
+            raise InputError(f"{len(maps)} ViT maps for {len(images)} images")
         return maps
     if runner is None:
-        raise ValueError(f"refine.method {method} needs {what} or its maps")
+        raise InputError(f"refine.method {method} needs {what} or its maps")
     return runner(images)
 
 
@@ -316,12 +317,12 @@ def build_classical(
     spec = RefinerSpec.of(settings)
     build = builder(spec.seed, "served")  # training's seed builders wrap these
     if build is None or spec.entry.part != "seed":
-        raise ValueError(f"refine.method {spec.seed!r} is not built from numpy alone")
+        raise InputError(f"refine.method {spec.seed!r} is not built from numpy alone")
     step = None
     if spec.follow is not None:
         make = builder(spec.follow, side)
         if make is None:
-            raise ValueError(
+            raise InputError(
                 f"refine.{spec.follow} runs in training only (its library is not in the "
                 "serving images): serve another refiner with export.refine"
             )

@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .errors import InputError
+
 Part = Literal["seed", "follow"]
 Serving = Literal["network", "python", "training"]
 Side = Literal["served", "training"]
@@ -170,7 +172,7 @@ class RefinerSpec:
         if bad_seed or bad_follow or bad_count:
             can = [n for n in METHODS if REFINERS[n].follow_ups]
             counts = [n for n in FOLLOW_UPS if REFINERS[n].iterations]
-            raise ValueError(
+            raise InputError(
                 f"refiner {str(self)!r}: one of {', '.join(METHODS)}; "
                 f"{', '.join(can)} optionally +{' or +'.join(FOLLOW_UPS)} "
                 f"({', '.join(counts)} with an iteration count, e.g. +{counts[0]}15)"
@@ -191,7 +193,7 @@ class RefinerSpec:
         get = cfg.get if isinstance(cfg, Mapping) else lambda k, d=None: getattr(cfg, k, d)
         on = [f for f in FOLLOW_UPS if get(f)]  # older settings lack the newer switches
         if len(on) > 1:
-            raise ValueError(f"refine.{' and refine.'.join(on)} exclude each other: pick one")
+            raise InputError(f"refine.{' and refine.'.join(on)} exclude each other: pick one")
         if not on:
             return cls(get("method"))
         field = REFINERS[on[0]].iterations
