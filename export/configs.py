@@ -102,9 +102,13 @@ def model_config(
         preferred = [b for b in serving.preferred_batch_sizes if b <= serving.max_batch_size]
         cfg.dynamic_batching.preferred_batch_size.extend(preferred)
         cfg.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_us
-    cfg.instance_group.add(
-        count=serving.instances, kind=getattr(mc.ModelInstanceGroup.Kind, serving.kind)
-    )
+    kind = serving.kind
+    if getattr(serving, "quantize", "none") != "none" and kind == "KIND_AUTO":
+        # An int8 graph is for CPU instances (a GPU has fp32 kernels, not these): on a GPU
+        # server Triton would otherwise place it there. Serve fp32 on the GPU instead with
+        # quantize: none.
+        kind = "KIND_CPU"
+    cfg.instance_group.add(count=serving.instances, kind=getattr(mc.ModelInstanceGroup.Kind, kind))
     if serving.warmup:
         cfg.model_warmup.append(warmup(spec, names, serving.max_batch_size))
     if isinstance(serving, NetworkExportConfig) and fmt == "onnx":

@@ -296,7 +296,10 @@ def _vit(cfg: Config, refiner, role: str) -> ServedViT:
             quantized = {"quantize": "none: KIND_GPU instances keep fp32"}
         else:
             core = quantize_graph(fp32)
-            quantized = {"quantize": "dynamic: int8 weights (ONNX Runtime quantize_dynamic)"}
+            quantized = {
+                "quantize": "dynamic: int8 weights (ONNX Runtime quantize_dynamic), served on "
+                "CPU instances (a GPU server keeps fp32 with export.vit.quantize: none)"
+            }
     graph = served_vit(core, role, cfg.data.image_size)
     images, source = _photos(cfg, QUANTIZE_PHOTOS)
     if images is None:

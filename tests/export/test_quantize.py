@@ -15,7 +15,7 @@ from export.vit import served_vit
 from training.refine import saliency_model
 from wsss.config import Config, RefineConfig, load_config
 from wsss.served.classical import OnnxMaps, OnnxSaliency, otsu_foreground
-from wsss.tensors import SALIENCY
+from wsss.tensors import SALIENCY, VIT, served_models
 
 
 def tiny_saliency() -> bytes:
@@ -157,3 +157,22 @@ def test_quantized_bench_report_states_the_targets_ratios():
     )
     assert "p50 at concurrency 1 = 0.75x the fp32 ViT's time" in text
     assert "| int8 (dynamic) | 0.950 | 0.840 | 0.850 |" in text
+
+
+@pytest.mark.parametrize(
+    "kind, quantize, placed",
+    [
+        ("KIND_AUTO", "dynamic", "KIND_CPU"),  # int8 kernels are the CPU's
+        ("KIND_AUTO", "none", "KIND_AUTO"),  # fp32: the GPU where there is one
+        ("KIND_GPU", "none", "KIND_GPU"),
+    ],
+)
+def test_an_int8_vit_is_placed_on_cpu_instances(kind, quantize, placed):
+    from tritonclient.grpc.model_config_pb2 import ModelInstanceGroup
+
+    from export.configs import model_config
+
+    cfg = load_config(None, [f"export.vit.kind={kind}", f"export.vit.quantize={quantize}"])
+    spec = served_models(32, 2, 2, vit=SALIENCY)[VIT]
+    config = model_config(spec, "onnx", cfg.export.vit, [1])
+    assert ModelInstanceGroup.Kind.Name(config.instance_group[0].kind) == placed
