@@ -21,10 +21,10 @@ from tqdm import tqdm
 from experiments.levelset_study import CHANVESE_ITERATIONS
 from export.onnx_export import export_onnx
 from training.evaluate import load_test_set
-from training.levelset.model import ServedLevelSet
+from training.levelset.model import LevelSetGraph
 from training.levelset.train import load_levelset
 from training.models.common import to_pixels
-from training.pipeline import ServedClassifier, one_hot
+from training.pipeline import ClassifierGraph, one_hot
 from training.refine import build_refiner, seeded
 from wsss.config import Config
 from wsss.served.images import resize_image
@@ -57,9 +57,9 @@ def refiner_speed(cfg: Config, size: int | None = None, images: int = 8, repeat:
     size = size or cfg.data.image_size
     net, head, meta = load_levelset(Path(cfg.runs) / LEVELSET.checkpoint)
     multi = get_task(meta["classifier"]["task"]).multi_label
-    classifier = ServedClassifier(net, multi, True, cfg.classifier.cam_method).eval()
+    classifier = ClassifierGraph(net, multi, True, cfg.classifier.cam_method).eval()
     refine = cfg.refine
-    levelset = ServedLevelSet(head, multi, refine.score_threshold, refine.min_score).eval()
+    levelset = LevelSetGraph(head, multi, refine.score_threshold, refine.min_score).eval()
     samples = [resize_image(img, (size, size)) for img in data.images[:images]]
     labels = [data.samples[i].labels for i in range(len(samples))]
     start = seeded(cfg.refine, cfg.levelset.seed)

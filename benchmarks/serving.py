@@ -251,7 +251,7 @@ def parallel_rows(
 
 
 @dataclass(frozen=True)
-class ServedRun:
+class ServerRun:
     what: str
     model: str
     protocol: str
@@ -260,10 +260,10 @@ class ServedRun:
 
 
 SERVED_RUNS = (
-    ServedRun(f"{SERVED}, gRPC", PIPELINE, "grpc"),
-    ServedRun(f"{SERVED}, HTTP", PIPELINE, "http"),
-    ServedRun(f"{SERVED}, gRPC + system shm", PIPELINE, "grpc", "system"),
-    ServedRun(
+    ServerRun(f"{SERVED}, gRPC", PIPELINE, "grpc"),
+    ServerRun(f"{SERVED}, HTTP", PIPELINE, "http"),
+    ServerRun(f"{SERVED}, gRPC + system shm", PIPELINE, "grpc", "system"),
+    ServerRun(
         "served wsss_pipeline_bytes (real images), gRPC", PIPELINE_BYTES, "grpc", "none", True
     ),
 )
@@ -275,7 +275,7 @@ def served_rows(
     photos: list[np.ndarray],
     settings: PerfSettings,
     batches: tuple[int, ...] = (),
-    runs: tuple[ServedRun, ...] = SERVED_RUNS,
+    runs: tuple[ServerRun, ...] = SERVED_RUNS,
 ) -> list[Row]:
     """Every run at every concurrency level of ``settings``, then ``wsss_pipeline`` over gRPC
     at each of ``batches`` (concurrency 1), each with Triton's per-model statistics."""

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from training.evaluate import evaluate, figure_rows, load_test_set, spread, write_report
-from training.levelset.model import LevelSetHead, ServedLevelSet
+from training.levelset.model import LevelSetGraph, LevelSetHead
 from training.levelset.train import head_kwargs
 from training.pipeline import (
+    ClassifierGraph,
     Pipeline,
-    ServedClassifier,
     load_model,
     refine_step,
     resolved_refine,
@@ -96,7 +96,7 @@ def run_levelset_study(cfg: Config, train: bool = True) -> str:
     train_set = None
     ls = cfg.levelset
 
-    def trained(folder: str, **changes) -> tuple[ServedClassifier, Pipeline]:
+    def trained(folder: str, **changes) -> tuple[ClassifierGraph, Pipeline]:
         """The level set trained under ``out/folder`` with these levelset changes."""
         nonlocal train_set
         runs = out / folder
@@ -150,11 +150,11 @@ def untrained_levelset(cfg: Config, meta: dict) -> Pipeline:
     """The level-set refiner as it starts, before any training: the row training must beat."""
     net, _ = load_model(Path(cfg.runs) / "classifier" / "best.pt")
     multi = get_task(meta["task"]).multi_label
-    served = ServedClassifier(net, multi, True, cfg.classifier.cam_method, meta["class_names"])
+    served = ClassifierGraph(net, multi, True, cfg.classifier.cam_method, meta["class_names"])
     torch.manual_seed(cfg.train.seed)
     kwargs = head_kwargs(cfg.levelset, net.fc.in_features, net.num_classes, cfg.data.image_size)
     refine = resolved_refine(cfg, meta)
-    module = ServedLevelSet(LevelSetHead(**kwargs), multi, refine.score_threshold, refine.min_score)
+    module = LevelSetGraph(LevelSetHead(**kwargs), multi, refine.score_threshold, refine.min_score)
     return Pipeline(served.eval(), None, LevelSetRefiner(module))
 
 

@@ -22,7 +22,7 @@ import yaml
 from tqdm import tqdm
 
 from training.evaluate import evaluate
-from training.pipeline import Pipeline, ServedClassifier, load_model, refine_step
+from training.pipeline import ClassifierGraph, Pipeline, load_model, refine_step
 from training.refine import build_refiner, seeded
 from wsss.config import Config, load_config, with_overrides
 from wsss.errors import InputError
@@ -84,7 +84,7 @@ def cross_validate(
         net, meta = load_model(classifier_path)
         multi = get_task(meta["task"]).multi_label
         start = seeded(cfg.refine, seed)
-        served = ServedClassifier(net, multi, False, cfg.classifier.cam_method, meta["class_names"])
+        served = ClassifierGraph(net, multi, False, cfg.classifier.cam_method, meta["class_names"])
         grabcut = dataclasses.replace(cfg.refine.only(start.method), grabcut=True)
         pipes = {
             SEED.format(seed=seed): Pipeline(served.eval(), None, build_refiner(start, multi)),

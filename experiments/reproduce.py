@@ -38,7 +38,7 @@ from training import stages
 from training.data.dataset import WSSSDataset
 from training.data.synth import SynthOptions, ensure_synth
 from training.evaluate import Evaluation, evaluate, load_test_set, markdown_table, spread
-from training.pipeline import Pipeline, ServedSegmenter, load_model, refine_step
+from training.pipeline import Pipeline, SegmenterGraph, load_model, refine_step
 from wsss.config import (
     CAM_LABELS,
     CAM_METHODS,
@@ -284,7 +284,7 @@ def _run_once(
                 tqdm.write(f"reproduce {bench}: {seg_name} on {source.label}")
                 stages.train_segmenter(c, train_set, masks, supervised=source.spec == TRUTH)
             net, _ = load_model(out / "best.pt")
-            pipes[f"{seg_name} {source.spec}"] = Pipeline(None, ServedSegmenter(net).eval(), None)
+            pipes[f"{seg_name} {source.spec}"] = Pipeline(None, SegmenterGraph(net).eval(), None)
             row = {"source": source.label, "segmenter": seg_name, "spec": source.spec}
             row["train_seconds"] = round(_train_seconds(out), 1)
             if pseudo_seconds is not None:

@@ -34,9 +34,9 @@ from training.evaluate import (
     write_report,
 )
 from training.pipeline import (
+    ClassifierGraph,
     Pipeline,
-    ServedClassifier,
-    ServedSegmenter,
+    SegmenterGraph,
     load_model,
     pipeline_from_config,
     refine_step,
@@ -59,7 +59,7 @@ def supervised_pipeline(runs: str | Path) -> Pipeline | None:
     path = Path(runs) / "supervised" / "best.pt"
     if not path.exists():
         return None
-    return Pipeline(None, ServedSegmenter(load_model(path)[0]).eval(), None)
+    return Pipeline(None, SegmenterGraph(load_model(path)[0]).eval(), None)
 
 
 def segmenter_label(cfg: Config) -> str:
@@ -167,7 +167,7 @@ def cam_study(cfg: Config) -> str:
         multi = get_task(meta["task"]).multi_label
         base = resolved_refine(cfg, meta)  # with the classifier's own score thresholds
         for cam in cfg.evaluate.cam_methods:
-            served = ServedClassifier(net, multi, False, cam, meta["class_names"]).eval()
+            served = ClassifierGraph(net, multi, False, cam, meta["class_names"]).eval()
             stem = run.name if "[" in who else who.split()[0]
             columns = figures.setdefault(f"{stem}_{cam}", [])
             for spec in specs:
@@ -194,7 +194,7 @@ def cam_study(cfg: Config) -> str:
         supervised = supervised or supervised_pipeline(run)
         if "vit" in specs and VIT not in pipes:  # no classifier: one row for the study
             refiner = build_refiner(parse_refiner("vit", base), multi)
-            served = ServedClassifier(net, multi, False, "cam", meta["class_names"]).eval()
+            served = ClassifierGraph(net, multi, False, "cam", meta["class_names"]).eval()
             pipes[VIT] = Pipeline(served, None, refiner)
             labels[VIT] = {"classifier": "-", "CAM": "-", "refiner": VIT}
     supervised = supervised or supervised_pipeline(cfg.runs)

@@ -42,7 +42,7 @@ from export.torchscript_export import check_torchscript_parity, export_torchscri
 from export.vit import served_vit
 from training.pipeline import (
     PassThroughSegmenter,
-    ServedSegmenter,
+    SegmenterGraph,
     load_model,
     refine_step,
     resolved_refine,
@@ -149,7 +149,7 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
     )
     networks: dict[str, nn.Module] = {
         CLASSIFIER: classifier,
-        SEGMENTER: segmenter if passthrough else ServedSegmenter(segmenter),
+        SEGMENTER: segmenter if passthrough else SegmenterGraph(segmenter),
     }
     params = {PREPROCESS: {"max_pixels": str(cfg.export.max_image_pixels)}}
     if network_refiner:
@@ -244,7 +244,7 @@ def _write_python_model(name: str, version_dir: Path) -> None:
 
 
 @dataclass
-class ServedViT:
+class ExportedViT:
     """The ViT model's graph, its agreement with the in-process ViT, and what was quantized."""
 
     graph: bytes
@@ -276,7 +276,7 @@ def _refuse_quantize(cfg: Config, vit_map: str | None) -> None:
         )
 
 
-def _vit(cfg: Config, refiner, role: str) -> ServedViT:
+def _vit(cfg: Config, refiner, role: str) -> ExportedViT:
     """The ViT model that gives ``role`` (SALIENCY or ATTENTION): the refiner's ViT with its
     pre- and post-processing in the graph (``export.vit``), int8 where
     ``export.vit.quantize`` asks (CPU instances), checked against the in-process fp32 ViT on
@@ -318,7 +318,7 @@ def _vit(cfg: Config, refiner, role: str) -> ServedViT:
     parity = {"max_abs_error": agreement["max_abs_map"], "mask_mismatch": 1 - agreement["mask_iou"]}
     if core is not fp32:
         quantized |= {"model": VIT, "photos": source} | agreement
-    return ServedViT(graph, parity, quantized)
+    return ExportedViT(graph, parity, quantized)
 
 
 def _photos(cfg: Config, count: int) -> tuple[np.ndarray | None, str]:

@@ -1,6 +1,6 @@
 """The served pipeline, in process: the reference every exported model is checked against.
 
-``ServedClassifier`` and ``ServedSegmenter`` are exactly the graphs that get exported: uint8
+``ClassifierGraph`` and ``SegmenterGraph`` are exactly the graphs that get exported: uint8
 NHWC pixels in, the tensors of ``wsss.tensors`` out (``PassThroughSegmenter``, the segmenter
 of ``segmenter.arch: passthrough``, reads PSEUDO_MASK instead). ``Pipeline`` chains them with a
 refiner as the Triton ensemble does.
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from training.cams import CAM_METHODS
-from training.levelset.model import ServedLevelSet
+from training.levelset.model import LevelSetGraph
 from training.levelset.train import load_levelset
 from training.loop import load_checkpoint
 from training.models import build_classifier, build_segmenter
@@ -32,7 +32,7 @@ from wsss.task import get_task
 from wsss.tensors import CAMS, PSEUDO_MASK, SCORES, SEG_PROBS, SEGMENTATION
 
 
-class ServedClassifier(nn.Module):
+class ClassifierGraph(nn.Module):
     """IMAGE -> SCORES, CAMS (and FEATURES, the backbone's map, for refiners that read it)."""
 
     def __init__(
@@ -60,7 +60,7 @@ class ServedClassifier(nn.Module):
         return (scores, cams, feats) if self.features else (scores, cams)
 
 
-class ServedSegmenter(nn.Module):
+class SegmenterGraph(nn.Module):
     """IMAGE -> SEG_PROBS (the trained segmenter's softmax), SEGMENTATION (its argmax)."""
 
     def __init__(self, net: nn.Module):
@@ -93,12 +93,12 @@ class PassThroughSegmenter(nn.Module):
         return probs, masks.clone()
 
 
-class ServedPassThrough:
+class InProcessPassThrough:
     """A pass-through segmenter on images, in process: the PSEUDO_MASK the ensemble makes of
     them (the classifier's predictions, refined) through ``module``. Scored, it is the
     served segmentation; exported, only ``module`` is."""
 
-    def __init__(self, classifier: ServedClassifier, refiner: Refiner, module: nn.Module):
+    def __init__(self, classifier: ClassifierGraph, refiner: Refiner, module: nn.Module):
         self.source = Pipeline(classifier, None, refiner)
         self.module = module
 
@@ -180,8 +180,8 @@ def mask_values(data_names: Sequence[str], class_names: Sequence[str] | None) ->
 class Pipeline:
     """Classifier -> refiner -> segmenter, as the ``wsss_pipeline`` ensemble runs them."""
 
-    classifier: ServedClassifier | None
-    segmenter: ServedSegmenter | ServedPassThrough | None
+    classifier: ClassifierGraph | None
+    segmenter: SegmenterGraph | InProcessPassThrough | None
     refiner: Refiner | None
 
     @property
@@ -226,7 +226,7 @@ class Pipeline:
     ) -> tuple[np.ndarray, np.ndarray]:
         """SEG_PROBS and SEGMENTATION of uint8 [B, H, W, 3]; a pass-through segmenter reads
         ``pseudo`` where given (the PSEUDO_MASK already made of these images, as served)."""
-        if pseudo is not None and isinstance(self.segmenter, ServedPassThrough):
+        if pseudo is not None and isinstance(self.segmenter, InProcessPassThrough):
             probs, seg = self.segmenter.module(torch.from_numpy(pseudo))
         else:
             probs, seg = self.segmenter(torch.from_numpy(np.ascontiguousarray(images)))
@@ -258,7 +258,7 @@ def resolved_refine(cfg, meta: dict):
     return dataclasses.replace(cfg.refine, score_threshold=list(thresholds))
 
 
-def refine_step(cfg, binary: bool | None = None) -> tuple[ServedClassifier, Refiner, dict]:
+def refine_step(cfg, binary: bool | None = None) -> tuple[ClassifierGraph, Refiner, dict]:
     """The served classifier and refiner the config names, and the classifier's metadata
     (task, class names), from the run's checkpoints: the one place that reads them.
 
@@ -273,13 +273,13 @@ def refine_step(cfg, binary: bool | None = None) -> tuple[ServedClassifier, Refi
         meta = ls_meta["classifier"]
         multi = get_task(meta["task"]).multi_label
         refine = resolved_refine(cfg, meta)
-        levelset = ServedLevelSet(head, multi, refine.score_threshold, refine.min_score)
+        levelset = LevelSetGraph(head, multi, refine.score_threshold, refine.min_score)
     else:
         net, meta = load_model(runs / "classifier" / "best.pt")
         multi = get_task(meta["task"]).multi_label
         refine = resolved_refine(cfg, meta)
     refiner = build_refiner(refine, multi, binary, levelset)
-    served = ServedClassifier(
+    served = ClassifierGraph(
         net, multi, refiner.needs_features, cfg.classifier.cam_method, meta["class_names"]
     )
     return served.eval(), refiner, meta
@@ -291,7 +291,7 @@ def pipeline_from_config(cfg, segmenter: bool = True) -> Pipeline:
     if segmenter:
         net, _ = load_model(Path(cfg.runs) / "segmenter" / "best.pt")
         if isinstance(net, PassThroughSegmenter):
-            seg = ServedPassThrough(classifier, refiner, net)
+            seg = InProcessPassThrough(classifier, refiner, net)
         else:
-            seg = ServedSegmenter(net).eval()
+            seg = SegmenterGraph(net).eval()
     return Pipeline(classifier, seg, refiner)

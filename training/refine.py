@@ -19,7 +19,7 @@ model runs too; this module adds the networks and the dense CRF, registered agai
 entries of the one refiner table (``wsss.served.registry``), and ``build_refiner``. ``served_as``
 says how the repository serves each: ``python`` (the Python refiner model) or ``network`` (an
 exported graph, ``module``): the fixed and Otsu thresholds, with nothing after them, are the
-``ServedThreshold`` graph.
+``ThresholdGraph`` graph.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ __all__ = [
     "Refiner",
     "SaliencyRefiner",
     "SeededRefiner",
-    "ServedThreshold",
+    "ThresholdGraph",
     "build_refiner",
     "saliency_model",
     "served_settings",
@@ -125,7 +125,7 @@ def otsu_thresholds(maps: torch.Tensor, nbins: int = 256) -> torch.Tensor:
     return centres.gather(1, variance.argmax(dim=1, keepdim=True))[:, 0]
 
 
-class ServedThreshold(nn.Module):
+class ThresholdGraph(nn.Module):
     """The fixed or Otsu refiner as a graph: IMAGE, SCORES, CAMS -> PSEUDO_MASK.
 
     Equal to ``FixedThreshold`` / ``OtsuThreshold`` (Otsu's threshold within one histogram
@@ -163,7 +163,7 @@ class ServedThreshold(nn.Module):
 class LevelSetRefiner(Refiner):
     """Paper 003's FNO level-set refiner: a trained network (``training.levelset``).
 
-    ``module`` is the graph the repository serves (``ServedLevelSet``: IMAGE, SCORES, CAMS,
+    ``module`` is the graph the repository serves (``LevelSetGraph``: IMAGE, SCORES, CAMS,
     FEATURES -> PSEUDO_MASK); this class runs it on numpy batches like any refiner.
     """
 
@@ -190,7 +190,7 @@ class LevelSetRefiner(Refiner):
 def _threshold(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
     refiner = build_classical(dataclasses.asdict(cfg), multi_label, binary, side="training")
     if RefinerSpec.of(cfg).follow is None:  # nothing after it: served as a graph
-        refiner.served_as, refiner.module = "network", ServedThreshold(refiner).eval()
+        refiner.served_as, refiner.module = "network", ThresholdGraph(refiner).eval()
     return refiner
 
 
@@ -265,9 +265,9 @@ def build_refiner(
 ) -> Refiner:
     """The refiner a RefineConfig describes, built as its registry entry says.
 
-    ``levelset`` is the trained ``ServedLevelSet`` that ``refine.method: levelset`` needs
+    ``levelset`` is the trained ``LevelSetGraph`` that ``refine.method: levelset`` needs
     (``training.pipeline.refine_step`` loads it from the run's checkpoint). A fixed or Otsu
-    threshold with nothing after it is served as its graph (``ServedThreshold``).
+    threshold with nothing after it is served as its graph (``ThresholdGraph``).
     """
     spec = RefinerSpec.of(cfg)
     refiner = builder(spec.seed, "training")(cfg, multi_label, binary, levelset)

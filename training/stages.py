@@ -24,9 +24,9 @@ from training.metrics import label_f1
 from training.models import build_classifier, build_segmenter
 from training.models.imagenet import imagenet_class_names, parse_class_groups
 from training.pipeline import (
+    ClassifierGraph,
     PassThroughSegmenter,
     Pipeline,
-    ServedClassifier,
     load_model,
     mask_values,
     refine_step,
@@ -233,7 +233,7 @@ def choose_thresholds(cfg: Config, data: WSSSDataset, model, meta: dict, kwargs)
             fold_model = _fit_classifier(
                 cfg, fold, data, rest[tr], rest[va], meta, f"classifier/folds/{k}"
             )
-        served = ServedClassifier(fold_model.eval(), multi_label=True).eval()
+        served = ClassifierGraph(fold_model.eval(), multi_label=True).eval()
         with torch.inference_mode():
             for start in range(0, len(held), cfg.train.batch_size):
                 idx = held[start : start + cfg.train.batch_size]
@@ -285,7 +285,7 @@ def seed_masks(cfg: Config, classifier: nn.Module, data: WSSSDataset, names: lis
     needs all of them (its sampler draws from the whole set), none computes them all.
     """
     multi = cfg.data.kind.multi_label
-    served = ServedClassifier(classifier, multi, cam_method=cfg.classifier.cam_method).eval()
+    served = ClassifierGraph(classifier, multi, cam_method=cfg.classifier.cam_method).eval()
     seed = seeded(cfg.refine, cfg.levelset.seed)
     pipe = Pipeline(served, None, build_refiner(seed, multi, binary=False))
     bs = cfg.train.batch_size

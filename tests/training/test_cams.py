@@ -15,7 +15,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from export.onnx_export import check_parity, export_onnx
 from training.cams import CAM_METHODS
 from training.models import build_classifier
-from training.pipeline import ServedClassifier
+from training.pipeline import ClassifierGraph
 from wsss.tensors import CLASSIFIER, served_models
 
 TOL = 1e-4
@@ -88,7 +88,7 @@ def test_methods_differ_where_they_should():
 def test_each_method_exports_with_parity(method, tmp_path):
     net = _classifier("resnet18")
     net.cam_method = method
-    module = ServedClassifier(net, multi_label=False).eval()
+    module = ClassifierGraph(net, multi_label=False).eval()
     spec = served_models(48, 4, 2)[CLASSIFIER]
     sample = (torch.randint(0, 256, (2, 48, 48, 3), dtype=torch.uint8),)
     path = export_onnx(module, spec, sample, tmp_path / "m.onnx")

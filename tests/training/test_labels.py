@@ -156,12 +156,12 @@ def test_imagenet_head_without_groups_is_refused_for_class_index_masks():
 
 def test_unknown_cam_methods_are_clear_errors():
     from training.models import build_classifier
-    from training.pipeline import ServedClassifier
+    from training.pipeline import ClassifierGraph
     from wsss.config import ConfigError, load_config
 
     net = build_classifier("resnet18", num_classes=2)
     with pytest.raises(ValueError, match=re.escape("unknown CAM method 'gradcam+'")):
-        ServedClassifier(net, False, cam_method="gradcam+")
+        ClassifierGraph(net, False, cam_method="gradcam+")
     with pytest.raises(ConfigError, match="cam_methods"):
         load_config(None, ["evaluate.cam_methods=[cam, scorecam]"])
 

@@ -18,7 +18,7 @@ from training import stages
 from training.data.dataset import WSSSDataset
 from training.data.layouts import list_samples, read_class_names
 from training.evaluate import evaluate
-from training.pipeline import Pipeline, ServedClassifier, load_model, refine_step
+from training.pipeline import ClassifierGraph, Pipeline, load_model, refine_step
 from training.refine import build_refiner
 from wsss.config import load_config
 
@@ -72,7 +72,7 @@ def few_photos(real_pets, tmp_path_factory):
     """That classifier trained, and the test photos."""
     cfg, train, test = _few(real_pets, tmp_path_factory.mktemp("real") / "runs", 16)
     net = stages.train_classifier(cfg, train)
-    return cfg, ServedClassifier(net, multi_label=False).eval(), test
+    return cfg, ClassifierGraph(net, multi_label=False).eval(), test
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from export.repository import _vit
-from training.levelset.model import LevelSetHead, ServedLevelSet
+from training.levelset.model import LevelSetGraph, LevelSetHead
 from training.refine import build_refiner, served_settings
 from wsss import config as wsss_config
 from wsss.config import Config, RefineConfig
@@ -97,10 +97,10 @@ def test_one_spelling_round_trips_through_config_and_cli_overrides():
     assert str(RefinerSpec.of(again.refine)) == "fixed+chanvese15"
 
 
-def _levelset(k: int, size: int, multi_label: bool) -> ServedLevelSet:
+def _levelset(k: int, size: int, multi_label: bool) -> LevelSetGraph:
     torch.manual_seed(0)
     head = LevelSetHead(FEATURES, k, size, hidden=8, modes=4, layers=2).eval()
-    return ServedLevelSet(head, multi_label).eval()
+    return LevelSetGraph(head, multi_label).eval()
 
 
 def _refiner(text: str, k: int, size: int, multi_label: bool):

@@ -7,7 +7,7 @@
   class by SE channel attention, a 1x1 linear path beside it, GELU between layers and a
   residual linear path from the initial level sets, so level sets of different classes
   exchange information while they evolve.
-- ``LevelSetHead`` chains both; ``ServedLevelSet`` is the graph the repository serves as the
+- ``LevelSetHead`` chains both; ``LevelSetGraph`` is the graph the repository serves as the
   refine step: image, class scores, CAMs and features in, a pseudo-mask out.
 
 Level sets are negative inside an object (see ``training.levelset.energy``).
@@ -186,7 +186,7 @@ def levelset_mask(phi: torch.Tensor, present: torch.Tensor, binary: bool) -> tor
     return claim_mask((phi < 0) & present[:, :, None, None], -phi, binary)
 
 
-class ServedLevelSet(nn.Module):
+class LevelSetGraph(nn.Module):
     """The refine step as served: IMAGE, SCORES, CAMS, FEATURES -> PSEUDO_MASK.
 
     The ensemble computes CAMS and FEATURES from uint8 pixels, so they are finite. A client

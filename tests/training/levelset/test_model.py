@@ -11,8 +11,8 @@ from export.onnx_export import check_parity, export_onnx
 from training.levelset.energy import cam_weighted, chan_vese_energy, weighted_chan_vese_energy
 from training.levelset.model import (
     FNOGroup,
+    LevelSetGraph,
     LevelSetHead,
-    ServedLevelSet,
     levelset_mask,
     present_classes_mask,
 )
@@ -185,7 +185,7 @@ def test_served_refiner_exports_with_parity(tmp_path, multi_label):
     torch.manual_seed(0)
     k, size = 5, 32
     head = LevelSetHead(16, k, size, hidden=8, modes=6, layers=4).eval()
-    served = ServedLevelSet(head, multi_label).eval()
+    served = LevelSetGraph(head, multi_label).eval()
     spec = served_models(size, k, k + 1, (16, 4, 4))[REFINER]
 
     def sample(b):

@@ -8,7 +8,7 @@ import torch
 from export.onnx_export import check_parity, export_onnx
 from export.parity import ParityError
 from training.models import CLASSIFIERS, SEGMENTERS, build_classifier, build_segmenter
-from training.pipeline import ServedClassifier, ServedSegmenter
+from training.pipeline import ClassifierGraph, SegmenterGraph
 from wsss.tensors import CLASSIFIER, SEGMENTER, served_models
 
 # (family, registry name, a label) -> the arguments that make it small but real. Untrained
@@ -98,7 +98,7 @@ def test_export_parity_with_dynamic_batch(key, tmp_path):
     family = key[0]
     net = _build(key).eval()
     module = (
-        ServedClassifier(net, multi_label=False) if family == CLASSIFIER else ServedSegmenter(net)
+        ClassifierGraph(net, multi_label=False) if family == CLASSIFIER else SegmenterGraph(net)
     ).eval()
     spec = served_models(48, 3, 3)[family]
     sample = (torch.randint(0, 256, (2, 48, 48, 3), dtype=torch.uint8),)
@@ -118,8 +118,8 @@ def test_output_stride_16_doubles_the_cam_resolution():
 
 def _served(family):
     if family == CLASSIFIER:
-        return ServedClassifier(build_classifier("resnet18", num_classes=4), multi_label=True)
-    return ServedSegmenter(build_segmenter("unet", num_classes=3, base_channels=4, depth=2))
+        return ClassifierGraph(build_classifier("resnet18", num_classes=4), multi_label=True)
+    return SegmenterGraph(build_segmenter("unet", num_classes=3, base_channels=4, depth=2))
 
 
 def test_parity_failure_is_loud(tmp_path):
@@ -176,7 +176,7 @@ def test_efficientnet_lite0_imagenet_head_names_real_photos():
     net = build_classifier(
         "efficientnet_lite0", num_classes=1000, pretrained=True, head="imagenet"
     ).eval()
-    served = ServedClassifier(net, multi_label=False)
+    served = ClassifierGraph(net, multi_label=False)
     names = imagenet_class_names()
     for photo, want in (("chelsea", "Egyptian cat"), ("coffee", "espresso")):
         with torch.no_grad():

@@ -12,7 +12,7 @@ from export.configs import build_configs, parse
 from export.onnx_export import check_parity, export_onnx
 from export.torchscript_export import check_torchscript_parity, export_torchscript
 from tests.conftest import random_export_cfg
-from training.pipeline import PassThroughSegmenter, Pipeline, ServedPassThrough
+from training.pipeline import InProcessPassThrough, PassThroughSegmenter, Pipeline
 from wsss.config import PASSTHROUGH, load_config, with_overrides
 from wsss.tensors import (
     ENSEMBLES,
@@ -114,7 +114,7 @@ def test_the_pipeline_serves_the_refined_mask_as_the_segmentation(passthrough_cf
     from training.pipeline import pipeline_from_config
 
     pipe = pipeline_from_config(passthrough_cfg)
-    assert isinstance(pipe.segmenter, ServedPassThrough)
+    assert isinstance(pipe.segmenter, InProcessPassThrough)
     images = np.random.default_rng(0).integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
     out = pipe(images)
     np.testing.assert_array_equal(out[SEGMENTATION], out[PSEUDO_MASK])

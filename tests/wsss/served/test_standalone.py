@@ -17,7 +17,7 @@ from google.protobuf import json_format
 from export.configs import parse
 from export.repository import export_repository
 from tests.conftest import ROOT, random_export_cfg
-from training.refine import ServedThreshold, build_refiner
+from training.refine import ThresholdGraph, build_refiner
 from wsss.config import RefineConfig
 from wsss.served import HELPERS, MODELS
 from wsss.served.classical import OnnxMaps
@@ -201,6 +201,6 @@ def test_served_threshold_matches_numpy_for_several_classes():
             refiner = build_refiner(RefineConfig(method, threshold=0.4), True, binary)
             want = refiner(images, scores, cams)
             with torch.inference_mode():
-                got = ServedThreshold(refiner)(*map(torch.from_numpy, (images, scores, cams)))
+                got = ThresholdGraph(refiner)(*map(torch.from_numpy, (images, scores, cams)))
             assert (got.numpy() != want).mean() <= 0.01
             assert len(np.unique(want)) > (2 if not binary else 1)
