@@ -198,3 +198,16 @@ def test_every_refiner_serves_as_it_trains(text):
     assert (got == expected).mean() >= 0.99
     if not spec.entry.vit:
         np.testing.assert_array_equal(got, expected)
+
+
+def test_settings_of_older_exports_build_the_same_refiner():
+    """A served refiner's settings as exports before the dense CRF wrote them (no crf
+    switch or weights) build the refiner the table names, under the same spelling."""
+    cfg = RefinerSpec.parse("otsu+grabcut").apply(RefineConfig())
+    old = served_settings(cfg)
+    for key in [k for k in old if k.startswith("crf")]:
+        del old[key]
+    refiner = build_classical(old, True)
+    assert refiner.name == "otsu+grabcut"
+    batch = _batch(2, 3, 32, 32, "blob")
+    np.testing.assert_array_equal(refiner(*batch[:3]), build_refiner(cfg, True)(*batch[:3]))
