@@ -28,7 +28,7 @@ from serving.perf import PerfSettings, run_perf_analyzer
 from serving.server import TritonServer
 from training.data.dataset import WSSSDataset
 from training.data.layouts import list_samples
-from training.refine import saliency_model
+from training.torch_refiners import saliency_model
 from wsss.config import load_config, with_overrides
 from wsss.served.classical import OnnxSaliency
 from wsss.served.registry import RefinerSpec

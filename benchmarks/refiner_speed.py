@@ -25,7 +25,7 @@ from training.levelset.model import LevelSetGraph
 from training.levelset.train import load_levelset
 from training.models.common import to_pixels
 from training.pipeline import ClassifierGraph, one_hot
-from training.refine import build_refiner, seeded
+from training.torch_refiners import build_refiner, seeded
 from wsss.config import Config
 from wsss.served.images import resize_image
 from wsss.served.registry import LEVELSET

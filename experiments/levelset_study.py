@@ -26,7 +26,7 @@ from training.pipeline import (
     refine_step,
     resolved_refine,
 )
-from training.refine import LevelSetRefiner, build_refiner, seeded
+from training.torch_refiners import LevelSetRefiner, build_refiner, seeded
 from wsss.config import Config, save_config
 from wsss.errors import InputError
 from wsss.served.registry import CAM_MASKS, LEVELSET

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from training.evaluate import evaluate
 from training.pipeline import ClassifierGraph, Pipeline, load_model, refine_step
-from training.refine import build_refiner, seeded
+from training.torch_refiners import build_refiner, seeded
 from wsss.config import Config, load_config, with_overrides
 from wsss.errors import InputError
 from wsss.task import get_task

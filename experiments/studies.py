@@ -42,7 +42,7 @@ from training.pipeline import (
     refine_step,
     resolved_refine,
 )
-from training.refine import build_refiner
+from training.torch_refiners import build_refiner
 from wsss.config import PASSTHROUGH, Config, RefineConfig, load_config, save_config
 from wsss.errors import InputError
 from wsss.figures import overlay, panel_figure

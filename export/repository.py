@@ -47,7 +47,7 @@ from training.pipeline import (
     refine_step,
     resolved_refine,
 )
-from training.refine import saliency_model, served_settings
+from training.torch_refiners import saliency_model, served_settings
 from wsss import served
 from wsss.config import Config, save_config, served_config
 from wsss.errors import InputError, WsssError

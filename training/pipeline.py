@@ -24,7 +24,7 @@ from training.loop import load_checkpoint
 from training.models import build_classifier, build_segmenter
 from training.models.classifier import CAMClassifier
 from training.models.common import to_pixels
-from training.refine import Refiner, build_refiner
+from training.torch_refiners import Refiner, build_refiner
 from wsss.config import PASSTHROUGH
 from wsss.errors import InputError
 from wsss.served.registry import RefinerSpec

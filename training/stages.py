@@ -32,7 +32,7 @@ from training.pipeline import (
     refine_step,
     translate_labels,
 )
-from training.refine import build_refiner, present_classes_mask, seeded
+from training.torch_refiners import build_refiner, present_classes_mask, seeded
 from wsss.config import DEFAULT_STAGES, PASSTHROUGH, STAGES, Config, RefineConfig, save_config
 from wsss.errors import InputError
 from wsss.served.registry import RefinerSpec

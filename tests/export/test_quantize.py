@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from export.quantize import is_quantized, map_agreement, quantize_graph
 from export.repository import ExportError, _refuse_quantize, _vit
 from export.vit import served_vit
-from training.refine import saliency_model
+from training.torch_refiners import saliency_model
 from wsss.config import Config, RefineConfig, load_config
 from wsss.served.classical import OnnxMaps, OnnxSaliency, otsu_foreground
 from wsss.tensors import SALIENCY, VIT, served_models

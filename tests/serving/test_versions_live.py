@@ -18,7 +18,7 @@ from serving.client import PipelineClient
 from serving.server import TritonServer
 from tests.conftest import random_export_cfg
 from training.pipeline import pipeline_from_config
-from training.refine import build_refiner
+from training.torch_refiners import build_refiner
 from wsss.config import RefineConfig, load_config, served_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]

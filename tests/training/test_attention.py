@@ -51,7 +51,7 @@ def test_a_timm_vit_from_a_checkpoint(tmp_path):
 
 
 def test_vit_refiner_masks_the_present_class():
-    from training.refine import build_refiner
+    from training.torch_refiners import build_refiner
     from wsss.config import RefineConfig
 
     images = _photos()

@@ -10,7 +10,7 @@ import torch
 
 from training.metrics import average_precision
 from training.pipeline import Pipeline, mask_values, translate_labels
-from training.refine import OtsuThreshold, present_classes
+from training.torch_refiners import OtsuThreshold, present_classes
 
 DATA = ["bear", "cat", "dog", "person"]
 
@@ -52,7 +52,7 @@ def test_an_image_labelled_with_no_class_gets_an_empty_mask():
 
 
 def test_present_classes_mask_is_the_graph_form_of_present_classes():
-    from training.refine import present_classes_mask
+    from training.torch_refiners import present_classes_mask
 
     rng = np.random.default_rng(0)
     scores = rng.random((200, 5)).astype(np.float32) ** 3
@@ -69,7 +69,7 @@ def test_present_classes_mask_is_the_graph_form_of_present_classes():
 def test_per_class_thresholds_in_both_forms():
     """One threshold per class: the numpy and graph forms agree, and each class is cut at
     its own threshold (a class that no other threshold would keep is kept)."""
-    from training.refine import present_classes_mask
+    from training.torch_refiners import present_classes_mask
 
     rng = np.random.default_rng(1)
     scores = rng.random((100, 4)).astype(np.float32)

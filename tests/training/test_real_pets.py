@@ -19,7 +19,7 @@ from training.data.dataset import WSSSDataset
 from training.data.layouts import list_samples, read_class_names
 from training.evaluate import evaluate
 from training.pipeline import ClassifierGraph, Pipeline, load_model, refine_step
-from training.refine import build_refiner
+from training.torch_refiners import build_refiner
 from wsss.config import load_config
 
 pytestmark = pytest.mark.realdata

@@ -20,7 +20,7 @@ import torch
 
 from export.repository import _vit
 from training.levelset.model import LevelSetGraph, LevelSetHead
-from training.refine import build_refiner, served_settings
+from training.torch_refiners import build_refiner, served_settings
 from wsss import config as wsss_config
 from wsss.config import Config, RefineConfig
 from wsss.served.classical import OnnxMaps

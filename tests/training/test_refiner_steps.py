@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from training.refine import (
+from training.torch_refiners import (
     ChanVese,
     FixedThreshold,
     Followed,

@@ -21,7 +21,7 @@ from torch import nn
 
 from training.levelset.spectral import SpectralConv2d
 from training.models.common import Normalize, to_pixels
-from training.refine import claim_mask, present_classes_mask
+from training.torch_refiners import claim_mask, present_classes_mask
 from wsss.errors import InputError
 
 

@@ -2,7 +2,7 @@
 Chan-Vese, the ViT-attention and saliency post-processing, and the ONNX Runtime runners of
 the ViT and the saliency model. The refiners built on them are in ``refiners``.
 
-Training (``training.refine``, ``training.attention``) and the served refiner both run this
+Training (``training.torch_refiners``, ``training.attention``) and the served refiner both run this
 module, so a pseudo-mask is made one way. Written here rather than imported because the served
 repository may need nothing beyond numpy, OpenCV, Pillow and ONNX Runtime: ``otsu_threshold``
 is scikit-image's ``threshold_otsu``, ``chan_vese`` is scikit-image's ``chan_vese`` without

@@ -24,7 +24,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        # Written at export by training.refine.served_settings: the RefineConfig's fields.
+        # Written at export by training.torch_refiners.served_settings: the RefineConfig's fields.
         settings = json.loads(params["refine"])
         settings.pop("runners", None)  # exports before the ViT was a model of its own
         multi_label = params["multi_label"] == "true"

@@ -2,7 +2,7 @@
 over the algorithms of ``classical`` (thresholds, GrabCut, Chan-Vese, ViT attention,
 saliency), and the one builder of them from a RefineConfig's fields (``build_classical``).
 
-Training builds them through ``training.refine``'s registry (which adds the level set, a
+Training builds them through ``training.torch_refiners``'s registry (which adds the level set, a
 network, and says how each is served); the served refiner model builds them from the
 settings the exporter writes into its config.pbtxt. Both run this file, so a pseudo-mask is
 made one way; like every module of this package it needs numpy and OpenCV only.
@@ -29,7 +29,7 @@ from .registry import RefinerSpec, builder, register
 
 class Refiner:
     """(images, scores, cams, features, maps) -> uint8 masks [B, H, W]; see
-    ``training.refine``. ``features``: the classifier's feature map (the level set reads
+    ``training.torch_refiners``. ``features``: the classifier's feature map (the level set reads
     it); ``maps``: the ViT's [B, 224, 224] maps (saliency or attention) where the served
     ensemble's ViT model made them, else the refiner runs its own ViT.
 

@@ -13,7 +13,7 @@ from skimage.color import rgb2gray
 from skimage.filters import threshold_otsu
 from skimage.segmentation import chan_vese as skimage_chan_vese
 
-from training.refine import otsu_thresholds
+from training.torch_refiners import otsu_thresholds
 from wsss.served import classical
 
 

@@ -17,7 +17,7 @@ from google.protobuf import json_format
 from export.configs import parse
 from export.repository import export_repository
 from tests.conftest import ROOT, random_export_cfg
-from training.refine import ThresholdGraph, build_refiner
+from training.torch_refiners import ThresholdGraph, build_refiner
 from wsss.config import RefineConfig
 from wsss.served import HELPERS, MODELS
 from wsss.served.classical import OnnxMaps
