@@ -105,8 +105,8 @@ def study_cams(args) -> None:
 
 
 def study_levelset(args) -> None:
-    cfg = _config(args)
     """Paper 003's study; with --variants their cross-validation, with --merge the seeds'."""
+    cfg = _config(args)
     if args.variants:
         from experiments.levelset_tuning import cross_validate, read_variants
 

@@ -29,9 +29,8 @@ LAYOUTS = typing.get_args(Layout)  # training/data/layouts.py's readers, by thes
 @dataclass
 class DataConfig:
     root: str = "data/pets"  # a folder in one of the layouts below
-    task: TaskName = (
-        "pets"  # pets: one label per image, binary masks; voc: multi-label, class masks
-    )
+    # pets: one label per image, binary masks; voc: multi-label, class masks
+    task: TaskName = "pets"
     # pets (Oxford-IIIT Pet), voc (VOC 2012: train / val), voc_aug (VOC's train_aug set with
     # SegmentationClassAug/, tested on val), coco (COCO 2014 or 2017), folder (images/ and a
     # labels.csv). Unset: the task's own (pets or voc). All but pets and folder need task voc.

@@ -2,9 +2,10 @@
 over the algorithms of ``classical`` (thresholds, GrabCut, Chan-Vese, ViT attention,
 saliency), and the one builder of them from a RefineConfig's fields (``build_classical``).
 
-Training builds them through ``training.torch_refiners``'s registry (which adds the level set, a
-network, and says how each is served); the served refiner model builds them from the
-settings the exporter writes into its config.pbtxt. Both run this file, so a pseudo-mask is
+Each class is registered against its entry of the refiner table (``registry``); training
+builds them through ``training.torch_refiners`` (which adds the graphs, the level set and
+the dense CRF), the served refiner model from the settings the exporter writes into its
+config.pbtxt. Both run this file, so a pseudo-mask is
 made one way; like every module of this package it needs numpy and OpenCV only.
 """
 

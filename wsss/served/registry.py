@@ -11,9 +11,9 @@ Each entry says what the part is built from, how the repository serves it, the c
 it needs, its label in tables, and whether it uses more than image labels. The classes are
 registered against the entries by the modules that hold them: ``wsss.served.refiners``
 (numpy and OpenCV, run by training and by the served refiner model alike) and
-``training.torch_refiners`` (torch: the graphs, the level set, the dense CRF). This module imports
-nothing from the project, so the served repository carries it (``wsss.served.HELPERS``)
-and the config and ``wsss --help`` read it without torch.
+``training.torch_refiners`` (torch: the graphs, the level set, the dense CRF). This module
+imports nothing beyond this package (its error type), so the served repository carries it
+(``wsss.served.HELPERS``) and the config and ``wsss --help`` read it without torch.
 """
 
 from __future__ import annotations
