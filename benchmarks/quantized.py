@@ -1,16 +1,19 @@
-"""``wsss bench --quantized``: a profile served with its saliency ViT in fp32 and in int8, side
-by side in one run, on real photos (reports/bench/quantized.md).
+"""``wsss bench --quantized``: a profile served with its saliency ViT in fp32 and in int8, and
+reading smaller images (``--vit-sizes``, ``refine.saliency_size``), side by side in one run,
+on real photos (reports/bench/quantized.md).
 
-Rows: the ViT graph alone in process (batch 1, the two graphs timed in alternating rounds so
-that a busy machine slows both alike), then each repository served in turn by its own Triton
-server: ``wsss_pipeline_bytes`` over gRPC with the photos sent as their files, throughput and
-p50/p95 per concurrency (perf_analyzer), and the quality of its answers on the same photos
-(``served_quality``). The ratios are the serving issue's targets: the best throughput against
-the fp32 ViT's own rate, and p50 at concurrency 1 against the fp32 ViT's time.
+Rows: the ViT graphs alone in process (batch 1, the graphs timed in alternating rounds so
+that a busy machine slows them alike), then each variant exported and served in turn by its
+own Triton server: ``wsss_pipeline_bytes`` over gRPC with the photos sent as their files,
+throughput and p50/p95 per concurrency (perf_analyzer), and the quality of its answers on the
+same photos (``served_quality``). The ratios are the serving issue's targets, against the
+ViT as it came (fp32, 224 px): the best throughput against its own rate, and p50 at
+concurrency 1 against its time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import statistics
@@ -28,26 +31,43 @@ from serving.perf import PerfSettings, run_perf_analyzer
 from serving.server import TritonServer
 from training.data.dataset import WSSSDataset
 from training.data.layouts import list_samples
-from training.torch_refiners import saliency_model
+from training.torch_refiners import saliency_graph
 from wsss.config import load_config, with_overrides
-from wsss.served.classical import OnnxSaliency
+from wsss.served.classical import VIT_SIZE, OnnxSaliency
 from wsss.served.registry import RefinerSpec
 from wsss.tensors import PIPELINE_BYTES
 
 DEFAULT_PHOTOS = Path("../shared/data/oxford-pet-subset")
-KINDS = ("none", "dynamic")  # fp32, int8
+LABEL = {"none": "fp32", "dynamic": "int8"}
+BASELINE = f"fp32, {VIT_SIZE} px, default threads"  # the ViT as it came: the targets' yardstick
 
 
-def vit_times(fp32: bytes, int8: bytes, images: np.ndarray, rounds: int) -> dict[str, list[float]]:
-    """ms per image of each graph at batch 1, alternating a round of each over ``images``:
-    with ONNX Runtime's default threads (a thread per core: the targets' baseline) and with
-    the one thread each served instance runs."""
+def variants(sizes: list[int]) -> list[tuple[str, int]]:
+    """(export.vit.quantize, refine.saliency_size) of each served variant: fp32 and int8 at
+    224 px, then int8 at each other side."""
+    return [("none", VIT_SIZE), ("dynamic", VIT_SIZE)] + [
+        ("dynamic", s) for s in sizes if s != VIT_SIZE
+    ]
+
+
+def variant_label(kind: str, size: int) -> str:
+    return f"{LABEL[kind]}, {size} px"
+
+
+def vit_times(cfg, sizes: list[int], images: np.ndarray, rounds: int) -> dict[str, list[float]]:
+    """ms per image of each graph (fp32 and int8 at each side) at batch 1, alternating a round
+    of each over ``images``: with ONNX Runtime's default threads (a thread per core: the
+    targets' baseline) and with the one thread each served instance runs."""
+    models = {}
+    for size in sizes:
+        fp32 = saliency_graph(dataclasses.replace(cfg.refine, saliency_size=size))
+        models |= {("none", size): fp32, ("dynamic", size): quantize_graph(fp32)}
     graphs = {
-        f"{name}, {'default threads' if threads == 0 else '1 thread'}": OnnxSaliency(
-            model, threads=threads
+        f"{variant_label(kind, size)}, {'default threads' if threads == 0 else '1 thread'}": (
+            OnnxSaliency(model, threads=threads, size=size)
         )
         for threads in (0, 1)
-        for name, model in (("fp32", fp32), ("int8", int8))
+        for (kind, size), model in models.items()
     }
     for graph in graphs.values():  # warm-up
         graph(images[:1])
@@ -74,26 +94,32 @@ def quantized_report(args) -> str:
     # The files as they are (a JPEG each), 16 spread over the list.
     photos = [s.image_path.read_bytes() for s in samples[:: max(1, len(samples) // 16)][:16]]
     out = Path(args.out or "reports/bench")
-    # export/quantize.py: the same call export makes
     work = Path(".cache/bench/quantized")
-    fp32 = saliency_model(cfg.refine).read_bytes()
-    int8 = quantize_graph(fp32)
-    vit = vit_times(fp32, int8, data.images[:20], rounds=3)
+    sizes = sorted({VIT_SIZE, cfg.refine.saliency_size, *args.vit_sizes}, reverse=True)
+    vit = vit_times(cfg, sizes, data.images[:20], rounds=3)
     vit_ms = {k: statistics.median(v) for k, v in vit.items()}
     settings = PerfSettings(
         concurrency=args.concurrency, stability_percent=25, max_trials=8, request_count=64
     )
     served = {}
-    for kind in KINDS:
-        repo = work / kind / "model_repository"
-        variant = with_overrides(cfg, [f"export.repository={repo}", f"export.vit.quantize={kind}"])
+    for kind, size in variants(sizes):
+        name = f"{kind}_{size}"
+        repo = work / name / "model_repository"
+        variant = with_overrides(
+            cfg,
+            [
+                f"export.repository={repo}",
+                f"export.vit.quantize={kind}",
+                f"refine.saliency_size={size}",
+            ],
+        )
         shutil.rmtree(repo, ignore_errors=True)  # this profile's models, exported now
         export_repository(variant)
-        with TritonServer(repo, free_ports(cfg.serve), work / kind / "server") as server:
+        with TritonServer(repo, free_ports(cfg.serve), work / name / "server") as server:
             spec = PipelineClient(server.grpc_url).all_specs[PIPELINE_BYTES]
             results = run_perf_analyzer(spec, server.grpc_url, "grpc", settings, photos)
             quality, meta = served_quality(data, server.grpc_url, concurrency=2)
-        served[kind] = {
+        served[variant_label(kind, size)] = {
             "perf": [
                 {
                     "concurrency": r.concurrency,
@@ -114,9 +140,9 @@ def quantized_report(args) -> str:
 
 
 def _report(cfg, vit_ms: dict, served: dict, images: int, root: Path) -> str:
-    label = {"none": "fp32", "dynamic": "int8 (dynamic)"}
     lines = [
-        "# The default model's saliency ViT in int8: speed and masks, side by side",
+        "# The default model's saliency ViT in int8 and on smaller images: speed and masks, "
+        "side by side",
         "",
         f"Profile `{cfg.runs}`; photos: the {images} test photos of `{root}` (quality) and 16 "
         "of them sent as their files to `wsss_pipeline_bytes` over gRPC, every output asked "
@@ -129,29 +155,34 @@ def _report(cfg, vit_ms: dict, served: dict, images: int, root: Path) -> str:
         "| served ViT | concurrency | images/s | p50 ms | p95 ms |",
         "|---|---:|---:|---:|---:|",
     ]
-    for kind, row in served.items():
+    for name, row in served.items():
         for p in row["perf"]:
             lines.append(
-                f"| {label[kind]} | {p['concurrency']} | {p['images_per_s']:.1f} | "
+                f"| {name} | {p['concurrency']} | {p['images_per_s']:.1f} | "
                 f"{p['p50_ms']:.0f} | {p['p95_ms']:.0f} |"
             )
     lines += ["", "| served ViT | accuracy | pseudo-mask IoU | per image |", "|---|---:|---:|---:|"]
-    for kind, row in served.items():
+    for name, row in served.items():
         q = row["quality"]
         lines.append(
-            f"| {label[kind]} | {q['accuracy']:.3f} | {q['pseudo_iou']:.3f} | "
+            f"| {name} | {q['accuracy']:.3f} | {q['pseudo_iou']:.3f} | "
             f"{q['pseudo_image_iou']:.3f} |"
         )
-    base = vit_ms["fp32, default threads"]
+    base = vit_ms[BASELINE]
     vit_rate = 1e3 / base
-    lines += ["", "Ratios (the serving issue's targets: throughput >= 2.5x, p50 <= 0.6x):", ""]
-    for kind, row in served.items():
+    lines += [
+        "",
+        f"Ratios against the ViT as it came ({BASELINE}; the serving issue's targets: "
+        "throughput >= 2.5x, p50 <= 0.6x):",
+        "",
+    ]
+    for name, row in served.items():
         best = max(p["images_per_s"] for p in row["perf"])
         c1 = [p["p50_ms"] for p in row["perf"] if p["concurrency"] == 1]
         c1_text = f"{c1[0] / base:.2f}x" if c1 else "n/a"
         lines.append(
-            f"- {label[kind]}: best throughput {best:.1f} images/s = "
-            f"{best / vit_rate:.2f}x the fp32 ViT's own rate in process ({vit_rate:.1f}/s, "
-            f"default threads); p50 at concurrency 1 = {c1_text} the fp32 ViT's time"
+            f"- {name}: best throughput {best:.1f} images/s = "
+            f"{best / vit_rate:.2f}x the {VIT_SIZE} px fp32 ViT's own rate in process "
+            f"({vit_rate:.1f}/s, default threads); p50 at concurrency 1 = {c1_text} its time"
         )
     return "\n".join(lines) + "\n"

@@ -546,6 +546,13 @@ BENCH = (
         "--config defaults to configs/serve.yaml)",
     ),
     flag(
+        "--vit-sizes",
+        type=lambda text: [int(s) for s in text.split(",") if s],
+        default=[],
+        help="with --quantized: the int8 ViT also reading images of these sides "
+        "(refine.saliency_size; the profile's own is always measured), e.g. 168,140",
+    ),
+    flag(
         "--out",
         help="with --report: default reports/bench/<profile> (reports/bench for quick), "
         "under reports/bench/gpu on a GPU",

@@ -47,13 +47,13 @@ from training.pipeline import (
     refine_step,
     resolved_refine,
 )
-from training.torch_refiners import saliency_model, served_settings
+from training.torch_refiners import saliency_graph, served_settings
 from wsss import served
 from wsss.config import Config, save_config, served_config
 from wsss.errors import InputError, WsssError
 from wsss.palette import VOC_PALETTE
 from wsss.served import HELPERS
-from wsss.served.classical import OnnxAttention, OnnxMaps, OnnxSaliency
+from wsss.served.classical import VIT_SIZE, OnnxAttention, OnnxMaps, OnnxSaliency
 from wsss.served.registry import RefinerSpec
 from wsss.tensors import (
     CLASSIFIER,
@@ -284,9 +284,11 @@ def _vit(cfg: Config, refiner, role: str) -> ExportedViT:
     settings = cfg.export.vit
     if settings.format != "onnx":
         raise ExportError(f"export.vit.format {settings.format}: the ViT is an ONNX graph")
+    side = VIT_SIZE
     if role == SALIENCY:
-        fp32 = saliency_model(cfg.refine).read_bytes()
-        reference = OnnxSaliency(fp32, threads=0)
+        side = cfg.refine.saliency_size
+        fp32 = saliency_graph(cfg.refine)
+        reference = OnnxSaliency(fp32, threads=0, size=side)
     else:
         fp32 = _vit_model(refiner.attention)
         reference = OnnxAttention(fp32)
@@ -300,7 +302,7 @@ def _vit(cfg: Config, refiner, role: str) -> ExportedViT:
                 "quantize": "dynamic: int8 weights (ONNX Runtime quantize_dynamic), served on "
                 "CPU instances (a GPU server keeps fp32 with export.vit.quantize: none)"
             }
-    graph = served_vit(core, role, cfg.data.image_size)
+    graph = served_vit(core, role, cfg.data.image_size, vit_size=side)
     images, source = _photos(cfg, QUANTIZE_PHOTOS)
     if images is None:
         size = cfg.data.image_size

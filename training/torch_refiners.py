@@ -68,6 +68,7 @@ __all__ = [
     "SeededRefiner",
     "ThresholdGraph",
     "build_refiner",
+    "saliency_graph",
     "saliency_model",
     "served_settings",
     "present_classes",
@@ -203,7 +204,7 @@ def _attention(cfg: RefineConfig, multi_label: bool, binary: bool | None, levels
 
 
 def _saliency(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
-    saliency = OnnxSaliency(saliency_model(cfg))
+    saliency = OnnxSaliency(saliency_graph(cfg), size=cfg.saliency_size)
     settings = dataclasses.asdict(cfg)
     return build_classical(settings, multi_label, binary, saliency=saliency, side="training")
 
@@ -255,6 +256,13 @@ def saliency_model(cfg: RefineConfig) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"saliency model {path} not found (refine.saliency_weights)")
     return path
+
+
+def saliency_graph(cfg: RefineConfig) -> bytes:
+    """The saliency model's graph reading ``refine.saliency_size`` px images."""
+    from training.attention import onnx_reading
+
+    return onnx_reading(saliency_model(cfg), cfg.saliency_size)
 
 
 def build_refiner(

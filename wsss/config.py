@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from wsss.errors import InputError
+from wsss.served.classical import VIT_PATCH
 from wsss.served.registry import FOLLOW_UPS, LEVELSET_SEEDS, METHODS, RefinerSpec
 from wsss.task import Task, get_task
 
@@ -144,6 +145,10 @@ class RefineConfig:
     # background). Uses more than image labels: every table labels its rows so.
     saliency_doubt: Literal["keep", "background", "ignore"] = "keep"
     saliency_weights: str | None = None
+    # The side of the image the saliency ViT reads (a multiple of its 14 px patch), in
+    # training and served alike; its map comes back at 224 px. The ViT's cost goes with its
+    # patches (256 at 224 px, 144 at 168): a smaller side is faster and coarser.
+    saliency_size: int = 224
     # voc serving: a class counts as present at or above this score (one per class: a list
     # in the classifier's class order; classifier.threshold_folds chooses them instead).
     score_threshold: float | list[float] = 0.5
@@ -157,6 +162,11 @@ class RefineConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"refine.method {self.method!r}: one of {', '.join(METHODS)}")
+        if self.saliency_size < VIT_PATCH * 4 or self.saliency_size % VIT_PATCH:
+            raise ConfigError(
+                f"refine.saliency_size {self.saliency_size}: a multiple of the ViT's "
+                f"{VIT_PATCH} px patch, at least {VIT_PATCH * 4}"
+            )
 
     def only(self, method: str) -> RefineConfig:
         """These settings with ``method`` and nothing on top (no GrabCut, no Chan-Vese): a

