@@ -55,22 +55,35 @@ class Measured:
 
 
 def random_export(cfg: Config) -> Config:
-    """The profile's classifier and segmenter, untrained, exported into its repository."""
+    """The profile's classifier and segmenter (and its level set, where it serves one),
+    untrained, exported into its repository."""
     from export.repository import export_repository
     from training.data.synth import ANIMALS
+    from training.levelset.model import LevelSetHead
+    from training.levelset.train import LevelSetModel, head_kwargs
     from training.loop import save_checkpoint
     from training.models import build_classifier, build_segmenter
     from training.stages import classifier_setup, segmenter_kwargs
+    from wsss.served.registry import LEVELSET, RefinerSpec
 
     ckw, names = classifier_setup(cfg, list(ANIMALS))
     build, skw = segmenter_kwargs(cfg, cfg.data.kind.segmentation_classes(len(names)))
-    for family, arch, model, kwargs in (
-        ("classifier", cfg.classifier.arch, build_classifier(cfg.classifier.arch, **ckw), ckw),
-        ("segmenter", cfg.segmenter.arch, build_segmenter(cfg.segmenter.arch, **build), skw),
-    ):
-        meta = {"family": family, "arch": arch, "task": cfg.data.kind.as_meta(), "kwargs": kwargs}
-        meta |= {"class_names": names} if family == "classifier" else {}
-        out = Path(cfg.runs) / family
+    classifier = build_classifier(cfg.classifier.arch, **ckw)
+    task = cfg.data.kind.as_meta()
+    cmeta = {"family": "classifier", "arch": cfg.classifier.arch, "task": task, "kwargs": ckw}
+    cmeta |= {"class_names": names}
+    smeta = {"family": "segmenter", "arch": cfg.segmenter.arch, "task": task, "kwargs": skw}
+    saved = [(cmeta, classifier), (smeta, build_segmenter(cfg.segmenter.arch, **build))]
+    if RefinerSpec.of(cfg.export.refine or cfg.refine).entry is LEVELSET:
+        kwargs = head_kwargs(
+            cfg.levelset, classifier.fc.in_features, len(names), cfg.data.image_size
+        )
+        head = LevelSetHead(**kwargs)
+        meta = {"family": "levelset", "task": task, "kwargs": kwargs, "classifier": cmeta}
+        meta |= {"finetune": cfg.levelset.finetune}
+        saved.append((meta, LevelSetModel(classifier, head, cfg.levelset.finetune)))
+    for meta, model in saved:
+        out = Path(cfg.runs) / meta["family"]
         out.mkdir(parents=True, exist_ok=True)
         save_checkpoint({"state_dict": model.eval().state_dict(), "meta": meta}, out / "best.pt")
     export_repository(cfg)

@@ -290,6 +290,10 @@ def served_rows(
         one = dataclasses.replace(
             settings, batch=batch, concurrency=str(level), shared_memory=run.shared_memory
         )
+        if batch > 1 and settings.request_count:
+            # Windows of about as many images as at batch 1: a 320 px DeepLabV3 profile's
+            # 64 requests of 8 images ran past perf_analyzer's 10 minutes.
+            one.request_count = max(8, settings.request_count // batch)
         sample = photos if run.real_images else list(images[:8])
         before = settled_statistics(server.grpc_url)
         (result,) = run_perf_analyzer(specs[run.model], url, run.protocol, one, sample)
@@ -453,13 +457,16 @@ def report(
     refiners: dict | None = None,
     cpu: dict[str, float] | None = None,
     photos: str = "",
+    untrained: bool = False,
 ) -> str:
     served = served_config(cfg)
     sent = f" Photos: {photos}, the bytes ensemble gets their files." if photos else ""
     lines = [
         "# Serving benchmark",
         "",
-        f"Made by `{command}` on {machine()}, profile `{cfg.runs}`, {cfg.data.image_size} px, "
+        f"Made by `{command}` on {machine()}, profile `{cfg.runs}`"
+        + (" (its networks untrained: a network's speed is not its weights')" if untrained else "")
+        + f", {cfg.data.image_size} px, "
         f"served refiner `{refiner_label(served)}` (training pseudo-masks: "
         f"`{refiner_label(cfg)}`); one run, all rows side by side.{sent}",
         "",
@@ -789,13 +796,32 @@ def own_repository(cfg: Config, config: str | None, sets: list[str]) -> Config:
     return with_overrides(cfg, [f"export.repository={Path(cfg.runs) / 'model_repository'}"])
 
 
+def untrained(cfg: Config, config: str | None) -> Config:
+    """The profile's networks (and level set) with random weights, in a runs folder and
+    repository of their own under .cache/bench/untrained/<profile>, made afresh: what a
+    profile's speed needs without training it (a network's speed is not its weights'; its
+    masks are not measured)."""
+    from benchmarks.infer_folder import random_export
+
+    work = Path(".cache/bench/untrained") / Path(config or "configs/quick.yaml").stem
+    shutil.rmtree(work, ignore_errors=True)
+    return random_export(
+        with_overrides(cfg, [f"runs={work / 'runs'}", f"export.repository={work / 'repo'}"])
+    )
+
+
 def bench_report(args) -> None:
     """``wsss bench --report`` (``make bench``): its flags are the CLI table's ``BENCH``."""
     from export.repository import build_if_missing
 
     cfg = load_config(args.config or "configs/quick.yaml", args.set)
     cfg = own_repository(cfg, args.config, args.set)
-    build_if_missing(cfg)
+    command = "make bench" + (f" BENCH_CONFIG={args.config}" if args.config else "")
+    if args.untrained:
+        cfg = untrained(cfg, args.config)
+        command += " BENCH_ARGS=--untrained"
+    else:
+        build_if_missing(cfg)
     served = served_config(cfg)
     size = (cfg.data.image_size, cfg.data.image_size)
     photos, blobs, source = bench_photos(cfg, args.images)
@@ -804,7 +830,6 @@ def bench_report(args) -> None:
         concurrency=args.concurrency, stability_percent=25, max_trials=8, request_count=64
     )
     out = report_folder(args.config, args.out)
-    command = "make bench" + (f" BENCH_CONFIG={args.config}" if args.config else "")
     if args.sweep:
         print(sweep(cfg, blobs, settings, out, command + " SWEEP=1"))
         return
@@ -828,6 +853,6 @@ def bench_report(args) -> None:
             s, images, dataclasses.replace(settings, concurrency=str(best.concurrency))
         )
     r = ratios(rows)
-    text = report(rows, r, cfg, command, refiners, cpu, source)
+    text = report(rows, r, cfg, command, refiners, cpu, source, args.untrained)
     write(rows, r, out, text, refiners, cpu)
     print(text)

@@ -539,6 +539,12 @@ BENCH = (
     flag("--sweep", action="store_true", help="with --report: the serving-settings sweep only"),
     flag("--no-refiners", action="store_true", help="with --report: skip the refiner table"),
     flag(
+        "--untrained",
+        action="store_true",
+        help="with --report: the profile's networks with random weights (its speed, not its "
+        "masks), exported under .cache/bench/untrained/<profile>: no training needed",
+    ),
+    flag(
         "--quantized",
         action="store_true",
         help="the profile served with its saliency ViT in fp32 and in int8, side by side, on "

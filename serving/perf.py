@@ -210,9 +210,16 @@ def run_perf_analyzer(
         csv_path = workdir / f"{stem}_c{level}.csv"
         one = dataclasses.replace(settings, concurrency=f"{level}:{level}:1")
         cmd = [*perf_command(spec, url, protocol, one, csv_path, data_path), "-v"]
-        proc = subprocess.run(
-            cmd, env=perf_analyzer_env(workdir), capture_output=True, text=True, timeout=timeout
-        )
+        try:
+            proc = subprocess.run(
+                cmd, env=perf_analyzer_env(workdir), capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(
+                f"perf_analyzer ran past {timeout:.0f} s on {spec.name} (batch {settings.batch}, "
+                f"concurrency {level}): measure fewer requests per window (--request-count) "
+                "or a lower --stability"
+            ) from exc
         if proc.returncode == 0:
             results += parse_csv(csv_path)
         elif "Failed to obtain stable measurement" in proc.stdout + proc.stderr and _PASS.search(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks.serving import CPU_SWEEP, GPU_SWEEP, Setting
@@ -92,3 +94,30 @@ def test_each_profile_is_benchmarked_from_its_own_repository():
     assert (
         own_repository(mine, None, ["export.repository=/tmp/mine"]).export.repository == "/tmp/mine"
     )
+
+
+def test_an_untrained_profile_is_exported_aside_with_its_level_set(tmp_path, monkeypatch):
+    """``wsss bench --report --untrained``: a profile that serves a level set gets random
+    networks and a random level set, exported into a folder of its own, so its speed is
+    measured with nothing trained and the profile's own runs are never touched."""
+    from benchmarks.serving import untrained
+    from wsss.tensors import REFINER
+
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "mine"
+    cfg = load_config(
+        None,
+        [
+            "data.image_size=48",
+            "refine.method=levelset",
+            "levelset.hidden=4",
+            "levelset.modes=4",
+            f"runs={runs}",
+        ],
+    )
+    got = untrained(cfg, "configs/levelset_profile.yaml")
+    work = Path(".cache/bench/untrained/levelset_profile")  # under tmp_path, the cwd
+    assert Path(got.runs) == work / "runs" and Path(got.export.repository) == work / "repo"
+    assert (work / "runs" / "levelset" / "best.pt").exists()
+    assert (work / "repo" / REFINER / "1" / "model.onnx").exists()  # the level set's graph
+    assert not runs.exists()
