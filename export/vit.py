@@ -60,7 +60,11 @@ def served_vit(
     if role == SALIENCY:
         if SALIENCY_OUTPUT not in [o.name for o in graph.output]:
             raise InputError(f"the saliency model has no output {SALIENCY_OUTPUT!r}")
-        post, post_inits = _to_map(SALIENCY_OUTPUT) if vit_size != VIT_SIZE else ([], [])
+        post, post_inits = ([], [])
+        if vit_size != VIT_SIZE:
+            (declared,) = [o for o in graph.output if o.name == SALIENCY_OUTPUT]
+            rank = len(declared.type.tensor_type.shape.dim) or 4  # undeclared: [B, 1, H, W]
+            post, post_inits = _to_map(SALIENCY_OUTPUT, rank)
         full = post[-1].output[0] if post else SALIENCY_OUTPUT  # [B, 1, 224, 224]
         squeezed, squeeze_inits = _squeeze(full, SALIENCY)
         post, post_inits = post + squeezed, post_inits + squeeze_inits
@@ -124,16 +128,22 @@ def _preprocess(size: int, out: str, side: int = VIT_SIZE) -> tuple[list, list]:
     return nodes, inits
 
 
-def _to_map(name: str) -> tuple[list, list]:
-    """A saliency map [B, 1, s, s] -> [B, 1, 224, 224] as cv2.INTER_LINEAR resizes it."""
+def _to_map(name: str, rank: int = 4) -> tuple[list, list]:
+    """A saliency map [B, 1, s, s] (or [B, s, s]: ``rank`` 3) -> [B, 1, 224, 224] as
+    cv2.INTER_LINEAR resizes it."""
+    nodes = []
+    if rank == 3:
+        nodes.append(helper.make_node("Unsqueeze", [name, _P + "map_axis"], [_P + "map_4d"]))
+        name = _P + "map_4d"
     inits = [
+        _const("map_axis", np.array([1], np.int64)),
         _const("map_hw", np.array([VIT_SIZE, VIT_SIZE], np.int64)),
         _const("map_lead", np.array([0], np.int64)),
         _const("map_two", np.array([2], np.int64)),
         _const("map_roi", np.array([], np.float32)),
     ]
     n = helper.make_node
-    nodes = [
+    nodes += [
         n("Shape", [name], [_P + "map_shape_in"]),
         n("Slice", [_P + "map_shape_in", _P + "map_lead", _P + "map_two"], [_P + "map_bc"]),
         n("Concat", [_P + "map_bc", _P + "map_hw"], [_P + "map_size"], axis=0),

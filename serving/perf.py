@@ -217,8 +217,8 @@ def run_perf_analyzer(
         except subprocess.TimeoutExpired as exc:
             raise BenchError(
                 f"perf_analyzer ran past {timeout:.0f} s on {spec.name} (batch {settings.batch}, "
-                f"concurrency {level}): measure fewer requests per window (--request-count) "
-                "or a lower --stability"
+                f"concurrency {level}): its measurement windows take too long for this model "
+                "here; measure lower concurrency or smaller batches"
             ) from exc
         if proc.returncode == 0:
             results += parse_csv(csv_path)

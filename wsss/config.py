@@ -16,7 +16,6 @@ from typing import Any, Literal
 import yaml
 
 from wsss.errors import InputError
-from wsss.served.classical import VIT_PATCH
 from wsss.served.registry import FOLLOW_UPS, LEVELSET_SEEDS, METHODS, RefinerSpec
 from wsss.task import Task, get_task
 
@@ -25,6 +24,7 @@ TaskName = Literal["pets", "voc"]  # wsss.task.TASKS' names (a test holds the tw
 # equal). coco reads whichever of 2014 and 2017 is there; coco2014 / coco2017 pick one.
 Layout = Literal["pets", "voc", "voc_aug", "coco", "coco2014", "coco2017", "folder"]
 LAYOUTS = typing.get_args(Layout)  # training/data/layouts.py's readers, by these names
+VIT_PATCH = 14  # the bundled DINOv2 ViT-S/14's patch: refine.saliency_size is a multiple
 
 
 @dataclass

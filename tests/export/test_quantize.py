@@ -182,18 +182,20 @@ def test_an_int8_vit_is_placed_on_cpu_instances(kind, quantize, placed):
     assert ModelInstanceGroup.Kind.Name(config.instance_group[0].kind) == placed
 
 
-def any_side_saliency() -> bytes:
+def any_side_saliency(rank: int = 4) -> bytes:
     """A saliency model that reads any side, declared at 224 as the bundled one is:
-    [B, 3, 224, 224] -> output_importance [B, 1, H, W], the sigmoid of the grey level."""
+    [B, 3, 224, 224] -> output_importance [B, 1, H, W] (``rank`` 3: [B, H, W]), the sigmoid
+    of the grey level."""
     nodes = [
-        helper.make_node("ReduceMean", ["x"], ["grey"], axes=[1], keepdims=1),
+        helper.make_node("ReduceMean", ["x"], ["grey"], axes=[1], keepdims=rank == 4),
         helper.make_node("Sigmoid", ["grey"], ["output_importance"]),
     ]
+    out = ["b", 1, "h", "w"] if rank == 4 else ["b", "h", "w"]
     graph = helper.make_graph(
         nodes,
         "any_side",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 224, 224])],
-        [helper.make_tensor_value_info("output_importance", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("output_importance", TensorProto.FLOAT, out)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -219,6 +221,21 @@ def test_a_vit_reading_smaller_images_is_served_as_it_runs_in_process(tmp_path):
     assert np.abs(full - in_process).mean() > 10 * np.abs(served - in_process).mean()
     with pytest.raises(Exception, match="224"):  # the declared side stays where not freed
         OnnxSaliency(path.read_bytes(), size=56)(images)
+
+
+@pytest.mark.parametrize("rank", [4, 3])
+def test_export_serves_the_vit_at_the_configured_side(tmp_path, rank):
+    """export.vit with refine.saliency_size 56: the ViT model agrees with the in-process ViT
+    at that side (export's own check), for a saliency output [B, 1, H, W] or [B, H, W]."""
+    path = tmp_path / "any_side.onnx"
+    path.write_bytes(any_side_saliency(rank))
+    vit = _vit(_config(path, "refine.saliency_size=56"), None, SALIENCY)
+    assert vit.parity["mask_mismatch"] < 0.01 and vit.parity["max_abs_error"] < 2e-3
+    images = np.random.default_rng(1).integers(0, 256, (2, 128, 128, 3), dtype=np.uint8)
+    maps = OnnxMaps(vit.graph)(images)
+    assert maps.shape == (2, 224, 224)
+    full = _vit(_config(path), None, SALIENCY)
+    assert np.abs(OnnxMaps(full.graph)(images) - maps).mean() > 1e-3  # the side took effect
 
 
 def test_saliency_size_is_a_multiple_of_the_patch():

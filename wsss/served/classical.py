@@ -180,7 +180,6 @@ def attention_mask(attention: np.ndarray, sigma: float = 8.0, kernel: int = 15) 
 
 
 VIT_SIZE = 224  # the ViT's input side; attention is post-processed at this resolution
-VIT_PATCH = 14  # the bundled DINOv2 ViT-S/14's patch side
 
 
 def vit_input(images: np.ndarray, mean, std, size: int = VIT_SIZE) -> np.ndarray:
