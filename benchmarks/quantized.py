@@ -32,7 +32,7 @@ from serving.server import TritonServer
 from training.data.dataset import WSSSDataset
 from training.data.layouts import list_samples
 from training.torch_refiners import saliency_graph
-from wsss.config import load_config, with_overrides
+from wsss.config import load_config, served_config, with_overrides
 from wsss.served.classical import VIT_SIZE, OnnxSaliency
 from wsss.served.registry import RefinerSpec
 from wsss.tensors import PIPELINE_BYTES
@@ -60,7 +60,7 @@ def vit_times(cfg, sizes: list[int], images: np.ndarray, rounds: int) -> dict[st
     targets' baseline) and with the one thread each served instance runs."""
     models = {}
     for size in sizes:
-        fp32 = saliency_graph(dataclasses.replace(cfg.refine, saliency_size=size))
+        fp32 = saliency_graph(dataclasses.replace(served_config(cfg).refine, saliency_size=size))
         models |= {("none", size): fp32, ("dynamic", size): quantize_graph(fp32)}
     graphs = {
         f"{variant_label(kind, size)}, {'default threads' if threads == 0 else '1 thread'}": (
@@ -83,7 +83,8 @@ def vit_times(cfg, sizes: list[int], images: np.ndarray, rounds: int) -> dict[st
 
 def quantized_report(args) -> str:
     cfg = load_config(args.config or "configs/serve.yaml", args.set)
-    if RefinerSpec.of(cfg.export.refine or cfg.refine).entry.vit != "saliency":
+    refine = served_config(cfg).refine  # the refiner the ensemble serves
+    if RefinerSpec.of(refine).entry.vit != "saliency":
         raise SystemExit(
             "wsss bench --quantized: the profile's served refiner runs no saliency ViT"
         )
@@ -95,7 +96,7 @@ def quantized_report(args) -> str:
     photos = [s.image_path.read_bytes() for s in samples[:: max(1, len(samples) // 16)][:16]]
     out = Path(args.out or "reports/bench")
     work = Path(".cache/bench/quantized")
-    sizes = sorted({VIT_SIZE, cfg.refine.saliency_size, *args.vit_sizes}, reverse=True)
+    sizes = sorted({VIT_SIZE, refine.saliency_size, *args.vit_sizes}, reverse=True)
     vit = vit_times(cfg, sizes, data.images[:20], rounds=3)
     vit_ms = {k: statistics.median(v) for k, v in vit.items()}
     settings = PerfSettings(

@@ -287,13 +287,16 @@ def served_rows(
     rows = []
     for run, level, batch in plan:
         url = server.grpc_url if run.protocol == "grpc" else server.http_url
+        # Windows of about as many images as at batch 1: a 320 px DeepLabV3 profile's 64
+        # requests of 8 images ran past perf_analyzer's 10 minutes.
+        count = max(8, settings.request_count // batch) if settings.request_count else 0
         one = dataclasses.replace(
-            settings, batch=batch, concurrency=str(level), shared_memory=run.shared_memory
+            settings,
+            batch=batch,
+            concurrency=str(level),
+            shared_memory=run.shared_memory,
+            request_count=count,
         )
-        if batch > 1 and settings.request_count:
-            # Windows of about as many images as at batch 1: a 320 px DeepLabV3 profile's
-            # 64 requests of 8 images ran past perf_analyzer's 10 minutes.
-            one.request_count = max(8, settings.request_count // batch)
         sample = photos if run.real_images else list(images[:8])
         before = settled_statistics(server.grpc_url)
         (result,) = run_perf_analyzer(specs[run.model], url, run.protocol, one, sample)
