@@ -67,10 +67,33 @@ def onnx_reading(path: Path, side: int) -> bytes:
         raise InputError(f"{path}: the ViT's input {image.name} is not [B, 3, H, W]")
     if [d.dim_value for d in dims[2:]] == [side, side]:
         return model.SerializeToString()
+    declared = "x".join(str(d.dim_value or d.dim_param or "?") for d in dims[2:])
     for axis, dim in zip(("height", "width"), dims[2:], strict=True):
         dim.ClearField("dim_value")
         dim.dim_param = axis
-    return model.SerializeToString()
+    graph = model.SerializeToString()
+    _runs_at(graph, image.name, side, f"{path} (declared {declared})")
+    return graph
+
+
+def _runs_at(graph: bytes, name: str, side: int, what: str) -> None:
+    """One image of ``side`` px through ``graph``, so that a ViT that cannot read that side
+    (position embeddings of a fixed grid, not interpolated) fails here, saying so, rather
+    than with ONNX Runtime's shape error at the first batch."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the failure is reported below, not as ORT's log
+    try:
+        session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        session.run(None, {name: np.zeros((1, 3, side, side), np.float32)})
+    except Exception as exc:  # ORT raises its own Fail / RuntimeException types
+        first = str(exc).strip().splitlines()[0][:200]
+        raise InputError(
+            f"the ViT {what} does not run on {side} px images: its graph cannot read another "
+            "side (position embeddings of a fixed patch grid?); set refine.saliency_size to "
+            f"its declared side, or export a graph that interpolates them ({first})"
+        ) from None
 
 
 def onnx_with_attention(path: Path, layers: Sequence[int]) -> bytes:

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from export.quantize import is_quantized, map_agreement, quantize_graph
 from export.repository import ExportError, _refuse_quantize, _vit
 from export.vit import served_vit
 from training.torch_refiners import saliency_model
 from wsss.config import Config, RefineConfig, load_config
+from wsss.errors import InputError
 from wsss.served.classical import OnnxMaps, OnnxSaliency, otsu_foreground
 from wsss.tensors import SALIENCY, VIT, served_models
 
@@ -221,6 +222,35 @@ def test_a_vit_reading_smaller_images_is_served_as_it_runs_in_process(tmp_path):
     assert np.abs(full - in_process).mean() > 10 * np.abs(served - in_process).mean()
     with pytest.raises(Exception, match="224"):  # the declared side stays where not freed
         OnnxSaliency(path.read_bytes(), size=56)(images)
+
+
+def test_a_vit_of_a_fixed_grid_is_refused_at_another_side_with_a_clear_error(tmp_path):
+    """A user's saliency graph whose position embeddings fit only its declared 224 px grid
+    (an Add of a fixed [1, 3, 224, 224] tensor stands for them): refine.saliency_size 56 is
+    refused by name, with the setting to change, before any batch runs; 224 still works."""
+    from training.attention import onnx_reading
+
+    grid = numpy_helper.from_array(np.zeros((1, 3, 224, 224), np.float32), "pos")
+    nodes = [
+        helper.make_node("Add", ["x", "pos"], ["embedded"]),
+        helper.make_node("ReduceMean", ["embedded"], ["grey"], axes=[1], keepdims=1),
+        helper.make_node("Sigmoid", ["grey"], ["output_importance"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fixed_grid",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 224, 224])],
+        [helper.make_tensor_value_info("output_importance", TensorProto.FLOAT, None)],
+        [grid],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "fixed_grid.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(InputError, match=r"does not run on 56 px images.*refine.saliency_size"):
+        onnx_reading(path, 56)
+    images = np.zeros((1, 64, 64, 3), np.uint8)
+    assert OnnxSaliency(onnx_reading(path, 224))(images).shape == (1, 224, 224)
 
 
 @pytest.mark.parametrize("rank", [4, 3])
