@@ -115,7 +115,8 @@ def evaluate_profile(cfg: Config) -> str | None:
             with_ratio(row, data.kind.iou_key(part), reference)
         rows.append(row)
     columns = [("CAM", pseudo, "cam"), ("pseudo-mask", pseudo, "pseudo")]
-    columns += [("segmenter", segmenter, "seg")]
+    passthrough = cfg.segmenter.arch == PASSTHROUGH
+    columns += [("served (pass-through)" if passthrough else "segmenter", segmenter, "seg")]
     if supervised is not None:
         columns.append(("supervised", SUPERVISED, "seg"))
     meta = {"task": data.task, "images": len(data), "image_size": cfg.data.image_size}

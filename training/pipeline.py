@@ -25,7 +25,7 @@ from training.models import build_classifier, build_segmenter
 from training.models.classifier import CAMClassifier
 from training.models.common import to_pixels
 from training.torch_refiners import Refiner, build_refiner
-from wsss.config import PASSTHROUGH
+from wsss.config import PASSTHROUGH, served_config
 from wsss.errors import InputError
 from wsss.served.registry import RefinerSpec
 from wsss.task import get_task
@@ -286,12 +286,18 @@ def refine_step(cfg, binary: bool | None = None) -> tuple[ClassifierGraph, Refin
 
 
 def pipeline_from_config(cfg, segmenter: bool = True) -> Pipeline:
+    """The run's classifier, ``refine``'s refiner (the training pseudo-masks' own) and its
+    segmenter. A pass-through segmenter makes the mask the repository serves: that of
+    ``export.refine`` where the profile serves another refiner (a CRF is not served)."""
     classifier, refiner, _ = refine_step(cfg)
     seg = None
     if segmenter:
         net, _ = load_model(Path(cfg.runs) / "segmenter" / "best.pt")
         if isinstance(net, PassThroughSegmenter):
-            seg = InProcessPassThrough(classifier, refiner, net)
+            served = (classifier, refiner)
+            if cfg.export.refine is not None:
+                served = refine_step(served_config(cfg))[:2]
+            seg = InProcessPassThrough(*served, net)
         else:
             seg = SegmenterGraph(net).eval()
     return Pipeline(classifier, seg, refiner)

@@ -503,7 +503,12 @@ def _override(raw: dict[str, Any], overrides: list[str]) -> None:
         node = raw
         *parents, leaf = key.strip().split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            child = node.get(part)
+            if child is None:  # absent, or an optional section left unset (export.refine)
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is {child!r}, not a section")
+            node = child
         node[leaf] = yaml.safe_load(value)
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from wsss.config import ConfigError, load_config, save_config
+from wsss.config import ConfigError, load_config, save_config, with_overrides
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -31,6 +31,18 @@ def test_int_is_accepted_for_float():
 def test_bad_overrides_are_explained(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_an_unset_optional_section_takes_overrides():
+    """export.refine is None until set: --set export.refine.method=... makes the section,
+    on a config read from YAML and on one already built (with_overrides)."""
+    cfg = load_config(None, ["export.refine.method=fixed", "export.refine.threshold=0.2"])
+    assert cfg.export.refine.method == "fixed" and cfg.export.refine.threshold == 0.2
+    assert load_config(None, []).export.refine is None
+    again = with_overrides(load_config(None, []), ["export.refine.method=otsu"])
+    assert again.export.refine.method == "otsu"
+    with pytest.raises(ConfigError, match="runs is 'runs', not a section"):
+        with_overrides(load_config(None, []), ["runs.deeper=1"])
 
 
 def test_levelset_seed_takes_a_refiner_spelling():

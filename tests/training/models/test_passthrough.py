@@ -126,6 +126,25 @@ def test_the_pipeline_serves_the_refined_mask_as_the_segmentation(passthrough_cf
     np.testing.assert_array_equal(probs, out[SEG_PROBS])
 
 
+def test_the_pass_through_makes_the_mask_of_the_served_refiner(passthrough_cfg):
+    """A profile whose training refiner is not served (export.refine names the served one,
+    as configs/coco_voc.yaml serves the fixed seed of its fixed + CRF): scored in process,
+    the pass-through segmentation is the served refiner's mask, not the training one's."""
+    from training.pipeline import pipeline_from_config
+
+    cfg = with_overrides(passthrough_cfg, ["refine.threshold=0.9", "export.refine.method=fixed"])
+    cfg = with_overrides(cfg, ["export.refine.threshold=0.1"])
+    pipe = pipeline_from_config(cfg)
+    images = np.random.default_rng(1).integers(0, 256, (4, 48, 48, 3), dtype=np.uint8)
+    outputs = pipe.classify(images)
+    training = pipe.refine(images, outputs)
+    served = pipeline_from_config(with_overrides(cfg, ["refine.threshold=0.1"]))
+    want = served.refine(images, served.classify(images))
+    _, seg = Pipeline(None, pipe.segmenter, None).segment(images)
+    np.testing.assert_array_equal(seg, want)
+    assert (seg != training).mean() > 0.1  # 0.9 and 0.1 cut different masks
+
+
 def test_export_serves_the_pass_through_graph(passthrough_cfg):
     import onnx
 
