@@ -271,22 +271,30 @@ class _Run:
         }
 
     def figure(self, data: bytes, path: Path) -> Path:
-        """Image, CAM of the top class, pseudo-mask and segmentation at the model size: the
-        tensor ensemble's outputs (the bytes ensemble returns no CAMs)."""
+        """Image, CAM of the top class, pseudo-mask and segmentation: the tensor ensemble's
+        outputs (the bytes ensemble returns no CAMs) for the image at the model size, drawn
+        back at the photo's own aspect (its longer side at the model's), as the bytes
+        ensemble returns its masks at the photo's size."""
         from wsss.figures import legend_entries, overlay, panel_figure  # matplotlib: when drawing
 
         client = self.client(PIPELINE)
-        sent = resize(load_image(data), client.image_size)
-        outputs = {k: v[0] for k, v in client.infer(sent[None]).items()}
+        photo = load_image(data)
+        outputs = {
+            k: v[0] for k, v in client.infer(resize(photo, client.image_size)[None]).items()
+        }
         top = int(outputs[SCORES].argmax())
         label, score = top_class(outputs[SCORES], self.base.class_names)
         cam = f"CAM: {label} ({score:.2f})"
-        masks = [outputs[PSEUDO_MASK], outputs[SEGMENTATION]]
+        h, w = photo.shape[:2]
+        side = max(client.image_size) / max(h, w)
+        shape = (max(1, round(h * side)), max(1, round(w * side)))
+        shown = resize(photo, shape)
+        masks = [resize(outputs[k], shape, nearest=True) for k in (PSEUDO_MASK, SEGMENTATION)]
         panels = {
-            "image": sent,
-            cam: outputs[CAMS][top],
-            "pseudo-mask": overlay(sent, masks[0], palette=self.palette),
-            "segmentation": overlay(sent, masks[1], palette=self.palette),
+            "image": shown,
+            cam: resize(outputs[CAMS][top], shape),
+            "pseudo-mask": overlay(shown, masks[0], palette=self.palette),
+            "segmentation": overlay(shown, masks[1], palette=self.palette),
         }
         # The classes the masks hold, named and coloured as the server says (binary masks:
         # the foreground, named by the top class).

@@ -155,6 +155,47 @@ def test_images_in_flight_when_the_server_fails_are_still_recorded(tmp_path):
     assert list(read_predictions(tmp_path / PREDICTIONS)) == ["slow"]
 
 
+def test_the_overlay_is_drawn_at_the_photos_aspect(tmp_path, monkeypatch):
+    """A 60 x 120 photo goes to the tensor ensemble as a 32 x 32 square; its figure shows
+    every panel at the photo's aspect (16 x 32, the longer side at the model's), not
+    squashed into the square: the right half the server marked is the right half drawn."""
+    import types
+
+    import wsss.figures
+    from serving.infer import _Run
+    from wsss.palette import VOC_PALETTE
+    from wsss.served.images import encode_png
+    from wsss.tensors import CAMS, PSEUDO_MASK, SCORES, SEG_PROBS, SEGMENTATION
+
+    mask = np.zeros((1, 32, 32), np.uint8)
+    mask[:, :, 16:] = 1
+
+    class Square:
+        image_size = (32, 32)
+
+        def infer(self, images):
+            assert images.shape == (1, 32, 32, 3)
+            cams = np.zeros((1, 2, 32, 32), np.float32)
+            return {SCORES: np.array([[0.2, 0.8]], np.float32), CAMS: cams, PSEUDO_MASK: mask,
+                    SEGMENTATION: mask, SEG_PROBS: np.zeros((1, 2, 32, 32), np.float32)}  # fmt: skip
+
+    drawn = {}
+
+    def panels(rows, titles, path, legend=None):
+        drawn.update(rows[0])
+        return Path(path).write_bytes(b"png") and path
+
+    monkeypatch.setattr(wsss.figures, "panel_figure", panels)
+    run = _Run.__new__(_Run)
+    run.base, run.palette = types.SimpleNamespace(class_names=["cat", "dog"]), VOC_PALETTE
+    run.client = lambda model=None: Square()
+    photo = np.full((60, 120, 3), 100, np.uint8)
+    run.figure(encode_png(photo), tmp_path / "photo_overlay.png")
+    assert [v.shape[:2] for v in drawn.values()] == [(16, 32)] * 4
+    tinted = drawn["segmentation"] != drawn["image"]
+    assert tinted[:, 17:].any(axis=-1).all() and not tinted[:, :15].any()
+
+
 # -- through the server -------------------------------------------------------------------
 
 
