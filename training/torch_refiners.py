@@ -156,9 +156,16 @@ class ThresholdGraph(nn.Module):
             cut = otsu_thresholds(flat).reshape(b, k, 1, 1)
             spread = (flat.amax(dim=1) - flat.amin(dim=1)).reshape(b, k, 1, 1)
             foreground = (cams > cut) & (spread >= 1e-6)  # a flat map splits into nothing
-        else:
-            foreground = cams >= self.threshold
-        return claim_mask(foreground & present, cams, self.binary)
+            return claim_mask(foreground & present, cams, self.binary)
+        # One cut for every class: a pixel goes to its strongest present class where that
+        # CAM reaches the cut (the same mask as claim_mask's, in three passes over the CAMs
+        # instead of five: served at 320 px with 20 classes, they are 8 MB a photo).
+        masked = torch.where(present, cams, torch.full_like(cams, -1.0))
+        strongest, best = masked.max(dim=1)
+        label = torch.ones_like(best) if self.binary else best + 1
+        return torch.where(strongest >= self.threshold, label, torch.zeros_like(best)).to(
+            torch.uint8
+        )
 
 
 class LevelSetRefiner(Refiner):
