@@ -279,9 +279,7 @@ class _Run:
 
         client = self.client(PIPELINE)
         photo = load_image(data)
-        outputs = {
-            k: v[0] for k, v in client.infer(resize(photo, client.image_size)[None]).items()
-        }
+        outputs = {k: v[0] for k, v in client.infer(resize(photo, client.image_size)[None]).items()}
         top = int(outputs[SCORES].argmax())
         label, score = top_class(outputs[SCORES], self.base.class_names)
         cam = f"CAM: {label} ({score:.2f})"

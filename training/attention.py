@@ -72,27 +72,35 @@ def onnx_reading(path: Path, side: int) -> bytes:
         dim.ClearField("dim_value")
         dim.dim_param = axis
     graph = model.SerializeToString()
-    _runs_at(graph, image.name, side, f"{path} (declared {declared})")
+    batch = dims[0].dim_value or 1
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(image.type.tensor_type.elem_type)
+    probe = np.zeros((batch, dims[1].dim_value or 3, side, side), dtype)
+    _runs_at(graph, image.name, probe, f"{path} (declared {declared})")
     return graph
 
 
-def _runs_at(graph: bytes, name: str, side: int, what: str) -> None:
-    """One image of ``side`` px through ``graph``, so that a ViT that cannot read that side
-    (position embeddings of a fixed grid, not interpolated) fails here, saying so, rather
-    than with ONNX Runtime's shape error at the first batch."""
+def _runs_at(graph: bytes, name: str, probe: np.ndarray, what: str) -> None:
+    """``probe`` (zeros of the side asked for) through ``graph``, so that a ViT that cannot
+    read that side (position embeddings of a fixed grid, not interpolated) fails here,
+    saying so, rather than with ONNX Runtime's shape error at the first batch. The probe's
+    session is unoptimised and keeps no memory arena: it lives for one run."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the failure is reported below, not as ORT's log
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.enable_cpu_mem_arena = False
     try:
         session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-        session.run(None, {name: np.zeros((1, 3, side, side), np.float32)})
+        session.run(None, {name: probe})
     except Exception as exc:  # ORT raises its own Fail / RuntimeException types
-        first = str(exc).strip().splitlines()[0][:200]
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        side = probe.shape[-1]
         raise InputError(
-            f"the ViT {what} does not run on {side} px images: its graph cannot read another "
-            "side (position embeddings of a fixed patch grid?); set refine.saliency_size to "
-            f"its declared side, or export a graph that interpolates them ({first})"
+            f"the ViT {what} does not run on {side} px images (a graph whose position "
+            "embeddings fit one patch grid cannot read another side): set "
+            f"refine.saliency_size to its declared side, or export a graph that "
+            f"interpolates them. ONNX Runtime: {first}"
         ) from None
 
 

@@ -225,8 +225,10 @@ class Pipeline:
         self, images: np.ndarray, pseudo: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """SEG_PROBS and SEGMENTATION of uint8 [B, H, W, 3]; a pass-through segmenter reads
-        ``pseudo`` where given (the PSEUDO_MASK already made of these images, as served)."""
-        if pseudo is not None and isinstance(self.segmenter, InProcessPassThrough):
+        ``pseudo`` where given (the PSEUDO_MASK already made of these images, as served) if
+        that is its own refiner's mask (not where the profile serves another refiner)."""
+        passthrough = isinstance(self.segmenter, InProcessPassThrough)
+        if pseudo is not None and passthrough and self.segmenter.source.refiner is self.refiner:
             probs, seg = self.segmenter.module(torch.from_numpy(pseudo))
         else:
             probs, seg = self.segmenter(torch.from_numpy(np.ascontiguousarray(images)))
@@ -295,7 +297,7 @@ def pipeline_from_config(cfg, segmenter: bool = True) -> Pipeline:
         net, _ = load_model(Path(cfg.runs) / "segmenter" / "best.pt")
         if isinstance(net, PassThroughSegmenter):
             served = (classifier, refiner)
-            if cfg.export.refine is not None:
+            if cfg.export.refine is not None and cfg.export.refine != cfg.refine:
                 served = refine_step(served_config(cfg))[:2]
             seg = InProcessPassThrough(*served, net)
         else:

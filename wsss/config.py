@@ -6,6 +6,7 @@ a checkpoint or an export can always be traced back to the settings that made it
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -495,6 +496,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return _build(Config, raw, "")
 
 
+# Optional sections whose unset value means another section's: --set on one of their keys
+# starts them as a copy of that section (then changes the key), not from the defaults.
+_UNSET_STARTS_AS = {("export", "refine"): "refine"}
+
+
 def _override(raw: dict[str, Any], overrides: list[str]) -> None:
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -502,10 +508,12 @@ def _override(raw: dict[str, Any], overrides: list[str]) -> None:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         node = raw
         *parents, leaf = key.strip().split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             child = node.get(part)
             if child is None:  # absent, or an optional section left unset (export.refine)
-                child = node[part] = {}
+                # export.refine unset serves `refine`: set, it starts as refine stands now
+                fallback = _UNSET_STARTS_AS.get(tuple(parents[: depth + 1]))
+                child = node[part] = copy.deepcopy(raw.get(fallback) or {}) if fallback else {}
             elif not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part} is {child!r}, not a section")
             node = child

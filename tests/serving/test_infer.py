@@ -176,8 +176,15 @@ def test_the_overlay_is_drawn_at_the_photos_aspect(tmp_path, monkeypatch):
         def infer(self, images):
             assert images.shape == (1, 32, 32, 3)
             cams = np.zeros((1, 2, 32, 32), np.float32)
-            return {SCORES: np.array([[0.2, 0.8]], np.float32), CAMS: cams, PSEUDO_MASK: mask,
-                    SEGMENTATION: mask, SEG_PROBS: np.zeros((1, 2, 32, 32), np.float32)}  # fmt: skip
+            probs = np.zeros((1, 2, 32, 32), np.float32)
+            scores = np.array([[0.2, 0.8]], np.float32)
+            return {
+                SCORES: scores,
+                CAMS: cams,
+                PSEUDO_MASK: mask,
+                SEGMENTATION: mask,
+                SEG_PROBS: probs,
+            }
 
     drawn = {}
 

@@ -41,6 +41,15 @@ def test_an_unset_optional_section_takes_overrides():
     assert load_config(None, []).export.refine is None
     again = with_overrides(load_config(None, []), ["export.refine.method=otsu"])
     assert again.export.refine.method == "otsu"
+    # Unset, export.refine serves `refine`: a key set on it starts from refine as it stands,
+    # so the served refiner changes in that key only (not to the defaults' method).
+    served = load_config(None, ["refine.method=saliency", "export.refine.saliency_size=168"])
+    assert served.export.refine.method == "saliency" and served.refine.saliency_size == 224
+    assert served.export.refine.saliency_size == 168
+    built = with_overrides(
+        load_config(None, ["refine.method=fixed"]), ["export.refine.threshold=0.2"]
+    )
+    assert (built.export.refine.method, built.export.refine.threshold) == ("fixed", 0.2)
     with pytest.raises(ConfigError, match="runs is 'runs', not a section"):
         with_overrides(load_config(None, []), ["runs.deeper=1"])
 

@@ -143,6 +143,9 @@ def test_the_pass_through_makes_the_mask_of_the_served_refiner(passthrough_cfg):
     _, seg = Pipeline(None, pipe.segmenter, None).segment(images)
     np.testing.assert_array_equal(seg, want)
     assert (seg != training).mean() > 0.1  # 0.9 and 0.1 cut different masks
+    out = pipe(images)  # the whole pipeline: its pseudo-mask is training's, as before
+    np.testing.assert_array_equal(out[PSEUDO_MASK], training)
+    np.testing.assert_array_equal(out[SEGMENTATION], want)
 
 
 def test_export_serves_the_pass_through_graph(passthrough_cfg):
