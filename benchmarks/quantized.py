@@ -111,8 +111,8 @@ def quantized_report(args) -> str:
             [
                 f"export.repository={repo}",
                 f"export.vit.quantize={kind}",
-                # the refiner the ensemble serves: export.refine where the profile sets one
-                f"{'export.refine' if cfg.export.refine else 'refine'}.saliency_size={size}",
+                # the refiner the ensemble serves (unset, export.refine starts as refine)
+                f"export.refine.saliency_size={size}",
             ],
         )
         shutil.rmtree(repo, ignore_errors=True)  # this profile's models, exported now

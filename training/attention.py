@@ -72,11 +72,17 @@ def onnx_reading(path: Path, side: int) -> bytes:
         dim.ClearField("dim_value")
         dim.dim_param = axis
     graph = model.SerializeToString()
-    batch = dims[0].dim_value or 1
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(image.type.tensor_type.elem_type)
-    probe = np.zeros((batch, dims[1].dim_value or 3, side, side), dtype)
-    _runs_at(graph, image.name, probe, f"{path} (declared {declared})")
+    checked = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns, side)
+    if checked not in _RUNS_AT:  # once per file and side: export and training both read it
+        batch = dims[0].dim_value or 1
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(image.type.tensor_type.elem_type)
+        probe = np.zeros((batch, dims[1].dim_value or 3, side, side), dtype)
+        _runs_at(graph, image.name, probe, f"{path} (declared {declared})")
+        _RUNS_AT.add(checked)
     return graph
+
+
+_RUNS_AT: set[tuple[str, int, int]] = set()  # (file, its mtime, side) already probed
 
 
 def _runs_at(graph: bytes, name: str, probe: np.ndarray, what: str) -> None:

@@ -348,7 +348,9 @@ class ExportConfig:
     # the training pseudo-masks (`refine`): GrabCut's edges help the segmenter learn, but
     # served they cost 130-150 ms per image on a 2-core CPU for the PSEUDO_MASK output
     # alone, while a fixed or Otsu threshold is an ONNX graph of well under 1 ms
-    # (reports/bench/). Unset: `refine`.
+    # (reports/bench/). Unset: `refine`. Written in YAML it is a refiner of its own (keys it
+    # leaves out take the defaults); `--set export.refine.KEY=...` on a profile that leaves
+    # it unset starts it as a copy of `refine` and changes that key.
     refine: RefineConfig | None = None
     classifier: NetworkExportConfig = field(default_factory=NetworkExportConfig)
     segmenter: NetworkExportConfig = field(default_factory=NetworkExportConfig)
@@ -511,7 +513,6 @@ def _override(raw: dict[str, Any], overrides: list[str]) -> None:
         for depth, part in enumerate(parents):
             child = node.get(part)
             if child is None:  # absent, or an optional section left unset (export.refine)
-                # export.refine unset serves `refine`: set, it starts as refine stands now
                 fallback = _UNSET_STARTS_AS.get(tuple(parents[: depth + 1]))
                 child = node[part] = copy.deepcopy(raw.get(fallback) or {}) if fallback else {}
             elif not isinstance(child, dict):
