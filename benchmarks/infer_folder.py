@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.serving import free_ports, machine
+from benchmarks.serving import machine
 from serving.client import PipelineClient
 from serving.infer import MASK_FILES, Item, find_images, write_mask
 from serving.perf import PerfSettings, run_perf_analyzer
-from serving.server import TritonServer
+from serving.server import TritonServer, on_free_ports
 from wsss.config import Config, load_config
 from wsss.tensors import IMAGE_BYTES, PIPELINE_BYTES
 
@@ -106,7 +106,7 @@ def profile_server(args, work: Path) -> tuple[TritonServer, str]:
     what it serves: the flags of a benchmark that serves a profile to photos (this one, the
     soak)."""
     repo, served = repository(args.config, args.set, args.repository, work)
-    serve = free_ports(load_config(args.config, args.set).serve)
+    serve = on_free_ports(load_config(args.config, args.set).serve)
     return TritonServer(repo, serve, work / "server"), served
 
 

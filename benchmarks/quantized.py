@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.served_quality import served_quality
-from benchmarks.serving import free_ports
 from export.quantize import quantize_graph
 from export.repository import build_if_missing, export_repository
 from serving.client import PipelineClient
 from serving.perf import PerfSettings, run_perf_analyzer
-from serving.server import TritonServer
+from serving.server import TritonServer, on_free_ports
 from training.data.dataset import WSSSDataset
 from training.data.layouts import list_samples
 from training.torch_refiners import saliency_graph
@@ -117,7 +116,7 @@ def quantized_report(args) -> str:
         )
         shutil.rmtree(repo, ignore_errors=True)  # this profile's models, exported now
         export_repository(variant)
-        with TritonServer(repo, free_ports(cfg.serve), work / name / "server") as server:
+        with TritonServer(repo, on_free_ports(cfg.serve), work / name / "server") as server:
             spec = PipelineClient(server.grpc_url).all_specs[PIPELINE_BYTES]
             results = run_perf_analyzer(spec, server.grpc_url, "grpc", settings, photos)
             quality, meta = served_quality(data, server.grpc_url, concurrency=2)

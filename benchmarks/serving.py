@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import threading
 import time
@@ -51,9 +50,9 @@ from serving.perf import (
     settled_statistics,
     statistics_delta,
 )
-from serving.server import TritonServer, has_gpu, processes
+from serving.server import TritonServer, has_gpu, on_free_ports, processes
 from training.pipeline import pipeline_from_config
-from wsss.config import Config, ServeConfig, load_config, served_config, with_overrides
+from wsss.config import Config, load_config, served_config, with_overrides
 from wsss.served.images import decode_image, resize_image
 from wsss.served.registry import LEVELSET, RefinerSpec
 from wsss.tensors import (
@@ -697,7 +696,7 @@ def sweep(cfg: Config, blobs: list[bytes], settings: PerfSettings, out: Path, co
         variant = with_overrides(cfg, setting.overrides() + [f"export.repository={repo}"])
         shutil.rmtree(repo, ignore_errors=True)
         export_repository(variant)
-        with TritonServer(repo, free_ports(variant.serve), base / slug / "server") as server:
+        with TritonServer(repo, on_free_ports(variant.serve), base / slug / "server") as server:
             rows = served_rows(server, np.zeros((0,)), blobs, settings, runs=(BYTES_RUN,))
         results[name] = [asdict(r) for r in rows]
         shutil.rmtree(repo, ignore_errors=True)
@@ -734,19 +733,6 @@ def sweep(cfg: Config, blobs: list[bytes], settings: PerfSettings, out: Path, co
     text = "\n".join(lines) + "\n"
     (out / "tuning.md").write_text(text)
     return text
-
-
-def free_ports(serve: ServeConfig) -> ServeConfig:
-    """The serve settings on free loopback ports: a running `make serve` keeps its own."""
-    ports = []
-    for _ in range(3):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-    http, grpc, metrics = ports
-    return dataclasses.replace(
-        serve, host="127.0.0.1", http_port=http, grpc_port=grpc, metrics_port=metrics
-    )
 
 
 # Real photos a profile with synthetic data is benchmarked on: the shared Pet test photos.
@@ -848,7 +834,7 @@ def bench_report(args) -> None:
     rows += parallel_rows(served, images, args.seconds)
     batches = tuple(int(b) for b in args.batches.split(",") if b)
     repo = Path(cfg.export.repository)
-    with TritonServer(repo, free_ports(cfg.serve), Path(".cache/bench/server")) as s:
+    with TritonServer(repo, on_free_ports(cfg.serve), Path(".cache/bench/server")) as s:
         rows += served_rows(s, images, blobs, settings, batches)
         rows += output_rows(s, images, args.seconds)
         best = best_grpc(rows)

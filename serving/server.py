@@ -8,11 +8,14 @@ the native ONNX Runtime backend, see ``serving/backends``).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import filecmp
 import importlib.util
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +41,26 @@ def pytriton_root() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ServerError("nvidia-pytriton is not installed: run `make setup`")
     return Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports free now. All ``n`` sockets are bound before any is
+    closed: binding one at a time can hand out the port just closed again (CI once got the
+    same port for gRPC and metrics, and tritonserver refused to start)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def on_free_ports(serve: ServeConfig) -> ServeConfig:
+    """``serve`` on free loopback ports (tests, benchmarks: a running `make serve` keeps its
+    own)."""
+    http, grpc, metrics = free_ports(3)
+    return dataclasses.replace(
+        serve, host="127.0.0.1", http_port=http, grpc_port=grpc, metrics_port=metrics
+    )
 
 
 def prepare_backends(dest: Path) -> Path:

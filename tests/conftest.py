@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
+from serving.server import free_ports
 from wsss.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]  # the project: tests/ mirrors its packages
@@ -116,9 +116,13 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def port_settings() -> list[str]:
+    """``--set`` entries putting serve on three distinct free loopback ports."""
+    http, grpc, metrics = free_ports(3)
+    return [f"serve.http_port={http}", f"serve.grpc_port={grpc}", f"serve.metrics_port={metrics}"]
 
 
 @pytest.fixture(scope="session")
@@ -138,9 +142,7 @@ def tiny_cfg(pets_root, tmp_path_factory) -> Config:
             f"data.root={pets_root}",
             f"runs={work / 'runs'}",
             f"export.repository={work / 'model_repository'}",
-            f"serve.http_port={free_port()}",
-            f"serve.grpc_port={free_port()}",
-            f"serve.metrics_port={free_port()}",
+            *port_settings(),
         ],
     )
 
@@ -220,9 +222,7 @@ def random_export_cfg(tmp_path, *overrides, segmenter=None, class_names=None) ->
             "data.image_size=48",
             f"runs={runs}",
             f"export.repository={tmp_path / 'repo'}",
-            f"serve.http_port={free_port()}",
-            f"serve.grpc_port={free_port()}",
-            f"serve.metrics_port={free_port()}",
+            *port_settings(),
             "serve.poll_seconds=1",
             *ONE_INSTANCE,
             *overrides,

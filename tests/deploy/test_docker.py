@@ -20,7 +20,8 @@ import pytest
 
 from serving.client import PipelineClient
 from serving.health import ready
-from tests.conftest import ROOT, free_port
+from serving.server import free_ports
+from tests.conftest import ROOT
 from tests.docker_engine import Engine, missing
 from wsss.served.images import encode_png
 from wsss.tensors import PIPELINE, PIPELINE_BYTES
@@ -59,7 +60,7 @@ def image(engine, tmp_path_factory):
 @pytest.fixture
 def container(engine, image, exported):
     """serve-cpu on the exported repository (mounted read-only), on free loopback ports."""
-    ports = {"HTTP_PORT": free_port(), "GRPC_PORT": free_port(), "METRICS_PORT": free_port()}
+    ports = dict(zip(("HTTP_PORT", "GRPC_PORT", "METRICS_PORT"), free_ports(3), strict=True))
     name = f"wsss-test-{os.getpid()}-{ports['HTTP_PORT']}"
     repository = Path(exported.export.repository).resolve()
     args = ["run", "--detach", "--name", name, "--network", "host", "--health-interval=1s"]

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import tritonclient.http as http
 
-from serving.server import ServerError, TritonServer
-from tests.conftest import free_port
+from serving.server import ServerError, TritonServer, on_free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
@@ -38,9 +37,7 @@ def _group(pgid: int) -> list[int]:
 
 
 def _ports(cfg):
-    serve = dataclasses.replace(
-        cfg.serve, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()
-    )
+    serve = on_free_ports(cfg.serve)
     return dataclasses.replace(cfg, serve=serve)
 
 

@@ -13,7 +13,7 @@ import tritonclient.grpc as grpc
 from tritonclient.utils import InferenceServerException
 
 from serving.client import PipelineClient
-from tests.conftest import free_port
+from tests.conftest import port_settings
 from training.data import list_samples, read_image
 from wsss.config import PASSTHROUGH, with_overrides
 from wsss.pruning import answered, ensemble_steps, outputs_to_request
@@ -50,7 +50,7 @@ def passthrough(trained, tmp_path_factory):
             f"export.repository={work / 'model_repository'}",
             f"segmenter.arch={PASSTHROUGH}",
             "refine.method=fixed",
-            *(f"serve.{p}_port={free_port()}" for p in ("http", "grpc", "metrics")),
+            *port_settings(),
         ],
     )
     stages.run(cfg, ("segmenter",))

@@ -15,7 +15,7 @@ import pytest
 from benchmarks.served_quality import served_quality
 from export.repository import export_repository
 from serving.server import TritonServer
-from tests.conftest import ONE_INSTANCE, ROOT, free_port
+from tests.conftest import ONE_INSTANCE, ROOT, port_settings
 from training import stages
 from training.data.dataset import WSSSDataset
 from training.data.layouts import list_samples
@@ -37,9 +37,7 @@ def served(real_pets, tmp_path_factory):
             f"data.root={work / 'data'}",
             f"runs={work / 'runs'}",
             f"export.repository={work / 'model_repository'}",
-            f"serve.http_port={free_port()}",
-            f"serve.grpc_port={free_port()}",
-            f"serve.metrics_port={free_port()}",
+            *port_settings(),
         ],
     )
     ensure_synth(cfg.data.root, SynthOptions.of(cfg.data))

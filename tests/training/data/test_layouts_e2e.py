@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from export.configs import parse
-from tests.conftest import TINY, free_port
+from tests.conftest import TINY, port_settings
 from training.data import list_samples, read_class_names, read_image
 from training.data.writers import folder_palette
 from training.pipeline import pipeline_from_config
@@ -36,9 +36,7 @@ def _settings(work: Path, layout: str) -> list[str]:
         f"data.root={work / 'data'}",
         f"runs={work / 'runs'}",
         f"export.repository={work / 'repo'}",
-        f"serve.http_port={free_port()}",
-        f"serve.grpc_port={free_port()}",
-        f"serve.metrics_port={free_port()}",
+        *port_settings(),
     ]
 
 

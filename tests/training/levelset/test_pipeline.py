@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TINY, free_port
+from serving.server import on_free_ports
+from tests.conftest import TINY
 from wsss.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -32,9 +33,7 @@ def levelset_cfg(trained, tmp_path_factory):
         refine=dataclasses.replace(trained.refine, method="levelset"),
         levelset=dataclasses.replace(trained.levelset, epochs=2, hidden=8),
         export=dataclasses.replace(trained.export, repository=str(work / "repo")),
-        serve=dataclasses.replace(
-            trained.serve, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()
-        ),
+        serve=on_free_ports(trained.serve),
         evaluate=dataclasses.replace(trained.evaluate, out=str(work / "study")),
     )
     stages.run(cfg, ("levelset", "pseudo"))
