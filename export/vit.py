@@ -131,12 +131,12 @@ def _preprocess(size: int, out: str, side: int = VIT_SIZE) -> tuple[list, list]:
 def _to_map(name: str, rank: int = 4) -> tuple[list, list]:
     """A saliency map [B, 1, s, s] (or [B, s, s]: ``rank`` 3) -> [B, 1, 224, 224] as
     cv2.INTER_LINEAR resizes it."""
-    nodes = []
+    nodes, inits = [], []
     if rank == 3:
         nodes.append(helper.make_node("Unsqueeze", [name, _P + "map_axis"], [_P + "map_4d"]))
+        inits.append(_const("map_axis", np.array([1], np.int64)))
         name = _P + "map_4d"
-    inits = [
-        _const("map_axis", np.array([1], np.int64)),
+    inits += [
         _const("map_hw", np.array([VIT_SIZE, VIT_SIZE], np.int64)),
         _const("map_lead", np.array([0], np.int64)),
         _const("map_two", np.array([2], np.int64)),

@@ -89,3 +89,88 @@ def test_bundled_vit_attention_lands_on_the_pet_of_real_photos(real_pets):
     # Measured: attention 0.210 on the pet vs 0.066 around it; IoU 0.559 vs 0.278.
     assert (inside > 2 * outside).mean() >= 0.9
     assert iou.mean() > whole.mean() + 0.2
+
+
+def _embedding_graph() -> bytes:
+    """x [B, 3, H, W] -> a 2x2 patch conv plus position embeddings bicubic-resized to the
+    patch grid (read off x's shape, as DINOv2 does), then a flat [B, -1] (the batch read off
+    the shape too)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    c = lambda name, v: numpy_helper.from_array(np.asarray(v), name)  # noqa: E731
+    inits = [
+        c("w", rng.normal(size=(4, 3, 2, 2)).astype(np.float32)),
+        c("pos", rng.normal(size=(1, 4, 8, 8)).astype(np.float32)),
+        c("hw", np.array([2, 3], np.int64)),
+        c("two", np.array(2, np.int64)),
+        c("lead", np.array([1, 4], np.int64)),
+        c("zero", np.array([0], np.int64)),
+        c("rest", np.array([-1], np.int64)),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Shape", ["x"], ["shape"]),
+        n("Gather", ["shape", "hw"], ["side"]),
+        n("Div", ["side", "two"], ["grid"]),
+        n("Concat", ["lead", "grid"], ["sizes"], axis=0),
+        n("Resize", ["pos", "", "", "sizes"], ["pos_at"], mode="cubic"),
+        n("Conv", ["x", "w"], ["patches"], kernel_shape=[2, 2], strides=[2, 2]),
+        n("Add", ["patches", "pos_at"], ["embedded"]),
+        n("Gather", ["shape", "zero"], ["batch"]),
+        n("Concat", ["batch", "rest"], ["flat"], axis=0),
+        n("Reshape", ["embedded", "flat"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "embeddings",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, "h", "w"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", "n"])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def test_what_depends_on_the_side_alone_is_computed_once(tmp_path):
+    """onnx_reading at 12 px: the position embeddings' Resize becomes a weight (it ran at
+    every call), the batch stays read at run time, and the outputs do not change."""
+    import onnx
+    import onnxruntime as ort
+
+    from training.attention import onnx_reading
+
+    path = tmp_path / "embeddings.onnx"
+    path.write_bytes(_embedding_graph())
+    folded = onnx.load_from_string(onnx_reading(path, 12))
+    ops = [node.op_type for node in folded.graph.node]
+    assert "Resize" not in ops and "Conv" in ops and "Reshape" in ops
+    assert [t.name for t in folded.graph.initializer if t.name.endswith("_at_side")] == [
+        "pos_at_at_side"
+    ]
+    before = ort.InferenceSession(path.read_bytes(), providers=["CPUExecutionProvider"])
+    after = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):  # the probes ran at 1 and 2
+        x = np.random.default_rng(batch).normal(size=(batch, 3, 12, 12)).astype(np.float32)
+        want = before.run(None, {"x": x})[0]
+        got = after.run(None, {"x": x})[0]
+        assert got.shape == (batch, 4 * 6 * 6) and np.array_equal(got, want)
+
+
+def test_the_bundled_vit_read_at_its_side_answers_as_the_file_does():
+    """The bundled DINOv2 with its position embeddings computed once: the same saliency map
+    as the file as it came, to the bit, at 224 px."""
+    import onnxruntime as ort
+
+    from training.attention import bundled_vit_onnx, onnx_reading
+
+    path = bundled_vit_onnx()
+    x = np.random.default_rng(0).normal(size=(1, 3, SIZE, SIZE)).astype(np.float32)
+    maps = []
+    for graph in (path.read_bytes(), onnx_reading(path, SIZE)):
+        session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+        maps.append(session.run(None, {session.get_inputs()[0].name: x})[0])
+    assert np.array_equal(maps[0], maps[1])
