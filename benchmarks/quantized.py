@@ -24,7 +24,7 @@ import numpy as np
 
 from benchmarks.served_quality import served_quality
 from export.quantize import quantize_graph
-from export.repository import build_if_missing, export_repository
+from export.repository import build_if_missing, export_repository, vit_core
 from serving.client import PipelineClient
 from serving.perf import PerfSettings, run_perf_analyzer
 from serving.server import TritonServer, on_free_ports
@@ -37,7 +37,7 @@ from wsss.served.registry import RefinerSpec
 from wsss.tensors import PIPELINE_BYTES
 
 DEFAULT_PHOTOS = Path("../shared/data/oxford-pet-subset")
-LABEL = {"none": "fp32", "dynamic": "int8"}
+LABEL = {"none": "fp32", "dynamic": "int8", "static": "static int8"}
 # The targets' yardstick: the ViT's file as it came, unchanged (the project's own reading of
 # it, ``onnx_reading``, computes its position embeddings once; the file does at every call).
 AS_IT_CAME = f"fp32, {VIT_SIZE} px, the file as it came"
@@ -46,9 +46,9 @@ BASELINE = f"{AS_IT_CAME}, default threads"
 
 def variants(sizes: list[int]) -> list[tuple[str, int]]:
     """(export.vit.quantize, refine.saliency_size) of each served variant: fp32 and int8 at
-    224 px, then int8 at each other side."""
+    224 px, then dynamic and static int8 at each other side."""
     return [("none", VIT_SIZE), ("dynamic", VIT_SIZE)] + [
-        ("dynamic", s) for s in sizes if s != VIT_SIZE
+        (kind, s) for s in sizes if s != VIT_SIZE for kind in ("dynamic", "static")
     ]
 
 
@@ -67,6 +67,9 @@ def vit_times(cfg, sizes: list[int], images: np.ndarray, rounds: int) -> dict[st
         fp32 = saliency_graph(dataclasses.replace(refine, saliency_size=size))
         models[variant_label("none", size)] = (fp32, size)
         models[variant_label("dynamic", size)] = (quantize_graph(fp32), size)
+        if size != VIT_SIZE:  # calibrated on the profile's export.vit.calibration photos
+            static, _ = vit_core(with_overrides(cfg, ["export.vit.quantize=static"]), fp32, size)
+            models[variant_label("static", size)] = (static, size)
     graphs = {
         f"{label}, {'default threads' if threads == 0 else '1 thread'}": (
             OnnxSaliency(model, threads=threads, size=size)

@@ -1,5 +1,5 @@
-"""int8 graphs for CPU instances: ONNX Runtime's dynamic quantization, checked by what it
-changes in the masks.
+"""int8 graphs for CPU instances: ONNX Runtime's dynamic or static quantization, checked by
+what it changes in the masks.
 
 ``quantize_dynamic`` stores the weights of MatMul / Gemm / Conv as 8-bit integers and
 quantizes activations on the fly (``DynamicQuantizeLinear``, ``MatMulInteger``). How much
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-QUANTIZATIONS = ("none", "dynamic")  # export.<model>.quantize
+QUANTIZATIONS = ("none", "dynamic", "static")  # export.<model>.quantize
 
 
 def quantize_graph(model: bytes) -> bytes:
@@ -38,6 +38,61 @@ def quantize_graph(model: bytes) -> bytes:
             src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
             src.write_bytes(model)
             quantize_dynamic(src, dst, weight_type=QuantType.QUInt8)
+            return dst.read_bytes()
+    finally:
+        root.setLevel(level)
+
+
+def quantize_static_graph(model: bytes, inputs: list[np.ndarray]) -> bytes:
+    """An ONNX graph's bytes -> its statically quantized graph: weights int8 per output
+    channel, activations uint8 with ranges calibrated (min-max) on ``inputs`` (the graph's
+    own input, one array per photo), QDQ around every MatMul and Conv (``phase_convs``
+    first). No activation is quantized at run time, which is what dynamic quantization
+    spends its time on: the default model's ViT at 168 px took 22 ms against dynamic's 32 on
+    one thread, and on 120 Pet training photos its Otsu masks scored 0.847 pooled IoU
+    against fp32's 0.846 and dynamic's 0.837 (calibrated on 60 other training photos)."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    model = phase_convs(model)
+    name = onnx.load_from_string(model).graph.input[0].name
+
+    class Photos(CalibrationDataReader):
+        def __init__(self):
+            self.left = iter(inputs)
+
+        def get_next(self):
+            x = next(self.left, None)
+            return None if x is None else {name: x}
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            src, ready, dst = (Path(tmp) / f for f in ("fp32.onnx", "ready.onnx", "int8.onnx"))
+            src.write_bytes(model)
+            # ONNX Runtime's own advice before quantizing: its graph optimisations and shapes.
+            quant_pre_process(str(src), str(ready), skip_symbolic_shape=True)
+            quantize_static(
+                str(ready),
+                str(dst),
+                Photos(),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul", "Conv"],
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                calibration_providers=["CPUExecutionProvider"],
+            )
             return dst.read_bytes()
     finally:
         root.setLevel(level)
@@ -138,7 +193,8 @@ def is_quantized(model: bytes) -> bool:
     import onnx
 
     ops = {node.op_type for node in onnx.load_from_string(model).graph.node}
-    return bool(ops & {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul"})
+    int8 = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul"}
+    return bool(ops & (int8 | {"QuantizeLinear"}))
 
 
 def map_agreement(reference, served, images: np.ndarray) -> dict[str, float]:

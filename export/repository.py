@@ -37,7 +37,7 @@ from export.configs import (
 )
 from export.lock import locked_staging
 from export.onnx_export import check_parity, export_onnx
-from export.quantize import map_agreement, quantize_graph
+from export.quantize import map_agreement, quantize_graph, quantize_static_graph
 from export.torchscript_export import check_torchscript_parity, export_torchscript
 from export.vit import served_vit
 from training.pipeline import (
@@ -53,7 +53,15 @@ from wsss.config import Config, save_config, served_config
 from wsss.errors import InputError, WsssError
 from wsss.palette import VOC_PALETTE
 from wsss.served import HELPERS
-from wsss.served.classical import VIT_SIZE, OnnxAttention, OnnxMaps, OnnxSaliency
+from wsss.served.classical import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    VIT_SIZE,
+    OnnxAttention,
+    OnnxMaps,
+    OnnxSaliency,
+    vit_input,
+)
 from wsss.served.registry import RefinerSpec
 from wsss.tensors import (
     CLASSIFIER,
@@ -292,16 +300,7 @@ def _vit(cfg: Config, refiner, role: str) -> ExportedViT:
     else:
         fp32 = _vit_model(refiner.attention)
         reference = OnnxAttention(fp32)
-    core, quantized = fp32, {}
-    if settings.quantize != "none":
-        if settings.kind == "KIND_GPU":
-            quantized = {"quantize": "none: KIND_GPU instances keep fp32"}
-        else:
-            core = quantize_graph(fp32)
-            quantized = {
-                "quantize": "dynamic: int8 weights (ONNX Runtime quantize_dynamic), served on "
-                "CPU instances (a GPU server keeps fp32 with export.vit.quantize: none)"
-            }
+    core, quantized = vit_core(cfg, fp32, side)
     graph = served_vit(core, role, cfg.data.image_size, vit_size=side)
     images, source = _photos(cfg, QUANTIZE_PHOTOS)
     if images is None:
@@ -323,17 +322,43 @@ def _vit(cfg: Config, refiner, role: str) -> ExportedViT:
     return ExportedViT(graph, parity, quantized)
 
 
-def _photos(cfg: Config, count: int) -> tuple[np.ndarray | None, str]:
-    """Up to ``count`` training images of the configured data, spread over the list, and
-    what they are; None and why where there are none to read."""
+def vit_core(cfg: Config, fp32: bytes, side: int) -> tuple[bytes, dict]:
+    """The ViT graph ``fp32`` (reading ``side`` px) as ``export.vit.quantize`` asks for it
+    on its instances, and what was done: fp32 on KIND_GPU instances (their kernels are
+    fp32's); dynamic int8; static int8 calibrated on ``export.vit.calibration``'s training
+    photos, or dynamic, saying why, where there are none to read."""
+    settings = cfg.export.vit
+    if settings.quantize == "none":
+        return fp32, {}
+    if settings.kind == "KIND_GPU":
+        return fp32, {"quantize": "none: KIND_GPU instances keep fp32"}
+    gpu = "served on CPU instances (a GPU server keeps fp32 with export.vit.quantize: none)"
+    dynamic = f"dynamic: int8 weights (ONNX Runtime quantize_dynamic), {gpu}"
+    if settings.quantize == "dynamic":
+        return quantize_graph(fp32), {"quantize": dynamic}
+    root = settings.calibration or cfg.data.root
+    images, source = _photos(cfg, settings.calibration_photos, root)
+    if images is None:
+        return quantize_graph(fp32), {"quantize": f"{dynamic}; static asked for, but {source}"}
+    inputs = [vit_input(image[None], IMAGENET_MEAN, IMAGENET_STD, side) for image in images]
+    return quantize_static_graph(fp32, inputs), {
+        "quantize": f"static: int8 weights and activations (ONNX Runtime quantize_static, "
+        f"per channel, min-max ranges of {source}), {gpu}"
+    }
+
+
+def _photos(cfg: Config, count: int, root: str | None = None) -> tuple[np.ndarray | None, str]:
+    """Up to ``count`` training images of ``root`` (the configured data's), spread over the
+    list, and what they are; None and why where there are none to read."""
     from training.data import list_samples
     from training.data.dataset import WSSSDataset
 
+    root = root or cfg.data.root
     try:
-        samples = list_samples(cfg.data.root, cfg.data.task, "train", cfg.data.layout)
+        samples = list_samples(root, cfg.data.task, "train", cfg.data.layout)
         samples = samples[:: max(1, len(samples) // count)][:count]
         data = WSSSDataset(
-            cfg.data.root,
+            root,
             cfg.data.task,
             "train",
             cfg.data.image_size,
@@ -342,7 +367,7 @@ def _photos(cfg: Config, count: int) -> tuple[np.ndarray | None, str]:
         )
     except (WsssError, OSError) as exc:
         return None, f"no photos at hand ({exc})"
-    return data.images, f"{len(data.images)} training images of {cfg.data.root}"
+    return data.images, f"{len(data.images)} training images of {root}"
 
 
 def _vit_model(vit) -> bytes:

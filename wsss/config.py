@@ -326,10 +326,16 @@ class NetworkExportConfig(ModelServingConfig):
     max_queue_delay_us: int = 0
     onnxruntime: OnnxRuntimeConfig = field(default_factory=OnnxRuntimeConfig)
     # int8 for CPU instances (export/quantize.py): dynamic, ONNX Runtime's dynamic
-    # quantization (weights int8, activations on the fly). So far the ViT only
-    # (export.vit.quantize), nine tenths of the default model's cost; KIND_GPU instances keep
-    # fp32.
-    quantize: Literal["none", "dynamic"] = "none"
+    # quantization (weights int8, activations on the fly); static, weights and activations
+    # int8 with the activations' ranges calibrated on photos (``calibration``). So far the
+    # ViT only (export.vit.quantize), most of the default model's cost; KIND_GPU instances
+    # keep fp32.
+    quantize: Literal["none", "dynamic", "static"] = "none"
+    # Static int8's calibration photos: the training list of this dataset root (read with
+    # data.task and data.layout), ``calibration_photos`` of them spread over it; empty: the
+    # profile's own data.root. Where none can be read, export quantizes dynamically and says so.
+    calibration: str = ""
+    calibration_photos: int = 60
 
 
 @dataclass

@@ -83,6 +83,26 @@ def test_export_quantizes_the_vit_and_says_what_it_did(tiny):
     assert "KIND_GPU" in gpu.quantized["quantize"] and not is_quantized(gpu.graph)
 
 
+def test_static_int8_is_calibrated_on_photos_or_export_says_why_it_is_dynamic(tiny, pets_root):
+    """export.vit.quantize static: weights and activations int8 (QuantizeLinear in the
+    graph), ranges from export.vit.calibration's training photos, named in what export
+    says; with no photos to read, the dynamic graph, and why."""
+    static = _vit(
+        _config(tiny, "export.vit.quantize=static", f"export.vit.calibration={pets_root}"),
+        None,
+        SALIENCY,
+    )
+    ops = {n.op_type for n in onnx.load_from_string(static.graph).graph.node}
+    assert "QuantizeLinear" in ops and "DynamicQuantizeLinear" not in ops
+    assert static.quantized["quantize"].startswith("static")
+    assert f"training images of {pets_root}" in static.quantized["quantize"]
+    assert static.quantized["mask_iou"] >= 0.9
+    fallback = _vit(_config(tiny, "export.vit.quantize=static"), None, SALIENCY)
+    ops = {n.op_type for n in onnx.load_from_string(fallback.graph).graph.node}
+    assert "DynamicQuantizeLinear" in ops and "QuantizeLinear" not in ops
+    assert "static asked for, but no photos at hand" in fallback.quantized["quantize"]
+
+
 def test_old_configs_quantize_the_vit():
     """``export.refiner.quantize`` quantized the ViT inside the refiner: it now means the
     ViT model's."""
@@ -104,15 +124,25 @@ def test_export_refuses_what_it_would_not_quantize(tiny, overrides, vit_map, mes
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_int8_vit_keeps_the_masks_on_real_photos(real_pets):
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_int8_vit_keeps_the_masks_on_real_photos(real_pets, kind):
     """On 16 Pet test photos the served int8 ViT's foreground agrees with the in-process fp32
     ViT's (IoU >= 0.95) and is as good against the trimaps (within 0.01 IoU), from a third
-    of the bytes."""
+    of the bytes; static int8 calibrated on 30 of the training photos."""
+    from export.quantize import quantize_static_graph
+    from training.attention import onnx_reading
     from training.data import list_samples
     from training.data.dataset import WSSSDataset
+    from wsss.served.classical import IMAGENET_MEAN, IMAGENET_STD, VIT_SIZE, vit_input
 
-    fp32 = saliency_model(RefineConfig(method="saliency")).read_bytes()
-    int8 = quantize_graph(fp32)
+    fp32 = onnx_reading(saliency_model(RefineConfig(method="saliency")), VIT_SIZE)
+    if kind == "dynamic":
+        int8 = quantize_graph(fp32)
+    else:
+        train = list_samples(real_pets, "pets", "train")[::10][:30]
+        calibration = WSSSDataset(real_pets, "pets", "train", 224, samples=train).images
+        inputs = [vit_input(i[None], IMAGENET_MEAN, IMAGENET_STD, VIT_SIZE) for i in calibration]
+        int8 = quantize_static_graph(fp32, inputs)
     assert is_quantized(int8) and len(int8) < 0.4 * len(fp32)
     samples = list_samples(real_pets, "pets", "test")[::9][:16]
     data = WSSSDataset(real_pets, "pets", "test", 224, samples=samples)
