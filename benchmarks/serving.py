@@ -664,13 +664,13 @@ class Setting:
 
 CPU_SWEEP = (
     Setting(0, 500, 1, 1, 1, 0),  # ONNX Runtime's and Triton's usual defaults
-    Setting(1, 0, 2, 2, 2, 1),  # the shipped defaults before the sweep (wsss/config.py)
-    Setting(1, 500, 2, 2, 2, 1),
+    Setting(1, 0, 2, 2, 2, 1),  # the shipped defaults before the first sweep (wsss/config.py)
+    Setting(1, 0, 2, 1, 2, 1),  # configs/serve.yaml's choice of that sweep
+    Setting(1, 500, 2, 1, 2, 1),
     Setting(1, 0, 1, 1, 1, 1),
     Setting(1, 0, 1, 1, 1, 2),
-    Setting(1, 0, 1, 2, 2, 1),
-    Setting(1, 0, 2, 2, 1, 2),
-    Setting(1, 0, 2, 1, 2, 1),
+    Setting(1, 0, 2, 1, 1, 2),
+    Setting(1, 0, 2, 1, 2, 2),
 )
 GPU_SWEEP = tuple(
     Setting(0, delay, n, n, n, 0, acc)
