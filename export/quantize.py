@@ -2,13 +2,15 @@
 what it changes in the masks.
 
 ``quantize_dynamic`` stores the weights of MatMul / Gemm / Conv as 8-bit integers and
-quantizes activations on the fly (``DynamicQuantizeLinear``, ``MatMulInteger``). How much
-faster depends on the CPU's integer kernels: on this project's AMD EPYC without VNNI the
-default model's ViT-S/14 took 0.81x its fp32 time on one thread, 0.91x on two
-(reports/bench/quantized.md); issue #32 reports 0.39x (53 vs 137 ms) from a CPU with
-AVX-512 VNNI, not re-measured here. Its check is not a tolerance on floats, which int8 does
-not keep, but the agreement of the masks the two graphs give on the configured photos: the
-foreground each saliency map's Otsu threshold keeps, fp32 against int8.
+quantizes activations on the fly (``DynamicQuantizeLinear``, ``MatMulInteger``);
+``quantize_static`` quantizes the activations too, with ranges calibrated on photos, so
+nothing is measured at run time. How much faster depends on the CPU's integer kernels: on
+this project's AMD EPYC with AVX-512 VNNI the default model's ViT-S/14 at 168 px took 31 ms
+dynamic and 22 ms static against 44 ms fp32 on one thread (reports/bench/quantized.md; an
+earlier host without VNNI gave dynamic 0.81x its fp32 time). The check is not a tolerance on
+floats, which int8 does not keep, but the agreement of the masks the two graphs give on the
+configured photos: the foreground each saliency map's Otsu threshold keeps, fp32 against
+int8.
 """
 
 from __future__ import annotations

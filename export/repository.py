@@ -274,8 +274,9 @@ def _refuse_quantize(cfg: Config, vit_map: str | None) -> None:
     for name in (CLASSIFIER, SEGMENTER, REFINER):
         if getattr(cfg.export, name).quantize != "none":
             raise ExportError(
-                f"export.{name}.quantize: only the ViT is quantized so far (export.vit.quantize), "
-                "nine tenths of the default model's cost"
+                f"export.{name}.quantize: only the ViT is quantized (export.vit.quantize); "
+                "static int8 of the classifier moved its class scores by up to 0.44 on Pet "
+                "training photos (docs/serving.md)"
             )
     if cfg.export.vit.quantize != "none" and vit_map is None:
         raise ExportError(
