@@ -87,59 +87,84 @@ def _image_input(model, path):
 
 
 def _probes(image, side: int) -> list[np.ndarray]:
-    """Zeros of the input's dtype at ``side`` px: batches 1 and 2, or its fixed batch."""
+    """Images of the input's dtype at ``side`` px: zeros at batches 1 and 2 (or its fixed
+    batch), and random pixels (a shape that follows the pixels differs there)."""
     import onnx
 
     dims = image.type.tensor_type.shape.dim
     dtype = onnx.helper.tensor_dtype_to_np_dtype(image.type.tensor_type.elem_type)
     batches = [dims[0].dim_value] if dims[0].dim_value else [1, 2]
-    return [np.zeros((b, dims[1].dim_value or 3, side, side), dtype) for b in batches]
+    shape = (dims[1].dim_value or 3, side, side)
+    noise = np.random.default_rng(0).normal(size=(batches[0], *shape))
+    if np.issubdtype(dtype, np.integer):
+        noise = np.clip(noise * 64 + 128, 0, 255)
+    return [np.zeros((b, *shape), dtype) for b in batches] + [noise.astype(dtype)]
 
 
-def fold_for_side(model, name: str, probes: list[np.ndarray], what: str) -> bytes:
-    """``model`` with each tensor that depends on neither the pixels nor the batch (only
-    on the image's side, fixed here) computed once and stored as a weight; the nodes that
+SIDE_HINT = (
+    "a graph whose position embeddings fit one patch grid cannot read another side: set "
+    "refine.saliency_size to its declared side, or export a graph that interpolates them"
+)
+
+
+def fold_for_side(
+    model, name: str, probes: list[np.ndarray], what: str, hint: str = SIDE_HINT
+) -> bytes:
+    """``model`` with each tensor computed from the image's shape alone (its side, fixed
+    here; not its pixels, not its batch) computed once and stored as a weight, the nodes that
     made it dropped. What this saves: the bundled DINOv2 interpolates its position
-    embeddings (a bicubic Resize of [1, 384, 16, 16]) at every call, 7.5 of the int8 168 px
-    ViT's 44 ms on one thread; ONNX Runtime does not fold it, as the image's shape is
-    symbolic in the graph. Found by running ``probes`` (zeros at the side asked for; two
-    batch sizes, and a tensor is folded only where both give the same value), which also
-    makes a ViT that cannot read that side (position embeddings of a fixed grid) fail here,
-    saying so, rather than with ONNX Runtime's shape error at the first batch."""
+    embeddings (a bicubic Resize of [1, 384, 16, 16], sized from the image's shape) at every
+    call, 7.5 of the int8 168 px ViT's 44 ms on one thread; ONNX Runtime does not fold it,
+    as the image's shape is symbolic in the graph. Only tensors downstream of a Shape or
+    Size are candidates (a graph's own constant subgraphs, e.g. a quantized model's
+    dequantized weights, stay as they are), and one is folded only where every probe (zeros
+    at two batch sizes, random pixels) gives it the same value. Running the probes also
+    makes a graph that cannot read that side fail here, saying so (``hint``), rather than
+    with ONNX Runtime's shape error at the first batch. A graph with control flow (If, Loop,
+    Scan: their subgraphs read tensors by name) is only probed."""
     import onnx
     from onnx import numpy_helper
 
     graph = model.graph
-    inputs = {name}  # tensors that carry the pixels (not just their shape)
+    whole = [o.name for o in graph.output]  # the whole graph runs: the side's check
+    if any(a.type in (a.GRAPH, a.GRAPHS) for node in graph.node for a in node.attribute):
+        for probe in probes:
+            _run(model.SerializeToString(), name, probe, what, whole, hint)
+        return model.SerializeToString()
+    pixels, sized = {name}, set()  # tensors computed from the pixels / from a shape
     for node in graph.node:
-        if node.op_type not in ("Shape", "Size") and inputs.intersection(node.input):
-            inputs.update(node.output)
-    made = {o: node for node in graph.node if node.op_type != "Constant" for o in node.output}
+        if node.op_type in ("Shape", "Size"):
+            sized.update(node.output)
+        elif pixels.intersection(node.input):
+            pixels.update(node.output)
+        elif sized.intersection(node.input):
+            sized.update(node.output)
     frontier = sorted(
-        {
-            i
-            for node in graph.node
-            if inputs.intersection(node.output)
-            for i in node.input
-            if i in made and i not in inputs
-        }
+        {i for node in graph.node if pixels.intersection(node.output) for i in node.input} & sized
     )
     types = {v.name: v.type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
     frontier = [t for t in frontier if t in types]
     probe_model = onnx.ModelProto()
     probe_model.CopyFrom(model)
     probe_model.graph.output.extend(onnx.helper.make_value_info(t, types[t]) for t in frontier)
-    probe_graph = probe_model.SerializeToString()
-    outputs = [o.name for o in graph.output]  # the whole graph runs: the side's check
-    values = [_run(probe_graph, name, p, what, outputs + frontier)[len(outputs) :] for p in probes]
+    try:
+        values = [
+            _run(probe_model.SerializeToString(), name, p, what, whole + frontier, hint)
+            for p in probes
+        ]
+    except InputError:  # the side's error, or the probe's extra outputs: the graph as it is
+        for probe in probes:
+            _run(model.SerializeToString(), name, probe, what, whole, hint)
+        return model.SerializeToString()
     fixed = {}
-    for k, tensor in enumerate(frontier):
-        if all(np.array_equal(values[0][k], v[k]) for v in values[1:]):
-            fixed[tensor] = values[0][k]
+    for k, tensor in enumerate(frontier, start=len(whole)):
+        first = values[0][k]
+        if all(v[k].shape == first.shape and np.array_equal(v[k], first) for v in values[1:]):
+            fixed[tensor] = first
     for tensor, value in fixed.items():
         graph.initializer.append(numpy_helper.from_array(value, f"{tensor}_at_side"))
     for node in graph.node:
-        if inputs.intersection(node.output):
+        if pixels.intersection(node.output):
             for k, i in enumerate(node.input):
                 if i in fixed:
                     node.input[k] = f"{i}_at_side"
@@ -148,7 +173,8 @@ def fold_for_side(model, name: str, probes: list[np.ndarray], what: str) -> byte
 
 
 def _prune(graph) -> None:
-    """Drop the nodes nothing reads (back from the graph's outputs) and unread weights."""
+    """Drop the nodes nothing reads (back from the graph's outputs) and the weights they
+    read (from the graph's inputs too, where an older graph lists its weights there)."""
     needed = {o.name for o in graph.output}
     keep = []
     for node in reversed(graph.node):
@@ -157,15 +183,21 @@ def _prune(graph) -> None:
             needed.update(node.input)
     del graph.node[:]
     graph.node.extend(reversed(keep))
-    weights = [t for t in graph.initializer if t.name in needed]
+    dropped = {t.name for t in graph.initializer if t.name not in needed}
+    weights = [t for t in graph.initializer if t.name not in dropped]
     del graph.initializer[:]
     graph.initializer.extend(weights)
+    inputs = [i for i in graph.input if i.name not in dropped]
+    del graph.input[:]
+    graph.input.extend(inputs)
 
 
-def _run(graph: bytes, name: str, probe: np.ndarray, what: str, outputs: list[str]) -> list:
-    """``outputs`` of ``graph`` on ``probe``; a graph that cannot read the probe's side is
-    refused by name. The session is unoptimised and keeps no memory arena: it lives for one
-    run."""
+def _run(
+    graph: bytes, name: str, probe: np.ndarray, what: str, outputs: list[str], hint: str
+) -> list:
+    """``outputs`` of ``graph`` on ``probe``; a graph that cannot read the probe is refused
+    by name, with ``hint``. The session is unoptimised and keeps no memory arena: it lives
+    for one run."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -179,10 +211,7 @@ def _run(graph: bytes, name: str, probe: np.ndarray, what: str, outputs: list[st
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         side = probe.shape[-1]
         raise InputError(
-            f"the ViT {what} does not run on {side} px images (a graph whose position "
-            "embeddings fit one patch grid cannot read another side): set "
-            f"refine.saliency_size to its declared side, or export a graph that "
-            f"interpolates them. ONNX Runtime: {first}"
+            f"the ViT {what} does not run on {side} px images ({hint}). ONNX Runtime: {first}"
         ) from None
 
 
@@ -204,7 +233,8 @@ def onnx_with_attention(path: Path, layers: Sequence[int]) -> bytes:
             onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
         )
     image = _image_input(model, path)
-    return fold_for_side(model, image.name, _probes(image, SIZE), str(path))
+    hint = f"an attention ViT is read at its {SIZE} px"
+    return fold_for_side(model, image.name, _probes(image, SIZE), str(path), hint)
 
 
 class ViTAttention:

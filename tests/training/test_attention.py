@@ -174,3 +174,94 @@ def test_the_bundled_vit_read_at_its_side_answers_as_the_file_does():
         session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
         maps.append(session.run(None, {session.get_inputs()[0].name: x})[0])
     assert np.array_equal(maps[0], maps[1])
+
+
+def test_a_graph_with_control_flow_is_read_as_it_is(tmp_path):
+    """An If node's branches read tensors by name from outside them: the fold leaves such a
+    graph whole (still probed at the side), and it answers as before."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from training.attention import onnx_reading
+
+    def branch(name: str, op: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node(op, ["x"], [f"{name}_out"])],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)],
+        )
+
+    # The branch's mean, added back: on the zeros the fold probes with it is 0.5 at any batch,
+    # so a fold that did not see the branch read x would store it as a constant.
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "If",
+                ["flag"],
+                ["branch"],
+                then_branch=branch("then", "Sigmoid"),
+                else_branch=branch("else", "Relu"),
+            ),
+            helper.make_node("ReduceMean", ["branch"], ["mean"], keepdims=0),
+            helper.make_node("Add", ["x", "mean"], ["out"]),
+        ],
+        "control_flow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(True), "flag")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "control_flow.onnx"
+    path.write_bytes(model.SerializeToString())
+    read = onnx_reading(path, 8)
+    assert [n.op_type for n in onnx.load_from_string(read).graph.node] == [
+        "If",
+        "ReduceMean",
+        "Add",
+    ]
+    x = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    session = ort.InferenceSession(read, providers=["CPUExecutionProvider"])
+    want = x + (1 / (1 + np.exp(-x))).mean()
+    assert np.allclose(session.run(None, {"x": x})[0], want, atol=1e-5)
+
+
+def test_a_shape_that_follows_the_pixels_is_not_stored(tmp_path):
+    """A count of the positive pixels (NonZero's shape) is read off a Shape too, but it
+    follows the pixels: it is 0 on zeros at any batch, and the random probe keeps it from
+    being stored as a constant."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from training.attention import onnx_reading
+
+    n = helper.make_node
+    graph = helper.make_graph(
+        [
+            n("Greater", ["x", "zero"], ["positive"]),
+            n("NonZero", ["positive"], ["where"]),
+            n("Shape", ["where"], ["shape"]),
+            n("Gather", ["shape", "one"], ["count"], axis=0),
+            n("Cast", ["count"], ["countf"], to=TensorProto.FLOAT),
+            n("Mul", ["x", "countf"], ["out"]),
+        ],
+        "follows_the_pixels",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 4, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", 3, 4, 4])],
+        [
+            numpy_helper.from_array(np.array(0, np.float32), "zero"),
+            numpy_helper.from_array(np.array(1, np.int64), "one"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "follows.onnx"
+    path.write_bytes(model.SerializeToString())
+    read = onnx_reading(path, 4)
+    assert not [t for t in onnx.load_from_string(read).graph.initializer if "_at_side" in t.name]
+    x = np.random.default_rng(1).normal(size=(1, 3, 4, 4)).astype(np.float32)
+    session = ort.InferenceSession(read, providers=["CPUExecutionProvider"])
+    assert np.allclose(session.run(None, {"x": x})[0], x * (x > 0).sum())
