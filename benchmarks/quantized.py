@@ -68,7 +68,9 @@ def vit_times(cfg, sizes: list[int], images: np.ndarray, rounds: int) -> dict[st
         models[variant_label("none", size)] = (fp32, size)
         models[variant_label("dynamic", size)] = (quantize_graph(fp32), size)
         if size != VIT_SIZE:  # calibrated on the profile's export.vit.calibration photos
-            static, _ = vit_core(with_overrides(cfg, ["export.vit.quantize=static"]), fp32, size)
+            static, done = vit_core(with_overrides(cfg, ["export.vit.quantize=static"]), fp32, size)
+            if not done["quantize"].startswith("static"):  # no calibration photos at hand
+                raise SystemExit(f"wsss bench --quantized: {done['quantize']}")
             models[variant_label("static", size)] = (static, size)
     graphs = {
         f"{label}, {'default threads' if threads == 0 else '1 thread'}": (

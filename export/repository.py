@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -273,10 +274,14 @@ def _refuse_quantize(cfg: Config, vit_map: str | None) -> None:
     """Refuse an int8 switch that would quantize nothing."""
     for name in (CLASSIFIER, SEGMENTER, REFINER):
         if getattr(cfg.export, name).quantize != "none":
-            raise ExportError(
-                f"export.{name}.quantize: only the ViT is quantized (export.vit.quantize); "
-                "static int8 of the classifier moved its class scores by up to 0.44 on Pet "
+            why = (
+                "; static int8 of the classifier moved its class scores by up to 0.44 on Pet "
                 "training photos (docs/serving.md)"
+                if name == CLASSIFIER
+                else ""
+            )
+            raise ExportError(
+                f"export.{name}.quantize: only the ViT is quantized (export.vit.quantize){why}"
             )
     if cfg.export.vit.quantize != "none" and vit_map is None:
         raise ExportError(
@@ -340,7 +345,9 @@ def vit_core(cfg: Config, fp32: bytes, side: int) -> tuple[bytes, dict]:
     root = settings.calibration or cfg.data.root
     images, source = _photos(cfg, settings.calibration_photos, root)
     if images is None:
-        return quantize_graph(fp32), {"quantize": f"{dynamic}; static asked for, but {source}"}
+        said = f"{dynamic}; static asked for, but {source}"
+        print(f"export.vit.quantize: {said}", file=sys.stderr, flush=True)
+        return quantize_graph(fp32), {"quantize": said}
     inputs = [vit_input(image[None], IMAGENET_MEAN, IMAGENET_STD, side) for image in images]
     return quantize_static_graph(fp32, inputs), {
         "quantize": f"static: int8 weights and activations (ONNX Runtime quantize_static, "

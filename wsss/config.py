@@ -331,11 +331,18 @@ class NetworkExportConfig(ModelServingConfig):
     # ViT only (export.vit.quantize), most of the default model's cost; KIND_GPU instances
     # keep fp32.
     quantize: Literal["none", "dynamic", "static"] = "none"
-    # Static int8's calibration photos: the training list of this dataset root (read with
-    # data.task and data.layout), ``calibration_photos`` of them spread over it; empty: the
-    # profile's own data.root. Where none can be read, export quantizes dynamically and says so.
+    # Static int8's calibration photos (export.vit only): the training list of this dataset
+    # root (read with data.task and data.layout), ``calibration_photos`` of them spread over
+    # it; empty: the profile's own data.root. Where none can be read, export quantizes
+    # dynamically and says so.
     calibration: str = ""
     calibration_photos: int = 60
+
+    def __post_init__(self):
+        if self.calibration_photos < 1:
+            raise ConfigError(
+                f"calibration_photos {self.calibration_photos}: at least 1 photo to calibrate on"
+            )
 
 
 @dataclass
