@@ -15,6 +15,7 @@ int8.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -32,15 +33,22 @@ def quantize_graph(model: bytes) -> bytes:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = phase_convs(model)
+    with _quiet(), tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(model)
+        quantize_dynamic(src, dst, weight_type=QuantType.QUInt8)
+        return dst.read_bytes()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ONNX Runtime's quantizer logs its advice (pre-process the graph first) and its
+    calibration's progress on the root logger at every call: errors only, while it runs."""
     root = logging.getLogger()
     level = root.level
-    root.setLevel(logging.ERROR)  # its advice to pre-process the graph first, every call
+    root.setLevel(logging.ERROR)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-            src.write_bytes(model)
-            quantize_dynamic(src, dst, weight_type=QuantType.QUInt8)
-            return dst.read_bytes()
+        yield
     finally:
         root.setLevel(level)
 
@@ -78,36 +86,30 @@ def quantize_static_graph(model: bytes, inputs: list[np.ndarray]) -> bytes:
             x = next(self.left, None)
             return None if x is None else {name: x}
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            src, ready, dst = (Path(tmp) / f for f in ("fp32.onnx", "ready.onnx", "int8.onnx"))
-            src.write_bytes(model)
-            # ONNX Runtime's own advice before quantizing: its graph optimisations and shapes.
-            quant_pre_process(str(src), str(ready), skip_symbolic_shape=True)
-            quantize_static(
-                str(ready),
-                str(dst),
-                Photos(),
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=["MatMul", "Conv"],
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
-                calibration_providers=["CPUExecutionProvider"],
-                # A MatMul's output stays fp32: its consumer quantizes it where it needs to.
-                # Quantized, ONNX Runtime fused each attention's Softmax between two of them
-                # into QLinearSoftmax, 3.2 of the ViT's 28 ms against 0.5 for fp32's Softmax;
-                # kept fp32, the 168 px ViT ran 18.5 ms against 22.5 on one thread, its masks
-                # on 120 Pet training photos 0.848 pooled IoU against 0.847.
-                extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]},
-            )
-            return dst.read_bytes()
-    finally:
-        root.setLevel(level)
+    with _quiet(), tempfile.TemporaryDirectory() as tmp:
+        src, ready, dst = (Path(tmp) / f for f in ("fp32.onnx", "ready.onnx", "int8.onnx"))
+        src.write_bytes(model)
+        # ONNX Runtime's own advice before quantizing: its graph optimisations and shapes.
+        quant_pre_process(str(src), str(ready), skip_symbolic_shape=True)
+        quantize_static(
+            str(ready),
+            str(dst),
+            Photos(),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul", "Conv"],
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            calibration_providers=["CPUExecutionProvider"],
+            # A MatMul's output stays fp32: its consumer quantizes it where it needs to.
+            # Quantized, ONNX Runtime fused each attention's Softmax between two of them
+            # into QLinearSoftmax, 3.2 of the ViT's 28 ms against 0.5 for fp32's Softmax;
+            # kept fp32, the 168 px ViT ran 18.5 ms against 22.5 on one thread, its masks
+            # on 120 Pet training photos 0.848 pooled IoU against 0.847.
+            extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]},
+        )
+        return dst.read_bytes()
 
 
 def phase_convs(model: bytes) -> bytes:
