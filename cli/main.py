@@ -194,13 +194,14 @@ def cmd_serve(args) -> None:
     with server:
         if cfg.serve.watchdog_seconds > 0 and cfg.serve.model_control != "none":
             server.watch(cfg.serve.watchdog_seconds)
-        print(
-            f"serving {cfg.export.repository}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
-            f"metrics {cfg.serve.host}:{cfg.serve.metrics_port} (Ctrl-C stops)",
-            flush=True,
-        )
         asked_to_stop = False
-        try:
+        try:  # the line below is what a script waits on: a Ctrl-C may come while it prints
+            print(
+                f"serving {cfg.export.repository}: HTTP {server.http_url}, "
+                f"gRPC {server.grpc_url}, metrics {cfg.serve.host}:{cfg.serve.metrics_port} "
+                "(Ctrl-C stops)",
+                flush=True,
+            )
             server.process.wait()
         except KeyboardInterrupt:  # Ctrl-C is how `make serve` stops; leaving the
             asked_to_stop = True  # `with` block shuts tritonserver down cleanly

@@ -237,7 +237,11 @@ class TritonServer:
             self.process = subprocess.Popen(
                 cmd, env=server_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:  # Ctrl-C while it starts too: its own session would outlive us
+            self.stop()
+            raise
         return self
 
     @property

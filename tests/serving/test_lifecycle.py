@@ -61,6 +61,21 @@ def test_start_twice_is_refused_and_stop_leaves_nothing(exported, tmp_path):
     assert not server.running
 
 
+def test_ctrl_c_while_it_starts_leaves_no_server(exported, tmp_path, monkeypatch):
+    """A Ctrl-C while tritonserver loads its models (raised in the wait for readiness) stops
+    it: in its own session, it would otherwise outlive the command."""
+    cfg = _ports(exported)
+    server = TritonServer(Path(cfg.export.repository), cfg.serve, tmp_path)
+
+    def interrupted(timeout):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(server, "wait_ready", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        server.start()
+    assert server.process.returncode is not None and _group(server.process.pid) == []
+
+
 # SIGINT is sent to a `wsss serve` started with SIGINT ignored, as a script's `wsss serve &`
 # is (and as the suite itself may be): Ctrl-C / `kill -INT` must stop it all the same.
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
