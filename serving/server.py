@@ -13,6 +13,7 @@ import dataclasses
 import filecmp
 import importlib.util
 import os
+import random
 import shutil
 import signal
 import socket
@@ -44,14 +45,36 @@ def pytriton_root() -> Path:
 
 
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports free now. All ``n`` sockets are bound before any is
-    closed: binding one at a time can hand out the port just closed again (CI once got the
-    same port for gRPC and metrics, and tritonserver refused to start)."""
+    """``n`` distinct loopback ports free now, drawn at random below the kernel's range of
+    ephemeral ports. Port 0 would hand out an ephemeral port, which any client's outgoing
+    connection may take before the server binds it (CI: tritonserver's gRPC port "already
+    in use"); and all ``n`` are held bound until each is found, so no two are the same (CI
+    once got one port for gRPC and metrics)."""
+    low = _ephemeral_low()
+    draw = random.SystemRandom()  # not seeded alike in test workers started together
+    found: list[int] = []
     with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
+        for _ in range(1000):
+            if len(found) == n:
+                return found
+            port = draw.randrange(10_000, low)
+            sock = stack.enter_context(socket.socket())
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use
+                continue
+            if port not in found:
+                found.append(port)
+    raise ServerError(f"no {n} free loopback ports between 10000 and {low}")
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (Linux: 32768 by default)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return max(low, 10_100)
 
 
 def on_free_ports(serve: ServeConfig) -> ServeConfig:
@@ -200,6 +223,22 @@ def processes() -> Iterator[Process]:
         )
 
 
+def group_members(pgid: int) -> list[int]:
+    """Live processes (not zombies) of process group ``pgid``: a server and its stubs."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
 def has_gpu() -> bool:
     return (
         shutil.which("nvidia-smi") is not None
@@ -291,7 +330,10 @@ class TritonServer:
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):  # the group is already gone
-            pass
+            return
+        deadline = time.monotonic() + 10  # SIGKILL is not instant: gone when stop returns
+        while group_members(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     # Python-backend stubs. Every model but the ensembles runs in one under `wsss serve` (the
     # ONNX Runtime and PyTorch stand-in backends are Python-based). Triton 2.51 keeps a model

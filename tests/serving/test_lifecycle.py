@@ -14,26 +14,9 @@ from pathlib import Path
 import pytest
 import tritonclient.http as http
 
-from serving.server import ServerError, TritonServer, on_free_ports
+from serving.server import ServerError, TritonServer, group_members, on_free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
-
-
-def _group(pgid: int) -> list[int]:
-    """Live processes (not zombies) whose process group is ``pgid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        state, group = fields[0], int(fields[2])
-        if group == pgid and state != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 def _ports(cfg):
@@ -46,11 +29,11 @@ def test_start_twice_is_refused_and_stop_leaves_nothing(exported, tmp_path):
     server = TritonServer(Path(cfg.export.repository), cfg.serve, tmp_path)
     with server:
         pid = server.process.pid
-        assert len(_group(pid)) >= 2  # tritonserver and its Python stubs
+        assert len(group_members(pid)) >= 2  # tritonserver and its Python stubs
         with pytest.raises(ServerError, match="already running"):
             server.start()
         assert server.process.pid == pid
-    assert _group(pid) == []
+    assert group_members(pid) == []
     # A killed server restarts cleanly on the same repository and ports.
     server.start()
     os.killpg(server.process.pid, signal.SIGKILL)
@@ -73,7 +56,7 @@ def test_ctrl_c_while_it_starts_leaves_no_server(exported, tmp_path, monkeypatch
     monkeypatch.setattr(server, "wait_ready", interrupted)
     with pytest.raises(KeyboardInterrupt):
         server.start()
-    assert server.process.returncode is not None and _group(server.process.pid) == []
+    assert server.process.returncode is not None and group_members(server.process.pid) == []
 
 
 # SIGINT is sent to a `wsss serve` started with SIGINT ignored, as a script's `wsss serve &`
@@ -102,7 +85,7 @@ def test_wsss_serve_stops_cleanly_on_ctrl_c_and_sigterm(exported, tmp_path, sig)
     else:
         pytest.fail(f"wsss serve exited ({proc.wait()}) before serving")
     (triton,) = [pid for pid in _pids() if f"--http-port={s.http_port}" in _cmdline(pid)]
-    assert len(_group(triton)) >= 2  # tritonserver and its Python stubs
+    assert len(group_members(triton)) >= 2  # tritonserver and its Python stubs
     # A user's client left connected (keep-alive) holds tritonserver for its exit timeout:
     # Triton's default of 30 s would outlast the wait below; serve.exit_timeout_seconds (5)
     # does not.
@@ -113,7 +96,7 @@ def test_wsss_serve_stops_cleanly_on_ctrl_c_and_sigterm(exported, tmp_path, sig)
         assert proc.wait(timeout=20) == 0, proc.stdout.read()
     finally:
         user.close()
-    assert _group(triton) == []
+    assert group_members(triton) == []
 
 
 def _pids() -> list[int]:
