@@ -267,7 +267,8 @@ class ExportedViT:
 # holds >= 0.95 on 16 Pet test photos).
 MIN_VIT_AGREEMENT = 0.99
 MIN_QUANTIZED_AGREEMENT = 0.9
-QUANTIZE_PHOTOS = 16  # photos of the configured training split the agreement is measured on
+# Training photos the agreement is measured on: export.vit.calibration's, else data.root's.
+QUANTIZE_PHOTOS = 16
 
 
 def _refuse_quantize(cfg: Config, vit_map: str | None) -> None:
@@ -308,7 +309,8 @@ def _vit(cfg: Config, refiner, role: str) -> ExportedViT:
         reference = OnnxAttention(fp32)
     core, quantized = vit_core(cfg, fp32, side)
     graph = served_vit(core, role, cfg.data.image_size, vit_size=side)
-    images, source = _photos(cfg, QUANTIZE_PHOTOS)
+    # The calibration photos' dataset where one is set (make serve's data is synthetic).
+    images, source = _photos(cfg, QUANTIZE_PHOTOS, settings.calibration or None)
     if images is None:
         size = cfg.data.image_size
         images = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)

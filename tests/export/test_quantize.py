@@ -96,6 +96,7 @@ def test_static_int8_is_calibrated_on_photos_or_export_says_why_it_is_dynamic(ti
     assert "QuantizeLinear" in ops and "DynamicQuantizeLinear" not in ops
     assert static.quantized["quantize"].startswith("static")
     assert f"training images of {pets_root}" in static.quantized["quantize"]
+    assert static.quantized["photos"].endswith(f"training images of {pets_root}")  # checked there
     fallback = _vit(_config(tiny, "export.vit.quantize=static"), None, SALIENCY)
     ops = {n.op_type for n in onnx.load_from_string(fallback.graph).graph.node}
     assert "DynamicQuantizeLinear" in ops and "QuantizeLinear" not in ops
