@@ -309,8 +309,10 @@ def _vit(cfg: Config, refiner, role: str) -> ExportedViT:
         reference = OnnxAttention(fp32)
     core, quantized = vit_core(cfg, fp32, side)
     graph = served_vit(core, role, cfg.data.image_size, vit_size=side)
-    # The calibration photos' dataset where one is set (make serve's data is synthetic).
-    images, source = _photos(cfg, QUANTIZE_PHOTOS, settings.calibration or None)
+    # The calibration photos' dataset where one is set (make serve's data is synthetic), not
+    # the photos a static graph was calibrated on.
+    calibrated = settings.calibration_photos if settings.quantize == "static" else 0
+    images, source = _photos(cfg, QUANTIZE_PHOTOS, settings.calibration or None, calibrated)
     if images is None:
         size = cfg.data.image_size
         images = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
@@ -357,15 +359,21 @@ def vit_core(cfg: Config, fp32: bytes, side: int) -> tuple[bytes, dict]:
     }
 
 
-def _photos(cfg: Config, count: int, root: str | None = None) -> tuple[np.ndarray | None, str]:
+def _photos(
+    cfg: Config, count: int, root: str | None = None, besides: int = 0
+) -> tuple[np.ndarray | None, str]:
     """Up to ``count`` training images of ``root`` (the configured data's), spread over the
-    list, and what they are; None and why where there are none to read."""
+    list, and what they are; None and why where there are none to read. ``besides``: leave
+    out the photos a call for that many would give (a calibration's, where photos remain)."""
     from training.data import list_samples
     from training.data.dataset import WSSSDataset
 
     root = root or cfg.data.root
     try:
         samples = list_samples(root, cfg.data.task, "train", cfg.data.layout)
+        if besides:
+            taken = set(range(len(samples))[:: max(1, len(samples) // besides)][:besides])
+            samples = [s for k, s in enumerate(samples) if k not in taken] or samples
         samples = samples[:: max(1, len(samples) // count)][:count]
         data = WSSSDataset(
             root,

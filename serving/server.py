@@ -60,11 +60,10 @@ def free_ports(n: int) -> list[int]:
             port = draw.randrange(10_000, low)
             sock = stack.enter_context(socket.socket())
             try:
-                sock.bind(("127.0.0.1", port))
+                sock.bind(("127.0.0.1", port))  # also refuses a port already drawn here
             except OSError:  # in use
                 continue
-            if port not in found:
-                found.append(port)
+            found.append(port)
     raise ServerError(f"no {n} free loopback ports between 10000 and {low}")
 
 
@@ -182,6 +181,7 @@ class Process:
     comm: str  # the kernel's name for it (when argv is empty)
     state: str  # R, S, ..., Z (a zombie: exited, not yet reaped)
     cpu_seconds: float  # user + system so far
+    group: int = 0  # its process group (a server's stubs share the server's)
 
     @property
     def name(self) -> str:
@@ -220,23 +220,13 @@ def processes() -> Iterator[Process]:
             stat[stat.index("(") + 1 : stat.rindex(")")],
             fields[0],
             (int(fields[11]) + int(fields[12])) / tick,
+            int(fields[2]),
         )
 
 
 def group_members(pgid: int) -> list[int]:
     """Live processes (not zombies) of process group ``pgid``: a server and its stubs."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # exited meanwhile
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
+    return [p.pid for p in processes() if p.group == pgid and p.state != "Z"]
 
 
 def has_gpu() -> bool:

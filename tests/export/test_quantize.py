@@ -103,6 +103,17 @@ def test_static_int8_is_calibrated_on_photos_or_export_says_why_it_is_dynamic(ti
     assert "static asked for, but no photos at hand" in fallback.quantized["quantize"]
 
 
+def test_the_agreement_is_measured_besides_the_calibration_photos(tiny, pets_root):
+    from export.repository import _photos
+
+    cfg = _config(tiny, f"data.root={pets_root}")
+    calibration, _ = _photos(cfg, 10)
+    checked, source = _photos(cfg, 4, besides=10)
+    assert len(checked) == 4 and source.startswith("4 training images")
+    assert not any(np.array_equal(a, b) for a in checked for b in calibration)
+    assert any(np.array_equal(a, b) for a in _photos(cfg, 4)[0] for b in calibration)
+
+
 def test_calibration_needs_a_photo():
     with pytest.raises(InputError, match="calibration_photos 0: at least 1"):
         load_config(None, ["export.vit.calibration_photos=0"])
