@@ -327,14 +327,20 @@ class NetworkExportConfig(ModelServingConfig):
     onnxruntime: OnnxRuntimeConfig = field(default_factory=OnnxRuntimeConfig)
     # int8 for CPU instances (export/quantize.py): dynamic, ONNX Runtime's dynamic
     # quantization (weights int8, activations on the fly); static, weights and activations
-    # int8 with the activations' ranges calibrated on photos (``calibration``). So far the
-    # ViT only (export.vit.quantize), most of the default model's cost; KIND_GPU instances
-    # keep fp32.
+    # int8 with the activations' ranges calibrated on photos (export.vit.calibration). So
+    # far the ViT only (export.vit.quantize), most of the default model's cost; KIND_GPU
+    # instances keep fp32.
     quantize: Literal["none", "dynamic", "static"] = "none"
-    # Static int8's calibration photos (export.vit only): the training list of this dataset
-    # root (read with data.task and data.layout), ``calibration_photos`` of them spread over
-    # it; empty: the profile's own data.root. Where none can be read, export quantizes
-    # dynamically and says so.
+
+
+@dataclass
+class ViTExportConfig(NetworkExportConfig):
+    """The ViT model: the one network quantized so far, and so the one calibrated."""
+
+    # Static int8's calibration photos: the training list of this dataset root (read with
+    # data.task and data.layout), ``calibration_photos`` of them spread over it; empty: the
+    # profile's own data.root. Where none can be read, export quantizes dynamically and
+    # says so.
     calibration: str = ""
     calibration_photos: int = 60
 
@@ -373,7 +379,7 @@ class ExportConfig:
     postprocess: ModelServingConfig = field(default_factory=ModelServingConfig)
     # The saliency or attention ViT that refine.method saliency or vit reads: its own ONNX
     # model, a step of the ensembles beside the classifier (export/vit.py). ONNX only.
-    vit: NetworkExportConfig = field(default_factory=NetworkExportConfig)
+    vit: ViTExportConfig = field(default_factory=ViTExportConfig)
 
 
 @dataclass

@@ -114,9 +114,11 @@ def test_the_agreement_is_measured_besides_the_calibration_photos(tiny, pets_roo
     assert any(np.array_equal(a, b) for a in _photos(cfg, 4)[0] for b in calibration)
 
 
-def test_calibration_needs_a_photo():
+def test_calibration_needs_a_photo_and_is_the_vits_alone():
     with pytest.raises(InputError, match="calibration_photos 0: at least 1"):
         load_config(None, ["export.vit.calibration_photos=0"])
+    with pytest.raises(InputError, match="unknown config key.*export.classifier.calibration"):
+        load_config(None, ["export.classifier.calibration=photos"])
 
 
 def test_old_configs_quantize_the_vit():
