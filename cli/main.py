@@ -75,11 +75,13 @@ def cmd_train(args) -> None:
 
 def cmd_evaluate(args) -> None:
     """Score the profile; the old study flags still run their study, saying its new name."""
-    study = next((f for f in STUDY_FLAGS if getattr(args, f)), None)
-    if study is not None:
-        print(f"wsss evaluate --{study} is now `wsss study {STUDY_FLAGS[study]}`", file=sys.stderr)
+    flag = next((f for f in STUDY_FLAGS if getattr(args, f)), None)
+    if flag is not None:
+        handler = STUDY_FLAGS[flag]  # the one `wsss study` runs
+        name = handler.__name__.removeprefix("study_")
+        print(f"wsss evaluate --{flag} is now `wsss study {name}`", file=sys.stderr)
         args.label = args.served_label
-        globals()[f"study_{STUDY_FLAGS[study]}"](args)  # the handler `wsss study` runs
+        handler(args)
         return
     from experiments.studies import evaluate_profile
     from training import distributed
@@ -91,10 +93,6 @@ def cmd_evaluate(args) -> None:
         distributed.teardown()
     if table is not None:
         print(table)
-
-
-# `wsss evaluate --<flag>` (deprecated) -> `wsss study <name>`
-STUDY_FLAGS = {"served": "served", "photos": "photos", "levelset": "levelset", "study": "cams"}
 
 
 def study_cams(args) -> None:
@@ -135,6 +133,15 @@ def study_served(args) -> None:
 
     result, meta = served_quality(load_test_set(cfg), _url(args), args.protocol)
     print(report(result, meta, args.label or _url(args)))
+
+
+# `wsss evaluate --<flag>` (deprecated) -> the `wsss study` handler it now is
+STUDY_FLAGS = {
+    "served": study_served,
+    "photos": study_photos,
+    "levelset": study_levelset,
+    "study": study_cams,
+}
 
 
 def cmd_reproduce(args) -> None:

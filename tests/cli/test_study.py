@@ -26,7 +26,14 @@ def test_each_study_is_a_subcommand(name):
 )
 def test_the_old_evaluate_flags_run_their_study(monkeypatch, capsys, flags, study):
     ran = []
-    monkeypatch.setattr(cli, f"study_{study}", lambda args: ran.append(args))
+    flag = flags[0].removeprefix("--")
+    assert cli.STUDY_FLAGS[flag] is getattr(cli, f"study_{study}")
+
+    def handler(args):
+        ran.append(args)
+
+    handler.__name__ = f"study_{study}"
+    monkeypatch.setitem(cli.STUDY_FLAGS, flag, handler)
     cli.main(["evaluate", "--config", "configs/quick.yaml", *flags])
     (args,) = ran
     assert f"is now `wsss study {study}`" in capsys.readouterr().err
