@@ -69,13 +69,13 @@ def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch):
     def refused(args):
         raise InputError("levelset.seed 'magic': one of fixed, otsu, saliency")
 
-    monkeypatch.setattr(cli, "study_cams", refused)
+    monkeypatch.setitem(cli.STUDY_FLAGS, "study", refused)
     with pytest.raises(SystemExit, match=r"^wsss evaluate: levelset.seed 'magic'"):
         cli.main(["evaluate", "--config", "configs/quick.yaml", "--study"])
 
     def bug(args):
         raise ValueError("operands could not be broadcast together")
 
-    monkeypatch.setattr(cli, "study_cams", bug)
+    monkeypatch.setitem(cli.STUDY_FLAGS, "study", bug)
     with pytest.raises(ValueError, match="broadcast"):
         cli.main(["evaluate", "--config", "configs/quick.yaml", "--study"])
