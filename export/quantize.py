@@ -5,12 +5,12 @@ what it changes in the masks.
 quantizes activations on the fly (``DynamicQuantizeLinear``, ``MatMulInteger``);
 ``quantize_static`` quantizes the activations too, with ranges calibrated on photos, so
 nothing is measured at run time. How much faster depends on the CPU's integer kernels: on
-this project's AMD EPYC with AVX-512 VNNI the default model's ViT-S/14 at 168 px took 34.6 ms
-dynamic and 21.9 ms static against 47.1 ms fp32 on one thread (reports/bench/quantized.md; an
-earlier host without VNNI gave dynamic 0.81x its fp32 time). The check is not a tolerance on
-floats, which int8 does not keep, but the agreement of the masks the two graphs give on the
-configured photos: the foreground each saliency map's Otsu threshold keeps, fp32 against
-int8.
+this project's AMD EPYC with AVX-512 VNNI the default model's ViT-S/14 at 168 px took
+33-35 ms dynamic and 20-22 ms static against 47 ms fp32 on one thread in two runs
+(reports/bench/quantized.md; an earlier host without VNNI gave dynamic 0.81x its fp32 time).
+The check is not a tolerance on floats, which int8 does not keep, but the agreement of the
+masks the two graphs give on the configured photos: the foreground each saliency map's Otsu
+threshold keeps, fp32 against int8.
 """
 
 from __future__ import annotations
@@ -70,11 +70,11 @@ def quantize_static_graph(model: bytes, inputs: list[np.ndarray]) -> bytes:
     channel, activations uint8 with ranges calibrated (min-max) on ``inputs`` (the graph's
     own input, one array per photo), QDQ around every MatMul and Conv (``phase_convs``
     first). No activation is quantized at run time, which is what dynamic quantization
-    spends its time on: the default model's ViT at 168 px took 21.9 ms against dynamic's
-    34.6 on one thread, and on 120 Pet training photos its Otsu masks scored 0.848 pooled IoU
-    against fp32's 0.846 and dynamic's 0.837 (calibrated on 60 other training photos).
-    Weights int8 with activations uint8 can saturate on a CPU without VNNI (ONNX Runtime's
-    note on U8S8); export's mask check runs on the exporting machine."""
+    spends its time on: the default model's ViT at 168 px took 20-22 ms against dynamic's
+    33-35 on one thread (two runs), and on 120 Pet training photos its Otsu masks scored
+    0.848 pooled IoU against fp32's 0.846 and dynamic's 0.837 (calibrated on 60 other
+    training photos). Weights int8 with activations uint8 can saturate on a CPU without
+    VNNI (ONNX Runtime's note on U8S8); export's mask check runs on the exporting machine."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,

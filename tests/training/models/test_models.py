@@ -30,6 +30,13 @@ MODELS = {
         "head": "imagenet",
         "class_groups": [[281, 282, 283], [], [340]],
     },
+    (CLASSIFIER, "efficientnet_lite1", "stride 16"): {"output_stride": 16, "pretrained": True},
+    (CLASSIFIER, "efficientnet_lite2", "imagenet groups + learned"): {
+        "output_stride": 16,
+        "pretrained": True,
+        "head": "imagenet",
+        "class_groups": [[281, 282, 283], [], [340]],
+    },
     (SEGMENTER, "unet", "depth 3"): {"base_channels": 4, "depth": 3},
     (SEGMENTER, "deeplabv3", "resnet50"): {"backbone": "resnet50"},
     (SEGMENTER, "deeplabv3", "mobilenet_v2"): {"backbone": "mobilenet_v2", "pretrained": True},
@@ -192,6 +199,23 @@ def test_efficientnet_lite_keys_rename_the_package_layout():
     assert "blocks.6.0.conv_pwl.weight" in renamed and "classifier.weight" in renamed
     assert renamed["blocks.1.1.conv_dw.weight"] is state["_blocks.2._depthwise_conv.weight"]
     assert efficientnet_lite_keys(renamed) == renamed  # timm's names pass through
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_efficientnet_lite_keys_are_timms_for_each_variant(variant):
+    """Lite1/2 repeat blocks the package numbers flat: every renamed key is timm's, with
+    its shape."""
+    import timm
+
+    from training.models.registry import bundled_efficientnet_lite_weights, efficientnet_lite_keys
+
+    net = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+    stages = tuple(len(stage) for stage in net.blocks)
+    state = torch.load(bundled_efficientnet_lite_weights(variant), weights_only=True)
+    renamed = efficientnet_lite_keys(state, stages)
+    want = net.state_dict()
+    assert set(renamed) == set(want)
+    assert all(renamed[k].shape == want[k].shape for k in want)
 
 
 def test_imagenet_head_is_refused_where_no_weights_hold_one():
