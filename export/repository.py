@@ -135,10 +135,11 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
         )
     if refiner.served_as == "training":
         spec = RefinerSpec.of(cfg.refine)
+        part = next(e for e in spec.parts if e.served_as == "training")
+        seed = spec.seed if spec.entry.served_as != "training" else "saliency"
         raise ExportError(
-            f"refine.method {spec} is not served: {spec.follow} makes training pseudo-masks "
-            f"only (its library is not in the serving images); set export.refine.method, "
-            f"e.g. {spec.seed}"
+            f"refine.method {spec} is not served: {part.name} makes training pseudo-masks "
+            f"only ({part.summary}); set export.refine.method, e.g. {seed}"
         )
     network_refiner = refiner.served_as == "network"  # an exported graph, not a Python model
     # The ViT a saliency or attention refiner reads: its own model, beside the classifier.

@@ -34,6 +34,7 @@ from wsss.served.classical import (
 
 SIZE = VIT_SIZE  # the ViT's input side; attention is post-processed at this resolution
 _ONNX_SOFTMAX = "/backbone/encoder/layer.{}/attention/attention/Softmax_output_0"
+_ONNX_TOKENS = "/backbone/encoder/layer.{}/Add_1_output_0"  # a layer's residual stream
 
 __all__ = [
     "SIZE",
@@ -42,6 +43,7 @@ __all__ = [
     "bundled_vit_onnx",
     "onnx_reading",
     "onnx_with_attention",
+    "onnx_with_tokens",
 ]
 
 
@@ -68,6 +70,13 @@ def _reading(path: str, mtime: int, side: int) -> bytes:
     import onnx
 
     model = onnx.load(path)
+    image, declared = _free_side(model, path, side)
+    return fold_for_side(model, image.name, _probes(image, side), f"{path} (declared {declared})")
+
+
+def _free_side(model, path, side: int):
+    """The graph's image input, its declared side freed where it is not ``side``; and the
+    side it declared (for messages)."""
     image = _image_input(model, path)
     dims = image.type.tensor_type.shape.dim
     declared = "x".join(str(d.dim_value or d.dim_param or "?") for d in dims[2:])
@@ -75,6 +84,31 @@ def _reading(path: str, mtime: int, side: int) -> bytes:
         for axis, dim in zip(("height", "width"), dims[2:], strict=True):
             dim.ClearField("dim_value")
             dim.dim_param = axis
+    return image, declared
+
+
+def onnx_with_tokens(path: Path, side: int, layer: int) -> bytes:
+    """The ONNX ViT at ``path`` reading ``side`` px images, with layer ``layer``'s residual
+    stream (its tokens [B, T, C], 0-based) as its one output: the patch features the random
+    walk's affinity is made of (``training.walk``). Read once per file, mtime, side and
+    layer."""
+    path = Path(path)
+    return _tokens(str(path.resolve()), path.stat().st_mtime_ns, side, layer)
+
+
+@functools.lru_cache(maxsize=1)
+def _tokens(path: str, mtime: int, side: int, layer: int) -> bytes:
+    import onnx
+
+    model = onnx.load(path)
+    name = _ONNX_TOKENS.format(layer)
+    if name not in {o for n in model.graph.node for o in n.output}:
+        raise InputError(f"{path} has no layer {layer} output {name}: check refine.walk_layer")
+    del model.graph.output[:]
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+    )
+    image, declared = _free_side(model, path, side)
     return fold_for_side(model, image.name, _probes(image, side), f"{path} (declared {declared})")
 
 

@@ -222,6 +222,12 @@ def _levelset(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelse
     return LevelSetRefiner(levelset)
 
 
+def _walk(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
+    from training.walk import build_walk
+
+    return build_walk(cfg, multi_label, binary, levelset)
+
+
 def _crf(settings: dict):
     from training.crf import DenseCRF
 
@@ -233,6 +239,7 @@ for _name, _build in (
     ("otsu", _threshold),
     ("saliency", _saliency),
     ("vit", _attention),
+    ("walk", _walk),
     ("levelset", _levelset),
     ("crf", _crf),
 ):

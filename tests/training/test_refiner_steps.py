@@ -71,7 +71,7 @@ def test_min_score_gives_an_empty_mask():
 
 def test_registry_builds_every_refiner_from_config():
     seeds = {n for n, e in REFINERS.items() if e.part == "seed"}
-    assert seeds == {"fixed", "otsu", "levelset", "vit", "saliency"}
+    assert seeds == {"fixed", "otsu", "levelset", "vit", "saliency", "walk"}
     assert set(REFINERS) - seeds == {"grabcut", "chanvese", "crf"}
     cams = np.stack([np.stack([_blob_cam(), _blob_cam(cx=8)])] * 3)
     scores = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
@@ -81,7 +81,7 @@ def test_registry_builds_every_refiner_from_config():
     assert build_refiner(RefineConfig("fixed", grabcut=True), False).name == "fixed+grabcut"
     assert build_refiner(RefineConfig("otsu", chanvese=True), False).name == "otsu+chanvese15"
     assert not build_refiner(RefineConfig("otsu"), False).needs_features
-    with pytest.raises(ValueError, match="one of fixed, otsu, saliency, vit, levelset"):
+    with pytest.raises(ValueError, match="one of fixed, otsu, saliency, vit, walk, levelset"):
         build_refiner(RefineConfig("magic"), False)
     with pytest.raises(ValueError, match="trained level-set network"):
         build_refiner(RefineConfig("levelset"), False)

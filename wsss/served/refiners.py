@@ -316,6 +316,11 @@ def build_classical(
     refiners read (none for the served refiner: its ViT is a model of its own, whose maps it
     is given). The refiner's ``name`` is its spelling."""
     spec = RefinerSpec.of(settings)
+    if spec.entry.served_as == "training":
+        raise InputError(
+            f"refine.method {spec.seed} runs in training only (not served yet): serve "
+            "another refiner with export.refine"
+        )
     build = builder(spec.seed, "served")  # training's seed builders wrap these
     if build is None or spec.entry.part != "seed":
         raise InputError(f"refine.method {spec.seed!r} is not built from numpy alone")

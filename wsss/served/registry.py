@@ -110,6 +110,17 @@ REFINERS: dict[str, RefinerEntry] = {
             reads_cam=False,
         ),
         RefinerEntry(
+            "walk",
+            "seed",
+            "training",
+            "the CAMs spread by a random walk over a pretrained ViT's patch-feature affinity, "
+            "then cut at refine.threshold (training pseudo-masks; not served yet)",
+            "ViT random walk",
+            follow_ups=True,
+            starts_level_set=True,
+            more_than_labels=True,
+        ),
+        RefinerEntry(
             "levelset",
             "seed",
             "network",
@@ -232,9 +243,9 @@ class RefinerSpec:
 
     @property
     def served_as(self) -> Serving:
-        if self.follow is None:
-            return self.entry.served_as
-        return "training" if self.follow_entry.served_as == "training" else "python"
+        if any(e.served_as == "training" for e in self.parts):
+            return "training"
+        return self.entry.served_as if self.follow is None else "python"
 
     @property
     def checkpoint(self) -> str | None:
