@@ -65,7 +65,7 @@ def test_vit_refiner_masks_the_present_class():
     masks = multi(images, scores, cams)
     assert set(np.unique(masks[0][:, :80])) <= {0, 3} and set(np.unique(masks[0][:, 80:])) <= {0, 1}
     assert not masks[1].any()  # min_score: nothing present
-    with pytest.raises(ValueError, match="saliency optionally \\+grabcut"):
+    with pytest.raises(ValueError, match="saliency, walk optionally \\+grabcut"):
         build_refiner(RefineConfig("vit", grabcut=True), multi_label=False)
 
 
