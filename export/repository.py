@@ -114,6 +114,14 @@ def export_repository(cfg: Config) -> ExportResult:
 def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
     runs = Path(cfg.runs)
     saved, cfg = cfg, served_config(cfg)  # export.refine, when set, is the served refiner
+    spec = RefinerSpec.of(cfg.refine)
+    if spec.served_as == "training":  # before building it (a ViT, a session)
+        part = next(e for e in spec.parts if e.served_as == "training")
+        seed = spec.seed if spec.entry.served_as != "training" else "saliency"
+        raise ExportError(
+            f"refine.method {spec} is not served: {part.name} makes training pseudo-masks "
+            f"only ({part.summary}); set export.refine.method, e.g. {seed}"
+        )
     classifier, refiner, cmeta = refine_step(cfg)
     names = cmeta["class_names"]
     segmenter, smeta = load_model(runs / "segmenter" / "best.pt")
@@ -132,14 +140,6 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
             "PSEUDO_MASK would number the classifier's classes and SEGMENTATION the data's, "
             f"which differ ({', '.join(names)} vs {', '.join(seg_names)}); give "
             "classifier.class_groups one group per data class, in the data's order"
-        )
-    if refiner.served_as == "training":
-        spec = RefinerSpec.of(cfg.refine)
-        part = next(e for e in spec.parts if e.served_as == "training")
-        seed = spec.seed if spec.entry.served_as != "training" else "saliency"
-        raise ExportError(
-            f"refine.method {spec} is not served: {part.name} makes training pseudo-masks "
-            f"only ({part.summary}); set export.refine.method, e.g. {seed}"
         )
     network_refiner = refiner.served_as == "network"  # an exported graph, not a Python model
     # The ViT a saliency or attention refiner reads: its own model, beside the classifier.

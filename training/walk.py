@@ -29,14 +29,17 @@ from wsss.served.refiners import Refiner
 def random_walk(cams: torch.Tensor, tokens: torch.Tensor, beta: float, steps: int) -> torch.Tensor:
     """CAMs [B, K, h, w] on the patch grid spread over it: ``cams @ T^steps`` with
     ``T = A^beta`` normalised so each position's incoming weights sum to 1, ``A`` the
-    clipped cosine similarity of the patch tokens [B, h*w, C]. A constant map stays that
-    constant (so a fixed cut keeps its meaning); values stay in the CAMs' range."""
+    clipped cosine similarity of the patch tokens [B, h*w, C]. Each step is a weighted
+    average, so values stay in the CAMs' range and a constant map (the background's level
+    a fixed cut compares against) stays that constant; a CAM's peaks come down as it
+    spreads, and a follow-up's confident bands (GrabCut's ``sure_foreground``) read the
+    walked values."""
     b, k, h, w = cams.shape
     if tokens.shape[:2] != (b, h * w):
         raise ValueError(f"tokens {tuple(tokens.shape)} do not fit CAMs {tuple(cams.shape)}")
     feats = F.normalize(tokens.float(), dim=-1)
     affinity = (feats @ feats.transpose(1, 2)).clamp_min(0) ** beta  # [B, N, N]
-    transition = affinity / affinity.sum(dim=1, keepdim=True)  # columns sum to 1
+    transition = affinity / affinity.sum(dim=1, keepdim=True).clamp_min(1e-12)  # columns: 1
     walked = cams.reshape(b, k, h * w).float() @ torch.linalg.matrix_power(transition, steps)
     return walked.reshape(b, k, h, w)
 
@@ -45,10 +48,12 @@ class ViTTokens:
     """Patch tokens [B, (side/14)^2, C] of uint8 RGB images: the ViT's layer ``layer``
     (``onnx_with_tokens``), the images resized to ``side`` px with ImageNet statistics."""
 
-    def __init__(self, model: bytes, side: int, threads: int = 0):
+    def __init__(self, model: bytes, side: int, threads: int = 1):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        # One thread, as the saliency runner (``OnnxSaliency``): ranks that make pseudo-masks
+        # side by side each run one, beside torch's own threads.
         options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name

@@ -182,7 +182,10 @@ class RefineConfig:
                     f"at least {VIT_PATCH * 4}"
                 )
         if self.walk_layer < 0 or self.walk_steps < 1 or self.walk_beta <= 0:
-            raise ConfigError("refine.walk_layer >= 0, walk_steps >= 1 and walk_beta > 0")
+            raise ConfigError(
+                f"refine.walk_layer {self.walk_layer}, walk_steps {self.walk_steps}, walk_beta "
+                f"{self.walk_beta}: walk_layer >= 0, walk_steps >= 1 and walk_beta > 0"
+            )
 
     def only(self, method: str) -> RefineConfig:
         """These settings with ``method`` and nothing on top (no GrabCut, no Chan-Vese): a

@@ -12,9 +12,9 @@ from wsss.config import ConfigError, load_config
 from wsss.served.refiners import FixedThreshold
 
 
-def _two_regions(h: int = 4, w: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+def _two_regions(h: int = 4, w: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens [1, h*w, 8]: the left half one direction, the right half an orthogonal one
-    (a little noise on each); and a CAM [1, 1, h, w] lit at one left-half patch."""
+    (a little noise on each); a CAM [1, 1, h, w] lit at one left-half patch; the left half."""
     gen = torch.Generator().manual_seed(0)
     left = torch.zeros(h, w, dtype=torch.bool)
     left[:, : w // 2] = True
