@@ -19,12 +19,8 @@ import contextlib
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import onnx
 
 QUANTIZATIONS = ("none", "dynamic", "static")  # export.<model>.quantize
 
@@ -57,14 +53,6 @@ def _quiet():
         root.setLevel(level)
 
 
-def image_input(graph: onnx.GraphProto) -> onnx.ValueInfoProto:
-    """The graph's one input that is not a weight (older exporters list initializers as
-    inputs too)."""
-    weights = {t.name for t in graph.initializer}
-    (image,) = [i for i in graph.input if i.name not in weights]
-    return image
-
-
 def quantize_static_graph(model: bytes, inputs: list[np.ndarray]) -> bytes:
     """An ONNX graph's bytes -> its statically quantized graph: weights int8 per output
     channel, activations uint8 with ranges calibrated (min-max) on ``inputs`` (the graph's
@@ -86,7 +74,9 @@ def quantize_static_graph(model: bytes, inputs: list[np.ndarray]) -> bytes:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model = phase_convs(model)
-    name = image_input(onnx.load_from_string(model).graph).name
+    from training.attention import image_input
+
+    name = image_input(onnx.load_from_string(model), "the graph to quantize").name
 
     class Photos(CalibrationDataReader):
         def __init__(self):

@@ -360,6 +360,11 @@ def vit_core(cfg: Config, fp32: bytes, side: int) -> tuple[bytes, dict]:
     }
 
 
+def _spread(items, count: int) -> list:
+    """Up to ``count`` of ``items``, evenly spaced from the first."""
+    return list(items[:: max(1, len(items) // count)][:count])
+
+
 def _photos(
     cfg: Config, count: int, root: str | None = None, besides: int = 0
 ) -> tuple[np.ndarray | None, str]:
@@ -373,9 +378,9 @@ def _photos(
     try:
         samples = list_samples(root, cfg.data.task, "train", cfg.data.layout)
         if besides:
-            taken = set(range(len(samples))[:: max(1, len(samples) // besides)][:besides])
+            taken = set(_spread(range(len(samples)), besides))
             samples = [s for k, s in enumerate(samples) if k not in taken] or samples
-        samples = samples[:: max(1, len(samples) // count)][:count]
+        samples = _spread(samples, count)
         data = WSSSDataset(
             root,
             cfg.data.task,

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.quantize import image_input
+from training.attention import image_input
 from wsss.errors import InputError
 from wsss.served.classical import IMAGENET_MEAN, IMAGENET_STD, SALIENCY_OUTPUT
 from wsss.tensors import ATTENTION, IMAGE, SALIENCY, VIT_SIZE
@@ -56,7 +56,7 @@ def served_vit(
         raise InputError(f"a served ViT returns {SALIENCY} or {ATTENTION}, not {role!r}")
     m = onnx.load_from_string(model)
     graph = m.graph
-    vit_input = image_input(graph)
+    vit_input = image_input(m, "the ViT graph")
     nodes, inits = _preprocess(image_size, vit_input.name, vit_size)
     if role == SALIENCY:
         if SALIENCY_OUTPUT not in [o.name for o in graph.output]:

@@ -56,7 +56,7 @@ def free_ports(n: int) -> list[int]:
     with contextlib.ExitStack() as stack:
         for _ in range(1000):
             if len(found) == n:
-                return found
+                break
             port = draw.randrange(10_000, low)
             sock = stack.enter_context(socket.socket())
             try:
@@ -64,6 +64,8 @@ def free_ports(n: int) -> list[int]:
             except OSError:  # in use
                 continue
             found.append(port)
+    if len(found) == n:
+        return found
     raise ServerError(f"no {n} free loopback ports between 10000 and {low}")
 
 

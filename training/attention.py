@@ -41,6 +41,7 @@ __all__ = [
     "ViTAttention",
     "attention_mask",
     "bundled_vit_onnx",
+    "image_input",
     "onnx_reading",
     "onnx_with_attention",
     "onnx_with_tokens",
@@ -77,7 +78,7 @@ def _reading(path: str, mtime: int, side: int) -> bytes:
 def _free_side(model, path, side: int):
     """The graph's image input, its declared side freed where it is not ``side``; and the
     side it declared (for messages)."""
-    image = _image_input(model, path)
+    image = image_input(model, path)
     dims = image.type.tensor_type.shape.dim
     declared = "x".join(str(d.dim_value or d.dim_param or "?") for d in dims[2:])
     if [d.dim_value for d in dims[2:]] != [side, side]:
@@ -101,23 +102,38 @@ def _tokens(path: str, mtime: int, side: int, layer: int) -> bytes:
     import onnx
 
     model = onnx.load(path)
-    name = _ONNX_TOKENS.format(layer)
-    if name not in {o for n in model.graph.node for o in n.output}:
-        raise InputError(f"{path} has no layer {layer} output {name}: check refine.walk_layer")
-    del model.graph.output[:]
-    model.graph.output.append(
-        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-    )
+    _expose(model, [_ONNX_TOKENS.format(layer)], path, "refine.walk_layer")
     image, declared = _free_side(model, path, side)
-    return fold_for_side(model, image.name, _probes(image, side), f"{path} (declared {declared})")
+    hint = "a graph whose position embeddings fit one patch grid cannot read another side: set "
+    hint += "refine.walk_side to its declared side"
+    what = f"{path} (declared {declared})"
+    return fold_for_side(model, image.name, _probes(image, side), what, hint)
 
 
-def _image_input(model, path):
+def image_input(model, path) -> object:
+    """The ViT graph's one input that is not a weight (older exporters list weights as
+    inputs too), checked to be [B, 3, H, W]; ``path`` names the graph in the error."""
     weights = {t.name for t in model.graph.initializer}
     (image,) = [i for i in model.graph.input if i.name not in weights]
     if len(image.type.tensor_type.shape.dim) != 4:
         raise InputError(f"{path}: the ViT's input {image.name} is not [B, 3, H, W]")
     return image
+
+
+def _expose(model, names: list[str], path, setting: str) -> None:
+    """``model`` with these node outputs as its outputs, and nothing else; a name the graph
+    lacks is refused, naming the setting that chose it."""
+    import onnx
+
+    known = {o for n in model.graph.node for o in n.output}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise InputError(f"{path} has no node output {missing[0]}: check {setting}")
+    del model.graph.output[:]
+    for name in names:
+        model.graph.output.append(
+            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        )
 
 
 def _probes(image, side: int) -> list[np.ndarray]:
@@ -256,17 +272,8 @@ def onnx_with_attention(path: Path, layers: Sequence[int]) -> bytes:
     import onnx
 
     model = onnx.load(str(path))
-    known = {o for n in model.graph.node for o in n.output}
-    names = [_ONNX_SOFTMAX.format(i) for i in layers]
-    missing = [n for n in names if n not in known]
-    if missing:
-        raise InputError(f"{path} has no attention node {missing[0]}: check refine.vit_layers")
-    del model.graph.output[:]
-    for name in names:
-        model.graph.output.append(
-            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-        )
-    image = _image_input(model, path)
+    _expose(model, [_ONNX_SOFTMAX.format(i) for i in layers], path, "refine.vit_layers")
+    image = image_input(model, path)
     hint = f"an attention ViT is read at its {SIZE} px"
     return fold_for_side(model, image.name, _probes(image, SIZE), str(path), hint)
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from training.walk import build_walk
 from wsss.config import RefineConfig
 from wsss.errors import InputError
 from wsss.served.classical import OnnxSaliency, present_classes
@@ -222,12 +223,6 @@ def _levelset(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelse
     return LevelSetRefiner(levelset)
 
 
-def _walk(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
-    from training.walk import build_walk
-
-    return build_walk(cfg, multi_label, binary, levelset)
-
-
 def _crf(settings: dict):
     from training.crf import DenseCRF
 
@@ -239,7 +234,7 @@ for _name, _build in (
     ("otsu", _threshold),
     ("saliency", _saliency),
     ("vit", _attention),
-    ("walk", _walk),
+    ("walk", build_walk),
     ("levelset", _levelset),
     ("crf", _crf),
 ):

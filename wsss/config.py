@@ -581,8 +581,8 @@ def _upgrade(raw: dict[str, Any], given: bool = True) -> None:
     for name in ("classifier", "segmenter", "refiner"):
         section = _get(export, name)
         if isinstance(section, dict):
-            for key, default in (("calibration", ""), ("calibration_photos", 60)):
-                if key in section and section[key] == default:
+            for key in ("calibration", "calibration_photos"):
+                if key in section and section[key] == getattr(ViTExportConfig, key):
                     del section[key]
     levelset = raw.get("levelset")
     # levelset.feature_energy was an on/off switch before it became the feature term's weight.

@@ -34,7 +34,7 @@ def test_bundled_onnx_vit_gives_fused_maps():
     maps = ViTAttention()(_photos())
     assert maps.shape == (2, SIZE, SIZE) and maps.dtype == np.float32
     assert 0.0 <= maps.min() and maps.max() <= 1.0 + 1e-6
-    with pytest.raises(ValueError, match="no attention node"):
+    with pytest.raises(ValueError, match="has no node output .*check refine.vit_layers"):
         ViTAttention(layers=(12,))
 
 

@@ -72,3 +72,10 @@ def test_walk_settings_are_checked():
         load_config(None, ["refine.walk_side=100"])
     with pytest.raises(ConfigError, match="walk_steps >= 1"):
         load_config(None, ["refine.walk_steps=0"])
+
+
+def test_a_layer_the_vit_lacks_is_refused_by_its_setting():
+    from training.attention import bundled_vit_onnx, onnx_with_tokens
+
+    with pytest.raises(ValueError, match="has no node output .*check refine.walk_layer"):
+        onnx_with_tokens(bundled_vit_onnx(), 224, 12)  # ViT-S/14 has layers 0-11
