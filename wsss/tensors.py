@@ -80,10 +80,13 @@ SEGMENTATION_FULL = "SEGMENTATION_FULL"
 # a ViT's fused CLS attention).
 SALIENCY = "SALIENCY"
 ATTENTION = "ATTENTION"
-VIT_MAPS = (SALIENCY, ATTENTION)
+# Or one layer's patch tokens [N, C], whose affinity the random walk spreads the CAMs over
+# (refine.method walk).
+TOKENS = "TOKENS"
+VIT_MAPS = (SALIENCY, ATTENTION, TOKENS)
 # The ViT output a refiner reads, by the kind its entry in the refiner table names
 # (wsss.served.registry.RefinerEntry.vit).
-VIT_OUTPUT = {"saliency": SALIENCY, "attention": ATTENTION}
+VIT_OUTPUT = {"saliency": SALIENCY, "attention": ATTENTION, "tokens": TOKENS}
 
 # Model names in the repository; the ensembles are what clients call.
 CLASSIFIER, REFINER, SEGMENTER = "classifier", "refiner", "segmenter"
@@ -164,6 +167,7 @@ def served_models(
     features: tuple[int, int, int] | None = None,
     segmenter_input: str = IMAGE,
     vit: str | None = None,
+    tokens: tuple[int, int] | None = None,
 ) -> dict[str, ModelSpec]:
     """The models of the repository, in pipeline order, with their tensors.
 
@@ -171,13 +175,16 @@ def served_models(
     the classifier then also returns FEATURES, which the refiner reads beside the CAMS.
     ``segmenter_input``: IMAGE for a trained segmenter; PSEUDO_MASK for the pass-through one
     (``segmenter.arch: passthrough``), which serves the refined mask as the segmentation.
-    ``vit`` (SALIENCY or ATTENTION) adds the ViT model, which reads IMAGE beside the
-    classifier and gives the refiner that map.
+    ``vit`` (SALIENCY, ATTENTION or TOKENS) adds the ViT model, which reads IMAGE beside
+    the classifier and gives the refiner that map [224, 224], or ``tokens`` (patches,
+    channels) of patch tokens.
     """
     if segmenter_input not in (IMAGE, PSEUDO_MASK):
         raise InputError(f"the segmenter reads {IMAGE} or {PSEUDO_MASK}, not {segmenter_input!r}")
     if vit is not None and vit not in VIT_MAPS:
         raise InputError(f"the ViT gives {' or '.join(VIT_MAPS)}, not {vit!r}")
+    if (vit == TOKENS) != (tokens is not None):
+        raise InputError(f"the ViT's {TOKENS} take their (patches, channels), and only they")
     if vit is not None and features is not None:
         raise InputError("the level-set refiner reads FEATURES, not a ViT's map")
     h = w = image_size
@@ -208,8 +215,13 @@ def served_models(
         classifier = ModelSpec(CLASSIFIER, (image,), (scores, cams))
         refiner = ModelSpec(REFINER, (image, scores, cams), (pseudo,))
         if vit is not None:
-            what = {SALIENCY: "class-agnostic saliency", ATTENTION: "fused CLS attention"}[vit]
-            extent = TensorSpec(vit, "float32", (VIT_SIZE, VIT_SIZE), f"[0, 1] {what} map")
+            if vit == TOKENS:
+                what = "patch tokens of one ViT layer, the random walk's affinity"
+                extent = TensorSpec(vit, "float32", tuple(tokens), what)
+            else:
+                what = {SALIENCY: "class-agnostic saliency", ATTENTION: "fused CLS attention"}
+                doc = f"[0, 1] {what[vit]} map"
+                extent = TensorSpec(vit, "float32", (VIT_SIZE, VIT_SIZE), doc)
             vit_model = {VIT: ModelSpec(VIT, (image,), (extent,))}
             refiner = ModelSpec(REFINER, (image, scores, cams, extent), (pseudo,))
     return {

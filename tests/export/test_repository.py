@@ -136,12 +136,21 @@ def test_a_refiner_that_now_reads_the_vit_serves_only_its_new_version(tmp_path):
     refiner = parse((repo / "refiner" / "config.pbtxt").read_text())
     assert [i.name for i in refiner.input] == ["IMAGE", "SCORES", "CAMS", "SALIENCY"]
     assert check_repository(repo).ok
+    # The random walk: the ViT model now returns layer 8's patch tokens (16 x 16 patches of
+    # 384 channels at 224 px), not a map; its older versions are not served under it.
+    walk = random_export_cfg(tmp_path, "refine.method=walk")
+    assert export_repository(walk).version == 3 and _versions(repo, "vit") == [3]
+    vit = parse((repo / "vit" / "config.pbtxt").read_text())
+    assert [(o.name, list(o.dims)) for o in vit.output] == [("TOKENS", [256, 384])]
+    refiner = parse((repo / "refiner" / "config.pbtxt").read_text())
+    assert [i.name for i in refiner.input] == ["IMAGE", "SCORES", "CAMS", "TOKENS"]
+    assert _versions(repo, "refiner") == [3] and check_repository(repo).ok
     # Back to the GrabCut refiner: the ViT is no step any more, and no model Triton loads.
     export_repository(cfg)
     bytes_ensemble = parse((repo / "wsss_pipeline_bytes" / "config.pbtxt").read_text())
     assert "vit" not in [s.model_name for s in bytes_ensemble.ensemble_scheduling.step]
     assert not (repo / "vit").exists() and not (repo / ".vit.retired").exists()
-    assert _versions(repo, "refiner") == [3] and check_repository(repo).ok
+    assert _versions(repo, "refiner") == [4] and check_repository(repo).ok
 
 
 def _snapshot(repo):
@@ -293,6 +302,6 @@ def test_a_training_only_refiner_is_refused_and_another_served(tmp_path):
     assert not any(Path(cfg.export.repository).glob("*/1"))
     served = random_export_cfg(tmp_path, "refine.method=fixed+crf", "export.refine.method=fixed")
     assert export_repository(served).version == 1
-    walk = random_export_cfg(tmp_path, "refine.method=walk+grabcut")
-    with pytest.raises(ExportError, match="walk makes training pseudo-masks only"):
+    walk = random_export_cfg(tmp_path, "refine.method=walk+crf")
+    with pytest.raises(ExportError, match="crf makes training pseudo-masks only.*e.g. walk$"):
         export_repository(walk)

@@ -1,33 +1,33 @@
-"""The random walk of refine.method walk (training/walk.py): CAMs spread over the patches
-their tokens say are alike, and nowhere else."""
+"""The random walk of refine.method walk (wsss.served.classical.random_walk, WalkRefiner;
+the ViT's tokens in training.walk): CAMs spread over the patches their tokens say are alike,
+and nowhere else."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from training.walk import WalkRefiner, random_walk
 from wsss.config import ConfigError, load_config
-from wsss.served.refiners import FixedThreshold
+from wsss.served.classical import random_walk, walk_cams
+from wsss.served.refiners import FixedThreshold, WalkRefiner
 
 
-def _two_regions(h: int = 4, w: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tokens [1, h*w, 8]: the left half one direction, the right half an orthogonal one
-    (a little noise on each); a CAM [1, 1, h, w] lit at one left-half patch; the left half."""
-    gen = torch.Generator().manual_seed(0)
-    left = torch.zeros(h, w, dtype=torch.bool)
+def _two_regions(h: int = 4, w: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokens [h*w, 8]: the left half one direction, the right half an orthogonal one
+    (a little noise on each); a CAM [1, h, w] lit at one left-half patch; the left half."""
+    rng = np.random.default_rng(0)
+    left = np.zeros((h, w), bool)
     left[:, : w // 2] = True
-    tokens = torch.where(left[..., None], torch.eye(8)[0], torch.eye(8)[1])
-    tokens = tokens + 0.05 * torch.rand(h, w, 8, generator=gen)
-    cam = torch.zeros(1, 1, h, w)
-    cam[0, 0, 1, 1] = 1.0
-    return tokens.reshape(1, h * w, 8), cam, left
+    eye = np.eye(8, dtype=np.float32)
+    tokens = np.where(left[..., None], eye[0], eye[1]) + 0.05 * rng.random((h, w, 8))
+    cam = np.zeros((1, h, w), np.float32)
+    cam[0, 1, 1] = 1.0
+    return tokens.reshape(h * w, 8).astype(np.float32), cam, left
 
 
 def test_a_cam_spreads_over_its_own_region_only():
     tokens, cam, left = _two_regions()
-    walked = random_walk(cam, tokens, beta=8.0, steps=4)[0, 0]
+    walked = random_walk(cam, tokens, beta=8.0, steps=4)[0]
     assert walked[left].min() > 0.01  # every patch alike to the lit one got some
     assert walked[~left].max() < 1e-4  # the orthogonal half none
     assert walked.max() < cam.max()  # spread, not amplified
@@ -35,35 +35,44 @@ def test_a_cam_spreads_over_its_own_region_only():
 
 def test_a_constant_map_stays_constant():
     tokens, _, _ = _two_regions()
-    flat = torch.full((1, 2, 4, 6), 0.3)
-    torch.testing.assert_close(random_walk(flat, tokens, 8.0, 3), flat)
+    flat = np.full((2, 4, 6), 0.3, np.float32)
+    np.testing.assert_allclose(random_walk(flat, tokens, 8.0, 3), flat, rtol=1e-5)
 
 
 def test_tokens_must_fit_the_grid():
     tokens, cam, _ = _two_regions()
     with pytest.raises(ValueError, match="do not fit"):
-        random_walk(cam, tokens[:, :-1], 8.0, 2)
+        random_walk(cam, tokens[:-1], 8.0, 2)
+
+
+def test_cams_at_the_image_size_walk_on_the_patch_grid():
+    """walk_cams averages a CAM onto the tokens' grid, walks it and brings it back: the lit
+    left-half patch of an 8 x 8 CAM fills the left half, the right half stays dark."""
+    tokens, _, _ = _two_regions(4, 4)
+    cams = np.zeros((1, 8, 8), np.float32)
+    cams[0, 2:4, 2:4] = 1.0
+    walked = walk_cams(cams, tokens, 8.0, 4)
+    assert walked.shape == (1, 8, 8)
+    assert walked[0, :, :3].min() > 0.02 and walked[0, :, 5:].max() < 1e-3
 
 
 def test_the_refiner_cuts_the_walked_cams():
     """The walk fills the lit region of a 4 x 4 patch grid; the fixed cut then marks all of
-    it as class 1, and the other half (past the one pixel the upsampling blends) not."""
+    it as class 1, and the other half (past the one pixel the upsampling blends) not. The
+    tokens come from a runner, or as the served ViT model's output (``maps``)."""
     tokens, _, _ = _two_regions(4, 4)
-
-    class Tokens:
-        grid = 4
-
-        def __call__(self, images):
-            return tokens
-
     inner = FixedThreshold(multi_label=True, threshold=0.02, score_threshold=0.5)
-    refiner = WalkRefiner(inner, Tokens(), beta=8.0, steps=4)
     cams = np.zeros((1, 1, 8, 8), np.float32)
     cams[0, 0, 2:4, 2:4] = 1.0  # one left-half patch
-    mask = refiner(np.zeros((1, 8, 8, 3), np.uint8), np.ones((1, 1), np.float32), cams)
+    images, scores = np.zeros((1, 8, 8, 3), np.uint8), np.ones((1, 1), np.float32)
+    mask = WalkRefiner(inner, lambda images: tokens[None], beta=8.0, steps=4)(images, scores, cams)
     assert mask.shape == (1, 8, 8) and set(np.unique(mask)) == {0, 1}
     assert mask[0, :, :4].min() == 1 and mask[0, :, 5:].max() == 0
-    unwalked = FixedThreshold(True, 0.02)(np.zeros((1, 8, 8, 3), np.uint8), np.ones((1, 1)), cams)
+    served = WalkRefiner(inner, None, beta=8.0, steps=4)
+    np.testing.assert_array_equal(served(images, scores, cams, maps=tokens[None]), mask)
+    with pytest.raises(ValueError, match="patch tokens or its maps"):
+        served(images, scores, cams)
+    unwalked = FixedThreshold(True, 0.02)(images, scores, cams)
     assert unwalked.sum() == 4
 
 

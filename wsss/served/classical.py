@@ -229,6 +229,53 @@ def attention_pseudo_mask(
     return out
 
 
+def random_walk(cams: np.ndarray, tokens: np.ndarray, beta: float, steps: int) -> np.ndarray:
+    """One image's CAMs [K, h, w] on a ViT's patch grid spread over it by a random walk
+    (AffinityNet's propagation): ``cams @ T^steps`` with ``T = A^beta`` normalised so each
+    position's incoming weights sum to 1, ``A`` the cosine similarity of the patch tokens
+    [h*w, C], clipped at 0. Each step is a weighted average, so values stay in the CAMs'
+    range and a constant map (the background's level a fixed cut compares against) stays
+    that constant; a CAM's peaks come down as it spreads."""
+    k, h, w = cams.shape
+    if tokens.shape[0] != h * w:
+        raise InputError(f"{tokens.shape[0]} patch tokens do not fit a {h} x {w} CAM grid")
+    feats = tokens.astype(np.float32)
+    feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    affinity = np.maximum(feats @ feats.T, 0.0)  # [N, N]
+    if beta == 8:  # the default: three products, not a general power
+        affinity = affinity * affinity
+        affinity = affinity * affinity
+        affinity = affinity * affinity
+    else:
+        affinity = affinity ** np.float32(beta)
+    transition = affinity / np.maximum(affinity.sum(axis=0, keepdims=True), 1e-12)
+    walked = cams.reshape(k, h * w).astype(np.float32)
+    for _ in range(steps):  # K x N rows a step: cheaper than T^steps for the few CAMs walked
+        walked = walked @ transition
+    return walked.reshape(k, h, w)
+
+
+def walk_cams(
+    cams: np.ndarray, tokens: np.ndarray, beta: float, steps: int, classes=None
+) -> np.ndarray:
+    """One image's CAMs [K, H, W] walked (``random_walk``) over its ViT's square patch grid
+    (tokens [grid * grid, C]): area-averaged onto the grid, walked, bilinear back to H x W.
+    ``classes``: walk only these (the present ones, all a cut reads); the others stay."""
+    grid = int(round(np.sqrt(len(tokens))))
+    h, w = cams.shape[-2:]
+    classes = range(len(cams)) if classes is None else classes
+    out = np.array(cams, dtype=np.float32)
+    if not len(classes):
+        return out
+    small = np.stack(
+        [cv2.resize(out[c], (grid, grid), interpolation=cv2.INTER_AREA) for c in classes]
+    )
+    walked = random_walk(small, tokens, beta, steps)
+    for c, m in zip(classes, walked, strict=True):
+        out[c] = cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR)
+    return out
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -1,13 +1,13 @@
-"""Triton python-backend model: CAMs -> pseudo-mask with GrabCut, Chan-Vese, ViT attention or
-saliency.
+"""Triton python-backend model: CAMs -> pseudo-mask with GrabCut, Chan-Vese, ViT attention,
+saliency or the ViT random walk.
 
 Copied into ``<repository>/refiner/<version>/model.py`` with this package's other modules
 beside it; the fixed and Otsu thresholds alone are served as an ONNX graph instead. Its
 settings (``refine``: the fields of RefineConfig; ``multi_label``) come from the
 ``parameters`` of the generated config.pbtxt, so the file is the same for every export. The
-saliency and attention refiners read their ViT's map as a fourth input (SALIENCY or
-ATTENTION), made by the repository's ViT model beside the classifier: this model runs no
-network, it combines maps. One response per request.
+saliency, attention and walk refiners read their ViT's output as a fourth input (SALIENCY,
+ATTENTION or TOKENS), made by the repository's ViT model beside the classifier: this model
+runs no network, it combines maps. One response per request.
 """
 
 import json

@@ -23,6 +23,7 @@ from .classical import (
     otsu_foreground,
     present_classes,
     saliency_pseudo_mask,
+    walk_cams,
 )
 from .errors import InputError
 from .registry import RefinerSpec, builder, register
@@ -237,6 +238,38 @@ class SaliencyRefiner(Refiner):
         )
 
 
+class WalkRefiner(Refiner):
+    """``refine.method: walk``: each image's CAMs spread by a random walk over its ViT's
+    patch-token affinity (``walk_cams``; AffinityNet's propagation, the affinity untrained),
+    then ``inner`` (the fixed cut, and the follow-up the spelling names) on them.
+
+    ``tokens(images) -> [B, N, C]`` patch tokens (``training.walk.ViTTokens``; None where the
+    served ViT model gives them as ``maps``). Uses more than image labels: a pretrained ViT.
+    """
+
+    name = "walk"
+
+    def __init__(self, inner: ClassicalRefiner, tokens, beta: float = 8.0, steps: int = 8):
+        super().__init__(inner.multi_label, inner.binary, inner.score_threshold, inner.min_score)
+        if beta <= 0 or steps < 1:
+            raise InputError("refine.walk_beta > 0 and refine.walk_steps >= 1")
+        self.inner, self.tokens, self.beta, self.steps = inner, tokens, beta, steps
+
+    def walk(self, images, scores, cams, maps=None) -> np.ndarray:
+        """[B, K, H, W] CAMs -> the present classes' walked (all the cut reads), at the same
+        size."""
+        tokens = _vit_maps(self.tokens, images, maps, "walk", "the ViT's patch tokens")
+        return np.stack(
+            [
+                walk_cams(c, t, self.beta, self.steps, self.present(s))
+                for c, t, s in zip(cams, tokens, scores, strict=True)
+            ]
+        )
+
+    def __call__(self, images, scores, cams, features=None, maps=None):
+        return self.inner(images, scores, self.walk(images, scores, np.asarray(cams), maps))
+
+
 def _vit_maps(runner, images, maps, method: str, what: str) -> np.ndarray:
     """The ViT's maps: given (the served ViT model's), or run here."""
     if maps is not None:
@@ -289,6 +322,12 @@ def _attention(settings, multi_label, presence, runners, step):
     )
 
 
+@register("walk", "served")
+def _walk(settings, multi_label, presence, runners, step):
+    cut = _fixed(settings, multi_label, presence, runners, step)
+    return WalkRefiner(cut, runners.get("tokens"), settings["walk_beta"], settings["walk_steps"])
+
+
 @register("grabcut", "served")
 def _grabcut(settings):
     bands = settings["sure_foreground"], settings["sure_background"]
@@ -307,14 +346,15 @@ def build_classical(
     attention=None,
     saliency=None,
     side: str = "served",
+    tokens=None,
 ) -> Refiner:
     """The threshold, GrabCut, Chan-Vese, attention or saliency refiner that ``settings``
     (the fields of ``wsss.config.RefineConfig``, as a dict) describe, from the builders the
     table holds for its parts: the one builder of them, for training (``side="training"``,
     which adds its own steps such as the dense CRF) and for the served refiner model.
-    ``attention`` and ``saliency`` are the ONNX (or timm) runners the ViT and saliency
-    refiners read (none for the served refiner: its ViT is a model of its own, whose maps it
-    is given). The refiner's ``name`` is its spelling."""
+    ``attention``, ``saliency`` and ``tokens`` are the ONNX (or timm) runners the ViT,
+    saliency and walk refiners read (none for the served refiner: its ViT is a model of its
+    own, whose maps it is given). The refiner's ``name`` is its spelling."""
     spec = RefinerSpec.of(settings)
     if spec.entry.served_as == "training":
         raise InputError(
@@ -338,7 +378,8 @@ def build_classical(
         "score_threshold": settings["score_threshold"],
         "min_score": settings["min_score"],
     }
-    runners = {k: v for k, v in (("attention", attention), ("saliency", saliency)) if v}
+    runners = {"attention": attention, "saliency": saliency, "tokens": tokens}
+    runners = {k: v for k, v in runners.items() if v is not None}
     refiner = build(settings, multi_label, presence, runners, step)
     refiner.name = str(spec)
     return refiner

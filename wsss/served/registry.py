@@ -39,11 +39,12 @@ class RefinerEntry:
     the repository serves it: ``network`` (an exported graph), ``python`` (the Python
     refiner model; any follow-up makes the whole refiner Python) or ``training`` (not served:
     export refuses it and ``export.refine`` serves another). ``checkpoint``: the trained
-    network it needs, under the run folder. ``vit``: the ViT map it reads (``saliency`` or
-    ``attention``, ``wsss.tensors.VIT_OUTPUT``), made by the repository's ViT model beside the
-    classifier. ``follow_ups``: whether a follow-up may refine its mask. ``cam_mask``: the
-    seed is the CAM's own mask (a threshold). ``starts_level_set``: a mask the level set can
-    learn its initial level sets from (``levelset.seed``). ``more_than_labels``: it reads a
+    network it needs, under the run folder. ``vit``: the ViT output it reads (``saliency``,
+    ``attention`` or the patch ``tokens``, ``wsss.tensors.VIT_OUTPUT``), made by the
+    repository's ViT model beside the classifier. ``follow_ups``: whether a follow-up may
+    refine its mask. ``cam_mask``: the seed is the CAM's own mask (a threshold).
+    ``starts_level_set``: a mask the level set can learn its initial level sets from
+    (``levelset.seed``). ``more_than_labels``: it reads a
     pretrained model beyond the classifier (marked in every table, as WSSS papers mark it).
     ``iterations``: the RefineConfig field a count after the name sets (``chanvese15``).
     ``reads_cam``: the seed reads the CAMs for its extent (the ViT attention does not).
@@ -56,7 +57,7 @@ class RefinerEntry:
     label: str  # in tables and legends
     needs_features: bool = False
     checkpoint: str | None = None
-    vit: Literal["saliency", "attention"] | None = None
+    vit: Literal["saliency", "attention", "tokens"] | None = None
     follow_ups: bool = False
     cam_mask: bool = False
     starts_level_set: bool = False
@@ -112,10 +113,11 @@ REFINERS: dict[str, RefinerEntry] = {
         RefinerEntry(
             "walk",
             "seed",
-            "training",
-            "the CAMs spread by a random walk over a pretrained ViT's patch-feature affinity, "
-            "then cut at refine.threshold (training pseudo-masks; not served yet)",
+            "python",
+            "the CAMs spread by a random walk over a pretrained ViT's patch-token affinity, "
+            "then cut at refine.threshold",
             "ViT random walk",
+            vit="tokens",
             follow_ups=True,
             starts_level_set=True,
             more_than_labels=True,

@@ -123,8 +123,9 @@ def _run_standalone(repo: Path, model: str, inputs: dict, tmp_path: Path) -> dic
         ["refine.method=vit"],
         ["refine.method=saliency"],
         ["refine.method=saliency", "refine.grabcut=true", "refine.saliency_doubt=background"],
+        ["refine.method=walk", "refine.threshold=0.4"],
     ],
-    ids=["grabcut", "chanvese", "vit", "saliency", "saliency-grabcut"],
+    ids=["grabcut", "chanvese", "vit", "saliency", "saliency-grabcut", "walk"],
 )
 def test_python_refiner_runs_without_the_project(tmp_path, refine):
     cfg = random_export_cfg(tmp_path, *refine)
