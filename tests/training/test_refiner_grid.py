@@ -25,7 +25,14 @@ from wsss import config as wsss_config
 from wsss.config import Config, RefineConfig
 from wsss.served.classical import OnnxMaps
 from wsss.served.refiners import build_classical
-from wsss.served.registry import FOLLOW_UPS, REFINERS, RefinerSpec, builder
+from wsss.served.registry import (
+    FOLLOW_UPS,
+    LABELS_ONLY,
+    MORE_THAN_LABELS,
+    REFINERS,
+    RefinerSpec,
+    builder,
+)
 from wsss.tensors import VIT_OUTPUT
 
 SPECS = [
@@ -64,6 +71,17 @@ def test_the_grid_covers_every_spelling_the_registry_accepts():
     # one, or training's), and the config reads the table's names.
     assert all(builder(name, "training") for name in REFINERS)
     assert wsss_config.FOLLOW_UPS is FOLLOW_UPS
+
+
+def test_rows_that_read_a_pretrained_vit_are_marked():
+    """WSSS papers mark the rows that use more than image labels: every table prints what a
+    refiner's masks are made from, and only the ViT readers (a follow-up after one too) say
+    more than image labels."""
+    marked = {t for t in SPECS if RefinerSpec.parse(t).supervision == MORE_THAN_LABELS}
+    seeds = {t.partition("+")[0] for t in marked}
+    assert seeds == {"saliency", "vit", "walk"}
+    assert all(RefinerSpec.parse(t).supervision == LABELS_ONLY for t in set(SPECS) - marked)
+    assert MORE_THAN_LABELS in RefinerSpec.parse("walk+crf").label
 
 
 def test_one_spelling_round_trips_through_config_and_cli_overrides():

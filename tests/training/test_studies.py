@@ -32,6 +32,7 @@ def test_study_scores_every_combination(trained, tmp_path):
     keys = {(r["CAM"], r["refiner"]) for r in rows}
     assert len(keys) == 3 * 4
     assert all(r["refine_ms"] > 0 and "accuracy" in r for r in rows)
+    assert {r["supervision"] for r in rows} == {"image labels"}  # no ViT read: none marked
     by = {(r["CAM"], r["refiner"]): r for r in rows[:12]}
     # CAM and Grad-CAM coincide for a GAP + linear head: same masks, same scores.
     assert by["cam", "otsu"]["pseudo_iou"] == pytest.approx(by["gradcam", "otsu"]["pseudo_iou"])

