@@ -536,7 +536,8 @@ def render(report: dict) -> str:
         "Every mask is scored at its photo's own resolution (the model's masks resized back, "
         "nearest), ignored pixels (trimap borders, VOC boundaries) left out: IoU pooled over "
         "the split's pixels and, for binary tasks, the mean of each image's IoU. Rows marked "
-        f"*{MORE_THAN_LABELS}* use an off-the-shelf ViT (saliency or attention) besides the "
+        f"*{MORE_THAN_LABELS}* use an off-the-shelf ViT (its saliency, attention or patch "
+        "tokens) besides the "
         "image labels (its authors do not say what it was trained on, so Pet images may have "
         "been among them); the others use the image labels only, as the papers' CAM rows do.",
         "",

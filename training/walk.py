@@ -26,6 +26,7 @@ import dataclasses
 import numpy as np
 
 from wsss.config import VIT_PATCH
+from wsss.errors import InputError
 from wsss.served.classical import IMAGENET_MEAN, IMAGENET_STD, vit_input
 
 
@@ -47,7 +48,14 @@ class ViTTokens:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         x = vit_input(images, IMAGENET_MEAN, IMAGENET_STD, self.side)
         tokens = self.session.run(None, {self.input: x})[0]
-        return tokens[:, -self.grid * self.grid :]  # after CLS / registers
+        patches = self.grid * self.grid
+        if not 1 <= tokens.shape[1] - patches <= 5:  # CLS (and registers), then the patches
+            raise InputError(
+                f"the ViT gives {tokens.shape[1]} tokens at {self.side} px, not a CLS token (and "
+                f"registers) and the {self.grid} x {self.grid} patches of {VIT_PATCH} px: "
+                "refine.saliency_weights must be a ViT with 14 px patches"
+            )
+        return tokens[:, -patches:]  # after CLS / registers
 
 
 def walk_graph(cfg) -> bytes:

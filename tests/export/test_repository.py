@@ -1,5 +1,6 @@
 """The repository contract: generated configs, versions, atomic writes, and --check."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -136,14 +137,24 @@ def test_a_refiner_that_now_reads_the_vit_serves_only_its_new_version(tmp_path):
     refiner = parse((repo / "refiner" / "config.pbtxt").read_text())
     assert [i.name for i in refiner.input] == ["IMAGE", "SCORES", "CAMS", "SALIENCY"]
     assert check_repository(repo).ok
-    # The random walk: the ViT model now returns layer 8's patch tokens (16 x 16 patches of
-    # 384 channels at 224 px), not a map; its older versions are not served under it.
-    walk = random_export_cfg(tmp_path, "refine.method=walk")
+    # The random walk: the ViT model now returns a layer's patch tokens (12 x 12 patches of
+    # 384 channels at 168 px), not a map; its older versions are not served under it. The
+    # walk's settings reach the refiner.
+    walk = random_export_cfg(
+        tmp_path,
+        "refine.method=walk",
+        "refine.walk_side=168",
+        "refine.walk_layer=5",
+        "refine.walk_steps=3",
+        "refine.walk_beta=4",
+    )
     assert export_repository(walk).version == 3 and _versions(repo, "vit") == [3]
     vit = parse((repo / "vit" / "config.pbtxt").read_text())
-    assert [(o.name, list(o.dims)) for o in vit.output] == [("TOKENS", [256, 384])]
+    assert [(o.name, list(o.dims)) for o in vit.output] == [("TOKENS", [144, 384])]
     refiner = parse((repo / "refiner" / "config.pbtxt").read_text())
     assert [i.name for i in refiner.input] == ["IMAGE", "SCORES", "CAMS", "TOKENS"]
+    settings = json.loads(refiner.parameters["refine"].string_value)
+    assert [settings[f"walk_{k}"] for k in ("side", "layer", "steps", "beta")] == [168, 5, 3, 4]
     assert _versions(repo, "refiner") == [3] and check_repository(repo).ok
     # Back to the GrabCut refiner: the ViT is no step any more, and no model Triton loads.
     export_repository(cfg)

@@ -6,8 +6,9 @@ import shutil
 
 import pytest
 
-from experiments.studies import cam_study
+from experiments.studies import _supervision, cam_study
 from wsss.config import EvaluateConfig
+from wsss.served.registry import LABELS_ONLY, MORE_THAN_LABELS
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_study_scores_every_combination(trained, tmp_path):
     second = tmp_path / "second"
     shutil.copytree(f"{trained.runs}/classifier", second / "classifier")
-    refiners = ["fixed", "otsu", "fixed+grabcut", "otsu+chanvese", "levelset"]
+    refiners = ["fixed", "otsu", "fixed+grabcut", "otsu+chanvese", "levelset", "vit"]
     cfg = dataclasses.replace(
         trained,
         evaluate=EvaluateConfig(
@@ -27,15 +28,28 @@ def test_study_scores_every_combination(trained, tmp_path):
     )
     table = cam_study(cfg)
     rows = json.loads((tmp_path / "out" / "study.json").read_text())["rows"]
-    # runs x CAM methods x refiners (no run has a level set: that row is skipped).
+    # runs x CAM methods x refiners (no run has a level set: that row is skipped), and one
+    # row for the ViT's attention, which reads no CAM: the one marked as more than labels.
+    (vit,) = [r for r in rows if r["CAM"] == "-"]
+    rows.remove(vit)
+    assert vit["supervision"] == MORE_THAN_LABELS
     assert len(rows) == 2 * 3 * 4
     keys = {(r["CAM"], r["refiner"]) for r in rows}
     assert len(keys) == 3 * 4
     assert all(r["refine_ms"] > 0 and "accuracy" in r for r in rows)
-    assert {r["supervision"] for r in rows} == {"image labels"}  # no ViT read: none marked
+    assert {r["supervision"] for r in rows} == {"image labels"}
     by = {(r["CAM"], r["refiner"]): r for r in rows[:12]}
     # CAM and Grad-CAM coincide for a GAP + linear head: same masks, same scores.
     assert by["cam", "otsu"]["pseudo_iou"] == pytest.approx(by["gradcam", "otsu"]["pseudo_iou"])
     assert table.count("\n| resnet18 |") == 12 and table.count(f"\n| resnet18 [{second}] |") == 12
     for method in ("cam", "gradcam", "gradcam++"):
         assert (tmp_path / "out" / "figures" / f"resnet18_{method}.png").stat().st_size > 1000
+
+
+def test_a_level_set_is_marked_as_its_seed():
+    """The level set learns its initial level sets from its seed's masks: a level set seeded
+    by saliency or the walk uses more than the image labels, and its rows say so."""
+    assert _supervision("levelset", "saliency") == MORE_THAN_LABELS
+    assert _supervision("levelset", "walk+crf") == MORE_THAN_LABELS
+    assert _supervision("levelset", "fixed+crf") == LABELS_ONLY
+    assert _supervision("saliency+grabcut") == MORE_THAN_LABELS

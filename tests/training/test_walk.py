@@ -88,3 +88,55 @@ def test_a_layer_the_vit_lacks_is_refused_by_its_setting():
 
     with pytest.raises(ValueError, match="has no node output .*check refine.walk_layer"):
         onnx_with_tokens(bundled_vit_onnx(), 224, 12)  # ViT-S/14 has layers 0-11
+
+
+def test_the_served_builder_reads_the_walks_settings():
+    """build_classical (training's and the served refiner model's one builder) gives the
+    walk refine.walk_steps and walk_beta: other settings, another mask."""
+    from dataclasses import asdict
+
+    from wsss.config import RefineConfig
+    from wsss.served.refiners import build_classical
+
+    tokens = np.tile(np.eye(8, dtype=np.float32)[0], (16, 1))  # one region: all alike
+    tokens[:, 1] = np.linspace(0, 1, 16)  # ... less alike the further apart
+    cams = np.zeros((1, 1, 4, 4), np.float32)
+    cams[0, 0, 0, 0] = 1.0
+    args = (np.zeros((1, 4, 4, 3), np.uint8), np.ones((1, 1), np.float32), cams)
+
+    def walked(**changes):
+        settings = asdict(RefineConfig(method="walk", threshold=0.05, **changes))
+        refiner = build_classical(settings, multi_label=True)
+        assert (refiner.steps, refiner.beta) == (settings["walk_steps"], settings["walk_beta"])
+        return refiner(*args, maps=tokens[None])
+
+    one = walked(walk_steps=1)
+    assert 0 < one.sum() < one.size  # a mask to tell apart
+    assert not np.array_equal(one, walked(walk_steps=8))
+    assert not np.array_equal(one, walked(walk_steps=1, walk_beta=1.0))
+
+
+def test_a_vit_whose_patches_are_not_14_px_is_refused_by_its_setting():
+    """A ViT with 16 px patches gives 1 + 14 x 14 tokens at 224 px, not 1 + 16 x 16: the
+    walk's token runner says which setting chose it, not a reshape error later."""
+    from onnx import TensorProto, helper
+
+    from training.walk import ViTTokens
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 224, 224])
+    y = helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["b", 197, 3])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [3], [0, 3, -1])
+    start = helper.make_tensor("start", TensorProto.INT64, [1], [0])
+    one = helper.make_tensor("one", TensorProto.INT64, [1], [1])
+    nodes = [
+        helper.make_node("AveragePool", ["x"], ["p"], kernel_shape=[16, 16], strides=[16, 16]),
+        helper.make_node("Reshape", ["p", "shape"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["patches"], perm=[0, 2, 1]),  # [b, 196, 3]
+        helper.make_node("Slice", ["patches", "start", "one", "one"], ["cls"]),
+        helper.make_node("Concat", ["cls", "patches"], ["tokens"], axis=1),
+    ]
+    graph = helper.make_graph(nodes, "vit16", [x], [y], [shape, start, one])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    runner = ViTTokens(model.SerializeToString(), side=224)
+    with pytest.raises(ValueError, match="197 tokens at 224 px.*refine.saliency_weights"):
+        runner(np.zeros((1, 64, 64, 3), np.uint8))
