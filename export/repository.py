@@ -181,6 +181,7 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
             "multi_label": str(multi_label).lower(),
         }
     version = next_version(repo)
+    _warn_changed_tensors(repo, specs, cfg.export, network_refiner)
     keep = {
         n: servable_versions(
             repo,
@@ -518,6 +519,28 @@ def servable_versions(
     if fmt == "python":
         usable = [v for v in usable if self_contained(folder / str(v))]
     return (usable + [new])[-keep:]
+
+
+def _warn_changed_tensors(repo: Path, specs: dict[str, ModelSpec], settings, network_refiner):
+    """Say so where a served model's tensors change (another refiner kind, another format): a
+    polling server reloads that model and the ensembles stepping through it one after the
+    other, so requests in flight in between may be refused (INVALID_ARGUMENT)."""
+    changed = [
+        n
+        for n, spec in specs.items()
+        if n not in ENSEMBLES
+        and (repo / n / "config.pbtxt").is_file()
+        and not _same_tensors(repo / n, spec, model_format(n, settings, network_refiner))
+    ]
+    if changed:
+        print(
+            f"wsss export: the tensors of {', '.join(changed)} change: a running server "
+            "reloads them and the ensembles apart, and may refuse requests in flight in "
+            "between (INVALID_ARGUMENT, for a fraction of a second); a re-export that keeps "
+            "the tensors (a retrained model) swaps without failing a request",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _same_tensors(folder: Path, spec: ModelSpec, fmt: str) -> bool:

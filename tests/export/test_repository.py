@@ -123,14 +123,17 @@ def _versions(repo: Path, model: str) -> list[int]:
     return list(parse((repo / model / "config.pbtxt").read_text()).version_policy.specific.versions)
 
 
-def test_a_refiner_that_now_reads_the_vit_serves_only_its_new_version(tmp_path):
+def test_a_refiner_that_now_reads_the_vit_serves_only_its_new_version(tmp_path, capsys):
     """Triton serves every version under the one config: where the refiner's tensors change
     (it now reads the ViT model's map), its older versions are not served under it; the
     models whose tensors stay keep theirs, and the repository stays valid."""
     cfg = random_export_cfg(tmp_path, "refine.method=fixed+grabcut")
     export_repository(cfg)
+    capsys.readouterr()
     saliency = random_export_cfg(tmp_path, "refine.method=saliency")
     result = export_repository(saliency)
+    # A running server would swap the refiner apart from the ensembles: export says so.
+    assert "the tensors of refiner change" in capsys.readouterr().err
     repo = Path(cfg.export.repository)
     assert result.version == 2 and _versions(repo, "refiner") == [2]
     assert _versions(repo, "classifier") == [1, 2] and _versions(repo, "vit") == [2]
