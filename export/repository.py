@@ -181,7 +181,7 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
             "multi_label": str(multi_label).lower(),
         }
     version = next_version(repo)
-    _warn_changed_tensors(repo, specs, cfg.export, network_refiner)
+    changed = _changed_tensors(repo, specs, cfg.export, network_refiner)
     keep = {
         n: servable_versions(
             repo,
@@ -231,6 +231,7 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
         raise ExportError(f"the staged export is invalid, nothing was changed:\n{report}")
     commit(staging, repo, version, order=[n for n in specs if n not in ENSEMBLES] + list(ENSEMBLES))
     _retire(repo, specs)
+    _warn_changed_tensors(changed)
     return ExportResult(repo, version, parity, quantized)
 
 
@@ -521,17 +522,23 @@ def servable_versions(
     return (usable + [new])[-keep:]
 
 
-def _warn_changed_tensors(repo: Path, specs: dict[str, ModelSpec], settings, network_refiner):
-    """Say so where a served model's tensors change (another refiner kind, another format): a
-    polling server reloads that model and the ensembles stepping through it one after the
-    other, so requests in flight in between may be refused (INVALID_ARGUMENT)."""
-    changed = [
+def _changed_tensors(
+    repo: Path, specs: dict[str, ModelSpec], settings, network_refiner: bool
+) -> list[str]:
+    """The served models whose tensors this export changes (another refiner kind, another
+    format): a polling server reloads each and the ensembles stepping through it one after
+    the other, so requests in flight in between may be refused (INVALID_ARGUMENT)."""
+    return [
         n
         for n, spec in specs.items()
         if n not in ENSEMBLES
         and (repo / n / "config.pbtxt").is_file()
         and not _same_tensors(repo / n, spec, model_format(n, settings, network_refiner))
     ]
+
+
+def _warn_changed_tensors(changed: list[str]) -> None:
+    """Say so, once the export is committed, where it changed a served model's tensors."""
     if changed:
         print(
             f"wsss export: the tensors of {', '.join(changed)} change: a running server "

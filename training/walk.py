@@ -53,7 +53,7 @@ class ViTTokens:
             raise InputError(
                 f"the ViT gives {tokens.shape[1]} tokens at {self.side} px, not a CLS token (and "
                 f"registers) and the {self.grid} x {self.grid} patches of {VIT_PATCH} px: "
-                "refine.saliency_weights must be a ViT with 14 px patches"
+                "refine.saliency_weights must be a ViT with 14 px patches after a CLS token"
             )
         return tokens[:, -patches:]  # after CLS / registers
 

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from experiments.studies import _supervision, cam_study
-from wsss.config import EvaluateConfig
+from experiments.studies import _supervision, cam_study, trained_levelset_seed
+from wsss.config import EvaluateConfig, load_config, save_config
 from wsss.served.registry import LABELS_ONLY, MORE_THAN_LABELS
 
 pytestmark = pytest.mark.slow
@@ -53,3 +53,25 @@ def test_a_level_set_is_marked_as_its_seed():
     assert _supervision("levelset", "walk+crf") == MORE_THAN_LABELS
     assert _supervision("levelset", "fixed+crf") == LABELS_ONLY
     assert _supervision("saliency+grabcut") == MORE_THAN_LABELS
+
+
+def test_a_level_set_is_marked_by_the_seed_it_was_trained_from(tmp_path):
+    """wsss evaluate marks a run's level set by its saved config's seed, not by what the
+    config asks now."""
+    assert trained_levelset_seed(tmp_path, "otsu") == "otsu"  # no level set trained
+    (tmp_path / "levelset").mkdir()
+    save_config(load_config(None, ["levelset.seed=walk"]), tmp_path / "levelset" / "config.yaml")
+    assert trained_levelset_seed(tmp_path, "otsu") == "walk"
+
+
+def test_a_study_of_refiners_that_read_no_cam_draws_no_cam_figure(trained, tmp_path):
+    """Only the ViT's attention (no CAM read): one row, and no CAM figure to draw."""
+    cfg = dataclasses.replace(
+        trained,
+        evaluate=EvaluateConfig(refiners=["vit"], figure_images=2, out=str(tmp_path / "out")),
+    )
+    cam_study(cfg)
+    rows = json.loads((tmp_path / "out" / "study.json").read_text())["rows"]
+    marks = [r["supervision"] for r in rows if r["supervision"] != "true masks"]
+    assert marks == [MORE_THAN_LABELS]  # the attention row (and a bound, where trained)
+    assert not (tmp_path / "out" / "figures").exists()
