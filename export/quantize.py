@@ -16,6 +16,7 @@ threshold keeps, fp32 against int8.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import tempfile
 from pathlib import Path
@@ -53,7 +54,28 @@ def _quiet():
         root.setLevel(level)
 
 
+# The last static graphs made, by their fp32 graph and calibration inputs: a calibration is
+# deterministic (min-max ranges) and takes about a minute for the ViT, which `wsss bench
+# --quantized` would otherwise spend twice per side (its in-process rows, then its export).
+_STATIC: dict[str, bytes] = {}
+_STATIC_KEEP = 2
+
+
 def quantize_static_graph(model: bytes, inputs: list[np.ndarray]) -> bytes:
+    """``_quantize_static``, made once per graph and calibration inputs (the last two)."""
+    digest = hashlib.sha256(model)
+    for x in inputs:
+        digest.update(repr((x.dtype.str, x.shape)).encode())
+        digest.update(np.ascontiguousarray(x).tobytes())
+    key = digest.hexdigest()
+    if key not in _STATIC:
+        while len(_STATIC) >= _STATIC_KEEP:
+            del _STATIC[next(iter(_STATIC))]
+        _STATIC[key] = _quantize_static(model, inputs)
+    return _STATIC[key]
+
+
+def _quantize_static(model: bytes, inputs: list[np.ndarray]) -> bytes:
     """An ONNX graph's bytes -> its statically quantized graph: weights int8 per output
     channel, activations uint8 with ranges calibrated (min-max) on ``inputs`` (the graph's
     own input, one array per photo), QDQ around every MatMul and Conv (``phase_convs``

@@ -408,3 +408,20 @@ def test_upsampling_conv_transposes_become_phase_convs_that_int8_quantizes(strid
     int8 = quantize_graph(fp32)
     assert "ConvInteger" in [n.op_type for n in onnx.load_from_string(int8).graph.node]
     assert np.abs(run(int8) - want).mean() < 0.05 * np.abs(want).mean()
+
+
+def test_a_static_graph_is_calibrated_once_per_graph_and_photos(monkeypatch):
+    """`wsss bench --quantized` times a static graph in process, then exports it: the same
+    graph and photos are calibrated once (the last two kept), other photos again."""
+    import export.quantize as quantize
+
+    made = []
+    monkeypatch.setattr(quantize, "_STATIC", {})
+    monkeypatch.setattr(quantize, "_quantize_static", lambda m, x: made.append(m) or m + b"q")
+    photos = [np.zeros((1, 3, 4, 4), np.float32), np.ones((1, 3, 4, 4), np.float32)]
+    assert quantize.quantize_static_graph(b"vit", photos) == b"vitq"
+    assert quantize.quantize_static_graph(b"vit", [p.copy() for p in photos]) == b"vitq"
+    assert len(made) == 1
+    quantize.quantize_static_graph(b"vit", photos[:1])  # other photos: calibrated again
+    quantize.quantize_static_graph(b"other", photos)
+    assert len(made) == 3 and len(quantize._STATIC) == 2  # the oldest dropped
