@@ -49,8 +49,8 @@ from training.pipeline import (
     refine_step,
     resolved_refine,
 )
-from training.torch_refiners import saliency_graph, served_settings
-from training.walk import ViTTokens, walk_graph
+from training.torch_refiners import saliency_graph, served_settings, walk_graph
+from training.walk import ViTTokens
 from wsss import served
 from wsss.config import Config, save_config, served_config
 from wsss.errors import InputError, WsssError
@@ -121,10 +121,9 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
     spec = RefinerSpec.of(cfg.refine)
     if spec.served_as == "training":  # before building it (a ViT, a session)
         part = next(e for e in spec.parts if e.served_as == "training")
-        seed = spec.seed if spec.entry.served_as != "training" else "saliency"
         raise ExportError(
             f"refine.method {spec} is not served: {part.name} makes training pseudo-masks "
-            f"only ({part.summary}); set export.refine.method, e.g. {seed}"
+            f"only ({part.summary}); set export.refine.method, e.g. {spec.seed}"
         )
     classifier, refiner, cmeta = refine_step(cfg)
     names = cmeta["class_names"]
@@ -189,9 +188,9 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
             model_format(n, cfg.export, network_refiner),
             version,
             cfg.export.keep_versions,
-            spec,
+            n in changed,
         )
-        for n, spec in specs.items()
+        for n in specs
     }
     palette = smeta.get("palette") or VOC_PALETTE  # older checkpoints: VOC's colours
     refine = resolved_refine(cfg, cmeta)  # the served refiner's thresholds
@@ -363,14 +362,14 @@ def _transitions(tokens, refine) -> Callable[[np.ndarray], np.ndarray]:
     the patch tokens ``tokens`` gives (row n: where position n's CAM value goes): what the
     walk makes of the tokens, to compare two ViTs by."""
 
+    def transition(patches: np.ndarray) -> np.ndarray:
+        n = len(patches)
+        grid = int(round(np.sqrt(n)))
+        eye = np.eye(n, dtype=np.float32).reshape(n, grid, grid)  # one CAM per position
+        return random_walk(eye, patches, refine.walk_beta, refine.walk_steps).reshape(n, n)
+
     def maps(images: np.ndarray) -> np.ndarray:
-        out = []
-        for patches in tokens(images):
-            n = len(patches)
-            grid = int(round(np.sqrt(n)))
-            eye = np.eye(n, dtype=np.float32).reshape(n, grid, grid)
-            out.append(random_walk(eye, patches, refine.walk_beta, refine.walk_steps))
-        return np.stack(out).reshape(len(out), n, n)
+        return np.stack([transition(patches) for patches in tokens(images)])
 
     return maps
 
@@ -497,21 +496,21 @@ def _write_metadata(
 
 
 def servable_versions(
-    repo: Path, name: str, fmt: str, new: int, keep: int, spec: ModelSpec | None = None
+    repo: Path, name: str, fmt: str, new: int, keep: int, tensors_change: bool = False
 ) -> list[int]:
     """The newest ``keep`` versions of ``name`` (``new`` included) holding its model file.
 
     A Python model's older version is kept only if it holds its helpers too: versions from
     before the served code was copied beside model.py import the installed project, which
-    may no longer have what they call. Where the model's tensors change (``spec`` against
-    the config on disk; the refiner that now reads the ViT model's map), no older version
-    is kept: Triton serves every version under the one new config.
+    may no longer have what they call. Where the model's tensors change
+    (``_changed_tensors``; the refiner that now reads the ViT model's map), no older
+    version is kept: Triton serves every version under the one new config.
     """
     if keep < 1:
         raise InputError("export.keep_versions must be >= 1")
     folder = repo / name
     found = versions(folder) if folder.is_dir() else []
-    if spec is not None and fmt != "ensemble" and not _same_tensors(folder, spec, fmt):
+    if tensors_change:
         return [new]
     if fmt == "ensemble":  # nothing to load; Triton serves its latest version
         return (found + [new])[-1:]

@@ -163,6 +163,32 @@ def exported(trained) -> Config:
     return trained
 
 
+def passthrough_export(trained: Config, work: Path, *overrides: str) -> Config:
+    """The tiny trained classifier copied under ``work``, the pass-through segmenter (its
+    served SEGMENTATION is the refined mask), ``overrides`` (the refiner), exported there on
+    free ports."""
+    import shutil
+
+    from export.repository import export_repository
+    from training import stages
+    from wsss.config import PASSTHROUGH, with_overrides
+
+    shutil.copytree(Path(trained.runs) / "classifier", work / "runs" / "classifier")
+    cfg = with_overrides(
+        trained,
+        [
+            f"runs={work / 'runs'}",
+            f"export.repository={work / 'model_repository'}",
+            f"segmenter.arch={PASSTHROUGH}",
+            *overrides,
+            *port_settings(),
+        ],
+    )
+    stages.run(cfg, ("segmenter",))
+    export_repository(cfg)
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def server(exported, tmp_path_factory):
     from pathlib import Path

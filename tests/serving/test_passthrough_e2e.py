@@ -4,7 +4,6 @@ gRPC through both ensembles, and every subset of outputs asked as ``wsss.pruning
 from __future__ import annotations
 
 import itertools
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,8 @@ import tritonclient.grpc as grpc
 from tritonclient.utils import InferenceServerException
 
 from serving.client import PipelineClient
-from tests.conftest import port_settings
+from tests.conftest import passthrough_export
 from training.data import list_samples, read_image
-from wsss.config import PASSTHROUGH, with_overrides
 from wsss.pruning import answered, ensemble_steps, outputs_to_request
 from wsss.served.images import encode_png, resize_image
 from wsss.tensors import (
@@ -38,24 +36,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.triton]
 @pytest.fixture(scope="module")
 def passthrough(trained, tmp_path_factory):
     """The tiny trained classifier, the fixed threshold, the pass-through segmenter."""
-    from export.repository import export_repository
-    from training import stages
-
-    work = tmp_path_factory.mktemp("passthrough")
-    shutil.copytree(Path(trained.runs) / "classifier", work / "runs" / "classifier")
-    cfg = with_overrides(
-        trained,
-        [
-            f"runs={work / 'runs'}",
-            f"export.repository={work / 'model_repository'}",
-            f"segmenter.arch={PASSTHROUGH}",
-            "refine.method=fixed",
-            *port_settings(),
-        ],
+    return passthrough_export(
+        trained, tmp_path_factory.mktemp("passthrough"), "refine.method=fixed"
     )
-    stages.run(cfg, ("segmenter",))
-    export_repository(cfg)
-    return cfg
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,14 @@ answer over gRPC are the ones made in process."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from serving.client import PipelineClient
-from tests.conftest import port_settings
+from tests.conftest import passthrough_export
 from training.data import list_samples, read_image
-from wsss.config import PASSTHROUGH, with_overrides
 from wsss.served.images import resize_image
 from wsss.tensors import PIPELINE_BYTES, PSEUDO_MASK, SCORES, SEGMENTATION, SEGMENTATION_FULL
 
@@ -22,27 +20,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
 @pytest.fixture(scope="module")
 def walk(trained, tmp_path_factory):
-    """The tiny trained classifier, the walk, the
-    pass-through segmenter."""
-    from export.repository import export_repository
-    from training import stages
-
+    """The tiny trained classifier, the walk, the pass-through segmenter."""
     work = tmp_path_factory.mktemp("walk")
-    shutil.copytree(Path(trained.runs) / "classifier", work / "runs" / "classifier")
-    cfg = with_overrides(
-        trained,
-        [
-            f"runs={work / 'runs'}",
-            f"export.repository={work / 'model_repository'}",
-            f"segmenter.arch={PASSTHROUGH}",
-            "refine.method=walk",
-            "refine.threshold=0.5",
-            *port_settings(),
-        ],
-    )
-    stages.run(cfg, ("segmenter",))
-    export_repository(cfg)
-    return cfg
+    return passthrough_export(trained, work, "refine.method=walk", "refine.threshold=0.5")
 
 
 def test_the_served_walk_answers_the_masks_made_in_process(walk, tmp_path):

@@ -348,7 +348,7 @@ def build_classical(
     side: str = "served",
     tokens=None,
 ) -> Refiner:
-    """The threshold, GrabCut, Chan-Vese, attention or saliency refiner that ``settings``
+    """The threshold, GrabCut, Chan-Vese, attention, saliency or walk refiner that ``settings``
     (the fields of ``wsss.config.RefineConfig``, as a dict) describe, from the builders the
     table holds for its parts: the one builder of them, for training (``side="training"``,
     which adds its own steps such as the dense CRF) and for the served refiner model.
@@ -356,11 +356,6 @@ def build_classical(
     saliency and walk refiners read (none for the served refiner: its ViT is a model of its
     own, whose maps it is given). The refiner's ``name`` is its spelling."""
     spec = RefinerSpec.of(settings)
-    if spec.entry.served_as == "training":
-        raise InputError(
-            f"refine.method {spec.seed} runs in training only (not served yet): serve "
-            "another refiner with export.refine"
-        )
     build = builder(spec.seed, "served")  # training's seed builders wrap these
     if build is None or spec.entry.part != "seed":
         raise InputError(f"refine.method {spec.seed!r} is not built from numpy alone")
