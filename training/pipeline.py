@@ -55,7 +55,7 @@ class ClassifierGraph(nn.Module):
         x = to_pixels(images)
         feats = self.net.forward_features(x)
         logits = self.net.forward_head(feats)
-        scores = self.net.class_scores(logits, self.multi_label)
+        scores = self.net.presence(x, logits, self.multi_label)
         cams = self.net.cams(feats, logits, x.shape[-2:], self.cam_method)
         return (scores, cams, feats) if self.features else (scores, cams)
 

@@ -111,12 +111,15 @@ def classifier_setup(cfg: Config, data_names: list[str]) -> tuple[dict, list[str
             names, groups = list(imagenet_class_names()), None
     else:
         names, groups = list(data_names), None
+    if c.tiles and not cfg.data.kind.multi_label:
+        raise InputError("classifier.tiles: presence from tiles is for multi-label tasks")
     kwargs = {
         "num_classes": len(names),
         "output_stride": c.output_stride,
         "weights": c.weights,
         "head": c.head,
         "class_groups": groups,
+        "tiles": c.tiles,
     }
     return kwargs, names
 

@@ -81,6 +81,11 @@ class ClassifierConfig:
     # many folds of cross-validation on the training photos, by F1; saved with the
     # checkpoint and read in place of refine.score_threshold. 0: refine.score_threshold.
     threshold_folds: int = 0
+    # Multi-label: which classes a photo holds also read from its four corner tiles, this
+    # fraction of the side each, enlarged to data.image_size: each ImageNet class's score
+    # is the mean of the photo's and its best tile's (small objects; 4 more classifier
+    # passes a photo). 0: the photo alone. Saved with the checkpoint.
+    tiles: float = 0.0
 
 
 # Lists the CLI, the config and training all read, defined once here: `wsss --help` must

@@ -152,6 +152,11 @@ def test_imagenet_head_without_groups_is_refused_for_class_index_masks():
         classifier_setup(cfg, DATA)
     pets = load_config(None, ["data.task=pets", "classifier.head=imagenet"])
     assert classifier_setup(pets, DATA)[0]["num_classes"] == 1000
+    # presence from corner tiles: which classes a photo holds, a multi-label question
+    with pytest.raises(ValueError, match="classifier.tiles"):
+        classifier_setup(load_config(None, ["data.task=pets", "classifier.tiles=0.6"]), DATA)
+    voc = load_config(None, ["data.task=voc", "classifier.tiles=0.6"])
+    assert classifier_setup(voc, DATA)[0]["tiles"] == 0.6
 
 
 def test_unknown_cam_methods_are_clear_errors():

@@ -94,3 +94,23 @@ def test_the_vit_random_walk_beats_the_cam_it_spreads(real_scenes, tmp_path):
         pipes[method] = Pipeline(classifier, None, refiner)
     rows = {n: r.row() for n, r in evaluate(pipes, load_test_set(cfg, say=False), 16).items()}
     assert rows["walk"]["pseudo_miou"] > rows["fixed"]["pseudo_miou"] + 0.03, rows
+
+
+def test_presence_from_corner_tiles_ranks_the_classes_better(real_scenes, tmp_path):
+    """classifier.tiles (the photo's four corner tiles, 0.6 of its side, enlarged: small
+    objects at the scale ImageNet shows them) against the photo alone, the same ImageNet
+    head, on the 150 training photos at 320 px: 0.701 -> 0.721 mAP over its 19 classes
+    (reports/coco_voc/README.md)."""
+    cfg = _config(
+        "imagenet_voc", real_scenes, tmp_path / "imagenet", "data.image_size=320",
+        "evaluate.split=train",
+    )  # fmt: skip
+    stages.run(cfg, ("classifier",))
+    pipes = {}
+    for tiles in (0.0, 0.6):
+        classifier, refiner, _ = refine_step(cfg)
+        classifier.net.tiles = tiles
+        pipes[tiles] = Pipeline(classifier, None, refiner)
+    results = evaluate(pipes, load_test_set(cfg, say=False), 16)
+    maps = {t: r.classification()["map"] for t, r in results.items()}
+    assert maps[0.6] > maps[0.0] + 0.01, maps

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from training.cams import CAM_METHODS
@@ -50,6 +51,9 @@ class CAMClassifier(nn.Module):
         self.features = features
         self.fc = fc if fc is not None else nn.Linear(feature_channels, num_classes)
         self.cam_method = cam_method
+        # The side of the four corner tiles presence also reads, as a fraction of the
+        # image's (0: the image alone): ``presence``. Set by ``build_classifier``.
+        self.tiles = 0.0
         self.grouped = bool(class_groups)
         self.learned = None  # the head of the groups with no ImageNet ids
         if self.grouped:
@@ -144,6 +148,28 @@ class CAMClassifier(nn.Module):
             mass = torch.softmax(imagenet, dim=1) @ (self.group_mask == 0).float().T
             return self._place(mass, None if learned is None else torch.sigmoid(learned))
         return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
+
+    def presence(self, x: torch.Tensor, logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+        """[B, K] the scores that say which classes the [0, 1] pixels ``x`` hold.
+
+        ``class_scores`` of the image's ``logits``; with ``tiles``, each ImageNet class's
+        score is the mean of the image's and of its best corner tile's (the four corners,
+        ``tiles`` of the side each, enlarged to the image's size: a small object fills more
+        of a tile, at the scale ImageNet's photos show it). A learned class keeps the
+        image's: its head learned from whole images.
+        """
+        scores = self.class_scores(logits, multi_label)
+        if not self.tiles:
+            return scores
+        b, _, h, w = x.shape
+        th, tw = int(h * self.tiles), int(w * self.tiles)
+        corners = [x[..., :th, :tw], x[..., :th, w - tw :], x[..., h - th :, :tw]]
+        corners.append(x[..., h - th :, w - tw :])
+        tiles = F.interpolate(torch.cat(corners), size=(h, w), mode="bilinear", align_corners=False)
+        tile_logits = self.forward_head(self.forward_features(tiles))
+        best = self.class_scores(tile_logits, multi_label).view(4, b, -1).amax(dim=0)
+        mixed = (scores + best) / 2
+        return mixed if self.learned is None else torch.where(self.is_learned, scores, mixed)
 
     def class_weights(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per image, the weights [B, K, C] and bias [B, K] of each class's logit as a linear

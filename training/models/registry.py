@@ -328,10 +328,16 @@ SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_classifier(arch: str, **kwargs) -> CAMClassifier:
+def build_classifier(arch: str, tiles: float = 0.0, **kwargs) -> CAMClassifier:
+    """``tiles``: presence also from the four corner tiles of this fraction of the side
+    (``CAMClassifier.presence``; multi-label tasks, 0: off)."""
     if arch not in CLASSIFIERS:
         raise InputError(f"unknown classifier {arch!r}: one of {sorted(CLASSIFIERS)}")
-    return CLASSIFIERS[arch](**kwargs)
+    if not 0.0 <= tiles < 1.0:
+        raise InputError(f"classifier.tiles: 0 (off) or a fraction in (0, 1), not {tiles}")
+    model = CLASSIFIERS[arch](**kwargs)
+    model.tiles = float(tiles)
+    return model
 
 
 def build_segmenter(arch: str, **kwargs) -> nn.Module:

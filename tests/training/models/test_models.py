@@ -281,3 +281,50 @@ def test_learned_classes_beside_imagenet_groups():
     assert changed == {"learned.weight", "learned.bias"}
     with pytest.raises(ValueError, match="at least one needs ImageNet ids"):
         build_classifier("resnet18", num_classes=1, head="imagenet", class_groups=[[]])
+
+
+def test_presence_from_corner_tiles():
+    """classifier.tiles: each ImageNet group's score is the mean of the image's and of its
+    best corner tile's (each corner, 0.6 of the side, enlarged to the image's size); the
+    learned class keeps the image's; the CAMs stay the image's; it exports with the same
+    values and a free batch axis; off, the scores are the image's alone."""
+    torch.manual_seed(0)
+    groups = [[1, 2, 3], [], [7]]
+    net = build_classifier(
+        "resnet18", num_classes=3, head="imagenet", class_groups=groups, tiles=0.6
+    ).eval()
+    images = torch.randint(0, 256, (2, 40, 40, 3), dtype=torch.uint8)
+    graph = ClassifierGraph(net, multi_label=True).eval()
+    with torch.no_grad():
+        scores, cams = graph(images)
+        x = images.permute(0, 3, 1, 2).float() / 255
+        whole = net.class_scores(net.forward_head(net.forward_features(x)), True)
+        tiles = []
+        sides = (slice(0, 24), slice(16, 40))  # int(40 * 0.6) = 24 px from each edge
+        for tile in (x[..., r, c] for r in sides for c in sides):
+            big = torch.nn.functional.interpolate(tile, size=(40, 40), mode="bilinear")
+            tiles.append(net.class_scores(net.forward_head(net.forward_features(big)), True))
+        best = torch.stack(tiles).amax(dim=0)
+        torch.testing.assert_close(scores[:, [0, 2]], (whole[:, [0, 2]] + best[:, [0, 2]]) / 2)
+        torch.testing.assert_close(scores[:, 1], whole[:, 1])  # learned: the image's
+        net.tiles = 0.0
+        plain_scores, plain_cams = graph(images)
+        torch.testing.assert_close(plain_scores, whole)
+        torch.testing.assert_close(plain_cams, cams)
+        assert not torch.allclose(plain_scores[:, [0, 2]], scores[:, [0, 2]])
+    with pytest.raises(ValueError, match="classifier.tiles"):
+        build_classifier("resnet18", num_classes=3, tiles=1.0)
+
+
+def test_presence_from_tiles_exports_with_a_free_batch(tmp_path):
+    torch.manual_seed(0)
+    net = build_classifier(
+        "resnet18", num_classes=3, head="imagenet", class_groups=[[1, 2], [], [7]], tiles=0.6
+    )
+    module = ClassifierGraph(net.eval(), multi_label=True).eval()
+    spec = served_models(48, 3, 3)[CLASSIFIER]
+    sample = (torch.randint(0, 256, (2, 48, 48, 3), dtype=torch.uint8),)
+    path = export_onnx(module, spec, sample, tmp_path / "m.onnx")
+    check_parity(module, path, spec, sample, atol=1e-4)
+    bigger = (torch.randint(0, 256, (3, 48, 48, 3), dtype=torch.uint8),)
+    check_parity(module, path, spec, bigger, atol=1e-4)
