@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from experiments.studies import parse_refiner
+from experiments.studies import parse_refiner, trained_levelset_seed
 from training import stages
 from training.data.dataset import WSSSDataset
 from training.data.synth import SynthOptions, ensure_synth
@@ -64,6 +64,9 @@ class Source:
     classifier: str = ""
     cam: str = ""
     refiner: str = ""
+    # A level set's: the masks its initial level sets learned from (``levelset.seed``),
+    # which say what its own are made from.
+    levelset_seed: str = ""
 
     @classmethod
     def parse(cls, spec: str, classifiers: dict) -> Source:
@@ -84,9 +87,13 @@ class Source:
         if self.spec == TRUTH:
             return "ground truth (supervised bound)"
         spec = RefinerSpec.parse(self.refiner)
+        label = spec.label
+        seed = RefinerSpec.parse(self.levelset_seed) if self.levelset_seed else None
+        if spec.entry is LEVELSET and seed and seed.more_than_labels and not spec.more_than_labels:
+            label += f" ({MORE_THAN_LABELS})"
         if not spec.entry.reads_cam:
-            return spec.label
-        return f"{self.classifier} {CAM_LABELS[self.cam]} + {spec.label}"
+            return label
+        return f"{self.classifier} {CAM_LABELS[self.cam]} + {label}"
 
     @property
     def slug(self) -> str:
@@ -255,7 +262,8 @@ def _run_once(
         if speed is not None:
             timings, timings_table = speed(dataclasses.replace(c, runs=str(trained)))
 
-    # 3. pseudo-masks and segmenters
+    # 3. pseudo-masks and segmenters; a level set's rows marked by the seed it learned from
+    sources = [_with_levelset_seed(s, classifier_cfgs, levelset_runs) for s in sources]
     pipes: dict[str, Pipeline] = {}
     rows: list[dict] = []
     for source in sources:
@@ -345,6 +353,18 @@ def _ablation_done(study_out: Path, cfg: Config) -> bool:
     if not ((trained / "best.pt").exists() and saved.exists()):
         return False
     return dataclasses.asdict(load_config(saved)) == dataclasses.asdict(cfg)
+
+
+def _with_levelset_seed(
+    source: Source, classifiers: dict[str, Config], levelset_runs: dict[str, Path]
+) -> Source:
+    """A level set's source with the seed its run was trained from (``_source_config``'s
+    run: the ablation's, or the classifier's own)."""
+    if source.spec == TRUTH or RefinerSpec.parse(source.refiner).entry is not LEVELSET:
+        return source
+    c = classifiers[source.classifier]
+    runs = levelset_runs.get(source.classifier, c.runs)
+    return dataclasses.replace(source, levelset_seed=trained_levelset_seed(runs, c.levelset.seed))
 
 
 def _source_config(

@@ -96,3 +96,27 @@ def test_bad_source_is_refused_by_name(tmp_path):
     profile.benchmarks["pets"].sources = ["resnet18/cam/otsu"]
     with pytest.raises(ValueError, match="resnet18/cam/otsu"):
         reproduce(profile, "tiny")
+
+
+def test_a_level_set_row_is_marked_by_the_seed_it_learned_from(tmp_path):
+    """A level set seeded by masks that read the ViT (saliency, the walk) uses more than the
+    image labels: its rows say so, as `wsss study cams` marks them; its run's saved config
+    decides, else the classifier's config."""
+    from experiments.reproduce import Source, _with_levelset_seed
+    from wsss.config import load_config, save_config
+    from wsss.served.registry import MORE_THAN_LABELS
+
+    classifiers = {"lite": ("classifier.arch=efficientnet_lite0",)}
+    source = Source.parse("lite/cam/levelset", classifiers)
+    configs = {"lite": load_config(None, [f"runs={tmp_path}", "levelset.seed=fixed+crf"])}
+    assert MORE_THAN_LABELS not in _with_levelset_seed(source, configs, {}).label
+    (tmp_path / "levelset").mkdir()
+    save_config(
+        load_config(None, ["levelset.seed=saliency"]), tmp_path / "levelset" / "config.yaml"
+    )
+    marked = _with_levelset_seed(source, configs, {})
+    assert marked.levelset_seed == "saliency" and MORE_THAN_LABELS in marked.label
+    other = _with_levelset_seed(source, configs, {"lite": tmp_path / "other"})
+    assert MORE_THAN_LABELS not in other.label  # that run has no saved config: fixed+crf
+    plain = Source.parse("lite/cam/otsu", classifiers)
+    assert _with_levelset_seed(plain, configs, {}) is plain
