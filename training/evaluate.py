@@ -230,7 +230,7 @@ def evaluate(
                 score_masks(r.pseudo, r.pseudo_image_iou, pseudo, data, start, binary)
                 r.examples.setdefault("pseudo", []).extend(pseudo[:shown])
             if pipe.segmenter is not None:
-                seg = pipe.segment(images)[1]
+                seg = pipe.segment(images, outputs=outputs.get(id(pipe.classifier)))[1]
                 score_masks(r.segmentation, r.seg_image_iou, seg, data, start, binary)
                 r.examples.setdefault("seg", []).extend(seg[:shown])
     return results

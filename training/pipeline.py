@@ -222,14 +222,21 @@ class Pipeline:
 
     @torch.inference_mode()
     def segment(
-        self, images: np.ndarray, pseudo: np.ndarray | None = None
+        self,
+        images: np.ndarray,
+        pseudo: np.ndarray | None = None,
+        outputs: tuple[torch.Tensor, ...] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """SEG_PROBS and SEGMENTATION of uint8 [B, H, W, 3]; a pass-through segmenter reads
         ``pseudo`` where given (the PSEUDO_MASK already made of these images, as served) if
-        that is its own refiner's mask (not where the profile serves another refiner)."""
-        passthrough = isinstance(self.segmenter, InProcessPassThrough)
-        if pseudo is not None and passthrough and self.segmenter.source.refiner is self.refiner:
+        that is its own refiner's mask, else refines the classifier's ``outputs`` where
+        given and its classifier is this one's (the profile serves another refiner)."""
+        source = getattr(self.segmenter, "source", None)  # a pass-through's own pipeline
+        if pseudo is not None and source is not None and source.refiner is self.refiner:
             probs, seg = self.segmenter.module(torch.from_numpy(pseudo))
+        elif outputs is not None and source is not None and source.classifier is self.classifier:
+            served = source.refine(images, outputs)
+            probs, seg = self.segmenter.module(torch.from_numpy(served))
         else:
             probs, seg = self.segmenter(torch.from_numpy(np.ascontiguousarray(images)))
         return probs.numpy(), seg.numpy()
@@ -238,7 +245,7 @@ class Pipeline:
         """uint8 [B, H, W, 3] -> the ensemble's outputs, keyed by their served names."""
         outputs = self.classify(images)
         pseudo = self.refine(images, outputs)
-        probs, seg = self.segment(images, pseudo)
+        probs, seg = self.segment(images, pseudo, outputs)
         return {
             SCORES: outputs[0].numpy(),
             CAMS: outputs[1].numpy(),
@@ -287,18 +294,30 @@ def refine_step(cfg, binary: bool | None = None) -> tuple[ClassifierGraph, Refin
     return served.eval(), refiner, meta
 
 
+def _served_step(cfg, classifier: ClassifierGraph, meta: dict) -> tuple[ClassifierGraph, Refiner]:
+    """``export.refine``'s classifier and refiner. The same classifier graph, so its outputs
+    serve both refiners (one forward pass a batch), unless a level set is involved: that
+    one's checkpoint holds the backbone it was trained on."""
+    served = served_config(cfg)
+    if RefinerSpec.of(served.refine).checkpoint or RefinerSpec.of(cfg.refine).checkpoint:
+        return refine_step(served)[:2]
+    refiner = build_refiner(resolved_refine(served, meta), classifier.multi_label)
+    classifier.features = classifier.features or refiner.needs_features
+    return classifier, refiner
+
+
 def pipeline_from_config(cfg, segmenter: bool = True) -> Pipeline:
     """The run's classifier, ``refine``'s refiner (the training pseudo-masks' own) and its
     segmenter. A pass-through segmenter makes the mask the repository serves: that of
     ``export.refine`` where the profile serves another refiner (a CRF is not served)."""
-    classifier, refiner, _ = refine_step(cfg)
+    classifier, refiner, meta = refine_step(cfg)
     seg = None
     if segmenter:
         net, _ = load_model(Path(cfg.runs) / "segmenter" / "best.pt")
         if isinstance(net, PassThroughSegmenter):
             served = (classifier, refiner)
             if cfg.export.refine is not None and cfg.export.refine != cfg.refine:
-                served = refine_step(served_config(cfg))[:2]
+                served = _served_step(cfg, classifier, meta)
             seg = InProcessPassThrough(*served, net)
         else:
             seg = SegmenterGraph(net).eval()

@@ -143,9 +143,14 @@ def test_the_pass_through_makes_the_mask_of_the_served_refiner(passthrough_cfg):
     _, seg = Pipeline(None, pipe.segmenter, None).segment(images)
     np.testing.assert_array_equal(seg, want)
     assert (seg != training).mean() > 0.1  # 0.9 and 0.1 cut different masks
+    # One classifier for both refiners: the whole pipeline runs it once a batch.
+    assert pipe.segmenter.source.classifier is pipe.classifier
+    calls = []
+    pipe.classifier.register_forward_hook(lambda *_: calls.append(1))
     out = pipe(images)  # the whole pipeline: its pseudo-mask is training's, as before
     np.testing.assert_array_equal(out[PSEUDO_MASK], training)
     np.testing.assert_array_equal(out[SEGMENTATION], want)
+    assert len(calls) == 1
 
 
 def test_export_serves_the_pass_through_graph(passthrough_cfg):
