@@ -360,7 +360,7 @@ def _with_levelset_seed(
 ) -> Source:
     """A level set's source with the seed its run was trained from (``_source_config``'s
     run: the ablation's, or the classifier's own)."""
-    if source.spec == TRUTH or RefinerSpec.parse(source.refiner).entry is not LEVELSET:
+    if source.refiner != LEVELSET.name:  # the spec _source_config trains and reads
         return source
     c = classifiers[source.classifier]
     runs = levelset_runs.get(source.classifier, c.runs)

@@ -230,7 +230,10 @@ def evaluate(
                 score_masks(r.pseudo, r.pseudo_image_iou, pseudo, data, start, binary)
                 r.examples.setdefault("pseudo", []).extend(pseudo[:shown])
             if pipe.segmenter is not None:
-                seg = pipe.segment(images, outputs=outputs.get(id(pipe.classifier)))[1]
+                # a pass-through's classifier, when another pipeline here has run it
+                source = pipe.passthrough_source
+                ran = outputs.get(id(source.classifier)) if source is not None else None
+                seg = pipe.segment(images, outputs=ran)[1]
                 score_masks(r.segmentation, r.seg_image_iou, seg, data, start, binary)
                 r.examples.setdefault("seg", []).extend(seg[:shown])
     return results

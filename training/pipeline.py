@@ -220,6 +220,11 @@ class Pipeline:
         masks[np.array([c is not None and not c for c in classes], bool)] = 0
         return masks
 
+    @property
+    def passthrough_source(self) -> Pipeline | None:
+        """A pass-through segmenter's own classifier and refiner (None: a network)."""
+        return getattr(self.segmenter, "source", None)
+
     @torch.inference_mode()
     def segment(
         self,
@@ -229,12 +234,12 @@ class Pipeline:
     ) -> tuple[np.ndarray, np.ndarray]:
         """SEG_PROBS and SEGMENTATION of uint8 [B, H, W, 3]; a pass-through segmenter reads
         ``pseudo`` where given (the PSEUDO_MASK already made of these images, as served) if
-        that is its own refiner's mask, else refines the classifier's ``outputs`` where
-        given and its classifier is this one's (the profile serves another refiner)."""
-        source = getattr(self.segmenter, "source", None)  # a pass-through's own pipeline
+        that is its own refiner's mask, else refines ``outputs`` where given: its own
+        classifier's, already run on these images (the profile serves another refiner)."""
+        source = self.passthrough_source
         if pseudo is not None and source is not None and source.refiner is self.refiner:
             probs, seg = self.segmenter.module(torch.from_numpy(pseudo))
-        elif outputs is not None and source is not None and source.classifier is self.classifier:
+        elif outputs is not None and source is not None:
             served = source.refine(images, outputs)
             probs, seg = self.segmenter.module(torch.from_numpy(served))
         else:
@@ -245,7 +250,9 @@ class Pipeline:
         """uint8 [B, H, W, 3] -> the ensemble's outputs, keyed by their served names."""
         outputs = self.classify(images)
         pseudo = self.refine(images, outputs)
-        probs, seg = self.segment(images, pseudo, outputs)
+        source = self.passthrough_source
+        shared = source is not None and source.classifier is self.classifier
+        probs, seg = self.segment(images, pseudo, outputs if shared else None)
         return {
             SCORES: outputs[0].numpy(),
             CAMS: outputs[1].numpy(),
@@ -287,6 +294,12 @@ def refine_step(cfg, binary: bool | None = None) -> tuple[ClassifierGraph, Refin
         net, meta = load_model(runs / "classifier" / "best.pt")
         multi = get_task(meta["task"]).multi_label
         refine = resolved_refine(cfg, meta)
+    if cfg.classifier.tiles != net.tiles:  # part of the graph the thresholds were chosen on
+        raise InputError(
+            f"classifier.tiles is {cfg.classifier.tiles}, but the run's classifier was "
+            f"trained with {net.tiles}: set it back, or train the classifier again "
+            "(wsss train --stages classifier)"
+        )
     refiner = build_refiner(refine, multi, binary, levelset)
     served = ClassifierGraph(
         net, multi, refiner.needs_features, cfg.classifier.cam_method, meta["class_names"]
@@ -302,7 +315,8 @@ def _served_step(cfg, classifier: ClassifierGraph, meta: dict) -> tuple[Classifi
     if RefinerSpec.of(served.refine).checkpoint or RefinerSpec.of(cfg.refine).checkpoint:
         return refine_step(served)[:2]
     refiner = build_refiner(resolved_refine(served, meta), classifier.multi_label)
-    classifier.features = classifier.features or refiner.needs_features
+    if refiner.needs_features and not classifier.features:
+        return refine_step(served)[:2]
     return classifier, refiner
 
 

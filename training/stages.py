@@ -111,8 +111,11 @@ def classifier_setup(cfg: Config, data_names: list[str]) -> tuple[dict, list[str
             names, groups = list(imagenet_class_names()), None
     else:
         names, groups = list(data_names), None
-    if c.tiles and not cfg.data.kind.multi_label:
-        raise InputError("classifier.tiles: presence from tiles is for multi-label tasks")
+    if c.tiles and not (cfg.data.kind.multi_label and c.head == "imagenet"):
+        raise InputError(
+            "classifier.tiles: presence from tiles is for the ImageNet head's classes on a "
+            "multi-label task (a task head learned from whole images)"
+        )
     kwargs = {
         "num_classes": len(names),
         "output_stride": c.output_stride,

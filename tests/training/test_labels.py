@@ -155,7 +155,12 @@ def test_imagenet_head_without_groups_is_refused_for_class_index_masks():
     # presence from corner tiles: which classes a photo holds, a multi-label question
     with pytest.raises(ValueError, match="classifier.tiles"):
         classifier_setup(load_config(None, ["data.task=pets", "classifier.tiles=0.6"]), DATA)
-    voc = load_config(None, ["data.task=voc", "classifier.tiles=0.6"])
+    with pytest.raises(ValueError, match="classifier.tiles"):  # a task head: whole images
+        classifier_setup(load_config(None, ["data.task=voc", "classifier.tiles=0.6"]), DATA)
+    groups = "classifier.class_groups={a: [1], b: [2]}"
+    voc = load_config(
+        None, ["data.task=voc", "classifier.head=imagenet", groups, "classifier.tiles=0.6"]
+    )
     assert classifier_setup(voc, DATA)[0]["tiles"] == 0.6
 
 
@@ -269,3 +274,16 @@ def test_bce_and_dice_losses():
     assert dice(perfect, target) < 0.01 < dice(logits, target) - SegmentationLoss()(logits, target)
     with pytest.raises(ValueError, match="segmenter.loss"):
         SegmentationLoss("focal")
+
+
+def test_a_run_is_read_with_the_tiles_its_classifier_was_trained_with(tmp_path):
+    """classifier.tiles is part of the classifier's graph (its thresholds were chosen on
+    it): a config asking another than the checkpoint's is refused, not silently ignored."""
+    from tests.conftest import random_export_cfg
+    from training.pipeline import refine_step
+    from wsss.config import with_overrides
+
+    cfg = random_export_cfg(tmp_path)
+    assert refine_step(cfg)[0].net.tiles == 0.0
+    with pytest.raises(ValueError, match="trained with 0.0"):
+        refine_step(with_overrides(cfg, ["classifier.tiles=0.6"]))

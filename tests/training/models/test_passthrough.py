@@ -153,6 +153,26 @@ def test_the_pass_through_makes_the_mask_of_the_served_refiner(passthrough_cfg):
     assert len(calls) == 1
 
 
+def test_evaluate_runs_the_shared_classifier_once_a_batch(passthrough_cfg):
+    """As `wsss evaluate` scores a profile that serves another refiner: the pseudo-mask row
+    and the pass-through's row share one classifier, run once a batch, and the served row
+    is the served refiner's mask of the predictions."""
+    from training.evaluate import evaluate, load_test_set
+    from training.pipeline import pipeline_from_config
+
+    cfg = with_overrides(passthrough_cfg, ["export.refine.method=otsu"])
+    pipe = pipeline_from_config(cfg)
+    calls = []
+    pipe.classifier.register_forward_hook(lambda *_: calls.append(1))
+    pipes = {"pseudo": Pipeline(pipe.classifier, None, pipe.refiner)}
+    pipes["served"] = Pipeline(None, pipe.segmenter, None)
+    data = load_test_set(cfg, say=False)
+    results = evaluate(pipes, data, batch_size=4)
+    assert len(calls) == -(-len(data) // 4)
+    alone = evaluate({"served": Pipeline(None, pipe.segmenter, None)}, data, batch_size=4)
+    assert results["served"].row() == alone["served"].row()  # the same masks, run apart
+
+
 def test_export_serves_the_pass_through_graph(passthrough_cfg):
     import onnx
 
