@@ -167,7 +167,7 @@ class CAMClassifier(nn.Module):
         corners.append(x[..., h - th :, w - tw :])
         tiles = F.interpolate(torch.cat(corners), size=(h, w), mode="bilinear", align_corners=False)
         tile_logits = self.forward_head(self.forward_features(tiles))
-        best = self.class_scores(tile_logits, multi_label).view(4, b, -1).amax(dim=0)
+        best = self.class_scores(tile_logits, multi_label).view(4, b, scores.shape[1]).amax(0)
         mixed = (scores + best) / 2
         return mixed if self.learned is None else torch.where(self.is_learned, scores, mixed)
 
