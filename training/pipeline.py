@@ -297,8 +297,8 @@ def refine_step(cfg, binary: bool | None = None) -> tuple[ClassifierGraph, Refin
     if cfg.classifier.tiles != net.tiles:  # part of the graph the thresholds were chosen on
         raise InputError(
             f"classifier.tiles is {cfg.classifier.tiles}, but the run's classifier was "
-            f"trained with {net.tiles}: set it back, or train the classifier again "
-            "(wsss train --stages classifier)"
+            f"trained with {net.tiles}: --set classifier.tiles={net.tiles}, or train the "
+            "classifier again (wsss train --stages classifier)"
         )
     refiner = build_refiner(refine, multi, binary, levelset)
     served = ClassifierGraph(
