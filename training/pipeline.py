@@ -274,6 +274,17 @@ def resolved_refine(cfg, meta: dict):
     return dataclasses.replace(cfg.refine, score_threshold=list(thresholds))
 
 
+def check_tiles(cfg, net: CAMClassifier, source: Path) -> None:
+    """``classifier.tiles`` is part of the classifier's graph, which its thresholds (and a
+    level set) were trained on: a config asking another value than the checkpoint's is
+    refused, not silently ignored."""
+    if cfg.classifier.tiles != net.tiles:
+        raise InputError(
+            f"classifier.tiles is {cfg.classifier.tiles}, but the classifier of {source} was "
+            f"trained with {net.tiles}: --set classifier.tiles={net.tiles}, or train it again"
+        )
+
+
 def refine_step(cfg, binary: bool | None = None) -> tuple[ClassifierGraph, Refiner, dict]:
     """The served classifier and refiner the config names, and the classifier's metadata
     (task, class names), from the run's checkpoints: the one place that reads them.
@@ -294,12 +305,7 @@ def refine_step(cfg, binary: bool | None = None) -> tuple[ClassifierGraph, Refin
         net, meta = load_model(runs / "classifier" / "best.pt")
         multi = get_task(meta["task"]).multi_label
         refine = resolved_refine(cfg, meta)
-    if cfg.classifier.tiles != net.tiles:  # part of the graph the thresholds were chosen on
-        raise InputError(
-            f"classifier.tiles is {cfg.classifier.tiles}, but the run's classifier was "
-            f"trained with {net.tiles}: --set classifier.tiles={net.tiles}, or train the "
-            "classifier again (wsss train --stages classifier)"
-        )
+    check_tiles(cfg, net, runs / (network or "classifier"))
     refiner = build_refiner(refine, multi, binary, levelset)
     served = ClassifierGraph(
         net, multi, refiner.needs_features, cfg.classifier.cam_method, meta["class_names"]
@@ -315,9 +321,7 @@ def _served_step(cfg, classifier: ClassifierGraph, meta: dict) -> tuple[Classifi
     if RefinerSpec.of(served.refine).checkpoint or RefinerSpec.of(cfg.refine).checkpoint:
         return refine_step(served)[:2]
     refiner = build_refiner(resolved_refine(served, meta), classifier.multi_label)
-    if refiner.needs_features and not classifier.features:
-        return refine_step(served)[:2]
-    return classifier, refiner
+    return (refine_step(served)[:2]) if refiner.needs_features else (classifier, refiner)
 
 
 def pipeline_from_config(cfg, segmenter: bool = True) -> Pipeline:

@@ -27,6 +27,7 @@ from training.pipeline import (
     ClassifierGraph,
     PassThroughSegmenter,
     Pipeline,
+    check_tiles,
     load_model,
     mask_values,
     refine_step,
@@ -652,6 +653,7 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
     distributed.barrier()  # every rank decides what to make from the same files
     if network and ("levelset" in stages or (needs_pseudo and not (runs / network).exists())):
         classifier, cmeta = load_model(runs / "classifier" / "best.pt")
+        check_tiles(cfg, classifier, runs / "classifier")
         train_levelset(cfg, data, classifier, cmeta)
     pseudo_path = runs / "pseudo" / "train_masks.npz"
     distributed.barrier()

@@ -287,3 +287,16 @@ def test_a_run_is_read_with_the_tiles_its_classifier_was_trained_with(tmp_path):
     assert refine_step(cfg)[0].net.tiles == 0.0
     with pytest.raises(ValueError, match="trained with 0.0"):
         refine_step(with_overrides(cfg, ["classifier.tiles=0.6"]))
+
+
+def test_the_level_set_stage_refuses_other_tiles_than_its_classifiers(tmp_path, pets_root):
+    """Before hours of training, not after: the level set learns on the classifier's graph."""
+    from tests.conftest import random_export_cfg
+    from training import stages
+
+    cfg = random_export_cfg(
+        tmp_path, f"data.root={pets_root}", "refine.method=levelset", "classifier.tiles=0.6"
+    )
+    with pytest.raises(ValueError, match="trained with 0.0"):
+        stages.run(cfg, ("levelset",))
+    assert not (tmp_path / "runs" / "levelset").exists()

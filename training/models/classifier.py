@@ -162,7 +162,7 @@ class CAMClassifier(nn.Module):
         if not self.tiles:
             return scores
         b, _, h, w = x.shape
-        th, tw = int(h * self.tiles), int(w * self.tiles)
+        th, tw = max(1, int(h * self.tiles)), max(1, int(w * self.tiles))
         corners = [x[..., :th, :tw], x[..., :th, w - tw :], x[..., h - th :, :tw]]
         corners.append(x[..., h - th :, w - tw :])
         tiles = F.interpolate(torch.cat(corners), size=(h, w), mode="bilinear", align_corners=False)

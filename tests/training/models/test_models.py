@@ -312,6 +312,11 @@ def test_presence_from_corner_tiles():
         torch.testing.assert_close(plain_scores, whole)
         torch.testing.assert_close(plain_cams, cams)
         assert not torch.allclose(plain_scores[:, [0, 2]], scores[:, [0, 2]])
+        net.tiles = 0.01  # tiles of under a pixel: one pixel each
+        assert graph(images)[0].shape == (2, 3)
+        net.tiles = 0.6
+        empty = graph(images[:0])
+        assert empty[0].shape == (0, 3) and empty[1].shape == (0, 3, 40, 40)
     with pytest.raises(ValueError, match="classifier.tiles"):
         build_classifier("resnet18", num_classes=3, tiles=1.0)
 

@@ -162,6 +162,7 @@ def test_evaluate_runs_the_shared_classifier_once_a_batch(passthrough_cfg):
 
     cfg = with_overrides(passthrough_cfg, ["export.refine.method=otsu"])
     pipe = pipeline_from_config(cfg)
+    assert pipe.segmenter.source.classifier is pipe.classifier
     calls = []
     pipe.classifier.register_forward_hook(lambda *_: calls.append(1))
     pipes = {"pseudo": Pipeline(pipe.classifier, None, pipe.refiner)}
