@@ -176,13 +176,16 @@ def parse_refiner(spec: str, base: RefineConfig) -> RefineConfig:
 
 def classifier_label(run: Path, meta: dict) -> str:
     """``resnet18``, or ``mobilenet_v2 (ImageNet)`` when the run started from ImageNet;
-    an ImageNet head with learned classes names them (``+ person learned``)."""
+    an ImageNet head with learned classes names them (``+ person learned``), and presence
+    from corner tiles says so (``+ tiles 0.6``)."""
     saved = run / "classifier" / "config.yaml"
     pretrained = saved.exists() and load_config(saved).classifier.pretrained
     label = f"{meta['arch']} (ImageNet)" if pretrained else meta["arch"]
     groups = meta["kwargs"].get("class_groups") or [[0]] * len(meta["class_names"])
     learned = [n for n, ids in zip(meta["class_names"], groups, strict=True) if not ids]
-    return f"{label} + {', '.join(learned)} learned" if learned else label
+    label = f"{label} + {', '.join(learned)} learned" if learned else label
+    tiles = meta["kwargs"].get("tiles")
+    return f"{label} + tiles {tiles:g}" if tiles else label
 
 
 def _refiner_columns(

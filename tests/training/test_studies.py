@@ -75,3 +75,15 @@ def test_a_study_of_refiners_that_read_no_cam_draws_no_cam_figure(trained, tmp_p
     marks = [r["supervision"] for r in rows if r["supervision"] != "true masks"]
     assert marks == [MORE_THAN_LABELS]  # the attention row (and a bound, where trained)
     assert not (tmp_path / "out" / "figures").exists()
+
+
+def test_a_classifier_row_names_its_learned_classes_and_its_tiles(tmp_path):
+    from experiments.studies import classifier_label
+
+    meta = {"arch": "efficientnet_lite0", "class_names": ["cat", "person"]}
+    meta["kwargs"] = {"class_groups": [[281], []]}
+    assert classifier_label(tmp_path, meta) == "efficientnet_lite0 + person learned"
+    meta["kwargs"]["tiles"] = 0.6
+    assert classifier_label(tmp_path, meta) == "efficientnet_lite0 + person learned + tiles 0.6"
+    meta["kwargs"] = {"tiles": 0.0}  # off, and a task head: the arch alone
+    assert classifier_label(tmp_path, meta) == "efficientnet_lite0"
