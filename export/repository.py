@@ -343,8 +343,9 @@ def _vit(cfg: Config, refiner, role: str) -> ExportedViT:
     if agreement["mask_iou"] < least:
         what = "int8 " if core is not fp32 else ""
         # What was compared: the maps' Otsu foregrounds, or those of the walk's transitions.
-        masks = "walks (the Otsu foregrounds of its tokens' transitions)"
-        masks = masks if role == TOKENS else "masks"
+        masks = (
+            "walks (the Otsu foregrounds of its tokens' transitions)" if role == TOKENS else "masks"
+        )
         raise ExportError(
             f"export.vit: the served {what}ViT's {masks} agree with the in-process fp32 "
             f"ViT's at IoU {agreement['mask_iou']:.3f} on {source} (< {least}): nothing was "

@@ -315,13 +315,15 @@ def refine_step(cfg, binary: bool | None = None) -> tuple[ClassifierGraph, Refin
 
 def _served_step(cfg, classifier: ClassifierGraph, meta: dict) -> tuple[ClassifierGraph, Refiner]:
     """``export.refine``'s classifier and refiner. The same classifier graph, so its outputs
-    serve both refiners (one forward pass a batch), unless a level set is involved: that
-    one's checkpoint holds the backbone it was trained on."""
+    serve both refiners (one forward pass a batch), unless a level set is involved (its
+    checkpoint holds the backbone it was trained on) or the served refiner reads the
+    backbone's features, which the shared graph may not return."""
     served = served_config(cfg)
-    if RefinerSpec.of(served.refine).checkpoint or RefinerSpec.of(cfg.refine).checkpoint:
+    spec = RefinerSpec.of(served.refine)
+    features = any(e.needs_features for e in spec.parts)
+    if spec.checkpoint or RefinerSpec.of(cfg.refine).checkpoint or features:
         return refine_step(served)[:2]
-    refiner = build_refiner(resolved_refine(served, meta), classifier.multi_label)
-    return (refine_step(served)[:2]) if refiner.needs_features else (classifier, refiner)
+    return classifier, build_refiner(resolved_refine(served, meta), classifier.multi_label)
 
 
 def pipeline_from_config(cfg, segmenter: bool = True) -> Pipeline:

@@ -241,13 +241,7 @@ def random_walk(cams: np.ndarray, tokens: np.ndarray, beta: float, steps: int) -
         raise InputError(f"{tokens.shape[0]} patch tokens do not fit a {h} x {w} CAM grid")
     feats = tokens.astype(np.float32)
     feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
-    affinity = np.maximum(feats @ feats.T, 0.0)  # [N, N]
-    if beta == 8:  # the default: three products, not a general power
-        affinity = affinity * affinity
-        affinity = affinity * affinity
-        affinity = affinity * affinity
-    else:
-        affinity = affinity ** np.float32(beta)
+    affinity = np.maximum(feats @ feats.T, 0.0) ** np.float32(beta)  # [N, N]
     transition = affinity / np.maximum(affinity.sum(axis=0, keepdims=True), 1e-12)
     walked = cams.reshape(k, h * w).astype(np.float32)
     for _ in range(steps):  # K x N rows a step: cheaper than T^steps for the few CAMs walked
