@@ -228,8 +228,10 @@ def _interrupt(signum, frame) -> None:
 
 
 def _url(args) -> str:
+    from serving.client import server_address
+
     if args.url:
-        return args.url
+        return server_address(args.url)
     if args.protocol == "http":
         return f"127.0.0.1:{os.environ.get('HTTP_PORT', '8000')}"
     return f"127.0.0.1:{os.environ.get('GRPC_PORT', '8001')}"
@@ -246,7 +248,10 @@ def cmd_infer(args) -> None:
     options = InferOptions(Path(args.out), args.concurrency, figures, args.resume)
     report = run(sources, _url(args), args.protocol, options)
     for r in report.done if figures else ():
-        print(f"{r['image']}: {r['top_class']} ({r['score']:.2f}) -> {r['files'][FIGURE]}")
+        found = ", ".join(f"{c['class']} ({c['score']:.2f})" for c in r["classes"])
+        top = f"{r['top_class']} {r['score']:.2f}"
+        found = found or f"no class at the server's thresholds (top: {top})"
+        print(f"{r['image']}: {found} -> {r['files'][FIGURE]}")
     print(report.summary(options.out), file=sys.stderr)
     if report.failed:
         print(report.failures(), file=sys.stderr)

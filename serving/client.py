@@ -67,6 +67,24 @@ class ClientError(WsssError, ValueError):
         return self.status in _INVALID_INPUT
 
 
+def server_address(url: str) -> str:
+    """``url`` as tritonclient takes it, HOST:PORT: an ``http://`` or ``grpc://`` in front is
+    dropped; anything else that is not HOST:PORT with a port in 1-65535 is refused here, in
+    one line, before tritonclient raises from its constructor (and again from its
+    ``__del__``)."""
+    address = url.strip()
+    scheme, sep, rest = address.partition("://")
+    if sep:
+        if scheme.lower() not in ("http", "grpc"):
+            raise ClientError(f"--url takes HOST:PORT (http:// or grpc:// may lead), not {url!r}")
+        address = rest
+    address = address.rstrip("/")
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or "/" in address or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClientError(f"--url takes HOST:PORT, e.g. 127.0.0.1:8001, not {url!r}")
+    return address
+
+
 def _protocol(protocol: str):
     if protocol == "grpc":
         import tritonclient.grpc as module
@@ -88,6 +106,7 @@ class PipelineClient:
         if model not in (PIPELINE, PIPELINE_BYTES):
             raise ClientError(f"model must be {PIPELINE} or {PIPELINE_BYTES}, not {model!r}")
         self.module = _protocol(protocol)
+        url = server_address(url)
         self.url, self.protocol, self.model = url, protocol, model
         self.client = self.module.InferenceServerClient(url)
         meta = {m: self._metadata(m, url) for m in (model, CLASSIFIER, SEGMENTER)}

@@ -198,7 +198,8 @@ def _unique(items: list[Item]) -> list[Item]:
     if clashes:
         shown = "; ".join(" and ".join(map(str, paths)) for paths in clashes[:5])
         raise ClientError(
-            f"{len(clashes)} sets of images would write the same files ({shown}): "
+            f"{len(clashes)} set{'s' if len(clashes) > 1 else ''} of images would write the "
+            f"same files ({shown}): "
             "rename them or send them in separate runs"
         )
     return unique

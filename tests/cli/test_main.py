@@ -60,3 +60,20 @@ def test_data_train_evaluate_export(tmp_path):
 def test_bad_config_is_a_clear_error():
     proc = wsss("train", "--set", "train.epochs=many", check=False)
     assert proc.returncode != 0 and "train.epochs: expected int" in proc.stderr
+
+
+@pytest.mark.parametrize("url", ["https://127.0.0.1:8000", "127.0.0.1:abc", "127.0.0.1", "h:99999"])
+def test_a_url_that_is_not_host_port_is_one_line(url, tmp_path):
+    photo = tmp_path / "p.png"
+    photo.write_bytes(b"not read: the url is refused first")
+    proc = wsss("infer", str(photo), "--url", url, "--protocol", "http", check=False)
+    assert proc.returncode == 1
+    assert "takes HOST:PORT" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_server_address_drops_a_scheme_the_protocols_use():
+    from serving.client import server_address
+
+    assert server_address("http://127.0.0.1:8000/") == "127.0.0.1:8000"
+    assert server_address("grpc://localhost:8001") == "localhost:8001"
+    assert server_address("[::1]:8001") == "[::1]:8001"
