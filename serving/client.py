@@ -18,6 +18,7 @@ from wsss.errors import InputError, WsssError
 from wsss.pruning import outputs_to_request
 from wsss.served.images import ImageError, decode_image, encode_png, resize_image, resize_mask
 from wsss.tensors import (
+    CHAINS,
     CLASSIFIER,
     ENSEMBLES,
     FEATURES,
@@ -37,11 +38,12 @@ from wsss.tensors import (
 def requested_outputs(specs: dict[str, ModelSpec], model: str, asked: Sequence[str]) -> list[str]:
     """What to request from Triton for the outputs ``asked`` of ``model`` (a superset).
 
-    Triton 2.51 prunes an ensemble's steps for the outputs a request names, and its backward
-    walk drops steps a request needs (SCORES and CAMS feed the refiner; a pass-through
-    segmenter reads PSEUDO_MASK): the request then fails with "unexpected deadlock".
-    ``wsss.pruning`` models the walk and names the fewest extra outputs that keep the chain
-    whole; tests try every subset on the real server.
+    Exported since ``wsss.tensors.CHAINS``, an ensemble answers any subset as asked. An
+    older export steps through its models directly, and Triton 2.51's pruning drops steps a
+    request needs (SCORES and CAMS feed the refiner; a pass-through segmenter reads
+    PSEUDO_MASK): the request then fails with "unexpected deadlock". ``wsss.pruning``
+    models the walk and names the fewest extra outputs that keep such a chain whole; tests
+    try every subset on the real server.
     """
     if model not in ENSEMBLES:  # a single model answers whatever it is asked
         return sorted(set(asked))
@@ -118,13 +120,20 @@ class PipelineClient:
         features = tuple(int(d) for d in outputs[FEATURES][1:]) if FEATURES in outputs else None
         # A pass-through segmenter reads the refiner's PSEUDO_MASK instead of IMAGE.
         (seg_input,) = (_served_name(i["name"]) for i in meta[SEGMENTER]["inputs"])
+        config = self._config(model, url)
+        # An export before the chains (wsss.tensors.CHAINS) stepped through the models
+        # directly: ask it what its pruning answers whole.
+        steps = config.get("ensemble_scheduling", {}).get("step", [])
+        chained = [s.get("model_name") for s in steps] == [CHAINS[model]]
         self.all_specs = served_models(
-            h, int(outputs[SCORES][1]), int(probs[1]), features, seg_input
+            h, int(outputs[SCORES][1]), int(probs[1]), features, seg_input, chains=chained
         )
         self.mask_classes = int(probs[1])  # background + the classes; 2: binary masks
         self.specs = self.all_specs[model]
         self.image_spec: TensorSpec = self.all_specs[PIPELINE].inputs[0]
-        parameters = self._parameters(model, url)
+        parameters = {
+            k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()
+        }
         self.class_names, self.palette = read_label_parameters(parameters)
         self.presence = read_presence(parameters)  # None: an export from before it
 
@@ -148,8 +157,8 @@ class PipelineClient:
             ) from exc
         return meta if isinstance(meta, dict) else _grpc_to_dict(meta)
 
-    def _parameters(self, model: str, url: str) -> dict[str, str]:
-        """The string parameters of ``model``'s config, as the server holds it."""
+    def _config(self, model: str, url: str) -> dict:
+        """``model``'s config as the server holds it, as JSON."""
         try:
             if self.protocol == "grpc":
                 config = self.client.get_model_config(model, as_json=True)["config"]
@@ -159,7 +168,7 @@ class PipelineClient:
             raise ClientError(
                 f"cannot read model {model!r}'s config at {url} ({self.protocol}): {exc}"
             ) from exc
-        return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        return config
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -169,10 +178,9 @@ class PipelineClient:
         self, images: np.ndarray, outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
         """uint8 [B, H, W, 3] -> the ensemble's outputs, by name: all of them, or only
-        ``outputs`` (Triton then runs only the steps those need: asking for SEGMENTATION
-        alone runs the segmenter alone). At the model size for ``wsss_pipeline``; any one
-        size for the bytes ensemble, to which each image travels as a lossless PNG and whose
-        masks come back at that size."""
+        ``outputs`` (the whole chain runs; only those come back). At the model size for
+        ``wsss_pipeline``; any one size for the bytes ensemble, to which each image travels
+        as a lossless PNG and whose masks come back at that size."""
         images = np.asarray(images)
         try:
             if self.model == PIPELINE_BYTES:

@@ -10,6 +10,10 @@ reads it (SCORES and CAMS feed the refiner), and a tensor that loses its last re
 as unwanted even where the request names it (PSEUDO_MASK, once a pass-through segmenter that
 reads it is dropped). ``pruned_steps`` models that walk; ``outputs_to_request`` finds the
 fewest extra outputs to name so that every asked output is still made.
+
+Every export since ``wsss.tensors.CHAINS`` serves each ensemble as one step, its chain,
+which Triton asks for all it maps: nothing is pruned and any subset is answered as asked.
+The walk matters for the repositories exported before them, which clients still talk to.
 """
 
 from __future__ import annotations

@@ -93,6 +93,13 @@ CLASSIFIER, REFINER, SEGMENTER = "classifier", "refiner", "segmenter"
 VIT = "vit"  # the saliency or attention ViT, where the refiner reads one: beside the classifier
 PREPROCESS, POSTPROCESS = "preprocess", "postprocess"
 PIPELINE, PIPELINE_BYTES = "wsss_pipeline", "wsss_pipeline_bytes"
+# Each ensemble clients call is one step: the ensemble of the steps below (``ENSEMBLES``).
+# Triton 2.51 prunes an ensemble's steps for the outputs a request names, and its walk drops
+# steps the request needs (``wsss.pruning``): asking SEGMENTATION alone of a chain whose
+# SCORES and CAMS feed the refiner fails with "unexpected deadlock". A step that is itself
+# an ensemble is asked for all it maps, so the inner chain is never pruned and any subset of
+# the outer one's outputs is answered (tested on the real server, every subset).
+CHAINS = {PIPELINE: "wsss_pipeline_steps", PIPELINE_BYTES: "wsss_pipeline_bytes_steps"}
 
 # What the outputs mean travels with the served models, so a client never guesses it: the
 # config parameters of every model with a labelled output (the classifier, the ensembles) hold
@@ -148,16 +155,26 @@ def read_label_parameters(parameters: dict[str, str]) -> tuple[list[str] | None,
 
 # Each ensemble's steps in order; tensors flow between steps by their names above. A step
 # whose model the repository does not hold (the ViT, for a refiner that reads none) is left
-# out: ``ensemble_members``.
+# out: ``ensemble_members``. The chains come first: an export commits (and a server loads)
+# them before the ensembles that step through them.
 ENSEMBLES: dict[str, tuple[str, ...]] = {
-    PIPELINE: (CLASSIFIER, VIT, REFINER, SEGMENTER),
-    PIPELINE_BYTES: (PREPROCESS, CLASSIFIER, VIT, REFINER, SEGMENTER, POSTPROCESS),
+    CHAINS[PIPELINE]: (CLASSIFIER, VIT, REFINER, SEGMENTER),
+    CHAINS[PIPELINE_BYTES]: (PREPROCESS, CLASSIFIER, VIT, REFINER, SEGMENTER, POSTPROCESS),
+    PIPELINE: (CHAINS[PIPELINE],),
+    PIPELINE_BYTES: (CHAINS[PIPELINE_BYTES],),
 }
 
 
 def ensemble_members(ensemble: str, specs: dict[str, ModelSpec]) -> list[str]:
-    """``ensemble``'s steps, in order, among the models of ``specs`` (``served_models``)."""
-    return [name for name in ENSEMBLES[ensemble] if name in specs]
+    """``ensemble``'s steps, in order, among the models of ``specs`` (``served_models``); a
+    chain ``specs`` lacks (an export from before them) stands for its own steps."""
+    members = []
+    for name in ENSEMBLES[ensemble]:
+        if name in specs:
+            members.append(name)
+        elif name in ENSEMBLES:
+            members += ensemble_members(name, specs)
+    return members
 
 
 def served_models(
@@ -168,6 +185,7 @@ def served_models(
     segmenter_input: str = IMAGE,
     vit: str | None = None,
     tokens: tuple[int, int] | None = None,
+    chains: bool = True,
 ) -> dict[str, ModelSpec]:
     """The models of the repository, in pipeline order, with their tensors.
 
@@ -177,7 +195,8 @@ def served_models(
     (``segmenter.arch: passthrough``), which serves the refined mask as the segmentation.
     ``vit`` (SALIENCY, ATTENTION or TOKENS) adds the ViT model, which reads IMAGE beside
     the classifier and gives the refiner that map [224, 224], or ``tokens`` (patches,
-    channels) of patch tokens.
+    channels) of patch tokens. ``chains``: each ensemble steps through its chain
+    (``CHAINS``), as every export since them serves it; False for an export from before.
     """
     if segmenter_input not in (IMAGE, PSEUDO_MASK):
         raise InputError(f"the segmenter reads {IMAGE} or {PSEUDO_MASK}, not {segmenter_input!r}")
@@ -233,6 +252,12 @@ def served_models(
             SEGMENTER, (image if segmenter_input == IMAGE else pseudo,), (probs, seg)
         ),
         POSTPROCESS: ModelSpec(POSTPROCESS, (pseudo, seg, original), (pseudo_full, seg_full)),
-        PIPELINE: ModelSpec(PIPELINE, (image,), (scores, cams, pseudo, probs, seg)),
-        PIPELINE_BYTES: ModelSpec(PIPELINE_BYTES, (encoded,), (scores, pseudo_full, seg_full)),
+        **{
+            name: ModelSpec(name, (image,), (scores, cams, pseudo, probs, seg))
+            for name in ((CHAINS[PIPELINE],) if chains else ()) + (PIPELINE,)
+        },
+        **{
+            name: ModelSpec(name, (encoded,), (scores, pseudo_full, seg_full))
+            for name in ((CHAINS[PIPELINE_BYTES],) if chains else ()) + (PIPELINE_BYTES,)
+        },
     }

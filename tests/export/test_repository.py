@@ -75,9 +75,12 @@ def test_generated_settings_land_where_triton_reads_them():
     assert ref.model_warmup[0].batch_size == 4 and seg.model_warmup[0].batch_size == 8
     assert configs["postprocess"].model_warmup[0].batch_size == 1
     assert not configs["preprocess"].model_warmup
-    pipe = configs["wsss_pipeline"]
-    assert pipe.max_batch_size == 4  # no more than its smallest member
-    step = pipe.ensemble_scheduling.step[0]
+    pipe, chain = configs["wsss_pipeline"], configs["wsss_pipeline_steps"]
+    assert chain.max_batch_size == pipe.max_batch_size == 4  # no more than its smallest member
+    (outer,) = pipe.ensemble_scheduling.step  # one step, its chain, asked for all it maps
+    assert outer.model_name == "wsss_pipeline_steps"
+    assert set(outer.output_map) == {o.name for o in pipe.output} == {o.name for o in chain.output}
+    step = chain.ensemble_scheduling.step[0]
     assert dict(step.input_map) == {"IMAGE__0": "IMAGE"}
     assert dict(step.output_map) == {"SCORES__0": "SCORES", "CAMS__1": "CAMS"}
     spec = served_models(64, 3, 2)["classifier"]
@@ -272,7 +275,7 @@ def test_cli_check_exit_codes(good_repo, tmp_path):
         )
 
     ok = check(good_repo)
-    assert ok.returncode == 0 and ok.stdout.startswith("OK: 7 models")
+    assert ok.returncode == 0 and ok.stdout.startswith("OK: 9 models")
     broken = tmp_path / "broken"
     shutil.copytree(good_repo, broken)
     (broken / "classifier" / "1" / "model.onnx").write_bytes(b"not onnx")

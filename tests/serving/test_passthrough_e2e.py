@@ -1,5 +1,7 @@
 """The pass-through segmenter on the real stack: exported, served by tritonserver, asked over
-gRPC through both ensembles, and every subset of outputs asked as ``wsss.pruning`` says."""
+gRPC through both ensembles, every subset of their outputs answered, and their chains (the
+ensembles as exports before ``wsss.tensors.CHAINS`` served them) pruned as ``wsss.pruning``
+says."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from training.data import list_samples, read_image
 from wsss.pruning import answered, ensemble_steps, outputs_to_request
 from wsss.served.images import encode_png, resize_image
 from wsss.tensors import (
+    CHAINS,
     CLASSIFIER,
     PIPELINE,
     PIPELINE_BYTES,
@@ -80,30 +83,38 @@ def test_both_ensembles_serve_the_refined_mask_as_the_segmentation(server, passt
     client.close()
 
 
-def test_every_subset_is_answered_as_the_pruning_model_says(server, images):
-    """Each subset of each ensemble's outputs: asked alone, the server answers it or fails
-    with "unexpected deadlock" exactly as ``wsss.pruning`` predicts; asked with
-    ``outputs_to_request``'s extras, it is answered with the full request's values."""
+def test_every_subset_is_answered_and_the_chains_pruned_as_the_model_says(server, images):
+    """Each subset of each ensemble's outputs, asked with plain tritonclient: the ensemble
+    answers it with the full request's values. Its chain, which steps through the models as
+    the ensemble itself did before the chains (and an older export's still does), answers
+    it or fails with "unexpected deadlock" exactly as ``wsss.pruning`` predicts, and answers
+    it asked with ``outputs_to_request``'s extras."""
     client = grpc.InferenceServerClient(server.grpc_url)
     meta = client.get_model_metadata(SEGMENTER)
     assert [i.name for i in meta.inputs] == [PSEUDO_MASK]
     k, s = (int(client.get_model_metadata(m).outputs[0].shape[1]) for m in (CLASSIFIER, SEGMENTER))
     specs = served_models(images.shape[1], k, s, segmenter_input=PSEUDO_MASK)
+    before = served_models(images.shape[1], k, s, segmenter_input=PSEUDO_MASK, chains=False)
     blobs = np.array([[encode_png(image)] for image in images[:1]], dtype=np.object_)
     deadlocks = 0
     for model, array in {PIPELINE: images[:1], PIPELINE_BYTES: blobs}.items():
         (name,), outputs = [t.name for t in specs[model].inputs], specs[model].outputs
-        names, steps = [t.name for t in outputs], ensemble_steps(specs, model)
+        names, steps = [t.name for t in outputs], ensemble_steps(before, model)
         full = _infer(client, model, name, array, names)
         for n in range(1, len(names) + 1):
             for asked in itertools.combinations(names, n):
+                got = _infer(client, model, name, array, list(asked))
+                for out in asked:
+                    np.testing.assert_allclose(got[out], full[out], atol=1e-5, err_msg=out)
+                chain = CHAINS[model]
                 if answered(steps, [name], names, asked):
-                    _infer(client, model, name, array, list(asked))
+                    _infer(client, chain, name, array, list(asked))
                 else:
                     deadlocks += 1
                     with pytest.raises(InferenceServerException, match="deadlock"):
-                        _infer(client, model, name, array, list(asked))
-                got = _infer(client, model, name, array, outputs_to_request(specs, model, asked))
+                        _infer(client, chain, name, array, list(asked))
+                wanted = outputs_to_request(before, model, asked)
+                got = _infer(client, chain, name, array, wanted)
                 for out in asked:
                     np.testing.assert_allclose(got[out], full[out], atol=1e-5, err_msg=out)
     assert deadlocks > 0 and client.is_model_ready(PIPELINE)  # and it goes on serving

@@ -1,8 +1,9 @@
 """The model of Triton 2.51's ensemble pruning, and the outputs to request around it.
 
-Held to the live server's behaviour twice: here, to what tests/serving/test_serving_e2e.py sees on
-the trained segmenter's ensembles (and serving.client's groups answer); in
-tests/serving/test_passthrough_e2e.py, request by request on the pass-through's.
+Every export since ``wsss.tensors.CHAINS`` serves each ensemble as one step, its chain, and
+any subset is answered; the model is for the chains themselves and the repositories exported
+before them (``served_models(..., chains=False)``), whose ensembles stepped through the models.
+Held to the live server's behaviour request by request in tests/serving/test_passthrough_e2e.py.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from wsss.config import load_config
 from wsss.pruning import answered, ensemble_steps, outputs_to_request, pruned_steps
 from wsss.tensors import (
     CAMS,
+    CHAINS,
     CLASSIFIER,
     ENSEMBLES,
     IMAGE,
     PIPELINE,
+    PIPELINE_BYTES,
     PSEUDO_MASK,
     REFINER,
     SALIENCY,
@@ -40,9 +43,9 @@ LAYOUTS = {  # segmenter input x level-set FEATURES x the ViT's map
 }
 
 
-def _specs(layout: str):
+def _specs(layout: str, chains: bool = False):
     segmenter_input, features, vit = LAYOUTS[layout]
-    return served_models(32, 3, 2, features, segmenter_input, vit)
+    return served_models(32, 3, 2, features, segmenter_input, vit, chains=chains)
 
 
 def _names(specs, model):
@@ -56,7 +59,7 @@ def _subsets(names):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_steps_are_those_the_generated_ensembles_map(layout, fmt):
-    specs = _specs(layout)
+    specs = _specs(layout, chains=True)
     export = load_config(None, [f"export.{m}.format={fmt}" for m in ("classifier", "segmenter")])
     params = {REFINER: {"refine": "{}", "multi_label": "false"}}
     configs = build_configs(specs, export.export, params, {n: [1] for n in specs})
@@ -69,7 +72,7 @@ def test_steps_are_those_the_generated_ensembles_map(layout, fmt):
 
 
 def test_the_model_fails_and_prunes_what_the_live_server_does():
-    """What tests/serving/test_serving_e2e.py and serving.client's comments record of
+    """What tests/serving/test_passthrough_e2e.py and serving.client's comments record of
     Triton 2.51."""
     specs = _specs("trained")
     steps, (inputs, outputs) = ensemble_steps(specs, PIPELINE), _names(specs, PIPELINE)
@@ -85,7 +88,7 @@ def test_the_model_fails_and_prunes_what_the_live_server_does():
 
 
 @pytest.mark.parametrize("segmenter", ["trained", "passthrough"])
-@pytest.mark.parametrize("model", list(ENSEMBLES))
+@pytest.mark.parametrize("model", [PIPELINE, PIPELINE_BYTES])
 def test_the_client_asks_for_what_answers_every_subset(model, segmenter):
     specs = _specs(segmenter)
     steps, (inputs, outputs) = ensemble_steps(specs, model), _names(specs, model)
@@ -108,7 +111,7 @@ def test_the_pass_through_needs_the_whole_chain_for_any_output():
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("model", list(ENSEMBLES))
+@pytest.mark.parametrize("model", [PIPELINE, PIPELINE_BYTES])
 def test_every_subset_is_answered_asking_the_fewest_extra_outputs(layout, model):
     specs = _specs(layout)
     steps, (inputs, outputs) = ensemble_steps(specs, model), _names(specs, model)
@@ -122,7 +125,7 @@ def test_every_subset_is_answered_asking_the_fewest_extra_outputs(layout, model)
 
 
 @pytest.mark.parametrize("segmenter", ["trained", "passthrough"])
-@pytest.mark.parametrize("model", list(ENSEMBLES))
+@pytest.mark.parametrize("model", [PIPELINE, PIPELINE_BYTES])
 def test_the_vit_step_changes_no_request(segmenter, model):
     """The client models the ensembles without the ViT step (it reads the classifier's and
     segmenter's metadata only): the outputs it asks for are the same with it."""
@@ -134,3 +137,19 @@ def test_the_vit_step_changes_no_request(segmenter, model):
 def test_an_unknown_output_is_refused():
     with pytest.raises(ValueError, match="CAMS_TYPO"):
         outputs_to_request(_specs("trained"), PIPELINE, ["CAMS_TYPO"])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("model", [PIPELINE, PIPELINE_BYTES])
+def test_an_ensemble_of_its_chain_answers_every_subset_as_asked(layout, model):
+    """As exported: the ensemble's one step is its chain, and nothing is pruned."""
+    specs = _specs(layout, chains=True)
+    assert ensemble_members(model, specs) == [CHAINS[model]]
+    steps, outputs = ensemble_steps(specs, model), _names(specs, model)[1]
+    for asked in _subsets(outputs):
+        assert pruned_steps(steps, outputs, asked) == set()
+        assert outputs_to_request(specs, model, asked) == [n for n in outputs if n in asked]
+    # an export from before the chains: the ensemble steps through the chain's models
+    before = _specs(layout)
+    assert CHAINS[model] not in before
+    assert ensemble_members(model, before) == ensemble_members(CHAINS[model], specs)
