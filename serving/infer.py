@@ -55,6 +55,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".
 # Each full-size mask and the file it is written as: <stem>_pseudo_mask.png, _segmentation.png
 MASK_FILES = {PSEUDO_MASK_FULL: PSEUDO_MASK.lower(), SEGMENTATION_FULL: SEGMENTATION.lower()}
 FIGURE = "overlay"  # <stem>_overlay.png, with figures on
+FIGURE_SIDE = 448  # px, each panel's longer side: the masks' edges large enough to judge
 PREDICTIONS = "predictions.jsonl"  # <out>/predictions.jsonl: one record per image
 _FIGURE_LOCK = threading.Lock()  # matplotlib's pyplot is not thread-safe
 
@@ -274,8 +275,8 @@ class _Run:
     def figure(self, data: bytes, path: Path) -> Path:
         """Image, CAM of the top class, pseudo-mask and segmentation: the tensor ensemble's
         outputs (the bytes ensemble returns no CAMs) for the image at the model size, drawn
-        back at the photo's own aspect (its longer side at the model's), as the bytes
-        ensemble returns its masks at the photo's size."""
+        back at the photo's own aspect (its longer side FIGURE_SIDE, or the model's where
+        larger), as the bytes ensemble returns its masks at the photo's size."""
         from wsss.figures import legend_entries, overlay, panel_figure  # matplotlib: when drawing
 
         client = self.client(PIPELINE)
@@ -285,7 +286,7 @@ class _Run:
         label, score = top_class(outputs[SCORES], self.base.class_names)
         cam = f"CAM: {label} ({score:.2f})"
         h, w = photo.shape[:2]
-        side = max(client.image_size) / max(h, w)
+        side = max(FIGURE_SIDE, *client.image_size) / max(h, w)
         shape = (max(1, round(h * side)), max(1, round(w * side)))
         shown = resize(photo, shape)
         masks = [resize(outputs[k], shape, nearest=True) for k in (PSEUDO_MASK, SEGMENTATION)]

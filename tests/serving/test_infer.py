@@ -157,12 +157,12 @@ def test_images_in_flight_when_the_server_fails_are_still_recorded(tmp_path):
 
 def test_the_overlay_is_drawn_at_the_photos_aspect(tmp_path, monkeypatch):
     """A 60 x 120 photo goes to the tensor ensemble as a 32 x 32 square; its figure shows
-    every panel at the photo's aspect (16 x 32, the longer side at the model's), not
-    squashed into the square: the right half the server marked is the right half drawn."""
+    every panel at the photo's aspect (its longer side FIGURE_SIDE), not squashed into the
+    square: the right half the server marked is the right half drawn."""
     import types
 
     import wsss.figures
-    from serving.infer import _Run
+    from serving.infer import FIGURE_SIDE, _Run
     from wsss.palette import VOC_PALETTE
     from wsss.served.images import encode_png
     from wsss.tensors import CAMS, PSEUDO_MASK, SCORES, SEG_PROBS, SEGMENTATION
@@ -198,9 +198,10 @@ def test_the_overlay_is_drawn_at_the_photos_aspect(tmp_path, monkeypatch):
     run.client = lambda model=None: Square()
     photo = np.full((60, 120, 3), 100, np.uint8)
     run.figure(encode_png(photo), tmp_path / "photo_overlay.png")
-    assert [v.shape[:2] for v in drawn.values()] == [(16, 32)] * 4
+    half = FIGURE_SIDE // 2
+    assert [v.shape[:2] for v in drawn.values()] == [(half, FIGURE_SIDE)] * 4
     tinted = drawn["segmentation"] != drawn["image"]
-    assert tinted[:, 17:].any(axis=-1).all() and not tinted[:, :15].any()
+    assert tinted[:, half + 8 :].any(axis=-1).all() and not tinted[:, : half - 8].any()
 
 
 # -- through the server -------------------------------------------------------------------
