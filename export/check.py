@@ -16,6 +16,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.configs import FORMATS, parse
+from export.lock import unfinished_commit
 
 _ORT_TYPES = {
     "tensor(float)": mc.TYPE_FP32, "tensor(uint8)": mc.TYPE_UINT8,
@@ -81,6 +82,9 @@ def check_repository(root: str | Path, load_models: bool = True) -> Report:
     for cfg in configs.values():
         if cfg.platform == "ensemble":
             _check_ensemble(cfg, configs, report)
+    unfinished = unfinished_commit(root)  # a killed export's renames, not yet all done
+    if unfinished:
+        report.problems.append(unfinished)
     return report
 
 

@@ -24,6 +24,13 @@ nothing else in an export opens it.
 The lock file itself is never removed (removing it would let a waiter lock a file nobody
 else opens any more); it holds a line saying who holds it, for the waiter's message, and is
 emptied by an export that finishes, so that a note found on taking it says who did not.
+
+The commit (``commit_renames``) moves the staged files in, one rename at a time. Once begun,
+it ends with every model new, never with two exports' models side by side: SIGINT, SIGTERM
+and SIGHUP wait until it is done, an exception between renames finishes the renames before
+it goes on up, and a kill (SIGKILL, a power cut) leaves the list of renames in the staging
+folder (``COMMIT_FILE``, written and synced before the first one), which the next holder of
+the lock carries out before anything else, instead of removing the folder.
 """
 
 from __future__ import annotations
@@ -34,9 +41,11 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,6 +58,16 @@ from wsss.errors import InputError, WsssError
 STAGING_PREFIX = ".wsss-staging-"
 LOCK_PREFIX = ".wsss-export-"
 POLL_SECONDS = 0.5  # how often a waiting export tries the lock again
+# In a staging folder from just before its commit's first rename to just after its last:
+# the renames, for the next export to finish after a kill.
+COMMIT_FILE = ".wsss-commit.json"
+# What a commit does with each path (the same under the staging folder and the repository):
+# move it in (a version folder, a file), swap it in for the folder there (warm-up data), or
+# retire the folder there (an optional model the new ensembles no longer step through).
+COMMIT_STEPS = ("move", "swap", "retire")
+# Signals that wait for the end of a commit: Ctrl-C, `docker stop`/`kill`, a closed terminal.
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_held: set[Path] = set()  # lock files this process holds: never opened again while held
 
 
 class ExportLocked(WsssError):
@@ -97,26 +116,236 @@ def locked_staging(repo: Path, wait_seconds: float | None = None) -> Iterator[Pa
 
     Waits for another export holding the lock, saying so on stderr, up to ``wait_seconds``
     (None: as long as it takes; 0: not at all), then raises ExportLocked. Staging folders
-    found on taking the lock were left by exports that died, and are removed; this one is
-    removed on leaving, before the lock is released.
+    found on taking the lock were left by exports that died: the commit one of them had
+    begun is finished, then they are removed. This one is removed on leaving, before the
+    lock is released, unless its commit failed half done: the next export finishes it.
     """
     with _lock(lock_path(repo), repo, wait_seconds) as previous:
         if previous is not None:
             print(f"{previous} did not finish", file=sys.stderr, flush=True)
         root = staging_root(repo)
-        _remove_leftovers(root)
+        _remove_leftovers(root, repo)
         root.mkdir(exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=f"{socket.gethostname()}-{os.getpid()}-", dir=root))
         try:
             yield folder
         finally:
-            shutil.rmtree(root, ignore_errors=True)  # only ours: nobody stages without the lock
+            if (folder / COMMIT_FILE).exists():  # its renames failed (an OSError), half done
+                print(
+                    f"the commit into {repo} did not finish: the next export finishes it "
+                    f"(the renames left are listed in {folder / COMMIT_FILE})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            else:  # only ours: nobody stages without the lock
+                shutil.rmtree(root, ignore_errors=True)
 
 
-def _remove_leftovers(root: Path) -> None:
+def _remove_leftovers(root: Path, repo: Path) -> None:
+    """Finish the commit a dead export began, if any; remove every dead export's folder."""
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        print(f"removing {folder}, left by an export that died", file=sys.stderr, flush=True)
+        planned = _read_commit(folder)
+        if planned is not None:
+            version, steps = planned
+            print(
+                f"finishing the commit of version {version} into {repo}, left half done by "
+                f"an export that died ({folder})",
+                file=sys.stderr,
+                flush=True,
+            )
+            with _signals_deferred():
+                _carry_out(folder, repo, steps)
+        else:
+            print(f"removing {folder}, left by an export that died", file=sys.stderr, flush=True)
         shutil.rmtree(folder)
+
+
+def commit_renames(folder: Path, repo: Path, version: int, steps: list[tuple[str, str]]) -> None:
+    """Carry out ``steps`` (``COMMIT_STEPS``, each on a path relative to both ``folder`` and
+    ``repo``) in order: all of them, even if interrupted once begun.
+
+    The staged files are synced first (a rename must not outlive its file's contents in a
+    power cut); then the list is written beside them, so that an export that dies from here
+    on is finished by the next; the renames run with SIGINT, SIGTERM and SIGHUP deferred
+    (delivered once they are done); an exception between them (KeyboardInterrupt where the
+    signals could not be deferred) finishes them, then goes on up. Only an error of the
+    renames themselves (an OSError) leaves them undone, and the list for the next export.
+    """
+    _check_steps(steps)
+    _sync_tree(folder)
+    with _signals_deferred():
+        try:
+            _write_commit(folder, version, steps)
+        except BaseException:
+            (folder / COMMIT_FILE).unlink(missing_ok=True)  # not begun: nothing was changed
+            raise
+        try:
+            _carry_out(folder, repo, steps)
+        except BaseException:
+            _carry_out(folder, repo, steps)  # what was left; an OSError here keeps the list
+            raise
+
+
+def unfinished_commit(repo: str | Path) -> str | None:
+    """What to tell of a commit into ``repo`` that an export began and did not finish (it
+    died): None when there is none, or the export that wrote the list is committing now."""
+    repo = Path(repo)
+    root = staging_root(repo)
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        planned = _read_commit(folder)
+        if planned is None or _in_use(lock_path(repo)):
+            continue
+        version, steps = planned
+        done = sum(1 for op, path in steps if op != "retire" and not (folder / path).exists())
+        return (
+            f"{repo}: the commit of version {version} did not finish (an export died after "
+            f"{done} of its {len(steps)} steps; {folder / COMMIT_FILE} lists them): it serves "
+            "models of two exports until the next `wsss export` finishes the commit, before "
+            "its own"
+        )
+    return None
+
+
+def _carry_out(folder: Path, repo: Path, steps: list[tuple[str, str]]) -> None:
+    """Do the steps whose source is still staged (the others are done), sync the folders
+    they changed, then remove the list: what a commit does, and what finishes a dead one."""
+    for op, path in steps:
+        src, dest = folder / path, repo / path
+        if op == "retire":
+            _retire(dest)
+        elif op == "swap":
+            _swap(src, dest)
+        elif src.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dest)
+    for changed in {repo, folder} | {(repo / path).parent for _, path in steps}:
+        _sync_dir(changed)
+    (folder / COMMIT_FILE).unlink(missing_ok=True)
+
+
+def _swap(src: Path, dest: Path) -> None:
+    """``src`` in place of the folder ``dest`` (moved aside, then removed)."""
+    aside = dest.with_name(f".{dest.name}.old")
+    if src.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(aside, ignore_errors=True)
+        if dest.exists():
+            os.replace(dest, aside)
+        os.replace(src, dest)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _retire(dest: Path) -> None:
+    """Out of the name Triton polls first, then deleted."""
+    aside = dest.with_name(f".{dest.name}.retired")
+    if dest.is_dir():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(dest, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _check_steps(steps: list[tuple[str, str]]) -> None:
+    for op, path in steps:
+        parts = Path(path).parts
+        if op not in COMMIT_STEPS or not parts or Path(path).is_absolute() or ".." in parts:
+            raise WsssError(f"not a commit step: {op} {path}")
+
+
+def _write_commit(folder: Path, version: int, steps: list[tuple[str, str]]) -> None:
+    with open(folder / COMMIT_FILE, "w") as f:
+        json.dump({"version": version, "steps": steps}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _sync_dir(folder)
+
+
+def _read_commit(folder: Path) -> tuple[int, list[tuple[str, str]]] | None:
+    """The version and steps of ``folder``'s commit; None where none began (no list, or one
+    cut short while written: no rename comes before it is whole on disk)."""
+    try:
+        planned = json.loads((folder / COMMIT_FILE).read_text())
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+    try:
+        version, steps = int(planned["version"]), [(op, p) for op, p in planned["steps"]]
+        _check_steps(steps)
+    except (KeyError, TypeError, ValueError, WsssError) as exc:
+        raise WsssError(
+            f"{folder / COMMIT_FILE} lists no commit this version of wsss reads ({exc}): "
+            "finish its renames into the repository by hand, or remove the folder"
+        ) from exc
+    return version, steps
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold ``DEFERRED_SIGNALS`` back until the block ends, then deliver them as they would
+    have been (KeyboardInterrupt, the end of the process): meanwhile their handler only
+    notes them. A handler, not a signal mask: the kernel hands a signal to any thread that
+    does not block it (ONNX Runtime's and torch's have their own masks), and Python runs its
+    handlers in the main thread whichever received it. In another thread, where no handler
+    can be set, there is nothing to defer: an interrupt is raised in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+        for sig in DEFERRED_SIGNALS
+        if signal.getsignal(sig) is not None  # None: set outside Python, left alone
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in sorted(set(received)):
+            signal.raise_signal(sig)
+
+
+def _sync_tree(folder: Path) -> None:
+    """Every file under ``folder`` on disk, then the folders that name them."""
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(parent, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _sync_dir(Path(parent))
+
+
+def _sync_dir(folder: Path) -> None:
+    """A folder's entries (renames in or out of it) on disk; nothing where none is left."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some filesystems cannot sync a folder (EINVAL): nothing to do
+        if exc.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _in_use(path: Path) -> bool:
+    """Whether an export holds the lock file ``path`` (this process's included), tried
+    without waiting and let go at once."""
+    if path.resolve() in _held:  # a second descriptor's close would release our lock
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # none yet, or not ours to read: none that we can tell
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EACCES, errno.EAGAIN)
+    finally:
+        os.close(fd)
+    return False
 
 
 @contextmanager
@@ -133,6 +362,7 @@ def _lock(path: Path, repo: Path, wait_seconds: float | None) -> Iterator[Holder
         ) from exc
     try:
         _acquire(fd, repo, wait_seconds)
+        _held.add(path.resolve())
         previous = _read(fd)
         _write(fd, json.dumps(asdict(Holder.me())).encode())
         try:
@@ -140,6 +370,7 @@ def _lock(path: Path, repo: Path, wait_seconds: float | None) -> Iterator[Holder
         finally:
             _write(fd, b"")  # finished: a note left in the file says its writer died
     finally:
+        _held.discard(path.resolve())
         os.close(fd)  # releases the lock (so does the holder's death)
 
 

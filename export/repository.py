@@ -4,19 +4,20 @@ Each export gets the next version number (one number for all models, so ``classi
 ``segmenter/7`` came from the same export). Everything is built in a staging folder beside
 the repository, parity-checked against PyTorch, and validated as a repository; only then is
 each version folder moved in with a rename and each config.pbtxt replaced with a rename. A
-polling Triton never sees a half-written version, and a failed or killed export leaves the
-repository exactly as it was. Exports into one repository take turns (``export.lock``).
+polling Triton never sees a half-written version. An export that fails or is killed before
+its commit (the renames) leaves the repository exactly as it was; once the commit has begun,
+the repository ends with every model new, even if the export is interrupted or killed
+(``export.lock.commit_renames``). Exports into one repository take turns (``export.lock``).
 Older versions stay on disk; ``version_policy`` serves the latest ``export.keep_versions``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from export.configs import (
     render,
     warmup_files,
 )
-from export.lock import locked_staging
+from export.lock import commit_renames, locked_staging
 from export.onnx_export import check_parity, export_onnx
 from export.quantize import map_agreement, quantize_graph, quantize_static_graph
 from export.torchscript_export import check_torchscript_parity, export_torchscript
@@ -73,6 +74,7 @@ from wsss.tensors import (
     IMAGE,
     LABELS_FILE,
     PIPELINE,
+    POSTPROCESS,
     PREPROCESS,
     PSEUDO_MASK,
     REFINER,
@@ -170,7 +172,10 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
         CLASSIFIER: classifier,
         SEGMENTER: segmenter if passthrough else SegmenterGraph(segmenter),
     }
-    params = {PREPROCESS: {"max_pixels": str(cfg.export.max_image_pixels)}}
+    # The pixels an image may have: decoded (preprocess), and asked for by ORIGINAL_SIZE
+    # (postprocess, which a client may call directly).
+    limit = {"max_pixels": str(cfg.export.max_image_pixels)}
+    params = {PREPROCESS: limit, POSTPROCESS: limit}
     if network_refiner:
         networks[REFINER] = refiner.module
     else:
@@ -228,8 +233,8 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
     report = check_repository(staging)
     if not report.ok:
         raise ExportError(f"the staged export is invalid, nothing was changed:\n{report}")
-    commit(staging, repo, version, order=[n for n in specs if n not in ENSEMBLES] + list(ENSEMBLES))
-    _retire(repo, specs)
+    order = [n for n in specs if n not in ENSEMBLES] + list(ENSEMBLES)
+    commit(staging, repo, version, order, retire=_retired(repo, specs))
     _warn_changed_tensors(changed)
     return ExportResult(repo, version, parity, quantized)
 
@@ -239,16 +244,10 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
 OPTIONAL_MODELS = (VIT,)
 
 
-def _retire(repo: Path, specs: dict[str, ModelSpec]) -> None:
-    """Remove an optional model this export left out (the ViT, after a refiner that reads
-    none), now that the committed ensembles no longer step through it: out of the folder
-    name Triton polls first, then deleted."""
-    for name in OPTIONAL_MODELS:
-        if name not in specs and (repo / name).is_dir():
-            retired = repo / f".{name}.retired"
-            shutil.rmtree(retired, ignore_errors=True)
-            os.rename(repo / name, retired)
-            shutil.rmtree(retired, ignore_errors=True)
+def _retired(repo: Path, specs: dict[str, ModelSpec]) -> list[str]:
+    """The optional models this export leaves out (the ViT, after a refiner that reads none):
+    the commit removes them after the ensembles that no longer step through them."""
+    return [n for n in OPTIONAL_MODELS if n not in specs and (repo / n).is_dir()]
 
 
 def _write_python_model(name: str, version_dir: Path) -> None:
@@ -596,30 +595,33 @@ def next_version(repo: Path) -> int:
     return max(found, default=0) + 1
 
 
-def commit(staging: Path, repo: Path, version: int, order: list[str]) -> None:
-    """Move staged versions in, then swap configs and warm-up data, all by rename.
+def commit(
+    staging: Path, repo: Path, version: int, order: list[str], retire: Sequence[str] = ()
+) -> None:
+    """Move the staged models in, as ``commit_plan`` says, by rename. Once begun, it ends
+    with every model new (``export.lock.commit_renames``: interrupted, it finishes first;
+    killed, the next export finishes it)."""
+    commit_renames(staging, repo, version, commit_plan(staging, version, order, retire))
+
+
+def commit_plan(
+    staging: Path, version: int, order: list[str], retire: Sequence[str] = ()
+) -> list[tuple[str, str]]:
+    """The commit's steps (``export.lock.COMMIT_STEPS``): per model of ``order``, its version
+    folder, warm-up data, labels and config; then the ``retire`` models removed.
 
     Models before ensembles, version folders before configs: at every instant each config
     on disk refers only to complete versions.
     """
+    steps = []
     for name in order:
-        src, dest = staging / name, repo / name
-        dest.mkdir(exist_ok=True)
-        os.rename(src / str(version), dest / str(version))
-        if (src / "warmup").exists():
-            _swap_dir(src / "warmup", dest / "warmup")
-        if (src / LABELS_FILE).exists():  # before the config that names it
-            os.replace(src / LABELS_FILE, dest / LABELS_FILE)
-        os.replace(src / "config.pbtxt", dest / "config.pbtxt")
-
-
-def _swap_dir(src: Path, dest: Path) -> None:
-    old = dest.with_name(f".{dest.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        os.rename(dest, old)
-    os.rename(src, dest)
-    shutil.rmtree(old, ignore_errors=True)
+        steps.append(("move", f"{name}/{version}"))
+        if (staging / name / "warmup").exists():
+            steps.append(("swap", f"{name}/warmup"))
+        if (staging / name / LABELS_FILE).exists():  # before the config that names it
+            steps.append(("move", f"{name}/{LABELS_FILE}"))
+        steps.append(("move", f"{name}/config.pbtxt"))
+    return steps + [("retire", name) for name in retire]
 
 
 def latest_metadata(repo: str | Path) -> Path | None:

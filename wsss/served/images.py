@@ -20,7 +20,9 @@ MAX_ENCODED_BYTES = 64 << 20  # refuse larger uploads before decoding anything
 MAX_SIDE = 16384  # decoded images and requested output sizes stay below this
 # Decoded pixels an image may have, checked from its header before decoding: a 12,000 x
 # 12,000 PNG is 450 KB on the wire and 430 MB decoded. The served limit is
-# export.max_image_pixels (the preprocess model's max_pixels parameter).
+# export.max_image_pixels (the preprocess and postprocess models' max_pixels parameter); the
+# postprocess model holds the masks' size (ORIGINAL_SIZE, which a client calling it directly
+# gives) to it too: 8 bytes asking 16384 x 16384 would be two 268 MB masks an item.
 MAX_PIXELS = 40_000_000
 # What Pillow may read: the photo formats, not every plugin it has (EPS would call Ghostscript).
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")  # MPO reads as JPEG
@@ -114,11 +116,26 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (w, h), interpolation=interp)
 
 
-def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A class-index map to (height, width) by nearest neighbour (labels never blend)."""
-    h, w = int(size[0]), int(size[1])
+def output_size(size, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) of ``size``, refused before anything of that size is allocated when a
+    side is out of 1..MAX_SIDE or it has more than ``max_pixels`` pixels."""
+    h, w = int(size[0]), int(size[1])  # Python ints: an int32 product would wrap
     if not (0 < h <= MAX_SIDE and 0 < w <= MAX_SIDE):
         raise ImageError(f"output size {h}x{w} is out of range (1..{MAX_SIDE})")
+    if h * w > max_pixels:
+        raise ImageError(
+            f"output size {h}x{w} = {h * w:,} pixels exceeds the limit of {max_pixels:,} "
+            "(an image's, export.max_image_pixels)"
+        )
+    return h, w
+
+
+def resize_mask(
+    mask: np.ndarray, size: tuple[int, int], max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
+    """A class-index map to (height, width) by nearest neighbour (labels never blend); sizes
+    as ``output_size`` allows."""
+    h, w = output_size(size, max_pixels)
     return cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
 
 

@@ -3,6 +3,9 @@
 Copied into ``<repository>/postprocess/<version>/model.py``. Nearest-neighbour, so class
 indices never blend. A batched tensor has one shape, so the images of one request must share
 a size; send differently sized images as separate requests (Triton batches those anyway).
+A size over the ``max_pixels`` parameter (``export.max_image_pixels``, as the preprocess
+model's) is refused before any mask is made: a client may call this model directly, with
+any ORIGINAL_SIZE.
 """
 
 import json
@@ -11,7 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from .errors import InputError
-from .images import resize_mask
+from .images import MAX_PIXELS, output_size, resize_mask
 from .respond import respond
 
 
@@ -20,6 +23,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.inputs = [t["name"] for t in config["input"]]  # masks..., then the original size
         self.outputs = [t["name"] for t in config["output"]]  # one per mask, same order
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.max_pixels = int(params.get("max_pixels", MAX_PIXELS))  # older configs: none
 
     def execute(self, requests):
         return respond(requests, self._one, "postprocess")
@@ -33,9 +38,17 @@ class TritonPythonModel:
                 "images of one request must share a size: "
                 "send differently sized images as separate requests"
             )
+        for k, size in enumerate(sizes):  # all of them before any mask is made
+            try:
+                output_size(size, self.max_pixels)
+            except ValueError as exc:
+                raise InputError(f"item {k}: {exc}") from exc
         return [
             pb_utils.Tensor(
-                name, np.stack([resize_mask(m, s) for m, s in zip(batch, sizes, strict=True)])
+                name,
+                np.stack(
+                    [resize_mask(m, s, self.max_pixels) for m, s in zip(batch, sizes, strict=True)]
+                ),
             )
             for name, batch in zip(self.outputs, masks, strict=True)
         ]
