@@ -2,8 +2,9 @@
 
 ``InputError`` is what the project raises for input it refuses: a config value, a file, a
 request. The CLI prints it as one line and the served models answer it as the client's
-fault (INVALID_ARG: HTTP 400, gRPC INVALID_ARGUMENT; it is a ``ValueError``, which
-``respond`` maps so). Any other exception is a bug and keeps its traceback. Here, beside the
+fault (INVALID_ARG: HTTP 400, gRPC INVALID_ARGUMENT, as ``respond`` maps it; a
+``ValueError`` too, for callers that catch those). Any other exception is a bug and keeps
+its traceback (a served model answers it INTERNAL, HTTP 500). Here, beside the
 served models that raise it, because the served repository carries this package alone.
 """
 

@@ -1,12 +1,15 @@
 """One response per request, as Triton's python backend requires; an exception fails only
 the request that raised it, with its message, and the model keeps serving.
 
-A ``ValueError`` is the client's fault (bytes that are not an image, images of different
+An ``InputError`` is the client's fault (bytes that are not an image, images of different
 sizes, NaN CAMs): INVALID_ARG, which Triton answers as HTTP 400 / gRPC INVALID_ARGUMENT.
-Anything else is the server's: INTERNAL (HTTP 500).
+Anything else is the server's, a plain ``ValueError`` from numpy or OpenCV included:
+INTERNAL (HTTP 500).
 """
 
 from collections.abc import Callable
+
+from .errors import InputError
 
 
 def respond(requests, handle: Callable, label: str) -> list:
@@ -18,7 +21,7 @@ def respond(requests, handle: Callable, label: str) -> list:
         try:
             responses.append(pb_utils.InferenceResponse(output_tensors=handle(request)))
         except Exception as exc:  # this request fails; the others and the model go on
-            kind = "INVALID_ARG" if isinstance(exc, ValueError) else "INTERNAL"
+            kind = "INVALID_ARG" if isinstance(exc, InputError) else "INTERNAL"
             error = pb_utils.TritonError(f"{label}: {exc}", getattr(pb_utils.TritonError, kind))
             responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
     return responses
