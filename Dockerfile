@@ -114,8 +114,14 @@ EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["/bin/sh", "-c", "url=localhost:${HTTP_PORT:-8000}/v2 && curl -fsS -o /dev/null $url/health/live && curl -fsS -o /dev/null $url/models/wsss_pipeline/ready && curl -fsS -o /dev/null $url/models/wsss_pipeline_bytes/ready"]
 # tritonserver itself is the main process (it stops cleanly on SIGTERM), under NGC's
-# entrypoint; poll mode loads each re-exported version as `wsss serve` does. Arguments
-# given to `docker run` / compose's `command:` / Kubernetes' `args:` are appended.
+# entrypoint and a shell that only draws the key and execs it; poll mode loads each
+# re-exported version as `wsss serve` does. Arguments given to `docker run` / compose's
+# `command:` / Kubernetes' `args:` are appended, and of a repeated flag tritonserver takes
+# the last: it binds 127.0.0.1 unless they add --http-address / --grpc-address /
+# --metrics-address (0.0.0.0 to publish ports from a container network, or in a pod).
+# The model-repository, shared-memory, trace and logging APIs answer only to a request with
+# the header `wsss-admin-key: $WSSS_ADMIN_KEY` (gRPC: `triton-grpc-protocol-wsss-admin-key`),
+# as under `wsss serve` (serving/server.py): unset, a random key no one knows closes them.
 # glibc's arenas as `wsss serve` sets them (serving/server.py): with them, and 16 MiB
 # Python-backend regions, every process kept its memory within 3% through a 20,000-request
 # soak (reports/soak/fixes.md). Where /dev/shm is large (compose's shm_size: 1gb), append
@@ -123,7 +129,10 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
 #   --backend-config=python,shm-growth-byte-size=16777216
 # to the arguments; Docker's default 64 MB /dev/shm cannot hold eight such regions.
 ENV MALLOC_ARENA_MAX=2
-ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "tritonserver", \
+ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "/bin/sh", "-c", \
+    "key=${WSSS_ADMIN_KEY:-$(od -An -N32 -tx1 /dev/urandom | tr -d ' \\n')}; case $key in ????????????????*) ;; *) echo 'WSSS_ADMIN_KEY: 16 or more characters' >&2; exit 2;; esac; case $key in *[!A-Za-z0-9._~-]*) echo 'WSSS_ADMIN_KEY: letters, digits, . _ ~ - only' >&2; exit 2;; esac; rule=model-repository,shared-memory,trace,logging:wsss-admin-key=$key; exec tritonserver \"--http-restricted-api=$rule\" \"--grpc-restricted-protocol=$rule\" \"$@\"", \
+    "tritonserver", \
     "--model-repository=/var/lib/wsss/model_repository", \
+    "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1", \
     "--model-control-mode=poll", "--repository-poll-secs=5", "--exit-timeout-secs=10"]
 CMD []

@@ -14,6 +14,8 @@ import filecmp
 import importlib.util
 import os
 import random
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +131,60 @@ def server_env() -> dict[str, str]:
     return env
 
 
-def server_command(repository: Path, backends: Path, cfg: ServeConfig, gpu: bool) -> list[str]:
+# The APIs only this process may call, with the per-start key below in a header: the model
+# repository (under `explicit` model control a client could load a model whose config and
+# model.py travel in the request, and Triton would run that Python), shared memory (a client
+# could register a Python stub's own region, or any /dev/shm object the server may open, and
+# have outputs written into it or inputs read from it), trace and logging (their settings
+# name files the server writes). Of these the project calls only the repository's index,
+# load and unload (the watchdog, which sends the key) and, in one benchmark run, system
+# shared memory (perf_analyzer sends no header over gRPC: TritonServer's open_apis); its
+# clients read only what stays open: health, metadata, inference, model-config, statistics.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
+ADMIN_HEADER = "wsss-admin-key"
+# Set it to call the restricted APIs by hand (`curl -H "wsss-admin-key: $WSSS_ADMIN_KEY"`);
+# unset, each start draws a key no one else knows.
+ADMIN_KEY_ENV = "WSSS_ADMIN_KEY"
+# Triton checks a gRPC restriction's header under this prefix (its refusal names it so).
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
+
+
+def admin_key() -> str:
+    """``WSSS_ADMIN_KEY`` where the operator set one, else a new random key."""
+    key = os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(32)
+    # Triton reads the flag as <apis>:<header>=<key>, and a short key is guessable.
+    if not re.fullmatch(r"[A-Za-z0-9._~-]{16,}", key):
+        raise ServerError(
+            f"{ADMIN_KEY_ENV} must be 16 or more letters, digits, '.', '_', '~' or '-'"
+        )
+    return key
+
+
+def admin_headers(key: str, protocol: str = "grpc") -> dict[str, str]:
+    """The header that opens the restricted APIs to a ``protocol`` client's calls."""
+    prefix = GRPC_HEADER_PREFIX if protocol == "grpc" else ""
+    return {prefix + ADMIN_HEADER: key}
+
+
+def restriction_flags(key: str, open_apis: tuple[str, ...] = ()) -> list[str]:
+    """tritonserver's flags restricting RESTRICTED_APIS but ``open_apis`` to ``key``."""
+    apis = ",".join(api for api in RESTRICTED_APIS if api not in open_apis)
+    if not apis:
+        return []
+    rule = f"{apis}:{ADMIN_HEADER}={key}"
+    return [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
+
+
+def server_command(
+    repository: Path,
+    backends: Path,
+    cfg: ServeConfig,
+    gpu: bool,
+    key: str | None = None,
+    open_apis: tuple[str, ...] = (),
+) -> list[str]:
+    """tritonserver's command line; the restricted APIs answer only to ``key`` (None: a
+    random key, which closes them to everyone)."""
     cmd = [
         str(pytriton_root() / "bin" / "tritonserver"),
         f"--model-repository={repository.resolve()}",
@@ -142,11 +198,12 @@ def server_command(repository: Path, backends: Path, cfg: ServeConfig, gpu: bool
         f"--model-control-mode={cfg.model_control}",
         f"--exit-timeout-secs={cfg.exit_timeout_seconds}",
         "--log-verbose=0",
+        *restriction_flags(key or secrets.token_urlsafe(32), open_apis),
     ]
     shm = cfg.python_shm_mb if cfg.python_shm_mb is not None else auto_python_shm_mb()
     if shm:
-        for key in ("shm-default-byte-size", "shm-growth-byte-size"):
-            cmd.append(f"--backend-config=python,{key}={shm << 20}")
+        for setting in ("shm-default-byte-size", "shm-growth-byte-size"):
+            cmd.append(f"--backend-config=python,{setting}={shm << 20}")
     if cfg.model_control == "poll":
         cmd.append(f"--repository-poll-secs={cfg.poll_seconds}")
     elif cfg.model_control == "explicit":  # load everything at start; then only on request
@@ -203,6 +260,27 @@ class Process:
             return None
         return model, version
 
+    @property
+    def instance(self) -> str:
+        """A stub's model instance as Triton names it, ``<group>_<k>``: the stub's ninth
+        argument (Python backend 24.10); "" for any other process."""
+        return self.argv[8] if self.name == STUB and len(self.argv) > 8 else ""
+
+
+def expected_instances(config) -> Counter[str]:
+    """How many stubs of each instance name a loaded version of ``config`` (a
+    ``ModelConfig``) runs: Triton names group g's instances ``<g>_<k>`` for k below its
+    count, once on each GPU a KIND_GPU group lists (so names repeat across GPUs). An
+    ensemble has none."""
+    from tritonclient.grpc.model_config_pb2 import ModelInstanceGroup
+
+    expected: Counter[str] = Counter()
+    for group in config.instance_group:
+        copies = len(group.gpus) if group.kind == ModelInstanceGroup.KIND_GPU else 1
+        for k in range(group.count):
+            expected[f"{group.name}_{k}"] += copies
+    return expected
+
 
 def processes() -> Iterator[Process]:
     """Every process in /proc, in pid order (those that exit while read are skipped)."""
@@ -241,10 +319,25 @@ def has_gpu() -> bool:
 class TritonServer:
     """A tritonserver process: ``with TritonServer(...) as server:`` waits until it is ready."""
 
-    def __init__(self, repository: Path, cfg: ServeConfig, workdir: Path, log: Path | None = None):
+    def __init__(
+        self,
+        repository: Path,
+        cfg: ServeConfig,
+        workdir: Path,
+        log: Path | None = None,
+        open_apis: tuple[str, ...] = (),
+    ):
+        """``open_apis``: of RESTRICTED_APIS, those left open to every client (a benchmark's
+        perf_analyzer registers shared memory and cannot send the key over gRPC)."""
         self.repository, self.cfg, self.workdir = Path(repository), cfg, Path(workdir)
         self.log_path = log or self.workdir / "tritonserver.log"
         self.process: subprocess.Popen | None = None
+        unknown = set(open_apis) - set(RESTRICTED_APIS)
+        if unknown:
+            raise ServerError(f"not restricted APIs: {sorted(unknown)} (see RESTRICTED_APIS)")
+        self.open_apis = tuple(open_apis)
+        self.admin_key: str | None = None  # drawn at each start()
+        self._replaced: dict[str, set[int]] = {}  # model: its stubs when the watchdog reloaded it
 
     @property
     def http_url(self) -> str:
@@ -254,6 +347,14 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"{self.cfg.host}:{self.cfg.grpc_port}"
 
+    def admin_headers(self, protocol: str = "grpc") -> dict[str, str]:
+        """Headers that open the restricted APIs (the model repository's index, load and
+        unload) of this server to a ``protocol`` client: ``client.load_model(name,
+        headers=server.admin_headers())``."""
+        if self.admin_key is None:
+            raise ServerError("tritonserver was not started: it has no key yet")
+        return admin_headers(self.admin_key, protocol)
+
     def start(self, timeout: float = 120.0) -> TritonServer:
         if self.running:
             raise ServerError(
@@ -262,7 +363,10 @@ class TritonServer:
         if not (self.repository / PIPELINE / "config.pbtxt").exists():
             raise ServerError(f"{self.repository} holds no exported pipeline: run `wsss export`")
         backends = prepare_backends(self.workdir / "backends")
-        cmd = server_command(self.repository, backends, self.cfg, has_gpu())
+        self.admin_key = admin_key()
+        cmd = server_command(
+            self.repository, backends, self.cfg, has_gpu(), self.admin_key, self.open_apis
+        )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
@@ -332,44 +436,74 @@ class TritonServer:
     # whose stub was killed READY, and fails each of its requests ("Stub process ... is not
     # healthy") until the model is reloaded; it does not reload it by itself.
 
-    def stubs(self) -> set[tuple[str, str]]:
-        """(model, version) of every live stub process serving this repository (from /proc)."""
-        found = (p.stub_of(self.repository) for p in processes() if p.state != "Z")
-        return {stub for stub in found if stub is not None}
+    def stub_processes(self) -> list[Process]:
+        """This server's live stub processes (from /proc): its own process group only, so
+        that another server's stubs on the same repository (a benchmark's beside `make
+        serve`) stand in for none of ours."""
+        if self.process is None:
+            return []
+        return [
+            p
+            for p in processes()
+            if p.group == self.process.pid and p.state != "Z" and p.stub_of(self.repository)
+        ]
+
+    def stubs(self) -> Counter[tuple[str, str, str]]:
+        """(model, version, instance) of this server's current stubs, counted. Those of a
+        model the watchdog reloaded are not current once its new stubs run: after a request
+        failed on the dead instance, Triton 2.51 keeps the old load, its live stub included,
+        until it exits, and that stub has the name of a new one."""
+        procs = self.stub_processes()
+        retired = set()
+        for model, old in list(self._replaced.items()):
+            pids = {p.pid for p in procs if p.stub_of(self.repository)[0] == model}
+            old &= pids  # the pid of a stub that exited may come back as any process's
+            if not old:
+                self._replaced.pop(model, None)
+            elif pids - old:  # the new load's stubs run
+                retired |= old
+        return Counter(
+            (*p.stub_of(self.repository), p.instance) for p in procs if p.pid not in retired
+        )
+
+    def dead_instances(self, client) -> dict[tuple[str, str], list[str]]:
+        """READY versions with an instance whose stub process is gone, and those instances.
+        Each instance is matched, not the model: of a model's two instances, the live one
+        answers while Triton hands every other request to the dead one, which fails."""
+        index = client.get_model_repository_index(headers=self.admin_headers()).models
+        ready = [(m.name, m.version) for m in index if m.state == "READY"]
+        live = self.stubs()  # after the index: a version READY there has its stubs started
+        dead = {}
+        for name, version in ready:
+            expected = expected_instances(client.get_model_config(name, version).config)
+            missing = [i for i, n in sorted(expected.items()) if live[(name, version, i)] < n]
+            if missing:
+                dead[(name, version)] = missing
+        return dead
 
     def dead_stubs(self, client) -> list[tuple[str, str]]:
-        """READY versions (not ensembles) whose stub process is gone: not really ready."""
-        ensembles = {"ensemble"}
-        ready = [
-            (m.name, m.version)
-            for m in client.get_model_repository_index().models
-            if m.state == "READY"
-        ]
-        live = self.stubs()
-        dead = []
-        for name, version in ready:
-            if (name, version) in live:
-                continue
-            platform = client.get_model_config(name).config.platform
-            if platform not in ensembles:
-                dead.append((name, version))
-        return dead
+        """(model, version) of the READY versions with a dead stub (``dead_instances``)."""
+        return list(self.dead_instances(client))
 
     def reload(self, client, model: str) -> None:
         """Load ``model`` again, with new stubs: unload + load (and the ensembles it takes
         down with it) under explicit model control; under poll, newer version-folder
         timestamps make the next poll reload it."""
+        self._replaced[model] = {
+            p.pid for p in self.stub_processes() if p.stub_of(self.repository)[0] == model
+        }
         if self.cfg.model_control == "explicit":
+            headers = self.admin_headers()
             ensembles = [
                 m.name
-                for m in client.get_model_repository_index().models
+                for m in client.get_model_repository_index(headers=headers).models
                 if m.state == "READY"
                 and client.get_model_config(m.name).config.platform == "ensemble"
             ]
-            client.unload_model(model)
-            client.load_model(model)
+            client.unload_model(model, headers=headers)
+            client.load_model(model, headers=headers)
             for name in ensembles:
-                client.load_model(name)
+                client.load_model(name, headers=headers)
         else:
             # The poller compares folder timestamps, not the config's: an entry added to and
             # removed from each version folder is a change it reloads.
@@ -392,11 +526,16 @@ class TritonServer:
                 # tritonserver wait out its exit timeout when it is stopped.
                 client = grpc.InferenceServerClient(self.grpc_url)
                 try:
-                    dead = set(self.dead_stubs(client))
-                    for model in sorted({m for m, _ in dead & suspects}):
-                        print(f"wsss: the stub of {model} died; reloading it", flush=True)
-                        self.reload(client, model)
-                    suspects = dead
+                    dead = self.dead_instances(client)
+                    reloaded = set()
+                    for model, version in sorted(dead.keys() & suspects):  # twice in a row
+                        gone = ", ".join(dead[model, version])
+                        print(f"wsss: stub {gone} of {model} v{version} died", flush=True)
+                        if model not in reloaded:
+                            print(f"wsss: reloading {model}", flush=True)
+                            self.reload(client, model)
+                            reloaded.add(model)
+                    suspects = set(dead)
                 except Exception:  # the server is stopping, or busy reloading
                     suspects = set()
                 finally:

@@ -196,7 +196,10 @@ def server(exported, tmp_path_factory):
     from serving.server import TritonServer
 
     srv = TritonServer(
-        Path(exported.export.repository), exported.serve, tmp_path_factory.mktemp("server")
+        Path(exported.export.repository),
+        exported.serve,
+        tmp_path_factory.mktemp("server"),
+        open_apis=("shared-memory",),  # the bench test's perf_analyzer run with system shm
     )
     with srv:
         yield srv

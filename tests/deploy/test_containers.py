@@ -1,7 +1,10 @@
 """The container files, checked without an engine: hadolint on the Dockerfile, `docker compose
 config` on every compose file and profile, the Kubernetes manifests against Kubernetes'
 schemas, and the serve-gpu stage (its base image cannot be pulled here) against what the
-served repository and the bundled server need. The tools come with the test extra."""
+served repository and the bundled server need: its entrypoint, run with a stand-in
+tritonserver, binds loopback and restricts the admin APIs as `wsss serve` does, and the
+bundled binary takes the last of a repeated address, as compose and the manifests rely on.
+The tools come with the test extra."""
 
 from __future__ import annotations
 
@@ -12,11 +15,18 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
+import tritonclient.grpc as grpc
+import yaml
 
+import serving.server as triton
+from serving.server import ADMIN_KEY_ENV, restriction_flags
 from tests.conftest import ROOT
+from tests.serving.conftest import echo_repository
+from wsss.config import ServeConfig
 
 COMPOSE_CPU = ["-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml"]
 # The NGC release of the tritonserver in each nvidia-pytriton wheel (2.51.0 in 0.7.0).
@@ -60,6 +70,9 @@ def test_compose_files_are_valid_and_bind_loopback(files):
         assert triton["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
         for flag in ("http", "grpc", "metrics"):
             assert f"--{flag}-address=127.0.0.1" in triton["command"]
+    # Passed on to tritonserver's restriction (serve-gpu) or `wsss serve` (serve-cpu): empty,
+    # as here, each draws a random key.
+    assert triton["environment"][ADMIN_KEY_ENV] == ""
     # The trainer writes into the repository triton serves: the same folder, mounted whole
     # so that an export's staging folder and the repository share a filesystem.
     assert [v["source"] for v in services["trainer"]["volumes"]] == [
@@ -72,6 +85,95 @@ def test_kubernetes_manifests_match_the_schemas():
     manifests = sorted(str(p) for p in (ROOT / "deploy" / "kubernetes").glob("*.yaml"))
     assert manifests
     run(tool("kubernetes-validate"), "--strict", "--quiet", *manifests)
+
+
+def _entrypoint(stage: str) -> list[str]:
+    """The exec-form ENTRYPOINT of a stage, as Docker reads it (a JSON array, or it would
+    silently run it through a shell)."""
+    (text,) = re.findall(r"^ENTRYPOINT (\[.*?\])$", stage.replace("\\\n", ""), re.M | re.S)
+    return json.loads(text)
+
+
+def _run_entrypoint(tmp_path, *args: str, key: str | None = None):
+    """serve-gpu's entrypoint after NGC's (which execs it), with a stand-in tritonserver
+    that prints its arguments, one a line."""
+    argv = _entrypoint(_stage("serve-gpu"))
+    assert argv[0] == "/opt/nvidia/nvidia_entrypoint.sh"
+    fake = tmp_path / "tritonserver"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}{os.pathsep}/usr/bin:/bin"}
+    if key is not None:
+        env[ADMIN_KEY_ENV] = key
+    return subprocess.run([*argv[1:], *args], env=env, capture_output=True, text=True, timeout=30)
+
+
+def _last(flags: list[str], name: str) -> str:
+    """The value tritonserver takes for a repeated flag: the last (checked on the binary)."""
+    return [f.split("=", 1)[1] for f in flags if f.startswith(f"{name}=")][-1]
+
+
+def test_serve_gpu_binds_loopback_unless_an_appended_flag_says_otherwise(tmp_path):
+    done = _run_entrypoint(tmp_path)
+    assert done.returncode == 0, done.stderr
+    flags = done.stdout.splitlines()
+    for name in ("--http-address", "--grpc-address", "--metrics-address"):
+        assert _last(flags, name) == "127.0.0.1"
+    flags = _run_entrypoint(tmp_path, "--http-address=0.0.0.0").stdout.splitlines()
+    assert _last(flags, "--http-address") == "0.0.0.0"
+    assert _last(flags, "--grpc-address") == "127.0.0.1"
+    assert "--model-repository=/var/lib/wsss/model_repository" in flags
+
+
+def test_serve_gpu_restricts_the_apis_as_wsss_serve_does(tmp_path):
+    """To WSSS_ADMIN_KEY where set, else to a new random key; a weak key stops it."""
+    key = "operator-key-0123456789"
+    flags = _run_entrypoint(tmp_path, key=key).stdout.splitlines()
+    assert flags[:2] == restriction_flags(key)
+    drawn = []
+    for unset in (None, ""):  # compose passes an unset WSSS_ADMIN_KEY on as empty
+        flags = _run_entrypoint(tmp_path, key=unset).stdout.splitlines()
+        drawn.append(flags[0].rsplit("=", 1)[1])
+        assert flags[:2] == restriction_flags(drawn[-1])
+    assert drawn[0] != drawn[1] and all(re.fullmatch(r"[0-9a-f]{64}", k) for k in drawn)
+    for bad in ("short", "a key with spaces", "with:colon=0123456789"):
+        done = _run_entrypoint(tmp_path, key=bad)
+        assert done.returncode == 2 and ADMIN_KEY_ENV in done.stderr and not done.stdout
+
+
+@pytest.mark.triton
+def test_tritonserver_takes_the_last_of_a_repeated_address(monkeypatch, tmp_path):
+    """What the serve-gpu image, compose and the manifests rely on: an appended address
+    replaces the image's. The first given here is one no host has (TEST-NET-1): were it
+    taken, the server could not listen."""
+    plain = triton.server_command
+    nowhere = [f"--{api}-address=192.0.2.1" for api in ("http", "grpc", "metrics")]
+
+    def first_nowhere(*args, **kwargs) -> list[str]:
+        binary, *flags = plain(*args, **kwargs)
+        return [binary, *nowhere, *flags]
+
+    monkeypatch.setattr(triton, "server_command", first_nowhere)
+    serve = triton.on_free_ports(ServeConfig())
+    repo = echo_repository(tmp_path / "repo")
+    with triton.TritonServer(repo, serve, tmp_path / "server") as server:  # ready over HTTP
+        client = grpc.InferenceServerClient(server.grpc_url)
+        assert client.is_server_live()
+        client.close()
+        metrics = f"http://{serve.host}:{serve.metrics_port}/metrics"
+        assert urllib.request.urlopen(metrics, timeout=10).status == 200
+
+
+def test_kubernetes_pods_bind_every_address_and_take_the_key_from_a_secret():
+    """The kubelet's probes and the Service reach the pod's own IP, not its loopback."""
+    docs = yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "serve.yaml").read_text())
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    for name in ("--http-address", "--grpc-address", "--metrics-address"):
+        assert _last(container["args"], name) == "0.0.0.0"
+    env = {e["name"]: e for e in container["env"]}
+    secret = env[ADMIN_KEY_ENV]["valueFrom"]["secretKeyRef"]
+    assert secret["optional"] is True  # without the Secret: a random key, the APIs closed
 
 
 def _stage(name: str) -> str:

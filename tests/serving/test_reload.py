@@ -119,17 +119,18 @@ def _images(n=4, size=48):
     return np.random.default_rng(7).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def _state(client, model: str, version: str) -> str:
-    for m in client.get_model_repository_index().models:
+def _state(server, client, model: str, version: str) -> str:
+    for m in client.get_model_repository_index(headers=server.admin_headers()).models:
         if m.name == model and m.version == version:
             return m.state
     return ""
 
 
-def _load_all(client) -> None:
-    """Explicit model control: load what changed, composing models before ensembles."""
+def _load_all(server, client) -> None:
+    """Explicit model control: load what changed, composing models before ensembles (the
+    repository API answers only to the server's key)."""
     for name in (CLASSIFIER, "refiner", SEGMENTER, PREPROCESS, POSTPROCESS, *ENSEMBLES):
-        client.load_model(name)
+        client.load_model(name, headers=server.admin_headers())
 
 
 @pytest.fixture(params=["poll", "explicit"])
@@ -154,7 +155,7 @@ def test_reexport_under_load_fails_nothing_and_answers_old_or_new(live):
         _wait_for(lambda: load.count("old") >= 50, what="answers from the old version")
         version = export_repository(cfg).version
         if cfg.serve.model_control == "explicit":
-            _load_all(client)
+            _load_all(server, client)
         _wait_for(lambda: load.count("new") >= 50, what="answers from the new version")
         # The old versions unload while the load goes on: the server is ready again (what
         # a health check on /v2/health/ready sees).
@@ -222,9 +223,9 @@ def test_broken_versions_are_refused_and_the_old_keeps_serving(live):
             config.write_text(config.read_text().replace(last, f"{last}\n    versions: {version}"))
             if cfg.serve.model_control == "explicit":
                 with pytest.raises(Exception, match="load failed"):
-                    client.load_model(CLASSIFIER)
+                    client.load_model(CLASSIFIER, headers=server.admin_headers())
             _wait_for(
-                lambda v=version: _state(client, CLASSIFIER, str(v)) == "UNAVAILABLE",
+                lambda v=version: _state(server, client, CLASSIFIER, str(v)) == "UNAVAILABLE",
                 what=f"version {version} refused",
             )
             seen = load.count("old")
@@ -243,10 +244,10 @@ def test_readiness_follows_the_steps_an_ensemble_needs(tmp_path):
     with TritonServer(Path(cfg.export.repository), cfg.serve, tmp_path / "server") as server:
         client = grpc.InferenceServerClient(server.grpc_url)
         assert client.is_model_ready(PIPELINE) and client.is_model_ready(PIPELINE_BYTES)
-        client.unload_model(SEGMENTER)
+        client.unload_model(SEGMENTER, headers=server.admin_headers())
         _wait_for(lambda: not client.is_model_ready(PIPELINE), what="the ensemble not ready")
         assert not client.is_model_ready(PIPELINE_BYTES)
-        client.load_model(SEGMENTER)
+        client.load_model(SEGMENTER, headers=server.admin_headers())
         _wait_for(lambda: client.is_model_ready(PIPELINE), what="the ensemble ready again")
         assert client.is_model_ready(PIPELINE_BYTES)
         client.close()
