@@ -312,8 +312,8 @@ OUTPUT_SETS = {
 
 
 def output_rows(server: TritonServer, images: np.ndarray, seconds: float) -> list[Row]:
-    """One gRPC client at a time asking for each set of outputs: Triton runs only the steps
-    a request's outputs need and sends only those (CAMS alone is K x H x W floats)."""
+    """One gRPC client at a time asking for each set of outputs: the ensemble runs its whole
+    chain (wsss.tensors.CHAINS) and sends only those (CAMS alone is K x H x W floats)."""
     client = PipelineClient(server.grpc_url)
     rows = []
     try:

@@ -8,6 +8,7 @@ Nothing here touches a model file; ``export.repository`` does the writing.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -172,8 +173,18 @@ class WarmupSample:
     data: bytes
 
 
-def warmup_files(spec: ModelSpec, image_size: int) -> list[WarmupSample]:
-    """Deterministic sample inputs: a gradient PNG for image bytes, a 2x size for sizes."""
+def warmup_files(
+    spec: ModelSpec, image_size: int, max_pixels: int | None = None
+) -> list[WarmupSample]:
+    """Deterministic sample inputs: a gradient PNG for image bytes, a 2x size for sizes (no
+    more than ``max_pixels``, which postprocess refuses beyond: a failed warm-up would leave
+    the model unloaded)."""
+    if max_pixels is not None and max_pixels < image_size**2:
+        raise InputError(
+            f"export.max_image_pixels {max_pixels:,} is below one image at the model's own "
+            f"size ({image_size}x{image_size} = {image_size**2:,})"
+        )
+    side = 2 * image_size if max_pixels is None else min(2 * image_size, math.isqrt(max_pixels))
     out = []
     for t in spec.inputs:
         if not _file_input(t):
@@ -185,7 +196,7 @@ def warmup_files(spec: ModelSpec, image_size: int) -> list[WarmupSample]:
             # Triton's BYTES element: a 4-byte little-endian length, then the bytes.
             out.append(WarmupSample(t.name, struct.pack("<I", len(png)) + png))
         elif t.name == ORIGINAL_SIZE:
-            out.append(WarmupSample(t.name, np.array([2 * image_size] * 2, t.dtype).tobytes()))
+            out.append(WarmupSample(t.name, np.array([side] * 2, t.dtype).tobytes()))
         else:
             raise InputError(f"no warm-up sample rule for {spec.name}.{t.name}")
     return out

@@ -213,7 +213,8 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
         (folder / "config.pbtxt").write_text(render(configs[name]))
         if labelled(spec):  # Triton's classification extension reads it
             (folder / LABELS_FILE).write_text(labels_text(names))
-        for sample in warmup_files(spec, cfg.data.image_size) if name not in ENSEMBLES else []:
+        samples = warmup_files(spec, cfg.data.image_size, cfg.export.max_image_pixels)
+        for sample in samples if name not in ENSEMBLES else []:
             (folder / "warmup").mkdir(exist_ok=True)
             (folder / "warmup" / sample.name).write_bytes(sample.data)
         if name in networks:

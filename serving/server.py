@@ -30,7 +30,7 @@ from pathlib import Path
 
 from wsss.config import ServeConfig
 from wsss.errors import WsssError
-from wsss.tensors import PIPELINE
+from wsss.tensors import ENSEMBLES, PIPELINE
 
 _BACKENDS = Path(__file__).parent / "backends"
 
@@ -338,6 +338,7 @@ class TritonServer:
         self.open_apis = tuple(open_apis)
         self.admin_key: str | None = None  # drawn at each start()
         self._replaced: dict[str, set[int]] = {}  # model: its stubs when the watchdog reloaded it
+        self._reloaded_at: dict[str, float] = {}  # model: when the watchdog last reloaded it
 
     @property
     def http_url(self) -> str:
@@ -456,12 +457,16 @@ class TritonServer:
         procs = self.stub_processes()
         retired = set()
         for model, old in list(self._replaced.items()):
-            pids = {p.pid for p in procs if p.stub_of(self.repository)[0] == model}
-            old &= pids  # the pid of a stub that exited may come back as any process's
+            mine = [p for p in procs if p.stub_of(self.repository)[0] == model]
+            old &= {p.pid for p in mine}  # an exited stub's pid may come back as any process's
             if not old:
                 self._replaced.pop(model, None)
-            elif pids - old:  # the new load's stubs run
+                self._reloaded_at.pop(model, None)
+            # The new load's stubs run: new pids of instances (not the short-lived stub the
+            # Python backend starts while loading to read the config, named as the model).
+            elif any(p.pid not in old and p.instance != model for p in mine):
                 retired |= old
+                self._reloaded_at.pop(model, None)  # that reload is done
         return Counter(
             (*p.stub_of(self.repository), p.instance) for p in procs if p.pid not in retired
         )
@@ -492,6 +497,7 @@ class TritonServer:
         self._replaced[model] = {
             p.pid for p in self.stub_processes() if p.stub_of(self.repository)[0] == model
         }
+        self._reloaded_at[model] = time.monotonic()
         if self.cfg.model_control == "explicit":
             headers = self.admin_headers()
             ensembles = [
@@ -500,6 +506,9 @@ class TritonServer:
                 if m.state == "READY"
                 and client.get_model_config(m.name).config.platform == "ensemble"
             ]
+            # The chains before the ensembles that step through them.
+            order = list(ENSEMBLES)
+            ensembles.sort(key=lambda n: order.index(n) if n in order else len(order))
             client.unload_model(model, headers=headers)
             client.load_model(model, headers=headers)
             for name in ensembles:
@@ -512,6 +521,14 @@ class TritonServer:
                     marker = folder / ".wsss-reload"
                     marker.touch()
                     marker.unlink()
+
+    def _reloading(self, model: str) -> bool:
+        """Whether the watchdog's last reload of ``model`` may still be under way: its old
+        stubs all still counted (no new one runs yet), within a poll and a load's time.
+        Reloading it again then would take the new stubs, still starting, for old ones."""
+        if model not in self._reloaded_at:
+            return False
+        return time.monotonic() - self._reloaded_at[model] < 2 * self.cfg.poll_seconds + 30
 
     def watch(self, interval: float) -> threading.Thread:
         """A daemon thread that reloads every model whose stub died (seen dead twice in a
@@ -531,7 +548,7 @@ class TritonServer:
                     for model, version in sorted(dead.keys() & suspects):  # twice in a row
                         gone = ", ".join(dead[model, version])
                         print(f"wsss: stub {gone} of {model} v{version} died", flush=True)
-                        if model not in reloaded:
+                        if model not in reloaded and not self._reloading(model):
                             print(f"wsss: reloading {model}", flush=True)
                             self.reload(client, model)
                             reloaded.add(model)

@@ -91,8 +91,9 @@ def answered(
 
 def outputs_to_request(specs: dict[str, ModelSpec], model: str, asked: Iterable[str]) -> list[str]:
     """The fewest of ``model``'s outputs, ``asked`` among them, that Triton 2.51 answers
-    whole, in the ensemble's output order (asking SEGMENTATION of a trained segmenter: itself
-    alone, so Triton runs the segmenter alone)."""
+    whole, in the ensemble's output order (of an export from before the chains, asking
+    SEGMENTATION of a trained segmenter: itself alone, so Triton ran the segmenter alone;
+    of an ensemble of its chain: ``asked`` itself)."""
     spec, asked = specs[model], set(asked)
     names = [t.name for t in spec.outputs]
     if not asked <= set(names):

@@ -20,6 +20,7 @@ from tests.conftest import random_export_cfg
 from training.pipeline import pipeline_from_config
 from training.torch_refiners import build_refiner
 from wsss.config import RefineConfig, load_config, served_config
+from wsss.tensors import CHAINS, PIPELINE
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
@@ -115,8 +116,9 @@ def test_torchscript_export_is_served_and_matches_pytorch(live):
     # A format switch renames the classifier's tensors (CAMS -> CAMS__1); the poller may
     # load the classifier one poll before the ensemble that maps them, so wait for both.
     def ensemble_switched():
-        steps = client.client.get_model_config("wsss_pipeline").config.ensemble_scheduling.step
-        return "CAMS__1" in steps[0].output_map and client.client.is_model_ready("wsss_pipeline")
+        chain = client.client.get_model_config(CHAINS[PIPELINE]).config
+        steps = chain.ensemble_scheduling.step
+        return "CAMS__1" in steps[0].output_map and client.client.is_model_ready(PIPELINE)
 
     assert _wait_for(ensemble_switched)
     config = client.client.get_model_config("classifier").config

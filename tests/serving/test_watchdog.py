@@ -207,3 +207,19 @@ def test_a_killed_stub_beside_a_live_one_is_reloaded(echo_server):
         assert second not in _stub_pids(server, names[0]) and server.stubs() == one_each
     finally:
         client.close()  # an open client makes tritonserver wait out its exit timeout
+
+
+def test_a_reload_under_way_is_not_repeated_and_the_config_stub_is_no_new_load(fake):
+    """Under poll the reload lands at the next poll: seen dead again before it, the model is
+    not reloaded twice (the new stubs, still starting, would pass for old ones); the stub the
+    Python backend starts to read the config (named as the model) is not the new load."""
+    server, alive, repo = fake
+    del alive[1]  # classifier_0_1 dies
+    server.reload(FakeClient(), "classifier")
+    assert server._reloading("classifier")
+    alive += [_stub(30, repo, "classifier", "classifier")]  # the config-reading stub
+    server.stubs()
+    assert server._reloading("classifier") and 10 in server._replaced["classifier"]
+    alive += [_stub(31, repo, "classifier", "classifier_0_0")]  # the new load's stubs
+    server.stubs()
+    assert not server._reloading("classifier")

@@ -125,3 +125,18 @@ def test_the_export_gives_postprocess_the_image_limit(tmp_path):
     for model in ("preprocess", POSTPROCESS):
         config = parse((repo / model / "config.pbtxt").read_text())
         assert config.parameters["max_pixels"].string_value == "5000", model
+    # Its warm-up asks for no more than the limit: a refused warm-up would leave the model
+    # (and the bytes ensemble) unloaded.
+    warm = np.frombuffer((repo / POSTPROCESS / "warmup" / ORIGINAL_SIZE).read_bytes(), np.int32)
+    assert output_size(warm, 5000) == (70, 70)
+
+
+def test_a_limit_below_one_image_at_the_model_size_is_refused(tmp_path):
+    from wsss.errors import InputError
+
+    cfg = random_export_cfg(tmp_path, "export.max_image_pixels=1000")
+    with pytest.raises(InputError, match="below one image at the model's own size"):
+        export_repository(cfg)
+    assert not Path(cfg.export.repository).exists() or not any(
+        Path(cfg.export.repository).iterdir()
+    )
