@@ -304,7 +304,10 @@ class _Run:
         legend = legend_entries(masks, names, self.palette)
         with _FIGURE_LOCK:
             return atomic_write(
-                path, lambda tmp: panel_figure([panels], list(panels), tmp, legend=legend)
+                path,
+                lambda tmp: panel_figure(
+                    [panels], list(panels), tmp, legend=legend, panel_inches=FIGURE_SIDE / 110
+                ),
             )
 
 

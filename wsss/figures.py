@@ -66,11 +66,14 @@ def panel_figure(
     path: Path,
     row_labels: list[str] | None = None,
     legend: list[tuple[str, tuple[float, float, float]]] | None = None,
+    panel_inches: float = 2.2,
 ) -> Path:
     """A grid: one row per image, one column per entry (RGB arrays or [0, 1] heatmaps);
-    ``legend``: (class name, colour) pairs drawn below it (``legend_entries``)."""
+    ``legend``: (class name, colour) pairs drawn below it (``legend_entries``); each panel
+    ``panel_inches`` on a side, at 110 dpi (2.2: 242 px)."""
     n, m = len(rows), len(titles)
-    fig, axes = plt.subplots(n, m, figsize=(2.2 * m, 2.2 * n), squeeze=False)
+    side = panel_inches
+    fig, axes = plt.subplots(n, m, figsize=(side * m, side * n), squeeze=False)
     for r, row in enumerate(rows):
         for c, title in enumerate(titles):
             ax = axes[r][c]

@@ -186,10 +186,11 @@ def test_the_overlay_is_drawn_at_the_photos_aspect(tmp_path, monkeypatch):
                 SEG_PROBS: probs,
             }
 
-    drawn = {}
+    drawn, drawn_at = {}, []
 
-    def panels(rows, titles, path, legend=None):
+    def panels(rows, titles, path, legend=None, panel_inches=2.2):
         drawn.update(rows[0])
+        drawn_at.append(panel_inches * 110)  # px a panel, at panel_figure's 110 dpi
         return Path(path).write_bytes(b"png") and path
 
     monkeypatch.setattr(wsss.figures, "panel_figure", panels)
@@ -200,6 +201,7 @@ def test_the_overlay_is_drawn_at_the_photos_aspect(tmp_path, monkeypatch):
     run.figure(encode_png(photo), tmp_path / "photo_overlay.png")
     half = FIGURE_SIDE // 2
     assert [v.shape[:2] for v in drawn.values()] == [(half, FIGURE_SIDE)] * 4
+    assert drawn_at == [pytest.approx(FIGURE_SIDE)]  # drawn as large as it is
     tinted = drawn["segmentation"] != drawn["image"]
     assert tinted[:, half + 8 :].any(axis=-1).all() and not tinted[:, : half - 8].any()
 
