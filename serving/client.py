@@ -122,18 +122,22 @@ class PipelineClient:
         (seg_input,) = (_served_name(i["name"]) for i in meta[SEGMENTER]["inputs"])
         config = self._config(model, url)
         # An export before the chains (wsss.tensors.CHAINS) stepped through the models
-        # directly: ask it what its pruning answers whole.
-        steps = config.get("ensemble_scheduling", {}).get("step", [])
-        chained = [s.get("model_name") for s in steps] == [CHAINS[model]]
+        # directly: ask it what its pruning answers whole. Both ensembles are read (a fork
+        # asks the other), and one not yet chained (mid-upgrade) makes the client ask both
+        # that way: the extra outputs it then names a chained ensemble answers too.
+        other = PIPELINE_BYTES if model == PIPELINE else PIPELINE
+        chained = all(
+            [s.get("model_name") for s in c.get("ensemble_scheduling", {}).get("step", [])]
+            == [CHAINS[m]]
+            for m, c in ((model, config), (other, self._config(other, url)))
+        )
         self.all_specs = served_models(
             h, int(outputs[SCORES][1]), int(probs[1]), features, seg_input, chains=chained
         )
         self.mask_classes = int(probs[1])  # background + the classes; 2: binary masks
         self.specs = self.all_specs[model]
         self.image_spec: TensorSpec = self.all_specs[PIPELINE].inputs[0]
-        parameters = {
-            k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()
-        }
+        parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         self.class_names, self.palette = read_label_parameters(parameters)
         self.presence = read_presence(parameters)  # None: an export from before it
 

@@ -1,0 +1,57 @@
+"""The client tells an ensemble of its chain (every export since ``wsss.tensors.CHAINS``)
+from one that steps through its models (an older export's), from the configs the server
+holds, and asks each what it answers whole."""
+
+import pytest
+
+from serving.client import PipelineClient, requested_outputs
+from wsss.tensors import (
+    CHAINS,
+    CLASSIFIER,
+    ENSEMBLES,
+    PIPELINE,
+    PIPELINE_BYTES,
+    PSEUDO_MASK,
+    SCORES,
+    SEGMENTATION,
+    SEGMENTER,
+)
+
+METADATA = {  # a pass-through profile's classifier and segmenter, 32 px, 3 classes
+    CLASSIFIER: {
+        "inputs": [{"name": "IMAGE", "shape": ["-1", "32", "32", "3"]}],
+        "outputs": [
+            {"name": SCORES, "shape": ["-1", "3"]},
+            {"name": "CAMS", "shape": ["-1", "3", "32", "32"]},
+        ],
+    },
+    SEGMENTER: {
+        "inputs": [{"name": PSEUDO_MASK, "shape": ["-1", "32", "32"]}],
+        "outputs": [{"name": "SEG_PROBS", "shape": ["-1", "2", "32", "32"]}],
+    },
+}
+
+
+def _config(model: str, chained: bool) -> dict:
+    steps = [CHAINS[model]] if chained else list(ENSEMBLES[CHAINS[model]])
+    return {"ensemble_scheduling": {"step": [{"model_name": s} for s in steps]}}
+
+
+@pytest.mark.parametrize(
+    "chained, asked_of_pipeline",
+    [
+        ({PIPELINE: True, PIPELINE_BYTES: True}, [SEGMENTATION]),
+        # an older export, or one ensemble not yet reloaded: the pruning's extras
+        ({PIPELINE: False, PIPELINE_BYTES: False}, [SCORES, PSEUDO_MASK, SEGMENTATION]),
+        ({PIPELINE: True, PIPELINE_BYTES: False}, [SCORES, PSEUDO_MASK, SEGMENTATION]),
+    ],
+)
+def test_the_client_asks_a_chain_what_was_asked_and_an_older_export_what_it_answers(
+    monkeypatch, chained, asked_of_pipeline
+):
+    monkeypatch.setattr(PipelineClient, "_metadata", lambda self, m, url: METADATA.get(m, {}))
+    monkeypatch.setattr(PipelineClient, "_config", lambda self, m, url: _config(m, chained[m]))
+    client = PipelineClient("127.0.0.1:1", "grpc")  # nothing is sent: the channel is lazy
+    assert (CHAINS[PIPELINE] in client.all_specs) == all(chained.values())
+    assert requested_outputs(client.all_specs, PIPELINE, [SEGMENTATION]) == asked_of_pipeline
+    client.close()
