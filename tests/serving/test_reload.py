@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from export.check import check_repository
 from export.repository import export_repository
 from serving.server import TritonServer
 from tests.conftest import random_export_cfg, write_random_checkpoints
+from tests.serving.conftest import wait_for
 from training.pipeline import pipeline_from_config
 from wsss.tensors import (
     CAMS,
@@ -45,15 +45,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
 CONCURRENCY = 16
 CHECKED = (SCORES, PSEUDO_MASK, SEGMENTATION)
-
-
-def _wait_for(predicate, timeout=90.0, what="the condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _close(got: np.ndarray, want: np.ndarray) -> bool:
@@ -152,20 +143,20 @@ def test_reexport_under_load_fails_nothing_and_answers_old_or_new(live):
     new = pipeline_from_config(cfg)(images)
     assert not np.allclose(old[SCORES], new[SCORES], atol=1e-3)
     with Load(server.grpc_url, images, {"old": old, "new": new}) as load:
-        _wait_for(lambda: load.count("old") >= 50, what="answers from the old version")
+        wait_for(lambda: load.count("old") >= 50, what="answers from the old version")
         version = export_repository(cfg).version
         if cfg.serve.model_control == "explicit":
             _load_all(server, client)
-        _wait_for(lambda: load.count("new") >= 50, what="answers from the new version")
+        wait_for(lambda: load.count("new") >= 50, what="answers from the new version")
         # The old versions unload while the load goes on: the server is ready again (what
         # a health check on /v2/health/ready sees).
-        _wait_for(client.is_server_ready, timeout=60, what="the server ready under load")
+        wait_for(client.is_server_ready, timeout=60, what="the server ready under load")
     assert load.failures == [], load.failures[:3]
     assert load.mismatches == [], load.mismatches[:3]
     assert client.is_model_ready(CLASSIFIER, str(version))
     # Triton's own counters agree: every request a success, time spent in the classifier.
     answered = load.count("old") + load.count("new")
-    _wait_for(
+    wait_for(
         lambda: _metric(cfg, "nv_inference_request_success", PIPELINE) >= answered,
         what="the success counter",
     )
@@ -207,7 +198,7 @@ def test_broken_versions_are_refused_and_the_old_keeps_serving(live):
     old = pipeline_from_config(cfg)(images)
     problems = []
     with Load(server.grpc_url, images, {"old": old}) as load:
-        _wait_for(lambda: load.count("old") >= 50, what="answers")
+        wait_for(lambda: load.count("old") >= 50, what="answers")
         for version, breakage in ((2, _corrupt), (3, _renamed_output)):
             # A new version lands beside the old one, then is broken the way a hand-copied
             # or half-synced repository would be (wsss export itself refuses such a file).
@@ -224,12 +215,12 @@ def test_broken_versions_are_refused_and_the_old_keeps_serving(live):
             if cfg.serve.model_control == "explicit":
                 with pytest.raises(Exception, match="load failed"):
                     client.load_model(CLASSIFIER, headers=server.admin_headers())
-            _wait_for(
+            wait_for(
                 lambda v=version: _state(server, client, CLASSIFIER, str(v)) == "UNAVAILABLE",
                 what=f"version {version} refused",
             )
             seen = load.count("old")
-            _wait_for(lambda s=seen: load.count("old") >= s + 50, what="answers after it")
+            wait_for(lambda s=seen: load.count("old") >= s + 50, what="answers after it")
     assert load.failures == [], load.failures[:3]
     assert load.mismatches == [], load.mismatches[:3]
     assert client.is_model_ready(CLASSIFIER, "1") and client.is_model_ready(PIPELINE)
@@ -245,10 +236,10 @@ def test_readiness_follows_the_steps_an_ensemble_needs(tmp_path):
         client = grpc.InferenceServerClient(server.grpc_url)
         assert client.is_model_ready(PIPELINE) and client.is_model_ready(PIPELINE_BYTES)
         client.unload_model(SEGMENTER, headers=server.admin_headers())
-        _wait_for(lambda: not client.is_model_ready(PIPELINE), what="the ensemble not ready")
+        wait_for(lambda: not client.is_model_ready(PIPELINE), what="the ensemble not ready")
         assert not client.is_model_ready(PIPELINE_BYTES)
         client.load_model(SEGMENTER, headers=server.admin_headers())
-        _wait_for(lambda: client.is_model_ready(PIPELINE), what="the ensemble ready again")
+        wait_for(lambda: client.is_model_ready(PIPELINE), what="the ensemble ready again")
         assert client.is_model_ready(PIPELINE_BYTES)
         client.close()
 
@@ -272,7 +263,7 @@ def test_a_killed_stub_is_reported_and_reloaded(live):
     images = _images()
     pid = _stub_pid(server, PREPROCESS)
     os.kill(pid, signal.SIGKILL)
-    _wait_for(lambda: (PREPROCESS, "1") in server.dead_stubs(client), what="the dead stub")
+    wait_for(lambda: (PREPROCESS, "1") in server.dead_stubs(client), what="the dead stub")
     server.watch(0.2)
     from serving.client import ClientError, PipelineClient
 
@@ -285,7 +276,7 @@ def test_a_killed_stub_is_reported_and_reloaded(live):
             return False
 
     try:
-        _wait_for(served, what="the bytes ensemble serving again")
+        wait_for(served, what="the bytes ensemble serving again")
     finally:
         bytes_client.close()  # an open client makes tritonserver wait out its exit timeout
     assert _stub_pid(server, PREPROCESS) != pid and not server.dead_stubs(client)
