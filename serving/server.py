@@ -544,14 +544,17 @@ class TritonServer:
                 client = grpc.InferenceServerClient(self.grpc_url)
                 try:
                     dead = self.dead_instances(client)
-                    reloaded = set()
-                    for model, version in sorted(dead.keys() & suspects):  # twice in a row
-                        gone = ", ".join(dead[model, version])
-                        print(f"wsss: stub {gone} of {model} v{version} died", flush=True)
-                        if model not in reloaded and not self._reloading(model):
-                            print(f"wsss: reloading {model}", flush=True)
-                            self.reload(client, model)
-                            reloaded.add(model)
+                    gone: dict[str, list[str]] = {}  # model: its dead stubs, seen twice in a row
+                    for model, version in sorted(dead.keys() & suspects):
+                        gone.setdefault(model, []).extend(
+                            f"{i} (v{version})" for i in dead[model, version]
+                        )
+                    for model, stubs in gone.items():
+                        if self._reloading(model):
+                            continue  # said when that reload began
+                        print(f"wsss: stub {', '.join(stubs)} of {model} died", flush=True)
+                        print(f"wsss: reloading {model}", flush=True)
+                        self.reload(client, model)
                     suspects = set(dead)
                 except Exception:  # the server is stopping, or busy reloading
                     suspects = set()
