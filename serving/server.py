@@ -554,7 +554,10 @@ class TritonServer:
                             continue  # said when that reload began
                         print(f"wsss: stub {', '.join(stubs)} of {model} died", flush=True)
                         print(f"wsss: reloading {model}", flush=True)
-                        self.reload(client, model)
+                        try:
+                            self.reload(client, model)
+                        except OSError as exc:  # under poll: a read-only repository, say
+                            print(f"wsss: cannot reload {model}: {exc}", flush=True)
                     suspects = set(dead)
                 except Exception:  # the server is stopping, or busy reloading
                     suspects = set()

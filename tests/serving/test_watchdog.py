@@ -223,3 +223,31 @@ def test_a_reload_under_way_is_not_repeated_and_the_config_stub_is_no_new_load(f
     alive += [_stub(31, repo, "classifier", "classifier_0_0")]  # the new load's stubs
     server.stubs()
     assert not server._reloading("classifier")
+
+
+def test_a_reload_that_cannot_be_made_is_said_and_the_watchdog_goes_on(fake, monkeypatch, capsys):
+    """Under poll the reload touches the version folders; on a read-only repository that
+    fails, and the watchdog says so instead of passing it over in silence."""
+    server, alive, _ = fake
+    del alive[1]  # classifier_0_1 dies
+    rounds = []
+    server.process = SimpleNamespace(pid=GROUP, poll=lambda: None if len(rounds) < 3 else 0)
+    monkeypatch.setattr(grpc, "InferenceServerClient", lambda url: _Counted(rounds))
+
+    def read_only(client, model):
+        raise PermissionError(13, "Read-only file system", str(server.repository / model))
+
+    monkeypatch.setattr(server, "reload", read_only)
+    server.watch(0.01).join(timeout=10)
+    out = capsys.readouterr().out
+    assert "wsss: cannot reload classifier: [Errno 13] Read-only file system" in out
+    assert len(rounds) >= 3  # it went on watching
+
+
+class _Counted(FakeClient):
+    def __init__(self, rounds):
+        super().__init__()
+        rounds.append(self)
+
+    def close(self):
+        pass
