@@ -179,11 +179,6 @@ def warmup_files(
     """Deterministic sample inputs: a gradient PNG for image bytes, a 2x size for sizes (no
     more than ``max_pixels``, which postprocess refuses beyond: a failed warm-up would leave
     the model unloaded)."""
-    if max_pixels is not None and max_pixels < image_size**2:
-        raise InputError(
-            f"export.max_image_pixels {max_pixels:,} is below one image at the model's own "
-            f"size ({image_size}x{image_size} = {image_size**2:,})"
-        )
     side = 2 * image_size if max_pixels is None else min(2 * image_size, math.isqrt(max_pixels))
     out = []
     for t in spec.inputs:

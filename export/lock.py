@@ -193,8 +193,10 @@ def unfinished_commit(repo: str | Path) -> str | None:
     root = staging_root(repo)
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         planned = _read_commit(folder)
-        if planned is None or _in_use(lock_path(repo)):
+        if planned is None:
             continue
+        if _in_use(lock_path(repo)):  # its export is alive, committing now
+            return None
         version, steps = planned
         done = sum(1 for op, path in steps if op != "retire" and not (folder / path).exists())
         return (

@@ -127,6 +127,12 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
             f"refine.method {spec} is not served: {part.name} makes training pseudo-masks "
             f"only ({part.summary}); set export.refine.method, e.g. {spec.seed}"
         )
+    side, limit = cfg.data.image_size, cfg.export.max_image_pixels
+    if limit < side**2:  # before building anything: no image the models read would decode
+        raise InputError(
+            f"export.max_image_pixels {limit:,} is below one image at the model's own size "
+            f"({side}x{side} = {side**2:,})"
+        )
     classifier, refiner, cmeta = refine_step(cfg)
     names = cmeta["class_names"]
     segmenter, smeta = load_model(runs / "segmenter" / "best.pt")

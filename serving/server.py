@@ -486,10 +486,6 @@ class TritonServer:
                 dead[(name, version)] = missing
         return dead
 
-    def dead_stubs(self, client) -> list[tuple[str, str]]:
-        """(model, version) of the READY versions with a dead stub (``dead_instances``)."""
-        return list(self.dead_instances(client))
-
     def reload(self, client, model: str) -> None:
         """Load ``model`` again, with new stubs: unload + load (and the ensembles it takes
         down with it) under explicit model control; under poll, newer version-folder

@@ -263,7 +263,7 @@ def test_a_killed_stub_is_reported_and_reloaded(live):
     images = _images()
     pid = _stub_pid(server, PREPROCESS)
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: (PREPROCESS, "1") in server.dead_stubs(client), what="the dead stub")
+    wait_for(lambda: (PREPROCESS, "1") in server.dead_instances(client), what="the dead stub")
     server.watch(0.2)
     from serving.client import ClientError, PipelineClient
 
@@ -279,4 +279,4 @@ def test_a_killed_stub_is_reported_and_reloaded(live):
         wait_for(served, what="the bytes ensemble serving again")
     finally:
         bytes_client.close()  # an open client makes tritonserver wait out its exit timeout
-    assert _stub_pid(server, PREPROCESS) != pid and not server.dead_stubs(client)
+    assert _stub_pid(server, PREPROCESS) != pid and not server.dead_instances(client)

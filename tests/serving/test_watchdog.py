@@ -74,6 +74,9 @@ class FakeClient:
     def load_model(self, model_name, headers=None):
         self.calls.append(("load", model_name, headers))
 
+    def close(self):
+        self.calls.append(("close", "", None))
+
 
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
@@ -103,7 +106,6 @@ def test_one_dead_instance_of_two_is_found(fake):
     server, alive, _ = fake
     del alive[1]  # classifier_0_1 killed
     client = FakeClient()
-    assert server.dead_stubs(client) == [("classifier", "1")]
     assert server.dead_instances(client) == {("classifier", "1"): ["classifier_0_1"]}
 
 
@@ -145,7 +147,7 @@ def test_a_stub_the_reload_replaced_hides_no_new_one(fake):
     server, alive, repo = fake
     del alive[1]  # classifier_0_1 dies; the watchdog reloads the classifier
     server.reload(FakeClient(), "classifier")
-    assert server.dead_stubs(FakeClient()) == [("classifier", "1")]  # the poll has not come
+    assert list(server.dead_instances(FakeClient())) == [("classifier", "1")]  # no poll yet
     alive += [_stub(20, repo, "classifier", "classifier_0_0")]  # the new load's stubs
     alive += [_stub(21, repo, "classifier", "classifier_0_1")]
     assert server.dead_instances(FakeClient()) == {}
@@ -245,9 +247,8 @@ def test_a_reload_that_cannot_be_made_is_said_and_the_watchdog_goes_on(fake, mon
 
 
 class _Counted(FakeClient):
+    """A FakeClient that counts the watchdog's rounds (one client a round)."""
+
     def __init__(self, rounds):
         super().__init__()
         rounds.append(self)
-
-    def close(self):
-        pass
