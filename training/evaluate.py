@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -28,6 +27,7 @@ from training.metrics import ConfusionMatrix, average_precision, label_f1
 from training.pipeline import Pipeline, mask_values, translate_labels
 from wsss.config import Config
 from wsss.figures import colourise, legend_entries, overlay, panel_figure
+from wsss.served.images import resize_mask
 
 
 @dataclass
@@ -159,7 +159,7 @@ def score_masks(
         h, w = truth.shape
         mask = np.where(mask == IGNORE, 0, mask).astype(np.uint8)
         if mask.shape != (h, w):
-            mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+            mask = resize_mask(mask, (h, w))
         cm.update(mask, truth)
         if binary:
             keep = truth != IGNORE

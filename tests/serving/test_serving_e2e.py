@@ -47,16 +47,9 @@ MISMATCH = 1e-3
 
 @pytest.fixture(scope="module")
 def images(exported):
-    import cv2
-
     size = exported.data.image_size
     samples = list_samples(exported.data.root, "pets", "test")[:3]
-    return np.stack(
-        [
-            cv2.resize(read_image(s.image_path), (size, size), interpolation=cv2.INTER_AREA)
-            for s in samples
-        ]
-    )
+    return np.stack([resize_image(read_image(s.image_path), (size, size)) for s in samples])
 
 
 @pytest.fixture(scope="module")

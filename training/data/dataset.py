@@ -24,6 +24,7 @@ from training.data.layouts import (
     read_mask,
     read_palette,
 )
+from wsss.served.images import resize_image, resize_mask
 from wsss.task import get_task
 
 
@@ -77,8 +78,10 @@ class WSSSDataset(Dataset):
                 continue
             mask = read_mask(s, task, image.shape[:2], known)
             i = len(self.samples)
-            images[i] = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-            masks[i] = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+            # The served decoder's resizes (wsss.served.images), so a photo's pixels here
+            # are the pixels the server classifies.
+            images[i] = resize_image(image, (size, size))
+            masks[i] = resize_mask(mask, (size, size))
             self.samples.append(s)
         n = len(self.samples)
         if not n:

@@ -47,3 +47,32 @@ def test_unreadable_files_name_themselves(tmp_path):
         read_image(bad)
     with pytest.raises(UnreadableImageError, match="missing"):
         read_image(tmp_path / "absent.jpg")
+
+
+def test_training_resizes_a_photo_as_the_server_does(tmp_path):
+    """A photo smaller than the model size on one side (21 of the shared Pet photos): the
+    dataset holds the pixels the server's decoder and resize give (bilinear where a side
+    grows, area where it shrinks), not an area resize of both, which differs by up to 56
+    grey levels on such a photo."""
+    import cv2
+
+    from training.data import list_samples
+    from training.data.dataset import WSSSDataset
+    from training.data.synth import SynthOptions, write_synth
+    from wsss.served.images import resize_image
+
+    size = 48
+    root = write_synth(tmp_path / "folder", SynthOptions("pets", 12, size, 5, layout="folder"))
+    sample = list_samples(root, "pets", "test", "folder")[0]
+    y, x = np.mgrid[0:70, 0:30]
+    photo = np.stack([(y * 3) % 256, (x * 8) % 256, (x * y) % 256], -1).astype(np.uint8)
+    Image.fromarray(photo).save(sample.image_path)  # 70 x 30: taller, narrower than 48
+    mask = np.asarray(Image.open(sample.mask_path))
+    Image.fromarray(cv2.resize(mask, (30, 70), interpolation=cv2.INTER_NEAREST)).save(
+        sample.mask_path
+    )
+    data = WSSSDataset(root, "pets", "test", size, layout="folder")
+    served = resize_image(decode_image(sample.image_path.read_bytes()), (size, size))
+    np.testing.assert_array_equal(data.images[0], served)
+    area = cv2.resize(photo, (size, size), interpolation=cv2.INTER_AREA)
+    assert np.abs(area.astype(int) - served).max() > 10  # the test tells the two apart
