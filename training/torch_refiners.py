@@ -89,8 +89,9 @@ def present_classes_mask(
 
     The graph form of ``present_classes``; it also takes one-hot labels.
     """
-    best = scores.max(dim=1, keepdim=True).values
-    top = (scores == best) & (best >= min_score)
+    best, first = scores.max(dim=1, keepdim=True)  # the first top class on ties, as argmax
+    classes = torch.arange(scores.shape[1], device=scores.device)
+    top = (classes == first) & (best >= min_score)
     if not multi_label:
         return top
     cut = torch.as_tensor(np.maximum(threshold, min_score), dtype=scores.dtype)

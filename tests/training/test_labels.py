@@ -56,14 +56,18 @@ def test_present_classes_mask_is_the_graph_form_of_present_classes():
 
     rng = np.random.default_rng(0)
     scores = rng.random((200, 5)).astype(np.float32) ** 3
-    scores[:20] = 0.0  # ties at zero: nothing should win below min_score
+    scores[:20] = 0.0  # ties at zero: nothing should win below min_score, else the first
+    scores[20:40, 1:3] = 0.45  # ties at the top below the threshold: the first of them
     for multi in (False, True):
         for min_score in (0.0, 0.3):
             graph = present_classes_mask(torch.from_numpy(scores), multi, 0.5, min_score).numpy()
             for row, s in zip(graph, scores, strict=True):
                 want = present_classes(s, multi, 0.5, min_score)
-                if not (min_score == 0.0 and not s.any()):  # all-zero ties: argmax picks one
-                    assert sorted(np.flatnonzero(row).tolist()) == want
+                assert sorted(np.flatnonzero(row).tolist()) == want
+    # A two-class photo scored 0.5 / 0.5 takes one class in both forms, not both.
+    tie = np.array([[0.5, 0.5]], np.float32)
+    assert present_classes(tie[0], False, 0.5) == [0]
+    assert present_classes_mask(torch.from_numpy(tie), False, 0.5).tolist() == [[True, False]]
 
 
 def test_per_class_thresholds_in_both_forms():
