@@ -53,6 +53,16 @@ def read_png_mask(path: Path) -> np.ndarray:
         return np.asarray(png).astype(np.uint8)
 
 
+def read_names(path: Path) -> list[str]:
+    """A class-list file: one name a line, blank lines skipped; a name listed twice is
+    refused (its masks' values would go to the last copy)."""
+    names = [n.strip() for n in path.read_text().splitlines() if n.strip()]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataLayoutError(f"{path}: {', '.join(repeated)} listed more than once")
+    return names
+
+
 def png_palette(folder: Path) -> list[int] | None:
     """The colours of the first palette PNG in ``folder`` (256 RGB triples, VOC's past its
     end), or None where there is none: masks coloured as their authors chose."""

@@ -21,7 +21,14 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.data.base import DataLayoutError, Layout, Sample, png_palette, require
+from training.data.base import (
+    DataLayoutError,
+    Layout,
+    Sample,
+    png_palette,
+    read_names,
+    require,
+)
 
 LABELS, CLASSES, IMAGES, MASKS = "labels.csv", "classes.txt", "images", "masks"
 SEPARATOR = ";"
@@ -76,11 +83,7 @@ class FolderLayout(Layout):
         listed = root / CLASSES
         if not listed.exists():
             return sorted({n for row in read_rows(root / LABELS) for n in row.labels})
-        names = [n.strip() for n in listed.read_text().splitlines() if n.strip()]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise DataLayoutError(f"{listed}: {', '.join(repeated)} listed more than once")
-        return names
+        return read_names(listed)
 
     def palette(self, root: Path) -> list[int] | None:
         return png_palette(root / MASKS)

@@ -34,6 +34,7 @@ from training.data.base import (
     image_size,
     png_palette,
     read_image,
+    read_names,
     read_png_mask,
     require,
 )
@@ -157,7 +158,7 @@ class VocLayout(Layout):
         # Real VOC has fixed class names; a class list beside the data overrides them.
         custom = root / "class_names.txt"
         if custom.exists():
-            return [n.strip() for n in custom.read_text().splitlines() if n.strip()]
+            return read_names(custom)
         return list(VOC_CLASSES)
 
     def palette(self, root: Path) -> list[int] | None:

@@ -395,3 +395,16 @@ def test_infer_writes_masks_in_the_exported_palette(tmp_path):
     png = Image.open(path)
     assert png.getpalette()[:9] == palette[:9]
     assert top_class(np.array([0.2, 0.9], np.float32), ["a", "b"])[0] == "b"
+
+
+@pytest.mark.parametrize(
+    ("layout", "listing"), [("voc", "class_names.txt"), ("folder", "classes.txt")]
+)
+def test_a_class_list_naming_a_class_twice_is_refused(tmp_path, layout, listing):
+    """VOC's class_names.txt and a folder's classes.txt are read by one reader: a name listed
+    twice would send its masks' values to the last copy, so both refuse it, naming it."""
+    (tmp_path / listing).write_text("cat\ndog\n\ncat\n")
+    with pytest.raises(DataLayoutError, match=rf"{listing}: cat listed more than once"):
+        get_layout("voc", layout).class_names(tmp_path)
+    (tmp_path / listing).write_text("cat\n dog \n\n")
+    assert get_layout("voc", layout).class_names(tmp_path) == ["cat", "dog"]
