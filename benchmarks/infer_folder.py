@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import SHARED_PETS
 from benchmarks.serving import machine
 from serving.client import PipelineClient
 from serving.infer import MASK_FILES, Item, find_images, write_mask
@@ -39,7 +40,7 @@ from serving.server import TritonServer, on_free_ports
 from wsss.config import Config, load_config
 from wsss.tensors import IMAGE_BYTES, PIPELINE_BYTES
 
-PHOTOS = "../shared/data/oxford-pet-subset/images"
+PHOTOS = str(SHARED_PETS / "images")
 BENCH = "wsss bench (perf_analyzer; photos re-encoded as PNG)"
 OWN_BYTES = "perf_analyzer, the files' own bytes"
 INFER = "wsss infer DIR"

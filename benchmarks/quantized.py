@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import SHARED_PETS
 from benchmarks.served_quality import served_quality
 from export.quantize import quantize_graph
 from export.repository import build_if_missing, export_repository, vit_core
@@ -36,7 +37,6 @@ from wsss.served.classical import VIT_SIZE, OnnxSaliency
 from wsss.served.registry import RefinerSpec
 from wsss.tensors import PIPELINE_BYTES
 
-DEFAULT_PHOTOS = Path("../shared/data/oxford-pet-subset")
 LABEL = {"none": "fp32", "dynamic": "int8", "static": "static int8"}
 # The targets' yardstick: the ViT's file as it came, unchanged (the project's own reading of
 # it, ``onnx_reading``, computes its position embeddings once; the file does at every call).
@@ -99,7 +99,7 @@ def quantized_report(args) -> str:
             "wsss bench --quantized: the profile's served refiner runs no saliency ViT"
         )
     build_if_missing(cfg)  # the profile's checkpoints (nothing trained for make serve's)
-    root = Path(args.images[0] if args.images else DEFAULT_PHOTOS)
+    root = Path(args.images[0] if args.images else SHARED_PETS)
     samples = list_samples(root, "pets", "test")
     data = WSSSDataset(root, "pets", "test", cfg.data.image_size, samples=samples)
     # The files as they are (a JPEG each), 16 spread over the list.

@@ -41,6 +41,7 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
+from benchmarks import SHARED_PETS
 from serving.client import PipelineClient
 from serving.perf import (
     BenchResult,
@@ -735,8 +736,6 @@ def sweep(cfg: Config, blobs: list[bytes], settings: PerfSettings, out: Path, co
     return text
 
 
-# Real photos a profile with synthetic data is benchmarked on: the shared Pet test photos.
-SHARED_PETS = Path("../shared/data/oxford-pet-subset")
 PHOTOS = 8  # photos sent (each request one of them, in turn) and timed in process
 
 
