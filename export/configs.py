@@ -9,16 +9,16 @@ Nothing here touches a model file; ``export.repository`` does the writing.
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.utils import serialize_byte_tensor
 
 from wsss.config import ExportConfig, ModelServingConfig, NetworkExportConfig
 from wsss.errors import InputError
+from wsss.served.images import encode_png
 from wsss.tensors import (
     ENSEMBLES,
     LABELS_FILE,
@@ -187,9 +187,8 @@ def warmup_files(
         if t.dtype == "bytes":
             yy, xx = np.mgrid[:image_size, :image_size]
             img = np.stack([xx, yy, (xx + yy) // 2], -1).astype(np.uint8)
-            png = cv2.imencode(".png", img)[1].tobytes()
-            # Triton's BYTES element: a 4-byte little-endian length, then the bytes.
-            out.append(WarmupSample(t.name, struct.pack("<I", len(png)) + png))
+            element = serialize_byte_tensor(np.array([encode_png(img)], np.object_)).item()
+            out.append(WarmupSample(t.name, element))  # Triton's length-prefixed BYTES
         elif t.name == ORIGINAL_SIZE:
             out.append(WarmupSample(t.name, np.array([side] * 2, t.dtype).tobytes()))
         else:

@@ -15,18 +15,17 @@ import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
+from tritonclient.utils import serialize_byte_tensor
 
 from serving.server import pytriton_root
 from wsss.errors import WsssError
-from wsss.served.images import decode_image, resize_image
+from wsss.served.images import decode_image, encode_png, resize_image
 from wsss.tensors import ModelSpec
 
 
@@ -101,12 +100,9 @@ def input_data(spec: ModelSpec, images: list[np.ndarray | bytes]) -> dict:
     entries = []
     for image in images:
         if tensor.dtype == "bytes":
-            if isinstance(image, bytes):
-                data = image
-            else:
-                data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
-            # b64 is the raw serialized BYTES tensor: a 4-byte little-endian length, then data.
-            raw = struct.pack("<I", len(data)) + data
+            data = image if isinstance(image, bytes) else encode_png(image)
+            # b64 is the raw serialized BYTES tensor (Triton's length-prefixed elements).
+            raw = serialize_byte_tensor(np.array([data], np.object_)).item()
             entries.append({tensor.name: {"b64": base64.b64encode(raw).decode()}})
         else:
             image = decode_image(image) if isinstance(image, bytes) else image
