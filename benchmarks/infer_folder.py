@@ -29,16 +29,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks import SHARED_PETS
 from benchmarks.serving import machine
-from serving.client import PipelineClient
+from serving.client import PipelineClient, encoded_input
 from serving.infer import MASK_FILES, Item, find_images, write_mask
 from serving.perf import PerfSettings, run_perf_analyzer
 from serving.server import TritonServer, on_free_ports
 from wsss.config import Config, load_config
-from wsss.tensors import IMAGE_BYTES, PIPELINE_BYTES
+from wsss.tensors import PIPELINE_BYTES
 
 PHOTOS = str(SHARED_PETS / "images")
 BENCH = "wsss bench (perf_analyzer; photos re-encoded as PNG)"
@@ -167,11 +165,9 @@ def async_rate(url: str, items: list[Item], concurrency: int, out: Path) -> Meas
     start, pending = time.monotonic(), 0
     for item in items:
         slots.acquire()
-        tensor = grpc.InferInput(IMAGE_BYTES, [1, 1], "BYTES")
-        tensor.set_data_from_numpy(np.array([[item.path.read_bytes()]], dtype=np.object_))
         client.async_infer(
             PIPELINE_BYTES,
-            [tensor],
+            [encoded_input(grpc, [item.path.read_bytes()])],
             lambda result, error, item=item: (landed.put((item, result, error)), slots.release()),
         )
         pending += 1

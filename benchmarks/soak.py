@@ -30,10 +30,11 @@ from tqdm import tqdm
 
 from benchmarks.infer_folder import PHOTOS, profile_server
 from benchmarks.serving import machine
+from serving.client import encoded_input
 from serving.infer import find_images
 from serving.server import TritonServer
 from serving.server import processes as serving_processes
-from wsss.tensors import IMAGE_BYTES, PIPELINE_BYTES, SEGMENTATION_FULL
+from wsss.tensors import PIPELINE_BYTES, SEGMENTATION_FULL
 
 SERVER = "tritonserver"
 
@@ -187,11 +188,9 @@ def soak(
             slots.acquire()
             if k == warmup:
                 sample()  # the baseline, whatever the interval
-            tensor = grpc.InferInput(IMAGE_BYTES, [1, 1], "BYTES")
-            tensor.set_data_from_numpy(np.array([[photos[k % len(photos)]]], dtype=np.object_))
             client.async_infer(
                 PIPELINE_BYTES,
-                [tensor],
+                [encoded_input(grpc, [photos[k % len(photos)]])],
                 lambda result, error, k=k: finish(k, result, error),
             )  # every output, as `wsss infer` asks
         for _ in range(concurrency):  # every request answered

@@ -20,6 +20,7 @@ from wsss.served.images import ImageError, decode_image, encode_png, resize_imag
 from wsss.tensors import (
     CHAINS,
     CLASSIFIER,
+    ENCODED_IMAGE,
     ENSEMBLES,
     FEATURES,
     PIPELINE,
@@ -67,6 +68,16 @@ class ClientError(WsssError, ValueError):
     def invalid_input(self) -> bool:
         """The server refused what was sent (not: it could not be reached, or failed)."""
         return self.status in _INVALID_INPUT
+
+
+def encoded_input(module, blobs: Sequence[bytes]):
+    """The bytes ensemble's input (``wsss.tensors.ENCODED_IMAGE``) holding ``blobs``, one
+    encoded image an item, as ``module`` (tritonclient.grpc or .http) builds it: for a
+    client of its own (async requests, perf) that sends what ``infer_encoded`` sends."""
+    array = np.array(list(blobs), dtype=ENCODED_IMAGE.np_dtype).reshape(-1, *ENCODED_IMAGE.shape)
+    tensor = module.InferInput(ENCODED_IMAGE.name, list(array.shape), ENCODED_IMAGE.triton_dtype)
+    tensor.set_data_from_numpy(array)
+    return tensor
 
 
 def server_address(url: str) -> str:
@@ -203,8 +214,9 @@ class PipelineClient:
     ) -> dict[str, np.ndarray]:
         """Encoded images of one size (JPEG, PNG, ...) -> the bytes-in ensemble's outputs."""
         spec = self.all_specs[PIPELINE_BYTES]
-        array = np.array([[b] for b in blobs], dtype=np.object_)
-        return self.infer_raw({spec.inputs[0].name: array}, spec, outputs)
+        (tensor,) = spec.inputs
+        array = np.array(list(blobs), dtype=tensor.np_dtype).reshape(-1, *tensor.shape)
+        return self.infer_raw({tensor.name: array}, spec, outputs)
 
     def infer_raw(
         self,

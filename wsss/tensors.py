@@ -113,6 +113,10 @@ PRESENCE = "presence"
 LABELS_FILE = "labels.txt"  # one class name per line, in class order
 
 
+# The bytes ensemble's input: the one tensor whose spec needs no model's sizes.
+ENCODED_IMAGE = TensorSpec(IMAGE_BYTES, "bytes", (1,), "an encoded JPEG or PNG, any size")
+
+
 def label_parameters(
     class_names: list[str], palette: list[int], presence: dict | None = None
 ) -> dict[str, str]:
@@ -221,7 +225,7 @@ def served_models(
         SEG_PROBS, "float32", (num_seg_classes, h, w), "segmenter softmax (passed through: one-hot)"
     )
     seg = TensorSpec(SEGMENTATION, "uint8", (h, w), "segmenter argmax: class index per pixel")
-    encoded = TensorSpec(IMAGE_BYTES, "bytes", (1,), "an encoded JPEG or PNG, any size")
+    encoded = ENCODED_IMAGE
     original = TensorSpec(ORIGINAL_SIZE, "int32", (2,), "height and width of the decoded image")
     pseudo_full = TensorSpec(PSEUDO_MASK_FULL, "uint8", (-1, -1), "PSEUDO_MASK at original size")
     seg_full = TensorSpec(SEGMENTATION_FULL, "uint8", (-1, -1), "SEGMENTATION at original size")

@@ -2,13 +2,16 @@
 from one that steps through its models (an older export's), from the configs the server
 holds, and asks each what it answers whole."""
 
+import types
+
 import pytest
 
-from serving.client import PipelineClient, requested_outputs
+from serving.client import PipelineClient, encoded_input, requested_outputs
 from wsss.tensors import (
     CHAINS,
     CLASSIFIER,
     ENSEMBLES,
+    IMAGE_BYTES,
     PIPELINE,
     PIPELINE_BYTES,
     PSEUDO_MASK,
@@ -54,4 +57,29 @@ def test_the_client_asks_a_chain_what_was_asked_and_an_older_export_what_it_answ
     client = PipelineClient("127.0.0.1:1", "grpc")  # nothing is sent: the channel is lazy
     assert (CHAINS[PIPELINE] in client.all_specs) == all(chained.values())
     assert requested_outputs(client.all_specs, PIPELINE, [SEGMENTATION]) == asked_of_pipeline
+    client.close()
+
+
+def test_encoded_input_is_what_infer_encoded_sends(monkeypatch):
+    """A client of its own (the benchmarks' async requests) builds the bytes ensemble's
+    input from its spec with ``encoded_input``: the same tensor ``infer_encoded`` sends."""
+    import tritonclient.grpc as grpc
+
+    monkeypatch.setattr(PipelineClient, "_metadata", lambda self, m, url: METADATA.get(m, {}))
+    monkeypatch.setattr(PipelineClient, "_config", lambda self, m, url: _config(m, True))
+    client = PipelineClient("127.0.0.1:1", "grpc", PIPELINE_BYTES)
+    sent = []
+
+    def infer(model, inputs, outputs):
+        sent.append(inputs)
+        return types.SimpleNamespace(as_numpy=lambda name: None)  # nothing is sent
+
+    monkeypatch.setattr(client.client, "infer", infer)
+    blobs = [b"\x89PNG one", b"\xff\xd8 two, longer"]
+    client.infer_encoded(blobs)
+    (sent,) = sent
+    ours = encoded_input(grpc, blobs)
+    assert [t._get_tensor() for t in sent] == [ours._get_tensor()]
+    assert [t._get_content() for t in sent] == [ours._get_content()]
+    assert ours.name() == IMAGE_BYTES and ours.shape() == [2, 1] and ours.datatype() == "BYTES"
     client.close()
