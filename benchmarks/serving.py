@@ -42,6 +42,8 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from benchmarks import SHARED_PETS
+from export.check import versions
+from export.configs import parse
 from serving.client import PipelineClient
 from serving.perf import (
     BenchResult,
@@ -134,8 +136,7 @@ class OrtPipeline:
             folder = repo / name
             if not folder.is_dir():
                 return None
-            version = max(int(p.name) for p in folder.iterdir() if p.name.isdigit())
-            path = folder / str(version) / "model.onnx"
+            path = folder / str(versions(folder)[-1]) / "model.onnx"
             if not path.exists():
                 return None
             return ort.InferenceSession(str(path), options, providers=_providers())
@@ -167,19 +168,14 @@ def served_refiner(repo: Path):
     from its config.pbtxt's settings. It runs no network: the ViT model's maps are given to
     it (``OrtPipeline``). An export from before the ViT was its own model kept the ViT in the
     refiner's version folder: that is run as it was served."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
     from wsss.served.classical import OnnxAttention, OnnxSaliency
     from wsss.served.refiners import build_classical
 
     folder = repo / REFINER
-    config = text_format.Parse(
-        (folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
-    )
+    config = parse((folder / "config.pbtxt").read_text())
     params = {k: v.string_value for k, v in config.parameters.items()}
     settings = json.loads(params["refine"])
-    version = folder / str(max(int(p.name) for p in folder.iterdir() if p.name.isdigit()))
+    version = folder / str(versions(folder)[-1])
     runners = {"attention": OnnxAttention, "saliency": OnnxSaliency}
     old = settings.pop("runners", {})
     built = {role: runners[role](version / name) for role, name in old.items()}

@@ -631,13 +631,6 @@ def commit_plan(
     return steps + [("retire", name) for name in retire]
 
 
-def latest_metadata(repo: str | Path) -> Path | None:
-    """The classifier version folder holding the newest export's class names and config."""
-    folder = Path(repo) / CLASSIFIER
-    found = versions(folder) if folder.is_dir() else []
-    return folder / str(found[-1]) if found else None
-
-
 def build_if_missing(cfg: Config) -> None:
     """What `make serve` does on a fresh clone: data, training and export, if missing."""
     from training import stages

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from export.check import versions
 from export.configs import parse
 from serving.client import PipelineClient, load_image, requested_outputs, resize
 from tests.conftest import free_port, random_export_cfg
@@ -58,8 +59,7 @@ def test_the_client_and_wsss_infer_import_no_torch(tmp_path):
 
 def _served_names(exported) -> list[str]:
     folder = Path(exported.export.repository) / CLASSIFIER
-    latest = max((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-    return json.loads((latest / "class_names.json").read_text())
+    return json.loads((folder / str(versions(folder)[-1]) / "class_names.json").read_text())
 
 
 def _sample(exported) -> Path:
