@@ -17,12 +17,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.configs import FORMATS, parse
 from export.lock import unfinished_commit
-
-_ORT_TYPES = {
-    "tensor(float)": mc.TYPE_FP32, "tensor(uint8)": mc.TYPE_UINT8,
-    "tensor(int32)": mc.TYPE_INT32, "tensor(int64)": mc.TYPE_INT64,
-    "tensor(string)": mc.TYPE_STRING,
-}  # fmt: skip
+from wsss.served.configs import onnx_mismatches
 
 
 @dataclass
@@ -157,29 +152,12 @@ def _check_onnx(cfg: mc.ModelConfig, path: Path, where: str, report: Report) -> 
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for kind, declared, actual in (
-        ("input", _declared(cfg, cfg.input), session.get_inputs()),
-        ("output", _declared(cfg, cfg.output), session.get_outputs()),
-    ):
-        have = {a.name: a for a in actual}
-        if set(have) != set(declared):
-            report.problems.append(
-                f"{where}: {kind}s in config {sorted(declared)} but the ONNX "
-                f"file has {sorted(have)}"
-            )
-            continue
-        for name, (dtype, dims) in declared.items():
-            a = have[name]
-            shape = [d if isinstance(d, int) else -1 for d in a.shape]
-            if _ORT_TYPES.get(a.type) != dtype:
-                report.problems.append(
-                    f"{where}: {kind} {name} is {a.type} in the ONNX file, "
-                    f"{mc.DataType.Name(dtype)} in config"
-                )
-            if not _shapes_agree(shape, dims):
-                report.problems.append(
-                    f"{where}: {kind} {name} has shape {shape} in the ONNX file, {dims} in config"
-                )
+    inputs, outputs = (
+        [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in tensors]
+        for tensors in (cfg.input, cfg.output)
+    )
+    for problem in onnx_mismatches(session, inputs, outputs, cfg.max_batch_size > 0):
+        report.problems.append(f"{where}: {problem}")
 
 
 def _shapes_agree(a: list[int], b: list[int]) -> bool:

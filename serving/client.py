@@ -16,6 +16,7 @@ import numpy as np
 
 from wsss.errors import InputError, WsssError
 from wsss.pruning import outputs_to_request
+from wsss.served.configs import parameters
 from wsss.served.images import ImageError, decode_image, encode_png, resize_image, resize_mask
 from wsss.tensors import (
     CHAINS,
@@ -148,9 +149,9 @@ class PipelineClient:
         self.mask_classes = int(probs[1])  # background + the classes; 2: binary masks
         self.specs = self.all_specs[model]
         self.image_spec: TensorSpec = self.all_specs[PIPELINE].inputs[0]
-        parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        self.class_names, self.palette = read_label_parameters(parameters)
-        self.presence = read_presence(parameters)  # None: an export from before it
+        params = parameters(config)
+        self.class_names, self.palette = read_label_parameters(params)
+        self.presence = read_presence(params)  # None: an export from before it
 
     def fork(self, model: str | None = None) -> PipelineClient:
         """A client of its own (of ``model``, either ensemble; default this one) sharing what

@@ -228,7 +228,25 @@ BREAKAGES = {
     ),
     "renamed input": (
         lambda r: _edit(r, "segmenter", 'name: "IMAGE"', 'name: "PIXELS"'),
-        "inputs in config ['PIXELS'] but the ONNX file has ['IMAGE']",
+        "segmenter v1: inputs PIXELS in the config, IMAGE in the ONNX file",
+    ),
+    "output dtype unlike the ONNX file's": (
+        lambda r: _edit(
+            r,
+            "segmenter",
+            'SEG_PROBS"\n  data_type: TYPE_FP32',
+            'SEG_PROBS"\n  data_type: TYPE_FP16',
+        ),
+        "output SEG_PROBS is tensor(float) in the ONNX file, TYPE_FP16 in the config",
+    ),
+    "output shape unlike the ONNX file's": (
+        lambda r: _edit(
+            r,
+            "segmenter",
+            'SEG_PROBS"\n  data_type: TYPE_FP32\n',
+            'SEG_PROBS"\n  data_type: TYPE_FP32\n  dims: 5\n',
+        ),
+        "output SEG_PROBS has shape [-1, ",
     ),
     "wrong dtype": (
         lambda r: _edit(r, "refiner", "TYPE_FP32", "TYPE_FP16"),

@@ -14,6 +14,7 @@ MODELS = ("preprocess", "postprocess", "refiner")  # copied as model.py
 # Copied beside it:
 HELPERS = (
     "classical.py",
+    "configs.py",
     "errors.py",
     "images.py",
     "refiners.py",

@@ -13,6 +13,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from .configs import parameters
 from .errors import InputError
 from .images import MAX_PIXELS, output_size, resize_mask
 from .respond import respond
@@ -23,7 +24,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.inputs = [t["name"] for t in config["input"]]  # masks..., then the original size
         self.outputs = [t["name"] for t in config["output"]]  # one per mask, same order
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = parameters(config)
         self.max_pixels = int(params.get("max_pixels", MAX_PIXELS))  # older configs: none
 
     def execute(self, requests):

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from .configs import parameters
 from .errors import InputError
 from .images import MAX_PIXELS, check_pixels, decode_image, header_size, resize_image
 from .respond import respond
@@ -22,7 +23,7 @@ class TritonPythonModel:
         image, size = config["output"]
         self.image_name, self.size_name = image["name"], size["name"]
         self.size = tuple(int(d) for d in image["dims"][:2])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = parameters(config)
         self.max_pixels = int(params.get("max_pixels", MAX_PIXELS))
 
     def execute(self, requests):

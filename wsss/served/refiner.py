@@ -15,6 +15,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from .configs import parameters
 from .errors import InputError
 from .refiners import build_classical
 from .respond import respond
@@ -23,7 +24,7 @@ from .respond import respond
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = parameters(config)
         # Written at export by training.torch_refiners.served_settings: the RefineConfig's fields.
         settings = json.loads(params["refine"])
         settings.pop("runners", None)  # exports before the ViT was a model of its own

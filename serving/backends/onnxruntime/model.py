@@ -15,6 +15,9 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+from wsss.served.configs import declared, onnx_mismatches, parameters
+from wsss.served.respond import respond
+
 _GRAPH_LEVELS = {
     "0": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "1": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -29,7 +32,7 @@ def _session_options(config: dict) -> ort.SessionOptions:
     opts.graph_optimization_level = _GRAPH_LEVELS.get(
         level, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     )
-    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    params = parameters(config)
     if "intra_op_thread_count" in params:
         opts.intra_op_num_threads = int(params["intra_op_thread_count"])
     if "inter_op_thread_count" in params:
@@ -43,7 +46,7 @@ def _run_options(config: dict) -> ort.RunOptions:
     """Per-run options: ``memory.enable_memory_arena_shrinkage`` (as the native backend
     reads it) returns the arena's extra chunks after each run."""
     options = ort.RunOptions()
-    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    params = parameters(config)
     shrink = params.get("memory.enable_memory_arena_shrinkage")
     if shrink:
         options.add_run_config_entry("memory.enable_memory_arena_shrinkage", shrink)
@@ -70,49 +73,6 @@ def _providers(config: dict, args: dict) -> list:
     return providers
 
 
-_ONNX_TYPES = {
-    "tensor(uint8)": "TYPE_UINT8",
-    "tensor(int32)": "TYPE_INT32",
-    "tensor(int64)": "TYPE_INT64",
-    "tensor(float)": "TYPE_FP32",
-    "tensor(float16)": "TYPE_FP16",
-    "tensor(bool)": "TYPE_BOOL",
-}
-
-
-def _check_against_config(session, config: dict, path: str) -> None:
-    """Refuse to load a model file whose tensors are not the ones its config declares, as the
-    native backend does: a wrong name, dtype or shape fails the load (the previous version
-    keeps serving), not every request afterwards."""
-    batched = int(config.get("max_batch_size", 0)) > 0
-    for kind, declared, actual in (
-        ("input", config.get("input", []), session.get_inputs()),
-        ("output", config.get("output", []), session.get_outputs()),
-    ):
-        found = {t.name: t for t in actual}
-        for tensor in declared:
-            name = tensor["name"]
-            if name not in found:
-                raise ValueError(
-                    f"{path}: the config's {kind} {name} is not in the model "
-                    f"(it has {', '.join(sorted(found)) or 'none'})"
-                )
-            got = found[name]
-            if _ONNX_TYPES.get(got.type, got.type) != tensor["data_type"]:
-                raise ValueError(
-                    f"{path}: {kind} {name} is {got.type}, the config says {tensor['data_type']}"
-                )
-            shape = got.shape[1:] if batched else got.shape
-            dims = [int(d) for d in tensor["dims"]]
-            if len(shape) != len(dims) or any(
-                isinstance(s, int) and d != -1 and s != d for s, d in zip(shape, dims, strict=True)
-            ):
-                raise ValueError(
-                    f"{path}: {kind} {name} has shape {list(got.shape)}, the config says "
-                    f"{'[batch] + ' if batched else ''}{dims}"
-                )
-
-
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -120,9 +80,18 @@ class TritonPythonModel:
         path = os.path.join(args["model_repository"], args["model_version"], filename)
         providers = _providers(config, args)
         self.session = ort.InferenceSession(path, _session_options(config), providers=providers)
-        _check_against_config(self.session, config, path)
+        # A file whose tensors are not the ones its config declares fails the load, as the
+        # native backend's does (the previous version keeps serving), not every request.
+        problems = onnx_mismatches(
+            self.session,
+            declared(config, "input"),
+            declared(config, "output"),
+            int(config.get("max_batch_size", 0)) > 0,
+        )
+        if problems:
+            raise ValueError(f"{path}: {'; '.join(problems)}")
         self.inputs = [i.name for i in self.session.get_inputs()]
-        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.outputs = [name for name, _, _ in declared(config, "output")]
         self.run_options = _run_options(config)
 
     def execute(self, requests):
@@ -135,16 +104,8 @@ class TritonPythonModel:
             sizes = [a[0].shape[0] for a in arrays]
             feeds = {n: np.concatenate([a[i] for a in arrays]) for i, n in enumerate(self.inputs)}
             results = self.session.run(self.outputs, feeds, self.run_options)
-        except Exception as exc:  # one bad request must not take its batch-mates' answers down
-            return (
-                [self._run_one(r) for r in requests]
-                if len(requests) > 1
-                else [
-                    pb_utils.InferenceResponse(
-                        output_tensors=[], error=pb_utils.TritonError(str(exc))
-                    )
-                ]
-            )
+        except Exception:  # one bad request must not take its batch-mates' answers down
+            return respond(requests, self._one, "onnxruntime")
         responses, start = [], 0
         for size in sizes:
             tensors = [
@@ -155,18 +116,7 @@ class TritonPythonModel:
             start += size
         return responses
 
-    def _run_one(self, request):
-        try:
-            feeds = {
-                n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs
-            }
-            results = self.session.run(self.outputs, feeds, self.run_options)
-            return pb_utils.InferenceResponse(
-                output_tensors=[
-                    pb_utils.Tensor(n, r) for n, r in zip(self.outputs, results, strict=True)
-                ]
-            )
-        except Exception as exc:
-            return pb_utils.InferenceResponse(
-                output_tensors=[], error=pb_utils.TritonError(str(exc))
-            )
+    def _one(self, request):
+        feeds = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs}
+        results = self.session.run(self.outputs, feeds, self.run_options)
+        return [pb_utils.Tensor(n, r) for n, r in zip(self.outputs, results, strict=True)]

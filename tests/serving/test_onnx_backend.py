@@ -1,0 +1,101 @@
+"""The project's ONNX Runtime backend shim (serving/backends/onnxruntime), which runs the
+native backend's config.pbtxt under the wheel's tritonserver: it refuses a file whose tensors
+are not its config's at load, as the native backend does, and one bad request of a dynamic
+batch fails alone. Run in process with a stand-in for Triton's ``pb_utils``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+SHIM = Path(__file__).parents[2] / "serving" / "backends" / "onnxruntime" / "model.py"
+
+
+class _Tensor:
+    def __init__(self, name, array):
+        self.name, self.array = name, np.asarray(array)
+
+    def as_numpy(self):
+        return self.array
+
+
+class _Response:
+    def __init__(self, output_tensors, error=None):
+        self.output_tensors, self.error = output_tensors, error
+
+
+class _Error:
+    INTERNAL, INVALID_ARG = "INTERNAL", "INVALID_ARG"
+
+    def __init__(self, message, code="INTERNAL"):
+        self.message, self.code = message, code
+
+
+@pytest.fixture
+def shim(monkeypatch):
+    fake = types.SimpleNamespace(
+        Tensor=_Tensor,
+        InferenceResponse=_Response,
+        TritonError=_Error,
+        get_input_tensor_by_name=lambda request, name: _Tensor(name, request[name]),
+    )
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    spec = importlib.util.spec_from_file_location("onnx_shim", SHIM)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _repository(tmp_path: Path, dims: list[int]) -> dict:
+    """A model doubling X [batch, 3] into Y, and the args Triton would give its shim."""
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 3])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 3])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["X", "two"], ["Y"])], "double", [x], [y], [two]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (tmp_path / "1").mkdir()
+    onnx.save(model, tmp_path / "1" / "model.onnx")
+    config = {
+        "max_batch_size": 8,
+        "input": [{"name": "X", "data_type": "TYPE_FP32", "dims": [str(d) for d in dims]}],
+        "output": [{"name": "Y", "data_type": "TYPE_FP32", "dims": [str(d) for d in dims]}],
+        "parameters": {"intra_op_thread_count": {"string_value": "1"}},
+    }
+    return {
+        "model_config": json.dumps(config),
+        "model_repository": str(tmp_path),
+        "model_version": "1",
+    }
+
+
+def test_the_shim_refuses_a_file_unlike_its_config(shim, tmp_path):
+    model = shim.TritonPythonModel()
+    with pytest.raises(
+        ValueError, match=r"input X has shape \[-1, 3\] in the ONNX file, \[-1, 4\]"
+    ):
+        model.initialize(_repository(tmp_path, [4]))
+
+
+def test_one_bad_request_of_a_batch_fails_alone(shim, tmp_path):
+    model = shim.TritonPythonModel()
+    model.initialize(_repository(tmp_path, [3]))
+    good = {"X": np.ones((2, 3), np.float32)}
+    bad = {"X": np.ones((1, 3), np.float64)}  # float64: ONNX Runtime refuses it
+    responses = model.execute([good, bad, good])
+    assert [r.error is None for r in responses] == [True, False, True], [
+        r.error and r.error.message for r in responses
+    ]
+    np.testing.assert_array_equal(responses[0].output_tensors[0].as_numpy(), np.full((2, 3), 2.0))
+    assert responses[1].error.message.startswith("onnxruntime: ")
+    assert [len(r.output_tensors[0].as_numpy()) for r in model.execute([good, good])] == [2, 2]
