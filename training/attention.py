@@ -32,12 +32,10 @@ from wsss.served.classical import (
     vit_input,
 )
 
-SIZE = VIT_SIZE  # the ViT's input side; attention is post-processed at this resolution
 _ONNX_SOFTMAX = "/backbone/encoder/layer.{}/attention/attention/Softmax_output_0"
 _ONNX_TOKENS = "/backbone/encoder/layer.{}/Add_1_output_0"  # a layer's residual stream
 
 __all__ = [
-    "SIZE",
     "ViTAttention",
     "attention_mask",
     "bundled_vit_onnx",
@@ -274,8 +272,8 @@ def onnx_with_attention(path: Path, layers: Sequence[int]) -> bytes:
     model = onnx.load(str(path))
     _expose(model, [_ONNX_SOFTMAX.format(i) for i in layers], path, "refine.vit_layers")
     image = image_input(model, path)
-    hint = f"an attention ViT is read at its {SIZE} px"
-    return fold_for_side(model, image.name, _probes(image, SIZE), str(path), hint)
+    hint = f"an attention ViT is read at its {VIT_SIZE} px"
+    return fold_for_side(model, image.name, _probes(image, VIT_SIZE), str(path), hint)
 
 
 class ViTAttention:
@@ -302,7 +300,7 @@ class ViTAttention:
         import timm
         import torch
 
-        net = timm.create_model(arch, pretrained=False, num_classes=0, img_size=SIZE)
+        net = timm.create_model(arch, pretrained=False, num_classes=0, img_size=VIT_SIZE)
         state = torch.load(path, map_location="cpu", weights_only=True)
         try:
             net.load_state_dict(state, strict=False)

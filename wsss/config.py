@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from wsss.errors import InputError
+from wsss.served.images import MAX_PIXELS
 from wsss.served.registry import FOLLOW_UPS, LEVELSET_SEEDS, METHODS, RefinerSpec
 from wsss.task import Task, get_task
 
@@ -385,7 +386,7 @@ class ExportConfig:
     lock_wait_seconds: float | None = None
     # The bytes-in ensemble refuses images with more pixels than this (from the header,
     # before decoding): 400 INVALID_ARG.
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: int = MAX_PIXELS
     # The refiner the served ensemble runs, where it should differ from the one that makes
     # the training pseudo-masks (`refine`): GrabCut's edges help the segmenter learn, but
     # served they cost 130-150 ms per image on a 2-core CPU for the PSEUDO_MASK output

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.attention import SIZE, ViTAttention, attention_mask
+from training.attention import ViTAttention, attention_mask
+from wsss.served.classical import VIT_SIZE as SIZE
 
 
 def test_post_processing_keeps_the_largest_smooth_part():

@@ -14,8 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from wsss.served.classical import IMAGENET_MEAN, IMAGENET_STD  # one copy, the served one
 
 
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
