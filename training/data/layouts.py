@@ -25,7 +25,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from training.data.base import (
     DataLayoutError,
@@ -137,7 +136,7 @@ class PetsLayout(Layout):
 
     def mask(self, sample: Sample) -> np.ndarray:
         """Trimap 1 (pet) -> 1, 2 (background) -> 0, 3 (boundary) -> 255."""
-        raw = np.asarray(Image.open(require(sample.mask_path, "a trimap")))
+        raw = read_png_mask(require(sample.mask_path, "a trimap"))
         mask = np.full(raw.shape, IGNORE, np.uint8)
         mask[raw == 1] = 1
         mask[raw == 2] = 0
