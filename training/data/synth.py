@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import importlib.util
 import json
 import pickle
 import shutil
@@ -39,6 +38,7 @@ from training.data.base import DataLayoutError
 from training.data.layouts import get_layout
 from training.data.writers import WRITERS
 from wsss.errors import InputError
+from wsss.packages import package_file
 
 ANIMALS = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 
@@ -97,10 +97,7 @@ def load_silhouettes() -> tuple[np.ndarray, np.ndarray]:
 
     The package's own loader imports tensorflow at module level, so we read its data files.
     """
-    spec = importlib.util.find_spec("animal_mnist")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("the animal-mnist package is missing: run `make setup`")
-    folder = Path(spec.origin).parent / "data" / "Animal_MNIST"
+    folder = package_file("animal_mnist", "data", "Animal_MNIST", needed_by="The synthetic data")
     with gzip.open(folder / "animal_data_version_3.gz", "rb") as f:
         shapes = np.asarray(pickle.load(f), dtype=np.uint8)
     with gzip.open(folder / "animal_label_version_3.gz", "rb") as f:

