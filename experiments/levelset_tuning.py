@@ -22,9 +22,10 @@ import yaml
 from tqdm import tqdm
 
 from training.evaluate import evaluate
+from training.loop import trained_with
 from training.pipeline import ClassifierGraph, Pipeline, load_model, refine_step
 from training.torch_refiners import build_refiner, seeded
-from wsss.config import Config, load_config, with_overrides
+from wsss.config import Config, with_overrides
 from wsss.errors import InputError
 from wsss.task import get_task
 
@@ -44,14 +45,6 @@ def read_variants(path: str | Path) -> dict[str, list[str]]:
     if not isinstance(variants, dict) or not all(isinstance(v, list) for v in variants.values()):
         raise InputError(f"{path}: a mapping of variant names to lists of KEY=VALUE overrides")
     return {str(k): [str(x) for x in v] for k, v in variants.items()}
-
-
-def _trained_with(folder: Path, cfg: Config) -> bool:
-    """A level set in ``folder`` trained with exactly ``cfg`` (its config saved beside it)."""
-    saved = folder / "levelset" / "config.yaml"
-    if not ((folder / "levelset" / "best.pt").exists() and saved.exists()):
-        return False
-    return dataclasses.asdict(load_config(saved)) == dataclasses.asdict(cfg)
 
 
 def cross_validate(
@@ -101,7 +94,7 @@ def cross_validate(
                 refine=variant.refine.only("levelset"),
             )
             folder = Path(variant.runs)
-            if not (reuse and _trained_with(folder, variant)):
+            if not (reuse and trained_with(folder / "levelset", variant)):
                 tqdm.write(f"fold {k + 1}/{folds}: training the level set '{name}'")
                 net, cmeta = load_model(classifier_path)
                 train_levelset(variant, train, net, cmeta)  # saves its config beside

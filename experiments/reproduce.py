@@ -38,6 +38,7 @@ from training import stages
 from training.data.dataset import WSSSDataset
 from training.data.synth import SynthOptions, ensure_synth
 from training.evaluate import Evaluation, evaluate, load_test_set, markdown_table, spread
+from training.loop import trained_with
 from training.pipeline import Pipeline, SegmenterGraph, load_model, refine_step
 from wsss.config import (
     CAM_LABELS,
@@ -152,14 +153,6 @@ def bench_config(profile: ReproduceProfile, bench: str, spec: BenchmarkProfile, 
     return dataclasses.replace(cfg, runs=str(Path(profile.runs) / bench))
 
 
-def _same_config(folder: Path, cfg: Config) -> bool:
-    """A checkpoint in ``folder`` trained with exactly ``cfg`` (saved beside it)."""
-    saved = folder / "config.yaml"
-    if not ((folder / "best.pt").exists() and saved.exists()):
-        return False
-    return dataclasses.asdict(load_config(saved)) == dataclasses.asdict(cfg)
-
-
 def _train_seconds(folder: Path) -> float:
     """The summed epoch times of a run (from its metrics.jsonl): the training time."""
     lines = (folder / "metrics.jsonl").read_text().splitlines()
@@ -241,7 +234,7 @@ def _run_once(
         c = bench_config(profile, bench, spec, *sets)
         c = dataclasses.replace(c, runs=str(root / "classifiers" / name))
         classifier_cfgs[name] = c
-        if not _same_config(Path(c.runs) / "classifier", c):
+        if not trained_with(Path(c.runs) / "classifier", c):
             tqdm.write(f"reproduce {bench}: classifier {name}")
             stages.run(c, ("classifier",))
 
@@ -280,7 +273,7 @@ def _run_once(
             c = dataclasses.replace(c, runs=str(root / "segmenters" / source.slug / seg_name))
             out = Path(c.runs) / ("supervised" if source.spec == TRUTH else "segmenter")
             pseudo_seconds = None
-            if not _same_config(out, c):
+            if not trained_with(out, c):
                 if masks is None:
                     t0 = time.perf_counter()
                     masks = (
@@ -349,10 +342,7 @@ def _score(scored: dict[str, Evaluation], row: dict, key: str) -> float:
 def _ablation_done(study_out: Path, cfg: Config) -> bool:
     """The ablation's level sets exist and were trained from this classifier config."""
     trained = study_out / "levelset" / ABLATION_LEVELSET / "levelset"
-    saved = study_out / "levelset" / "config.yaml"
-    if not ((trained / "best.pt").exists() and saved.exists()):
-        return False
-    return dataclasses.asdict(load_config(saved)) == dataclasses.asdict(cfg)
+    return trained_with(trained, cfg, study_out / "levelset" / "config.yaml")
 
 
 def _with_levelset_seed(

@@ -38,6 +38,20 @@ def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def trained_with(folder: str | Path, cfg, saved: str | Path | None = None) -> bool:
+    """A checkpoint (``best.pt``) in ``folder`` trained with exactly ``cfg`` (a
+    ``wsss.config.Config``), as the config saved beside it (or at ``saved``) says."""
+    import dataclasses
+
+    from wsss.config import load_config
+
+    folder = Path(folder)
+    saved = Path(saved) if saved is not None else folder / "config.yaml"
+    if not ((folder / "best.pt").exists() and saved.exists()):
+        return False
+    return dataclasses.asdict(load_config(saved)) == dataclasses.asdict(cfg)
+
+
 def fit(
     model: nn.Module,
     train: DataLoader,

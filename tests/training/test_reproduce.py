@@ -120,3 +120,21 @@ def test_a_level_set_row_is_marked_by_the_seed_it_learned_from(tmp_path):
     assert MORE_THAN_LABELS not in other.label  # that run has no saved config: fixed+crf
     plain = Source.parse("lite/cam/otsu", classifiers)
     assert _with_levelset_seed(plain, configs, {}) is plain
+
+
+def test_a_checkpoint_is_reused_only_for_the_config_it_was_trained_with(tmp_path):
+    """``trained_with``: what reproduce and the level-set tuning ask before they train."""
+    from training.loop import trained_with
+    from wsss.config import load_config, save_config, with_overrides
+
+    cfg = load_config("configs/quick.yaml")
+    save_config(cfg, tmp_path / "config.yaml")
+    assert not trained_with(tmp_path, cfg)  # no checkpoint yet
+    (tmp_path / "best.pt").write_bytes(b"")
+    assert trained_with(tmp_path, cfg)
+    assert not trained_with(tmp_path, with_overrides(cfg, ["train.epochs=99"]))
+    (tmp_path / "elsewhere").mkdir()
+    save_config(with_overrides(cfg, ["train.epochs=99"]), tmp_path / "elsewhere" / "c.yaml")
+    assert trained_with(
+        tmp_path, with_overrides(cfg, ["train.epochs=99"]), tmp_path / "elsewhere" / "c.yaml"
+    )
