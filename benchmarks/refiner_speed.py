@@ -24,7 +24,7 @@ from training.evaluate import load_test_set
 from training.levelset.model import LevelSetGraph
 from training.levelset.train import load_levelset
 from training.models.common import to_pixels
-from training.pipeline import ClassifierGraph, one_hot
+from training.pipeline import ClassifierGraph, one_hot, resolved_refine
 from training.torch_refiners import build_refiner, seeded
 from wsss.config import Config
 from wsss.served.images import resize_image
@@ -58,13 +58,13 @@ def refiner_speed(cfg: Config, size: int | None = None, images: int = 8, repeat:
     net, head, meta = load_levelset(Path(cfg.runs) / LEVELSET.checkpoint)
     multi = get_task(meta["classifier"]["task"]).multi_label
     classifier = ClassifierGraph(net, multi, True, cfg.classifier.cam_method).eval()
-    refine = cfg.refine
+    refine = resolved_refine(cfg, meta["classifier"])  # the classifier's own thresholds
     levelset = LevelSetGraph(head, multi, refine.score_threshold, refine.min_score).eval()
     samples = [resize_image(img, (size, size)) for img in data.images[:images]]
     labels = [data.samples[i].labels for i in range(len(samples))]
-    start = seeded(cfg.refine, cfg.levelset.seed)
+    start = seeded(refine, cfg.levelset.seed)
     classical = {f"{cfg.levelset.seed.capitalize()} threshold": build_refiner(start, multi)}
-    start = cfg.refine.only(start.method)  # the follow-ups refine the seed's threshold
+    start = refine.only(start.method)  # the follow-ups refine the seed's threshold
     grabcut = dataclasses.replace(start, grabcut=True, grabcut_iterations=5)
     classical["GrabCut (5 it.)"] = build_refiner(grabcut, multi)
     for n in CHANVESE_ITERATIONS:

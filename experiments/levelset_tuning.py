@@ -23,7 +23,13 @@ from tqdm import tqdm
 
 from training.evaluate import evaluate
 from training.loop import trained_with
-from training.pipeline import ClassifierGraph, Pipeline, load_model, refine_step
+from training.pipeline import (
+    ClassifierGraph,
+    Pipeline,
+    load_model,
+    refine_step,
+    resolved_refine,
+)
 from training.torch_refiners import build_refiner, seeded
 from wsss.config import Config, with_overrides
 from wsss.errors import InputError
@@ -76,16 +82,17 @@ def cross_validate(
         tqdm.write(f"fold {k + 1}/{folds}: train on {len(train)}, score {len(test)}")
         net, meta = load_model(classifier_path)
         multi = get_task(meta["task"]).multi_label
-        start = seeded(cfg.refine, seed)
+        refine = resolved_refine(cfg, meta)  # the classifier's own thresholds
+        start = seeded(refine, seed)
         served = ClassifierGraph(net, multi, False, cfg.classifier.cam_method, meta["class_names"])
-        grabcut = dataclasses.replace(cfg.refine.only(start.method), grabcut=True)
+        grabcut = dataclasses.replace(refine.only(start.method), grabcut=True)
         pipes = {
             SEED.format(seed=seed): Pipeline(served.eval(), None, build_refiner(start, multi)),
             GRABCUT.format(seed=seed): Pipeline(served.eval(), None, build_refiner(grabcut, multi)),
         }
         for other in sorted(seeds - {seed}):  # the other seeds the variants start from
             pipes[SEED.format(seed=other)] = Pipeline(
-                served.eval(), None, build_refiner(seeded(cfg.refine, other), multi)
+                served.eval(), None, build_refiner(seeded(refine, other), multi)
             )
         for name, sets in variants.items():
             variant = with_overrides(cfg, [*sets, f"runs={out / _slug(name) / f'fold{k}'}"])
