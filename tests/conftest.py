@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,14 @@ def random_export_cfg(tmp_path, *overrides, segmenter=None, class_names=None) ->
             *overrides,
         ],
     )
+
+
+def wait_for(predicate, timeout: float = 90.0, what: str = "the condition") -> None:
+    """Return once ``predicate()`` is true; fail the test, naming ``what``, after
+    ``timeout`` seconds. Tests wait on conditions, never on fixed sleeps."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import yaml
 from export.check import check_repository
 from export.lock import ExportLocked, lock_path, staging_root
 from export.repository import export_repository
-from tests.conftest import random_export_cfg
+from tests.conftest import random_export_cfg, wait_for
 from wsss.config import save_config
 
 pytestmark = pytest.mark.slow
@@ -53,15 +52,6 @@ def holding(repo: Path):
         proc.wait(timeout=60)
 
 
-def _wait_for(predicate, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def _snapshot(repo):
     return {p: p.read_bytes() for p in sorted(Path(repo).rglob("*")) if p.is_file()}
 
@@ -93,9 +83,11 @@ def test_two_exports_at_once_take_turns(setup, tmp_path):
             ):
                 procs[fmt] = subprocess.Popen(_wsss_export(config, *sets), stdout=out, stderr=err)
         waiting = f"waiting for the export of {socket.gethostname()} pid {holder.pid} "
-        assert _wait_for(
-            lambda: all(waiting in (tmp_path / f"{f}.err").read_text() for f in formats)
-        ), "both exports should say they wait for the holder"
+        wait_for(
+            lambda: all(waiting in (tmp_path / f"{f}.err").read_text() for f in formats),
+            120,
+            "both exports to say they wait for the holder",
+        )
         assert (held / "classifier" / "9" / "model.onnx").exists()  # a live export's: kept
     for proc in procs.values():
         assert proc.wait(timeout=600) == 0
@@ -149,7 +141,7 @@ def test_a_killed_export_does_not_block_the_next(setup, capsys):
         _wsss_export(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     staged = lambda: list(staging_root(repo).glob(f"*-{proc.pid}-*/classifier/*/model.onnx"))  # noqa: E731
-    assert _wait_for(staged), "the export never reached its staging step"
+    wait_for(staged, 120, "the export to reach its staging step")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     left = staged()[0].parents[2]

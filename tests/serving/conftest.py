@@ -6,7 +6,6 @@ model-repository API matters most."""
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import pytest
@@ -71,12 +70,3 @@ def echo_server(tmp_path_factory):
     serve = dataclasses.replace(on_free_ports(ServeConfig()), model_control="explicit")
     with TritonServer(echo_repository(work / "repo"), serve, work / "server") as server:
         yield server
-
-
-def wait_for(predicate, timeout: float = 90.0, what: str = "the condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

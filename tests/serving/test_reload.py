@@ -22,8 +22,7 @@ import tritonclient.grpc as grpc
 from export.check import check_repository
 from export.repository import export_repository
 from serving.server import TritonServer
-from tests.conftest import random_export_cfg, write_random_checkpoints
-from tests.serving.conftest import wait_for
+from tests.conftest import random_export_cfg, wait_for, write_random_checkpoints
 from training.pipeline import pipeline_from_config
 from wsss.tensors import (
     CAMS,

@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from export.lock import staging_root
 from export.repository import export_repository
 from serving.client import PipelineClient
 from serving.server import TritonServer
-from tests.conftest import random_export_cfg
+from tests.conftest import random_export_cfg, wait_for
 from training.pipeline import pipeline_from_config
 from training.torch_refiners import build_refiner
 from wsss.config import RefineConfig, load_config, served_config
@@ -34,15 +33,6 @@ def live(tmp_path_factory):
         yield cfg, server
 
 
-def _wait_for(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def _images(n=2, size=48):
     return np.random.default_rng(3).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
@@ -56,7 +46,7 @@ def test_a_new_export_is_picked_up_while_serving(live):
     client = PipelineClient(server.grpc_url)
     before = client.infer(_images())
     assert export_repository(cfg).version == 2
-    assert _wait_for(lambda: client.client.is_model_ready("classifier", "2"))
+    wait_for(lambda: client.client.is_model_ready("classifier", "2"), 60, "classifier v2")
     assert client.client.is_model_ready("classifier", "1")  # keep_versions=2
     after = client.infer(_images())  # same weights re-exported: same answers
     np.testing.assert_allclose(after["SCORES"], before["SCORES"], atol=1e-5)
@@ -84,7 +74,7 @@ def test_a_killed_export_leaves_the_served_version(live):
     )
     # Kill it midway: once it has started writing the new version into its staging folder.
     staged = lambda: list(staging_root(repo).glob(f"*-{proc.pid}-*/classifier/*/model.onnx"))  # noqa: E731
-    assert _wait_for(staged, timeout=120), "the export never reached its staging step"
+    wait_for(staged, 120, "the export to reach its staging step")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert _snapshot(repo) == before
@@ -95,7 +85,7 @@ def test_a_killed_export_leaves_the_served_version(live):
     shutil.copytree(repo / "postprocess", canary)
     config = canary / "config.pbtxt"
     config.write_text(config.read_text().replace('name: "postprocess"', 'name: "poll_canary"'))
-    assert _wait_for(lambda: client.client.is_model_ready("poll_canary"))
+    wait_for(lambda: client.client.is_model_ready("poll_canary"), 60, "the poll to load a model")
     shutil.rmtree(canary)
     assert client.client.is_model_ready("classifier", "2")
     assert not client.client.is_model_ready("classifier", "3")
@@ -111,7 +101,9 @@ def test_torchscript_export_is_served_and_matches_pytorch(live):
     cfg.export.segmenter.format = "torchscript"
     version = export_repository(cfg).version
     client = PipelineClient(server.grpc_url)
-    assert _wait_for(lambda: client.client.is_model_ready("classifier", str(version)))
+    wait_for(
+        lambda: client.client.is_model_ready("classifier", str(version)), 60, "the new classifier"
+    )
 
     # A format switch renames the classifier's tensors (CAMS -> CAMS__1); the poller may
     # load the classifier one poll before the ensemble that maps them, so wait for both.
@@ -120,7 +112,7 @@ def test_torchscript_export_is_served_and_matches_pytorch(live):
         steps = chain.ensemble_scheduling.step
         return "CAMS__1" in steps[0].output_map and client.client.is_model_ready(PIPELINE)
 
-    assert _wait_for(ensemble_switched)
+    wait_for(ensemble_switched, 60, "the ensemble to switch")
     config = client.client.get_model_config("classifier").config
     assert config.backend == "pytorch" and list(config.version_policy.specific.versions) == [
         version
@@ -141,13 +133,19 @@ def test_served_refiner_follows_the_refine_and_cam_settings(live):
     cfg.refine.grabcut_iterations = 2
     version = export_repository(cfg).version
     client = PipelineClient(server.grpc_url)
-    assert _wait_for(lambda: client.client.is_model_ready("refiner", str(version)))
-    assert _wait_for(lambda: client.client.is_model_ready("classifier", str(version)))
+    wait_for(lambda: client.client.is_model_ready("refiner", str(version)), 60, "the new refiner")
+    wait_for(
+        lambda: client.client.is_model_ready("classifier", str(version)), 60, "the new classifier"
+    )
     images = _images(2)
     want = pipeline_from_config(cfg)(images)
     # The ensembles reload on the same poll or the next: wait until the served CAMs are the
     # Grad-CAM++ ones.
-    assert _wait_for(lambda: np.allclose(client.infer(images)["CAMS"], want["CAMS"], atol=1e-3))
+    wait_for(
+        lambda: np.allclose(client.infer(images)["CAMS"], want["CAMS"], atol=1e-3),
+        60,
+        "the new CAMS",
+    )
     got = client.infer(images)
     # GrabCut turns CAM differences of ~1e-5 (ONNX Runtime vs PyTorch) into a few boundary
     # pixels, so the refiner is checked on the served CAMs themselves: exactly equal.
@@ -160,7 +158,7 @@ def test_served_refiner_follows_the_refine_and_cam_settings(live):
     # fixed threshold, as an ONNX graph; the export's saved config keeps both.
     cfg.export.refine = RefineConfig(method="fixed", threshold=0.4)
     version = export_repository(cfg).version
-    assert _wait_for(lambda: client.client.is_model_ready("refiner", str(version)))
+    wait_for(lambda: client.client.is_model_ready("refiner", str(version)), 60, "the new refiner")
     assert client.client.get_model_config("refiner").config.backend == "onnxruntime"
 
     fixed = build_refiner(cfg.export.refine, multi_label=False)
@@ -169,7 +167,7 @@ def test_served_refiner_follows_the_refine_and_cam_settings(live):
         got = client.infer(images)
         return np.array_equal(got["PSEUDO_MASK"], fixed(images, got["SCORES"], got["CAMS"]))
 
-    assert _wait_for(served_threshold)
+    wait_for(served_threshold, 60, "the new threshold")
     folder = Path(cfg.export.repository) / "classifier" / str(version)
     saved = load_config(folder / "wsss_config.yaml")
     assert saved.refine.grabcut and saved.export.refine.method == "fixed"

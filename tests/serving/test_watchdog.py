@@ -16,7 +16,8 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 import serving.server as triton
 from serving.server import STUB, Process, TritonServer
-from tests.serving.conftest import ECHO, wait_for
+from tests.conftest import wait_for
+from tests.serving.conftest import ECHO
 from wsss.config import ServeConfig
 
 GROUP = 4242  # the fake server's pid, leader of its process group
