@@ -22,7 +22,13 @@ from training.data.dataset import WSSSDataset
 from training.evaluate import Evaluation, markdown_table, score_masks
 from training.metrics import ConfusionMatrix
 from training.pipeline import mask_values, translate_labels
-from wsss.tensors import PIPELINE_BYTES, PSEUDO_MASK_FULL, SCORES, SEGMENTATION_FULL
+from wsss.tensors import (
+    PIPELINE_BYTES,
+    PSEUDO_MASK_FULL,
+    SCORES,
+    SEGMENTATION_FULL,
+    class_label,
+)
 
 OUTPUTS = (SCORES, PSEUDO_MASK_FULL, SEGMENTATION_FULL)
 
@@ -32,7 +38,7 @@ def served_quality(
 ) -> tuple[Evaluation, dict]:
     """Score the server at ``url`` on ``data`` (its files, sent as they are)."""
     client = PipelineClient(url, protocol, PIPELINE_BYTES)
-    names = client.class_names or [f"class {i}" for i in range(client.specs.outputs[0].shape[0])]
+    names = [class_label(client.class_names, i) for i in range(client.specs.outputs[0].shape[0])]
     binary = data.kind.binary_masks
     labels = translate_labels(
         [s.labels for s in data.samples], data.class_names, names, data.aliases

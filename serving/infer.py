@@ -48,6 +48,7 @@ from wsss.tensors import (
     SEG_PROBS,
     SEGMENTATION,
     SEGMENTATION_FULL,
+    class_label,
 )
 
 # What a folder walk or a glob picks up (names given one by one are sent whatever they are).
@@ -466,9 +467,7 @@ def prediction(
     pseudo-mask holds), every class's score, and each class's share of every mask's pixels.
     Binary masks (one foreground) name their foreground by the top present class."""
     k = len(scores)
-    names = [
-        class_names[c] if class_names and c < len(class_names) else f"class {c}" for c in range(k)
-    ]
+    names = [class_label(class_names, c) for c in range(k)]
     if presence is not None:
         threshold = np.asarray(presence["threshold"], np.float32)
         present = present_classes(
@@ -504,8 +503,7 @@ def prediction(
 def top_class(scores: np.ndarray, class_names: list[str] | None) -> tuple[str, float]:
     """The top class by name (``class N`` where the server names none) and its score."""
     top = int(scores.argmax())
-    label = class_names[top] if class_names and top < len(class_names) else f"class {top}"
-    return label, float(scores[top])
+    return class_label(class_names, top), float(scores[top])
 
 
 def write_mask(mask: np.ndarray, palette: list[int], path: Path) -> Path:

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from wsss.palette import IGNORE, VOC_PALETTE  # noqa: E402
+from wsss.tensors import class_label  # noqa: E402
 
 _PALETTE = np.array(VOC_PALETTE, np.uint8).reshape(256, 3)
 
@@ -39,8 +40,7 @@ def legend_entries(
     colours = _palette(palette)
     values = sorted({int(v) for m in masks for v in np.unique(m)} - {0, IGNORE})
     return [
-        (class_names[v - 1] if v - 1 < len(class_names) else f"class {v - 1}",
-         tuple(float(c) / 255 for c in colours[v]))
+        (class_label(class_names, v - 1), tuple(float(c) / 255 for c in colours[v]))
         for v in values
     ]  # fmt: skip
 

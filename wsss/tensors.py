@@ -144,6 +144,11 @@ def labels_text(class_names: list[str]) -> str:
     return "".join(f"{name}\n" for name in class_names)
 
 
+def class_label(class_names: list[str] | None, c: int) -> str:
+    """Class ``c``'s name, or ``class c`` where none is known (an export that serves none)."""
+    return class_names[c] if class_names and 0 <= c < len(class_names) else f"class {c}"
+
+
 def read_presence(parameters: dict[str, str]) -> dict | None:
     """``PRESENCE`` from a served config's parameters; None from an export before it."""
     presence = parameters.get(PRESENCE)
