@@ -172,6 +172,65 @@ def restriction_flags(key: str, open_apis: tuple[str, ...] = ()) -> list[str]:
     return [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
 
 
+# Every Python-backend stub (all our models but the ensembles) gets a shared-memory region
+# in /dev/shm, 16 MiB here, which tritonserver unlinks at a clean exit. One it never exits
+# cleanly from (SIGKILL, a crash, a killed owner) stays in memory until the machine
+# restarts: 889 of them, 14 GB of this 24 GB machine, after a few days of tests. So each
+# server's regions are named after it, "wsss_<owner pid>_<token>_<uuid>" (the owner: the
+# process that started it), and stop() unlinks them; a start unlinks those of owners that
+# are gone, where no live process maps them.
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "wsss_"
+
+
+def shm_prefix() -> str:
+    """The region-name prefix of one server start, naming the process that owns it."""
+    return f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(4)}_"
+
+
+def shm_regions(prefix: str = SHM_PREFIX, folder: Path = SHM_DIR) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.name.startswith(prefix))
+    except OSError:  # no /dev/shm (not Linux): nothing to clean
+        return []
+
+
+def _mapped_shm() -> set[str]:
+    """Names of the /dev/shm files any live process maps or holds open."""
+    names = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            maps = (proc / "maps").read_text()
+        except OSError:  # gone, or not ours to read
+            continue
+        names.update(
+            line.split("/dev/shm/", 1)[1].split()[0]
+            for line in maps.splitlines()
+            if "/dev/shm/" in line
+        )
+    return names
+
+
+def sweep_shm(folder: Path = SHM_DIR) -> list[str]:
+    """Unlink the stub regions of servers whose owner process is gone (killed before it
+    could stop them) that no live process maps; returns their names."""
+    regions = shm_regions(folder=folder)
+    stale = []
+    for region in regions:
+        owner = region.name[len(SHM_PREFIX) :].split("_", 1)[0]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            stale.append(region)
+    if not stale:
+        return []
+    mapped = _mapped_shm()
+    removed = []
+    for region in stale:
+        if region.name not in mapped:
+            region.unlink(missing_ok=True)
+            removed.append(region.name)
+    return removed
+
+
 def server_command(
     repository: Path,
     backends: Path,
@@ -179,9 +238,10 @@ def server_command(
     gpu: bool,
     key: str | None = None,
     open_apis: tuple[str, ...] = (),
+    shm: str = SHM_PREFIX,
 ) -> list[str]:
     """tritonserver's command line; the restricted APIs answer only to ``key`` (None: a
-    random key, which closes them to everyone)."""
+    random key, which closes them to everyone); the stubs' regions are named ``shm``...."""
     cmd = [
         str(pytriton_root() / "bin" / "tritonserver"),
         f"--model-repository={repository.resolve()}",
@@ -197,10 +257,11 @@ def server_command(
         "--log-verbose=0",
         *restriction_flags(key or secrets.token_urlsafe(32), open_apis),
     ]
-    shm = cfg.python_shm_mb if cfg.python_shm_mb is not None else auto_python_shm_mb()
-    if shm:
+    cmd.append(f"--backend-config=python,shm-region-prefix-name={shm}")
+    size = cfg.python_shm_mb if cfg.python_shm_mb is not None else auto_python_shm_mb()
+    if size:
         for setting in ("shm-default-byte-size", "shm-growth-byte-size"):
-            cmd.append(f"--backend-config=python,{setting}={shm << 20}")
+            cmd.append(f"--backend-config=python,{setting}={size << 20}")
     if cfg.model_control == "poll":
         cmd.append(f"--repository-poll-secs={cfg.poll_seconds}")
     elif cfg.model_control == "explicit":  # load everything at start; then only on request
@@ -334,6 +395,7 @@ class TritonServer:
             raise ServerError(f"not restricted APIs: {sorted(unknown)} (see RESTRICTED_APIS)")
         self.open_apis = tuple(open_apis)
         self.admin_key: str | None = None  # drawn at each start()
+        self.shm_prefix: str | None = None  # its stubs' /dev/shm regions, named at each start
         self._replaced: dict[str, set[int]] = {}  # model: its stubs when the watchdog reloaded it
         self._reloaded_at: dict[str, float] = {}  # model: when the watchdog last reloaded it
 
@@ -362,8 +424,16 @@ class TritonServer:
             raise ServerError(f"{self.repository} holds no exported pipeline: run `wsss export`")
         backends = prepare_backends(self.workdir / "backends")
         self.admin_key = admin_key()
+        sweep_shm()  # what killed servers before this one left
+        self.shm_prefix = shm_prefix()
         cmd = server_command(
-            self.repository, backends, self.cfg, has_gpu(), self.admin_key, self.open_apis
+            self.repository,
+            backends,
+            self.cfg,
+            has_gpu(),
+            self.admin_key,
+            self.open_apis,
+            self.shm_prefix,
         )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:  # the child keeps its own descriptor
@@ -424,10 +494,14 @@ class TritonServer:
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):  # the group is already gone
-            return
-        deadline = time.monotonic() + 10  # SIGKILL is not instant: gone when stop returns
-        while group_members(self.process.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+            pass
+        else:
+            deadline = time.monotonic() + 10  # SIGKILL is not instant: gone when stop returns
+            while group_members(self.process.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if self.shm_prefix and not group_members(self.process.pid):
+            for region in shm_regions(self.shm_prefix):  # a clean exit leaves none
+                region.unlink(missing_ok=True)
 
     # Python-backend stubs. Every model but the ensembles runs in one under `wsss serve` (the
     # ONNX Runtime and PyTorch stand-in backends are Python-based). Triton 2.51 keeps a model
@@ -562,7 +636,7 @@ class TritonServer:
         return thread
 
     def __enter__(self) -> TritonServer:
-        return self.start() if self.process is None else self
+        return self if self.running else self.start()  # a stopped or dead server starts again
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 import tritonclient.http as http
 
-from serving.server import ServerError, TritonServer, group_members, on_free_ports
+from serving.server import (
+    SHM_DIR,
+    ServerError,
+    TritonServer,
+    group_members,
+    on_free_ports,
+    shm_regions,
+    sweep_shm,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
@@ -30,18 +38,51 @@ def test_start_twice_is_refused_and_stop_leaves_nothing(exported, tmp_path):
     with server:
         pid = server.process.pid
         assert len(group_members(pid)) >= 2  # tritonserver and its Python stubs
+        regions = shm_regions(server.shm_prefix)
+        assert len(regions) >= len(server.stub_processes())  # one /dev/shm region a stub
         with pytest.raises(ServerError, match="already running"):
             server.start()
         assert server.process.pid == pid
-    assert group_members(pid) == []
-    # A killed server restarts cleanly on the same repository and ports.
+    assert group_members(pid) == [] and not any(r.exists() for r in regions)
+    # A killed server leaves its stubs' regions in /dev/shm (16 MiB each, until a reboot):
+    # stop() unlinks them, and it restarts cleanly on the same repository and ports.
     server.start()
     os.killpg(server.process.pid, signal.SIGKILL)
     server.process.wait()
-    server.process = None
+    regions = shm_regions(server.shm_prefix)
+    assert regions
+    server.stop()
+    assert not any(r.exists() for r in regions)
     with server:
         assert server.running
     assert not server.running
+
+
+def test_a_start_unlinks_the_regions_of_servers_whose_owner_is_gone():
+    """A `wsss serve` killed with its server leaves regions no stop() will unlink: the next
+    start does, where their owner is gone and no live process maps them."""
+    import mmap
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = int(gone.stdout)
+    token = os.urandom(4).hex()
+    names = {
+        "orphan": f"wsss_{dead}_{token}_a",
+        "mapped": f"wsss_{dead}_{token}_b",  # an orphaned tritonserver still using it
+        "ours": f"wsss_{os.getpid()}_{token}_c",
+    }
+    for name in names.values():
+        (SHM_DIR / name).write_bytes(b"\0" * 4096)
+    try:
+        with (SHM_DIR / names["mapped"]).open("r+b") as f, mmap.mmap(f.fileno(), 4096):
+            removed = sweep_shm()
+            assert names["orphan"] in removed
+            assert [(SHM_DIR / n).exists() for n in names.values()] == [False, True, True]
+    finally:
+        for name in names.values():
+            (SHM_DIR / name).unlink(missing_ok=True)
 
 
 def test_ctrl_c_while_it_starts_leaves_no_server(exported, tmp_path, monkeypatch):
