@@ -71,6 +71,8 @@ class Item:
     name: Path
 
     def output(self, out: Path, what: str) -> Path:
+        if self.name.is_absolute() or ".." in self.name.parts:  # never outside ``out``
+            raise ValueError(f"{self.path}: output name {self.name} leaves the output folder")
         return out / self.name.parent / f"{self.name.name}_{what}.png"
 
 
@@ -150,7 +152,7 @@ def find_images(sources: Iterable[str], exclude: Path | None = None):
         else:
             failures.append(Failure(path, "no such file or folder"))
     if named:
-        root = os.path.commonpath([p.absolute().parent for p in named])
+        root = os.path.commonpath([_absolute(p).parent for p in named])
         items += _relative_to(Path(root), named)
     return _unique(items), failures
 
@@ -182,9 +184,16 @@ def _fixed_part(pattern: str) -> Path:
     return Path(*parts[:first])
 
 
+def _absolute(path: Path) -> Path:
+    """``path`` from the root, its ``..`` folded in (``Path.absolute`` keeps them, and a
+    name relative to a root with ``..`` in it would climb out of the output folder);
+    symbolic links are kept, as found."""
+    return Path(os.path.abspath(path))
+
+
 def _relative_to(root: Path, paths: list[Path]) -> list[Item]:
-    root = root.absolute()
-    return [Item(p, p.absolute().relative_to(root).with_suffix("")) for p in paths]
+    root = _absolute(root)
+    return [Item(p, _absolute(p).relative_to(root).with_suffix("")) for p in paths]
 
 
 def _unique(items: list[Item]) -> list[Item]:

@@ -65,6 +65,22 @@ def test_folders_globs_and_named_files_mirror_from_their_roots(tmp_path, monkeyp
     assert Item(Path("a/b/y.PNG"), Path("b/y")).output(Path("o"), "seg") == Path("o/b/y_seg.png")
 
 
+def test_files_named_through_dotdot_write_inside_the_output_folder(tmp_path, monkeypatch):
+    """``wsss infer ../src/a.jpg b.jpg --out out`` from cwd/: a's masks went to src/, out of
+    the output folder (``Path.absolute`` keeps the ``..``); every name now stays inside."""
+    _touch(tmp_path / "src" / "a.jpg")
+    _touch(tmp_path / "cwd" / "b.jpg")
+    _touch(tmp_path / "deep" / "er" / "c.jpg")
+    monkeypatch.chdir(tmp_path / "cwd")
+    items, _ = find_images(["../src/a.jpg", "b.jpg", "../deep/er/../er/c.jpg"])
+    assert sorted(str(i.name) for i in items) == ["cwd/b", "deep/er/c", "src/a"]
+    out = Path("out").absolute()
+    for item in items:
+        assert item.output(out, "seg").resolve().is_relative_to(out)
+    with pytest.raises(ValueError, match="leaves the output folder"):
+        Item(Path("x.jpg"), Path("../x")).output(out, "seg")
+
+
 def test_two_images_that_would_write_the_same_files_are_refused_up_front(tmp_path):
     _touch(tmp_path / "cat.jpg")
     _touch(tmp_path / "cat.png")
