@@ -316,9 +316,10 @@ folder named, a glob's fixed part, the common folder of files named one by one).
 walked recursively for .jpg .jpeg .png .gif .bmp .webp .tif .tiff (hidden names and --out
 left out). <out>/predictions.jsonl gets one record per image as it lands: the classes it
 holds at the server's thresholds, every class's score, each class's share of the masks, the
-files; or why it failed. Files the server cannot read are listed at the end and the exit
-status is 1; the run goes on. Stopped midway, it leaves whole files only: --resume carries on
-from the records."""
+files and the server and model versions that answered; or why it failed. Files the server
+cannot read are listed at the end and the exit status is 1; the run goes on. Stopped midway,
+it leaves whole files only: --resume carries on from the records (what another model
+answered is done again)."""
 
 
 def flag(*names: str, **kwargs) -> tuple[tuple[str, ...], dict]:

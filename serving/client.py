@@ -152,6 +152,12 @@ class PipelineClient:
         params = parameters(config)
         self.class_names, self.palette = read_label_parameters(params)
         self.presence = read_presence(params)  # None: an export from before it
+        # The newest version each network serves (what the ensembles run): which model
+        # answered, for a record of its predictions.
+        self.versions = {
+            m: max((int(v) for v in meta[m].get("versions", [])), default=None)
+            for m in (CLASSIFIER, SEGMENTER)
+        }
 
     def fork(self, model: str | None = None) -> PipelineClient:
         """A client of its own (of ``model``, either ensemble; default this one) sharing what
@@ -266,6 +272,7 @@ def _served_name(name: str) -> str:
 
 def _grpc_to_dict(meta) -> dict:
     return {
+        "versions": list(meta.versions),
         "inputs": [{"name": t.name, "shape": list(t.shape)} for t in meta.inputs],
         "outputs": [{"name": t.name, "shape": list(t.shape)} for t in meta.outputs],
     }

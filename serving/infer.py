@@ -95,6 +95,7 @@ class InferOptions:
 class InferReport:
     done: list[dict] = field(default_factory=list)  # in the order the images were found
     skipped: int = 0  # with resume: already written
+    earlier: int = 0  # without resume: images recorded by earlier runs, appended to
     failed: list[Failure] = field(default_factory=list)
     seconds: float = 0.0  # from the first request sent to the last file written
 
@@ -108,7 +109,13 @@ class InferReport:
         parts += [f"{self.skipped} already there"] if self.skipped else []
         parts += [f"{len(self.failed)} unreadable"] if self.failed else []
         rate = f" in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s)" if self.done else ""
-        return f"{_images(total)} -> {out}: {', '.join(parts)}{rate}"
+        line = f"{_images(total)} -> {out}: {', '.join(parts)}{rate}"
+        if self.earlier:
+            line += (
+                f"\n{out / PREDICTIONS} also holds {_images(self.earlier)} of earlier runs "
+                "(each record names the server and model versions that answered it)"
+            )
+        return line
 
     def failures(self) -> str:
         lines = [f"{_images(len(self.failed))} could not be read:"]
@@ -238,6 +245,9 @@ class _Run:
         self.local = threading.local()
         self.clients: list[PipelineClient] = [self.base]
         self.lock = threading.Lock()
+        # What answered, in every record: a folder's records from two servers or two exports
+        # tell themselves apart, and --resume redoes what another model answered.
+        self.model = {"server": self.base.url, "ensemble": PIPELINE_BYTES, **self.base.versions}
 
     def client(self, model: str = PIPELINE_BYTES) -> PipelineClient:
         clients = self.local.__dict__.setdefault("clients", {})
@@ -275,6 +285,7 @@ class _Run:
         return {
             "image": str(item.path),
             "name": item.name.as_posix(),
+            "model": self.model,
             "status": "ok",
             "top_class": label,
             "score": score,
@@ -331,21 +342,25 @@ def infer_images(items: list[Item], url: str, protocol: str, options: InferOptio
         )
     report = InferReport()
     wanted = [*MASK_FILES.values(), *([FIGURE] if options.figures else [])]
-    kept = read_predictions(options.out / PREDICTIONS) if options.resume else {}
+    earlier = read_predictions(options.out / PREDICTIONS)
+    run = _Run(url, protocol, options)
+    kept = earlier if options.resume else {}
 
     def written(item: Item) -> bool:
         record = kept.get(item.name.as_posix())
         return (
             record is not None
             and record.get("status") == "ok"
+            and record.get("model") == run.model  # another model's answer is redone
             and all(item.output(options.out, w).is_file() for w in wanted)
         )
 
     todo = [item for item in items if not written(item)]
     report.skipped = len(items) - len(todo)
+    report.earlier = 0 if options.resume else len(earlier)
     if not todo:
+        run.close()
         return report
-    run = _Run(url, protocol, options)
     order = {item.path: k for k, item in enumerate(items)}
     bar = tqdm(
         total=len(items),
@@ -357,7 +372,7 @@ def infer_images(items: list[Item], url: str, protocol: str, options: InferOptio
     try:
         with (
             ThreadPoolExecutor(options.concurrency, thread_name_prefix="infer") as pool,
-            Predictions(options.out / PREDICTIONS) as records,
+            Predictions(options.out / PREDICTIONS, run.model) as records,
         ):
             _stream(pool, run.one, todo, report, bar.update, 2 * options.concurrency, records)
         report.seconds = time.monotonic() - start
@@ -421,8 +436,8 @@ class Predictions:
     lands (a run stopped midway keeps every record up to it; a line cut short by a crash is
     skipped on reading)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, model: dict | None = None):
+        self.path, self.model = path, model  # model: what answered (_Run.model)
 
     def __enter__(self) -> Predictions:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -445,7 +460,15 @@ class Predictions:
 
     def failure(self, item: Item, reason: str) -> None:
         name = item.name.as_posix()
-        self.write({"image": str(item.path), "name": name, "status": "failed", "error": reason})
+        self.write(
+            {
+                "image": str(item.path),
+                "name": name,
+                "model": self.model,
+                "status": "failed",
+                "error": reason,
+            }
+        )
 
 
 def read_predictions(path: Path) -> dict[str, dict]:

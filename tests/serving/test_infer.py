@@ -1,6 +1,7 @@
 """`wsss infer` on folders, globs and file lists: mirrored outputs written whole, unreadable
 files listed without stopping the run, --resume, and the same masks at any concurrency."""
 
+import json
 import subprocess
 import sys
 import threading
@@ -135,11 +136,12 @@ def test_predictions_file_keeps_each_images_latest_record(tmp_path):
     assert read_predictions(tmp_path / "absent.jsonl") == {}
     # The next run appends on a line of its own, not onto the one the crash cut short.
     item = Item(Path("photos/c.jpg"), Path("c"))
-    with Predictions(path) as records:
+    with Predictions(path, {"server": "h:1"}) as records:
         records.failure(item, "gone")
     assert read_predictions(path)["c"] == {
         "image": "photos/c.jpg",
         "name": "c",
+        "model": {"server": "h:1"},
         "status": "failed",
         "error": "gone",
     }
@@ -319,6 +321,33 @@ def test_resume_sends_only_the_images_not_yet_written(server, photos, tmp_path):
     assert (again.skipped, len(again.done), sent) == (2, 1, 1)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     assert all(p.exists() for p in redo.values())
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_records_name_what_answered_and_resume_redoes_another_models(server, photos, tmp_path):
+    """A folder's records from two servers or two exports tell themselves apart: each names
+    the server, the ensemble and the networks' versions; --resume redoes an image another
+    model answered, and a run without it says the file holds earlier runs' records."""
+    options = InferOptions(tmp_path / "out", concurrency=1, progress=False)
+    run([str(photos / "sub")], server.grpc_url, "grpc", options)
+    path = options.out / PREDICTIONS
+    records = read_predictions(path)
+    model = records["one"]["model"]
+    assert model["server"] == server.grpc_url and model["ensemble"] == PIPELINE_BYTES
+    assert model["classifier"] >= 1 and model["segmenter"] >= 1
+    assert all(r["model"] == model for r in records.values())
+    other = {**records["one"], "model": {**model, "classifier": model["classifier"] + 1}}
+    with path.open("a") as f:  # as a run against another export appends it
+        f.write(json.dumps(other) + "\n")
+    options.resume = True
+    again = run([str(photos / "sub")], server.grpc_url, "grpc", options)
+    assert (again.skipped, [r["name"] for r in again.done]) == (2, ["one"])
+    options.resume = False
+    third = run([str(photos / "sub")], server.grpc_url, "grpc", options)
+    assert third.earlier == 3 and "also holds 3 images of earlier runs" in third.summary(
+        options.out
+    )
 
 
 @pytest.mark.slow
