@@ -43,8 +43,12 @@ RUN python3 -m venv /opt/venv \
     && find /opt/venv/lib/python3.11/site-packages/pytriton/tritonserver/python_backend_stubs \
         -mindepth 1 -maxdepth 1 ! -name 3.11 -exec rm -rf {} + \
     && /opt/venv/bin/pip uninstall --yes setuptools \
-    && rm -rf /tmp/build
+    && rm -rf /tmp/build \
+    && echo /opt/wsss > /opt/venv/lib/python3.11/site-packages/wsss-source.pth
 # Only the launcher (cli.main, wsss.config, serving.server) and the backends it assembles.
+# The .pth above puts /opt/wsss on the path of every Python in the venv: the backend stubs'
+# embedded interpreters read site-packages but not PYTHONPATH, and the ONNX Runtime backend
+# shim imports wsss.served.
 COPY cli/ /opt/wsss/cli/
 COPY wsss/ /opt/wsss/wsss/
 COPY serving/ /opt/wsss/serving/

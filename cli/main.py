@@ -93,6 +93,8 @@ def cmd_evaluate(args) -> None:
         distributed.teardown()
     if table is not None:
         print(table)
+        out = Path(cfg.runs) / "eval"
+        print(f"wrote {out}/results.md, results.json and the figure results.png", file=sys.stderr)
 
 
 def study_cams(args) -> None:
@@ -160,8 +162,10 @@ def cmd_export(args) -> None:
     from export.repository import export_repository
 
     cfg = _config(args)
+    if args.repository:  # as export.repository: where it exports, or what it checks
+        cfg.export.repository = args.repository
     if args.check:
-        report = check_repository(args.repository or cfg.export.repository)
+        report = check_repository(cfg.export.repository)
         print(report)
         if not report.ok:
             sys.exit(1)
@@ -459,7 +463,11 @@ EXPORT = (
         action="store_true",
         help="validate the repository (configs, model files, ensembles); no export",
     ),
-    flag("--repository", help="repository to check (default: export.repository)"),
+    flag(
+        "--repository",
+        help="the repository to export into, or with --check to check "
+        "(default: the profile's export.repository)",
+    ),
     flag(
         "--no-wait",
         action="store_true",

@@ -55,6 +55,11 @@ def test_data_train_evaluate_export(tmp_path):
     for model in ("classifier", "segmenter", "refiner", "wsss_pipeline"):
         assert (repo / model / "config.pbtxt").exists()
     assert (repo / "classifier" / "1" / "model.onnx").exists()
+    # --repository is where it exports (it was read only with --check, and the profile's
+    # repository, perhaps the one a server polls, took the export instead).
+    out = wsss("export", *sets, "--repository", str(tmp_path / "other")).stdout
+    assert f"exported version 1 to {tmp_path / 'other'}" in out
+    assert not (repo / "classifier" / "2").exists()
 
 
 def test_bad_config_is_a_clear_error():
