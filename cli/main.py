@@ -731,6 +731,10 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (WsssError, InputError, FileNotFoundError) as exc:  # a bug keeps its traceback
         sys.exit(f"wsss {args.command}: {exc}")
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line, the shell's status for SIGINT
+        what = f": {exc}" if str(exc) else ""
+        print(f"wsss {args.command}: interrupted{what}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -376,6 +376,11 @@ def infer_images(items: list[Item], url: str, protocol: str, options: InferOptio
         ):
             _stream(pool, run.one, todo, report, bar.update, 2 * options.concurrency, records)
         report.seconds = time.monotonic() - start
+    except KeyboardInterrupt:  # what landed is recorded: say so, and how to carry on
+        raise KeyboardInterrupt(
+            f"{len(report.done) + report.skipped} of {_images(len(items))} written to "
+            f"{options.out} (their records in {PREDICTIONS}); --resume carries on"
+        ) from None
     finally:
         bar.close()
         run.close()

@@ -82,3 +82,18 @@ def test_server_address_drops_a_scheme_the_protocols_use():
     assert server_address("http://127.0.0.1:8000/") == "127.0.0.1:8000"
     assert server_address("grpc://localhost:8001") == "localhost:8001"
     assert server_address("[::1]:8001") == "[::1]:8001"
+
+
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
+    import serving.infer
+    from cli.main import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("2 of 3 images written to out; --resume carries on")
+
+    monkeypatch.setattr(serving.infer, "run", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        main(["infer", str(tmp_path)])
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
+    assert err == "wsss infer: interrupted: 2 of 3 images written to out; --resume carries on\n"

@@ -382,6 +382,25 @@ def test_an_interrupted_run_resumes_from_its_predictions(server, photos, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.triton
+def test_ctrl_c_says_how_far_it_got_and_how_to_carry_on(server, photos, tmp_path, monkeypatch):
+    options = InferOptions(tmp_path / "out", concurrency=1, progress=False)
+    sent = []
+    real = PipelineClient.infer_encoded
+
+    def interrupted(self, blobs):
+        sent.append(1)
+        if len(sent) == 3:
+            raise KeyboardInterrupt
+        return real(self, blobs)
+
+    monkeypatch.setattr(PipelineClient, "infer_encoded", interrupted)
+    with pytest.raises(KeyboardInterrupt, match=r"2 of 3 images written to .*--resume carries on"):
+        run([str(photos / "sub")], server.grpc_url, "grpc", options)
+    assert len(read_predictions(options.out / PREDICTIONS)) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.triton
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_many_in_flight_write_the_same_masks_as_one_at_a_time(server, photos, tmp_path, protocol):
     url = server.grpc_url if protocol == "grpc" else server.http_url
