@@ -139,6 +139,17 @@ class PerfSettings:
     # "system": tensors travel through system shared memory instead of the socket
     shared_memory: str = "none"
 
+    def __post_init__(self):
+        """Refused here, in one line, rather than by perf_analyzer with its whole usage."""
+        concurrency_levels(self.concurrency)
+        for name in ("batch", "interval_ms", "max_trials"):
+            if getattr(self, name) < 1:
+                raise BenchError(f"{name.replace('_', '-')} {getattr(self, name)}: at least 1")
+        if self.stability_percent <= 0 or self.request_count < 0:
+            raise BenchError("stability is a percentage above 0, request-count 0 or more")
+        if self.shared_memory not in ("none", "system"):
+            raise BenchError(f"shared memory {self.shared_memory!r}: none or system")
+
 
 def perf_command(
     spec: ModelSpec,
@@ -241,7 +252,12 @@ _PASS = re.compile(r"Pass \[\d+\] throughput: ([\d.]+) infer/sec\. Avg latency: 
 
 def concurrency_levels(spec: str) -> list[int]:
     """perf_analyzer's start:end:step (end and step optional) -> every level it names."""
-    parts = [int(p) for p in spec.split(":")]
+    try:
+        parts = [int(p) for p in spec.split(":")]
+    except ValueError:
+        raise BenchError(
+            f"concurrency {spec!r}: want N or start:end[:step], whole numbers"
+        ) from None
     start, end, step = (parts + [parts[0], 1][len(parts) - 1 :])[:3]
     if start < 1 or end < start or step < 1:
         raise BenchError(f"concurrency range {spec!r}: want start:end:step with 1 <= start <= end")

@@ -532,8 +532,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Defaults, then the YAML file, then ``a.b=c`` overrides, each checked against the types."""
     raw: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
+        path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder: name a config file in it")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     _override(raw, overrides)
@@ -544,6 +549,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 # Optional sections whose unset value means another section's: --set on one of their keys
 # starts them as a copy of that section (then changes the key), not from the defaults.
 _UNSET_STARTS_AS = {("export", "refine"): "refine"}
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what it found, and where."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(exc, 'problem', None) or exc}{where}"
 
 
 def _override(raw: dict[str, Any], overrides: list[str]) -> None:
@@ -561,7 +573,12 @@ def _override(raw: dict[str, Any], overrides: list[str]) -> None:
             elif not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part} is {child!r}, not a section")
             node = child
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"override {item!r}: not a YAML value ({_yaml_problem(exc)})"
+            ) from None
 
 
 def _upgrade(raw: dict[str, Any], given: bool = True) -> None:

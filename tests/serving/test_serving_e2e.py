@@ -245,6 +245,13 @@ def test_concurrency_levels():
     assert concurrency_levels("1:2") == [1, 2] and concurrency_levels("3") == [3]
     with pytest.raises(BenchError):
         concurrency_levels("4:1")
+    with pytest.raises(BenchError, match="whole numbers"):
+        concurrency_levels("abc")
+    # Refused up front in one line, not by perf_analyzer printing its whole usage.
+    with pytest.raises(BenchError, match="batch 0: at least 1"):
+        PerfSettings(batch=0)
+    with pytest.raises(BenchError, match="whole numbers"):
+        PerfSettings(concurrency="1:x")
 
 
 def _png(image):

@@ -26,11 +26,22 @@ def test_int_is_accepted_for_float():
         ("train.epochs=true", "expected int"),
         ("levelset.seed=levelset", "levelset.seed 'levelset': one of fixed, otsu, saliency"),
         ("levelset.seed=otsu+vit", "optionally \\+grabcut or \\+chanvese or \\+crf"),
+        ("train.epochs=[1", r"not a YAML value \(expected ',' or '\]', but got .* at line 1"),
     ],
 )
 def test_bad_overrides_are_explained(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_a_config_file_that_is_not_yaml_or_is_a_folder_is_one_line(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train: [\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML \(.* at line 2, column 1\)"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="is a folder: name a config file in it"):
+        load_config(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "absent.yaml")
 
 
 def test_an_unset_optional_section_takes_overrides():
