@@ -294,8 +294,9 @@ class _Run:
         }
 
     def figure(self, data: bytes, path: Path) -> Path:
-        """Image, CAM of the top class, pseudo-mask and segmentation: the tensor ensemble's
-        outputs (the bytes ensemble returns no CAMs) for the image at the model size, drawn
+        """Image, CAM of the top class the masks hold (at the server's thresholds),
+        pseudo-mask and segmentation: the tensor ensemble's outputs (the bytes ensemble
+        returns no CAMs) for the image at the model size, drawn
         back at the photo's own aspect (its longer side FIGURE_SIDE, or the model's where
         larger), as the bytes ensemble returns its masks at the photo's size."""
         from wsss.figures import legend_entries, overlay, panel_figure  # matplotlib: when drawing
@@ -303,9 +304,23 @@ class _Run:
         client = self.client(PIPELINE)
         photo = load_image(data)
         outputs = {k: v[0] for k, v in client.infer(resize(photo, client.image_size)[None]).items()}
-        top = int(outputs[SCORES].argmax())
-        label, score = top_class(outputs[SCORES], self.base.class_names)
+        scores = outputs[SCORES]
+        top = int(scores.argmax())
+        label, score = top_class(scores, self.base.class_names)
         cam = f"CAM: {label} ({score:.2f})"
+        presence = self.base.presence
+        if presence is not None:  # the CAM of a class the masks hold, as the legend says
+            present = present_classes(
+                scores,
+                presence["multi_label"],
+                np.asarray(presence["threshold"], np.float32),
+                presence.get("min_score", 0.0),
+            )
+            if present:
+                top = max(present, key=lambda c: scores[c])
+                cam = f"CAM: {class_label(self.base.class_names, top)} ({scores[top]:.2f})"
+            else:
+                cam += ", below the thresholds"
         h, w = photo.shape[:2]
         side = max(FIGURE_SIDE, *client.image_size) / max(h, w)
         shape = (max(1, round(h * side)), max(1, round(w * side)))

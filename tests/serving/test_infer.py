@@ -213,7 +213,8 @@ def test_the_overlay_is_drawn_at_the_photos_aspect(tmp_path, monkeypatch):
 
     monkeypatch.setattr(wsss.figures, "panel_figure", panels)
     run = _Run.__new__(_Run)
-    run.base, run.palette = types.SimpleNamespace(class_names=["cat", "dog"]), VOC_PALETTE
+    run.base = types.SimpleNamespace(class_names=["cat", "dog"], presence=None)
+    run.palette = VOC_PALETTE
     run.client = lambda model=None: Square()
     photo = np.full((60, 120, 3), 100, np.uint8)
     run.figure(encode_png(photo), tmp_path / "photo_overlay.png")
@@ -222,6 +223,13 @@ def test_the_overlay_is_drawn_at_the_photos_aspect(tmp_path, monkeypatch):
     assert drawn_at == [pytest.approx(FIGURE_SIDE)]  # drawn as large as it is
     tinted = drawn["segmentation"] != drawn["image"]
     assert tinted[:, half + 8 :].any(axis=-1).all() and not tinted[:, : half - 8].any()
+    assert "CAM: dog (0.80)" in drawn
+    # The CAM drawn is of a class the masks hold at the server's thresholds (a multi-label
+    # profile's own per class), not the top score's when that one is below its threshold.
+    drawn.clear()
+    run.base.presence = {"multi_label": True, "threshold": [0.1, 0.9], "min_score": 0.0}
+    run.figure(encode_png(photo), tmp_path / "photo_overlay.png")
+    assert "CAM: cat (0.20)" in drawn
 
 
 # -- through the server -------------------------------------------------------------------
