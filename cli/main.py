@@ -1,7 +1,15 @@
-"""``wsss``: one command, one subcommand per stage; each handler builds the config and calls run.
+"""wsss: weakly-supervised semantic segmentation, from image-level labels to a served model.
 
-The parser is made from ``COMMANDS``; handlers import their stage when they run, so
-``wsss --help``, ``wsss infer`` and the client import no torch."""
+Train a classifier on image labels, turn its CAMs into pseudo-masks, train a segmenter on
+them, export everything to a Triton model repository and serve it; then send it photos.
+Start with `make serve` (the default model, no training) and `wsss infer photo.jpg`; each
+command's --help says more, and every command that reads a profile takes --config FILE and
+--set KEY=VALUE (e.g. --set serve.http_port=8100).
+"""
+
+# One command, one subcommand per stage; each handler builds the config and calls run. The
+# parser is made from ``COMMANDS``; handlers import their stage when they run, so
+# ``wsss --help``, ``wsss infer`` and the client import no torch.
 
 from __future__ import annotations
 
@@ -476,6 +484,12 @@ EXPORT = (
     ),
 )
 
+SERVE_HELP = """Run NVIDIA Triton on the profile's repository (export.repository) until
+Ctrl-C or SIGTERM, bound to 127.0.0.1 on HTTP_PORT, GRPC_PORT and METRICS_PORT (default
+8000, 8001, 8002), or --set serve.http_port=... serve.grpc_port=... serve.metrics_port=...;
+--set serve.host=0.0.0.0 to expose it. It polls the repository for new exports every
+serve.poll_seconds and reloads a model whose Python stub died (serve.watchdog_seconds)."""
+
 SERVE = (
     flag(
         "--build-if-missing",
@@ -494,8 +508,8 @@ INFER = (
         metavar="FILE",
         help="a file naming one image (or folder, or glob) per line; - for stdin",
     ),
-    flag("--out", default="out/infer"),
-    flag("--concurrency", type=int, default=4, help="requests in flight"),
+    flag("--out", default="out/infer", help="the output folder (default: out/infer)"),
+    flag("--concurrency", type=int, default=4, help="requests in flight (default: 4)"),
     flag(
         "--figures",
         action=argparse.BooleanOptionalAction,
@@ -510,9 +524,18 @@ INFER = (
 
 BENCH = (
     *URL,
-    flag("--batch", type=int, default=1),
-    flag("--concurrency", default="1:4:1", help="perf_analyzer range start:end:step"),
-    flag("--interval-ms", type=int, default=3000),
+    flag("--batch", type=int, default=1, help="images a request (default: 1)"),
+    flag(
+        "--concurrency",
+        default="1:4:1",
+        help="requests in flight: N, or perf_analyzer's range start:end:step (default: 1:4:1)",
+    ),
+    flag(
+        "--interval-ms",
+        type=int,
+        default=3000,
+        help="perf_analyzer's measurement window in ms (default: 3000)",
+    ),
     flag(
         "--model",
         default=PIPELINE,
@@ -645,7 +668,13 @@ COMMANDS = (
         cmd_export,
         EXPORT,
     ),
-    Command("serve", "run tritonserver on the repository", cmd_serve, SERVE),
+    Command(
+        "serve",
+        "run tritonserver on the repository",
+        cmd_serve,
+        SERVE,
+        description=SERVE_HELP,
+    ),
     Command(
         "infer", "send images to the ensemble", cmd_infer, INFER, False, description=INFER_HELP
     ),
