@@ -102,6 +102,12 @@ class WSSSDataset(Dataset):
     def from_config(cls, data, split: str) -> WSSSDataset:
         """``split`` of the data a ``wsss.config.DataConfig`` describes: the one place the
         config's data settings become a dataset."""
+        if data.synth_count and not Path(data.root).exists():
+            raise DataLayoutError(
+                f"{data.root} does not exist: where the profile means the bundled synthetic "
+                "benchmark (data.synth_count), write it first with `wsss data synth` and the "
+                "same --config/--set"
+            )
         return cls(
             data.root,
             data.task,

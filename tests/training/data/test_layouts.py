@@ -408,3 +408,11 @@ def test_a_class_list_naming_a_class_twice_is_refused(tmp_path, layout, listing)
         get_layout("voc", layout).class_names(tmp_path)
     (tmp_path / listing).write_text("cat\n dog \n\n")
     assert get_layout("voc", layout).class_names(tmp_path) == ["cat", "dog"]
+
+
+def test_a_missing_synthetic_benchmark_says_how_to_write_it(tmp_path):
+    from wsss.config import DataConfig
+
+    data = DataConfig(root=str(tmp_path / "pets_128"), synth_count=800)
+    with pytest.raises(DataLayoutError, match="write it first with `wsss data synth`"):
+        WSSSDataset.from_config(data, "train")
