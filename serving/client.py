@@ -9,6 +9,7 @@ and server-side errors are re-raised with the server's message.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -256,11 +257,21 @@ class PipelineClient:
         except Exception as exc:  # InferenceServerException from either protocol
             status = exc.status() if hasattr(exc, "status") else None
             reason = exc.message() if hasattr(exc, "message") else None
-            raise ClientError(f"server refused the request: {exc}", status, reason) from exc
+            raise ClientError(
+                f"server refused the request: {_innermost(str(exc))}",
+                status,
+                reason and _innermost(reason),
+            ) from exc
         return {name: result.as_numpy(name) for name in wanted}
 
     def close(self) -> None:
         self.client.close()
+
+
+def _innermost(message: str) -> str:
+    """A step's error without the ensembles it was raised through (Triton prefixes one
+    "in ensemble 'NAME', " for each: two since the chains)."""
+    return re.sub(r"in ensemble '[^']*', ", "", message)
 
 
 def _served_name(name: str) -> str:
