@@ -641,4 +641,5 @@ def build_if_missing(cfg: Config) -> None:
     rewritten = ensure_synth(cfg.data.root, SynthOptions.of(cfg.data))
     if rewritten or not (Path(cfg.runs) / "segmenter" / "best.pt").exists():
         stages.run(cfg)
-    export_repository(cfg)
+    result = export_repository(cfg)
+    print(f"exported version {result.version} to {result.repository}", flush=True)
