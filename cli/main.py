@@ -102,7 +102,8 @@ def cmd_evaluate(args) -> None:
     if table is not None:
         print(table)
         out = Path(cfg.runs) / "eval"
-        print(f"wrote {out}/results.md, results.json and the figure results.png", file=sys.stderr)
+        figure = " and the figure results.png" if (out / "results.png").exists() else ""
+        print(f"wrote {out}/results.md, results.json{figure}", file=sys.stderr)
 
 
 def study_cams(args) -> None:

@@ -19,6 +19,7 @@ skips an image whose latest record says it was written and whose files are all t
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import os
@@ -72,7 +73,7 @@ class Item:
 
     def output(self, out: Path, what: str) -> Path:
         if self.name.is_absolute() or ".." in self.name.parts:  # never outside ``out``
-            raise ValueError(f"{self.path}: output name {self.name} leaves the output folder")
+            raise ClientError(f"{self.path}: output name {self.name} leaves the output folder")
         return out / self.name.parent / f"{self.name.name}_{what}.png"
 
 
@@ -112,8 +113,9 @@ class InferReport:
         line = f"{_images(total)} -> {out}: {', '.join(parts)}{rate}"
         if self.earlier:
             line += (
-                f"\n{out / PREDICTIONS} also holds {_images(self.earlier)} of earlier runs "
-                "(each record names the server and model versions that answered it)"
+                f"\n{out / PREDICTIONS} already held records of {_images(self.earlier)} from "
+                "earlier runs: each image's latest record is its answer, and each names the "
+                "model that gave it"
             )
         return line
 
@@ -200,6 +202,9 @@ def _absolute(path: Path) -> Path:
 
 def _relative_to(root: Path, paths: list[Path]) -> list[Item]:
     root = _absolute(root)
+    outside = [p for p in paths if not _absolute(p).is_relative_to(root)]
+    if outside:  # a glob whose matches climb above its fixed part ('*/../../x.jpg')
+        raise ClientError(f"{outside[0]} is outside {root}: name it, or its folder, instead")
     return [Item(p, _absolute(p).relative_to(root).with_suffix("")) for p in paths]
 
 
@@ -246,8 +251,15 @@ class _Run:
         self.clients: list[PipelineClient] = [self.base]
         self.lock = threading.Lock()
         # What answered, in every record: a folder's records from two servers or two exports
-        # tell themselves apart, and --resume redoes what another model answered.
-        self.model = {"server": self.base.url, "ensemble": PIPELINE_BYTES, **self.base.versions}
+        # tell themselves apart, and --resume redoes what another model answered. The
+        # networks' versions and the classes they name, not the address it was reached at.
+        names = json.dumps(self.base.class_names).encode()
+        self.model = {
+            "ensemble": PIPELINE_BYTES,
+            **self.base.versions,
+            "classes": hashlib.sha256(names).hexdigest()[:12],
+        }
+        self.server = self.base.url
 
     def client(self, model: str = PIPELINE_BYTES) -> PipelineClient:
         clients = self.local.__dict__.setdefault("clients", {})
@@ -285,6 +297,7 @@ class _Run:
         return {
             "image": str(item.path),
             "name": item.name.as_posix(),
+            "server": self.server,
             "model": self.model,
             "status": "ok",
             "top_class": label,
@@ -372,7 +385,7 @@ def infer_images(items: list[Item], url: str, protocol: str, options: InferOptio
 
     todo = [item for item in items if not written(item)]
     report.skipped = len(items) - len(todo)
-    report.earlier = 0 if options.resume else len(earlier)
+    report.earlier = 0 if options.resume else len(earlier)  # images recorded before
     if not todo:
         run.close()
         return report
@@ -387,7 +400,7 @@ def infer_images(items: list[Item], url: str, protocol: str, options: InferOptio
     try:
         with (
             ThreadPoolExecutor(options.concurrency, thread_name_prefix="infer") as pool,
-            Predictions(options.out / PREDICTIONS, run.model) as records,
+            Predictions(options.out / PREDICTIONS, run.model, run.server) as records,
         ):
             _stream(pool, run.one, todo, report, bar.update, 2 * options.concurrency, records)
         report.seconds = time.monotonic() - start
@@ -456,8 +469,8 @@ class Predictions:
     lands (a run stopped midway keeps every record up to it; a line cut short by a crash is
     skipped on reading)."""
 
-    def __init__(self, path: Path, model: dict | None = None):
-        self.path, self.model = path, model  # model: what answered (_Run.model)
+    def __init__(self, path: Path, model: dict | None = None, server: str | None = None):
+        self.path, self.model, self.server = path, model, server  # what answered (_Run)
 
     def __enter__(self) -> Predictions:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -484,6 +497,7 @@ class Predictions:
             {
                 "image": str(item.path),
                 "name": name,
+                "server": self.server,
                 "model": self.model,
                 "status": "failed",
                 "error": reason,

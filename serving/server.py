@@ -173,19 +173,29 @@ def restriction_flags(key: str, open_apis: tuple[str, ...] = ()) -> list[str]:
 
 
 # Every Python-backend stub (all our models but the ensembles) gets a shared-memory region
-# in /dev/shm, 16 MiB here, which tritonserver unlinks at a clean exit. One it never exits
-# cleanly from (SIGKILL, a crash, a killed owner) stays in memory until the machine
-# restarts: 889 of them, 14 GB of this 24 GB machine, after a few days of tests. So each
-# server's regions are named after it, "wsss_<owner pid>_<token>_<uuid>" (the owner: the
-# process that started it), and stop() unlinks them; a start unlinks those of owners that
-# are gone, where no live process maps them.
+# in /dev/shm (16 MiB where /dev/shm holds 512 MiB or more), which tritonserver unlinks at a
+# clean exit. One it never exits cleanly from (SIGKILL, a crash, a killed owner) stays in
+# memory until the machine restarts: 889 of them, 14 GB of this 24 GB machine, after a few
+# days of tests. So each server's regions are named after it,
+# "wsss_<pid namespace>_<owner pid>_<token>_<uuid>" (the owner: the process that started
+# it), and stop() unlinks them; a start unlinks those of owners that are gone, in its own
+# PID namespace (a container sharing the host's /dev/shm sees none of the host's
+# processes), owned by its own user, where no live process maps them.
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "wsss_"
 
 
+def pid_namespace() -> str:
+    """This process's PID namespace, as a number (``pid:[4026531836]``), or ``0``."""
+    try:
+        return os.readlink("/proc/self/ns/pid").split("[")[-1].rstrip("]")
+    except OSError:
+        return "0"
+
+
 def shm_prefix() -> str:
     """The region-name prefix of one server start, naming the process that owns it."""
-    return f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(4)}_"
+    return f"{SHM_PREFIX}{pid_namespace()}_{os.getpid()}_{secrets.token_hex(4)}_"
 
 
 def shm_regions(prefix: str = SHM_PREFIX, folder: Path = SHM_DIR) -> list[Path]:
@@ -196,7 +206,7 @@ def shm_regions(prefix: str = SHM_PREFIX, folder: Path = SHM_DIR) -> list[Path]:
 
 
 def _mapped_shm() -> set[str]:
-    """Names of the /dev/shm files any live process maps or holds open."""
+    """Names of the /dev/shm files any live process (that this one may inspect) maps."""
     names = set()
     for proc in Path("/proc").glob("[0-9]*"):
         try:
@@ -214,20 +224,28 @@ def _mapped_shm() -> set[str]:
 def sweep_shm(folder: Path = SHM_DIR) -> list[str]:
     """Unlink the stub regions of servers whose owner process is gone (killed before it
     could stop them) that no live process maps; returns their names."""
-    regions = shm_regions(folder=folder)
+    ours = f"{SHM_PREFIX}{pid_namespace()}_"
     stale = []
-    for region in regions:
-        owner = region.name[len(SHM_PREFIX) :].split("_", 1)[0]
-        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+    for region in shm_regions(ours, folder):
+        owner = region.name[len(ours) :].split("_", 1)[0]
+        try:
+            mine = region.stat().st_uid == os.getuid()
+        except OSError:  # gone meanwhile
+            continue
+        if mine and owner.isdigit() and not Path(f"/proc/{owner}").exists():
             stale.append(region)
     if not stale:
         return []
     mapped = _mapped_shm()
     removed = []
     for region in stale:
-        if region.name not in mapped:
+        if region.name in mapped:
+            continue
+        try:
             region.unlink(missing_ok=True)
-            removed.append(region.name)
+        except OSError:  # not ours to remove after all: it stays, the server starts
+            continue
+        removed.append(region.name)
     return removed
 
 
@@ -422,6 +440,8 @@ class TritonServer:
             )
         if not (self.repository / PIPELINE / "config.pbtxt").exists():
             raise ServerError(f"{self.repository} holds no exported pipeline: run `wsss export`")
+        if self.process is not None:  # a server that died: what it left goes first
+            self.stop()
         backends = prepare_backends(self.workdir / "backends")
         self.admin_key = admin_key()
         sweep_shm()  # what killed servers before this one left

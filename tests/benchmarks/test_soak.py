@@ -33,7 +33,7 @@ def test_growth_counts_from_the_warm_up_and_flags_the_process_that_climbs():
 def test_stub_regions_are_16_mib_only_where_dev_shm_holds_them(monkeypatch, tmp_path):
     def flags(cfg):
         cmd = triton.server_command(tmp_path, tmp_path, cfg, gpu=False)
-        return [c for c in cmd if c.startswith("--backend-config=python,shm")]
+        return [c for c in cmd if c.startswith("--backend-config=python,shm-") and "byte-size" in c]
 
     sixteen = ["--backend-config=python,shm-default-byte-size=16777216",
                "--backend-config=python,shm-growth-byte-size=16777216"]  # fmt: skip

@@ -78,8 +78,11 @@ def test_files_named_through_dotdot_write_inside_the_output_folder(tmp_path, mon
     out = Path("out").absolute()
     for item in items:
         assert item.output(out, "seg").resolve().is_relative_to(out)
-    with pytest.raises(ValueError, match="leaves the output folder"):
+    with pytest.raises(ClientError, match="leaves the output folder"):
         Item(Path("x.jpg"), Path("../x")).output(out, "seg")
+    (tmp_path / "cwd" / "d").mkdir()
+    with pytest.raises(ClientError, match="is outside"):  # a glob that climbs above its root
+        find_images(["*/../../src/a.jpg"])
 
 
 def test_two_images_that_would_write_the_same_files_are_refused_up_front(tmp_path):
@@ -136,12 +139,13 @@ def test_predictions_file_keeps_each_images_latest_record(tmp_path):
     assert read_predictions(tmp_path / "absent.jsonl") == {}
     # The next run appends on a line of its own, not onto the one the crash cut short.
     item = Item(Path("photos/c.jpg"), Path("c"))
-    with Predictions(path, {"server": "h:1"}) as records:
+    with Predictions(path, {"classifier": 1}, "h:1") as records:
         records.failure(item, "gone")
     assert read_predictions(path)["c"] == {
         "image": "photos/c.jpg",
         "name": "c",
-        "model": {"server": "h:1"},
+        "server": "h:1",
+        "model": {"classifier": 1},
         "status": "failed",
         "error": "gone",
     }
@@ -342,8 +346,8 @@ def test_records_name_what_answered_and_resume_redoes_another_models(server, pho
     path = options.out / PREDICTIONS
     records = read_predictions(path)
     model = records["one"]["model"]
-    assert model["server"] == server.grpc_url and model["ensemble"] == PIPELINE_BYTES
-    assert model["classifier"] >= 1 and model["segmenter"] >= 1
+    assert records["one"]["server"] == server.grpc_url and model["ensemble"] == PIPELINE_BYTES
+    assert model["classifier"] >= 1 and model["segmenter"] >= 1 and len(model["classes"]) == 12
     assert all(r["model"] == model for r in records.values())
     other = {**records["one"], "model": {**model, "classifier": model["classifier"] + 1}}
     with path.open("a") as f:  # as a run against another export appends it
@@ -353,9 +357,12 @@ def test_records_name_what_answered_and_resume_redoes_another_models(server, pho
     assert (again.skipped, [r["name"] for r in again.done]) == (2, ["one"])
     options.resume = False
     third = run([str(photos / "sub")], server.grpc_url, "grpc", options)
-    assert third.earlier == 3 and "also holds 3 images of earlier runs" in third.summary(
-        options.out
-    )
+    assert third.earlier == 3
+    assert "already held records of 3 images from earlier runs" in third.summary(options.out)
+    # The same model reached at another address, or over HTTP, is the same model.
+    options.resume = True
+    fourth = run([str(photos / "sub")], server.http_url, "http", options)
+    assert (fourth.skipped, len(fourth.done)) == (3, 0)
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from serving.server import (
     TritonServer,
     group_members,
     on_free_ports,
+    pid_namespace,
     shm_regions,
     sweep_shm,
 )
@@ -45,16 +46,15 @@ def test_start_twice_is_refused_and_stop_leaves_nothing(exported, tmp_path):
         assert server.process.pid == pid
     assert group_members(pid) == [] and not any(r.exists() for r in regions)
     # A killed server leaves its stubs' regions in /dev/shm (16 MiB each, until a reboot):
-    # stop() unlinks them, and it restarts cleanly on the same repository and ports.
+    # stop() unlinks them (a start first stops what is left), and it restarts cleanly on the
+    # same repository and ports.
     server.start()
     os.killpg(server.process.pid, signal.SIGKILL)
     server.process.wait()
     regions = shm_regions(server.shm_prefix)
     assert regions
-    server.stop()
-    assert not any(r.exists() for r in regions)
-    with server:
-        assert server.running
+    with server:  # a dead server starts again, and what it left goes first
+        assert server.running and not any(r.exists() for r in regions)
     assert not server.running
 
 
@@ -68,10 +68,14 @@ def test_a_start_unlinks_the_regions_of_servers_whose_owner_is_gone():
     )
     dead = int(gone.stdout)
     token = os.urandom(4).hex()
+    ns = pid_namespace()
     names = {
-        "orphan": f"wsss_{dead}_{token}_a",
-        "mapped": f"wsss_{dead}_{token}_b",  # an orphaned tritonserver still using it
-        "ours": f"wsss_{os.getpid()}_{token}_c",
+        "orphan": f"wsss_{ns}_{dead}_{token}_a",
+        "mapped": f"wsss_{ns}_{dead}_{token}_b",  # an orphaned tritonserver still using it
+        "ours": f"wsss_{ns}_{os.getpid()}_{token}_c",
+        # another PID namespace's (a container sharing /dev/shm): its processes are not
+        # ours to see, so its regions are not ours to judge
+        "elsewhere": f"wsss_1{ns}_{dead}_{token}_d",
     }
     for name in names.values():
         (SHM_DIR / name).write_bytes(b"\0" * 4096)
@@ -79,7 +83,7 @@ def test_a_start_unlinks_the_regions_of_servers_whose_owner_is_gone():
         with (SHM_DIR / names["mapped"]).open("r+b") as f, mmap.mmap(f.fileno(), 4096):
             removed = sweep_shm()
             assert names["orphan"] in removed
-            assert [(SHM_DIR / n).exists() for n in names.values()] == [False, True, True]
+            assert [(SHM_DIR / n).exists() for n in names.values()] == [False, True, True, True]
     finally:
         for name in names.values():
             (SHM_DIR / name).unlink(missing_ok=True)
