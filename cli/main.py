@@ -441,13 +441,18 @@ STUDIES = (
         SERVED_STUDY,
     ),
 )
-# `wsss evaluate`'s flags from before `wsss study`: each still runs its study, and says so.
-_OLD = "(deprecated: wsss study {})"
+EVALUATE_HELP = """Score the profile's classifier, pseudo-masks and segmenter (and the supervised
+bound, where trained) on its test split, at each photo's own resolution; writes
+<runs>/eval/results.md, results.json and a figure. The papers' studies are `wsss study`
+(cams, levelset, photos, served)."""
+
+# `wsss evaluate`'s flags from before `wsss study`: each still runs its study, and says so;
+# left out of the help, which shows what to use instead.
 EVALUATE = (
-    flag("--study", action="store_true", help=_OLD.format("cams")),
-    flag("--levelset", action="store_true", help=_OLD.format("levelset")),
-    flag("--photos", action="store_true", help=_OLD.format("photos")),
-    flag("--served", action="store_true", help=_OLD.format("served")),
+    flag("--study", action="store_true", help=argparse.SUPPRESS),
+    flag("--levelset", action="store_true", help=argparse.SUPPRESS),
+    flag("--photos", action="store_true", help=argparse.SUPPRESS),
+    flag("--served", action="store_true", help=argparse.SUPPRESS),
     flag("--url", help=argparse.SUPPRESS),
     flag("--protocol", choices=["grpc", "http"], default="grpc", help=argparse.SUPPRESS),
     flag("--served-label", help=argparse.SUPPRESS),
@@ -648,7 +653,13 @@ COMMANDS = (
         commands=(Command("synth", "write the synthetic benchmark", cmd_data, SYNTH),),
     ),
     Command("train", "classifier -> pseudo-masks -> segmenter", cmd_train, TRAIN),
-    Command("evaluate", "score the profile on its test split", cmd_evaluate, EVALUATE),
+    Command(
+        "evaluate",
+        "score the profile on its test split",
+        cmd_evaluate,
+        EVALUATE,
+        description=EVALUATE_HELP,
+    ),
     Command(
         "study",
         "the papers' studies: CAM methods x refiners, the level set, photos, a server",
