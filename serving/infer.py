@@ -202,10 +202,13 @@ def _absolute(path: Path) -> Path:
 
 def _relative_to(root: Path, paths: list[Path]) -> list[Item]:
     root = _absolute(root)
-    outside = [p for p in paths if not _absolute(p).is_relative_to(root)]
-    if outside:  # a glob whose matches climb above its fixed part ('*/../../x.jpg')
-        raise ClientError(f"{outside[0]} is outside {root}: name it, or its folder, instead")
-    return [Item(p, _absolute(p).relative_to(root).with_suffix("")) for p in paths]
+    items = []
+    for path in paths:
+        full = _absolute(path)
+        if not full.is_relative_to(root):  # a glob climbing above its fixed part ('*/../x')
+            raise ClientError(f"{path} is outside {root}: name it, or its folder, instead")
+        items.append(Item(path, full.relative_to(root).with_suffix("")))
+    return items
 
 
 def _unique(items: list[Item]) -> list[Item]:

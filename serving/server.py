@@ -175,8 +175,8 @@ def restriction_flags(key: str, open_apis: tuple[str, ...] = ()) -> list[str]:
 # Every Python-backend stub (all our models but the ensembles) gets a shared-memory region
 # in /dev/shm (16 MiB where /dev/shm holds 512 MiB or more), which tritonserver unlinks at a
 # clean exit. One it never exits cleanly from (SIGKILL, a crash, a killed owner) stays in
-# memory until the machine restarts: 889 of them, 14 GB of this 24 GB machine, after a few
-# days of tests. So each server's regions are named after it,
+# memory until the machine restarts: 889 of them, 14 GB of this 24 GB machine, in 14 hours
+# of test runs. So each server's regions are named after it,
 # "wsss_<pid namespace>_<owner pid>_<token>_<uuid>" (the owner: the process that started
 # it), and stop() unlinks them; a start unlinks those of owners that are gone, in its own
 # PID namespace (a container sharing the host's /dev/shm sees none of the host's

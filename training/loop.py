@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from training import distributed
 from training.models.common import to_pixels
+from wsss.config import load_config
 from wsss.errors import InputError
 
 
@@ -41,10 +43,6 @@ def load_checkpoint(path: str | Path) -> dict:
 def trained_with(folder: str | Path, cfg, saved: str | Path | None = None) -> bool:
     """A checkpoint (``best.pt``) in ``folder`` trained with exactly ``cfg`` (a
     ``wsss.config.Config``), as the config saved beside it (or at ``saved``) says."""
-    import dataclasses
-
-    from wsss.config import load_config
-
     folder = Path(folder)
     saved = Path(saved) if saved is not None else folder / "config.yaml"
     if not ((folder / "best.pt").exists() and saved.exists()):

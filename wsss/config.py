@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from wsss.errors import InputError
-from wsss.served.images import MAX_PIXELS
+from wsss.served.configs import MAX_PIXELS
 from wsss.served.registry import FOLLOW_UPS, LEVELSET_SEEDS, METHODS, RefinerSpec
 from wsss.task import Task, get_task
 

@@ -365,22 +365,29 @@ def test_records_name_what_answered_and_resume_redoes_another_models(server, pho
     assert (fourth.skipped, len(fourth.done)) == (3, 0)
 
 
+def _third_request_raises(monkeypatch, error: BaseException) -> list:
+    """The client's third request raises ``error`` (the server gone, a Ctrl-C); the list
+    returned grows by one for each request sent."""
+    sent = []
+    real = PipelineClient.infer_encoded
+
+    def third_fails(self, blobs):
+        sent.append(1)
+        if len(sent) == 3:
+            raise error
+        return real(self, blobs)
+
+    monkeypatch.setattr(PipelineClient, "infer_encoded", third_fails)
+    return sent
+
+
 @pytest.mark.slow
 @pytest.mark.triton
 def test_an_interrupted_run_resumes_from_its_predictions(server, photos, tmp_path, monkeypatch):
     """The server fails midway: the run stops with the records of the images that landed;
     --resume sends only the others, and the file ends with one written record per image."""
     options = InferOptions(tmp_path / "out", concurrency=1, progress=False)
-    sent = []
-    real = PipelineClient.infer_encoded
-
-    def failing(self, blobs):
-        sent.append(1)
-        if len(sent) == 3:
-            raise ClientError("the server went away", status="503")
-        return real(self, blobs)
-
-    monkeypatch.setattr(PipelineClient, "infer_encoded", failing)
+    sent = _third_request_raises(monkeypatch, ClientError("the server went away", status="503"))
     with pytest.raises(ClientError, match="went away"):
         run([str(photos / "sub")], server.grpc_url, "grpc", options)
     first = read_predictions(options.out / PREDICTIONS)
@@ -399,16 +406,7 @@ def test_an_interrupted_run_resumes_from_its_predictions(server, photos, tmp_pat
 @pytest.mark.triton
 def test_ctrl_c_says_how_far_it_got_and_how_to_carry_on(server, photos, tmp_path, monkeypatch):
     options = InferOptions(tmp_path / "out", concurrency=1, progress=False)
-    sent = []
-    real = PipelineClient.infer_encoded
-
-    def interrupted(self, blobs):
-        sent.append(1)
-        if len(sent) == 3:
-            raise KeyboardInterrupt
-        return real(self, blobs)
-
-    monkeypatch.setattr(PipelineClient, "infer_encoded", interrupted)
+    _third_request_raises(monkeypatch, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt, match=r"2 of 3 images written to .*--resume carries on"):
         run([str(photos / "sub")], server.grpc_url, "grpc", options)
     assert len(read_predictions(options.out / PREDICTIONS)) == 2

@@ -7,6 +7,14 @@ native backend does) and ``wsss export --check`` (listing every problem) hold ON
 their configs one way.
 """
 
+# The max_pixels parameter's default (here, not in images.py, so that wsss.config reads it
+# without OpenCV): the decoded pixels an image may have, checked from its header before
+# decoding. A 12,000 x 12,000 PNG is 450 KB on the wire and 430 MB decoded. The served limit
+# is export.max_image_pixels (the preprocess and postprocess models' max_pixels parameter);
+# the postprocess model holds the masks' size (ORIGINAL_SIZE, which a client calling it
+# directly gives) to it too: 8 bytes asking 16384 x 16384 would be two 268 MB masks an item.
+MAX_PIXELS = 40_000_000
+
 # ONNX Runtime's tensor types as config.pbtxt spells them.
 ONNX_TYPES = {
     "tensor(float)": "TYPE_FP32",

@@ -14,16 +14,11 @@ import io
 import cv2
 import numpy as np
 
+from .configs import MAX_PIXELS
 from .errors import InputError
 
 MAX_ENCODED_BYTES = 64 << 20  # refuse larger uploads before decoding anything
 MAX_SIDE = 16384  # decoded images and requested output sizes stay below this
-# Decoded pixels an image may have, checked from its header before decoding: a 12,000 x
-# 12,000 PNG is 450 KB on the wire and 430 MB decoded. The served limit is
-# export.max_image_pixels (the preprocess and postprocess models' max_pixels parameter); the
-# postprocess model holds the masks' size (ORIGINAL_SIZE, which a client calling it directly
-# gives) to it too: 8 bytes asking 16384 x 16384 would be two 268 MB masks an item.
-MAX_PIXELS = 40_000_000
 # What Pillow may read: the photo formats, not every plugin it has (EPS would call Ghostscript).
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")  # MPO reads as JPEG
 
