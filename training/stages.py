@@ -15,8 +15,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from training import distributed
-from training.data.dataset import WSSSDataset, random_resized_crop_flip
-from training.data.layouts import IGNORE, describe, list_samples
+from training.data.dataset import WSSSDataset, random_resized_crop_flip, require_synth
+from training.data.layouts import (
+    IGNORE,
+    describe,
+    list_samples,
+    read_class_names,
+    read_palette,
+)
 from training.levelset.model import LevelSetHead
 from training.levelset.train import LevelSetLoss, LevelSetModel, head_kwargs
 from training.loop import fit, load_checkpoint, resolve_device, save_checkpoint
@@ -540,18 +546,25 @@ def train_segmenter(
     return _train(cfg, model, train, val, loss, meta, seg.epochs, seg.lr, out=out)
 
 
-def passthrough_segmenter(cfg: Config, data: WSSSDataset) -> nn.Module:
+def passthrough_segmenter(cfg: Config, data: WSSSDataset | None = None) -> nn.Module:
     """``segmenter.arch: passthrough``: nothing to train, the refined mask is served as the
     segmentation. Its checkpoint (no weights: its classes and palette) is still written, so
-    every later stage reads the segmenter the same way."""
-    num_classes = cfg.data.kind.segmentation_classes(data.num_classes)
+    every later stage reads the segmenter the same way. The data's class names and palette
+    are read from ``data``, or from ``cfg.data`` without decoding a photo."""
+    if data is None:
+        require_synth(cfg.data)
+        root, task, layout = cfg.data.root, cfg.data.task, cfg.data.layout
+        names, palette = read_class_names(root, task, layout), read_palette(root, task, layout)
+    else:
+        names, palette = data.class_names, data.palette
+    num_classes = cfg.data.kind.segmentation_classes(len(names))
     meta = {
         "family": "segmenter",
         "arch": PASSTHROUGH,
         "task": cfg.data.kind.as_meta(),
         "kwargs": {"num_classes": num_classes},
-        "class_names": data.class_names,
-        "palette": data.palette,
+        "class_names": names,
+        "palette": palette,
         "targets": "none: the served PSEUDO_MASK passes through",
     }
     note = "segmenter: passthrough, nothing to train: SEGMENTATION is the PSEUDO_MASK"
@@ -635,23 +648,29 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
     resolve_device(cfg.train.device)  # under torchrun: join the process group first
     runs = Path(cfg.runs)
     network = RefinerSpec.of(cfg.refine).checkpoint  # a refiner trained here (the level set)
-    # Loaded once, and only when a stage reads it (the ImageNet head trains on nothing);
-    # pseudo-masks alone decode only each rank's share (write_pseudo_masks).
-    imagenet_only = (
-        tuple(stages) == ("classifier",)
-        and not learns_classes(cfg)
-        and not cfg.classifier.threshold_folds
+    # The photos are decoded once, and only when a stage reads them: the ImageNet head and a
+    # pass-through segmenter train on nothing; pseudo-masks alone decode only each rank's
+    # share (write_pseudo_masks).
+    needs_pseudo = "pseudo" in stages or "segmenter" in stages
+    trains_levelset = bool(network) and (
+        "levelset" in stages or (needs_pseudo and not (runs / network).exists())
     )
-    levelset_missing = bool(network) and not (runs / network).exists()
-    pseudo_only = (
-        tuple(stages) == ("pseudo",) and cfg.segmenter.arch != PASSTHROUGH and not levelset_missing
+    passthrough = cfg.segmenter.arch == PASSTHROUGH
+    pseudo_only = tuple(stages) == ("pseudo",) and not passthrough and not trains_levelset
+    reads_photos = (
+        ("classifier" in stages and (learns_classes(cfg) or bool(cfg.classifier.threshold_folds)))
+        or trains_levelset
+        or (
+            not passthrough
+            and not pseudo_only
+            and any(s in stages for s in ("pseudo", "segmenter", "supervised"))
+        )
     )
-    data = None if imagenet_only or pseudo_only else load_train_set(cfg)
+    data = load_train_set(cfg) if reads_photos else None
     if "classifier" in stages:
         train_classifier(cfg, data)
-    needs_pseudo = "pseudo" in stages or "segmenter" in stages
     distributed.barrier()  # every rank decides what to make from the same files
-    if network and ("levelset" in stages or (needs_pseudo and not (runs / network).exists())):
+    if trains_levelset:
         classifier, cmeta = load_model(runs / "classifier" / "best.pt")
         check_tiles(cfg, classifier, runs / "classifier")
         train_levelset(cfg, data, classifier, cmeta)

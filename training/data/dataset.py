@@ -28,6 +28,17 @@ from wsss.served.images import resize_image, resize_mask
 from wsss.task import get_task
 
 
+def require_synth(data) -> None:
+    """Where a ``wsss.config.DataConfig`` means the bundled synthetic benchmark and it is not
+    written yet: say how to write it."""
+    if data.synth_count and not Path(data.root).exists():
+        raise DataLayoutError(
+            f"{data.root} does not exist: where the profile means the bundled synthetic "
+            "benchmark (data.synth_count), write it first with `wsss data synth` and the "
+            "same --config/--set"
+        )
+
+
 class WSSSDataset(Dataset):
     """Images resized to ``size`` x ``size`` and held in memory (decoded once, not per epoch).
 
@@ -102,12 +113,7 @@ class WSSSDataset(Dataset):
     def from_config(cls, data, split: str) -> WSSSDataset:
         """``split`` of the data a ``wsss.config.DataConfig`` describes: the one place the
         config's data settings become a dataset."""
-        if data.synth_count and not Path(data.root).exists():
-            raise DataLayoutError(
-                f"{data.root} does not exist: where the profile means the bundled synthetic "
-                "benchmark (data.synth_count), write it first with `wsss data synth` and the "
-                "same --config/--set"
-            )
+        require_synth(data)
         return cls(
             data.root,
             data.task,

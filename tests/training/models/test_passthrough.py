@@ -112,6 +112,27 @@ def test_train_writes_the_pass_through_and_skips_what_would_train_it(passthrough
     assert not (runs / "pseudo").exists() and not (runs / "supervised").exists()
 
 
+def test_nothing_to_train_decodes_no_photo(passthrough_cfg, monkeypatch, capsys):
+    """A pass-through segmenter and nothing else to train (make serve's first run): the
+    photos are not decoded, and no "train data: N images, K classes" line names classes the
+    served model does not answer."""
+    from training import stages
+    from training.data.layouts import read_class_names
+    from training.pipeline import load_model
+
+    def no_photos(cfg):
+        raise AssertionError("the training photos were decoded")
+
+    monkeypatch.setattr(stages, "load_train_set", no_photos)
+    runs = Path(passthrough_cfg.runs)
+    (runs / "segmenter" / "best.pt").unlink()
+    stages.run(passthrough_cfg, ("pseudo", "segmenter", "supervised"))
+    _, meta = load_model(runs / "segmenter" / "best.pt")
+    data = passthrough_cfg.data
+    assert meta["class_names"] == read_class_names(data.root, data.task, data.layout)
+    assert "train data:" not in capsys.readouterr().out
+
+
 def test_the_pipeline_serves_the_refined_mask_as_the_segmentation(passthrough_cfg):
     from training.pipeline import pipeline_from_config
 
