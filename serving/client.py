@@ -153,12 +153,15 @@ class PipelineClient:
         params = parameters(config)
         self.class_names, self.palette = read_label_parameters(params)
         self.presence = read_presence(params)  # None: an export from before it
-        # The newest version each network serves (what the ensembles run): which model
-        # answered, for a record of its predictions.
+        # The newest version the ensemble and each network serve (an export writes them all
+        # at one version): which model answered, for a record of its predictions.
         self.versions = {
             m: max((int(v) for v in meta[m].get("versions", [])), default=None)
-            for m in (CLASSIFIER, SEGMENTER)
+            for m in (model, CLASSIFIER, SEGMENTER)
         }
+        # The version of the model that answered this client's last request (the server
+        # says; a mid-run export the server loaded answers with the next one).
+        self.answered: int | None = None
 
     def fork(self, model: str | None = None) -> PipelineClient:
         """A client of its own (of ``model``, either ensemble; default this one) sharing what
@@ -262,6 +265,11 @@ class PipelineClient:
                 status,
                 reason and _innermost(reason),
             ) from exc
+        response = result.get_response()
+        version = (
+            response["model_version"] if isinstance(response, dict) else response.model_version
+        )
+        self.answered = int(version) if str(version).isdigit() else None
         return {name: result.as_numpy(name) for name in wanted}
 
     def close(self) -> None:

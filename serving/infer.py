@@ -46,7 +46,6 @@ from wsss.tensors import (
     PSEUDO_MASK,
     PSEUDO_MASK_FULL,
     SCORES,
-    SEG_PROBS,
     SEGMENTATION,
     SEGMENTATION_FULL,
     class_label,
@@ -248,21 +247,43 @@ class _Run:
 
     def __init__(self, url: str, protocol: str, options: InferOptions):
         self.options = options
-        self.base = PipelineClient(url, protocol, PIPELINE_BYTES)
-        self.palette = self.base.palette or VOC_PALETTE
-        self.local = threading.local()
-        self.clients: list[PipelineClient] = [self.base]
         self.lock = threading.Lock()
-        # What answered, in every record: a folder's records from two servers or two exports
-        # tell themselves apart, and --resume redoes what another model answered. The
-        # networks' versions and the classes they name, not the address it was reached at.
-        names = json.dumps(self.base.class_names).encode()
-        self.model = {
+        self.local = threading.local()
+        self.base = PipelineClient(url, protocol, PIPELINE_BYTES)
+        self.clients: list[PipelineClient] = [self.base]
+        self.server = self.base.url
+        self.model = self.identity(self.base, self.base.versions[PIPELINE_BYTES])
+
+    @staticmethod
+    def identity(base: PipelineClient, version: int | None) -> dict:
+        """What answered, in every record: a folder's records from two servers or two exports
+        tell themselves apart, and --resume redoes what another model answered. The export's
+        version (the ensemble's: an export writes every model at one version) and the
+        classes it names, not the address it was reached at."""
+        names = json.dumps(base.class_names).encode()
+        return {
             "ensemble": PIPELINE_BYTES,
-            **self.base.versions,
+            "version": version,
             "classes": hashlib.sha256(names).hexdigest()[:12],
         }
-        self.server = self.base.url
+
+    def answered_by(self, version: int | None) -> tuple[PipelineClient, dict]:
+        """The client that read the model which answered with ``version`` (its class names,
+        colours and thresholds) and its identity: this run's, or, where the server loaded an
+        export mid-run, the new one's, read from the server once."""
+        with self.lock:
+            if version is not None and self.model["version"] is not None:
+                if version > self.model["version"]:  # a newer export: read what it serves
+                    fresh = PipelineClient(self.base.url, self.base.protocol, PIPELINE_BYTES)
+                    self.clients.append(fresh)
+                    self.base, self.model = fresh, self.identity(fresh, version)
+                elif version < self.model["version"]:  # in flight when the export landed
+                    return self.base, {**self.model, "version": version}
+            return self.base, self.model
+
+    @property
+    def palette(self) -> list[int]:
+        return self.base.palette or VOC_PALETTE
 
     def client(self, model: str = PIPELINE_BYTES) -> PipelineClient:
         clients = self.local.__dict__.setdefault("clients", {})
@@ -279,29 +300,32 @@ class _Run:
     def one(self, item: Item) -> dict:
         try:
             data = item.path.read_bytes()
-            outputs = self.client().infer_encoded([data])
+            outputs, cams = self.send(data)
         except OSError as exc:
             raise _Unreadable(exc.strerror or str(exc)) from exc
         except ClientError as exc:
             if not exc.invalid_input:  # the server's fault, not the file's: stop the run
                 raise
             raise _Unreadable(exc.reason) from exc
+        base, model = self.answered_by(self.client().answered)
+        palette = base.palette or VOC_PALETTE
         files = {
-            what: write_mask(outputs[key][0], self.palette, item.output(self.options.out, what))
+            what: write_mask(outputs[key][0], palette, item.output(self.options.out, what))
             for key, what in MASK_FILES.items()
         }
-        if self.options.figures:
-            files[FIGURE] = self.figure(data, item.output(self.options.out, FIGURE))
+        if cams is not None:
+            files[FIGURE] = self.figure(
+                data, outputs, cams, base, item.output(self.options.out, FIGURE)
+            )
         masks = {what: outputs[key][0] for key, what in MASK_FILES.items()}
-        base = self.base
         binary = base.mask_classes == 2
         record = prediction(outputs[SCORES][0], masks, base.class_names, base.presence, binary)
-        label, score = top_class(outputs[SCORES][0], self.base.class_names)
+        label, score = top_class(outputs[SCORES][0], base.class_names)
         return {
             "image": str(item.path),
             "name": item.name.as_posix(),
             "server": self.server,
-            "model": self.model,
+            "model": model,
             "status": "ok",
             "top_class": label,
             "score": score,
@@ -309,22 +333,39 @@ class _Run:
             "files": {what: str(path) for what, path in files.items()},
         }
 
-    def figure(self, data: bytes, path: Path) -> Path:
+    def send(self, data: bytes) -> tuple[dict, np.ndarray | None]:
+        """The bytes ensemble's outputs for one encoded image and, with figures, the CAMs
+        (which only the tensor ensemble returns) from the same export: where an export
+        lands between the two requests, both are sent again."""
+        for _ in range(3):
+            outputs = self.client().infer_encoded([data])
+            if not self.options.figures:
+                return outputs, None
+            tensors = self.client(PIPELINE)
+            image = resize(load_image(data), tensors.image_size)[None]
+            cams = tensors.infer(image, [CAMS])[CAMS][0]
+            if tensors.answered == self.client().answered:
+                return outputs, cams
+        raise ClientError(
+            "the server's models kept changing between an image's two requests (its masks "
+            "and, for --figures, its CAMs): run again once the exports have settled"
+        )
+
+    def figure(
+        self, data: bytes, outputs: dict, cams: np.ndarray, base: PipelineClient, path: Path
+    ) -> Path:
         """Image, CAM of the top class the masks hold (at the server's thresholds),
-        pseudo-mask and segmentation: the tensor ensemble's outputs (the bytes ensemble
-        returns no CAMs) for the image at the model size, drawn
-        back at the photo's own aspect (its longer side FIGURE_SIDE, or the model's where
-        larger), as the bytes ensemble returns its masks at the photo's size."""
+        pseudo-mask and segmentation: the masks written (the bytes ensemble's, at the photo's
+        size) and the CAM the tensor ensemble gives for the image at the model size, drawn at
+        the photo's own aspect (its longer side FIGURE_SIDE, or the model's where larger)."""
         from wsss.figures import legend_entries, overlay, panel_figure  # matplotlib: when drawing
 
-        client = self.client(PIPELINE)
         photo = load_image(data)
-        outputs = {k: v[0] for k, v in client.infer(resize(photo, client.image_size)[None]).items()}
-        scores = outputs[SCORES]
+        scores = outputs[SCORES][0]
         top = int(scores.argmax())
-        label, score = top_class(scores, self.base.class_names)
+        label, score = top_class(scores, base.class_names)
         cam = f"CAM: {label} ({score:.2f})"
-        presence = self.base.presence
+        presence = base.presence
         if presence is not None:  # the CAM of a class the masks hold, as the legend says
             present = present_classes(
                 scores,
@@ -334,26 +375,25 @@ class _Run:
             )
             if present:
                 top = max(present, key=lambda c: scores[c])
-                cam = f"CAM: {class_label(self.base.class_names, top)} ({scores[top]:.2f})"
+                cam = f"CAM: {class_label(base.class_names, top)} ({scores[top]:.2f})"
             else:
                 cam += ", below the thresholds"
         h, w = photo.shape[:2]
-        side = max(FIGURE_SIDE, *client.image_size) / max(h, w)
+        side = max(FIGURE_SIDE, *base.image_size) / max(h, w)
         shape = (max(1, round(h * side)), max(1, round(w * side)))
         shown = resize(photo, shape)
-        masks = [resize(outputs[k], shape, nearest=True) for k in (PSEUDO_MASK, SEGMENTATION)]
+        masks = [resize(outputs[k][0], shape, nearest=True) for k in MASK_FILES]
+        palette = base.palette or VOC_PALETTE
         panels = {
             "image": shown,
-            cam: resize(outputs[CAMS][top], shape),
-            "pseudo-mask": overlay(shown, masks[0], palette=self.palette),
-            "segmentation": overlay(shown, masks[1], palette=self.palette),
+            cam: resize(cams[top], shape),
+            "pseudo-mask": overlay(shown, masks[0], palette=palette),
+            "segmentation": overlay(shown, masks[1], palette=palette),
         }
         # The classes the masks hold, named and coloured as the server says (binary masks:
         # the foreground, named by the top class).
-        names = self.base.class_names or []
-        if outputs[SEG_PROBS].shape[0] == 2:  # background + one foreground: the top class
-            names = [label]
-        legend = legend_entries(masks, names, self.palette)
+        names = [label] if base.mask_classes == 2 else base.class_names or []
+        legend = legend_entries(masks, names, palette)
         with _FIGURE_LOCK:
             return atomic_write(
                 path,

@@ -72,7 +72,9 @@ def test_encoded_input_is_what_infer_encoded_sends(monkeypatch):
 
     def infer(model, inputs, outputs):
         sent.append(inputs)
-        return types.SimpleNamespace(as_numpy=lambda name: None)  # nothing is sent
+        return types.SimpleNamespace(  # nothing is sent
+            as_numpy=lambda name: None, get_response=lambda: {"model_version": "1"}
+        )
 
     monkeypatch.setattr(client.client, "infer", infer)
     blobs = [b"\x89PNG one", b"\xff\xd8 two, longer"]

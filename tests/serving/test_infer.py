@@ -28,7 +28,7 @@ from serving.infer import (
     run,
 )
 from serving.perf import settled_statistics
-from wsss.tensors import PIPELINE_BYTES, PSEUDO_MASK_FULL, SEGMENTATION_FULL
+from wsss.tensors import PIPELINE, PIPELINE_BYTES, PSEUDO_MASK_FULL, SEGMENTATION_FULL
 
 MASKS = {PSEUDO_MASK_FULL: "pseudo_mask", SEGMENTATION_FULL: "segmentation"}
 # In the order a folder walk finds them: a folder's files, then its subfolders, by name.
@@ -178,36 +178,25 @@ def test_images_in_flight_when_the_server_fails_are_still_recorded(tmp_path):
 
 
 def test_the_overlay_is_drawn_at_the_photos_aspect(tmp_path, monkeypatch):
-    """A 60 x 120 photo goes to the tensor ensemble as a 32 x 32 square; its figure shows
-    every panel at the photo's aspect (its longer side FIGURE_SIDE), not squashed into the
-    square: the right half the server marked is the right half drawn."""
+    """A 60 x 120 photo's masks come back at its size and its CAMs at the model's 32 x 32
+    square; its figure shows every panel at the photo's aspect (its longer side
+    FIGURE_SIDE), not squashed into the square: the right half the server marked is the
+    right half drawn, and the masks drawn are the masks written."""
     import types
 
     import wsss.figures
     from serving.infer import FIGURE_SIDE, _Run
-    from wsss.palette import VOC_PALETTE
     from wsss.served.images import encode_png
-    from wsss.tensors import CAMS, PSEUDO_MASK, SCORES, SEG_PROBS, SEGMENTATION
+    from wsss.tensors import SCORES
 
-    mask = np.zeros((1, 32, 32), np.uint8)
-    mask[:, :, 16:] = 1
-
-    class Square:
-        image_size = (32, 32)
-
-        def infer(self, images):
-            assert images.shape == (1, 32, 32, 3)
-            cams = np.zeros((1, 2, 32, 32), np.float32)
-            probs = np.zeros((1, 2, 32, 32), np.float32)
-            scores = np.array([[0.2, 0.8]], np.float32)
-            return {
-                SCORES: scores,
-                CAMS: cams,
-                PSEUDO_MASK: mask,
-                SEGMENTATION: mask,
-                SEG_PROBS: probs,
-            }
-
+    mask = np.zeros((1, 60, 120), np.uint8)
+    mask[:, :, 60:] = 1
+    outputs = {
+        SCORES: np.array([[0.2, 0.8]], np.float32),
+        PSEUDO_MASK_FULL: mask,
+        SEGMENTATION_FULL: mask,
+    }
+    cams = np.zeros((2, 32, 32), np.float32)
     drawn, drawn_at = {}, []
 
     def panels(rows, titles, path, legend=None, panel_inches=2.2):
@@ -217,11 +206,11 @@ def test_the_overlay_is_drawn_at_the_photos_aspect(tmp_path, monkeypatch):
 
     monkeypatch.setattr(wsss.figures, "panel_figure", panels)
     run = _Run.__new__(_Run)
-    run.base = types.SimpleNamespace(class_names=["cat", "dog"], presence=None)
-    run.palette = VOC_PALETTE
-    run.client = lambda model=None: Square()
-    photo = np.full((60, 120, 3), 100, np.uint8)
-    run.figure(encode_png(photo), tmp_path / "photo_overlay.png")
+    base = types.SimpleNamespace(
+        class_names=["cat", "dog"], presence=None, palette=None, image_size=(32, 32), mask_classes=2
+    )
+    photo = encode_png(np.full((60, 120, 3), 100, np.uint8))
+    run.figure(photo, outputs, cams, base, tmp_path / "photo_overlay.png")
     half = FIGURE_SIDE // 2
     assert [v.shape[:2] for v in drawn.values()] == [(half, FIGURE_SIDE)] * 4
     assert drawn_at == [pytest.approx(FIGURE_SIDE)]  # drawn as large as it is
@@ -231,8 +220,8 @@ def test_the_overlay_is_drawn_at_the_photos_aspect(tmp_path, monkeypatch):
     # The CAM drawn is of a class the masks hold at the server's thresholds (a multi-label
     # profile's own per class), not the top score's when that one is below its threshold.
     drawn.clear()
-    run.base.presence = {"multi_label": True, "threshold": [0.1, 0.9], "min_score": 0.0}
-    run.figure(encode_png(photo), tmp_path / "photo_overlay.png")
+    base.presence = {"multi_label": True, "threshold": [0.1, 0.9], "min_score": 0.0}
+    run.figure(photo, outputs, cams, base, tmp_path / "photo_overlay.png")
     assert "CAM: cat (0.20)" in drawn
 
 
@@ -339,7 +328,7 @@ def test_resume_sends_only_the_images_not_yet_written(server, photos, tmp_path):
 @pytest.mark.triton
 def test_records_name_what_answered_and_resume_redoes_another_models(server, photos, tmp_path):
     """A folder's records from two servers or two exports tell themselves apart: each names
-    the server, the ensemble and the networks' versions; --resume redoes an image another
+    the server, the ensemble and the version that answered; --resume redoes an image another
     model answered, and a run without it says the file holds earlier runs' records."""
     options = InferOptions(tmp_path / "out", concurrency=1, progress=False)
     run([str(photos / "sub")], server.grpc_url, "grpc", options)
@@ -347,9 +336,9 @@ def test_records_name_what_answered_and_resume_redoes_another_models(server, pho
     records = read_predictions(path)
     model = records["one"]["model"]
     assert records["one"]["server"] == server.grpc_url and model["ensemble"] == PIPELINE_BYTES
-    assert model["classifier"] >= 1 and model["segmenter"] >= 1 and len(model["classes"]) == 12
+    assert model["version"] >= 1 and len(model["classes"]) == 12
     assert all(r["model"] == model for r in records.values())
-    other = {**records["one"], "model": {**model, "classifier": model["classifier"] + 1}}
+    other = {**records["one"], "model": {**model, "version": model["version"] + 1}}
     with path.open("a") as f:  # as a run against another export appends it
         f.write(json.dumps(other) + "\n")
     options.resume = True
@@ -363,6 +352,33 @@ def test_records_name_what_answered_and_resume_redoes_another_models(server, pho
     options.resume = True
     fourth = run([str(photos / "sub")], server.http_url, "http", options)
     assert (fourth.skipped, len(fourth.done)) == (3, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_an_export_landing_mid_run_shows_in_the_records_and_no_figure_mixes_two(
+    server, photos, tmp_path, monkeypatch
+):
+    """After the run's first request the server answers with the next version, as when an
+    export lands mid-run: the first image's masks (old) and CAMs (new) disagree, so both are
+    sent again, and every record names the version that answered it."""
+    real = PipelineClient.infer_raw
+    sent = []
+
+    def next_export_after_the_first(self, *args, **kwargs):
+        outputs = real(self, *args, **kwargs)
+        sent.append(self.model)
+        self.answered += len(sent) > 1  # the server's answer after the export landed
+        return outputs
+
+    monkeypatch.setattr(PipelineClient, "infer_raw", next_export_after_the_first)
+    options = InferOptions(tmp_path / "out", concurrency=1, progress=False, figures=True)
+    report = run([str(photos / "sub")], server.grpc_url, "grpc", options)
+    served = PipelineClient(server.grpc_url, "grpc", PIPELINE_BYTES).versions[PIPELINE_BYTES]
+    assert sent[:4] == [PIPELINE_BYTES, PIPELINE, PIPELINE_BYTES, PIPELINE]
+    assert len(sent) == 2 * len(report.done) + 2  # the first image's two, sent again
+    assert [r["model"]["version"] for r in report.done] == [served + 1] * len(report.done)
+    assert all(Path(r["files"]["overlay"]).is_file() for r in report.done)
 
 
 def _third_request_raises(monkeypatch, error: BaseException) -> list:
