@@ -198,7 +198,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from serving.server import TritonServer
+    from serving.server import TritonServer, exit_reason
 
     cfg = _config(args)
     if args.build_if_missing:
@@ -222,7 +222,7 @@ def cmd_serve(args) -> None:
                 "(Ctrl-C stops)",
                 flush=True,
             )
-            server.process.wait()
+            server.serve_forever(cfg.serve.restarts)
         except KeyboardInterrupt:  # Ctrl-C is how `make serve` stops; leaving the
             asked_to_stop = True  # `with` block shuts tritonserver down cleanly
     code = server.process.returncode
@@ -233,7 +233,7 @@ def cmd_serve(args) -> None:
             print(f"wsss serve: tritonserver stopped at its exit timeout ({code})", flush=True)
         return
     if code not in (0, None):
-        sys.exit(f"tritonserver exited with {code}:\n{server.log_tail()}")
+        sys.exit(f"tritonserver exited ({exit_reason(code)}):\n{server.log_tail()}")
 
 
 def _interrupt(signum, frame) -> None:

@@ -22,8 +22,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -304,6 +304,19 @@ def auto_python_shm_mb(shm: str = "/dev/shm") -> int:
     return 16 if total >= 512 << 20 else 0
 
 
+_FRAME = re.compile(r"\s*\d+# ")  # a line of tritonserver's stack trace as it dies
+
+
+def exit_reason(code: int) -> str:
+    """A process's exit status in words: ``killed by SIGKILL``, ``exit status 1``."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
 STUB = "triton_python_backend_stub"
 
 
@@ -416,6 +429,7 @@ class TritonServer:
         self.shm_prefix: str | None = None  # its stubs' /dev/shm regions, named at each start
         self._replaced: dict[str, set[int]] = {}  # model: its stubs when the watchdog reloaded it
         self._reloaded_at: dict[str, float] = {}  # model: when the watchdog last reloaded it
+        self._stopped = threading.Event()  # set by stop(): the watchdog's thread ends
 
     @property
     def http_url(self) -> str:
@@ -441,9 +455,10 @@ class TritonServer:
         if not (self.repository / PIPELINE / "config.pbtxt").exists():
             raise ServerError(f"{self.repository} holds no exported pipeline: run `wsss export`")
         if self.process is not None:  # a server that died: what it left goes first
-            self.stop()
+            self._end()
         backends = prepare_backends(self.workdir / "backends")
-        self.admin_key = admin_key()
+        self.admin_key = self.admin_key or admin_key()  # one key for the object's life
+        self._stopped.clear()
         sweep_shm()  # what killed servers before this one left
         self.shm_prefix = shm_prefix()
         cmd = server_command(
@@ -495,13 +510,21 @@ class TritonServer:
         self.stop()
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
-    def log_tail(self, lines: int = 40) -> str:
+    def log_tail(self, lines: int = 40, frames: bool = True) -> str:
+        """The log's last ``lines``; without ``frames``, those of a crash's stack trace
+        (``12# 0x... in .../tritonserver``) left out: what it said before it died."""
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        kept = [line for line in text.splitlines() if frames or not _FRAME.match(line)]
+        return "\n".join(kept[-lines:])
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGINT (tritonserver unloads its models and exits), SIGKILL after ``timeout``; then
-        whatever is left of its process group (Python backend stubs) is killed too."""
+        whatever is left of its process group (Python backend stubs) is killed too. Its
+        watchdog stops."""
+        self._stopped.set()
+        self._end(timeout)
+
+    def _end(self, timeout: float = 30.0) -> None:
         if self.process is None:
             return
         if self.process.poll() is None:
@@ -619,13 +642,16 @@ class TritonServer:
 
     def watch(self, interval: float) -> threading.Thread:
         """A daemon thread that reloads every model whose stub died (seen dead twice in a
-        row, ``interval`` seconds apart), until the server stops."""
+        row, ``interval`` seconds apart), until the server is stopped (a server that died
+        and is started again, ``serve_forever``, is watched on)."""
         import tritonclient.grpc as grpc
 
         def loop() -> None:
             suspects: set[tuple[str, str]] = set()
-            while self.running:
-                time.sleep(interval)
+            while not self._stopped.wait(interval):
+                if not self.running:  # died: started again, or stopped, by its owner
+                    suspects = set()
+                    continue
                 # A client per round, closed at once: an open connection would make
                 # tritonserver wait out its exit timeout when it is stopped.
                 client = grpc.InferenceServerClient(self.grpc_url)
@@ -654,6 +680,33 @@ class TritonServer:
         thread = threading.Thread(target=loop, name="wsss-stub-watchdog", daemon=True)
         thread.start()
         return thread
+
+    def serve_forever(
+        self, restarts: int, window: float = 3600.0, say: Callable[[str], None] = print
+    ) -> int:
+        """Wait on tritonserver. Where it dies unasked (a crash: Triton 2.51 aborts on an
+        HTTP request whose JSON declares a shape too large to allocate, before it reads the
+        data; the OOM killer), keep its log beside the new one and start it again on the
+        same ports and key, up to ``restarts`` times in ``window`` seconds. Its exit status
+        when it is not started again (0: it exited by itself)."""
+        starts: deque[float] = deque()
+        while True:
+            code = self.process.wait()
+            now = time.monotonic()
+            while starts and now - starts[0] > window:
+                starts.popleft()
+            if code == 0 or len(starts) >= restarts:
+                return code
+            kept = self.log_path.with_name(f"{self.log_path.stem}.crashed{self.log_path.suffix}")
+            shutil.copyfile(self.log_path, kept)
+            say(
+                f"wsss: tritonserver died ({exit_reason(code)}); its log: {kept}\n"
+                f"{self.log_tail(3, frames=False)}\nwsss: starting it again "
+                f"({len(starts) + 1} of {restarts} in {window / 60:.0f} min)"
+            )
+            starts.append(now)
+            self.start()
+            say(f"wsss: serving again: HTTP {self.http_url}, gRPC {self.grpc_url}")
 
     def __enter__(self) -> TritonServer:
         return self if self.running else self.start()  # a stopped or dead server starts again

@@ -422,6 +422,10 @@ class ServeConfig:
     # client connections (a notebook's keep-alive client holds it the whole time) before it
     # exits; Triton's own default is 30 s, longer than `docker stop` waits.
     exit_timeout_seconds: int = 5
+    # tritonserver dead unasked (a crash: Triton 2.51 aborts on an HTTP request whose JSON
+    # declares a shape too large to allocate; the OOM killer): wsss serve starts it again,
+    # its log kept, up to this many times an hour; 0: wsss serve exits with it.
+    restarts: int = 5
     # Each Python-backend stub's shared-memory region, which carries its tensors to and from
     # tritonserver: the initial size and the growth step, in MiB. Triton's own default, 1 MiB,
     # grows a step at a time as full-resolution masks of varying sizes fragment it: the

@@ -24,6 +24,7 @@ from serving.server import (
     shm_regions,
     sweep_shm,
 )
+from wsss.tensors import PIPELINE_BYTES
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
@@ -110,26 +111,9 @@ def test_ctrl_c_while_it_starts_leaves_no_server(exported, tmp_path, monkeypatch
 def test_wsss_serve_stops_cleanly_on_ctrl_c_and_sigterm(exported, tmp_path, sig):
     cfg = _ports(exported)
     s = cfg.serve
-    cmd = [sys.executable, "-m", "wsss", "serve"]
-    if sig == signal.SIGINT:  # the shell ignores it, and exec keeps it ignored
-        cmd = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *cmd]
-    for key, value in (
-        ("export.repository", cfg.export.repository),
-        ("serve.http_port", s.http_port),
-        ("serve.grpc_port", s.grpc_port),
-        ("serve.metrics_port", s.metrics_port),
-    ):
-        cmd += ["--set", f"{key}={value}"]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
-        env=os.environ | {"PYTHONPATH": str(Path.cwd())}, start_new_session=True,
-    )  # fmt: skip
-    for line in proc.stdout:  # waits on the server saying it is ready, not on a clock
-        if line.startswith("serving "):
-            break
-    else:
-        pytest.fail(f"wsss serve exited ({proc.wait()}) before serving")
-    (triton,) = [pid for pid in _pids() if f"--http-port={s.http_port}" in _cmdline(pid)]
+    proc = _wsss_serve(cfg, tmp_path, ignore_sigint=sig == signal.SIGINT)
+    _wait_for_line(proc, "serving ")
+    (triton,) = _tritonservers(s.http_port)
     assert len(group_members(triton)) >= 2  # tritonserver and its Python stubs
     # A user's client left connected (keep-alive) holds tritonserver for its exit timeout:
     # Triton's default of 30 s would outlast the wait below; serve.exit_timeout_seconds (5)
@@ -142,6 +126,72 @@ def test_wsss_serve_stops_cleanly_on_ctrl_c_and_sigterm(exported, tmp_path, sig)
     finally:
         user.close()
     assert group_members(triton) == []
+
+
+def test_wsss_serve_starts_a_crashed_tritonserver_again(exported, tmp_path):
+    """tritonserver aborted (as Triton 2.51 does on an HTTP request whose JSON declares a
+    shape too large to allocate) is started again on the same ports, its crash log kept, and
+    serves; past serve.restarts, wsss serve exits with it, saying how it died."""
+    cfg = _ports(exported)
+    s = cfg.serve
+    proc = _wsss_serve(cfg, tmp_path, "serve.restarts=1")
+    _wait_for_line(proc, "serving ")
+    (first,) = _tritonservers(s.http_port)
+    os.kill(first, signal.SIGABRT)
+    said = _wait_for_line(proc, "wsss: serving again")
+    assert "tritonserver died (killed by SIGABRT)" in said and "starting it again (1 of 1" in said
+    assert (tmp_path / ".cache/server/tritonserver.crashed.log").is_file()
+    (second,) = _tritonservers(s.http_port)
+    assert second != first and group_members(first) == []
+    user = http.InferenceServerClient(f"127.0.0.1:{s.http_port}")
+    try:
+        assert user.is_server_ready() and user.is_model_ready(PIPELINE_BYTES)
+    finally:
+        user.close()
+    os.kill(second, signal.SIGABRT)  # the second crash within the hour: no restart
+    assert proc.wait(timeout=60) == 1
+    assert "tritonserver exited (killed by SIGABRT)" in proc.stdout.read()
+    assert group_members(second) == []
+
+
+def _wsss_serve(cfg, cwd: Path, *overrides: str, ignore_sigint: bool = False):
+    """`wsss serve` on ``cfg``'s repository and ports, its output piped (text)."""
+    s = cfg.serve
+    cmd = [sys.executable, "-m", "wsss", "serve"]
+    if ignore_sigint:  # the shell ignores it, and exec keeps it ignored
+        cmd = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *cmd]
+    for key, value in (
+        ("export.repository", cfg.export.repository),
+        ("serve.http_port", s.http_port),
+        ("serve.grpc_port", s.grpc_port),
+        ("serve.metrics_port", s.metrics_port),
+    ):
+        cmd += ["--set", f"{key}={value}"]
+    for override in overrides:
+        cmd += ["--set", override]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+        env=os.environ | {"PYTHONPATH": str(Path.cwd())}, start_new_session=True,
+    )  # fmt: skip
+
+
+def _wait_for_line(proc, start: str) -> str:
+    """What ``proc`` said up to its first line starting with ``start``: waits on the server
+    saying so, not on a clock."""
+    said = []
+    for line in proc.stdout:
+        said.append(line)
+        if line.startswith(start):
+            return "".join(said)
+    pytest.fail(f"wsss serve exited ({proc.wait()}) before {start!r}:\n{''.join(said)}")
+
+
+def _tritonservers(http_port: int) -> list[int]:
+    return [
+        pid
+        for pid in _pids()
+        if f"--http-port={http_port}" in _cmdline(pid) and "tritonserver" in _cmdline(pid)
+    ]
 
 
 def _pids() -> list[int]:
