@@ -10,6 +10,7 @@ downsampling).
 from __future__ import annotations
 
 import io
+import re
 
 import cv2
 import numpy as np
@@ -18,6 +19,11 @@ from .configs import MAX_PIXELS
 from .errors import InputError
 
 MAX_ENCODED_BYTES = 64 << 20  # refuse larger uploads before decoding anything
+# A progressive JPEG is decoded once per scan over the whole image: a 125 KB file of 4000 x
+# 4000 px with its last 14-byte scan repeated 2000 times held the decoder (and every request
+# queued behind it) for 15 s, and 64 MiB of such scans would hold it for hours. Encoders
+# write 2-10 scans (libjpeg's progression; mozjpeg's optimised ones a few dozen at most).
+MAX_JPEG_SCANS = 100
 MAX_SIDE = 16384  # decoded images and requested output sizes stay below this
 # What Pillow may read: the photo formats, not every plugin it has (EPS would call Ghostscript).
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")  # MPO reads as JPEG
@@ -84,12 +90,44 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         if max(width, height) > MAX_SIDE:
             raise ImageError(f"image of {width}x{height} exceeds {MAX_SIDE} px")
         check_pixels((height, width), max_pixels)
+        if image.format == "JPEG" and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
+            raise ImageError(f"a JPEG of {scans} scans exceeds {MAX_JPEG_SCANS}")
         try:
             image.seek(0)
             rgb = _rgb(image)
         except (*unreadable, Image.DecompressionBombError) as exc:
             raise ImageError(f"cannot decode the image ({exc})") from None
     return rgb
+
+
+# Where a scan's entropy-coded data ends: 0xFF followed by neither a stuffed 0x00 nor a
+# restart marker (RST0-7) is the next marker.
+_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+
+
+def jpeg_scans(data: bytes) -> int:
+    """The start-of-scan segments of a JPEG, walked marker by marker: metadata (an ICC
+    profile, Photoshop's, a thumbnail) is stepped over by its length, not searched, as any
+    byte may occur in it (a Pet photo's APP segments hold 45 stray 0xFF 0xDA pairs). Where
+    the stream stops making sense, what was counted: the decoder says the rest."""
+    i, n, scans = 2, len(data), 0  # after SOI
+    while i + 1 < n and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            i += 1
+        elif marker == 0xD9:  # EOI
+            break
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+            if marker == 0xDA:
+                scans += 1
+                end = _SCAN_END.search(data, i)
+                if end is None:
+                    break
+                i = end.start()
+    return scans
 
 
 def _rgb(image) -> np.ndarray:

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from wsss.served.images import ImageError, decode_image, encode_png, header_size
+from wsss.served.images import (
+    MAX_JPEG_SCANS,
+    ImageError,
+    decode_image,
+    encode_png,
+    header_size,
+    jpeg_scans,
+)
 
 
 def _png(size, mode="1") -> bytes:
@@ -48,4 +55,29 @@ def test_sixteen_bit_grey_scales_to_eight_bits_and_a_pillow_bomb_is_a_size_error
     bomb = _png((14_000, 14_000))
     assert header_size(bomb) is None
     with pytest.raises(ImageError, match="exceeds the limit"):
+        decode_image(bomb)
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(monkeypatch):
+    """A progressive JPEG decodes once per scan over the whole image: one whose last scan is
+    repeated (a few bytes each) would hold the decoder for as long as it is long. A real
+    progressive JPEG decodes; one with more scans than any encoder writes is refused from
+    its markers, no pixel decoded."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, "JPEG", progressive=True)
+    real = buf.getvalue()
+    assert 2 <= jpeg_scans(real) == real.count(b"\xff\xda") <= 10  # libjpeg's progression
+    assert decode_image(real).shape == (48, 64, 3)
+    # Metadata may hold any bytes: stray 0xFF 0xDA pairs in it are no scans.
+    icc = b"\xff\xda\x00\x07" * 500
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buf, "JPEG", progressive=True, icc_profile=icc)
+    assert buf.getvalue().count(b"\xff\xda") > MAX_JPEG_SCANS
+    assert jpeg_scans(buf.getvalue()) == jpeg_scans(real)
+    assert decode_image(buf.getvalue()).shape == (48, 64, 3)
+    last = real.rindex(b"\xff\xda")
+    scan = real[last:-2]  # the last scan: its header and data, up to the end-of-image marker
+    bomb = real[:-2] + scan * MAX_JPEG_SCANS + real[-2:]
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda *a: pytest.fail("decoded"))
+    with pytest.raises(ImageError, match=f"scans exceeds {MAX_JPEG_SCANS}"):
         decode_image(bomb)
