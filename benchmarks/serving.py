@@ -800,10 +800,9 @@ def bench_report(args) -> None:
 
     cfg = load_config(args.config or "configs/quick.yaml", args.set)
     cfg = own_repository(cfg, args.config, args.set)
-    command = "make bench" + (f" BENCH_CONFIG={args.config}" if args.config else "")
+    command = args.invocation  # the command as run, every flag in it
     if args.untrained:
         cfg = untrained(cfg, args.config)
-        command += " BENCH_ARGS=--untrained"
     else:
         build_if_missing(cfg)
     served = served_config(cfg)
@@ -815,7 +814,7 @@ def bench_report(args) -> None:
     )
     out = report_folder(args.config, args.out)
     if args.sweep:
-        print(sweep(cfg, blobs, settings, out, command + " SWEEP=1"))
+        print(sweep(cfg, blobs, settings, out, command))
         return
     refiners = None
     # The refiner-speed table where the profile serves a level set (the quick profile trains
@@ -827,7 +826,7 @@ def bench_report(args) -> None:
         refiners = refiner_speed(ensure_levelset(cfg))
     rows = eager_rows(served, images, args.seconds) + ort_rows(served, images, args.seconds)
     rows += parallel_rows(served, images, args.seconds)
-    batches = tuple(int(b) for b in args.batches.split(",") if b)
+    batches = args.batches
     repo = Path(cfg.export.repository)
     # perf_analyzer registers system shared memory for the "+ system shm" run and sends no
     # header for it over gRPC: this private loopback server leaves that one API open.

@@ -33,23 +33,22 @@ from benchmarks.serving import machine
 from serving.client import encoded_input
 from serving.infer import find_images
 from serving.server import TritonServer
-from serving.server import processes as serving_processes
+from wsss.errors import InputError
 from wsss.tensors import PIPELINE_BYTES, SEGMENTATION_FULL
 
 SERVER = "tritonserver"
 
 
 def processes(server: TritonServer) -> dict[int, str]:
-    """pid -> name of tritonserver and of every live stub serving its repository (a stub
-    is named for its model, version and instance: ``classifier/1 (stub 0)``)."""
+    """pid -> name of tritonserver and of each of its live stubs (a stub is named for its
+    model, version and instance: ``classifier/1 (stub 0)``): its own process group's only,
+    not those of another server on the same repository (a `make serve` beside it)."""
     found = {server.process.pid: SERVER}
     count: dict[str, int] = {}
-    for proc in serving_processes():
-        stub = proc.stub_of(server.repository)
-        if stub is not None:
-            key = "/".join(stub)
-            count[key] = count.get(key, -1) + 1
-            found[proc.pid] = f"{key} (stub {count[key]})"
+    for proc in server.stub_processes():
+        key = "/".join(proc.stub_of(server.repository))
+        count[key] = count.get(key, -1) + 1
+        found[proc.pid] = f"{key} (stub {count[key]})"
     return found
 
 
@@ -279,8 +278,21 @@ def report(run: Soak, args, served: str, max_growth: float) -> str:
 def soak_report(args) -> int:
     """``wsss soak`` (``make soak``): its flags are the CLI table's ``SOAK``; 0 when no
     process grew past --max-growth and every request was answered, else 1."""
+    if args.concurrency < 1:
+        raise InputError(
+            f"--concurrency is the requests in flight, at least 1: not {args.concurrency}"
+        )
+    if not 0 <= args.warmup < args.requests:
+        raise InputError(
+            f"--requests ({args.requests}) must be more than --warmup ({args.warmup}, at least "
+            "0): growth is measured over the requests after the warm-up"
+        )
+    if args.max_growth <= 0:
+        raise InputError(f"--max-growth is a fraction (0.05: 5%), above 0: not {args.max_growth}")
     args.images = args.images or PHOTOS
-    items, _ = find_images([args.images])
+    items, missing = find_images([args.images])
+    if missing or not items:
+        raise InputError(f"{args.images}: no such folder, or no photos in it")
     photos = [item.path.read_bytes() for item in items]
     with tempfile.TemporaryDirectory(prefix="wsss-soak-") as tmp:
         work = Path(tmp)

@@ -18,6 +18,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -245,6 +246,11 @@ def _url(args) -> str:
 
     if args.url:
         return server_address(args.url)
+    if hasattr(args, "set"):  # a command that reads the config: its serve ports (--set, env)
+        serve = _config(args).serve
+        host = "127.0.0.1" if serve.host in ("0.0.0.0", "::", "") else serve.host
+        port = serve.http_port if args.protocol == "http" else serve.grpc_port
+        return server_address(f"{host}:{port}")
     if args.protocol == "http":
         return f"127.0.0.1:{os.environ.get('HTTP_PORT', '8000')}"
     return f"127.0.0.1:{os.environ.get('GRPC_PORT', '8001')}"
@@ -288,10 +294,12 @@ def cmd_bench(args) -> None:
         print(speed_table(refiner_speed(_config(args), args.size, args.images_count)))
         return
     from serving.client import PipelineClient, load_image
+    from serving.infer import find_images
     from serving.perf import PerfSettings, format_table, run_perf_analyzer
 
-    url = _url(args)
-    spec = PipelineClient(url, args.protocol).all_specs[args.model]
+    report_only = [f for f in REPORT_ONLY if getattr(args, f.lstrip("-").replace("-", "_"))]
+    if report_only:
+        sys.exit(f"wsss bench: {', '.join(report_only)} go with --report (or --quantized)")
     settings = PerfSettings(
         args.batch,
         args.concurrency,
@@ -299,9 +307,23 @@ def cmd_bench(args) -> None:
         args.stability,
         request_count=args.request_count,
     )
-    images = [load_image(p) for p in args.images] or None
-    results = run_perf_analyzer(spec, url, args.protocol, settings, images)
-    print(format_table(results, f"{spec.name} over {args.protocol}, batch {args.batch}"))
+    items, missing = find_images(args.images)  # files, folders and globs, as infer takes
+    if missing:
+        sys.exit(f"wsss bench: {missing[0].path}: {missing[0].reason}")
+    for item in items:
+        load_image(item.path)  # one that is not an image: said now, not by perf_analyzer
+    files = [item.path.read_bytes() for item in items]
+    url = _url(args)
+    client = PipelineClient(url, args.protocol)
+    spec = client.all_specs[args.model]
+    most = int(client._config(args.model, url).get("max_batch_size", 0))
+    if args.batch > most:
+        sys.exit(f"wsss bench: --batch {args.batch} is over {args.model}'s max_batch_size {most}")
+    # The files' own bytes, as `wsss infer` sends them (the pixel ensemble gets them decoded
+    # and resized, as the client does).
+    results = run_perf_analyzer(spec, url, args.protocol, settings, files or None)
+    sent = f"{len(files)} files" if files else "a 160 x 160 test card (PNG), not a photo"
+    print(format_table(results, f"{spec.name} over {args.protocol}, batch {args.batch}: {sent}"))
 
 
 def cmd_soak(args) -> None:
@@ -355,8 +377,23 @@ class Command:
     commands: tuple[Command, ...] = ()
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    """``4,8`` -> (4, 8): positive whole numbers, comma-separated."""
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected whole numbers like 4,8")
+    return sizes
+
+
 URL = (
-    flag("--url", help="host:port (default: 127.0.0.1 and GRPC_PORT/HTTP_PORT)"),
+    flag(
+        "--url",
+        help="host:port (default: 127.0.0.1 and GRPC_PORT/HTTP_PORT, or where the command "
+        "takes --set, serve.grpc_port/http_port)",
+    ),
     flag("--protocol", choices=["grpc", "http"], default="grpc"),
 )
 
@@ -585,7 +622,12 @@ BENCH = (
         "(reports/bench/<profile>/, reports/bench/ for quick; --config defaults to "
         "configs/quick.yaml)",
     ),
-    flag("--batches", default="4,8", help="with --report: served batch sizes (concurrency 1)"),
+    flag(
+        "--batches",
+        type=_sizes,
+        default="4,8",
+        help="with --report: served batch sizes at concurrency 1 (default: 4,8)",
+    ),
     flag("--seconds", type=float, default=5.0, help="with --report: per in-process row"),
     flag("--sweep", action="store_true", help="with --report: the serving-settings sweep only"),
     flag("--no-refiners", action="store_true", help="with --report: skip the refiner table"),
@@ -604,7 +646,7 @@ BENCH = (
     ),
     flag(
         "--vit-sizes",
-        type=lambda text: [int(s) for s in text.split(",") if s],
+        type=_sizes,
         default=[],
         help="with --quantized: the int8 ViT also reading images of these sides "
         "(refine.saliency_size; the profile's own is always measured), e.g. 168,140",
@@ -616,24 +658,58 @@ BENCH = (
     ),
 )
 
+# Flags of `wsss bench --report` (and --quantized) that a plain perf_analyzer run would ignore.
+REPORT_ONLY = ("--sweep", "--no-refiners", "--untrained", "--out", "--vit-sizes")
+
 SOAK = (
     flag("--images", help="a folder of photos, read in place (default: the shared Pet photos)"),
-    flag("--repository", help="default: the profile's networks, untrained"),
-    flag("--requests", type=int, default=20_000),
-    flag("--concurrency", type=int, default=8),
-    flag("--warmup", type=int, default=2_000),
-    flag("--max-growth", type=float, default=0.05),
-    flag("--out", default="reports/soak"),
+    flag(
+        "--repository",
+        help="serve this repository (default: the profile's networks, untrained, exported "
+        "under a temporary folder)",
+    ),
+    flag("--requests", type=int, default=20_000, help="requests in all (default: 20000)"),
+    flag("--concurrency", type=int, default=8, help="requests in flight (default: 8)"),
+    flag(
+        "--warmup",
+        type=int,
+        default=2_000,
+        help="requests before growth is measured from (default: 2000; under --requests)",
+    ),
+    flag(
+        "--max-growth",
+        type=float,
+        default=0.05,
+        help="the most any process may grow after the warm-up, a fraction (default: 0.05 = 5%%)",
+    ),
+    flag(
+        "--out",
+        default="reports/soak",
+        help="results.md, results.json and rss.png (default: reports/soak, the committed one)",
+    ),
 )
 
 INFER_BENCH = (
     flag("--images", help="a folder of photos, read in place (default: the shared Pet photos)"),
-    flag("--repository", help="default: the profile's networks, untrained"),
-    flag("--concurrency", type=int, default=4),
-    flag("--rounds", type=int, default=5),
+    flag(
+        "--repository",
+        help="serve this repository (default: the profile's networks, untrained, exported "
+        "under a temporary folder)",
+    ),
+    flag("--concurrency", type=int, default=4, help="requests in flight (default: 4)"),
+    flag("--rounds", type=int, default=5, help="infer and bench alternated (default: 5)"),
     flag("--request-count", type=int, default=0, help="perf_analyzer's window (default: N photos)"),
-    flag("--stability", type=float, default=25.0),
-    flag("--report", default="reports/bench/infer_folder.md"),
+    flag(
+        "--stability",
+        type=float,
+        default=25.0,
+        help="perf_analyzer --stability-percentage (default: 25)",
+    ),
+    flag(
+        "--report",
+        default="reports/bench/infer_folder.md",
+        help="the report written (default: reports/bench/infer_folder.md, the committed one)",
+    ),
 )
 
 SCALING = (
@@ -768,6 +844,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     # The command line as run, for the reports that name the command that made them.
     args.invocation = shlex.join(["wsss", *(sys.argv[1:] if argv is None else argv)])
+    # SIGTERM (kill, timeout, docker stop) unwinds as Ctrl-C does: a benchmark's or a soak's
+    # own tritonserver is stopped on the way out, not left running.
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         args.func(args)
     except (WsssError, InputError, FileNotFoundError) as exc:  # a bug keeps its traceback
@@ -776,6 +856,9 @@ def main(argv: list[str] | None = None) -> None:
         what = f": {exc}" if str(exc) else ""
         print(f"wsss {args.command}: interrupted{what}", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

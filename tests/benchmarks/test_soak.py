@@ -78,3 +78,16 @@ def test_processes_name_stubs_by_model_and_version(tmp_path):
     # Every process this machine runs is read, this one with its own CPU time.
     me = next(p for p in triton.processes() if p.pid == os.getpid())
     assert me.state in "RS" and me.cpu_seconds > 0 and "python" in me.name
+
+
+def test_the_soak_reads_its_own_servers_stubs_only(monkeypatch, tmp_path):
+    """Another server on the same repository (a `make serve` beside the soak) has stubs of
+    the same models and versions: they are not the soak's (its process group is not)."""
+    repo = tmp_path / "model_repository"
+    argv = (triton.STUB, str(repo / "refiner" / "3" / "model.py"), "x", "refiner_0_0")
+    ours = triton.Process(41, argv, triton.STUB, "S", 1.0, group=40)
+    theirs = triton.Process(51, argv, triton.STUB, "S", 1.0, group=50)
+    monkeypatch.setattr(triton, "processes", lambda: iter([ours, theirs]))
+    server = triton.TritonServer(repo, ServeConfig(), tmp_path)
+    server.process = SimpleNamespace(pid=40)
+    assert processes(server) == {40: "tritonserver", 41: "refiner/3 (stub 0)"}

@@ -97,3 +97,30 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
     assert stopped.value.code == 130
     err = capsys.readouterr().err
     assert err == "wsss infer: interrupted: 2 of 3 images written to out; --resume carries on\n"
+
+
+def test_bench_and_soak_refuse_bad_flags_in_one_line_before_any_server(tmp_path):
+    """Each said at once, in one line: nothing is exported, started or measured first."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "notes.png").write_bytes(b"not pixels")
+    cases = {
+        ("bench", "--sweep"): "--sweep go with --report",
+        ("bench", "--images", str(tmp_path / "nowhere")): "no such file or folder",
+        ("bench", "--images", str(tmp_path / "photos")): "notes.png",  # a folder is walked
+        ("bench", "--report", "--batches", "x"): "expected whole numbers like 4,8",
+        ("soak", "--requests", "100"): "--requests (100) must be more than --warmup (2000",
+        ("soak", "--concurrency", "0"): "at least 1: not 0",
+        ("soak", "--images", str(tmp_path / "nowhere")): "no such folder, or no photos in it",
+    }
+    for args, said in cases.items():
+        proc = wsss(*args, check=False)
+        assert proc.returncode != 0 and said in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and "exported" not in proc.stdout
+
+
+def test_bench_reaches_the_ports_set_for_the_profile():
+    """`--set serve.grpc_port=...` is where bench looks for the server, as serve binds it."""
+    proc = wsss("bench", "--set", "serve.grpc_port=1", check=False)
+    assert proc.returncode == 1 and "at 127.0.0.1:1 (grpc)" in proc.stderr
+    proc = wsss("bench", "--protocol", "http", "--set", "serve.http_port=2", check=False)
+    assert proc.returncode == 1 and "at 127.0.0.1:2 (http)" in proc.stderr

@@ -166,6 +166,26 @@ def test_perf_analyzer_completes(server, tmp_path, model):
         assert all(r.mean_ms > 0 for r in results if not r.stable)
 
 
+def test_wsss_bench_sends_the_files_and_refuses_a_batch_over_the_models(
+    server, exported, tmp_path, capsys
+):
+    """`wsss bench --images DIR` sends each file's own bytes to the bytes ensemble (as
+    `wsss infer` does) and its table says what it sent; a --batch over the ensemble's
+    max_batch_size is one line, not perf_analyzer's usage."""
+    from cli.main import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k, sample in enumerate(list_samples(exported.data.root, "pets", "test")[:2]):
+        (photos / f"{k}.png").write_bytes(_png(read_image(sample.image_path)))
+    url = ["--url", server.grpc_url]
+    main(["bench", *url, "--model", PIPELINE_BYTES, "--images", str(photos), "--concurrency",
+          "1", "--request-count", "4", "--stability", "200"])  # fmt: skip
+    assert f"### {PIPELINE_BYTES} over grpc, batch 1: 2 files" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--batch 9 is over wsss_pipeline's max_batch_size 8"):
+        main(["bench", *url, "--batch", "9"])
+
+
 def test_perf_analyzer_reports_unstable_levels_flagged(server, tmp_path):
     """A stability band no window can meet: every level is still reported, flagged."""
     spec = PipelineClient(server.grpc_url, "grpc").all_specs["wsss_pipeline"]
