@@ -42,8 +42,9 @@ class TritonPythonModel:
         image, scores, cams = (
             pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs
         )
-        if not np.isfinite(cams).all():
-            raise InputError("CAMS holds NaN or infinite values")
+        for name, values in zip(self.inputs[1:], (scores, cams), strict=True):
+            if not np.isfinite(values).all():
+                raise InputError(f"{name} holds NaN or infinite values")
         maps = None
         if self.maps is not None:
             maps = pb_utils.get_input_tensor_by_name(request, self.maps).as_numpy()

@@ -144,6 +144,11 @@ def test_python_refiner_runs_without_the_project(tmp_path, refine):
     else:
         np.testing.assert_array_equal(got[PSEUDO_MASK], want)
     assert 0 < (want > 0).mean() < 1  # a real mask, not an empty or full one
+    if refine[0] == "refine.method=fixed":  # a client calling the refiner itself
+        for name in (SCORES, CAMS):
+            bad = {**inputs, name: np.where(inputs[name] > 0.5, np.nan, inputs[name])}
+            refused = _run_standalone(repo, REFINER, bad, tmp_path)
+            assert int(refused["code"]) == 3 and f"{name} holds NaN" in str(refused["error"])
 
 
 @pytest.mark.slow
