@@ -128,7 +128,7 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
 # as under `wsss serve` (serving/server.py): unset, a random key no one knows closes them.
 # glibc's arenas as `wsss serve` sets them (serving/server.py): with them, and 16 MiB
 # Python-backend regions, every process kept its memory within 3% through a 20,000-request
-# soak (reports/soak/fixes.md). Where /dev/shm is large (compose's shm_size: 1gb), append
+# soak (reports/soak/fixes.md). Where /dev/shm is large (compose's shm_size: 3gb), append
 #   --backend-config=python,shm-default-byte-size=16777216
 #   --backend-config=python,shm-growth-byte-size=16777216
 # to the arguments; Docker's default 64 MB /dev/shm cannot hold eight such regions.
