@@ -234,7 +234,7 @@ def cmd_serve(args) -> None:
             print(f"wsss serve: tritonserver stopped at its exit timeout ({code})", flush=True)
         return
     if code not in (0, None):
-        sys.exit(f"tritonserver exited ({exit_reason(code)}):\n{server.log_tail()}")
+        sys.exit(f"tritonserver exited ({exit_reason(code)}):\n{server.said()}")
 
 
 def _interrupt(signum, frame) -> None:

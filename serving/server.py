@@ -304,6 +304,24 @@ def auto_python_shm_mb(shm: str = "/dev/shm") -> int:
     return 16 if total >= 512 << 20 else 0
 
 
+def check_stub_path(what: str, path: Path, remedy: str) -> None:
+    """Triton 2.51's Python-backend stub takes its model's path on a command line it splits
+    at spaces (a space: the stub dies parsing the next field, `stol`, and the server waits
+    for it) and reads it as ASCII (``UnicodeEncodeError`` loading the model): refuse such a
+    path before starting, in one line."""
+    full = str(Path(path).absolute())
+    odd = sorted({c for c in full if c.isspace() or not c.isascii()})
+    if odd:
+        shown = ", ".join(repr(c) for c in odd)
+        raise ServerError(
+            f"{what} {full} has {shown} in its path, which Triton's Python backend cannot "
+            f"load models from: {remedy}"
+        )
+
+
+_ERROR = re.compile(r"E\d{4} ")  # an error line of tritonserver's log: E<month><day> <time>
+# Error lines every start on a machine without a GPU logs, and serves on regardless.
+_NO_GPU = ("CudaDriverHelper has not been initialized", "CUDA driver version is insufficient")
 _FRAME = re.compile(r"\s*\d+# ")  # a line of tritonserver's stack trace as it dies
 
 
@@ -454,6 +472,9 @@ class TritonServer:
             )
         if not (self.repository / PIPELINE / "config.pbtxt").exists():
             raise ServerError(f"{self.repository} holds no exported pipeline: run `wsss export`")
+        plain = "a path of plain ASCII without spaces"
+        check_stub_path("the model repository", self.repository, f"move it to {plain}")
+        check_stub_path("the work folder", self.workdir, f"start the server from {plain}")
         if self.process is not None:  # a server that died: what it left goes first
             self._end()
         backends = prepare_backends(self.workdir / "backends")
@@ -496,9 +517,8 @@ class TritonServer:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    raise ServerError(
-                        f"tritonserver exited ({self.process.returncode}):\n{self.log_tail()}"
-                    )
+                    code = self.process.returncode
+                    raise ServerError(f"tritonserver exited ({exit_reason(code)}):\n{self.said()}")
                 try:
                     if client.is_server_ready():
                         return
@@ -508,7 +528,19 @@ class TritonServer:
         finally:
             client.close()
         self.stop()
-        raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self.said()}")
+
+    def said(self, most: int = 8) -> str:
+        """Why it did not start, from its log: the errors it logged (a model that failed to
+        load names itself and why, above the lines that end the log), else the log's end;
+        and where the whole log is."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        errors = [
+            line[:600]
+            for line in text.splitlines()
+            if _ERROR.match(line) and not any(b in line for b in _NO_GPU)
+        ][-most:]
+        return "\n".join(errors or [self.log_tail(15, frames=False)]) + f"\n(log: {self.log_path})"
 
     def log_tail(self, lines: int = 40, frames: bool = True) -> str:
         """The log's last ``lines``; without ``frames``, those of a crash's stack trace

@@ -203,3 +203,41 @@ def _cmdline(pid: int) -> str:
         return (Path("/proc") / str(pid) / "cmdline").read_text().replace("\0", " ")
     except OSError:
         return ""
+
+
+@pytest.mark.parametrize("name", ["my repo", "repo_ü"])
+def test_a_repository_path_the_python_backend_cannot_load_is_refused_at_once(
+    exported, tmp_path, name
+):
+    """A space (the stub dies parsing its command line and the server waited 120 s) or a
+    non-ASCII letter (the model fails to load, said far above the log's end) in the path:
+    one line before anything starts."""
+    import shutil
+
+    repo = tmp_path / name
+    shutil.copytree(exported.export.repository, repo)
+    server = TritonServer(repo, _ports(exported).serve, tmp_path / "work")
+    with pytest.raises(
+        ServerError, match="cannot load models from: move it to a path of plain ASCII"
+    ):
+        server.start()
+    assert server.process is None
+
+
+def test_a_failed_start_says_the_errors_tritonserver_logged(tmp_path):
+    """The model that failed to load and why, not only the log's last lines (which say
+    that some model failed, and other models' READY)."""
+    from wsss.config import ServeConfig
+
+    server = TritonServer(tmp_path, ServeConfig(), tmp_path)
+    server.log_path.write_text(
+        'E1205 10:00:00.0 1 server.cc:241] "CudaDriverHelper has not been initialized."\n'
+        'I1205 10:00:00.1 1 model.cc:1] "loading: preprocess:1"\n'
+        "E1205 10:00:01.2 1 model_lifecycle.cc:2] \"failed to load 'preprocess' version 1: "
+        "UnicodeEncodeError: 'ascii' codec can't encode\"\n"
+        + "I1205 10:00:02.3 1 server.cc:3] | classifier | 1 | READY |\n" * 40
+        + "error: creating server: Internal - failed to load all models\n"
+    )
+    said = server.said()
+    assert "failed to load 'preprocess' version 1: UnicodeEncodeError" in said
+    assert f"(log: {server.log_path})" in said and "CudaDriverHelper" not in said
