@@ -53,10 +53,23 @@ def read_png_mask(path: Path) -> np.ndarray:
         return np.asarray(png).astype(np.uint8)
 
 
+def read_text(path: Path) -> str:
+    """A text file the user wrote (a class list, a labels CSV) as UTF-8, a byte-order mark
+    (Excel's "CSV UTF-8") dropped; another encoding is one line saying so."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataLayoutError(
+            f"{path}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}): "
+            "save it as UTF-8 (in Excel: CSV UTF-8)"
+        ) from None
+
+
 def read_names(path: Path) -> list[str]:
     """A class-list file: one name a line, blank lines skipped; a name listed twice is
     refused (its masks' values would go to the last copy)."""
-    names = [n.strip() for n in path.read_text().splitlines() if n.strip()]
+    names = [n.strip() for n in read_text(path).splitlines() if n.strip()]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise DataLayoutError(f"{path}: {', '.join(repeated)} listed more than once")

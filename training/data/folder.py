@@ -3,8 +3,8 @@
     images/        the photos (any format Pillow reads; subfolders allowed)
     labels.csv     a header, then ``image,labels[,split]``: the path under images/, its class
                    names separated by ";" (empty: background only), ``train`` or ``test``
-    classes.txt    optional: one class name a line, in class order (default: the sorted
-                   names found in labels.csv)
+    classes.txt    one class name a line, in class order; optional without masks/ (then
+                   the sorted names found in labels.csv)
     masks/         optional: ``<image path without its extension>.png``, class index per
                    pixel: 0 background, the n-th class of classes.txt as n, 255 ignored
 
@@ -17,6 +17,8 @@ its mask and a training image's is optional (only the supervised bound reads it)
 from __future__ import annotations
 
 import csv
+import difflib
+import io
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +29,14 @@ from training.data.base import (
     Sample,
     png_palette,
     read_names,
+    read_text,
     require,
 )
 
 LABELS, CLASSES, IMAGES, MASKS = "labels.csv", "classes.txt", "images", "masks"
 SEPARATOR = ";"
 SPLITS = ("train", "test")
+COLUMNS = ("image", "labels", "split")  # of labels.csv; others are left alone
 
 
 @dataclass(frozen=True)
@@ -49,29 +53,41 @@ def default_split(image: str) -> str:
 
 
 def read_rows(path: Path) -> list[Row]:
+    """The rows of labels.csv. Columns other than image, labels and split are left alone,
+    unless one looks like a misspelt split (``spilt``: the split would silently be the
+    hash's); an image listed twice is refused (two labels, or a photo in both splits)."""
     require(path, "labels.csv: image,labels[,split] for each photo")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip().lower() for h in reader.fieldnames or []]
-        if "image" not in header or "labels" not in header:
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    header = [h.strip().lower() for h in reader.fieldnames or []]
+    if "image" not in header or "labels" not in header:
+        raise DataLayoutError(
+            f"{path}: the header must name the columns image and labels (and optionally "
+            f"split), not {', '.join(header) or 'nothing'}"
+        )
+    for column in header:
+        close = difflib.get_close_matches(column, COLUMNS, n=1, cutoff=0.6)
+        if column not in COLUMNS and close and close[0] not in header:
+            raise DataLayoutError(f"{path}: column {column!r}: did you mean {close[0]!r}?")
+    reader.fieldnames = header
+    rows, seen = [], {}
+    for record in reader:
+        image = (record["image"] or "").strip()
+        if not image:
+            raise DataLayoutError(f"{path}, line {reader.line_num}: no image named")
+        key = Path(image).as_posix()
+        if key in seen:
             raise DataLayoutError(
-                f"{path}: the header must name the columns image and labels (and optionally "
-                f"split), not {', '.join(header) or 'nothing'}"
+                f"{path}, lines {seen[key]} and {reader.line_num}: {image} is listed twice"
             )
-        reader.fieldnames = header
-        rows = []
-        for record in reader:
-            image = (record["image"] or "").strip()
-            if not image:
-                raise DataLayoutError(f"{path}, line {reader.line_num}: no image named")
-            names = (record["labels"] or "").split(SEPARATOR)
-            split = (record.get("split") or "").strip().lower() or default_split(image)
-            if split not in SPLITS:
-                raise DataLayoutError(
-                    f"{path}, line {reader.line_num}: split {split!r} is not train or test"
-                )
-            labels = tuple(n.strip() for n in names if n.strip())
-            rows.append(Row(reader.line_num, image, labels, split))
+        seen[key] = reader.line_num
+        names = (record["labels"] or "").split(SEPARATOR)
+        split = (record.get("split") or "").strip().lower() or default_split(image)
+        if split not in SPLITS:
+            raise DataLayoutError(
+                f"{path}, line {reader.line_num}: split {split!r} is not train or test"
+            )
+        labels = tuple(n.strip() for n in names if n.strip())
+        rows.append(Row(reader.line_num, image, labels, split))
     return rows
 
 
@@ -82,6 +98,11 @@ class FolderLayout(Layout):
     def class_names(self, root: Path) -> list[str]:
         listed = root / CLASSES
         if not listed.exists():
+            if (root / MASKS).is_dir():  # a label's typo would shift every index after it
+                raise DataLayoutError(
+                    f"{root / MASKS} holds class indices: list the classes in {listed}, one "
+                    "a line, the n-th painted as n (then an unknown label is an error)"
+                )
             return sorted({n for row in read_rows(root / LABELS) for n in row.labels})
         return read_names(listed)
 

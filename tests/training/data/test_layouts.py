@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import typing
 
@@ -261,6 +262,34 @@ def test_folder_without_masks_or_splits(roots, tmp_path):
     _write_csv(root, more, ["image", "labels"])
     again = list_samples(root, "voc", "test", "folder")
     assert [s.name for s in again if s.name != "extra"] == [s.name for s in test]
+
+
+def test_folder_labels_as_spreadsheets_save_them_and_as_users_misspell_them(roots, tmp_path):
+    """Excel's "CSV UTF-8" (a byte-order mark) reads as written; another encoding, a
+    misspelt split column (the split would silently be the hash's), a photo listed twice,
+    and masks/ without classes.txt (a label's typo would shift every index) are one line
+    naming the file."""
+    root = shutil.copytree(roots["folder"], tmp_path / "mine")
+    labels = root / "labels.csv"
+    text = labels.read_text()
+    want = [s.name for s in list_samples(root, "voc", "test", "folder")]
+    labels.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert [s.name for s in list_samples(root, "voc", "test", "folder")] == want
+    first = text.splitlines()[1].split(",")[0]
+    cases = {
+        text.replace(first, "caf\xe9.jpg", 1).encode("cp1252"): "not UTF-8 text (byte 0xe9",
+        text.replace("split", "spilt", 1).encode(): "column 'spilt': did you mean 'split'?",
+        (text + text.splitlines()[1] + "\n").encode(): f"{first} is listed twice",
+    }
+    for data, said in cases.items():
+        labels.write_bytes(data)
+        with pytest.raises(DataLayoutError, match=re.escape(said)):
+            list_samples(root, "voc", "train", "folder")
+    labels.write_text(text.replace("split", "split,notes", 1).replace(",train", ",train,x"))
+    assert [s.name for s in list_samples(root, "voc", "test", "folder")] == want  # left alone
+    (root / "classes.txt").unlink()
+    with pytest.raises(DataLayoutError, match="list the classes in .*classes.txt"):
+        read_class_names(root, "voc", "folder")
 
 
 def _write_csv(root, rows, header=("image", "labels", "split")):
