@@ -24,6 +24,7 @@ MAX_ENCODED_BYTES = 64 << 20  # refuse larger uploads before decoding anything
 # queued behind it) for 15 s, and 64 MiB of such scans would hold it for hours. Encoders
 # write 2-10 scans (libjpeg's progression; mozjpeg's optimised ones a few dozen at most).
 MAX_JPEG_SCANS = 100
+MAX_JPEG_SEGMENTS = 1000  # before the first scan: a phone's or Photoshop's photo holds 10-30
 MAX_SIDE = 16384  # decoded images and requested output sizes stay below this
 # What Pillow may read: the photo formats, not every plugin it has (EPS would call Ghostscript).
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")  # MPO reads as JPEG
@@ -76,6 +77,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError("empty image bytes")
     if len(data) > MAX_ENCODED_BYTES:
         raise ImageError(f"encoded image of {len(data)} bytes exceeds {MAX_ENCODED_BYTES}")
+    if data[:2] == b"\xff\xd8":  # a JPEG (an MPO too): its markers, before Pillow reads them
+        check_jpeg(data)
     unreadable = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError)
     try:
         image = _open(data)
@@ -90,8 +93,6 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         if max(width, height) > MAX_SIDE:
             raise ImageError(f"image of {width}x{height} exceeds {MAX_SIDE} px")
         check_pixels((height, width), max_pixels)
-        if image.format == "JPEG" and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
-            raise ImageError(f"a JPEG of {scans} scans exceeds {MAX_JPEG_SCANS}")
         try:
             image.seek(0)
             rgb = _rgb(image)
@@ -100,34 +101,38 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return rgb
 
 
-# Where a scan's entropy-coded data ends: 0xFF followed by neither a stuffed 0x00 nor a
-# restart marker (RST0-7) is the next marker.
-_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+# Fill bytes (any run of 0xFF), then a marker.
+_MARKER = re.compile(rb"\xff+([^\xff])")
 
 
 def jpeg_scans(data: bytes) -> int:
-    """The start-of-scan segments of a JPEG, walked marker by marker: metadata (an ICC
-    profile, Photoshop's, a thumbnail) is stepped over by its length, not searched, as any
-    byte may occur in it (a Pet photo's APP segments hold 45 stray 0xFF 0xDA pairs). Where
-    the stream stops making sense, what was counted: the decoder says the rest."""
-    i, n, scans = 2, len(data), 0  # after SOI
-    while i + 1 < n and data[i] == 0xFF:
-        marker = data[i + 1]
-        if marker == 0xFF:  # a fill byte before a marker
-            i += 1
-        elif marker == 0xD9:  # EOI
-            break
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
-            i += 2
-        else:
-            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-            if marker == 0xDA:
-                scans += 1
-                end = _SCAN_END.search(data, i)
-                if end is None:
-                    break
-                i = end.start()
-    return scans
+    """The start-of-scan markers of a JPEG. The segments before the first scan (metadata:
+    an ICC profile, Photoshop's, a thumbnail) are stepped over by their lengths, not
+    searched, as any byte may occur in them (a Pet photo's hold 45 stray 0xFF 0xDA pairs);
+    from the first scan on, every 0xFF 0xDA counts: entropy-coded data never holds one (a
+    0xFF there is followed by 0x00 or a restart marker), and the decoder, which skips stray
+    bytes between segments, reads every scan it finds. A header that does not parse counts
+    every pair in the file; one of more than MAX_JPEG_SEGMENTS segments is an ImageError
+    (Pillow reads them one by one in Python: 30 MiB of them took it 7 s)."""
+    i, segments = 2, 0  # after SOI
+    while (found := _MARKER.match(data, i)) is not None:
+        marker, i = found.group(1)[0], found.end()
+        segments += found.start(1) - found.start()  # fill bytes count as segments: read alike
+        if segments > MAX_JPEG_SEGMENTS:
+            raise ImageError(f"a JPEG of more than {MAX_JPEG_SEGMENTS} segments before its image")
+        if marker == 0xDA:
+            return data.count(b"\xff\xda", found.start(1) - 1)
+        if marker == 0xD9:  # EOI before any scan
+            return 0
+        if marker != 0x01 and not 0xD0 <= marker <= 0xD7:  # a segment with a length
+            i += int.from_bytes(data[i : i + 2], "big")
+    return data.count(b"\xff\xda")
+
+
+def check_jpeg(data: bytes) -> None:
+    """Refuse a JPEG whose decoding would take far longer than its pixels' (``jpeg_scans``)."""
+    if (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
+        raise ImageError(f"a JPEG of {scans} scans exceeds {MAX_JPEG_SCANS}")
 
 
 def _rgb(image) -> np.ndarray:

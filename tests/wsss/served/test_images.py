@@ -10,6 +10,7 @@ from PIL import Image, ImageFile
 
 from wsss.served.images import (
     MAX_JPEG_SCANS,
+    MAX_JPEG_SEGMENTS,
     ImageError,
     decode_image,
     encode_png,
@@ -78,6 +79,28 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(monkeypatch):
     last = real.rindex(b"\xff\xda")
     scan = real[last:-2]  # the last scan: its header and data, up to the end-of-image marker
     bomb = real[:-2] + scan * MAX_JPEG_SCANS + real[-2:]
+    # The decoder skips stray bytes between segments and reads on: so does the count (an
+    # empty comment and a junk byte after the first scan hid every scan after it).
+    second = real.index(b"\xff\xda", real.index(b"\xff\xda") + 2)
+    junk = real[:second] + b"\xff\xfe\x00\x02\x12" + bomb[second:]
+    assert jpeg_scans(junk) == jpeg_scans(bomb) > MAX_JPEG_SCANS
+    mpo = io.BytesIO()  # two pictures in one file, as phones write: Pillow's format MPO
+    Image.new("RGB", (64, 48)).save(
+        mpo, "MPO", save_all=True, append_images=[Image.new("RGB", (64, 48))], progressive=True
+    )
+    mpo = mpo.getvalue()
+    end = mpo.index(b"\xff\xd9")  # the first picture's end
+    mpo_bomb = mpo[:end] + scan * MAX_JPEG_SCANS + mpo[end:]
+    # Before the first scan, Pillow reads each segment and fill byte in Python (30 MiB of
+    # fill took it 7 s): more than MAX_JPEG_SEGMENTS is refused first.
+    first = real.index(b"\xff\xda")
+    filled = real[:first] + b"\xff" * (MAX_JPEG_SEGMENTS + 1) + real[first:]
+    comments = real[:first] + b"\xff\xfe\x00\x02" * (MAX_JPEG_SEGMENTS + 1) + real[first:]
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda *a: pytest.fail("decoded"))
-    with pytest.raises(ImageError, match=f"scans exceeds {MAX_JPEG_SCANS}"):
-        decode_image(bomb)
+    for data in (bomb, junk, mpo_bomb):
+        with pytest.raises(ImageError, match=f"scans exceeds {MAX_JPEG_SCANS}"):
+            decode_image(data)
+    monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("parsed"))
+    for data in (filled, comments):
+        with pytest.raises(ImageError, match=f"more than {MAX_JPEG_SEGMENTS} segments"):
+            decode_image(data)
