@@ -237,6 +237,18 @@ def cmd_serve(args) -> None:
         sys.exit(f"tritonserver exited ({exit_reason(code)}):\n{server.said()}")
 
 
+# Commands that start a tritonserver of their own (besides `serve`).
+SERVER_OWNERS = ("bench", "soak", "infer-bench")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, unwinding as Ctrl-C does."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -844,20 +856,25 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     # The command line as run, for the reports that name the command that made them.
     args.invocation = shlex.join(["wsss", *(sys.argv[1:] if argv is None else argv)])
-    # SIGTERM (kill, timeout, docker stop) unwinds as Ctrl-C does: a benchmark's or a soak's
-    # own tritonserver is stopped on the way out, not left running.
-    main_thread = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    # SIGTERM (kill, timeout) to a command that starts its own tritonserver unwinds as Ctrl-C
+    # does, so the server is stopped on the way out, not left running (`serve` sets its
+    # own). Others keep the default: a torchrun worker blocked in a collective must die.
+    owns = args.command in SERVER_OWNERS and threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminate) if owns else None
     try:
         args.func(args)
     except (WsssError, InputError, FileNotFoundError) as exc:  # a bug keeps its traceback
         sys.exit(f"wsss {args.command}: {exc}")
-    except KeyboardInterrupt as exc:  # Ctrl-C: one line, the shell's status for SIGINT
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line, the shell's status for the signal
+        terminated = isinstance(exc, _Terminated)
         what = f": {exc}" if str(exc) else ""
-        print(f"wsss {args.command}: interrupted{what}", file=sys.stderr)
-        sys.exit(130)
+        print(
+            f"wsss {args.command}: {'terminated' if terminated else 'interrupted'}{what}",
+            file=sys.stderr,
+        )
+        sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
     finally:
-        if main_thread:
+        if owns and before is not None:
             signal.signal(signal.SIGTERM, before)
 
 

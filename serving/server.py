@@ -14,6 +14,7 @@ import filecmp
 import os
 import random
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -443,11 +444,11 @@ class TritonServer:
         if unknown:
             raise ServerError(f"not restricted APIs: {sorted(unknown)} (see RESTRICTED_APIS)")
         self.open_apis = tuple(open_apis)
-        self.admin_key: str | None = None  # drawn at each start()
+        self.admin_key: str | None = None  # drawn at the first start(), kept through restarts
         self.shm_prefix: str | None = None  # its stubs' /dev/shm regions, named at each start
         self._replaced: dict[str, set[int]] = {}  # model: its stubs when the watchdog reloaded it
         self._reloaded_at: dict[str, float] = {}  # model: when the watchdog last reloaded it
-        self._stopped = threading.Event()  # set by stop(): the watchdog's thread ends
+        self._watchers: list[threading.Event] = []  # one a watch() thread, set by stop()
 
     @property
     def http_url(self) -> str:
@@ -479,7 +480,6 @@ class TritonServer:
             self._end()
         backends = prepare_backends(self.workdir / "backends")
         self.admin_key = self.admin_key or admin_key()  # one key for the object's life
-        self._stopped.clear()
         sweep_shm()  # what killed servers before this one left
         self.shm_prefix = shm_prefix()
         cmd = server_command(
@@ -496,10 +496,14 @@ class TritonServer:
             self.process = subprocess.Popen(
                 cmd, env=server_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
+        # No core file when it aborts (its stubs inherit the limit): `serve_forever` starts
+        # it again, and each core of a server holding its models would be gigabytes.
+        with contextlib.suppress(OSError):
+            resource.prlimit(self.process.pid, resource.RLIMIT_CORE, (0, 0))
         try:
             self.wait_ready(timeout)
         except BaseException:  # Ctrl-C while it starts too: its own session would outlive us
-            self.stop()
+            self._end()
             raise
         return self
 
@@ -527,7 +531,7 @@ class TritonServer:
                 time.sleep(0.25)
         finally:
             client.close()
-        self.stop()
+        self._end()
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self.said()}")
 
     def said(self, most: int = 8) -> str:
@@ -553,7 +557,8 @@ class TritonServer:
         """SIGINT (tritonserver unloads its models and exits), SIGKILL after ``timeout``; then
         whatever is left of its process group (Python backend stubs) is killed too. Its
         watchdog stops."""
-        self._stopped.set()
+        while self._watchers:
+            self._watchers.pop().set()
         self._end(timeout)
 
     def _end(self, timeout: float = 30.0) -> None:
@@ -678,9 +683,12 @@ class TritonServer:
         and is started again, ``serve_forever``, is watched on)."""
         import tritonclient.grpc as grpc
 
+        stopped = threading.Event()
+        self._watchers.append(stopped)
+
         def loop() -> None:
             suspects: set[tuple[str, str]] = set()
-            while not self._stopped.wait(interval):
+            while not stopped.wait(interval):
                 if not self.running:  # died: started again, or stopped, by its owner
                     suspects = set()
                     continue
@@ -719,8 +727,9 @@ class TritonServer:
         """Wait on tritonserver. Where it dies unasked (a crash: Triton 2.51 aborts on an
         HTTP request whose JSON declares a shape too large to allocate, before it reads the
         data; the OOM killer), keep its log beside the new one and start it again on the
-        same ports and key, up to ``restarts`` times in ``window`` seconds. Its exit status
-        when it is not started again (0: it exited by itself)."""
+        same ports and key, up to ``restarts`` times in ``window`` seconds (a start that
+        fails counts as one). Its exit status when it is not started again (0: it exited by
+        itself)."""
         starts: deque[float] = deque()
         while True:
             code = self.process.wait()
@@ -729,15 +738,21 @@ class TritonServer:
                 starts.popleft()
             if code == 0 or len(starts) >= restarts:
                 return code
-            kept = self.log_path.with_name(f"{self.log_path.stem}.crashed{self.log_path.suffix}")
+            starts.append(now)
+            kept = self.log_path.with_name(
+                f"{self.log_path.stem}.crashed-{time.strftime('%Y%m%d-%H%M%S')}{self.log_path.suffix}"
+            )
             shutil.copyfile(self.log_path, kept)
             say(
                 f"wsss: tritonserver died ({exit_reason(code)}); its log: {kept}\n"
                 f"{self.log_tail(3, frames=False)}\nwsss: starting it again "
-                f"({len(starts) + 1} of {restarts} in {window / 60:.0f} min)"
+                f"({len(starts)} of {restarts} in {window / 60:.0f} min)"
             )
-            starts.append(now)
-            self.start()
+            try:
+                self.start()
+            except ServerError as exc:  # it died again while loading: the next round says so
+                say(f"wsss: it did not start again: {str(exc).splitlines()[0]}")
+                continue
             say(f"wsss: serving again: HTTP {self.http_url}, gRPC {self.grpc_url}")
 
     def __enter__(self) -> TritonServer:

@@ -124,3 +124,31 @@ def test_bench_reaches_the_ports_set_for_the_profile():
     assert proc.returncode == 1 and "at 127.0.0.1:1 (grpc)" in proc.stderr
     proc = wsss("bench", "--protocol", "http", "--set", "serve.http_port=2", check=False)
     assert proc.returncode == 1 and "at 127.0.0.1:2 (http)" in proc.stderr
+
+
+def test_sigterm_unwinds_a_command_that_owns_a_server(monkeypatch, capsys):
+    """SIGTERM to `wsss bench --report` / soak / infer-bench unwinds as Ctrl-C does (their
+    own tritonserver is stopped by the `with` it runs in), status 143; the handler goes."""
+    import os
+    import signal
+    import time
+
+    import benchmarks.soak
+    from cli.main import main
+
+    stopped = []
+
+    def report(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here, at once
+        finally:
+            stopped.append(True)  # as a `with TritonServer(...)` stops it
+
+    monkeypatch.setattr(benchmarks.soak, "soak_report", report)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as ended:
+        main(["soak"])
+    assert ended.value.code == 143 and stopped == [True]
+    assert "wsss soak: terminated" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before

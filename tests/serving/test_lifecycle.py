@@ -24,6 +24,7 @@ from serving.server import (
     shm_regions,
     sweep_shm,
 )
+from tests.conftest import wait_for
 from wsss.tensors import PIPELINE_BYTES
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
@@ -140,7 +141,7 @@ def test_wsss_serve_starts_a_crashed_tritonserver_again(exported, tmp_path):
     os.kill(first, signal.SIGABRT)
     said = _wait_for_line(proc, "wsss: serving again")
     assert "tritonserver died (killed by SIGABRT)" in said and "starting it again (1 of 1" in said
-    assert (tmp_path / ".cache/server/tritonserver.crashed.log").is_file()
+    assert len(list((tmp_path / ".cache/server").glob("tritonserver.crashed-*.log"))) == 1
     (second,) = _tritonservers(s.http_port)
     assert second != first and group_members(first) == []
     user = http.InferenceServerClient(f"127.0.0.1:{s.http_port}")
@@ -152,6 +153,31 @@ def test_wsss_serve_starts_a_crashed_tritonserver_again(exported, tmp_path):
     assert proc.wait(timeout=60) == 1
     assert "tritonserver exited (killed by SIGABRT)" in proc.stdout.read()
     assert group_members(second) == []
+
+
+def test_the_watchdog_watches_on_through_a_restart_and_ends_with_stop(exported, tmp_path):
+    """serve_forever's restart keeps the watchdog's thread (a stop() ends it), and a start
+    that fails counts against the restarts without ending the loop."""
+    import threading
+
+    cfg = _ports(exported)
+    server = TritonServer(Path(cfg.export.repository), cfg.serve, tmp_path)
+    said: list[str] = []
+    with server:
+        watchdog = server.watch(0.2)
+        os.kill(server.process.pid, signal.SIGABRT)
+        code = []
+        loop = threading.Thread(
+            target=lambda: code.append(server.serve_forever(1, say=said.append))
+        )
+        loop.start()
+        wait_for(lambda: any(s.startswith("wsss: serving again") for s in said), 120, "a restart")
+        assert watchdog.is_alive() and server.running
+        os.kill(server.process.pid, signal.SIGABRT)  # past the budget: it returns
+        loop.join(60)
+        assert code == [-signal.SIGABRT]
+    watchdog.join(5)
+    assert not watchdog.is_alive()
 
 
 def _wsss_serve(cfg, cwd: Path, *overrides: str, ignore_sigint: bool = False):
