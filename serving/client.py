@@ -153,12 +153,9 @@ class PipelineClient:
         params = parameters(config)
         self.class_names, self.palette = read_label_parameters(params)
         self.presence = read_presence(params)  # None: an export from before it
-        # The newest version the ensemble and each network serve (an export writes them all
-        # at one version): which model answered, for a record of its predictions.
-        self.versions = {
-            m: max((int(v) for v in meta[m].get("versions", [])), default=None)
-            for m in (model, CLASSIFIER, SEGMENTER)
-        }
+        # The newest version of the ensemble (an export writes every model at one version):
+        # which export answers, for a record of its predictions.
+        self.version = max((int(v) for v in meta[model].get("versions", [])), default=None)
         # The version of the model that answered this client's last request (the server
         # says; a mid-run export the server loaded answers with the next one).
         self.answered: int | None = None

@@ -252,7 +252,14 @@ class _Run:
         self.base = PipelineClient(url, protocol, PIPELINE_BYTES)
         self.clients: list[PipelineClient] = [self.base]
         self.server = self.base.url
-        self.model = self.identity(self.base, self.base.versions[PIPELINE_BYTES])
+        # Each export that answered, by version: the client that read it (class names,
+        # colours, thresholds, shapes) and its identity. The newest is the run's.
+        self.exports = {self.base.version: (self.base, self.identity(self.base, self.base.version))}
+
+    @property
+    def model(self) -> dict:
+        """The identity of the newest export this run has read."""
+        return self.exports[self.base.version][1]
 
     @staticmethod
     def identity(base: PipelineClient, version: int | None) -> dict:
@@ -268,30 +275,33 @@ class _Run:
         }
 
     def answered_by(self, version: int | None) -> tuple[PipelineClient, dict]:
-        """The client that read the model which answered with ``version`` (its class names,
-        colours and thresholds) and its identity: this run's, or, where the server loaded an
-        export mid-run, the new one's, read from the server once."""
+        """The client that read the export which answered with ``version`` and its identity:
+        one this run has read, or, where the server loaded a newer export mid-run, that one,
+        read from the server once (the threads' clients are forked from it anew). An older
+        one never read (an answer in flight when the run began) is named by its version."""
         with self.lock:
-            if version is not None and self.model["version"] is not None:
-                if version > self.model["version"]:  # a newer export: read what it serves
-                    fresh = PipelineClient(self.base.url, self.base.protocol, PIPELINE_BYTES)
-                    self.clients.append(fresh)
-                    self.base, self.model = fresh, self.identity(fresh, version)
-                elif version < self.model["version"]:  # in flight when the export landed
-                    return self.base, {**self.model, "version": version}
-            return self.base, self.model
-
-    @property
-    def palette(self) -> list[int]:
-        return self.base.palette or VOC_PALETTE
+            if version in self.exports:
+                return self.exports[version]
+            newest = self.base.version
+            if version is None or (newest is not None and version < newest):
+                base, model = self.exports[newest]
+                return base, {**model, "version": version}
+            fresh = PipelineClient(self.base.url, self.base.protocol, PIPELINE_BYTES)
+            self.clients.append(fresh)
+            fresh.version = version  # what answered; its metadata may name a newer one yet
+            self.exports[version] = (fresh, self.identity(fresh, version))
+            self.base = fresh
+            return self.exports[version]
 
     def client(self, model: str = PIPELINE_BYTES) -> PipelineClient:
+        """This thread's client of ``model``, forked from the newest export's."""
         clients = self.local.__dict__.setdefault("clients", {})
-        if model not in clients:
-            clients[model] = self.base.fork(model)
+        if model not in clients or clients[model][0] is not self.base:
+            fork = self.base.fork(model)
+            clients[model] = (self.base, fork)
             with self.lock:
-                self.clients.append(clients[model])
-        return clients[model]
+                self.clients.append(fork)
+        return clients[model][1]
 
     def close(self) -> None:
         for client in self.clients:
@@ -307,7 +317,7 @@ class _Run:
             if not exc.invalid_input:  # the server's fault, not the file's: stop the run
                 raise
             raise _Unreadable(exc.reason) from exc
-        base, model = self.answered_by(self.client().answered)
+        base, model = self.answered_by(self.answered)
         palette = base.palette or VOC_PALETTE
         files = {
             what: write_mask(outputs[key][0], palette, item.output(self.options.out, what))
@@ -336,20 +346,32 @@ class _Run:
     def send(self, data: bytes) -> tuple[dict, np.ndarray | None]:
         """The bytes ensemble's outputs for one encoded image and, with figures, the CAMs
         (which only the tensor ensemble returns) from the same export: where an export
-        lands between the two requests, both are sent again."""
+        lands between the two requests, both are sent again. ``self.answered`` (this
+        thread's): the version that answered."""
         for _ in range(3):
-            outputs = self.client().infer_encoded([data])
+            images = self.client()
+            outputs = images.infer_encoded([data])
+            self.answered = images.answered
             if not self.options.figures:
                 return outputs, None
             tensors = self.client(PIPELINE)
             image = resize(load_image(data), tensors.image_size)[None]
             cams = tensors.infer(image, [CAMS])[CAMS][0]
-            if tensors.answered == self.client().answered:
+            if tensors.answered == images.answered:
                 return outputs, cams
         raise ClientError(
-            "the server's models kept changing between an image's two requests (its masks "
-            "and, for --figures, its CAMs): run again once the exports have settled"
+            f"{PIPELINE_BYTES} answers with version {images.answered} and {PIPELINE} with "
+            f"{tensors.answered} (3 tries): for --figures both must serve one export (did "
+            "one fail to load?); run without --figures, or once both serve the same version"
         )
+
+    @property
+    def answered(self) -> int | None:
+        return getattr(self.local, "answered", None)
+
+    @answered.setter
+    def answered(self, version: int | None) -> None:
+        self.local.answered = version
 
     def figure(
         self, data: bytes, outputs: dict, cams: np.ndarray, base: PipelineClient, path: Path
@@ -443,7 +465,7 @@ def infer_images(items: list[Item], url: str, protocol: str, options: InferOptio
     try:
         with (
             ThreadPoolExecutor(options.concurrency, thread_name_prefix="infer") as pool,
-            Predictions(options.out / PREDICTIONS, run.model, run.server) as records,
+            Predictions(options.out / PREDICTIONS, lambda: run.model, run.server) as records,
         ):
             _stream(pool, run.one, todo, report, bar.update, 2 * options.concurrency, records)
         report.seconds = time.monotonic() - start
@@ -512,8 +534,13 @@ class Predictions:
     lands (a run stopped midway keeps every record up to it; a line cut short by a crash is
     skipped on reading)."""
 
-    def __init__(self, path: Path, model: dict | None = None, server: str | None = None):
-        self.path, self.model, self.server = path, model, server  # what answered (_Run)
+    def __init__(
+        self, path: Path, model: dict | Callable[[], dict] | None = None, server: str | None = None
+    ):
+        """``model``: what answers (a failure's record names it), or a function giving it
+        as it is when the failure lands (a run's newest export, _Run.model)."""
+        self.path, self.server = path, server
+        self.model = model if callable(model) else lambda: model
 
     def __enter__(self) -> Predictions:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -541,7 +568,7 @@ class Predictions:
                 "image": str(item.path),
                 "name": name,
                 "server": self.server,
-                "model": self.model,
+                "model": self.model(),
                 "status": "failed",
                 "error": reason,
             }

@@ -356,8 +356,9 @@ def test_records_name_what_answered_and_resume_redoes_another_models(server, pho
 
 @pytest.mark.slow
 @pytest.mark.triton
+@pytest.mark.parametrize("concurrency", [1, 3])
 def test_an_export_landing_mid_run_shows_in_the_records_and_no_figure_mixes_two(
-    server, photos, tmp_path, monkeypatch
+    server, photos, tmp_path, monkeypatch, concurrency
 ):
     """After the run's first request the server answers with the next version, as when an
     export lands mid-run: the first image's masks (old) and CAMs (new) disagree, so both are
@@ -365,20 +366,62 @@ def test_an_export_landing_mid_run_shows_in_the_records_and_no_figure_mixes_two(
     real = PipelineClient.infer_raw
     sent = []
 
+    lock = threading.Lock()
+
     def next_export_after_the_first(self, *args, **kwargs):
         outputs = real(self, *args, **kwargs)
-        sent.append(self.model)
-        self.answered += len(sent) > 1  # the server's answer after the export landed
+        with lock:
+            sent.append(self.model)
+            self.answered += len(sent) > 1  # the server's answer after the export landed
         return outputs
 
     monkeypatch.setattr(PipelineClient, "infer_raw", next_export_after_the_first)
-    options = InferOptions(tmp_path / "out", concurrency=1, progress=False, figures=True)
+    options = InferOptions(tmp_path / "out", concurrency, progress=False, figures=True)
     report = run([str(photos / "sub")], server.grpc_url, "grpc", options)
-    served = PipelineClient(server.grpc_url, "grpc", PIPELINE_BYTES).versions[PIPELINE_BYTES]
-    assert sent[:4] == [PIPELINE_BYTES, PIPELINE, PIPELINE_BYTES, PIPELINE]
+    served = PipelineClient(server.grpc_url, "grpc", PIPELINE_BYTES).version
+    if concurrency == 1:
+        assert sent[:4] == [PIPELINE_BYTES, PIPELINE, PIPELINE_BYTES, PIPELINE]
     assert len(sent) == 2 * len(report.done) + 2  # the first image's two, sent again
     assert [r["model"]["version"] for r in report.done] == [served + 1] * len(report.done)
     assert all(Path(r["files"]["overlay"]).is_file() for r in report.done)
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_ensembles_of_two_exports_stop_figures_naming_both_versions(
+    server, photos, tmp_path, monkeypatch
+):
+    """The tensor ensemble stays on another version (its new one failed to load): the
+    figures cannot be of one export, and the run says which versions answered."""
+    real = PipelineClient.infer_raw
+
+    def tensors_behind(self, *args, **kwargs):
+        outputs = real(self, *args, **kwargs)
+        self.answered -= self.model == PIPELINE
+        return outputs
+
+    monkeypatch.setattr(PipelineClient, "infer_raw", tensors_behind)
+    options = InferOptions(tmp_path / "out", concurrency=1, progress=False, figures=True)
+    served = PipelineClient(server.grpc_url, "grpc", PIPELINE_BYTES).version
+    with pytest.raises(
+        ClientError, match=f"answers with version {served} and {PIPELINE} with {served - 1}"
+    ):
+        run([str(photos / "sub")], server.grpc_url, "grpc", options)
+
+
+def test_an_answer_from_an_export_before_the_newest_keeps_its_own_version():
+    """An answer in flight when the run read a newer export: named by its own version."""
+    import types
+
+    from serving.infer import _Run
+
+    run = _Run.__new__(_Run)
+    run.lock = threading.Lock()
+    run.base = types.SimpleNamespace(version=4)
+    run.exports = {4: (run.base, {"ensemble": PIPELINE_BYTES, "version": 4, "classes": "c"})}
+    base, model = run.answered_by(3)
+    assert base is run.base and model == {"ensemble": PIPELINE_BYTES, "version": 3, "classes": "c"}
+    assert run.answered_by(4)[1]["version"] == 4 and run.model["version"] == 4
 
 
 def _third_request_raises(monkeypatch, error: BaseException) -> list:
