@@ -300,6 +300,13 @@ def cmd_bench(args) -> None:
 
         bench_report(args)
         return
+    report_only = [
+        flag
+        for flag, default in REPORT_ONLY.items()
+        if getattr(args, flag[2:].replace("-", "_")) != default
+    ]
+    if report_only:
+        sys.exit(f"wsss bench: {', '.join(report_only)} go with --report (or --quantized)")
     if args.refiners:
         from benchmarks.refiner_speed import refiner_speed, speed_table
 
@@ -309,9 +316,6 @@ def cmd_bench(args) -> None:
     from serving.infer import find_images
     from serving.perf import PerfSettings, format_table, run_perf_analyzer
 
-    report_only = [f for f in REPORT_ONLY if getattr(args, f.lstrip("-").replace("-", "_"))]
-    if report_only:
-        sys.exit(f"wsss bench: {', '.join(report_only)} go with --report (or --quantized)")
     settings = PerfSettings(
         args.batch,
         args.concurrency,
@@ -319,9 +323,11 @@ def cmd_bench(args) -> None:
         args.stability,
         request_count=args.request_count,
     )
-    items, missing = find_images(args.images)  # files, folders and globs, as infer takes
+    items, missing = find_images(args.images, writes=False)  # files, folders, globs
     if missing:
         sys.exit(f"wsss bench: {missing[0].path}: {missing[0].reason}")
+    if args.images and not items:
+        sys.exit(f"wsss bench: no images in {', '.join(args.images)}")
     for item in items:
         load_image(item.path)  # one that is not an image: said now, not by perf_analyzer
     files = [item.path.read_bytes() for item in items]
@@ -329,7 +335,7 @@ def cmd_bench(args) -> None:
     client = PipelineClient(url, args.protocol)
     spec = client.all_specs[args.model]
     most = int(client._config(args.model, url).get("max_batch_size", 0))
-    if args.batch > most:
+    if args.batch > max(most, 1):  # 0: a model without a batch axis takes one at a time
         sys.exit(f"wsss bench: --batch {args.batch} is over {args.model}'s max_batch_size {most}")
     # The files' own bytes, as `wsss infer` sends them (the pixel ensemble gets them decoded
     # and resized, as the client does).
@@ -670,8 +676,17 @@ BENCH = (
     ),
 )
 
-# Flags of `wsss bench --report` (and --quantized) that a plain perf_analyzer run would ignore.
-REPORT_ONLY = ("--sweep", "--no-refiners", "--untrained", "--out", "--vit-sizes")
+# Flags of `wsss bench --report` (and --quantized) that a plain perf_analyzer run would
+# ignore, with their defaults (given otherwise: refused).
+REPORT_ONLY = {
+    "--sweep": False,
+    "--no-refiners": False,
+    "--untrained": False,
+    "--out": None,
+    "--vit-sizes": [],
+    "--batches": (4, 8),
+    "--seconds": 5.0,
+}
 
 SOAK = (
     flag("--images", help="a folder of photos, read in place (default: the shared Pet photos)"),

@@ -142,10 +142,11 @@ def _suffixes() -> str:
     return " ".join(sorted(IMAGE_SUFFIXES))
 
 
-def find_images(sources: Iterable[str], exclude: Path | None = None):
+def find_images(sources: Iterable[str], exclude: Path | None = None, writes: bool = True):
     """Files, folders (walked recursively for image suffixes) and globs -> (items, failures:
     sources that name nothing). Walks and globs leave out hidden names and ``exclude``. The
-    same file found twice is sent once; two that would write the same files are an error."""
+    same file found twice is sent once; with ``writes``, two that would write the same
+    files (``cat.jpg`` and ``cat.png``) are an error."""
     items, failures, named = [], [], []
     for source in sources:
         path = Path(source)
@@ -162,7 +163,7 @@ def find_images(sources: Iterable[str], exclude: Path | None = None):
     if named:
         root = os.path.commonpath([_absolute(p).parent for p in named])
         items += _relative_to(Path(root), named)
-    return _unique(items), failures
+    return _unique(items, writes), failures
 
 
 def _walk(folder: Path, exclude: Path | None) -> list[Path]:
@@ -210,7 +211,7 @@ def _relative_to(root: Path, paths: list[Path]) -> list[Item]:
     return items
 
 
-def _unique(items: list[Item]) -> list[Item]:
+def _unique(items: list[Item], writes: bool = True) -> list[Item]:
     seen, by_name, unique = set(), {}, []
     for item in items:
         real = os.path.realpath(item.path)
@@ -220,7 +221,7 @@ def _unique(items: list[Item]) -> list[Item]:
         by_name.setdefault(item.name, []).append(item.path)
         unique.append(item)
     clashes = [paths for paths in by_name.values() if len(paths) > 1]
-    if clashes:
+    if clashes and writes:
         shown = "; ".join(" and ".join(map(str, paths)) for paths in clashes[:5])
         raise ClientError(
             f"{len(clashes)} set{'s' if len(clashes) > 1 else ''} of images would write the "

@@ -105,6 +105,8 @@ def test_bench_and_soak_refuse_bad_flags_in_one_line_before_any_server(tmp_path)
     (tmp_path / "photos" / "notes.png").write_bytes(b"not pixels")
     cases = {
         ("bench", "--sweep"): "--sweep go with --report",
+        ("bench", "--refiners", "--seconds", "2"): "--seconds go with --report",
+        ("bench", "--images", str(tmp_path / "photos" / "*.jpg")): "no images in",
         ("bench", "--images", str(tmp_path / "nowhere")): "no such file or folder",
         ("bench", "--images", str(tmp_path / "photos")): "notes.png",  # a folder is walked
         ("bench", "--report", "--batches", "x"): "expected whole numbers like 4,8",

@@ -90,6 +90,8 @@ def test_two_images_that_would_write_the_same_files_are_refused_up_front(tmp_pat
     _touch(tmp_path / "cat.png")
     with pytest.raises(ClientError, match="would write the same files"):
         find_images([str(tmp_path)])
+    items, _ = find_images([str(tmp_path)], writes=False)  # `wsss bench` writes nothing
+    assert sorted(i.path.name for i in items) == ["cat.jpg", "cat.png"]
 
 
 def test_a_prediction_names_the_classes_present_at_the_served_thresholds():
