@@ -67,8 +67,9 @@ def fit(
     """Train with AdamW and a cosine schedule; keep the epoch with the lowest validation loss.
 
     Batches are ``(uint8 NHWC images, targets, ...)``. Writes ``best.pt`` (state dict + meta)
-    and ``metrics.jsonl`` (one line per epoch) under ``out_dir``; loads the best weights back
-    into ``model`` and returns the checkpoint path.
+    and ``metrics.jsonl`` (one line per epoch) under ``out_dir``, in place of the last ones
+    only once every epoch is done (``<name>.partial`` until then); loads the best weights
+    back into ``model`` and returns the checkpoint path.
 
     Under torchrun the model is wrapped in DistributedDataParallel, ``train`` should draw
     from a ``DistributedSampler`` and ``val`` hold this rank's shard (``training.distributed``);
@@ -89,38 +90,58 @@ def fit(
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=epochs * len(train), pct_start=0.15
     )
+    # Written beside the stage's last complete run and moved over it when every epoch is
+    # done: an interrupted training leaves that run whole (the checkpoint an export took
+    # included), not a mix of this one's best epoch so far and the last one's logs.
     best, best_path = math.inf, out_dir / "best.pt"
-    log = (out_dir / "metrics.jsonl").open("w") if main else None
-    for epoch in range(1, epochs + 1):
-        if isinstance(train.sampler, DistributedSampler):
-            train.sampler.set_epoch(epoch)
-        start = time.perf_counter()
-        bar = f"{desc} {epoch}/{epochs}" if main else None
-        train_loss, seen = _run_epoch(net, train, loss_fn, device, opt, sched, bar)
-        val_loss, _ = _run_epoch(net, val, loss_fn, device, None, None, None)
-        record = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "lr": sched.get_last_lr()[0],
-            "seconds": round(time.perf_counter() - start, 2),
-            "train_images": seen,  # over all ranks: each image once per epoch
-            "world_size": distributed.world_size(),
-        }
-        if main:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            tqdm.write(f"{desc} epoch {epoch}: train {train_loss:.4f}  val {val_loss:.4f}")
-        if val_loss < best:  # the same on every rank: the losses are global
-            best = val_loss
+    partial, log_path = _partial(best_path), out_dir / "metrics.jsonl"
+    log = _partial(log_path).open("w") if main else None
+    try:
+        for epoch in range(1, epochs + 1):
+            if isinstance(train.sampler, DistributedSampler):
+                train.sampler.set_epoch(epoch)
+            start = time.perf_counter()
+            bar = f"{desc} {epoch}/{epochs}" if main else None
+            train_loss, seen = _run_epoch(net, train, loss_fn, device, opt, sched, bar)
+            val_loss, _ = _run_epoch(net, val, loss_fn, device, None, None, None)
+            record = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "lr": sched.get_last_lr()[0],
+                "seconds": round(time.perf_counter() - start, 2),
+                "train_images": seen,  # over all ranks: each image once per epoch
+                "world_size": distributed.world_size(),
+            }
             if main:
-                state = {"state_dict": model.state_dict(), "meta": meta | record}
-                save_checkpoint(state, best_path)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                tqdm.write(f"{desc} epoch {epoch}: train {train_loss:.4f}  val {val_loss:.4f}")
+            if val_loss < best:  # the same on every rank: the losses are global
+                best = val_loss
+                if main:
+                    state = {"state_dict": model.state_dict(), "meta": meta | record}
+                    save_checkpoint(state, partial)
+    except BaseException:  # stopped or failed: the last complete run stays as it was
+        if log is not None:
+            log.close()
+            for path in (partial, _partial(log_path)):
+                path.unlink(missing_ok=True)
+        raise
     if log is not None:
         log.close()
     distributed.barrier()  # the best checkpoint is written before anyone reads it
-    model.load_state_dict(load_checkpoint(best_path)["state_dict"])
+    model.load_state_dict(load_checkpoint(partial)["state_dict"])
+    distributed.barrier()  # every rank has read it before it moves
+    if main:
+        os.replace(partial, best_path)
+        os.replace(_partial(log_path), log_path)
     return best_path
+
+
+def _partial(path: Path) -> Path:
+    """Where ``fit`` writes ``path`` until the training is done."""
+    return path.with_name(f"{path.name}.partial")
 
 
 def _run_epoch(model, loader, loss_fn, device, opt, sched, desc) -> tuple[float, int]:
