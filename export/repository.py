@@ -18,7 +18,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,7 @@ from wsss.served.classical import (
     vit_input,
 )
 from wsss.served.registry import RefinerSpec
+from wsss.task import get_task
 from wsss.tensors import (
     CLASSIFIER,
     ENSEMBLES,
@@ -232,7 +233,10 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
             parity[name] = vit.parity
         elif name in PYTHON_MODELS:
             _write_python_model(name, folder / str(version))
-    _write_metadata(staging / CLASSIFIER / str(version), saved, names, palette, parity)
+    recorded, differs = as_trained(saved, cmeta, smeta)
+    for note in differs:
+        print(f"export: {note}", file=sys.stderr, flush=True)
+    _write_metadata(staging / CLASSIFIER / str(version), recorded, names, palette, parity)
     quantized = {VIT: vit.quantized} if vit and vit.quantized else {}
     if quantized:
         path = staging / CLASSIFIER / str(version) / "quantized.json"
@@ -489,6 +493,28 @@ def _sample(name: str, networks: dict[str, nn.Module], images: np.ndarray) -> tu
     with torch.no_grad():  # not inference mode: these tensors get traced
         outputs = networks[CLASSIFIER](x)  # scores, cams (and features for the level set)
     return (x, *outputs)
+
+
+def as_trained(cfg: Config, cmeta: dict, smeta: dict) -> tuple[Config, list[str]]:
+    """``cfg`` as the checkpoints were trained: export builds the networks from their own
+    architectures and task, whatever the config says, so the config written beside the
+    export says theirs; and a note for each the config gave otherwise."""
+    trained = {
+        ("classifier", "arch"): cmeta.get("arch"),
+        ("segmenter", "arch"): smeta.get("arch"),
+        ("data", "task"): get_task(cmeta["task"]).name if "task" in cmeta else None,
+    }
+    notes, sections = [], {}
+    for (section, key), value in trained.items():
+        given = getattr(getattr(cfg, section), key)
+        if value is not None and value != given:
+            notes.append(
+                f"{section}.{key} is {given!r} in the config, {value!r} in the checkpoint: "
+                f"exported as trained, {value!r}"
+            )
+            sections.setdefault(section, {})[key] = value
+    parts = {k: replace(getattr(cfg, k), **v) for k, v in sections.items()}
+    return replace(cfg, **parts), notes
 
 
 def _write_metadata(

@@ -14,7 +14,7 @@ from export.configs import build_configs, io_names, parse, render
 from export.parity import ParityError
 from export.repository import ExportError, export_repository
 from tests.conftest import random_export_cfg
-from wsss.config import load_config
+from wsss.config import load_config, with_overrides
 from wsss.palette import VOC_PALETTE
 from wsss.tensors import ENSEMBLES, label_parameters, read_label_parameters, served_models
 
@@ -103,6 +103,24 @@ def test_versions_accumulate_with_the_policy(tmp_path):
     assert report.ok, str(report)
     assert report.models["classifier"] == [2, 3]
     assert not list(tmp_path.glob(".wsss-staging-*"))
+
+
+def test_the_config_written_beside_an_export_says_what_was_trained(tmp_path, capsys):
+    """Export builds the networks from their checkpoints' architectures and task: a config
+    that names others is noted, and the config written beside the export names the
+    checkpoints' (it said resnet18 beside a MobileNetV2 graph)."""
+    import yaml
+
+    from training.pipeline import load_model
+
+    cfg = random_export_cfg(tmp_path)
+    _, cmeta = load_model(Path(cfg.runs) / "classifier" / "best.pt")
+    other = "resnet18" if cmeta["arch"] != "resnet18" else "resnet50"
+    result = export_repository(with_overrides(cfg, [f"classifier.arch={other}"]))
+    saved = Path(cfg.export.repository) / "classifier" / str(result.version) / "wsss_config.yaml"
+    assert yaml.safe_load(saved.read_text())["classifier"]["arch"] == cmeta["arch"]
+    err = capsys.readouterr().err
+    assert f"classifier.arch is '{other}' in the config, '{cmeta['arch']}' in the checkpoint" in err
 
 
 def test_format_switch_serves_only_versions_in_the_new_format(tmp_path):
