@@ -296,6 +296,16 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
 
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} {getattr(self, name)}: at least 1")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ConfigError(
+                f"train.lr {self.lr} must be above 0 and train.weight_decay "
+                f"{self.weight_decay} at least 0"
+            )
+
 
 @dataclass
 class OnnxRuntimeConfig:

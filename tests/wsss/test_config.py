@@ -27,6 +27,8 @@ def test_int_is_accepted_for_float():
         ("levelset.seed=levelset", "levelset.seed 'levelset': one of fixed, otsu, saliency"),
         ("levelset.seed=otsu+vit", "optionally \\+grabcut or \\+chanvese or \\+crf"),
         ("train.epochs=[1", r"not a YAML value \(expected ',' or '\]', but got .* at line 1"),
+        ("train.batch_size=-1", "train.batch_size -1: at least 1"),
+        ("train.lr=0", "train.lr 0.0 must be above 0"),
     ],
 )
 def test_bad_overrides_are_explained(override, message):

@@ -140,7 +140,8 @@ def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     ``max_pixels``, is an ``UnreadableImageError``."""
     path = Path(path)
     if not path.is_file():
-        raise UnreadableImageError(f"{path}: the image is missing")
+        what = "a folder, not an image" if path.is_dir() else "the image is missing"
+        raise UnreadableImageError(f"{path}: {what}")
     try:
         return decode_image(path.read_bytes(), max_pixels)
     except ImageError as exc:

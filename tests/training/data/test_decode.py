@@ -47,6 +47,9 @@ def test_unreadable_files_name_themselves(tmp_path):
         read_image(bad)
     with pytest.raises(UnreadableImageError, match="missing"):
         read_image(tmp_path / "absent.jpg")
+    (tmp_path / "album").mkdir()
+    with pytest.raises(UnreadableImageError, match="album: a folder, not an image"):
+        read_image(tmp_path / "album")
 
 
 def test_training_resizes_a_photo_as_the_server_does(tmp_path):
