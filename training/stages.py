@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,10 @@ def load_train_set(cfg: Config) -> WSSSDataset:
     data = WSSSDataset.from_config(cfg.data, "train")
     if distributed.is_main():  # VOC's train and train_aug are easily mixed up: say which
         tqdm.write(f"train data: {data.source}")
+        counts = Counter(c for sample in data.samples for c in sample.labels)
+        rare = [f"{n} ({counts[i]})" for i, n in enumerate(data.class_names) if counts[i] < 2]
+        if rare:  # a misspelt label in your own labels.csv is a class of one photo
+            tqdm.write(f"train data: one photo or none to learn from: {', '.join(rare)}")
     return data
 
 

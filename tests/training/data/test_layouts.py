@@ -292,6 +292,24 @@ def test_folder_labels_as_spreadsheets_save_them_and_as_users_misspell_them(root
         read_class_names(root, "voc", "folder")
 
 
+def test_training_names_the_classes_it_has_one_photo_or_none_of(roots, tmp_path, capsys):
+    """Without classes.txt a misspelt label is a class of its own: training says so."""
+    from training.stages import load_train_set
+    from wsss.config import load_config
+
+    root = shutil.copytree(roots["folder"], tmp_path / "mine")
+    shutil.rmtree(root / "masks")
+    (root / "classes.txt").unlink()
+    rows = list(csv.DictReader((root / "labels.csv").open()))
+    first = next(r for r in rows if r["split"] == "train")
+    first["labels"] = first["labels"].replace(first["labels"].split(";")[0], "dgo", 1)
+    _write_csv(root, [[r["image"], r["labels"], r["split"]] for r in rows])
+    sets = [f"data.root={root}", "data.layout=folder", "data.task=voc", f"data.image_size={SIZE}"]
+    load_train_set(load_config(None, sets))
+    said = capsys.readouterr().out.splitlines()[-1]
+    assert said.startswith("train data: one photo or none to learn from: ") and "dgo (1)" in said
+
+
 def _write_csv(root, rows, header=("image", "labels", "split")):
     with (root / "labels.csv").open("w", newline="") as f:
         writer = csv.writer(f)
