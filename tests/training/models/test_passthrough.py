@@ -133,6 +133,22 @@ def test_nothing_to_train_decodes_no_photo(passthrough_cfg, monkeypatch, capsys)
     assert "train data:" not in capsys.readouterr().out
 
 
+def test_make_serves_first_run_trains_nothing_and_decodes_no_photo(
+    pets_root, tmp_path, monkeypatch
+):
+    """configs/serve.yaml's stages as `make serve` runs them on a fresh clone: the ImageNet
+    head and the pass-through are written, and not one training photo is decoded."""
+    from training import stages
+    from training.pipeline import load_model
+
+    monkeypatch.setattr(stages, "load_train_set", lambda cfg: pytest.fail("photos decoded"))
+    cfg = load_config("configs/serve.yaml", [f"data.root={pets_root}", f"runs={tmp_path}"])
+    stages.run(cfg)
+    _, cmeta = load_model(tmp_path / "classifier" / "best.pt")
+    _, smeta = load_model(tmp_path / "segmenter" / "best.pt")
+    assert cmeta["class_names"] == ["cat", "dog"] and smeta["arch"] == PASSTHROUGH
+
+
 def test_the_pipeline_serves_the_refined_mask_as_the_segmentation(passthrough_cfg):
     from training.pipeline import pipeline_from_config
 
