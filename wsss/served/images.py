@@ -25,6 +25,7 @@ MAX_ENCODED_BYTES = 64 << 20  # refuse larger uploads before decoding anything
 # write 2-10 scans (libjpeg's progression; mozjpeg's optimised ones a few dozen at most).
 MAX_JPEG_SCANS = 100
 MAX_JPEG_SEGMENTS = 1000  # before the first scan: a phone's or Photoshop's photo holds 10-30
+MAX_JPEG_STRAY = 64 << 10  # bytes between segments; encoders write none
 MAX_SIDE = 16384  # decoded images and requested output sizes stay below this
 # What Pillow may read: the photo formats, not every plugin it has (EPS would call Ghostscript).
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")  # MPO reads as JPEG
@@ -34,6 +35,8 @@ def _open(data: bytes):
     """Pillow's lazy open (the header only) of ``data``, in the photo formats alone."""
     from PIL import Image
 
+    if data[:2] == b"\xff\xd8":  # a JPEG (an MPO too): its markers, before Pillow reads them
+        check_jpeg(data)
     Image.init()  # every plugin registered: FORMATS names some Pillow loads only here
     return Image.open(io.BytesIO(data), formats=FORMATS)
 
@@ -77,11 +80,11 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError("empty image bytes")
     if len(data) > MAX_ENCODED_BYTES:
         raise ImageError(f"encoded image of {len(data)} bytes exceeds {MAX_ENCODED_BYTES}")
-    if data[:2] == b"\xff\xd8":  # a JPEG (an MPO too): its markers, before Pillow reads them
-        check_jpeg(data)
     unreadable = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError)
     try:
         image = _open(data)
+    except ImageError:  # _open's own refusal, said as it is
+        raise
     except Image.DecompressionBombError:  # Pillow's own limit, far above ours
         raise ImageError(f"the image exceeds the limit of {max_pixels:,} pixels") from None
     except unreadable:
@@ -103,34 +106,59 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 # Fill bytes (any run of 0xFF), then a marker.
 _MARKER = re.compile(rb"\xff+([^\xff])")
+# Where a scan's entropy-coded data ends: 0xFF followed by neither a stuffed 0x00 nor a
+# restart marker (RST0-7) is the next marker.
+_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 
 
 def jpeg_scans(data: bytes) -> int:
-    """The start-of-scan markers of a JPEG. The segments before the first scan (metadata:
-    an ICC profile, Photoshop's, a thumbnail) are stepped over by their lengths, not
-    searched, as any byte may occur in them (a Pet photo's hold 45 stray 0xFF 0xDA pairs);
-    from the first scan on, every 0xFF 0xDA counts: entropy-coded data never holds one (a
-    0xFF there is followed by 0x00 or a restart marker), and the decoder, which skips stray
-    bytes between segments, reads every scan it finds. A header that does not parse counts
-    every pair in the file; one of more than MAX_JPEG_SEGMENTS segments is an ImageError
-    (Pillow reads them one by one in Python: 30 MiB of them took it 7 s)."""
-    i, segments = 2, 0  # after SOI
-    while (found := _MARKER.match(data, i)) is not None:
+    """The scans of a JPEG's first image, walked as libjpeg reads it: segments stepped over
+    by their lengths (metadata may hold any byte: a Pet photo's hold 45 stray 0xFF 0xDA
+    pairs), a scan's entropy-coded data to the next marker, stray bytes between segments
+    skipped to the next 0xFF (the decoder skips them and reads on), an end-of-image before
+    any scan read past (libjpeg takes what precedes it for tables), the walk ending at the
+    first image's end (a Motion Photo's video after it is not read). Raises ImageError
+    where more than MAX_JPEG_SEGMENTS segments, fill and stray bytes come before the image
+    (Pillow reads those one at a time in Python: 30 MiB of fill took it 7 s) or more than
+    MAX_JPEG_STRAY stray and fill bytes in all (libjpeg skips them at 14 MB/s)."""
+    i, n, scans, before, stray = 2, len(data), 0, 0, 0  # after SOI
+    while i < n:
+        j = data.find(b"\xff", i)
+        if j < 0:
+            break
+        found = _MARKER.match(data, j)
+        if found is None:  # 0xFF at the very end
+            break
+        skipped = (j - i) + (found.start(1) - j - 1)  # stray bytes, then fill
         marker, i = found.group(1)[0], found.end()
-        segments += found.start(1) - found.start()  # fill bytes count as segments: read alike
-        if segments > MAX_JPEG_SEGMENTS:
-            raise ImageError(f"a JPEG of more than {MAX_JPEG_SEGMENTS} segments before its image")
+        if marker == 0x00:  # a stuffed 0xFF outside a scan: stray bytes too
+            skipped += 2
+        stray += skipped
+        if scans == 0:
+            before += skipped + 1
+        if before > MAX_JPEG_SEGMENTS or stray > MAX_JPEG_STRAY:
+            raise ImageError(
+                f"a JPEG of {stray:,} stray bytes and {before:,} segments before its image "
+                f"(at most {MAX_JPEG_STRAY:,} and {MAX_JPEG_SEGMENTS:,})"
+            )
+        if marker == 0xD9:
+            if scans:  # the first image's end
+                break
+            continue  # before any scan: tables only, and the image may follow
+        if marker in (0x00, 0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # no length
+            continue
+        i += int.from_bytes(data[i : i + 2], "big")
         if marker == 0xDA:
-            return data.count(b"\xff\xda", found.start(1) - 1)
-        if marker == 0xD9:  # EOI before any scan
-            return 0
-        if marker != 0x01 and not 0xD0 <= marker <= 0xD7:  # a segment with a length
-            i += int.from_bytes(data[i : i + 2], "big")
-    return data.count(b"\xff\xda")
+            scans += 1
+            end = _SCAN_END.search(data, i)
+            if end is None:
+                break
+            i = end.start()
+    return scans
 
 
 def check_jpeg(data: bytes) -> None:
-    """Refuse a JPEG whose decoding would take far longer than its pixels' (``jpeg_scans``)."""
+    """Refuse a JPEG whose reading would take far longer than its pixels' (``jpeg_scans``)."""
     if (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
         raise ImageError(f"a JPEG of {scans} scans exceeds {MAX_JPEG_SCANS}")
 

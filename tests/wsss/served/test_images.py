@@ -11,6 +11,7 @@ from PIL import Image, ImageFile
 from wsss.served.images import (
     MAX_JPEG_SCANS,
     MAX_JPEG_SEGMENTS,
+    MAX_JPEG_STRAY,
     ImageError,
     decode_image,
     encode_png,
@@ -97,10 +98,25 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(monkeypatch):
     filled = real[:first] + b"\xff" * (MAX_JPEG_SEGMENTS + 1) + real[first:]
     comments = real[:first] + b"\xff\xfe\x00\x02" * (MAX_JPEG_SEGMENTS + 1) + real[first:]
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda *a: pytest.fail("decoded"))
-    for data in (bomb, junk, mpo_bomb):
+    # Stray bytes anywhere (libjpeg skips them, Pillow reads them one at a time before the
+    # image): zeros, stuffed 0xFF 0x00 pairs.
+    zeros = real[:first] + b"\x00" * (MAX_JPEG_SEGMENTS + 1) + real[first:]
+    stuffed = real[:2] + b"\xff\x00" * MAX_JPEG_SEGMENTS + real[2:]
+    late = real[:second] + b"\x00" * (MAX_JPEG_STRAY + 1) + real[second:]
+    # An end-of-image before any scan is read past (libjpeg takes it for tables only).
+    tables_first = b"\xff\xd8\xff\xd9" + bomb
+    for data in (bomb, junk, mpo_bomb, tables_first):
         with pytest.raises(ImageError, match=f"scans exceeds {MAX_JPEG_SCANS}"):
             decode_image(data)
     monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("parsed"))
-    for data in (filled, comments):
-        with pytest.raises(ImageError, match=f"more than {MAX_JPEG_SEGMENTS} segments"):
+    for data in (filled, comments, zeros, stuffed, late):
+        with pytest.raises(ImageError, match="stray bytes and .* segments before its image"):
             decode_image(data)
+        assert header_size(data) is None  # preprocess reads the header first: refused too
+    monkeypatch.undo()
+    # What follows the first image's end is not read: a Motion Photo's video (random bytes
+    # hold a 0xFF 0xDA pair every 64 KiB) is no scans.
+    video = np.random.default_rng(0).integers(0, 256, 8 << 20, dtype=np.uint8).tobytes()
+    assert video.count(b"\xff\xda") > MAX_JPEG_SCANS
+    assert jpeg_scans(real + video) == jpeg_scans(real)
+    assert decode_image(real + video).shape == (48, 64, 3)
