@@ -310,7 +310,7 @@ def check_stub_path(what: str, path: Path, remedy: str) -> None:
     at spaces (a space: the stub dies parsing the next field, `stol`, and the server waits
     for it) and reads it as ASCII (``UnicodeEncodeError`` loading the model): refuse such a
     path before starting, in one line."""
-    full = str(Path(path).absolute())
+    full = str(Path(path).resolve())  # as tritonserver is given it: links followed
     odd = sorted({c for c in full if c.isspace() or not c.isascii()})
     if odd:
         shown = ", ".join(repr(c) for c in odd)
@@ -731,16 +731,17 @@ class TritonServer:
         fails counts as one). Its exit status when it is not started again (0: it exited by
         itself)."""
         starts: deque[float] = deque()
+        code = self.process.wait()
         while True:
-            code = self.process.wait()
             now = time.monotonic()
             while starts and now - starts[0] > window:
                 starts.popleft()
             if code == 0 or len(starts) >= restarts:
                 return code
             starts.append(now)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
             kept = self.log_path.with_name(
-                f"{self.log_path.stem}.crashed-{time.strftime('%Y%m%d-%H%M%S')}{self.log_path.suffix}"
+                f"{self.log_path.stem}.crashed-{stamp}-{len(starts)}{self.log_path.suffix}"
             )
             shutil.copyfile(self.log_path, kept)
             say(
@@ -750,10 +751,12 @@ class TritonServer:
             )
             try:
                 self.start()
-            except ServerError as exc:  # it died again while loading: the next round says so
-                say(f"wsss: it did not start again: {str(exc).splitlines()[0]}")
+            except ServerError as exc:  # died again while loading, or never ready
+                say(f"wsss: it did not start again: {exc}")
+                code = 1  # stopped by us, perhaps cleanly: still a failure, for the budget
                 continue
             say(f"wsss: serving again: HTTP {self.http_url}, gRPC {self.grpc_url}")
+            code = self.process.wait()
 
     def __enter__(self) -> TritonServer:
         return self if self.running else self.start()  # a stopped or dead server starts again

@@ -180,6 +180,24 @@ def test_the_watchdog_watches_on_through_a_restart_and_ends_with_stop(exported, 
     assert not watchdog.is_alive()
 
 
+def test_restarts_that_fail_use_up_the_budget_and_end_in_failure(exported, tmp_path, monkeypatch):
+    """A restart that fails (never ready: stopped by us, perhaps with status 0) counts
+    against serve.restarts, and the end is a failure, not 'it exited by itself'."""
+    cfg = _ports(exported)
+    server = TritonServer(Path(cfg.export.repository), cfg.serve, tmp_path)
+    said: list[str] = []
+    with server:
+
+        def never_ready(timeout=120.0):
+            raise ServerError("tritonserver not ready after 120 s")
+
+        monkeypatch.setattr(server, "start", never_ready)
+        os.kill(server.process.pid, signal.SIGABRT)
+        assert server.serve_forever(2, say=said.append) == 1
+    assert sum(s.startswith("wsss: it did not start again") for s in said) == 2
+    assert len(list(tmp_path.glob("tritonserver.crashed-*.log"))) == 2
+
+
 def _wsss_serve(cfg, cwd: Path, *overrides: str, ignore_sigint: bool = False):
     """`wsss serve` on ``cfg``'s repository and ports, its output piped (text)."""
     s = cfg.serve
@@ -248,6 +266,11 @@ def test_a_repository_path_the_python_backend_cannot_load_is_refused_at_once(
     ):
         server.start()
     assert server.process is None
+    # A plain link to it is no way round: tritonserver is given the link's target.
+    (tmp_path / "plain").symlink_to(repo)
+    linked = TritonServer(tmp_path / "plain", _ports(exported).serve, tmp_path / "work")
+    with pytest.raises(ServerError, match="cannot load models from"):
+        linked.start()
 
 
 def test_a_failed_start_says_the_errors_tritonserver_logged(tmp_path):
