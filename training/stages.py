@@ -173,7 +173,7 @@ def train_classifier(cfg: Config, data: WSSSDataset | None) -> nn.Module:
         note = f"classifier: the ImageNet head, {len(names)} classes: nothing to train"
         model = _untrained(cfg, "classifier", model, meta, note)
         if cfg.classifier.threshold_folds and data is not None:
-            choose_thresholds(cfg, data, model, meta, None)
+            _with_thresholds(cfg, data, model, meta, None)
         return model
     if model.frozen and names != data.class_names:
         raise InputError(
@@ -183,8 +183,20 @@ def train_classifier(cfg: Config, data: WSSSDataset | None) -> nn.Module:
     tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
     model = _fit_classifier(cfg, model, data, tr, va, meta, "classifier")
     if cfg.classifier.threshold_folds:
-        choose_thresholds(cfg, data, model, meta, kwargs)
+        _with_thresholds(cfg, data, model, meta, kwargs)
     return model
+
+
+def _with_thresholds(cfg: Config, data: WSSSDataset, model, meta: dict, kwargs) -> None:
+    """``choose_thresholds`` for the classifier just written, its config.yaml held back
+    until they are in its checkpoint: stopped midway, the stage is not taken for trained
+    with this config (a later run would have reused a checkpoint without thresholds)."""
+    config = Path(cfg.runs) / "classifier" / "config.yaml"
+    if distributed.is_main():
+        config.unlink(missing_ok=True)
+    choose_thresholds(cfg, data, model, meta, kwargs)
+    if distributed.is_main():
+        save_config(cfg, config)
 
 
 def _fit_classifier(cfg, model, data, tr, va, meta, out) -> nn.Module:

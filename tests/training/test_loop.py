@@ -52,3 +52,41 @@ def test_an_interrupted_training_leaves_the_last_complete_run_whole(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "metrics.jsonl"]
+
+
+def test_a_classifier_stopped_while_choosing_thresholds_is_not_taken_for_trained(
+    tmp_path, monkeypatch
+):
+    """Its checkpoint is written before the folds choose its thresholds: stopped there, the
+    stage has no config.yaml, so no later run reuses a checkpoint without thresholds."""
+    from training import stages
+    from training.loop import trained_with
+    from wsss.config import load_config, save_config
+
+    cfg = load_config(None, [f"runs={tmp_path}", "classifier.threshold_folds=2"])
+    (tmp_path / "classifier").mkdir()
+    torch.save({"state_dict": {}, "meta": {}}, tmp_path / "classifier" / "best.pt")
+    save_config(cfg, tmp_path / "classifier" / "config.yaml")
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "choose_thresholds", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        stages._with_thresholds(cfg, None, None, {}, None)
+    assert not trained_with(tmp_path / "classifier", cfg)
+    monkeypatch.setattr(stages, "choose_thresholds", lambda *args: [0.5])
+    stages._with_thresholds(cfg, None, None, {}, None)
+    assert trained_with(tmp_path / "classifier", cfg)
+
+
+def test_a_training_whose_loss_turns_nan_says_so_and_leaves_nothing(tmp_path):
+    model = _model()
+
+    def nan_in_validation(logits, targets):
+        loss = nn.functional.cross_entropy(logits, targets)
+        return loss if model.training else loss * float("nan")
+
+    with pytest.raises(FloatingPointError, match="loss became nan: lower train.lr"):
+        _fit(model, tmp_path, epochs=2, loss=nan_in_validation)
+    assert list(tmp_path.iterdir()) == []
