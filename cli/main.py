@@ -261,6 +261,7 @@ def _url(args) -> str:
     if hasattr(args, "set"):  # a command that reads the config: its serve ports (--set, env)
         serve = _config(args).serve
         host = "127.0.0.1" if serve.host in ("0.0.0.0", "::", "") else serve.host
+        host = f"[{host}]" if ":" in host else host  # an IPv6 address
         port = serve.http_port if args.protocol == "http" else serve.grpc_port
         return server_address(f"{host}:{port}")
     if args.protocol == "http":

@@ -355,6 +355,8 @@ class _Run:
             self.answered = images.answered
             if not self.options.figures:
                 return outputs, None
+            if images.answered is not None and images.answered != self.base.version:
+                self.answered_by(images.answered)  # a new export: the CAMs at its shapes
             tensors = self.client(PIPELINE)
             image = resize(load_image(data), tensors.image_size)[None]
             cams = tensors.infer(image, [CAMS])[CAMS][0]

@@ -6,8 +6,10 @@ a checkpoint or an export can always be traced back to the settings that made it
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -300,7 +302,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} {getattr(self, name)}: at least 1")
-        if not self.lr > 0 or self.weight_decay < 0:
+        if not (0 < self.lr < math.inf and 0 <= self.weight_decay < math.inf):
             raise ConfigError(
                 f"train.lr {self.lr} must be above 0 and train.weight_decay "
                 f"{self.weight_decay} at least 0"
@@ -704,6 +706,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return {_coerce(k_hint, k, key): _coerce(v_hint, v, f"{key}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        with contextlib.suppress(ValueError):
+            if math.isfinite(number := float(value)):
+                return number
     if hint in (int, float, str, bool) and not (
         isinstance(value, hint) and not (hint is int and isinstance(value, bool))
     ):

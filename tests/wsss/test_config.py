@@ -12,6 +12,14 @@ def test_defaults_yaml_and_overrides(tmp_path):
     assert cfg.serve.host == "127.0.0.1"
 
 
+def test_a_float_yaml_reads_as_a_string_is_a_float():
+    """YAML 1.1 reads 1e-3 (no dot) as a string: train.lr=1e-3 said 'expected float'."""
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 0.001
+    for bad in ("abc", ".nan", "inf"):
+        with pytest.raises(ConfigError, match="train.weight_decay"):
+            load_config(None, [f"train.weight_decay={bad}"])
+
+
 def test_int_is_accepted_for_float():
     assert load_config(None, ["train.lr=1"]).train.lr == 1.0
 

@@ -74,12 +74,15 @@ def read_rows(path: Path) -> list[Row]:
         image = (record["image"] or "").strip()
         if not image:
             raise DataLayoutError(f"{path}, line {reader.line_num}: no image named")
-        key = Path(image).as_posix()
+        key = Path(image).with_suffix("").as_posix()  # its name: its mask's, its outputs'
         if key in seen:
+            line, other = seen[key]
+            said = "is listed twice" if other == image else f"and {other} share the name {key}"
             raise DataLayoutError(
-                f"{path}, lines {seen[key]} and {reader.line_num}: {image} is listed twice"
+                f"{path}, lines {line} and {reader.line_num}: {image} {said} (one mask, "
+                "one set of outputs): rename one"
             )
-        seen[key] = reader.line_num
+        seen[key] = (reader.line_num, image)
         names = (record["labels"] or "").split(SEPARATOR)
         split = (record.get("split") or "").strip().lower() or default_split(image)
         if split not in SPLITS:

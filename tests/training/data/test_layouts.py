@@ -280,6 +280,7 @@ def test_folder_labels_as_spreadsheets_save_them_and_as_users_misspell_them(root
         text.replace(first, "caf\xe9.jpg", 1).encode("cp1252"): "not UTF-8 text (byte 0xe9",
         text.replace("split", "spilt", 1).encode(): "column 'spilt': did you mean 'split'?",
         (text + text.splitlines()[1] + "\n").encode(): f"{first} is listed twice",
+        (text + text.splitlines()[1].replace(".jpg", ".png", 1) + "\n").encode(): "share the name",
     }
     for data, said in cases.items():
         labels.write_bytes(data)
