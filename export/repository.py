@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from google.protobuf.text_format import ParseError
 from torch import nn
 
@@ -517,12 +518,16 @@ def as_trained(cfg: Config, cmeta: dict, smeta: dict) -> tuple[Config, list[str]
     return replace(cfg, **parts), notes
 
 
+# Beside the classifier of each export: the config it was exported with (as trained).
+METADATA_CONFIG = "wsss_config.yaml"
+
+
 def _write_metadata(
     folder: Path, cfg: Config, class_names: list[str], palette: list[int], parity: dict
 ) -> None:
     """Beside the classifier: the config, its class names (mask value n is the n-th) and
     the masks' palette (256 RGB triples, the data's own colours), and the parity check."""
-    save_config(cfg, folder / "wsss_config.yaml")
+    save_config(cfg, folder / METADATA_CONFIG)
     (folder / "class_names.json").write_text(json.dumps(class_names))
     (folder / "palette.json").write_text(json.dumps(palette))
     (folder / "parity.json").write_text(json.dumps(parity, indent=2))
@@ -657,12 +662,40 @@ def commit_plan(
     return steps + [("retire", name) for name in retire]
 
 
+def exported_runs(repository: Path) -> str | None:
+    """The ``runs`` folder the repository's newest export was trained in (the config written
+    beside its classifier), or None where it names none."""
+    folder = repository / CLASSIFIER
+    found = versions(folder) if folder.is_dir() else []
+    saved = folder / str(found[-1]) / METADATA_CONFIG if found else None
+    if saved is None or not saved.is_file():
+        return None
+    try:
+        runs = yaml.safe_load(saved.read_text()).get("runs")
+    except (yaml.YAMLError, OSError, AttributeError):
+        return None
+    return runs if isinstance(runs, str) else None
+
+
 def build_if_missing(cfg: Config) -> None:
-    """What `make serve` does on a fresh clone: data, training and export, if missing."""
+    """What `make serve` does on a fresh clone: data, training and export, if missing. A
+    repository that already holds another profile's export is served as it is, and said so:
+    building over it would replace what may be served."""
     from training import stages
     from training.data.synth import SynthOptions, ensure_synth
 
-    if (Path(cfg.export.repository) / PIPELINE / "config.pbtxt").exists():
+    repository = Path(cfg.export.repository)
+    if (repository / PIPELINE / "config.pbtxt").exists():
+        runs = exported_runs(repository)
+        if runs is not None and Path(runs).resolve() != Path(cfg.runs).resolve():
+            print(
+                f"wsss: {repository} holds an export of {runs}, not of this config's runs "
+                f"({cfg.runs}): serving it as it is. `wsss export` with this config adds "
+                "this profile as its next version; export.repository gives it a repository "
+                "of its own",
+                file=sys.stderr,
+                flush=True,
+            )
         return
     rewritten = ensure_synth(cfg.data.root, SynthOptions.of(cfg.data))
     if rewritten or not (Path(cfg.runs) / "segmenter" / "best.pt").exists():

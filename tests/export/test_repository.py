@@ -123,6 +123,28 @@ def test_the_config_written_beside_an_export_says_what_was_trained(tmp_path, cap
     assert f"classifier.arch is '{other}' in the config, '{cmeta['arch']}' in the checkpoint" in err
 
 
+def test_build_if_missing_says_when_the_repository_holds_another_profiles_export(tmp_path, capsys):
+    """`wsss serve --build-if-missing` serves a repository that exists as it is; one that
+    another profile exported into (make serve's model_repository) is said so, not served
+    silently in this profile's place."""
+    from export.check import versions
+    from export.repository import build_if_missing, exported_runs
+
+    cfg = random_export_cfg(tmp_path)
+    export_repository(cfg)
+    repo = Path(cfg.export.repository)
+    assert Path(exported_runs(repo)).resolve() == Path(cfg.runs).resolve()
+    capsys.readouterr()
+    build_if_missing(cfg)
+    assert "holds an export of" not in capsys.readouterr().err
+    other = with_overrides(cfg, [f"runs={tmp_path / 'other_runs'}"])
+    build_if_missing(other)
+    err = capsys.readouterr().err
+    assert f"holds an export of {cfg.runs}, not of this config's runs" in err
+    assert versions(repo / "classifier") == [1]  # nothing built over it
+    assert exported_runs(tmp_path / "nothing") is None
+
+
 def test_format_switch_serves_only_versions_in_the_new_format(tmp_path):
     cfg = random_export_cfg(tmp_path, "export.keep_versions=3")
     export_repository(cfg)
