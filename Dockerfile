@@ -111,12 +111,16 @@ COPY docker/gpu-requirements.txt /tmp/gpu-requirements.txt
 RUN python3 -m pip install -r /tmp/gpu-requirements.txt \
     && rm /tmp/gpu-requirements.txt \
     && install -d -o triton-server -g triton-server /var/lib/wsss
+# The health check (standard library only): live, both ensembles ready, and one tiny PNG
+# answered. Without `wsss serve`'s watchdog here, a Python model whose stub died stays READY
+# and fails every request (Triton 2.51); only the inference sees it.
+COPY serving/health.py /opt/wsss/health.py
 WORKDIR /var/lib/wsss
 # The image's own non-root user, triton-server (Triton's build gives it uid 1000).
 USER 1000
 EXPOSE 8000 8001 8002
-HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["/bin/sh", "-c", "url=localhost:${HTTP_PORT:-8000}/v2 && curl -fsS -o /dev/null $url/health/live && curl -fsS -o /dev/null $url/models/wsss_pipeline/ready && curl -fsS -o /dev/null $url/models/wsss_pipeline_bytes/ready"]
+HEALTHCHECK --interval=10s --timeout=15s --start-period=120s --retries=3 \
+    CMD ["python3", "/opt/wsss/health.py", "--infer", "wsss_pipeline", "wsss_pipeline_bytes"]
 # tritonserver itself is the main process (it stops cleanly on SIGTERM), under NGC's
 # entrypoint and a shell that only draws the key and execs it; poll mode loads each
 # re-exported version as `wsss serve` does. Arguments given to `docker run` / compose's

@@ -9,6 +9,7 @@ The tools come with the test extra."""
 from __future__ import annotations
 
 import ast
+import fnmatch
 import json
 import os
 import re
@@ -29,6 +30,13 @@ from tests.serving.conftest import echo_repository
 from wsss.config import ServeConfig
 
 COMPOSE_CPU = ["-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml"]
+# serve-gpu's health check: serving/health.py, copied alone into the image.
+GPU_HEALTH = "/opt/wsss/health.py"
+# The Python-backend regions `wsss serve` takes where /dev/shm is large.
+SHM_FLAGS = (
+    "--backend-config=python,shm-default-byte-size=16777216",
+    "--backend-config=python,shm-growth-byte-size=16777216",
+)
 # The NGC release of the tritonserver in each nvidia-pytriton wheel (2.51.0 in 0.7.0).
 NGC_RELEASE = {"0.7.0": "24.10"}
 
@@ -52,6 +60,45 @@ def test_hadolint_passes_the_dockerfile():
     run(tool("hadolint"), "--no-color", "Dockerfile")
 
 
+def _kept_by_dockerignore(path: str, patterns: list[str]) -> bool:
+    """Whether the build context holds ``path``: the last of ``.dockerignore``'s patterns
+    that matches it or a folder above it decides (``!`` keeps), as Docker reads the file."""
+    parts = path.strip("/").split("/")
+    kept = True
+    for pattern in patterns:
+        keep = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        for depth in range(1, len(parts) + 1):
+            prefix = "/".join(parts[:depth])
+            if (
+                pattern == "**"
+                or fnmatch.fnmatchcase(prefix, pattern)
+                or (
+                    pattern.startswith("**/") and fnmatch.fnmatchcase(parts[depth - 1], pattern[3:])
+                )
+            ):
+                kept = keep
+                break
+    return kept
+
+
+def test_every_copy_source_is_in_the_build_context():
+    """A COPY of a folder .dockerignore leaves out fails the build (experiments/ did, in the
+    train image, which image-gpu builds too); the docker test builds serve-cpu only."""
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [p.strip() for p in lines if p.strip() and not p.lstrip().startswith("#")]
+    sources = []
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(w.startswith("--from") for w in words):
+            sources += [w for w in words[1:-1] if not w.startswith("--")]
+    assert len(sources) > 10
+    missing = [s for s in sources if not _kept_by_dockerignore(s, patterns)]
+    assert not missing, f"COPY sources .dockerignore leaves out: {missing}"
+    assert not _kept_by_dockerignore("runs/quick/best.pt", patterns)  # the check can fail
+    assert not _kept_by_dockerignore("wsss/__pycache__/x.pyc", patterns)
+
+
 @pytest.mark.parametrize("files", [[], COMPOSE_CPU], ids=["gpu", "cpu"])
 def test_compose_files_are_valid_and_bind_loopback(files):
     compose = tool("docker-compose")
@@ -62,14 +109,21 @@ def test_compose_files_are_valid_and_bind_loopback(files):
     triton = services["triton"]
     assert triton["network_mode"] == "host" and triton["healthcheck"]["test"]
     assert {v["target"] for v in triton["volumes"]} == {"/var/lib/wsss"}
+    trainer = services["trainer"]
     if files:  # the CPU variant: serve-cpu, no GPU asked for, `wsss serve` on loopback
         assert triton["image"].endswith(":serve-cpu") and "deploy" not in triton
+        assert "deploy" not in trainer
         assert triton["command"] == ["--set", "serve.host=127.0.0.1"]
     else:
         assert triton["image"].endswith(":serve-gpu")
-        assert triton["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+        for service in (triton, trainer):  # the trainer too: torch uses a GPU it sees
+            devices = service["deploy"]["resources"]["reservations"]["devices"]
+            assert devices[0]["driver"] == "nvidia"
         for flag in ("http", "grpc", "metrics"):
             assert f"--{flag}-address=127.0.0.1" in triton["command"]
+        assert set(SHM_FLAGS) <= set(triton["command"])
+        # no watchdog in serve-gpu: the check infers, which a dead stub fails
+        assert triton["healthcheck"]["test"][1:4] == ["python3", GPU_HEALTH, "--infer"]
     # Passed on to tritonserver's restriction (serve-gpu) or `wsss serve` (serve-cpu): empty,
     # as here, each draws a random key.
     assert triton["environment"][ADMIN_KEY_ENV] == ""
@@ -174,6 +228,9 @@ def test_kubernetes_pods_bind_every_address_and_take_the_key_from_a_secret():
     env = {e["name"]: e for e in container["env"]}
     secret = env[ADMIN_KEY_ENV]["valueFrom"]["secretKeyRef"]
     assert secret["optional"] is True  # without the Secret: a random key, the APIs closed
+    assert set(SHM_FLAGS) <= set(container["args"])  # the pod's /dev/shm is large
+    # a dead stub leaves the model READY: liveness infers, and the kubelet restarts it
+    assert container["livenessProbe"]["exec"]["command"][:3] == ["python3", GPU_HEALTH, "--infer"]
 
 
 def _stage(name: str) -> str:
@@ -200,6 +257,8 @@ def test_serve_gpu_stage_is_the_bundled_servers_release():
     assert "--model-repository=/var/lib/wsss/model_repository" in stage
     assert "--model-control-mode=poll" in stage and "HEALTHCHECK" in stage
     assert re.search(r"^USER 1000$", stage, re.M)  # triton-server, not root
+    assert f"COPY serving/health.py {GPU_HEALTH}" in stage
+    assert f'CMD ["python3", "{GPU_HEALTH}", "--infer"' in stage
     # the last stage: the legacy builder builds every stage before its target
     assert text.rstrip().endswith(stage.rstrip())
 
@@ -242,3 +301,27 @@ def test_images_install_what_the_served_models_import(requirements):
     if requirements == "serve-requirements.txt":
         assert listed["onnxruntime"] == f"onnxruntime=={pins['onnxruntime-gpu']}"
         assert "torch" not in listed
+
+
+def test_the_health_check_stands_alone_and_asks_what_the_repository_serves():
+    """serve-gpu copies serving/health.py alone into an image without the project: standard
+    library only, and the names it sends are the served ones."""
+    from serving import health
+    from wsss.tensors import ENCODED_IMAGE, PIPELINE_BYTES, SCORES
+
+    tree = ast.parse((ROOT / "serving" / "health.py").read_text())
+    imported = {
+        a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    imported |= {
+        n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+    }
+    assert imported - {"__future__"} <= sys.stdlib_module_names, imported
+    assert (health.INFER_MODEL, health.INFER_INPUT, health.INFER_OUTPUT) == (
+        PIPELINE_BYTES,
+        ENCODED_IMAGE.name,
+        SCORES,
+    )
+    from wsss.served.images import decode_image
+
+    assert decode_image(health.tiny_png()).shape == (32, 32, 3)  # a PNG the server reads

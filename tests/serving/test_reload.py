@@ -21,6 +21,7 @@ import tritonclient.grpc as grpc
 
 from export.check import check_repository
 from export.repository import export_repository
+from serving import health
 from serving.server import TritonServer
 from tests.conftest import random_export_cfg, wait_for, write_random_checkpoints
 from training.pipeline import pipeline_from_config
@@ -263,6 +264,12 @@ def test_a_killed_stub_is_reported_and_reloaded(live):
     pid = _stub_pid(server, PREPROCESS)
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: (PREPROCESS, "1") in server.dead_instances(client), what="the dead stub")
+    # What the serve-gpu image has instead of the watchdog: the ensembles stay READY, and
+    # only the health check's inference sees the dead stub.
+    base = f"http://{server.http_url}"
+    assert health.ready(base, [PIPELINE, PIPELINE_BYTES]) is None
+    problem = health.answers(base, timeout=30)
+    assert problem is not None and "HTTP 500" in problem and "not healthy" in problem, problem
     server.watch(0.2)
     from serving.client import ClientError, PipelineClient
 
@@ -279,3 +286,4 @@ def test_a_killed_stub_is_reported_and_reloaded(live):
     finally:
         bytes_client.close()  # an open client makes tritonserver wait out its exit timeout
     assert _stub_pid(server, PREPROCESS) != pid and not server.dead_instances(client)
+    assert health.answers(base, timeout=30) is None
