@@ -21,7 +21,9 @@ def test_no_served_tensor_name_is_spelled_outside_wsss_tensors():
     found = []
     for package in PACKAGES:
         for path in (ROOT / package).rglob("*.py"):
-            if path == ROOT / "wsss" / "tensors.py":
+            # The health check is copied alone into the serve-gpu image: it spells the
+            # names it asks for, and tests/deploy checks them against wsss/tensors.py.
+            if path in (ROOT / "wsss" / "tensors.py", ROOT / "serving" / "health.py"):
                 continue
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 if quoted.search(line):
