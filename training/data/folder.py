@@ -19,9 +19,10 @@ from __future__ import annotations
 import csv
 import difflib
 import io
+import posixpath
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from training.data.base import (
     DataLayoutError,
@@ -59,29 +60,42 @@ def read_rows(path: Path) -> list[Row]:
     require(path, "labels.csv: image,labels[,split] for each photo")
     reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
     header = [h.strip().lower() for h in reader.fieldnames or []]
+    if len(header) == 1 and {"image", "labels"} <= {h.strip() for h in header[0].split(";")}:
+        raise DataLayoutError(
+            f"{path}: the header is one column, {header[0]!r}: labels.csv separates its "
+            "columns with commas (';' separates a photo's labels); save it as CSV with commas"
+        )
     if "image" not in header or "labels" not in header:
         raise DataLayoutError(
             f"{path}: the header must name the columns image and labels (and optionally "
             f"split), not {', '.join(header) or 'nothing'}"
         )
     for column in header:
-        close = difflib.get_close_matches(column, COLUMNS, n=1, cutoff=0.6)
+        # 0.8: spilt, splits, splt; not site, plot, slide, list (columns of their own)
+        close = difflib.get_close_matches(column, COLUMNS, n=1, cutoff=0.8)
         if column not in COLUMNS and close and close[0] not in header:
             raise DataLayoutError(f"{path}: column {column!r}: did you mean {close[0]!r}?")
     reader.fieldnames = header
     rows, seen = [], {}
     for record in reader:
+        if not any((v or "").strip() for v in record.values() if isinstance(v, str)):
+            continue  # an empty row (a spreadsheet's trailing ",,")
         image = (record["image"] or "").strip()
         if not image:
             raise DataLayoutError(f"{path}, line {reader.line_num}: no image named")
-        key = Path(image).with_suffix("").as_posix()  # its name: its mask's, its outputs'
+        listed = PurePosixPath(posixpath.normpath(image))  # ./cat.jpg is cat.jpg
+        if listed.name in ("", ".", ".."):
+            raise DataLayoutError(f"{path}, line {reader.line_num}: {image!r} names no photo")
+        key = listed.with_suffix("").as_posix()  # its name: its mask's, its outputs'
         if key in seen:
             line, other = seen[key]
-            said = "is listed twice" if other == image else f"and {other} share the name {key}"
-            raise DataLayoutError(
-                f"{path}, lines {line} and {reader.line_num}: {image} {said} (one mask, "
-                "one set of outputs): rename one"
-            )
+            if PurePosixPath(posixpath.normpath(other)) == listed:
+                said = "is listed twice: remove one"
+            else:
+                said = (
+                    f"and {other} share the name {key} (one mask, one set of outputs): rename one"
+                )
+            raise DataLayoutError(f"{path}, lines {line} and {reader.line_num}: {image} {said}")
         seen[key] = (reader.line_num, image)
         names = (record["labels"] or "").split(SEPARATOR)
         split = (record.get("split") or "").strip().lower() or default_split(image)

@@ -279,8 +279,11 @@ def test_folder_labels_as_spreadsheets_save_them_and_as_users_misspell_them(root
     cases = {
         text.replace(first, "caf\xe9.jpg", 1).encode("cp1252"): "not UTF-8 text (byte 0xe9",
         text.replace("split", "spilt", 1).encode(): "column 'spilt': did you mean 'split'?",
-        (text + text.splitlines()[1] + "\n").encode(): f"{first} is listed twice",
+        (text + text.splitlines()[1] + "\n").encode(): f"{first} is listed twice: remove one",
+        (text + "./" + text.splitlines()[1] + "\n").encode(): "is listed twice: remove one",
         (text + text.splitlines()[1].replace(".jpg", ".png", 1) + "\n").encode(): "share the name",
+        (text + ".,cat,train\n").encode(): "'.' names no photo",
+        text.replace(",", ";").encode(): "the header is one column, 'image;labels;split'",
     }
     for data, said in cases.items():
         labels.write_bytes(data)
@@ -288,6 +291,11 @@ def test_folder_labels_as_spreadsheets_save_them_and_as_users_misspell_them(root
             list_samples(root, "voc", "train", "folder")
     labels.write_text(text.replace("split", "split,notes", 1).replace(",train", ",train,x"))
     assert [s.name for s in list_samples(root, "voc", "test", "folder")] == want  # left alone
+    for column in ("site", "plot", "slide", "list"):  # near split, yet columns of their own
+        labels.write_text(text.replace("split", column, 1))  # no split column: the hash's
+        assert list_samples(root, "voc", "train", "folder")
+    labels.write_text(text + ",,\n,,\n")  # a spreadsheet's trailing empty rows
+    assert [s.name for s in list_samples(root, "voc", "test", "folder")] == want
     (root / "classes.txt").unlink()
     with pytest.raises(DataLayoutError, match="list the classes in .*classes.txt"):
         read_class_names(root, "voc", "folder")
