@@ -243,6 +243,7 @@ class LevelSetConfig:
     lr: float = 1e-3
 
     def __post_init__(self):
+        check_schedule("levelset", self.epochs, self.lr)
         if self.cam_prior is not None and not 0 < self.cam_prior < 1:
             raise ConfigError(
                 f"levelset.cam_prior {self.cam_prior}: a CAM level in (0, 1), or null"
@@ -288,6 +289,20 @@ class SegmenterConfig:
     epochs: int | None = None
     lr: float | None = None
 
+    def __post_init__(self):
+        check_schedule("segmenter", self.epochs, self.lr)
+        if self.output_stride not in (16, 32):
+            raise ConfigError(f"segmenter.output_stride {self.output_stride}: 16 or 32")
+
+
+def check_schedule(section: str, epochs: int | None, lr: float | None) -> None:
+    """A stage's epochs (at least 1) and learning rate (finite, above 0), where set: a bad
+    one would fail only when that stage starts, perhaps hours into a training."""
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"{section}.epochs {epochs}: at least 1")
+    if lr is not None and not 0 < lr < math.inf:
+        raise ConfigError(f"{section}.lr {lr}: above 0 and finite")
+
 
 @dataclass
 class TrainConfig:
@@ -299,14 +314,11 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} {getattr(self, name)}: at least 1")
-        if not (0 < self.lr < math.inf and 0 <= self.weight_decay < math.inf):
-            raise ConfigError(
-                f"train.lr {self.lr} must be above 0 and train.weight_decay "
-                f"{self.weight_decay} at least 0"
-            )
+        check_schedule("train", self.epochs, self.lr)
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size {self.batch_size}: at least 1")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"train.weight_decay {self.weight_decay}: at least 0, finite")
 
 
 @dataclass

@@ -36,7 +36,14 @@ def test_int_is_accepted_for_float():
         ("levelset.seed=otsu+vit", "optionally \\+grabcut or \\+chanvese or \\+crf"),
         ("train.epochs=[1", r"not a YAML value \(expected ',' or '\]', but got .* at line 1"),
         ("train.batch_size=-1", "train.batch_size -1: at least 1"),
-        ("train.lr=0", "train.lr 0.0 must be above 0"),
+        ("train.lr=0", "train.lr 0.0: above 0 and finite"),
+        ("train.weight_decay=-1", "train.weight_decay -1.0: at least 0"),
+        # the segmenter's and level set's own schedules fail at load, not hours in
+        ("segmenter.lr=-0.001", "segmenter.lr -0.001: above 0 and finite"),
+        ("segmenter.epochs=0", "segmenter.epochs 0: at least 1"),
+        ("levelset.lr=-1", "levelset.lr -1.0: above 0 and finite"),
+        ("levelset.epochs=-2", "levelset.epochs -2: at least 1"),
+        ("segmenter.output_stride=8", "segmenter.output_stride 8: 16 or 32"),
     ],
 )
 def test_bad_overrides_are_explained(override, message):
