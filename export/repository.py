@@ -44,6 +44,7 @@ from export.onnx_export import check_parity, export_onnx
 from export.quantize import map_agreement, quantize_graph, quantize_static_graph
 from export.torchscript_export import check_torchscript_parity, export_torchscript
 from export.vit import served_vit
+from training.loop import file_digest
 from training.pipeline import (
     PassThroughSegmenter,
     SegmenterGraph,
@@ -235,6 +236,13 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
         elif name in PYTHON_MODELS:
             _write_python_model(name, folder / str(version))
     recorded, differs = as_trained(saved, cmeta, smeta)
+    made_by = smeta.get("classifier_digest")
+    if made_by is not None and made_by != file_digest(runs / "classifier" / "best.pt"):
+        differs.append(
+            "the segmenter learned the pseudo-masks of another classifier run than the one "
+            "exported (a training stopped between its stages, or --stages classifier alone): "
+            "`wsss train --stages pseudo,segmenter` trains it on this one's"
+        )
     for note in differs:
         print(f"export: {note}", file=sys.stderr, flush=True)
     _write_metadata(staging / CLASSIFIER / str(version), recorded, names, palette, parity)
@@ -498,13 +506,20 @@ def _sample(name: str, networks: dict[str, nn.Module], images: np.ndarray) -> tu
 
 def as_trained(cfg: Config, cmeta: dict, smeta: dict) -> tuple[Config, list[str]]:
     """``cfg`` as the checkpoints were trained: export builds the networks from their own
-    architectures and task, whatever the config says, so the config written beside the
-    export says theirs; and a note for each the config gave otherwise."""
+    architectures, builder arguments and task, whatever the config says, so the config
+    written beside the export says theirs; and a note for each the config gave otherwise."""
     trained = {
         ("classifier", "arch"): cmeta.get("arch"),
         ("segmenter", "arch"): smeta.get("arch"),
         ("data", "task"): get_task(cmeta["task"]).name if "task" in cmeta else None,
     }
+    # What the builders read from the config, as each checkpoint recorded it.
+    for section, meta, keys in (
+        ("classifier", cmeta, ("output_stride", "head")),
+        ("segmenter", smeta, ("backbone", "output_stride", "base_channels", "depth")),
+    ):
+        kwargs = meta.get("kwargs") or {}
+        trained |= {(section, key): kwargs[key] for key in keys if key in kwargs}
     notes, sections = [], {}
     for (section, key), value in trained.items():
         given = getattr(getattr(cfg, section), key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -63,13 +64,16 @@ def fit(
     out_dir: Path,
     meta: dict,
     desc: str,
+    finish: bool = True,
 ) -> Path:
     """Train with AdamW and a cosine schedule; keep the epoch with the lowest validation loss.
 
     Batches are ``(uint8 NHWC images, targets, ...)``. Writes ``best.pt`` (state dict + meta)
     and ``metrics.jsonl`` (one line per epoch) under ``out_dir``, in place of the last ones
-    only once every epoch is done (``<name>.partial`` until then); loads the best weights
-    back into ``model`` and returns the checkpoint path.
+    only once every epoch is done (``<name>.partial`` until then; with ``finish`` False
+    they stay partial, for a caller with more to write into the checkpoint, which then
+    calls ``finish_run``); loads the best weights back into ``model`` and returns the
+    checkpoint path.
 
     Under torchrun the model is wrapped in DistributedDataParallel, ``train`` should draw
     from a ``DistributedSampler`` and ``val`` hold this rank's shard (``training.distributed``);
@@ -125,18 +129,49 @@ def fit(
     except BaseException:  # stopped or failed: the last complete run stays as it was
         if log is not None:
             log.close()
-            for path in (partial, _partial(log_path)):
-                path.unlink(missing_ok=True)
+            discard_run(out_dir)
         raise
     if log is not None:
         log.close()
     distributed.barrier()  # the best checkpoint is written before anyone reads it
     model.load_state_dict(load_checkpoint(partial)["state_dict"])
     distributed.barrier()  # every rank has read it before it moves
-    if main:
-        os.replace(partial, best_path)
-        os.replace(_partial(log_path), log_path)
+    if not finish:
+        return partial
+    finish_run(out_dir)
     return best_path
+
+
+def partial_checkpoint(out_dir: Path) -> Path:
+    """Where ``fit`` writes a stage's ``best.pt`` until its run is done."""
+    return _partial(Path(out_dir) / "best.pt")
+
+
+def finish_run(out_dir: Path) -> None:
+    """The partial run in ``out_dir`` (``fit``'s, or a stage's own) takes the place of the
+    last complete one: its checkpoint and, where it has one, its log (rank 0 moves them, the
+    others wait)."""
+    if distributed.is_main():
+        for name in ("best.pt", "metrics.jsonl"):
+            partial = _partial(Path(out_dir) / name)
+            if partial.exists():
+                os.replace(partial, Path(out_dir) / name)
+    distributed.barrier()
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of a file: which run of a stage (its checkpoint) another was made from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def discard_run(out_dir: Path) -> None:
+    """The partial run in ``out_dir`` removed (rank 0's files; a stopped or failed run)."""
+    for name in ("best.pt", "metrics.jsonl"):
+        _partial(Path(out_dir) / name).unlink(missing_ok=True)
 
 
 def _partial(path: Path) -> Path:

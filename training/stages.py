@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -26,7 +28,16 @@ from training.data.layouts import (
 )
 from training.levelset.model import LevelSetHead
 from training.levelset.train import LevelSetLoss, LevelSetModel, head_kwargs
-from training.loop import fit, load_checkpoint, resolve_device, save_checkpoint
+from training.loop import (
+    discard_run,
+    file_digest,
+    finish_run,
+    fit,
+    load_checkpoint,
+    partial_checkpoint,
+    resolve_device,
+    save_checkpoint,
+)
 from training.metrics import label_f1
 from training.models import build_classifier, build_segmenter
 from training.models.imagenet import imagenet_class_names, parse_class_groups
@@ -155,6 +166,13 @@ def train_classifier(cfg: Config, data: WSSSDataset | None) -> nn.Module:
     the labels, the backbone and the ImageNet head frozen. ``classifier.threshold_folds``
     then chooses each class's score threshold by cross-validation (``choose_thresholds``).
     """
+    folds = bool(cfg.classifier.threshold_folds)
+    if folds and not cfg.data.kind.multi_label:  # before training, not after it
+        raise InputError(
+            "classifier.threshold_folds: per-class thresholds are for multi-label tasks"
+        )
+    if folds and learns_classes(cfg) and cfg.classifier.threshold_folds < 2:
+        raise InputError("classifier.threshold_folds: 0 (off) or at least 2 folds")
     _seed(cfg)
     kwargs, names = classifier_setup(cfg, data.class_names if data is not None else [])
     imagenet = cfg.classifier.head == "imagenet"
@@ -171,8 +189,9 @@ def train_classifier(cfg: Config, data: WSSSDataset | None) -> nn.Module:
     }
     if not learns_classes(cfg):
         note = f"classifier: the ImageNet head, {len(names)} classes: nothing to train"
-        model = _untrained(cfg, "classifier", model, meta, note)
-        if cfg.classifier.threshold_folds and data is not None:
+        folds = folds and data is not None
+        model = _untrained(cfg, "classifier", model, meta, note, finish=not folds)
+        if folds:
             _with_thresholds(cfg, data, model, meta, None)
         return model
     if model.frozen and names != data.class_names:
@@ -181,29 +200,38 @@ def train_classifier(cfg: Config, data: WSSSDataset | None) -> nn.Module:
             f"its order: {', '.join(data.class_names)}"
         )
     tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
-    model = _fit_classifier(cfg, model, data, tr, va, meta, "classifier")
-    if cfg.classifier.threshold_folds:
+    model = _fit_classifier(cfg, model, data, tr, va, meta, "classifier", finish=not folds)
+    if folds:
         _with_thresholds(cfg, data, model, meta, kwargs)
     return model
 
 
 def _with_thresholds(cfg: Config, data: WSSSDataset, model, meta: dict, kwargs) -> None:
-    """``choose_thresholds`` for the classifier just written, its config.yaml held back
-    until they are in its checkpoint: stopped midway, the stage is not taken for trained
-    with this config (a later run would have reused a checkpoint without thresholds)."""
-    config = Path(cfg.runs) / "classifier" / "config.yaml"
-    if distributed.is_main():
+    """``choose_thresholds`` for the classifier just written (still partial), then its run
+    complete: stopped while the folds choose them, the stage's last complete run (its
+    checkpoint with its thresholds, its log and config) stays as it was, and no checkpoint
+    without thresholds is left for export or a later run to take."""
+    out = Path(cfg.runs) / "classifier"
+    try:
+        choose_thresholds(cfg, data, model, meta, kwargs, partial_checkpoint(out))
+    except BaseException:
+        if distributed.is_main():
+            discard_run(out)
+        raise
+    config = out / "config.yaml"
+    if distributed.is_main():  # a stop between the two moves leaves no run taken as trained
         config.unlink(missing_ok=True)
-    choose_thresholds(cfg, data, model, meta, kwargs)
+    finish_run(out)
     if distributed.is_main():
         save_config(cfg, config)
 
 
-def _fit_classifier(cfg, model, data, tr, va, meta, out) -> nn.Module:
+def _fit_classifier(cfg, model, data, tr, va, meta, out, finish: bool = True) -> nn.Module:
     if model.frozen:
         model.freeze()
     loss = {"ce": nn.CrossEntropyLoss, "bce": nn.BCEWithLogitsLoss}[cfg.data.kind.loss]()
-    return _train(cfg, model, _View(data, tr, True), _View(data, va, False), loss, meta, out=out)
+    train, val = _View(data, tr, True), _View(data, va, False)
+    return _train(cfg, model, train, val, loss, meta, out=out, finish=finish)
 
 
 def _label_f1(scores: np.ndarray, cuts: np.ndarray, truth: np.ndarray) -> float:
@@ -234,13 +262,16 @@ def label_thresholds(scores: np.ndarray, truth: np.ndarray, passes: int = 2) -> 
     return cuts
 
 
-def choose_thresholds(cfg: Config, data: WSSSDataset, model, meta: dict, kwargs) -> list[float]:
+def choose_thresholds(
+    cfg: Config, data: WSSSDataset, model, meta: dict, kwargs, path: Path | None = None
+) -> list[float]:
     """Each class's score threshold, chosen by ``classifier.threshold_folds``-fold
     cross-validation on the training photos: every photo scored by a classifier that did
     not train on it (one trained per fold with the same recipe; an untrained head scores
     them as it is), then the thresholds of the best per-image label F1 over the photos
     (``label_thresholds``). Saved in the checkpoint's meta (``score_thresholds``,
-    ``threshold_cv``), which the refiner reads in place of ``refine.score_threshold``."""
+    ``threshold_cv``; of ``path``, default the stage's best.pt), which the refiner reads in
+    place of ``refine.score_threshold``."""
     if not cfg.data.kind.multi_label:
         raise InputError(
             "classifier.threshold_folds: per-class thresholds are for multi-label tasks"
@@ -273,7 +304,7 @@ def choose_thresholds(cfg: Config, data: WSSSDataset, model, meta: dict, kwargs)
         row[list(labels or ())] = True
     cuts = label_thresholds(scores, truth)
     thresholds = [float(t) for t in cuts]
-    path = Path(cfg.runs) / "classifier" / "best.pt"
+    path = path or Path(cfg.runs) / "classifier" / "best.pt"
     if distributed.is_main():
         ckpt = load_checkpoint(path)
         ckpt["meta"]["score_thresholds"] = thresholds
@@ -428,9 +459,28 @@ def train_share(cfg: Config) -> WSSSDataset | None:
     )
 
 
+def pseudo_source(cfg: Config) -> dict[str, str]:
+    """What the training pseudo-masks are made from, as digests: the classifier run (its
+    checkpoint: weights and thresholds) and the settings that shape the masks (refine, the
+    image size, a trained refiner's settings and checkpoint). Saved with the masks: masks of
+    another source are made again, and the segmenter records the classifier's."""
+    runs = Path(cfg.runs)
+    network = RefinerSpec.of(cfg.refine).checkpoint
+    settings = {"refine": dataclasses.asdict(cfg.refine), "image_size": cfg.data.image_size}
+    if network:
+        settings["levelset"] = dataclasses.asdict(cfg.levelset)
+        if (runs / network).exists():
+            settings["network"] = file_digest(runs / network)
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return {
+        "classifier": file_digest(runs / "classifier" / "best.pt"),
+        "settings": hashlib.sha256(text.encode()).hexdigest(),
+    }
+
+
 def write_pseudo_masks(cfg: Config, data: WSSSDataset | None, path: Path) -> None:
     """The pseudo-masks of the training set, made by every rank and saved by rank 0 to
-    ``path`` (masks, names).
+    ``path`` (masks, names, and their ``pseudo_source``).
 
     Each rank makes those of its contiguous share (whole batches: the batches one process
     makes, so the same masks, byte for byte) and writes them as its part; rank 0 merges the
@@ -457,6 +507,7 @@ def write_pseudo_masks(cfg: Config, data: WSSSDataset | None, path: Path) -> Non
     with distributed.main_first() as main:  # the others wait for the merge only
         if main:
             merged = {k: np.concatenate([p[k] for p in parts]) for k in ("masks", "names")}
+            merged |= {k: np.array(v) for k, v in pseudo_source(cfg).items()}
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             with tmp.open("wb") as f:
@@ -523,13 +574,18 @@ def segmenter_kwargs(cfg: Config, num_classes: int) -> tuple[dict, dict]:
 
 
 def train_segmenter(
-    cfg: Config, data: WSSSDataset, masks: np.ndarray, supervised: bool = False
+    cfg: Config,
+    data: WSSSDataset,
+    masks: np.ndarray,
+    supervised: bool = False,
+    made_by: str | None = None,
 ) -> nn.Module:
     """The segmenter, fully supervised on ``masks``: the pseudo-masks (the weakly supervised
     result), or with ``supervised`` the ground truth (the upper bound every weakly supervised
     row is read against), written to ``<runs>/supervised``. Boundary pixels (255) are
     ignored, and images with no pseudo-mask at all (255 everywhere) are left out; validation
-    loss is on held-out masks of the same kind.
+    loss is on held-out masks of the same kind. ``made_by``: the digest of the classifier
+    run that made the pseudo-masks, recorded for export to compare.
     """
     _seed(cfg)
     seg = cfg.segmenter
@@ -558,6 +614,8 @@ def train_segmenter(
         "palette": data.palette,  # their colours in mask PNGs (export's palette.json)
         "targets": "ground truth" if supervised else "pseudo-masks",
     }
+    if made_by is not None:  # the classifier run whose pseudo-masks it learns (its digest)
+        meta["classifier_digest"] = made_by
     out = "supervised" if supervised else "segmenter"
     loss = SegmentationLoss(seg.loss, seg.dice)
     return _train(cfg, model, train, val, loss, meta, seg.epochs, seg.lr, out=out)
@@ -588,15 +646,20 @@ def passthrough_segmenter(cfg: Config, data: WSSSDataset | None = None) -> nn.Mo
     return _untrained(cfg, "segmenter", PassThroughSegmenter(num_classes), meta, note)
 
 
-def _untrained(cfg: Config, stage: str, model: nn.Module, meta: dict, note: str) -> nn.Module:
+def _untrained(
+    cfg: Config, stage: str, model: nn.Module, meta: dict, note: str, finish: bool = True
+) -> nn.Module:
     """A stage with nothing to train: its model saved as if trained (rank 0 writes, the
-    others wait), so that export and the next stages find it where they look."""
+    others wait), so that export and the next stages find it where they look; with
+    ``finish`` False as a partial run (``fit``'s), for a caller with more to write."""
     out = Path(cfg.runs) / stage
     with distributed.main_first() as main:
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            save_checkpoint({"state_dict": model.state_dict(), "meta": meta}, out / "best.pt")
-            save_config(cfg, out / "config.yaml")
+            path = out / "best.pt" if finish else partial_checkpoint(out)
+            save_checkpoint({"state_dict": model.state_dict(), "meta": meta}, path)
+            if finish:
+                save_config(cfg, out / "config.yaml")
             tqdm.write(note)
     return model.eval()
 
@@ -616,9 +679,11 @@ def _train(
     epochs: int | None = None,
     lr: float | None = None,
     out: str | None = None,
+    finish: bool = True,
 ) -> nn.Module:
     """The one training loop on seeded loaders; the resolved config lands beside the best.pt
-    in ``<runs>/<out>`` (default: the model's family)."""
+    in ``<runs>/<out>`` (default: the model's family). With ``finish`` False the run stays
+    partial and without its config (``fit``)."""
     family = meta["family"]
     out = Path(cfg.runs) / (out or family)
     fit(
@@ -632,8 +697,9 @@ def _train(
         out_dir=out,
         meta=meta,
         desc=family,
+        finish=finish,
     )
-    if distributed.is_main():
+    if finish and distributed.is_main():
         save_config(cfg, out / "config.yaml")
     return model.cpu().eval()
 
@@ -642,13 +708,17 @@ def _train(
 # the upper bound) runs only when named.
 
 
-def _fits(pseudo_path: Path, data: WSSSDataset) -> bool:
-    """Saved pseudo-masks that belong to this data: same images, same size."""
+def _fits(pseudo_path: Path, data: WSSSDataset, cfg: Config) -> bool:
+    """Saved pseudo-masks that belong to this data and this chain: same images, same size,
+    made by the classifier run and settings there are now (``pseudo_source``)."""
     if not pseudo_path.exists():
         return False
     saved = np.load(pseudo_path)
     names = [s.name for s in data.samples]
-    return saved["masks"].shape == data.masks.shape and saved["names"].tolist() == names
+    if saved["masks"].shape != data.masks.shape or saved["names"].tolist() != names:
+        return False
+    source = pseudo_source(cfg)
+    return all(k in saved.files and str(saved[k]) == v for k, v in source.items())
 
 
 def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
@@ -700,9 +770,11 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
         if "segmenter" in stages:
             passthrough_segmenter(cfg, data)
         return
-    if "pseudo" in stages or ("segmenter" in stages and not _fits(pseudo_path, data)):
+    if "pseudo" in stages or ("segmenter" in stages and not _fits(pseudo_path, data, cfg)):
         write_pseudo_masks(cfg, data, pseudo_path)  # under torchrun: sharded over the ranks
     if "segmenter" in stages:
-        train_segmenter(cfg, data, np.load(pseudo_path)["masks"])
+        saved = np.load(pseudo_path)
+        made_by = str(saved["classifier"]) if "classifier" in saved.files else None
+        train_segmenter(cfg, data, saved["masks"], made_by=made_by)
     if "supervised" in stages:
         train_segmenter(cfg, data, data.masks, supervised=True)

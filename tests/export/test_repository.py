@@ -115,12 +115,20 @@ def test_the_config_written_beside_an_export_says_what_was_trained(tmp_path, cap
 
     cfg = random_export_cfg(tmp_path)
     _, cmeta = load_model(Path(cfg.runs) / "classifier" / "best.pt")
+    _, smeta = load_model(Path(cfg.runs) / "segmenter" / "best.pt")
     other = "resnet18" if cmeta["arch"] != "resnet18" else "resnet50"
-    result = export_repository(with_overrides(cfg, [f"classifier.arch={other}"]))
+    assert (cmeta["kwargs"]["output_stride"], smeta["kwargs"]["base_channels"]) == (16, 4)
+    overrides = ["classifier.arch=" + other, "classifier.output_stride=32"]
+    overrides.append("segmenter.base_channels=16")  # a UNet 4 wide was trained
+    result = export_repository(with_overrides(cfg, overrides))
     saved = Path(cfg.export.repository) / "classifier" / str(result.version) / "wsss_config.yaml"
-    assert yaml.safe_load(saved.read_text())["classifier"]["arch"] == cmeta["arch"]
+    written = yaml.safe_load(saved.read_text())
+    assert written["classifier"]["arch"] == cmeta["arch"]
+    assert written["classifier"]["output_stride"] == cmeta["kwargs"]["output_stride"]
+    assert written["segmenter"]["base_channels"] == 4  # the builder's arguments, as trained
     err = capsys.readouterr().err
     assert f"classifier.arch is '{other}' in the config, '{cmeta['arch']}' in the checkpoint" in err
+    assert "segmenter.base_channels is 16 in the config, 4 in the checkpoint" in err
 
 
 def test_build_if_missing_says_when_the_repository_holds_another_profiles_export(tmp_path, capsys):

@@ -2,6 +2,7 @@
 was, the checkpoint an export took from it included."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from training.loop import fit, load_checkpoint
+from wsss.errors import InputError
 
 
 def _loader(n: int = 8) -> DataLoader:
@@ -54,30 +56,61 @@ def test_an_interrupted_training_leaves_the_last_complete_run_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "metrics.jsonl"]
 
 
-def test_a_classifier_stopped_while_choosing_thresholds_is_not_taken_for_trained(
+def test_a_classifier_stopped_while_choosing_thresholds_leaves_the_last_complete_run(
     tmp_path, monkeypatch
 ):
-    """Its checkpoint is written before the folds choose its thresholds: stopped there, the
-    stage has no config.yaml, so no later run reuses a checkpoint without thresholds."""
+    """The new classifier stays partial while the folds choose its thresholds: stopped
+    there, the last complete run (checkpoint with its thresholds, log, config) is as it was,
+    and no checkpoint without thresholds is left for export or a later run to take."""
     from training import stages
-    from training.loop import trained_with
+    from training.loop import partial_checkpoint, trained_with
     from wsss.config import load_config, save_config
 
     cfg = load_config(None, [f"runs={tmp_path}", "classifier.threshold_folds=2"])
-    (tmp_path / "classifier").mkdir()
-    torch.save({"state_dict": {}, "meta": {}}, tmp_path / "classifier" / "best.pt")
-    save_config(cfg, tmp_path / "classifier" / "config.yaml")
+    out = tmp_path / "classifier"
+    out.mkdir()
+    torch.save({"state_dict": {}, "meta": {"run": "A", "score_thresholds": [0.4]}}, out / "best.pt")
+    (out / "metrics.jsonl").write_text("A\n")
+    save_config(cfg, out / "config.yaml")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def new_run() -> None:  # what fit(finish=False) leaves
+        torch.save({"state_dict": {}, "meta": {"run": "B"}}, partial_checkpoint(out))
+        (out / "metrics.jsonl.partial").write_text("B\n")
 
     def stopped(*args):
         raise KeyboardInterrupt
 
+    new_run()
     monkeypatch.setattr(stages, "choose_thresholds", stopped)
     with pytest.raises(KeyboardInterrupt):
         stages._with_thresholds(cfg, None, None, {}, None)
-    assert not trained_with(tmp_path / "classifier", cfg)
-    monkeypatch.setattr(stages, "choose_thresholds", lambda *args: [0.5])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert trained_with(out, cfg)
+
+    def chosen(cfg, data, model, meta, kwargs, path):
+        ckpt = load_checkpoint(path)
+        ckpt["meta"]["score_thresholds"] = [0.6]
+        torch.save(ckpt, path)
+
+    new_run()
+    monkeypatch.setattr(stages, "choose_thresholds", chosen)
     stages._with_thresholds(cfg, None, None, {}, None)
-    assert trained_with(tmp_path / "classifier", cfg)
+    assert load_checkpoint(out / "best.pt")["meta"] == {"run": "B", "score_thresholds": [0.6]}
+    assert (out / "metrics.jsonl").read_text() == "B\n"
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "metrics.jsonl"]
+    assert trained_with(out, cfg)
+
+
+def test_thresholds_for_a_task_they_do_not_fit_are_refused_before_training(tmp_path):
+    from training import stages
+    from wsss.config import load_config
+
+    cfg = load_config(None, [f"runs={tmp_path}", "classifier.threshold_folds=3"])
+    assert not cfg.data.kind.multi_label  # the default task, pets: one class a photo
+    with pytest.raises(InputError, match="per-class thresholds are for multi-label tasks"):
+        stages.train_classifier(cfg, None)
+    assert not (tmp_path / "classifier").exists()
 
 
 def test_a_training_whose_loss_turns_nan_says_so_and_leaves_nothing(tmp_path):
@@ -90,3 +123,49 @@ def test_a_training_whose_loss_turns_nan_says_so_and_leaves_nothing(tmp_path):
     with pytest.raises(FloatingPointError, match="loss became nan: lower train.lr"):
         _fit(model, tmp_path, epochs=2, loss=nan_in_validation)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_classifier_run_makes_its_own_pseudo_masks_and_export_names_a_mix(
+    trained, tmp_path, capsys
+):
+    """Pseudo-masks carry the classifier run and settings that made them: a segmenter
+    trained after the classifier changed learns new ones (saved ones were reused for the
+    same images alone), and an export of a segmenter made from another classifier run (a
+    training stopped between stages) says so."""
+    import shutil
+
+    import numpy as np
+
+    from export.repository import export_repository
+    from training import stages
+    from training.loop import file_digest, save_checkpoint
+    from wsss.config import with_overrides
+
+    runs = tmp_path / "runs"
+    for stage in ("classifier", "pseudo", "segmenter"):
+        shutil.copytree(Path(trained.runs) / stage, runs / stage)
+    cfg = with_overrides(trained, [f"runs={runs}", f"export.repository={tmp_path / 'repo'}"])
+    data = stages.load_train_set(cfg)
+    pseudo = runs / "pseudo" / "train_masks.npz"
+    assert stages._fits(pseudo, data, cfg)
+    assert not stages._fits(pseudo, data, with_overrides(cfg, ["refine.threshold=0.9"]))
+
+    def another_classifier_run() -> str:
+        ckpt = load_checkpoint(runs / "classifier" / "best.pt")
+        ckpt["meta"]["epoch"] = ckpt["meta"].get("epoch", 0) + 1
+        save_checkpoint(ckpt, runs / "classifier" / "best.pt")
+        return file_digest(runs / "classifier" / "best.pt")
+
+    new = another_classifier_run()
+    assert not stages._fits(pseudo, data, cfg)
+    stages.run(cfg, ("segmenter",))
+    assert str(np.load(pseudo)["classifier"]) == new  # made again, by the new run
+    assert load_checkpoint(runs / "segmenter" / "best.pt")["meta"]["classifier_digest"] == new
+    capsys.readouterr()
+    export_repository(cfg)
+    assert "another classifier run" not in capsys.readouterr().err
+    another_classifier_run()  # as a training stopped after its classifier stage leaves it
+    export_repository(cfg)
+    assert "the segmenter learned the pseudo-masks of another classifier run" in (
+        capsys.readouterr().err
+    )
