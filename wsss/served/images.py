@@ -24,21 +24,144 @@ MAX_ENCODED_BYTES = 64 << 20  # refuse larger uploads before decoding anything
 # queued behind it) for 15 s, and 64 MiB of such scans would hold it for hours. Encoders
 # write 2-10 scans (libjpeg's progression; mozjpeg's optimised ones a few dozen at most).
 MAX_JPEG_SCANS = 100
-MAX_JPEG_SEGMENTS = 1000  # before the first scan: a phone's or Photoshop's photo holds 10-30
+# Each scan decodes the whole image: 100 scans of 40 MP took 3 s, arithmetic-coded 4-7 s
+# from a 1-2 KB file. Scans x pixels above this (libjpeg's 10 scans of 40 MP: 0.4e9) are
+# refused, and arithmetic coding, which no camera, phone or browser writes, altogether.
+MAX_JPEG_SCAN_PIXELS = 20 * MAX_PIXELS
+# Segments before the first scan (a phone's or Photoshop's photo holds 10-30), and again
+# after it (a 100-scan file holds about 300); each is a step of a Python loop.
+MAX_JPEG_SEGMENTS = 1000
 MAX_JPEG_STRAY = 64 << 10  # bytes between segments; encoders write none
+# Other formats' structures Pillow walks in Python, a block at a time, before the pixels:
+# 655k empty PNG chunks took it 3 s (8 MB), 30M one-byte GIF comment sub-blocks 12 s and
+# 2.8 GB (63 MB), an animated WebP's 1.26M frames 1.1 GB. Counted first, and capped at a
+# fixed number plus one per what a real file's blocks hold (libpng writes 8 KiB IDATs, a
+# GIF's sub-blocks are 255 bytes).
+MAX_PNG_CHUNKS = 1000  # + one per 4 KiB of the file
+MAX_GIF_BLOCKS = 1000  # sub-blocks before the first frame, + one per 255 bytes
+MAX_WEBP_CHUNKS = 10_000  # an animated WebP's frames among them
+# A TIFF's first directory, which Pillow parses whole at open: its entries (a real one holds
+# 10-50; 65k took 1 s), and its strips or tiles (15M strip offsets took 2 s to parse at
+# each open; a 40 MP image in 16 px tiles, 156k of them, 2.3 s to decode).
+MAX_TIFF_ENTRIES = 1000
+MAX_TIFF_BLOCKS = 65_536
 MAX_SIDE = 16384  # decoded images and requested output sizes stay below this
 # What Pillow may read: the photo formats, not every plugin it has (EPS would call Ghostscript).
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")  # MPO reads as JPEG
 
 
 def _open(data: bytes):
-    """Pillow's lazy open (the header only) of ``data``, in the photo formats alone."""
+    """Pillow's lazy open (the header only) of ``data``, in the photo formats alone, its
+    structure checked first (``check_structure``) and its coding after (``check_coding``)."""
     from PIL import Image
 
-    if data[:2] == b"\xff\xd8":  # a JPEG (an MPO too): its markers, before Pillow reads them
-        check_jpeg(data)
+    check_structure(data)
     Image.init()  # every plugin registered: FORMATS names some Pillow loads only here
-    return Image.open(io.BytesIO(data), formats=FORMATS)
+    image = Image.open(io.BytesIO(data), formats=FORMATS)
+    try:
+        check_coding(image)
+    except ImageError:
+        image.close()
+        raise
+    return image
+
+
+def check_structure(data: bytes) -> None:
+    """Refuse, before Pillow parses anything, a file whose structure would take Pillow far
+    longer to walk than its pixels to decode: a JPEG by its markers (``check_jpeg``), a
+    PNG's chunks, a GIF's blocks before its first frame, a WebP's chunks, a TIFF's first
+    directory, each counted."""
+    if data[:2] == b"\xff\xd8":  # a JPEG (an MPO too)
+        check_jpeg(data)
+    elif data[:8] == b"\x89PNG\r\n\x1a\n":
+        _check_png(data)
+    elif data[:6] in (b"GIF87a", b"GIF89a"):
+        _check_gif(data)
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        _check_webp(data)
+    elif data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        _check_tiff(data)
+
+
+def check_coding(image) -> None:
+    """Refuse codings whose decoders in Pillow run a Python step per few pixels: BMP's
+    run-length codings (a 10 KB RLE8 file took 11 s), and JPEG inside TIFF, which the JPEG
+    checks never see (a 1.2 KB arithmetic-coded strip took 3.8 s). Cameras and scanners
+    write neither; send the JPEG itself, or PNG."""
+    if image.format == "BMP" and image.info.get("compression") in (1, 2):
+        raise ImageError("a run-length coded BMP is not read: send it as PNG or plain BMP")
+    if image.format == "TIFF" and image.tag_v2.get(259) in (6, 7):
+        raise ImageError("a TIFF holding JPEG is not read: send the JPEG itself, or PNG")
+
+
+def _too_many(kind: str, what: str, limit: int) -> ImageError:
+    return ImageError(f"a {kind} of more than {limit:,} {what} (its structure, not its pixels)")
+
+
+def _check_png(data: bytes) -> None:
+    """At most MAX_PNG_CHUNKS chunks plus one per 4 KiB, up to IEND."""
+    i, n, chunks = 8, len(data), 0
+    limit = MAX_PNG_CHUNKS + n // 4096
+    while i + 8 <= n:
+        chunks += 1
+        if chunks > limit:
+            raise _too_many("PNG", "chunks", limit)
+        if data[i + 4 : i + 8] == b"IEND":
+            return
+        i += 12 + int.from_bytes(data[i : i + 4], "big")  # length, type, data, CRC
+
+
+def _check_gif(data: bytes) -> None:
+    """At most MAX_GIF_BLOCKS extension sub-blocks plus one per 255 bytes before the first
+    frame (the only one read)."""
+    n = len(data)
+    if n < 13:
+        return  # Pillow says why
+    i = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # the global colour table
+    blocks, limit = 0, MAX_GIF_BLOCKS + n // 255
+    while i < n and data[i] == 0x21:  # an extension; a frame (0x2C) or anything else ends it
+        i += 2  # its introducer and label, then sub-blocks up to an empty one
+        while i < n:
+            size, i = data[i], i + 1 + data[i]
+            blocks += 1
+            if blocks > limit:
+                raise _too_many("GIF", "blocks before its first frame", limit)
+            if size == 0:
+                break
+
+
+def _check_tiff(data: bytes) -> None:
+    """At most MAX_TIFF_ENTRIES entries in the first directory (the only image read), and
+    MAX_TIFF_BLOCKS strips or tiles; classic TIFF and BigTIFF."""
+    order = "little" if data[:2] == b"II" else "big"
+    big = data[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 8-byte counts and offsets
+
+    def number(at: int, size: int) -> int:
+        return int.from_bytes(data[at : at + size], order)
+
+    word = 8 if big else 4
+    at = number(8 if big else 4, word)  # the first directory
+    count_size, entry_size = (8, 20) if big else (2, 12)
+    entries = number(at, count_size)
+    if entries > MAX_TIFF_ENTRIES:
+        raise _too_many("TIFF", "directory entries", MAX_TIFF_ENTRIES)
+    for k in range(entries):
+        entry = at + count_size + k * entry_size
+        if entry + entry_size > len(data):
+            return  # Pillow says why
+        if number(entry, 2) in (273, 324) and number(entry + 4, word) > MAX_TIFF_BLOCKS:
+            raise _too_many("TIFF", "strips or tiles", MAX_TIFF_BLOCKS)
+
+
+def _check_webp(data: bytes) -> None:
+    """At most MAX_WEBP_CHUNKS chunks (an animated WebP's frames are chunks)."""
+    i, n, chunks = 12, len(data), 0
+    while i + 8 <= n:
+        chunks += 1
+        if chunks > MAX_WEBP_CHUNKS:
+            raise _too_many("WebP", "chunks (an animation's frames)", MAX_WEBP_CHUNKS)
+        size = int.from_bytes(data[i + 4 : i + 8], "little")
+        i += 8 + size + (size & 1)
 
 
 class ImageError(InputError):
@@ -111,17 +234,30 @@ _MARKER = re.compile(rb"\xff+([^\xff])")
 _SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 
 
+# Start-of-frame markers (the frame's size follows), and those of arithmetic coding.
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_ARITHMETIC = {0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
 def jpeg_scans(data: bytes) -> int:
-    """The scans of a JPEG's first image, walked as libjpeg reads it: segments stepped over
-    by their lengths (metadata may hold any byte: a Pet photo's hold 45 stray 0xFF 0xDA
-    pairs), a scan's entropy-coded data to the next marker, stray bytes between segments
-    skipped to the next 0xFF (the decoder skips them and reads on), an end-of-image before
-    any scan read past (libjpeg takes what precedes it for tables), the walk ending at the
-    first image's end (a Motion Photo's video after it is not read). Raises ImageError
-    where more than MAX_JPEG_SEGMENTS segments, fill and stray bytes come before the image
-    (Pillow reads those one at a time in Python: 30 MiB of fill took it 7 s) or more than
-    MAX_JPEG_STRAY stray and fill bytes in all (libjpeg skips them at 14 MB/s)."""
-    i, n, scans, before, stray = 2, len(data), 0, 0, 0  # after SOI
+    """The scans of a JPEG's first image (``jpeg_walk``)."""
+    return jpeg_walk(data)[0]
+
+
+def jpeg_walk(data: bytes) -> tuple[int, int]:
+    """The scans of a JPEG's first image and its frame's pixels, walked as libjpeg reads
+    it: segments stepped over by their lengths (metadata may hold any byte: a Pet photo's
+    hold 45 stray 0xFF 0xDA pairs), a scan's entropy-coded data to the next marker, stray
+    bytes between segments skipped to the next 0xFF (the decoder skips them and reads on),
+    an end-of-image before any scan read past (libjpeg takes what precedes it for tables),
+    the walk ending at the first image's end (a Motion Photo's video after it is not read).
+    Raises ImageError where more than MAX_JPEG_SEGMENTS segments, fill and stray bytes come
+    before the image (Pillow reads those one at a time in Python: 30 MiB of fill took it
+    7 s), more than MAX_JPEG_SEGMENTS segments after its first scan (empty comments or
+    restart markers between scans: 8 MB of them held the walk itself 4 s), more than
+    MAX_JPEG_STRAY stray and fill bytes in all (libjpeg skips them at 14 MB/s), or for
+    arithmetic coding."""
+    i, n, scans, before, after, stray, pixels = 2, len(data), 0, 0, 0, 0, 0  # after SOI
     while i < n:
         j = data.find(b"\xff", i)
         if j < 0:
@@ -136,17 +272,30 @@ def jpeg_scans(data: bytes) -> int:
         stray += skipped
         if scans == 0:
             before += skipped + 1
+        else:
+            after += 1
         if before > MAX_JPEG_SEGMENTS or stray > MAX_JPEG_STRAY:
             raise ImageError(
                 f"a JPEG of {stray:,} stray bytes and {before:,} segments before its image "
                 f"(at most {MAX_JPEG_STRAY:,} and {MAX_JPEG_SEGMENTS:,})"
             )
+        if after > MAX_JPEG_SEGMENTS:
+            raise ImageError(f"a JPEG of more than {MAX_JPEG_SEGMENTS:,} segments between scans")
         if marker == 0xD9:
             if scans:  # the first image's end
                 break
             continue  # before any scan: tables only, and the image may follow
         if marker in (0x00, 0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # no length
             continue
+        if marker in _ARITHMETIC:
+            raise ImageError(
+                "an arithmetic-coded JPEG is not read (no camera or browser writes one): "
+                "send it Huffman-coded, or as PNG"
+            )
+        if marker in _SOF and not pixels and i + 7 <= n:  # length, precision, height, width
+            pixels = int.from_bytes(data[i + 3 : i + 5], "big") * int.from_bytes(
+                data[i + 5 : i + 7], "big"
+            )
         i += int.from_bytes(data[i : i + 2], "big")
         if marker == 0xDA:
             scans += 1
@@ -154,22 +303,31 @@ def jpeg_scans(data: bytes) -> int:
             if end is None:
                 break
             i = end.start()
-    return scans
+    return scans, pixels
 
 
 def check_jpeg(data: bytes) -> None:
-    """Refuse a JPEG whose reading would take far longer than its pixels' (``jpeg_scans``)."""
-    if (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
+    """Refuse a JPEG whose reading would take far longer than its pixels' (``jpeg_walk``):
+    more than MAX_JPEG_SCANS scans, or scans x pixels above MAX_JPEG_SCAN_PIXELS."""
+    scans, pixels = jpeg_walk(data)
+    if scans > MAX_JPEG_SCANS:
         raise ImageError(f"a JPEG of {scans} scans exceeds {MAX_JPEG_SCANS}")
+    if scans * pixels > MAX_JPEG_SCAN_PIXELS:
+        raise ImageError(
+            f"a JPEG of {scans} scans of {pixels:,} pixels each: more than "
+            f"{MAX_JPEG_SCAN_PIXELS // max(pixels, 1)} scans at that size are not read"
+        )
 
 
 def _rgb(image) -> np.ndarray:
     """A writable RGB uint8 array of a Pillow image; 16- and 32-bit greyscale scaled to 8
     bits (Pillow's own conversion would clip them to white)."""
     if image.mode.startswith("I;16") or image.mode == "I":
-        grey = np.asarray(image).astype(np.int64)
-        bits = 16 if image.mode.startswith("I;16") or grey.max(initial=0) < 1 << 16 else 32
-        grey = (np.clip(grey, 0, (1 << bits) - 1) >> (bits - 8)).astype(np.uint8)
+        grey = np.asarray(image)  # uint16 (I;16) or int32 (I): no wider copy (40 MP: 0.8 GB)
+        if grey.dtype.kind == "i":
+            grey = np.maximum(grey, 0).view(np.uint32 if grey.itemsize == 4 else np.uint16)
+        bits = 16 if grey.itemsize == 2 or grey.max(initial=0) < 1 << 16 else 32
+        grey = (grey >> (bits - 8)).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
     return np.array(image.convert("RGB"))
 

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
 from wsss.served.images import (
+    MAX_GIF_BLOCKS,
+    MAX_JPEG_SCAN_PIXELS,
     MAX_JPEG_SCANS,
     MAX_JPEG_SEGMENTS,
     MAX_JPEG_STRAY,
+    MAX_PNG_CHUNKS,
+    MAX_TIFF_BLOCKS,
+    MAX_TIFF_ENTRIES,
+    MAX_WEBP_CHUNKS,
     ImageError,
+    check_jpeg,
     decode_image,
     encode_png,
     header_size,
@@ -120,3 +128,113 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(monkeypatch):
     assert video.count(b"\xff\xda") > MAX_JPEG_SCANS
     assert jpeg_scans(real + video) == jpeg_scans(real)
     assert decode_image(real + video).shape == (48, 64, 3)
+
+
+def _jpeg(size=(64, 48), **kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buf, "JPEG", **kwargs)
+    return buf.getvalue()
+
+
+def _with_size(jpeg: bytes, height: int, width: int) -> bytes:
+    """``jpeg`` with its frame header saying another size (the walk reads only that)."""
+    sof = max(jpeg.find(b"\xff\xc0"), jpeg.find(b"\xff\xc2"))
+    at = sof + 5  # marker, length, precision
+    return jpeg[:at] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpeg[at + 4 :]
+
+
+def test_jpeg_codings_and_scans_that_decode_far_slower_than_their_pixels_are_refused(
+    monkeypatch,
+):
+    """Each scan decodes the whole frame: 100 scans of 40 MP took 3 s, arithmetic-coded
+    ones 4-7 s from a 1 KB file. Scans x pixels are capped, arithmetic coding (no camera or
+    browser writes it) refused, and segments between scans counted like those before."""
+    real = _jpeg(progressive=True)
+    last = real.rindex(b"\xff\xda")
+    thirty = real[:-2] + real[last:-2] * (30 - jpeg_scans(real)) + real[-2:]
+    assert jpeg_scans(thirty) == 30
+    assert 30 * 6000 * 6000 > MAX_JPEG_SCAN_PIXELS >= 30 * 1000 * 1000
+    check_jpeg(_with_size(thirty, 1000, 1000))  # 30 scans of 1 MP: read
+    second = real.index(b"\xff\xda", real.index(b"\xff\xda") + 2)
+    between = real[:second] + b"\xff\xfe\x00\x02" * (MAX_JPEG_SEGMENTS + 1) + real[second:]
+    arithmetic = real.replace(b"\xff\xc2", b"\xff\xca", 1)  # progressive, arithmetic-coded
+    monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("parsed"))
+    cases = {
+        _with_size(thirty, 6000, 6000): "30 scans of 36,000,000 pixels each",
+        between: "more than 1,000 segments between scans",
+        arithmetic: "an arithmetic-coded JPEG is not read",
+        _jpeg().replace(b"\xff\xc0", b"\xff\xc9", 1): "an arithmetic-coded JPEG is not read",
+    }
+    for data, said in cases.items():
+        with pytest.raises(ImageError, match=said):
+            decode_image(data)
+        assert header_size(data) is None  # preprocess reads the header first: refused too
+
+
+def _chunk(kind: bytes, data: bytes = b"") -> bytes:
+    body = kind + data
+    return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+
+
+def test_structures_pillow_walks_a_block_at_a_time_are_counted_first(monkeypatch):
+    """Pillow walks PNG chunks, GIF blocks, WebP chunks and a TIFF's directory in Python
+    before the pixels: 655k empty PNG chunks took it 3 s, one-byte GIF sub-blocks 12 s and
+    2.8 GB. Each is counted before Pillow parses anything; real files are far below."""
+    png = _png((40, 30), "RGB")
+    iend = png.rindex(b"IEND") - 4
+    few = png[:iend] + _chunk(b"abCd") * 100 + png[iend:]
+    assert decode_image(few).shape == (30, 40, 3)
+    many = png[:iend] + _chunk(b"abCd") * (MAX_PNG_CHUNKS + 1) + png[iend:]
+    gif = io.BytesIO()
+    Image.new("P", (8, 8)).save(gif, "GIF")
+    gif = gif.getvalue()
+    image = gif.index(b"\x2c", 13)  # the first frame's descriptor
+    comment = b"\x21\xfe" + b"\x01x" * (MAX_GIF_BLOCKS + 20) + b"\x00"  # one-byte sub-blocks
+    assert decode_image(gif[:image] + b"\x21\xfe\x03abc\x00" + gif[image:]).shape == (8, 8, 3)
+    chunks = b"".join(b"XYZW" + (0).to_bytes(4, "little") for _ in range(MAX_WEBP_CHUNKS + 1))
+    webp = b"RIFF" + (4 + len(chunks)).to_bytes(4, "little") + b"WEBP" + chunks
+    # A TIFF directory naming more strips than any real image has, or more entries.
+    strips = b"II*\x00" + (8).to_bytes(4, "little") + (1).to_bytes(2, "little")
+    strips += (273).to_bytes(2, "little") + (4).to_bytes(2, "little")
+    strips += (MAX_TIFF_BLOCKS + 1).to_bytes(4, "little") + (0).to_bytes(4, "little")
+    entries = b"MM\x00*" + (8).to_bytes(4, "big") + (MAX_TIFF_ENTRIES + 1).to_bytes(2, "big")
+    monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("parsed"))
+    cases = {
+        many: f"a PNG of more than {MAX_PNG_CHUNKS + len(many) // 4096:,} chunks",
+        gif[:image] + comment + gif[image:]: "a GIF of more than .* blocks before its first",
+        webp: f"a WebP of more than {MAX_WEBP_CHUNKS:,} chunks",
+        strips: f"a TIFF of more than {MAX_TIFF_BLOCKS:,} strips or tiles",
+        entries: f"a TIFF of more than {MAX_TIFF_ENTRIES:,} directory entries",
+    }
+    for data, said in cases.items():
+        with pytest.raises(ImageError, match=said):
+            decode_image(data)
+
+
+def test_codings_decoded_a_python_step_at_a_time_are_refused():
+    """BMP's run-length codings (a 10 KB RLE8 file took 11 s) and JPEG inside TIFF (which
+    the JPEG checks never see): refused from the header; plain BMP and LZW TIFF read."""
+    bmp = io.BytesIO()
+    Image.new("P", (16, 8)).save(bmp, "BMP")
+    bmp = bmp.getvalue()
+    assert decode_image(bmp).shape == (8, 16, 3)
+    rle8 = bmp[:30] + (1).to_bytes(4, "little") + bmp[34:]  # biCompression = BI_RLE8
+    with pytest.raises(ImageError, match="a run-length coded BMP is not read"):
+        decode_image(rle8)
+    for compression, read in (("tiff_lzw", True), ("jpeg", False)):
+        tiff = io.BytesIO()
+        Image.new("RGB", (16, 8)).save(tiff, "TIFF", compression=compression)
+        if read:
+            assert decode_image(tiff.getvalue()).shape == (8, 16, 3)
+        else:
+            with pytest.raises(ImageError, match="a TIFF holding JPEG is not read"):
+                decode_image(tiff.getvalue())
+
+
+def test_thirty_two_bit_grey_scales_to_eight_bits():
+    grey = (np.arange(64 * 64, dtype=np.int32).reshape(64, 64) << 12) - 5  # past 16 bits
+    buf = io.BytesIO()
+    Image.fromarray(grey, "I").save(buf, "TIFF")
+    decoded = decode_image(buf.getvalue())
+    want = (np.maximum(grey, 0) >> 24).astype(np.uint8)
+    np.testing.assert_array_equal(decoded[..., 0], want)
