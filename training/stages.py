@@ -461,19 +461,25 @@ def train_share(cfg: Config) -> WSSSDataset | None:
 
 def pseudo_source(cfg: Config) -> dict[str, str]:
     """What the training pseudo-masks are made from, as digests: the classifier run (its
-    checkpoint: weights and thresholds) and the settings that shape the masks (refine, the
-    image size, a trained refiner's settings and checkpoint). Saved with the masks: masks of
-    another source are made again, and the segmenter records the classifier's."""
+    checkpoint: weights and thresholds; none where there is none, e.g. a level set's own)
+    and the settings that shape the masks (refine, the classifier's, CAM method included,
+    the image size, a trained refiner's settings and checkpoint). Saved with the masks:
+    masks of another source are made again, and the segmenter records the classifier's."""
     runs = Path(cfg.runs)
     network = RefinerSpec.of(cfg.refine).checkpoint
-    settings = {"refine": dataclasses.asdict(cfg.refine), "image_size": cfg.data.image_size}
+    settings = {
+        "refine": dataclasses.asdict(cfg.refine),
+        "classifier": dataclasses.asdict(cfg.classifier),
+        "image_size": cfg.data.image_size,
+    }
     if network:
         settings["levelset"] = dataclasses.asdict(cfg.levelset)
         if (runs / network).exists():
             settings["network"] = file_digest(runs / network)
     text = json.dumps(settings, sort_keys=True, default=str)
+    classifier = runs / "classifier" / "best.pt"
     return {
-        "classifier": file_digest(runs / "classifier" / "best.pt"),
+        "classifier": file_digest(classifier) if classifier.exists() else "none",
         "settings": hashlib.sha256(text.encode()).hexdigest(),
     }
 
@@ -775,6 +781,7 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
     if "segmenter" in stages:
         saved = np.load(pseudo_path)
         made_by = str(saved["classifier"]) if "classifier" in saved.files else None
+        made_by = None if made_by == "none" else made_by
         train_segmenter(cfg, data, saved["masks"], made_by=made_by)
     if "supervised" in stages:
         train_segmenter(cfg, data, data.masks, supervised=True)

@@ -148,7 +148,9 @@ def test_a_new_classifier_run_makes_its_own_pseudo_masks_and_export_names_a_mix(
     data = stages.load_train_set(cfg)
     pseudo = runs / "pseudo" / "train_masks.npz"
     assert stages._fits(pseudo, data, cfg)
-    assert not stages._fits(pseudo, data, with_overrides(cfg, ["refine.threshold=0.9"]))
+    for changed in ("refine.threshold=0.9", "classifier.cam_method=gradcam"):
+        assert not stages._fits(pseudo, data, with_overrides(cfg, [changed]))
+    assert stages.pseudo_source(with_overrides(cfg, [f"runs={tmp_path}"]))["classifier"] == "none"
 
     def another_classifier_run() -> str:
         ckpt = load_checkpoint(runs / "classifier" / "best.pt")

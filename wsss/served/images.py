@@ -38,24 +38,27 @@ MAX_JPEG_STRAY = 64 << 10  # bytes between segments; encoders write none
 # fixed number plus one per what a real file's blocks hold (libpng writes 8 KiB IDATs, a
 # GIF's sub-blocks are 255 bytes).
 MAX_PNG_CHUNKS = 1000  # + one per 4 KiB of the file
-MAX_GIF_BLOCKS = 1000  # sub-blocks before the first frame, + one per 255 bytes
+MAX_GIF_BLOCKS = 1000  # sub-blocks before the first frame, + one per 32 bytes
 MAX_WEBP_CHUNKS = 10_000  # an animated WebP's frames among them
 # A TIFF's first directory, which Pillow parses whole at open: its entries (a real one holds
 # 10-50; 65k took 1 s), and its strips or tiles (15M strip offsets took 2 s to parse at
 # each open; a 40 MP image in 16 px tiles, 156k of them, 2.3 s to decode).
 MAX_TIFF_ENTRIES = 1000
 MAX_TIFF_BLOCKS = 65_536
+# What Pillow reads as a TIFF (TiffImagePlugin.PREFIXES: two byte orders it reads either way
+# round, and BigTIFF).
+TIFF_PREFIXES = (b"MM\x00*", b"II*\x00", b"MM*\x00", b"II\x00*", b"MM\x00+", b"II+\x00")
 MAX_SIDE = 16384  # decoded images and requested output sizes stay below this
 # What Pillow may read: the photo formats, not every plugin it has (EPS would call Ghostscript).
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")  # MPO reads as JPEG
 
 
-def _open(data: bytes):
+def _open(data: bytes, max_pixels: int = MAX_PIXELS):
     """Pillow's lazy open (the header only) of ``data``, in the photo formats alone, its
     structure checked first (``check_structure``) and its coding after (``check_coding``)."""
     from PIL import Image
 
-    check_structure(data)
+    check_structure(data, max_pixels)
     Image.init()  # every plugin registered: FORMATS names some Pillow loads only here
     image = Image.open(io.BytesIO(data), formats=FORMATS)
     try:
@@ -66,20 +69,20 @@ def _open(data: bytes):
     return image
 
 
-def check_structure(data: bytes) -> None:
+def check_structure(data: bytes, max_pixels: int = MAX_PIXELS) -> None:
     """Refuse, before Pillow parses anything, a file whose structure would take Pillow far
     longer to walk than its pixels to decode: a JPEG by its markers (``check_jpeg``), a
     PNG's chunks, a GIF's blocks before its first frame, a WebP's chunks, a TIFF's first
     directory, each counted."""
     if data[:2] == b"\xff\xd8":  # a JPEG (an MPO too)
-        check_jpeg(data)
+        check_jpeg(data, max_pixels)
     elif data[:8] == b"\x89PNG\r\n\x1a\n":
         _check_png(data)
     elif data[:6] in (b"GIF87a", b"GIF89a"):
         _check_gif(data)
     elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         _check_webp(data)
-    elif data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+    elif data[:4] in TIFF_PREFIXES:
         _check_tiff(data)
 
 
@@ -99,42 +102,49 @@ def _too_many(kind: str, what: str, limit: int) -> ImageError:
 
 
 def _check_png(data: bytes) -> None:
-    """At most MAX_PNG_CHUNKS chunks plus one per 4 KiB, up to IEND."""
-    i, n, chunks = 8, len(data), 0
+    """At most MAX_PNG_CHUNKS chunks plus one per 4 KiB, up to IEND, or in an animated PNG
+    up to the next frame after the image data (Pillow reads the first frame alone)."""
+    i, n, chunks, pixels = 8, len(data), 0, False
     limit = MAX_PNG_CHUNKS + n // 4096
     while i + 8 <= n:
+        kind = data[i + 4 : i + 8]
+        if kind == b"IEND" or (pixels and kind in (b"fcTL", b"fdAT")):
+            return
+        pixels = pixels or kind == b"IDAT"
         chunks += 1
         if chunks > limit:
             raise _too_many("PNG", "chunks", limit)
-        if data[i + 4 : i + 8] == b"IEND":
-            return
         i += 12 + int.from_bytes(data[i : i + 4], "big")  # length, type, data, CRC
 
 
 def _check_gif(data: bytes) -> None:
-    """At most MAX_GIF_BLOCKS extension sub-blocks plus one per 255 bytes before the first
-    frame (the only one read)."""
+    """At most MAX_GIF_BLOCKS blocks plus one per 32 bytes before the first frame (the only
+    one read), walked as Pillow walks them: extensions and their sub-blocks (XMP's run
+    60-100 bytes, a comment's 255), and any other byte, which it skips one at a time."""
     n = len(data)
     if n < 13:
         return  # Pillow says why
     i = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # the global colour table
-    blocks, limit = 0, MAX_GIF_BLOCKS + n // 255
-    while i < n and data[i] == 0x21:  # an extension; a frame (0x2C) or anything else ends it
-        i += 2  # its introducer and label, then sub-blocks up to an empty one
-        while i < n:
-            size, i = data[i], i + 1 + data[i]
+    blocks, limit = 0, MAX_GIF_BLOCKS + n // 32
+    while i < n and data[i] not in (0x2C, 0x3B):  # up to the first frame, or the trailer
+        extension, i = data[i] == 0x21, i + 1  # an extension, or a stray byte
+        if extension:  # its label, then sub-blocks up to an empty one
+            i += 1
+        size = 1
+        while size:
             blocks += 1
             if blocks > limit:
                 raise _too_many("GIF", "blocks before its first frame", limit)
-            if size == 0:
+            if not extension or i >= n:
                 break
+            size, i = data[i], i + 1 + data[i]
 
 
 def _check_tiff(data: bytes) -> None:
     """At most MAX_TIFF_ENTRIES entries in the first directory (the only image read), and
     MAX_TIFF_BLOCKS strips or tiles; classic TIFF and BigTIFF."""
     order = "little" if data[:2] == b"II" else "big"
-    big = data[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 8-byte counts and offsets
+    big = data[2] == 0x2B  # BigTIFF, as Pillow reads the header: 8-byte counts and offsets
 
     def number(at: int, size: int) -> int:
         return int.from_bytes(data[at : at + size], order)
@@ -168,13 +178,13 @@ class ImageError(InputError):
     """Bytes that are not a decodable image, or a size out of range."""
 
 
-def header_size(data: bytes) -> tuple[int, int] | None:
+def header_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int] | None:
     """(height, width) from the image's header, without decoding its pixels; None when the
     header is not one Pillow reads (``decode_image`` then refuses it)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with _open(data) as image:
+        with _open(data, max_pixels) as image:
             width, height = image.size
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None  # decode_image says why
@@ -205,7 +215,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError(f"encoded image of {len(data)} bytes exceeds {MAX_ENCODED_BYTES}")
     unreadable = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError)
     try:
-        image = _open(data)
+        image = _open(data, max_pixels)
     except ImageError:  # _open's own refusal, said as it is
         raise
     except Image.DecompressionBombError:  # Pillow's own limit, far above ours
@@ -306,16 +316,19 @@ def jpeg_walk(data: bytes) -> tuple[int, int]:
     return scans, pixels
 
 
-def check_jpeg(data: bytes) -> None:
+def check_jpeg(data: bytes, max_pixels: int = MAX_PIXELS) -> None:
     """Refuse a JPEG whose reading would take far longer than its pixels' (``jpeg_walk``):
-    more than MAX_JPEG_SCANS scans, or scans x pixels above MAX_JPEG_SCAN_PIXELS."""
+    more than MAX_JPEG_SCANS scans, or scans x pixels above MAX_JPEG_SCAN_PIXELS (scaled
+    with a pixel limit raised above the default). A frame over ``max_pixels`` is left to
+    the pixel limit, which says so."""
     scans, pixels = jpeg_walk(data)
     if scans > MAX_JPEG_SCANS:
         raise ImageError(f"a JPEG of {scans} scans exceeds {MAX_JPEG_SCANS}")
-    if scans * pixels > MAX_JPEG_SCAN_PIXELS:
+    cap = MAX_JPEG_SCAN_PIXELS * max(max_pixels, MAX_PIXELS) // MAX_PIXELS
+    if pixels <= max_pixels and scans * pixels > cap:
         raise ImageError(
             f"a JPEG of {scans} scans of {pixels:,} pixels each: more than "
-            f"{MAX_JPEG_SCAN_PIXELS // max(pixels, 1)} scans at that size are not read"
+            f"{cap // pixels} scans at that size are not read"
         )
 
 

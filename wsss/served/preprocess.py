@@ -34,7 +34,7 @@ class TritonPythonModel:
         blobs = [bytes(b) for b in blobs.reshape(len(blobs), -1)[:, 0]]
         # From the headers, before decoding anything: too many pixels, or sizes that differ
         # (the masks of one request come back as one tensor, so they share a size).
-        headers = [header_size(b) for b in blobs]
+        headers = [header_size(b, self.max_pixels) for b in blobs]
         for k, size in enumerate(headers):
             try:
                 check_pixels(size, self.max_pixels)

@@ -155,6 +155,8 @@ def test_jpeg_codings_and_scans_that_decode_far_slower_than_their_pixels_are_ref
     assert jpeg_scans(thirty) == 30
     assert 30 * 6000 * 6000 > MAX_JPEG_SCAN_PIXELS >= 30 * 1000 * 1000
     check_jpeg(_with_size(thirty, 1000, 1000))  # 30 scans of 1 MP: read
+    check_jpeg(_with_size(thirty, 6000, 6000), max_pixels=100_000_000)  # a raised limit
+    check_jpeg(_with_size(thirty, 9000, 9000))  # over the pixel limit, which says so itself
     second = real.index(b"\xff\xda", real.index(b"\xff\xda") + 2)
     between = real[:second] + b"\xff\xfe\x00\x02" * (MAX_JPEG_SEGMENTS + 1) + real[second:]
     arithmetic = real.replace(b"\xff\xc2", b"\xff\xca", 1)  # progressive, arithmetic-coded
@@ -189,22 +191,37 @@ def test_structures_pillow_walks_a_block_at_a_time_are_counted_first(monkeypatch
     Image.new("P", (8, 8)).save(gif, "GIF")
     gif = gif.getvalue()
     image = gif.index(b"\x2c", 13)  # the first frame's descriptor
-    comment = b"\x21\xfe" + b"\x01x" * (MAX_GIF_BLOCKS + 20) + b"\x00"  # one-byte sub-blocks
+    comment = b"\x21\xfe" + b"\x01x" * (2 * MAX_GIF_BLOCKS) + b"\x00"  # one-byte sub-blocks
     assert decode_image(gif[:image] + b"\x21\xfe\x03abc\x00" + gif[image:]).shape == (8, 8, 3)
+    # XMP, as GIF holds it: raw bytes a reader walks as sub-blocks of 60-100 (100 KB here)
+    xmp = b"\x21\xffXMP DataXMP" + (b"\x50" + b"x" * 0x50) * 1250 + b"\x00"
+    assert decode_image(gif[:image] + xmp + gif[image:]).shape == (8, 8, 3)
+    apng = io.BytesIO()  # 600 frames: two chunks each, after the first frame (never read)
+    frames = [Image.new("RGB", (16, 16), (k % 256, 0, 0)) for k in range(600)]
+    frames[0].save(apng, "PNG", save_all=True, append_images=frames[1:])
+    assert apng.getvalue().count(b"fdAT") >= 599 and len(apng.getvalue()) < 600 * 4096
+    assert decode_image(apng.getvalue()).shape == (16, 16, 3)
     chunks = b"".join(b"XYZW" + (0).to_bytes(4, "little") for _ in range(MAX_WEBP_CHUNKS + 1))
     webp = b"RIFF" + (4 + len(chunks)).to_bytes(4, "little") + b"WEBP" + chunks
-    # A TIFF directory naming more strips than any real image has, or more entries.
-    strips = b"II*\x00" + (8).to_bytes(4, "little") + (1).to_bytes(2, "little")
-    strips += (273).to_bytes(2, "little") + (4).to_bytes(2, "little")
-    strips += (MAX_TIFF_BLOCKS + 1).to_bytes(4, "little") + (0).to_bytes(4, "little")
+    # A TIFF directory naming more strips than any real image has, or more entries, under
+    # each header Pillow reads as a classic TIFF.
+    tiffs = {}
+    for prefix in (b"II*\x00", b"MM\x00*", b"MM*\x00", b"II\x00*"):
+        order = "little" if prefix[:2] == b"II" else "big"
+        strips = prefix + (8).to_bytes(4, order) + (1).to_bytes(2, order)
+        strips += (273).to_bytes(2, order) + (4).to_bytes(2, order)
+        strips += (MAX_TIFF_BLOCKS + 1).to_bytes(4, order) + (0).to_bytes(4, order)
+        tiffs[strips] = f"a TIFF of more than {MAX_TIFF_BLOCKS:,} strips or tiles"
     entries = b"MM\x00*" + (8).to_bytes(4, "big") + (MAX_TIFF_ENTRIES + 1).to_bytes(2, "big")
+    tiffs[entries] = f"a TIFF of more than {MAX_TIFF_ENTRIES:,} directory entries"
     monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("parsed"))
     cases = {
         many: f"a PNG of more than {MAX_PNG_CHUNKS + len(many) // 4096:,} chunks",
         gif[:image] + comment + gif[image:]: "a GIF of more than .* blocks before its first",
+        # Pillow skips a stray byte and reads on: so does the count
+        gif[:image] + b"\x00" + comment + gif[image:]: "a GIF of more than .* blocks before",
         webp: f"a WebP of more than {MAX_WEBP_CHUNKS:,} chunks",
-        strips: f"a TIFF of more than {MAX_TIFF_BLOCKS:,} strips or tiles",
-        entries: f"a TIFF of more than {MAX_TIFF_ENTRIES:,} directory entries",
+        **tiffs,
     }
     for data, said in cases.items():
         with pytest.raises(ImageError, match=said):
