@@ -39,12 +39,18 @@ MAX_JPEG_STRAY = 64 << 10  # bytes between segments; encoders write none
 # GIF's sub-blocks are 255 bytes).
 MAX_PNG_CHUNKS = 1000  # + one per 4 KiB of the file
 MAX_GIF_BLOCKS = 1000  # sub-blocks before the first frame, + one per 32 bytes
+# Pillow 12 (the serve-gpu image's) joins a comment's sub-blocks one at a time: 7.8 MiB of
+# it took 12 s.
+MAX_GIF_COMMENT = 64 << 10
 MAX_WEBP_CHUNKS = 10_000  # an animated WebP's frames among them
 # A TIFF's first directory, which Pillow parses whole at open: its entries (a real one holds
 # 10-50; 65k took 1 s), and its strips or tiles (15M strip offsets took 2 s to parse at
 # each open; a 40 MP image in 16 px tiles, 156k of them, 2.3 s to decode).
 MAX_TIFF_ENTRIES = 1000
 MAX_TIFF_BLOCKS = 65_536
+# Numbers in those directories (a 16-bit colour map holds 196,608; 2M fractions in an EXIF
+# directory took 5.6 s and 395 MB to unpack).
+MAX_TIFF_VALUES = 6 << 16
 # What Pillow reads as a TIFF (TiffImagePlugin.PREFIXES: two byte orders it reads either way
 # round, and BigTIFF).
 TIFF_PREFIXES = (b"MM\x00*", b"II*\x00", b"MM*\x00", b"II\x00*", b"MM\x00+", b"II+\x00")
@@ -102,15 +108,27 @@ def _too_many(kind: str, what: str, limit: int) -> ImageError:
 
 
 def _check_png(data: bytes) -> None:
-    """At most MAX_PNG_CHUNKS chunks plus one per 4 KiB, up to IEND, or in an animated PNG
-    up to the next frame after the image data (Pillow reads the first frame alone)."""
-    i, n, chunks, pixels = 8, len(data), 0, False
+    """At most MAX_PNG_CHUNKS chunks plus one per 4 KiB, up to where Pillow stops reading:
+    IEND, or in a PNG it reads as animated the next frame's control chunk after the image
+    data (it reads the first frame alone). Animated as Pillow decides: one acTL before the
+    first image data, frames in (0, 2^31], and more than one or the default image among
+    them."""
+    i, n, chunks = 8, len(data), 0
     limit = MAX_PNG_CHUNKS + n // 4096
+    frames, controls, framed, pixels, animated = 0, 0, False, False, False
     while i + 8 <= n:
         kind = data[i + 4 : i + 8]
-        if kind == b"IEND" or (pixels and kind in (b"fcTL", b"fdAT")):
+        if kind == b"IEND" or (animated and kind == b"fcTL"):
             return
-        pixels = pixels or kind == b"IDAT"
+        if not pixels:  # what Pillow's open reads: up to the first image data
+            if kind == b"acTL":
+                controls += 1
+                frames = int.from_bytes(data[i + 8 : i + 12], "big")
+            framed = framed or kind == b"fcTL"
+            if kind in (b"IDAT", b"fdAT"):
+                pixels = True
+                valid = controls == 1 and 0 < frames <= 1 << 31
+                animated = valid and (frames > 1 or not framed)
         chunks += 1
         if chunks > limit:
             raise _too_many("PNG", "chunks", limit)
@@ -119,48 +137,81 @@ def _check_png(data: bytes) -> None:
 
 def _check_gif(data: bytes) -> None:
     """At most MAX_GIF_BLOCKS blocks plus one per 32 bytes before the first frame (the only
-    one read), walked as Pillow walks them: extensions and their sub-blocks (XMP's run
-    60-100 bytes, a comment's 255), and any other byte, which it skips one at a time."""
+    one read), and MAX_GIF_COMMENT bytes of comments there, walked as Pillow's
+    ``GifImageFile._seek`` walks them: a stray byte skipped, a comment's sub-blocks up to an
+    empty one, any other extension's first sub-block (and NETSCAPE2.0's loop block) and then
+    sub-blocks up to an empty one, even when the first was empty."""
     n = len(data)
     if n < 13:
         return  # Pillow says why
     i = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # the global colour table
-    blocks, limit = 0, MAX_GIF_BLOCKS + n // 32
+    blocks, limit, comment = 0, MAX_GIF_BLOCKS + n // 32, 0
+
+    def block(step: int = 1) -> int:  # one block: Pillow's data(), or a stray byte
+        nonlocal i, blocks
+        blocks += 1
+        if blocks > limit:
+            raise _too_many("GIF", "blocks before its first frame", limit)
+        size = data[i] if step and i < n else 0
+        i += step + size if step else 1
+        return size
+
     while i < n and data[i] not in (0x2C, 0x3B):  # up to the first frame, or the trailer
-        extension, i = data[i] == 0x21, i + 1  # an extension, or a stray byte
-        if extension:  # its label, then sub-blocks up to an empty one
-            i += 1
-        size = 1
-        while size:
-            blocks += 1
-            if blocks > limit:
-                raise _too_many("GIF", "blocks before its first frame", limit)
-            if not extension or i >= n:
-                break
-            size, i = data[i], i + 1 + data[i]
+        if data[i] != 0x21:
+            block(0)  # a stray byte, skipped
+            continue
+        label, i = (data[i + 1] if i + 1 < n else -1), i + 2
+        size = block()
+        if label == 0xFE:  # a comment, whose sub-blocks Pillow joins
+            while size:
+                comment += size
+                if comment > MAX_GIF_COMMENT:
+                    raise ImageError(f"a GIF comment of more than {MAX_GIF_COMMENT:,} bytes")
+                size = block()
+            continue
+        if label == 0xFF and size and data[i - size : i - size + 11] == b"NETSCAPE2.0":
+            block()  # its loop count, whatever its size
+        while block():
+            pass
 
 
 def _check_tiff(data: bytes) -> None:
-    """At most MAX_TIFF_ENTRIES entries in the first directory (the only image read), and
-    MAX_TIFF_BLOCKS strips or tiles; classic TIFF and BigTIFF."""
+    """The first directory (the only image read) and the EXIF, GPS and interoperability
+    directories Pillow reads with it: at most MAX_TIFF_ENTRIES entries each, at most
+    MAX_TIFF_BLOCKS strips or tiles, and at most MAX_TIFF_VALUES numbers in all (Pillow
+    unpacks each into a Python object, a fraction four times the cost); classic TIFF and
+    BigTIFF."""
     order = "little" if data[:2] == b"II" else "big"
     big = data[2] == 0x2B  # BigTIFF, as Pillow reads the header: 8-byte counts and offsets
+    word = 8 if big else 4
+    count_size, entry_size = (8, 20) if big else (2, 12)
 
     def number(at: int, size: int) -> int:
         return int.from_bytes(data[at : at + size], order)
 
-    word = 8 if big else 4
-    at = number(8 if big else 4, word)  # the first directory
-    count_size, entry_size = (8, 20) if big else (2, 12)
-    entries = number(at, count_size)
-    if entries > MAX_TIFF_ENTRIES:
-        raise _too_many("TIFF", "directory entries", MAX_TIFF_ENTRIES)
-    for k in range(entries):
-        entry = at + count_size + k * entry_size
-        if entry + entry_size > len(data):
-            return  # Pillow says why
-        if number(entry, 2) in (273, 324) and number(entry + 4, word) > MAX_TIFF_BLOCKS:
-            raise _too_many("TIFF", "strips or tiles", MAX_TIFF_BLOCKS)
+    values, seen = 0, set()
+    directories = [number(8 if big else 4, word)]
+    while directories:
+        at = directories.pop()
+        if at in seen or at + count_size > len(data):
+            continue  # Pillow says why, or reads it once
+        seen.add(at)
+        entries = number(at, count_size)
+        if entries > MAX_TIFF_ENTRIES:
+            raise _too_many("TIFF", "directory entries", MAX_TIFF_ENTRIES)
+        for k in range(entries):
+            entry = at + count_size + k * entry_size
+            if entry + entry_size > len(data):
+                break
+            tag, kind, count = number(entry, 2), number(entry + 2, 2), number(entry + 4, word)
+            if tag in (273, 279, 324, 325) and count > MAX_TIFF_BLOCKS:
+                raise _too_many("TIFF", "strips or tiles", MAX_TIFF_BLOCKS)
+            if kind not in (1, 2, 6, 7):  # bytes, text and undefined stay bytes
+                values += count * (4 if kind in (5, 10) else 1)  # (signed) fractions
+                if values > MAX_TIFF_VALUES:
+                    raise _too_many("TIFF", "numbers in its directories", MAX_TIFF_VALUES)
+            if tag in (34665, 34853, 40965):  # EXIF, GPS, interoperability: a directory
+                directories.append(number(entry + 4 + word, word))
 
 
 def _check_webp(data: bytes) -> None:

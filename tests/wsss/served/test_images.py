@@ -18,6 +18,7 @@ from wsss.served.images import (
     MAX_PNG_CHUNKS,
     MAX_TIFF_BLOCKS,
     MAX_TIFF_ENTRIES,
+    MAX_TIFF_VALUES,
     MAX_WEBP_CHUNKS,
     ImageError,
     check_jpeg,
@@ -255,3 +256,37 @@ def test_thirty_two_bit_grey_scales_to_eight_bits():
     decoded = decode_image(buf.getvalue())
     want = (np.maximum(grey, 0) >> 24).astype(np.uint8)
     np.testing.assert_array_equal(decoded[..., 0], want)
+
+
+def test_the_walks_follow_pillow_where_it_reads_on(monkeypatch):
+    """Where Pillow reads further than a format's usual end, so does the count: a PNG with a
+    frame control chunk but no animation (Pillow reads past it), a GIF's comment (Pillow 12
+    joins its sub-blocks one at a time: 7.8 MiB took 12 s), a TIFF's EXIF directory (2M
+    fractions took 5.6 s to unpack). Pillow's own animated GIF (loop, frame controls)
+    reads."""
+    png = _png((16, 16), "RGB")
+    iend = png.rindex(b"IEND") - 4
+    control = _chunk(b"fcTL", bytes(26))  # no acTL: not animated, Pillow reads on to IEND
+    filler = _chunk(b"abCd") * (MAX_PNG_CHUNKS + 10)
+    gif = io.BytesIO()
+    frames = [Image.new("P", (8, 8), k) for k in range(3)]
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], loop=0, duration=50)
+    gif = gif.getvalue()
+    assert decode_image(gif).shape == (8, 8, 3)
+    image = gif.index(b"\x2c", 13)
+    comment = b"\x21\xfe" + (b"\xff" + b"x" * 255) * 300 + b"\x00"  # 76 KB: few blocks
+    # a 1 x 1 TIFF whose EXIF directory holds one tag of MAX_TIFF_VALUES fractions
+    head = b"II*\x00" + (8).to_bytes(4, "little")
+    ifd = (1).to_bytes(2, "little") + (34665).to_bytes(2, "little") + (4).to_bytes(2, "little")
+    ifd += (1).to_bytes(4, "little") + (26).to_bytes(4, "little") + bytes(4)
+    sub = (1).to_bytes(2, "little") + (0x9286).to_bytes(2, "little") + (5).to_bytes(2, "little")
+    sub += MAX_TIFF_VALUES.to_bytes(4, "little") + bytes(8)
+    monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("parsed"))
+    cases = {
+        png[:iend] + control + filler + png[iend:]: "a PNG of more than",
+        gif[:image] + comment + gif[image:]: "a GIF comment of more than 65,536 bytes",
+        head + ifd + sub: f"a TIFF of more than {MAX_TIFF_VALUES:,} numbers",
+    }
+    for data, said in cases.items():
+        with pytest.raises(ImageError, match=said):
+            decode_image(data)
