@@ -689,13 +689,18 @@ REPORT_ONLY = {
     "--seconds": 5.0,
 }
 
-SOAK = (
+# The photos and repository of a command that starts a server of its own (soak, infer-bench).
+OWN_SERVER = (
     flag("--images", help="a folder of photos, read in place (default: the shared Pet photos)"),
     flag(
         "--repository",
         help="serve this repository (default: the profile's networks, untrained, exported "
         "under a temporary folder)",
     ),
+)
+
+SOAK = (
+    *OWN_SERVER,
     flag("--requests", type=int, default=20_000, help="requests in all (default: 20000)"),
     flag("--concurrency", type=int, default=8, help="requests in flight (default: 8)"),
     flag(
@@ -718,12 +723,7 @@ SOAK = (
 )
 
 INFER_BENCH = (
-    flag("--images", help="a folder of photos, read in place (default: the shared Pet photos)"),
-    flag(
-        "--repository",
-        help="serve this repository (default: the profile's networks, untrained, exported "
-        "under a temporary folder)",
-    ),
+    *OWN_SERVER,
     flag("--concurrency", type=int, default=4, help="requests in flight (default: 4)"),
     flag("--rounds", type=int, default=5, help="infer and bench alternated (default: 5)"),
     flag("--request-count", type=int, default=0, help="perf_analyzer's window (default: N photos)"),
