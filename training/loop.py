@@ -186,7 +186,8 @@ def _run_epoch(model, loader, loss_fn, device, opt, sched, desc) -> tuple[float,
     total, count = 0.0, 0
     with torch.set_grad_enabled(training):
         for images, targets, *_ in tqdm(loader, desc=desc, leave=False, disable=desc is None):
-            # Contiguous NCHW: DDP's gradient buckets expect that layout of the weights' grads.
+            # The weights are channels-last (models.registry.channels_last), so their grads
+            # come back in the layout DDP's gradient buckets were made for, whatever the input's.
             x = to_pixels(images.to(device)).contiguous()
             loss = loss_fn(model(x), _to(targets, device))
             if not torch.isfinite(loss):

@@ -99,10 +99,11 @@ def test_the_vit_random_walk_beats_the_cam_it_spreads(real_scenes, tmp_path):
 def test_presence_from_corner_tiles_ranks_the_classes_better(real_scenes, tmp_path):
     """classifier.tiles (the photo's four corner tiles, 0.6 of its side, enlarged: small
     objects at the scale ImageNet shows them) against the photo alone, the same ImageNet
-    head, on the 150 training photos at 320 px: 0.701 -> 0.721 mAP over its 19 classes
-    (reports/coco_voc/README.md)."""
+    head, on the 150 training photos: 0.701 -> 0.721 mAP over its 19 classes at the
+    profile's 320 px (reports/coco_voc/README.md); at 224 px, half the cost, 0.662 -> 0.711
+    when written."""
     cfg = _config(
-        "imagenet_voc", real_scenes, tmp_path / "imagenet", "data.image_size=320",
+        "imagenet_voc", real_scenes, tmp_path / "imagenet", "data.image_size=224",
         "evaluate.split=train",
     )  # fmt: skip
     stages.run(cfg, ("classifier",))
@@ -113,4 +114,4 @@ def test_presence_from_corner_tiles_ranks_the_classes_better(real_scenes, tmp_pa
         pipes[tiles] = Pipeline(classifier, None, None)  # the scores alone: no masks to score
     results = evaluate(pipes, load_test_set(cfg, say=False), 16)
     maps = {t: r.classification()["map"] for t, r in results.items()}
-    assert maps[0.6] > maps[0.0] + 0.01, maps
+    assert maps[0.6] > maps[0.0] + 0.025, maps
