@@ -254,7 +254,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Encoded JPEG/PNG/GIF/BMP/WebP/TIFF/... -> RGB uint8 HxWx3, by Pillow: grey, palette,
     CMYK and 16-bit are converted, alpha dropped, an animated image gives its first frame.
     The pixels are as stored: EXIF orientation is not applied, in training (whose datasets'
-    masks are drawn on the stored pixels) or served, so the masks line up with both.
+    masks are drawn on the stored pixels) or served, so the masks line up with both. A
+    TIFF's own orientation tag (274) is the one exception: Pillow turns the image as the
+    tag says (as OpenCV and libtiff's readers do), in training and served alike.
 
     Images over ``max_pixels`` are refused from their header, before any pixel is decoded.
     """

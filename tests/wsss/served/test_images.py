@@ -290,3 +290,25 @@ def test_the_walks_follow_pillow_where_it_reads_on(monkeypatch):
     for data, said in cases.items():
         with pytest.raises(ImageError, match=said):
             decode_image(data)
+
+
+def test_pixels_come_as_stored_but_a_tiff_turns_as_its_own_tag_says():
+    """A JPEG's EXIF orientation is not applied (datasets' masks are drawn on the stored
+    pixels); a TIFF's orientation tag is, as Pillow, OpenCV and libtiff read it."""
+    from PIL import TiffImagePlugin
+
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:5, :10] = 255  # a mark in the top-left corner
+    jpeg, tiff = io.BytesIO(), io.BytesIO()
+    exif = Image.Exif()
+    exif[274] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(stored).save(jpeg, format="JPEG", exif=exif.tobytes(), quality=100)
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[274] = 6
+    Image.fromarray(stored).save(tiff, format="TIFF", tiffinfo=tags)
+
+    as_stored = decode_image(jpeg.getvalue())
+    assert as_stored.shape == (20, 40, 3) and as_stored[:5, :10].mean() > 200
+    turned = decode_image(tiff.getvalue())
+    assert turned.shape == (40, 20, 3)
+    np.testing.assert_array_equal(turned, np.rot90(stored, k=-1))  # the mark at the top right
