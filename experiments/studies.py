@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,8 @@ from training.pipeline import (
     ClassifierGraph,
     Pipeline,
     SegmenterGraph,
+    as_trained,
+    checkpoint_meta,
     load_model,
     pipeline_from_config,
     refine_step,
@@ -124,6 +128,8 @@ def evaluate_profile(cfg: Config) -> str | None:
     distributed.setup(torch.device("cpu"))  # the pipelines run on the CPU: gloo
     data = load_test_set(cfg, say=distributed.is_main())
     pipe = pipeline_from_config(cfg)
+    # Rows and eval/config.yaml name the networks as trained, not as the config says now.
+    cfg, _ = as_trained(cfg, *(checkpoint_meta(cfg.runs, s) for s in ("classifier", "segmenter")))
     arch = cfg.classifier.arch
     seed = trained_levelset_seed(cfg.runs, cfg.levelset.seed)
     mark = _more_than_labels(pipe.refiner.name, seed)
@@ -207,6 +213,7 @@ def cam_study(cfg: Config) -> str:
     figures: dict[str, list[tuple[str, str, str]]] = {}
     supervised = None
     seen: set[str] = set()
+    missing: list[str] = []  # runs asked for a level-set row that trained none
     for run in [Path(r) for r in cfg.evaluate.runs or [cfg.runs]]:
         net, meta = load_model(run / "classifier" / "best.pt")
         who = classifier_label(run, meta)
@@ -229,6 +236,8 @@ def cam_study(cfg: Config) -> str:
                 if not columns:
                     columns.append(("CAM", name, "cam"))
                 columns.append((refiner.name, name, "pseudo"))
+        if LEVELSET.name in specs and not (run / LEVELSET.checkpoint).exists():
+            missing.append(str(run))
         if LEVELSET.name in specs and (run / LEVELSET.checkpoint).exists():
             # The level set was trained on one CAM method's maps: it is scored with those.
             trained = load_config(run / "levelset" / "config.yaml")
@@ -246,6 +255,17 @@ def cam_study(cfg: Config) -> str:
             served = ClassifierGraph(net, multi, False, "cam", meta["class_names"]).eval()
             pipes[VIT] = Pipeline(served, None, refiner)
             labels[VIT] = {"classifier": "-", "CAM": "-"} | _refiner_columns("vit", VIT)
+    if missing:  # said, not dropped without a word
+        print(
+            f"study cams: no trained level set in {', '.join(missing)} (`wsss train --stages "
+            "levelset --set refine.method=levelset`): its levelset row is left out",
+            file=sys.stderr,
+        )
+    if not pipes:
+        raise InputError(
+            f"study cams: nothing to score: evaluate.refiners {specs} made no row for "
+            f"the runs {[str(r) for r in cfg.evaluate.runs or [cfg.runs]]}"
+        )
     supervised = supervised or supervised_pipeline(cfg.runs)
     if cfg.evaluate.split == "train":  # trained on these very photos: no bound to read
         supervised = None
@@ -258,6 +278,7 @@ def cam_study(cfg: Config) -> str:
     key = data.kind.iou_key("pseudo")
     rows = [with_ratio(labels[n] | r.row(), key, reference) for n, r in results.items()]
     out = Path(cfg.evaluate.out)
+    shutil.rmtree(out / "figures", ignore_errors=True)  # no figure of an earlier study left
     for stem, columns in figures.items():
         if cfg.evaluate.figure_images and columns:  # no refiner read this CAM: no figure
             shown = figure_rows(data, {c[1]: results[c[1]] for c in columns}, columns)

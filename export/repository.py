@@ -18,7 +18,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ from training.loop import file_digest
 from training.pipeline import (
     PassThroughSegmenter,
     SegmenterGraph,
+    as_trained,
     load_model,
     refine_step,
     resolved_refine,
@@ -70,7 +71,6 @@ from wsss.served.classical import (
     vit_input,
 )
 from wsss.served.registry import RefinerSpec
-from wsss.task import get_task
 from wsss.tensors import (
     CLASSIFIER,
     ENSEMBLES,
@@ -502,35 +502,6 @@ def _sample(name: str, networks: dict[str, nn.Module], images: np.ndarray) -> tu
     with torch.no_grad():  # not inference mode: these tensors get traced
         outputs = networks[CLASSIFIER](x)  # scores, cams (and features for the level set)
     return (x, *outputs)
-
-
-def as_trained(cfg: Config, cmeta: dict, smeta: dict) -> tuple[Config, list[str]]:
-    """``cfg`` as the checkpoints were trained: export builds the networks from their own
-    architectures, builder arguments and task, whatever the config says, so the config
-    written beside the export says theirs; and a note for each the config gave otherwise."""
-    trained = {
-        ("classifier", "arch"): cmeta.get("arch"),
-        ("segmenter", "arch"): smeta.get("arch"),
-        ("data", "task"): get_task(cmeta["task"]).name if "task" in cmeta else None,
-    }
-    # What the builders read from the config, as each checkpoint recorded it.
-    for section, meta, keys in (
-        ("classifier", cmeta, ("output_stride", "head")),
-        ("segmenter", smeta, ("backbone", "output_stride", "base_channels", "depth")),
-    ):
-        kwargs = meta.get("kwargs") or {}
-        trained |= {(section, key): kwargs[key] for key in keys if key in kwargs}
-    notes, sections = [], {}
-    for (section, key), value in trained.items():
-        given = getattr(getattr(cfg, section), key)
-        if value is not None and value != given:
-            notes.append(
-                f"{section}.{key} is {given!r} in the config, {value!r} in the checkpoint: "
-                f"exported as trained, {value!r}"
-            )
-            sections.setdefault(section, {})[key] = value
-    parts = {k: replace(getattr(cfg, k), **v) for k, v in sections.items()}
-    return replace(cfg, **parts), notes
 
 
 # Beside the classifier of each export: the config it was exported with (as trained).

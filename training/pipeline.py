@@ -25,7 +25,7 @@ from training.models import build_classifier, build_segmenter
 from training.models.classifier import CAMClassifier
 from training.models.common import to_pixels
 from training.torch_refiners import Refiner, build_refiner
-from wsss.config import PASSTHROUGH, served_config
+from wsss.config import PASSTHROUGH, Config, served_config
 from wsss.errors import InputError
 from wsss.served.registry import RefinerSpec
 from wsss.task import get_task
@@ -121,6 +121,44 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     model = build(meta["arch"], **meta["kwargs"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), meta
+
+
+def as_trained(cfg: Config, cmeta: dict, smeta: dict) -> tuple[Config, list[str]]:
+    """``cfg`` as the checkpoints were trained: the networks are built from their own
+    architectures, builder arguments and task, whatever the config says, so what export
+    writes beside them and what evaluate labels its rows with say theirs; and a note for
+    each the config gave otherwise."""
+    trained = {
+        ("classifier", "arch"): cmeta.get("arch"),
+        ("segmenter", "arch"): smeta.get("arch"),
+        ("data", "task"): get_task(cmeta["task"]).name if "task" in cmeta else None,
+    }
+    # What the builders read from the config, as each checkpoint recorded it.
+    for section, meta, keys in (
+        ("classifier", cmeta, ("output_stride", "head")),
+        ("segmenter", smeta, ("backbone", "output_stride", "base_channels", "depth")),
+    ):
+        kwargs = meta.get("kwargs") or {}
+        trained |= {(section, key): kwargs[key] for key in keys if key in kwargs}
+    notes, sections = [], {}
+    for (section, key), value in trained.items():
+        given = getattr(getattr(cfg, section), key)
+        if value is not None and value != given:
+            notes.append(
+                f"{section}.{key} is {given!r} in the config, {value!r} in the checkpoint: "
+                f"exported as trained, {value!r}"
+            )
+            sections.setdefault(section, {})[key] = value
+    parts = {k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()}
+    return dataclasses.replace(cfg, **parts), notes
+
+
+def checkpoint_meta(runs: str | Path, stage: str) -> dict:
+    """What ``<runs>/<stage>/best.pt`` records of how it was trained (its ``meta``)."""
+    path = Path(runs) / stage / "best.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: train that stage first (`wsss train`)")
+    return load_checkpoint(path)["meta"]
 
 
 def one_hot(classes: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:

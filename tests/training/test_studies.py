@@ -8,12 +8,13 @@ import pytest
 
 from experiments.studies import _supervision, cam_study, trained_levelset_seed
 from wsss.config import EvaluateConfig, load_config, save_config
+from wsss.errors import InputError
 from wsss.served.registry import LABELS_ONLY, MORE_THAN_LABELS
 
 pytestmark = pytest.mark.slow
 
 
-def test_study_scores_every_combination(trained, tmp_path):
+def test_study_scores_every_combination(trained, tmp_path, capsys):
     second = tmp_path / "second"
     shutil.copytree(f"{trained.runs}/classifier", second / "classifier")
     refiners = ["fixed", "otsu", "fixed+grabcut", "otsu+chanvese", "levelset", "vit"]
@@ -26,7 +27,11 @@ def test_study_scores_every_combination(trained, tmp_path):
             out=str(tmp_path / "out"),
         ),
     )
+    (tmp_path / "out" / "figures").mkdir(parents=True)
+    (tmp_path / "out" / "figures" / "resnet50_cam.png").write_bytes(b"an earlier study's")
     table = cam_study(cfg)
+    assert "no trained level set in" in capsys.readouterr().err  # its row left out, said
+    assert not (tmp_path / "out" / "figures" / "resnet50_cam.png").exists()
     rows = json.loads((tmp_path / "out" / "study.json").read_text())["rows"]
     # runs x CAM methods x refiners (no run has a level set: that row is skipped), and one
     # row for the ViT's attention, which reads no CAM: the one marked as more than labels.
@@ -87,3 +92,14 @@ def test_a_classifier_row_names_its_learned_classes_and_its_tiles(tmp_path):
     assert classifier_label(tmp_path, meta) == "efficientnet_lite0 + person learned + tiles 0.6"
     meta["kwargs"] = {"tiles": 0.0}  # off, and a task head: the arch alone
     assert classifier_label(tmp_path, meta) == "efficientnet_lite0"
+
+
+def test_a_study_with_no_row_to_score_is_refused(trained, tmp_path):
+    """Only the level set asked for, and none trained: refused, not an empty table."""
+    out = tmp_path / "out"
+    cfg = dataclasses.replace(
+        trained, evaluate=EvaluateConfig(refiners=["levelset"], figure_images=0, out=str(out))
+    )
+    with pytest.raises(InputError, match="nothing to score"):
+        cam_study(cfg)
+    assert not out.exists()
