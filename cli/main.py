@@ -50,8 +50,8 @@ def cmd_data(args) -> None:
     root = Path(args.out or cfg.data.root)
     opts = SynthOptions(
         _synth_task(args) or cfg.data.task,
-        args.count or cfg.data.synth_count,
-        args.size or cfg.data.image_size,
+        cfg.data.synth_count if args.count is None else args.count,
+        cfg.data.image_size if args.size is None else args.size,
         cfg.data.synth_seed,
         difficulty=args.difficulty or cfg.data.synth_difficulty,
         layout=args.layout or cfg.data.layout,
@@ -868,6 +868,17 @@ def _add_commands(parser, commands, dest: str) -> None:
             p.set_defaults(func=c.run)
 
 
+# A path given that is not there, or not of the kind it must be (a file where a folder goes,
+# `--set runs=notes.txt`), or not ours to write: the user's to mend, said in one line.
+PATH_ERRORS = (
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    FileExistsError,
+    PermissionError,
+)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     # The command line as run, for the reports that name the command that made them.
@@ -879,7 +890,7 @@ def main(argv: list[str] | None = None) -> None:
     before = signal.signal(signal.SIGTERM, _terminate) if owns else None
     try:
         args.func(args)
-    except (WsssError, InputError, FileNotFoundError) as exc:  # a bug keeps its traceback
+    except (WsssError, InputError, *PATH_ERRORS) as exc:  # a bug keeps its traceback
         sys.exit(f"wsss {args.command}: {exc}")
     except KeyboardInterrupt as exc:  # Ctrl-C: one line, the shell's status for the signal
         terminated = isinstance(exc, _Terminated)

@@ -27,7 +27,15 @@ def resolve_device(name: str) -> torch.device:
     """The device ``train.device`` names; under torchrun, this rank's GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return distributed.setup(torch.device(name))
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"train.device {name!r}: auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"train.device {name!r}: auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"train.device {name!r}: this machine has no GPU torch can use")
+    return distributed.setup(device)
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

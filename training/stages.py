@@ -39,7 +39,7 @@ from training.loop import (
     save_checkpoint,
 )
 from training.metrics import label_f1
-from training.models import build_classifier, build_segmenter
+from training.models import CLASSIFIERS, SEGMENTERS, build_classifier, build_segmenter
 from training.models.imagenet import imagenet_class_names, parse_class_groups
 from training.pipeline import (
     ClassifierGraph,
@@ -84,6 +84,11 @@ class _View(Dataset):
 def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(seed).permutation(n)
     n_val = max(1, int(round(n * fraction)))
+    if n_val >= n:
+        raise InputError(
+            f"{n} training photo(s) and data.val_fraction {fraction} hold out {n_val} for "
+            "validation: none left to train on"
+        )
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
@@ -727,6 +732,22 @@ def _fits(pseudo_path: Path, data: WSSSDataset, cfg: Config) -> bool:
     return all(k in saved.files and str(saved[k]) == v for k, v in source.items())
 
 
+def check_architectures(cfg: Config, stages: tuple[str, ...]) -> None:
+    """The networks ``stages`` build are in the registry: a misspelt segmenter would
+    otherwise fail only after the classifier and its pseudo-masks were made."""
+    wanted = []
+    if "classifier" in stages:
+        wanted.append(("classifier.arch", cfg.classifier.arch, CLASSIFIERS))
+    if cfg.segmenter.arch != PASSTHROUGH and {"segmenter", "supervised"} & set(stages):
+        segmenters = {**SEGMENTERS, PASSTHROUGH: None}
+        wanted.append(("segmenter.arch", cfg.segmenter.arch, segmenters))
+        if cfg.segmenter.arch == "deeplabv3":
+            wanted.append(("segmenter.backbone", cfg.segmenter.backbone, CLASSIFIERS))
+    for key, name, registry in wanted:
+        if name not in registry:
+            raise InputError(f"{key} {name!r}: one of {', '.join(sorted(registry))}")
+
+
 def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
     """Train what ``stages`` names; later stages reuse the saved checkpoint of earlier ones.
 
@@ -738,6 +759,7 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise InputError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGES)}")
+    check_architectures(cfg, stages)
     resolve_device(cfg.train.device)  # under torchrun: join the process group first
     runs = Path(cfg.runs)
     network = RefinerSpec.of(cfg.refine).checkpoint  # a refiner trained here (the level set)
@@ -759,6 +781,11 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
             and any(s in stages for s in ("pseudo", "segmenter", "supervised"))
         )
     )
+    if "levelset" in stages and not network and distributed.is_main():
+        tqdm.write(
+            f"levelset: skipped, refine.method {cfg.refine.method} trains no level set "
+            "(--set refine.method=levelset)"
+        )
     data = load_train_set(cfg) if reads_photos else None
     if "classifier" in stages:
         train_classifier(cfg, data)

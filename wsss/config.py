@@ -52,6 +52,14 @@ class DataConfig:
     skip_unreadable: bool = False
     num_workers: int = 0
 
+    def __post_init__(self):
+        if self.image_size < 32:  # the networks' stride: a smaller side has no CAM cell
+            raise ConfigError(f"data.image_size {self.image_size}: at least 32")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction {self.val_fraction}: at least 0, below 1")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers {self.num_workers}: at least 0")
+
     @property
     def kind(self) -> Task:
         """The ``wsss.task.Task`` that ``task`` names: what behaves differently per task."""
@@ -295,6 +303,14 @@ class SegmenterConfig:
             raise ConfigError(f"segmenter.output_stride {self.output_stride}: 16 or 32")
 
 
+def at_least(section: Any, name: str, low: int) -> None:
+    """``section.name`` is at least ``low``; the message names the key within its section
+    (``_build`` puts the section's path before it)."""
+    value = getattr(section, name)
+    if value < low:
+        raise _KeyError(f"{name} {value}: at least {low}")
+
+
 def check_schedule(section: str, epochs: int | None, lr: float | None) -> None:
     """A stage's epochs (at least 1) and learning rate (finite, above 0), where set: a bad
     one would fail only when that stage starts, perhaps hours into a training."""
@@ -360,6 +376,15 @@ class ModelServingConfig:
     kind: Literal["KIND_CPU", "KIND_GPU", "KIND_AUTO"] = "KIND_AUTO"
     warmup: bool = True  # run generated sample data through the model at load time
 
+    def __post_init__(self):
+        # Every model batches (the ensembles' tensors have a batch dimension): a
+        # max_batch_size of 0 would fail only after the export's graphs were written.
+        at_least(self, "max_batch_size", 1)
+        at_least(self, "instances", 1)
+        at_least(self, "max_queue_delay_us", 0)
+        if any(b < 1 for b in self.preferred_batch_sizes):
+            raise ConfigError(f"preferred_batch_sizes {self.preferred_batch_sizes}: each >= 1")
+
 
 @dataclass
 class NetworkExportConfig(ModelServingConfig):
@@ -393,10 +418,8 @@ class ViTExportConfig(NetworkExportConfig):
     calibration_photos: int = 60
 
     def __post_init__(self):
-        if self.calibration_photos < 1:
-            raise ConfigError(
-                f"calibration_photos {self.calibration_photos}: at least 1 photo to calibrate on"
-            )
+        super().__post_init__()
+        at_least(self, "calibration_photos", 1)
 
 
 @dataclass
@@ -429,6 +452,11 @@ class ExportConfig:
     # model, a step of the ensembles beside the classifier (export/vit.py). ONNX only.
     vit: ViTExportConfig = field(default_factory=ViTExportConfig)
 
+    def __post_init__(self):
+        if not 0 < self.atol < math.inf:
+            raise ConfigError(f"export.atol {self.atol}: above 0 and finite")
+        at_least(self, "max_image_pixels", 1)
+
 
 @dataclass
 class ServeConfig:
@@ -457,6 +485,17 @@ class ServeConfig:
     # /dev/shm holds at least 512 MiB, else Triton's default (a container's 64 MB /dev/shm
     # cannot hold eight 16 MiB regions: run it with --shm-size, as docker-compose.yml does).
     python_shm_mb: int | None = None
+
+    def __post_init__(self):
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            port = getattr(self, name)
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"serve.{name} {port}: a TCP port, 1 to 65535")
+        at_least(self, "poll_seconds", 1)
+        for name in ("watchdog_seconds", "exit_timeout_seconds", "restarts"):
+            at_least(self, name, 0)
+        if self.python_shm_mb is not None:
+            at_least(self, "python_shm_mb", 1)
 
 
 @dataclass
@@ -545,9 +584,7 @@ class ReproduceProfile:
 
 def load_profile(path: str | Path, overrides: list[str] = ()) -> ReproduceProfile:
     """A reproduce profile from YAML, with ``a.b=c`` overrides, checked like a config."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = _read_yaml(Path(path))
     _override(raw, overrides)
     return _build(ReproduceProfile, raw, "")
 
@@ -556,22 +593,32 @@ class ConfigError(InputError):
     """A config file or override that does not fit the schema."""
 
 
+class _KeyError(ConfigError):
+    """A bad value that a section used in several places (export.classifier, export.vit,
+    ...) names by its key alone: ``_build`` adds the section's path."""
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then ``a.b=c`` overrides, each checked against the types."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"{path} is a folder: name a config file in it")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw: dict[str, Any] = {} if path is None else _read_yaml(Path(path))
     _override(raw, overrides)
     _upgrade(raw)
     return _build(Config, raw, "")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A config or profile file's mapping, or one line saying why it is not one."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder: name a config file in it")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text (save the YAML file as UTF-8)") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
 
 
 # Optional sections whose unset value means another section's: --set on one of their keys
@@ -683,7 +730,10 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
             kwargs[name] = _build(hint, value, f"{where}{name}.")
         else:
             kwargs[name] = _coerce(hint, value, f"{where}{name}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except _KeyError as exc:  # a section's own check: name the key by its whole path
+        raise ConfigError(f"{where}{exc}") from None
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:

@@ -42,9 +42,11 @@ def test_data_train_evaluate_export(tmp_path):
         assert (tmp_path / "runs" / stage / "config.yaml").exists()
         lines = (tmp_path / "runs" / stage / "metrics.jsonl").read_text().splitlines()
         assert json.loads(lines[-1])["epoch"] == 1
-    table = wsss("evaluate", *sets).stdout
+    # The rows name the networks as trained, whatever the config now says.
+    table = wsss("evaluate", *sets, "--set", "classifier.arch=mobilenet_v2").stdout
     assert "| pseudo-masks (resnet18 cam + otsu) |" in table
     assert "| segmenter (unet, trained on the pseudo-masks) |" in table
+    assert "arch: resnet18" in (tmp_path / "runs" / "eval" / "config.yaml").read_text()
     results = json.loads((tmp_path / "runs" / "eval" / "results.json").read_text())
     pseudo, seg = results["rows"]
     assert results["images"] == 8 and {"accuracy", "pseudo_iou", "refine_ms"} <= set(pseudo)
@@ -65,6 +67,28 @@ def test_data_train_evaluate_export(tmp_path):
 def test_bad_config_is_a_clear_error():
     proc = wsss("train", "--set", "train.epochs=many", check=False)
     assert proc.returncode != 0 and "train.epochs: expected int" in proc.stderr
+
+
+def test_a_profile_that_cannot_train_stops_before_it_starts_in_one_line(tmp_path):
+    """A misspelt network, a device torch has not, a file where the runs go: one line and
+    a non-zero status, before any stage trains."""
+    (tmp_path / "notes.txt").write_text("mine")
+    data = [f"data.root={tmp_path / 'data'}", "data.image_size=32", "train.epochs=1"]
+    for change, message in (
+        ("segmenter.arch=unte", "segmenter.arch 'unte': one of deeplabv3, passthrough, unet"),
+        ("classifier.arch=resnet1", "classifier.arch 'resnet1': one of"),
+        ("train.device=tpu", "train.device 'tpu': auto, cpu, cuda or cuda:N"),
+        (f"runs={tmp_path / 'notes.txt'}", "Not a directory"),
+    ):
+        sets = [x for o in (*data, f"runs={tmp_path / 'runs'}", change) for x in ("--set", o)]
+        if change.startswith("runs="):
+            wsss("data", "synth", "--count", "10", "--size", "32", *sets)
+        proc = wsss("train", *sets, check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("wsss train: "), proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / "runs" / "classifier").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("url", ["https://127.0.0.1:8000", "127.0.0.1:abc", "127.0.0.1", "h:99999"])

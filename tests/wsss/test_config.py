@@ -1,6 +1,6 @@
 import pytest
 
-from wsss.config import ConfigError, load_config, save_config, with_overrides
+from wsss.config import ConfigError, load_config, load_profile, save_config, with_overrides
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -44,6 +44,18 @@ def test_int_is_accepted_for_float():
         ("levelset.lr=-1", "levelset.lr -1.0: above 0 and finite"),
         ("levelset.epochs=-2", "levelset.epochs -2: at least 1"),
         ("segmenter.output_stride=8", "segmenter.output_stride 8: 16 or 32"),
+        # values that failed deep inside a stage or an export: refused at load, by their path
+        ("data.image_size=0", "data.image_size 0: at least 32"),
+        ("data.val_fraction=1", "data.val_fraction 1.0: at least 0, below 1"),
+        ("data.num_workers=-3", "data.num_workers -3: at least 0"),
+        ("export.classifier.max_batch_size=0", "export.classifier.max_batch_size 0: at least 1"),
+        ("export.vit.instances=0", "export.vit.instances 0: at least 1"),
+        ("export.vit.calibration_photos=0", "export.vit.calibration_photos 0: at least 1"),
+        ("export.preprocess.preferred_batch_sizes=[0,4]", r"preferred_batch_sizes \[0, 4\]"),
+        ("export.atol=-1", "export.atol -1.0: above 0 and finite"),
+        ("serve.http_port=99999", "serve.http_port 99999: a TCP port, 1 to 65535"),
+        ("serve.poll_seconds=0", "serve.poll_seconds 0: at least 1"),
+        ("serve.restarts=-1", "serve.restarts -1: at least 0"),
     ],
 )
 def test_bad_overrides_are_explained(override, message):
@@ -59,6 +71,15 @@ def test_a_config_file_that_is_not_yaml_or_is_a_folder_is_one_line(tmp_path):
         load_config(tmp_path)
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "absent.yaml")
+    (tmp_path / "latin.yaml").write_bytes(
+        "# r\u00e9glages\ntrain:\n  epochs: 1\n".encode("latin-1")
+    )
+    with pytest.raises(ConfigError, match="latin.yaml: not UTF-8 text"):
+        load_config(tmp_path / "latin.yaml")
+    # wsss reproduce's profiles are read the same way
+    for path, message in ((tmp_path, "is a folder"), (tmp_path / "latin.yaml", "not UTF-8")):
+        with pytest.raises(ConfigError, match=message):
+            load_profile(path)
 
 
 def test_an_unset_optional_section_takes_overrides():

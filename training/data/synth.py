@@ -345,6 +345,15 @@ def write_synth(root: str | Path, opts: SynthOptions) -> Path:
     if opts.count < len(ANIMALS) or opts.size < 32:
         raise InputError(f"synth needs count >= {len(ANIMALS)} and size >= 32")
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{root} is a file: the benchmark is written into a folder")
+    if root.is_dir() and any(root.iterdir()):
+        if not (root / SYNTH_RECORD).exists():  # someone's own data: never written over
+            raise InputError(
+                f"{root} holds files this command did not write (no {SYNTH_RECORD}): "
+                "point data.root (or --out) at an empty or new folder"
+            )
+        shutil.rmtree(root)  # an earlier benchmark: none of its files left among the new
     rng = np.random.default_rng(opts.seed)
     comp = Compositor(opts.size, rng, opts.difficulty)
     n_test = max(1, int(round(opts.count * opts.test_fraction)))
@@ -386,7 +395,5 @@ def ensure_synth(root: str | Path, opts: SynthOptions) -> bool:
         return False
     if root.exists() and not record.exists():
         return False
-    if root.exists():
-        shutil.rmtree(root)
-    write_synth(root, opts)
+    write_synth(root, opts)  # rewrites the folder it wrote with other options
     return True

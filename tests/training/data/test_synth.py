@@ -16,6 +16,7 @@ from training.data import (
 from training.data.dataset import WSSSDataset
 from training.data.layouts import VOC_CLASSES, VOC_PALETTE
 from training.data.synth import ANIMALS, SynthOptions, write_synth
+from wsss.errors import InputError
 
 
 def _digest(root):
@@ -31,6 +32,23 @@ def test_synth_is_deterministic(tmp_path):
     b = write_synth(tmp_path / "b", SynthOptions("voc", 10, 48, seed=3))
     c = write_synth(tmp_path / "c", SynthOptions("voc", 10, 48, seed=4))
     assert _digest(a) == _digest(b) != _digest(c)
+
+
+def test_synth_writes_over_its_own_benchmark_only(tmp_path):
+    """A folder of someone's own photos is refused (wsss data synth aimed at it by a
+    profile's data.root); an earlier benchmark is replaced whole, none of its files left."""
+    own = tmp_path / "own"
+    (own / "annotations").mkdir(parents=True)
+    (own / "annotations" / "trainval.txt").write_text("my_cat 1 1 1\n")
+    with pytest.raises(InputError, match="holds files this command did not write"):
+        write_synth(own, SynthOptions("pets", 10, 32))
+    assert (own / "annotations" / "trainval.txt").read_text() == "my_cat 1 1 1\n"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        write_synth(tmp_path / "file", SynthOptions("pets", 10, 32))
+    ours = write_synth(tmp_path / "ours", SynthOptions("pets", 20, 32))
+    write_synth(ours, SynthOptions("pets", 10, 32))
+    assert len(list((ours / "images").iterdir())) == 10
 
 
 def test_synth_pets_layout(pets_root):
