@@ -24,22 +24,37 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from wsss.config import DEFAULT_STAGES, STAGES, Config, Layout, load_config
+from wsss.config import (
+    DEFAULT_STAGES,
+    STAGES,
+    Config,
+    ConfigError,
+    Layout,
+    ServeConfig,
+    load_config,
+)
 from wsss.errors import InputError, WsssError
 from wsss.task import TASKS
 from wsss.tensors import PIPELINE, PIPELINE_BYTES, VIT
 
+# The ports make serve and make test pass in the environment: serve.<key> from each.
+PORT_VARIABLES = {
+    "http_port": "HTTP_PORT",
+    "grpc_port": "GRPC_PORT",
+    "metrics_port": "METRICS_PORT",
+}
+
 
 def _config(args) -> Config:
-    overrides = [
-        f"serve.{k}={os.environ[v]}"
-        for k, v in (
-            ("http_port", "HTTP_PORT"),
-            ("grpc_port", "GRPC_PORT"),
-            ("metrics_port", "METRICS_PORT"),
-        )
-        if os.environ.get(v)
-    ]
+    ports = {k: os.environ[v] for k, v in PORT_VARIABLES.items() if os.environ.get(v)}
+    for key, value in ports.items():  # a bad one is named as the user set it
+        try:
+            load_config(None, [f"serve.{key}={value}"])
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{PORT_VARIABLES[key]}={value!r} in the environment: {exc}"
+            ) from None
+    overrides = [f"serve.{k}={v}" for k, v in ports.items()]
     return load_config(args.config, overrides + list(args.set))
 
 
@@ -264,9 +279,12 @@ def _url(args) -> str:
         host = f"[{host}]" if ":" in host else host  # an IPv6 address
         port = serve.http_port if args.protocol == "http" else serve.grpc_port
         return server_address(f"{host}:{port}")
-    if args.protocol == "http":
-        return f"127.0.0.1:{os.environ.get('HTTP_PORT', '8000')}"
-    return f"127.0.0.1:{os.environ.get('GRPC_PORT', '8001')}"
+    key = "http_port" if args.protocol == "http" else "grpc_port"
+    variable = PORT_VARIABLES[key]
+    port = os.environ.get(variable) or str(getattr(ServeConfig, key))
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"{variable}={port!r} in the environment: a TCP port, 1 to 65535")
+    return f"127.0.0.1:{port}"
 
 
 def cmd_infer(args) -> None:

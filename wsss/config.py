@@ -606,12 +606,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return _build(Config, raw, "")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (two ``train:``
+    sections: the second silently replaced the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     """A config or profile file's mapping, or one line saying why it is not one."""
     if path.is_dir():
         raise ConfigError(f"{path} is a folder: name a config file in it")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), _UniqueKeyLoader) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text (save the YAML file as UTF-8)") from None
     except yaml.YAMLError as exc:

@@ -69,6 +69,16 @@ def test_bad_config_is_a_clear_error():
     assert proc.returncode != 0 and "train.epochs: expected int" in proc.stderr
 
 
+@pytest.mark.parametrize("variable", ["HTTP_PORT", "GRPC_PORT"])
+def test_a_bad_port_in_the_environment_is_named_as_set(variable, monkeypatch, capsys):
+    from cli.main import main
+
+    monkeypatch.setenv(variable, "abc")
+    for command in (["evaluate"], ["infer", "--protocol", variable[:-5].lower(), "x.jpg"]):
+        with pytest.raises(SystemExit, match=f"{variable}='abc' in the environment"):
+            main(command)
+
+
 def test_a_profile_that_cannot_train_stops_before_it_starts_in_one_line(tmp_path):
     """A misspelt network, a device torch has not, a file where the runs go: one line and
     a non-zero status, before any stage trains."""

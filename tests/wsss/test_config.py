@@ -76,6 +76,9 @@ def test_a_config_file_that_is_not_yaml_or_is_a_folder_is_one_line(tmp_path):
     )
     with pytest.raises(ConfigError, match="latin.yaml: not UTF-8 text"):
         load_config(tmp_path / "latin.yaml")
+    (tmp_path / "twice.yaml").write_text("train:\n  epochs: 1\ntrain:\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match="the key 'train' is given twice at line 3"):
+        load_config(tmp_path / "twice.yaml")
     # wsss reproduce's profiles are read the same way
     for path, message in ((tmp_path, "is a folder"), (tmp_path / "latin.yaml", "not UTF-8")):
         with pytest.raises(ConfigError, match=message):
