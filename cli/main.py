@@ -909,6 +909,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (WsssError, InputError, *PATH_ERRORS) as exc:  # a bug keeps its traceback
+        if os.environ.get("WSSS_DEBUG"):  # where it came from, as well
+            raise
         sys.exit(f"wsss {args.command}: {exc}")
     except KeyboardInterrupt as exc:  # Ctrl-C: one line, the shell's status for the signal
         terminated = isinstance(exc, _Terminated)

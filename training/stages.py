@@ -781,7 +781,8 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
             and any(s in stages for s in ("pseudo", "segmenter", "supervised"))
         )
     )
-    if "levelset" in stages and not network and distributed.is_main():
+    asked = "levelset" in stages and tuple(stages) != DEFAULT_STAGES  # not just the default
+    if asked and not network and distributed.is_main():
         tqdm.write(
             f"levelset: skipped, refine.method {cfg.refine.method} trains no level set "
             "(--set refine.method=levelset)"

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -383,7 +384,7 @@ class ModelServingConfig:
         at_least(self, "instances", 1)
         at_least(self, "max_queue_delay_us", 0)
         if any(b < 1 for b in self.preferred_batch_sizes):
-            raise ConfigError(f"preferred_batch_sizes {self.preferred_batch_sizes}: each >= 1")
+            raise _KeyError(f"preferred_batch_sizes {self.preferred_batch_sizes}: each >= 1")
 
 
 @dataclass
@@ -613,7 +614,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: PyYAML merges it
+                continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # PyYAML's own check says so
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"the key {key!r} is given twice", key_node.start_mark

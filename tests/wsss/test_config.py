@@ -79,6 +79,14 @@ def test_a_config_file_that_is_not_yaml_or_is_a_folder_is_one_line(tmp_path):
     (tmp_path / "twice.yaml").write_text("train:\n  epochs: 1\ntrain:\n  epochs: 5\n")
     with pytest.raises(ConfigError, match="the key 'train' is given twice at line 3"):
         load_config(tmp_path / "twice.yaml")
+    (tmp_path / "merged.yaml").write_text(  # YAML's merge key is no key given twice
+        "export:\n  classifier: &net {instances: 3}\n  segmenter: {<<: *net, format: torchscript}\n"
+    )
+    merged = load_config(tmp_path / "merged.yaml").export.segmenter
+    assert (merged.instances, merged.format) == (3, "torchscript")
+    (tmp_path / "listkey.yaml").write_text("? [1, 2]\n: 3\n")
+    with pytest.raises(ConfigError, match="unhashable key"):
+        load_config(tmp_path / "listkey.yaml")
     # wsss reproduce's profiles are read the same way
     for path, message in ((tmp_path, "is a folder"), (tmp_path / "latin.yaml", "not UTF-8")):
         with pytest.raises(ConfigError, match=message):

@@ -353,7 +353,12 @@ def write_synth(root: str | Path, opts: SynthOptions) -> Path:
                 f"{root} holds files this command did not write (no {SYNTH_RECORD}): "
                 "point data.root (or --out) at an empty or new folder"
             )
-        shutil.rmtree(root)  # an earlier benchmark: none of its files left among the new
+        for child in root.iterdir():  # an earlier benchmark: none of its files left
+            child.unlink() if child.is_symlink() or not child.is_dir() else shutil.rmtree(child)
+    # The record first, marked unfinished, so that a write stopped halfway is known as
+    # this command's (rewritten by the next, never taken for someone's photos or for done).
+    root.mkdir(parents=True, exist_ok=True)
+    (root / SYNTH_RECORD).write_text(json.dumps(opts.record() | {"unfinished": True}))
     rng = np.random.default_rng(opts.seed)
     comp = Compositor(opts.size, rng, opts.difficulty)
     n_test = max(1, int(round(opts.count * opts.test_fraction)))

@@ -15,7 +15,7 @@ from training.data import (
 )
 from training.data.dataset import WSSSDataset
 from training.data.layouts import VOC_CLASSES, VOC_PALETTE
-from training.data.synth import ANIMALS, SynthOptions, write_synth
+from training.data.synth import ANIMALS, WRITERS, SynthOptions, ensure_synth, write_synth
 from wsss.errors import InputError
 
 
@@ -49,6 +49,27 @@ def test_synth_writes_over_its_own_benchmark_only(tmp_path):
     ours = write_synth(tmp_path / "ours", SynthOptions("pets", 20, 32))
     write_synth(ours, SynthOptions("pets", 10, 32))
     assert len(list((ours / "images").iterdir())) == 10
+    # through a link to it, as a data.root may be
+    (tmp_path / "link").symlink_to(ours)
+    write_synth(tmp_path / "link", SynthOptions("pets", 20, 32))
+    assert (tmp_path / "link").is_symlink() and len(list((ours / "images").iterdir())) == 20
+
+
+def test_a_benchmark_stopped_halfway_is_written_again(tmp_path, monkeypatch):
+    """Ctrl-C or a full disk mid-write: the folder is still this command's, and unfinished."""
+    opts = SynthOptions("pets", 10, 32)
+
+    def stopped(root, records, names):
+        (root / "images").mkdir()
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setitem(WRITERS, "pets", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            write_synth(tmp_path / "data", opts)
+    assert ensure_synth(tmp_path / "data", opts)  # not taken for done, nor for someone's
+    assert not ensure_synth(tmp_path / "data", opts)
+    assert len(list((tmp_path / "data" / "images").iterdir())) == 10
 
 
 def test_synth_pets_layout(pets_root):
