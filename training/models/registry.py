@@ -344,10 +344,10 @@ def build_segmenter(arch: str, **kwargs) -> nn.Module:
 
 def channels_last(net: nn.Module) -> nn.Module:
     """``net`` with its convolution weights stored channels-last (NHWC): the first
-    convolution then writes NHWC and the layers after it run oneDNN's NHWC kernels. On a
-    CPU a training step of MobileNetV2, EfficientNet-Lite0 or the UNet takes 0.55-0.85x
-    the time of the default NCHW layout (the depthwise convolutions gain most; ResNet-18's
-    step about the same), and in-process inference, whose inputs already come NHWC from
-    the photos, is unchanged. Inputs stay NCHW; values are the same to float rounding;
-    ONNX and TorchScript exports do not see the layout."""
+    convolution then writes NHWC and the layers after it run oneDNN's NHWC kernels. On this
+    2-core CPU a training step of the profiles' networks takes 0.71-0.91x the time of the
+    default NCHW layout (reports/bench/memory_format.md: `python -m
+    benchmarks.memory_format`); in-process inference, whose inputs come NHWC from the
+    photos, already ran so. Inputs stay NCHW; values are the same to float rounding; ONNX
+    and TorchScript exports do not see the layout."""
     return net.to(memory_format=torch.channels_last)
