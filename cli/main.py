@@ -107,6 +107,11 @@ def cmd_evaluate(args) -> None:
         args.label = args.served_label
         handler(args)
         return
+    stray = [f"--{f.replace('_', '-')}" for f in STUDY_OPTIONS if getattr(args, f)]
+    if stray:  # a study's option without its study: refused, not ignored
+        raise InputError(
+            f"{', '.join(stray)}: a study's, not wsss evaluate's (`wsss study --help`)"
+        )
     from experiments.studies import evaluate_profile
     from training import distributed
 
@@ -163,6 +168,8 @@ def study_served(args) -> None:
 
 
 # `wsss evaluate --<flag>` (deprecated) -> the `wsss study` handler it now is
+# The old studies' own options, which plain `wsss evaluate` has no use for.
+STUDY_OPTIONS = ("url", "served_label", "reuse", "variants", "merge")
 STUDY_FLAGS = {
     "served": study_served,
     "photos": study_photos,

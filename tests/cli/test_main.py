@@ -64,6 +64,14 @@ def test_data_train_evaluate_export(tmp_path):
     assert not (repo / "classifier" / "2").exists()
 
 
+@pytest.mark.parametrize("flag", [["--merge", "a", "b"], ["--url", "127.0.0.1:8001"], ["--reuse"]])
+def test_a_study_option_without_its_study_is_refused(flag):
+    from cli.main import main
+
+    with pytest.raises(SystemExit, match="a study's, not wsss evaluate's"):
+        main(["evaluate", *flag])
+
+
 def test_bad_config_is_a_clear_error():
     proc = wsss("train", "--set", "train.epochs=many", check=False)
     assert proc.returncode != 0 and "train.epochs: expected int" in proc.stderr
