@@ -746,6 +746,7 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     for name, value in raw.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
+            value = {} if value is None else value  # `data:` with nothing under it: defaults
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{name}: expected a mapping")
             kwargs[name] = _build(hint, value, f"{where}{name}.")

@@ -84,6 +84,9 @@ def test_a_config_file_that_is_not_yaml_or_is_a_folder_is_one_line(tmp_path):
     )
     merged = load_config(tmp_path / "merged.yaml").export.segmenter
     assert (merged.instances, merged.format) == (3, "torchscript")
+    (tmp_path / "empty.yaml").write_text("data:\ntrain:\n  epochs: 2\n")  # a section left empty
+    empty = load_config(tmp_path / "empty.yaml")
+    assert (empty.data.image_size, empty.train.epochs) == (128, 2)
     (tmp_path / "listkey.yaml").write_text("? [1, 2]\n: 3\n")
     with pytest.raises(ConfigError, match="unhashable key"):
         load_config(tmp_path / "listkey.yaml")
