@@ -168,14 +168,14 @@ def study_served(args) -> None:
 
 
 # `wsss evaluate --<flag>` (deprecated) -> the `wsss study` handler it now is
-# The old studies' own options, which plain `wsss evaluate` has no use for.
-STUDY_OPTIONS = ("url", "served_label", "reuse", "variants", "merge")
 STUDY_FLAGS = {
     "served": study_served,
     "photos": study_photos,
     "levelset": study_levelset,
     "study": study_cams,
 }
+# The old studies' own options, which plain `wsss evaluate` has no use for.
+STUDY_OPTIONS = ("url", "served_label", "reuse", "variants", "merge")
 
 
 def cmd_reproduce(args) -> None:
