@@ -28,7 +28,6 @@ from wsss.config import (
     DEFAULT_STAGES,
     STAGES,
     Config,
-    ConfigError,
     Layout,
     ServeConfig,
     load_config,
@@ -45,16 +44,20 @@ PORT_VARIABLES = {
 }
 
 
-def _config(args) -> Config:
+def _env_ports() -> dict[str, str]:
+    """serve.<key> -> the port its environment variable sets, where set; a bad one is
+    named as the user set it."""
     ports = {k: os.environ[v] for k, v in PORT_VARIABLES.items() if os.environ.get(v)}
-    for key, value in ports.items():  # a bad one is named as the user set it
-        try:
-            load_config(None, [f"serve.{key}={value}"])
-        except ConfigError as exc:
-            raise ConfigError(
-                f"{PORT_VARIABLES[key]}={value!r} in the environment: {exc}"
-            ) from None
-    overrides = [f"serve.{k}={v}" for k, v in ports.items()]
+    for key, port in ports.items():
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise InputError(
+                f"{PORT_VARIABLES[key]}={port!r} in the environment: a TCP port, 1 to 65535"
+            )
+    return ports
+
+
+def _config(args) -> Config:
+    overrides = [f"serve.{k}={v}" for k, v in _env_ports().items()]
     return load_config(args.config, overrides + list(args.set))
 
 
@@ -287,11 +290,7 @@ def _url(args) -> str:
         port = serve.http_port if args.protocol == "http" else serve.grpc_port
         return server_address(f"{host}:{port}")
     key = "http_port" if args.protocol == "http" else "grpc_port"
-    variable = PORT_VARIABLES[key]
-    port = os.environ.get(variable) or str(getattr(ServeConfig, key))
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise InputError(f"{variable}={port!r} in the environment: a TCP port, 1 to 65535")
-    return f"127.0.0.1:{port}"
+    return f"127.0.0.1:{_env_ports().get(key, getattr(ServeConfig, key))}"
 
 
 def cmd_infer(args) -> None:

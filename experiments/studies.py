@@ -40,7 +40,6 @@ from training.pipeline import (
     Pipeline,
     SegmenterGraph,
     as_trained,
-    checkpoint_meta,
     load_model,
     pipeline_from_config,
     refine_step,
@@ -129,7 +128,7 @@ def evaluate_profile(cfg: Config) -> str | None:
     data = load_test_set(cfg, say=distributed.is_main())
     pipe = pipeline_from_config(cfg)
     # Rows and eval/config.yaml name the networks as trained, not as the config says now.
-    cfg, _ = as_trained(cfg, *(checkpoint_meta(cfg.runs, s) for s in ("classifier", "segmenter")))
+    cfg, _ = as_trained(cfg, pipe.trained["classifier"], pipe.trained["segmenter"])
     arch = cfg.classifier.arch
     seed = trained_levelset_seed(cfg.runs, cfg.levelset.seed)
     mark = _more_than_labels(pipe.refiner.name, seed)
@@ -214,7 +213,8 @@ def cam_study(cfg: Config) -> str:
     supervised = None
     seen: set[str] = set()
     missing: list[str] = []  # runs asked for a level-set row that trained none
-    for run in [Path(r) for r in cfg.evaluate.runs or [cfg.runs]]:
+    runs = [Path(r) for r in cfg.evaluate.runs or [cfg.runs]]
+    for run in runs:
         net, meta = load_model(run / "classifier" / "best.pt")
         who = classifier_label(run, meta)
         who = f"{who} [{run}]" if who in seen else who  # two runs of one architecture
@@ -238,7 +238,7 @@ def cam_study(cfg: Config) -> str:
                 columns.append((refiner.name, name, "pseudo"))
         if LEVELSET.name in specs and not (run / LEVELSET.checkpoint).exists():
             missing.append(str(run))
-        if LEVELSET.name in specs and (run / LEVELSET.checkpoint).exists():
+        elif LEVELSET.name in specs:
             # The level set was trained on one CAM method's maps: it is scored with those.
             trained = load_config(run / "levelset" / "config.yaml")
             variant = dataclasses.replace(
@@ -264,7 +264,7 @@ def cam_study(cfg: Config) -> str:
     if not pipes:
         raise InputError(
             f"study cams: nothing to score: evaluate.refiners {specs} made no row for "
-            f"the runs {[str(r) for r in cfg.evaluate.runs or [cfg.runs]]}"
+            f"the runs {[str(r) for r in runs]}"
         )
     supervised = supervised or supervised_pipeline(cfg.runs)
     if cfg.evaluate.split == "train":  # trained on these very photos: no bound to read

@@ -29,9 +29,9 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"train.device {name!r}: auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
+    except RuntimeError:  # not a device torch knows
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         raise InputError(f"train.device {name!r}: auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"train.device {name!r}: this machine has no GPU torch can use")
@@ -196,7 +196,7 @@ def _run_epoch(model, loader, loss_fn, device, opt, sched, desc) -> tuple[float,
         for images, targets, *_ in tqdm(loader, desc=desc, leave=False, disable=desc is None):
             # The weights are channels-last (models.registry.channels_last), so their grads
             # come back in the layout DDP's gradient buckets were made for, whatever the input's.
-            x = to_pixels(images.to(device)).contiguous()
+            x = to_pixels(images.to(device))
             loss = loss_fn(model(x), _to(targets, device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()}: lower train.lr")

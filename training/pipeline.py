@@ -153,14 +153,6 @@ def as_trained(cfg: Config, cmeta: dict, smeta: dict) -> tuple[Config, list[str]
     return dataclasses.replace(cfg, **parts), notes
 
 
-def checkpoint_meta(runs: str | Path, stage: str) -> dict:
-    """What ``<runs>/<stage>/best.pt`` records of how it was trained (its ``meta``)."""
-    path = Path(runs) / stage / "best.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: train that stage first (`wsss train`)")
-    return load_checkpoint(path)["meta"]
-
-
 def one_hot(classes: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
     """Image-level labels as the scores a refiner reads (1 for each present class)."""
     out = np.zeros((len(classes), num_classes), np.float32)
@@ -221,6 +213,9 @@ class Pipeline:
     classifier: ClassifierGraph | None
     segmenter: SegmenterGraph | InProcessPassThrough | None
     refiner: Refiner | None
+    # What the checkpoints record of how they were trained, by stage (classifier,
+    # segmenter), where read from a run (``pipeline_from_config``): for ``as_trained``.
+    trained: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     @property
     def multi_label(self) -> bool:
@@ -369,9 +364,9 @@ def pipeline_from_config(cfg, segmenter: bool = True) -> Pipeline:
     segmenter. A pass-through segmenter makes the mask the repository serves: that of
     ``export.refine`` where the profile serves another refiner (a CRF is not served)."""
     classifier, refiner, meta = refine_step(cfg)
-    seg = None
+    seg, trained = None, {"classifier": meta}
     if segmenter:
-        net, _ = load_model(Path(cfg.runs) / "segmenter" / "best.pt")
+        net, trained["segmenter"] = load_model(Path(cfg.runs) / "segmenter" / "best.pt")
         if isinstance(net, PassThroughSegmenter):
             served = (classifier, refiner)
             if cfg.export.refine is not None and cfg.export.refine != cfg.refine:
@@ -379,4 +374,4 @@ def pipeline_from_config(cfg, segmenter: bool = True) -> Pipeline:
             seg = InProcessPassThrough(*served, net)
         else:
             seg = SegmenterGraph(net).eval()
-    return Pipeline(classifier, seg, refiner)
+    return Pipeline(classifier, seg, refiner, trained)

@@ -739,8 +739,7 @@ def check_architectures(cfg: Config, stages: tuple[str, ...]) -> None:
     if "classifier" in stages:
         wanted.append(("classifier.arch", cfg.classifier.arch, CLASSIFIERS))
     if cfg.segmenter.arch != PASSTHROUGH and {"segmenter", "supervised"} & set(stages):
-        segmenters = {**SEGMENTERS, PASSTHROUGH: None}
-        wanted.append(("segmenter.arch", cfg.segmenter.arch, segmenters))
+        wanted.append(("segmenter.arch", cfg.segmenter.arch, [*SEGMENTERS, PASSTHROUGH]))
         if cfg.segmenter.arch == "deeplabv3":
             wanted.append(("segmenter.backbone", cfg.segmenter.backbone, CLASSIFIERS))
     for key, name, registry in wanted:

@@ -54,12 +54,10 @@ class DataConfig:
     num_workers: int = 0
 
     def __post_init__(self):
-        if self.image_size < 32:  # the networks' stride: a smaller side has no CAM cell
-            raise ConfigError(f"data.image_size {self.image_size}: at least 32")
+        at_least(self, "image_size", 32)  # the networks' stride: a smaller side has no CAM cell
         if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"data.val_fraction {self.val_fraction}: at least 0, below 1")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers {self.num_workers}: at least 0")
+            raise _KeyError(f"val_fraction {self.val_fraction}: at least 0, below 1")
+        at_least(self, "num_workers", 0)
 
     @property
     def kind(self) -> Task:
@@ -455,7 +453,7 @@ class ExportConfig:
 
     def __post_init__(self):
         if not 0 < self.atol < math.inf:
-            raise ConfigError(f"export.atol {self.atol}: above 0 and finite")
+            raise _KeyError(f"atol {self.atol}: above 0 and finite")
         at_least(self, "max_image_pixels", 1)
 
 
@@ -491,7 +489,7 @@ class ServeConfig:
         for name in ("http_port", "grpc_port", "metrics_port"):
             port = getattr(self, name)
             if not 1 <= port <= 65535:
-                raise ConfigError(f"serve.{name} {port}: a TCP port, 1 to 65535")
+                raise _KeyError(f"{name} {port}: a TCP port, 1 to 65535")
         at_least(self, "poll_seconds", 1)
         for name in ("watchdog_seconds", "exit_timeout_seconds", "restarts"):
             at_least(self, name, 0)
@@ -595,8 +593,8 @@ class ConfigError(InputError):
 
 
 class _KeyError(ConfigError):
-    """A bad value that a section used in several places (export.classifier, export.vit,
-    ...) names by its key alone: ``_build`` adds the section's path."""
+    """A bad value a section's own check names by its key alone: ``_build`` adds the
+    section's path (one section type serves several: export.classifier, export.vit, ...)."""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
