@@ -56,7 +56,8 @@ def check_repository(root: str | Path, load_models: bool = True) -> Report:
     root = Path(root)
     report = Report()
     if not root.is_dir():
-        report.problems.append(f"{root}: no such repository folder")
+        what = "a file, not a repository folder" if root.exists() else "no such repository folder"
+        report.problems.append(f"{root}: {what}")
         return report
     configs: dict[str, mc.ModelConfig] = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):

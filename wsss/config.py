@@ -97,6 +97,14 @@ class ClassifierConfig:
     # passes a photo). 0: the photo alone. Saved with the checkpoint.
     tiles: float = 0.0
 
+    def __post_init__(self):
+        if self.output_stride not in (16, 32):
+            raise _KeyError(f"output_stride {self.output_stride}: 16 or 32")
+        if self.threshold_folds < 0 or self.threshold_folds == 1:
+            raise _KeyError(f"threshold_folds {self.threshold_folds}: 0 (off) or at least 2")
+        if not 0 <= self.tiles < 1:
+            raise _KeyError(f"tiles {self.tiles}: 0 (off) or a fraction of the side below 1")
+
 
 # Lists the CLI, the config and training all read, defined once here: `wsss --help` must
 # not import torch, and wsss/ may not import training.
@@ -196,6 +204,8 @@ class RefineConfig:
                     f"refine.{name} {side}: a multiple of the ViT's {VIT_PATCH} px patch, "
                     f"at least {VIT_PATCH * 4}"
                 )
+        if not self.vit_layers or any(layer < 0 for layer in self.vit_layers):
+            raise ConfigError(f"refine.vit_layers {self.vit_layers}: one or more layers, 0-based")
         if self.walk_layer < 0 or self.walk_steps < 1 or self.walk_beta <= 0:
             raise ConfigError(
                 f"refine.walk_layer {self.walk_layer}, walk_steps {self.walk_steps}, walk_beta "
@@ -298,6 +308,8 @@ class SegmenterConfig:
 
     def __post_init__(self):
         check_schedule("segmenter", self.epochs, self.lr)
+        if not 0 <= self.dice < math.inf:
+            raise ConfigError(f"segmenter.dice {self.dice}: a weight, 0 (off) or above")
         if self.output_stride not in (16, 32):
             raise ConfigError(f"segmenter.output_stride {self.output_stride}: 16 or 32")
 
@@ -455,6 +467,10 @@ class ExportConfig:
         if not 0 < self.atol < math.inf:
             raise _KeyError(f"atol {self.atol}: above 0 and finite")
         at_least(self, "max_image_pixels", 1)
+        if self.lock_wait_seconds is not None and not 0 <= self.lock_wait_seconds < math.inf:
+            raise _KeyError(
+                f"lock_wait_seconds {self.lock_wait_seconds}: 0 or more seconds, or null (no limit)"
+            )
 
 
 @dataclass

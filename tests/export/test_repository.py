@@ -347,6 +347,11 @@ def test_cli_check_exit_codes(good_repo, tmp_path):
     (broken / "classifier" / "1" / "model.onnx").write_bytes(b"not onnx")
     bad = check(broken)
     assert bad.returncode == 1 and "classifier v1: model.onnx does not load" in bad.stdout
+    for where, says in [("absent", "no such repository folder"), ("a.txt", "a file, not a")]:
+        if where.endswith(".txt"):
+            (tmp_path / where).write_text("")
+        named = check(tmp_path / where)
+        assert named.returncode == 1 and f"{tmp_path / where}: {says}" in named.stdout
 
 
 def test_every_ensemble_step_is_a_model_of_the_repository(good_repo):

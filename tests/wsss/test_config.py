@@ -56,6 +56,13 @@ def test_int_is_accepted_for_float():
         ("serve.http_port=99999", "serve.http_port 99999: a TCP port, 1 to 65535"),
         ("serve.poll_seconds=0", "serve.poll_seconds 0: at least 1"),
         ("serve.restarts=-1", "serve.restarts -1: at least 0"),
+        ("classifier.output_stride=8", "classifier.output_stride 8: 16 or 32"),
+        ("classifier.threshold_folds=1", "classifier.threshold_folds 1: 0 \\(off\\) or at least 2"),
+        ("classifier.tiles=1.5", "classifier.tiles 1.5: 0 \\(off\\) or a fraction"),
+        ("refine.vit_layers=[]", r"refine.vit_layers \[\]: one or more layers"),
+        ("refine.vit_layers=[-1]", r"refine.vit_layers \[-1\]: one or more layers, 0-based"),
+        ("segmenter.dice=-0.5", "segmenter.dice -0.5: a weight, 0 \\(off\\) or above"),
+        ("export.lock_wait_seconds=-2", "export.lock_wait_seconds -2.0: 0 or more seconds"),
     ],
 )
 def test_bad_overrides_are_explained(override, message):
