@@ -39,12 +39,15 @@ class Evaluation:
     segmentation: ConfusionMatrix | None = None
     refine_seconds: float = 0.0
     images: int = 0
-    # Image-level: (scores, labels in the classifier's classes) of the images that have them.
+    # Image-level: (scores, labels in the classifier's classes) of the images scored.
     scores: list[np.ndarray] = field(default_factory=list)
     labels: list[tuple[int, ...]] = field(default_factory=list)
     # Multi-label: the classes its refiner takes as present (at its score thresholds), per
     # image with labels, for the label F1 beside mAP.
     predicted: list[tuple[int, ...]] = field(default_factory=list)
+    # ... and how many of its labels the classifier has no class for (person, to an ImageNet
+    # head): classes it could not say, missed in its label F1 as any other.
+    missed: list[int] = field(default_factory=list)
     examples: dict[str, list[np.ndarray]] = field(default_factory=dict)
     # Binary tasks: each scored image's own foreground IoU, for the mean over images that
     # some papers report beside the IoU pooled over the split (the confusion matrices').
@@ -52,8 +55,9 @@ class Evaluation:
     seg_image_iou: list[float] = field(default_factory=list)
 
     def classification(self) -> dict[str, float]:
-        """Top-1 accuracy (single-label) or mAP over classes (multi-label), on the images
-        whose labels the classifier knows; empty when none does."""
+        """Top-1 accuracy (single-label: on the images whose labels the classifier knows)
+        or mAP over classes and label F1 (multi-label: on every image, one holding none of
+        the classifier's classes a negative of each); empty when no image was scored."""
         if not self.scores:
             return {}
         scores = np.stack(self.scores)
@@ -72,7 +76,8 @@ class Evaluation:
             predicted = np.zeros_like(truth)
             for row, ps in zip(predicted, self.predicted, strict=True):
                 row[list(ps)] = True
-            out["label_f1"] = label_f1(predicted, truth)
+            missed = np.array(self.missed) if len(self.missed) == len(self.labels) else None
+            out["label_f1"] = label_f1(predicted, truth, missed)
         return out
 
     def row(self) -> dict[str, float]:
@@ -112,6 +117,7 @@ class Evaluation:
                 out["predicted"] = np.zeros(out["scores"].shape, bool)
                 for row, ps in zip(out["predicted"], self.predicted, strict=True):
                     row[list(ps)] = True
+                out["missed"] = np.array(self.missed, np.int64)
         for kind, shown in self.examples.items():  # kept when empty: figure_rows counts them
             out[f"examples.{kind}"] = np.array(shown)
         return out
@@ -136,6 +142,7 @@ class Evaluation:
                 r.labels += [tuple(np.flatnonzero(row).tolist()) for row in part["labels"]]
             if "predicted" in part:
                 r.predicted += [tuple(np.flatnonzero(row).tolist()) for row in part["predicted"]]
+                r.missed += part["missed"].tolist()
             for key, shown in part.items():
                 if key.startswith("examples."):
                     r.examples.setdefault(key.removeprefix("examples."), []).extend(shown)
@@ -184,7 +191,7 @@ def evaluate(
     share = range(len(data)) if share is None else share
     binary = data.kind.binary_masks
     n_seg = data.kind.segmentation_classes(data.num_classes)
-    results, labels, values = {}, {}, {}
+    results, labels, missed, values, seg_values = {}, {}, {}, {}, {}
     for name, pipe in pipelines.items():
         results[name] = Evaluation(
             binary,
@@ -194,8 +201,12 @@ def evaluate(
         if pipe.classifier is not None:
             raw = [s.labels for s in data.samples]
             labels[name] = translate_labels(raw, data.class_names, pipe.class_names, data.aliases)
+            missed[name] = [len(r) - len(t or ()) for r, t in zip(raw, labels[name], strict=True)]
             if not binary:  # class-index masks: into the data's classes for scoring
                 values[name] = mask_values(data.class_names, pipe.class_names)
+        source = pipe.passthrough_source if pipe.segmenter is not None else None
+        if source is not None and not binary:  # a pass-through's masks are its classifier's
+            seg_values[name] = mask_values(data.class_names, source.class_names)
     starts = range(share.start, share.stop, batch_size)
     for start in tqdm(starts, desc=desc, leave=False, disable=not distributed.is_main()):
         stop = min(start + batch_size, share.stop)
@@ -210,12 +221,21 @@ def evaluate(
                 if key not in outputs:
                     outputs[key] = pipe.classify(images)
                 batch_labels = labels[name][start:stop]
-                for s, ls in zip(outputs[key][0].numpy(), batch_labels, strict=True):
+                batch_missed = missed[name][start:stop]
+                scored = zip(outputs[key][0].numpy(), batch_labels, batch_missed, strict=True)
+                for s, ls, misses in scored:
+                    if ls is None and not binary:
+                        # Multi-label: a photo of none of the classifier's classes (a
+                        # VOC photo of people alone, to the ImageNet head) is a negative of
+                        # each; leaving it out hid every class it scored high on from mAP
+                        # and label F1.
+                        ls = ()
                     if ls is not None:
                         r.scores.append(s)
                         r.labels.append(ls)
                         if not binary and pipe.refiner is not None:
                             r.predicted.append(tuple(pipe.refiner.present(s)))
+                            r.missed.append(misses)
                 if shown:  # the CAM of the first label (else of the top class) of each image
                     scores, cams = (t.numpy() for t in outputs[key][:2])
                     first = [ls[0] if ls else int(scores[k].argmax()) for k, ls in
@@ -234,6 +254,8 @@ def evaluate(
                 source = pipe.passthrough_source
                 ran = outputs.get(id(source.classifier)) if source is not None else None
                 seg = pipe.segment(images, outputs=ran)[1]
+                if seg_values.get(name) is not None:
+                    seg = seg_values[name][seg]
                 score_masks(r.segmentation, r.seg_image_iou, seg, data, start, binary)
                 r.examples.setdefault("seg", []).extend(seg[:shown])
     return results

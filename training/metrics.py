@@ -50,25 +50,35 @@ class ConfusionMatrix:
 
 def average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
     """Mean over classes of the average precision of ranking images by each class's score
-    (the multi-label classifier's metric, as VOC reports it); classes no image holds are
-    skipped."""
+    (the multi-label classifier's metric: the area under the precision-recall steps, not
+    interpolated, as scikit-learn's ``average_precision_score``); classes no image holds are
+    skipped. Images of equal score are one step, taken together: the order they were listed
+    in changes nothing."""
     aps = []
     for s, t in zip(scores.T, truth.T, strict=True):
         if not t.any():
             continue
-        hits = t[np.argsort(-s, kind="stable")]
-        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-        aps.append(float(precision[hits].mean()))
+        order = np.argsort(-s, kind="stable")
+        s, hits = s[order], t[order].astype(np.float64)
+        last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the end of each score's run
+        found = np.cumsum(hits)[last]
+        precision = found / (last + 1)
+        recalled = np.diff(np.r_[0.0, found])  # the positives each step adds
+        aps.append(float((recalled * precision).sum() / found[-1]))
     return float(np.mean(aps)) if aps else float("nan")
 
 
-def label_f1(predicted: np.ndarray, truth: np.ndarray) -> float:
+def label_f1(predicted: np.ndarray, truth: np.ndarray, missed: np.ndarray | None = None) -> float:
     """Mean over images of the F1 of the predicted class set against the true one, both
     bool [N, K] (an image with neither scores 1): how well a multi-label classifier says
-    what a photo holds at its thresholds, beside the threshold-free mAP."""
+    what a photo holds at its thresholds, beside the threshold-free mAP. ``missed`` [N]:
+    each image's true classes beyond the K (a class the classifier does not have), which
+    it cannot predict: each a miss."""
     predicted, truth = np.asarray(predicted, bool), np.asarray(truth, bool)
     if not len(truth):
         return float("nan")
     hits = (predicted & truth).sum(1)
     total = predicted.sum(1) + truth.sum(1)
+    if missed is not None:
+        total = total + np.asarray(missed)
     return float(np.mean(np.where(total > 0, 2 * hits / np.maximum(total, 1), 1.0)))

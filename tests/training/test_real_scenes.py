@@ -64,6 +64,8 @@ def test_a_classifier_that_knows_person_beats_the_imagenet_head(real_scenes, tmp
     data = load_test_set(learned, say=False)
     results = evaluate(pipes, data, 16)
     rows = {n: r.row() for n, r in results.items()}
+    # Every val photo scored, those of people alone too: negatives of the head's 19 classes.
+    assert len(results["imagenet"].scores) == len(data) == 50
 
     # Person, in most photos, ranked far above chance (its share of the photos).
     person = VOC_CLASSES.index("person")
