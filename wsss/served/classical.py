@@ -220,7 +220,7 @@ def attention_pseudo_mask(
     if not classes:
         return out
     fg = attention_mask(attention, sigma, kernel).astype(np.uint8)
-    fg = cv2.resize(fg, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+    fg = cv2.resize(fg, (w, h), interpolation=cv2.INTER_NEAREST_EXACT).astype(bool)
     if binary:
         out[fg] = 1
     else:

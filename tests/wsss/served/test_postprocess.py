@@ -140,3 +140,20 @@ def test_a_limit_below_one_image_at_the_model_size_is_refused(tmp_path):
     assert not Path(cfg.export.repository).exists() or not any(
         Path(cfg.export.repository).iterdir()
     )
+
+
+def test_a_resized_mask_takes_the_label_under_each_pixels_centre():
+    """4x smaller: output pixel i covers source pixels 4i..4i+3 and takes 4i+2, the one
+    under its centre (OpenCV's INTER_NEAREST took 4i, shifting every mask by 1.5 source
+    pixels); 4x larger, each source pixel covers its own 4 x 4 block; a round trip of a
+    photo-size mask through the model's side keeps its edges where they were."""
+    from wsss.served.images import resize_mask
+
+    row = np.arange(8, dtype=np.uint8)[None].repeat(8, 0)
+    assert resize_mask(row, (2, 2))[0].tolist() == [2, 6]
+    assert resize_mask(np.array([[1, 2]], np.uint8), (1, 8))[0].tolist() == [1] * 4 + [2] * 4
+    mask = np.zeros((375, 500), np.uint8)
+    mask[100:300, 120:380] = 1
+    back = resize_mask(resize_mask(mask, (224, 224)), (375, 500))
+    iou = ((back == 1) & (mask == 1)).sum() / ((back == 1) | (mask == 1)).sum()
+    assert iou > 0.99, iou
