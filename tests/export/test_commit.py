@@ -109,6 +109,16 @@ def test_a_commit_interrupted_before_its_first_rename_changes_nothing(tmp_path, 
 
 def test_sigint_during_a_commit_waits_for_its_last_rename(tmp_path, monkeypatch):
     """A real Ctrl-C in the middle: deferred, then delivered once the commit is done."""
+    # Python's own handler, as in a terminal: a suite started in the background (`make
+    # test &`) inherits SIGINT ignored, and nothing would be delivered.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupted_commit(tmp_path, monkeypatch)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted_commit(tmp_path, monkeypatch):
     repo, staging = _two_exports(tmp_path)
     real, renamed = os.replace, []
 
