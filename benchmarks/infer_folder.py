@@ -3,8 +3,9 @@
 Both commands run as a user would run them, against the same ``wsss_pipeline_bytes`` at the
 same concurrency: ``wsss bench --model wsss_pipeline_bytes --images FILE...`` (perf_analyzer:
 what the server gives that load) and ``wsss infer DIR --concurrency C`` with figures off
-(every photo read, sent, and its two masks written). Beside them: perf_analyzer fed the
-files' own bytes (``wsss bench`` sends each photo re-encoded as PNG), and the same folder
+(every photo read, sent, and its two masks written). Beside them: perf_analyzer called
+directly with the same files' bytes (``wsss bench --images`` sends each file as it is, as
+``wsss infer`` does: the two rows should agree), and the same folder
 through tritonclient's gRPC ``async_infer`` (the other way ``wsss infer`` could keep
 requests in flight). The order turns round every other round, so a neighbour's load on a
 shared machine falls on all of them; the report gives each round and the medians' ratios.
@@ -39,8 +40,8 @@ from wsss.config import Config, load_config
 from wsss.tensors import PIPELINE_BYTES
 
 PHOTOS = str(SHARED_PETS / "images")
-BENCH = "wsss bench (perf_analyzer; photos re-encoded as PNG)"
-OWN_BYTES = "perf_analyzer, the files' own bytes"
+BENCH = "wsss bench (perf_analyzer; the files' own bytes)"
+OWN_BYTES = "perf_analyzer called directly, the same bytes"
 INFER = "wsss infer DIR"
 ASYNC = "gRPC async_infer, one client (the alternative)"
 
@@ -126,8 +127,8 @@ def bench_rate(url: str, files: list[Path], concurrency: int, window: list[str])
 
 
 def own_bytes_rate(url: str, files: list[Path], settings: PerfSettings, work: Path) -> Measured:
-    """perf_analyzer fed the very bytes ``wsss infer`` sends (``wsss bench --images``
-    decodes each photo and sends it re-encoded as PNG: larger, and slower to decode)."""
+    """perf_analyzer fed the very bytes ``wsss infer`` sends, called here rather than through
+    ``wsss bench --images`` (which sends the same bytes: a check on the CLI between)."""
     spec = PipelineClient(url, "grpc", PIPELINE_BYTES).all_specs[PIPELINE_BYTES]
     (r,) = run_perf_analyzer(spec, url, "grpc", settings, [f.read_bytes() for f in files], work)
     return Measured(OWN_BYTES, 0, r.throughput, "" if r.stable else "unstable")
@@ -250,9 +251,9 @@ def report(rows: list[Measured], load: tuple[float, float], args, served: str, c
         f"wsss infer {args.images} --concurrency {args.concurrency} --no-figures --out OUT",
         "```",
         "",
-        "`wsss bench --images` decodes each photo and sends it re-encoded as PNG (about four "
-        "times the bytes of the JPEG, and slower for the server to decode); "
-        f"{OWN_BYTES} sends what `wsss infer` sends. `wsss infer`'s images/s runs from its "
+        "`wsss bench --images` sends each file's own bytes, as `wsss infer` does; "
+        f"the row '{OWN_BYTES}' checks the CLI in between. "
+        "`wsss infer`'s images/s runs from its "
         "first request to its last file written; the whole command's (Python's start, the "
         "server's metadata) is noted beside it. unstable: perf_analyzer found no window "
         f"within {args.stability}% of the others; its last trial's figure.",
