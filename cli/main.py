@@ -492,8 +492,8 @@ LEVELSET_STUDY = (
         "--merge",
         nargs="+",
         metavar="DIR",
-        help="studies already run (their evaluate.out, one per training seed) -> mean ± std "
-        "per row in <evaluate.out>/levelset_seeds.md",
+        help="studies already run (their evaluate.out, one per training seed) -> mean ± "
+        "population std per row in <evaluate.out>/levelset_seeds.md",
     ),
 )
 STUDIES = (

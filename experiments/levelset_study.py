@@ -206,7 +206,8 @@ def merge_studies(folders: list[str | Path], out: str | Path) -> str:
             if all(v is not None and s is not None for v, s in pairs):
                 row["gain_points"] = [round(100 * (v - s), 1) for v, s in pairs]
     lines = [
-        f"Mean ± std over {len(folders)} studies ({', '.join(str(f) for f in folders)}).",
+        f"Mean ± population std over {len(folders)} studies "
+        f"({', '.join(str(f) for f in folders)}).",
         "",
         "| group | refiner | "
         + " | ".join(MERGED[k] for k in keys)

@@ -345,7 +345,7 @@ def photo_study(cfg: Config) -> str:
         r = build_refiner(parse_refiner(spec, cfg.refine), multi)
         pipes[r.name] = Pipeline(classifier, None, r)
     results = evaluate(pipes, data, 1, 0, "photos")
-    truth = data.masks[0]
+    truth = data.full_mask(0)  # at the photo's own resolution, as the refiners are scored
     index = {n: data.class_names.index(n) + 1 for n in scored}
     valid = (truth != 255).sum()
     rows = [{"refiner": "whole image (reference)"}]
