@@ -61,9 +61,10 @@ def served_quality(
                 pseudo, seg = values[pseudo], values[seg]
             score_masks(result.pseudo, result.pseudo_image_iou, pseudo, data, i, binary)
             score_masks(result.segmentation, result.seg_image_iou, seg, data, i, binary)
-            if labels[i] is not None:
+            held = () if labels[i] is None and not binary else labels[i]  # as evaluate()
+            if held is not None:
                 result.scores.append(out[SCORES][0])
-                result.labels.append(labels[i])
+                result.labels.append(held)
             result.images += 1
     seconds = time.perf_counter() - started
     for c in (client, *forks):
