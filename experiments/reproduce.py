@@ -574,7 +574,8 @@ def render(report: dict) -> str:
         if b["best"]:
             best = b["best"]
             lines += [
-                f"Best weakly supervised: {best['segmenter']} on {best['source']} "
+                f"Highest weakly supervised row on the test split (the table's summary, "
+                f"chosen by nothing): {best['segmenter']} on {best['source']} "
                 f"({key} {best[f'seg_{key}']:.3f}).",
                 "",
             ]

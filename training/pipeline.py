@@ -304,7 +304,9 @@ def resolved_refine(cfg, meta: dict):
     thresholds = meta.get("score_thresholds")
     if not (cfg.classifier.threshold_folds and thresholds):
         return cfg.refine
-    return dataclasses.replace(cfg.refine, score_threshold=list(thresholds))
+    # At most 1 (earlier runs chose cuts just above it): a labelled class, refined as a
+    # score of 1, must pass its cut.
+    return dataclasses.replace(cfg.refine, score_threshold=[min(t, 1.0) for t in thresholds])
 
 
 def check_tiles(cfg, net: CAMClassifier, source: Path) -> None:

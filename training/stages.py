@@ -258,7 +258,11 @@ def label_thresholds(scores: np.ndarray, truth: np.ndarray, passes: int = 2) -> 
     for _ in range(passes):
         for c in range(scores.shape[1]):
             values = np.unique(scores[:, c])
-            for t in np.concatenate([(values[:-1] + values[1:]) / 2, [values[-1] + 1e-6]]):
+            # Above every score (the class never present), yet at most 1: a photo's labels
+            # are refined as scores of 1, which must pass every cut (a cut of 1 + 1e-6 after
+            # a saturated false positive dropped the class from its labelled photos' masks).
+            never = min(values[-1] + 1e-6, 1.0)
+            for t in np.concatenate([(values[:-1] + values[1:]) / 2, [never]]):
                 trial = cuts.copy()
                 trial[c] = t
                 f1 = _label_f1(scores, trial, truth)

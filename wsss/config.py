@@ -144,8 +144,9 @@ class RefineConfig:
     crf_spatial: float = 50.0
     crf_colour: float = 13.0
     crf_weight: float = 10.0
-    # GrabCut seeds: CAM above sure_foreground is fixed foreground, below sure_background
-    # fixed background; between them the threshold's verdict is only "probable".
+    # GrabCut seeds: CAM at or above sure_foreground inside the thresholded mask is fixed
+    # foreground, at or below sure_background outside it fixed background; everywhere else
+    # the threshold's verdict is only "probable".
     sure_foreground: float = 0.8
     sure_background: float = 0.05
     # vit: no CAM at all, the foreground of a pretrained ViT's attention (paper 000's open
@@ -204,6 +205,18 @@ class RefineConfig:
                     f"refine.{name} {side}: a multiple of the ViT's {VIT_PATCH} px patch, "
                     f"at least {VIT_PATCH * 4}"
                 )
+        cuts = (
+            self.score_threshold
+            if isinstance(self.score_threshold, list)
+            else [self.score_threshold]
+        )
+        if not cuts or not all(0 <= t <= 1 for t in [*cuts, self.min_score]):
+            # Scores are probabilities; a photo's labels are refined as scores of 1, which
+            # a cut above 1 would drop.
+            raise ConfigError(
+                f"refine.score_threshold {self.score_threshold}, min_score {self.min_score}: "
+                "scores in [0, 1]"
+            )
         if not self.vit_layers or any(layer < 0 for layer in self.vit_layers):
             raise ConfigError(f"refine.vit_layers {self.vit_layers}: one or more layers, 0-based")
         if self.walk_layer < 0 or self.walk_steps < 1 or self.walk_beta <= 0:

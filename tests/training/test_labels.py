@@ -108,6 +108,39 @@ def test_label_thresholds_beat_any_flat_threshold_on_mixed_scales():
     assert f1(cuts) > max(f1(t) for t in np.linspace(0, 1, 101)) + 0.1
 
 
+def test_a_class_never_worth_predicting_still_passes_on_its_labels():
+    """Class 2's highest scores are saturated false positives, so cross-validation keeps it
+    from ever being predicted: its cut stays at most 1, and a photo labelled with it (its
+    labels refined as scores of 1) still gets its mask. A cut of 1 + 1e-6 dropped it."""
+    from training.pipeline import resolved_refine
+    from training.stages import label_thresholds
+    from wsss.config import load_config
+
+    scores = np.array(
+        [
+            [0.99, 0.10, 0.9999995],
+            [0.95, 0.20, 0.9999993],
+            [0.10, 0.97, 0.30],
+            [0.20, 0.96, 0.20],
+            [0.10, 0.20, 0.95],
+            [0.15, 0.10, 0.90],
+            [0.90, 0.85, 0.10],
+            [0.10, 0.10, 0.80],
+        ],
+        np.float32,
+    )
+    truth = np.zeros_like(scores, bool)
+    for row, ls in zip(truth, [[0], [0], [1], [1], [2], [2], [0, 1], [2]], strict=True):
+        row[ls] = True
+    cuts = label_thresholds(scores, truth)
+    assert cuts.max() <= 1.0 and cuts[2] > 0.99
+    assert present_classes(np.array([1.0, 0.0, 1.0]), True, cuts) == [0, 2]
+    # A checkpoint from before keeps working: its cuts are read at most 1.
+    cfg = load_config(None, ["classifier.threshold_folds=3"])
+    refine = resolved_refine(cfg, {"score_thresholds": [0.4, 0.4, 1.0000005]})
+    assert present_classes(np.array([1.0, 0.0, 1.0]), True, refine.score_threshold) == [0, 2]
+
+
 def test_label_f1_and_the_class_counts():
     from training.metrics import ConfusionMatrix, label_f1
 
