@@ -75,9 +75,22 @@ def served_quality(
         "class_names": names,
         "images": len(data),
         "labelled_images": len(result.scores),
+        "multi_label": not binary,
         "images_per_second": len(data) / seconds,
     }
     return result, meta
+
+
+def scored(meta: dict) -> str:
+    """Which photos the classification scores cover."""
+    names = ", ".join(meta["class_names"])
+    if meta.get("multi_label"):
+        return (
+            f"mAP and label F1 on all {meta['images']} (a photo of none of the server's "
+            f"classes, {names}, a negative of each)"
+        )
+    known = meta["labelled_images"]
+    return f"accuracy on the {known} whose labels the server's classes ({names}) name"
 
 
 def report(result: Evaluation, meta: dict, label: str) -> str:
@@ -86,8 +99,7 @@ def report(result: Evaluation, meta: dict, label: str) -> str:
     text = markdown_table([row], ["served"])
     return text + (
         f"\n{meta['images']} photos sent as their files to {PIPELINE_BYTES} at {meta['url']} "
-        f"({meta['protocol']}); accuracy on the {meta['labelled_images']} whose labels the "
-        f"server's classes ({', '.join(meta['class_names'])}) name; "
+        f"({meta['protocol']}); {scored(meta)}; "
         f"{meta['images_per_second']:.1f} images/s. Masks scored at each photo's resolution; "
         "pseudo-mask = PSEUDO_MASK_FULL, segmenter = SEGMENTATION_FULL.\n"
     )

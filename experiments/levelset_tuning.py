@@ -137,7 +137,7 @@ def write_cv_report(
         f"({images} photos; each fold's level set trained on the other folds, scored on its "
         f"own held-out photos against their ground truth; one classifier, `{cfg.runs}`). "
         "IoU pooled over each fold's pixels at the photos' resolution, then the mean and "
-        "spread (std) over the folds; per image: the mean of each photo's own IoU.",
+        "population std (ddof 0) over the folds; per image: the mean of each photo's own IoU.",
         "",
         "| variant | overrides | IoU | per image | each fold | refine ms/image |",
         "|---|---|---:|---:|---|---:|",

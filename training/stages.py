@@ -239,20 +239,23 @@ def _fit_classifier(cfg, model, data, tr, va, meta, out, finish: bool = True) ->
     return _train(cfg, model, train, val, loss, meta, out=out, finish=finish)
 
 
-def _label_f1(scores: np.ndarray, cuts: np.ndarray, truth: np.ndarray) -> float:
-    """The label F1 of what the refiner takes as present at ``cuts`` (its graph form)."""
+def _label_f1(scores: np.ndarray, cuts: np.ndarray, truth: np.ndarray, missed=None) -> float:
+    """The label F1 of what the refiner takes as present at ``cuts`` (its graph form), as
+    ``wsss evaluate`` scores it (``missed``: each photo's classes the classifier lacks)."""
     present = present_classes_mask(torch.from_numpy(scores), True, cuts).numpy()
-    return label_f1(present, truth)
+    return label_f1(present, truth, missed)
 
 
-def label_thresholds(scores: np.ndarray, truth: np.ndarray, passes: int = 2) -> np.ndarray:
+def label_thresholds(
+    scores: np.ndarray, truth: np.ndarray, passes: int = 2, missed: np.ndarray | None = None
+) -> np.ndarray:
     """Per-class score thresholds that maximise the mean per-image label F1 (what the
     reports give) of ``scores`` [N, K] against ``truth`` (bool): the best single threshold
     first, then each class's own by coordinate ascent, a class at a time, cutting halfway
     between two of its scores; a class moves only when the F1 rises. Classes of different
     scales (softmax masses beside sigmoids) each get their own cut."""
     candidates = np.unique(np.quantile(scores, np.linspace(0, 1, 101)))
-    flat = [_label_f1(scores, np.full(scores.shape[1], t), truth) for t in candidates]
+    flat = [_label_f1(scores, np.full(scores.shape[1], t), truth, missed) for t in candidates]
     cuts = np.full(scores.shape[1], candidates[int(np.argmax(flat))])
     best = max(flat)
     for _ in range(passes):
@@ -265,7 +268,7 @@ def label_thresholds(scores: np.ndarray, truth: np.ndarray, passes: int = 2) -> 
             for t in np.concatenate([(values[:-1] + values[1:]) / 2, [never]]):
                 trial = cuts.copy()
                 trial[c] = t
-                f1 = _label_f1(scores, trial, truth)
+                f1 = _label_f1(scores, trial, truth, missed)
                 if f1 > best + 1e-9:
                     best, cuts = f1, trial
     return cuts
@@ -309,9 +312,14 @@ def choose_thresholds(
                 idx = held[start : start + cfg.train.batch_size]
                 scores[idx] = served(torch.from_numpy(data.images[idx]))[0].numpy()
     truth = np.zeros(scores.shape, bool)
-    for row, labels in zip(truth, data_labels(data, meta["class_names"]), strict=True):
-        row[list(labels or ())] = True
-    cuts = label_thresholds(scores, truth)
+    labels = data_labels(data, meta["class_names"])
+    for row, known in zip(truth, labels, strict=True):
+        row[list(known or ())] = True
+    # Each photo's classes the classifier has no class for (person, to an ImageNet head):
+    # misses in the label F1 whatever the cuts, as evaluate counts them.
+    pairs = zip(data.samples, labels, strict=True)
+    missed = np.array([len(s.labels) - len(known or ()) for s, known in pairs])
+    cuts = label_thresholds(scores, truth, missed=missed)
     thresholds = [float(t) for t in cuts]
     path = path or Path(cfg.runs) / "classifier" / "best.pt"
     if distributed.is_main():
@@ -320,7 +328,7 @@ def choose_thresholds(
         ckpt["meta"]["threshold_cv"] = {
             "folds": folds if kwargs is not None else 0,
             "images": len(data),
-            "label_f1": round(_label_f1(scores, cuts, truth), 4),
+            "label_f1": round(_label_f1(scores, cuts, truth, missed), 4),
             "positives": truth.sum(0).tolist(),
         }
         save_checkpoint(ckpt, path)

@@ -100,8 +100,9 @@ class ClassifierConfig:
     def __post_init__(self):
         if self.output_stride not in (16, 32):
             raise _KeyError(f"output_stride {self.output_stride}: 16 or 32")
-        if self.threshold_folds < 0 or self.threshold_folds == 1:
-            raise _KeyError(f"threshold_folds {self.threshold_folds}: 0 (off) or at least 2")
+        # 1 is one pass over every photo where no class is learned (nothing to hold out);
+        # a learned class needs 2 or more, which its stage says.
+        at_least(self, "threshold_folds", 0)
         if not 0 <= self.tiles < 1:
             raise _KeyError(f"tiles {self.tiles}: 0 (off) or a fraction of the side below 1")
 
@@ -197,12 +198,12 @@ class RefineConfig:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ConfigError(f"refine.method {self.method!r}: one of {', '.join(METHODS)}")
+            raise _KeyError(f"method {self.method!r}: one of {', '.join(METHODS)}")
         for name in ("saliency_size", "walk_side"):
             side = getattr(self, name)
             if side < VIT_PATCH * 4 or side % VIT_PATCH:
-                raise ConfigError(
-                    f"refine.{name} {side}: a multiple of the ViT's {VIT_PATCH} px patch, "
+                raise _KeyError(
+                    f"{name} {side}: a multiple of the ViT's {VIT_PATCH} px patch, "
                     f"at least {VIT_PATCH * 4}"
                 )
         cuts = (
@@ -213,15 +214,15 @@ class RefineConfig:
         if not cuts or not all(0 <= t <= 1 for t in [*cuts, self.min_score]):
             # Scores are probabilities; a photo's labels are refined as scores of 1, which
             # a cut above 1 would drop.
-            raise ConfigError(
-                f"refine.score_threshold {self.score_threshold}, min_score {self.min_score}: "
+            raise _KeyError(
+                f"score_threshold {self.score_threshold}, min_score {self.min_score}: "
                 "scores in [0, 1]"
             )
         if not self.vit_layers or any(layer < 0 for layer in self.vit_layers):
-            raise ConfigError(f"refine.vit_layers {self.vit_layers}: one or more layers, 0-based")
+            raise _KeyError(f"vit_layers {self.vit_layers}: one or more layers, 0-based")
         if self.walk_layer < 0 or self.walk_steps < 1 or self.walk_beta <= 0:
-            raise ConfigError(
-                f"refine.walk_layer {self.walk_layer}, walk_steps {self.walk_steps}, walk_beta "
+            raise _KeyError(
+                f"walk_layer {self.walk_layer}, walk_steps {self.walk_steps}, walk_beta "
                 f"{self.walk_beta}: walk_layer >= 0, walk_steps >= 1 and walk_beta > 0"
             )
 

@@ -60,10 +60,14 @@ def test_int_is_accepted_for_float():
         ("refine.score_threshold=1.5", r"refine.score_threshold 1.5, .*: scores in \[0, 1\]"),
         ("refine.score_threshold=[0.2,-1]", r"score_threshold \[0.2, -1.0\]"),
         ("refine.min_score=2", r"min_score 2.0: scores in \[0, 1\]"),
-        ("classifier.threshold_folds=1", "classifier.threshold_folds 1: 0 \\(off\\) or at least 2"),
+        ("classifier.threshold_folds=-1", "classifier.threshold_folds -1: at least 0"),
         ("classifier.tiles=1.5", "classifier.tiles 1.5: 0 \\(off\\) or a fraction"),
         ("refine.vit_layers=[]", r"refine.vit_layers \[\]: one or more layers"),
         ("refine.vit_layers=[-1]", r"refine.vit_layers \[-1\]: one or more layers, 0-based"),
+        # a refiner's keys named by the section they are in: export.refine is one too
+        ("export.refine.vit_layers=[]", r"^export.refine.vit_layers \[\]: one or more"),
+        ("export.refine.walk_steps=0", r"^export.refine.walk_layer 8, walk_steps 0"),
+        ("export.refine.method=magic", r"^export.refine.method 'magic': one of"),
         ("segmenter.dice=-0.5", "segmenter.dice -0.5: a weight, 0 \\(off\\) or above"),
         ("export.lock_wait_seconds=-2", "export.lock_wait_seconds -2.0: 0 or more seconds"),
     ],
@@ -199,3 +203,11 @@ def test_old_study_settings_become_refiners(tmp_path):
     saved = tmp_path / "config.yaml"
     saved.write_text("evaluate:\n  thresholds: [otsu]\n  grabcut: [false, true]\n")
     assert load_config(saved).evaluate.refiners == ["otsu", "otsu+grabcut"]
+
+
+def test_one_threshold_fold_is_one_pass_where_no_class_is_learned():
+    """classifier.threshold_folds 1: an ImageNet head's thresholds from one pass over the
+    training photos (nothing it learns to hold out), so it loads; its stage refuses it for
+    a learned class."""
+    cfg = load_config(None, ["classifier.threshold_folds=1"])
+    assert cfg.classifier.threshold_folds == 1
