@@ -48,7 +48,9 @@ def combine(foregrounds: dict[int, np.ndarray], cams: np.ndarray, binary: bool) 
 
 
 def otsu_threshold(values: np.ndarray, nbins: int = 256) -> float:
-    """Otsu's threshold of a float map's histogram: ``skimage.filters.threshold_otsu``."""
+    """Otsu's threshold of a float map's histogram: ``skimage.filters.threshold_otsu``'s
+    algorithm, written out because the serving images do not install scikit-image (on a
+    float32 map a tie between two bins may fall the other way: one bin apart)."""
     values = np.asarray(values).ravel()
     if np.all(values == values[0]):
         return float(values[0])
