@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import distance_transform_edt
 from torch import nn
 
 from training.levelset.energy import (
@@ -31,6 +32,7 @@ from training.models.classifier import CAMClassifier
 from training.models.common import Normalize
 from wsss.config import LevelSetConfig
 from wsss.errors import InputError
+from wsss.palette import IGNORE
 
 
 @dataclass
@@ -82,10 +84,17 @@ class LevelSetModel(nn.Module):
 def sdf_targets(masks: np.ndarray, num_classes: int, clip: float) -> np.ndarray:
     """float32 [B, K, H, W]: the SDF of each class's region of class-index masks (c + 1).
 
-    Classes absent from a mask get +1 everywhere: entirely outside.
+    Classes absent from a mask get +1 everywhere: entirely outside. Pixels in doubt (255)
+    take the label of the nearest pixel that has one, so the distances around them are
+    their region's (counted as outside, a doubt inside an object thinned it); the loss
+    leaves them out.
     """
     out = np.ones((len(masks), num_classes) + masks.shape[1:], np.float32)
     for b, mask in enumerate(masks):
+        doubt = mask == IGNORE
+        if doubt.any() and not doubt.all():
+            _, (rows, cols) = distance_transform_edt(doubt, return_indices=True)
+            mask = mask[rows, cols]
         for value in np.unique(mask):
             if 1 <= value <= num_classes:
                 out[b, value - 1] = signed_distance(mask == value, clip)
@@ -117,8 +126,8 @@ class LevelSetLoss:
     ) -> torch.Tensor:
         """Eq 24 per image and class, averaged over the classes each image holds.
 
-        Absent classes have nothing to segment; their level sets are held outside by the
-        MSE term and the mask reading ignores them, so the energy does not pull on them.
+        Absent classes have nothing to segment and the mask reading ignores them, so no
+        term trains their level sets (neither this one nor the MSE's).
         The photo terms beside the paper's (each off at its default): the image term in
         Lab (``colour``), an edge-stopping length term (``edge``), and a region term
         towards the seed masks (``seed_energy``).
@@ -152,7 +161,11 @@ class LevelSetLoss:
             # Eq 25 over the classes each image holds: absent classes' level sets are never
             # read, and their all-outside targets would outnumber the real ones K to 1.
             sdf = torch.from_numpy(sdf_targets(seeds.cpu().numpy(), self.k, self.clip))
-            err = ((out.phi0 - sdf.to(out.phi0.device)) ** 2).mean((-2, -1))
+            # Over the pixels the seed decides: one in doubt (255, saliency_doubt: ignore,
+            # or a photo with no mask at all) teaches nothing, as the seed term has it.
+            known = (seeds != IGNORE).to(out.phi0.device, out.phi0.dtype)[:, None]
+            err = ((out.phi0 - sdf.to(out.phi0.device)) ** 2 * known).sum((-2, -1))
+            err = err / known.sum((-2, -1)).clamp_min(1)
             p = present.float()
             terms["mse"] = (err * p).sum() / p.sum().clamp_min(1)
             loss = loss + cfg.lambda_mse * terms["mse"]

@@ -108,6 +108,30 @@ def test_sdf_targets_per_class():
     assert (t[0, 0] == 1).all() and (t[1] == 1).all()  # absent: entirely outside
 
 
+def test_pixels_in_doubt_teach_the_level_set_nothing():
+    """A block in doubt (255) inside an object: its SDF targets are the object's (inside,
+    not outside), and the MSE does not read them: any phi0 there costs nothing."""
+    from types import SimpleNamespace
+
+    masks = np.zeros((1, 32, 32), np.uint8)
+    masks[0, 6:26, 6:26] = 1
+    masks[0, 12:20, 12:20] = 255
+    t = sdf_targets(masks, 1, clip=3.2)  # levelset.sdf_clip 0.1 of the 32 px side
+    whole = masks.copy()
+    whole[0, 12:20, 12:20] = 1
+    np.testing.assert_array_equal(t, sdf_targets(whole, 1, clip=3.2))
+    assert t[0, 0, 16, 16] == -1  # deep inside; it read +0.8 (outside) before
+    loss = LevelSetLoss(LevelSetConfig(lambda_energy=0.0), 1, True, 32)
+    seeds, labels = torch.from_numpy(masks).long(), torch.ones(1, 1)
+    phi0 = torch.from_numpy(t).clone()
+    out = SimpleNamespace(phi0=phi0, phi=phi0)
+    assert loss(out, (seeds, labels)) == 0
+    phi0[0, 0, 12:20, 12:20] = 1.0  # anything at all where the seed is in doubt
+    assert loss(out, (seeds, labels)) == 0
+    phi0[0, 0, 8, 8] = 1.0  # where it is not, a cost
+    assert loss(out, (seeds, labels)) > 0
+
+
 def test_weighted_energy_equals_materialised_form():
     torch.manual_seed(0)
     phi = torch.randn(2, 3, 12, 12, dtype=torch.float64)
