@@ -63,4 +63,10 @@ class DenseCRF:
         rgb = np.ascontiguousarray(image[..., :3], np.uint8)
         crf.addPairwiseBilateral(sxy=self.spatial, srgb=self.colour, rgbim=rgb, compat=self.weight)
         q = np.asarray(crf.inference(self.iterations)).reshape(2, h, w)
-        return q[1] > q[0]
+        refined = q[1] > q[0]
+        # The class is there (its label, or its score, says so): where the smoothing votes
+        # all of it to background (a seed under half of a same-coloured object), the seed
+        # is kept rather than the class lost. On the 150 training photos of
+        # configs/coco_voc.yaml this happened to 3 of 253 classes (pseudo-mask mIoU 0.3535
+        # -> 0.3539).
+        return refined if refined.any() or not init.any() else init

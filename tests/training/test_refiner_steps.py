@@ -245,3 +245,33 @@ def test_saliency_is_built_from_config_with_its_follow_ups():
         assert isinstance(refiner, SaliencyRefiner) and refiner.name == name
     with pytest.raises(ValueError, match="saliency_doubt"):
         build_refiner(RefineConfig(method="saliency", saliency_doubt="maybe"), False)
+
+
+def test_the_dense_crf_snaps_to_the_object_and_never_erases_a_class():
+    """A red square on green, its seed a CAM blob off its centre: the CRF moves the mask
+    onto the square; a seed under half of the square, which the CRF's smoothing votes to
+    background whole at the defaults, is kept rather than the class lost."""
+    pytest.importorskip("pydensecrf.densecrf")
+    from training.crf import DenseCRF
+
+    rng = np.random.default_rng(0)
+    image = np.zeros((96, 96, 3), np.uint8)
+    image[...] = (40, 160, 40)
+    square = np.zeros((96, 96), bool)
+    square[30:70, 20:60] = True
+    image[square] = (200, 30, 30)
+    image = np.clip(image + rng.normal(0, 10, image.shape), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:96, :96]
+    cam = np.exp(-(((yy - 52) / 18) ** 2 + ((xx - 45) / 18) ** 2))
+    cam = (cam - cam.min()) / (cam.max() - cam.min())
+
+    def iou(mask):
+        return (mask & square).sum() / (mask | square).sum()
+
+    shifted = np.zeros_like(square)
+    shifted[34:74, 26:66] = True  # the square moved by a few pixels
+    assert iou(DenseCRF()(image, cam, shifted)) > iou(shifted) + 0.2
+    small = cam >= 0.5  # under half of the square
+    kept = DenseCRF()(image, cam, small)
+    assert kept.any() and np.array_equal(kept, small)
+    assert not DenseCRF()(image, cam, np.zeros_like(square)).any()  # nothing stays nothing
