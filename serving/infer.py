@@ -626,12 +626,14 @@ def prediction(
         for value, count in zip(values.tolist(), counts[values].tolist(), strict=True):
             if value == 0:
                 label = "background"
-            elif binary:
+            elif binary and value == 1:
                 label = names[present[0]] if present else names[int(scores.argmax())]
-            else:
-                label = names[value - 1] if value - 1 < k else f"value {value}"
-            share[label] = round(count / mask.size, 6)
-        shares[what] = share
+            elif not binary and value - 1 < k:
+                label = names[value - 1]
+            else:  # not a class (no served refiner writes one): named by its value
+                label = f"value {value}"
+            share[label] = share.get(label, 0) + count
+        shares[what] = {label: round(n / mask.size, 6) for label, n in share.items()}
     return {
         "classes": [{"class": names[c], "score": float(scores[c])} for c in present],
         "scores": {names[c]: float(scores[c]) for c in range(k)},

@@ -123,6 +123,12 @@ def test_a_prediction_names_the_classes_present_at_the_served_thresholds():
     binary = {"pseudo_mask": (mask > 0).astype(np.uint8)}
     record = prediction(scores, binary, names, single, binary=True)
     assert record["mask_share"]["pseudo_mask"] == {"background": 0.375, "cat": 0.625}
+    # A value that is no class (255, which no served refiner writes) is named by its value,
+    # not given the foreground's name over the foreground's own share.
+    odd = (mask > 0).astype(np.uint8)
+    odd[0, 0] = 255
+    shares = prediction(scores, {"pseudo_mask": odd}, names, single, binary=True)["mask_share"]
+    assert shares["pseudo_mask"] == {"background": 0.25, "cat": 0.625, "value 255": 0.125}
     # An export without the served thresholds: the classes the pseudo-mask holds.
     record = prediction(scores, {"pseudo_mask": mask[:, :3]}, names, None)
     assert [c["class"] for c in record["classes"]] == ["cat", "dog"]
