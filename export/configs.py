@@ -54,13 +54,14 @@ def io_names(spec: ModelSpec, fmt: str) -> dict[str, str]:
     return names | {t.name: f"{t.name}__{i}" for i, t in enumerate(spec.outputs)}
 
 
-def _dtype(t: TensorSpec) -> int:
+def data_type(t: TensorSpec) -> int:
+    """The config.pbtxt enum of a tensor's dtype (bytes: TYPE_STRING, as Triton spells it)."""
     return getattr(mc, "TYPE_STRING" if t.dtype == "bytes" else f"TYPE_{t.triton_dtype}")
 
 
 def _tensors(specs, cls, names, labelled=False):
     """Config tensors; with ``labelled``, outputs of one value per class name their labels."""
-    out = [cls(name=names[t.name], data_type=_dtype(t), dims=list(t.shape)) for t in specs]
+    out = [cls(name=names[t.name], data_type=data_type(t), dims=list(t.shape)) for t in specs]
     for tensor, t in zip(out, specs, strict=True):
         if labelled and t.labelled:
             tensor.label_filename = LABELS_FILE
@@ -155,7 +156,7 @@ def warmup(spec: ModelSpec, names: dict[str, str], max_batch_size: int = 1) -> m
     w = mc.ModelWarmup(name="generated_sample", batch_size=batch)
     for t in spec.inputs:
         entry = w.inputs[names[t.name]]
-        entry.data_type = _dtype(t)
+        entry.data_type = data_type(t)
         entry.dims.extend([d if d > 0 else 1 for d in t.shape])
         if _file_input(t):
             entry.input_data_file = t.name

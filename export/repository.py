@@ -32,6 +32,7 @@ from export.configs import (
     FORMATS,
     PYTHON_MODELS,
     build_configs,
+    data_type,
     io_names,
     labelled,
     model_format,
@@ -72,6 +73,7 @@ from wsss.served.classical import (
 )
 from wsss.served.registry import RefinerSpec
 from wsss.tensors import (
+    CLASS_NAMES,
     CLASSIFIER,
     ENSEMBLES,
     IMAGE,
@@ -194,7 +196,7 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
             "multi_label": str(multi_label).lower(),
         }
     version = next_version(repo)
-    changed = _changed_tensors(repo, specs, cfg.export, network_refiner)
+    changed = _changed_tensors(repo, specs, cfg.export, network_refiner, names)
     keep = {
         n: servable_versions(
             repo,
@@ -546,17 +548,25 @@ def servable_versions(
 
 
 def _changed_tensors(
-    repo: Path, specs: dict[str, ModelSpec], settings, network_refiner: bool
+    repo: Path,
+    specs: dict[str, ModelSpec],
+    settings,
+    network_refiner: bool,
+    class_names: Sequence[str] | None = None,
 ) -> list[str]:
     """The served models whose tensors this export changes (another refiner kind, another
-    format): a polling server reloads each and the ensembles stepping through it one after
-    the other, so requests in flight in between may be refused (INVALID_ARGUMENT)."""
+    format, another dtype) or whose classes it names otherwise (another profile's classes,
+    as many): a polling server reloads each and the ensembles stepping through it one after
+    the other, so requests in flight in between may be refused (INVALID_ARGUMENT); and the
+    new config, which Triton serves every version under, would misname an older one."""
     return [
         n
         for n, spec in specs.items()
         if n not in ENSEMBLES
         and (repo / n / "config.pbtxt").is_file()
-        and not _same_tensors(repo / n, spec, model_format(n, settings, network_refiner))
+        and not _same_tensors(
+            repo / n, spec, model_format(n, settings, network_refiner), class_names
+        )
     ]
 
 
@@ -564,17 +574,21 @@ def _warn_changed_tensors(changed: list[str]) -> None:
     """Say so, once the export is committed, where it changed a served model's tensors."""
     if changed:
         print(
-            f"wsss export: the tensors of {', '.join(changed)} change: a running server "
-            "reloads them and the ensembles apart, and may refuse requests in flight in "
-            "between (INVALID_ARGUMENT, for a fraction of a second); a re-export that keeps "
-            "the tensors (a retrained model) swaps without failing a request",
+            f"wsss export: the tensors or classes of {', '.join(changed)} change (their "
+            "older versions are no longer served): a running server reloads them and the "
+            "ensembles apart, and may refuse requests in flight in between (INVALID_ARGUMENT, "
+            "for a fraction of a second); a re-export that keeps the tensors and classes (a "
+            "retrained model) swaps without failing a request",
             file=sys.stderr,
             flush=True,
         )
 
 
-def _same_tensors(folder: Path, spec: ModelSpec, fmt: str) -> bool:
-    """Whether the config on disk in ``folder`` (if any) has ``spec``'s tensors."""
+def _same_tensors(
+    folder: Path, spec: ModelSpec, fmt: str, class_names: Sequence[str] | None = None
+) -> bool:
+    """Whether the config on disk in ``folder`` (if any) has ``spec``'s tensors (names,
+    shapes, dtypes) and, where it names its classes, ``class_names``."""
     path = folder / "config.pbtxt"
     if not path.is_file():
         return True
@@ -583,8 +597,14 @@ def _same_tensors(folder: Path, spec: ModelSpec, fmt: str) -> bool:
     except ParseError:
         return False
     names = io_names(spec, fmt)
-    on_disk = sorted((t.name, tuple(t.dims)) for t in [*old.input, *old.output])
-    return on_disk == sorted((names[t.name], t.shape) for t in spec.inputs + spec.outputs)
+    on_disk = sorted((t.name, tuple(t.dims), t.data_type) for t in [*old.input, *old.output])
+    wanted = sorted((names[t.name], t.shape, data_type(t)) for t in spec.inputs + spec.outputs)
+    if on_disk != wanted:
+        return False
+    named = old.parameters.get(CLASS_NAMES)
+    return (
+        named is None or class_names is None or json.loads(named.string_value) == list(class_names)
+    )
 
 
 _PROJECT_IMPORT = re.compile(

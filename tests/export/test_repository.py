@@ -184,7 +184,9 @@ def test_a_refiner_that_now_reads_the_vit_serves_only_its_new_version(tmp_path, 
     saliency = random_export_cfg(tmp_path, "refine.method=saliency")
     result = export_repository(saliency)
     # A running server would swap the refiner apart from the ensembles: export says so.
-    assert "the tensors of refiner change" in capsys.readouterr().err
+    assert (
+        "the tensors or classes of refiner change (their older versions" in capsys.readouterr().err
+    )
     repo = Path(cfg.export.repository)
     assert result.version == 2 and _versions(repo, "refiner") == [2]
     assert _versions(repo, "classifier") == [1, 2] and _versions(repo, "vit") == [2]
@@ -393,3 +395,23 @@ def test_a_training_only_refiner_is_refused_and_another_served(tmp_path):
     walk = random_export_cfg(tmp_path, "refine.method=walk+crf")
     with pytest.raises(ExportError, match="crf makes training pseudo-masks only.*e.g. walk$"):
         export_repository(walk)
+
+
+def test_a_reexport_naming_other_classes_serves_only_its_own_version(tmp_path, capsys):
+    """Another profile's classes, as many (their order changed): Triton serves every
+    version under the one new config, whose class names would misname the older version's
+    SCORES, so the older version is no longer served; classes kept, versions accumulate."""
+    first = random_export_cfg(tmp_path, class_names=["cat", "dog", "bird"])
+    assert export_repository(first).version == 1
+    same = random_export_cfg(tmp_path, class_names=["cat", "dog", "bird"])
+    assert export_repository(same).version == 2
+    repo = Path(first.export.repository)
+    classifier = parse((repo / "classifier" / "config.pbtxt").read_text())
+    assert list(classifier.version_policy.specific.versions) == [1, 2]
+    capsys.readouterr()
+    other = random_export_cfg(tmp_path, class_names=["bird", "dog", "cat"])
+    assert export_repository(other).version == 3
+    classifier = parse((repo / "classifier" / "config.pbtxt").read_text())
+    assert list(classifier.version_policy.specific.versions) == [3]
+    assert "classifier" in capsys.readouterr().err
+    assert check_repository(repo).ok
