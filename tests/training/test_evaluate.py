@@ -96,3 +96,38 @@ def test_a_photo_of_none_of_the_classifiers_classes_is_a_negative_of_each():
     # F1 per photo: 1, 1, 0 (cat said, none there), 0 (person not said), 2/3 (cat said,
     # person not)
     assert row["label_f1"] == pytest.approx((1 + 1 + 0 + 0 + 2 / 3) / 5)
+
+
+def test_shares_with_misses_merge_into_the_whole():
+    """Under torchrun each rank scores a share and rank 0 merges their arrays: the photos
+    a classifier cannot name (their misses) come through, whichever share holds them."""
+    from training.evaluate import Evaluation
+
+    labels = [(0,), (1,), (2,), (2,), (0, 2)]
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.95, 0.1], [0.1, 0.1], [0.7, 0.2]], np.float32)
+    truth = [np.zeros((8, 8), np.uint8)] * len(labels)
+
+    def pipe():
+        classifier = _Classifier(["cat", "dog"], scores)
+        present = SimpleNamespace(present=lambda s: [int(c) for c in np.flatnonzero(s >= 0.5)])
+        return SimpleNamespace(
+            classifier=classifier,
+            refiner=present,
+            segmenter=None,
+            passthrough_source=None,
+            class_names=classifier.class_names,
+            classify=lambda images: classifier(images),
+            refine=lambda images, outputs, labels: np.zeros((len(images), 8, 8), np.uint8),
+        )
+
+    data = _data(truth, labels)
+    whole = evaluate({"p": pipe()}, data, batch_size=5)["p"].row()
+    for cut in (2, 5):
+        shares = []
+        for share in (range(0, cut), range(cut, 5)):
+            p = pipe()
+            p.classifier.seen = share.start
+            shares.append(evaluate({"p": p}, data, 5, share=share)["p"].arrays())
+        merged = Evaluation.merged(False, shares).row()
+        assert merged.pop("refine_ms") >= 0 and whole["refine_ms"] >= 0
+        assert merged == {k: v for k, v in whole.items() if k != "refine_ms"}
