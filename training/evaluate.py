@@ -24,7 +24,7 @@ from training import distributed
 from training.data.dataset import WSSSDataset
 from training.data.layouts import IGNORE
 from training.metrics import ConfusionMatrix, average_precision, label_f1
-from training.pipeline import Pipeline, mask_values, translate_labels
+from training.pipeline import Pipeline, mask_values, missing_labels, translate_labels
 from wsss.config import Config
 from wsss.figures import colourise, legend_entries, overlay, panel_figure
 from wsss.served.images import resize_mask
@@ -201,7 +201,7 @@ def evaluate(
         if pipe.classifier is not None:
             raw = [s.labels for s in data.samples]
             labels[name] = translate_labels(raw, data.class_names, pipe.class_names, data.aliases)
-            missed[name] = [len(r) - len(t or ()) for r, t in zip(raw, labels[name], strict=True)]
+            missed[name] = missing_labels(raw, labels[name])
             if not binary:  # class-index masks: into the data's classes for scoring
                 values[name] = mask_values(data.class_names, pipe.class_names)
         source = pipe.passthrough_source if pipe.segmenter is not None else None

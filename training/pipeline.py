@@ -191,6 +191,14 @@ def translate_labels(
     return out
 
 
+def missing_labels(
+    labels: Sequence[Sequence[int]], translated: Sequence[Sequence[int] | None]
+) -> list[int]:
+    """How many of each image's labels (the data's) ``translate_labels`` found no class of
+    the classifier's for (person, to an ImageNet head): misses in its label F1."""
+    return [len(raw) - len(t or ()) for raw, t in zip(labels, translated, strict=True)]
+
+
 def mask_values(data_names: Sequence[str], class_names: Sequence[str] | None) -> np.ndarray | None:
     """uint8 lookup from a class-index mask of the classifier's classes to the data's (by
     name; classes the data lacks become background), or None when they already agree."""

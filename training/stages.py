@@ -48,6 +48,7 @@ from training.pipeline import (
     check_tiles,
     load_model,
     mask_values,
+    missing_labels,
     refine_step,
     translate_labels,
 )
@@ -317,8 +318,7 @@ def choose_thresholds(
         row[list(known or ())] = True
     # Each photo's classes the classifier has no class for (person, to an ImageNet head):
     # misses in the label F1 whatever the cuts, as evaluate counts them.
-    pairs = zip(data.samples, labels, strict=True)
-    missed = np.array([len(s.labels) - len(known or ()) for s, known in pairs])
+    missed = np.array(missing_labels([s.labels for s in data.samples], labels))
     cuts = label_thresholds(scores, truth, missed=missed)
     thresholds = [float(t) for t in cuts]
     path = path or Path(cfg.runs) / "classifier" / "best.pt"

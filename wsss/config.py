@@ -323,7 +323,7 @@ class SegmenterConfig:
     def __post_init__(self):
         check_schedule("segmenter", self.epochs, self.lr)
         if not 0 <= self.dice < math.inf:
-            raise ConfigError(f"segmenter.dice {self.dice}: a weight, 0 (off) or above")
+            raise _KeyError(f"dice {self.dice}: a weight, 0 (off) or above")
         if self.output_stride not in (16, 32):
             raise ConfigError(f"segmenter.output_stride {self.output_stride}: 16 or 32")
 

@@ -176,9 +176,7 @@ def random_resized_crop_flip(
     cw = int(min(w, round(np.sqrt(area * aspect))))
     y, x = rng.randint(0, h - ch + 1), rng.randint(0, w - cw + 1)
     image = cv2.resize(image[y : y + ch, x : x + cw], (size, size), interpolation=cv2.INTER_LINEAR)
-    mask = cv2.resize(
-        mask[y : y + ch, x : x + cw], (size, size), interpolation=cv2.INTER_NEAREST_EXACT
-    )
+    mask = resize_mask(mask[y : y + ch, x : x + cw], (size, size))
     if rng.rand() < 0.5:
         image, mask = image[:, ::-1], mask[:, ::-1]
     return image, mask

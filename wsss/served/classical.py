@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from .errors import InputError
+from .images import resize_mask
 
 
 def present_classes(
@@ -222,7 +223,7 @@ def attention_pseudo_mask(
     if not classes:
         return out
     fg = attention_mask(attention, sigma, kernel).astype(np.uint8)
-    fg = cv2.resize(fg, (w, h), interpolation=cv2.INTER_NEAREST_EXACT).astype(bool)
+    fg = resize_mask(fg, (h, w)).astype(bool)
     if binary:
         out[fg] = 1
     else:
