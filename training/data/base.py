@@ -43,14 +43,28 @@ def require(path: Path, what: str) -> Path:
 
 
 def read_png_mask(path: Path) -> np.ndarray:
-    """A class-index PNG (palette or greyscale, as VOC and SBD write them) as uint8."""
-    with Image.open(path) as png:
-        if png.mode not in ("P", "L"):
-            raise DataLayoutError(
-                f"{path}: a mask must be a palette or greyscale PNG of class indices, "
-                f"not {png.mode}"
-            )
-        return np.asarray(png).astype(np.uint8)
+    """A class-index PNG (palette or greyscale, as VOC and SBD write them) as uint8.
+
+    Only a PNG: a lossy format (a JPEG saved under a mask's name) blurs the class indices
+    at every edge into values of other classes, read as labels the photo does not hold.
+    """
+    try:
+        with Image.open(path) as png:
+            if png.format != "PNG":
+                raise DataLayoutError(
+                    f"{path}: a mask must be a PNG of class indices, not {png.format} "
+                    "(a lossy format changes the indices at every edge)"
+                )
+            if png.mode not in ("P", "L"):
+                raise DataLayoutError(
+                    f"{path}: a mask must be a palette or greyscale PNG of class indices, "
+                    f"not {png.mode}"
+                )
+            return np.asarray(png).astype(np.uint8)
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL: unreadable, truncated, empty
+        if isinstance(exc, DataLayoutError):
+            raise
+        raise DataLayoutError(f"{path}: not a readable PNG mask ({exc})") from None
 
 
 def read_text(path: Path) -> str:

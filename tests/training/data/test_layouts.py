@@ -472,3 +472,22 @@ def test_a_missing_synthetic_benchmark_says_how_to_write_it(tmp_path):
     data = DataConfig(root=str(tmp_path / "pets_128"), synth_count=800)
     with pytest.raises(DataLayoutError, match="write it first with `wsss data synth`"):
         WSSSDataset.from_config(data, "train")
+
+
+@pytest.mark.parametrize("damage", ["jpeg", "truncated", "empty"])
+def test_a_mask_that_is_not_a_whole_png_is_refused_naming_it(roots, tmp_path, damage):
+    """A JPEG saved under a mask's name would be read as class indices its edges blurred
+    into (labels the photo does not hold); a truncated or empty PNG was a PIL traceback."""
+    root = shutil.copytree(roots["voc_aug"], tmp_path / "voc_aug")
+    first = (root / "ImageSets/Segmentation/train_aug.txt").read_text().split()[0]
+    mask = root / "SegmentationClassAug" / f"{first}.png"
+    if damage == "jpeg":
+        Image.open(mask).convert("L").save(mask, format="JPEG")
+        message = "a mask must be a PNG of class indices, not JPEG"
+    else:
+        data = mask.read_bytes()
+        mask.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+        message = "not a readable PNG mask"
+    with pytest.raises(DataLayoutError, match=message) as info:
+        WSSSDataset(root, "voc", "train", 32, layout="voc_aug")
+    assert str(mask) in str(info.value)
