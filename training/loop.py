@@ -20,7 +20,7 @@ from tqdm import tqdm
 from training import distributed
 from training.models.common import to_pixels
 from wsss.config import load_config
-from wsss.errors import InputError
+from wsss.errors import InputError, WsssError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -187,6 +187,11 @@ def _partial(path: Path) -> Path:
     return path.with_name(f"{path.name}.partial")
 
 
+class LossDiverged(WsssError, FloatingPointError):
+    """The loss stopped being a number: one line for the user (the best checkpoint so far
+    stays where it was), not a traceback."""
+
+
 def _run_epoch(model, loader, loss_fn, device, opt, sched, desc) -> tuple[float, int]:
     """The mean loss over every rank's images, and how many images that was."""
     training = opt is not None
@@ -199,7 +204,10 @@ def _run_epoch(model, loader, loss_fn, device, opt, sched, desc) -> tuple[float,
             x = to_pixels(images.to(device))
             loss = loss_fn(model(x), _to(targets, device))
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()}: lower train.lr")
+                raise LossDiverged(
+                    f"loss became {loss.item()}: lower train.lr (segmenter.lr, levelset.lr "
+                    "in their stages)"
+                )
             if training:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -29,6 +29,7 @@ TaskName = Literal["pets", "voc"]  # wsss.task.TASKS' names (a test holds the tw
 # equal). coco reads whichever of 2014 and 2017 is there; coco2014 / coco2017 pick one.
 Layout = Literal["pets", "voc", "voc_aug", "coco", "coco2014", "coco2017", "folder"]
 LAYOUTS = typing.get_args(Layout)  # training/data/layouts.py's readers, by these names
+MAX_IMAGE_SIZE = 4096  # data.image_size: the side the models see, 16.7 MP at most
 VIT_PATCH = 14  # the bundled DINOv2 ViT-S/14's patch: refine.saliency_size is a multiple
 
 
@@ -55,6 +56,8 @@ class DataConfig:
 
     def __post_init__(self):
         at_least(self, "image_size", 32)  # the networks' stride: a smaller side has no CAM cell
+        if self.image_size > MAX_IMAGE_SIZE:  # a batch of these would not fit in memory
+            raise _KeyError(f"image_size {self.image_size}: at most {MAX_IMAGE_SIZE}")
         if not 0 <= self.val_fraction < 1:
             raise _KeyError(f"val_fraction {self.val_fraction}: at least 0, below 1")
         at_least(self, "num_workers", 0)
@@ -199,6 +202,8 @@ class RefineConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise _KeyError(f"method {self.method!r}: one of {', '.join(METHODS)}")
+        if not 0 < self.threshold < 1:  # the served threshold graph's own rule
+            raise _KeyError(f"threshold {self.threshold}: a CAM level in (0, 1)")
         for name in ("saliency_size", "walk_side"):
             side = getattr(self, name)
             if side < VIT_PATCH * 4 or side % VIT_PATCH:
@@ -275,6 +280,9 @@ class LevelSetConfig:
 
     def __post_init__(self):
         check_schedule("levelset", self.epochs, self.lr)
+        at_least(self, "hidden", 1)
+        if not 0 < self.eps < math.inf:  # the smooth Heaviside divides by it
+            raise _KeyError(f"eps {self.eps}: a width above 0")
         if self.cam_prior is not None and not 0 < self.cam_prior < 1:
             raise ConfigError(
                 f"levelset.cam_prior {self.cam_prior}: a CAM level in (0, 1), or null"
@@ -322,6 +330,8 @@ class SegmenterConfig:
 
     def __post_init__(self):
         check_schedule("segmenter", self.epochs, self.lr)
+        at_least(self, "depth", 1)
+        at_least(self, "base_channels", 1)
         if not 0 <= self.dice < math.inf:
             raise _KeyError(f"dice {self.dice}: a weight, 0 (off) or above")
         if self.output_stride not in (16, 32):
@@ -558,6 +568,9 @@ class EvaluateConfig:
     # with the classifier fine-tuned, and that classifier's CAMs; a second, slower training.
     levelset_backbone_update: bool = True
     out: str = "runs/study"  # study.json, study.md and figures go here
+
+    def __post_init__(self):
+        at_least(self, "figure_images", 0)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from training.loop import fit, load_checkpoint
-from wsss.errors import InputError
+from wsss.errors import InputError, WsssError
 
 
 def _loader(n: int = 8) -> DataLoader:
@@ -120,9 +120,10 @@ def test_a_training_whose_loss_turns_nan_says_so_and_leaves_nothing(tmp_path):
         loss = nn.functional.cross_entropy(logits, targets)
         return loss if model.training else loss * float("nan")
 
-    with pytest.raises(FloatingPointError, match="loss became nan: lower train.lr"):
+    with pytest.raises(FloatingPointError, match="loss became nan: lower train.lr") as info:
         _fit(model, tmp_path, epochs=2, loss=nan_in_validation)
     assert list(tmp_path.iterdir()) == []
+    assert isinstance(info.value, WsssError)  # the CLI says it in one line, no traceback
 
 
 def test_a_new_classifier_run_makes_its_own_pseudo_masks_and_export_names_a_mix(

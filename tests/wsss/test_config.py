@@ -70,6 +70,15 @@ def test_int_is_accepted_for_float():
         ("export.refine.method=magic", r"^export.refine.method 'magic': one of"),
         ("segmenter.dice=-0.5", "segmenter.dice -0.5: a weight, 0 \\(off\\) or above"),
         ("export.lock_wait_seconds=-2", "export.lock_wait_seconds -2.0: 0 or more seconds"),
+        # failed after a stage had trained (an IndexError, a NaN loss, out of memory), or
+        # after a study was written
+        ("data.image_size=100000", "data.image_size 100000: at most 4096"),
+        ("refine.threshold=1.5", r"refine.threshold 1.5: a CAM level in \(0, 1\)"),
+        ("segmenter.depth=-1", "segmenter.depth -1: at least 1"),
+        ("segmenter.base_channels=0", "segmenter.base_channels 0: at least 1"),
+        ("levelset.hidden=0", "levelset.hidden 0: at least 1"),
+        ("levelset.eps=0", "levelset.eps 0.0: a width above 0"),
+        ("evaluate.figure_images=-1", "evaluate.figure_images -1: at least 0"),
     ],
 )
 def test_bad_overrides_are_explained(override, message):

@@ -122,7 +122,10 @@ def _skimage_photo(name: str) -> np.ndarray:
     return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
 
 
-def _at_least(img: np.ndarray, short: int = 256) -> np.ndarray:
+MAX_SIZE = 512  # Compositor._crop takes at least half the image side from a 256 px photo
+
+
+def _at_least(img: np.ndarray, short: int = MAX_SIZE // 2) -> np.ndarray:
     if min(img.shape[:2]) >= short:
         return img
     scale = short / min(img.shape[:2])
@@ -342,8 +345,12 @@ def write_synth(root: str | Path, opts: SynthOptions) -> Path:
     if opts.task not in ("pets", "voc"):
         raise InputError(f"unknown task {opts.task!r}: expected pets or voc")
     layout = get_layout(opts.task, opts.layout).name  # refuses a layout the task can't read
-    if opts.count < len(ANIMALS) or opts.size < 32:
-        raise InputError(f"synth needs count >= {len(ANIMALS)} and size >= 32")
+    if opts.count < len(ANIMALS) or not 32 <= opts.size <= MAX_SIZE:
+        raise InputError(
+            f"synth needs count >= {len(ANIMALS)} and size 32 to {MAX_SIZE} "
+            f"(got count {opts.count}, size {opts.size}): its backgrounds are crops of photos "
+            f"{MAX_SIZE // 2} px on their short side, at most doubled"
+        )
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise InputError(f"{root} is a file: the benchmark is written into a folder")
@@ -381,6 +388,15 @@ def write_synth(root: str | Path, opts: SynthOptions) -> Path:
     return root
 
 
+def _read_record(record: Path) -> dict | None:
+    """The options a benchmark was written with; None where its record is damaged (a write
+    cut off mid-file): the folder is still this command's, and is written again."""
+    try:
+        return json.loads(record.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
 def ensure_synth(root: str | Path, opts: SynthOptions) -> bool:
     """Write the benchmark unless ``root`` already holds it with these options.
 
@@ -396,7 +412,7 @@ def ensure_synth(root: str | Path, opts: SynthOptions) -> bool:
             )
         return False
     record = root / SYNTH_RECORD
-    if record.exists() and json.loads(record.read_text()) == opts.record():
+    if record.exists() and _read_record(record) == opts.record():
         return False
     if root.exists() and not record.exists():
         return False

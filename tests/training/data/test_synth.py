@@ -15,7 +15,14 @@ from training.data import (
 )
 from training.data.dataset import WSSSDataset
 from training.data.layouts import VOC_CLASSES, VOC_PALETTE
-from training.data.synth import ANIMALS, WRITERS, SynthOptions, ensure_synth, write_synth
+from training.data.synth import (
+    ANIMALS,
+    SYNTH_RECORD,
+    WRITERS,
+    SynthOptions,
+    ensure_synth,
+    write_synth,
+)
 from wsss.errors import InputError
 
 
@@ -70,6 +77,20 @@ def test_a_benchmark_stopped_halfway_is_written_again(tmp_path, monkeypatch):
     assert ensure_synth(tmp_path / "data", opts)  # not taken for done, nor for someone's
     assert not ensure_synth(tmp_path / "data", opts)
     assert len(list((tmp_path / "data" / "images").iterdir())) == 10
+
+
+def test_a_damaged_record_or_a_size_it_cannot_draw_is_said_and_keeps_the_benchmark(tmp_path):
+    """A record cut off mid-file (a JSON traceback) is this command's folder: written again.
+    A side above 512 px failed deep in the compositor (numpy's "high <= 0") after the
+    earlier benchmark was already deleted: refused first, that benchmark kept."""
+    opts = SynthOptions("pets", 10, 32)
+    root = write_synth(tmp_path / "data", opts)
+    (root / SYNTH_RECORD).write_text('{"task": "pe')
+    assert ensure_synth(root, opts) and not ensure_synth(root, opts)
+    before = _digest(root)
+    with pytest.raises(InputError, match="size 32 to 512 \\(got count 10, size 520\\)"):
+        ensure_synth(root, SynthOptions("pets", 10, 520))
+    assert _digest(root) == before
 
 
 def test_synth_pets_layout(pets_root):
