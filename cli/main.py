@@ -108,9 +108,13 @@ def cmd_evaluate(args) -> None:
         name = handler.__name__.removeprefix("study_")
         print(f"wsss evaluate --{flag} is now `wsss study {name}`", file=sys.stderr)
         args.label = args.served_label
+        # None where not given (so that alone they are refused below): the study's defaults
+        args.protocol = args.protocol or "grpc"
+        args.folds = 3 if args.folds is None else args.folds
+        args.reuse = bool(args.reuse)
         handler(args)
         return
-    stray = [f"--{f.replace('_', '-')}" for f in STUDY_OPTIONS if getattr(args, f)]
+    stray = [f"--{f.replace('_', '-')}" for f in STUDY_OPTIONS if getattr(args, f) is not None]
     if stray:  # a study's option without its study: refused, not ignored
         raise InputError(
             f"{', '.join(stray)}: a study's, not wsss evaluate's (`wsss study --help`)"
@@ -178,7 +182,7 @@ STUDY_FLAGS = {
     "study": study_cams,
 }
 # The old studies' own options, which plain `wsss evaluate` has no use for.
-STUDY_OPTIONS = ("url", "served_label", "reuse", "variants", "merge")
+STUDY_OPTIONS = ("url", "protocol", "served_label", "reuse", "variants", "folds", "merge")
 
 
 def cmd_reproduce(args) -> None:
@@ -534,11 +538,11 @@ EVALUATE = (
     flag("--photos", action="store_true", help=argparse.SUPPRESS),
     flag("--served", action="store_true", help=argparse.SUPPRESS),
     flag("--url", help=argparse.SUPPRESS),
-    flag("--protocol", choices=["grpc", "http"], default="grpc", help=argparse.SUPPRESS),
+    flag("--protocol", choices=["grpc", "http"], help=argparse.SUPPRESS),
     flag("--served-label", help=argparse.SUPPRESS),
-    flag("--reuse", action="store_true", help=argparse.SUPPRESS),
+    flag("--reuse", action="store_true", default=None, help=argparse.SUPPRESS),
     flag("--variants", help=argparse.SUPPRESS),
-    flag("--folds", type=int, default=3, help=argparse.SUPPRESS),
+    flag("--folds", type=int, help=argparse.SUPPRESS),
     flag("--merge", nargs="+", metavar="DIR", help=argparse.SUPPRESS),
 )
 

@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 from tqdm import tqdm
 
 from training.evaluate import evaluate
@@ -31,7 +30,7 @@ from training.pipeline import (
     resolved_refine,
 )
 from training.torch_refiners import build_refiner, seeded
-from wsss.config import Config, with_overrides
+from wsss.config import Config, read_yaml, with_overrides
 from wsss.errors import InputError
 from wsss.task import get_task
 
@@ -47,8 +46,11 @@ def fold_indices(n: int, folds: int, seed: int) -> list[np.ndarray]:
 
 
 def read_variants(path: str | Path) -> dict[str, list[str]]:
-    variants = yaml.safe_load(Path(path).read_text())
-    if not isinstance(variants, dict) or not all(isinstance(v, list) for v in variants.values()):
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist: --variants names a YAML file of variants")
+    variants = read_yaml(path)  # not YAML, not UTF-8, a folder: one line each
+    if not all(isinstance(v, list) for v in variants.values()):
         raise InputError(f"{path}: a mapping of variant names to lists of KEY=VALUE overrides")
     return {str(k): [str(x) for x in v] for k, v in variants.items()}
 

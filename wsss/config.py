@@ -626,7 +626,7 @@ class ReproduceProfile:
 
 def load_profile(path: str | Path, overrides: list[str] = ()) -> ReproduceProfile:
     """A reproduce profile from YAML, with ``a.b=c`` overrides, checked like a config."""
-    raw = _read_yaml(Path(path))
+    raw = read_yaml(Path(path))
     _override(raw, overrides)
     return _build(ReproduceProfile, raw, "")
 
@@ -642,7 +642,7 @@ class _KeyError(ConfigError):
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then ``a.b=c`` overrides, each checked against the types."""
-    raw: dict[str, Any] = {} if path is None else _read_yaml(Path(path))
+    raw: dict[str, Any] = {} if path is None else read_yaml(Path(path))
     _override(raw, overrides)
     _upgrade(raw)
     return _build(Config, raw, "")
@@ -668,8 +668,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    """A config or profile file's mapping, or one line saying why it is not one."""
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A config, profile or variants file's mapping, or one line saying why it is not one."""
     if path.is_dir():
         raise ConfigError(f"{path} is a folder: name a config file in it")
     try:

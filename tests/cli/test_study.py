@@ -79,3 +79,29 @@ def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setitem(cli.STUDY_FLAGS, "study", bug)
     with pytest.raises(ValueError, match="broadcast"):
         cli.main(["evaluate", "--config", "configs/quick.yaml", "--study"])
+
+
+@pytest.mark.parametrize("flags", [["--folds", "0"], ["--protocol", "http"], ["--reuse"]])
+def test_a_study_option_alone_is_refused_not_ignored(flags):
+    """--folds and --protocol had defaults, so wsss evaluate could not tell them given."""
+    with pytest.raises(SystemExit, match=f"^wsss evaluate: {flags[0]}: a study's"):
+        cli.main(["evaluate", "--config", "configs/quick.yaml", *flags])
+
+
+def test_variants_that_are_not_a_yaml_mapping_of_lists_are_one_line(tmp_path):
+    from experiments.levelset_tuning import read_variants
+    from wsss.errors import InputError
+
+    with pytest.raises(InputError, match="does not exist: --variants names a YAML file"):
+        read_variants(tmp_path / "absent.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [\n")
+    with pytest.raises(InputError, match="bad.yaml: not valid YAML"):
+        read_variants(tmp_path / "bad.yaml")
+    (tmp_path / "latin.yaml").write_bytes("a: ['levelset.gamma=0.5'] # \u00e9\n".encode("latin-1"))
+    with pytest.raises(InputError, match="latin.yaml: not UTF-8 text"):
+        read_variants(tmp_path / "latin.yaml")
+    (tmp_path / "flat.yaml").write_text("a: levelset.gamma=0.5\n")
+    with pytest.raises(InputError, match="a mapping of variant names to lists"):
+        read_variants(tmp_path / "flat.yaml")
+    (tmp_path / "good.yaml").write_text("a: [levelset.gamma=0.5]\n")
+    assert read_variants(tmp_path / "good.yaml") == {"a": ["levelset.gamma=0.5"]}
