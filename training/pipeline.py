@@ -184,11 +184,23 @@ def translate_labels(
         name if name in index or c >= len(aliases) or aliases[c] is None else aliases[c]
         for c, name in enumerate(data_names)
     ]
+    if not any(name in index for name in own):
+        # Another data set's classifier (a run trained on pets, scored on VOC): each image
+        # would lose its labels and follow the predictions, scored as if it were this data's.
+        raise InputError(
+            f"the classifier's classes ({_names(class_names)}) include none of the data's "
+            f"({_names(data_names)}): point runs at a run trained on this data, or train one"
+        )
     out = []
     for image_labels in labels:
         mapped = tuple(index[own[c]] for c in image_labels if own[c] in index)
         out.append(mapped if mapped or not image_labels else None)
     return out
+
+
+def _names(names: Sequence[str], shown: int = 4) -> str:
+    more = f", ... {len(names)} in all" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def missing_labels(

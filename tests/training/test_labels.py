@@ -26,6 +26,18 @@ def test_translate_labels_matches_by_name_and_keeps_what_it_can():
     assert translate_labels([(0,)], DATA, None) == [(0,)]
 
 
+def test_a_classifier_of_none_of_the_datas_classes_is_refused():
+    """A run trained on pets scored on VOC photos: every label dropped, every mask the
+    predictions', scored as the data's classes (mAP nan, a table, exit 0)."""
+    from wsss.errors import InputError
+
+    pets = ["Abyssinian", "american_bulldog", "Bengal"]
+    with pytest.raises(InputError, match=r"classes \(Abyssinian, .*\) include none of the data's"):
+        translate_labels([(0,), (3,)], DATA, pets)
+    # a data class known by another name (a breed by its species) is one in common
+    assert translate_labels([(0,)], pets, ["cat", "dog"], ["cat", "dog", "cat"]) == [(0,)]
+
+
 def test_mask_values_renumber_into_the_data_classes():
     table = mask_values(DATA, ["dog", "cat", "fox"])
     mask = np.array([[0, 1, 2, 3, 255]], np.uint8)
