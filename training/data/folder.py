@@ -145,8 +145,8 @@ class FolderLayout(Layout):
                     f"{labels_csv}, line {row.line}: label {unknown[0]!r} is not in the class "
                     f"list ({root / CLASSES}: {', '.join(names)})"
                 )
-            where = f"an image listed in {labels_csv}, line {row.line}"
-            image = require(root / IMAGES / row.image, where)
+            # A missing image is read_image's to say (data.skip_unreadable can leave it out)
+            image = root / IMAGES / row.image
             mask = None
             if masks.is_dir():
                 mask = masks / Path(row.image).with_suffix(".png")

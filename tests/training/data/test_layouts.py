@@ -426,6 +426,18 @@ def test_a_malformed_copy_fails_naming_the_file(roots, tmp_path, layout, error):
     assert str(culprit) in str(info.value)
 
 
+@pytest.mark.parametrize("layout", list(BREAK))
+def test_a_missing_image_is_left_out_with_skip_unreadable_in_every_layout(roots, tmp_path, layout):
+    """data.skip_unreadable left out a missing Pet image only: the other layouts refused
+    theirs while listing, before the dataset could skip it."""
+    root = shutil.copytree(roots[layout], tmp_path / layout)
+    split, image, _ = BREAK[layout](root, "image absent")
+    whole = len(list_samples(roots[layout], "voc", split, layout))
+    data = WSSSDataset(root, "voc", split, 32, layout=layout, skip_unreadable=True)
+    assert len(data) == whole - 1 and len(data.skipped) == 1
+    assert str(image) in data.skipped[0] and "the image is missing" in data.skipped[0]
+
+
 # -- palettes: the masks' colours follow the data into exports and `wsss infer` ---------------
 
 
