@@ -116,11 +116,18 @@ class PetsLayout(Layout):
     def source(self, root: Path, split: str) -> str:
         return str(self._listing(root, split))
 
+    @staticmethod
+    def _names(listing: Path) -> list[str]:
+        lines = listing.read_text().splitlines()
+        return [ln.split()[0] for ln in lines if ln.strip() and not ln.startswith("#")]
+
     def samples(self, root: Path, split: str) -> list[Sample]:
         ids, _ = _pets_index(str(root))
         listing = self._listing(root, split)
-        lines = listing.read_text().splitlines()
-        names = [ln.split()[0] for ln in lines if ln.strip() and not ln.startswith("#")]
+        names = self._names(listing)
+        test = self._listing(root, "test")
+        if split == "train" and test.exists():
+            check_disjoint(listing, names, test, self._names(test))
         # Image files are checked as they are read (training.data.dataset), where a missing
         # or undecodable one is an error naming it, or is skipped and counted.
         return [
@@ -183,8 +190,9 @@ class VocLayout(Layout):
     def samples(self, root: Path, split: str) -> list[Sample]:
         listing = self._listing(root, split)
         ids = self.ids(listing)
-        if split == "train" and self.train_set != "train":
-            self._check_disjoint(listing, ids, self._listing(root, "test"))
+        test = self._listing(root, "test")
+        if split == "train" and test.exists():
+            check_disjoint(listing, ids, test, self.ids(test))
         n_classes = len(self.class_names(root))
         masks = self._masks(root, split)
         out = []
@@ -202,18 +210,17 @@ class VocLayout(Layout):
             out.append(Sample(n, image, mask_path, tuple(c - 1 for c in present if c), self.name))
         return out
 
-    @staticmethod
-    def _check_disjoint(train: Path, ids: list[str], val: Path) -> None:
-        """train_aug.txt and val.txt must not share images: the scores would be on images
-        the models were trained on (the standard 10,582-image list shares none)."""
-        if not val.exists():
-            return
-        shared = sorted(set(ids) & {ln.strip() for ln in val.read_text().splitlines()})
-        if shared:
-            raise DataLayoutError(
-                f"{train}: {len(shared)} of its images are also in {val.name} (e.g. "
-                f"{shared[0]}): evaluation would score images the models trained on"
-            )
+
+def check_disjoint(train: Path, ids: list[str], test: Path, test_ids: list[str]) -> None:
+    """The training list and the scored one must not share images: the scores would be on
+    images the models were trained on (VOC's train_aug.txt and val.txt share none, nor do
+    Oxford-IIIT Pet's trainval.txt and test.txt)."""
+    shared = sorted(set(ids) & set(test_ids))
+    if shared:
+        raise DataLayoutError(
+            f"{train}: {len(shared)} of its images are also in {test.name} (e.g. "
+            f"{shared[0]}): evaluation would score images the models trained on"
+        )
 
 
 def _named(layouts: dict[str, Layout]) -> dict[str, Layout]:

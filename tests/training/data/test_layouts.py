@@ -211,6 +211,30 @@ def test_voc_aug_refuses_a_train_aug_that_holds_val_images(roots, tmp_path):
         f.write(val[0] + "\n")
     with pytest.raises(DataLayoutError, match=f"{sets / 'train_aug.txt'}: 1 of its images"):
         list_samples(root, "voc", "train", "voc_aug")
+    # val.txt in DeepLab's two columns too: its ids, not its lines, are compared
+    sets.joinpath("val.txt").write_text(
+        "".join(f"/JPEGImages/{n}.jpg /SegmentationClass/{n}.png\n" for n in val)
+    )
+    with pytest.raises(DataLayoutError, match="1 of its images are also in val.txt"):
+        list_samples(root, "voc", "train", "voc_aug")
+
+
+@pytest.mark.parametrize("layout", ["pets", "voc"])
+def test_a_training_list_that_holds_test_images_is_refused(tmp_path, layout):
+    """Only voc_aug's train_aug.txt was checked: Pet's trainval.txt and VOC's train.txt
+    trained on the photos they were scored on, silently."""
+    task = "pets" if layout == "pets" else "voc"
+    root = write_synth(tmp_path / layout, SynthOptions(task, 20, 32, layout=layout))
+    if layout == "pets":
+        train, test = root / "annotations/trainval.txt", root / "annotations/test.txt"
+    else:
+        train, test = (root / f"ImageSets/Segmentation/{n}.txt" for n in ("train", "val"))
+    first = test.read_text().splitlines()[0]
+    with train.open("a") as f:
+        f.write(first + "\n")
+    with pytest.raises(DataLayoutError, match=f"{train}: 1 of its images are also in {test.name}"):
+        list_samples(root, task, "train", layout)
+    assert list_samples(root, task, "test", layout)  # the scored list itself still reads
 
 
 # -- a plain folder --------------------------------------------------------------------------
