@@ -181,6 +181,12 @@ def train_classifier(cfg: Config, data: WSSSDataset | None) -> nn.Module:
         raise InputError("classifier.threshold_folds: 0 (off) or at least 2 folds")
     _seed(cfg)
     kwargs, names = classifier_setup(cfg, data.class_names if data is not None else [])
+    fewest = 1 if cfg.data.kind.multi_label else 2  # one softmax class has nothing to learn
+    if learns_classes(cfg) and len(names) < fewest:
+        raise InputError(
+            f"classifier: {len(names)} classes ({', '.join(names) or 'none'}) in "
+            f"{cfg.data.root}: a {cfg.data.task} classifier learns at least {fewest}"
+        )
     imagenet = cfg.classifier.head == "imagenet"
     if imagenet and not (cfg.classifier.pretrained or cfg.classifier.weights):
         raise InputError("classifier.head=imagenet needs classifier.pretrained=true or weights")

@@ -172,3 +172,18 @@ def test_a_new_classifier_run_makes_its_own_pseudo_masks_and_export_names_a_mix(
     assert "the segmenter learned the pseudo-masks of another classifier run" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("task, names", [("pets", ["dog"]), ("voc", [])])
+def test_a_classifier_of_too_few_classes_is_refused_before_it_trains(task, names):
+    """One softmax class trained to a loss of 0 from the start (nothing learned, no
+    error); no class at all ended in a NaN loss that blamed train.lr."""
+    from types import SimpleNamespace
+
+    from training.stages import train_classifier
+    from wsss.config import load_config
+
+    cfg = load_config(None, [f"data.task={task}", "classifier.arch=mobilenet_v2"])
+    fewest = 2 if task == "pets" else 1
+    with pytest.raises(InputError, match=f"classifier: {len(names)} classes .* at least {fewest}"):
+        train_classifier(cfg, SimpleNamespace(class_names=names))
