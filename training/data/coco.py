@@ -44,6 +44,7 @@ class CocoIndex:
             raise DataLayoutError(
                 f"{path}: not COCO instance annotations (no {', '.join(missing)})"
             )
+        _check_fields(path, dataset)
         self.coco = COCO()
         self.coco.dataset = dataset
         with contextlib.redirect_stdout(io.StringIO()):  # it prints "creating index..."
@@ -69,7 +70,13 @@ class CocoIndex:
         crowd = np.zeros(mask.shape, bool)
         instances = []
         for ann in self.coco.imgToAnns.get(image_id, []):
-            pixels = self.coco.annToMask(ann).astype(bool)
+            try:
+                pixels = self.coco.annToMask(ann).astype(bool)
+            except Exception as exc:  # pycocotools raises plain Exception ("input type ...")
+                raise DataLayoutError(
+                    f"{self.path}: annotation {ann.get('id')}'s segmentation is neither "
+                    f"polygons nor an RLE that pycocotools reads ({type(exc).__name__}: {exc})"
+                ) from None
             if pixels.shape != mask.shape:  # an RLE's own size against the image's
                 raise DataLayoutError(
                     f"{self.path}: annotation {ann.get('id')} is {pixels.shape[1]}x"
@@ -84,6 +91,42 @@ class CocoIndex:
             mask[pixels] = value
         mask[crowd] = IGNORE
         return mask
+
+
+# The fields this reader uses, by the type each must have: (entry kind, field, types).
+_FIELDS = (
+    ("categories", "id", int),
+    ("categories", "name", str),
+    ("images", "id", int),
+    ("images", "file_name", str),
+    ("images", "height", int),
+    ("images", "width", int),
+    ("annotations", "image_id", int),
+    ("annotations", "category_id", int),
+    ("annotations", "segmentation", (list, dict)),
+)
+
+
+def _check_fields(path: Path, dataset: dict) -> None:
+    """Every entry a mapping with the fields this reader uses, of their types: one line
+    naming the first that is not, where pycocotools would raise a KeyError or TypeError of
+    its own. (An annotation of an image not listed is never read: no image asks for it.)"""
+    for kind in ("images", "annotations", "categories"):
+        entries = dataset[kind]
+        if not isinstance(entries, list):
+            raise DataLayoutError(f"{path}: {kind} is {type(entries).__name__}, not a list")
+        if not all(isinstance(e, dict) for e in entries):
+            raise DataLayoutError(f"{path}: each of {kind} must be a JSON object")
+    for kind, name, types in _FIELDS:
+        for i, entry in enumerate(dataset[kind]):
+            value = entry.get(name)
+            # bool is an int to Python, not an id or a size to COCO
+            if not isinstance(value, types) or isinstance(value, bool):
+                what = "missing" if value is None else f"{value!r}"
+                raise DataLayoutError(
+                    f"{path}: {kind}[{i}] (id {entry.get('id')}) has {name} {what}: "
+                    f"expected {getattr(types, '__name__', 'a list or an object')}"
+                )
 
 
 @lru_cache(maxsize=4)

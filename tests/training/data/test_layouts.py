@@ -26,6 +26,7 @@ from training.data import (
     read_class_names,
     read_mask,
 )
+from training.data.coco import load_index
 from training.data.dataset import WSSSDataset
 from training.data.synth import ANIMALS, SynthOptions, write_synth
 from training.data.writers import COCO_CATEGORIES
@@ -434,6 +435,35 @@ def _break_folder(root, error):
         return rows[0][2], labels, "line 2: label 'unicorn' is not in the class list"
     _write_csv(root, [[r[0], r[1], "train"] for r in rows])
     return "test", labels, "the test split is empty"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda c: c["images"][0].pop("file_name"),
+            r"images\[0\] \(id \d+\) has file_name missing",
+        ),
+        (lambda c: c["images"][0].update(height="tall"), "has height 'tall': expected int"),
+        (lambda c: c["annotations"][0].pop("category_id"), "has category_id missing"),
+        (lambda c: c["annotations"][0].pop("image_id"), "has image_id missing"),
+        (lambda c: c.update(annotations=None), "annotations is NoneType, not a list"),
+        (lambda c: c.update(categories=["cat", "dog"]), "each of categories must be a JSON"),
+        (lambda c: c["annotations"][0].update(segmentation=7), "segmentation 7: expected a list"),
+        (
+            lambda c: c["annotations"][0].update(segmentation=[["a", "b"]]),
+            "segmentation is neither polygons nor an RLE",
+        ),
+    ],
+)
+def test_a_coco_file_with_a_malformed_entry_is_one_line_naming_it(roots, tmp_path, change, message):
+    """KeyErrors and TypeErrors of pycocotools' own, before: each named by its entry now."""
+    root = shutil.copytree(roots["coco"], tmp_path / "coco")
+    ann = _edit_json(_coco_json(root), change)
+    load_index.cache_clear()
+    with pytest.raises(DataLayoutError, match=message) as info:
+        WSSSDataset(root, "voc", "test", 32, layout="coco")  # reads the masks too
+    assert str(ann) in str(info.value)
 
 
 BREAK = {"coco": _break_coco, "voc_aug": _break_voc_aug, "folder": _break_folder}
