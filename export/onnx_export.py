@@ -23,8 +23,10 @@ def export_onnx(
     opset: int = 17,
 ) -> Path:
     """Export ``module`` with ``spec``'s input/output names; only the batch axis is dynamic."""
-    if opset < 17:
-        raise InputError("opset must be >= 17")
+    # The TorchScript exporter's own range (a private constant; 20 in torch 2.14)
+    top = getattr(torch.onnx._constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", opset)
+    if not 17 <= opset <= top:
+        raise InputError(f"export.opset {opset}: 17 to {top} (the ONNX exporter's range)")
     dynamic = {t.name: {0: "batch"} for t in spec.inputs + spec.outputs}
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated but is the one that handles our graphs;

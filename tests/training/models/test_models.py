@@ -100,6 +100,18 @@ def test_gradient_matches_finite_differences(key):
     assert float(analytic) == pytest.approx(float(numeric), rel=1e-4, abs=1e-7)
 
 
+@pytest.mark.parametrize("opset", [16, 99])
+def test_an_opset_the_exporter_lacks_is_one_line(opset, tmp_path):
+    """export.opset 99 was a RuntimeError from inside torch.onnx."""
+    from wsss.errors import InputError
+
+    module = ClassifierGraph(_build(next(iter(MODELS))), multi_label=False).eval()
+    sample = (torch.zeros((1, 48, 48, 3), dtype=torch.uint8),)
+    with pytest.raises(InputError, match=f"export.opset {opset}: 17 to 2\\d"):
+        export_onnx(module, served_models(48, 3, 3)[CLASSIFIER], sample, tmp_path / "m", opset)
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.parametrize("key", CASES)
 def test_export_parity_with_dynamic_batch(key, tmp_path):
     family = key[0]
