@@ -757,6 +757,9 @@ def bench_photos(cfg: Config, images: list[str]) -> tuple[list[np.ndarray], list
         samples = list_samples(data_cfg.data.root, data_cfg.data.task, "test", data_cfg.data.layout)
         files = [s.image_path for s in samples[:: max(1, len(samples) // PHOTOS)][:PHOTOS]]
         where = f"the test photos of {data_cfg.data.root}"
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing:  # listed but absent: one line, as training says it
+            raise SystemExit(f"wsss bench: {missing[0]}: the image is missing (listed in {where})")
     blobs = [Path(f).read_bytes() for f in files]
     return [decode_image(b) for b in blobs], blobs, f"{len(files)} of {where}"
 

@@ -80,6 +80,20 @@ def test_a_profile_on_synthetic_data_is_benchmarked_on_real_photos(tmp_path, rea
     assert report_folder("configs/quick.yaml", None) == report_folder(None, None)
 
 
+def test_a_listed_test_photo_that_is_missing_is_one_line(tmp_path):
+    """A profile on its own (real, synth_count 0) data whose test list names an absent
+    image: a FileNotFoundError traceback from reading it, before."""
+    from benchmarks.serving import bench_photos
+    from training.data.synth import SynthOptions, write_synth
+
+    root = write_synth(tmp_path / "voc", SynthOptions("voc", 10, 32))
+    first = (root / "ImageSets/Segmentation/val.txt").read_text().split()[0]
+    (root / "JPEGImages" / f"{first}.jpg").unlink()
+    cfg = load_config(None, [f"data.root={root}", "data.task=voc", "data.synth_count=0"])
+    with pytest.raises(SystemExit, match=f"wsss bench: .*{first}.jpg: the image is missing"):
+        bench_photos(cfg, [])
+
+
 def test_each_profile_is_benchmarked_from_its_own_repository():
     """Every profile's export.repository defaults to make serve's: the bench gives the
     others <runs>/model_repository, so it neither times nor overwrites make serve's."""
