@@ -440,19 +440,43 @@ def _break_folder(root, error):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (
+        pytest.param(
             lambda c: c["images"][0].pop("file_name"),
             r"images\[0\] \(id \d+\) has file_name missing",
+            id="no file_name",
         ),
-        (lambda c: c["images"][0].update(height="tall"), "has height 'tall': expected int"),
-        (lambda c: c["annotations"][0].pop("category_id"), "has category_id missing"),
-        (lambda c: c["annotations"][0].pop("image_id"), "has image_id missing"),
-        (lambda c: c.update(annotations=None), "annotations is NoneType, not a list"),
-        (lambda c: c.update(categories=["cat", "dog"]), "each of categories must be a JSON"),
-        (lambda c: c["annotations"][0].update(segmentation=7), "segmentation 7: expected a list"),
-        (
+        pytest.param(
+            lambda c: c["images"][0].update(height="tall"),
+            "has height 'tall': expected int",
+            id="height a string",
+        ),
+        pytest.param(
+            lambda c: c["annotations"][0].pop("category_id"),
+            "has category_id missing",
+            id="no category_id",
+        ),
+        pytest.param(
+            lambda c: c["annotations"][0].pop("image_id"), "has image_id missing", id="no image_id"
+        ),
+        pytest.param(
+            lambda c: c.update(annotations=None),
+            "annotations is NoneType, not a list",
+            id="null annotations",
+        ),
+        pytest.param(
+            lambda c: c.update(categories=["cat", "dog"]),
+            "each of categories must be a JSON",
+            id="categories as names",
+        ),
+        pytest.param(
+            lambda c: c["annotations"][0].update(segmentation=7),
+            "segmentation 7: expected a list",
+            id="segmentation a number",
+        ),
+        pytest.param(
             lambda c: c["annotations"][0].update(segmentation=[["a", "b"]]),
             "segmentation is neither polygons nor an RLE",
+            id="segmentation of strings",
         ),
     ],
 )
