@@ -23,7 +23,7 @@ help: ## this list (each target's comment in the Makefile says more)
 # dependencies: we need their files, not their heavy or conflicting deps. pip compiles every
 # module as it installs: skipping that (--no-compile) saved 40 s of setup here, but where
 # PYTHONDONTWRITEBYTECODE is set (this machine and its CI) every process then compiled
-# torch again as it imported it: the suite took 27-30 min of CPU instead of 21 (2026-12-05).
+# torch again as it imported it: the suite took 27-30 min of CPU, 24 compiled (2026-12-05).
 PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -50,21 +50,19 @@ def read_png_mask(path: Path) -> np.ndarray:
     """
     try:
         with Image.open(path) as png:
-            if png.format != "PNG":
-                raise DataLayoutError(
-                    f"{path}: a mask must be a PNG of class indices, not {png.format} "
-                    "(a lossy format changes the indices at every edge)"
-                )
-            if png.mode not in ("P", "L"):
-                raise DataLayoutError(
-                    f"{path}: a mask must be a palette or greyscale PNG of class indices, "
-                    f"not {png.mode}"
-                )
-            return np.asarray(png).astype(np.uint8)
+            kind, mode, pixels = png.format, png.mode, np.asarray(png)
     except (OSError, SyntaxError, ValueError) as exc:  # PIL: unreadable, truncated, empty
-        if isinstance(exc, DataLayoutError):
-            raise
         raise DataLayoutError(f"{path}: not a readable PNG mask ({exc})") from None
+    if kind != "PNG":
+        raise DataLayoutError(
+            f"{path}: a mask must be a PNG of class indices, not {kind} "
+            "(a lossy format changes the indices at every edge)"
+        )
+    if mode not in ("P", "L"):
+        raise DataLayoutError(
+            f"{path}: a mask must be a palette or greyscale PNG of class indices, not {mode}"
+        )
+    return pixels.astype(np.uint8)
 
 
 def read_text(path: Path) -> str:
