@@ -17,6 +17,7 @@ import json
 import re
 import shutil
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,9 +77,11 @@ from wsss.tensors import (
     CLASS_NAMES,
     CLASSIFIER,
     ENSEMBLES,
+    EXPORT_ID,
     IMAGE,
     LABELS_FILE,
     PIPELINE,
+    PIPELINE_BYTES,
     POSTPROCESS,
     PREPROCESS,
     PSEUDO_MASK,
@@ -217,6 +220,9 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
     }
     labels = label_parameters(names, palette, presence)  # served: clients read them
     configs = build_configs(specs, cfg.export, params, keep, network_refiner, labels)
+    export_id = uuid.uuid4().hex[:16]  # which export answered: clients read it (wsss infer)
+    for name in (PIPELINE, PIPELINE_BYTES):
+        configs[name].parameters[EXPORT_ID].string_value = export_id
     parity = {}
     for name, spec in specs.items():
         folder = staging / name

@@ -24,6 +24,7 @@ from wsss.tensors import (
     CLASSIFIER,
     ENCODED_IMAGE,
     ENSEMBLES,
+    EXPORT_ID,
     FEATURES,
     PIPELINE,
     PIPELINE_BYTES,
@@ -153,6 +154,7 @@ class PipelineClient:
         params = parameters(config)
         self.class_names, self.palette = read_label_parameters(params)
         self.presence = read_presence(params)  # None: an export from before it
+        self.export_id = params.get(EXPORT_ID)  # which export this is; None: one before it
         # The newest version of the ensemble (an export writes every model at one version):
         # which export answers, for a record of its predictions.
         self.version = max((int(v) for v in meta[model].get("versions", [])), default=None)

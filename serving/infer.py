@@ -266,14 +266,14 @@ class _Run:
     def identity(base: PipelineClient, version: int | None) -> dict:
         """What answered, in every record: a folder's records from two servers or two exports
         tell themselves apart, and --resume redoes what another model answered. The export's
-        version (the ensemble's: an export writes every model at one version) and the
-        classes it names, not the address it was reached at."""
+        version (the ensemble's: an export writes every model at one version), the name the
+        export gave itself (two repositories' version 1 differ) and the classes it names, not
+        the address it was reached at."""
         names = json.dumps(base.class_names).encode()
-        return {
-            "ensemble": PIPELINE_BYTES,
-            "version": version,
-            "classes": hashlib.sha256(names).hexdigest()[:12],
-        }
+        model = {"ensemble": PIPELINE_BYTES, "version": version}
+        if base.export_id is not None:  # an export from before it has none
+            model["export"] = base.export_id
+        return {**model, "classes": hashlib.sha256(names).hexdigest()[:12]}
 
     def answered_by(self, version: int | None) -> tuple[PipelineClient, dict]:
         """The client that read the export which answered with ``version`` and its identity:
@@ -286,6 +286,8 @@ class _Run:
             newest = self.base.version
             if version is None or (newest is not None and version < newest):
                 base, model = self.exports[newest]
+                # What the older export called itself is in no config the server still holds.
+                model = {k: v for k, v in model.items() if k != "export"}
                 return base, {**model, "version": version}
             fresh = PipelineClient(self.base.url, self.base.protocol, PIPELINE_BYTES)
             self.clients.append(fresh)

@@ -110,6 +110,10 @@ PALETTE = "palette"  # 256 RGB triples, flat: the colours of mask values in PNGs
 # Which classes a photo holds, as the refiner decides (wsss.served.classical.present_classes):
 # {"multi_label": true, "threshold": 0.3 or one per class, "min_score": 0.0}.
 PRESENCE = "presence"
+# A name each export gives itself (a random hex string in both ensembles' configs): records of
+# what answered (`wsss infer`'s predictions) tell two exports apart where both are version 1
+# (a new repository).
+EXPORT_ID = "export_id"
 LABELS_FILE = "labels.txt"  # one class name per line, in class order
 
 

@@ -344,14 +344,17 @@ def test_records_name_what_answered_and_resume_redoes_another_models(server, pho
     records = read_predictions(path)
     model = records["one"]["model"]
     assert records["one"]["server"] == server.grpc_url and model["ensemble"] == PIPELINE_BYTES
-    assert model["version"] >= 1 and len(model["classes"]) == 12
+    assert model["version"] >= 1 and len(model["classes"]) == 12 and len(model["export"]) == 16
     assert all(r["model"] == model for r in records.values())
     other = {**records["one"], "model": {**model, "version": model["version"] + 1}}
-    with path.open("a") as f:  # as a run against another export appends it
-        f.write(json.dumps(other) + "\n")
+    # Another repository's export of the same version and classes (a new repository starts
+    # at version 1 again): only the name the export gave itself differs.
+    twin = {**records["deeper/two"], "model": {**model, "export": "0" * 16}}
+    with path.open("a") as f:  # as runs against other exports append them
+        f.write(json.dumps(other) + "\n" + json.dumps(twin) + "\n")
     options.resume = True
     again = run([str(photos / "sub")], server.grpc_url, "grpc", options)
-    assert (again.skipped, [r["name"] for r in again.done]) == (2, ["one"])
+    assert (again.skipped, sorted(r["name"] for r in again.done)) == (1, ["deeper/two", "one"])
     options.resume = False
     third = run([str(photos / "sub")], server.grpc_url, "grpc", options)
     assert third.earlier == 3
@@ -426,10 +429,12 @@ def test_an_answer_from_an_export_before_the_newest_keeps_its_own_version():
     run = _Run.__new__(_Run)
     run.lock = threading.Lock()
     run.base = types.SimpleNamespace(version=4)
-    run.exports = {4: (run.base, {"ensemble": PIPELINE_BYTES, "version": 4, "classes": "c"})}
+    newest = {"ensemble": PIPELINE_BYTES, "version": 4, "export": "e4", "classes": "c"}
+    run.exports = {4: (run.base, newest)}
     base, model = run.answered_by(3)
+    # The newest export's name is not the older one's: left out, not borrowed.
     assert base is run.base and model == {"ensemble": PIPELINE_BYTES, "version": 3, "classes": "c"}
-    assert run.answered_by(4)[1]["version"] == 4 and run.model["version"] == 4
+    assert run.answered_by(4)[1] == newest and run.model == newest
 
 
 def _third_request_raises(monkeypatch, error: BaseException) -> list:
