@@ -212,7 +212,9 @@ def cmd_export(args) -> None:
     if args.no_wait:
         cfg.export.lock_wait_seconds = 0
     result = export_repository(cfg)
-    print(f"exported version {result.version} to {result.repository}")
+    print(
+        f"exported version {result.version} to {result.repository} (export id {result.export_id})"
+    )
     for model, errors in result.parity.items():
         worst = ", ".join(f"{k} {v:.2g}" for k, v in errors.items())
         against = "the in-process fp32 ViT" if model == VIT else "PyTorch"

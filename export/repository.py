@@ -109,6 +109,7 @@ class ExportResult:
     repository: Path
     version: int
     parity: dict[str, dict[str, float]]
+    export_id: str = ""  # the name the export gave itself: the ensembles' EXPORT_ID parameter
     # Per quantized model: what was done and, on the photos at hand, how far its masks moved.
     quantized: dict[str, dict] = field(default_factory=dict)
 
@@ -254,6 +255,7 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
     for note in differs:
         print(f"export: {note}", file=sys.stderr, flush=True)
     _write_metadata(staging / CLASSIFIER / str(version), recorded, names, palette, parity)
+    (staging / CLASSIFIER / str(version) / "export_id.txt").write_text(export_id + "\n")
     quantized = {VIT: vit.quantized} if vit and vit.quantized else {}
     if quantized:
         path = staging / CLASSIFIER / str(version) / "quantized.json"
@@ -264,7 +266,7 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
     order = [n for n in specs if n not in ENSEMBLES] + list(ENSEMBLES)
     commit(staging, repo, version, order, retire=_retired(repo, specs))
     _warn_changed_tensors(changed)
-    return ExportResult(repo, version, parity, quantized)
+    return ExportResult(repo, version, parity, export_id, quantized)
 
 
 # Models an export writes only for some refiners: once no ensemble steps through one, Triton

@@ -16,7 +16,15 @@ from export.repository import ExportError, export_repository
 from tests.conftest import random_export_cfg
 from wsss.config import load_config, with_overrides
 from wsss.palette import VOC_PALETTE
-from wsss.tensors import ENSEMBLES, label_parameters, read_label_parameters, served_models
+from wsss.tensors import (
+    ENSEMBLES,
+    EXPORT_ID,
+    PIPELINE,
+    PIPELINE_BYTES,
+    label_parameters,
+    read_label_parameters,
+    served_models,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -87,10 +95,31 @@ def test_generated_settings_land_where_triton_reads_them():
     assert io_names(spec, "onnx")["SCORES"] == "SCORES"
 
 
+def _export_ids(repo: Path) -> dict[str, str]:
+    """Each model's EXPORT_ID parameter, where its config has one."""
+    ids = {}
+    for config in repo.glob("*/config.pbtxt"):
+        params = parse(config.read_text()).parameters
+        if EXPORT_ID in params:
+            ids[config.parent.name] = params[EXPORT_ID].string_value
+    return ids
+
+
 def test_versions_accumulate_with_the_policy(tmp_path):
     cfg = random_export_cfg(tmp_path, "export.keep_versions=2")
-    assert [export_repository(cfg).version for _ in range(3)] == [1, 2, 3]
     repo = Path(cfg.export.repository)
+    results, ids = [], []
+    for _ in range(3):
+        results.append(export_repository(cfg))
+        ids.append(_export_ids(repo))
+    assert [r.version for r in results] == [1, 2, 3]
+    # Each export names itself in both ensembles a client reads (wsss infer's records), and
+    # beside the classifier's metadata; the same models exported again are another export.
+    for result, named in zip(results, ids, strict=True):
+        assert named == dict.fromkeys((PIPELINE, PIPELINE_BYTES), result.export_id)
+        path = repo / "classifier" / str(result.version) / "export_id.txt"
+        assert path.read_text() == result.export_id + "\n"
+    assert len({r.export_id for r in results}) == 3
     for name in served_models(48, 3, 2):
         assert sorted(p.name for p in (repo / name).iterdir() if p.name.isdigit()) == [
             "1",

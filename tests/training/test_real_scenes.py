@@ -102,8 +102,8 @@ def test_presence_from_corner_tiles_ranks_the_classes_better(real_scenes, tmp_pa
     """classifier.tiles (the photo's four corner tiles, 0.6 of its side, enlarged: small
     objects at the scale ImageNet shows them) against the photo alone, the same ImageNet
     head, on the 150 training photos: 0.701 -> 0.721 mAP over its 19 classes at the
-    profile's 320 px (reports/coco_voc/README.md); at 224 px, half the cost, 0.662 -> 0.711
-    when written."""
+    profile's 320 px (reports/coco_voc/README.md). Here at 224 px on every other training
+    photo, a quarter of that cost: 0.606 -> 0.652 (all 150: 0.626 -> 0.681; 2026-12-06)."""
     cfg = _config(
         "imagenet_voc", real_scenes, tmp_path / "imagenet", "data.image_size=224",
         "evaluate.split=train",
@@ -114,6 +114,7 @@ def test_presence_from_corner_tiles_ranks_the_classes_better(real_scenes, tmp_pa
         classifier, _, _ = refine_step(cfg)
         classifier.net.tiles = tiles
         pipes[tiles] = Pipeline(classifier, None, None)  # the scores alone: no masks to score
-    results = evaluate(pipes, load_test_set(cfg, say=False), 16)
+    photos = load_test_set(cfg, say=False)
+    results = evaluate(pipes, photos.subset(range(0, len(photos), 2)), 16)
     maps = {t: r.classification()["map"] for t, r in results.items()}
     assert maps[0.6] > maps[0.0] + 0.025, maps
