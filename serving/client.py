@@ -111,6 +111,14 @@ def _protocol(protocol: str):
     return module
 
 
+READS = 3  # times a client reads the server's models while an export lands
+
+
+def _newest(meta: dict) -> int | None:
+    """The newest version a model's metadata lists (None: it lists none)."""
+    return max((int(v) for v in meta.get("versions", [])), default=None)
+
+
 class PipelineClient:
     """Either ensemble (``wsss_pipeline``: pixels in; ``wsss_pipeline_bytes``: encoded images
     in), over gRPC or HTTP. Sizes, class counts and the level-set refiner's FEATURES come
@@ -125,6 +133,19 @@ class PipelineClient:
         url = server_address(url)
         self.url, self.protocol, self.model = url, protocol, model
         self.client = self.module.InferenceServerClient(url)
+        # What the server holds, read in several requests: an export landing between them
+        # (the ensemble's newest version moved) would pair one export's version with the
+        # next one's classes and name; read again until the version holds still.
+        for _ in range(READS):
+            self._read(model, url)
+            if _newest(self._metadata(model, url)) == self.version:
+                break
+        # The version of the model that answered this client's last request (the server
+        # says; a mid-run export the server loaded answers with the next one).
+        self.answered: int | None = None
+
+    def _read(self, model: str, url: str) -> None:
+        """Shapes, class counts, labels and the newest version from the server."""
         meta = {m: self._metadata(m, url) for m in (model, CLASSIFIER, SEGMENTER)}
         (image,) = meta[CLASSIFIER]["inputs"]
         h, w, _ = (int(d) for d in image["shape"][1:])
@@ -157,10 +178,7 @@ class PipelineClient:
         self.export_id = params.get(EXPORT_ID)  # which export this is; None: one before it
         # The newest version of the ensemble (an export writes every model at one version):
         # which export answers, for a record of its predictions.
-        self.version = max((int(v) for v in meta[model].get("versions", [])), default=None)
-        # The version of the model that answered this client's last request (the server
-        # says; a mid-run export the server loaded answers with the next one).
-        self.answered: int | None = None
+        self.version = _newest(meta[model])
 
     def fork(self, model: str | None = None) -> PipelineClient:
         """A client of its own (of ``model``, either ensemble; default this one) sharing what

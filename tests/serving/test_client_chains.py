@@ -11,6 +11,7 @@ from wsss.tensors import (
     CHAINS,
     CLASSIFIER,
     ENSEMBLES,
+    EXPORT_ID,
     IMAGE_BYTES,
     PIPELINE,
     PIPELINE_BYTES,
@@ -84,4 +85,28 @@ def test_encoded_input_is_what_infer_encoded_sends(monkeypatch):
     assert [t._get_tensor() for t in sent] == [ours._get_tensor()]
     assert [t._get_content() for t in sent] == [ours._get_content()]
     assert ours.name() == IMAGE_BYTES and ours.shape() == [2, 1] and ours.datatype() == "BYTES"
+    client.close()
+
+
+def test_an_export_landing_while_the_client_reads_is_read_whole(monkeypatch):
+    """The client reads the server in several requests; an export that lands between them
+    (here: after the ensemble's metadata named version 1, before its config) must not pair
+    version 1 with the next export's name: the client reads again, and names version 2."""
+    landed = []
+
+    def metadata(self, model, url):
+        if model == PIPELINE_BYTES:
+            meta = {"versions": ["1", "2"] if landed else ["1"]}
+            landed.append(True)  # the export lands right after the first read
+            return meta
+        return METADATA.get(model, {})
+
+    def config(self, model, url):
+        name = "second" if landed else "first"
+        return {**_config(model, True), "parameters": {EXPORT_ID: {"string_value": name}}}
+
+    monkeypatch.setattr(PipelineClient, "_metadata", metadata)
+    monkeypatch.setattr(PipelineClient, "_config", config)
+    client = PipelineClient("127.0.0.1:1", "grpc", PIPELINE_BYTES)
+    assert (client.version, client.export_id) == (2, "second")
     client.close()
