@@ -95,6 +95,7 @@ class InferOptions:
 class InferReport:
     done: list[dict] = field(default_factory=list)  # in the order the images were found
     skipped: int = 0  # with resume: already written
+    redone: int = 0  # with resume: written before, by another model than the one answering
     earlier: int = 0  # without resume: images recorded by earlier runs, appended to
     failed: list[Failure] = field(default_factory=list)
     seconds: float = 0.0  # from the first request sent to the last file written
@@ -105,7 +106,8 @@ class InferReport:
 
     def summary(self, out: Path) -> str:
         total = len(self.done) + self.skipped + len(self.failed)
-        parts = [f"{len(self.done)} written"]
+        again = f" ({self.redone} of them answered before by another model)" if self.redone else ""
+        parts = [f"{len(self.done)} written{again}"]
         parts += [f"{self.skipped} already there"] if self.skipped else []
         parts += [f"{len(self.failed)} unreadable"] if self.failed else []
         rate = f" in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s)" if self.done else ""
@@ -455,6 +457,11 @@ def infer_images(items: list[Item], url: str, protocol: str, options: InferOptio
 
     todo = [item for item in items if not written(item)]
     report.skipped = len(items) - len(todo)
+    report.redone = sum(
+        kept.get(i.name.as_posix(), {}).get("status") == "ok"
+        and kept[i.name.as_posix()].get("model") != run.model
+        for i in todo
+    )
     report.earlier = 0 if options.resume else len(earlier)  # images recorded before
     if not todo:
         run.close()

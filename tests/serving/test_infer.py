@@ -355,6 +355,9 @@ def test_records_name_what_answered_and_resume_redoes_another_models(server, pho
     options.resume = True
     again = run([str(photos / "sub")], server.grpc_url, "grpc", options)
     assert (again.skipped, sorted(r["name"] for r in again.done)) == (1, ["deeper/two", "one"])
+    assert again.redone == 2
+    summary = again.summary(options.out)
+    assert "2 written (2 of them answered before by another model), 1 already there" in summary
     options.resume = False
     third = run([str(photos / "sub")], server.grpc_url, "grpc", options)
     assert third.earlier == 3
