@@ -457,9 +457,8 @@ def infer_images(items: list[Item], url: str, protocol: str, options: InferOptio
 
     todo = [item for item in items if not written(item)]
     report.skipped = len(items) - len(todo)
-    report.redone = sum(
-        kept.get(i.name.as_posix(), {}).get("status") == "ok"
-        and kept[i.name.as_posix()].get("model") != run.model
+    report.redone = sum(  # recorded as written, but by another model than this one
+        (r := kept.get(i.name.as_posix(), {})).get("status") == "ok" and r.get("model") != run.model
         for i in todo
     )
     report.earlier = 0 if options.resume else len(earlier)  # images recorded before
