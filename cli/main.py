@@ -198,17 +198,18 @@ def cmd_reproduce(args) -> None:
 
 def cmd_export(args) -> None:
     from export.check import check_repository
-    from export.repository import export_repository
 
     cfg = _config(args)
     if args.repository:  # as export.repository: where it exports, or what it checks
         cfg.export.repository = args.repository
-    if args.check:
+    if args.check:  # reads the repository alone: no torch to import (1 s, not 5)
         report = check_repository(cfg.export.repository)
         print(report)
         if not report.ok:
             sys.exit(1)
         return
+    from export.repository import export_repository
+
     if args.no_wait:
         cfg.export.lock_wait_seconds = 0
     result = export_repository(cfg)
