@@ -54,7 +54,6 @@ from serving.perf import (
     statistics_delta,
 )
 from serving.server import TritonServer, has_gpu, on_free_ports, processes
-from training.pipeline import pipeline_from_config
 from wsss.config import Config, load_config, served_config, with_overrides
 from wsss.served.images import decode_image, resize_image
 from wsss.served.registry import LEVELSET, RefinerSpec
@@ -116,6 +115,8 @@ def _batches(images: np.ndarray, batch: int):
 
 def eager_rows(cfg: Config, images: np.ndarray, seconds: float) -> list[Row]:
     """``cfg`` as served (``served_config``): the refiner the repository runs."""
+    from training.pipeline import pipeline_from_config  # torch: only where rows are timed
+
     pipe = pipeline_from_config(cfg)
     feed = _batches(images, 1)
     rate, p50, p95 = _time_calls(lambda: pipe(next(feed)), 1, seconds)

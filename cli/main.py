@@ -92,10 +92,11 @@ def _synth_task(args) -> str | None:
 
 
 def cmd_train(args) -> None:
+    cfg = _config(args)  # a bad setting is said before torch is imported (5 s)
     from training import distributed, stages
 
     try:
-        stages.run(_config(args), tuple(args.stages.split(",")))
+        stages.run(cfg, tuple(args.stages.split(",")))
     finally:
         distributed.teardown()
 
@@ -119,10 +120,10 @@ def cmd_evaluate(args) -> None:
         raise InputError(
             f"{', '.join(stray)}: a study's, not wsss evaluate's (`wsss study --help`)"
         )
+    cfg = _config(args)
     from experiments.studies import evaluate_profile
     from training import distributed
 
-    cfg = _config(args)
     try:  # under torchrun: each rank scores its share, rank 0 reports
         table = evaluate_profile(cfg)
     finally:
