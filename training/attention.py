@@ -263,10 +263,16 @@ def _run(
 def onnx_with_attention(path: Path, layers: Sequence[int]) -> bytes:
     """The ONNX ViT at ``path`` with the chosen layers' attention softmaxes as its outputs
     (and nothing else), at 224 px (``fold_for_side``): what ``OnnxAttention`` runs, in
-    process and in the served refiner."""
+    process and in the served refiner. Read once per file, mtime and layers (4 s a read)."""
+    path = Path(path)
+    return _attention_graph(str(path.resolve()), path.stat().st_mtime_ns, tuple(layers))
+
+
+@functools.lru_cache(maxsize=1)
+def _attention_graph(path: str, mtime: int, layers: tuple[int, ...]) -> bytes:
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load(path)
     _expose(model, [_ONNX_SOFTMAX.format(i) for i in layers], path, "refine.vit_layers")
     image = image_input(model, path)
     hint = f"an attention ViT is read at its {VIT_SIZE} px"

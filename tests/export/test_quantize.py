@@ -13,37 +13,12 @@ from onnx import TensorProto, helper, numpy_helper
 from export.quantize import is_quantized, map_agreement, quantize_graph
 from export.repository import ExportError, _refuse_quantize, _vit
 from export.vit import served_vit
+from tests.tiny_graphs import tiny_saliency
 from training.torch_refiners import saliency_model
 from wsss.config import Config, RefineConfig, load_config
 from wsss.errors import InputError
 from wsss.served.classical import OnnxMaps, OnnxSaliency, otsu_foreground
 from wsss.tensors import SALIENCY, VIT, served_models
-
-
-def tiny_saliency() -> bytes:
-    """A graph with the saliency model's interface: [B, 3, 224, 224] -> output_importance."""
-    rng = np.random.default_rng(0)
-    weight = helper.make_tensor(
-        "w",
-        TensorProto.FLOAT,
-        [224, 224],
-        rng.standard_normal((224, 224)).astype(np.float32).ravel() / 15,
-    )
-    nodes = [
-        helper.make_node("ReduceMean", ["x"], ["grey"], axes=[1], keepdims=0),
-        helper.make_node("MatMul", ["grey", "w"], ["mixed"]),
-        helper.make_node("Sigmoid", ["mixed"], ["output_importance"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 224, 224])],
-        [helper.make_tensor_value_info("output_importance", TensorProto.FLOAT, ["b", 224, 224])],
-        [weight],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model.SerializeToString()
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from export.repository import _vit
+from tests.tiny_graphs import tiny_saliency
 from training.levelset.model import LevelSetGraph, LevelSetHead
 from training.torch_refiners import build_refiner, served_settings
 from wsss import config as wsss_config
@@ -125,8 +126,22 @@ def _levelset(k: int, size: int, multi_label: bool) -> LevelSetGraph:
     return LevelSetGraph(head, multi_label).eval()
 
 
-def _refiner(text: str, k: int, size: int, multi_label: bool):
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory) -> str:
+    """A small graph with the saliency model's interface, in the bundled ViT's place for the
+    saliency refiners: the grid is about shapes, degenerate CAMs and the served form, not
+    what the ViT sees (its masks are held to real photos: tests/training/test_real_pets.py,
+    tests/export/test_quantize.py), and the ViT took 2-4 s a case here. The attention and
+    random-walk refiners read the ViT's inner layers: they run the bundled one."""
+    path = tmp_path_factory.mktemp("grid") / "saliency.onnx"
+    path.write_bytes(tiny_saliency())
+    return str(path)
+
+
+def _refiner(text: str, k: int, size: int, multi_label: bool, saliency: str | None = None):
     cfg = RefinerSpec.parse(text).apply(RefineConfig(chanvese_iterations=3))
+    if cfg.method == "saliency":
+        cfg = dataclasses.replace(cfg, saliency_weights=saliency)
     levelset = _levelset(k, size, multi_label) if text == "levelset" else None
     return cfg, build_refiner(cfg, multi_label, levelset=levelset)
 
@@ -159,13 +174,13 @@ def _run(refiner, batch):
 
 @pytest.mark.parametrize("text", SPECS)
 @pytest.mark.parametrize("multi_label", [False, True], ids=["binary", "multi"])
-def test_every_refiner_on_the_grid(text, multi_label):
+def test_every_refiner_on_the_grid(text, multi_label, stand_in):
     k = 3 if multi_label else 2
     shapes = [(1, 32, 32), (3, 48, 40)]
     if text == "levelset":  # its head is built for one square side
         shapes = [(1, 32, 32), (3, 32, 32)]
     for b, h, w in shapes:
-        _, refiner = _refiner(text, k, h, multi_label)
+        _, refiner = _refiner(text, k, h, multi_label, stand_in)
         allowed = {0, 1} if refiner.binary else {0, 1, 3}  # background, the present classes
         for kind in ("blob", "zero", "flat", "one"):
             masks = _run(refiner, _batch(b, k, h, w, kind))
@@ -179,11 +194,11 @@ def test_every_refiner_on_the_grid(text, multi_label):
 
 
 @pytest.mark.parametrize("text", SPECS)
-def test_every_refiner_serves_as_it_trains(text):
+def test_every_refiner_serves_as_it_trains(text, stand_in):
     """The served form gives the training refiner's masks: the graph for graph refiners,
     the Python model's builder from the settings the exporter writes for the others."""
     k, size, multi_label = 3, 32, True
-    cfg, refiner = _refiner(text, k, size, multi_label)
+    cfg, refiner = _refiner(text, k, size, multi_label, stand_in)
     batch = _batch(2, k, size, size, "blob")
     expected = _run(refiner, batch)
     spec = RefinerSpec.of(cfg)
