@@ -57,6 +57,24 @@ def test_the_client_and_wsss_infer_import_no_torch(tmp_path):
     assert "torch modules: []" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "args, said",
+    [
+        (["export", "--check", "--repository", "nowhere"], "no such repository folder"),
+        (["train", "--set", "train.epochs=many"], "train.epochs"),
+        (["evaluate", "--set", "train.epochs=many"], "train.epochs"),
+        (["soak", "--concurrency", "0"], "at least 1: not 0"),
+    ],
+    ids=["export-check", "train", "evaluate", "soak"],
+)
+def test_checks_and_refusals_import_no_torch(tmp_path, args, said):
+    """Checking a repository reads it alone, and a bad setting is said before torch is
+    imported: in under a second, not the 5-6 s that importing torch takes here."""
+    proc = _wsss(*args, cwd=tmp_path)
+    assert proc.returncode != 0 and said in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    assert "torch modules: []" in proc.stderr
+
+
 def _served_names(exported) -> list[str]:
     folder = Path(exported.export.repository) / CLASSIFIER
     return json.loads((folder / str(versions(folder)[-1]) / "class_names.json").read_text())
