@@ -13,9 +13,9 @@ from wsss.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]  # the project: tests/ mirrors its packages
 
-# `make test` runs two pytest-xdist workers on a 2-core machine: each, and what it starts,
+# `make test` runs three pytest-xdist workers on a 2-core machine: each, and what it starts,
 # gets one torch/OpenMP thread (read when torch is first imported, after this), so that
-# the two do not oversubscribe the cores. Set OMP_NUM_THREADS to choose otherwise.
+# they do not oversubscribe the cores. Set OMP_NUM_THREADS to choose otherwise.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -68,8 +68,8 @@ def real_scenes() -> Path:
 
 
 # The longest modules, longest first (measured: `make test PYTEST_ARGS=--durations=0`). Under
-# `make test` each of the two workers takes a module at a time, so a long module handed out
-# last leaves the other worker idle to the end; these go first, then every other module
+# `make test` each worker takes a module at a time, so a long module handed out last
+# leaves the other workers idle to the end; these go first, then every other module
 # with slow, triton or docker tests, then the fast ones, which fill the gaps. Only the order
 # changes: a module missing from the list runs all the same.
 LONGEST_FIRST = (
