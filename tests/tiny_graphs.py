@@ -9,7 +9,10 @@ from onnx import TensorProto, helper
 
 
 def tiny_saliency() -> bytes:
-    """A graph with the saliency model's interface: [B, 3, 224, 224] -> output_importance."""
+    """A graph with the saliency model's interface: [B, 3, 224, 224] -> output_importance.
+
+    It reads 224 px only (its MatMul is 224 wide): a test that runs it at another
+    ``refine.saliency_size`` fails on the stand-in, not on the refiner."""
     rng = np.random.default_rng(0)
     weight = helper.make_tensor(
         "w",
