@@ -24,10 +24,11 @@ help: ## this list (each target's comment in the Makefile says more)
 # constraints.txt) installs the same pins as pip: it downloads in parallel and compiles the
 # bytecode on every core: `make setup` took 1 min 31 s against about 2 min 22 s with pip on
 # a 2-core machine (2026-12-06, both cold); where uv cannot be had or fails, pip does it all.
-# uv reads no pip.conf or PIP_* settings: it takes the pins from PyPI, as pip does (the
-# machine's extra local indexes hold none of the heavy ones), and keeps no cache
-# (--no-cache): a cached copy of this 7 GB venv would double its disk for a rerun that
-# happens only when the pins change. The
+# uv reads no pip.conf or PIP_* settings: it takes the pins from PyPI, where pip takes torch
+# and the CUDA libraries from this machine's local index (/opt/pypi-more); pointed at that
+# index too, uv took as long (1 min 30 s): unpacking and compiling, not the download, is
+# its time. It keeps no cache (--no-cache): a cached copy of this 7 GB venv would double its
+# disk for a rerun that happens only when the pins change. The
 # bytecode is compiled in both: where PYTHONDONTWRITEBYTECODE is set (this machine and its
 # CI) a venv without it compiles torch again in every process that imports it (pip
 # --no-compile saved 40 s of setup and cost the suite 27-30 min of CPU, 2026-12-05).
