@@ -194,6 +194,9 @@ def cmd_reproduce(args) -> None:
     path = Path(args.profile)
     if not path.exists() and not path.suffix:  # a profile's name: configs/reproduce/<name>
         path = Path("configs/reproduce") / f"{args.profile}.yaml"
+        if not path.is_file():
+            names = sorted(p.stem for p in path.parent.glob("*.yaml"))
+            raise InputError(f"no profile {args.profile!r}: one of {', '.join(names)} or a file")
     print(reproduce(load_profile(path, args.set), path.stem, speed=table3))
 
 
@@ -458,8 +461,8 @@ SYNTH = (
         "coco, voc_aug and coco20xx need the voc task",
     ),
     flag("--out", help="folder to write (default: data.root)"),
-    flag("--count", type=int),
-    flag("--size", type=int),
+    flag("--count", type=int, help="images to write (default: data.synth_count)"),
+    flag("--size", type=int, help="their side in pixels (default: data.image_size)"),
     flag(
         "--if-missing",
         action="store_true",
@@ -671,7 +674,7 @@ BENCH = (
         "photos (--images FILES or DIRS; default the profile's real test photos, else the "
         "shared Pet test photos), with the level set's refiner times where it serves one "
         "(reports/bench/<profile>/, reports/bench/ for quick; --config defaults to "
-        "configs/quick.yaml)",
+        "configs/serve.yaml, what make serve serves)",
     ),
     flag(
         "--batches",
@@ -774,10 +777,10 @@ INFER_BENCH = (
 
 SCALING = (
     flag("--classifier", help="a classifier best.pt (default: the profile's run)"),
-    flag("--processes", type=int, default=2),
-    flag("--rounds", type=int, default=3),
+    flag("--processes", type=int, default=2, help="torchrun processes, against one"),
+    flag("--rounds", type=int, default=3, help="rounds, the settings alternated"),
     flag("--threads", type=int, default=1, help="per process (OMP_NUM_THREADS)"),
-    flag("--report", default="reports/scaling/pseudo_masks.md"),
+    flag("--report", default="reports/scaling/pseudo_masks.md", help="the report written"),
 )
 
 # The whole command line: `build_parser` makes argparse's parsers from this table.
@@ -869,7 +872,9 @@ def _config_flags(default: str | None) -> argparse.ArgumentParser:
     """--config and --set, made anew for each command: argparse parents share their
     actions, so one command's default would otherwise become every command's."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default=default, help="YAML config (see configs/)")
+    said = "" if default else "; none: the built-in defaults of wsss/config.py, not make serve's "
+    said += "" if default else "configs/serve.yaml"
+    common.add_argument("--config", default=default, help=f"YAML config (see configs/{said})")
     common.add_argument(
         "--set",
         action="append",
@@ -880,6 +885,21 @@ def _config_flags(default: str | None) -> argparse.ArgumentParser:
     return common
 
 
+class _DefaultsSaidPlain(argparse.HelpFormatter):
+    """Each flag's default in its help, where it has one and the help does not say it."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        quiet = action.default in (None, False, [], "", argparse.SUPPRESS)
+        if quiet or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+class _DefaultsSaid(argparse.RawDescriptionHelpFormatter, _DefaultsSaidPlain):
+    """The same, under a description laid out by hand."""
+
+
 def _add_commands(parser, commands, dest: str) -> None:
     sub = parser.add_subparsers(dest=dest, required=True)
     for c in commands:
@@ -888,9 +908,7 @@ def _add_commands(parser, commands, dest: str) -> None:
             help=c.help,
             parents=[_config_flags(c.default_config)] if c.config else [],
             description=c.description,
-            formatter_class=argparse.RawDescriptionHelpFormatter
-            if c.description
-            else argparse.HelpFormatter,
+            formatter_class=_DefaultsSaid if c.description else _DefaultsSaidPlain,
         )
         for names, kwargs in c.arguments:
             p.add_argument(*names, **kwargs)
@@ -911,6 +929,13 @@ PATH_ERRORS = (
 )
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error as the user reads it: a path error as `path: what` (not `[Errno 2] ...`)."""
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     # The command line as run, for the reports that name the command that made them.
@@ -925,7 +950,7 @@ def main(argv: list[str] | None = None) -> None:
     except (WsssError, InputError, *PATH_ERRORS) as exc:  # a bug keeps its traceback
         if os.environ.get("WSSS_DEBUG"):  # where it came from, as well
             raise
-        sys.exit(f"wsss {args.command}: {exc}")
+        sys.exit(f"wsss {args.command}: {_one_line(exc)}")
     except KeyboardInterrupt as exc:  # Ctrl-C: one line, the shell's status for the signal
         terminated = isinstance(exc, _Terminated)
         what = f": {exc}" if str(exc) else ""

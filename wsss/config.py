@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -530,6 +531,12 @@ class ServeConfig:
             port = getattr(self, name)
             if not 1 <= port <= 65535:
                 raise _KeyError(f"{name} {port}: a TCP port, 1 to 65535")
+        ports = {"http_port": self.http_port, "grpc_port": self.grpc_port}
+        ports["metrics_port"] = self.metrics_port
+        for name, port in ports.items():  # tritonserver would fail to bind the second
+            twin = next(n for n, p in ports.items() if p == port)
+            if twin != name:
+                raise _KeyError(f"{twin} and {name} are both {port}: each needs its own port")
         at_least(self, "poll_seconds", 1)
         for name in ("watchdog_seconds", "exit_timeout_seconds", "restarts"):
             at_least(self, name, 0)
@@ -627,7 +634,7 @@ class ReproduceProfile:
 def load_profile(path: str | Path, overrides: list[str] = ()) -> ReproduceProfile:
     """A reproduce profile from YAML, with ``a.b=c`` overrides, checked like a config."""
     raw = read_yaml(Path(path))
-    _override(raw, overrides)
+    _override(raw, overrides, ReproduceProfile)
     return _build(ReproduceProfile, raw, "")
 
 
@@ -643,7 +650,7 @@ class _KeyError(ConfigError):
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then ``a.b=c`` overrides, each checked against the types."""
     raw: dict[str, Any] = {} if path is None else read_yaml(Path(path))
-    _override(raw, overrides)
+    _override(raw, overrides, Config)
     _upgrade(raw)
     return _build(Config, raw, "")
 
@@ -695,7 +702,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"{getattr(exc, 'problem', None) or exc}{where}"
 
 
-def _override(raw: dict[str, Any], overrides: list[str]) -> None:
+def _override(raw: dict[str, Any], overrides: list[str], schema: type) -> None:
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -711,11 +718,49 @@ def _override(raw: dict[str, Any], overrides: list[str]) -> None:
                 raise ConfigError(f"override {item!r}: {part} is {child!r}, not a section")
             node = child
         try:
-            node[leaf] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError as exc:
             raise ConfigError(
                 f"override {item!r}: not a YAML value ({_yaml_problem(exc)})"
             ) from None
+        hint = _hint_at(schema, [*parents, leaf])
+        node[leaf] = value.strip() if _wants_text(hint, parsed, value.strip()) else parsed
+
+
+def _hint_at(schema: type, path: list[str]) -> Any:
+    """The type a config key holds (``export.repository`` -> str), or None where the path
+    leaves the schema (an unknown key: ``_build`` names it)."""
+    hint: Any = schema
+    for part in path:
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        options = typing.get_args(hint) if union else [hint]
+        sections = [o for o in options if dataclasses.is_dataclass(o)]
+        if not sections:
+            return None
+        hint = typing.get_type_hints(sections[0]).get(part)
+    return hint
+
+
+def _wants_text(hint: Any, parsed: Any, text: str) -> bool:
+    """Whether an override's YAML reading should give way to its text: a key that holds
+    text read as a number or a switch (``--set export.repository=2024``, ``=no``, ``=0123``,
+    which YAML makes 2024, False and 83), or a choice of words that YAML turned into one
+    (a Literal option ``off``). A key that takes numbers or switches keeps YAML's reading;
+    ``null`` stays None where None is allowed."""
+    if hint is None or isinstance(parsed, str):
+        return False
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return text in args
+    union = origin in (typing.Union, types.UnionType)
+    options = [a for a in args if a is not type(None)] if union else [hint]
+    if parsed is None and union and type(None) in args:
+        return False
+    if any(typing.get_origin(o) is Literal and text in typing.get_args(o) for o in options):
+        return True
+    return str in options and not any(
+        o in (int, float, bool) and isinstance(parsed, o) for o in options
+    )
 
 
 def _upgrade(raw: dict[str, Any], given: bool = True) -> None:
@@ -782,7 +827,14 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(raw) - names
     if unknown:
-        raise ConfigError(f"unknown config key(s) {sorted(where + k for k in unknown)}")
+        keys = sorted(where + str(k) for k in unknown)
+        close = {m for k in unknown for m in difflib.get_close_matches(str(k), names, 1)}
+        hint = (
+            f"did you mean {', '.join(where + m for m in sorted(close))}?"
+            if close
+            else f"{where.rstrip('.') or 'the top level'} takes {', '.join(sorted(names))}"
+        )
+        raise ConfigError(f"unknown config key(s) {keys} ({hint})")
     kwargs = {}
     for name, value in raw.items():
         hint = hints[name]
@@ -845,7 +897,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 def with_overrides(cfg: Config, overrides: list[str]) -> Config:
     """``cfg`` with ``a.b=c`` overrides applied, checked as a loaded config is."""
     raw = dataclasses.asdict(cfg)
-    _override(raw, overrides)
+    _override(raw, overrides, Config)
     _upgrade(raw, given=False)
     return _build(Config, raw, "")
 

@@ -77,6 +77,25 @@ def test_bad_config_is_a_clear_error():
     assert proc.returncode != 0 and "train.epochs: expected int" in proc.stderr
 
 
+def test_a_missing_config_or_profile_is_named_in_one_line(tmp_path):
+    """Not `[Errno 2] No such file or directory: '...'`: the path, then what is wrong; a
+    profile's name that is none lists the names there are (in process, as test_main's
+    other refusals)."""
+    from cli.main import main
+
+    absent = tmp_path / "nope.yaml"
+    for command, message in (
+        (["export", "--check", "--config", str(absent)], f"{absent}: No such file or directory"),
+        (
+            ["reproduce", "--profile", "nope"],
+            "no profile 'nope': one of full, pets_real, quick or a file",
+        ),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            main(command)
+        assert str(stopped.value.code) == f"wsss {command[0]}: {message}"
+
+
 @pytest.mark.parametrize("variable", ["HTTP_PORT", "GRPC_PORT"])
 def test_a_bad_port_in_the_environment_is_named_as_set(variable, monkeypatch, capsys):
     from cli.main import main

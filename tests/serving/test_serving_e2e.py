@@ -217,9 +217,13 @@ def test_bench_measures_baselines_and_server_side_by_side(server, exported, tmp_
     size = (exported.data.image_size, exported.data.image_size)
     images = np.stack([resize_image(p, size) for p in photos])
     rows = eager_rows(exported, images, 0.3) + ort_rows(exported, images, 0.3)
-    (parallel,) = parallel_rows(exported, images, 0.3, batches=(1,))
-    assert parallel.concurrency == os.cpu_count() and parallel.images_per_s > 0
-    rows.append(parallel)
+    files = [cv2.imencode(".png", np.ascontiguousarray(p[..., ::-1]))[1].tobytes() for p in photos]
+    parallel, decoding = parallel_rows(exported, images, 0.3, batches=(1,), blobs=files)
+    assert parallel.concurrency == decoding.concurrency == os.cpu_count()
+    assert "from the photos' files" in decoding.what and "files" not in parallel.what
+    # decoding and resizing each file is work the tensor rows do not do
+    assert 0 < decoding.images_per_s < 1.5 * parallel.images_per_s
+    rows += [parallel, decoding]
     settings = PerfSettings(concurrency="1:2", stability_percent=200, max_trials=3, request_count=8)
     rows += served_rows(server, images, photos, settings, batches=(2,))
     served = {(r.what, r.concurrency, r.batch) for r in rows if r.what.startswith("served")}
@@ -233,7 +237,7 @@ def test_bench_measures_baselines_and_server_side_by_side(server, exported, tmp_
     # gRPC, HTTP, shared memory, bytes: concurrency 1 and 2 each; gRPC at batch 2
     assert len(served) == 9 and ("served wsss_pipeline, gRPC", 1, 2) in served
     in_process = {(r.what, r.batch) for r in rows if r.what.startswith("ONNX")}
-    assert {b for _, b in in_process} == {1, 4, 8} and len(in_process) == 7  # 2 thread settings
+    assert {b for _, b in in_process} == {1, 4, 8} and len(in_process) == 8  # 2 thread settings
     assert all(r.images_per_s > 0 for r in rows)
     # Triton's per-model statistics of each served row: every step of the ensemble served
     # the requests perf_analyzer sent, and its model time is measured.
@@ -245,7 +249,13 @@ def test_bench_measures_baselines_and_server_side_by_side(server, exported, tmp_
     batched = next(r for r in rows if r.batch == 2 and r.what.startswith("served"))
     assert batched.extra["models"]["classifier"]["mean_batch"] >= 2
     found = ratios(rows)
-    assert len(found) == 4 and all(v > 0 for v in found.values())
+    assert len(found) == 6 and all(v > 0 for v in found.values())
+    bytes_best = max(r.images_per_s for r in rows if "bytes" in r.what)
+    twin = found[
+        "served bytes ensemble best throughput / one in-process pipeline per core "
+        "decoding the same files"
+    ]
+    assert twin == pytest.approx(bytes_best / decoding.images_per_s)
     one = PerfSettings(concurrency="2", stability_percent=200, max_trials=3, request_count=8)
     cpu = cpu_per_image(server, images, one)
     for process in ("tritonserver", "perf_analyzer", "classifier (Python stub)"):

@@ -24,6 +24,20 @@ def test_int_is_accepted_for_float():
     assert load_config(None, ["train.lr=1"]).train.lr == 1.0
 
 
+def test_a_text_key_keeps_the_text_yaml_would_read_as_a_number_or_switch():
+    """--set export.repository=0123 said 'expected str, got 83' (YAML 1.1's octal), =no
+    'got False': a key that holds text takes what was typed; numbers stay numbers."""
+    for text in ("0123", "no", "2024", "off", "1e3", "null"):
+        assert load_config(None, [f"export.repository={text}"]).export.repository == text
+    assert load_config(None, ["runs= 2024 "]).runs == "2024"
+    assert load_config(None, ["export.repository='0123'"]).export.repository == "0123"
+    vit = load_config(None, ["export.vit.onnxruntime.graph_level=1"]).export.vit
+    assert vit.onnxruntime.graph_level == 1
+    assert load_config(None, ["train.epochs=12"]).train.epochs == 12
+    with pytest.raises(ConfigError, match="train.epochs: expected int, got False"):
+        load_config(None, ["train.epochs=no"])  # a switch where a number goes: refused
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -54,6 +68,10 @@ def test_int_is_accepted_for_float():
         ("export.preprocess.preferred_batch_sizes=[0,4]", r"preferred_batch_sizes \[0, 4\]"),
         ("export.atol=-1", "export.atol -1.0: above 0 and finite"),
         ("serve.http_port=99999", "serve.http_port 99999: a TCP port, 1 to 65535"),
+        ("serve.metrics_port=8000", "serve.http_port and metrics_port are both 8000: each"),
+        # a mistyped key: the close one named, else the section's keys
+        ("train.epoch=3", r"\(did you mean train.epochs\?\)"),
+        ("serve.nope=1", r"\(serve takes exit_timeout_seconds, grpc_port, host, http_port,"),
         ("serve.poll_seconds=0", "serve.poll_seconds 0: at least 1"),
         ("serve.restarts=-1", "serve.restarts -1: at least 0"),
         ("classifier.output_stride=8", "classifier.output_stride 8: 16 or 32"),
