@@ -75,6 +75,7 @@ from wsss.tensors import (
 
 EAGER = "eager PyTorch pipeline (in process)"
 FROM_FILES = ", from the photos' files: decoded and resized as served"
+FP32_VIT = ", the ViT in fp32 as export writes it unquantized"
 ORT = "ONNX Runtime pipeline (in process"  # + ", N threads)"
 SERVED = "served wsss_pipeline"
 
@@ -130,7 +131,7 @@ class OrtPipeline:
     them; a Python refiner runs the same code as the served one. ``threads``: ONNX
     Runtime's intra-op threads per session (0: its default, one per core)."""
 
-    def __init__(self, cfg: Config, threads: int = 0):
+    def __init__(self, cfg: Config, threads: int = 0, vit: bytes | None = None):
         repo = Path(cfg.export.repository)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -146,7 +147,11 @@ class OrtPipeline:
 
         self.classifier, self.segmenter = session(CLASSIFIER), session(SEGMENTER)
         self.refiner_graph = session(REFINER)
-        self.vit = session(VIT)  # the saliency or attention ViT, where the refiner reads one
+        # The saliency, attention or tokens ViT, where the refiner reads one; ``vit``: another
+        # form of it (the fp32 graph where the repository serves int8: ``fp32_vit``).
+        self.vit = session(VIT)
+        if vit is not None:
+            self.vit = ort.InferenceSession(vit, options, providers=_providers())
         self.refiner = served_refiner(repo) if self.refiner_graph is None else None
         if self.classifier is None or self.segmenter is None:
             raise SystemExit("make bench needs ONNX classifier and segmenter exports")
@@ -198,11 +203,15 @@ def ort_rows(
     seconds: float,
     batches: tuple[int, ...] = (1, 4, 8),
     threads: tuple[int, ...] = (0, 1),
+    vit: bytes | None = None,
 ) -> list[Row]:
+    """The pipeline in one process, per thread setting and batch size; ``vit``: with that
+    ViT graph instead of the repository's (``FP32_VIT`` in the label)."""
     rows = []
+    form = FP32_VIT if vit is not None else ""
     for n in threads:
-        pipe = OrtPipeline(cfg, n)
-        label = f"{ORT}, {'default' if n == 0 else n} thread{'s' if n != 1 else ''})"
+        pipe = OrtPipeline(cfg, n, vit)
+        label = f"{ORT}, {'default' if n == 0 else n} thread{'s' if n != 1 else ''}{form})"
         for batch in batches:
             feed = _batches(images, batch)
             rate, p50, p95 = _time_calls(lambda f=feed, p=pipe: p(next(f)), batch, seconds)
@@ -238,14 +247,16 @@ def parallel_rows(
     seconds: float,
     batches: tuple[int, ...] = (1, 8),
     blobs: list[bytes] | None = None,
+    vit: bytes | None = None,
 ) -> list[Row]:
     """One single-threaded pipeline per core, all running at once: every core busy with no
     serving in between, the most these models compute on this machine. ONNX Runtime
     releases the GIL, so the threads run in parallel. With ``blobs`` (photos' files), one
     more row at batch 1: each pipeline decodes and resizes a file before it runs, as the
-    bytes ensemble does (``FROM_FILES``)."""
+    bytes ensemble does (``FROM_FILES``). ``vit``: as ``ort_rows``."""
     workers = os.cpu_count() or 1
-    pipes = [OrtPipeline(cfg, 1) for _ in range(workers)]
+    pipes = [OrtPipeline(cfg, 1, vit) for _ in range(workers)]
+    form = FP32_VIT if vit is not None else ""
     rows = []
     plan = [(batch, False) for batch in batches] + ([(1, True)] if blobs else [])
     for batch, files in plan:
@@ -266,7 +277,7 @@ def parallel_rows(
         ms = sorted(x * 1e3 for out in times for x in out)
         rate = sum(batch * len(out) / sum(out) for out in times if out)
         p50, p95 = statistics.median(ms), ms[int(0.95 * (len(ms) - 1))]
-        label = f"{ORT}, {workers} in parallel, 1 thread each{FROM_FILES if files else ''})"
+        label = f"{ORT}, {workers} in parallel, 1 thread each{form}{FROM_FILES if files else ''})"
         rows.append(Row(label, batch, workers, rate, p50, p95))
     return rows
 
@@ -838,9 +849,20 @@ def untrained(cfg: Config, config: str | None) -> Config:
     )
 
 
+def _serves_int8_vit(cfg: Config) -> bool:
+    """Whether the repository's newest ViT model is an int8 graph."""
+    from export.quantize import is_quantized
+
+    folder = Path(cfg.export.repository) / VIT
+    if not folder.is_dir():
+        return False
+    path = folder / str(versions(folder)[-1]) / "model.onnx"
+    return path.is_file() and is_quantized(path.read_bytes())
+
+
 def bench_report(args) -> None:
     """``wsss bench --report`` (``make bench``): its flags are the CLI table's ``BENCH``."""
-    from export.repository import build_if_missing
+    from export.repository import build_if_missing, fp32_vit
 
     args.config = args.config or "configs/serve.yaml"  # what make serve serves
     cfg = load_config(args.config, args.set)
@@ -871,6 +893,12 @@ def bench_report(args) -> None:
         refiners = refiner_speed(ensure_levelset(cfg))
     rows = eager_rows(served, images, args.seconds) + ort_rows(served, images, args.seconds)
     rows += parallel_rows(served, images, args.seconds, blobs=blobs)
+    # The unoptimised form beside the shipped one, where the profile serves an int8 ViT:
+    # batch 1, one pipeline and one per core (the issue: "each optimised form").
+    fp32 = fp32_vit(cfg) if _serves_int8_vit(cfg) else None
+    if fp32 is not None:
+        rows += ort_rows(served, images, args.seconds, batches=(1,), vit=fp32)
+        rows += parallel_rows(served, images, args.seconds, batches=(1,), vit=fp32)
     batches = args.batches
     repo = Path(cfg.export.repository)
     # perf_analyzer registers system shared memory for the "+ system shm" run and sends no

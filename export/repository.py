@@ -58,7 +58,7 @@ from training.pipeline import (
 from training.torch_refiners import saliency_graph, served_settings, walk_graph
 from training.walk import ViTTokens
 from wsss import served
-from wsss.config import Config, save_config, served_config
+from wsss.config import Config, save_config, served_config, with_overrides
 from wsss.errors import InputError, WsssError
 from wsss.palette import VOC_PALETTE
 from wsss.served import HELPERS
@@ -402,6 +402,18 @@ def _transitions(tokens, refine) -> Callable[[np.ndarray], np.ndarray]:
         return np.stack([transition(patches) for patches in tokens(images)])
 
     return maps
+
+
+def fp32_vit(cfg: Config) -> bytes | None:
+    """The ViT model ``cfg`` serves (its served refiner's: SALIENCY or TOKENS), as export
+    writes it with ``export.vit.quantize: none``: the unoptimised form a benchmark times
+    beside the shipped one. None where the served refiner reads no such ViT (an attention
+    ViT is never quantized)."""
+    cfg = with_overrides(served_config(cfg), ["export.vit.quantize=none"])
+    role = VIT_OUTPUT.get(RefinerSpec.of(cfg.refine).entry.vit)
+    if role not in (SALIENCY, TOKENS):
+        return None
+    return _vit(cfg, None, role).graph
 
 
 def vit_core(cfg: Config, fp32: bytes, side: int) -> tuple[bytes, dict]:

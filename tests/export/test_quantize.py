@@ -58,6 +58,17 @@ def test_export_quantizes_the_vit_and_says_what_it_did(tiny):
     assert "KIND_GPU" in gpu.quantized["quantize"] and not is_quantized(gpu.graph)
 
 
+def test_the_fp32_form_a_benchmark_times_is_the_unquantized_export(tiny):
+    """``fp32_vit``: the ViT model as export writes it with quantize none, whatever the
+    config ships (make bench times it beside the int8 one); None where no ViT is served."""
+    from export.repository import fp32_vit
+
+    graph = fp32_vit(_config(tiny, "export.vit.quantize=dynamic"))
+    assert not is_quantized(graph)
+    assert graph == _vit(_config(tiny), None, SALIENCY).graph
+    assert fp32_vit(load_config(None, ["refine.method=fixed"])) is None
+
+
 def test_static_int8_is_calibrated_on_photos_or_export_says_why_it_is_dynamic(tiny, pets_root):
     """export.vit.quantize static: weights and activations int8 (QuantizeLinear in the
     graph), ranges from export.vit.calibration's training photos, named in what export
