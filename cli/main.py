@@ -231,6 +231,11 @@ def cmd_export(args) -> None:
             if "mask_iou" in done
             else done.get("agreement", "")
         )
+        if "int8_truth_iou" in done:
+            agreement += (
+                f"; against the truth of {done['truth_photos']}: IoU fp32 "
+                f"{done['fp32_truth_iou']:.4f}, int8 {done['int8_truth_iou']:.4f}"
+            )
         print(f"  {model}: quantize {done['quantize']}; {agreement}".rstrip("; "))
 
 

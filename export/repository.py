@@ -384,7 +384,51 @@ def _vit(cfg: Config, refiner, role: str) -> ExportedViT:
     parity = {"max_abs_error": agreement["max_abs_map"], "mask_mismatch": 1 - agreement["mask_iou"]}
     if core is not fp32:
         quantized |= {"model": VIT, "photos": source} | agreement
+        if role == SALIENCY:  # what matters: each form's masks against the truth
+            quantized |= _truth(cfg, reference, served, settings.calibration or None)
     return ExportedViT(graph, parity, quantized, tokens)
+
+
+# Test photos an int8 ViT's masks are scored on against their truth, fp32's beside them.
+TRUTH_PHOTOS = 32
+
+
+def _truth(cfg: Config, fp32, int8, root: str | None) -> dict:
+    """The fp32 and int8 saliency ViTs' masks (each map's Otsu foreground, as the binary
+    saliency refiner makes them) against the true foreground of up to ``TRUTH_PHOTOS`` test
+    photos of ``root`` (the calibration's, else the configured data's), pooled IoU with the
+    ignored pixels left out: the quality the choice was made for, reported on photos it
+    was not made on. Empty where those photos have no masks to score (or none are at hand);
+    a multi-class dataset is scored by the profile's own study, not here."""
+    import cv2
+
+    from training.data import list_samples
+    from training.data.dataset import WSSSDataset
+    from wsss.palette import IGNORE
+    from wsss.served.classical import otsu_foreground
+
+    root = root or cfg.data.root
+    try:
+        samples = _spread(list_samples(root, cfg.data.task, "test", cfg.data.layout), TRUTH_PHOTOS)
+        data = WSSSDataset(
+            root, cfg.data.task, "test", cfg.data.image_size, samples=samples,
+            layout=cfg.data.layout,
+        )  # fmt: skip
+    except (WsssError, OSError):
+        return {}
+    if not (data.kind.binary_masks and data.has_masks):
+        return {}
+    size = cfg.data.image_size
+    scored = {}
+    for form, vit in (("fp32", fp32), ("int8", int8)):
+        inter = union = 0
+        for image, mask in zip(data.images, data.masks, strict=True):
+            saliency = cv2.resize(vit(image[None])[0], (size, size), interpolation=cv2.INTER_LINEAR)
+            fg, truth, kept = otsu_foreground(saliency), mask == 1, mask != IGNORE
+            inter += int((fg & truth & kept).sum())
+            union += int(((fg | truth) & kept).sum())
+        scored[f"{form}_truth_iou"] = inter / union if union else 1.0
+    return {"truth_photos": f"{len(data.images)} test images of {root}", **scored}
 
 
 def _transitions(tokens, refine) -> Callable[[np.ndarray], np.ndarray]:
