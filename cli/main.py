@@ -196,7 +196,8 @@ def cmd_reproduce(args) -> None:
         path = Path("configs/reproduce") / f"{args.profile}.yaml"
         if not path.is_file():
             names = sorted(p.stem for p in path.parent.glob("*.yaml"))
-            raise InputError(f"no profile {args.profile!r}: one of {', '.join(names)} or a file")
+            there = f"one of {', '.join(names)}" if names else f"no {path.parent}/ here"
+            raise InputError(f"no profile {args.profile!r} ({there}): name a profile file")
     print(reproduce(load_profile(path, args.set), path.stem, speed=table3))
 
 
@@ -434,6 +435,7 @@ class Command:
     description: str | None = None
     default_config: str | None = None  # --config when none is given
     commands: tuple[Command, ...] = ()
+    config_help: str | None = None  # what --config's help says instead of the usual
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -839,6 +841,8 @@ COMMANDS = (
         "perf_analyzer against the ensemble, --refiners in process, or --report",
         cmd_bench,
         BENCH,
+        config_help="YAML config (see configs/; with --report or --quantized: make serve's "
+        "configs/serve.yaml; else the built-in defaults of wsss/config.py, for the ports)",
     ),
     Command(
         "soak",
@@ -873,13 +877,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_flags(default: str | None) -> argparse.ArgumentParser:
+def _config_flags(default: str | None, said: str | None = None) -> argparse.ArgumentParser:
     """--config and --set, made anew for each command: argparse parents share their
     actions, so one command's default would otherwise become every command's."""
     common = argparse.ArgumentParser(add_help=False)
-    said = "" if default else "; none: the built-in defaults of wsss/config.py, not make serve's "
-    said += "" if default else "configs/serve.yaml"
-    common.add_argument("--config", default=default, help=f"YAML config (see configs/{said})")
+    none = "; none: the built-in defaults of wsss/config.py, not make serve's configs/serve.yaml"
+    said = said or f"YAML config (see configs/{'' if default else none})"
+    common.add_argument("--config", default=default, help=said)
     common.add_argument(
         "--set",
         action="append",
@@ -911,7 +915,7 @@ def _add_commands(parser, commands, dest: str) -> None:
         p = sub.add_parser(
             c.name,
             help=c.help,
-            parents=[_config_flags(c.default_config)] if c.config else [],
+            parents=[_config_flags(c.default_config, c.config_help)] if c.config else [],
             description=c.description,
             formatter_class=_DefaultsSaid if c.description else _DefaultsSaidPlain,
         )

@@ -406,7 +406,10 @@ def _truth(cfg: Config, fp32, int8, root: str | None) -> dict:
     from training.data.dataset import WSSSDataset
     from wsss.palette import IGNORE
     from wsss.served.classical import otsu_foreground
+    from wsss.task import get_task
 
+    if not get_task(cfg.data.task).binary_masks:
+        return {}
     root = root or cfg.data.root
     try:
         samples = _spread(list_samples(root, cfg.data.task, "test", cfg.data.layout), TRUTH_PHOTOS)
@@ -416,7 +419,7 @@ def _truth(cfg: Config, fp32, int8, root: str | None) -> dict:
         )  # fmt: skip
     except (WsssError, OSError):
         return {}
-    if not (data.kind.binary_masks and data.has_masks):
+    if not data.has_masks:
         return {}
     size = cfg.data.image_size
     scored = {}

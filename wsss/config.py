@@ -753,7 +753,7 @@ def _wants_text(hint: Any, parsed: Any, text: str) -> bool:
     which YAML makes 2024, False and 83), or a choice of words that YAML turned into one
     (a Literal option ``off``). A key that takes numbers or switches keeps YAML's reading;
     ``null`` stays None where None is allowed."""
-    if hint is None or isinstance(parsed, str):
+    if hint is None or isinstance(parsed, str) or not text:  # nothing typed: refused as None
         return False
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import TINY
+from tests.conftest import ROOT, TINY
 
 pytestmark = pytest.mark.slow
 
@@ -84,11 +84,12 @@ def test_a_missing_config_or_profile_is_named_in_one_line(tmp_path):
     from cli.main import main
 
     absent = tmp_path / "nope.yaml"
+    names = ", ".join(sorted(p.stem for p in (ROOT / "configs" / "reproduce").glob("*.yaml")))
     for command, message in (
         (["export", "--check", "--config", str(absent)], f"{absent}: No such file or directory"),
         (
             ["reproduce", "--profile", "nope"],
-            "no profile 'nope': one of full, pets_real, quick or a file",
+            f"no profile 'nope' (one of {names}): name a profile file",
         ),
     ):
         with pytest.raises(SystemExit) as stopped:

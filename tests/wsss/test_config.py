@@ -74,7 +74,9 @@ def test_a_text_key_keeps_the_text_yaml_would_read_as_a_number_or_switch():
         ("serve.nope=1", r"\(serve takes exit_timeout_seconds, grpc_port, host, http_port,"),
         ("serve.poll_seconds=0", "serve.poll_seconds 0: at least 1"),
         ("serve.restarts=-1", "serve.restarts -1: at least 0"),
-        ("classifier.output_stride=8", "classifier.output_stride 8: 16 or 32"),
+        ("classifier.output_stride=4", "classifier.output_stride 4: 8, 16 or 32"),
+        ("classifier.output_stride=8", "classifier.output_stride 8: efficientnet_lite0/1/2 only"),
+        ("export.repository=", "export.repository: expected str, got None"),  # not the cwd
         ("refine.score_threshold=1.5", r"refine.score_threshold 1.5, .*: scores in \[0, 1\]"),
         ("refine.score_threshold=[0.2,-1]", r"score_threshold \[0.2, -1.0\]"),
         ("refine.min_score=2", r"min_score 2.0: scores in \[0, 1\]"),
