@@ -205,11 +205,12 @@ def test_the_overlay_is_drawn_at_the_photos_aspect(tmp_path, monkeypatch):
         SEGMENTATION_FULL: mask,
     }
     cams = np.zeros((2, 32, 32), np.float32)
-    drawn, drawn_at = {}, []
+    drawn, drawn_at, legends = {}, [], []
 
     def panels(rows, titles, path, legend=None, panel_inches=2.2):
         drawn.update(rows[0])
         drawn_at.append(panel_inches * 110)  # px a panel, at panel_figure's 110 dpi
+        legends.append(legend)
         return Path(path).write_bytes(b"png") and path
 
     monkeypatch.setattr(wsss.figures, "panel_figure", panels)
@@ -225,6 +226,14 @@ def test_the_overlay_is_drawn_at_the_photos_aspect(tmp_path, monkeypatch):
     tinted = drawn["segmentation"] != drawn["image"]
     assert tinted[:, half + 8 :].any(axis=-1).all() and not tinted[:, : half - 8].any()
     assert "CAM: dog (0.80)" in drawn
+    # The legend names what the masks hold by the server's names (a binary mask: its 1 is
+    # the top class's foreground, dog here), in the colour the overlays tint it with (VOC's
+    # palette where the server sends none: value 1's is dark red; else the server's own).
+    assert legends == [[("dog", (128 / 255, 0.0, 0.0))]]
+    base.class_names, base.palette = ["fox", "owl"], [0, 0, 0, 10, 20, 30] + [0] * 762
+    run.figure(photo, outputs, cams, base, tmp_path / "photo_overlay.png")
+    assert legends[-1] == [("owl", (10 / 255, 20 / 255, 30 / 255))]
+    base.class_names, base.palette = ["cat", "dog"], None
     # The CAM drawn is of a class the masks hold at the server's thresholds (a multi-label
     # profile's own per class), not the top score's when that one is below its threshold.
     drawn.clear()
