@@ -537,12 +537,14 @@ class ServeConfig:
             port = getattr(self, name)
             if not 1 <= port <= 65535:
                 raise _KeyError(f"{name} {port}: a TCP port, 1 to 65535")
-        ports = {"http_port": self.http_port, "grpc_port": self.grpc_port}
-        ports["metrics_port"] = self.metrics_port
-        for name, port in ports.items():  # tritonserver would fail to bind the second
-            twin = next(n for n, p in ports.items() if p == port)
-            if twin != name:
-                raise _KeyError(f"{twin} and {name} are both {port}: each needs its own port")
+        taken: dict[int, str] = {}  # tritonserver would fail to bind the second
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            port = getattr(self, name)
+            if port in taken:
+                raise _KeyError(
+                    f"{taken[port]} and {name} are both {port}: each needs its own port"
+                )
+            taken[port] = name
         at_least(self, "poll_seconds", 1)
         for name in ("watchdog_seconds", "exit_timeout_seconds", "restarts"):
             at_least(self, name, 0)
