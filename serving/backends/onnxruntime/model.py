@@ -95,7 +95,10 @@ class TritonPythonModel:
         self.run_options = _run_options(config)
 
     def execute(self, requests):
-        """Run every request of a dynamic batch in one session call, then split the results."""
+        """Run every request of a dynamic batch in one session call, then split the results.
+        Only the outputs the batch's requests ask for are computed and sent, as the native
+        backend does: an ensemble step asks for those its output_map names (the bytes
+        ensemble's segmenter step for SEGMENTATION, not the 21-class SEG_PROBS beside it)."""
         try:
             arrays = [
                 [pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs]
@@ -103,20 +106,28 @@ class TritonPythonModel:
             ]
             sizes = [a[0].shape[0] for a in arrays]
             feeds = {n: np.concatenate([a[i] for a in arrays]) for i, n in enumerate(self.inputs)}
-            results = self.session.run(self.outputs, feeds, self.run_options)
+            asked = [self._asked(r) for r in requests]
+            wanted = [n for n in self.outputs if any(n in a for a in asked)]
+            results = self.session.run(wanted, feeds, self.run_options)
         except Exception:  # one bad request must not take its batch-mates' answers down
             return respond(requests, self._one, "onnxruntime")
         responses, start = [], 0
-        for size in sizes:
+        for size, names in zip(sizes, asked, strict=True):
             tensors = [
                 pb_utils.Tensor(n, np.ascontiguousarray(res[start : start + size]))
-                for n, res in zip(self.outputs, results, strict=True)
+                for n, res in zip(wanted, results, strict=True)
+                if n in names
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
         return responses
 
+    def _asked(self, request) -> set:
+        """The outputs ``request`` asks for (every one where it names none)."""
+        return set(request.requested_output_names()) or set(self.outputs)
+
     def _one(self, request):
         feeds = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs}
-        results = self.session.run(self.outputs, feeds, self.run_options)
-        return [pb_utils.Tensor(n, r) for n, r in zip(self.outputs, results, strict=True)]
+        wanted = [n for n in self.outputs if n in self._asked(request)]
+        results = self.session.run(wanted, feeds, self.run_options)
+        return [pb_utils.Tensor(n, r) for n, r in zip(wanted, results, strict=True)]

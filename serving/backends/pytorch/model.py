@@ -45,7 +45,11 @@ class TritonPythonModel:
         with torch.no_grad():
             out = self.model(*args)
         out = out if isinstance(out, tuple) else (out,)
+        # Only what the request asks for is sent (every output where it names none), as
+        # the native backend does: an ensemble step asks for what its output_map names.
+        asked = set(request.requested_output_names()) or set(self.outputs)
         return [
             pb_utils.Tensor(n, np.ascontiguousarray(o.cpu().numpy()))
             for n, o in zip(self.outputs, out, strict=True)
+            if n in asked
         ]
