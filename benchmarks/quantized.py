@@ -1,9 +1,10 @@
 """``wsss bench --quantized``: a profile served with its saliency ViT in fp32 and in int8, and
-reading smaller images (``--vit-sizes``, ``refine.saliency_size``), side by side in one run,
-on real photos (reports/bench/quantized.md).
+reading smaller images (``--vit-sizes``, ``refine.saliency_size``), and with its classifier
+in static int8 too, side by side in one run, on real photos (reports/bench/quantized.md).
 
-Rows: the ViT graphs alone in process (batch 1, the graphs timed in alternating rounds so
-that a busy machine slows them alike), then each variant exported and served in turn by its
+Rows: every variant exported first; the ViT graphs and the classifier's fp32 and int8
+graphs alone in process (batch 1, the graphs timed in alternating rounds so that a busy
+machine slows them alike, no server running), then each variant served in turn by its
 own Triton server: ``wsss_pipeline_bytes`` over gRPC with the photos sent as their files,
 throughput and p50/p95 per concurrency (perf_analyzer), and the quality of its answers on the
 same photos (``served_quality``). The ratios are the serving issue's targets, against the
@@ -44,16 +45,47 @@ AS_IT_CAME = f"fp32, {VIT_SIZE} px, the file as it came"
 BASELINE = f"{AS_IT_CAME}, default threads"
 
 
-def variants(sizes: list[int]) -> list[tuple[str, int]]:
-    """(export.vit.quantize, refine.saliency_size) of each served variant: fp32 and int8 at
-    224 px, then dynamic and static int8 at each other side."""
-    return [("none", VIT_SIZE), ("dynamic", VIT_SIZE)] + [
+def variants(sizes: list[int], side: int) -> list[tuple[str, int, str]]:
+    """(export.vit.quantize, refine.saliency_size, export.classifier.quantize) of each
+    served variant: fp32 and int8 ViTs at 224 px, then dynamic and static int8 at each other
+    side, with the fp32 classifier; then the static int8 ViT at the profile's own ``side``
+    with a static int8 classifier too."""
+    vits = [("none", VIT_SIZE), ("dynamic", VIT_SIZE)] + [
         (kind, s) for s in sizes if s != VIT_SIZE for kind in ("dynamic", "static")
     ]
+    last = ("static", side) if side != VIT_SIZE else ("dynamic", side)
+    return [(kind, size, "none") for kind, size in vits] + [(*last, "static")]
 
 
-def variant_label(kind: str, size: int) -> str:
-    return f"{LABEL[kind]}, {size} px"
+def variant_label(kind: str, size: int, classifier: str = "none") -> str:
+    label = f"{LABEL[kind]}, {size} px"
+    return label + (f", {LABEL[classifier]} classifier" if classifier != "none" else "")
+
+
+def network_times(graphs: dict[str, bytes], images: np.ndarray, rounds: int) -> dict:
+    """ms per image of each network graph (uint8 images in, as exported) at batch 1,
+    alternating a round of each over ``images``, with ONNX Runtime's default threads and
+    with one."""
+    import onnxruntime as ort
+
+    sessions = {}
+    for threads in (0, 1):
+        for label, graph in graphs.items():
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+            name = f"{label}, {'default threads' if threads == 0 else '1 thread'}"
+            sessions[name] = (session, session.get_inputs()[0].name)
+    for session, feed in sessions.values():  # warm-up
+        session.run(None, {feed: images[:1]})
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, (session, feed) in sessions.items():
+            for image in images:
+                t0 = time.perf_counter()
+                session.run(None, {feed: image[None]})
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def vit_times(cfg, sizes: list[int], images: np.ndarray, rounds: int) -> dict[str, list[float]]:
@@ -107,15 +139,10 @@ def quantized_report(args) -> str:
     out = Path(args.out or "reports/bench")
     work = Path(".cache/bench/quantized")
     sizes = sorted({VIT_SIZE, refine.saliency_size, *args.vit_sizes}, reverse=True)
-    vit = vit_times(cfg, sizes, data.images[:20], rounds=3)
-    vit_ms = {k: statistics.median(v) for k, v in vit.items()}
-    settings = PerfSettings(
-        concurrency=args.concurrency, stability_percent=25, max_trials=8, request_count=64
-    )
-    served = {}
-    for kind, size in variants(sizes):
-        name = f"{kind}_{size}"
-        repo = work / name / "model_repository"
+    # Every variant exported first, so that the graphs are timed with no server running.
+    repos = {}
+    for kind, size, classifier in variants(sizes, refine.saliency_size):
+        repo = work / f"{kind}_{size}_{classifier}" / "model_repository"
         variant = with_overrides(
             cfg,
             [
@@ -123,15 +150,35 @@ def quantized_report(args) -> str:
                 f"export.vit.quantize={kind}",
                 # the refiner the ensemble serves (unset, export.refine starts as refine)
                 f"export.refine.saliency_size={size}",
+                f"export.classifier.quantize={classifier}",
+                # the classifier calibrated on the ViT's photos (make serve's data is synthetic)
+                f"export.classifier.calibration={cfg.export.vit.calibration or cfg.data.root}",
             ],
         )
         shutil.rmtree(repo, ignore_errors=True)  # this profile's models, exported now
         export_repository(variant)
+        repos[variant_label(kind, size, classifier)] = (repo, classifier)
+    vit = vit_times(cfg, sizes, data.images[:20], rounds=3)
+    vit_ms = {k: statistics.median(v) for k, v in vit.items()}
+    classifiers = {
+        f"{LABEL[classifier]}": next((r / "classifier").glob("*/model.onnx")).read_bytes()
+        for r, classifier in repos.values()
+    }
+    classifier_ms = {
+        k: statistics.median(v)
+        for k, v in network_times(classifiers, data.images[:20], rounds=3).items()
+    }
+    settings = PerfSettings(
+        concurrency=args.concurrency, stability_percent=25, max_trials=8, request_count=64
+    )
+    served = {}
+    for label, (repo, _) in repos.items():
+        name = repo.parent.name
         with TritonServer(repo, on_free_ports(cfg.serve), work / name / "server") as server:
             spec = PipelineClient(server.grpc_url).all_specs[PIPELINE_BYTES]
             results = run_perf_analyzer(spec, server.grpc_url, "grpc", settings, photos)
             quality, meta = served_quality(data, server.grpc_url, concurrency=2)
-        served[variant_label(kind, size)] = {
+        served[label] = {
             "perf": [
                 {
                     "concurrency": r.concurrency,
@@ -143,18 +190,26 @@ def quantized_report(args) -> str:
             ],
             "quality": quality.row(),
         }
-    text = _report(cfg, vit_ms, served, len(data), root)
+    text = _report(cfg, vit_ms, served, len(data), root, classifier_ms)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quantized.md").write_text(text)
-    payload = {"vit_ms": vit_ms, "served": served, "photos": str(root), "images": len(data)}
+    payload = {
+        "vit_ms": vit_ms,
+        "classifier_ms": classifier_ms,
+        "served": served,
+        "photos": str(root),
+        "images": len(data),
+    }
     (out / "quantized.json").write_text(json.dumps(payload, indent=1, default=float))
     return text
 
 
-def _report(cfg, vit_ms: dict, served: dict, images: int, root: Path) -> str:
+def _report(
+    cfg, vit_ms: dict, served: dict, images: int, root: Path, classifier_ms: dict | None = None
+) -> str:
     lines = [
-        "# The default model's saliency ViT in int8 and on smaller images: speed and masks, "
-        "side by side",
+        "# The default model's networks in int8, its saliency ViT on smaller images: speed "
+        "and masks, side by side",
         "",
         f"Profile `{cfg.runs}`; photos: the {images} test photos of `{root}` (quality) and 16 "
         "of them sent as their files to `wsss_pipeline_bytes` over gRPC, every output asked "
@@ -164,6 +219,15 @@ def _report(cfg, vit_ms: dict, served: dict, images: int, root: Path) -> str:
         "|---|---:|",
         *(f"| {k} | {v:.1f} |" for k, v in vit_ms.items()),
         "",
+    ]
+    if classifier_ms:
+        lines += [
+            "| classifier graph alone, in process, batch 1 | ms / image (median) |",
+            "|---|---:|",
+            *(f"| {k} | {v:.1f} |" for k, v in classifier_ms.items()),
+            "",
+        ]
+    lines += [
         "| served ViT | concurrency | images/s | p50 ms | p95 ms |",
         "|---|---:|---:|---:|---:|",
     ]

@@ -230,7 +230,7 @@ def cmd_export(args) -> None:
             f"int8 masks vs fp32: IoU {done['mask_iou']:.4f}, pixels agreeing "
             f"{done['pixel_agreement']:.4f} on {done['photos']}"
             if "mask_iou" in done
-            else done.get("agreement", "")
+            else _network_agreement(done)
         )
         if "int8_truth_iou" in done:
             agreement += (
@@ -238,6 +238,29 @@ def cmd_export(args) -> None:
                 f"{done['fp32_truth_iou']:.4f}, int8 {done['int8_truth_iou']:.4f}"
             )
         print(f"  {model}: quantize {done['quantize']}; {agreement}".rstrip("; "))
+
+
+def _network_agreement(done: dict) -> str:
+    """What ``wsss export`` says of an int8 classifier or segmenter against its fp32 graph
+    (``export.repository._quantize_network``)."""
+    said = []
+    if "top_class_agreement" in done:
+        said.append(
+            f"top class kept on {done['top_class_agreement']:.1%} of {done['photos']}, scores "
+            f"moved by {done['max_abs_score']:.3f} at most"
+        )
+    if "top1_fp32" in done:
+        said.append(
+            f"accuracy fp32 {done['top1_fp32']:.3f}, int8 {done['top1_int8']:.3f} "
+            f"({done['labelled_photos']} photos of one class)"
+        )
+    if "map_fp32" in done:
+        said.append(f"mAP fp32 {done['map_fp32']:.3f}, int8 {done['map_int8']:.3f}")
+    for key, value in done.items():
+        if key.endswith("_miou"):
+            mask = key.removesuffix("_miou").upper()
+            said.append(f"{mask} mIoU with fp32's {value:.4f} on {done['photos']}")
+    return "; ".join(said)
 
 
 def cmd_serve(args) -> None:
@@ -701,8 +724,9 @@ BENCH = (
     flag(
         "--quantized",
         action="store_true",
-        help="the profile served with its saliency ViT in fp32 and in int8, side by side, on "
-        "the Pet test photos (--images: another Pet folder) (reports/bench/quantized.md; "
+        help="the profile served with its saliency ViT in fp32 and in int8 (and its "
+        "classifier in int8 too), side by side, on the Pet test photos (--images: another "
+        "Pet folder) (reports/bench/quantized.md; "
         "--config defaults to configs/serve.yaml)",
     ),
     flag(

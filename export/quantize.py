@@ -262,3 +262,68 @@ def map_agreement(reference, served, images: np.ndarray) -> dict[str, float]:
         "max_abs_map": worst,
         "images": len(images),
     }
+
+
+def network_agreement(
+    spec,
+    fp32: bytes,
+    int8: bytes,
+    images: np.ndarray,
+    labels: list[tuple[int, ...] | None] | None = None,
+) -> dict[str, float]:
+    """How far a network's int8 graph is from its fp32 graph on ``images`` (uint8 [N, H, W,
+    3], one at a time as served), read off its outputs' spec: its class scores (SCORES,
+    one per class) by the share of images whose top class stays and the largest change of a
+    score; its masks (uint8 outputs) by the pixels that agree and the mIoU of int8's masks
+    with fp32's as the reference; any other float output by its largest change. With
+    ``labels`` (each image's true classes, indices into SCORES; None where not known), each
+    form's accuracy too: the top class against the one true class of single-class photos
+    (``top1_fp32`` / ``top1_int8``), and the mAP over every labelled photo
+    (``map_fp32`` / ``map_int8``). What the check is for is whether the int8 graph keeps
+    the decisions and the masks, which int8 does not keep to a float tolerance."""
+    import onnxruntime as ort
+
+    from training.metrics import ConfusionMatrix, average_precision
+    from wsss.tensors import SCORES
+
+    sessions = [ort.InferenceSession(g, providers=["CPUExecutionProvider"]) for g in (fp32, int8)]
+    names = [o.name for o in spec.outputs]
+    got = [[s.run(names, {spec.inputs[0].name: image[None]}) for image in images] for s in sessions]
+    out: dict[str, float] = {"images": len(images)}
+    for k, t in enumerate(spec.outputs):
+        a = np.concatenate([r[k] for r in got[0]])
+        b = np.concatenate([r[k] for r in got[1]])
+        if t.name == SCORES:
+            out["top_class_agreement"] = float((a.argmax(1) == b.argmax(1)).mean())
+            out["max_abs_score"] = float(np.abs(a - b).max())
+            if labels is not None:
+                out |= _accuracy(a, b, labels, average_precision)
+        elif t.dtype == "uint8":
+            n = int(max(a.max(), b.max())) + 1
+            matrix = ConfusionMatrix(n)
+            matrix.update(b, a)
+            out[f"{t.name.lower()}_miou"] = float(np.nanmean(matrix.iou()))
+            out[f"{t.name.lower()}_pixel_agreement"] = float((a == b).mean())
+        else:
+            out[f"max_abs_{t.name.lower()}"] = float(np.abs(a - b).max())
+    return out
+
+
+def _accuracy(fp32: np.ndarray, int8: np.ndarray, labels, average_precision) -> dict[str, float]:
+    """Each form's top-class accuracy on the photos of one known class and mAP over the
+    photos with known classes (``network_agreement``); nothing where no photo is known."""
+    known = [i for i, held in enumerate(labels) if held is not None]
+    single = [i for i in known if len(labels[i]) == 1]
+    out = {}
+    if single:
+        truth = np.array([labels[i][0] for i in single])
+        out["top1_fp32"] = float((fp32[single].argmax(1) == truth).mean())
+        out["top1_int8"] = float((int8[single].argmax(1) == truth).mean())
+        out["labelled_photos"] = len(single)
+    if known and fp32.shape[1] > 1:
+        truth = np.zeros((len(known), fp32.shape[1]), bool)
+        for row, i in enumerate(known):
+            truth[row, list(labels[i])] = True
+        out["map_fp32"] = average_precision(fp32[known], truth)
+        out["map_int8"] = average_precision(int8[known], truth)
+    return out

@@ -43,7 +43,12 @@ from export.configs import (
 )
 from export.lock import commit_renames, locked_staging
 from export.onnx_export import check_parity, export_onnx
-from export.quantize import map_agreement, quantize_graph, quantize_static_graph
+from export.quantize import (
+    map_agreement,
+    network_agreement,
+    quantize_graph,
+    quantize_static_graph,
+)
 from export.torchscript_export import check_torchscript_parity, export_torchscript
 from export.vit import served_vit
 from training.loop import file_digest
@@ -54,6 +59,7 @@ from training.pipeline import (
     load_model,
     refine_step,
     resolved_refine,
+    translate_labels,
 )
 from training.torch_refiners import saliency_graph, served_settings, walk_graph
 from training.walk import ViTTokens
@@ -165,14 +171,14 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
     # The ViT a saliency or attention refiner reads: its own model, beside the classifier.
     kind = None if network_refiner else RefinerSpec.of(cfg.refine).entry.vit
     vit_map = VIT_OUTPUT.get(kind)
-    _refuse_quantize(cfg, vit_map)
+    passthrough = isinstance(segmenter, PassThroughSegmenter)  # serves PSEUDO_MASK as it is
+    _refuse_quantize(cfg, vit_map, passthrough)
     vit = _vit(cfg, refiner, vit_map) if vit_map else None
     features = None
     if refiner.needs_features:
         with torch.no_grad():
             probe = classifier(torch.zeros(1, size, size, 3, dtype=torch.uint8))
         features = tuple(probe[2].shape[1:])
-    passthrough = isinstance(segmenter, PassThroughSegmenter)  # serves PSEUDO_MASK as it is
     seg_input = PSEUDO_MASK if passthrough else IMAGE
     specs = served_models(
         size,
@@ -224,7 +230,7 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
     export_id = uuid.uuid4().hex[:16]  # which export answered: clients read it (wsss infer)
     for name in (PIPELINE, PIPELINE_BYTES):
         configs[name].parameters[EXPORT_ID].string_value = export_id
-    parity = {}
+    parity, quantized = {}, {}
     for name, spec in specs.items():
         folder = staging / name
         (folder / str(version)).mkdir(parents=True)
@@ -236,9 +242,14 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
             (folder / "warmup").mkdir(exist_ok=True)
             (folder / "warmup" / sample.name).write_bytes(sample.data)
         if name in networks:
+            settings = getattr(cfg.export, name)
             parity[name] = _write_network(
-                name, networks, spec, getattr(cfg.export, name), folder / str(version), cfg
+                name, networks, spec, settings, folder / str(version), cfg
             )
+            if settings.quantize != "none":
+                path = folder / str(version) / FORMATS[settings.format][1]
+                done = _quantize_network(name, spec, settings, path, cfg, names)
+                quantized |= {name: done} if done else {}
         elif name == VIT:
             (folder / str(version) / FORMATS["onnx"][1]).write_bytes(vit.graph)
             parity[name] = vit.parity
@@ -256,7 +267,7 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
         print(f"export: {note}", file=sys.stderr, flush=True)
     _write_metadata(staging / CLASSIFIER / str(version), recorded, names, palette, parity)
     (staging / CLASSIFIER / str(version) / "export_id.txt").write_text(export_id + "\n")
-    quantized = {VIT: vit.quantized} if vit and vit.quantized else {}
+    quantized |= {VIT: vit.quantized} if vit and vit.quantized else {}
     if quantized:
         path = staging / CLASSIFIER / str(version) / "quantized.json"
         path.write_text(json.dumps(quantized, indent=2))
@@ -313,18 +324,27 @@ MIN_QUANTIZED_AGREEMENT = 0.9
 QUANTIZE_PHOTOS = 16
 
 
-def _refuse_quantize(cfg: Config, vit_map: str | None) -> None:
-    """Refuse an int8 switch that would quantize nothing."""
-    for name in (CLASSIFIER, SEGMENTER, REFINER):
-        if getattr(cfg.export, name).quantize != "none":
-            why = (
-                "; static int8 of the classifier moved its class scores by up to 0.44 on Pet "
-                "training photos (docs/serving.md)"
-                if name == CLASSIFIER
-                else ""
-            )
+def _refuse_quantize(cfg: Config, vit_map: str | None, passthrough: bool = False) -> None:
+    """Refuse an int8 switch that would quantize nothing, or a graph int8 does not cover."""
+    if cfg.export.refiner.quantize != "none":
+        raise ExportError(
+            "export.refiner.quantize: the level set's network refiner stays fp32 (its "
+            "spectral layers are what its masks are made of); the ViT is quantized by "
+            "export.vit.quantize, the networks by export.classifier / export.segmenter.quantize"
+        )
+    for name in (CLASSIFIER, SEGMENTER):
+        settings = getattr(cfg.export, name)
+        if settings.quantize == "none":
+            continue
+        if settings.format != "onnx":
             raise ExportError(
-                f"export.{name}.quantize: only the ViT is quantized (export.vit.quantize){why}"
+                f"export.{name}.quantize {settings.quantize}: int8 graphs are ONNX Runtime's; "
+                f"export.{name}.format is {settings.format}"
+            )
+        if name == SEGMENTER and passthrough:
+            raise ExportError(
+                "export.segmenter.quantize: the pass-through segmenter has no weights to "
+                "quantize (segmenter.arch: passthrough)"
             )
     if cfg.export.vit.quantize != "none" and vit_map is None:
         raise ExportError(
@@ -465,15 +485,31 @@ def fp32_vit(cfg: Config) -> bytes | None:
 
 def vit_core(cfg: Config, fp32: bytes, side: int) -> tuple[bytes, dict]:
     """The ViT graph ``fp32`` (reading ``side`` px) as ``export.vit.quantize`` asks for it
-    on its instances, and what was done: fp32 on KIND_GPU instances (their kernels are
-    fp32's); dynamic int8; static int8 calibrated on ``export.vit.calibration``'s training
-    photos, or dynamic, saying why, where there are none to read."""
-    settings = cfg.export.vit
+    on its instances, and what was done (``quantized_core``): its calibration photos go in
+    as the ViT reads them."""
+
+    def prepare(image: np.ndarray) -> np.ndarray:
+        return vit_input(image, IMAGENET_MEAN, IMAGENET_STD, side)
+
+    return quantized_core(cfg, cfg.export.vit, fp32, prepare)
+
+
+def quantized_core(
+    cfg: Config,
+    settings,
+    fp32: bytes,
+    prepare: Callable[[np.ndarray], np.ndarray] = lambda image: image,
+) -> tuple[bytes, dict]:
+    """The graph ``fp32`` as ``settings.quantize`` asks for it on ``settings``' instances,
+    and what was done: fp32 on KIND_GPU instances (their kernels are fp32's); dynamic int8;
+    static int8 calibrated on ``settings.calibration``'s training photos (each one
+    ``prepare``d into the graph's input, a uint8 image [1, H, W, 3] as the networks take
+    it by default), or dynamic, saying why, where there are none to read."""
     if settings.quantize == "none":
         return fp32, {}
     if settings.kind == "KIND_GPU":
         return fp32, {"quantize": "none: KIND_GPU instances keep fp32"}
-    gpu = "served on CPU instances (a GPU server keeps fp32 with export.vit.quantize: none)"
+    gpu = "served on CPU instances (a GPU server keeps fp32 with quantize: none)"
     dynamic = f"dynamic: int8 weights (ONNX Runtime quantize_dynamic), {gpu}"
     if settings.quantize == "dynamic":
         return quantize_graph(fp32), {"quantize": dynamic}
@@ -481,9 +517,9 @@ def vit_core(cfg: Config, fp32: bytes, side: int) -> tuple[bytes, dict]:
     images, source = _photos(cfg, settings.calibration_photos, root)
     if images is None:
         said = f"{dynamic}; static asked for, but {source}"
-        print(f"export.vit.quantize: {said}", file=sys.stderr, flush=True)
+        print(f"export: quantize {said}", file=sys.stderr, flush=True)
         return quantize_graph(fp32), {"quantize": said}
-    inputs = [vit_input(image[None], IMAGENET_MEAN, IMAGENET_STD, side) for image in images]
+    inputs = [prepare(image[None]) for image in images]
     return quantize_static_graph(fp32, inputs), {
         "quantize": f"static: int8 weights and activations (ONNX Runtime quantize_static, "
         f"per channel, min-max ranges of {source}), {gpu}"
@@ -501,6 +537,12 @@ def _photos(
     """Up to ``count`` training images of ``root`` (the configured data's), spread over the
     list, and what they are; None and why where there are none to read. ``besides``: leave
     out the photos a call for that many would give (a calibration's, where photos remain)."""
+    data, source = _photo_data(cfg, count, root, besides)
+    return (None if data is None else data.images), source
+
+
+def _photo_data(cfg: Config, count: int, root: str | None = None, besides: int = 0):
+    """``_photos``' dataset (its labels too), or None, and what it is or why there is none."""
     from training.data import list_samples
     from training.data.dataset import WSSSDataset
 
@@ -521,7 +563,7 @@ def _photos(
         )
     except (WsssError, OSError) as exc:
         return None, f"no photos at hand ({exc})"
-    return data.images, f"{len(data.images)} training images of {root}"
+    return data, f"{len(data.images)} training images of {root}"
 
 
 def _vit_model(vit) -> bytes:
@@ -554,6 +596,49 @@ def _write_network(
         return check_parity(module, path, spec, probe, cfg.export.atol)
     export_torchscript(module, trace, path)
     return check_torchscript_parity(module, path, spec, probe, cfg.export.atol)
+
+
+# Training photos an int8 network is checked on, besides its calibration's.
+QUANTIZE_CHECK_PHOTOS = 64
+
+
+def _quantize_network(
+    name: str, spec: ModelSpec, settings, path: Path, cfg: Config, class_names: list[str]
+) -> dict:
+    """The network's ONNX file at ``path`` (fp32, parity-checked) made int8 where
+    ``settings.quantize`` asks (``quantized_core``), then checked against fp32 on training
+    photos besides the calibration's (``network_agreement``: the classes it gives, with
+    each form's accuracy where the photos' labels name its classes, and its masks); refused
+    where they part, else written over the fp32 file. What was done, or nothing."""
+    fp32 = path.read_bytes()
+    graph, done = quantized_core(cfg, settings, fp32)
+    if graph is fp32:
+        return done
+    calibrated = settings.calibration_photos if done["quantize"].startswith("static") else 0
+    data, source = _photo_data(cfg, QUANTIZE_CHECK_PHOTOS, settings.calibration or None, calibrated)
+    labels = None
+    if data is None:
+        size = cfg.data.image_size
+        images = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
+        source = f"4 random images ({source})"
+    else:
+        images = data.images
+        try:
+            raw = [s.labels for s in data.samples]
+            labels = translate_labels(raw, data.class_names, class_names, data.aliases)
+        except InputError:  # photos of other classes: agreement only
+            labels = None
+    agreement = network_agreement(spec, fp32, graph, images, labels)
+    kept = [(v, k) for k, v in agreement.items() if k.endswith(("class_agreement", "_miou"))]
+    worst = min(kept, default=(1.0, ""))
+    if worst[0] < MIN_QUANTIZED_AGREEMENT:
+        raise ExportError(
+            f"export.{name}: the int8 graph's {worst[1]} with fp32's is {worst[0]:.3f} on "
+            f"{source} (< {MIN_QUANTIZED_AGREEMENT}): nothing was changed; export it with "
+            f"export.{name}.quantize: none"
+        )
+    path.write_bytes(graph)
+    return done | {"model": name, "photos": source} | agreement
 
 
 def _sample(name: str, networks: dict[str, nn.Module], images: np.ndarray) -> tuple:

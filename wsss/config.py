@@ -442,16 +442,13 @@ class NetworkExportConfig(ModelServingConfig):
     onnxruntime: OnnxRuntimeConfig = field(default_factory=OnnxRuntimeConfig)
     # int8 for CPU instances (export/quantize.py): dynamic, ONNX Runtime's dynamic
     # quantization (weights int8, activations on the fly); static, weights and activations
-    # int8 with the activations' ranges calibrated on photos (export.vit.calibration). So
-    # far the ViT only (export.vit.quantize), most of the default model's cost; KIND_GPU
-    # instances keep fp32.
+    # int8 with the activations' ranges calibrated on photos (``calibration``). Export
+    # checks the int8 graph against fp32 on training photos (the classes it gives, its
+    # masks) and refuses it where they part; KIND_GPU instances keep fp32. The ViT's
+    # (export.vit.quantize) is most of the default model's cost; its classifier stays fp32:
+    # static int8 was no faster on one CPU and cost 0.004 per-image mask IoU on the Pet test
+    # photos (reports/bench/quantized.md).
     quantize: Literal["none", "dynamic", "static"] = "none"
-
-
-@dataclass
-class ViTExportConfig(NetworkExportConfig):
-    """The ViT model: the one network quantized so far, and so the one calibrated."""
-
     # Static int8's calibration photos: the training list of this dataset root (read with
     # data.task and data.layout), ``calibration_photos`` of them spread over it; empty: the
     # profile's own data.root. Where none can be read, export quantizes dynamically and
@@ -462,6 +459,11 @@ class ViTExportConfig(NetworkExportConfig):
     def __post_init__(self):
         super().__post_init__()
         at_least(self, "calibration_photos", 1)
+
+
+@dataclass
+class ViTExportConfig(NetworkExportConfig):
+    """The ViT model: an ONNX graph the refiner's ViT becomes (export/vit.py)."""
 
 
 @dataclass
@@ -789,14 +791,6 @@ def _upgrade(raw: dict[str, Any], given: bool = True) -> None:
     refiner = _get(export, "refiner")
     if given and _get(refiner, "quantize") not in (None, "none"):
         export.setdefault("vit", {}).setdefault("quantize", refiner.pop("quantize"))
-    # Every network's export section carried export.vit's calibration settings, unread
-    # (saved configs hold their defaults): they are the ViT's alone now.
-    for name in ("classifier", "segmenter", "refiner"):
-        section = _get(export, name)
-        if isinstance(section, dict):
-            for key in ("calibration", "calibration_photos"):
-                if key in section and section[key] == getattr(ViTExportConfig, key):
-                    del section[key]
     levelset = raw.get("levelset")
     # levelset.feature_energy was an on/off switch before it became the feature term's weight.
     if isinstance(levelset, dict) and isinstance(levelset.get("feature_energy"), bool):
