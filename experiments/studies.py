@@ -13,6 +13,8 @@ ground truth; each refiner's time per image is measured in the same run.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import itertools
 import json
 import shutil
 import sys
@@ -171,6 +173,31 @@ def evaluate_profile(cfg: Config) -> str | None:
     return table
 
 
+def swept(refine: RefineConfig, sweep: dict[str, list[float]]) -> list[tuple[RefineConfig, str]]:
+    """``refine`` at every combination of ``sweep``'s values (evaluate.sweep: refine setting
+    -> values), each with what it sets (``threshold 0.3, crf_confidence 0.8``); ``refine``
+    alone, said by nothing, where nothing is swept."""
+    fields = {f.name: f for f in dataclasses.fields(RefineConfig)}
+    for key, values in sweep.items():
+        if key not in fields or fields[key].type not in ("float", "int", float, int):
+            close = difflib.get_close_matches(key, list(fields), 1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise InputError(f"evaluate.sweep: {key} is not a numeric refine setting{hint}")
+        if not values:
+            raise InputError(f"evaluate.sweep.{key}: give at least one value")
+    out = []
+    for combo in itertools.product(*sweep.values()):
+        changes = {}
+        for key, value in zip(sweep, combo, strict=True):
+            changes[key] = int(value) if fields[key].type in ("int", int) else float(value)
+        said = ", ".join(f"{k} {v:g}" for k, v in changes.items())
+        try:
+            out.append((dataclasses.replace(refine, **changes), said))
+        except (ValueError, InputError) as e:  # a value the refiner refuses, said as such
+            raise InputError(f"evaluate.sweep ({said}): {e}") from None
+    return out
+
+
 def parse_refiner(spec: str, base: RefineConfig) -> RefineConfig:
     """``otsu``, ``otsu+grabcut``, ``saliency+chanvese``, ``levelset`` (``RefinerSpec``) ->
     ``base`` with that refiner."""
@@ -229,13 +256,18 @@ def cam_study(cfg: Config) -> str:
                 entry = RefinerSpec.parse(spec).entry
                 if entry.checkpoint or not entry.reads_cam:  # below: not one per CAM method
                     continue
-                refiner = build_refiner(parse_refiner(spec, base), multi)
-                name = f"{who} / {cam} / {refiner.name}"
-                pipes[name] = Pipeline(served, None, refiner)
-                labels[name] = {"classifier": who, "CAM": cam} | _refiner_columns(refiner.name)
-                if not columns:
-                    columns.append(("CAM", name, "cam"))
-                columns.append((refiner.name, name, "pseudo"))
+                variants = swept(parse_refiner(spec, base), cfg.evaluate.sweep)
+                for k, (setting, said) in enumerate(variants):
+                    refiner = build_refiner(setting, multi)
+                    label = f"{refiner.name} ({said})" if said else refiner.name
+                    name = f"{who} / {cam} / {label}"
+                    pipes[name] = Pipeline(served, None, refiner)
+                    labels[name] = {"classifier": who, "CAM": cam}
+                    labels[name] |= _refiner_columns(refiner.name, label)
+                    if not columns:
+                        columns.append(("CAM", name, "cam"))
+                    if k == 0:  # a figure shows each refiner (at its first swept value)
+                        columns.append((label, name, "pseudo"))
         if LEVELSET.name in specs and not (run / LEVELSET.checkpoint).exists():
             missing.append(str(run))
         elif LEVELSET.name in specs:

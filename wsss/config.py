@@ -575,6 +575,10 @@ class EvaluateConfig:
         ]
     )
     figure_images: int = 6  # test images shown per figure
+    # Each refiner row again at other values of refine settings, one row per value (a grid
+    # where several are named), e.g. {threshold: [0.2, 0.3, 0.4], crf_confidence: [0.7,
+    # 0.8]}: how a profile's threshold and CRF weights are chosen (with split: train).
+    sweep: dict[str, list[float]] = field(default_factory=dict)
     # The photos scored: the test split (what reports give), or the training photos, where
     # a profile's choices (refiner, thresholds, CRF weights) are made and compared.
     split: Literal["test", "train"] = "test"

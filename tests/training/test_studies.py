@@ -103,3 +103,53 @@ def test_a_study_with_no_row_to_score_is_refused(trained, tmp_path):
     with pytest.raises(InputError, match="nothing to score"):
         cam_study(cfg)
     assert not out.exists()
+
+
+def test_a_sweep_scores_each_refiner_at_each_value(trained, tmp_path):
+    """evaluate.sweep: each refiner row again at each value of a refine setting, labelled
+    with it, each scored as that setting scores alone (how a profile's threshold and CRF
+    weights are chosen on its training photos)."""
+    base = dataclasses.replace(trained.refine, threshold=0.5)
+    plain = dataclasses.replace(
+        trained,
+        refine=base,
+        evaluate=EvaluateConfig(
+            refiners=["fixed"], cam_methods=["cam"], figure_images=0, out=str(tmp_path / "a")
+        ),
+    )
+    cam_study(plain)
+    rows = json.loads((tmp_path / "a" / "study.json").read_text())["rows"]
+    (alone,) = [r for r in rows if r["CAM"] == "cam"]
+    swept = dataclasses.replace(
+        plain,
+        evaluate=dataclasses.replace(
+            plain.evaluate, sweep={"threshold": [0.2, 0.5, 0.8]}, out=str(tmp_path / "b")
+        ),
+    )
+    table = cam_study(swept)
+    rows = json.loads((tmp_path / "b" / "study.json").read_text())["rows"]
+    by = {r["refiner"]: r for r in rows if r["CAM"] == "cam"}
+    assert list(by) == [f"fixed (threshold {t})" for t in (0.2, 0.5, 0.8)]
+    assert by["fixed (threshold 0.5)"]["pseudo_iou"] == pytest.approx(alone["pseudo_iou"])
+    assert len({r["pseudo_iou"] for r in by.values()}) == 3  # each value its own masks
+    assert "| fixed (threshold 0.8) |" in table
+
+
+def test_a_sweep_names_numeric_refine_settings_only():
+    from experiments.studies import swept
+
+    refine = load_config(None).refine
+    with pytest.raises(InputError, match="treshold is not a numeric refine setting.*threshold"):
+        swept(refine, {"treshold": [0.3]})
+    with pytest.raises(InputError, match="crf is not a numeric refine setting"):
+        swept(refine, {"crf": [1]})
+    with pytest.raises(InputError, match=r"evaluate.sweep \(threshold 2\): threshold 2.0"):
+        swept(refine, {"threshold": [2]})
+    grid = swept(refine, {"threshold": [0.2, 0.3], "crf_iterations": [3, 5]})
+    assert [said for _, said in grid] == [
+        "threshold 0.2, crf_iterations 3",
+        "threshold 0.2, crf_iterations 5",
+        "threshold 0.3, crf_iterations 3",
+        "threshold 0.3, crf_iterations 5",
+    ]
+    assert isinstance(grid[0][0].crf_iterations, int)
