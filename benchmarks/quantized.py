@@ -68,24 +68,19 @@ def network_times(graphs: dict[str, bytes], images: np.ndarray, rounds: int) -> 
     with one."""
     import onnxruntime as ort
 
-    sessions = {}
-    for threads in (0, 1):
-        for label, graph in graphs.items():
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
-            name = f"{label}, {'default threads' if threads == 0 else '1 thread'}"
-            sessions[name] = (session, session.get_inputs()[0].name)
-    for session, feed in sessions.values():  # warm-up
-        session.run(None, {feed: images[:1]})
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(rounds):
-        for name, (session, feed) in sessions.items():
-            for image in images:
-                t0 = time.perf_counter()
-                session.run(None, {feed: image[None]})
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return times
+    def runner(graph: bytes, threads: int):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+        feed = session.get_inputs()[0].name
+        return lambda x: session.run(None, {feed: x})
+
+    runs = {
+        f"{label}, {'default threads' if threads == 0 else '1 thread'}": runner(graph, threads)
+        for threads in (0, 1)
+        for label, graph in graphs.items()
+    }
+    return alternating(runs, images, rounds)
 
 
 def vit_times(cfg, sizes: list[int], images: np.ndarray, rounds: int) -> dict[str, list[float]]:
@@ -111,14 +106,21 @@ def vit_times(cfg, sizes: list[int], images: np.ndarray, rounds: int) -> dict[st
         for threads in (0, 1)
         for label, (model, size) in models.items()
     }
-    for graph in graphs.values():  # warm-up
-        graph(images[:1])
-    times: dict[str, list[float]] = {name: [] for name in graphs}
+    return alternating(graphs, images, rounds)
+
+
+def alternating(runs: dict, images: np.ndarray, rounds: int) -> dict[str, list[float]]:
+    """ms per image of each ``runs`` callable (batch of one image in), a warm-up call each,
+    then ``rounds`` rounds of every callable over ``images`` in turn: a busy machine slows
+    them alike."""
+    for run in runs.values():
+        run(images[:1])
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
-        for name, graph in graphs.items():
+        for name, run in runs.items():
             for image in images:
                 t0 = time.perf_counter()
-                graph(image[None])
+                run(image[None])
                 times[name].append((time.perf_counter() - t0) * 1e3)
     return times
 

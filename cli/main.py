@@ -224,6 +224,8 @@ def cmd_export(args) -> None:
     for model, errors in result.parity.items():
         worst = ", ".join(f"{k} {v:.2g}" for k, v in errors.items())
         against = "the in-process fp32 ViT" if model == VIT else "PyTorch"
+        if model != VIT and "model" in result.quantized.get(model, {}):
+            against += " (its fp32 graph, before int8: the int8 graph's check is below)"
         print(f"  {model}: parity with {against} (max abs error / mismatch fraction): {worst}")
     for model, done in result.quantized.items():
         agreement = (
@@ -248,6 +250,10 @@ def _network_agreement(done: dict) -> str:
         said.append(
             f"top class kept on {done['top_class_agreement']:.1%} of {done['photos']}, scores "
             f"moved by {done['max_abs_score']:.3f} at most"
+        )
+    if "present_class_agreement" in done:
+        said.append(
+            f"present classes kept on {done['present_class_agreement']:.1%} (served thresholds)"
         )
     if "top1_fp32" in done:
         said.append(

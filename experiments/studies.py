@@ -182,9 +182,13 @@ def swept(refine: RefineConfig, sweep: dict[str, list[float]]) -> list[tuple[Ref
         if key not in fields or fields[key].type not in ("float", "int", float, int):
             close = difflib.get_close_matches(key, list(fields), 1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise InputError(f"evaluate.sweep: {key} is not a numeric refine setting{hint}")
+            raise InputError(f"evaluate.sweep: {key} is not a refine setting of one number{hint}")
         if not values:
             raise InputError(f"evaluate.sweep.{key}: give at least one value")
+        if len(set(values)) < len(values):
+            raise InputError(f"evaluate.sweep.{key}: {values} names a value twice")
+        if fields[key].type in ("int", int) and any(v != int(v) for v in values):
+            raise InputError(f"evaluate.sweep.{key}: {values}: whole numbers only")
     out = []
     for combo in itertools.product(*sweep.values()):
         changes = {}

@@ -8,9 +8,10 @@ nothing is measured at run time. How much faster depends on the CPU's integer ke
 this project's AMD EPYC with AVX-512 VNNI the default model's ViT-S/14 at 168 px took
 33-35 ms dynamic and 20-22 ms static against 47 ms fp32 on one thread in two runs
 (reports/bench/quantized.md; an earlier host without VNNI gave dynamic 0.81x its fp32 time).
-The check is not a tolerance on floats, which int8 does not keep, but the agreement of the
-masks the two graphs give on the configured photos: the foreground each saliency map's Otsu
-threshold keeps, fp32 against int8.
+The check is not a tolerance on floats, which int8 does not keep, but the agreement of what
+the two graphs decide on the configured photos: for the ViT the foreground each saliency
+map's Otsu threshold keeps, for a network its classes, its CAMs' masks and its masks
+(``network_agreement``), fp32 against int8.
 """
 
 from __future__ import annotations
@@ -270,21 +271,27 @@ def network_agreement(
     int8: bytes,
     images: np.ndarray,
     labels: list[tuple[int, ...] | None] | None = None,
+    presence: float | list[float] | None = None,
+    cam_threshold: float = 0.5,
 ) -> dict[str, float]:
     """How far a network's int8 graph is from its fp32 graph on ``images`` (uint8 [N, H, W,
-    3], one at a time as served), read off its outputs' spec: its class scores (SCORES,
-    one per class) by the share of images whose top class stays and the largest change of a
-    score; its masks (uint8 outputs) by the pixels that agree and the mIoU of int8's masks
-    with fp32's as the reference; any other float output by its largest change. With
-    ``labels`` (each image's true classes, indices into SCORES; None where not known), each
-    form's accuracy too: the top class against the one true class of single-class photos
-    (``top1_fp32`` / ``top1_int8``), and the mAP over every labelled photo
-    (``map_fp32`` / ``map_int8``). What the check is for is whether the int8 graph keeps
-    the decisions and the masks, which int8 does not keep to a float tolerance."""
+    3], one at a time as served), read off its outputs' spec. Its class scores (SCORES, one
+    per class): the share of images whose top class stays, and with ``presence`` (the
+    served score threshold, one or one per class: a multi-label classifier) the share whose
+    set of present classes stays, and the largest change of a score. Its CAMs (CAMS): the
+    mIoU of int8's CAM masks with fp32's (each pixel to its strongest class where that CAM
+    reaches ``cam_threshold``, else background), what every served mask starts from. Its
+    masks (uint8 outputs): the pixels that agree and the mIoU of int8's with fp32's as the
+    reference. Any other float output: its largest change. With ``labels`` (each image's
+    true classes, indices into SCORES; None where not known), each form's accuracy too: the
+    top class against the one true class of single-class photos (``top1_fp32`` /
+    ``top1_int8``), and the mAP over every labelled photo (``map_fp32`` / ``map_int8``).
+    What the check is for is whether the int8 graph keeps the decisions and the masks,
+    which int8 does not keep to a float tolerance."""
     import onnxruntime as ort
 
-    from training.metrics import ConfusionMatrix, average_precision
-    from wsss.tensors import SCORES
+    from training.metrics import average_precision
+    from wsss.tensors import CAMS, SCORES
 
     sessions = [ort.InferenceSession(g, providers=["CPUExecutionProvider"]) for g in (fp32, int8)]
     names = [o.name for o in spec.outputs]
@@ -295,18 +302,39 @@ def network_agreement(
         b = np.concatenate([r[k] for r in got[1]])
         if t.name == SCORES:
             out["top_class_agreement"] = float((a.argmax(1) == b.argmax(1)).mean())
+            if presence is not None:
+                cut = np.asarray(presence, np.float32)
+                same = ((a >= cut) == (b >= cut)).all(1)
+                out["present_class_agreement"] = float(same.mean())
             out["max_abs_score"] = float(np.abs(a - b).max())
             if labels is not None:
                 out |= _accuracy(a, b, labels, average_precision)
+        elif t.name == CAMS:
+            masks = [_cam_masks(x, cam_threshold) for x in (a, b)]
+            out["cams_miou"] = _label_miou(*masks)
+            out["max_abs_cams"] = float(np.abs(a - b).max())
         elif t.dtype == "uint8":
-            n = int(max(a.max(), b.max())) + 1
-            matrix = ConfusionMatrix(n)
-            matrix.update(b, a)
-            out[f"{t.name.lower()}_miou"] = float(np.nanmean(matrix.iou()))
+            out[f"{t.name.lower()}_miou"] = _label_miou(a, b)
             out[f"{t.name.lower()}_pixel_agreement"] = float((a == b).mean())
         else:
             out[f"max_abs_{t.name.lower()}"] = float(np.abs(a - b).max())
     return out
+
+
+def _cam_masks(cams: np.ndarray, threshold: float) -> np.ndarray:
+    """CAMs [N, C, H, W] -> masks [N, H, W]: each pixel's strongest class + 1 where its CAM
+    reaches ``threshold``, else 0."""
+    return np.where(cams.max(1) >= threshold, cams.argmax(1) + 1, 0).astype(np.int64)
+
+
+def _label_miou(reference: np.ndarray, other: np.ndarray) -> float:
+    """mIoU of ``other``'s label masks against ``reference``'s, over the labels either holds."""
+    from training.metrics import ConfusionMatrix
+
+    n = int(max(reference.max(), other.max())) + 1
+    matrix = ConfusionMatrix(n)
+    matrix.update(other, reference)
+    return float(np.nanmean(matrix.iou()))
 
 
 def _accuracy(fp32: np.ndarray, int8: np.ndarray, labels, average_precision) -> dict[str, float]:

@@ -59,7 +59,6 @@ from training.pipeline import (
     load_model,
     refine_step,
     resolved_refine,
-    translate_labels,
 )
 from training.torch_refiners import saliency_graph, served_settings, walk_graph
 from training.walk import ViTTokens
@@ -248,7 +247,9 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
             )
             if settings.quantize != "none":
                 path = folder / str(version) / FORMATS[settings.format][1]
-                done = _quantize_network(name, spec, settings, path, cfg, names)
+                # what the served refiner reads of the classes: its presence thresholds
+                cut = refine.score_threshold if multi_label else None
+                done = _quantize_network(name, spec, settings, path, cfg, names, cut)
                 quantized |= {name: done} if done else {}
         elif name == VIT:
             (folder / str(version) / FORMATS["onnx"][1]).write_bytes(vit.graph)
@@ -598,18 +599,29 @@ def _write_network(
     return check_torchscript_parity(module, path, spec, probe, cfg.export.atol)
 
 
-# Training photos an int8 network is checked on, besides its calibration's.
+# Training photos an int8 network is checked on, besides its calibration's, and how much
+# accuracy (top-1 of single-class photos, mAP) it may lose there against fp32.
 QUANTIZE_CHECK_PHOTOS = 64
+MAX_QUANTIZED_LOSS = 0.05
 
 
 def _quantize_network(
-    name: str, spec: ModelSpec, settings, path: Path, cfg: Config, class_names: list[str]
+    name: str,
+    spec: ModelSpec,
+    settings,
+    path: Path,
+    cfg: Config,
+    class_names: list[str],
+    presence: float | list[float] | None = None,
 ) -> dict:
     """The network's ONNX file at ``path`` (fp32, parity-checked) made int8 where
     ``settings.quantize`` asks (``quantized_core``), then checked against fp32 on training
-    photos besides the calibration's (``network_agreement``: the classes it gives, with
-    each form's accuracy where the photos' labels name its classes, and its masks); refused
+    photos besides the calibration's (``network_agreement``: the classes it gives, at the
+    served ``presence`` thresholds where several may be present, its CAMs' masks and its
+    masks, with each form's accuracy where the photos' labels name its classes); refused
     where they part, else written over the fp32 file. What was done, or nothing."""
+    from training.stages import data_labels
+
     fp32 = path.read_bytes()
     graph, done = quantized_core(cfg, settings, fp32)
     if graph is fp32:
@@ -620,23 +632,55 @@ def _quantize_network(
     if data is None:
         size = cfg.data.image_size
         images = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
+        print(
+            f"export.{name}.quantize: checked on 4 random images only ({source}): give "
+            f"export.{name}.calibration a folder of training photos to check it on",
+            file=sys.stderr,
+            flush=True,
+        )
         source = f"4 random images ({source})"
     else:
         images = data.images
         try:
-            raw = [s.labels for s in data.samples]
-            labels = translate_labels(raw, data.class_names, class_names, data.aliases)
+            labels = data_labels(data, class_names)
         except InputError:  # photos of other classes: agreement only
             labels = None
-    agreement = network_agreement(spec, fp32, graph, images, labels)
-    kept = [(v, k) for k, v in agreement.items() if k.endswith(("class_agreement", "_miou"))]
-    worst = min(kept, default=(1.0, ""))
+    try:
+        agreement = network_agreement(
+            spec, fp32, graph, images, labels, presence, cfg.refine.threshold
+        )
+    except Exception as e:  # ONNX Runtime's quantizer can write a graph that does not run
+        why = str(e).strip().splitlines()[0][:300]
+        raise ExportError(
+            f"export.{name}.quantize {settings.quantize}: the int8 graph does not run ({why}): "
+            f"nothing was changed; try the other quantization or export.{name}.quantize: none"
+        ) from None
+    # What the served masks are made of: the CAMs' masks, except where a saliency map gives
+    # the extent (the CAMs then only name the class: make serve's static int8 classifier
+    # moved its CAMs' masks to 0.70 mIoU on Pet training photos, its served masks by 0.002).
+    extent_from_cams = RefinerSpec.of(cfg.refine).entry.vit != "saliency"
+    kept = [
+        (v, k)
+        for k, v in agreement.items()
+        if k.endswith(("class_agreement", "_miou")) and (k != "cams_miou" or extent_from_cams)
+    ]
+    if not kept:
+        raise ExportError(f"export.{name}.quantize: {name} gives nothing int8 can be checked by")
+    worst = min(kept)
     if worst[0] < MIN_QUANTIZED_AGREEMENT:
         raise ExportError(
             f"export.{name}: the int8 graph's {worst[1]} with fp32's is {worst[0]:.3f} on "
             f"{source} (< {MIN_QUANTIZED_AGREEMENT}): nothing was changed; export it with "
             f"export.{name}.quantize: none"
         )
+    for metric in ("top1", "map"):
+        lost = agreement.get(f"{metric}_fp32", 0.0) - agreement.get(f"{metric}_int8", 0.0)
+        if lost > MAX_QUANTIZED_LOSS:
+            raise ExportError(
+                f"export.{name}: the int8 graph's {metric} is {lost:.3f} below fp32's on "
+                f"{source} (> {MAX_QUANTIZED_LOSS}): nothing was changed; export it with "
+                f"export.{name}.quantize: none"
+            )
     path.write_bytes(graph)
     return done | {"model": name, "photos": source} | agreement
 

@@ -446,8 +446,8 @@ class NetworkExportConfig(ModelServingConfig):
     # checks the int8 graph against fp32 on training photos (the classes it gives, its
     # masks) and refuses it where they part; KIND_GPU instances keep fp32. The ViT's
     # (export.vit.quantize) is most of the default model's cost; its classifier stays fp32:
-    # static int8 was no faster on one CPU and cost 0.004 per-image mask IoU on the Pet test
-    # photos (reports/bench/quantized.md).
+    # static int8 moved its CAMs' masks (0.70 mIoU with fp32's) for no measured speed
+    # (reports/bench/quantized.md).
     quantize: Literal["none", "dynamic", "static"] = "none"
     # Static int8's calibration photos: the training list of this dataset root (read with
     # data.task and data.layout), ``calibration_photos`` of them spread over it; empty: the
@@ -575,8 +575,9 @@ class EvaluateConfig:
         ]
     )
     figure_images: int = 6  # test images shown per figure
-    # Each refiner row again at other values of refine settings, one row per value (a grid
-    # where several are named), e.g. {threshold: [0.2, 0.3, 0.4], crf_confidence: [0.7,
+    # Each CAM refiner's row again at other values of refine settings (the level set's and
+    # the ViT attention's rows are not swept), one row per value (a grid where several are
+    # named), e.g. {threshold: [0.2, 0.3, 0.4], crf_confidence: [0.7,
     # 0.8]}: how a profile's threshold and CRF weights are chosen (with split: train).
     sweep: dict[str, list[float]] = field(default_factory=dict)
     # The photos scored: the test split (what reports give), or the training photos, where

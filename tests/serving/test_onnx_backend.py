@@ -16,7 +16,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-SHIM = Path(__file__).parents[2] / "serving" / "backends" / "onnxruntime" / "model.py"
+BACKENDS = Path(__file__).parents[2] / "serving" / "backends"
+SHIM = BACKENDS / "onnxruntime" / "model.py"
 
 
 class _Tensor:
@@ -50,8 +51,8 @@ class _Error:
         self.message, self.code = message, code
 
 
-@pytest.fixture
-def shim(monkeypatch):
+def _load(monkeypatch, path: Path, name: str):
+    """A backend shim's module, with a stand-in for Triton's ``pb_utils``."""
     fake = types.SimpleNamespace(
         Tensor=_Tensor,
         InferenceResponse=_Response,
@@ -59,10 +60,15 @@ def shim(monkeypatch):
         get_input_tensor_by_name=lambda request, name: _Tensor(name, request[name]),
     )
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
-    spec = importlib.util.spec_from_file_location("onnx_shim", SHIM)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def shim(monkeypatch):
+    return _load(monkeypatch, SHIM, "onnx_shim")
 
 
 def _repository(tmp_path: Path, dims: list[int]) -> dict:
@@ -136,3 +142,49 @@ def test_only_the_outputs_a_request_asks_for_are_computed_and_sent(shim, tmp_pat
     np.testing.assert_array_equal(sent[2]["Z"], -x)
     # One request at a time (after a batch call failed) asks the same way.
     assert [t.name for t in model._one(z_only)] == ["Z"]
+    # A batch asking for Y alone runs the graph for Y alone.
+    asked = []
+    session = model.session
+
+    class Spy:
+        def run(self, names, feeds, options=None):
+            asked.append(list(names))
+            return session.run(names, feeds, options)
+
+    model.session = Spy()
+    model.execute([y_only, y_only])
+    assert asked == [["Y"]]
+
+
+def test_the_pytorch_shim_sends_only_the_outputs_asked_for(monkeypatch, tmp_path):
+    """The TorchScript stand-in runs the whole module (TorchScript cannot prune outputs)
+    but sends a request only the outputs it asks for (every one where it names none)."""
+    import torch
+
+    class TwoOutputs(torch.nn.Module):
+        def forward(self, x):
+            return 2 * x, -x
+
+    (tmp_path / "1").mkdir()
+    torch.jit.save(torch.jit.script(TwoOutputs()), tmp_path / "1" / "model.pt")
+    dims = {"data_type": "TYPE_FP32", "dims": ["3"]}
+    config = {
+        "max_batch_size": 8,
+        "input": [{"name": "INPUT__0", **dims}],
+        "output": [{"name": "Y__0", **dims}, {"name": "Z__1", **dims}],
+    }
+    pytorch = _load(monkeypatch, BACKENDS / "pytorch" / "model.py", "pytorch_shim")
+    model = pytorch.TritonPythonModel()
+    model.initialize(
+        {
+            "model_config": json.dumps(config),
+            "model_repository": str(tmp_path),
+            "model_version": "1",
+        }
+    )
+    x = np.ones((1, 3), np.float32)
+    z_only, every = (_Request({"INPUT__0": x}, asked) for asked in (["Z__1"], []))
+    responses = model.execute([z_only, every])
+    sent = [{t.name: t.as_numpy() for t in r.output_tensors} for r in responses]
+    assert [sorted(s) for s in sent] == [["Z__1"], ["Y__0", "Z__1"]]
+    np.testing.assert_array_equal(sent[0]["Z__1"], -x)

@@ -139,10 +139,14 @@ def test_a_sweep_names_numeric_refine_settings_only():
     from experiments.studies import swept
 
     refine = load_config(None).refine
-    with pytest.raises(InputError, match="treshold is not a numeric refine setting.*threshold"):
+    with pytest.raises(InputError, match="treshold is not a refine setting of one.*threshold"):
         swept(refine, {"treshold": [0.3]})
-    with pytest.raises(InputError, match="crf is not a numeric refine setting"):
+    with pytest.raises(InputError, match="crf is not a refine setting of one number"):
         swept(refine, {"crf": [1]})
+    with pytest.raises(InputError, match="names a value twice"):
+        swept(refine, {"threshold": [0.3, 0.3]})
+    with pytest.raises(InputError, match="crf_iterations: .*whole numbers only"):
+        swept(refine, {"crf_iterations": [3.2, 3.7]})
     with pytest.raises(InputError, match=r"evaluate.sweep \(threshold 2\): threshold 2.0"):
         swept(refine, {"threshold": [2]})
     grid = swept(refine, {"threshold": [0.2, 0.3], "crf_iterations": [3, 5]})
