@@ -138,8 +138,10 @@ HEALTHCHECK --interval=10s --timeout=15s --start-period=120s --retries=3 \
 # to the arguments; Docker's default 64 MB /dev/shm cannot hold eight such regions. And a
 # fixed mmap threshold, as `wsss serve` sets it: glibc's own rises to the largest block freed,
 # and tritonserver then grew +8.3% through a 20,000-request soak of make serve's model
-# (-0.3% with it: reports/soak/fixes.md).
-ENV MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=131072
+# (-0.3% with it: reports/soak/fixes.md). And one BLAS thread per stub process, as `wsss
+# serve` sets it: each instance is one thread of work, and numpy's thread pools spin on the
+# cores the other stubs need (reports/bench/coco_voc/results.md).
+ENV MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=131072 OPENBLAS_NUM_THREADS=1
 ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "/bin/sh", "-c", \
     "key=${WSSS_ADMIN_KEY:-$(od -An -N32 -tx1 /dev/urandom | tr -d ' \\n')}; case $key in ????????????????*) ;; *) echo 'WSSS_ADMIN_KEY: 16 or more characters' >&2; exit 2;; esac; case $key in *[!A-Za-z0-9._~-]*) echo 'WSSS_ADMIN_KEY: letters, digits, . _ ~ - only' >&2; exit 2;; esac; rule=model-repository,shared-memory,trace,logging:wsss-admin-key=$key; exec tritonserver \"--http-restricted-api=$rule\" \"--grpc-restricted-protocol=$rule\" \"$@\"", \
     "tritonserver", \

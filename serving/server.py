@@ -127,6 +127,13 @@ def server_env() -> dict[str, str]:
     # tritonserver grew +8.3% through a 20,000-request soak of make serve's model at
     # concurrency 8 without it (reports/soak/serve/).
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    # One BLAS thread per stub process: each instance is one thread of work (Triton scales
+    # by instances, as the ONNX Runtime sessions run one intra-op thread each), and numpy's
+    # OpenBLAS would start a pool of a thread per core in every stub, whose threads spin
+    # after each call on the cores the other stubs need. The multi-object profile's walk
+    # refiner (numpy matrix products) served its bytes ensemble at 11.8 / 11.1 photos/s
+    # against 10.2 / 10.2 without it, two A/B rounds (reports/bench/coco_voc/results.md).
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     libs = pytriton_root().parent.parent / "nvidia_pytriton.libs"
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
