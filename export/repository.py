@@ -382,12 +382,7 @@ def _vit(cfg: Config, refiner, role: str) -> ExportedViT:
         reference, served = (_transitions(r, cfg.refine) for r in (reference, served))
     # The calibration photos' dataset where one is set (make serve's data is synthetic), not
     # the photos a static graph was calibrated on.
-    calibrated = settings.calibration_photos if settings.quantize == "static" else 0
-    images, source = _photos(cfg, QUANTIZE_PHOTOS, settings.calibration or None, calibrated)
-    if images is None:
-        size = cfg.data.image_size
-        images = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
-        source = f"4 random images ({source})"
+    images, _, source = _check_photos(cfg, QUANTIZE_PHOTOS, settings)
     agreement = map_agreement(reference, served, images)
     least = MIN_QUANTIZED_AGREEMENT if core is not fp32 else MIN_VIT_AGREEMENT
     if agreement["mask_iou"] < least:
@@ -542,6 +537,20 @@ def _photos(
     return (None if data is None else data.images), source
 
 
+def _check_photos(cfg: Config, count: int, settings) -> tuple[np.ndarray, object, str]:
+    """The photos an int8 (or served) graph is checked on: up to ``count`` training photos
+    of ``settings.calibration`` (else the configured data's) besides those a static graph
+    was calibrated on, their dataset and what they are; where there are none, 4 random
+    images, no dataset, and why."""
+    calibrated = settings.calibration_photos if settings.quantize == "static" else 0
+    data, source = _photo_data(cfg, count, settings.calibration or None, calibrated)
+    if data is not None:
+        return data.images, data, source
+    size = cfg.data.image_size
+    images = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
+    return images, None, f"4 random images ({source})"
+
+
 def _photo_data(cfg: Config, count: int, root: str | None = None, besides: int = 0):
     """``_photos``' dataset (its labels too), or None, and what it is or why there is none."""
     from training.data import list_samples
@@ -626,21 +635,16 @@ def _quantize_network(
     graph, done = quantized_core(cfg, settings, fp32)
     if graph is fp32:
         return done
-    calibrated = settings.calibration_photos if done["quantize"].startswith("static") else 0
-    data, source = _photo_data(cfg, QUANTIZE_CHECK_PHOTOS, settings.calibration or None, calibrated)
+    images, data, source = _check_photos(cfg, QUANTIZE_CHECK_PHOTOS, settings)
     labels = None
     if data is None:
-        size = cfg.data.image_size
-        images = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
         print(
-            f"export.{name}.quantize: checked on 4 random images only ({source}): give "
+            f"export.{name}.quantize: checked on {source} only: give "
             f"export.{name}.calibration a folder of training photos to check it on",
             file=sys.stderr,
             flush=True,
         )
-        source = f"4 random images ({source})"
     else:
-        images = data.images
         try:
             labels = data_labels(data, class_names)
         except InputError:  # photos of other classes: agreement only
