@@ -537,7 +537,8 @@ class TritonServer:
                     code = self.process.returncode
                     raise ServerError(f"tritonserver exited ({exit_reason(code)}):\n{self.said()}")
                 try:
-                    if client.is_server_ready():
+                    # tritonserver opens its metrics endpoint after HTTP: ready is both
+                    if client.is_server_ready() and self._metrics_listening():
                         return
                 except ConnectionError:  # not listening yet; anything else is a real error
                     pass
@@ -546,6 +547,13 @@ class TritonServer:
             client.close()
         self._end()
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self.said()}")
+
+    def _metrics_listening(self) -> bool:
+        try:
+            socket.create_connection((self.cfg.host, self.cfg.metrics_port), timeout=2).close()
+        except OSError:
+            return False
+        return True
 
     def said(self, most: int = 8) -> str:
         """Why it did not start, from its log: the errors it logged (a model that failed to

@@ -1,0 +1,64 @@
+"""When ``TritonServer`` calls the server ready: tritonserver opens its metrics endpoint after
+its HTTP one, so an HTTP "ready" alone let a scrape of /metrics be refused (CI, once)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+import tritonclient.http
+
+from serving.server import ServerError, TritonServer, free_ports
+from wsss.config import ServeConfig
+
+
+class _ReadyOverHttp:
+    """tritonclient's HTTP client as a server whose HTTP endpoint is up and ready."""
+
+    def __init__(self, url: str):
+        pass
+
+    def is_server_ready(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch, tmp_path):
+    monkeypatch.setattr(tritonclient.http, "InferenceServerClient", _ReadyOverHttp)
+    http, grpc, metrics = free_ports(3)
+    cfg = ServeConfig(host="127.0.0.1", http_port=http, grpc_port=grpc, metrics_port=metrics)
+    server = TritonServer(tmp_path / "repo", cfg, tmp_path)
+    # a process that runs until stopped stands in for tritonserver
+    server.process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    yield server
+    server._end(timeout=5)
+
+
+def test_ready_waits_for_the_metrics_endpoint(server):
+    opened = threading.Event()
+    listener = socket.socket()
+
+    def open_metrics_late() -> None:
+        time.sleep(1.0)
+        listener.bind(("127.0.0.1", server.cfg.metrics_port))
+        listener.listen()
+        opened.set()
+
+    threading.Thread(target=open_metrics_late, daemon=True).start()
+    try:
+        server.wait_ready(timeout=30)
+        assert opened.is_set()  # not before the metrics endpoint listened
+    finally:
+        listener.close()
+
+
+def test_a_server_whose_metrics_never_listen_is_not_ready(server):
+    with pytest.raises(ServerError, match="not ready after 1 s"):
+        server.wait_ready(timeout=1)
+    assert server.process.poll() is not None  # and is stopped
