@@ -262,6 +262,16 @@ def _network_agreement(done: dict) -> str:
         )
     if "map_fp32" in done:
         said.append(f"mAP fp32 {done['map_fp32']:.3f}, int8 {done['map_int8']:.3f}")
+    if "truth_iou_fp32" in done:
+        per_image = (
+            f" ({done['truth_image_iou_fp32']:.4f} / {done['truth_image_iou_int8']:.4f} per image)"
+            if "truth_image_iou_fp32" in done
+            else ""
+        )
+        said.append(
+            f"against the true masks: IoU fp32 {done['truth_iou_fp32']:.4f}, int8 "
+            f"{done['truth_iou_int8']:.4f}{per_image}"
+        )
     for key, value in done.items():
         if key.endswith("_miou"):
             mask = key.removesuffix("_miou").upper()

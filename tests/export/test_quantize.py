@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import pytest
@@ -15,6 +16,7 @@ from export.repository import ExportError, _refuse_quantize, _vit
 from export.vit import served_vit
 from tests.conftest import ROOT
 from tests.tiny_graphs import tiny_saliency
+from training.pipeline import pipeline_from_config
 from training.torch_refiners import saliency_model
 from wsss.config import Config, RefineConfig, load_config
 from wsss.errors import InputError
@@ -478,6 +480,20 @@ def test_export_quantizes_the_networks_and_checks_them_against_fp32(trained, tmp
     assert seg["photos"].endswith(f"training images of {trained.data.root}")
     saved = json.loads((repo / CLASSIFIER / version / "quantized.json").read_text())
     assert set(saved) == {SEGMENTER}
+    # And each form's masks against the truth of those photos: fp32's as evaluation scores
+    # the in-process segmenter there (foreground IoU pooled at each photo's resolution).
+    data, _ = repository._photo_data(cfg, repository.QUANTIZE_CHECK_PHOTOS)
+    masks = pipeline_from_config(cfg)(data.images)["SEGMENTATION"]
+    inter = union = 0
+    for i, mask in enumerate(masks):
+        truth = data.full_mask(i)
+        mask = cv2.resize(mask, truth.shape[::-1], interpolation=cv2.INTER_NEAREST) == 1
+        kept, true = truth != 255, truth == 1
+        inter += np.count_nonzero(mask & true & kept)
+        union += np.count_nonzero((mask | true) & kept)
+    assert seg["truth_iou_fp32"] == pytest.approx(inter / union, abs=1e-3)
+    assert abs(seg["truth_iou_int8"] - seg["truth_iou_fp32"]) <= repository.MAX_QUANTIZED_LOSS
+    assert 0 < seg["truth_image_iou_int8"] <= 1
 
     files = sorted(p.relative_to(repo) for p in repo.rglob("*"))
     # ONNX Runtime's dynamic quantization of this ResNet's CAM Einsum gives a graph that
@@ -492,6 +508,12 @@ def test_export_quantizes_the_networks_and_checks_them_against_fp32(trained, tmp
         export_repository(static)
     monkeypatch.setattr(repository, "MIN_QUANTIZED_AGREEMENT", 1.01)
     with pytest.raises(ExportError, match="export.segmenter: the int8 graph's segmentation_miou"):
+        export_repository(cfg)
+    # Agreeing with fp32 is not enough: masks that lose against the truth are refused.
+    monkeypatch.setattr(repository, "MIN_QUANTIZED_AGREEMENT", 0.9)
+    worse = {"truth_iou_fp32": 0.8, "truth_iou_int8": 0.7}
+    monkeypatch.setattr(repository, "_mask_quality", lambda *args: worse)
+    with pytest.raises(ExportError, match="IoU against the true masks is 0.100 below fp32's"):
         export_repository(cfg)
     assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == files
 
