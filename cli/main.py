@@ -265,12 +265,12 @@ def _network_agreement(done: dict) -> str:
     if "truth_iou_fp32" in done:
         per_image = (
             f" ({done['truth_image_iou_fp32']:.4f} / {done['truth_image_iou_int8']:.4f} per image)"
-            if "truth_image_iou_fp32" in done
+            if "truth_image_iou_int8" in done
             else ""
         )
         said.append(
-            f"against the true masks: IoU fp32 {done['truth_iou_fp32']:.4f}, int8 "
-            f"{done['truth_iou_int8']:.4f}{per_image}"
+            f"against the true masks: {done['truth_scored']} fp32 "
+            f"{done['truth_iou_fp32']:.4f}, int8 {done['truth_iou_int8']:.4f}{per_image}"
         )
     for key, value in done.items():
         if key.endswith("_miou"):

@@ -530,6 +530,7 @@ class TritonServer:
         # Closed when ready: an open keep-alive connection makes tritonserver wait out its
         # exit timeout (30 s) at shutdown.
         client = http.InferenceServerClient(self.http_url)
+        http_ready = False
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -538,7 +539,8 @@ class TritonServer:
                     raise ServerError(f"tritonserver exited ({exit_reason(code)}):\n{self.said()}")
                 try:
                     # tritonserver opens its metrics endpoint after HTTP: ready is both
-                    if client.is_server_ready() and self._metrics_listening():
+                    http_ready = client.is_server_ready()
+                    if http_ready and self._metrics_listening():
                         return
                 except ConnectionError:  # not listening yet; anything else is a real error
                     pass
@@ -546,7 +548,12 @@ class TritonServer:
         finally:
             client.close()
         self._end()
-        raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self.said()}")
+        waiting = (
+            f": HTTP ready, metrics port {self.cfg.metrics_port} not listening"
+            if http_ready
+            else ""
+        )
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s{waiting}:\n{self.said()}")
 
     def _metrics_listening(self) -> bool:
         try:

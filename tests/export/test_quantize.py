@@ -492,7 +492,7 @@ def test_export_quantizes_the_networks_and_checks_them_against_fp32(trained, tmp
         inter += np.count_nonzero(mask & true & kept)
         union += np.count_nonzero((mask | true) & kept)
     assert seg["truth_iou_fp32"] == pytest.approx(inter / union, abs=1e-3)
-    assert seg["truth_image_iou_fp32"] > 0 and seg["truth_image_iou_int8"] > 0
+    assert seg["truth_scored"] == "foreground IoU" and seg["truth_image_iou_int8"] > 0
 
     files = sorted(p.relative_to(repo) for p in repo.rglob("*"))
     # ONNX Runtime's dynamic quantization of this ResNet's CAM Einsum gives a graph that
@@ -510,9 +510,9 @@ def test_export_quantizes_the_networks_and_checks_them_against_fp32(trained, tmp
         export_repository(cfg)
     # Agreeing with fp32 is not enough: masks that lose against the truth are refused.
     monkeypatch.setattr(repository, "MIN_QUANTIZED_AGREEMENT", 0.9)
-    worse = {"truth_iou_fp32": 0.8, "truth_iou_int8": 0.7}
+    worse = {"truth_iou_fp32": 0.8, "truth_iou_int8": 0.7, "truth_scored": "foreground IoU"}
     monkeypatch.setattr(repository, "_mask_quality", lambda *args: worse)
-    with pytest.raises(ExportError, match="IoU against the true masks is 0.100 below fp32's"):
+    with pytest.raises(ExportError, match=r"masks' \(m\)IoU against the truth is 0.100 below"):
         export_repository(cfg)
     assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == files
 

@@ -47,8 +47,8 @@ def test_ready_waits_for_the_metrics_endpoint(server):
     def open_metrics_late() -> None:
         time.sleep(1.0)
         listener.bind(("127.0.0.1", server.cfg.metrics_port))
+        opened.set()  # before listen(): no connection can be taken before it is set
         listener.listen()
-        opened.set()
 
     threading.Thread(target=open_metrics_late, daemon=True).start()
     try:
@@ -59,6 +59,6 @@ def test_ready_waits_for_the_metrics_endpoint(server):
 
 
 def test_a_server_whose_metrics_never_listen_is_not_ready(server):
-    with pytest.raises(ServerError, match="not ready after 1 s"):
+    with pytest.raises(ServerError, match="not ready after 1 s: HTTP ready, metrics port"):
         server.wait_ready(timeout=1)
     assert server.process.poll() is not None  # and is stopped
