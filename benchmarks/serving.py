@@ -381,9 +381,20 @@ def _cpu_seconds() -> dict[int, tuple[str, float]]:
     return found
 
 
-def cpu_per_image(
-    server: TritonServer, images: np.ndarray, settings: PerfSettings
-) -> dict[str, float]:
+@dataclass
+class CpuShare:
+    """CPU milliseconds per served image of each process (``cpu_per_image``), and the
+    window they were measured over: its images per second and how many cores its
+    processes kept busy. A window that served slowly with every core busy was disturbed
+    (a make bench run once gave the ViT's stubs 61 ms a photo where a rerun gave 38)."""
+
+    per_image: dict[str, float]
+    seconds: float
+    images_per_s: float
+    cores_busy: float
+
+
+def cpu_per_image(server: TritonServer, images: np.ndarray, settings: PerfSettings) -> CpuShare:
     """CPU milliseconds per image of every process that worked during one perf_analyzer run
     of ``wsss_pipeline`` over gRPC: where the cores go, the load generator included (it
     shares this machine's cores with the server)."""
@@ -399,12 +410,14 @@ def cpu_per_image(
 
     sampler = threading.Thread(target=sample)
     before = settled_statistics(server.grpc_url)
+    started = time.perf_counter()
     sampler.start()
     try:
         run_perf_analyzer(spec, server.grpc_url, "grpc", settings, list(images[:8]))
     finally:
         done.set()
         sampler.join()
+    seconds = time.perf_counter() - started
     served = statistics_delta(before, settled_statistics(server.grpc_url))[PIPELINE]
     images_done = served.requests * settings.batch
     out: dict[str, float] = {}
@@ -413,7 +426,9 @@ def cpu_per_image(
         if spent > 0:
             key = name if ("stub" in name or name in ("tritonserver", "perf_analyzer")) else "other"
             out[key] = out.get(key, 0.0) + 1e3 * spent / images_done
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    per_image = dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    rate = images_done / seconds
+    return CpuShare(per_image, seconds, rate, sum(per_image.values()) * rate / 1e3)
 
 
 def _row(what: str, batch: int, r: BenchResult, models: dict) -> Row:
@@ -496,7 +511,7 @@ def best_grpc(rows: list[Row]) -> Row:
     return max(grpc_, key=lambda r: r.images_per_s)
 
 
-def cpu_table(cpu: dict[str, float] | None, concurrency: str) -> list[str]:
+def cpu_table(cpu: CpuShare | None, concurrency: str) -> list[str]:
     if not cpu:
         return []
     lines = [
@@ -507,8 +522,15 @@ def cpu_table(cpu: dict[str, float] | None, concurrency: str) -> list[str]:
         "| process | CPU ms / image |",
         "|---|---:|",
     ]
-    lines += [f"| {name} | {ms:.2f} |" for name, ms in cpu.items()]
-    return lines + [f"| all | {sum(cpu.values()):.2f} |"]
+    lines += [f"| {name} | {ms:.2f} |" for name, ms in cpu.per_image.items()]
+    lines.append(f"| all | {sum(cpu.per_image.values()):.2f} |")
+    return lines + [
+        "",
+        f"Over that window ({cpu.seconds:.0f} s, perf_analyzer's start included): "
+        f"{cpu.images_per_s:.1f} images/s, the processes above busy for {cpu.cores_busy:.2f} "
+        f"of the machine's {os.cpu_count() or 1} cores (a window with every core busy at a "
+        "rate well below the sweep's at this concurrency was disturbed: run it again).",
+    ]
 
 
 def report(
@@ -517,7 +539,7 @@ def report(
     cfg: Config,
     command: str,
     refiners: dict | None = None,
-    cpu: dict[str, float] | None = None,
+    cpu: CpuShare | None = None,
     photos: str = "",
     untrained: bool = False,
 ) -> str:
@@ -638,14 +660,15 @@ def write(
     out: Path,
     text: str,
     refiners: dict | None,
-    cpu: dict[str, float] | None = None,
+    cpu: CpuShare | None = None,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     payload = {
         "ratios": r,
         "rows": [asdict(x) for x in rows],
         "refiners": refiners,
-        "cpu_ms_per_image": cpu,
+        "cpu_ms_per_image": cpu.per_image if cpu else None,
+        "cpu_window": ({k: v for k, v in asdict(cpu).items() if k != "per_image"} if cpu else None),
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2))
     with (out / "results.csv").open("w", newline="") as f:

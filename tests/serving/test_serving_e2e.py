@@ -261,9 +261,11 @@ def test_bench_measures_baselines_and_server_side_by_side(server, exported, tmp_
     one = PerfSettings(concurrency="2", stability_percent=200, max_trials=3, request_count=8)
     cpu = cpu_per_image(server, images, one)
     for process in ("tritonserver", "perf_analyzer", "classifier (Python stub)"):
-        assert cpu[process] > 0, cpu
+        assert cpu.per_image[process] > 0, cpu
+    # The window's own rate and load: no more CPU than the machine has (other tests' too).
+    assert cpu.images_per_s > 0 and 0 < cpu.cores_busy <= 1.1 * (os.cpu_count() or 1)
     text = report(rows, found, exported, "test", None, cpu)
-    assert "| classifier (Python stub) |" in text
+    assert "| classifier (Python stub) |" in text and "Over that window (" in text
     assert "target >= 0.9" in text and "| gRPC, concurrency 1 | classifier |" in text
     write(rows, found, tmp_path, text, None)
     assert (tmp_path / "throughput_latency.png").stat().st_size > 10_000
