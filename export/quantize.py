@@ -273,6 +273,7 @@ def network_agreement(
     labels: list[tuple[int, ...] | None] | None = None,
     presence: float | list[float] | None = None,
     cam_threshold: float = 0.5,
+    kept: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, float]:
     """How far a network's int8 graph is from its fp32 graph on ``images`` (uint8 [N, H, W,
     3], one at a time as served), read off its outputs' spec. Its class scores (SCORES, one
@@ -287,7 +288,8 @@ def network_agreement(
     top class against the one true class of single-class photos (``top1_fp32`` /
     ``top1_int8``), and the mAP over every labelled photo (``map_fp32`` / ``map_int8``).
     What the check is for is whether the int8 graph keeps the decisions and the masks,
-    which int8 does not keep to a float tolerance."""
+    which int8 does not keep to a float tolerance. ``kept``: filled with each output's
+    (fp32, int8) arrays by name, for a caller that scores them further."""
     import onnxruntime as ort
 
     from training.metrics import average_precision
@@ -300,6 +302,8 @@ def network_agreement(
     for k, t in enumerate(spec.outputs):
         a = np.concatenate([r[k] for r in got[0]])
         b = np.concatenate([r[k] for r in got[1]])
+        if kept is not None:
+            kept[t.name] = (a, b)
         if t.name == SCORES:
             out["top_class_agreement"] = float((a.argmax(1) == b.argmax(1)).mean())
             if presence is not None:

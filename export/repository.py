@@ -92,6 +92,7 @@ from wsss.tensors import (
     PSEUDO_MASK,
     REFINER,
     SALIENCY,
+    SEGMENTATION,
     SEGMENTER,
     TOKENS,
     VIT,
@@ -654,9 +655,10 @@ def _quantize_network(
             labels = data_labels(data, class_names)
         except InputError:  # photos of other classes: agreement only
             labels = None
+    outputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     try:
         agreement = network_agreement(
-            spec, fp32, graph, images, labels, presence, cfg.refine.threshold
+            spec, fp32, graph, images, labels, presence, cfg.refine.threshold, outputs
         )
     except Exception as e:  # ONNX Runtime's quantizer can write a graph that does not run
         why = str(e).strip().splitlines()[0][:300]
@@ -682,8 +684,9 @@ def _quantize_network(
             f"{source} (< {MIN_QUANTIZED_AGREEMENT}): nothing was changed; export it with "
             f"export.{name}.quantize: none"
         )
-    if data is not None and name == SEGMENTER:
-        agreement |= _mask_quality(spec, {"fp32": fp32, "int8": graph}, data, class_names)
+    if data is not None and SEGMENTATION in outputs:
+        fp32_masks, int8_masks = outputs[SEGMENTATION]
+        agreement |= _mask_quality({"fp32": fp32_masks, "int8": int8_masks}, data, class_names)
     for metric, what in QUALITY.items():
         lost = agreement.get(f"{metric}_fp32", 0.0) - agreement.get(f"{metric}_int8", 0.0)
         if lost > MAX_QUANTIZED_LOSS:
@@ -696,8 +699,9 @@ def _quantize_network(
     return done | {"model": name, "photos": source} | agreement
 
 
-def _mask_quality(spec, graphs: dict[str, bytes], data, class_names: list[str]) -> dict:
-    """Each graph's SEGMENTATION against the true masks of ``data``'s photos, scored as
+def _mask_quality(masks: dict[str, np.ndarray], data, class_names: list[str]) -> dict:
+    """Each form's SEGMENTATION of ``data``'s photos (``masks``: [N, H, W] by form, as
+    ``network_agreement`` ran them) against their true masks, scored as
     ``wsss evaluate`` scores a segmenter (at each photo's own resolution; foreground IoU for
     binary tasks, mIoU over the classes present otherwise): ``truth_iou_<form>``, and for
     binary tasks the mean over photos, ``truth_image_iou_<form>``; ``truth_scored`` says
@@ -705,12 +709,9 @@ def _mask_quality(spec, graphs: dict[str, bytes], data, class_names: list[str]) 
     profile's int8 DeepLabV3 lost 0.006 IoU on its training photos and 0.020 on the test
     photos. Nothing where the photos have no masks, or none a form could be scored on
     (no foreground in truth or prediction: no IoU)."""
-    import onnxruntime as ort
-
     from training.evaluate import Evaluation, score_masks
     from training.metrics import ConfusionMatrix
     from training.pipeline import mask_values
-    from wsss.tensors import SEGMENTATION
 
     if not data.has_masks:
         return {}
@@ -718,14 +719,11 @@ def _mask_quality(spec, graphs: dict[str, bytes], data, class_names: list[str]) 
     values = None if binary else mask_values(data.class_names, class_names)
     n_seg = data.kind.segmentation_classes(data.num_classes)
     out = {}
-    for form, graph in graphs.items():
-        session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    for form, predicted in masks.items():
+        if values is not None:
+            predicted = values[predicted]
         scored = Evaluation(binary, segmentation=ConfusionMatrix(n_seg))
-        for i, image in enumerate(data.images):
-            (mask,) = session.run([SEGMENTATION], {spec.inputs[0].name: image[None]})
-            if values is not None:
-                mask = values[mask]
-            score_masks(scored.segmentation, scored.seg_image_iou, mask, data, i, binary)
+        score_masks(scored.segmentation, scored.seg_image_iou, predicted, data, 0, binary)
         summary = scored.segmentation.summary(binary)
         value = summary["iou" if binary else "miou"]
         if not np.isfinite(value):
