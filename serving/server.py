@@ -125,7 +125,8 @@ def server_env() -> dict[str, str]:
     # the first photo's file or full-size mask, blocks that size come from the heap and
     # leave holes in it. A fixed 128 KiB keeps them mapped and returned when freed:
     # tritonserver grew +8.3% through a 20,000-request soak of make serve's model at
-    # concurrency 8 without it (reports/soak/serve/).
+    # concurrency 8 without it (reports/soak/serve_dynamic_mmap/). The preprocess and
+    # refiner stubs, faster on their heap, set their own (wsss.served.heap).
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     # One BLAS thread per stub process: each instance is one thread of work (Triton scales
     # by instances, as the ONNX Runtime sessions run one intra-op thread each), and numpy's

@@ -16,6 +16,7 @@ HELPERS = (
     "classical.py",
     "configs.py",
     "errors.py",
+    "heap.py",
     "images.py",
     "refiners.py",
     "registry.py",

@@ -12,12 +12,14 @@ import triton_python_backend_utils as pb_utils
 
 from .configs import parameters
 from .errors import InputError
+from .heap import keep_blocks_on_heap
 from .images import MAX_PIXELS, check_pixels, decode_image, header_size, resize_image
 from .respond import respond
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        keep_blocks_on_heap()  # not tritonserver's 128 KiB mmap threshold (heap.py)
         config = json.loads(args["model_config"])
         (self.input,) = [t["name"] for t in config["input"]]
         image, size = config["output"]

@@ -17,12 +17,14 @@ import triton_python_backend_utils as pb_utils
 
 from .configs import parameters
 from .errors import InputError
+from .heap import keep_blocks_on_heap
 from .refiners import build_classical
 from .respond import respond
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        keep_blocks_on_heap()  # not tritonserver's 128 KiB mmap threshold (heap.py)
         config = json.loads(args["model_config"])
         params = parameters(config)
         # Written at export by training.torch_refiners.served_settings: the RefineConfig's fields.
