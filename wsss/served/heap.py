@@ -6,11 +6,12 @@ resident set flat through a soak (reports/soak/fixes.md). Its stubs inherit the 
 there it costs: every decoded photo, resized image and full-size mask (0.1-1 MB each, several
 a request) is a fresh mapping whose pages fault in, zeroed, on first touch. make serve's bytes
 ensemble spent 7.3 and 3.7 ms of CPU a photo in its preprocess and refiner stubs with it,
-5.0 and 1.7 ms with their blocks kept on the heap, and served 28.1 photos/s instead of 25.5
-(one host, reports/soak/fixes.md). Through a 20,000-request soak those two stubs stayed flat
-(+0.2%, +0.0%) as they did under glibc's own dynamic threshold. The postprocess stub keeps
-the server's setting: on the heap it saves 0.9 ms a photo, but its full-size masks (one
-size per photo) stepped its resident set up by 8.9% through the same soak.
+5.0 and 1.7 ms with their blocks kept on the heap (4 MiB; with the postprocess stub's too,
+28.1 photos/s instead of 25.5: one host, by hand, reports/soak/fixes.md). Through a
+20,000-request soak those two stubs stayed flat (+0.2%, +0.0%), as they did under glibc's own
+dynamic threshold. The postprocess stub keeps the server's setting: on the heap it saves
+0.9 ms a photo, but its full-size masks (one size per photo) stepped its resident set up by
+8.9% through the same soak.
 """
 
 import ctypes
@@ -23,11 +24,12 @@ HEAP_BLOCKS = 4 << 20
 
 
 def keep_blocks_on_heap(limit: int = HEAP_BLOCKS) -> bool:
-    """Serve blocks up to ``limit`` bytes from this process's heap; False where the C library
-    is not glibc (no ``mallopt``) or refuses the values, and nothing changes."""
+    """Serve blocks up to ``limit`` bytes from this process's heap. False where the C library
+    has no ``mallopt`` (macOS, Windows: nothing is set) or refuses a value (musl, whose
+    ``mallopt`` does nothing; a 32-bit glibc past its largest threshold)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return mallopt(M_MMAP_THRESHOLD, limit) == 1 and mallopt(M_TRIM_THRESHOLD, 2 * limit) == 1

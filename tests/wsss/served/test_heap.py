@@ -14,24 +14,24 @@ import pytest
 from wsss import served
 
 # Run in a process of its own started as tritonserver starts its stubs: with a 128 KiB mmap
-# threshold. glibc counts the blocks it has mapped (mallinfo2's hblks).
+# threshold. glibc counts the blocks it has mapped (mallinfo's hblks).
 _PROBE = """
 import ctypes, sys
 from wsss.served.heap import keep_blocks_on_heap
 
-class Info(ctypes.Structure):
+class Info(ctypes.Structure):  # mallinfo's: int fields (mallinfo2, glibc >= 2.33: size_t)
     names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
-    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+    _fields_ = [(n, ctypes.c_int) for n in names.split()]
 
 libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = Info
+libc.mallinfo.restype = Info
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
 libc.free.argtypes = (ctypes.c_void_p,)
 
 def mapped_by(size):
-    before = libc.mallinfo2().hblks
+    before = libc.mallinfo().hblks
     block = libc.malloc(size)
-    during = libc.mallinfo2().hblks
+    during = libc.mallinfo().hblks
     libc.free(block)
     return during - before
 
