@@ -24,6 +24,7 @@ from training.data.layouts import (
     read_mask,
     read_palette,
 )
+from training.data.synth import SYNTH_RECORD
 from wsss.served.images import resize_image, resize_mask
 from wsss.task import get_task
 
@@ -99,6 +100,8 @@ class WSSSDataset(Dataset):
             raise DataLayoutError(f"{root}: no image of the {split} split could be read")
         self.images, self.masks = images[:n], masks[:n]
         what = describe(root, task, split, layout) if samples is None else str(root)
+        if (Path(root) / SYNTH_RECORD).is_file():  # a profile's stand-in: say it is no photo
+            what += ", synthetic (drawn by `wsss data synth`, not photos)"
         self.source = f"{what}: {n:,} images, {len(self.class_names)} classes"
         if self.skipped:
             self.source += f" ({len(self.skipped)} unreadable skipped)"

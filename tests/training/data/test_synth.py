@@ -107,6 +107,17 @@ def test_synth_pets_layout(pets_root):
         assert names[s.labels[0]] == s.name.rsplit("_", 1)[0]
 
 
+def test_a_synthetic_benchmark_says_so_where_it_is_read_and_photos_do_not(tmp_path):
+    # make serve's profile reads its synthetic stand-in for the class names; scored on it by
+    # mistake, the figures must not pass for a real-photo score
+    synthetic = WSSSDataset(
+        write_synth(tmp_path / "s", SynthOptions("pets", 12, 64)), "pets", "test", 32
+    )
+    assert "synthetic (drawn by `wsss data synth`, not photos)" in synthetic.source
+    real = WSSSDataset(_real_pets_tree(tmp_path / "r"), "pets", "train", 32)
+    assert "not photos" not in real.source  # (the tmp path names the test: "synthetic")
+
+
 def test_synth_voc_layout(tmp_path):
     root = write_synth(tmp_path, SynthOptions("voc", 12, 64, seed=0))
     assert read_class_names(root, "voc") == list(ANIMALS)
