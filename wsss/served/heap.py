@@ -9,9 +9,9 @@ ensemble spent 7.3 and 3.7 ms of CPU a photo in its preprocess and refiner stubs
 5.0 and 1.7 ms with their blocks kept on the heap (4 MiB; with the postprocess stub's too,
 28.1 photos/s instead of 25.5: one host, by hand, reports/soak/fixes.md). Through a
 20,000-request soak those two stubs stayed flat (+0.2%, +0.0%), as they did under glibc's own
-dynamic threshold. The postprocess stub keeps the server's setting: on the heap it saves
+dynamic threshold. The postprocess stub keeps the server's setting: on the heap it saved
 0.9 ms a photo, but its full-size masks (one size per photo) stepped its resident set up by
-8.9% through the same soak.
+8.9% through the same soak; it makes fewer of them instead (postprocess.py).
 """
 
 import ctypes

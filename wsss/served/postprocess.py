@@ -44,12 +44,21 @@ class TritonPythonModel:
                 output_size(size, self.max_pixels)
             except ValueError as exc:
                 raise InputError(f"item {k}: {exc}") from exc
-        return [
-            pb_utils.Tensor(
-                name,
-                np.stack(
+        # A pass-through segmenter's SEGMENTATION is the PSEUDO_MASK: resized once. Under
+        # tritonserver's 128 KiB mmap threshold, which this stub keeps (wsss.served.heap),
+        # each full-size mask is a fresh mapping: one batch of one is not copied by np.stack.
+        made: list[tuple[np.ndarray, np.ndarray]] = []  # (a batch of masks, resized)
+        outputs = []
+        for name, batch in zip(self.outputs, masks, strict=True):
+            full = next((f for b, f in made if np.array_equal(b, batch)), None)
+            if full is None:
+                full = _stack(
                     [resize_mask(m, s, self.max_pixels) for m, s in zip(batch, sizes, strict=True)]
-                ),
-            )
-            for name, batch in zip(self.outputs, masks, strict=True)
-        ]
+                )
+                made.append((batch, full))
+            outputs.append(pb_utils.Tensor(name, full))
+        return outputs
+
+
+def _stack(masks: list[np.ndarray]) -> np.ndarray:
+    return masks[0][np.newaxis] if len(masks) == 1 else np.stack(masks)

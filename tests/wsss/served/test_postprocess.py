@@ -58,11 +58,11 @@ def _config(max_pixels: int | None):
     return build_configs(specs, load_config(None, []).export, params, versions)[POSTPROCESS]
 
 
-def _ask(model, size: tuple[int, int], batch: int = 2):
+def _ask(model, size: tuple[int, int], batch: int = 2, segmentation=None):
     masks = np.random.default_rng(0).integers(0, 3, (batch, 48, 48), dtype=np.uint8)
     request = {
         PSEUDO_MASK: masks,
-        SEGMENTATION: masks,
+        SEGMENTATION: masks if segmentation is None else segmentation,
         ORIGINAL_SIZE: np.array([size] * batch, np.int32),
     }
     request = {k: types.SimpleNamespace(as_numpy=lambda a=a: a) for k, a in request.items()}
@@ -101,6 +101,22 @@ def test_the_configured_limit_is_held_and_a_size_under_it_served(load):
     for name in (PSEUDO_MASK_FULL, SEGMENTATION_FULL):
         assert got[name].shape == (2, 120, 100)
         np.testing.assert_array_equal(got[name][1], resize_mask(masks[1], (120, 100)))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_each_mask_comes_back_at_the_photos_size_a_pass_throughs_two_resized_once(load, batch):
+    model = load(_config(None))
+    other = np.random.default_rng(1).integers(0, 3, (batch, 48, 48), dtype=np.uint8)
+    for segmentation in (None, other):  # a pass-through's SEGMENTATION is its PSEUDO_MASK
+        masks, served = _ask(model, (75, 61), batch, segmentation)
+        got = {t.name(): t.as_numpy() for t in served.output_tensors}
+        seg = masks if segmentation is None else segmentation
+        for name, sent in ((PSEUDO_MASK_FULL, masks), (SEGMENTATION_FULL, seg)):
+            want = np.stack([resize_mask(m, (75, 61)) for m in sent])
+            np.testing.assert_array_equal(got[name], want)
+            assert got[name].flags.c_contiguous
+        same = np.shares_memory(got[PSEUDO_MASK_FULL], got[SEGMENTATION_FULL])
+        assert same == (segmentation is None)
 
 
 def test_output_size_refuses_sides_out_of_range_and_too_many_pixels():
