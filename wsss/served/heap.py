@@ -10,8 +10,8 @@ ensemble spent 7.3 and 3.7 ms of CPU a photo in its preprocess and refiner stubs
 28.1 photos/s instead of 25.5: one host, by hand, reports/soak/fixes.md). Through a
 20,000-request soak those two stubs stayed flat (+0.2%, +0.0%), as they did under glibc's own
 dynamic threshold. The postprocess stub keeps the server's setting: on the heap it saved
-0.9 ms a photo, but its full-size masks (one size per photo) stepped its resident set up by
-8.9% through the same soak; it makes fewer of them instead (postprocess.py).
+0.9 ms a photo, but its private memory grew 1.4 MiB through the same soak (its full-size
+masks come in one size per photo), none without; it makes fewer of them (postprocess.py).
 """
 
 import ctypes
