@@ -528,8 +528,9 @@ def cpu_table(cpu: CpuShare | None, concurrency: str) -> list[str]:
         "",
         f"Over that window ({cpu.seconds:.0f} s, perf_analyzer's start included): "
         f"{cpu.images_per_s:.1f} images/s, the processes above busy for {cpu.cores_busy:.2f} "
-        f"of the machine's {os.cpu_count() or 1} cores (a window with every core busy at a "
-        "rate well below the sweep's at this concurrency was disturbed: run it again).",
+        f"of the machine's {os.cpu_count() or 1} cores. Every core busy at a rate well "
+        f"below the gRPC row's at concurrency {concurrency} above means something else ran "
+        "in that window: measure again.",
     ]
 
 

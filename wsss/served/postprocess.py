@@ -46,7 +46,7 @@ class TritonPythonModel:
                 raise InputError(f"item {k}: {exc}") from exc
         # A pass-through segmenter's SEGMENTATION is the PSEUDO_MASK: resized once. Under
         # tritonserver's 128 KiB mmap threshold, which this stub keeps (wsss.served.heap),
-        # each full-size mask is a fresh mapping: one batch of one is not copied by np.stack.
+        # each full-size mask is a fresh mapping, so a batch of one is not copied either.
         made: list[tuple[np.ndarray, np.ndarray]] = []  # (a batch of masks, resized)
         outputs = []
         for name, batch in zip(self.outputs, masks, strict=True):
