@@ -29,6 +29,7 @@ from wsss.tensors import (
     VIT,
     ModelSpec,
     TensorSpec,
+    ensemble_aliases,
     ensemble_members,
 )
 
@@ -202,12 +203,15 @@ def ensemble_config(
     steps: list[tuple[ModelSpec, str]],
     max_batch_size: int,
     labels: dict[str, str] | None = None,
+    aliases: dict[str, str] | None = None,
 ) -> mc.ModelConfig:
     """Chain ``steps`` (spec, format); tensors flow by spec name, mapped to each step's names.
 
     ``labels`` as for ``model_config``: the ensemble is what clients ask, so it names the
-    classes itself.
+    classes itself. ``aliases`` (``wsss.tensors.ensemble_aliases``): an input of that name
+    reads the tensor it names instead, made by an earlier step.
     """
+    aliases = aliases or {}
     plain = {t.name: t.name for t in spec.inputs + spec.outputs}
     cfg = mc.ModelConfig(
         name=spec.name,
@@ -220,13 +224,14 @@ def ensemble_config(
         cfg.parameters[key].string_value = value
     # Triton refuses an ensemble tensor that nothing reads, so map only the outputs that a
     # later step consumes or the ensemble returns.
-    wanted = {t.name for t in spec.outputs} | {t.name for s, _ in steps for t in s.inputs}
+    wanted = {t.name for t in spec.outputs}
+    wanted |= {aliases.get(t.name, t.name) for s, _ in steps for t in s.inputs}
     for step, fmt in steps:
         names = io_names(step, fmt)
         cfg.ensemble_scheduling.step.add(
             model_name=step.name,
             model_version=-1,
-            input_map={names[t.name]: t.name for t in step.inputs},
+            input_map={names[t.name]: aliases.get(t.name, t.name) for t in step.inputs},
             output_map={names[t.name]: t.name for t in step.outputs if t.name in wanted},
         )
     return cfg
@@ -282,6 +287,7 @@ def build_configs(
             [(specs[s], model_format(s, export, network_refiner)) for s in steps],
             batch,
             labels if labelled(specs[name]) else None,
+            ensemble_aliases(name, specs),
         )
     return configs
 

@@ -22,7 +22,7 @@ import itertools
 from collections.abc import Iterable, Sequence
 
 from wsss.errors import InputError
-from wsss.tensors import ModelSpec, ensemble_members
+from wsss.tensors import ModelSpec, ensemble_aliases, ensemble_members
 
 # A step as its ensemble maps it: the tensors it reads, and those of its outputs that are
 # mapped (an output that nothing reads and the ensemble does not return is left unmapped).
@@ -33,13 +33,15 @@ def ensemble_steps(specs: dict[str, ModelSpec], model: str) -> list[Step]:
     """``model``'s steps as ``export.configs.ensemble_config`` maps them (a test holds the two
     to each other)."""
     steps = [specs[name] for name in ensemble_members(model, specs)]
-    wanted = {t.name for t in specs[model].outputs} | {t.name for s in steps for t in s.inputs}
+    aliases = ensemble_aliases(model, specs)
+    reads = [frozenset(aliases.get(t.name, t.name) for t in s.inputs) for s in steps]
+    wanted = {t.name for t in specs[model].outputs}.union(*reads)
     return [
         (
-            frozenset(t.name for t in s.inputs),
+            read,
             frozenset(t.name for t in s.outputs if t.name in wanted),
         )
-        for s in steps
+        for s, read in zip(steps, reads, strict=True)
     ]
 
 

@@ -180,14 +180,35 @@ ENSEMBLES: dict[str, tuple[str, ...]] = {
 
 def ensemble_members(ensemble: str, specs: dict[str, ModelSpec]) -> list[str]:
     """``ensemble``'s steps, in order, among the models of ``specs`` (``served_models``); a
-    chain ``specs`` lacks (an export from before them) stands for its own steps."""
+    chain ``specs`` lacks (an export from before them) stands for its own steps, and a step
+    ``ensemble_aliases`` stands in for is left out."""
     members = []
     for name in ENSEMBLES[ensemble]:
-        if name in specs:
+        if name in specs and name not in _stood_in_for(ensemble, specs):
             members.append(name)
-        elif name in ENSEMBLES:
+        elif name in ENSEMBLES and name not in specs:
             members += ensemble_members(name, specs)
     return members
+
+
+def ensemble_aliases(ensemble: str, specs: dict[str, ModelSpec]) -> dict[str, str]:
+    """Tensors that ``ensemble``'s steps read under another tensor's name, the step that
+    would make them left out (``ensemble_members``).
+
+    The bytes chain skips a pass-through segmenter: its SEGMENTATION is the PSEUDO_MASK it
+    reads, and its SEG_PROBS (a one-hot of floats: 400 kB for two classes at 224 px) is
+    returned by no bytes ensemble, so ``postprocess`` reads PSEUDO_MASK for both its masks:
+    one Python step, its copies in and out, fewer a photo (docs/serving.md).
+    Only where ``specs`` hold the chain: an export from before kept the step.
+    """
+    return {SEGMENTATION: PSEUDO_MASK} if _stood_in_for(ensemble, specs) else {}
+
+
+def _stood_in_for(ensemble: str, specs: dict[str, ModelSpec]) -> tuple[str, ...]:
+    chain = CHAINS[PIPELINE_BYTES]
+    if ensemble != chain or chain not in specs or SEGMENTER not in specs:
+        return ()
+    return (SEGMENTER,) if [t.name for t in specs[SEGMENTER].inputs] == [PSEUDO_MASK] else ()
 
 
 def served_models(

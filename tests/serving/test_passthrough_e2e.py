@@ -86,20 +86,20 @@ def test_both_ensembles_serve_the_refined_mask_as_the_segmentation(server, passt
 def test_every_subset_is_answered_and_the_chains_pruned_as_the_model_says(server, images):
     """Each subset of each ensemble's outputs, asked with plain tritonclient: the ensemble
     answers it with the full request's values. Its chain, which steps through the models as
-    the ensemble itself did before the chains (and an older export's still does), answers
-    it or fails with "unexpected deadlock" exactly as ``wsss.pruning`` predicts, and answers
-    it asked with ``outputs_to_request``'s extras."""
+    the ensemble itself did before the chains (and an older export's still does; the bytes
+    chain now without the pass-through segmenter, its postprocess reading PSEUDO_MASK for
+    both masks), answers it or fails with "unexpected deadlock" exactly as ``wsss.pruning``
+    predicts, and answers it asked with ``outputs_to_request``'s extras."""
     client = grpc.InferenceServerClient(server.grpc_url)
     meta = client.get_model_metadata(SEGMENTER)
     assert [i.name for i in meta.inputs] == [PSEUDO_MASK]
     k, s = (int(client.get_model_metadata(m).outputs[0].shape[1]) for m in (CLASSIFIER, SEGMENTER))
     specs = served_models(images.shape[1], k, s, segmenter_input=PSEUDO_MASK)
-    before = served_models(images.shape[1], k, s, segmenter_input=PSEUDO_MASK, chains=False)
     blobs = np.array([[encode_png(image)] for image in images[:1]], dtype=np.object_)
     deadlocks = 0
     for model, array in {PIPELINE: images[:1], PIPELINE_BYTES: blobs}.items():
         (name,), outputs = [t.name for t in specs[model].inputs], specs[model].outputs
-        names, steps = [t.name for t in outputs], ensemble_steps(before, model)
+        names, steps = [t.name for t in outputs], ensemble_steps(specs, CHAINS[model])
         full = _infer(client, model, name, array, names)
         for n in range(1, len(names) + 1):
             for asked in itertools.combinations(names, n):
@@ -113,7 +113,7 @@ def test_every_subset_is_answered_and_the_chains_pruned_as_the_model_says(server
                     deadlocks += 1
                     with pytest.raises(InferenceServerException, match="deadlock"):
                         _infer(client, chain, name, array, list(asked))
-                wanted = outputs_to_request(before, model, asked)
+                wanted = outputs_to_request(specs, CHAINS[model], asked)
                 got = _infer(client, chain, name, array, wanted)
                 for out in asked:
                     np.testing.assert_allclose(got[out], full[out], atol=1e-5, err_msg=out)

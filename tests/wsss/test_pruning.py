@@ -24,11 +24,14 @@ from wsss.tensors import (
     IMAGE,
     PIPELINE,
     PIPELINE_BYTES,
+    POSTPROCESS,
     PSEUDO_MASK,
     REFINER,
     SALIENCY,
     SCORES,
     SEGMENTATION,
+    SEGMENTER,
+    ensemble_aliases,
     ensemble_members,
     served_models,
 )
@@ -149,7 +152,33 @@ def test_an_ensemble_of_its_chain_answers_every_subset_as_asked(layout, model):
     for asked in _subsets(outputs):
         assert pruned_steps(steps, outputs, asked) == set()
         assert outputs_to_request(specs, model, asked) == [n for n in outputs if n in asked]
-    # an export from before the chains: the ensemble steps through the chain's models
+    # an export from before the chains: the ensemble steps through the chain's models, the
+    # bytes one through a pass-through segmenter too (the chains leave it out)
     before = _specs(layout)
     assert CHAINS[model] not in before
-    assert ensemble_members(model, before) == ensemble_members(CHAINS[model], specs)
+    skipped = [SEGMENTER] if model == PIPELINE_BYTES and layout.startswith("passthrough") else []
+    chain = ensemble_members(CHAINS[model], specs)
+    assert [m for m in ensemble_members(model, before) if m not in skipped] == chain
+    assert not set(skipped) & set(chain)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_bytes_chain_reads_a_pass_through_mask_for_both_masks(layout):
+    """Its postprocess reads the refiner's PSEUDO_MASK as SEGMENTATION: no segmenter step,
+    whose SEG_PROBS no bytes ensemble returns. A trained segmenter keeps its step."""
+    specs = _specs(layout, chains=True)
+    export = load_config(None, [])
+    params = {REFINER: {"refine": "{}", "multi_label": "false"}}
+    configs = build_configs(specs, export.export, params, {n: [1] for n in specs})
+    steps = {s.model_name: s for s in configs[CHAINS[PIPELINE_BYTES]].ensemble_scheduling.step}
+    post = steps[POSTPROCESS].input_map
+    if layout.startswith("passthrough"):
+        assert SEGMENTER not in steps
+        assert post[PSEUDO_MASK] == post[SEGMENTATION] == PSEUDO_MASK
+        assert ensemble_aliases(CHAINS[PIPELINE_BYTES], specs) == {SEGMENTATION: PSEUDO_MASK}
+    else:
+        assert SEGMENTER in steps and post[SEGMENTATION] == SEGMENTATION
+        assert ensemble_aliases(CHAINS[PIPELINE_BYTES], specs) == {}
+    # the pixels' chain returns SEG_PROBS and SEGMENTATION: its segmenter step stays
+    assert SEGMENTER in {s.model_name for s in configs[CHAINS[PIPELINE]].ensemble_scheduling.step}
+    assert ensemble_aliases(CHAINS[PIPELINE], specs) == {}
