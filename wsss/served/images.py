@@ -395,7 +395,8 @@ def _rgb(image) -> np.ndarray:
         bits = 16 if grey.itemsize == 2 or grey.max(initial=0) < 1 << 16 else 32
         grey = (grey >> (bits - 8)).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
-    return np.array(image.convert("RGB"))
+    # convert() of an RGB image copies it: 0.15 of the 1.65 ms a Pet test photo takes to decode
+    return np.array(image if image.mode == "RGB" else image.convert("RGB"))
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
