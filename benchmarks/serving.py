@@ -56,7 +56,7 @@ from serving.perf import (
 )
 from serving.server import TritonServer, has_gpu, on_free_ports, processes
 from wsss.config import Config, load_config, served_config, with_overrides
-from wsss.served.images import decode_image, resize_image, resize_mask
+from wsss.served.images import decode_resized, resize_mask
 from wsss.served.registry import LEVELSET, RefinerSpec
 from wsss.tensors import (
     CAMS,
@@ -243,10 +243,10 @@ def _from_files(pipe: OrtPipeline, size: int):
     model does (``wsss.served.images``): the in-process twin of ``wsss_pipeline_bytes``."""
 
     def run(blob: bytes) -> None:
-        photo = decode_image(blob)
-        masks = pipe(resize_image(photo, (size, size))[None])
+        pixels, shape = decode_resized(blob, (size, size))
+        masks = pipe(pixels[None])
         for mask in masks:
-            resize_mask(mask[0], photo.shape[:2])
+            resize_mask(mask[0], shape)
 
     return run
 
@@ -823,10 +823,11 @@ def sweep(cfg: Config, blobs: list[bytes], settings: PerfSettings, out: Path, co
 PHOTOS = 8  # photos sent (each request one of them, in turn) and timed in process
 
 
-def bench_photos(cfg: Config, images: list[str]) -> tuple[list[np.ndarray], list[bytes], str]:
+def bench_photos(cfg: Config, images: list[str]) -> tuple[np.ndarray, list[bytes], str]:
     """The photos a benchmark sends: ``images`` (files or folders), else the profile's own
     test photos where they are real, else the shared Pet test photos (a profile on synthetic
-    data, e.g. make serve's); decoded, their files' bytes, and what they are."""
+    data, e.g. make serve's); their pixels at the profile's size as the server reads them
+    (``decode_resized``), their files' bytes, and what they are."""
     if images:
         from serving.infer import find_images
 
@@ -849,7 +850,9 @@ def bench_photos(cfg: Config, images: list[str]) -> tuple[list[np.ndarray], list
         if missing:  # listed but absent: one line, as training says it
             raise SystemExit(f"wsss bench: {missing[0]}: the image is missing (listed in {where})")
     blobs = [Path(f).read_bytes() for f in files]
-    return [decode_image(b) for b in blobs], blobs, f"{len(files)} of {where}"
+    size = (cfg.data.image_size, cfg.data.image_size)
+    pixels = np.stack([decode_resized(b, size)[0] for b in blobs])
+    return pixels, blobs, f"{len(files)} of {where}"
 
 
 def report_folder(config: str | None, out: str | None) -> Path:
@@ -910,9 +913,7 @@ def bench_report(args) -> None:
     else:
         build_if_missing(cfg)
     served = served_config(cfg)
-    size = (cfg.data.image_size, cfg.data.image_size)
-    photos, blobs, source = bench_photos(cfg, args.images)
-    images = np.stack([resize_image(p, size) for p in photos])
+    images, blobs, source = bench_photos(cfg, args.images)
     settings = PerfSettings(
         concurrency=args.concurrency, stability_percent=25, max_trials=8, request_count=64
     )

@@ -18,7 +18,14 @@ import numpy as np
 from wsss.errors import InputError, WsssError
 from wsss.pruning import outputs_to_request
 from wsss.served.configs import parameters
-from wsss.served.images import ImageError, decode_image, encode_png, resize_image, resize_mask
+from wsss.served.images import (
+    ImageError,
+    decode_image,
+    decode_resized,
+    encode_png,
+    resize_image,
+    resize_mask,
+)
 from wsss.tensors import (
     CHAINS,
     CLASSIFIER,
@@ -314,8 +321,10 @@ def _grpc_to_dict(meta) -> dict:
     }
 
 
-def load_image(source: str | Path | bytes) -> np.ndarray:
-    """Decode an image file or bytes into RGB uint8; a clear error if it is not an image."""
+def load_image(source: str | Path | bytes, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode an image file or bytes into RGB uint8; a clear error if it is not an image.
+    ``size`` (height, width): at that size, as the server's preprocess model reads it
+    (``decode_resized``), for a request of pixels."""
     if isinstance(source, bytes):
         data, where = source, "the given bytes"
     else:
@@ -323,7 +332,7 @@ def load_image(source: str | Path | bytes) -> np.ndarray:
             raise ClientError(f"{source}: no such image file")
         data, where = Path(source).read_bytes(), str(source)
     try:
-        return decode_image(data)
+        return decode_image(data) if size is None else decode_resized(data, size)[0]
     except ImageError as exc:
         raise ClientError(f"cannot decode {where}: {exc}") from exc
 

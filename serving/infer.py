@@ -362,7 +362,7 @@ class _Run:
             if images.answered is not None and images.answered != self.base.version:
                 self.answered_by(images.answered)  # a new export: the CAMs at its shapes
             tensors = self.client(PIPELINE)
-            image = resize(load_image(data), tensors.image_size)[None]
+            image = load_image(data, tensors.image_size)[None]
             cams = tensors.infer(image, [CAMS])[CAMS][0]
             if tensors.answered == images.answered:
                 return outputs, cams

@@ -25,7 +25,7 @@ from tritonclient.utils import serialize_byte_tensor
 
 from serving.server import pytriton_root
 from wsss.errors import WsssError
-from wsss.served.images import decode_image, encode_png, resize_image
+from wsss.served.images import decode_resized, encode_png, resize_image
 from wsss.tensors import ModelSpec
 
 
@@ -105,8 +105,11 @@ def input_data(spec: ModelSpec, images: list[np.ndarray | bytes]) -> dict:
             raw = serialize_byte_tensor(np.array([data], np.object_)).item()
             entries.append({tensor.name: {"b64": base64.b64encode(raw).decode()}})
         else:
-            image = decode_image(image) if isinstance(image, bytes) else image
-            pixels = resize_image(image, tensor.shape[:2])
+            size = tensor.shape[:2]
+            if isinstance(image, bytes):
+                pixels = decode_resized(image, size)[0]
+            else:
+                pixels = resize_image(image, size)
             entries.append(
                 {tensor.name: {"content": pixels.ravel().tolist(), "shape": list(pixels.shape)}}
             )

@@ -69,7 +69,8 @@ def test_a_profile_on_synthetic_data_is_benchmarked_on_real_photos(tmp_path, rea
     assert serve.data.synth_count > 0
     photos, blobs, source = bench_photos(serve, [])
     assert len(photos) == len(blobs) == 8 and "oxford-pet-subset" in source
-    assert photos[0].ndim == 3 and blobs[0][:2] == b"\xff\xd8"  # the JPEG files as they are
+    assert photos.shape == (8, serve.data.image_size, serve.data.image_size, 3)
+    assert blobs[0][:2] == b"\xff\xd8"  # the JPEG files as they are
     # Any folder instead.
     folder = tmp_path / "mine"
     folder.mkdir()

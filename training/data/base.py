@@ -17,7 +17,7 @@ from PIL import Image
 
 from wsss.errors import WsssError
 from wsss.palette import IGNORE, VOC_PALETTE
-from wsss.served.images import MAX_PIXELS, ImageError, decode_image
+from wsss.served.images import MAX_PIXELS, ImageError, decode_image, decode_resized
 
 
 class DataLayoutError(WsssError, ValueError):
@@ -150,12 +150,25 @@ def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     alpha channel (dropped). The server's decoder (``wsss.served.images.decode_image``), so
     training and serving read the same pixels. A missing or undecodable file, or one over
     ``max_pixels``, is an ``UnreadableImageError``."""
+    return _read(path, lambda data: decode_image(data, max_pixels))
+
+
+def read_resized(
+    path: str | Path, size: tuple[int, int], max_pixels: int = MAX_PIXELS
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """``read_image``'s photo at ``size`` (height, width), and its own (height, width): the
+    server's ``decode_resized``, which decodes a large JPEG scaled down first, so a dataset
+    holds the pixels the server classifies."""
+    return _read(path, lambda data: decode_resized(data, size, max_pixels))
+
+
+def _read(path: str | Path, decode):
     path = Path(path)
     if not path.is_file():
         what = "a folder, not an image" if path.is_dir() else "the image is missing"
         raise UnreadableImageError(f"{path}: {what}")
     try:
-        return decode_image(path.read_bytes(), max_pixels)
+        return decode(path.read_bytes())
     except ImageError as exc:
         raise UnreadableImageError(f"{path}: {exc}") from None
 
@@ -170,5 +183,6 @@ __all__ = [
     "png_palette",
     "read_image",
     "read_png_mask",
+    "read_resized",
     "require",
 ]

@@ -20,12 +20,12 @@ from training.data.layouts import (
     get_layout,
     list_samples,
     read_class_names,
-    read_image,
     read_mask,
     read_palette,
+    read_resized,
 )
 from training.data.synth import SYNTH_RECORD
-from wsss.served.images import resize_image, resize_mask
+from wsss.served.images import resize_mask
 from wsss.task import get_task
 
 
@@ -79,7 +79,7 @@ class WSSSDataset(Dataset):
         self.samples, self.skipped = [], []
         for s in tqdm(listed, desc=f"load {split}", unit="img", leave=False):
             try:
-                image = read_image(s.image_path)
+                image, shape = read_resized(s.image_path, (size, size))
             except UnreadableImageError as exc:
                 if not skip_unreadable:
                     raise UnreadableImageError(
@@ -88,11 +88,11 @@ class WSSSDataset(Dataset):
                     ) from None
                 self.skipped.append(str(exc))
                 continue
-            mask = read_mask(s, task, image.shape[:2], known)
+            mask = read_mask(s, task, shape, known)
             i = len(self.samples)
-            # The served decoder's resizes (wsss.served.images), so a photo's pixels here
-            # are the pixels the server classifies.
-            images[i] = resize_image(image, (size, size))
+            # The served decoder and its resize (wsss.served.images.decode_resized), so a
+            # photo's pixels here are the pixels the server classifies.
+            images[i] = image
             masks[i] = resize_mask(mask, (size, size))
             self.samples.append(s)
         n = len(self.samples)

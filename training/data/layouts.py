@@ -35,6 +35,7 @@ from training.data.base import (
     read_image,
     read_names,
     read_png_mask,
+    read_resized,
     require,
 )
 from training.data.coco import CocoLayout
@@ -347,4 +348,5 @@ __all__ = [
     "read_image",
     "read_mask",
     "read_palette",
+    "read_resized",
 ]

@@ -1,7 +1,8 @@
 """Triton python-backend model: encoded image bytes -> model-size RGB pixels + original size.
 
 Copied into ``<repository>/preprocess/<version>/model.py``. Decoding and resizing are
-``wsss.images``, the same code clients use, so both paths give identical pixels.
+``wsss.served.images.decode_resized``, the code training and clients use, so all of them
+give identical pixels.
 Normalisation lives inside the exported networks, where no client can get it wrong.
 """
 
@@ -13,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 from .configs import parameters
 from .errors import InputError
 from .heap import keep_blocks_on_heap
-from .images import MAX_PIXELS, check_pixels, decode_image, header_size, resize_image
+from .images import MAX_PIXELS, check_pixels, decode_resized, header_size
 from .respond import respond
 
 
@@ -46,11 +47,11 @@ class TritonPythonModel:
         images, sizes = [], []
         for k, blob in enumerate(blobs):
             try:
-                image = decode_image(blob, self.max_pixels)
+                image, size = decode_resized(blob, self.size, self.max_pixels)
             except ValueError as exc:
                 raise InputError(f"item {k}: {exc}") from exc
-            sizes.append(image.shape[:2])
-            images.append(resize_image(image, self.size))
+            sizes.append(size)
+            images.append(image)
         _same_size(sizes)
         return [
             pb_utils.Tensor(self.image_name, np.stack(images)),

@@ -79,3 +79,48 @@ def test_training_resizes_a_photo_as_the_server_does(tmp_path):
     np.testing.assert_array_equal(data.images[0], served)
     area = cv2.resize(photo, (size, size), interpolation=cv2.INTER_AREA)
     assert np.abs(area.astype(int) - served).max() > 10  # the test tells the two apart
+
+
+def _jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _scene(h: int, w: int) -> np.ndarray:
+    """skimage's cat, stretched to (h, w): a photo's textures at a phone photo's size."""
+    import cv2
+    import skimage.data
+
+    return cv2.resize(skimage.data.chelsea(), (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+@pytest.mark.parametrize(("h", "w", "scaled"), [(1200, 1600, True), (800, 1000, False)])
+def test_a_large_jpeg_is_decoded_scaled_down_as_training_and_the_server_read_it(
+    tmp_path, h, w, scaled
+):
+    """``decode_resized`` decodes a JPEG four times the size or more at 1/2-1/8 of it
+    (libjpeg's scaled IDCT, staying at twice the size or more) before the resize: the pixels
+    stay within half a level of the full decode's, the original size is the file's, and the
+    dataset holds exactly those pixels. A smaller JPEG, or a PNG of any size, reads exactly
+    as the full decode and resize."""
+    from training.data.base import read_resized
+    from wsss.served.images import decode_resized, resize_image
+
+    size = (224, 224)
+    for blob, jpeg in ((_jpeg(_scene(h, w)), True), (encode_png(_scene(h, w)), False)):
+        got, shape = decode_resized(blob, size)
+        full = resize_image(decode_image(blob), size)
+        assert shape == (h, w) and got.shape == (*size, 3) and got.dtype == np.uint8
+        diff = np.abs(got.astype(int) - full)
+        if jpeg and scaled:
+            assert 0 < diff.mean() < 0.5 and np.percentile(diff, 99) <= 2, diff.mean()
+        else:
+            np.testing.assert_array_equal(got, full)
+        path = tmp_path / f"photo_{h}.{'jpg' if jpeg else 'png'}"
+        path.write_bytes(blob)
+        pixels, shape = read_resized(path, size)
+        np.testing.assert_array_equal(pixels, got)
+        assert shape == (h, w)
+    with pytest.raises(ImageError, match="exceeds the limit of 1,000"):
+        decode_resized(_jpeg(_scene(h, w)), size, max_pixels=1000)

@@ -22,7 +22,13 @@ from training.torch_refiners import ThresholdGraph, build_refiner
 from wsss.config import RefineConfig
 from wsss.served import HELPERS, MODELS
 from wsss.served.classical import OnnxMaps
-from wsss.served.images import decode_image, encode_png, resize_image, resize_mask
+from wsss.served.images import (
+    decode_image,
+    decode_resized,
+    encode_png,
+    resize_image,
+    resize_mask,
+)
 from wsss.served.registry import RefinerSpec
 from wsss.tensors import (
     CAMS,
@@ -83,6 +89,16 @@ def _photo(size):
     import skimage.data
 
     return cv2.resize(skimage.data.chelsea(), (size, size), interpolation=cv2.INTER_AREA)
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
 
 
 def _run_standalone(repo: Path, model: str, inputs: dict, tmp_path: Path) -> dict:
@@ -161,11 +177,14 @@ def test_pre_and_postprocess_run_without_the_project(tmp_path):
     cfg = random_export_cfg(tmp_path)
     export_repository(cfg)
     repo = Path(cfg.export.repository)
-    photo = _photo(120)[:, :100]
-    blob = np.array([[encode_png(photo)]], dtype=object)
-    got = _run_standalone(repo, PREPROCESS, {IMAGE_BYTES: blob}, tmp_path)
-    np.testing.assert_array_equal(got[IMAGE][0], resize_image(decode_image(blob[0, 0]), (48, 48)))
-    np.testing.assert_array_equal(got[ORIGINAL_SIZE], [[120, 100]])
+    photo = _photo(240)[:, :200]
+    for data in (encode_png(photo), _jpeg(photo)):  # the JPEG decoded at half its size first
+        blob = np.array([[data]], dtype=object)
+        got = _run_standalone(repo, PREPROCESS, {IMAGE_BYTES: blob}, tmp_path)
+        np.testing.assert_array_equal(got[IMAGE][0], decode_resized(data, (48, 48))[0])
+        np.testing.assert_array_equal(got[ORIGINAL_SIZE], [[240, 200]])
+    full = resize_image(decode_image(data), (48, 48))
+    assert 0 < np.abs(got[IMAGE][0].astype(int) - full).mean() < 1  # scaled, and close
     bad = _run_standalone(repo, PREPROCESS, {IMAGE_BYTES: np.array([[b"no"]], object)}, tmp_path)
     assert "cannot decode" in str(bad["error"]) and int(bad["code"]) == 3  # INVALID_ARG
 
