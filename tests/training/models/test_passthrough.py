@@ -19,6 +19,8 @@ from wsss.tensors import (
     ENSEMBLES,
     IMAGE,
     PIPELINE,
+    PIPELINE_BYTES,
+    POSTPROCESS,
     PSEUDO_MASK,
     SEG_PROBS,
     SEGMENTATION,
@@ -81,9 +83,12 @@ def test_both_ensembles_map_the_pseudo_mask_into_the_segmenter(fmt):
     for ensemble in ENSEMBLES:
         config = parse(str(configs[ensemble]))  # still Triton's schema
         assert [o.name for o in config.output] == [t.name for t in specs[ensemble].outputs]
-        if ensemble in CHAINS.values():  # the ensembles clients call step through these
-            (step,) = [s for s in config.ensemble_scheduling.step if s.model_name == SEGMENTER]
-            assert dict(step.input_map) == {name: PSEUDO_MASK}
+        steps = {s.model_name: s for s in config.ensemble_scheduling.step}
+        if ensemble == CHAINS[PIPELINE]:  # the pixels' ensemble steps through this chain
+            assert dict(steps[SEGMENTER].input_map) == {name: PSEUDO_MASK}
+        elif ensemble == CHAINS[PIPELINE_BYTES]:  # no segmenter step: postprocess reads both
+            assert SEGMENTER not in steps
+            assert steps[POSTPROCESS].input_map[SEGMENTATION] == PSEUDO_MASK
 
 
 @pytest.fixture
