@@ -165,8 +165,10 @@ class OrtPipeline:
             else {i.name for i in self.refiner_graph.get_inputs()}
         )
 
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The PSEUDO_MASK and SEGMENTATION of ``images`` [B, H, W, 3] uint8."""
+    def __call__(self, images: np.ndarray, bytes_chain: bool = False) -> tuple[np.ndarray, ...]:
+        """The PSEUDO_MASK and SEGMENTATION of ``images`` [B, H, W, 3] uint8. ``bytes_chain``:
+        as the bytes ensemble's chain runs it, which skips a pass-through segmenter
+        (``wsss.tensors.ensemble_aliases``)."""
         out = dict(zip(self.scored, self.classifier.run(None, {IMAGE: images}), strict=True))
         if self.refiner_graph is not None:
             feeds = {IMAGE: images, **{k: v for k, v in out.items() if k in self.wanted}}
@@ -175,6 +177,8 @@ class OrtPipeline:
             maps = self.vit.run(None, {IMAGE: images})[0] if self.vit is not None else None
             pseudo = self.refiner(images, out[SCORES], out[CAMS], out.get(FEATURES), maps)
         # A trained segmenter reads the pixels, the pass-through one the refined mask.
+        if bytes_chain and self.read == PSEUDO_MASK:
+            return pseudo, pseudo
         feed = {IMAGE: images, PSEUDO_MASK: pseudo}[self.read]
         return pseudo, self.segmenter.run(None, {self.read: feed})[self.masked]
 
@@ -244,7 +248,7 @@ def _from_files(pipe: OrtPipeline, size: int):
 
     def run(blob: bytes) -> None:
         pixels, shape = decode_resized(blob, (size, size))
-        masks = pipe(pixels[None])
+        masks = pipe(pixels[None], bytes_chain=True)
         for mask in masks:
             resize_mask(mask[0], shape)
 

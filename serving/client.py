@@ -338,5 +338,7 @@ def load_image(source: str | Path | bytes, size: tuple[int, int] | None = None) 
 
 
 def resize(image: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    """Pixels (area/bilinear) or label maps (nearest) to (height, width), as the server does."""
+    """Pixels (area/bilinear) or label maps (nearest) to (height, width), as the server
+    resizes them (a photo's file: ``load_image(path, size)``, which decodes it as the server
+    does too)."""
     return resize_mask(image, size) if nearest else resize_image(image, size)

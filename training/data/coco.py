@@ -185,7 +185,7 @@ class CocoLayout(Layout):
         out = []
         for image_id in sorted(index.coco.imgs):
             file_name = index.coco.imgs[image_id]["file_name"]
-            image = folder / file_name  # missing: read_image says so, or skips it
+            image = folder / file_name  # missing: read_resized says so, or skips it
             name = Path(file_name).stem
             out.append(Sample(name, image, index.path, index.labels(image_id), self.name, image_id))
         return out

@@ -145,7 +145,7 @@ class FolderLayout(Layout):
                     f"{labels_csv}, line {row.line}: label {unknown[0]!r} is not in the class "
                     f"list ({root / CLASSES}: {', '.join(names)})"
                 )
-            # A missing image is read_image's to say (data.skip_unreadable can leave it out)
+            # A missing image is read_resized's to say (data.skip_unreadable can leave it out)
             image = root / IMAGES / row.image
             mask = None
             if masks.is_dir():

@@ -207,7 +207,7 @@ class VocLayout(Layout):
                     f"{mask_path}: class index {present[-1]} is not in the class list "
                     f"({n_classes} classes)"
                 )
-            image = root / "JPEGImages" / f"{n}.jpg"  # missing: read_image says so, or skips it
+            image = root / "JPEGImages" / f"{n}.jpg"  # missing: read_resized says so, or skips it
             out.append(Sample(n, image, mask_path, tuple(c - 1 for c in present if c), self.name))
         return out
 

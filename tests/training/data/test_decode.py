@@ -124,3 +124,30 @@ def test_a_large_jpeg_is_decoded_scaled_down_as_training_and_the_server_read_it(
         assert shape == (h, w)
     with pytest.raises(ImageError, match="exceeds the limit of 1,000"):
         decode_resized(_jpeg(_scene(h, w)), size, max_pixels=1000)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "progressive"])
+def test_every_jpeg_kind_is_scaled_as_it_is_decoded(mode):
+    """Greyscale, CMYK and progressive JPEGs take the scaled decode too, close to their full
+    decode; a wide photo at a wide size is scaled only when both of its sides allow it, so
+    its width and height are not swapped: (h, w) = (400, 1600) at (100, 400) is decoded at
+    half (800 x 200, twice the size), which it would not be with the sides swapped."""
+    from wsss.served.images import decode_resized, resize_image
+
+    scene = _scene(1200, 1600)
+    buf = io.BytesIO()
+    if mode == "progressive":
+        Image.fromarray(scene).save(buf, "JPEG", quality=90, progressive=True)
+    else:
+        Image.fromarray(scene).convert(mode).save(buf, "JPEG", quality=90)
+    blob = buf.getvalue()
+    got, shape = decode_resized(blob, (224, 224))
+    full = resize_image(decode_image(blob), (224, 224))
+    assert shape == (1200, 1600) and got.shape == (224, 224, 3)
+    assert 0 < np.abs(got.astype(int) - full).mean() < 0.5
+
+    wide = _jpeg(_scene(400, 1600))
+    got, shape = decode_resized(wide, (100, 400))
+    full = resize_image(decode_image(wide), (100, 400))
+    assert shape == (400, 1600) and got.shape == (100, 400, 3)
+    assert 0 < np.abs(got.astype(int) - full).mean() < 0.5
