@@ -360,14 +360,20 @@ def cmd_infer(args) -> None:
     options = InferOptions(Path(args.out), args.concurrency, figures, args.resume)
     report = run(sources, _url(args), args.protocol, options)
     for r in report.done if figures else ():
-        found = ", ".join(f"{c['class']} ({c['score']:.2f})" for c in r["classes"])
-        top = f"{r['top_class']} {r['score']:.2f}"
+        found = ", ".join(f"{c['class']} ({_score(c['score'])})" for c in r["classes"])
+        top = f"{r['top_class']} {_score(r['score'])}"
         found = found or f"no class at the server's thresholds (top: {top})"
         print(f"{r['image']}: {found} -> {r['files'][FIGURE]}")
     print(report.summary(options.out), file=sys.stderr)
     if report.failed:
         print(report.failures(), file=sys.stderr)
         sys.exit(f"wsss infer: {len(report.failed)} of the images could not be read (above)")
+
+
+def _score(score: float) -> str:
+    """Two decimals, or two significant digits below 0.01: a multi-label profile's
+    cross-validated thresholds can hold a class present at 0.0012, which 0.00 would hide."""
+    return f"{score:.2f}" if score >= 0.01 else f"{score:.2g}"
 
 
 def cmd_bench(args) -> None:

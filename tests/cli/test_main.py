@@ -217,3 +217,16 @@ def test_sigterm_unwinds_a_command_that_owns_a_server(monkeypatch, capsys):
     assert ended.value.code == 143 and stopped == [True]
     assert "wsss soak: terminated" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_infer_prints_a_small_score_without_hiding_it():
+    """A multi-label profile's thresholds can hold a class present at 0.0012: shown as it
+    is, not as 0.00."""
+    from cli.main import _score
+
+    assert [_score(s) for s in (0.8013, 0.0123, 0.0099, 0.0012)] == [
+        "0.80",
+        "0.01",
+        "0.0099",
+        "0.0012",
+    ]
