@@ -61,6 +61,10 @@ class ModelSpec:
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # (output, input) pairs the model returns unchanged: the pass-through segmenter's
+    # SEGMENTATION is the PSEUDO_MASK it reads. A chain that needs no other output of the
+    # model reads the input in the output's place and skips the step (``ensemble_aliases``).
+    passes: tuple[tuple[str, str], ...] = ()
 
 
 # Tensor names: importable, so no served name is spelled anywhere else.
@@ -181,10 +185,11 @@ ENSEMBLES: dict[str, tuple[str, ...]] = {
 def ensemble_members(ensemble: str, specs: dict[str, ModelSpec]) -> list[str]:
     """``ensemble``'s steps, in order, among the models of ``specs`` (``served_models``); a
     chain ``specs`` lacks (an export from before them) stands for its own steps, and a step
-    ``ensemble_aliases`` stands in for is left out."""
+    the chain skips (``ensemble_aliases``) is left out."""
+    skipped = _skipped(ensemble, specs)[0]
     members = []
     for name in ENSEMBLES[ensemble]:
-        if name in specs and name not in _stood_in_for(ensemble, specs):
+        if name in specs and name not in skipped:
             members.append(name)
         elif name in ENSEMBLES and name not in specs:
             members += ensemble_members(name, specs)
@@ -192,23 +197,31 @@ def ensemble_members(ensemble: str, specs: dict[str, ModelSpec]) -> list[str]:
 
 
 def ensemble_aliases(ensemble: str, specs: dict[str, ModelSpec]) -> dict[str, str]:
-    """Tensors that ``ensemble``'s steps read under another tensor's name, the step that
-    would make them left out (``ensemble_members``).
-
-    The bytes chain skips a pass-through segmenter: its SEGMENTATION is the PSEUDO_MASK it
-    reads, and its SEG_PROBS (a one-hot of floats: 400 kB for two classes at 224 px) is
-    returned by no bytes ensemble, so ``postprocess`` reads PSEUDO_MASK for both its masks:
-    one Python step, its copies in and out, fewer a photo (docs/serving.md).
-    Only where ``specs`` hold the chain: an export from before kept the step.
+    """Tensors that ``ensemble``'s steps read in another tensor's place: those of a step it
+    skips, one that returns every output the chain needs of it unchanged (``passes``) and
+    none that the chain returns. The bytes chain skips a pass-through segmenter: its
+    SEGMENTATION is the PSEUDO_MASK it reads and no bytes ensemble returns its SEG_PROBS (a
+    one-hot of floats: 400 kB for two classes at 224 px), so ``postprocess`` reads
+    PSEUDO_MASK for both its masks; the pixels' chain returns both and keeps the step.
+    Only in a chain ``specs`` hold: an export from before them stepped through every model.
     """
-    return {SEGMENTATION: PSEUDO_MASK} if _stood_in_for(ensemble, specs) else {}
+    return _skipped(ensemble, specs)[1]
 
 
-def _stood_in_for(ensemble: str, specs: dict[str, ModelSpec]) -> tuple[str, ...]:
-    chain = CHAINS[PIPELINE_BYTES]
-    if ensemble != chain or chain not in specs or SEGMENTER not in specs:
-        return ()
-    return (SEGMENTER,) if [t.name for t in specs[SEGMENTER].inputs] == [PSEUDO_MASK] else ()
+def _skipped(ensemble: str, specs: dict[str, ModelSpec]) -> tuple[set[str], dict[str, str]]:
+    """The steps ``ensemble`` skips, and the tensors read in their outputs' place."""
+    if ensemble not in CHAINS.values() or ensemble not in specs:
+        return set(), {}
+    returned = {t.name for t in specs[ensemble].outputs}
+    names = [n for n in ENSEMBLES[ensemble] if n in specs]
+    skipped, aliases = set(), {}
+    for k, name in enumerate(names):
+        passes, made = dict(specs[name].passes), {t.name for t in specs[name].outputs}
+        read_later = {t.name for n in names[k + 1 :] for t in specs[n].inputs}
+        if passes and not made & returned and made & read_later <= set(passes):
+            skipped.add(name)
+            aliases.update({out: passes[out] for out in made & read_later})
+    return skipped, aliases
 
 
 def served_models(
@@ -282,8 +295,10 @@ def served_models(
         CLASSIFIER: classifier,
         **vit_model,
         REFINER: refiner,
-        SEGMENTER: ModelSpec(
-            SEGMENTER, (image if segmenter_input == IMAGE else pseudo,), (probs, seg)
+        SEGMENTER: (
+            ModelSpec(SEGMENTER, (image,), (probs, seg))
+            if segmenter_input == IMAGE
+            else ModelSpec(SEGMENTER, (pseudo,), (probs, seg), ((SEGMENTATION, PSEUDO_MASK),))
         ),
         POSTPROCESS: ModelSpec(POSTPROCESS, (pseudo, seg, original), (pseudo_full, seg_full)),
         **{
