@@ -21,4 +21,5 @@ HELPERS = (
     "refiners.py",
     "registry.py",
     "respond.py",
+    "threads.py",
 )

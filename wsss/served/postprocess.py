@@ -17,10 +17,12 @@ from .configs import parameters
 from .errors import InputError
 from .images import MAX_PIXELS, output_size, resize_mask
 from .respond import respond
+from .threads import single_threaded
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        single_threaded()  # no OpenCV pool spinning beside the other stubs (threads.py)
         config = json.loads(args["model_config"])
         self.inputs = [t["name"] for t in config["input"]]  # masks..., then the original size
         self.outputs = [t["name"] for t in config["output"]]  # one per mask, same order

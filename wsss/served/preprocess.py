@@ -16,11 +16,13 @@ from .errors import InputError
 from .heap import keep_blocks_on_heap
 from .images import MAX_PIXELS, check_pixels, decode_resized, header_size
 from .respond import respond
+from .threads import single_threaded
 
 
 class TritonPythonModel:
     def initialize(self, args):
         keep_blocks_on_heap()  # not tritonserver's 128 KiB mmap threshold (heap.py)
+        single_threaded()  # no OpenCV pool spinning beside the other stubs (threads.py)
         config = json.loads(args["model_config"])
         (self.input,) = [t["name"] for t in config["input"]]
         image, size = config["output"]

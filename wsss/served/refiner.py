@@ -20,11 +20,13 @@ from .errors import InputError
 from .heap import keep_blocks_on_heap
 from .refiners import build_classical
 from .respond import respond
+from .threads import single_threaded
 
 
 class TritonPythonModel:
     def initialize(self, args):
         keep_blocks_on_heap()  # not tritonserver's 128 KiB mmap threshold (heap.py)
+        single_threaded()  # no OpenCV pool spinning beside the other stubs (threads.py)
         config = json.loads(args["model_config"])
         params = parameters(config)
         # Written at export by training.torch_refiners.served_settings: the RefineConfig's fields.
