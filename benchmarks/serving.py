@@ -76,6 +76,13 @@ from wsss.tensors import (
 EAGER = "eager PyTorch pipeline (in process)"
 FROM_FILES = ", from the photos' files: decoded and resized as served"
 FP32_VIT = ", the ViT in fp32 as export writes it unquantized"
+# The pair of in-process pipelines measured again once the server has stopped: the host's
+# speed over the run (a shared machine's moved by a tenth between two runs minutes apart).
+AFTER = ", again after the served rows"
+HOST_SPEED = (
+    "in-process pair after the served rows / before them (the host's speed over the run; no target)"
+)
+DRIFT = 0.05  # further from 1 than this: the report says the ratios above moved with it
 ORT = "ONNX Runtime pipeline (in process"  # + ", N threads)"
 SERVED = "served wsss_pipeline"
 
@@ -262,12 +269,14 @@ def parallel_rows(
     batches: tuple[int, ...] = (1, 8),
     blobs: list[bytes] | None = None,
     vit: bytes | None = None,
+    after: bool = False,
 ) -> list[Row]:
     """One single-threaded pipeline per core, all running at once: every core busy with no
     serving in between, the most these models compute on this machine. ONNX Runtime
     releases the GIL, so the threads run in parallel. With ``blobs`` (photos' files), one
     more row at batch 1: each pipeline decodes and resizes a file before it runs, as the
-    bytes ensemble does (``FROM_FILES``). ``vit``: as ``ort_rows``."""
+    bytes ensemble does (``FROM_FILES``). ``vit``: as ``ort_rows``. ``after``: the rows
+    measured again once the served ones are done (``AFTER``)."""
     workers = os.cpu_count() or 1
     pipes = [OrtPipeline(cfg, 1, vit) for _ in range(workers)]
     form = FP32_VIT if vit is not None else ""
@@ -291,7 +300,10 @@ def parallel_rows(
         ms = sorted(x * 1e3 for out in times for x in out)
         rate = sum(batch * len(out) / sum(out) for out in times if out)
         p50, p95 = statistics.median(ms), ms[int(0.95 * (len(ms) - 1))]
-        label = f"{ORT}, {workers} in parallel, 1 thread each{form}{FROM_FILES if files else ''})"
+        when = AFTER if after else ""
+        label = (
+            f"{ORT}, {workers} in parallel, 1 thread each{form}{FROM_FILES if files else ''}{when})"
+        )
         rows.append(Row(label, batch, workers, rate, p50, p95))
     return rows
 
@@ -470,6 +482,13 @@ def ratios(rows: list[Row]) -> dict[str, float]:
         out["served best throughput / one in-process pipeline per core, all at once"] = (
             best_served / max(r.images_per_s for r in every_core)
         )
+    # The host's own speed over the run: the pair measured before the server started and
+    # again after it stopped (every in-process row above counts in the limits).
+    pairs = [r for r in every_core if r.batch == 1]
+    before = [r for r in pairs if AFTER not in r.what]
+    again = [r for r in pairs if AFTER in r.what]
+    if before and again:
+        out[HOST_SPEED] = again[0].images_per_s / before[0].images_per_s
     # The serving issue's target is on the bytes ensemble (the photos' files): against the
     # best in-process row (which is given decoded images), and against its in-process twin
     # that decodes the same files, each pipeline on its own core.
@@ -562,6 +581,7 @@ def report(
         "| ratio | measured |",
         "|---|---:|",
         *(f"| {k} | {v:.2f} |" for k, v in r.items()),
+        *_drift_note(r),
         "",
         "| configuration | batch | concurrency | images/s | p50 ms | p95 ms |",
         "|---|---:|---:|---:|---:|---:|",
@@ -587,6 +607,21 @@ def report(
         lines += ["", "Refiners, in process:", "", speed_table(refiners)]
     lines += ["", "![throughput against p95 latency](throughput_latency.png)", ""]
     return "\n".join(lines)
+
+
+def _drift_note(r: dict[str, float]) -> list[str]:
+    """A line under the ratios where the machine's speed moved over the run: each limit is
+    the faster of the two in-process measurements, and the served rows came in between."""
+    speed = r.get(HOST_SPEED)
+    if speed is None or abs(speed - 1) <= DRIFT:
+        return []
+    return [
+        "",
+        f"The in-process pair ran at {speed:.2f}x its first rate once the server had "
+        "stopped: this machine's speed moved during the run (other work on its cores), so "
+        "the served rows, measured in between, compare with either limit only roughly. "
+        "Measure again on a quieter machine.",
+    ]
 
 
 def refiner_label(cfg: Config) -> str:
@@ -954,6 +989,8 @@ def bench_report(args) -> None:
         cpu = cpu_per_image(
             s, images, dataclasses.replace(settings, concurrency=str(best.concurrency))
         )
+    # The pair again with no server running: how far the machine's speed moved meanwhile.
+    rows += parallel_rows(served, images, args.seconds, batches=(1,), blobs=blobs, after=True)
     r = ratios(rows)
     text = report(rows, r, cfg, command, refiners, cpu, source, args.untrained)
     write(rows, r, out, text, refiners, cpu)

@@ -136,3 +136,40 @@ def test_an_untrained_profile_is_exported_aside_with_its_level_set(tmp_path, mon
     assert (work / "runs" / "levelset" / "best.pt").exists()
     assert (work / "repo" / REFINER / "1" / "model.onnx").exists()  # the level set's graph
     assert not runs.exists()
+
+
+def _rows(before: float, after: float, sent: float) -> list:
+    from benchmarks.serving import AFTER, EAGER, FROM_FILES, ORT, Row
+
+    pair = f"{ORT}, 2 in parallel, 1 thread each"
+    return [
+        Row(EAGER, 1, 1, 5.0, 200.0, 210.0),
+        Row(f"{ORT}, 1 thread)", 1, 1, 10.0, 100.0, 105.0),
+        Row(f"{pair})", 1, 2, before, 100.0, 110.0),
+        Row(f"{pair}{FROM_FILES})", 1, 2, before - 1, 100.0, 110.0),
+        Row("served wsss_pipeline, gRPC", 1, 1, 12.0, 80.0, 90.0),
+        Row("served wsss_pipeline_bytes (real images), gRPC", 1, 3, sent, 150.0, 190.0),
+        Row(f"{pair}{AFTER})", 1, 2, after, 100.0, 110.0),
+        Row(f"{pair}{FROM_FILES}{AFTER})", 1, 2, after - 1, 100.0, 110.0),
+    ]
+
+
+def test_the_in_process_pair_measured_again_bounds_the_served_rows_and_shows_drift():
+    """The pair runs before the server starts and again after it stops: each limit is the
+    faster of the two, and their ratio (the machine's speed over the run) is reported, with a
+    line under the ratios where it moved by more than 5%."""
+    from benchmarks.serving import HOST_SPEED, _drift_note, ratios
+
+    steady = ratios(_rows(20.0, 19.6, 17.0))
+    assert steady[HOST_SPEED] == pytest.approx(0.98)
+    assert _drift_note(steady) == []
+    best = "served bytes ensemble (the files) best throughput / the best in-process row"
+    assert steady[f"{best} (target >= 0.9)"] == pytest.approx(17.0 / 20.0)
+
+    slowed = ratios(_rows(20.0, 25.0, 17.0))  # the second measurement ran faster
+    assert slowed[HOST_SPEED] == pytest.approx(1.25)
+    assert slowed[f"{best} (target >= 0.9)"] == pytest.approx(17.0 / 25.0)  # the faster one
+    twin = "served bytes ensemble best throughput / one in-process pipeline per core decoding"
+    assert slowed[f"{twin} the same files"] == pytest.approx(17.0 / 24.0)
+    (note,) = [line for line in _drift_note(slowed) if line]
+    assert "1.25x its first rate" in note and "Measure again" in note
