@@ -77,7 +77,9 @@ EAGER = "eager PyTorch pipeline (in process)"
 FROM_FILES = ", from the photos' files: decoded and resized as served"
 FP32_VIT = ", the ViT in fp32 as export writes it unquantized"
 # The pair of in-process pipelines measured again once the server has stopped: the host's
-# speed over the run (a shared machine's moved by a tenth between two runs minutes apart).
+# speed over the run, as the in-process rows see it (a shared machine's pair ran a sixth
+# slower in one run than in another half an hour before; noise within the served window
+# alone does not show here).
 AFTER = ", again after the served rows"
 HOST_SPEED = (
     "in-process pair after the served rows / before them (the host's speed over the run; no target)"
@@ -482,13 +484,21 @@ def ratios(rows: list[Row]) -> dict[str, float]:
         out["served best throughput / one in-process pipeline per core, all at once"] = (
             best_served / max(r.images_per_s for r in every_core)
         )
-    # The host's own speed over the run: the pair measured before the server started and
-    # again after it stopped (every in-process row above counts in the limits).
-    pairs = [r for r in every_core if r.batch == 1]
-    before = [r for r in pairs if AFTER not in r.what]
-    again = [r for r in pairs if AFTER in r.what]
-    if before and again:
-        out[HOST_SPEED] = again[0].images_per_s / before[0].images_per_s
+    # The host's own speed over the run: each pair measured before the server started and
+    # again after it stopped (both count in the limits above), the one that moved most.
+    moved = []
+    for files in (False, True):
+        pairs = [
+            r
+            for r in in_process
+            if " in parallel, " in r.what and r.batch == 1 and (FROM_FILES in r.what) == files
+        ]
+        before = [r for r in pairs if AFTER not in r.what]
+        again = [r for r in pairs if AFTER in r.what]
+        if before and again:
+            moved.append(again[0].images_per_s / before[0].images_per_s)
+    if moved:
+        out[HOST_SPEED] = max(moved, key=lambda m: abs(m - 1))
     # The serving issue's target is on the bytes ensemble (the photos' files): against the
     # best in-process row (which is given decoded images), and against its in-process twin
     # that decodes the same files, each pipeline on its own core.
@@ -620,7 +630,8 @@ def _drift_note(r: dict[str, float]) -> list[str]:
         f"The in-process pair ran at {speed:.2f}x its first rate once the server had "
         "stopped: this machine's speed moved during the run (other work on its cores), so "
         "the served rows, measured in between, compare with either limit only roughly. "
-        "Measure again on a quieter machine.",
+        "Measure again on a quieter machine. (A steady pair does not rule out noise within "
+        "the served rows alone.)",
     ]
 
 

@@ -26,6 +26,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # measures the default.
 ONE_INSTANCE = [f"export.{m}.instances=1" for m in ("classifier", "segmenter", "refiner")]
 
+
+@pytest.fixture(autouse=True)
+def _opencv_threads():
+    """A served model initialized in process (its tests) sets OpenCV to one thread for the
+    whole process (``wsss.served.threads``): each test gets back the count it started with."""
+    import cv2
+
+    threads = cv2.getNumThreads()
+    yield
+    if cv2.getNumThreads() != threads:
+        cv2.setNumThreads(threads)
+
+
 TINY = [
     *ONE_INSTANCE,
     "data.image_size=64",

@@ -204,6 +204,7 @@ def test_perf_analyzer_reports_unstable_levels_flagged(server, tmp_path):
 
 def test_bench_measures_baselines_and_server_side_by_side(server, exported, tmp_path):
     from benchmarks.serving import (
+        HOST_SPEED,
         cpu_per_image,
         eager_rows,
         ort_rows,
@@ -236,10 +237,17 @@ def test_bench_measures_baselines_and_server_side_by_side(server, exported, tmp_
         "SEGMENTATION only",
     ]
     rows += asked
+    # The pair again after the served rows (as make bench runs it, the server stopped there):
+    # the machine's own speed over the run becomes one more ratio.
+    again = parallel_rows(exported, images, 0.3, batches=(1,), blobs=files, after=True)
+    assert [r.what for r in again] == [
+        r.what.replace(")", ", again after the served rows)") for r in (parallel, decoding)
+    ]
+    rows += again
     # gRPC, HTTP, shared memory, bytes: concurrency 1 and 2 each; gRPC at batch 2
     assert len(served) == 9 and ("served wsss_pipeline, gRPC", 1, 2) in served
     in_process = {(r.what, r.batch) for r in rows if r.what.startswith("ONNX")}
-    assert {b for _, b in in_process} == {1, 4, 8} and len(in_process) == 8  # 2 thread settings
+    assert {b for _, b in in_process} == {1, 4, 8} and len(in_process) == 10  # 2 thread settings
     assert all(r.images_per_s > 0 for r in rows)
     # Triton's per-model statistics of each served row: every step of the ensemble served
     # the requests perf_analyzer sent, and its model time is measured.
@@ -251,7 +259,8 @@ def test_bench_measures_baselines_and_server_side_by_side(server, exported, tmp_
     batched = next(r for r in rows if r.batch == 2 and r.what.startswith("served"))
     assert batched.extra["models"]["classifier"]["mean_batch"] >= 2
     found = ratios(rows)
-    assert len(found) == 6 and all(v > 0 for v in found.values())
+    assert len(found) == 7 and all(v > 0 for v in found.values())
+    assert HOST_SPEED in found
     bytes_best = max(r.images_per_s for r in rows if "bytes" in r.what)
     twin = found[
         "served bytes ensemble best throughput / one in-process pipeline per core "

@@ -5,9 +5,9 @@ a thread per core, whose threads then wait for the next call in a ``sched_yield`
 stub is one thread of work (Triton scales a model by instances, as the ONNX Runtime sessions
 run one intra-op thread each and ``serving.server`` gives numpy's OpenBLAS one thread): its
 pool's threads spin on the cores the other stubs need. make serve's bytes ensemble at
-concurrency 3 spent 1.2 and 2.0 ms of CPU a photo in its postprocess and refiner stubs with
-the pool, a fifth of their samples in those threads' ``sched_yield``, and 0.8 and 1.5 without
-it (by hand, perf; docs/performance.md).
+concurrency 3 spent 1.3 and 2.1 ms of CPU a photo in its postprocess and refiner stubs with
+the pool, a fifth of their samples in those threads' ``sched_yield``, and 0.8 and 1.55
+without it (by hand, perf; docs/performance.md).
 """
 
 import cv2
