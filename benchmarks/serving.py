@@ -60,11 +60,13 @@ from wsss.served.images import decode_resized, resize_mask
 from wsss.served.registry import LEVELSET, RefinerSpec
 from wsss.tensors import (
     CAMS,
+    CHAINS,
     CLASSIFIER,
     FEATURES,
     IMAGE,
     PIPELINE,
     PIPELINE_BYTES,
+    POSTPROCESS,
     PSEUDO_MASK,
     REFINER,
     SCORES,
@@ -86,6 +88,7 @@ HOST_SPEED = (
 )
 DRIFT = 0.05  # further from 1 than this: the report says the ratios above moved with it
 ORT = "ONNX Runtime pipeline (in process"  # + ", N threads)"
+PAIR = "in parallel, 1 thread each"  # one pipeline per core: "{ORT}, {cores} {PAIR}..."
 SERVED = "served wsss_pipeline"
 
 
@@ -168,6 +171,13 @@ class OrtPipeline:
         self.scored = [o.name for o in self.classifier.get_outputs()]
         (self.read,) = (i.name for i in self.segmenter.get_inputs())
         self.masked = [o.name for o in self.segmenter.get_outputs()].index(SEGMENTATION)
+        # What postprocess reads for SEGMENTATION in the served bytes chain: PSEUDO_MASK where
+        # the chain skips a pass-through segmenter (wsss.tensors.ensemble_aliases); an export
+        # from before the chains stepped through it.
+        chain = repo / CHAINS[PIPELINE_BYTES] / "config.pbtxt"
+        steps = parse(chain.read_text()).ensemble_scheduling.step if chain.exists() else []
+        post = next((s for s in steps if s.model_name == POSTPROCESS), None)
+        self.bytes_reads = post.input_map[SEGMENTATION] if post is not None else SEGMENTATION
         self.wanted = (
             set()
             if self.refiner_graph is None
@@ -186,7 +196,7 @@ class OrtPipeline:
             maps = self.vit.run(None, {IMAGE: images})[0] if self.vit is not None else None
             pseudo = self.refiner(images, out[SCORES], out[CAMS], out.get(FEATURES), maps)
         # A trained segmenter reads the pixels, the pass-through one the refined mask.
-        if bytes_chain and self.read == PSEUDO_MASK:
+        if bytes_chain and self.bytes_reads == PSEUDO_MASK:
             return pseudo, pseudo
         feed = {IMAGE: images, PSEUDO_MASK: pseudo}[self.read]
         return pseudo, self.segmenter.run(None, {self.read: feed})[self.masked]
@@ -303,9 +313,7 @@ def parallel_rows(
         rate = sum(batch * len(out) / sum(out) for out in times if out)
         p50, p95 = statistics.median(ms), ms[int(0.95 * (len(ms) - 1))]
         when = AFTER if after else ""
-        label = (
-            f"{ORT}, {workers} in parallel, 1 thread each{form}{FROM_FILES if files else ''}{when})"
-        )
+        label = f"{ORT}, {workers} {PAIR}{form}{FROM_FILES if files else ''}{when})"
         rows.append(Row(label, batch, workers, rate, p50, p95))
     return rows
 
@@ -491,7 +499,7 @@ def ratios(rows: list[Row]) -> dict[str, float]:
         pairs = [
             r
             for r in in_process
-            if " in parallel, " in r.what and r.batch == 1 and (FROM_FILES in r.what) == files
+            if PAIR in r.what and r.batch == 1 and (FROM_FILES in r.what) == files
         ]
         before = [r for r in pairs if AFTER not in r.what]
         again = [r for r in pairs if AFTER in r.what]

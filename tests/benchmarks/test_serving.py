@@ -139,9 +139,9 @@ def test_an_untrained_profile_is_exported_aside_with_its_level_set(tmp_path, mon
 
 
 def _rows(before: float, after: float, sent: float) -> list:
-    from benchmarks.serving import AFTER, EAGER, FROM_FILES, ORT, Row
+    from benchmarks.serving import AFTER, EAGER, FROM_FILES, ORT, PAIR, Row
 
-    pair = f"{ORT}, 2 in parallel, 1 thread each"
+    pair = f"{ORT}, 2 {PAIR}"
     return [
         Row(EAGER, 1, 1, 5.0, 200.0, 210.0),
         Row(f"{ORT}, 1 thread)", 1, 1, 10.0, 100.0, 105.0),

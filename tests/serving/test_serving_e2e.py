@@ -205,6 +205,7 @@ def test_perf_analyzer_reports_unstable_levels_flagged(server, tmp_path):
 def test_bench_measures_baselines_and_server_side_by_side(server, exported, tmp_path):
     from benchmarks.serving import (
         HOST_SPEED,
+        OrtPipeline,
         cpu_per_image,
         eager_rows,
         ort_rows,
@@ -221,6 +222,8 @@ def test_bench_measures_baselines_and_server_side_by_side(server, exported, tmp_
     size = (exported.data.image_size, exported.data.image_size)
     images = np.stack([resize_image(p, size) for p in photos])
     rows = eager_rows(exported, images, 0.3) + ort_rows(exported, images, 0.3)
+    # a trained segmenter: the bytes chain steps through it, and so does the in-process twin
+    assert OrtPipeline(exported, 1).bytes_reads == SEGMENTATION
     files = [cv2.imencode(".png", np.ascontiguousarray(p[..., ::-1]))[1].tobytes() for p in photos]
     parallel, decoding = parallel_rows(exported, images, 0.3, batches=(1,), blobs=files)
     assert parallel.concurrency == decoding.concurrency == os.cpu_count()
@@ -266,7 +269,9 @@ def test_bench_measures_baselines_and_server_side_by_side(server, exported, tmp_
         "served bytes ensemble best throughput / one in-process pipeline per core "
         "decoding the same files"
     ]
-    assert twin == pytest.approx(bytes_best / decoding.images_per_s)
+    # against the faster of the two measurements of the pair decoding the files
+    limit = max(decoding.images_per_s, again[1].images_per_s)
+    assert twin == pytest.approx(bytes_best / limit)
     one = PerfSettings(concurrency="2", stability_percent=200, max_trials=3, request_count=8)
     cpu = cpu_per_image(server, images, one)
     for process in ("tritonserver", "perf_analyzer", "classifier (Python stub)"):

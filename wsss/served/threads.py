@@ -6,8 +6,8 @@ stub is one thread of work (Triton scales a model by instances, as the ONNX Runt
 run one intra-op thread each and ``serving.server`` gives numpy's OpenBLAS one thread): its
 pool's threads spin on the cores the other stubs need. make serve's bytes ensemble at
 concurrency 3 spent 1.3 and 2.1 ms of CPU a photo in its postprocess and refiner stubs with
-the pool, a fifth of their samples in those threads' ``sched_yield``, and 0.8 and 1.55
-without it (by hand, perf; docs/performance.md).
+the pool (its threads' ``sched_yield``: 52% and 37% of those stubs' perf samples), and 0.8
+and 1.55 without it (by hand, perf; docs/performance.md).
 """
 
 import cv2

@@ -232,6 +232,18 @@ def test_export_serves_the_pass_through_graph(passthrough_cfg):
     assert len(graph.initializer) + len(graph.node) < 20  # a tiny graph, no network
     report = check_repository(repo)
     assert report.ok, str(report)
+    # make bench's in-process twin of the bytes chain reads what its served config reads: the
+    # refined mask in the skipped segmenter's place, the same masks as stepping through it.
+    import numpy as np
+
+    from benchmarks.serving import OrtPipeline
+
+    pipe = OrtPipeline(passthrough_cfg, 1)
+    assert pipe.bytes_reads == PSEUDO_MASK
+    size = passthrough_cfg.data.image_size
+    images = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    skipped, stepped = pipe(images, bytes_chain=True), pipe(images)
+    assert all(np.array_equal(a, b) for a, b in zip(skipped, stepped, strict=True))
 
 
 def test_evaluate_scores_it_as_the_served_segmentation(passthrough_cfg):
