@@ -633,6 +633,15 @@ EXPORT = (
     ),
 )
 
+EXPORT_HELP = """Write the profile's trained models (runs/) as the next version of every model in
+its Triton repository (export.repository): the networks as ONNX (or TorchScript), the
+refiner, the image decoding and the full-size masks as Python models, their config.pbtxt
+files and the ensembles wsss_pipeline and wsss_pipeline_bytes. Each network is checked
+against PyTorch and the repository validated before anything moves in, with renames: an
+export that fails leaves the repository as it was, and a running server loads the new
+version at its next poll. export.<network>.quantize asks for int8 graphs (CPU instances);
+--check validates a repository and writes nothing."""
+
 SERVE_HELP = """Run NVIDIA Triton on the profile's repository (export.repository) until
 Ctrl-C or SIGTERM, bound to 127.0.0.1 on HTTP_PORT, GRPC_PORT and METRICS_PORT (default
 8000, 8001, 8002), or --set serve.http_port=... serve.grpc_port=... serve.metrics_port=...;
@@ -871,6 +880,7 @@ COMMANDS = (
         "write a new version into the Triton repository, or --check one",
         cmd_export,
         EXPORT,
+        description=EXPORT_HELP,
     ),
     Command(
         "serve",
@@ -993,6 +1003,10 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # A path that is not valid in the terminal's encoding (a file name's stray bytes) is
+    # printed escaped, as stderr already does, not raised after the work is done.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     # The command line as run, for the reports that name the command that made them.
     args.invocation = shlex.join(["wsss", *(sys.argv[1:] if argv is None else argv)])
     # SIGTERM (kill, timeout) to a command that starts its own tritonserver unwinds as Ctrl-C

@@ -204,6 +204,7 @@ class PipelineClient:
         except Exception as exc:
             raise ClientError(
                 f"cannot reach model {model!r} at {url} ({self.protocol}): {exc}"
+                + _port_hint(self.protocol, str(exc))
             ) from exc
         return meta if isinstance(meta, dict) else _grpc_to_dict(meta)
 
@@ -311,6 +312,29 @@ def _served_name(name: str) -> str:
     by position); the ensembles map them back to the served names."""
     base, _, index = name.rpartition("__")
     return base if base and index.isdigit() else name
+
+
+# What a client of one protocol reads from a port that answers in another: Triton's gRPC
+# port to an HTTP client, its HTTP or metrics port to a gRPC one, the metrics port to HTTP.
+_OTHER_PROTOCOL = {
+    "http": ("Expected HTTP/", "The document is empty"),
+    "grpc": ("Socket closed",),
+}
+
+
+def _port_hint(protocol: str, error: str) -> str:
+    """A hint where the error says something answers at the address, but not in
+    ``protocol``: the other protocol's port (or the metrics port) was given."""
+    if not any(sign in error for sign in _OTHER_PROTOCOL.get(protocol, ())):
+        return ""
+    name, port = ("HTTP", "HTTP_PORT, default 8000")
+    if protocol == "grpc":
+        name, port = ("gRPC", "GRPC_PORT, default 8001")
+    return (
+        f" (something answers there, but not as Triton's {name} endpoint: the other "
+        f"protocol's port, or the metrics port? {name} is on {port}; `--protocol` picks "
+        "the protocol)"
+    )
 
 
 def _grpc_to_dict(meta) -> dict:

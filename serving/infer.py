@@ -13,7 +13,9 @@ listed at the end and the run goes on. Class names and mask colours are the serv
 Every image's outcome is also a line of ``<out>/predictions.jsonl``, appended as it lands:
 the classes the photo holds (at the server's own thresholds), every class's score, each
 class's share of the masks' pixels and the files written, or why it failed. ``resume``
-skips an image whose latest record says it was written and whose files are all there.
+skips an image whose latest record says it was written, from the same file as now (its
+path, size and modification time), by the model answering now, and whose files are all
+there.
 """
 
 from __future__ import annotations
@@ -128,7 +130,24 @@ class InferReport:
 def run(sources: list[str], url: str, protocol: str, options: InferOptions) -> InferReport:
     """``wsss infer``: find the images ``sources`` name and send them; sources that name
     nothing are listed with the unreadable images."""
-    items, missing = find_images(sources, exclude=options.out)
+    for source in sources:  # a folder or glob whose masks would land among its photos
+        root = Path(source) if Path(source).is_dir() else None
+        root = _fixed_part(source) if root is None and glob.has_magic(source) else root
+        if root is not None and root.resolve() == options.out.resolve():
+            raise ClientError(
+                f"--out {options.out} is the folder {source} reads images from: the masks "
+                "written there would be read as photos by the next run. Choose another "
+                "output folder (one inside it is left out of the walk)"
+            )
+    skipped: list[Path] = []
+    items, missing = find_images(sources, exclude=options.out, skipped=skipped)
+    if skipped:
+        shown = ", ".join(map(str, skipped[:3])) + (", ..." if len(skipped) > 3 else "")
+        print(
+            f"wsss: left out {len(skipped)} folder{'s' if len(skipped) > 1 else ''} that "
+            f"`wsss infer` wrote (each holds {PREDICTIONS}): {shown}",
+            file=sys.stderr,
+        )
     if not items and not missing:
         raise ClientError(f"no images in {', '.join(sources)} (suffixes {_suffixes()})")
     report = infer_images(items, url, protocol, options) if items else InferReport()
@@ -144,22 +163,39 @@ def _suffixes() -> str:
     return " ".join(sorted(IMAGE_SUFFIXES))
 
 
-def find_images(sources: Iterable[str], exclude: Path | None = None, writes: bool = True):
+def find_images(
+    sources: Iterable[str],
+    exclude: Path | None = None,
+    writes: bool = True,
+    skipped: list[Path] | None = None,
+):
     """Files, folders (walked recursively for image suffixes) and globs -> (items, failures:
-    sources that name nothing). Walks and globs leave out hidden names and ``exclude``. The
-    same file found twice is sent once; with ``writes``, two that would write the same
-    files (``cat.jpg`` and ``cat.png``) are an error."""
+    sources that name nothing). Walks and globs leave out hidden names, ``exclude`` and the
+    folders below their root that an earlier ``wsss infer`` wrote (they hold its
+    PREDICTIONS file: its masks are no photos), listed in ``skipped``. The same file found
+    twice is sent once; with ``writes``, two that would write the same files (``cat.jpg``
+    and ``cat.png``) are an error."""
     items, failures, named = [], [], []
+    skipped = [] if skipped is None else skipped
     for source in sources:
         path = Path(source)
+        # ``exclude`` (the output folder) is left out where it lies inside what is read;
+        # one above it holds nothing of it (and it is no root: `run` refuses that).
         if path.is_dir():
-            items += _relative_to(path, _walk(path, exclude))
+            out = exclude if exclude is not None and _inside(exclude, path) else None
+            items += _relative_to(path, _walk(path, out, skipped))
         elif path.is_file():
             named.append(path)
         elif glob.has_magic(source):
+            root = _fixed_part(source)
+            out = exclude if exclude is not None and _inside(exclude, root) else None
             matches = [Path(p) for p in sorted(glob.glob(source, recursive=True))]
-            found = [p for p in matches if _is_image(p) and not _inside(p, exclude)]
-            items += _relative_to(_fixed_part(source), found)
+            found = [
+                p
+                for p in matches
+                if _is_image(p) and not _inside(p, out) and not _written(p, root, skipped)
+            ]
+            items += _relative_to(root, found)
         else:
             failures.append(Failure(path, "no such file or folder"))
     if named:
@@ -168,14 +204,35 @@ def find_images(sources: Iterable[str], exclude: Path | None = None, writes: boo
     return _unique(items, writes), failures
 
 
-def _walk(folder: Path, exclude: Path | None) -> list[Path]:
+def _walk(folder: Path, exclude: Path | None, skipped: list[Path]) -> list[Path]:
     found = []
     for parent, dirs, files in os.walk(folder):
-        dirs[:] = sorted(
-            d for d in dirs if not d.startswith(".") and not _inside(Path(parent, d), exclude)
-        )
+        kept = []
+        for d in sorted(dirs):
+            sub = Path(parent, d)
+            if d.startswith(".") or _inside(sub, exclude):
+                continue
+            if (sub / PREDICTIONS).is_file():  # an earlier run's output: masks, not photos
+                skipped.append(sub)
+                continue
+            kept.append(d)
+        dirs[:] = kept
         found += [Path(parent, f) for f in sorted(files) if _is_image(Path(parent, f))]
     return found
+
+
+def _written(path: Path, root: Path, skipped: list[Path]) -> bool:
+    """Whether ``path`` lies in a folder below ``root`` that ``wsss infer`` wrote (noted in
+    ``skipped`` once)."""
+    top = _absolute(root)
+    for folder in path.parents:
+        if _absolute(folder) == top or not _absolute(folder).is_relative_to(top):
+            return False
+        if (folder / PREDICTIONS).is_file():
+            if folder not in skipped:
+                skipped.append(folder)
+            return True
+    return False
 
 
 def _inside(path: Path, folder: Path | None) -> bool:
@@ -314,6 +371,7 @@ class _Run:
 
     def one(self, item: Item) -> dict:
         try:
+            source = file_identity(item.path)
             data = item.path.read_bytes()
             outputs, cams = self.send(data)
         except OSError as exc:
@@ -339,6 +397,7 @@ class _Run:
         return {
             "image": str(item.path),
             "name": item.name.as_posix(),
+            "source": source,
             "server": self.server,
             "model": model,
             "status": "ok",
@@ -452,6 +511,7 @@ def infer_images(items: list[Item], url: str, protocol: str, options: InferOptio
             record is not None
             and record.get("status") == "ok"
             and record.get("model") == run.model  # another model's answer is redone
+            and same_file(record, item.path)  # as is another photo under the same name
             and all(item.output(options.out, w).is_file() for w in wanted)
         )
 
@@ -584,6 +644,26 @@ class Predictions:
                 "error": reason,
             }
         )
+
+
+def file_identity(path: Path) -> dict:
+    """What tells a photo from another under the same name (``day2/IMG_0001.jpg`` after
+    ``day1/IMG_0001.jpg``, or the photo edited since): its resolved path, size and
+    modification time, as make and rsync tell them."""
+    stat = path.stat()
+    return {"path": os.path.realpath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def same_file(record: dict, path: Path) -> bool:
+    """Whether ``record`` answered the file at ``path`` as it is now (a record from before
+    records named their source compares its image path alone)."""
+    try:
+        now = file_identity(path)
+    except OSError:
+        return False
+    if "source" in record:
+        return record["source"] == now
+    return os.path.realpath(record.get("image", "")) == now["path"]
 
 
 def read_predictions(path: Path) -> dict[str, dict]:

@@ -2,6 +2,7 @@
 files listed without stopping the run, --resume, and the same masks at any concurrency."""
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -64,6 +65,45 @@ def test_folders_globs_and_named_files_mirror_from_their_roots(tmp_path, monkeyp
     (tmp_path / "list.txt").write_text("# photos\n\na/x.jpg\n  a/b/y.PNG  \n")
     assert read_list("list.txt") == ["a/x.jpg", "a/b/y.PNG"]
     assert Item(Path("a/b/y.PNG"), Path("b/y")).output(Path("o"), "seg") == Path("o/b/y_seg.png")
+
+
+def test_walks_leave_out_earlier_runs_outputs_and_an_out_that_is_the_root_is_refused(
+    tmp_path, monkeypatch
+):
+    """A second run into another --out read the first run's masks back as photos; an --out
+    above the folder read dropped its subfolders; one equal to it is refused up front."""
+    for name in ("p/a.jpg", "p/sub/b.jpg", "p/old/a_pseudo_mask.png", "p/old/deeper/x.png"):
+        _touch(tmp_path / name)
+    _touch(tmp_path / "p" / "old" / PREDICTIONS, b"{}\n")  # an earlier run's --out
+    monkeypatch.chdir(tmp_path)
+    skipped = []
+    items, _ = find_images(["p"], exclude=Path("elsewhere"), skipped=skipped)
+    assert [str(i.name) for i in items] == ["a", "sub/b"] and skipped == [Path("p/old")]
+    skipped = []
+    items, _ = find_images(["p/**/*.*"], skipped=skipped)  # a glob leaves them out too
+    assert sorted(str(i.name) for i in items) == ["a", "sub/b"] and skipped == [Path("p/old")]
+    items, _ = find_images(["p"], exclude=Path("."))  # --out above what is read: nothing of it
+    assert [str(i.name) for i in items] == ["a", "sub/b"]
+    for out in ("p", "p/../p"):
+        with pytest.raises(ClientError, match="is the folder p reads images from"):
+            run(["p"], "127.0.0.1:1", "grpc", InferOptions(Path(out), progress=False))
+
+
+def test_a_record_answers_its_file_as_it_was(tmp_path):
+    """--resume skips a record's image only where the file is the one it answered: not
+    another photo under the same name, nor the photo changed since."""
+    from serving.infer import file_identity, same_file
+
+    photo = _touch(tmp_path / "day1" / "IMG_1.jpg", b"first")
+    record = {"image": str(photo), "source": file_identity(photo)}
+    assert same_file(record, photo)
+    other = _touch(tmp_path / "day2" / "IMG_1.jpg", b"first")
+    assert not same_file(record, other)
+    photo.write_bytes(b"edited")
+    assert not same_file(record, photo)
+    assert same_file({"image": str(photo)}, photo)  # a record from before: its path alone
+    assert not same_file({"image": str(other)}, photo)
+    assert not same_file(record, tmp_path / "gone.jpg")
 
 
 def test_files_named_through_dotdot_write_inside_the_output_folder(tmp_path, monkeypatch):
@@ -339,6 +379,16 @@ def test_resume_sends_only_the_images_not_yet_written(server, photos, tmp_path):
     assert (again.skipped, len(again.done), sent) == (2, 1, 1)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     assert all(p.exists() for p in redo.values())
+    # Another photo under the same name (a second day's IMG_0001.jpg) is sent, not skipped.
+    swapped = photos.parent / f"{photos.name}_swapped"
+    shutil.copytree(photos / "sub", swapped)
+    (swapped / "one.png").write_bytes((photos / GOOD[0]).read_bytes())
+    before = settled_statistics(server.grpc_url)[PIPELINE_BYTES]["requests"]
+    third = run([str(swapped)], server.grpc_url, "grpc", options)
+    sent = settled_statistics(server.grpc_url)[PIPELINE_BYTES]["requests"] - before
+    assert (third.skipped, len(third.done), sent) == (0, 3, 3)  # a new path for the other two
+    record = read_predictions(options.out / PREDICTIONS)["one"]
+    assert record["source"]["path"] == str((swapped / "one.png").resolve())
 
 
 @pytest.mark.slow

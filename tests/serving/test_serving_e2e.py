@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -27,6 +28,7 @@ from serving.perf import (
     settled_statistics,
     statistics_delta,
 )
+from tests.conftest import free_port
 from training.data import list_samples, read_image
 from training.pipeline import pipeline_from_config
 from wsss.served.images import resize_image, resize_mask
@@ -368,6 +370,20 @@ def _huge_png() -> bytes:
     return buf.getvalue()
 
 
+def _malformed_tiff() -> bytes:
+    """A TIFF whose StripOffsets tag says ASCII: Pillow raises TypeError reading it (the
+    server answered 500 then, and `wsss infer` stopped at the file)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    first = int.from_bytes(data[4:8], "little")
+    for k in range(int.from_bytes(data[first : first + 2], "little")):
+        entry = first + 2 + 12 * k
+        if int.from_bytes(data[entry : entry + 2], "little") == 273:
+            data[entry + 2 : entry + 4] = (2).to_bytes(2, "little")
+    return bytes(data)
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_bad_bytes_are_a_client_error_through_the_ensemble(server, images, protocol):
     """HTTP 400 / gRPC INVALID_ARGUMENT with a message that says what is wrong; the server
@@ -379,6 +395,7 @@ def test_bad_bytes_are_a_client_error_through_the_ensemble(server, images, proto
         "not an image": ([b"definitely not an image"], "cannot decode"),
         "empty": ([b""], "empty image bytes"),
         "truncated JPEG": ([jpeg[: len(jpeg) // 3]], "cannot decode"),
+        "TIFF whose strips Pillow trips on": ([_malformed_tiff()], "cannot decode"),
         "too many pixels": ([_huge_png()], "exceeds the limit"),
         "sizes differ": ([_png(images[0]), _png(images[0][:40])], "share a size"),
     }
@@ -394,6 +411,19 @@ def test_bad_bytes_are_a_client_error_through_the_ensemble(server, images, proto
     pixels = np.asarray(Image.open(io.BytesIO(gif)).convert("RGB"))
     got, want = client.infer_encoded([gif]), client.infer_encoded([_png(pixels)])
     np.testing.assert_array_equal(got["SEGMENTATION_FULL"], want["SEGMENTATION_FULL"])
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_client_at_another_protocols_port_is_told_so(server, protocol):
+    """An HTTP client given the gRPC port read "('Expected HTTP/', 8)"; a gRPC one given
+    the HTTP port "Socket closed": both now say which port serves their protocol."""
+    url = server.http_url if protocol == "grpc" else server.grpc_url
+    with pytest.raises(ClientError, match="not as Triton's (gRPC|HTTP) endpoint") as info:
+        PipelineClient(url, protocol)
+    assert ("GRPC_PORT" if protocol == "grpc" else "HTTP_PORT") in str(info.value)
+    with pytest.raises(ClientError) as info:  # nothing there at all: no such hint
+        PipelineClient(f"127.0.0.1:{free_port()}", protocol)
+    assert "endpoint" not in str(info.value)
 
 
 def _wsss(*args):
@@ -426,3 +456,26 @@ def test_cli_infer_writes_masks_and_figure(server, exported, tmp_path):
         assert (out / f"{stem}_overlay.png").stat().st_size > 1000
     proc = _wsss("infer", str(bad), "--url", server.grpc_url, "--out", str(tmp_path / "bad"))
     assert proc.returncode != 0 and "cannot decode" in proc.stderr
+    # A file name that is not UTF-8 (bytes a camera or an old archive wrote): its line on
+    # a UTF-8 terminal was a UnicodeEncodeError after the files were written.
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.jpg"))
+    odd.write_bytes(sample.image_path.read_bytes())
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "infer",
+            str(odd),
+            "--url",
+            server.grpc_url,
+            "--out",
+            str(tmp_path / "odd"),
+        ],
+        capture_output=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert b"caf\\udce9.jpg: " in proc.stdout and b"Traceback" not in proc.stderr

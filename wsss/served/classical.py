@@ -55,6 +55,8 @@ def otsu_threshold(values: np.ndarray, nbins: int = 256) -> float:
     values = np.asarray(values).ravel()
     if np.all(values == values[0]):
         return float(values[0])
+    if not np.isfinite(values.max() - values.min()):  # finite maps past half float32's range
+        values = values.astype(np.float64)  # (a bin index of -2**63 in float32)
     counts, edges = np.histogram(values, bins=nbins, range=(values.min(), values.max()))
     centres = (edges[:-1] + edges[1:]) / 2.0
     weight1 = np.cumsum(counts)

@@ -26,6 +26,11 @@ def test_otsu_equals_scikit_image():
     for x in _maps():
         assert classical.otsu_threshold(x) == threshold_otsu(x)
     assert classical.otsu_threshold(np.full((4, 4), 0.3)) == pytest.approx(0.3)
+    # Finite maps whose range overflows float32 (a client calling the refiner model with
+    # +-3e38) split between their two values, not a 500 from a bin index of -2**63.
+    two = np.where(_maps(1)[0] > 0.5, 3e38, -3e38).astype(np.float32)
+    cut = classical.otsu_threshold(two)
+    assert -3e38 <= cut < 3e38 and ((two > cut) == (two > 0)).all()
 
 
 def test_otsu_graph_is_scikit_image_within_one_bin():

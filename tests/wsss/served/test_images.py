@@ -258,6 +258,63 @@ def test_thirty_two_bit_grey_scales_to_eight_bits():
     np.testing.assert_array_equal(decoded[..., 0], want)
 
 
+def test_integer_and_float_grey_read_by_the_range_they_use():
+    """A 32-bit integer TIFF of 0-255 is 8-bit grey, not black; a float TIFF in [0, 1] is
+    scaled to 0-255, a wider one clipped, NaN read as 0."""
+    eight = np.arange(64 * 64, dtype=np.int32).reshape(64, 64) % 256
+    buf = io.BytesIO()
+    Image.fromarray(eight, "I").save(buf, "TIFF")
+    np.testing.assert_array_equal(decode_image(buf.getvalue())[..., 1], eight.astype(np.uint8))
+    sixteen = eight * 256 + 255  # 16 bits used in a 32-bit container
+    buf = io.BytesIO()
+    Image.fromarray(sixteen, "I").save(buf, "TIFF")
+    np.testing.assert_array_equal(decode_image(buf.getvalue())[..., 0], eight.astype(np.uint8))
+    unit = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    unit[0, 0] = np.nan
+    buf = io.BytesIO()
+    Image.fromarray(unit, "F").save(buf, "TIFF")
+    decoded = decode_image(buf.getvalue())
+    assert decoded[0, 0, 0] == 0 and decoded[-1, -1, 0] == 255
+    np.testing.assert_allclose(decoded[1:, :, 2], np.rint(unit[1:] * 255), atol=0)
+    wide = unit * 500
+    wide[0, 0] = -3.0
+    buf = io.BytesIO()
+    Image.fromarray(wide, "F").save(buf, "TIFF")
+    np.testing.assert_array_equal(
+        decode_image(buf.getvalue())[..., 0], np.clip(np.rint(wide), 0, 255).astype(np.uint8)
+    )
+
+
+def _retype_tag(tiff: bytes, tag: int, kind: int) -> bytes:
+    """A little-endian TIFF with ``tag``'s field type in its first directory set to ``kind``."""
+    data = bytearray(tiff)
+    assert data[:2] == b"II"
+    first = int.from_bytes(data[4:8], "little")
+    for k in range(int.from_bytes(data[first : first + 2], "little")):
+        entry = first + 2 + 12 * k
+        if int.from_bytes(data[entry : entry + 2], "little") == tag:
+            data[entry + 2 : entry + 4] = kind.to_bytes(2, "little")
+            return bytes(data)
+    raise AssertionError(f"no tag {tag}")
+
+
+def test_whatever_pillow_raises_on_a_malformed_file_is_a_decoding_error():
+    """A TIFF whose StripOffsets are ASCII made Pillow raise TypeError, which left the
+    decoder as a 500 (and stopped `wsss infer`); any exception from the file is the file's."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, "TIFF")
+    bad = _retype_tag(buf.getvalue(), 273, 2)  # StripOffsets as ASCII
+    with pytest.raises(ImageError, match="cannot decode"):
+        decode_image(bad)
+    # a JPEG cut short says so, not Pillow's count of its buffer's leftover bytes
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8)).save(
+        jpeg, "JPEG"
+    )
+    with pytest.raises(ImageError, match="the file ends before its pixels do"):
+        decode_image(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+
+
 def test_the_walks_follow_pillow_where_it_reads_on(monkeypatch):
     """Where Pillow reads further than a format's usual end, so does the count: a PNG with a
     frame control chunk but no animation (Pillow reads past it), a GIF's comment (Pillow 12
