@@ -357,7 +357,11 @@ def cmd_infer(args) -> None:
         sys.exit("wsss infer: name image files, folders or globs, or --list FILE")
     one_file = len(sources) == 1 and Path(sources[0]).is_file()  # figures by default
     figures = one_file if args.figures is None else args.figures
-    options = InferOptions(Path(args.out), args.concurrency, figures, args.resume)
+    if not args.retry_seconds >= 0:  # NaN too
+        sys.exit(f"wsss infer: --retry-seconds is 0 or more: not {args.retry_seconds}")
+    options = InferOptions(
+        Path(args.out), args.concurrency, figures, args.resume, retry_seconds=args.retry_seconds
+    )
     report = run(sources, _url(args), args.protocol, options)
     for r in report.done if figures else ():
         found = ", ".join(f"{c['class']} ({_score(c['score'])})" for c in r["classes"])
@@ -677,6 +681,14 @@ INFER = (
         "--resume",
         action="store_true",
         help="skip images that predictions.jsonl records as written and whose files are there",
+    ),
+    flag(
+        "--retry-seconds",
+        type=float,
+        default=60.0,
+        help="how long to try again an image whose request the server failed (a stub it is "
+        "restarting, the server restarting), backing off between tries; 0: stop the run at "
+        "once (default: 60)",
     ),
 )
 

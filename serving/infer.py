@@ -60,6 +60,7 @@ MASK_FILES = {PSEUDO_MASK_FULL: PSEUDO_MASK.lower(), SEGMENTATION_FULL: SEGMENTA
 FIGURE = "overlay"  # <stem>_overlay.png, with figures on
 FIGURE_SIDE = 448  # px, each panel's longer side: the masks' edges large enough to judge
 PREDICTIONS = "predictions.jsonl"  # <out>/predictions.jsonl: one record per image
+RETRY_FIRST, RETRY_MOST = 0.5, 8.0  # seconds between tries of a request the server failed
 _FIGURE_LOCK = threading.Lock()  # matplotlib's pyplot is not thread-safe
 
 
@@ -91,6 +92,10 @@ class InferOptions:
     figures: bool = False  # also draw <stem>_overlay.png (one more request, and matplotlib)
     resume: bool = False  # skip images recorded as written whose files are all there
     progress: bool = True  # a progress bar on stderr, where stderr is a terminal
+    # How long an image whose request failed on the server's side (not the image's: a stub
+    # the watchdog is restarting, the server restarting) is tried again, backing off from
+    # RETRY_FIRST to RETRY_MOST seconds between tries; 0 stops the run at the first failure.
+    retry_seconds: float = 60.0
 
 
 @dataclass
@@ -369,15 +374,31 @@ class _Run:
         for client in self.clients:
             client.close()
 
+    def said_retrying(self, error: ClientError) -> None:
+        """Said once a run: the server failed a request, and it is being tried again."""
+        with self.lock:
+            if getattr(self, "_said", False):
+                return
+            self._said = True
+        print(
+            f"wsss infer: the server failed a request ({error}); trying again for up to "
+            f"{self.options.retry_seconds:g} s (--retry-seconds)",
+            file=sys.stderr,
+            flush=True,
+        )
+
     def one(self, item: Item) -> dict:
         try:
             source = file_identity(item.path)
             data = item.path.read_bytes()
-            outputs, cams = self.send(data)
         except OSError as exc:
             raise _Unreadable(exc.strerror or str(exc)) from exc
+        try:
+            outputs, cams = retrying(
+                lambda: self.send(data), self.options.retry_seconds, self.said_retrying
+            )
         except ClientError as exc:
-            if not exc.invalid_input:  # the server's fault, not the file's: stop the run
+            if not exc.invalid_input:  # the server's fault, tried again: stop the run
                 raise
             raise _Unreadable(exc.reason) from exc
         base, model = self.answered_by(self.answered)
@@ -489,6 +510,28 @@ class _Run:
                     [panels], list(panels), tmp, legend=legend, panel_inches=FIGURE_SIDE / 110
                 ),
             )
+
+
+def retrying(send: Callable, seconds: float, said: Callable | None = None, sleep=time.sleep):
+    """``send()``, tried again while it raises a ClientError that is not the input's fault,
+    for up to ``seconds`` from the first failure, RETRY_FIRST seconds after it and twice as
+    long each time after, at most RETRY_MOST (a stub the watchdog reloads answers again
+    within seconds); ``said(error)`` at each failure tried again. The last error is raised."""
+    deadline, delay = None, RETRY_FIRST
+    while True:
+        try:
+            return send()
+        except ClientError as exc:
+            if exc.invalid_input:
+                raise
+            now = time.monotonic()
+            deadline = now + seconds if deadline is None else deadline
+            if now >= deadline:
+                raise
+            if said is not None:
+                said(exc)
+            sleep(min(delay, deadline - now))
+            delay = min(2 * delay, RETRY_MOST)
 
 
 def infer_images(items: list[Item], url: str, protocol: str, options: InferOptions) -> InferReport:

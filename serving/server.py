@@ -70,6 +70,34 @@ def free_ports(n: int) -> list[int]:
     raise ServerError(f"no {n} free loopback ports between 10000 and {low}")
 
 
+def check_ports_free(serve: ServeConfig) -> None:
+    """Refuse to start where another process listens on one of ``serve``'s ports: the
+    readiness check would take that server's answer for this one's (a second `wsss serve`
+    on the same ports said "serving" while its tritonserver failed to bind, then started it
+    again five times). Bound as a server binds (SO_REUSEADDR: a port in TIME_WAIT after a
+    restart is free), then let go."""
+    family = socket.AF_INET6 if ":" in serve.host else socket.AF_INET
+    busy = []
+    for name, port in (
+        ("HTTP", serve.http_port),
+        ("gRPC", serve.grpc_port),
+        ("metrics", serve.metrics_port),
+    ):
+        with socket.socket(family) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((serve.host, port))
+            except OSError:
+                busy.append(f"{name} {port}")
+    if busy:
+        raise ServerError(
+            f"{serve.host}: port{'s' if len(busy) > 1 else ''} {', '.join(busy)} already in "
+            "use (another server running?): stop it, or serve on other ports (HTTP_PORT, "
+            "GRPC_PORT, METRICS_PORT, or --set serve.http_port=... serve.grpc_port=... "
+            "serve.metrics_port=...)"
+        )
+
+
 def _ephemeral_low() -> int:
     """The lowest port the kernel gives outgoing connections (Linux: 32768 by default)."""
     try:
@@ -492,6 +520,7 @@ class TritonServer:
         check_stub_path("the work folder", self.workdir, f"start the server from {plain}")
         if self.process is not None:  # a server that died: what it left goes first
             self._end()
+        check_ports_free(self.cfg)
         backends = prepare_backends(self.workdir / "backends")
         self.admin_key = self.admin_key or admin_key()  # one key for the object's life
         sweep_shm()  # what killed servers before this one left

@@ -134,6 +134,42 @@ def test_two_images_that_would_write_the_same_files_are_refused_up_front(tmp_pat
     assert sorted(i.path.name for i in items) == ["cat.jpg", "cat.png"]
 
 
+def test_a_request_the_server_failed_is_tried_again_backing_off_until_the_deadline():
+    from serving.infer import RETRY_FIRST, RETRY_MOST, retrying
+
+    def failing(n, status="StatusCode.INTERNAL"):
+        calls = []
+
+        def send():
+            calls.append(1)
+            if len(calls) <= n:
+                raise ClientError("Stub process 'postprocess_0_0' is not healthy", status)
+            return "answer"
+
+        return send, calls
+
+    slept, said = [], []
+    send, calls = failing(3)
+    assert retrying(send, 60.0, said.append, slept.append) == "answer"
+    assert len(calls) == 4 and len(said) == 3
+    assert slept == [RETRY_FIRST, 2 * RETRY_FIRST, 4 * RETRY_FIRST]
+    slept = []
+    send, calls = failing(20)
+    assert retrying(send, 1e6, None, slept.append) == "answer"
+    assert max(slept) == RETRY_MOST and slept[:2] == [RETRY_FIRST, 2 * RETRY_FIRST]
+    send, calls = failing(1)  # 0: the run stops at the first failure, as before
+    with pytest.raises(ClientError, match="not healthy"):
+        retrying(send, 0.0, None, slept.append)
+    send, calls = failing(5, "400")  # the image's fault: never tried again
+    with pytest.raises(ClientError):
+        retrying(send, 60.0, None, slept.append)
+    assert len(calls) == 1
+    send, calls = failing(10**6)  # past the deadline: the last error
+    with pytest.raises(ClientError, match="not healthy"):
+        retrying(send, 0.05, None, lambda t: __import__("time").sleep(t))
+    assert 1 < len(calls) < 10
+
+
 def test_a_prediction_names_the_classes_present_at_the_served_thresholds():
     scores = np.array([0.9, 0.35, 0.2], np.float32)
     names = ["cat", "dog", "person"]
@@ -393,6 +429,42 @@ def test_resume_sends_only_the_images_not_yet_written(server, photos, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.triton
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_run_rides_out_a_stub_the_watchdog_restarts(exported, photos, tmp_path, capsys, protocol):
+    """A stub killed under a run: with --retry-seconds 0 the run stops at the failed
+    request (as it did always); with the default it tries again while the watchdog reloads
+    the model, and every image is written. A server of its own: the session's stays whole."""
+    import os
+    import signal
+
+    from serving.server import TritonServer, on_free_ports
+    from tests.conftest import wait_for
+
+    def kill_postprocess(server):
+        stubs = server.stub_processes()
+        (pid,) = [p.pid for p in stubs if p.stub_of(server.repository)[0] == "postprocess"]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: pid not in {p.pid for p in server.stub_processes()}, what="gone")
+
+    repository = Path(exported.export.repository)
+    serve = on_free_ports(exported.serve)  # beside the session's server
+    with TritonServer(repository, serve, tmp_path / "server") as server:
+        kill_postprocess(server)
+        stopped = InferOptions(tmp_path / "stopped", progress=False, retry_seconds=0)
+        url = server.grpc_url if protocol == "grpc" else server.http_url
+        with pytest.raises(ClientError, match="not healthy"):
+            run([str(photos / "sub")], url, protocol, stopped)
+        server.watch(0.2)
+        options = InferOptions(tmp_path / "out", concurrency=2, progress=False)
+        report = run([str(photos / "sub")], url, protocol, options)
+        assert len(report.done) == 3 and not report.failed
+        assert "trying again for up to 60 s" in capsys.readouterr().err
+        records = read_predictions(options.out / PREDICTIONS)
+        assert sorted(r["status"] for r in records.values()) == ["ok"] * 3
+
+
+@pytest.mark.slow
+@pytest.mark.triton
 def test_records_name_what_answered_and_resume_redoes_another_models(server, photos, tmp_path):
     """A folder's records from two servers or two exports tell themselves apart: each names
     the server, the ensemble and the version that answered; --resume redoes an image another
@@ -520,7 +592,7 @@ def _third_request_raises(monkeypatch, error: BaseException) -> list:
 def test_an_interrupted_run_resumes_from_its_predictions(server, photos, tmp_path, monkeypatch):
     """The server fails midway: the run stops with the records of the images that landed;
     --resume sends only the others, and the file ends with one written record per image."""
-    options = InferOptions(tmp_path / "out", concurrency=1, progress=False)
+    options = InferOptions(tmp_path / "out", concurrency=1, progress=False, retry_seconds=0)
     sent = _third_request_raises(monkeypatch, ClientError("the server went away", status="503"))
     with pytest.raises(ClientError, match="went away"):
         run([str(photos / "sub")], server.grpc_url, "grpc", options)

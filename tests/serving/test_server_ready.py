@@ -62,3 +62,33 @@ def test_a_server_whose_metrics_never_listen_is_not_ready(server):
     with pytest.raises(ServerError, match="not ready after 1 s: HTTP ready, metrics port"):
         server.wait_ready(timeout=1)
     assert server.process.poll() is not None  # and is stopped
+
+
+def test_a_port_another_server_listens_on_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    """A second `wsss serve` on the same ports said "serving": its readiness check got the
+    first server's answer while its own tritonserver failed to bind (and was started again
+    five times). Now it is refused up front, naming the port; a port left in TIME_WAIT is
+    not in use."""
+    import serving.server as triton
+
+    http, grpc, metrics = free_ports(3)
+    cfg = ServeConfig(host="127.0.0.1", http_port=http, grpc_port=grpc, metrics_port=metrics)
+    (tmp_path / "repo" / "wsss_pipeline").mkdir(parents=True)
+    (tmp_path / "repo" / "wsss_pipeline" / "config.pbtxt").write_text("")
+    server = TritonServer(tmp_path / "repo", cfg, tmp_path / "work")
+    monkeypatch.setattr(triton.subprocess, "Popen", lambda *a, **k: pytest.fail("started"))
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", grpc))
+        other.listen()
+        with pytest.raises(ServerError, match=f"port gRPC {grpc} already in use"):
+            server.start()
+    # A connection closed by this side leaves its port in TIME_WAIT: free to a server.
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", http))
+        listener.listen()
+        client = socket.create_connection(("127.0.0.1", http))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server's side closes first: TIME_WAIT on its port
+        client.close()
+    triton.check_ports_free(cfg)
