@@ -357,8 +357,8 @@ def cmd_infer(args) -> None:
         sys.exit("wsss infer: name image files, folders or globs, or --list FILE")
     one_file = len(sources) == 1 and Path(sources[0]).is_file()  # figures by default
     figures = one_file if args.figures is None else args.figures
-    if not args.retry_seconds >= 0:  # NaN too
-        sys.exit(f"wsss infer: --retry-seconds is 0 or more: not {args.retry_seconds}")
+    if not 0 <= args.retry_seconds < float("inf"):  # NaN too
+        sys.exit(f"wsss infer: --retry-seconds is 0 or more, finite: not {args.retry_seconds}")
     options = InferOptions(
         Path(args.out), args.concurrency, figures, args.resume, retry_seconds=args.retry_seconds
     )
@@ -457,13 +457,16 @@ INFER_HELP = f"""Send images to {PIPELINE_BYTES} (the server decodes and resizes
 come back at each image's size) and write <out>/<subfolder>/<name>_pseudo_mask.png and
 <name>_segmentation.png, mirroring each image's folder under the folder it was found in (a
 folder named, a glob's fixed part, the common folder of files named one by one). Folders are
-walked recursively for .jpg .jpeg .png .gif .bmp .webp .tif .tiff (hidden names and --out
-left out). <out>/predictions.jsonl gets one record per image as it lands: the classes it
-holds at the server's thresholds, every class's score, each class's share of the masks, the
-files and the server and model versions that answered; or why it failed. Files the server
-cannot read are listed at the end and the exit status is 1; the run goes on. Stopped midway,
-it leaves whole files only: --resume carries on from the records (what another model
-answered is done again)."""
+walked recursively for .jpg .jpeg .png .gif .bmp .webp .tif .tiff (hidden names, --out where
+it lies inside, and folders an earlier run wrote, holding its predictions.jsonl, left out;
+--out may not be the folder read). <out>/predictions.jsonl gets one record per image as it
+lands: the classes it holds at the server's thresholds, every class's score, each class's
+share of the masks, the files, the file answered and the server and model versions that
+answered; or why it failed. Files the server cannot read are listed at the end and the exit
+status is 1; the run goes on. A request the server fails on its side is tried again for up
+to --retry-seconds. Stopped midway, it leaves whole files only: --resume carries on from the
+records (what another model answered, or another file under the same name, is done
+again)."""
 
 
 def flag(*names: str, **kwargs) -> tuple[tuple[str, ...], dict]:
@@ -680,15 +683,16 @@ INFER = (
     flag(
         "--resume",
         action="store_true",
-        help="skip images that predictions.jsonl records as written and whose files are there",
+        help="skip images that predictions.jsonl records as written, from the same file "
+        "(path, size, modification time) by the same model, and whose files are there",
     ),
     flag(
         "--retry-seconds",
         type=float,
         default=60.0,
-        help="how long to try again an image whose request the server failed (a stub it is "
-        "restarting, the server restarting), backing off between tries; 0: stop the run at "
-        "once (default: 60)",
+        help="how long an outage may last while requests the server failed (a stub it is "
+        "restarting, the server restarting) are tried again, backing off between tries; 0: "
+        "stop the run at once (default: 60)",
     ),
 )
 

@@ -70,9 +70,18 @@ class ClientError(WsssError, ValueError):
     """Bad input, or a request the server refused; the message says which and why.
     ``reason`` is the server's own message where it refused one."""
 
-    def __init__(self, message: str, status: str | None = None, reason: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        status: str | None = None,
+        reason: str | None = None,
+        sent: bool = False,
+    ):
         super().__init__(message)
         self.status, self.reason = status, reason or message
+        # Raised by a request sent: the server's answer, or the connection's failure (not
+        # the client's own checks, which sending again would not change).
+        self.sent = sent
 
     @property
     def invalid_input(self) -> bool:
@@ -289,6 +298,7 @@ class PipelineClient:
                 f"server refused the request: {_innermost(str(exc))}",
                 status,
                 reason and _innermost(reason),
+                sent=True,
             ) from exc
         response = result.get_response()
         version = (

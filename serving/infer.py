@@ -41,6 +41,7 @@ from tqdm import tqdm
 from serving.client import ClientError, PipelineClient, load_image, resize
 from wsss.palette import VOC_PALETTE
 from wsss.served.classical import present_classes
+from wsss.served.images import MAX_ENCODED_BYTES
 from wsss.tensors import (
     CAMS,
     PIPELINE,
@@ -217,7 +218,8 @@ def _walk(folder: Path, exclude: Path | None, skipped: list[Path]) -> list[Path]
             sub = Path(parent, d)
             if d.startswith(".") or _inside(sub, exclude):
                 continue
-            if (sub / PREDICTIONS).is_file():  # an earlier run's output: masks, not photos
+            # An earlier run's output: masks, not photos (a linked folder os.walk never enters)
+            if not sub.is_symlink() and (sub / PREDICTIONS).is_file():
                 skipped.append(sub)
                 continue
             kept.append(d)
@@ -320,6 +322,7 @@ class _Run:
         # Each export that answered, by version: the client that read it (class names,
         # colours, thresholds, shapes) and its identity. The newest is the run's.
         self.exports = {self.base.version: (self.base, self.identity(self.base, self.base.version))}
+        self.retry = Retry(options.retry_seconds, self.said_retrying)
 
     @property
     def model(self) -> dict:
@@ -390,13 +393,16 @@ class _Run:
     def one(self, item: Item) -> dict:
         try:
             source = file_identity(item.path)
+            if source["bytes"] > MAX_ENCODED_BYTES:  # not read whole only to be refused
+                raise _Unreadable(
+                    f"a file of {source['bytes']:,} bytes: the server reads images of at most "
+                    f"{MAX_ENCODED_BYTES:,}"
+                )
             data = item.path.read_bytes()
         except OSError as exc:
             raise _Unreadable(exc.strerror or str(exc)) from exc
         try:
-            outputs, cams = retrying(
-                lambda: self.send(data), self.options.retry_seconds, self.said_retrying
-            )
+            outputs, cams = self.retry(lambda: self.send(data))
         except ClientError as exc:
             if not exc.invalid_input:  # the server's fault, tried again: stop the run
                 raise
@@ -512,26 +518,47 @@ class _Run:
             )
 
 
-def retrying(send: Callable, seconds: float, said: Callable | None = None, sleep=time.sleep):
-    """``send()``, tried again while it raises a ClientError that is not the input's fault,
-    for up to ``seconds`` from the first failure, RETRY_FIRST seconds after it and twice as
-    long each time after, at most RETRY_MOST (a stub the watchdog reloads answers again
-    within seconds); ``said(error)`` at each failure tried again. The last error is raised."""
-    deadline, delay = None, RETRY_FIRST
-    while True:
-        try:
-            return send()
-        except ClientError as exc:
-            if exc.invalid_input:
-                raise
-            now = time.monotonic()
-            deadline = now + seconds if deadline is None else deadline
-            if now >= deadline:
-                raise
-            if said is not None:
-                said(exc)
-            sleep(min(delay, deadline - now))
-            delay = min(2 * delay, RETRY_MOST)
+class Retry:
+    """One run's retries of requests the server failed on its side (``ClientError.sent``
+    and not the input's fault: a stub the watchdog is reloading, the server restarting),
+    RETRY_FIRST seconds after a failure and twice as long each time after, at most
+    RETRY_MOST, while the outage (one clock for every thread: from the first failure to the
+    next answer) is shorter than ``seconds``; ``said(error)`` at each failure tried again.
+    ``stop()`` ends every wait at once (Ctrl-C, another image's error): the last error is
+    raised."""
+
+    def __init__(self, seconds: float, said: Callable | None = None, clock=time.monotonic):
+        self.seconds, self.said, self.clock = seconds, said, clock
+        self.stopped = threading.Event()
+        self.lock = threading.Lock()
+        self.since: float | None = None  # when the server last began failing
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def __call__(self, send: Callable):
+        delay = RETRY_FIRST
+        while True:
+            try:
+                result = send()
+            except ClientError as exc:
+                if not exc.sent or exc.invalid_input:  # the client's own, or the input's
+                    raise
+                now = self.clock()
+                with self.lock:
+                    self.since = now if self.since is None else self.since
+                    left = self.since + self.seconds - now
+                if left <= 0 or self.stopped.is_set():
+                    raise
+                if self.said is not None:
+                    self.said(exc)
+                if self.stopped.wait(min(delay, left)):
+                    raise
+                delay = min(2 * delay, RETRY_MOST)
+            else:
+                with self.lock:
+                    self.since = None  # the server answers again
+                return result
 
 
 def infer_images(items: list[Item], url: str, protocol: str, options: InferOptions) -> InferReport:
@@ -581,7 +608,9 @@ def infer_images(items: list[Item], url: str, protocol: str, options: InferOptio
             ThreadPoolExecutor(options.concurrency, thread_name_prefix="infer") as pool,
             Predictions(options.out / PREDICTIONS, lambda: run.model, run.server) as records,
         ):
-            _stream(pool, run.one, todo, report, bar.update, 2 * options.concurrency, records)
+            _stream(
+                pool, run.one, todo, report, bar.update, 2 * options.concurrency, records, run.retry
+            )
         report.seconds = time.monotonic() - start
     except KeyboardInterrupt:  # what landed is recorded: say so, and how to carry on
         raise KeyboardInterrupt(
@@ -604,6 +633,7 @@ def _stream(
     tick: Callable,
     window: int,
     records: Predictions,
+    retry: Retry | None = None,
 ):
     """``window`` images submitted at a time (twice the threads: a thread never waits for
     work, and a stopped run has little to cancel), results as they land, each recorded in
@@ -612,14 +642,16 @@ def _stream(
     queued = iter(todo)
     pending = {pool.submit(one, item): item for item in islice(queued, window)}
     try:
-        _drain(pending, queued, pool, one, report, tick, records)
+        _drain(pending, queued, pool, one, report, tick, records, retry)
     except BaseException:  # e.g. Ctrl-C while waiting
+        if retry is not None:  # the requests in flight stop waiting to be tried again
+            retry.stop()
         for future in pending:
             future.cancel()
         raise
 
 
-def _drain(pending, queued, pool, one, report, tick, records):
+def _drain(pending, queued, pool, one, report, tick, records, retry=None):
     error = None
     while pending:
         landed, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -633,6 +665,8 @@ def _drain(pending, queued, pool, one, report, tick, records):
                 records.failure(item, str(exc))
             except BaseException as exc:
                 error = error or exc
+                if retry is not None:  # the run stops: nothing in flight is tried again
+                    retry.stop()
             tick()
         if error is None:
             pending |= {pool.submit(one, item): item for item in islice(queued, len(landed))}

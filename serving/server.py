@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import filecmp
 import os
 import random
@@ -74,21 +75,31 @@ def check_ports_free(serve: ServeConfig) -> None:
     """Refuse to start where another process listens on one of ``serve``'s ports: the
     readiness check would take that server's answer for this one's (a second `wsss serve`
     on the same ports said "serving" while its tritonserver failed to bind, then started it
-    again five times). Bound as a server binds (SO_REUSEADDR: a port in TIME_WAIT after a
-    restart is free), then let go."""
-    family = socket.AF_INET6 if ":" in serve.host else socket.AF_INET
+    again five times). Each address the host names is bound as a server binds it
+    (SO_REUSEADDR: a port in TIME_WAIT after a restart is free), then let go; only "in use"
+    refuses (a host that is not this machine's, or a port it may not bind, tritonserver's
+    own log says)."""
     busy = []
     for name, port in (
         ("HTTP", serve.http_port),
         ("gRPC", serve.grpc_port),
         ("metrics", serve.metrics_port),
     ):
-        with socket.socket(family) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            addresses = socket.getaddrinfo(
+                serve.host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        except socket.gaierror:
+            return
+        for family, kind, proto, _, address in addresses:
             try:
-                sock.bind((serve.host, port))
-            except OSError:
-                busy.append(f"{name} {port}")
+                with socket.socket(family, kind, proto) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind(address)
+            except OSError as exc:  # EADDRNOTAVAIL, EAFNOSUPPORT (no IPv6), EACCES: not ours
+                if exc.errno == errno.EADDRINUSE:
+                    busy.append(f"{name} {port}")
+                    break
     if busy:
         raise ServerError(
             f"{serve.host}: port{'s' if len(busy) > 1 else ''} {', '.join(busy)} already in "

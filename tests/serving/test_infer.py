@@ -134,40 +134,72 @@ def test_two_images_that_would_write_the_same_files_are_refused_up_front(tmp_pat
     assert sorted(i.path.name for i in items) == ["cat.jpg", "cat.png"]
 
 
-def test_a_request_the_server_failed_is_tried_again_backing_off_until_the_deadline():
-    from serving.infer import RETRY_FIRST, RETRY_MOST, retrying
+def test_a_request_the_server_failed_is_tried_again_backing_off_until_the_deadline(
+    monkeypatch,
+):
+    import time
 
-    def failing(n, status="StatusCode.INTERNAL"):
+    from serving.infer import RETRY_FIRST, RETRY_MOST, Retry
+
+    def failing(n, status="StatusCode.INTERNAL", sent=True):
         calls = []
 
         def send():
             calls.append(1)
             if len(calls) <= n:
-                raise ClientError("Stub process 'postprocess_0_0' is not healthy", status)
+                raise ClientError("Stub 'postprocess_0_0' is not healthy", status, sent=sent)
             return "answer"
 
         return send, calls
 
-    slept, said = [], []
+    slept = []
+
+    def waits(retry):  # the waits recorded, none slept
+        monkeypatch.setattr(retry.stopped, "wait", lambda t: slept.append(t) or False)
+        return retry
+
+    said = []
     send, calls = failing(3)
-    assert retrying(send, 60.0, said.append, slept.append) == "answer"
+    assert waits(Retry(60.0, said.append))(send) == "answer"
     assert len(calls) == 4 and len(said) == 3
     assert slept == [RETRY_FIRST, 2 * RETRY_FIRST, 4 * RETRY_FIRST]
-    slept = []
+    slept.clear()
     send, calls = failing(20)
-    assert retrying(send, 1e6, None, slept.append) == "answer"
+    assert waits(Retry(1e6))(send) == "answer"
     assert max(slept) == RETRY_MOST and slept[:2] == [RETRY_FIRST, 2 * RETRY_FIRST]
     send, calls = failing(1)  # 0: the run stops at the first failure, as before
     with pytest.raises(ClientError, match="not healthy"):
-        retrying(send, 0.0, None, slept.append)
-    send, calls = failing(5, "400")  # the image's fault: never tried again
+        Retry(0.0)(send)
+    for status, sent in (("400", True), (None, False)):  # the input's fault; the client's own
+        send, calls = failing(5, status, sent)
+        with pytest.raises(ClientError):
+            Retry(60.0)(send)
+        assert len(calls) == 1
+    # One outage clock for every thread: a second request failing later has what is left of
+    # the first's time, and an answer in between starts the clock again.
+    clock = iter([100.0, 109.0, 111.0])
+    retry = waits(Retry(10.0, clock=lambda: next(clock)))
+    send, calls = failing(1)
+    slept.clear()
+    retry(send)  # fails at 100: the outage begins
+    assert retry.since is None and slept == [RETRY_FIRST]  # answered: over
+    retry.since = 100.0  # another thread's failure at 100, not yet answered
+    send, calls = failing(10)
+    slept.clear()
+    with pytest.raises(ClientError):  # 109: 1 s left, waited; 111: past, raised
+        retry(send)
+    assert slept == [RETRY_FIRST] and len(calls) == 2
+    # stop() ends a wait at once: Ctrl-C or another image's error does not wait out the
+    # outage's time.
+    retry = Retry(60.0)
+    send, calls = failing(10**6)
+    import threading
+
+    threading.Timer(0.2, retry.stop).start()
+    began = time.monotonic()
     with pytest.raises(ClientError):
-        retrying(send, 60.0, None, slept.append)
-    assert len(calls) == 1
-    send, calls = failing(10**6)  # past the deadline: the last error
-    with pytest.raises(ClientError, match="not healthy"):
-        retrying(send, 0.05, None, lambda t: __import__("time").sleep(t))
-    assert 1 < len(calls) < 10
+        retry(send)
+    assert time.monotonic() - began < 5
 
 
 def test_a_prediction_names_the_classes_present_at_the_served_thresholds():
@@ -401,6 +433,27 @@ def test_a_folder_is_mirrored_and_unreadable_files_listed_without_stopping(
 
 @pytest.mark.slow
 @pytest.mark.triton
+def test_a_file_over_the_servers_limit_is_listed_unread(server, photos, tmp_path):
+    """A multi-gigabyte file in a folder was read whole into memory, to be refused by the
+    server: its size alone now lists it."""
+    from wsss.served.images import MAX_ENCODED_BYTES
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(photos / GOOD[0], folder / "good.png")
+    with (folder / "huge.tif").open("wb") as f:  # sparse: no disk taken
+        f.truncate(MAX_ENCODED_BYTES + 1)
+    before = settled_statistics(server.grpc_url)[PIPELINE_BYTES]["requests"]
+    options = InferOptions(tmp_path / "out", progress=False)
+    report = run([str(folder)], server.grpc_url, "grpc", options)
+    sent = settled_statistics(server.grpc_url)[PIPELINE_BYTES]["requests"] - before
+    assert len(report.done) == 1 and sent == 1
+    (failure,) = report.failed
+    assert failure.path.name == "huge.tif" and "at most 67,108,864" in failure.reason
+
+
+@pytest.mark.slow
+@pytest.mark.triton
 def test_resume_sends_only_the_images_not_yet_written(server, photos, tmp_path):
     options = InferOptions(tmp_path / "out", concurrency=2, progress=False)
     first = run([str(photos / "sub")], server.grpc_url, "grpc", options)
@@ -433,7 +486,8 @@ def test_resume_sends_only_the_images_not_yet_written(server, photos, tmp_path):
 def test_a_run_rides_out_a_stub_the_watchdog_restarts(exported, photos, tmp_path, capsys, protocol):
     """A stub killed under a run: with --retry-seconds 0 the run stops at the failed
     request (as it did always); with the default it tries again while the watchdog reloads
-    the model, and every image is written. A server of its own: the session's stays whole."""
+    the model, and every image is written. A server of its own, on a copy of the
+    repository: the session's stays whole."""
     import os
     import signal
 
@@ -446,7 +500,10 @@ def test_a_run_rides_out_a_stub_the_watchdog_restarts(exported, photos, tmp_path
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: pid not in {p.pid for p in server.stub_processes()}, what="gone")
 
-    repository = Path(exported.export.repository)
+    # A copy: the watchdog reloads by touching the version folders, which the session's
+    # server, polling the exported repository, would reload too.
+    repository = tmp_path / "repository"
+    shutil.copytree(exported.export.repository, repository)
     serve = on_free_ports(exported.serve)  # beside the session's server
     with TritonServer(repository, serve, tmp_path / "server") as server:
         kill_postprocess(server)

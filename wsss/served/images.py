@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -235,11 +236,27 @@ def header_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int] | 
     try:
         with _open(data, max_pixels) as image:
             width, height = image.size
-    except MemoryError:
-        raise
-    except Exception:  # refused, or not a header Pillow reads, whatever it raised
-        return None  # decode_image says why
+    except ImageError:  # refused: decode_image says why
+        return None
+    except Exception as exc:
+        if not raised_by_pillow(exc):  # our own code's: a bug, not the file's
+            raise
+        return None  # not a header Pillow reads: decode_image says why
     return height, width
+
+
+def raised_by_pillow(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of Pillow's own code (its innermost Python frame is in the
+    PIL package): what a malformed file makes Pillow raise, of any type, is the file's
+    fault; an error of this module's code, or memory running out, is not."""
+    if isinstance(exc, MemoryError):
+        return False
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return "PIL" in Path(tb.tb_frame.f_code.co_filename).parts
 
 
 def check_pixels(size: tuple[int, int] | None, max_pixels: int = MAX_PIXELS) -> None:
@@ -294,14 +311,16 @@ def _decode(
         raise ImageError(f"encoded image of {len(data)} bytes exceeds {MAX_ENCODED_BYTES}")
     try:
         image = _open(data, max_pixels)
-    except (ImageError, MemoryError):  # _open's own refusal, said as it is; the server's
+    except ImageError:  # _open's own refusal, said as it is
         raise
     except Image.DecompressionBombError:  # Pillow's own limit, far above ours
         raise ImageError(f"the image exceeds the limit of {max_pixels:,} pixels") from None
-    except Exception:  # a malformed file, whatever Pillow raises
-        image = None
-    if image is None:
-        raise ImageError("cannot decode the bytes as an image (JPEG, PNG, GIF, BMP, WebP, TIFF)")
+    except Exception as exc:
+        if not raised_by_pillow(exc):
+            raise
+        raise ImageError(
+            "cannot decode the bytes as an image (JPEG, PNG, GIF, BMP, WebP, TIFF)"
+        ) from None
     with image:
         width, height = image.size
         if max(width, height) > MAX_SIDE:
@@ -312,11 +331,12 @@ def _decode(
             if at_least is not None and image.format in ("JPEG", "MPO"):
                 image.draft(None, (at_least[1], at_least[0]))
             rgb = _rgb(image)
-        except (ImageError, MemoryError):
-            raise
-        except Exception as exc:  # a malformed file, whatever Pillow raises
-            # (OSError and ValueError mostly; a TIFF tag of the wrong type a TypeError, a
-            # bad colour map an OverflowError): the file's fault, never the server's 500
+        except Exception as exc:
+            if isinstance(exc, ImageError) or not raised_by_pillow(exc):
+                raise
+            # A malformed file, whatever Pillow raises (OSError and ValueError mostly; a
+            # TIFF tag of the wrong type a TypeError, a bad colour map an OverflowError):
+            # the file's fault, never the server's 500.
             # Pillow's "image file is truncated (N bytes not processed)" counts a buffer's
             # leftover, not what is missing: say plainly that the file ends early.
             reason = "the file ends before its pixels do" if "truncated" in str(exc) else exc

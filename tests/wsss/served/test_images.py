@@ -315,6 +315,23 @@ def test_whatever_pillow_raises_on_a_malformed_file_is_a_decoding_error():
         decode_image(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
 
 
+@pytest.mark.parametrize("error", [NameError("bug"), MemoryError()])
+def test_an_error_of_our_own_code_or_of_memory_is_no_decoding_error(monkeypatch, error):
+    """Only what Pillow raises is the file's: a bug in this module, or memory running out,
+    stays the server's 500 (a caught NameError would list every photo as unreadable)."""
+    import wsss.served.images as images
+
+    def broken(*args, **kwargs):
+        raise error
+
+    good = encode_png(np.zeros((8, 8, 3), np.uint8))
+    for name in ("_rgb", "check_structure"):
+        monkeypatch.setattr(images, name, broken)
+        with pytest.raises(type(error)):
+            decode_image(good)
+        monkeypatch.undo()
+
+
 def test_the_walks_follow_pillow_where_it_reads_on(monkeypatch):
     """Where Pillow reads further than a format's usual end, so does the count: a PNG with a
     frame control chunk but no animation (Pillow reads past it), a GIF's comment (Pillow 12
