@@ -27,7 +27,7 @@ help: ## this list (each target's comment in the Makefile says more)
 # uv reads no pip.conf or PIP_* settings: it takes the pins from PyPI, where pip takes torch
 # and the CUDA libraries from this machine's local index (/opt/pypi-more); pointed at that
 # index too, uv took as long (1 min 30 s): unpacking and compiling, not the download, is
-# its time. It keeps no cache (--no-cache): a cached copy of this 7 GB venv would double its
+# its time. It keeps no cache (--no-cache): a cached copy of this 6.8 GB venv would double its
 # disk for a rerun that happens only when the pins change. The
 # bytecode is compiled in both: where PYTHONDONTWRITEBYTECODE is set (this machine and its
 # CI) a venv without it compiles torch again in every process that imports it (pip

@@ -122,7 +122,9 @@ LABELS_FILE = "labels.txt"  # one class name per line, in class order
 
 
 # The bytes ensemble's input: the one tensor whose spec needs no model's sizes.
-ENCODED_IMAGE = TensorSpec(IMAGE_BYTES, "bytes", (1,), "an encoded JPEG or PNG, any size")
+ENCODED_IMAGE = TensorSpec(
+    IMAGE_BYTES, "bytes", (1,), "an encoded image file, any size: JPEG, PNG, GIF, BMP, WebP or TIFF"
+)
 
 
 def label_parameters(
