@@ -63,7 +63,7 @@ from training.pipeline import (
 from training.torch_refiners import saliency_graph, served_settings, walk_graph
 from training.walk import ViTTokens
 from wsss import served
-from wsss.config import Config, save_config, served_config, with_overrides
+from wsss.config import Config, load_config, save_config, served_config, with_overrides
 from wsss.errors import InputError, WsssError
 from wsss.palette import VOC_PALETTE
 from wsss.served import HELPERS
@@ -151,6 +151,7 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
     classifier, refiner, cmeta = refine_step(cfg)
     names = cmeta["class_names"]
     segmenter, smeta = load_model(runs / "segmenter" / "best.pt")
+    _warn_other_size(runs, size=cfg.data.image_size)
     multi_label = classifier.multi_label
     size = cfg.data.image_size
     kwargs = cmeta["kwargs"]
@@ -815,6 +816,28 @@ def _changed_tensors(
     ]
 
 
+def _warn_other_size(runs: Path, size: int) -> None:
+    """Say so where a network was trained at another image size than the one exported (a
+    `--set data.image_size=...` at export): it exports and passes its parity checks, which
+    compare graph with PyTorch at the new size, but serves at a size it never saw."""
+    for stage in ("classifier", "segmenter"):
+        saved = runs / stage / "config.yaml"
+        if not saved.is_file():
+            continue
+        try:
+            trained = load_config(saved).data.image_size
+        except Exception:  # a config of an older layout: nothing to compare
+            continue
+        if trained != size:
+            print(
+                f"wsss export: {runs / stage} was trained at {trained} px and is exported at "
+                f"{size} px (data.image_size): its masks at that size are not what training "
+                "measured; export with the size it was trained at unless that is meant",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
 def _warn_changed_tensors(changed: list[str]) -> None:
     """Say so, once the export is committed, where it changed a served model's tensors."""
     if changed:
@@ -822,8 +845,10 @@ def _warn_changed_tensors(changed: list[str]) -> None:
             f"wsss export: the tensors or classes of {', '.join(changed)} change (their "
             "older versions are no longer served): a running server reloads them and the "
             "ensembles apart, and may refuse requests in flight in between (INVALID_ARGUMENT, "
-            "for a fraction of a second); a re-export that keeps the tensors and classes (a "
-            "retrained model) swaps without failing a request",
+            "or another export's scores under the old version, for the seconds the swap "
+            "takes: 3 s for the quick profile; `wsss infer` sends them again); a re-export "
+            "that keeps the tensors and classes (a retrained model) swaps without failing a "
+            "request",
             file=sys.stderr,
             flush=True,
         )

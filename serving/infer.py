@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -322,7 +323,7 @@ class _Run:
         # Each export that answered, by version: the client that read it (class names,
         # colours, thresholds, shapes) and its identity. The newest is the run's.
         self.exports = {self.base.version: (self.base, self.identity(self.base, self.base.version))}
-        self.retry = Retry(options.retry_seconds, self.said_retrying)
+        self.retry = Retry(options.retry_seconds, self.said_retrying, transient=mid_reload)
 
     @property
     def model(self) -> dict:
@@ -402,12 +403,11 @@ class _Run:
         except OSError as exc:
             raise _Unreadable(exc.strerror or str(exc)) from exc
         try:
-            outputs, cams = self.retry(lambda: self.send(data))
+            outputs, cams, base, model = self.retry(lambda: self.answer(data))
         except ClientError as exc:
-            if not exc.invalid_input:  # the server's fault, tried again: stop the run
+            if not exc.invalid_input or mid_reload(exc):  # the server's, tried again: stop
                 raise
             raise _Unreadable(exc.reason) from exc
-        base, model = self.answered_by(self.answered)
         palette = base.palette or VOC_PALETTE
         files = {
             what: write_mask(outputs[key][0], palette, item.output(self.options.out, what))
@@ -433,6 +433,24 @@ class _Run:
             **record,
             "files": {what: str(path) for what, path in files.items()},
         }
+
+    def answer(self, data: bytes) -> tuple[dict, np.ndarray | None, PipelineClient, dict]:
+        """``send``'s outputs and CAMs, and the client and identity of the export that
+        answered. While an export with other classes loads, a composing model of the new one
+        may answer under the ensemble's old version (Triton swaps models one at a time, over
+        seconds): scores that the version's class names do not cover are not labelled with
+        them but sent again (a swap of as many classes cannot be told apart)."""
+        outputs, cams = self.send(data)
+        base, model = self.answered_by(self.answered)
+        names, count = base.class_names, outputs[SCORES].shape[-1]
+        if names is not None and count != len(names):
+            raise ClientError(
+                f"{count} class scores came back under an export of {len(names)} classes "
+                f"(version {self.answered}): the server is loading an export of other classes",
+                status="MIXED_VERSIONS",
+                sent=True,
+            )
+        return outputs, cams, base, model
 
     def send(self, data: bytes) -> tuple[dict, np.ndarray | None]:
         """The bytes ensemble's outputs for one encoded image and, with figures, the CAMs
@@ -518,6 +536,20 @@ class _Run:
             )
 
 
+# What a composing model says of a tensor another model of the same ensemble made: with the
+# bytes ensemble (one input, built by the client) never the image's fault, but an export of
+# other tensors loading model by model ("unexpected shape for input 'IMAGE' for model
+# 'segmenter'. Expected [-1,160,160,3], got [1,128,128,3]", for the seconds the swap takes).
+_MID_RELOAD = re.compile(
+    r"unexpected shape for input|unexpected datatype|expects? \d+ inputs?|unexpected inference"
+)
+
+
+def mid_reload(exc: ClientError) -> bool:
+    """Whether a refusal is one model's tensors meeting another export's (``_MID_RELOAD``)."""
+    return exc.invalid_input and bool(_MID_RELOAD.search(exc.reason or str(exc)))
+
+
 class Retry:
     """One run's retries of requests the server failed on its side (``ClientError.sent``
     and not the input's fault: a stub the watchdog is reloading, the server restarting),
@@ -527,8 +559,16 @@ class Retry:
     ``stop()`` ends every wait at once (Ctrl-C, another image's error): the last error is
     raised."""
 
-    def __init__(self, seconds: float, said: Callable | None = None, clock=time.monotonic):
-        self.seconds, self.said, self.clock = seconds, said, clock
+    def __init__(
+        self,
+        seconds: float,
+        said: Callable | None = None,
+        clock=time.monotonic,
+        transient: Callable[[ClientError], bool] = lambda exc: False,
+    ):
+        """``transient(error)``: a refusal (400) that is the server's passing state, not
+        the input's (``mid_reload``), tried again too."""
+        self.seconds, self.said, self.clock, self.transient = seconds, said, clock, transient
         self.stopped = threading.Event()
         self.lock = threading.Lock()
         self.since: float | None = None  # when the server last began failing
@@ -542,8 +582,8 @@ class Retry:
             try:
                 result = send()
             except ClientError as exc:
-                if not exc.sent or exc.invalid_input:  # the client's own, or the input's
-                    raise
+                if not exc.sent or (exc.invalid_input and not self.transient(exc)):
+                    raise  # the client's own error, or the input's
                 now = self.clock()
                 with self.lock:
                     self.since = now if self.since is None else self.since

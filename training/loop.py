@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +47,18 @@ def save_checkpoint(state: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint's tensors and metadata (``weights_only``: no code runs from the file).
+    One that is not a checkpoint, cut short (a copy or a training killed mid-write) or holds
+    objects beyond tensors is an error naming the file, not torch's traceback."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WsssError(
+            f"{path}: not a readable checkpoint ({why}); train that stage again"
+        ) from exc
 
 
 def trained_with(folder: str | Path, cfg, saved: str | Path | None = None) -> bool:

@@ -160,6 +160,22 @@ def test_the_config_written_beside_an_export_says_what_was_trained(tmp_path, cap
     assert "segmenter.base_channels is 16 in the config, 4 in the checkpoint" in err
 
 
+def test_an_export_at_another_size_than_training_says_so(tmp_path, capsys):
+    """`--set data.image_size=160` at export over networks trained at 128 px exported and
+    passed its parity checks (graph against PyTorch, both at 160) in silence."""
+    from wsss.config import save_config
+
+    cfg = random_export_cfg(tmp_path)  # data.image_size 48
+    save_config(cfg, Path(cfg.runs) / "segmenter" / "config.yaml")
+    save_config(
+        with_overrides(cfg, ["data.image_size=64"]), Path(cfg.runs) / "classifier" / "config.yaml"
+    )
+    export_repository(cfg)
+    err = capsys.readouterr().err
+    assert f"{Path(cfg.runs) / 'classifier'} was trained at 64 px and is exported at 48 px" in err
+    assert "segmenter was trained" not in err  # trained at the size exported: nothing said
+
+
 def test_build_if_missing_says_when_the_repository_holds_another_profiles_export(tmp_path, capsys):
     """`wsss serve --build-if-missing` serves a repository that exists as it is; one that
     another profile exported into (make serve's model_repository) is said so, not served

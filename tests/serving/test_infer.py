@@ -202,6 +202,59 @@ def test_a_request_the_server_failed_is_tried_again_backing_off_until_the_deadli
     assert time.monotonic() - began < 5
 
 
+def test_answers_mixing_two_exports_are_sent_again_not_labelled_or_listed():
+    """While an export of other classes or tensors loads, model by model: scores of the new
+    classifier came back under the old ensemble version, labelled with the old names (15
+    records of a 10-class export holding 2 scores), and a composing model's shape refusal
+    listed good photos as unreadable. Both are tried again as the server's passing state."""
+    import threading
+    from types import SimpleNamespace
+
+    from serving.infer import Retry, _Run, mid_reload
+
+    run = object.__new__(_Run)
+    run.local = threading.local()
+    names = [f"class{i}" for i in range(10)]
+    run.answered_by = lambda version: (SimpleNamespace(class_names=names), {"version": version})
+    scores = np.zeros((1, 2), np.float32)
+
+    def send(data):
+        run.answered = 11
+        return {"SCORES": scores}, None
+
+    run.send = send
+    with pytest.raises(ClientError, match="2 class scores came back under an export of 10"):
+        run.answer(b"photo")
+    try:
+        run.answer(b"photo")
+    except ClientError as exc:
+        assert exc.sent and not exc.invalid_input  # tried again, never the image's
+    scores = np.zeros((1, 10), np.float32)
+    assert run.answer(b"photo")[3] == {"version": 11}
+    shape = ClientError(
+        "x",
+        "StatusCode.INVALID_ARGUMENT",
+        "unexpected shape for input 'IMAGE' for model 'segmenter'. Expected "
+        "[-1,160,160,3], got [1,128,128,3]",
+        sent=True,
+    )
+    image = ClientError("x", "400", "preprocess: item 0: cannot decode the bytes", sent=True)
+    assert mid_reload(shape) and not mid_reload(image)
+    calls = []
+
+    def failing_then_answered():
+        calls.append(1)
+        if len(calls) == 1:
+            raise shape
+        return "answer"
+
+    retry = Retry(60.0, transient=mid_reload)
+    retry.stopped.wait = lambda t: False
+    assert retry(failing_then_answered) == "answer" and len(calls) == 2
+    with pytest.raises(ClientError, match="x"):
+        retry(lambda: (_ for _ in ()).throw(image))
+
+
 def test_a_prediction_names_the_classes_present_at_the_served_thresholds():
     scores = np.array([0.9, 0.35, 0.2], np.float32)
     names = ["cat", "dog", "person"]
@@ -518,6 +571,45 @@ def test_a_run_rides_out_a_stub_the_watchdog_restarts(exported, photos, tmp_path
         assert "trying again for up to 60 s" in capsys.readouterr().err
         records = read_predictions(options.out / PREDICTIONS)
         assert sorted(r["status"] for r in records.values()) == ["ok"] * 3
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_answers_of_an_export_loading_model_by_model_are_sent_again(
+    server, photos, tmp_path, monkeypatch, capsys
+):
+    """The server's first answers hold another export's scores (fewer classes) under this
+    export's version, then a composing model refuses the tensors (a shape change swapping
+    in): both are tried again, and every record holds one score per class it names."""
+    real = PipelineClient.infer_raw
+    answers = []
+    lock = threading.Lock()
+
+    def loading(self, *args, **kwargs):
+        with lock:
+            answers.append(1)
+            n = len(answers)
+        if n == 2:
+            raise ClientError(
+                "refused",
+                "StatusCode.INVALID_ARGUMENT",
+                "unexpected shape for input 'IMAGE' for model 'segmenter'. Expected "
+                "[-1,160,160,3], got [1,64,64,3]",
+                sent=True,
+            )
+        outputs = real(self, *args, **kwargs)
+        if n == 1:
+            outputs["SCORES"] = outputs["SCORES"][:, :1]  # the other export's classifier
+        return outputs
+
+    monkeypatch.setattr(PipelineClient, "infer_raw", loading)
+    options = InferOptions(tmp_path / "out", concurrency=1, progress=False)
+    report = run([str(photos / "sub")], server.grpc_url, "grpc", options)
+    assert len(report.done) == 3 and not report.failed and len(answers) == 5
+    assert "an export of other classes" in capsys.readouterr().err
+    names = PipelineClient(server.grpc_url, "grpc", PIPELINE_BYTES).class_names
+    for record in report.done:
+        assert list(record["scores"]) == names
 
 
 @pytest.mark.slow

@@ -187,3 +187,26 @@ def test_a_classifier_of_too_few_classes_is_refused_before_it_trains(task, names
     fewest = 2 if task == "pets" else 1
     with pytest.raises(InputError, match=f"classifier: {len(names)} classes .* at least {fewest}"):
         train_classifier(cfg, SimpleNamespace(class_names=names))
+
+
+def test_a_checkpoint_cut_short_or_holding_code_is_an_error_naming_it(tmp_path):
+    """A truncated best.pt (a copy, or training killed mid-write) was torch's traceback
+    ("PytorchStreamReader failed reading zip archive") that named no file."""
+    import pickle
+
+    import pytest
+    import torch
+
+    from wsss.errors import WsssError
+
+    good = tmp_path / "good.pt"
+    torch.save({"model": {"w": torch.zeros(64)}, "meta": {}}, good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    code = tmp_path / "code.pt"
+    code.write_bytes(pickle.dumps(print))  # weights_only refuses anything but tensors
+    for path in (cut, code):
+        with pytest.raises(WsssError, match=f"{path}: not a readable checkpoint"):
+            load_checkpoint(path)
+    with pytest.raises(FileNotFoundError):  # said as a path error by the CLI, as before
+        load_checkpoint(tmp_path / "missing.pt")
