@@ -538,8 +538,8 @@ class _Run:
 
 # What a composing model says of a tensor another model of the same ensemble made: with the
 # bytes ensemble (one input, built by the client) never the image's fault, but an export of
-# other tensors loading model by model ("unexpected shape for input 'IMAGE' for model
-# 'segmenter'. Expected [-1,160,160,3], got [1,128,128,3]", for the seconds the swap takes).
+# other tensors loading model by model (the segmenter's "unexpected shape for input ...
+# Expected [-1,160,160,3], got [1,128,128,3]", for the seconds the swap takes).
 _MID_RELOAD = re.compile(
     r"unexpected shape for input|unexpected datatype|expects? \d+ inputs?|unexpected inference"
 )
