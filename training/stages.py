@@ -479,6 +479,7 @@ def train_share(cfg: Config) -> WSSSDataset | None:
         samples=listed[share.start : share.stop],
         layout=layout,
         skip_unreadable=cfg.data.skip_unreadable,
+        max_pixels=cfg.data.max_image_pixels,
     )
 
 

@@ -53,10 +53,15 @@ class DataConfig:
     # A listed image that is missing or does not decode stops the run with its name; true
     # leaves such images out and counts them in the line that says what was read.
     skip_unreadable: bool = False
+    # The largest photo read (pixels): the server's default limit, which a 45 MP camera's
+    # photos pass; raise it for those (a large JPEG decodes scaled down, so memory follows
+    # the model size more than the photo's).
+    max_image_pixels: int = MAX_PIXELS
     num_workers: int = 0
 
     def __post_init__(self):
         at_least(self, "image_size", 32)  # the networks' stride: a smaller side has no CAM cell
+        at_least(self, "max_image_pixels", 1)
         if self.image_size > MAX_IMAGE_SIZE:  # a batch of these would not fit in memory
             raise _KeyError(f"image_size {self.image_size}: at most {MAX_IMAGE_SIZE}")
         if not 0 <= self.val_fraction < 1:

@@ -25,7 +25,7 @@ from training.data.layouts import (
     read_resized,
 )
 from training.data.synth import SYNTH_RECORD
-from wsss.served.images import resize_mask
+from wsss.served.images import MAX_PIXELS, resize_mask
 from wsss.task import get_task
 
 
@@ -61,6 +61,7 @@ class WSSSDataset(Dataset):
         augment: bool = False,
         layout: str | None = None,
         skip_unreadable: bool = False,
+        max_pixels: int = MAX_PIXELS,
     ):
         self.class_names = read_class_names(root, task, layout)
         self.class_info = get_layout(task, layout).class_info(Path(root))
@@ -79,12 +80,17 @@ class WSSSDataset(Dataset):
         self.samples, self.skipped = [], []
         for s in tqdm(listed, desc=f"load {split}", unit="img", leave=False):
             try:
-                image, shape = read_resized(s.image_path, (size, size))
+                image, shape = read_resized(s.image_path, (size, size), max_pixels)
             except UnreadableImageError as exc:
                 if not skip_unreadable:
+                    larger = (
+                        "; data.max_image_pixels reads larger photos"
+                        if "exceeds the limit" in str(exc)
+                        else ""
+                    )
                     raise UnreadableImageError(
                         f"{exc} (listed in the {split} split; data.skip_unreadable=true "
-                        "leaves such files out)"
+                        f"leaves such files out{larger})"
                     ) from None
                 self.skipped.append(str(exc))
                 continue
@@ -124,6 +130,7 @@ class WSSSDataset(Dataset):
             data.image_size,
             layout=data.layout,
             skip_unreadable=data.skip_unreadable,
+            max_pixels=data.max_image_pixels,
         )
 
     def subset(self, indices) -> WSSSDataset:

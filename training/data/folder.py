@@ -78,8 +78,15 @@ def read_rows(path: Path) -> list[Row]:
     reader.fieldnames = header
     rows, seen = [], {}
     for record in reader:
-        if not any((v or "").strip() for v in record.values() if isinstance(v, str)):
+        extra = [v for v in record.pop(None, None) or [] if (v or "").strip()]
+        if not any((v or "").strip() for v in record.values() if isinstance(v, str)) and not extra:
             continue  # an empty row (a spreadsheet's trailing ",,")
+        if extra:  # DictReader files them under None: a photo's labels split by commas
+            raise DataLayoutError(
+                f"{path}, line {reader.line_num}: {len(header) + len(extra)} fields or more, "
+                f"the header names {len(header)} ({', '.join(header)}): {', '.join(extra)} "
+                "would be lost; separate a photo's labels with ';' (cat;dog), not ','"
+            )
         image = (record["image"] or "").strip()
         if not image:
             raise DataLayoutError(f"{path}, line {reader.line_num}: no image named")
@@ -90,12 +97,13 @@ def read_rows(path: Path) -> list[Row]:
         if key in seen:
             line, other = seen[key]
             if PurePosixPath(posixpath.normpath(other)) == listed:
-                said = "is listed twice: remove one"
-            else:
+                said = f"{image} is listed twice: remove one"
+            else:  # in the lines' order
                 said = (
-                    f"and {other} share the name {key} (one mask, one set of outputs): rename one"
+                    f"{other} and {image} share the name {key} (one mask, one set of outputs): "
+                    "rename one"
                 )
-            raise DataLayoutError(f"{path}, lines {line} and {reader.line_num}: {image} {said}")
+            raise DataLayoutError(f"{path}, lines {line} and {reader.line_num}: {said}")
         seen[key] = (reader.line_num, image)
         names = (record["labels"] or "").split(SEPARATOR)
         split = (record.get("split") or "").strip().lower() or default_split(image)

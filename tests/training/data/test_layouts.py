@@ -7,6 +7,7 @@ then copied and broken once per error the issue names: the message must name the
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import shutil
@@ -306,7 +307,12 @@ def test_folder_labels_as_spreadsheets_save_them_and_as_users_misspell_them(root
         text.replace("split", "spilt", 1).encode(): "column 'spilt': did you mean 'split'?",
         (text + text.splitlines()[1] + "\n").encode(): f"{first} is listed twice: remove one",
         (text + "./" + text.splitlines()[1] + "\n").encode(): "is listed twice: remove one",
-        (text + text.splitlines()[1].replace(".jpg", ".png", 1) + "\n").encode(): "share the name",
+        (text + text.splitlines()[1].replace(".jpg", ".png", 1) + "\n").encode(): (
+            f"{first} and {first.replace('.jpg', '.png')} share the name"  # in the lines' order
+        ),
+        # A photo's labels split by commas: DictReader filed the rest under None, dropped.
+        (text + "extra.jpg,cat,dog,horse,train\n").encode(): "horse, train would be lost; sep",
+        text.replace("image,labels,split", "image,labels", 1).encode(): "train would be lost",
         (text + ".,cat,train\n").encode(): "'.' names no photo",
         text.replace(",", ";").encode(): "the header is one column, 'image;labels;split'",
     }
@@ -562,6 +568,22 @@ def test_a_missing_synthetic_benchmark_says_how_to_write_it(tmp_path):
     data = DataConfig(root=str(tmp_path / "pets_128"), synth_count=800)
     with pytest.raises(DataLayoutError, match="write it first with `wsss data synth`"):
         WSSSDataset.from_config(data, "train")
+
+
+def test_photos_over_the_pixel_limit_are_read_where_the_data_raises_it(roots):
+    """A 45 MP camera's photos stopped training and evaluation with the server's "send it
+    smaller" and no setting to raise it: data.max_image_pixels is that setting."""
+    from wsss.config import DataConfig
+
+    root = roots["folder_pets"]  # 48 x 48 photos: 2,304 pixels
+    data = DataConfig(root=str(root), task="pets", layout="folder", synth_count=0, image_size=32)
+    small = dataclasses.replace(data, max_image_pixels=2_000)
+    with pytest.raises(DataLayoutError, match="exceeds the limit of 2,000.*data.max_image_pixels"):
+        WSSSDataset.from_config(small, "train")
+    wide = dataclasses.replace(data, max_image_pixels=2_304)
+    assert len(WSSSDataset.from_config(wide, "train")) == len(
+        WSSSDataset.from_config(data, "train")
+    )
 
 
 @pytest.mark.parametrize("damage", ["jpeg", "truncated", "empty"])
