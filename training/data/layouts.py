@@ -52,6 +52,19 @@ VOC_CLASSES = (
 )  # fmt: skip
 
 
+# A photo's name as these layouts list it (<id>.jpg), and as cameras and some copies write
+# it: the first that exists; none, the layout's own (the read then says it is missing).
+JPEG_SUFFIXES = (".jpg", ".JPG", ".jpeg", ".JPEG", ".Jpg")
+
+
+def jpeg(folder: Path, stem: str) -> Path:
+    """``folder/<stem>.jpg``, or the same photo under another spelling of its suffix."""
+    first = folder / f"{stem}{JPEG_SUFFIXES[0]}"
+    if first.exists():
+        return first
+    return next((p for s in JPEG_SUFFIXES[1:] if (p := folder / f"{stem}{s}").exists()), first)
+
+
 @dataclass(frozen=True)
 class PetClass:
     """One class of a Pet listing: its official id (1-37 in the full release), its name from
@@ -134,7 +147,7 @@ class PetsLayout(Layout):
         return [
             Sample(
                 n,
-                root / "images" / f"{n}.jpg",
+                jpeg(root / "images", n),
                 root / "annotations" / "trimaps" / f"{n}.png",
                 (ids[n],),
                 self.name,
@@ -207,7 +220,7 @@ class VocLayout(Layout):
                     f"{mask_path}: class index {present[-1]} is not in the class list "
                     f"({n_classes} classes)"
                 )
-            image = root / "JPEGImages" / f"{n}.jpg"  # missing: read_resized says so, or skips it
+            image = jpeg(root / "JPEGImages", n)  # missing: read_resized says so, or skips it
             out.append(Sample(n, image, mask_path, tuple(c - 1 for c in present if c), self.name))
         return out
 

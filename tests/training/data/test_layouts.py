@@ -25,6 +25,7 @@ from training.data import (
     get_layout,
     list_samples,
     read_class_names,
+    read_image,
     read_mask,
 )
 from training.data.coco import load_index
@@ -568,6 +569,21 @@ def test_a_missing_synthetic_benchmark_says_how_to_write_it(tmp_path):
     data = DataConfig(root=str(tmp_path / "pets_128"), synth_count=800)
     with pytest.raises(DataLayoutError, match="write it first with `wsss data synth`"):
         WSSSDataset.from_config(data, "train")
+
+
+def test_a_photo_whose_suffix_a_camera_wrote_in_capitals_is_found(roots, tmp_path):
+    """VOC and Pet list ids and read <id>.jpg: a copy holding <id>.JPG was "missing"."""
+    root = shutil.copytree(roots["voc_aug"], tmp_path / "voc_aug")
+    first = (root / "ImageSets/Segmentation/train_aug.txt").read_text().split()[0]
+    photo = root / "JPEGImages" / f"{first}.jpg"
+    want = np.asarray(Image.open(photo).convert("RGB"))
+    photo.rename(photo.with_suffix(".JPG"))
+    (sample,) = [s for s in list_samples(root, "voc", "train", "voc_aug") if s.name == first]
+    assert sample.image_path.name == f"{first}.JPG"
+    np.testing.assert_array_equal(read_image(sample.image_path), want)
+    photo.with_suffix(".JPG").unlink()  # none at all: the listed name, said missing
+    (sample,) = [s for s in list_samples(root, "voc", "train", "voc_aug") if s.name == first]
+    assert sample.image_path == photo
 
 
 def test_photos_over_the_pixel_limit_are_read_where_the_data_raises_it(roots):
