@@ -123,6 +123,11 @@ def cmd_evaluate(args) -> None:
     cfg = _config(args)
     from experiments.studies import evaluate_profile
     from training import distributed
+    from training.pipeline import stale_segmenter
+
+    stale = stale_segmenter(cfg.runs)
+    if stale and distributed.is_main():  # its scores mix two runs: said, as export says it
+        print(f"wsss evaluate: {stale}", file=sys.stderr, flush=True)
 
     try:  # under torchrun: each rank scores its share, rank 0 reports
         table = evaluate_profile(cfg)

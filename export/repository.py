@@ -51,7 +51,6 @@ from export.quantize import (
 )
 from export.torchscript_export import check_torchscript_parity, export_torchscript
 from export.vit import served_vit
-from training.loop import file_digest
 from training.pipeline import (
     PassThroughSegmenter,
     SegmenterGraph,
@@ -59,6 +58,7 @@ from training.pipeline import (
     load_model,
     refine_step,
     resolved_refine,
+    stale_segmenter,
 )
 from training.torch_refiners import saliency_graph, served_settings, walk_graph
 from training.walk import ViTTokens
@@ -259,13 +259,8 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
         elif name in PYTHON_MODELS:
             _write_python_model(name, folder / str(version))
     recorded, differs = as_trained(saved, cmeta, smeta)
-    made_by = smeta.get("classifier_digest")
-    if made_by is not None and made_by != file_digest(runs / "classifier" / "best.pt"):
-        differs.append(
-            "the segmenter learned the pseudo-masks of another classifier run than the one "
-            "exported (a training stopped between its stages, or --stages classifier alone): "
-            "`wsss train --stages pseudo,segmenter` trains it on this one's"
-        )
+    stale = stale_segmenter(runs)
+    differs += [stale] if stale else []
     for note in differs:
         print(f"export: {note}", file=sys.stderr, flush=True)
     _write_metadata(staging / CLASSIFIER / str(version), recorded, names, palette, parity)

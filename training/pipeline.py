@@ -20,7 +20,7 @@ from torch import nn
 from training.cams import CAM_METHODS
 from training.levelset.model import LevelSetGraph
 from training.levelset.train import load_levelset
-from training.loop import load_checkpoint
+from training.loop import file_digest, load_checkpoint
 from training.models import build_classifier, build_segmenter
 from training.models.classifier import CAMClassifier
 from training.models.common import to_pixels
@@ -106,6 +106,24 @@ class InProcessPassThrough:
         pixels = images.numpy()
         masks = self.source.refine(pixels, self.source.classify(pixels))
         return self.module(torch.from_numpy(masks))
+
+
+def stale_segmenter(runs: str | Path) -> str | None:
+    """What to say where the segmenter in ``runs`` learned the pseudo-masks of another
+    classifier run than the one beside it (a training stopped between its stages, or
+    ``--stages classifier`` alone), or None: its checkpoint records its classifier's digest."""
+    runs = Path(runs)
+    classifier, segmenter = runs / "classifier" / "best.pt", runs / "segmenter" / "best.pt"
+    if not (classifier.is_file() and segmenter.is_file()):
+        return None
+    made_by = load_checkpoint(segmenter).get("meta", {}).get("classifier_digest")
+    if made_by is None or made_by == file_digest(classifier):
+        return None
+    return (
+        "the segmenter learned the pseudo-masks of another classifier run than the one in "
+        f"{runs} (a training stopped between its stages, or --stages classifier alone): "
+        "`wsss train --stages pseudo,segmenter` trains it on this one's"
+    )
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:

@@ -127,7 +127,7 @@ def test_a_training_whose_loss_turns_nan_says_so_and_leaves_nothing(tmp_path):
 
 
 def test_a_new_classifier_run_makes_its_own_pseudo_masks_and_export_names_a_mix(
-    trained, tmp_path, capsys
+    trained, tmp_path, capsys, monkeypatch
 ):
     """Pseudo-masks carry the classifier run and settings that made them: a segmenter
     trained after the classifier changed learns new ones (saved ones were reused for the
@@ -140,6 +140,7 @@ def test_a_new_classifier_run_makes_its_own_pseudo_masks_and_export_names_a_mix(
     from export.repository import export_repository
     from training import stages
     from training.loop import file_digest, save_checkpoint
+    from training.pipeline import stale_segmenter
     from wsss.config import with_overrides
 
     runs = tmp_path / "runs"
@@ -167,9 +168,19 @@ def test_a_new_classifier_run_makes_its_own_pseudo_masks_and_export_names_a_mix(
     capsys.readouterr()
     export_repository(cfg)
     assert "another classifier run" not in capsys.readouterr().err
+    assert stale_segmenter(runs) is None
     another_classifier_run()  # as a training stopped after its classifier stage leaves it
     export_repository(cfg)
     assert "the segmenter learned the pseudo-masks of another classifier run" in (
+        capsys.readouterr().err
+    )
+    # `wsss evaluate` says it too: its scores would mix the two runs in silence.
+    import cli.main as cli
+    import experiments.studies
+
+    monkeypatch.setattr(experiments.studies, "evaluate_profile", lambda cfg: None)
+    cli.main(["evaluate", "--set", f"runs={runs}", "--set", f"data.root={cfg.data.root}"])
+    assert "wsss evaluate: the segmenter learned the pseudo-masks of another" in (
         capsys.readouterr().err
     )
 
