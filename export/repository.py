@@ -259,7 +259,7 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
         elif name in PYTHON_MODELS:
             _write_python_model(name, folder / str(version))
     recorded, differs = as_trained(saved, cmeta, smeta)
-    stale = stale_segmenter(runs)
+    stale = stale_segmenter(runs, smeta)  # the checkpoint's meta, read above
     differs += [stale] if stale else []
     for note in differs:
         print(f"export: {note}", file=sys.stderr, flush=True)

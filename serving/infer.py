@@ -137,15 +137,6 @@ class InferReport:
 def run(sources: list[str], url: str, protocol: str, options: InferOptions) -> InferReport:
     """``wsss infer``: find the images ``sources`` name and send them; sources that name
     nothing are listed with the unreadable images."""
-    for source in sources:  # a folder or glob whose masks would land among its photos
-        root = Path(source) if Path(source).is_dir() else None
-        root = _fixed_part(source) if root is None and glob.has_magic(source) else root
-        if root is not None and root.resolve() == options.out.resolve():
-            raise ClientError(
-                f"--out {options.out} is the folder {source} reads images from: the masks "
-                "written there would be read as photos by the next run. Choose another "
-                "output folder (one inside it is left out of the walk)"
-            )
     skipped: list[Path] = []
     items, missing = find_images(sources, exclude=options.out, skipped=skipped)
     if skipped:
@@ -186,25 +177,33 @@ def find_images(
     skipped = [] if skipped is None else skipped
     for source in sources:
         path = Path(source)
-        # ``exclude`` (the output folder) is left out where it lies inside what is read;
-        # one above it holds nothing of it (and it is no root: `run` refuses that).
-        if path.is_dir():
-            out = exclude if exclude is not None and _inside(exclude, path) else None
-            items += _relative_to(path, _walk(path, out, skipped))
-        elif path.is_file():
+        if path.is_file():
             named.append(path)
-        elif glob.has_magic(source):
-            root = _fixed_part(source)
-            out = exclude if exclude is not None and _inside(exclude, root) else None
+            continue
+        root = path if path.is_dir() else _fixed_part(source) if glob.has_magic(source) else None
+        if root is None:
+            failures.append(Failure(path, "no such file or folder"))
+            continue
+        # ``exclude`` (the output folder) is left out where it lies inside what is read; one
+        # above it holds nothing of it; the folder read itself would read its masks back.
+        if exclude is not None and root.resolve() == exclude.resolve():
+            raise ClientError(
+                f"--out {exclude} is the folder {source} reads images from: the masks "
+                "written there would be read as photos by the next run. Choose another "
+                "output folder (one inside it is left out of the walk)"
+            )
+        out = exclude if exclude is not None and _inside(exclude, root) else None
+        if path.is_dir():
+            items += _relative_to(path, _walk(path, out, skipped))
+        else:
             matches = [Path(p) for p in sorted(glob.glob(source, recursive=True))]
+            written: dict[Path, bool] = {}  # each folder's answer, asked once
             found = [
                 p
                 for p in matches
-                if _is_image(p) and not _inside(p, out) and not _written(p, root, skipped)
+                if _is_image(p) and not _inside(p, out) and not _written(p, root, skipped, written)
             ]
             items += _relative_to(root, found)
-        else:
-            failures.append(Failure(path, "no such file or folder"))
     if named:
         root = os.path.commonpath([_absolute(p).parent for p in named])
         items += _relative_to(Path(root), named)
@@ -229,16 +228,19 @@ def _walk(folder: Path, exclude: Path | None, skipped: list[Path]) -> list[Path]
     return found
 
 
-def _written(path: Path, root: Path, skipped: list[Path]) -> bool:
+def _written(path: Path, root: Path, skipped: list[Path], seen: dict[Path, bool]) -> bool:
     """Whether ``path`` lies in a folder below ``root`` that ``wsss infer`` wrote (noted in
-    ``skipped`` once)."""
+    ``skipped`` once; ``seen`` keeps each folder's answer, so a glob of many photos in one
+    folder looks once)."""
     top = _absolute(root)
     for folder in path.parents:
         if _absolute(folder) == top or not _absolute(folder).is_relative_to(top):
             return False
-        if (folder / PREDICTIONS).is_file():
-            if folder not in skipped:
+        if folder not in seen:
+            seen[folder] = (folder / PREDICTIONS).is_file()
+            if seen[folder]:
                 skipped.append(folder)
+        if seen[folder]:
             return True
     return False
 
@@ -379,11 +381,7 @@ class _Run:
             client.close()
 
     def said_retrying(self, error: ClientError) -> None:
-        """Said once a run: the server failed a request, and it is being tried again."""
-        with self.lock:
-            if getattr(self, "_said", False):
-                return
-            self._said = True
+        """The server failed a request, and it is being tried again (``Retry``: once)."""
         print(
             f"wsss infer: the server failed a request ({error}); trying again for up to "
             f"{self.options.retry_seconds:g} s (--retry-seconds)",
@@ -555,7 +553,8 @@ class Retry:
     and not the input's fault: a stub the watchdog is reloading, the server restarting),
     RETRY_FIRST seconds after a failure and twice as long each time after, at most
     RETRY_MOST, while the outage (one clock for every thread: from the first failure to the
-    next answer) is shorter than ``seconds``; ``said(error)`` at each failure tried again.
+    next answer) is shorter than ``seconds``; ``said(error)`` at the first failure tried
+    again.
     ``stop()`` ends every wait at once (Ctrl-C, another image's error): the last error is
     raised."""
 
@@ -572,6 +571,7 @@ class Retry:
         self.stopped = threading.Event()
         self.lock = threading.Lock()
         self.since: float | None = None  # when the server last began failing
+        self.said_once = False
 
     def stop(self) -> None:
         self.stopped.set()
@@ -588,9 +588,10 @@ class Retry:
                 with self.lock:
                     self.since = now if self.since is None else self.since
                     left = self.since + self.seconds - now
+                    first, self.said_once = not self.said_once, True
                 if left <= 0 or self.stopped.is_set():
                     raise
-                if self.said is not None:
+                if first and self.said is not None:
                     self.said(exc)
                 if self.stopped.wait(min(delay, left)):
                     raise

@@ -89,8 +89,8 @@ def check_ports_free(serve: ServeConfig) -> None:
             addresses = socket.getaddrinfo(
                 serve.host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )
-        except socket.gaierror:
-            return
+        except socket.gaierror:  # a host no resolver knows: tritonserver's log says so
+            continue
         for family, kind, proto, _, address in addresses:
             try:
                 with socket.socket(family, kind, proto) as sock:

@@ -108,15 +108,18 @@ class InProcessPassThrough:
         return self.module(torch.from_numpy(masks))
 
 
-def stale_segmenter(runs: str | Path) -> str | None:
+def stale_segmenter(runs: str | Path, segmenter_meta: dict | None = None) -> str | None:
     """What to say where the segmenter in ``runs`` learned the pseudo-masks of another
     classifier run than the one beside it (a training stopped between its stages, or
-    ``--stages classifier`` alone), or None: its checkpoint records its classifier's digest."""
+    ``--stages classifier`` alone), or None: its checkpoint records its classifier's digest
+    (``segmenter_meta``, where the caller has read the checkpoint already)."""
     runs = Path(runs)
     classifier, segmenter = runs / "classifier" / "best.pt", runs / "segmenter" / "best.pt"
-    if not (classifier.is_file() and segmenter.is_file()):
+    if not classifier.is_file() or (segmenter_meta is None and not segmenter.is_file()):
         return None
-    made_by = load_checkpoint(segmenter).get("meta", {}).get("classifier_digest")
+    if segmenter_meta is None:
+        segmenter_meta = load_checkpoint(segmenter).get("meta", {})
+    made_by = segmenter_meta.get("classifier_digest")
     if made_by is None or made_by == file_digest(classifier):
         return None
     return (

@@ -86,6 +86,18 @@ def test_a_port_another_server_listens_on_is_refused_before_anything_starts(tmp_
         # Only "in use" refuses: an address this machine does not hold (no traffic: a
         # numeric address, bound locally) is left to tritonserver, whose log says why.
         triton.check_ports_free(dataclasses.replace(cfg, host="::2"))
+        # A port whose lookup fails leaves the other ports checked (it returned at the first).
+        real = socket.getaddrinfo
+
+        def lookup(host, port, *args, **kwargs):
+            if port == http:
+                raise socket.gaierror("no such host")
+            return real(host, port, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", lookup)
+        with pytest.raises(ServerError, match=f"port gRPC {grpc} already in use"):
+            triton.check_ports_free(cfg)
+        monkeypatch.setattr(socket, "getaddrinfo", real)
     # A connection closed by this side leaves its port in TIME_WAIT: free to a server.
     with socket.socket() as listener:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
