@@ -451,7 +451,7 @@ def processes() -> Iterator[Process]:
         proc = Path("/proc") / str(pid)
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
-            stat = (proc / "stat").read_text()
+            stat = (proc / "stat").read_bytes().decode(errors="replace")
         except OSError:  # exited meanwhile
             continue
         fields = stat[stat.rindex(")") + 2 :].split()

@@ -21,6 +21,7 @@ from serving.server import (
     group_members,
     on_free_ports,
     pid_namespace,
+    processes,
     shm_regions,
     sweep_shm,
 )
@@ -231,22 +232,13 @@ def _wait_for_line(proc, start: str) -> str:
 
 
 def _tritonservers(http_port: int) -> list[int]:
+    """Live tritonservers serving ``http_port`` (other tests' processes may hold file names
+    that are not UTF-8: CI once failed reading one)."""
     return [
-        pid
-        for pid in _pids()
-        if f"--http-port={http_port}" in _cmdline(pid) and "tritonserver" in _cmdline(pid)
+        p.pid
+        for p in processes()
+        if p.state != "Z" and p.name == "tritonserver" and f"--http-port={http_port}" in p.argv
     ]
-
-
-def _pids() -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_text().replace("\0", " ")
-    except OSError:
-        return ""
 
 
 @pytest.mark.parametrize("name", ["my repo", "repo_ü"])

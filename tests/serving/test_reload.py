@@ -251,7 +251,7 @@ def _stub_pid(server, model: str) -> int:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if len(argv) > 1 and argv[1].decode().startswith(f"{root}/{model}/"):
+        if len(argv) > 1 and argv[1].decode(errors="replace").startswith(f"{root}/{model}/"):
             return int(proc.name)
     raise AssertionError(f"no stub for {model}")
 
