@@ -96,7 +96,7 @@ def cmd_train(args) -> None:
     from training import distributed, stages
 
     try:
-        stages.run(cfg, tuple(args.stages.split(",")))
+        stages.run(cfg, tuple(args.stages.split(",")), resume=args.resume)
     finally:
         distributed.teardown()
 
@@ -547,6 +547,12 @@ TRAIN = (
         help=f"comma-separated, of {', '.join(STAGES)}; levelset runs only with "
         "refine.method=levelset; supervised (the segmenter on the true masks, the upper "
         "bound) only when named",
+    ),
+    flag(
+        "--resume",
+        action="store_true",
+        help="the same command again after a stop: keep each stage already trained with "
+        "these settings and continue a stopped one after its last finished epoch",
     ),
 )
 

@@ -85,6 +85,8 @@ def fit(
     meta: dict,
     desc: str,
     finish: bool = True,
+    resume: bool = False,
+    run_key: str = "",
 ) -> Path:
     """Train with AdamW and a cosine schedule; keep the epoch with the lowest validation loss.
 
@@ -94,6 +96,13 @@ def fit(
     they stay partial, for a caller with more to write into the checkpoint, which then
     calls ``finish_run``); loads the best weights back into ``model`` and returns the
     checkpoint path.
+
+    After each epoch the run's state (weights, optimiser, schedule, random generators, its
+    best epoch and log so far) is saved as ``resume.pt``, removed once the run is complete.
+    With ``resume`` a run stopped part way continues after its last finished epoch, as if
+    never stopped, where the saved state was made by the same settings (``run_key``: the
+    caller's; the meta, epochs, learning rate, image counts), and starts over, saying so,
+    where it was not.
 
     Under torchrun the model is wrapped in DistributedDataParallel, ``train`` should draw
     from a ``DistributedSampler`` and ``val`` hold this rank's shard (``training.distributed``);
@@ -119,9 +128,29 @@ def fit(
     # included), not a mix of this one's best epoch so far and the last one's logs.
     best, best_path = math.inf, out_dir / "best.pt"
     partial, log_path = _partial(best_path), out_dir / "metrics.jsonl"
+    point_path = resume_point(out_dir)
+    key = _run_key(run_key, meta, epochs, lr, weight_decay, train, val)
+    first, records, best_state, best_record = 1, [], None, {}
+    point = _resume_from(point_path, key, desc) if resume else None
+    if point is not None:
+        model.load_state_dict(point["state_dict"])
+        opt.load_state_dict(point["optimizer"])
+        sched.load_state_dict(point["scheduler"])
+        _set_rng(point["rng"], train)
+        first, records, best = point["epoch"] + 1, point["records"], point["best"]
+        best_state, best_record = point["best_state"], point["best_record"]
+        if main:
+            tqdm.write(f"{desc}: resuming after epoch {point['epoch']} of {epochs} ({point_path})")
+    elif main:
+        point_path.unlink(missing_ok=True)  # another run's: this one starts over
     log = _partial(log_path).open("w") if main else None
+    if log is not None:
+        log.writelines(json.dumps(r) + "\n" for r in records)
+        log.flush()
+        if best_state is not None:
+            save_checkpoint({"state_dict": best_state, "meta": meta | best_record}, partial)
     try:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(first, epochs + 1):
             if isinstance(train.sampler, DistributedSampler):
                 train.sampler.set_epoch(epoch)
             start = time.perf_counter()
@@ -141,15 +170,32 @@ def fit(
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 tqdm.write(f"{desc} epoch {epoch}: train {train_loss:.4f}  val {val_loss:.4f}")
+            records.append(record)
             if val_loss < best:  # the same on every rank: the losses are global
-                best = val_loss
+                best, best_record = val_loss, record
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if main:
-                    state = {"state_dict": model.state_dict(), "meta": meta | record}
-                    save_checkpoint(state, partial)
-    except BaseException:  # stopped or failed: the last complete run stays as it was
+                    save_checkpoint({"state_dict": best_state, "meta": meta | record}, partial)
+            if main:
+                point = {
+                    "key": key,
+                    "epoch": epoch,
+                    "state_dict": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": _get_rng(train),
+                    "records": records,
+                    "best": best,
+                    "best_state": best_state,
+                    "best_record": best_record,
+                }
+                save_checkpoint(point, point_path)
+    except BaseException as exc:  # stopped or failed: the last complete run stays as it was
         if log is not None:
             log.close()
             discard_run(out_dir)
+            if isinstance(exc, LossDiverged):  # resumed, it would diverge again
+                point_path.unlink(missing_ok=True)
         raise
     if log is not None:
         log.close()
@@ -176,7 +222,79 @@ def finish_run(out_dir: Path) -> None:
             partial = _partial(Path(out_dir) / name)
             if partial.exists():
                 os.replace(partial, Path(out_dir) / name)
+        resume_point(out_dir).unlink(missing_ok=True)
     distributed.barrier()
+
+
+def resume_point(out_dir: Path) -> Path:
+    """Where ``fit`` keeps the state a stopped run resumes from (``wsss train --resume``)."""
+    return Path(out_dir) / "resume.pt"
+
+
+def _run_key(run_key: str, meta: dict, epochs, lr, weight_decay, train, val) -> str:
+    """What a saved run state must have been made by for a run to resume from it."""
+    made_by = {
+        "caller": run_key,
+        "meta": meta,
+        "epochs": epochs,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "images": [len(train.dataset), len(val.dataset)],
+        "batches": len(train),
+        "world_size": distributed.world_size(),
+    }
+    text = json.dumps(made_by, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _resume_from(path: Path, key: str, desc: str) -> dict | None:
+    """The saved state of a stopped run with these settings, or None (said) to start over."""
+    if not path.exists():
+        if distributed.is_main():
+            tqdm.write(f"{desc}: no stopped run to resume ({path}): training from epoch 1")
+        return None
+    point = load_checkpoint(path)
+    if point.get("key") != key:
+        if distributed.is_main():
+            tqdm.write(
+                f"{desc}: the stopped run in {path.parent} had other settings or data: "
+                "training from epoch 1"
+            )
+        return None
+    return point
+
+
+def _get_rng(train: DataLoader) -> dict:
+    """Every generator a next epoch draws from: the loader's order, torch's, numpy's (the
+    augmentations) and Python's, as tensors and lists ``weights_only`` loads."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "loader": train.generator.get_state() if train.generator is not None else None,
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng(state: dict, train: DataLoader) -> None:
+    """The saved generators back (rank 0's: the other ranks keep their own, which differ from
+    rank 0's as the augmentations of a run never stopped did)."""
+    import random
+
+    import numpy as np
+
+    if state["loader"] is not None and train.generator is not None:
+        train.generator.set_state(state["loader"])
+    if not distributed.is_main():
+        return
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+    random.setstate(state["python"])
 
 
 def file_digest(path: Path) -> str:
@@ -189,7 +307,8 @@ def file_digest(path: Path) -> str:
 
 
 def discard_run(out_dir: Path) -> None:
-    """The partial run in ``out_dir`` removed (rank 0's files; a stopped or failed run)."""
+    """The partial run in ``out_dir`` removed (rank 0's files; a stopped or failed run). Its
+    resume point stays, for ``wsss train --resume``."""
     for name in ("best.pt", "metrics.jsonl"):
         _partial(Path(out_dir) / name).unlink(missing_ok=True)
 

@@ -37,6 +37,7 @@ from training.loop import (
     partial_checkpoint,
     resolve_device,
     save_checkpoint,
+    trained_with,
 )
 from training.metrics import label_f1
 from training.models import CLASSIFIERS, SEGMENTERS, build_classifier, build_segmenter
@@ -163,7 +164,7 @@ def learns_classes(cfg: Config) -> bool:
     return c.head != "imagenet" or any(not ids for ids in c.class_groups.values())
 
 
-def train_classifier(cfg: Config, data: WSSSDataset | None) -> nn.Module:
+def train_classifier(cfg: Config, data: WSSSDataset | None, resume: bool = False) -> nn.Module:
     """Image-level labels only: cross-entropy (pets) or binary cross-entropy (voc).
 
     With ``classifier.head: imagenet`` there is nothing to train: the pretrained head is the
@@ -171,6 +172,8 @@ def train_classifier(cfg: Config, data: WSSSDataset | None) -> nn.Module:
     Its learned classes (class groups with no ids) are the exception: their head trains on
     the labels, the backbone and the ImageNet head frozen. ``classifier.threshold_folds``
     then chooses each class's score threshold by cross-validation (``choose_thresholds``).
+    With ``resume`` a complete run of these settings is kept, and a stopped one continues
+    (``_train``).
     """
     folds = bool(cfg.classifier.threshold_folds)
     if folds and not cfg.data.kind.multi_label:  # before training, not after it
@@ -211,21 +214,27 @@ def train_classifier(cfg: Config, data: WSSSDataset | None) -> nn.Module:
             "classifier.class_groups with learned classes (no ids) name the data's classes in "
             f"its order: {', '.join(data.class_names)}"
         )
+    if folds and resume and _kept(cfg, model, meta, Path(cfg.runs) / "classifier"):
+        return model.eval()
     tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
-    model = _fit_classifier(cfg, model, data, tr, va, meta, "classifier", finish=not folds)
+    model = _fit_classifier(
+        cfg, model, data, tr, va, meta, "classifier", finish=not folds, resume=resume
+    )
     if folds:
-        _with_thresholds(cfg, data, model, meta, kwargs)
+        _with_thresholds(cfg, data, model, meta, kwargs, resume)
     return model
 
 
-def _with_thresholds(cfg: Config, data: WSSSDataset, model, meta: dict, kwargs) -> None:
+def _with_thresholds(
+    cfg: Config, data: WSSSDataset, model, meta: dict, kwargs, resume: bool = False
+) -> None:
     """``choose_thresholds`` for the classifier just written (still partial), then its run
     complete: stopped while the folds choose them, the stage's last complete run (its
     checkpoint with its thresholds, its log and config) stays as it was, and no checkpoint
     without thresholds is left for export or a later run to take."""
     out = Path(cfg.runs) / "classifier"
     try:
-        choose_thresholds(cfg, data, model, meta, kwargs, partial_checkpoint(out))
+        choose_thresholds(cfg, data, model, meta, kwargs, partial_checkpoint(out), resume)
     except BaseException:
         if distributed.is_main():
             discard_run(out)
@@ -238,12 +247,12 @@ def _with_thresholds(cfg: Config, data: WSSSDataset, model, meta: dict, kwargs) 
         save_config(cfg, config)
 
 
-def _fit_classifier(cfg, model, data, tr, va, meta, out, finish: bool = True) -> nn.Module:
+def _fit_classifier(cfg, model, data, tr, va, meta, out, finish=True, resume=False) -> nn.Module:
     if model.frozen:
         model.freeze()
     loss = {"ce": nn.CrossEntropyLoss, "bce": nn.BCEWithLogitsLoss}[cfg.data.kind.loss]()
     train, val = _View(data, tr, True), _View(data, va, False)
-    return _train(cfg, model, train, val, loss, meta, out=out, finish=finish)
+    return _train(cfg, model, train, val, loss, meta, out=out, finish=finish, resume=resume)
 
 
 def _label_f1(scores: np.ndarray, cuts: np.ndarray, truth: np.ndarray, missed=None) -> float:
@@ -282,7 +291,13 @@ def label_thresholds(
 
 
 def choose_thresholds(
-    cfg: Config, data: WSSSDataset, model, meta: dict, kwargs, path: Path | None = None
+    cfg: Config,
+    data: WSSSDataset,
+    model,
+    meta: dict,
+    kwargs,
+    path: Path | None = None,
+    resume: bool = False,
 ) -> list[float]:
     """Each class's score threshold, chosen by ``classifier.threshold_folds``-fold
     cross-validation on the training photos: every photo scored by a classifier that did
@@ -311,7 +326,7 @@ def choose_thresholds(
             )
             _seed(cfg)
             fold_model = _fit_classifier(
-                cfg, fold, data, rest[tr], rest[va], meta, f"classifier/folds/{k}"
+                cfg, fold, data, rest[tr], rest[va], meta, f"classifier/folds/{k}", resume=resume
             )
         served = ClassifierGraph(fold_model.eval(), multi_label=True).eval()
         with torch.inference_mode():
@@ -378,7 +393,9 @@ def seed_masks(cfg: Config, classifier: nn.Module, data: WSSSDataset, names: lis
     return distributed.all_gather_shares(mine, len(data), bs)
 
 
-def train_levelset(cfg: Config, data: WSSSDataset, classifier: nn.Module, cmeta: dict) -> nn.Module:
+def train_levelset(
+    cfg: Config, data: WSSSDataset, classifier: nn.Module, cmeta: dict, resume: bool = False
+) -> nn.Module:
     """Level-set initialisation + FNO evolution on the classifier's features (eq 27)."""
     if cmeta["class_names"] != data.class_names:
         raise InputError(
@@ -405,7 +422,8 @@ def train_levelset(cfg: Config, data: WSSSDataset, classifier: nn.Module, cmeta:
         "finetune": cfg.levelset.finetune,
         "classifier": cmeta,
     }
-    return _train(cfg, model, train, val, loss, meta, cfg.levelset.epochs, cfg.levelset.lr)
+    epochs, lr = cfg.levelset.epochs, cfg.levelset.lr
+    return _train(cfg, model, train, val, loss, meta, epochs, lr, resume=resume)
 
 
 def make_pseudo_masks(cfg: Config, data: WSSSDataset, share: range | None = None) -> np.ndarray:
@@ -609,6 +627,7 @@ def train_segmenter(
     masks: np.ndarray,
     supervised: bool = False,
     made_by: str | None = None,
+    resume: bool = False,
 ) -> nn.Module:
     """The segmenter, fully supervised on ``masks``: the pseudo-masks (the weakly supervised
     result), or with ``supervised`` the ground truth (the upper bound every weakly supervised
@@ -648,7 +667,7 @@ def train_segmenter(
         meta["classifier_digest"] = made_by
     out = "supervised" if supervised else "segmenter"
     loss = SegmentationLoss(seg.loss, seg.dice)
-    return _train(cfg, model, train, val, loss, meta, seg.epochs, seg.lr, out=out)
+    return _train(cfg, model, train, val, loss, meta, seg.epochs, seg.lr, out=out, resume=resume)
 
 
 def passthrough_segmenter(cfg: Config, data: WSSSDataset | None = None) -> nn.Module:
@@ -694,6 +713,23 @@ def _untrained(
     return model.eval()
 
 
+def _kept(cfg: Config, model: nn.Module, meta: dict, out: Path) -> bool:
+    """With ``--resume``: ``out`` holds a complete run of ``cfg`` whose checkpoint says it
+    was made as ``meta`` says this one would be (its classes, the classifier run its
+    pseudo-masks came from); its weights are loaded into ``model``."""
+    if not trained_with(out, cfg):
+        return False
+    ckpt = load_checkpoint(out / "best.pt")
+    same = json.dumps(meta, sort_keys=True, default=str) == json.dumps(
+        {k: ckpt["meta"].get(k) for k in meta}, sort_keys=True, default=str
+    )
+    if same:
+        model.load_state_dict(ckpt["state_dict"])
+        if distributed.is_main():
+            tqdm.write(f"{meta['family']}: kept, trained with these settings ({out}; --resume)")
+    return same
+
+
 def _seed(cfg: Config) -> None:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     np.random.seed(cfg.train.seed + distributed.rank())  # the augmentations draw from numpy
@@ -710,12 +746,17 @@ def _train(
     lr: float | None = None,
     out: str | None = None,
     finish: bool = True,
+    resume: bool = False,
 ) -> nn.Module:
     """The one training loop on seeded loaders; the resolved config lands beside the best.pt
     in ``<runs>/<out>`` (default: the model's family). With ``finish`` False the run stays
-    partial and without its config (``fit``)."""
+    partial and without its config (``fit``). With ``resume`` a complete run of the same
+    settings is kept (``_kept``) and a stopped one continues after its last finished epoch."""
     family = meta["family"]
     out = Path(cfg.runs) / (out or family)
+    if resume and finish and _kept(cfg, model, meta, out):
+        return model.cpu().eval()
+    run_key = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
     fit(
         model,
         *_loaders(cfg, train, val),
@@ -728,6 +769,8 @@ def _train(
         meta=meta,
         desc=family,
         finish=finish,
+        resume=resume,
+        run_key=run_key,
     )
     if finish and distributed.is_main():
         save_config(cfg, out / "config.yaml")
@@ -766,8 +809,13 @@ def check_architectures(cfg: Config, stages: tuple[str, ...]) -> None:
             raise InputError(f"{key} {name!r}: one of {', '.join(sorted(registry))}")
 
 
-def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
+def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES, resume: bool = False) -> None:
     """Train what ``stages`` names; later stages reuse the saved checkpoint of earlier ones.
+
+    With ``resume`` (``wsss train --resume``: the same command again after a stop) a stage
+    whose complete run was made with these settings is kept, saved pseudo-masks of this
+    chain are reused, and a training stopped part way continues after its last finished
+    epoch (``training.loop.fit``); the rest runs.
 
     ``levelset`` runs only with ``refine.method: levelset``, and is trained when missing if
     pseudo-masks are to be made; saved pseudo-masks are reused only for the same images.
@@ -807,12 +855,12 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
         )
     data = load_train_set(cfg) if reads_photos else None
     if "classifier" in stages:
-        train_classifier(cfg, data)
+        train_classifier(cfg, data, resume)
     distributed.barrier()  # every rank decides what to make from the same files
     if trains_levelset:
         classifier, cmeta = load_model(runs / "classifier" / "best.pt")
         check_tiles(cfg, classifier, runs / "classifier")
-        train_levelset(cfg, data, classifier, cmeta)
+        train_levelset(cfg, data, classifier, cmeta, resume)
     pseudo_path = runs / "pseudo" / "train_masks.npz"
     distributed.barrier()
     if cfg.segmenter.arch == PASSTHROUGH:  # no segmenter to train: no masks to train it on
@@ -822,12 +870,16 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES) -> None:
         if "segmenter" in stages:
             passthrough_segmenter(cfg, data)
         return
-    if "pseudo" in stages or ("segmenter" in stages and not _fits(pseudo_path, data, cfg)):
+    reuse = data is not None and ("segmenter" in stages or resume)  # pseudo alone reads none
+    fits = reuse and _fits(pseudo_path, data, cfg)
+    if ("pseudo" in stages and not (resume and fits)) or ("segmenter" in stages and not fits):
         write_pseudo_masks(cfg, data, pseudo_path)  # under torchrun: sharded over the ranks
+    elif "pseudo" in stages and distributed.is_main():
+        tqdm.write(f"pseudo: kept, made by this classifier and these settings ({pseudo_path})")
     if "segmenter" in stages:
         saved = np.load(pseudo_path)
         made_by = str(saved["classifier"]) if "classifier" in saved.files else None
         made_by = None if made_by == "none" else made_by
-        train_segmenter(cfg, data, saved["masks"], made_by=made_by)
+        train_segmenter(cfg, data, saved["masks"], made_by=made_by, resume=resume)
     if "supervised" in stages:
-        train_segmenter(cfg, data, data.masks, supervised=True)
+        train_segmenter(cfg, data, data.masks, supervised=True, resume=resume)

@@ -61,6 +61,14 @@ def test_two_cpu_processes_share_the_data_and_write_one_checkpoint(tmp_path):
     model, meta = load_model(runs / "classifier" / "best.pt")
     assert meta["world_size"] == 2 and meta["class_names"]
 
+    # The same command with --resume: every rank keeps what finished, rank 0 says so once.
+    files = {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()}
+    again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in ("classifier", "pseudo", "segmenter"):
+        assert (again.stdout + again.stderr).count(f"{stage}: kept") == 1, again.stdout[-2000:]
+    assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()} == files
+
 
 def _wsss(args: list[str], processes: int) -> subprocess.CompletedProcess:
     """``wsss ARGS`` in one plain process, or under torchrun in ``processes`` CPU processes;

@@ -4,6 +4,7 @@ was, the checkpoint an export took from it included."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -46,7 +47,9 @@ def test_an_interrupted_training_leaves_the_last_complete_run_whole(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _fit(_model(), tmp_path, epochs=5, loss=stopped_in_the_third_epoch)
     assert {f: (tmp_path / f).read_bytes() for f in before} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "metrics.jsonl"]
+    # and the stopped run's state, for `wsss train --resume`
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "metrics.jsonl", "resume.pt"]
+    assert load_checkpoint(tmp_path / "resume.pt")["epoch"] == 2
     assert load_checkpoint(tmp_path / "best.pt")["meta"]["run"] == 2
     # Done, the new run takes the place of the last.
     _fit(_model(), tmp_path, epochs=3)
@@ -54,6 +57,113 @@ def test_an_interrupted_training_leaves_the_last_complete_run_whole(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "metrics.jsonl"]
+
+
+def _shuffled_fit(out, epochs, loss, resume=False):
+    """Shuffled batches (the loader's generator), dropout (torch's) and a loss drawing from
+    numpy (as the augmentations do): every generator a next epoch reads."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (16, 8, 8, 3), dtype=torch.uint8, generator=g)
+    data = TensorDataset(images, torch.randint(0, 2, (16,), generator=g))
+    train = DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator())
+    model = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(8 * 8 * 3, 2))
+    return model, fit(
+        model, train, DataLoader(data, batch_size=8), loss, epochs=epochs, lr=0.01,
+        weight_decay=0.01, device=torch.device("cpu"), out_dir=out, meta={"run": "r"},
+        desc="t", resume=resume,
+    )  # fmt: skip
+
+
+def _noisy(logits, targets):
+    return nn.functional.cross_entropy(logits, targets) * (1 + 0.5 * np.random.rand())
+
+
+def _records(out: Path) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+
+def test_a_stopped_training_resumed_ends_as_if_never_stopped(tmp_path, capsys):
+    torch.manual_seed(0), np.random.seed(0)
+    whole, _ = _shuffled_fit(tmp_path / "whole", 4, _noisy)
+    calls = []
+
+    def stopped_in_the_third_epoch(logits, targets):
+        calls.append(1)
+        if len(calls) > 2 * (4 + 2):  # two epochs of 4 train + 2 val batches
+            raise KeyboardInterrupt
+        return _noisy(logits, targets)
+
+    out = tmp_path / "stopped"
+    torch.manual_seed(0), np.random.seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        _shuffled_fit(out, 4, stopped_in_the_third_epoch)
+    torch.manual_seed(1), np.random.seed(1)  # whatever the generators hold now
+    resumed, path = _shuffled_fit(out, 4, _noisy, resume=True)
+    assert "t: resuming after epoch 2 of 4" in capsys.readouterr().out
+    assert _records(out) == _records(tmp_path / "whole")
+    assert len(_records(out)) == 4 and len({r["train_loss"] for r in _records(out)}) == 4
+    for a, b in zip(resumed.parameters(), whole.parameters(), strict=True):
+        assert torch.equal(a, b)
+    expected = load_checkpoint(tmp_path / "whole" / "best.pt")
+    assert load_checkpoint(path)["meta"] | {"seconds": 0} == expected["meta"] | {"seconds": 0}
+    for name, tensor in load_checkpoint(path)["state_dict"].items():
+        assert torch.equal(tensor, expected["state_dict"][name])
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "metrics.jsonl"]  # done
+
+
+def test_a_resume_with_other_settings_or_nothing_stopped_starts_over_and_says_so(tmp_path, capsys):
+    def stopped_in_the_second_epoch(logits, targets, calls=[]):  # noqa: B006
+        calls.append(1)
+        if len(calls) > 4 + 2:
+            raise KeyboardInterrupt
+        return _noisy(logits, targets)
+
+    with pytest.raises(KeyboardInterrupt):
+        _shuffled_fit(tmp_path, 4, stopped_in_the_second_epoch)
+    assert load_checkpoint(tmp_path / "resume.pt")["epoch"] == 1
+    _shuffled_fit(tmp_path, 3, _noisy, resume=True)  # 3 epochs, not 4: another schedule
+    said = capsys.readouterr().out
+    assert "had other settings or data: training from epoch 1" in said and "resuming" not in said
+    assert [r["epoch"] for r in _records(tmp_path)] == [1, 2, 3]
+    _shuffled_fit(tmp_path, 3, _noisy, resume=True)
+    assert "t: no stopped run to resume" in capsys.readouterr().out
+    assert not (tmp_path / "resume.pt").exists()
+
+
+def test_train_resume_keeps_the_stages_trained_with_these_settings(trained, tmp_path, capsys):
+    """`wsss train --resume`, the same command again: what finished is kept as it is; a
+    stage whose run did not finish (no config beside its checkpoint) trains again."""
+    import shutil
+
+    from training import stages
+    from wsss.config import save_config, with_overrides
+
+    runs = tmp_path / "runs"
+    cfg = with_overrides(trained, [f"runs={runs}"])
+    for stage in ("classifier", "pseudo", "segmenter"):
+        shutil.copytree(Path(trained.runs) / stage, runs / stage)
+    for stage in ("classifier", "segmenter"):  # as if trained here
+        save_config(cfg, runs / stage / "config.yaml")
+    files = [p for p in runs.rglob("*") if p.is_file()]
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+    stages.run(cfg, resume=True)
+    said = capsys.readouterr().out
+    for stage in ("classifier", "pseudo", "segmenter"):
+        assert f"{stage}: kept" in said
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == before
+    (runs / "segmenter" / "config.yaml").unlink()  # stopped before it finished
+    stages.run(cfg, resume=True)
+    said = capsys.readouterr().out
+    assert "classifier: kept" in said and "segmenter: kept" not in said
+    assert "segmenter: no stopped run to resume" in said
+    assert (runs / "segmenter" / "best.pt").stat().st_mtime_ns > before[
+        runs / "segmenter" / "best.pt"
+    ][1]
+    assert (runs / "classifier" / "best.pt").read_bytes() == before[
+        runs / "classifier" / "best.pt"
+    ][0]
+    assert (runs / "segmenter" / "config.yaml").exists()
 
 
 def test_a_classifier_stopped_while_choosing_thresholds_leaves_the_last_complete_run(
@@ -88,7 +198,7 @@ def test_a_classifier_stopped_while_choosing_thresholds_leaves_the_last_complete
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert trained_with(out, cfg)
 
-    def chosen(cfg, data, model, meta, kwargs, path):
+    def chosen(cfg, data, model, meta, kwargs, path, resume):
         ckpt = load_checkpoint(path)
         ckpt["meta"]["score_thresholds"] = [0.6]
         torch.save(ckpt, path)
