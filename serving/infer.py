@@ -63,6 +63,10 @@ FIGURE = "overlay"  # <stem>_overlay.png, with figures on
 FIGURE_SIDE = 448  # px, each panel's longer side: the masks' edges large enough to judge
 PREDICTIONS = "predictions.jsonl"  # <out>/predictions.jsonl: one record per image
 RETRY_FIRST, RETRY_MOST = 0.5, 8.0  # seconds between tries of a request the server failed
+# An image the server failed again after it had answered others, this many times: the image's
+# (a model crashing on it), listed with the unreadable ones instead of crashing it anew.
+FAILED_AFTER_ANSWERS = 2
+MIXED_VERSIONS = "MIXED_VERSIONS"  # scores of another export than the version that answered
 _FIGURE_LOCK = threading.Lock()  # matplotlib's pyplot is not thread-safe
 
 
@@ -402,6 +406,8 @@ class _Run:
             raise _Unreadable(exc.strerror or str(exc)) from exc
         try:
             outputs, cams, base, model = self.retry(lambda: self.answer(data))
+        except FailedOnInput as exc:  # listed, not sent again to crash the server anew
+            raise _Unreadable(str(exc)) from exc
         except ClientError as exc:
             if not exc.invalid_input or mid_reload(exc):  # the server's, tried again: stop
                 raise
@@ -445,7 +451,7 @@ class _Run:
             raise ClientError(
                 f"{count} class scores came back under an export of {len(names)} classes "
                 f"(version {self.answered}): the server is loading an export of other classes",
-                status="MIXED_VERSIONS",
+                status=MIXED_VERSIONS,
                 sent=True,
             )
         return outputs, cams, base, model
@@ -544,7 +550,10 @@ _MID_RELOAD = re.compile(
 
 
 def mid_reload(exc: ClientError) -> bool:
-    """Whether a refusal is one model's tensors meeting another export's (``_MID_RELOAD``)."""
+    """Whether a failure is one model's tensors meeting another export's (``_MID_RELOAD``,
+    ``MIXED_VERSIONS``): the server's passing state while an export loads."""
+    if exc.status == MIXED_VERSIONS:
+        return True
     return exc.invalid_input and bool(_MID_RELOAD.search(exc.reason or str(exc)))
 
 
@@ -556,7 +565,9 @@ class Retry:
     next answer) is shorter than ``seconds``; ``said(error)`` at the first failure tried
     again.
     ``stop()`` ends every wait at once (Ctrl-C, another image's error): the last error is
-    raised."""
+    raised. A request that fails again after the server has answered others in between,
+    FAILED_AFTER_ANSWERS times, is not the server's outage but its input's (a model that
+    crashes on that image, reloaded by the watchdog each time): ``FailedOnInput``."""
 
     def __init__(
         self,
@@ -572,12 +583,14 @@ class Retry:
         self.lock = threading.Lock()
         self.since: float | None = None  # when the server last began failing
         self.said_once = False
+        self.answers = 0  # requests answered by this run so far, every thread's
 
     def stop(self) -> None:
         self.stopped.set()
 
     def __call__(self, send: Callable):
         delay = RETRY_FIRST
+        tries, answers_then, failed_after_answers = 0, None, 0
         while True:
             try:
                 result = send()
@@ -585,10 +598,16 @@ class Retry:
                 if not exc.sent or (exc.invalid_input and not self.transient(exc)):
                     raise  # the client's own error, or the input's
                 now = self.clock()
+                tries += 1
                 with self.lock:
                     self.since = now if self.since is None else self.since
                     left = self.since + self.seconds - now
                     first, self.said_once = not self.said_once, True
+                    answered = answers_then is not None and self.answers > answers_then
+                    answers_then = self.answers
+                failed_after_answers += answered and not self.transient(exc)
+                if failed_after_answers >= FAILED_AFTER_ANSWERS:
+                    raise FailedOnInput(tries, exc) from exc
                 if left <= 0 or self.stopped.is_set():
                     raise
                 if first and self.said is not None:
@@ -599,7 +618,20 @@ class Retry:
             else:
                 with self.lock:
                     self.since = None  # the server answers again
+                    self.answers += 1
                 return result
+
+
+class FailedOnInput(ClientError):
+    """The server failed one request again and again while it answered others (``Retry``)."""
+
+    def __init__(self, tries: int, error: ClientError):
+        super().__init__(
+            f"the server failed on this image {tries} times while it answered others (a model "
+            f"may crash on it: see the server's log); last: {error}",
+            error.status,
+            sent=True,
+        )
 
 
 def infer_images(items: list[Item], url: str, protocol: str, options: InferOptions) -> InferReport:

@@ -202,6 +202,71 @@ def test_a_request_the_server_failed_is_tried_again_backing_off_until_the_deadli
     assert time.monotonic() - began < 5
 
 
+def test_an_image_the_server_fails_on_while_answering_others_is_listed_not_resent(
+    monkeypatch, tmp_path
+):
+    """An image that crashes a model (the watchdog reloads it) was sent again until
+    --retry-seconds ran out, crashing the server anew every few seconds for as long as the
+    other images kept its outage clock at zero. Failed again after the server answered
+    others, twice, it is the image's: listed as unreadable. An outage with no answer in
+    between, and an export's passing state, are not."""
+    from serving.infer import FAILED_AFTER_ANSWERS, FailedOnInput, Retry, mid_reload
+
+    crash = ClientError("Stub 'postprocess_0_0' is not healthy", "StatusCode.INTERNAL", sent=True)
+    retry = Retry(60.0, transient=mid_reload)
+    monkeypatch.setattr(retry.stopped, "wait", lambda t: False)
+    calls = []
+
+    def poison(others: int):  # fails each time; ``others`` answered between its tries
+        def send():
+            calls.append(1)
+            for _ in range(others):
+                retry(lambda: "another image's answer")
+            raise crash
+
+        return send
+
+    with pytest.raises(FailedOnInput, match="failed on this image 3 times while it answered"):
+        retry(poison(1))
+    assert len(calls) == FAILED_AFTER_ANSWERS + 1
+    # In a run: the image is listed with the unreadable ones, the run goes on.
+    from types import SimpleNamespace
+
+    from serving.infer import Item, _Run, _Unreadable
+
+    run = object.__new__(_Run)
+    run.retry, run.answer = retry, lambda data: poison(1)()
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"jpeg")
+    run.options = SimpleNamespace(out=tmp_path / "out")
+    with pytest.raises(_Unreadable, match="a model may crash on it: see the server's log"):
+        run.one(Item(photo, Path("photo")))
+    calls.clear()  # an outage: nothing answered between its tries, tried until it ends
+    outage = iter([crash] * 12)
+
+    def down_then_up():
+        calls.append(1)
+        error = next(outage, None)
+        if error is not None:
+            raise error
+        return "answer"
+
+    assert retry(down_then_up) == "answer" and len(calls) == 13
+    mixed = ClientError("2 class scores", "MIXED_VERSIONS", sent=True)  # an export loading
+    calls.clear()
+    tries = iter([mixed] * 5)
+
+    def swapping():
+        calls.append(1)
+        retry(lambda: "another image's answer")
+        error = next(tries, None)
+        if error is not None:
+            raise error
+        return "answer"
+
+    assert retry(swapping) == "answer" and len(calls) == 6
+
+
 def test_answers_mixing_two_exports_are_sent_again_not_labelled_or_listed():
     """While an export of other classes or tensors loads, model by model: scores of the new
     classifier came back under the old ensemble version, labelled with the old names (15
