@@ -8,7 +8,9 @@ polling Triton never sees a half-written version. An export that fails or is kil
 its commit (the renames) leaves the repository exactly as it was; once the commit has begun,
 the repository ends with every model new, even if the export is interrupted or killed
 (``export.lock.commit_renames``). Exports into one repository take turns (``export.lock``).
-Older versions stay on disk; ``version_policy`` serves the latest ``export.keep_versions``.
+``version_policy`` serves the latest ``export.keep_versions``; the commit then removes the
+version folders no config serves, new or still served until the server reloads
+(``export.prune``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import yaml
 from google.protobuf.text_format import ParseError
 from torch import nn
 
-from export.check import check_repository, versions
+from export.check import check_repository, served_versions, versions
 from export.configs import (
     FORMATS,
     PYTHON_MODELS,
@@ -273,7 +275,15 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
     if not report.ok:
         raise ExportError(f"the staged export is invalid, nothing was changed:\n{report}")
     order = [n for n in specs if n not in ENSEMBLES] + list(ENSEMBLES)
-    commit(staging, repo, version, order, retire=_retired(repo, specs))
+    pruned = unserved_versions(repo, keep) if cfg.export.prune else []
+    commit(staging, repo, version, order, retire=_retired(repo, specs) + pruned)
+    if pruned:
+        print(
+            f"export: removed {len(pruned)} version folder(s) no config serves, now or until "
+            "the server reloads (export.prune)",
+            file=sys.stderr,
+            flush=True,
+        )
     _warn_changed_tensors(changed)
     return ExportResult(repo, version, parity, export_id, quantized)
 
@@ -287,6 +297,25 @@ def _retired(repo: Path, specs: dict[str, ModelSpec]) -> list[str]:
     """The optional models this export leaves out (the ViT, after a refiner that reads none):
     the commit removes them after the ensembles that no longer step through them."""
     return [n for n in OPTIONAL_MODELS if n not in specs and (repo / n).is_dir()]
+
+
+def unserved_versions(repo: Path, keep: dict[str, list[int]]) -> list[str]:
+    """The version folders (``model/version``) that neither the new configs serve (``keep``)
+    nor the configs on disk now, which a running server serves until its reload of the new
+    ones lands: the commit removes them after the configs (``export.prune``). A config that
+    does not parse keeps every version of its model."""
+    unserved = []
+    for name, kept in keep.items():
+        folder = repo / name
+        if not (folder / "config.pbtxt").is_file():
+            continue
+        found = versions(folder)
+        try:
+            now = served_versions(parse((folder / "config.pbtxt").read_text()), folder)
+        except (ParseError, OSError, UnicodeDecodeError):
+            now = found
+        unserved += [f"{name}/{v}" for v in found if v not in {*kept, *now}]
+    return unserved
 
 
 def _write_python_model(name: str, version_dir: Path) -> None:
@@ -917,7 +946,8 @@ def commit_plan(
     staging: Path, version: int, order: list[str], retire: Sequence[str] = ()
 ) -> list[tuple[str, str]]:
     """The commit's steps (``export.lock.COMMIT_STEPS``): per model of ``order``, its version
-    folder, warm-up data, labels and config; then the ``retire`` models removed.
+    folder, warm-up data, labels and config; then the ``retire`` models and version folders
+    (``model/version``: ``unserved_versions``) removed.
 
     Models before ensembles, version folders before configs: at every instant each config
     on disk refers only to complete versions.

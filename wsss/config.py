@@ -476,7 +476,11 @@ class ExportConfig:
     repository: str = "model_repository"
     opset: int = 17
     atol: float = 1e-3  # served vs PyTorch, max abs error of float outputs: refused past this
-    keep_versions: int = 2  # version_policy: Triton serves the latest N; older stay on disk
+    keep_versions: int = 2  # version_policy: Triton serves the latest N
+    # Delete the version folders no config serves (neither the new ones nor those a running
+    # server serves until its reload lands): the repository grows by one export, not by
+    # every export ever made. false: they stay on disk.
+    prune: bool = True
     # While another export into the same repository runs (export/lock.py), wait this many
     # seconds for it, saying so, then fail; unset: as long as it takes; 0 (--no-wait): fail.
     lock_wait_seconds: float | None = None

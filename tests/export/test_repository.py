@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from export.check import check_repository
+from export.check import check_repository, versions
 from export.configs import build_configs, io_names, parse, render
 from export.parity import ParityError
 from export.repository import ExportError, export_repository
@@ -120,18 +120,28 @@ def test_versions_accumulate_with_the_policy(tmp_path):
         path = repo / "classifier" / str(result.version) / "export_id.txt"
         assert path.read_text() == result.export_id + "\n"
     assert len({r.export_id for r in results}) == 3
-    for name in served_models(48, 3, 2):
-        assert sorted(p.name for p in (repo / name).iterdir() if p.name.isdigit()) == [
-            "1",
-            "2",
-            "3",
-        ]
+
+    def on_disk() -> dict[str, list[int]]:
+        return {name: versions(repo / name) for name in served_models(48, 3, 2)}
+
+    # Version 1 stays while the configs before the last export served it (a running server
+    # serves them until its reload lands); the ensembles served their latest alone.
+    expected = {name: [2, 3] if name in ENSEMBLES else [1, 2, 3] for name in on_disk()}
+    assert on_disk() == expected
     classifier = parse((repo / "classifier" / "config.pbtxt").read_text())
     assert list(classifier.version_policy.specific.versions) == [2, 3]
     report = check_repository(repo)
     assert report.ok, str(report)
     assert report.models["classifier"] == [2, 3]
     assert not list(tmp_path.glob(".wsss-staging-*"))
+    # The repository grows by one export, not by every export ever made (export.prune) ...
+    assert export_repository(cfg).version == 4
+    assert on_disk() == {n: [3, 4] if n in ENSEMBLES else [2, 3, 4] for n in expected}
+    assert not [p for p in repo.rglob(".*") if p.name.endswith(".retired")]
+    assert check_repository(repo).ok
+    # ... unless told to keep them.
+    export_repository(with_overrides(cfg, ["export.prune=false"]))
+    assert on_disk() == {n: [3, 4, 5] if n in ENSEMBLES else [2, 3, 4, 5] for n in expected}
 
 
 def test_the_config_written_beside_an_export_says_what_was_trained(tmp_path, capsys):
