@@ -317,8 +317,11 @@ def cam_study(cfg: Config) -> str:
     shutil.rmtree(out / "figures", ignore_errors=True)  # no figure of an earlier study left
     for stem, columns in figures.items():
         if cfg.evaluate.figure_images and columns:  # no refiner read this CAM: no figure
-            shown = figure_rows(data, {c[1]: results[c[1]] for c in columns}, columns)
-            panel_figure(shown, list(shown[0]), out / "figures" / f"{stem}.png")
+            drawn = {c[1]: results[c[1]] for c in columns}
+            shown = figure_rows(data, drawn, columns)
+            names, legend = figure_legend(data, drawn)
+            path = out / "figures" / f"{stem}.png"
+            panel_figure(shown, list(shown[0]), path, names, legend)
     meta = {"task": data.task, "images": len(data), "image_size": cfg.data.image_size}
     leading = ["classifier", "CAM", "refiner", "supervision"]
     table = write_report(out, "study", rows, leading, meta)

@@ -236,11 +236,14 @@ def evaluate(
                         if not binary and pipe.refiner is not None:
                             r.predicted.append(tuple(pipe.refiner.present(s)))
                             r.missed.append(misses)
-                if shown:  # the CAM of the first label (else of the top class) of each image
+                if shown:  # each image's labelled classes' CAMs at their strongest (else
+                    # the top class's): a photo of a horse and its rider shows both
                     scores, cams = (t.numpy() for t in outputs[key][:2])
-                    first = [ls[0] if ls else int(scores[k].argmax()) for k, ls in
-                             enumerate(batch_labels[:shown])]  # fmt: skip
-                    r.examples.setdefault("cam", []).extend(cams[range(shown), first])
+                    shown_cams = [
+                        cams[k, list(ls)].max(0) if ls else cams[k, int(scores[k].argmax())]
+                        for k, ls in enumerate(batch_labels[:shown])
+                    ]
+                    r.examples.setdefault("cam", []).extend(shown_cams)
             if pipe.refiner is not None:
                 t0 = time.perf_counter()
                 pseudo = pipe.refine(images, outputs[id(pipe.classifier)], batch_labels)
@@ -292,26 +295,28 @@ def evaluate_shards(
 
 def figure_legend(
     data: WSSSDataset, results: Mapping[str, Evaluation]
-) -> tuple[list[str] | None, list | None]:
-    """For class-index masks: each shown image's labelled classes (row labels) and a legend
-    of every class its figure's masks hold; (None, None) for binary masks."""
-    if data.kind.binary_masks:
-        return None, None
+) -> tuple[list[str], list | None]:
+    """Each shown image's labelled classes (row labels) and, for class-index masks, a legend
+    of every class its figure's masks hold, with the truth's background and ignored
+    pixels (255) where it has them (binary masks: no legend, one colour)."""
     count = min(len(v) for r in results.values() for v in r.examples.values())
-    masks = [data.masks[k] for k in range(count)]
+    names = data.class_names
+    labels = [", ".join(names[c] for c in data.samples[k].labels) for k in range(count)]
+    if data.kind.binary_masks:
+        return labels, None
+    truth = [data.masks[k] for k in range(count)]
+    masks = list(truth)
     for r in results.values():
         for part in ("pseudo", "seg"):
             masks += list(r.examples.get(part, []))[:count]
-    names = data.class_names
-    labels = [", ".join(names[c] for c in data.samples[k].labels) for k in range(count)]
-    return labels, legend_entries(masks, names, data.palette)
+    return labels, legend_entries(masks, names, data.palette, truth if data.has_masks else None)
 
 
 def figure_rows(
     data: WSSSDataset, results: Mapping[str, Evaluation], columns: Sequence[tuple[str, str, str]]
 ) -> list[dict[str, np.ndarray]]:
     """Figure rows for the first images: the image, then ``(title, pipeline, part)`` per
-    column (part: cam, pseudo or seg), then the ground truth."""
+    column (part: cam, pseudo or seg), then the ground truth (where the data has masks)."""
     count = min(len(v) for r in results.values() for v in r.examples.values())
     rows = []
     for k in range(count):
@@ -319,7 +324,8 @@ def figure_rows(
         for title, name, part in columns:
             value = results[name].examples[part][k]
             row[title] = value if part == "cam" else overlay(data.images[k], value)
-        row["ground truth"] = colourise(data.masks[k])
+        if data.has_masks:  # photos without masks: no column of nothing
+            row["ground truth"] = colourise(data.masks[k])
         rows.append(row)
     return rows
 

@@ -33,16 +33,24 @@ def colourise(mask: np.ndarray, palette: list[int] | None = None) -> np.ndarray:
 
 
 def legend_entries(
-    masks: list[np.ndarray], class_names: list[str], palette: list[int] | None = None
+    masks: list[np.ndarray],
+    class_names: list[str],
+    palette: list[int] | None = None,
+    truth: list[np.ndarray] | None = None,
 ) -> list[tuple[str, tuple[float, float, float]]]:
     """(name, RGB in [0, 1]) of each class value the masks hold (0 background, c + 1 the
-    class ``class_names[c]``), in class order: what a legend of the overlays says."""
+    class ``class_names[c]``), in class order: what a legend of the overlays says. With
+    ``truth`` (masks drawn in their palette colours, not tinted over the photo), also the
+    background and the ignored pixels (255) where they hold them."""
     colours = _palette(palette)
     values = sorted({int(v) for m in masks for v in np.unique(m)} - {0, IGNORE})
-    return [
-        (class_label(class_names, v - 1), tuple(float(c) / 255 for c in colours[v]))
-        for v in values
-    ]  # fmt: skip
+    entries = [(class_label(class_names, v - 1), colours[v]) for v in values]
+    held = {int(v) for m in truth or [] for v in np.unique(m)}
+    if 0 in held:
+        entries.insert(0, ("background", colours[0]))
+    if IGNORE in held:
+        entries.append(("ignored (255)", colours[IGNORE]))
+    return [(name, tuple(float(c) / 255 for c in rgb)) for name, rgb in entries]
 
 
 def overlay(

@@ -160,6 +160,13 @@ def test_evaluations_of_consecutive_shares_merge_into_the_whole(tmp_path):
             np.testing.assert_array_equal(np.array(merged[name].examples[kind]), np.array(shown))
     assert "map" in merged["pseudo"].row() and "seg_miou" in merged["seg"].row()
     assert len(figure_rows(data, merged, [("CAM", "pseudo", "cam")])) == 3
+    # Each shown photo's CAM is its labelled classes' at their strongest, not the first's.
+    assert pipe.class_names == data.class_names
+    cams = pipe.classify(data.images[:3])[1].numpy()
+    labelled = [list(s.labels) for s in data.samples[:3]]
+    assert any(len(ls) > 1 for ls in labelled), "no photo of two classes shown"
+    for k, ls in enumerate(labelled):
+        np.testing.assert_allclose(whole["pseudo"].examples["cam"][k], cams[k, ls].max(0))
 
 
 @pytest.mark.parametrize("n, batch, world", [(24, 5, 2), (10, 4, 3), (3, 4, 2), (0, 4, 2)])
