@@ -1028,6 +1028,18 @@ def _one_line(exc: BaseException) -> str:
     return str(exc)
 
 
+def _interrupted(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (Ctrl-C, or SIGTERM's _Terminated) behind ``exc``, its cause or
+    context at any depth, or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     # A path that is not valid in the terminal's encoding (a file name's stray bytes) is
@@ -1042,7 +1054,13 @@ def main(argv: list[str] | None = None) -> None:
     owns = args.command in SERVER_OWNERS and threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, _terminate) if owns else None
     try:
-        args.func(args)
+        try:
+            args.func(args)
+        except ImportError as exc:  # Ctrl-C inside a C extension's import (onnxruntime's)
+            stop = _interrupted(exc)  # comes back as its ImportError: said as Ctrl-C is
+            if stop is None:
+                raise
+            raise stop from None
     except (WsssError, InputError, *PATH_ERRORS) as exc:  # a bug keeps its traceback
         if os.environ.get("WSSS_DEBUG"):  # where it came from, as well
             raise

@@ -161,6 +161,24 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err == "wsss infer: interrupted: 2 of 3 images written to out; --resume carries on\n"
 
+    def interrupted_import(*args, **kwargs):  # Ctrl-C inside onnxruntime's C import
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise ImportError("initialization of onnxruntime_pybind11_state raised") from exc
+
+    monkeypatch.setattr(serving.infer, "run", interrupted_import)
+    with pytest.raises(SystemExit) as stopped:
+        main(["infer", str(tmp_path)])
+    assert stopped.value.code == 130 and capsys.readouterr().err == "wsss infer: interrupted\n"
+
+    def broken(*args, **kwargs):  # an ImportError of its own stays one, traceback and all
+        raise ImportError("no module named onnxruntime")
+
+    monkeypatch.setattr(serving.infer, "run", broken)
+    with pytest.raises(ImportError, match="no module named"):
+        main(["infer", str(tmp_path)])
+
 
 def test_bench_and_soak_refuse_bad_flags_in_one_line_before_any_server(tmp_path):
     """Each said at once, in one line: nothing is exported, started or measured first."""
