@@ -63,8 +63,10 @@ POLL_SECONDS = 0.5  # how often a waiting export tries the lock again
 COMMIT_FILE = ".wsss-commit.json"
 # What a commit does with each path (the same under the staging folder and the repository):
 # move it in (a version folder, a file), swap it in for the folder there (warm-up data), or
-# retire the folder there (an optional model the new ensembles no longer step through).
+# retire the folder there (an optional model the new ensembles no longer step through, a
+# version folder no config serves): moved into the staging folder's RETIRED, deleted with it.
 COMMIT_STEPS = ("move", "swap", "retire")
+RETIRED = ".retired"  # in a staging folder: what its commit retired, until it is deleted
 # Signals that wait for the end of a commit: Ctrl-C, `docker stop`/`kill`, a closed terminal.
 DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _held: set[Path] = set()  # lock files this process holds: never opened again while held
@@ -198,12 +200,22 @@ def unfinished_commit(repo: str | Path) -> str | None:
         if _in_use(lock_path(repo)):  # its export is alive, committing now
             return None
         version, steps = planned
-        done = sum(1 for op, path in steps if op != "retire" and not (folder / path).exists())
+        moves = [path for op, path in steps if op != "retire"]
+        left = [path for path in moves if (folder / path).exists()]
+        retiring = [path for op, path in steps if op == "retire" and (repo / path).exists()]
+        if not left and not retiring:
+            continue  # every step done, the list not yet removed
+        if not left:  # every config new: what stays is what no config serves
+            return (
+                f"{repo}: the commit of version {version} did not finish removing "
+                f"{', '.join(retiring)} (an export died; {folder / COMMIT_FILE} lists them): "
+                "the next `wsss export` removes them"
+            )
         return (
             f"{repo}: the commit of version {version} did not finish (an export died after "
-            f"{done} of its {len(steps)} steps; {folder / COMMIT_FILE} lists them): it serves "
-            "models of two exports until the next `wsss export` finishes the commit, before "
-            "its own"
+            f"{len(moves) - len(left)} of its {len(moves)} moves; {folder / COMMIT_FILE} "
+            "lists them): it serves models of two exports until the next `wsss export` "
+            "finishes the commit, before its own"
         )
     return None
 
@@ -214,7 +226,7 @@ def _carry_out(folder: Path, repo: Path, steps: list[tuple[str, str]]) -> None:
     for op, path in steps:
         src, dest = folder / path, repo / path
         if op == "retire":
-            _retire(dest)
+            _retire(dest, folder / RETIRED / path)
         elif op == "swap":
             _swap(src, dest)
         elif src.exists():
@@ -237,13 +249,14 @@ def _swap(src: Path, dest: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _retire(dest: Path) -> None:
-    """Out of the name Triton polls first, then deleted."""
-    aside = dest.with_name(f".{dest.name}.retired")
+def _retire(dest: Path, aside: Path) -> None:
+    """Out of the repository Triton polls, by a rename into the staging folder (``aside``),
+    which is deleted with it once the export is done: hundreds of MB are not deleted while
+    the signals wait, and what a killed export left goes with its folder."""
     if dest.is_dir():
+        aside.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(dest, aside)
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _check_steps(steps: list[tuple[str, str]]) -> None:

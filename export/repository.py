@@ -9,8 +9,8 @@ its commit (the renames) leaves the repository exactly as it was; once the commi
 the repository ends with every model new, even if the export is interrupted or killed
 (``export.lock.commit_renames``). Exports into one repository take turns (``export.lock``).
 ``version_policy`` serves the latest ``export.keep_versions``; the commit then removes the
-version folders no config serves, new or still served until the server reloads
-(``export.prune``).
+version folders past the newest ``export.keep_on_disk`` that no config serves, new or still
+served until the server reloads.
 """
 
 from __future__ import annotations
@@ -275,12 +275,12 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
     if not report.ok:
         raise ExportError(f"the staged export is invalid, nothing was changed:\n{report}")
     order = [n for n in specs if n not in ENSEMBLES] + list(ENSEMBLES)
-    pruned = unserved_versions(repo, keep) if cfg.export.prune else []
+    pruned = unserved_versions(repo, keep, version, cfg.export.keep_on_disk)
     commit(staging, repo, version, order, retire=_retired(repo, specs) + pruned)
     if pruned:
         print(
-            f"export: removed {len(pruned)} version folder(s) no config serves, now or until "
-            "the server reloads (export.prune)",
+            f"export: removed {len(pruned)} old version folder(s) no config serves, now or "
+            f"until the server reloads (export.keep_on_disk: {cfg.export.keep_on_disk})",
             file=sys.stderr,
             flush=True,
         )
@@ -299,11 +299,16 @@ def _retired(repo: Path, specs: dict[str, ModelSpec]) -> list[str]:
     return [n for n in OPTIONAL_MODELS if n not in specs and (repo / n).is_dir()]
 
 
-def unserved_versions(repo: Path, keep: dict[str, list[int]]) -> list[str]:
-    """The version folders (``model/version``) that neither the new configs serve (``keep``)
-    nor the configs on disk now, which a running server serves until its reload of the new
-    ones lands: the commit removes them after the configs (``export.prune``). A config that
-    does not parse keeps every version of its model."""
+def unserved_versions(repo: Path, keep: dict[str, list[int]], new: int, on_disk: int) -> list[str]:
+    """The version folders (``model/version``) past the newest ``on_disk`` (``new``, the
+    version being exported, counted) that neither the new configs serve (``keep``) nor the
+    configs on disk now, which a running server serves until its reload of the new ones
+    lands: the commit removes them after the configs (``export.keep_on_disk``; 0: none). A
+    config that does not parse keeps every version of its model."""
+    if on_disk < 0:
+        raise InputError(f"export.keep_on_disk {on_disk}: 0 (keep every version) or more")
+    if on_disk == 0:
+        return []
     unserved = []
     for name, kept in keep.items():
         folder = repo / name
@@ -314,7 +319,8 @@ def unserved_versions(repo: Path, keep: dict[str, list[int]]) -> list[str]:
             now = served_versions(parse((folder / "config.pbtxt").read_text()), folder)
         except (ParseError, OSError, UnicodeDecodeError):
             now = found
-        unserved += [f"{name}/{v}" for v in found if v not in {*kept, *now}]
+        newest = sorted({*found, new})[-on_disk:]
+        unserved += [f"{name}/{v}" for v in found if v not in {*kept, *now, *newest}]
     return unserved
 
 

@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -42,7 +43,7 @@ from tqdm import tqdm
 from serving.client import ClientError, PipelineClient, load_image, resize
 from wsss.palette import VOC_PALETTE
 from wsss.served.classical import present_classes
-from wsss.served.images import MAX_ENCODED_BYTES
+from wsss.served.images import IMAGE_SUFFIXES, MAX_ENCODED_BYTES
 from wsss.tensors import (
     CAMS,
     PIPELINE,
@@ -55,17 +56,12 @@ from wsss.tensors import (
     class_label,
 )
 
-# What a folder walk or a glob picks up (names given one by one are sent whatever they are).
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 # Each full-size mask and the file it is written as: <stem>_pseudo_mask.png, _segmentation.png
 MASK_FILES = {PSEUDO_MASK_FULL: PSEUDO_MASK.lower(), SEGMENTATION_FULL: SEGMENTATION.lower()}
 FIGURE = "overlay"  # <stem>_overlay.png, with figures on
 FIGURE_SIDE = 448  # px, each panel's longer side: the masks' edges large enough to judge
 PREDICTIONS = "predictions.jsonl"  # <out>/predictions.jsonl: one record per image
 RETRY_FIRST, RETRY_MOST = 0.5, 8.0  # seconds between tries of a request the server failed
-# An image the server failed again after it had answered others, this many times: the image's
-# (a model crashing on it), listed with the unreadable ones instead of crashing it anew.
-FAILED_AFTER_ANSWERS = 2
 MIXED_VERSIONS = "MIXED_VERSIONS"  # scores of another export than the version that answered
 _FIGURE_LOCK = threading.Lock()  # matplotlib's pyplot is not thread-safe
 
@@ -565,9 +561,15 @@ class Retry:
     next answer) is shorter than ``seconds``; ``said(error)`` at the first failure tried
     again.
     ``stop()`` ends every wait at once (Ctrl-C, another image's error): the last error is
-    raised. A request that fails again after the server has answered others in between,
-    FAILED_AFTER_ANSWERS times, is not the server's outage but its input's (a model that
-    crashes on that image, reloaded by the watchdog each time): ``FailedOnInput``."""
+    raised.
+
+    A request that fails again after the server has answered others in between is a
+    suspect: a model may crash on its image (the watchdog reloading it each time), or it
+    only shared the crash of another image in flight with it. Its next tries are sent
+    alone, the other threads holding theirs; failing alone where the request that landed
+    last was answered (the server was up, and nothing else was in flight), it is the
+    image's: ``FailedOnInput``, and no other image is sent again to crash the model anew
+    or blamed for it."""
 
     def __init__(
         self,
@@ -584,42 +586,77 @@ class Retry:
         self.since: float | None = None  # when the server last began failing
         self.said_once = False
         self.answers = 0  # requests answered by this run so far, every thread's
+        self.up = True  # the request that landed last was answered
+        # Whose turn it is to send: every thread's (``sending`` in flight), or one
+        # suspect's alone.
+        self.turns = threading.Condition()
+        self.sending, self.alone = 0, False
 
     def stop(self) -> None:
         self.stopped.set()
+        with self.turns:
+            self.turns.notify_all()
+
+    @contextmanager
+    def _turn(self, alone: bool):
+        """A turn to send: beside the other threads, or ``alone`` once those in flight
+        have landed (new ones wait)."""
+        with self.turns:
+            self.turns.wait_for(lambda: not self.alone or self.stopped.is_set())
+            if alone:
+                self.alone = True
+                self.turns.wait_for(lambda: self.sending == 0 or self.stopped.is_set())
+            else:
+                self.sending += 1
+        try:
+            yield
+        finally:
+            with self.turns:
+                if alone:
+                    self.alone = False
+                else:
+                    self.sending -= 1
+                self.turns.notify_all()
 
     def __call__(self, send: Callable):
         delay = RETRY_FIRST
-        tries, answers_then, failed_after_answers = 0, None, 0
+        tries, answers_then, suspect = 0, None, False
         while True:
-            try:
-                result = send()
-            except ClientError as exc:
-                if not exc.sent or (exc.invalid_input and not self.transient(exc)):
-                    raise  # the client's own error, or the input's
-                now = self.clock()
-                tries += 1
+            with self._turn(alone=suspect):  # what lands is recorded before the turn ends
+                up = self.up  # alone: how the server was when this was sent
+                try:
+                    result, error = send(), None
+                except ClientError as exc:
+                    error = exc
                 with self.lock:
-                    self.since = now if self.since is None else self.since
-                    left = self.since + self.seconds - now
-                    first, self.said_once = not self.said_once, True
-                    answered = answers_then is not None and self.answers > answers_then
-                    answers_then = self.answers
-                failed_after_answers += answered and not self.transient(exc)
-                if failed_after_answers >= FAILED_AFTER_ANSWERS:
-                    raise FailedOnInput(tries, exc) from exc
-                if left <= 0 or self.stopped.is_set():
-                    raise
-                if first and self.said is not None:
-                    self.said(exc)
-                if self.stopped.wait(min(delay, left)):
-                    raise
-                delay = min(2 * delay, RETRY_MOST)
-            else:
-                with self.lock:
-                    self.since = None  # the server answers again
-                    self.answers += 1
+                    server_side = error is not None and error.sent and not error.invalid_input
+                    self.up = error is None or not server_side
+                    if error is None:
+                        self.since = None  # the server answers again
+                        self.answers += 1
+            if error is None:
                 return result
+            if not error.sent or (error.invalid_input and not self.transient(error)):
+                raise error  # the client's own error, or the input's
+            now = self.clock()
+            tries += 1
+            with self.lock:
+                self.since = now if self.since is None else self.since
+                left = self.since + self.seconds - now
+                first, self.said_once = not self.said_once, True
+                answered = answers_then is not None and self.answers > answers_then
+                answers_then = self.answers
+            if left <= 0 or self.stopped.is_set():
+                raise error
+            if not self.transient(error):
+                if suspect and up:  # alone, the server up when sent: the image's
+                    raise FailedOnInput(tries, error) from error
+                suspect = suspect or answered
+            if first and self.said is not None:
+                self.said(error)
+            if self.stopped.wait(min(delay, left)):
+                raise error
+            delay = min(2 * delay, RETRY_MOST)
 
 
 class FailedOnInput(ClientError):

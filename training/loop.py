@@ -131,18 +131,28 @@ def fit(
     point_path = resume_point(out_dir)
     key = _run_key(run_key, meta, epochs, lr, weight_decay, train, val)
     first, records, best_state, best_record = 1, [], None, {}
-    point = _resume_from(point_path, key, desc) if resume else None
+    point = None
+    if resume:  # rank 0 decides, from the file it alone writes; the others follow
+        point = _resume_from(point_path, key, desc) if main else None
+        if distributed.active():
+            resuming = distributed.all_sum([float(point is not None)], device)[0] > 0
+            if resuming and point is None:
+                point = load_checkpoint(point_path)
     if point is not None:
         model.load_state_dict(point["state_dict"])
         opt.load_state_dict(point["optimizer"])
         sched.load_state_dict(point["scheduler"])
-        _set_rng(point["rng"], train)
+        _set_rng(point["rng"], train, device)
         first, records, best = point["epoch"] + 1, point["records"], point["best"]
         best_state, best_record = point["best_state"], point["best_record"]
         if main:
             tqdm.write(f"{desc}: resuming after epoch {point['epoch']} of {epochs} ({point_path})")
-    elif main:
-        point_path.unlink(missing_ok=True)  # another run's: this one starts over
+    elif main and not resume and _stopped_epoch(point_path, key) is not None:
+        tqdm.write(  # kept until this run's first epoch takes its place
+            f"{desc}: a stopped run of these settings is in {point_path} (epoch "
+            f"{_stopped_epoch(point_path, key)} of {epochs}): this run starts over; "
+            "stop it now and add --resume to continue that one"
+        )
     log = _partial(log_path).open("w") if main else None
     if log is not None:
         log.writelines(json.dumps(r) + "\n" for r in records)
@@ -173,7 +183,9 @@ def fit(
             records.append(record)
             if val_loss < best:  # the same on every rank: the losses are global
                 best, best_record = val_loss, record
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                # kept in host memory (a GPU holds the weights, not a copy of them too)
+                weights = model.state_dict().items()
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in weights}
                 if main:
                     save_checkpoint({"state_dict": best_state, "meta": meta | record}, partial)
             if main:
@@ -183,7 +195,7 @@ def fit(
                     "state_dict": model.state_dict(),
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
-                    "rng": _get_rng(train),
+                    "rng": _get_rng(train, device),
                     "records": records,
                     "best": best,
                     "best_state": best_state,
@@ -247,26 +259,43 @@ def _run_key(run_key: str, meta: dict, epochs, lr, weight_decay, train, val) -> 
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _stopped_epoch(path: Path, key: str) -> int | None:
+    """The last finished epoch of the stopped run of these settings at ``path``, if any."""
+    try:
+        point = load_checkpoint(path) if path.is_file() else {}
+    except WsssError:
+        return None
+    return point.get("epoch") if point.get("key") == key else None
+
+
 def _resume_from(path: Path, key: str, desc: str) -> dict | None:
-    """The saved state of a stopped run with these settings, or None (said) to start over."""
+    """The saved state of a stopped run with these settings, or None (said) to start over;
+    one of other settings stays until this run's first epoch takes its place."""
     if not path.exists():
         if distributed.is_main():
             tqdm.write(f"{desc}: no stopped run to resume ({path}): training from epoch 1")
         return None
-    point = load_checkpoint(path)
+    try:
+        point = load_checkpoint(path)
+    except WsssError as exc:  # cut short by a crash mid-write on a filesystem without rename
+        if distributed.is_main():
+            tqdm.write(f"{desc}: {exc}: training from epoch 1")
+        return None
     if point.get("key") != key:
         if distributed.is_main():
             tqdm.write(
-                f"{desc}: the stopped run in {path.parent} had other settings or data: "
-                "training from epoch 1"
+                f"{desc}: the stopped run in {path} (epoch {point.get('epoch')}) had other "
+                "settings or data: training from epoch 1 (its state is replaced after this "
+                "run's first epoch: stop now to keep it)"
             )
         return None
     return point
 
 
-def _get_rng(train: DataLoader) -> dict:
-    """Every generator a next epoch draws from: the loader's order, torch's, numpy's (the
-    augmentations) and Python's, as tensors and lists ``weights_only`` loads."""
+def _get_rng(train: DataLoader, device: torch.device) -> dict:
+    """Every generator a next epoch draws from: the loader's order, torch's (the GPU's too:
+    dropout there draws from it), numpy's (the augmentations) and Python's, as tensors and
+    lists ``weights_only`` loads."""
     import random
 
     import numpy as np
@@ -275,12 +304,13 @@ def _get_rng(train: DataLoader) -> dict:
     return {
         "loader": train.generator.get_state() if train.generator is not None else None,
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss],
         "python": random.getstate(),
     }
 
 
-def _set_rng(state: dict, train: DataLoader) -> None:
+def _set_rng(state: dict, train: DataLoader, device: torch.device) -> None:
     """The saved generators back (rank 0's: the other ranks keep their own, which differ from
     rank 0's as the augmentations of a run never stopped did)."""
     import random
@@ -292,6 +322,8 @@ def _set_rng(state: dict, train: DataLoader) -> None:
     if not distributed.is_main():
         return
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
     random.setstate(state["python"])

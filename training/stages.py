@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -37,7 +38,6 @@ from training.loop import (
     partial_checkpoint,
     resolve_device,
     save_checkpoint,
-    trained_with,
 )
 from training.metrics import label_f1
 from training.models import CLASSIFIERS, SEGMENTERS, build_classifier, build_segmenter
@@ -55,7 +55,7 @@ from training.pipeline import (
 )
 from training.torch_refiners import build_refiner, present_classes_mask, seeded
 from wsss.config import DEFAULT_STAGES, PASSTHROUGH, STAGES, Config, RefineConfig, save_config
-from wsss.errors import InputError
+from wsss.errors import InputError, WsssError
 from wsss.served.registry import RefinerSpec
 
 
@@ -214,9 +214,11 @@ def train_classifier(cfg: Config, data: WSSSDataset | None, resume: bool = False
             "classifier.class_groups with learned classes (no ids) name the data's classes in "
             f"its order: {', '.join(data.class_names)}"
         )
-    if folds and resume and _kept(cfg, model, meta, Path(cfg.runs) / "classifier"):
-        return model.eval()
     tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
+    if folds and resume:  # kept whole, its thresholds in it (_train keeps the others)
+        digest = _data_digest(_View(data, tr, True), _View(data, va, False))
+        if _kept(cfg, model, meta | {"data_digest": digest}, Path(cfg.runs) / "classifier"):
+            return model.eval()
     model = _fit_classifier(
         cfg, model, data, tr, va, meta, "classifier", finish=not folds, resume=resume
     )
@@ -713,21 +715,92 @@ def _untrained(
     return model.eval()
 
 
+def _data_digest(*views: Dataset) -> str:
+    """Which photos (by name, at which size) and which masks a stage trains and validates
+    on: a complete run is kept by --resume only for the same, a stopped one resumed."""
+    digest = hashlib.sha256()
+    for view in views:
+        base = view.base
+        names = [base.samples[int(i)].name for i in view.indices]
+        digest.update(json.dumps([base.size, names]).encode())
+        if view.masks is not None:  # the pseudo-masks (or the truth) a segmenter learns
+            digest.update(np.ascontiguousarray(view.masks).tobytes())
+    return digest.hexdigest()[:16]
+
+
+# The settings a stage's training reads (wsss.config's sections): --resume keeps a complete
+# run, and continues a stopped one, made with the same (the ports a server is started on,
+# an export's or evaluation's settings, another stage's recipe are none of its business).
+STAGE_SETTINGS = {
+    "classifier": ("data", "classifier", "train"),
+    "levelset": ("data", "classifier", "refine", "levelset", "train"),
+    "segmenter": ("data", "segmenter", "train"),
+}
+
+
+def stage_settings(cfg: Config, family: str) -> dict:
+    full = dataclasses.asdict(cfg)
+    return {k: full[k] for k in STAGE_SETTINGS[family]}
+
+
+def _changed(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ (as JSON: tuples read back from YAML as lists)."""
+    keys = []
+    for key in sorted({*saved, *now}):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed(a, b, f"{prefix}{key}.")
+        elif _as_json(a) != _as_json(b):
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _as_json(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _desc(family: str, out: Path, runs: Path) -> str:
+    """What a stage's lines call it: ``classifier``, ``classifier folds/2``, ``segmenter
+    supervised``."""
+    if out == runs / family:
+        return family
+    where = out.relative_to(runs / family) if out.is_relative_to(runs / family) else out.name
+    return f"{family} {where.as_posix() if isinstance(where, Path) else where}"
+
+
 def _kept(cfg: Config, model: nn.Module, meta: dict, out: Path) -> bool:
-    """With ``--resume``: ``out`` holds a complete run of ``cfg`` whose checkpoint says it
-    was made as ``meta`` says this one would be (its classes, the classifier run its
-    pseudo-masks came from); its weights are loaded into ``model``."""
-    if not trained_with(out, cfg):
+    """With ``--resume``: ``out`` holds a complete run (its config saved beside its
+    checkpoint) made with this stage's settings (``STAGE_SETTINGS``), whose checkpoint says
+    it was made as ``meta`` says this one would be (its photos and masks, its classes, the
+    classifier run its pseudo-masks came from); its weights are loaded into ``model``. A
+    run with other settings or photos is said and trained again."""
+    family = meta["family"]
+    saved = out / "config.yaml"
+    if not (saved.is_file() and (out / "best.pt").is_file()):
         return False
-    ckpt = load_checkpoint(out / "best.pt")
-    same = json.dumps(meta, sort_keys=True, default=str) == json.dumps(
-        {k: ckpt["meta"].get(k) for k in meta}, sort_keys=True, default=str
-    )
-    if same:
-        model.load_state_dict(ckpt["state_dict"])
-        if distributed.is_main():
-            tqdm.write(f"{meta['family']}: kept, trained with these settings ({out}; --resume)")
-    return same
+    try:
+        raw = yaml.safe_load(saved.read_text())
+        ckpt = load_checkpoint(out / "best.pt")
+    except (OSError, yaml.YAMLError, WsssError) as exc:  # an older run's files, or cut short
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return _not_kept(family, out, f"its files do not read ({why})")
+    raw = raw if isinstance(raw, dict) else {}
+    changed = _changed({k: raw.get(k) for k in STAGE_SETTINGS[family]}, stage_settings(cfg, family))
+    if changed:
+        shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
+        return _not_kept(family, out, f"it was trained with other {shown}")
+    if _as_json(meta) != _as_json({k: ckpt["meta"].get(k) for k in meta}):
+        return _not_kept(family, out, "it was trained on other photos, masks or classes")
+    model.load_state_dict(ckpt["state_dict"])
+    if distributed.is_main():
+        tqdm.write(f"{family}: kept, trained with these settings ({out}; --resume)")
+    return True
+
+
+def _not_kept(family: str, out: Path, why: str) -> bool:
+    if distributed.is_main():
+        tqdm.write(f"{family}: the complete run in {out} is not kept: {why}")
+    return False
 
 
 def _seed(cfg: Config) -> None:
@@ -754,9 +827,10 @@ def _train(
     settings is kept (``_kept``) and a stopped one continues after its last finished epoch."""
     family = meta["family"]
     out = Path(cfg.runs) / (out or family)
+    meta = meta | {"data_digest": _data_digest(train, val)}  # what --resume keeps it for
     if resume and finish and _kept(cfg, model, meta, out):
         return model.cpu().eval()
-    run_key = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    run_key = json.dumps(stage_settings(cfg, family), sort_keys=True, default=str)
     fit(
         model,
         *_loaders(cfg, train, val),
@@ -767,7 +841,7 @@ def _train(
         device=resolve_device(cfg.train.device),
         out_dir=out,
         meta=meta,
-        desc=family,
+        desc=_desc(family, out, Path(cfg.runs)),
         finish=finish,
         resume=resume,
         run_key=run_key,
@@ -781,14 +855,20 @@ def _train(
 # the upper bound) runs only when named.
 
 
-def _fits(pseudo_path: Path, data: WSSSDataset, cfg: Config) -> bool:
+def _fits(pseudo_path: Path, data: WSSSDataset | None, cfg: Config) -> bool:
     """Saved pseudo-masks that belong to this data and this chain: same images, same size,
-    made by the classifier run and settings there are now (``pseudo_source``)."""
+    made by the classifier run and settings there are now (``pseudo_source``). Without
+    ``data`` (nothing decoded), the images are the layout's list of the training photos."""
     if not pseudo_path.exists():
         return False
     saved = np.load(pseudo_path)
-    names = [s.name for s in data.samples]
-    if saved["masks"].shape != data.masks.shape or saved["names"].tolist() != names:
+    if data is not None:
+        names, shape = [s.name for s in data.samples], data.masks.shape
+    else:
+        d = cfg.data
+        names = [s.name for s in list_samples(d.root, d.task, "train", d.layout)]
+        shape = (len(names), d.image_size, d.image_size)
+    if saved["masks"].shape != shape or saved["names"].tolist() != names:
         return False
     source = pseudo_source(cfg)
     return all(k in saved.files and str(saved[k]) == v for k, v in source.items())
@@ -870,8 +950,7 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES, resume: bool = Fa
         if "segmenter" in stages:
             passthrough_segmenter(cfg, data)
         return
-    reuse = data is not None and ("segmenter" in stages or resume)  # pseudo alone reads none
-    fits = reuse and _fits(pseudo_path, data, cfg)
+    fits = ("segmenter" in stages or resume) and _fits(pseudo_path, data, cfg)
     if ("pseudo" in stages and not (resume and fits)) or ("segmenter" in stages and not fits):
         write_pseudo_masks(cfg, data, pseudo_path)  # under torchrun: sharded over the ranks
     elif "pseudo" in stages and distributed.is_main():

@@ -477,10 +477,11 @@ class ExportConfig:
     opset: int = 17
     atol: float = 1e-3  # served vs PyTorch, max abs error of float outputs: refused past this
     keep_versions: int = 2  # version_policy: Triton serves the latest N
-    # Delete the version folders no config serves (neither the new ones nor those a running
-    # server serves until its reload lands): the repository grows by one export, not by
-    # every export ever made. false: they stay on disk.
-    prune: bool = True
+    # Version folders each model keeps on disk, the newest, the export's own included: an
+    # export deletes older ones that no config serves (neither its own configs nor the ones
+    # they replace, which a running server serves until its reload lands), so the
+    # repository does not grow by every export ever made. 0: never delete one.
+    keep_on_disk: int = 4
     # While another export into the same repository runs (export/lock.py), wait this many
     # seconds for it, saying so, then fail; unset: as long as it takes; 0 (--no-wait): fail.
     lock_wait_seconds: float | None = None

@@ -15,6 +15,7 @@ from export.parity import ParityError
 from export.repository import ExportError, export_repository
 from tests.conftest import random_export_cfg
 from wsss.config import load_config, with_overrides
+from wsss.errors import InputError
 from wsss.palette import VOC_PALETTE
 from wsss.tensors import (
     ENSEMBLES,
@@ -106,7 +107,7 @@ def _export_ids(repo: Path) -> dict[str, str]:
 
 
 def test_versions_accumulate_with_the_policy(tmp_path):
-    cfg = random_export_cfg(tmp_path, "export.keep_versions=2")
+    cfg = random_export_cfg(tmp_path, "export.keep_versions=2", "export.keep_on_disk=1")
     repo = Path(cfg.export.repository)
     results, ids = [], []
     for _ in range(3):
@@ -124,8 +125,9 @@ def test_versions_accumulate_with_the_policy(tmp_path):
     def on_disk() -> dict[str, list[int]]:
         return {name: versions(repo / name) for name in served_models(48, 3, 2)}
 
-    # Version 1 stays while the configs before the last export served it (a running server
-    # serves them until its reload lands); the ensembles served their latest alone.
+    # Past the newest export.keep_on_disk (1 here), an old version stays while a config
+    # serves it: the new ones, and those before this export, which a running server serves
+    # until its reload lands (1 for the networks; the ensembles served their latest alone).
     expected = {name: [2, 3] if name in ENSEMBLES else [1, 2, 3] for name in on_disk()}
     assert on_disk() == expected
     classifier = parse((repo / "classifier" / "config.pbtxt").read_text())
@@ -134,14 +136,19 @@ def test_versions_accumulate_with_the_policy(tmp_path):
     assert report.ok, str(report)
     assert report.models["classifier"] == [2, 3]
     assert not list(tmp_path.glob(".wsss-staging-*"))
-    # The repository grows by one export, not by every export ever made (export.prune) ...
+    # The repository grows by one export, not by every export ever made ...
     assert export_repository(cfg).version == 4
     assert on_disk() == {n: [3, 4] if n in ENSEMBLES else [2, 3, 4] for n in expected}
-    assert not [p for p in repo.rglob(".*") if p.name.endswith(".retired")]
+    assert not list(tmp_path.glob(".wsss-staging-*"))  # moved out in the commit, then deleted
     assert check_repository(repo).ok
-    # ... unless told to keep them.
-    export_repository(with_overrides(cfg, ["export.prune=false"]))
+    # ... unless told to keep every one (0), and by default the newest 4.
+    export_repository(with_overrides(cfg, ["export.keep_on_disk=0"]))
     assert on_disk() == {n: [3, 4, 5] if n in ENSEMBLES else [2, 3, 4, 5] for n in expected}
+    export_repository(with_overrides(cfg, ["export.keep_on_disk=4"]))
+    assert on_disk() == dict.fromkeys(expected, [3, 4, 5, 6])
+    with pytest.raises(InputError, match="export.keep_on_disk -1"):
+        export_repository(with_overrides(cfg, ["export.keep_on_disk=-1"]))
+    assert on_disk() == dict.fromkeys(expected, [3, 4, 5, 6]) and check_repository(repo).ok
 
 
 def test_the_config_written_beside_an_export_says_what_was_trained(tmp_path, capsys):

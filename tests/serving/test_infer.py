@@ -202,47 +202,71 @@ def test_a_request_the_server_failed_is_tried_again_backing_off_until_the_deadli
     assert time.monotonic() - began < 5
 
 
-def test_an_image_the_server_fails_on_while_answering_others_is_listed_not_resent(
-    monkeypatch, tmp_path
-):
+class _CrashingStub:
+    """A model that dies on one image: every request in flight with it fails, and it
+    answers nothing until the watchdog has reloaded it (``down`` seconds)."""
+
+    def __init__(self, poison: str, down: float, rng):
+        self.poison, self.down, self.rng = poison, down, rng
+        self.lock = threading.Lock()
+        self.up_at, self.life, self.crashes = 0.0, 0, 0
+
+    def request(self, image: str) -> str:
+        import time
+
+        crash = ClientError("Stub 'refiner_0_0' is not healthy", "StatusCode.INTERNAL", sent=True)
+        with self.lock:
+            if time.monotonic() < self.up_at:
+                raise crash
+            life = self.life
+        time.sleep(self.rng.uniform(0.001, 0.004))  # the model at work
+        with self.lock:
+            if image == self.poison and self.life == life:
+                self.life, self.crashes = self.life + 1, self.crashes + 1
+                self.up_at = time.monotonic() + self.down
+            if self.life != life:  # died while this request was in it
+                raise crash
+        return f"mask of {image}"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_an_image_a_model_crashes_on_is_listed_and_no_other_is(monkeypatch, seed):
     """An image that crashes a model (the watchdog reloads it) was sent again until
     --retry-seconds ran out, crashing the server anew every few seconds for as long as the
-    other images kept its outage clock at zero. Failed again after the server answered
-    others, twice, it is the image's: listed as unreadable. An outage with no answer in
-    between, and an export's passing state, are not."""
-    from serving.infer import FAILED_AFTER_ANSWERS, FailedOnInput, Retry, mid_reload
+    other images kept its outage clock at zero. Failing again after the server answered
+    others, it is sent alone; failing alone, it is the image's. The images in flight with
+    it fail with it each time, and are not blamed: alone, they are answered."""
+    import random
+
+    import serving.infer
+    from serving.infer import FailedOnInput, Retry, mid_reload
+
+    monkeypatch.setattr(serving.infer, "RETRY_FIRST", 0.01)
+    monkeypatch.setattr(serving.infer, "RETRY_MOST", 0.08)  # the watchdog's 3 s to 8 s
+    stub = _CrashingStub("photo_07", down=0.03, rng=random.Random(seed))
+    retry = Retry(60.0, transient=mid_reload)
+    images = [f"photo_{k:02d}" for k in range(40)]
+    with ThreadPoolExecutor(4) as pool:
+        futures = {pool.submit(retry, lambda i=i: stub.request(i)): i for i in images}
+    failed = {i for f, i in futures.items() if f.exception() is not None}
+    assert failed == {"photo_07"}
+    (error,) = [f.exception() for f, i in futures.items() if i in failed]
+    assert isinstance(error, FailedOnInput) and "failed on this image" in str(error)
+    assert stub.crashes <= 20  # 3-6 in 12 seeds here; before: until the run's last image
+
+
+def test_an_outage_or_an_export_loading_blames_no_image(monkeypatch, tmp_path):
+    """Nothing answered between its tries (the server down), or an export's passing state
+    (scores of another version), is tried until it ends; a suspect failing in a run is
+    listed with the unreadable images, the run going on."""
+    from types import SimpleNamespace
+
+    from serving.infer import FailedOnInput, Item, Retry, _Run, _Unreadable, mid_reload
 
     crash = ClientError("Stub 'postprocess_0_0' is not healthy", "StatusCode.INTERNAL", sent=True)
     retry = Retry(60.0, transient=mid_reload)
     monkeypatch.setattr(retry.stopped, "wait", lambda t: False)
-    calls = []
-
-    def poison(others: int):  # fails each time; ``others`` answered between its tries
-        def send():
-            calls.append(1)
-            for _ in range(others):
-                retry(lambda: "another image's answer")
-            raise crash
-
-        return send
-
-    with pytest.raises(FailedOnInput, match="failed on this image 3 times while it answered"):
-        retry(poison(1))
-    assert len(calls) == FAILED_AFTER_ANSWERS + 1
-    # In a run: the image is listed with the unreadable ones, the run goes on.
-    from types import SimpleNamespace
-
-    from serving.infer import Item, _Run, _Unreadable
-
-    run = object.__new__(_Run)
-    run.retry, run.answer = retry, lambda data: poison(1)()
-    photo = tmp_path / "photo.jpg"
-    photo.write_bytes(b"jpeg")
-    run.options = SimpleNamespace(out=tmp_path / "out")
-    with pytest.raises(_Unreadable, match="a model may crash on it: see the server's log"):
-        run.one(Item(photo, Path("photo")))
-    calls.clear()  # an outage: nothing answered between its tries, tried until it ends
-    outage = iter([crash] * 12)
+    outage, calls = iter([crash] * 12), []
 
     def down_then_up():
         calls.append(1)
@@ -258,13 +282,39 @@ def test_an_image_the_server_fails_on_while_answering_others_is_listed_not_resen
 
     def swapping():
         calls.append(1)
-        retry(lambda: "another image's answer")
+        retry.answers += 1  # other images answered meanwhile
         error = next(tries, None)
         if error is not None:
             raise error
         return "answer"
 
     assert retry(swapping) == "answer" and len(calls) == 6
+
+    def others_answered_meanwhile(seconds):
+        retry.answers, retry.up = retry.answers + 1, True
+        return False
+
+    monkeypatch.setattr(retry.stopped, "wait", others_answered_meanwhile)
+    calls.clear()
+
+    def crashing():  # a suspect after its second failure, then failing alone
+        calls.append(1)
+        raise crash
+
+    with pytest.raises(FailedOnInput, match="failed on this image 3 times while it answered"):
+        retry(crashing)
+    assert len(calls) == 3
+    run = object.__new__(_Run)
+    run.retry, run.answer = retry, lambda data: crashing()
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"jpeg")
+    run.options = SimpleNamespace(out=tmp_path / "out")
+    with pytest.raises(_Unreadable, match="a model may crash on it: see the server's log"):
+        run.one(Item(photo, Path("photo")))
+    retry.stop()  # Ctrl-C: the images in flight are not listed as failures
+    with pytest.raises(ClientError) as raised:
+        retry(crashing)
+    assert not isinstance(raised.value, FailedOnInput)
 
 
 def test_answers_mixing_two_exports_are_sent_again_not_labelled_or_listed():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -56,6 +57,7 @@ def test_two_cpu_processes_share_the_data_and_write_one_checkpoint(tmp_path):
     printed = done.stdout + done.stderr
     assert printed.count("classifier epoch 1:") == 1, printed[-2000:]
 
+    from training.loop import load_checkpoint
     from training.pipeline import load_model
 
     model, meta = load_model(runs / "classifier" / "best.pt")
@@ -68,6 +70,30 @@ def test_two_cpu_processes_share_the_data_and_write_one_checkpoint(tmp_path):
     for stage in ("classifier", "pseudo", "segmenter"):
         assert (again.stdout + again.stderr).count(f"{stage}: kept") == 1, again.stdout[-2000:]
     assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()} == files
+
+    # Stopped in the segmenter's epochs, resumed: rank 0 decides from the file it wrote,
+    # every rank loads it, and the log goes on from the epoch after the last finished.
+    longer = cmd + ["--set", "segmenter.epochs=8", "--stages", "segmenter"]
+    proc = subprocess.Popen(
+        longer, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=env | {"PYTHONUNBUFFERED": "1"},  # each line as it is printed
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if line.startswith("segmenter epoch 2:"):  # epoch 1 saved, at least
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)  # torchrun passes it on: the workers die mid-epoch
+        proc.wait()
+    point = load_checkpoint(runs / "segmenter" / "resume.pt")
+    assert 1 <= point["epoch"] < 8
+    again = subprocess.run(longer + ["--resume"], capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = again.stdout + again.stderr
+    assert said.count(f"segmenter: resuming after epoch {point['epoch']} of 8") == 1, said[-2000:]
+    records = [json.loads(line) for line in (runs / "segmenter" / "metrics.jsonl").open()]
+    assert [r["epoch"] for r in records] == list(range(1, 9))
+    assert not (runs / "segmenter" / "resume.pt").exists()
 
 
 def _wsss(args: list[str], processes: int) -> subprocess.CompletedProcess:

@@ -164,6 +164,21 @@ def test_train_resume_keeps_the_stages_trained_with_these_settings(trained, tmp_
         runs / "classifier" / "best.pt"
     ][0]
     assert (runs / "segmenter" / "config.yaml").exists()
+    # Same settings, other photos or other pseudo-masks (a folder changed in place): trained
+    # again. The digest is of the photos' names and size and the masks learnt from.
+    data = stages.load_train_set(cfg)
+    view = stages._View(data, np.arange(4), False, np.zeros((4, 2, 2), np.uint8))
+    digest = stages._data_digest(view)
+    assert digest != stages._data_digest(stages._View(data, np.arange(1, 5), False, view.masks))
+    assert digest != stages._data_digest(stages._View(data, np.arange(4), False, view.masks + 1))
+    ckpt = load_checkpoint(runs / "segmenter" / "best.pt")
+    digest_then = ckpt["meta"]["data_digest"]
+    ckpt["meta"]["data_digest"] = "another folder"
+    torch.save(ckpt, runs / "segmenter" / "best.pt")
+    capsys.readouterr()
+    stages.run(cfg, ("segmenter",), resume=True)
+    assert "segmenter: kept" not in capsys.readouterr().out
+    assert load_checkpoint(runs / "segmenter" / "best.pt")["meta"]["data_digest"] == digest_then
 
 
 def test_a_classifier_stopped_while_choosing_thresholds_leaves_the_last_complete_run(
@@ -331,3 +346,66 @@ def test_a_checkpoint_cut_short_or_holding_code_is_an_error_naming_it(tmp_path):
             load_checkpoint(path)
     with pytest.raises(FileNotFoundError):  # said as a path error by the CLI, as before
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_train_resume_reads_the_settings_each_stage_trains_with(trained, tmp_path, capsys):
+    """The ports a server starts on (from the environment, too) or an export's settings
+    are no stage's: every stage is kept; a segmenter setting trains the segmenter alone; a
+    config saved by another version of wsss (a key it no longer knows) is not kept, and
+    said, not a crash."""
+    import shutil
+
+    from training import stages
+    from wsss.config import save_config, with_overrides
+
+    runs = tmp_path / "runs"
+    cfg = with_overrides(trained, [f"runs={runs}"])
+    for stage in ("classifier", "pseudo", "segmenter"):
+        shutil.copytree(Path(trained.runs) / stage, runs / stage)
+    for stage in ("classifier", "segmenter"):
+        save_config(cfg, runs / stage / "config.yaml")
+    elsewhere = with_overrides(cfg, ["serve.http_port=18999", "export.keep_versions=3"])
+    stages.run(elsewhere, resume=True)
+    said = capsys.readouterr().out
+    assert all(f"{s}: kept" in said for s in ("classifier", "pseudo", "segmenter")), said
+    stages.run(cfg, ("pseudo",), resume=True)  # alone, nothing decoded: the layout's list
+    assert "pseudo: kept" in capsys.readouterr().out
+    classifier = (runs / "classifier" / "best.pt").read_bytes()
+    stages.run(with_overrides(cfg, ["segmenter.lr=0.002"]), resume=True)
+    said = capsys.readouterr().out
+    assert "classifier: kept" in said and "pseudo: kept" in said
+    assert "segmenter: the complete run in" in said and "other segmenter.lr" in said
+    assert (runs / "classifier" / "best.pt").read_bytes() == classifier
+    saved = runs / "classifier" / "config.yaml"
+    saved.write_text(saved.read_text().replace("classifier:\n", "classifier:\n  old_key: 1\n", 1))
+    stages.run(cfg, ("classifier",), resume=True)
+    assert "other classifier.old_key" in capsys.readouterr().out
+    saved.write_text("classifier: [unclosed")
+    stages.run(cfg, ("classifier",), resume=True)
+    assert "classifier: the complete run in" in capsys.readouterr().out
+
+
+def test_a_stopped_run_is_not_lost_to_a_run_started_without_resume(tmp_path, capsys):
+    def stopped_in_the_second_epoch(logits, targets, calls=[]):  # noqa: B006
+        calls.append(1)
+        if len(calls) > 4 + 2:
+            raise KeyboardInterrupt
+        return _noisy(logits, targets)
+
+    with pytest.raises(KeyboardInterrupt):
+        _shuffled_fit(tmp_path, 4, stopped_in_the_second_epoch)
+    stopped = (tmp_path / "resume.pt").read_bytes()
+
+    def stopped_at_once(logits, targets):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # the same command again, --resume forgotten
+        _shuffled_fit(tmp_path, 4, stopped_at_once)
+    assert "a stopped run of these settings is in" in capsys.readouterr().out
+    assert (tmp_path / "resume.pt").read_bytes() == stopped  # still there to resume
+    with pytest.raises(KeyboardInterrupt):  # --resume with a typo: other settings
+        _shuffled_fit(tmp_path, 3, stopped_at_once, resume=True)
+    assert "stop now to keep it" in capsys.readouterr().out
+    assert (tmp_path / "resume.pt").read_bytes() == stopped
+    _shuffled_fit(tmp_path, 4, _noisy, resume=True)
+    assert "t: resuming after epoch 1 of 4" in capsys.readouterr().out

@@ -20,6 +20,9 @@ from .configs import MAX_PIXELS
 from .errors import InputError
 
 MAX_ENCODED_BYTES = 64 << 20  # refuse larger uploads before decoding anything
+# The file names a folder of photos is read by (wsss infer's walks, the imagefolder layout):
+# what the decoder reads, by name (a name given alone is decoded whatever it is called).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 # A progressive JPEG is decoded once per scan over the whole image: a 125 KB file of 4000 x
 # 4000 px with its last 14-byte scan repeated 2000 times held the decoder (and every request
 # queued behind it) for 15 s, and 64 MiB of such scans would hold it for hours. Encoders
