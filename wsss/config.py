@@ -28,7 +28,7 @@ from wsss.task import Task, get_task
 TaskName = Literal["pets", "voc"]  # wsss.task.TASKS' names (a test holds the two equal)
 # Where the data is read from (training/data/layouts.py's LAYOUTS; a test holds the two
 # equal). coco reads whichever of 2014 and 2017 is there; coco2014 / coco2017 pick one.
-Layout = Literal["pets", "voc", "voc_aug", "coco", "coco2014", "coco2017", "folder"]
+Layout = Literal["pets", "voc", "voc_aug", "coco", "coco2014", "coco2017", "folder", "imagefolder"]
 LAYOUTS = typing.get_args(Layout)  # training/data/layouts.py's readers, by these names
 MAX_IMAGE_SIZE = 4096  # data.image_size: the side the models see, 16.7 MP at most
 VIT_PATCH = 14  # the bundled DINOv2 ViT-S/14's patch: refine.saliency_size is a multiple

@@ -40,6 +40,7 @@ from training.data.base import (
 )
 from training.data.coco import CocoLayout
 from training.data.folder import FolderLayout
+from training.data.imagefolder import ImageFolderLayout
 from wsss.config import LAYOUTS as CONFIG_LAYOUTS
 from wsss.errors import InputError
 from wsss.palette import IGNORE, VOC_PALETTE
@@ -257,6 +258,7 @@ LAYOUTS: dict[str, Layout] = _named(
                 CocoLayout(2014),
                 CocoLayout(2017),
                 FolderLayout(),
+                ImageFolderLayout(),
             ),
             strict=True,
         )

@@ -142,6 +142,15 @@ def write_folder(root: Path, records, names) -> None:
     (root / "classes.txt").write_text("\n".join(names) + "\n")
 
 
+def write_imagefolder(root: Path, records, names) -> None:
+    """``train/<class>/`` and ``test/<class>/``, one JPEG per photo in its class's folder;
+    no masks (the layout has none)."""
+    for i, classes, image, _label, _band, split in records:
+        folder = root / split / names[classes[0]]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"photo_{i + 1:04d}.jpg", quality=95)
+
+
 def _rle(mask: np.ndarray) -> dict:
     """COCO's uncompressed RLE: run lengths of the column-major pixels, zeros first."""
     flat = np.asfortranarray(mask).ravel(order="F").astype(np.int8)
@@ -222,4 +231,5 @@ WRITERS: dict[str, Callable] = {
     "coco2014": partial(write_coco, year=2014),
     "coco2017": write_coco,
     "folder": write_folder,
+    "imagefolder": write_imagefolder,
 }

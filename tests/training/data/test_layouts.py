@@ -619,3 +619,72 @@ def test_a_mask_that_is_not_a_whole_png_is_refused_naming_it(roots, tmp_path, da
     with pytest.raises(DataLayoutError, match=message) as info:
         WSSSDataset(root, "voc", "train", 32, layout="voc_aug")
     assert str(mask) in str(info.value)
+
+
+# -- a folder per class (ImageFolder) --------------------------------------------------------
+
+
+def _photo(path, value=128):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+
+
+def test_a_folder_per_class_labels_each_photo_by_its_folder(tmp_path):
+    """cat/*.jpg, dog/*.jpg: the classes are the folders, sorted; subfolders and any
+    suffix the decoder reads count, hidden folders and other files do not; unsplit, one
+    photo in five is test by a hash of its path, as in the plain folder layout."""
+    from training.data.folder import default_split
+
+    for k in range(20):
+        _photo(tmp_path / "dog" / f"d{k}.jpg")
+        _photo(tmp_path / "cat" / "indoor" / f"c{k}.PNG")
+    _photo(tmp_path / "cat" / ".ipynb_checkpoints" / "c0-checkpoint.png")
+    _photo(tmp_path / ".trash" / "old.jpg")
+    (tmp_path / "dog" / "notes.txt").write_text("not a photo")
+    (tmp_path / "empty").mkdir()
+    assert read_class_names(tmp_path, "pets", "imagefolder") == ["cat", "dog"]
+    train = list_samples(tmp_path, "pets", "train", "imagefolder")
+    test = list_samples(tmp_path, "pets", "test", "imagefolder")
+    assert len(train) + len(test) == 40 and 0 < len(test) < 20
+    for s in train + test:
+        assert s.labels == ((0,) if s.name.startswith("cat/") else (1,)) and s.mask_path is None
+        split = default_split(s.image_path.relative_to(tmp_path).as_posix())
+        assert (s in test) == (split == "test")
+    assert "cat/indoor/c3" in {s.name for s in train + test}
+    data = WSSSDataset(tmp_path, "pets", "test", 32, layout="imagefolder")
+    assert not data.has_masks and len(data) == len(test)
+    with pytest.raises(DataLayoutError, match="does not fit data.task=voc"):
+        list_samples(tmp_path, "voc", "train", "imagefolder")  # one label a photo
+
+
+def test_a_folder_per_class_already_split_reads_train_and_test_or_val(tmp_path):
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            for k in range(3):
+                _photo(tmp_path / split / name / f"{k}.jpg")
+    _photo(tmp_path / "val" / "owl" / "0.jpg")  # a class only the held-out photos have
+    assert read_class_names(tmp_path, "pets", "imagefolder") == ["cat", "dog", "owl"]
+    train = list_samples(tmp_path, "pets", "train", "imagefolder")
+    test = list_samples(tmp_path, "pets", "test", "imagefolder")
+    assert len(train) == 6 and len(test) == 7
+    assert all(s.image_path.parts[-3] == "val" for s in test)
+    # train/ beside cat/: train is a class (VOC has one), not a split
+    _photo(tmp_path / "cat" / "x.jpg")
+    assert read_class_names(tmp_path, "pets", "imagefolder") == ["cat", "train", "val"]
+
+
+def test_a_folder_per_class_refuses_what_it_cannot_label(tmp_path):
+    with pytest.raises(DataLayoutError, match="is missing: expected a folder per class"):
+        read_class_names(tmp_path / "nowhere", "pets", "imagefolder")
+    with pytest.raises(DataLayoutError, match="no folder of photos"):
+        read_class_names(tmp_path, "pets", "imagefolder")
+    _photo(tmp_path / "cat" / "a.jpg")
+    _photo(tmp_path / "cat" / "a.png")
+    with pytest.raises(DataLayoutError, match="share the name cat/a"):
+        list_samples(tmp_path, "pets", "train", "imagefolder") + list_samples(
+            tmp_path, "pets", "test", "imagefolder"
+        )
+    (tmp_path / "cat" / "a.png").unlink()
+    _photo(tmp_path / "loose.jpg")
+    with pytest.raises(DataLayoutError, match="1 photo.s. beside the class folders"):
+        read_class_names(tmp_path, "pets", "imagefolder")

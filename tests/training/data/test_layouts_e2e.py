@@ -159,3 +159,25 @@ def test_bad_data_is_one_line_from_the_cli(tmp_path):
         .splitlines()[-1]
         .startswith(f"wsss train: {labels}, line 2: label 'unicorn' is not in the class list")
     )
+
+
+def test_a_folder_per_class_trains_evaluates_and_exports_its_folders_as_classes(tmp_path):
+    """ImageFolder's layout, as most image-level labels come: the chain trains on it, the
+    classifier is scored (no masks), and the served classes are the folders' names."""
+    from experiments.studies import evaluate_profile
+    from export.repository import export_repository
+    from training import stages
+
+    settings = [*_settings(tmp_path, "imagefolder"), "data.task=pets"]
+    _synth(settings)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["synth.json", "test", "train"]
+    cfg = load_config(None, settings)
+    stages.run(cfg)
+    table = evaluate_profile(cfg)
+    assert table.startswith("nothing to score but the classifier: no test image has a mask")
+    results = json.loads((tmp_path / "runs" / "eval" / "results.json").read_text())
+    assert results["images"] == COUNT // 4 and "accuracy" in results["rows"][0]
+    export_repository(cfg)
+    names = sorted(p.name for p in (tmp_path / "data" / "train").iterdir())
+    served = json.loads((tmp_path / "repo" / "classifier" / "1" / "class_names.json").read_text())
+    assert served == read_class_names(cfg.data.root, "pets", "imagefolder") == names
