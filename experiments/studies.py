@@ -52,7 +52,7 @@ from wsss.config import (
     PASSTHROUGH,
     Config,
     RefineConfig,
-    load_config,
+    load_saved_config,
     save_config,
     served_config,
 )
@@ -110,7 +110,7 @@ def trained_levelset_seed(runs: str | Path, default: str) -> str:
     """The seed the run's level set was trained from (its saved config), else ``default``:
     what its rows are marked by, whatever the config now asks."""
     saved = Path(runs) / "levelset" / "config.yaml"
-    return load_config(saved).levelset.seed if saved.is_file() else default
+    return load_saved_config(saved).levelset.seed if saved.is_file() else default
 
 
 def _more_than_labels(spelling: str, levelset_seed: str | None = None) -> str:
@@ -216,7 +216,7 @@ def classifier_label(run: Path, meta: dict) -> str:
     an ImageNet head with learned classes names them (``+ person learned``), and presence
     from corner tiles says so (``+ tiles 0.6``)."""
     saved = run / "classifier" / "config.yaml"
-    pretrained = saved.exists() and load_config(saved).classifier.pretrained
+    pretrained = saved.exists() and load_saved_config(saved).classifier.pretrained
     label = f"{meta['arch']} (ImageNet)" if pretrained else meta["arch"]
     groups = meta["kwargs"].get("class_groups") or [[0]] * len(meta["class_names"])
     learned = [n for n, ids in zip(meta["class_names"], groups, strict=True) if not ids]
@@ -276,7 +276,7 @@ def cam_study(cfg: Config) -> str:
             missing.append(str(run))
         elif LEVELSET.name in specs:
             # The level set was trained on one CAM method's maps: it is scored with those.
-            trained = load_config(run / "levelset" / "config.yaml")
+            trained = load_saved_config(run / "levelset" / "config.yaml")
             variant = dataclasses.replace(
                 trained, runs=str(run), refine=parse_refiner(LEVELSET.name, cfg.refine)
             )

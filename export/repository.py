@@ -65,7 +65,13 @@ from training.pipeline import (
 from training.torch_refiners import saliency_graph, served_settings, walk_graph
 from training.walk import ViTTokens
 from wsss import served
-from wsss.config import Config, load_config, save_config, served_config, with_overrides
+from wsss.config import (
+    Config,
+    load_saved_config,
+    save_config,
+    served_config,
+    with_overrides,
+)
 from wsss.errors import InputError, WsssError
 from wsss.palette import VOC_PALETTE
 from wsss.served import HELPERS
@@ -855,7 +861,7 @@ def _warn_other_size(runs: Path, size: int) -> None:
         if not saved.is_file():
             continue
         try:
-            trained = load_config(saved).data.image_size
+            trained = load_saved_config(saved).data.image_size
         except Exception:  # a config of an older layout: nothing to compare
             continue
         if trained != size:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from training import distributed
 from training.models.common import to_pixels
-from wsss.config import load_config
+from wsss.config import load_saved_config
 from wsss.errors import InputError, WsssError
 
 
@@ -68,7 +68,7 @@ def trained_with(folder: str | Path, cfg, saved: str | Path | None = None) -> bo
     saved = Path(saved) if saved is not None else folder / "config.yaml"
     if not ((folder / "best.pt").exists() and saved.exists()):
         return False
-    return dataclasses.asdict(load_config(saved)) == dataclasses.asdict(cfg)
+    return dataclasses.asdict(load_saved_config(saved)) == dataclasses.asdict(cfg)
 
 
 def fit(

@@ -680,6 +680,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return _build(Config, raw, "")
 
 
+def load_saved_config(path: str | Path) -> Config:
+    """A config a run saved beside its outputs (``save_config``), read by this version of
+    wsss: keys it does not know (written by another version, or renamed since, where
+    ``_upgrade`` has no rule for them) are left out, not refused as a user's misspelling
+    would be; the rest is checked as ``load_config`` checks it."""
+    raw = read_yaml(Path(path))
+    _upgrade(raw)
+    return _build(Config, _known(Config, raw), "")
+
+
+def _known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    known = {}
+    for item in dataclasses.fields(cls):
+        if item.name not in raw:
+            continue
+        value, hint = raw[item.name], hints[item.name]
+        nested = dataclasses.is_dataclass(hint) and isinstance(value, dict)
+        known[item.name] = _known(hint, value) if nested else value
+    return known
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping (two ``train:``
     sections: the second silently replaced the first)."""

@@ -63,17 +63,9 @@ def test_two_cpu_processes_share_the_data_and_write_one_checkpoint(tmp_path):
     model, meta = load_model(runs / "classifier" / "best.pt")
     assert meta["world_size"] == 2 and meta["class_names"]
 
-    # The same command with --resume: every rank keeps what finished, rank 0 says so once.
-    files = {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()}
-    again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    for stage in ("classifier", "pseudo", "segmenter"):
-        assert (again.stdout + again.stderr).count(f"{stage}: kept") == 1, again.stdout[-2000:]
-    assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()} == files
-
     # Stopped in the segmenter's epochs, resumed: rank 0 decides from the file it wrote,
     # every rank loads it, and the log goes on from the epoch after the last finished.
-    longer = cmd + ["--set", "segmenter.epochs=8", "--stages", "segmenter"]
+    longer = cmd + ["--set", "segmenter.epochs=6", "--stages", "segmenter"]
     proc = subprocess.Popen(
         longer, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env=env | {"PYTHONUNBUFFERED": "1"},  # each line as it is printed
@@ -86,13 +78,13 @@ def test_two_cpu_processes_share_the_data_and_write_one_checkpoint(tmp_path):
         proc.send_signal(signal.SIGTERM)  # torchrun passes it on: the workers die mid-epoch
         proc.wait()
     point = load_checkpoint(runs / "segmenter" / "resume.pt")
-    assert 1 <= point["epoch"] < 8
+    assert 1 <= point["epoch"] < 6
     again = subprocess.run(longer + ["--resume"], capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     said = again.stdout + again.stderr
-    assert said.count(f"segmenter: resuming after epoch {point['epoch']} of 8") == 1, said[-2000:]
+    assert said.count(f"segmenter: resuming after epoch {point['epoch']} of 6") == 1, said[-2000:]
     records = [json.loads(line) for line in (runs / "segmenter" / "metrics.jsonl").open()]
-    assert [r["epoch"] for r in records] == list(range(1, 9))
+    assert [r["epoch"] for r in records] == list(range(1, 7))
     assert not (runs / "segmenter" / "resume.pt").exists()
 
 

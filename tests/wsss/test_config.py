@@ -240,3 +240,22 @@ def test_one_threshold_fold_is_one_pass_where_no_class_is_learned():
     a learned class."""
     cfg = load_config(None, ["classifier.threshold_folds=1"])
     assert cfg.classifier.threshold_folds == 1
+
+
+def test_a_config_a_run_saved_reads_past_keys_this_version_does_not_know(tmp_path):
+    """A run's config.yaml written by another version of wsss (export.prune, since renamed)
+    stopped `wsss evaluate` with "unknown config key(s)"; a user's own config still does."""
+    import yaml
+
+    from wsss.config import ConfigError, load_config, load_saved_config, save_config
+
+    saved = tmp_path / "config.yaml"
+    save_config(load_config(None, ["train.epochs=3"]), saved)
+    raw = yaml.safe_load(saved.read_text())
+    raw["export"]["prune"] = True
+    raw["gone_section"] = {"x": 1}
+    saved.write_text(yaml.safe_dump(raw))
+    cfg = load_saved_config(saved)
+    assert cfg.train.epochs == 3 and cfg == load_config(None, ["train.epochs=3"])
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(saved)
