@@ -292,7 +292,10 @@ def cmd_serve(args) -> None:
         from export.repository import build_if_missing
 
         build_if_missing(cfg)
-    server = TritonServer(Path(cfg.export.repository), cfg.serve, Path(".cache/server"))
+    # One log per server (by its HTTP port): a second `wsss serve` from this folder on other
+    # ports truncated the first one's log and wrote over it.
+    log = Path(".cache/server") / f"tritonserver-{cfg.serve.http_port}.log"
+    server = TritonServer(Path(cfg.export.repository), cfg.serve, Path(".cache/server"), log)
     # SIGTERM (docker stop, kill) stops it as Ctrl-C does: through the `with` block below.
     # SIGINT is set too: a shell script's `wsss serve &` starts it with SIGINT ignored, and
     # Python then raises no KeyboardInterrupt, so `kill -INT` would leave it serving.

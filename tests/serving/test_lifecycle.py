@@ -142,7 +142,8 @@ def test_wsss_serve_starts_a_crashed_tritonserver_again(exported, tmp_path):
     os.kill(first, signal.SIGABRT)
     said = _wait_for_line(proc, "wsss: serving again")
     assert "tritonserver died (killed by SIGABRT)" in said and "starting it again (1 of 1" in said
-    assert len(list((tmp_path / ".cache/server").glob("tritonserver.crashed-*.log"))) == 1
+    crashed = f"tritonserver-{s.http_port}.crashed-*.log"  # one log per server, by its port
+    assert len(list((tmp_path / ".cache/server").glob(crashed))) == 1
     (second,) = _tritonservers(s.http_port)
     assert second != first and group_members(first) == []
     user = http.InferenceServerClient(f"127.0.0.1:{s.http_port}")
