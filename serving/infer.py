@@ -582,14 +582,13 @@ class Retry:
         the input's (``mid_reload``), tried again too."""
         self.seconds, self.said, self.clock, self.transient = seconds, said, clock, transient
         self.stopped = threading.Event()
-        self.lock = threading.Lock()
+        # One lock for what follows: the outage clock, what has landed, whose turn it is to
+        # send (every thread's, ``sending`` in flight, or one suspect's ``alone``).
+        self.turns = threading.Condition()
         self.since: float | None = None  # when the server last began failing
         self.said_once = False
         self.answers = 0  # requests answered by this run so far, every thread's
-        self.up = True  # the request that landed last was answered
-        # Whose turn it is to send: every thread's (``sending`` in flight), or one
-        # suspect's alone.
-        self.turns = threading.Condition()
+        self.up = True  # the request that landed last was not failed by the server
         self.sending, self.alone = 0, False
 
     def stop(self) -> None:
@@ -628,9 +627,8 @@ class Retry:
                     result, error = send(), None
                 except ClientError as exc:
                     error = exc
-                with self.lock:
-                    server_side = error is not None and error.sent and not error.invalid_input
-                    self.up = error is None or not server_side
+                with self.turns:
+                    self.up = error is None or not error.sent or error.invalid_input
                     if error is None:
                         self.since = None  # the server answers again
                         self.answers += 1
@@ -640,7 +638,7 @@ class Retry:
                 raise error  # the client's own error, or the input's
             now = self.clock()
             tries += 1
-            with self.lock:
+            with self.turns:
                 self.since = now if self.since is None else self.since
                 left = self.since + self.seconds - now
                 first, self.said_once = not self.said_once, True

@@ -8,10 +8,12 @@ import json
 import math
 import os
 import pickle
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -147,11 +149,10 @@ def fit(
         best_state, best_record = point["best_state"], point["best_record"]
         if main:
             tqdm.write(f"{desc}: resuming after epoch {point['epoch']} of {epochs} ({point_path})")
-    elif main and not resume and _stopped_epoch(point_path, key) is not None:
+    elif main and not resume and (stopped := _stopped_epoch(point_path, key)) is not None:
         tqdm.write(  # kept until this run's first epoch takes its place
-            f"{desc}: a stopped run of these settings is in {point_path} (epoch "
-            f"{_stopped_epoch(point_path, key)} of {epochs}): this run starts over; "
-            "stop it now and add --resume to continue that one"
+            f"{desc}: a stopped run of these settings is in {point_path} (epoch {stopped} of "
+            f"{epochs}): this run starts over; stop it now and add --resume to continue that one"
         )
     log = _partial(log_path).open("w") if main else None
     if log is not None:
@@ -296,10 +297,6 @@ def _get_rng(train: DataLoader, device: torch.device) -> dict:
     """Every generator a next epoch draws from: the loader's order, torch's (the GPU's too:
     dropout there draws from it), numpy's (the augmentations) and Python's, as tensors and
     lists ``weights_only`` loads."""
-    import random
-
-    import numpy as np
-
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "loader": train.generator.get_state() if train.generator is not None else None,
@@ -313,10 +310,6 @@ def _get_rng(train: DataLoader, device: torch.device) -> dict:
 def _set_rng(state: dict, train: DataLoader, device: torch.device) -> None:
     """The saved generators back (rank 0's: the other ranks keep their own, which differ from
     rank 0's as the augmentations of a run never stopped did)."""
-    import random
-
-    import numpy as np
-
     if state["loader"] is not None and train.generator is not None:
         train.generator.set_state(state["loader"])
     if not distributed.is_main():

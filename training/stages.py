@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -54,7 +53,15 @@ from training.pipeline import (
     translate_labels,
 )
 from training.torch_refiners import build_refiner, present_classes_mask, seeded
-from wsss.config import DEFAULT_STAGES, PASSTHROUGH, STAGES, Config, RefineConfig, save_config
+from wsss.config import (
+    DEFAULT_STAGES,
+    PASSTHROUGH,
+    STAGES,
+    Config,
+    RefineConfig,
+    load_saved_config,
+    save_config,
+)
 from wsss.errors import InputError, WsssError
 from wsss.served.registry import RefinerSpec
 
@@ -744,7 +751,7 @@ def stage_settings(cfg: Config, family: str) -> dict:
 
 
 def _changed(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ (as JSON: tuples read back from YAML as lists)."""
+    """The dotted keys whose values differ."""
     keys = []
     for key in sorted({*saved, *now}):
         a, b = saved.get(key), now.get(key)
@@ -762,10 +769,10 @@ def _as_json(value) -> str:
 def _desc(family: str, out: Path, runs: Path) -> str:
     """What a stage's lines call it: ``classifier``, ``classifier folds/2``, ``segmenter
     supervised``."""
-    if out == runs / family:
+    home = runs / family
+    if out == home:
         return family
-    where = out.relative_to(runs / family) if out.is_relative_to(runs / family) else out.name
-    return f"{family} {where.as_posix() if isinstance(where, Path) else where}"
+    return f"{family} {out.relative_to(home).as_posix() if out.is_relative_to(home) else out.name}"
 
 
 def _kept(cfg: Config, model: nn.Module, meta: dict, out: Path) -> bool:
@@ -778,14 +785,13 @@ def _kept(cfg: Config, model: nn.Module, meta: dict, out: Path) -> bool:
     saved = out / "config.yaml"
     if not (saved.is_file() and (out / "best.pt").is_file()):
         return False
-    try:
-        raw = yaml.safe_load(saved.read_text())
+    try:  # keys of another version of wsss left out, renamed ones read by their new names
+        trained = load_saved_config(saved)
         ckpt = load_checkpoint(out / "best.pt")
-    except (OSError, yaml.YAMLError, WsssError) as exc:  # an older run's files, or cut short
+    except (OSError, InputError, WsssError) as exc:  # not a config; a checkpoint cut short
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return _not_kept(family, out, f"its files do not read ({why})")
-    raw = raw if isinstance(raw, dict) else {}
-    changed = _changed({k: raw.get(k) for k in STAGE_SETTINGS[family]}, stage_settings(cfg, family))
+    changed = _changed(stage_settings(trained, family), stage_settings(cfg, family))
     if changed:
         shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
         return _not_kept(family, out, f"it was trained with other {shown}")
@@ -830,7 +836,7 @@ def _train(
     meta = meta | {"data_digest": _data_digest(train, val)}  # what --resume keeps it for
     if resume and finish and _kept(cfg, model, meta, out):
         return model.cpu().eval()
-    run_key = json.dumps(stage_settings(cfg, family), sort_keys=True, default=str)
+    run_key = _as_json(stage_settings(cfg, family))
     fit(
         model,
         *_loaders(cfg, train, val),

@@ -252,7 +252,7 @@ def test_an_image_a_model_crashes_on_is_listed_and_no_other_is(monkeypatch, seed
     assert failed == {"photo_07"}
     (error,) = [f.exception() for f, i in futures.items() if i in failed]
     assert isinstance(error, FailedOnInput) and "failed on this image" in str(error)
-    assert stub.crashes <= 20  # 3-6 in 12 seeds here; before: until the run's last image
+    assert stub.crashes < len(images)  # 3-14 in 24 runs here; before: until the run ended
 
 
 def test_an_outage_or_an_export_loading_blames_no_image(monkeypatch, tmp_path):

@@ -12,6 +12,7 @@ classifier, pseudo-masks and segmenter train, and evaluation scores the classifi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from training.data.base import DataLayoutError, Layout, Sample
@@ -25,16 +26,16 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
-def photos(folder: Path) -> list[Path]:
-    """The photos under ``folder``, at any depth, by their names' suffixes; hidden files and
-    folders (``.ipynb_checkpoints``, ``.DS_Store``) left out."""
-    return [
+def _photos(folder: Path) -> Iterator[Path]:
+    """The photos under ``folder``, at any depth, by their names' suffixes, as the walk
+    finds them; hidden files and folders (``.ipynb_checkpoints``, ``.DS_Store``) left out."""
+    return (
         path
-        for path in sorted(folder.rglob("*"))
+        for path in folder.rglob("*")
         if path.suffix.lower() in IMAGE_SUFFIXES
         and not any(p.startswith(".") for p in path.relative_to(folder).parts)
         and path.is_file()
-    ]
+    )
 
 
 class ImageFolderLayout(Layout):
@@ -64,7 +65,7 @@ class ImageFolderLayout(Layout):
         return [p for top in tops for p in sorted(top.iterdir()) if p.is_dir() and _visible(p)]
 
     def class_names(self, root: Path) -> list[str]:
-        names = sorted({p.name for p in self._class_folders(root) if photos(p)})
+        names = sorted({p.name for p in self._class_folders(root) if next(_photos(p), None)})
         if not names:
             raise DataLayoutError(
                 f"{root}: no folder of photos ({', '.join(sorted(IMAGE_SUFFIXES))}): "
@@ -94,7 +95,7 @@ class ImageFolderLayout(Layout):
         for folder in sorted(top.iterdir()):
             if not (folder.is_dir() and _visible(folder) and folder.name in index):
                 continue
-            for path in photos(folder):
+            for path in sorted(_photos(folder)):
                 relative = path.relative_to(top).as_posix()
                 if roots is None and default_split(relative) != split:
                     continue
