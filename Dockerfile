@@ -104,7 +104,7 @@ ENTRYPOINT ["python", "-m", "wsss"]
 CMD ["--help"]
 
 
-# Checked statically only where nvcr.io cannot be reached (hadolint, tests/deploy/test_docker.py).
+# Checked statically only where nvcr.io cannot be reached (hadolint, tests/deploy/test_containers.py).
 FROM ${GPU_BASE_IMAGE} AS serve-gpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 COPY docker/gpu-requirements.txt /tmp/gpu-requirements.txt

