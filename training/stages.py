@@ -217,9 +217,21 @@ def train_classifier(cfg: Config, data: WSSSDataset | None, resume: bool = False
             _with_thresholds(cfg, data, model, meta, None)
         return model
     if model.frozen and names != data.class_names:
+        lacking = [n for n in names if n not in data.class_names]
+        why = (
+            f"; the data has no class {', '.join(lacking)}"
+            + (
+                " (a folder's classes are the labels its labels.csv uses unless classes.txt "
+                "lists them: write the config's classes there, one a line)"
+                if cfg.data.layout == "folder"
+                else ""
+            )
+            if lacking
+            else ""
+        )
         raise InputError(
             "classifier.class_groups with learned classes (no ids) name the data's classes in "
-            f"its order: {', '.join(data.class_names)}"
+            f"its order: {', '.join(data.class_names)}{why}"
         )
     tr, va = _split(len(data), cfg.data.val_fraction, cfg.train.seed)
     if folds and resume:  # kept whole, its thresholds in it (_train keeps the others)
@@ -278,7 +290,11 @@ def label_thresholds(
     reports give) of ``scores`` [N, K] against ``truth`` (bool): the best single threshold
     first, then each class's own by coordinate ascent, a class at a time, cutting halfway
     between two of its scores; a class moves only when the F1 rises. Classes of different
-    scales (softmax masses beside sigmoids) each get their own cut."""
+    scales (softmax masses beside sigmoids) each get their own cut. A class no photo holds
+    gets 1: nothing says where its photos would score, and the cut the others share let a
+    blank image through as a class the training photos never showed (a served photo's
+    class is then said only at a saturated score; a labelled photo's, refined as 1, still
+    passes)."""
     candidates = np.unique(np.quantile(scores, np.linspace(0, 1, 101)))
     flat = [_label_f1(scores, np.full(scores.shape[1], t), truth, missed) for t in candidates]
     cuts = np.full(scores.shape[1], candidates[int(np.argmax(flat))])
@@ -296,6 +312,7 @@ def label_thresholds(
                 f1 = _label_f1(scores, trial, truth, missed)
                 if f1 > best + 1e-9:
                     best, cuts = f1, trial
+    cuts[~truth.any(0)] = 1.0
     return cuts
 
 
@@ -363,7 +380,8 @@ def choose_thresholds(
         }
         save_checkpoint(ckpt, path)
         shown = ", ".join(
-            f"{n} {t:.3f}" for n, t in zip(meta["class_names"], thresholds, strict=True)
+            f"{n} {t:.3f}" if seen else f"{n} {t:.3f} (no photo: said only at a saturated score)"
+            for n, t, seen in zip(meta["class_names"], thresholds, truth.any(0), strict=True)
         )
         tqdm.write(f"classifier: per-class thresholds by cross-validation: {shown}")
     distributed.barrier()

@@ -153,6 +153,31 @@ def test_a_class_never_worth_predicting_still_passes_on_its_labels():
     assert present_classes(np.array([1.0, 0.0, 1.0]), True, refine.score_threshold) == [0, 2]
 
 
+def test_a_class_no_training_photo_holds_is_not_said_of_a_blank_photo():
+    """A user's class list with a class their photos lack: its scores stayed under the cut
+    the others share, so no move of its own cut changed the F1 and it kept that cut: a
+    black image came back as that class (0.06 over a shared 0.021). Now its cut is 1, and
+    the fallback of a photo over no cut (at least one class) is the top of the others."""
+    import torch
+
+    from training.stages import label_thresholds
+    from training.torch_refiners import present_classes_mask
+
+    rng = np.random.default_rng(0)
+    truth = np.zeros((60, 3), bool)
+    truth[:30, 0] = truth[30:, 1] = True
+    scores = np.where(truth, 0.05, 0.01) + rng.uniform(0, 0.01, truth.shape)
+    scores[:, 2] = rng.uniform(0.0, 0.015, 60)  # class 2: no photo, scores low
+    cuts = label_thresholds(scores, truth)
+    assert cuts[0] < 0.05 and cuts[1] < 0.05 and cuts[2] == 1.0
+    blank = np.array([0.012, 0.011, 0.06])  # a blank photo: class 2's mass above the others' cut
+    assert present_classes(blank, True, cuts) == [0]
+    assert present_classes(np.array([0.06, 0.01, 1.0]), True, cuts) == [0, 2]  # a label of 2
+    assert present_classes(blank, True, [1.0, 1.0, 1.0]) == []
+    graph = present_classes_mask(torch.tensor(np.stack([blank, [0.06, 0.01, 1.0]])), True, cuts)
+    assert graph.tolist() == [[True, False, False], [True, False, True]]
+
+
 def test_label_f1_and_the_class_counts():
     from training.metrics import ConfusionMatrix, label_f1
 

@@ -291,6 +291,34 @@ def test_folder_without_masks_or_splits(roots, tmp_path):
     assert [s.name for s in again if s.name != "extra"] == [s.name for s in test]
 
 
+def test_a_folder_without_the_class_list_a_learned_class_needs_says_to_write_it(roots, tmp_path):
+    """A profile with a learned class (coco_voc's person) on a folder whose labels.csv
+    never uses it and that has no classes.txt: the message said the classes' order only."""
+    from training import stages
+    from wsss.config import load_config
+    from wsss.errors import InputError
+
+    root = shutil.copytree(roots["folder"], tmp_path / "mine")
+    shutil.rmtree(root / "masks")
+    (root / "classes.txt").unlink()
+    cfg = load_config(
+        None,
+        [
+            f"data.root={root}",
+            "data.task=voc",
+            "data.layout=folder",
+            f"data.image_size={SIZE}",
+            "classifier.arch=efficientnet_lite0",
+            "classifier.pretrained=true",
+            "classifier.head=imagenet",
+            "classifier.class_groups={cat: ['281-285'], dog: ['151-268'], person: []}",
+            f"runs={tmp_path / 'runs'}",
+        ],
+    )
+    with pytest.raises(InputError, match=r"no class person \(a folder's classes .* classes.txt"):
+        stages.run(cfg, ("classifier",))
+
+
 def test_folder_labels_as_spreadsheets_save_them_and_as_users_misspell_them(roots, tmp_path):
     """Excel's "CSV UTF-8" (a byte-order mark) reads as written; another encoding, a
     misspelt split column (the split would silently be the hash's), a photo listed twice,
