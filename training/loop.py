@@ -166,13 +166,13 @@ def fit(
                 train.sampler.set_epoch(epoch)
             start = time.perf_counter()
             bar = f"{desc} {epoch}/{epochs}" if main else None
-            train_loss, seen = _run_epoch(net, train, loss_fn, device, opt, sched, bar)
-            val_loss, _ = _run_epoch(net, val, loss_fn, device, None, None, None)
+            train_loss, seen, lr_used = _run_epoch(net, train, loss_fn, device, opt, sched, bar)
+            val_loss, _, _ = _run_epoch(net, val, loss_fn, device, None, None, None)
             record = {
                 "epoch": epoch,
                 "train_loss": train_loss,
                 "val_loss": val_loss,
-                "lr": sched.get_last_lr()[0],
+                "lr": lr_used,  # the epoch's last step's (the schedule's next may be ~0)
                 "seconds": round(time.perf_counter() - start, 2),
                 "train_images": seen,  # over all ranks: each image once per epoch
                 "world_size": distributed.world_size(),
@@ -348,11 +348,12 @@ class LossDiverged(WsssError, FloatingPointError):
     stays where it was), not a traceback."""
 
 
-def _run_epoch(model, loader, loss_fn, device, opt, sched, desc) -> tuple[float, int]:
-    """The mean loss over every rank's images, and how many images that was."""
+def _run_epoch(model, loader, loss_fn, device, opt, sched, desc) -> tuple[float, int, float | None]:
+    """The mean loss over every rank's images, how many images that was, and the learning
+    rate of the epoch's last step (None without one)."""
     training = opt is not None
     model.train(training)
-    total, count = 0.0, 0
+    total, count, lr = 0.0, 0, None
     with torch.set_grad_enabled(training):
         for images, targets, *_ in tqdm(loader, desc=desc, leave=False, disable=desc is None):
             # The weights are channels-last (models.registry.channels_last), so their grads
@@ -367,12 +368,13 @@ def _run_epoch(model, loader, loss_fn, device, opt, sched, desc) -> tuple[float,
             if training:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                lr = opt.param_groups[0]["lr"]
                 opt.step()
                 sched.step()
             total += loss.item() * len(images)
             count += len(images)
     total, count = distributed.all_sum([total, count], device)
-    return total / max(count, 1), int(count)
+    return total / max(count, 1), int(count), lr
 
 
 def _to(targets, device: torch.device):
