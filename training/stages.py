@@ -590,8 +590,30 @@ def write_pseudo_masks(cfg: Config, data: WSSSDataset | None, path: Path) -> Non
             os.replace(tmp, path)  # a killed merge leaves the previous masks, not half
             made = {"images": len(merged["masks"]), "processes": distributed.world_size()}
             made["seconds"] = round(time.perf_counter() - t0, 3)
+            made |= _mask_shares(merged["masks"])
             path.with_suffix(".json").write_text(json.dumps(made) + "\n")
-            tqdm.write(f"pseudo-masks: {made['images']} images in {made['seconds']:.1f} s")
+            tqdm.write(
+                f"pseudo-masks: {made['images']} images in {made['seconds']:.1f} s, "
+                f"{made['foreground']:.0%} of their pixels a class's"
+            )
+            if made["empty"] * 2 > made["images"]:  # a segmenter would learn background
+                tqdm.write(
+                    f"pseudo-masks: {made['empty']} of {made['images']} hold no class's pixel: "
+                    "the segmenter learns little from them (a classifier trained too little, "
+                    "or a refiner cutting too high: `wsss study cams --set "
+                    "evaluate.split=train` shows the masks)"
+                )
+
+
+def _mask_shares(masks: np.ndarray) -> dict:
+    """How much of a set of pseudo-masks is a class's: the share of the scored pixels (255
+    ignored), and how many masks hold none."""
+    inside = (masks != 0) & (masks != IGNORE)
+    scored = int((masks != IGNORE).sum())
+    return {
+        "foreground": round(float(inside.sum()) / max(scored, 1), 4),
+        "empty": int((~inside.reshape(len(masks), -1).any(1)).sum()) if len(masks) else 0,
+    }
 
 
 class SegmentationLoss(nn.Module):

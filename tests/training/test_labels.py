@@ -178,6 +178,19 @@ def test_a_class_no_training_photo_holds_is_not_said_of_a_blank_photo():
     assert graph.tolist() == [[True, False, False], [True, False, True]]
 
 
+def test_pseudo_mask_shares_count_the_class_pixels_and_the_empty_masks():
+    """What the pseudo stage says of its masks: a tiny training's masks were all empty and
+    nothing said so before the segmenter trained on them."""
+    from training.stages import _mask_shares
+
+    masks = np.zeros((4, 2, 2), np.uint8)
+    masks[0, 0] = 3  # half of one mask a class's
+    masks[1] = 255  # all ignored: scores nothing, holds no class
+    masks[2, 0, 0] = 255
+    assert _mask_shares(masks) == {"foreground": round(2 / 11, 4), "empty": 3}
+    assert _mask_shares(np.zeros((0, 2, 2), np.uint8)) == {"foreground": 0.0, "empty": 0}
+
+
 def test_label_f1_and_the_class_counts():
     from training.metrics import ConfusionMatrix, label_f1
 
