@@ -316,8 +316,10 @@ def _decode(
         image = _open(data, max_pixels)
     except ImageError:  # _open's own refusal, said as it is
         raise
-    except Image.DecompressionBombError:  # Pillow's own limit, far above ours
-        raise ImageError(f"the image exceeds the limit of {max_pixels:,} pixels") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, far above ours
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))  # it says the count, not the sides
+        what = f"image of {int(pixels.group(1)):,} pixels" if pixels else "the image"
+        raise ImageError(f"{what} exceeds the limit of {max_pixels:,}: send it smaller") from None
     except Exception as exc:
         if not raised_by_pillow(exc):
             raise

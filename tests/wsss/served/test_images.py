@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import zlib
 
 import numpy as np
@@ -45,6 +46,13 @@ def test_huge_image_is_refused_from_its_header(monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ImageError, match="exceeds the limit of 100"):
         decode_image(_png((20, 10), "RGB"), max_pixels=100)
+    # A header past Pillow's own limit (2 x 89.5 MP) stops at its open: said alike, with
+    # the count Pillow gives (it said "the image exceeds the limit", no size).
+    blob = bytearray(_png((2, 2)))
+    blob[16:24] = struct.pack(">II", 14_000, 14_000)  # IHDR's width and height
+    blob[29:33] = struct.pack(">I", zlib.crc32(bytes(blob[12:29])))
+    with pytest.raises(ImageError, match="image of 196,000,000 pixels exceeds the limit of 40"):
+        decode_image(bytes(blob))
 
 
 def test_png_round_trip_and_headers_of_non_images():
