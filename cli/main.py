@@ -321,6 +321,8 @@ def cmd_serve(args) -> None:
         # and `stop` ends what is left of its process group: still the stop that was asked.
         if code not in (0, -signal.SIGINT):
             print(f"wsss serve: tritonserver stopped at its exit timeout ({code})", flush=True)
+        else:  # a log that ends here was stopped as asked, not cut off
+            print("wsss serve: stopped", flush=True)
         return
     if code not in (0, None):
         sys.exit(f"tritonserver exited ({exit_reason(code)}):\n{server.said()}")

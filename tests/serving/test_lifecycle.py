@@ -128,6 +128,9 @@ def test_wsss_serve_stops_cleanly_on_ctrl_c_and_sigterm(exported, tmp_path, sig)
     finally:
         user.close()
     assert group_members(triton) == []
+    # The log says it stopped as asked (here at the exit timeout the open client holds).
+    last = proc.stdout.read().rstrip().splitlines()[-1]
+    assert last.startswith("wsss serve: ") and "stopped" in last
 
 
 def test_wsss_serve_starts_a_crashed_tritonserver_again(exported, tmp_path):
