@@ -84,8 +84,8 @@ def present_classes_mask(
     min_score: float = 0.0,
 ) -> torch.Tensor:
     """Bool [B, K]: top-1 (pets), or every class at or above ``threshold`` (voc, at least
-    the top one of the classes whose cut is below 1; one threshold, or one per class); none
-    where even the top score is below ``min_score``.
+    the top one; one threshold, or one per class); none where even the top score is below
+    ``min_score``.
 
     The graph form of ``present_classes``; it also takes one-hot labels.
     """
@@ -94,15 +94,8 @@ def present_classes_mask(
     top = (classes == first) & (best >= min_score)
     if not multi_label:
         return top
-    cuts = np.broadcast_to(np.asarray(threshold, np.float64), scores.shape[1:])
-    cut = torch.as_tensor(np.maximum(cuts, min_score), dtype=scores.dtype)
+    cut = torch.as_tensor(np.maximum(threshold, min_score), dtype=scores.dtype)
     above = scores >= cut
-    # The fallback's top class among those a cut below 1 lets be said (a constant: no
-    # graph op where every cut is below 1, as a flat threshold's always is).
-    if (cuts >= 1).any():
-        sayable = torch.as_tensor(cuts < 1)
-        _, first = torch.where(sayable, scores, torch.full_like(scores, -1.0)).max(1, True)
-        top = (classes == first) & (best >= min_score) & sayable
     # Logical ops, not torch.where: ONNX Runtime has no Where kernel for bool tensors.
     return above | (top & ~above.any(dim=1, keepdim=True))
 

@@ -153,31 +153,6 @@ def test_a_class_never_worth_predicting_still_passes_on_its_labels():
     assert present_classes(np.array([1.0, 0.0, 1.0]), True, refine.score_threshold) == [0, 2]
 
 
-def test_a_class_no_training_photo_holds_is_not_said_of_a_blank_photo():
-    """A user's class list with a class their photos lack: its scores stayed under the cut
-    the others share, so no move of its own cut changed the F1 and it kept that cut: a
-    black image came back as that class (0.06 over a shared 0.021). Now its cut is 1, and
-    the fallback of a photo over no cut (at least one class) is the top of the others."""
-    import torch
-
-    from training.stages import label_thresholds
-    from training.torch_refiners import present_classes_mask
-
-    rng = np.random.default_rng(0)
-    truth = np.zeros((60, 3), bool)
-    truth[:30, 0] = truth[30:, 1] = True
-    scores = np.where(truth, 0.05, 0.01) + rng.uniform(0, 0.01, truth.shape)
-    scores[:, 2] = rng.uniform(0.0, 0.015, 60)  # class 2: no photo, scores low
-    cuts = label_thresholds(scores, truth)
-    assert cuts[0] < 0.05 and cuts[1] < 0.05 and cuts[2] == 1.0
-    blank = np.array([0.012, 0.011, 0.06])  # a blank photo: class 2's mass above the others' cut
-    assert present_classes(blank, True, cuts) == [0]
-    assert present_classes(np.array([0.06, 0.01, 1.0]), True, cuts) == [0, 2]  # a label of 2
-    assert present_classes(blank, True, [1.0, 1.0, 1.0]) == []
-    graph = present_classes_mask(torch.tensor(np.stack([blank, [0.06, 0.01, 1.0]])), True, cuts)
-    assert graph.tolist() == [[True, False, False], [True, False, True]]
-
-
 def test_pseudo_mask_shares_count_the_class_pixels_and_the_empty_masks():
     """What the pseudo stage says of its masks: a tiny training's masks were all empty and
     nothing said so before the segmenter trained on them."""
@@ -185,9 +160,10 @@ def test_pseudo_mask_shares_count_the_class_pixels_and_the_empty_masks():
 
     masks = np.zeros((4, 2, 2), np.uint8)
     masks[0, 0] = 3  # half of one mask a class's
-    masks[1] = 255  # all ignored: scores nothing, holds no class
+    masks[1] = 255  # all ignored (a photo the refiner left out): not an empty mask
     masks[2, 0, 0] = 255
-    assert _mask_shares(masks) == {"foreground": round(2 / 11, 4), "empty": 3}
+    expected = {"foreground": round(2 / 11, 4), "empty": 2}
+    assert _mask_shares(masks) == expected and _mask_shares(masks, chunk=3) == expected
     assert _mask_shares(np.zeros((0, 2, 2), np.uint8)) == {"foreground": 0.0, "empty": 0}
 
 

@@ -24,20 +24,14 @@ def present_classes(
     scores: np.ndarray, multi_label: bool, threshold, min_score: float = 0.0
 ) -> list[int]:
     """Classes to refine: top-1, or all at or above ``threshold`` (one, or one per class;
-    at least the top one of the classes whose cut is below 1: a cut of 1 is a class said
-    only at a saturated score, one no training photo held); none when even the top score is
-    below ``min_score``."""
+    at least the top one); none when even the top score is below ``min_score``."""
     top = int(scores.argmax())
     if scores[top] < min_score:
         return []
     if not multi_label:
         return [top]
-    cut = np.broadcast_to(np.asarray(threshold, np.float64), scores.shape)
-    above = np.flatnonzero(scores >= np.maximum(cut, min_score))
-    if len(above):
-        return [int(c) for c in above]
-    sayable = np.flatnonzero(cut < 1)
-    return [int(sayable[scores[sayable].argmax()])] if len(sayable) else []
+    above = np.flatnonzero(scores >= np.maximum(threshold, min_score))
+    return [int(c) for c in above] if len(above) else [top]
 
 
 def combine(foregrounds: dict[int, np.ndarray], cams: np.ndarray, binary: bool) -> np.ndarray:

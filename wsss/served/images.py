@@ -319,7 +319,9 @@ def _decode(
     except Image.DecompressionBombError as exc:  # Pillow's own limit, far above ours
         pixels = re.search(r"\((\d+) pixels\)", str(exc))  # it says the count, not the sides
         what = f"image of {int(pixels.group(1)):,} pixels" if pixels else "the image"
-        raise ImageError(f"{what} exceeds the limit of {max_pixels:,}: send it smaller") from None
+        pillows = 2 * (Image.MAX_IMAGE_PIXELS or 0)  # where it refuses rather than warns
+        limit = f"{max_pixels:,}" if max_pixels < pillows else f"{pillows:,} (Pillow's own)"
+        raise ImageError(f"{what} exceeds the limit of {limit}: send it smaller") from None
     except Exception as exc:
         if not raised_by_pillow(exc):
             raise

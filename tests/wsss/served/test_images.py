@@ -53,6 +53,8 @@ def test_huge_image_is_refused_from_its_header(monkeypatch):
     blob[29:33] = struct.pack(">I", zlib.crc32(bytes(blob[12:29])))
     with pytest.raises(ImageError, match="image of 196,000,000 pixels exceeds the limit of 40"):
         decode_image(bytes(blob))
+    with pytest.raises(ImageError, match="limit of 178,956,970 \\(Pillow's own\\)"):
+        decode_image(bytes(blob), max_pixels=500_000_000)  # a limit raised past Pillow's
 
 
 def test_png_round_trip_and_headers_of_non_images():
