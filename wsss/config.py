@@ -629,7 +629,7 @@ class Config:
 class BenchmarkProfile:
     """One benchmark of a reproduce profile: its base config and the rows to measure."""
 
-    config: str  # a config file (configs/*.yaml): data, training and export settings
+    config: PathText  # a config file (configs/*.yaml): data, training and export settings
     set: list[str] = field(default_factory=list)  # overrides on it (image size, epochs)
     # name -> overrides making that classifier (arch, pretrained, lr, epochs)
     classifiers: dict[str, list[str]] = field(default_factory=dict)
