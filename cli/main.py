@@ -330,6 +330,9 @@ def cmd_serve(args) -> None:
 
 # Commands that start a tritonserver of their own (besides `serve`).
 SERVER_OWNERS = ("bench", "soak", "infer-bench")
+# Commands SIGTERM unwinds as Ctrl-C does: those, and export, whose staging folder and lock
+# note go with it (`docker stop` of a retrain job left them for the next export to sweep).
+UNWIND_ON_SIGTERM = (*SERVER_OWNERS, "export")
 
 
 class _Terminated(KeyboardInterrupt):
@@ -1055,8 +1058,11 @@ def main(argv: list[str] | None = None) -> None:
     args.invocation = shlex.join(["wsss", *(sys.argv[1:] if argv is None else argv)])
     # SIGTERM (kill, timeout) to a command that starts its own tritonserver unwinds as Ctrl-C
     # does, so the server is stopped on the way out, not left running (`serve` sets its
-    # own). Others keep the default: a torchrun worker blocked in a collective must die.
-    owns = args.command in SERVER_OWNERS and threading.current_thread() is threading.main_thread()
+    # own); so does export, for its staging folder. Others keep the default: a torchrun
+    # worker blocked in a collective must die.
+    owns = (
+        args.command in UNWIND_ON_SIGTERM and threading.current_thread() is threading.main_thread()
+    )
     before = signal.signal(signal.SIGTERM, _terminate) if owns else None
     try:
         try:

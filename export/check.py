@@ -24,6 +24,7 @@ from wsss.served.configs import onnx_mismatches
 class Report:
     problems: list[str] = field(default_factory=list)
     models: dict[str, list[int]] = field(default_factory=dict)  # name -> served versions
+    notes: list[str] = field(default_factory=list)  # said, not failed
 
     @property
     def ok(self) -> bool:
@@ -32,7 +33,7 @@ class Report:
     def __str__(self) -> str:
         if self.ok:
             listing = ", ".join(f"{n} v{','.join(map(str, v))}" for n, v in self.models.items())
-            return f"OK: {len(self.models)} models ({listing})"
+            return "\n".join([f"OK: {len(self.models)} models ({listing})", *self.notes])
         return "\n".join(["repository check failed:"] + [f"- {p}" for p in self.problems])
 
 
@@ -79,8 +80,8 @@ def check_repository(root: str | Path, load_models: bool = True) -> Report:
         if cfg.platform == "ensemble":
             _check_ensemble(cfg, configs, report)
     unfinished = unfinished_commit(root)  # a killed export's renames, not yet all done
-    if unfinished:
-        report.problems.append(unfinished)
+    if unfinished is not None:  # servable: said; two exports served side by side: failed
+        (report.notes if unfinished.servable else report.problems).append(unfinished.message)
     return report
 
 

@@ -62,7 +62,7 @@ POLL_SECONDS = 0.5  # how often a waiting export tries the lock again
 # the renames, for the next export to finish after a kill.
 COMMIT_FILE = ".wsss-commit.json"
 # What a commit does with each path (the same under the staging folder and the repository):
-# move it in (a version folder, a file), swap it in for the folder there (warm-up data), or
+# move it in (a version folder, a file), swap its files into the folder there (warm-up data), or
 # retire the folder there (an optional model the new ensembles no longer step through, a
 # version folder no config serves): moved into the staging folder's RETIRED, deleted with it.
 COMMIT_STEPS = ("move", "swap", "retire")
@@ -126,6 +126,7 @@ def locked_staging(repo: Path, wait_seconds: float | None = None) -> Iterator[Pa
         if previous is not None:
             print(f"{previous} did not finish", file=sys.stderr, flush=True)
         root = staging_root(repo)
+        _same_filesystem(repo, root.parent)
         _remove_leftovers(root, repo)
         root.mkdir(exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=f"{socket.gethostname()}-{os.getpid()}-", dir=root))
@@ -141,6 +142,18 @@ def locked_staging(repo: Path, wait_seconds: float | None = None) -> Iterator[Pa
                 )
             else:  # only ours: nobody stages without the lock
                 shutil.rmtree(root, ignore_errors=True)
+
+
+def _same_filesystem(repo: Path, beside: Path) -> None:
+    """Refuse a repository that is a mount of its own (a volume mounted at it): the staging
+    folder beside it is on another filesystem, where no rename moves a version in (the
+    commit failed with a traceback, and every export after it)."""
+    if repo.is_dir() and repo.stat().st_dev != beside.stat().st_dev:
+        raise InputError(
+            f"{repo} is a mount of its own (another filesystem than {beside}, where exports "
+            "stage): a version cannot move into it atomically; mount the folder above it "
+            "instead (docker-compose.yml mounts the folder holding it)"
+        )
 
 
 def _remove_leftovers(root: Path, repo: Path) -> None:
@@ -188,7 +201,20 @@ def commit_renames(folder: Path, repo: Path, version: int, steps: list[tuple[str
             raise
 
 
-def unfinished_commit(repo: str | Path) -> str | None:
+@dataclass(frozen=True)
+class Unfinished:
+    """A commit an export began and did not finish: whether the repository serves one
+    export meanwhile (``servable``: none of its moves done, or all of them), and what to
+    tell."""
+
+    servable: bool
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def unfinished_commit(repo: str | Path) -> Unfinished | None:
     """What to tell of a commit into ``repo`` that an export began and did not finish (it
     died): None when there is none, or the export that wrote the list is committing now."""
     repo = Path(repo)
@@ -206,16 +232,25 @@ def unfinished_commit(repo: str | Path) -> str | None:
         if not left and not retiring:
             continue  # every step done, the list not yet removed
         if not left:  # every config new: what stays is what no config serves
-            return (
+            return Unfinished(
+                True,
                 f"{repo}: the commit of version {version} did not finish removing "
-                f"{', '.join(retiring)} (an export died; {folder / COMMIT_FILE} lists them): "
-                "the next `wsss export` removes them"
+                f"{', '.join(retiring)} (an export stopped; {folder / COMMIT_FILE} lists "
+                "them): the next `wsss export` removes them",
             )
-        return (
-            f"{repo}: the commit of version {version} did not finish (an export died after "
-            f"{len(moves) - len(left)} of its {len(moves)} moves; {folder / COMMIT_FILE} "
+        if len(left) == len(moves):
+            return Unfinished(
+                True,
+                f"{repo}: the commit of version {version} did not begin its moves (an export "
+                f"stopped; {folder / COMMIT_FILE} lists them): it serves the export before "
+                "as it was, and the next `wsss export` carries the commit out before its own",
+            )
+        return Unfinished(
+            False,
+            f"{repo}: the commit of version {version} did not finish (an export stopped "
+            f"after {len(moves) - len(left)} of its {len(moves)} moves; {folder / COMMIT_FILE} "
             "lists them): it serves models of two exports until the next `wsss export` "
-            "finishes the commit, before its own"
+            "finishes the commit, before its own",
         )
     return None
 
@@ -238,15 +273,18 @@ def _carry_out(folder: Path, repo: Path, steps: list[tuple[str, str]]) -> None:
 
 
 def _swap(src: Path, dest: Path) -> None:
-    """``src`` in place of the folder ``dest`` (moved aside, then removed)."""
-    aside = dest.with_name(f".{dest.name}.old")
-    if src.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(aside, ignore_errors=True)
-        if dest.exists():
-            os.replace(dest, aside)
-        os.replace(src, dest)
-    shutil.rmtree(aside, ignore_errors=True)
+    """The files of the folder ``src`` into the folder ``dest``, a rename each, so that
+    ``dest`` is never without a file a config on disk names: moving the old folder aside
+    and the new one in left a moment without it, and an export killed there left a
+    repository whose model a fresh server could not load (its warm-up file missing). A
+    file only the old data had stays (its config may name it until replaced; a few bytes).
+    """
+    if src.is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        for file in sorted(src.iterdir()):
+            os.replace(file, dest / file.name)
+        src.rmdir()
+    shutil.rmtree(dest.with_name(f".{dest.name}.old"), ignore_errors=True)  # older wsss's
 
 
 def _retire(dest: Path, aside: Path) -> None:
