@@ -204,12 +204,16 @@ def ensemble_config(
     max_batch_size: int,
     labels: dict[str, str] | None = None,
     aliases: dict[str, str] | None = None,
+    version: int | None = None,
 ) -> mc.ModelConfig:
     """Chain ``steps`` (spec, format); tensors flow by spec name, mapped to each step's names.
 
     ``labels`` as for ``model_config``: the ensemble is what clients ask, so it names the
     classes itself. ``aliases`` (``wsss.tensors.ensemble_aliases``): an input of that name
-    reads the tensor it names instead, made by an earlier step.
+    reads the tensor it names instead, made by an earlier step. ``version``: the one version
+    it serves, named (under "latest", the default, a version folder moved in before its
+    config was served with the config before: another export's id, a commit killed there
+    kept it so until the next export).
     """
     aliases = aliases or {}
     plain = {t.name: t.name for t in spec.inputs + spec.outputs}
@@ -220,6 +224,8 @@ def ensemble_config(
         input=_tensors(spec.inputs, mc.ModelInput, plain),
         output=_tensors(spec.outputs, mc.ModelOutput, plain, labels is not None),
     )
+    if version is not None:
+        cfg.version_policy.specific.versions.append(version)
     for key, value in sorted((labels or {}).items()):
         cfg.parameters[key].string_value = value
     # Triton refuses an ensemble tensor that nothing reads, so map only the outputs that a
@@ -288,6 +294,7 @@ def build_configs(
             batch,
             labels if labelled(specs[name]) else None,
             ensemble_aliases(name, specs),
+            max(versions[name]) if versions.get(name) else None,
         )
     return configs
 
