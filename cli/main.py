@@ -288,6 +288,12 @@ def cmd_serve(args) -> None:
     from serving.server import TritonServer, exit_reason
 
     cfg = _config(args)
+    # SIGTERM (docker stop, kill) stops it as Ctrl-C does: through the `with` block below,
+    # and the build before it (an export's staging folder goes with it). SIGINT is set too:
+    # a shell script's `wsss serve &` starts it with SIGINT ignored, and Python then raises
+    # no KeyboardInterrupt, so `kill -INT` would leave it serving.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     if args.build_if_missing:
         from export.repository import build_if_missing
 
@@ -296,11 +302,6 @@ def cmd_serve(args) -> None:
     # ports truncated the first one's log and wrote over it.
     log = Path(".cache/server") / f"tritonserver-{cfg.serve.http_port}.log"
     server = TritonServer(Path(cfg.export.repository), cfg.serve, Path(".cache/server"), log)
-    # SIGTERM (docker stop, kill) stops it as Ctrl-C does: through the `with` block below.
-    # SIGINT is set too: a shell script's `wsss serve &` starts it with SIGINT ignored, and
-    # Python then raises no KeyboardInterrupt, so `kill -INT` would leave it serving.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
     with server:
         if cfg.serve.watchdog_seconds > 0 and cfg.serve.model_control != "none":
             server.watch(cfg.serve.watchdog_seconds)

@@ -34,7 +34,8 @@ class Report:
         if self.ok:
             listing = ", ".join(f"{n} v{','.join(map(str, v))}" for n, v in self.models.items())
             return "\n".join([f"OK: {len(self.models)} models ({listing})", *self.notes])
-        return "\n".join(["repository check failed:"] + [f"- {p}" for p in self.problems])
+        failed = ["repository check failed:"] + [f"- {p}" for p in self.problems]
+        return "\n".join(failed + [f"note: {n}" for n in self.notes])
 
 
 def versions(folder: Path) -> list[int]:

@@ -145,15 +145,28 @@ def locked_staging(repo: Path, wait_seconds: float | None = None) -> Iterator[Pa
 
 
 def _same_filesystem(repo: Path, beside: Path) -> None:
-    """Refuse a repository that is a mount of its own (a volume mounted at it): the staging
-    folder beside it is on another filesystem, where no rename moves a version in (the
-    commit failed with a traceback, and every export after it)."""
-    if repo.is_dir() and repo.stat().st_dev != beside.stat().st_dev:
+    """Refuse a repository that is a mount of its own (a volume mounted at it, a bind mount
+    of the same filesystem included): from the staging folder beside it no rename moves a
+    version in (the commit failed with EXDEV and a traceback, and every export after it).
+    A file renamed from ``beside`` into ``repo`` tells, as the commit's renames would."""
+    if not repo.is_dir():
+        return
+    fd, probe = tempfile.mkstemp(prefix=".wsss-probe-", dir=beside)
+    os.close(fd)
+    moved = repo / Path(probe).name
+    try:
+        os.rename(probe, moved)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
         raise InputError(
-            f"{repo} is a mount of its own (another filesystem than {beside}, where exports "
-            "stage): a version cannot move into it atomically; mount the folder above it "
-            "instead (docker-compose.yml mounts the folder holding it)"
-        )
+            f"{repo} is a mount of its own (a rename from {beside}, where exports stage, "
+            "crosses mounts): a version cannot move into it atomically; mount the folder "
+            "above it instead (docker-compose.yml mounts the folder holding it)"
+        ) from None
+    finally:
+        Path(probe).unlink(missing_ok=True)
+        moved.unlink(missing_ok=True)
 
 
 def _remove_leftovers(root: Path, repo: Path) -> None:

@@ -325,3 +325,56 @@ def test_the_health_check_stands_alone_and_asks_what_the_repository_serves():
     from wsss.served.images import decode_image
 
     assert decode_image(health.tiny_png()).shape == (32, 32, 3)  # a PNG the server reads
+
+
+def _retrain_scripts() -> dict[str, str]:
+    """The shell scripts the retrain job runs, as the shell gets them."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    job = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "retrain-job.yaml").read_text())
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    return {
+        "compose": compose["services"]["trainer"]["command"][0].replace("$$", "$"),
+        "kubernetes": container["args"][0],
+    }
+
+
+@pytest.mark.parametrize("where", ["compose", "kubernetes"])
+def test_the_retrain_shell_passes_sigterm_on_to_the_step_it_runs(where, tmp_path):
+    """`docker stop` / the kubelet SIGTERM the shell (PID 1 there); it ran each step in the
+    foreground and never passed it on, so the export was killed at the grace period's end
+    and left its staging folder. A stand-in `python` notes the signal it gets."""
+    from tests.conftest import wait_for
+
+    stand_in = tmp_path / "bin" / "python"
+    stand_in.parent.mkdir()
+    stand_in.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {tmp_path}/started\n'
+        f"trap 'echo term >> {tmp_path}/got; exit 143' TERM\n"
+        "while :; do sleep 0.05; done\n"
+    )
+    stand_in.chmod(0o755)
+    env = os.environ | {"PATH": f"{stand_in.parent}:{os.environ['PATH']}", "WSSS_CONFIG": "c"}
+    shell = subprocess.Popen(["/bin/sh", "-ec", _retrain_scripts()[where]], env=env)
+    try:
+        wait_for(lambda: (tmp_path / "started").exists(), 30, "the first step to start")
+        shell.terminate()
+        assert shell.wait(timeout=30) != 0  # stopped there: no later step runs
+    finally:
+        shell.kill()
+    assert (tmp_path / "got").read_text() == "term\n"
+    assert (tmp_path / "started").read_text() == "-m wsss data synth --config c --if-missing\n"
+
+
+@pytest.mark.parametrize("where", ["compose", "kubernetes"])
+def test_the_retrain_shell_runs_its_steps_in_turn_and_stops_at_a_failure(where, tmp_path):
+    stand_in = tmp_path / "bin" / "python"
+    stand_in.parent.mkdir()
+    stand_in.write_text(  # the export step fails with status 3
+        f'#!/bin/sh\necho "$3" >> {tmp_path}/steps\n[ "$3" = export ] && exit 3\nexit 0\n'
+    )
+    stand_in.chmod(0o755)
+    env = os.environ | {"PATH": f"{stand_in.parent}:{os.environ['PATH']}", "WSSS_CONFIG": "c"}
+    run = subprocess.run(["/bin/sh", "-ec", _retrain_scripts()[where]], env=env, timeout=30)
+    assert run.returncode == 3
+    assert (tmp_path / "steps").read_text().split() == ["data", "train", "export"]

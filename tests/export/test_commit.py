@@ -333,23 +333,29 @@ def test_a_repository_mounted_on_its_own_is_refused_before_anything_is_built(tmp
     """A volume mounted at the repository itself: the staging folder beside it is on
     another filesystem and the commit's renames failed (EXDEV) with a traceback, leaving a
     list every later export failed on."""
+    import errno
+
     import export.lock as lock
     from wsss.errors import InputError
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    real = Path.stat
+    with lock.locked_staging(repo):  # one filesystem: the probe goes and leaves nothing
+        pass
+    assert not any(repo.iterdir())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".wsss-probe-")]
+    real = os.rename
 
-    def stat(self, *args, **kwargs):
-        st = real(self, *args, **kwargs)
-        if self == repo:  # another device than its parent's
-            return os.stat_result((*st[:2], st.st_dev + 1, *st[3:]))
-        return st
+    def rename(src, dest):  # as the kernel answers across mounts, even of one filesystem
+        if Path(dest).parent == repo:
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(dest))
+        return real(src, dest)
 
-    monkeypatch.setattr(Path, "stat", stat)
+    monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(InputError, match="is a mount of its own"), lock.locked_staging(repo):
         pytest.fail("staged")
-    assert not staging_root(repo).exists()
+    assert not staging_root(repo).exists() and not any(repo.iterdir())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".wsss-probe-")]
 
 
 @pytest.mark.slow  # an export in a process of its own (torch to import)
