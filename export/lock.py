@@ -62,10 +62,12 @@ POLL_SECONDS = 0.5  # how often a waiting export tries the lock again
 # the renames, for the next export to finish after a kill.
 COMMIT_FILE = ".wsss-commit.json"
 # What a commit does with each path (the same under the staging folder and the repository):
-# move it in (a version folder, a file), swap its files into the folder there (warm-up data), or
-# retire the folder there (an optional model the new ensembles no longer step through, a
-# version folder no config serves): moved into the staging folder's RETIRED, deleted with it.
-COMMIT_STEPS = ("move", "swap", "retire")
+# move it in (a version folder, a file), rename its files into the folder there (warm-up
+# data: "files"; "swap", the whole folder's exchange of older lists, is finished the same
+# way, and an older wsss refuses "files" rather than carry it out as its swap), or retire
+# the folder there (an optional model the new ensembles no longer step through, a version
+# folder no config serves): moved into the staging folder's RETIRED, deleted with it.
+COMMIT_STEPS = ("move", "files", "swap", "retire")
 RETIRED = ".retired"  # in a staging folder: what its commit retired, until it is deleted
 # Signals that wait for the end of a commit: Ctrl-C, `docker stop`/`kill`, a closed terminal.
 DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -275,13 +277,17 @@ def _carry_out(folder: Path, repo: Path, steps: list[tuple[str, str]]) -> None:
         src, dest = folder / path, repo / path
         if op == "retire":
             _retire(dest, folder / RETIRED / path)
-        elif op == "swap":
+        elif op in ("files", "swap"):
             _swap(src, dest)
         elif src.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dest)
-    for changed in {repo, folder} | {(repo / path).parent for _, path in steps}:
-        _sync_dir(changed)
+    changed = {repo, folder} | {
+        (root / path).parent for _, path in steps for root in (repo, folder)
+    }
+    changed |= {repo / path for op, path in steps if op in ("files", "swap")}  # files renamed in
+    for path in changed:
+        _sync_dir(path)
     (folder / COMMIT_FILE).unlink(missing_ok=True)
 
 

@@ -972,7 +972,7 @@ def commit_plan(
     for name in order:
         steps.append(("move", f"{name}/{version}"))
         if (staging / name / "warmup").exists():
-            steps.append(("swap", f"{name}/warmup"))
+            steps.append(("files", f"{name}/warmup"))
         if (staging / name / LABELS_FILE).exists():  # before the config that names it
             steps.append(("move", f"{name}/{LABELS_FILE}"))
         steps.append(("move", f"{name}/config.pbtxt"))

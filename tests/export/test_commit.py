@@ -111,6 +111,20 @@ def test_no_rename_leaves_a_config_naming_warm_up_data_that_is_not_there(tmp_pat
     _assert_new(repo)
 
 
+def test_a_list_an_older_wsss_wrote_is_finished_and_an_older_wsss_refuses_ours(tmp_path):
+    """Older lists say "swap" for the warm-up folder: finished as its files' renames. Ours
+    say "files", which an older wsss, whose swap would drop the files already moved, does
+    not know: it refuses the list instead of carrying it out."""
+    from export.lock import COMMIT_STEPS, commit_renames
+
+    repo, staging = _two_exports(tmp_path)
+    steps = commit_plan(staging, NEW, MODELS, retire=["vit"])
+    assert ("files", "preprocess/warmup") in steps and "swap" in COMMIT_STEPS
+    older = [("swap" if op == "files" else op, path) for op, path in steps]
+    commit_renames(staging, repo, NEW, older)
+    _assert_new(repo)
+
+
 def test_a_commit_interrupted_before_its_first_rename_changes_nothing(tmp_path, monkeypatch):
     import export.lock as lock
 
