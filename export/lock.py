@@ -52,6 +52,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from wsss.errors import InputError, WsssError
 
@@ -241,8 +242,9 @@ def unfinished_commit(repo: str | Path) -> Unfinished | None:
         if _in_use(lock_path(repo)):  # its export is alive, committing now
             return None
         version, steps = planned
-        moves = [path for op, path in steps if op != "retire"]
-        left = [path for path in moves if (folder / path).exists()]
+        moves = [(op, path) for op, path in steps if op != "retire"]
+        # a warm-up folder whose files all moved is done, though not yet removed
+        left = [path for op, path in moves if _staged(folder / path, op)]
         retiring = [path for op, path in steps if op == "retire" and (repo / path).exists()]
         if not left and not retiring:
             continue  # every step done, the list not yet removed
@@ -268,6 +270,13 @@ def unfinished_commit(repo: str | Path) -> Unfinished | None:
             "finishes the commit, before its own",
         )
     return None
+
+
+def _staged(path: Path, op: str) -> bool:
+    """Whether a move step still has something staged to move in."""
+    if op in ("files", "swap") and path.is_dir():
+        return any(path.iterdir())
+    return path.exists()
 
 
 def _carry_out(folder: Path, repo: Path, steps: list[tuple[str, str]]) -> None:
@@ -361,18 +370,28 @@ def _signals_deferred() -> Iterator[None]:
         yield
         return
     received: list[int] = []
-    previous = {
-        sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-        for sig in DEFERRED_SIGNALS
-        if signal.getsignal(sig) is not None  # None: set outside Python, left alone
-    }
-    try:
+    previous: dict[int, Any] = {}
+    try:  # one at a time, each noted before it changes: a signal between two, put back too
+        for sig in DEFERRED_SIGNALS:
+            if (before := signal.getsignal(sig)) is not None:  # None: set outside Python
+                previous[sig] = before
+                signal.signal(sig, lambda signum, frame: received.append(signum))
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        _restore(list(previous.items()))
         for sig in sorted(set(received)):
             signal.raise_signal(sig)
+
+
+def _restore(handlers: list[tuple[int, Any]]) -> None:
+    """Each signal's handler back, every one of them even where a signal delivered to one
+    just restored raises before the next (each of the rest restored in a ``finally``)."""
+    if handlers:
+        (sig, handler), rest = handlers[0], handlers[1:]
+        try:
+            signal.signal(sig, handler)
+        finally:
+            _restore(rest)
 
 
 def _sync_tree(folder: Path) -> None:

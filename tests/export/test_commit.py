@@ -397,3 +397,38 @@ def test_sigterm_to_an_export_removes_its_staging_folder_as_ctrl_c_does(tmp_path
     assert proc.returncode == 143 and "wsss export: terminated" in err, err[-2000:]
     assert not root.exists() or not any(root.iterdir())
     assert export_repository(cfg).version == 1  # the lock free, nothing to sweep
+
+
+def test_a_signal_between_two_handler_changes_leaves_none_of_the_deferring_ones(monkeypatch):
+    """SIGTERM now raises (export unwinds on it): arriving between the deferring handlers'
+    installation or restoration, it left SIGINT's recorder installed, and Ctrl-C ignored."""
+    import export.lock as lock
+
+    handlers = {s: signal.getsignal(s) for s in lock.DEFERRED_SIGNALS}
+    real, calls = signal.signal, []
+
+    def raising_once_installed(sig, handler):  # the second installation is interrupted
+        calls.append(sig)
+        previous = real(sig, handler)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return previous
+
+    monkeypatch.setattr(signal, "signal", raising_once_installed)
+    with pytest.raises(KeyboardInterrupt), lock._signals_deferred():
+        pytest.fail("entered")
+    assert {s: signal.getsignal(s) for s in lock.DEFERRED_SIGNALS} == handlers
+    calls.clear()
+
+    def raising_once_restored(sig, handler):  # the first restoration is interrupted
+        calls.append(sig)
+        previous = real(sig, handler)
+        if len(calls) == len(lock.DEFERRED_SIGNALS) + 1:
+            raise KeyboardInterrupt
+        return previous
+
+    monkeypatch.setattr(signal, "signal", raising_once_restored)
+    with pytest.raises(KeyboardInterrupt), lock._signals_deferred():
+        pass
+    monkeypatch.undo()
+    assert {s: signal.getsignal(s) for s in lock.DEFERRED_SIGNALS} == handlers
