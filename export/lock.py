@@ -200,7 +200,8 @@ def commit_renames(folder: Path, repo: Path, version: int, steps: list[tuple[str
     on is finished by the next; the renames run with SIGINT, SIGTERM and SIGHUP deferred
     (delivered once they are done); an exception between them (KeyboardInterrupt where the
     signals could not be deferred) finishes them, then goes on up. Only an error of the
-    renames themselves (an OSError) leaves them undone, and the list for the next export.
+    renames themselves (an OSError) leaves them undone, and the list for the next export
+    where some were made (none made: no list, the repository as it was).
     """
     _check_steps(steps)
     _sync_tree(folder)
@@ -213,7 +214,14 @@ def commit_renames(folder: Path, repo: Path, version: int, steps: list[tuple[str
         try:
             _carry_out(folder, repo, steps)
         except BaseException:
-            _carry_out(folder, repo, steps)  # what was left; an OSError here keeps the list
+            try:
+                _carry_out(folder, repo, steps)  # what was left; an OSError here keeps the list
+            except OSError:
+                if all(_staged(folder / path, op) for op, path in steps if op != "retire"):
+                    # Not one move made (a permission, a full disk at the first rename): the
+                    # repository is as it was, and no later export is left a list to finish.
+                    (folder / COMMIT_FILE).unlink(missing_ok=True)
+                raise
             raise
 
 

@@ -220,6 +220,29 @@ def test_a_commit_killed_midway_is_finished_by_the_next_export(tmp_path, capsys)
     assert not staging_root(repo).exists() and unfinished_commit(repo) is None
 
 
+def test_a_commit_whose_first_rename_fails_leaves_no_list(tmp_path, monkeypatch, capsys):
+    """Nothing moved (a permission at the first rename): the repository is as it was, and
+    the next export has no list to finish, which would fail the same way."""
+    repo, _ = _two_exports(tmp_path)
+    before = _snapshot(repo)
+    real = os.replace
+
+    def failing(src, dest):
+        if Path(dest).parent.parent == repo:  # every rename into a model's folder
+            raise PermissionError(13, "injected", str(dest))
+        return real(src, dest)
+
+    with pytest.raises(PermissionError), locked_staging(repo) as staging:
+        for model in MODELS:
+            _model(staging / model, NEW, "new")
+        monkeypatch.setattr(os, "replace", failing)
+        _commit(repo, staging)
+    monkeypatch.undo()
+    assert "did not finish" not in capsys.readouterr().err
+    assert _snapshot(repo) == before and unfinished_commit(repo) is None
+    assert not staging_root(repo).exists() or not any(staging_root(repo).iterdir())
+
+
 def test_a_commit_whose_rename_fails_is_kept_for_the_next_export(tmp_path, monkeypatch, capsys):
     """An error of the filesystem mid-commit: the renames left and their list stay, and the
     next export carries them out."""
