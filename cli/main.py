@@ -292,7 +292,7 @@ def cmd_serve(args) -> None:
     # and the build before it (an export's staging folder goes with it). SIGINT is set too:
     # a shell script's `wsss serve &` starts it with SIGINT ignored, and Python then raises
     # no KeyboardInterrupt, so `kill -INT` would leave it serving.
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, _terminate)  # a KeyboardInterrupt: said "terminated"
     signal.signal(signal.SIGINT, _interrupt)
     if args.build_if_missing:
         from export.repository import build_if_missing

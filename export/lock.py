@@ -35,10 +35,12 @@ the lock carries out before anything else, instead of removing the folder.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -151,25 +153,32 @@ def _same_filesystem(repo: Path, beside: Path) -> None:
     """Refuse a repository that is a mount of its own (a volume mounted at it, a bind mount
     of the same filesystem included): from the staging folder beside it no rename moves a
     version in (the commit failed with EXDEV and a traceback, and every export after it).
-    A file renamed from ``beside`` into ``repo`` tells, as the commit's renames would."""
+    Read from the mount table, not tried: a file renamed into the repository and out again
+    could fail a polling tritonserver's listing of it (an entry gone between its readdir
+    and its stat), which unloads every model."""
     if not repo.is_dir():
         return
-    fd, probe = tempfile.mkstemp(prefix=".wsss-probe-", dir=beside)
-    os.close(fd)
-    moved = repo / Path(probe).name
-    try:
-        os.rename(probe, moved)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
+    resolved = repo.resolve()
+    if str(resolved) in mount_points() or resolved.stat().st_dev != beside.stat().st_dev:
         raise InputError(
-            f"{repo} is a mount of its own (a rename from {beside}, where exports stage, "
-            "crosses mounts): a version cannot move into it atomically; mount the folder "
-            "above it instead (docker-compose.yml mounts the folder holding it)"
-        ) from None
-    finally:
-        Path(probe).unlink(missing_ok=True)
-        moved.unlink(missing_ok=True)
+            f"{repo} is a mount of its own (exports stage beside it, in {beside}, and a "
+            "rename does not cross mounts): a version cannot move into it atomically; mount "
+            "the folder above it instead (docker-compose.yml mounts the folder holding it)"
+        )
+
+
+def mount_points() -> set[str]:
+    """This process's mount points (Linux's /proc/self/mountinfo; none where it is not)."""
+    try:
+        table = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return set()
+    octal = re.compile(r"\\([0-7]{3})")  # a space in a path is written \040
+    return {
+        octal.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+        for fields in map(str.split, table.splitlines())
+        if len(fields) > 4
+    }
 
 
 def _remove_leftovers(root: Path, repo: Path) -> None:
@@ -205,24 +214,41 @@ def commit_renames(folder: Path, repo: Path, version: int, steps: list[tuple[str
     """
     _check_steps(steps)
     _sync_tree(folder)
-    with _signals_deferred():
-        try:
-            _write_commit(folder, version, steps)
-        except BaseException:
-            (folder / COMMIT_FILE).unlink(missing_ok=True)  # not begun: nothing was changed
-            raise
-        try:
-            _carry_out(folder, repo, steps)
-        except BaseException:
+    landed = False
+    try:
+        with _signals_deferred():
             try:
-                _carry_out(folder, repo, steps)  # what was left; an OSError here keeps the list
-            except OSError:
-                if all(_staged(folder / path, op) for op, path in steps if op != "retire"):
-                    # Not one move made (a permission, a full disk at the first rename): the
-                    # repository is as it was, and no later export is left a list to finish.
-                    (folder / COMMIT_FILE).unlink(missing_ok=True)
+                _write_commit(folder, version, steps)
+            except BaseException:
+                (folder / COMMIT_FILE).unlink(missing_ok=True)  # not begun: nothing changed
                 raise
+            try:
+                _carry_out(folder, repo, steps)
+            except BaseException:
+                try:
+                    _carry_out(folder, repo, steps)  # what was left; an OSError keeps the list
+                except OSError:
+                    if all(_staged(folder / path, op) for op, path in steps if op != "retire"):
+                        _nothing_moved(folder, repo, steps)
+                    raise
+                landed = True
+                raise
+            landed = True
+    except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: held back until the renames ended
+        if not landed:
             raise
+        raise type(exc)(f"after its commit: version {version} is in {repo}") from exc
+
+
+def _nothing_moved(folder: Path, repo: Path, steps: list[tuple[str, str]]) -> None:
+    """Not one move made (a permission, a full disk at the first rename): the repository
+    as it was (less a model folder made for the first move, if empty), and no list for a
+    later export to finish, which would fail the same way."""
+    (folder / COMMIT_FILE).unlink(missing_ok=True)
+    for _, path in steps:
+        if (repo / path).parent != repo:
+            with contextlib.suppress(OSError):  # not empty, or gone: left as it is
+                (repo / path).parent.rmdir()
 
 
 @dataclass(frozen=True)

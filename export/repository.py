@@ -282,11 +282,7 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
         raise ExportError(f"the staged export is invalid, nothing was changed:\n{report}")
     order = [n for n in specs if n not in ENSEMBLES] + list(ENSEMBLES)
     pruned = unserved_versions(repo, keep, version, cfg.export.keep_on_disk)
-    try:
-        commit(staging, repo, version, order, retire=_retired(repo, specs) + pruned)
-    except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM, held back until the commit was done
-        landed = f"after its commit: version {version} is in {repo} (export id {export_id})"
-        raise type(exc)(landed) from None
+    commit(staging, repo, version, order, retire=_retired(repo, specs) + pruned)
     if pruned:
         print(
             f"export: removed {len(pruned)} old version folder(s) no config serves, now or "
