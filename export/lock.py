@@ -131,7 +131,7 @@ def locked_staging(repo: Path, wait_seconds: float | None = None) -> Iterator[Pa
         if previous is not None:
             print(f"{previous} did not finish", file=sys.stderr, flush=True)
         root = staging_root(repo)
-        _same_filesystem(repo, root.parent)
+        _refuse_a_mount(repo, root.parent)
         _remove_leftovers(root, repo)
         root.mkdir(exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=f"{socket.gethostname()}-{os.getpid()}-", dir=root))
@@ -149,7 +149,7 @@ def locked_staging(repo: Path, wait_seconds: float | None = None) -> Iterator[Pa
                 shutil.rmtree(root, ignore_errors=True)
 
 
-def _same_filesystem(repo: Path, beside: Path) -> None:
+def _refuse_a_mount(repo: Path, beside: Path) -> None:
     """Refuse a repository that is a mount of its own (a volume mounted at it, a bind mount
     of the same filesystem included): from the staging folder beside it no rename moves a
     version in (the commit failed with EXDEV and a traceback, and every export after it).
@@ -214,30 +214,35 @@ def commit_renames(folder: Path, repo: Path, version: int, steps: list[tuple[str
     """
     _check_steps(steps)
     _sync_tree(folder)
-    landed = False
+    landed = f"after its commit: version {version} is in {repo}"
+    done = False
     try:
         with _signals_deferred():
-            try:
-                _write_commit(folder, version, steps)
-            except BaseException:
-                (folder / COMMIT_FILE).unlink(missing_ok=True)  # not begun: nothing changed
-                raise
-            try:
-                _carry_out(folder, repo, steps)
-            except BaseException:
-                try:
-                    _carry_out(folder, repo, steps)  # what was left; an OSError keeps the list
-                except OSError:
-                    if all(_staged(folder / path, op) for op, path in steps if op != "retire"):
-                        _nothing_moved(folder, repo, steps)
-                    raise
-                landed = True
-                raise
-            landed = True
+            _write_commit(folder, version, steps)
+            _carry_out_to_the_end(folder, repo, steps, landed)
+            done = True
     except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: held back until the renames ended
-        if not landed:
+        if not done:
             raise
-        raise type(exc)(f"after its commit: version {version} is in {repo}") from exc
+        raise type(exc)(landed) from exc
+
+
+def _carry_out_to_the_end(folder: Path, repo: Path, steps: list[tuple[str, str]], landed: str):
+    """``_carry_out``, finished after an exception between two renames, which then goes on
+    up (an interrupt saying ``landed``); an OSError of the renames themselves leaves the
+    list (none made: no list)."""
+    try:
+        _carry_out(folder, repo, steps)
+    except BaseException as exc:
+        try:
+            _carry_out(folder, repo, steps)  # what was left
+        except OSError:
+            if all(_staged(folder / path, op) for op, path in steps if op != "retire"):
+                _nothing_moved(folder, repo, steps)
+            raise
+        if isinstance(exc, KeyboardInterrupt):
+            raise type(exc)(landed) from exc
+        raise
 
 
 def _nothing_moved(folder: Path, repo: Path, steps: list[tuple[str, str]]) -> None:
@@ -321,7 +326,7 @@ def _carry_out(folder: Path, repo: Path, steps: list[tuple[str, str]]) -> None:
         if op == "retire":
             _retire(dest, folder / RETIRED / path)
         elif op in ("files", "swap"):
-            _swap(src, dest)
+            _move_files(src, dest)
         elif src.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dest)
@@ -334,7 +339,7 @@ def _carry_out(folder: Path, repo: Path, steps: list[tuple[str, str]]) -> None:
     (folder / COMMIT_FILE).unlink(missing_ok=True)
 
 
-def _swap(src: Path, dest: Path) -> None:
+def _move_files(src: Path, dest: Path) -> None:
     """The files of the folder ``src`` into the folder ``dest``, a rename each, so that
     ``dest`` is never without a file a config on disk names: moving the old folder aside
     and the new one in left a moment without it, and an export killed there left a
@@ -367,11 +372,15 @@ def _check_steps(steps: list[tuple[str, str]]) -> None:
 
 
 def _write_commit(folder: Path, version: int, steps: list[tuple[str, str]]) -> None:
-    with open(folder / COMMIT_FILE, "w") as f:
-        json.dump({"version": version, "steps": steps}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _sync_dir(folder)
+    try:
+        with open(folder / COMMIT_FILE, "w") as f:
+            json.dump({"version": version, "steps": steps}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _sync_dir(folder)
+    except BaseException:
+        (folder / COMMIT_FILE).unlink(missing_ok=True)  # not begun: nothing changed
+        raise
 
 
 def _read_commit(folder: Path) -> tuple[int, list[tuple[str, str]]] | None:

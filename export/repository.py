@@ -311,8 +311,6 @@ def unserved_versions(repo: Path, keep: dict[str, list[int]], new: int, on_disk:
     configs on disk now, which a running server serves until its reload of the new ones
     lands: the commit removes them after the configs (``export.keep_on_disk``; 0: none). A
     config that does not parse keeps every version of its model."""
-    if on_disk < 0:
-        raise InputError(f"export.keep_on_disk {on_disk}: 0 (keep every version) or more")
     if on_disk == 0:
         return []
     unserved = []

@@ -516,6 +516,7 @@ class ExportConfig:
         if not 0 < self.atol < math.inf:
             raise _KeyError(f"atol {self.atol}: above 0 and finite")
         at_least(self, "max_image_pixels", 1)
+        at_least(self, "keep_on_disk", 0)  # 0: every version
         if self.lock_wait_seconds is not None and not 0 <= self.lock_wait_seconds < math.inf:
             raise _KeyError(
                 f"lock_wait_seconds {self.lock_wait_seconds}: 0 or more seconds, or null (no limit)"

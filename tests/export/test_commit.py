@@ -222,19 +222,13 @@ def test_a_commit_killed_midway_is_finished_by_the_next_export(tmp_path, capsys)
     assert not staging_root(repo).exists() and unfinished_commit(repo) is None
 
 
-def test_a_commit_whose_first_rename_fails_leaves_no_list(tmp_path, monkeypatch, capsys):
-    """Nothing moved (a permission at the first rename): the repository is as it was, and
-    the next export has no list to finish, which would fail the same way. A model new to
-    the repository (its folder made for the first move) leaves no empty folder."""
-    import shutil
-
-    repo, _ = _two_exports(tmp_path)
-    shutil.rmtree(repo / MODELS[0])
-    before = _snapshot(repo)
+def _commit_failing(repo: Path, monkeypatch, fails) -> Path:
+    """Export 2 staged under the lock and committed with every rename into a ``dest`` that
+    ``fails`` raising PermissionError (a filesystem's error); the staging folder."""
     real = os.replace
 
     def failing(src, dest):
-        if Path(dest).parent.parent == repo:  # every rename into a model's folder
+        if fails(dest):
             raise PermissionError(13, "injected", str(dest))
         return real(src, dest)
 
@@ -244,6 +238,20 @@ def test_a_commit_whose_first_rename_fails_leaves_no_list(tmp_path, monkeypatch,
         monkeypatch.setattr(os, "replace", failing)
         _commit(repo, staging)
     monkeypatch.undo()
+    return staging
+
+
+def test_a_commit_whose_first_rename_fails_leaves_no_list(tmp_path, monkeypatch, capsys):
+    """Nothing moved (a permission at the first rename): the repository is as it was, and
+    the next export has no list to finish, which would fail the same way. A model new to
+    the repository (its folder made for the first move) leaves no empty folder."""
+    import shutil
+
+    repo, _ = _two_exports(tmp_path)
+    shutil.rmtree(repo / MODELS[0])
+    before = _snapshot(repo)
+    # every rename into a model's folder fails
+    _commit_failing(repo, monkeypatch, lambda dest: Path(dest).parent.parent == repo)
     assert "did not finish" not in capsys.readouterr().err
     assert _snapshot(repo) == before and unfinished_commit(repo) is None
     assert sorted(p.name for p in repo.iterdir()) == sorted([*MODELS[1:], "vit"])
@@ -254,19 +262,8 @@ def test_a_commit_whose_rename_fails_is_kept_for_the_next_export(tmp_path, monke
     """An error of the filesystem mid-commit: the renames left and their list stay, and the
     next export carries them out."""
     repo, _ = _two_exports(tmp_path)
-    real = os.replace
-
-    def failing(src, dest):
-        if Path(dest) == repo / "refiner" / "config.pbtxt":
-            raise PermissionError(13, "injected", str(dest))
-        return real(src, dest)
-
-    with pytest.raises(PermissionError), locked_staging(repo) as staging:
-        for model in MODELS:
-            _model(staging / model, NEW, "new")
-        monkeypatch.setattr(os, "replace", failing)
-        _commit(repo, staging)
-    monkeypatch.undo()
+    refiner = repo / "refiner" / "config.pbtxt"
+    staging = _commit_failing(repo, monkeypatch, lambda dest: Path(dest) == refiner)
     assert "the commit into" in capsys.readouterr().err
     assert (staging / COMMIT_FILE).exists()
     assert (repo / "refiner" / "config.pbtxt").read_text() == "old"

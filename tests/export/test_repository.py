@@ -146,7 +146,7 @@ def test_versions_accumulate_with_the_policy(tmp_path):
     assert on_disk() == {n: [3, 4, 5] if n in ENSEMBLES else [2, 3, 4, 5] for n in expected}
     export_repository(with_overrides(cfg, ["export.keep_on_disk=4"]))
     assert on_disk() == dict.fromkeys(expected, [3, 4, 5, 6])
-    with pytest.raises(InputError, match="export.keep_on_disk -1"):
+    with pytest.raises(InputError, match="export.keep_on_disk -1: at least 0"):
         export_repository(with_overrides(cfg, ["export.keep_on_disk=-1"]))
     assert on_disk() == dict.fromkeys(expected, [3, 4, 5, 6]) and check_repository(repo).ok
 
