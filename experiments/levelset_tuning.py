@@ -21,7 +21,6 @@ import numpy as np
 from tqdm import tqdm
 
 from training.evaluate import evaluate
-from training.loop import trained_with
 from training.pipeline import (
     ClassifierGraph,
     Pipeline,
@@ -59,7 +58,7 @@ def cross_validate(
     cfg: Config, variants: dict[str, list[str]], folds: int = 3, reuse: bool = True
 ) -> str:
     """Every variant on every fold; writes the report and returns its markdown."""
-    from training.stages import load_train_set, train_levelset
+    from training.stages import load_train_set, reusable, train_levelset
 
     classifier_path = Path(cfg.runs) / "classifier" / "best.pt"
     if not classifier_path.exists():
@@ -103,7 +102,7 @@ def cross_validate(
                 refine=variant.refine.only("levelset"),
             )
             folder = Path(variant.runs)
-            if not (reuse and trained_with(folder / "levelset", variant)):
+            if not (reuse and reusable(variant, "levelset", folder / "levelset")):
                 tqdm.write(f"fold {k + 1}/{folds}: training the level set '{name}'")
                 net, cmeta = load_model(classifier_path)
                 train_levelset(variant, train, net, cmeta)  # saves its config beside

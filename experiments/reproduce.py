@@ -38,7 +38,6 @@ from training import stages
 from training.data.dataset import WSSSDataset
 from training.data.synth import SynthOptions, ensure_synth
 from training.evaluate import Evaluation, evaluate, load_test_set, markdown_table, spread
-from training.loop import trained_with
 from training.pipeline import Pipeline, SegmenterGraph, load_model, refine_step
 from wsss.config import (
     CAM_LABELS,
@@ -47,6 +46,7 @@ from wsss.config import (
     Config,
     ReproduceProfile,
     load_config,
+    load_saved_config,
 )
 from wsss.errors import InputError
 from wsss.figures import colourise, overlay, panel_figure
@@ -234,7 +234,7 @@ def _run_once(
         c = bench_config(profile, bench, spec, *sets)
         c = dataclasses.replace(c, runs=str(root / "classifiers" / name))
         classifier_cfgs[name] = c
-        if not trained_with(Path(c.runs) / "classifier", c):
+        if stages.reusable(c, "classifier", Path(c.runs) / "classifier") is None:
             tqdm.write(f"reproduce {bench}: classifier {name}")
             stages.run(c, ("classifier",))
 
@@ -273,7 +273,7 @@ def _run_once(
             c = dataclasses.replace(c, runs=str(root / "segmenters" / source.slug / seg_name))
             out = Path(c.runs) / ("supervised" if source.spec == TRUTH else "segmenter")
             pseudo_seconds = None
-            if not trained_with(out, c):
+            if stages.reusable(c, "segmenter", out) is None:
                 if masks is None:
                     t0 = time.perf_counter()
                     masks = (
@@ -340,9 +340,15 @@ def _score(scored: dict[str, Evaluation], row: dict, key: str) -> float:
 
 
 def _ablation_done(study_out: Path, cfg: Config) -> bool:
-    """The ablation's level sets exist and were trained from this classifier config."""
-    trained = study_out / "levelset" / ABLATION_LEVELSET / "levelset"
-    return trained_with(trained, cfg, study_out / "levelset" / "config.yaml")
+    """The ablation's level sets exist and the study that trained them ran with exactly
+    this config (its evaluate settings decide its rows: not a stage's reuse)."""
+    trained = study_out / "levelset" / ABLATION_LEVELSET / "levelset" / "best.pt"
+    saved = study_out / "levelset" / "config.yaml"
+    return (
+        trained.exists()
+        and saved.exists()
+        and dataclasses.asdict(load_saved_config(saved)) == dataclasses.asdict(cfg)
+    )
 
 
 def _with_levelset_seed(

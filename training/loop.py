@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -22,7 +21,6 @@ from tqdm import tqdm
 
 from training import distributed
 from training.models.common import to_pixels
-from wsss.config import load_saved_config
 from wsss.errors import InputError, WsssError
 
 
@@ -61,16 +59,6 @@ def load_checkpoint(path: str | Path) -> dict:
         raise WsssError(
             f"{path}: not a readable checkpoint ({why}); train that stage again"
         ) from exc
-
-
-def trained_with(folder: str | Path, cfg, saved: str | Path | None = None) -> bool:
-    """A checkpoint (``best.pt``) in ``folder`` trained with exactly ``cfg`` (a
-    ``wsss.config.Config``), as the config saved beside it (or at ``saved``) says."""
-    folder = Path(folder)
-    saved = Path(saved) if saved is not None else folder / "config.yaml"
-    if not ((folder / "best.pt").exists() and saved.exists()):
-        return False
-    return dataclasses.asdict(load_saved_config(saved)) == dataclasses.asdict(cfg)
 
 
 def fit(

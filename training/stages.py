@@ -812,16 +812,18 @@ def _desc(family: str, out: Path, runs: Path) -> str:
     return f"{family} {out.relative_to(home).as_posix() if out.is_relative_to(home) else out.name}"
 
 
-def _kept(cfg: Config, model: nn.Module, meta: dict, out: Path) -> bool:
-    """With ``--resume``: ``out`` holds a complete run (its config saved beside its
-    checkpoint) made with this stage's settings (``STAGE_SETTINGS``), whose checkpoint says
-    it was made as ``meta`` says this one would be (its photos and masks, its classes, the
-    classifier run its pseudo-masks came from); its weights are loaded into ``model``. A
-    run with other settings or photos is said and trained again."""
-    family = meta["family"]
+def reusable(cfg: Config, family: str, out: Path, meta: dict | None = None) -> dict | None:
+    """The checkpoint of the complete run in ``out`` (its config saved beside its
+    ``best.pt``) where it stands for the ``family`` stage trained now: made with this
+    stage's settings (``STAGE_SETTINGS``; an export's or evaluation's, another stage's
+    recipe are none of its business) and, where ``meta`` is given, saying it was made as
+    ``meta`` says this one would be (its photos and masks, its classes, the classifier run
+    its pseudo-masks came from). ``None`` where it does not, saying why where a run is
+    there. The one decider of reuse: ``train --resume``, ``wsss reproduce`` and the
+    level-set tuning ask it."""
     saved = out / "config.yaml"
     if not (saved.is_file() and (out / "best.pt").is_file()):
-        return False
+        return None
     try:  # keys of another version of wsss left out, renamed ones read by their new names
         trained = load_saved_config(saved)
         ckpt = load_checkpoint(out / "best.pt")
@@ -832,18 +834,27 @@ def _kept(cfg: Config, model: nn.Module, meta: dict, out: Path) -> bool:
     if changed:
         shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
         return _not_kept(family, out, f"it was trained with other {shown}")
-    if _as_json(meta) != _as_json({k: ckpt["meta"].get(k) for k in meta}):
+    if meta is not None and _as_json(meta) != _as_json({k: ckpt["meta"].get(k) for k in meta}):
         return _not_kept(family, out, "it was trained on other photos, masks or classes")
+    return ckpt
+
+
+def _kept(cfg: Config, model: nn.Module, meta: dict, out: Path) -> bool:
+    """With ``--resume``: ``out`` holds a run that stands for this one (``reusable``); its
+    weights are loaded into ``model``. A run with other settings or photos is said and
+    trained again."""
+    ckpt = reusable(cfg, meta["family"], out, meta)
+    if ckpt is None:
+        return False
     model.load_state_dict(ckpt["state_dict"])
     if distributed.is_main():
-        tqdm.write(f"{family}: kept, trained with these settings ({out}; --resume)")
+        tqdm.write(f"{meta['family']}: kept, trained with these settings ({out}; --resume)")
     return True
 
 
-def _not_kept(family: str, out: Path, why: str) -> bool:
+def _not_kept(family: str, out: Path, why: str) -> None:
     if distributed.is_main():
         tqdm.write(f"{family}: the complete run in {out} is not kept: {why}")
-    return False
 
 
 def _seed(cfg: Config) -> None:

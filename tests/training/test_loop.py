@@ -186,7 +186,7 @@ def test_a_classifier_stopped_while_choosing_thresholds_leaves_the_last_complete
     there, the last complete run (checkpoint with its thresholds, log, config) is as it was,
     and no checkpoint without thresholds is left for export or a later run to take."""
     from training import stages
-    from training.loop import partial_checkpoint, trained_with
+    from training.loop import partial_checkpoint
     from wsss.config import load_config, save_config
 
     cfg = load_config(None, [f"runs={tmp_path}", "classifier.threshold_folds=2"])
@@ -209,7 +209,7 @@ def test_a_classifier_stopped_while_choosing_thresholds_leaves_the_last_complete
     with pytest.raises(KeyboardInterrupt):
         stages._with_thresholds(cfg, None, None, {}, None)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert trained_with(out, cfg)
+    assert stages.reusable(cfg, "classifier", out) is not None
 
     def chosen(cfg, data, model, meta, kwargs, path, resume):
         ckpt = load_checkpoint(path)
@@ -222,7 +222,7 @@ def test_a_classifier_stopped_while_choosing_thresholds_leaves_the_last_complete
     assert load_checkpoint(out / "best.pt")["meta"] == {"run": "B", "score_thresholds": [0.6]}
     assert (out / "metrics.jsonl").read_text() == "B\n"
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "metrics.jsonl"]
-    assert trained_with(out, cfg)
+    assert stages.reusable(cfg, "classifier", out) is not None
 
 
 def test_thresholds_for_a_task_they_do_not_fit_are_refused_before_training(tmp_path):

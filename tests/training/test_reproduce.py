@@ -122,19 +122,44 @@ def test_a_level_set_row_is_marked_by_the_seed_it_learned_from(tmp_path):
     assert _with_levelset_seed(plain, configs, {}) is plain
 
 
-def test_a_checkpoint_is_reused_only_for_the_config_it_was_trained_with(tmp_path):
-    """``trained_with``: what reproduce and the level-set tuning ask before they train."""
-    from training.loop import trained_with
+def test_a_run_is_reused_only_for_the_settings_its_stage_reads(tmp_path, capsys):
+    """``stages.reusable``, the one decider that ``train --resume``, reproduce and the
+    level-set tuning ask before they train: a stage's own settings (``STAGE_SETTINGS``)
+    decide, another stage's or an export's do not; the checkpoint's meta where given."""
+    import torch
+
+    from training.stages import reusable
     from wsss.config import load_config, save_config, with_overrides
 
     cfg = load_config("configs/quick.yaml")
     save_config(cfg, tmp_path / "config.yaml")
-    assert not trained_with(tmp_path, cfg)  # no checkpoint yet
-    (tmp_path / "best.pt").write_bytes(b"")
-    assert trained_with(tmp_path, cfg)
-    assert not trained_with(tmp_path, with_overrides(cfg, ["train.epochs=99"]))
-    (tmp_path / "elsewhere").mkdir()
-    save_config(with_overrides(cfg, ["train.epochs=99"]), tmp_path / "elsewhere" / "c.yaml")
-    assert trained_with(
-        tmp_path, with_overrides(cfg, ["train.epochs=99"]), tmp_path / "elsewhere" / "c.yaml"
-    )
+    assert reusable(cfg, "classifier", tmp_path) is None  # no checkpoint yet
+    torch.save({"state_dict": {}, "meta": {"classes": 3}}, tmp_path / "best.pt")
+    assert reusable(cfg, "classifier", tmp_path)["meta"] == {"classes": 3}
+    for other in ("segmenter.epochs=99", "export.opset=18", "evaluate.figure_images=1"):
+        assert reusable(with_overrides(cfg, [other]), "classifier", tmp_path) is not None
+    assert reusable(with_overrides(cfg, ["segmenter.epochs=99"]), "segmenter", tmp_path) is None
+    assert reusable(with_overrides(cfg, ["train.epochs=99"]), "classifier", tmp_path) is None
+    assert "not kept: it was trained with other train.epochs" in capsys.readouterr().out
+    assert reusable(cfg, "classifier", tmp_path, {"classes": 3}) is not None
+    assert reusable(cfg, "classifier", tmp_path, {"classes": 4}) is None
+    assert "other photos, masks or classes" in capsys.readouterr().out
+    (tmp_path / "best.pt").write_bytes(b"cut")
+    assert reusable(cfg, "classifier", tmp_path) is None
+    assert "its files do not read" in capsys.readouterr().out
+
+
+def test_the_ablation_is_redone_for_any_change_of_the_study_config(tmp_path):
+    """The study's rows depend on its evaluate settings too: reproduce reruns it unless
+    the whole config is the one it ran with."""
+    from experiments.reproduce import ABLATION_LEVELSET, _ablation_done
+    from wsss.config import load_config, save_config, with_overrides
+
+    cfg = load_config("configs/quick.yaml")
+    assert not _ablation_done(tmp_path, cfg)
+    trained = tmp_path / "levelset" / ABLATION_LEVELSET / "levelset"
+    trained.mkdir(parents=True)
+    (trained / "best.pt").write_bytes(b"")
+    save_config(cfg, tmp_path / "levelset" / "config.yaml")
+    assert _ablation_done(tmp_path, cfg)
+    assert not _ablation_done(tmp_path, with_overrides(cfg, ["evaluate.levelset_ablation=false"]))
