@@ -65,9 +65,15 @@ FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")  # MPO reads as JPEG
 
 def _open(data: bytes, max_pixels: int = MAX_PIXELS):
     """Pillow's lazy open (the header only) of ``data``, in the photo formats alone, its
-    structure checked first (``check_structure``) and its coding after (``check_coding``)."""
+    structure checked first (``check_structure``) and its coding after (``check_coding``).
+    Empty bytes and a file over ``MAX_ENCODED_BYTES`` are refused before anything reads
+    them: the structure walks take time in proportion to the file's length."""
     from PIL import Image
 
+    if not data:
+        raise ImageError("empty image bytes")
+    if len(data) > MAX_ENCODED_BYTES:
+        raise ImageError(f"encoded image of {len(data):,} bytes exceeds {MAX_ENCODED_BYTES:,}")
     check_structure(data, max_pixels)
     Image.init()  # every plugin registered: FORMATS names some Pillow loads only here
     image = Image.open(io.BytesIO(data), formats=FORMATS)
@@ -308,10 +314,6 @@ def _decode(
     width), where given) and the image's own (height, width)."""
     from PIL import Image
 
-    if not data:
-        raise ImageError("empty image bytes")
-    if len(data) > MAX_ENCODED_BYTES:
-        raise ImageError(f"encoded image of {len(data)} bytes exceeds {MAX_ENCODED_BYTES}")
     try:
         image = _open(data, max_pixels)
     except ImageError:  # _open's own refusal, said as it is

@@ -65,6 +65,24 @@ def test_png_round_trip_and_headers_of_non_images():
         decode_image(b"not an image")
 
 
+def test_an_upload_over_the_byte_limit_is_refused_before_its_structure_is_walked(monkeypatch):
+    """The structure walks take time in proportion to the file: preprocess reads each
+    item's header first, so the byte limit is checked there, not after a 2 GB walk."""
+    from wsss.served import images
+
+    walked = []
+    monkeypatch.setattr(images, "check_structure", lambda data, max_pixels: walked.append(1))
+    big = b"GIF89a" + bytes(images.MAX_ENCODED_BYTES)
+    assert header_size(big) is None and header_size(b"") is None
+    with pytest.raises(ImageError, match="exceeds 67,108,864"):
+        decode_image(big)
+    with pytest.raises(ImageError, match="empty image bytes"):
+        decode_image(b"")
+    assert not walked
+    header_size(encode_png(np.zeros((2, 2, 3), np.uint8)))
+    assert walked  # the stand-in is the one the header read calls
+
+
 def test_sixteen_bit_grey_scales_to_eight_bits_and_a_pillow_bomb_is_a_size_error():
     grey = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
     buf = io.BytesIO()
