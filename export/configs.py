@@ -116,6 +116,8 @@ def model_config(
         cfg.model_warmup.append(warmup(spec, names, serving.max_batch_size))
     if isinstance(serving, NetworkExportConfig) and fmt == "onnx":
         _onnxruntime_options(cfg, serving)
+    elif isinstance(serving, NetworkExportConfig) and fmt == "torchscript":  # same threads
+        _libtorch_options(cfg, serving)
     for key, value in sorted(((parameters or {}) | (labels or {})).items()):
         cfg.parameters[key].string_value = value
     return cfg
@@ -139,6 +141,17 @@ def _onnxruntime_options(cfg: mc.ModelConfig, serving: NetworkExportConfig) -> N
         )
         if ort.gpu_accelerator == "tensorrt":
             acc.parameters["precision_mode"] = "FP16" if ort.tensorrt_fp16 else "FP32"
+
+
+def _libtorch_options(cfg: mc.ModelConfig, serving: NetworkExportConfig) -> None:
+    """The threads of a TorchScript model's instances, where Triton's pytorch backend reads
+    them (and so does our shim): ``onnxruntime.intra_op_threads`` and ``inter_op_threads``,
+    the threads per instance whichever runtime serves the network."""
+    ort = serving.onnxruntime
+    if ort.intra_op_threads:
+        cfg.parameters["INTRA_OP_THREAD_COUNT"].string_value = str(ort.intra_op_threads)
+    if ort.inter_op_threads:
+        cfg.parameters["INTER_OP_THREAD_COUNT"].string_value = str(ort.inter_op_threads)
 
 
 def _file_input(t: TensorSpec) -> bool:

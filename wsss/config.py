@@ -398,7 +398,9 @@ class OnnxRuntimeConfig:
     # Threads per session. 0: ONNX Runtime's default, one per core, spinning while idle:
     # served, the classifier's and the segmenter's pools (they run side by side) fought
     # over the cores: 45.9 images/s at concurrency 1 against 68.2 with one thread each on 2
-    # cores (reports/bench/tuning.md). Scale a CPU server with instances instead.
+    # cores (reports/bench/tuning.md). Scale a CPU server with instances instead. A
+    # network exported as TorchScript gets the same threads (the pytorch backend's
+    # INTRA_OP_THREAD_COUNT / INTER_OP_THREAD_COUNT).
     intra_op_threads: int = 1
     inter_op_threads: int = 0
     # On GPU instances: "tensorrt" asks for the TensorRT execution provider (fp16 below),

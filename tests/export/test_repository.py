@@ -77,6 +77,7 @@ def test_generated_settings_land_where_triton_reads_them():
     assert acc.name == "tensorrt" and acc.parameters["precision_mode"] == "FP16"
     assert seg.instance_group[0].count == 2 and list(seg.version_policy.specific.versions) == [3, 4]
     assert cls.backend == "pytorch" and [i.name for i in cls.input] == ["IMAGE__0"]
+    assert cls.parameters["INTRA_OP_THREAD_COUNT"].string_value == "1"  # one an instance
     assert [o.name for o in cls.output] == ["SCORES__0", "CAMS__1"]
     assert ref.max_batch_size == 4 and ref.model_warmup[0].inputs["CAMS"].zero_data
     # Generated inputs warm up at the largest batch (ONNX Runtime's arena reaches its size

@@ -172,7 +172,10 @@ def test_the_pytorch_shim_sends_only_the_outputs_asked_for(monkeypatch, tmp_path
         "max_batch_size": 8,
         "input": [{"name": "INPUT__0", **dims}],
         "output": [{"name": "Y__0", **dims}, {"name": "Z__1", **dims}],
+        "parameters": {"INTRA_OP_THREAD_COUNT": {"string_value": "1"}},
     }
+    threads = []  # the instance's threads, as the native backend's parameter sets them
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
     pytorch = _load(monkeypatch, BACKENDS / "pytorch" / "model.py", "pytorch_shim")
     model = pytorch.TritonPythonModel()
     model.initialize(
@@ -188,3 +191,4 @@ def test_the_pytorch_shim_sends_only_the_outputs_asked_for(monkeypatch, tmp_path
     sent = [{t.name: t.as_numpy() for t in r.output_tensors} for r in responses]
     assert [sorted(s) for s in sent] == [["Z__1"], ["Y__0", "Z__1"]]
     np.testing.assert_array_equal(sent[0]["Z__1"], -x)
+    assert threads == [1]

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from wsss.served.configs import parameters
 from wsss.served.respond import respond
 
 
@@ -28,6 +29,14 @@ class TritonPythonModel:
         self.device = torch.device(
             f"cuda:{args.get('model_instance_device_id', '0')}" if gpu else "cpu"
         )
+        # The native backend's thread settings; each stub is its own process, so unlike
+        # there they hold per instance. Unset, torch takes a thread per core in every
+        # instance: two instances on a small CPU server fight over its cores.
+        params = parameters(config)
+        if int(params.get("INTRA_OP_THREAD_COUNT", 0)) > 0:
+            torch.set_num_threads(int(params["INTRA_OP_THREAD_COUNT"]))
+        if int(params.get("INTER_OP_THREAD_COUNT", 0)) > 0:
+            torch.set_num_interop_threads(int(params["INTER_OP_THREAD_COUNT"]))
         self.model = torch.jit.load(path, map_location=self.device).eval()
         self.inputs = _by_index(config["input"])
         self.outputs = _by_index(config["output"])
