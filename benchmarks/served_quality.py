@@ -21,7 +21,8 @@ from serving.client import PipelineClient
 from training.data.dataset import WSSSDataset
 from training.evaluate import Evaluation, markdown_table, score_masks
 from training.metrics import ConfusionMatrix
-from training.pipeline import mask_values, translate_labels
+from training.pipeline import mask_values, missing_labels, translate_labels
+from wsss.served.classical import present_classes
 from wsss.tensors import (
     PIPELINE_BYTES,
     PSEUDO_MASK_FULL,
@@ -40,9 +41,10 @@ def served_quality(
     client = PipelineClient(url, protocol, PIPELINE_BYTES)
     names = [class_label(client.class_names, i) for i in range(client.specs.outputs[0].shape[0])]
     binary = data.kind.binary_masks
-    labels = translate_labels(
-        [s.labels for s in data.samples], data.class_names, names, data.aliases
-    )
+    raw = [s.labels for s in data.samples]
+    labels = translate_labels(raw, data.class_names, names, data.aliases)
+    missed = missing_labels(raw, labels)
+    presence = None if binary else client.presence  # None: an export from before it
     values = None if binary else mask_values(data.class_names, names)
     n_seg = data.kind.segmentation_classes(data.num_classes)
     result = Evaluation(binary, ConfusionMatrix(n_seg), ConfusionMatrix(n_seg))
@@ -65,6 +67,9 @@ def served_quality(
             if held is not None:
                 result.scores.append(out[SCORES][0])
                 result.labels.append(held)
+                if presence is not None:  # the classes the server takes as present
+                    result.predicted.append(tuple(_present(out[SCORES][0], presence)))
+                    result.missed.append(missed[i])
             result.images += 1
     seconds = time.perf_counter() - started
     for c in (client, *forks):
@@ -76,17 +81,26 @@ def served_quality(
         "images": len(data),
         "labelled_images": len(result.scores),
         "multi_label": not binary,
+        "label_f1": presence is not None,
         "images_per_second": len(data) / seconds,
     }
     return result, meta
+
+
+def _present(scores: np.ndarray, presence: dict) -> list[int]:
+    threshold = np.asarray(presence["threshold"], np.float32)
+    return present_classes(
+        scores, presence["multi_label"], threshold, presence.get("min_score", 0.0)
+    )
 
 
 def scored(meta: dict) -> str:
     """Which photos the classification scores cover."""
     names = ", ".join(meta["class_names"])
     if meta.get("multi_label"):
+        f1 = " and label F1 (at the server's own thresholds)" if meta.get("label_f1") else ""
         return (
-            f"mAP and label F1 on all {meta['images']} (a photo of none of the server's "
+            f"mAP{f1} on all {meta['images']} (a photo of none of the server's "
             f"classes, {names}, a negative of each)"
         )
     known = meta["labelled_images"]
