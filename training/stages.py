@@ -276,23 +276,34 @@ def _fit_classifier(cfg, model, data, tr, va, meta, out, finish=True, resume=Fal
     return _train(cfg, model, train, val, loss, meta, out=out, finish=finish, resume=resume)
 
 
-def _label_f1(scores: np.ndarray, cuts: np.ndarray, truth: np.ndarray, missed=None) -> float:
-    """The label F1 of what the refiner takes as present at ``cuts`` (its graph form), as
-    ``wsss evaluate`` scores it (``missed``: each photo's classes the classifier lacks)."""
-    present = present_classes_mask(torch.from_numpy(scores), True, cuts).numpy()
+def _label_f1(
+    scores: np.ndarray, cuts: np.ndarray, truth: np.ndarray, missed=None, min_score: float = 0.0
+) -> float:
+    """The label F1 of what the refiner takes as present at ``cuts`` and ``min_score`` (its
+    graph form), as ``wsss evaluate`` scores it (``missed``: each photo's classes the
+    classifier lacks)."""
+    present = present_classes_mask(torch.from_numpy(scores), True, cuts, min_score).numpy()
     return label_f1(present, truth, missed)
 
 
 def label_thresholds(
-    scores: np.ndarray, truth: np.ndarray, passes: int = 2, missed: np.ndarray | None = None
+    scores: np.ndarray,
+    truth: np.ndarray,
+    passes: int = 2,
+    missed: np.ndarray | None = None,
+    min_score: float = 0.0,
 ) -> np.ndarray:
     """Per-class score thresholds that maximise the mean per-image label F1 (what the
     reports give) of ``scores`` [N, K] against ``truth`` (bool): the best single threshold
     first, then each class's own by coordinate ascent, a class at a time, cutting halfway
     between two of its scores; a class moves only when the F1 rises. Classes of different
-    scales (softmax masses beside sigmoids) each get their own cut."""
+    scales (softmax masses beside sigmoids) each get their own cut. ``min_score`` (the
+    refiner's: no class where even the top score is below it) applies as it will served."""
     candidates = np.unique(np.quantile(scores, np.linspace(0, 1, 101)))
-    flat = [_label_f1(scores, np.full(scores.shape[1], t), truth, missed) for t in candidates]
+    flat = [
+        _label_f1(scores, np.full(scores.shape[1], t), truth, missed, min_score)
+        for t in candidates
+    ]
     cuts = np.full(scores.shape[1], candidates[int(np.argmax(flat))])
     best = max(flat)
     for _ in range(passes):
@@ -305,7 +316,7 @@ def label_thresholds(
             for t in np.concatenate([(values[:-1] + values[1:]) / 2, [never]]):
                 trial = cuts.copy()
                 trial[c] = t
-                f1 = _label_f1(scores, trial, truth, missed)
+                f1 = _label_f1(scores, trial, truth, missed, min_score)
                 if f1 > best + 1e-9:
                     best, cuts = f1, trial
     return cuts
@@ -361,7 +372,7 @@ def choose_thresholds(
     # Each photo's classes the classifier has no class for (person, to an ImageNet head):
     # misses in the label F1 whatever the cuts, as evaluate counts them.
     missed = np.array(missing_labels([s.labels for s in data.samples], labels))
-    cuts = label_thresholds(scores, truth, missed=missed)
+    cuts = label_thresholds(scores, truth, missed=missed, min_score=cfg.refine.min_score)
     thresholds = [float(t) for t in cuts]
     path = path or Path(cfg.runs) / "classifier" / "best.pt"
     if distributed.is_main():
@@ -370,7 +381,7 @@ def choose_thresholds(
         ckpt["meta"]["threshold_cv"] = {
             "folds": folds if kwargs is not None else 0,
             "images": len(data),
-            "label_f1": round(_label_f1(scores, cuts, truth, missed), 4),
+            "label_f1": round(_label_f1(scores, cuts, truth, missed, cfg.refine.min_score), 4),
             "positives": truth.sum(0).tolist(),
         }
         save_checkpoint(ckpt, path)

@@ -120,6 +120,34 @@ def test_label_thresholds_beat_any_flat_threshold_on_mixed_scales():
     assert f1(cuts) > max(f1(t) for t in np.linspace(0, 1, 101)) + 0.1
 
 
+def test_label_thresholds_are_chosen_under_the_refiners_min_score():
+    """The cuts are chosen for the rule they are served under: with ``refine.min_score``
+    no class is present where even the top score is below it, in the tuning objective as
+    in ``wsss evaluate`` (the objective ignored it: cuts tuned for one rule, scored on
+    another)."""
+    from training.metrics import label_f1
+    from training.stages import _label_f1, label_thresholds
+
+    # Found by a search over small cases: photo 3 (truth: class 1) scores 0.25 at its
+    # top, below min_score (0.5), so served it holds nothing whatever the cuts; blind to
+    # that, the cuts are chosen low to take it, and take class 1 on photos 1 and 5 too.
+    scores = np.array(
+        [[0.15, 0.7], [0.55, 0.55], [0.85, 0.75], [0.25, 0.25], [0.3, 0.95], [0.95, 0.5]],
+        np.float32,
+    )
+    truth = np.array([[0, 1], [1, 0], [0, 1], [0, 1], [1, 0], [1, 0]], bool)
+
+    def f1(cuts, min_score):  # as evaluate scores it: the served refiner's rule
+        predicted = np.zeros_like(truth)
+        for row, s in zip(predicted, scores, strict=True):
+            row[present_classes(s, True, cuts, min_score)] = True
+        return label_f1(predicted, truth)
+
+    plain, under = label_thresholds(scores, truth), label_thresholds(scores, truth, min_score=0.5)
+    assert _label_f1(scores, under, truth, None, 0.5) == pytest.approx(f1(under, 0.5))
+    assert f1(under, 0.5) > f1(plain, 0.5) + 0.1, (f1(under, 0.5), f1(plain, 0.5))
+
+
 def test_a_class_never_worth_predicting_still_passes_on_its_labels():
     """Class 2's highest scores are saturated false positives, so cross-validation keeps it
     from ever being predicted: its cut stays at most 1, and a photo labelled with it (its
