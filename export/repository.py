@@ -483,7 +483,8 @@ def _truth(cfg: Config, fp32, int8, root: str | None) -> dict:
             inter += int((fg & truth & kept).sum())
             union += int(((fg | truth) & kept).sum())
         scored[f"{form}_truth_iou"] = inter / union if union else 1.0
-    return {"truth_photos": f"{len(data.images)} test images of {root}", **scored}
+    photos = f"{len(data.images)} test images of {root} (at {size} px, the model's size)"
+    return {"truth_photos": photos, **scored}
 
 
 def _transitions(tokens, refine) -> Callable[[np.ndarray], np.ndarray]:

@@ -160,7 +160,7 @@ def test_the_shipped_vit_is_scored_against_the_truth_by_export(real_pets):
     vit = _vit(cfg, None, SALIENCY)
     done = vit.quantized
     assert done["quantize"].startswith("static") and is_quantized(vit.graph)
-    assert done["truth_photos"] == f"32 test images of {real_pets}"
+    assert done["truth_photos"] == f"32 test images of {real_pets} (at 224 px, the model's size)"
     assert done["int8_truth_iou"] >= done["fp32_truth_iou"] - 0.01, done
     assert done["fp32_truth_iou"] >= 0.75, done  # the masks sit on the pets
 
