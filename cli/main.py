@@ -349,8 +349,19 @@ def _interrupt(signum, frame) -> None:
 
 
 def _url(args) -> str:
+    """HOST:PORT of the server; sets ``args.protocol`` where the URL's scheme names it (a
+    contrary ``--protocol`` is refused: one of them would be dropped), else gRPC."""
     from serving.client import server_address
 
+    scheme, sep, _ = (args.url or "").strip().partition("://")
+    if sep and scheme.lower() in ("http", "grpc"):
+        if args.protocol not in (None, scheme.lower()):
+            raise InputError(
+                f"--url {args.url} says {scheme.lower()}:// and --protocol says "
+                f"{args.protocol}: give one of them"
+            )
+        args.protocol = scheme.lower()
+    args.protocol = args.protocol or "grpc"
     if args.url:
         return server_address(args.url)
     if hasattr(args, "set"):  # a command that reads the config: its serve ports (--set, env)
@@ -515,13 +526,15 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+PROTOCOL_HELP = "grpc (default) or http; an http:// or grpc:// --url says it too"
 URL = (
     flag(
         "--url",
-        help="host:port (default: 127.0.0.1 and GRPC_PORT/HTTP_PORT, or where the command "
-        "takes --set, serve.grpc_port/http_port)",
+        help="host:port, or http://host:port / grpc://host:port, which picks the protocol "
+        "(default: 127.0.0.1 and GRPC_PORT / HTTP_PORT, else 8001 / 8000, or where the "
+        "command takes --set, serve.grpc_port / http_port)",
     ),
-    flag("--protocol", choices=["grpc", "http"], default="grpc"),
+    flag("--protocol", choices=["grpc", "http"], help=PROTOCOL_HELP),
 )
 
 SYNTH = (
@@ -566,8 +579,12 @@ TRAIN = (
 )
 
 SERVED_STUDY = (
-    flag("--url", help="host:port (default: 127.0.0.1:GRPC_PORT)"),
-    flag("--protocol", choices=["grpc", "http"], default="grpc"),
+    flag(
+        "--url",
+        help="host:port, or http://host:port / grpc://host:port (default: 127.0.0.1 and the "
+        "profile's serve.grpc_port / http_port, from --config and --set)",
+    ),
+    flag("--protocol", choices=["grpc", "http"], help=PROTOCOL_HELP),
     flag("--label", help="the row's name in the table (default: the URL)"),
 )
 LEVELSET_STUDY = (

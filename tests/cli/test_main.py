@@ -147,6 +147,25 @@ def test_server_address_drops_a_scheme_the_protocols_use():
     assert server_address("[::1]:8001") == "[::1]:8001"
 
 
+def test_a_url_scheme_picks_the_protocol_and_a_contrary_one_is_refused():
+    """``--url http://...`` sent gRPC to the HTTP port (the scheme was dropped, --protocol
+    kept at its default): the scheme now says the protocol, and one contrary to
+    ``--protocol`` is refused rather than one of them dropped."""
+    import argparse
+
+    from cli.main import _url
+    from wsss.errors import InputError
+
+    args = argparse.Namespace(url="http://127.0.0.1:18000", protocol=None)
+    assert _url(args) == "127.0.0.1:18000" and args.protocol == "http"
+    args = argparse.Namespace(url="127.0.0.1:18001", protocol=None)
+    assert _url(args) == "127.0.0.1:18001" and args.protocol == "grpc"
+    args = argparse.Namespace(url="GRPC://127.0.0.1:18001", protocol="grpc")
+    assert _url(args) == "127.0.0.1:18001" and args.protocol == "grpc"
+    with pytest.raises(InputError, match="says http:// and --protocol says grpc"):
+        _url(argparse.Namespace(url="http://127.0.0.1:18000", protocol="grpc"))
+
+
 def test_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
     import serving.infer
     from cli.main import main
