@@ -15,6 +15,7 @@ served until the server reloads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -135,9 +136,18 @@ def export_repository(cfg: Config) -> ExportResult:
     to keep and the staging folder are this export's alone.
     """
     repo = Path(cfg.export.repository)
+    if repo.exists() and not repo.is_dir():
+        raise InputError(f"export.repository {repo}: a file, not a repository folder")
+    made = not repo.exists()
     repo.mkdir(parents=True, exist_ok=True)
-    with locked_staging(repo, cfg.export.lock_wait_seconds) as staging:
-        return _export(cfg, repo, staging)
+    try:
+        with locked_staging(repo, cfg.export.lock_wait_seconds) as staging:
+            return _export(cfg, repo, staging)
+    except BaseException:
+        if made:  # a failed first export leaves no empty repository behind it
+            with contextlib.suppress(OSError):  # not empty: another export's, now
+                repo.rmdir()
+        raise
 
 
 def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:

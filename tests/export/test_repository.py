@@ -15,7 +15,7 @@ from export.parity import ParityError
 from export.repository import ExportError, export_repository
 from tests.conftest import random_export_cfg
 from wsss.config import load_config, with_overrides
-from wsss.errors import InputError
+from wsss.errors import InputError, WsssError
 from wsss.palette import VOC_PALETTE
 from wsss.tensors import (
     ENSEMBLES,
@@ -310,6 +310,22 @@ def test_a_failed_export_changes_nothing(tmp_path, monkeypatch):
         export_repository(cfg)
     assert _snapshot(cfg.export.repository) == before
     assert not list(tmp_path.glob(".wsss-staging-*"))
+
+
+def test_a_first_export_that_fails_leaves_no_repository_and_a_file_is_refused(tmp_path):
+    """A new repository's export that fails (no trained models here) leaves no empty
+    folder behind ('leaves the repository as it was'); a file where the repository should
+    be is said as such (it was 'File exists')."""
+    cfg = load_config(None, [f"runs={tmp_path / 'runs'}"])
+    new = tmp_path / "nested" / "model_repository"
+    with pytest.raises((WsssError, OSError), match="best.pt"):
+        export_repository(with_overrides(cfg, [f"export.repository={new}"]))
+    assert not new.exists()
+    afile = tmp_path / "afile.txt"
+    afile.write_text("not a repository")
+    with pytest.raises(InputError, match="a file, not a repository folder"):
+        export_repository(with_overrides(cfg, [f"export.repository={afile}"]))
+    assert afile.read_text() == "not a repository"
 
 
 @pytest.fixture(scope="module")
