@@ -109,9 +109,8 @@ def cmd_evaluate(args) -> None:
         name = handler.__name__.removeprefix("study_")
         print(f"wsss evaluate --{flag} is now `wsss study {name}`", file=sys.stderr)
         args.label = args.served_label
-        # None where not given (so that alone they are refused below): the study's defaults
-        args.protocol = args.protocol or "grpc"
-        args.folds = 3 if args.folds is None else args.folds
+        # None where not given (so that alone they are refused below; the study's own
+        # defaults: gRPC, 3 folds)
         args.reuse = bool(args.reuse)
         handler(args)
         return
@@ -149,11 +148,16 @@ def study_cams(args) -> None:
 
 def study_levelset(args) -> None:
     """Paper 003's study; with --variants their cross-validation, with --merge the seeds'."""
+    if args.variants and args.merge:
+        sys.exit("wsss study: --variants and --merge are separate runs: give one")
+    if args.folds is not None and not args.variants:
+        sys.exit("wsss study: --folds goes with --variants")
     cfg = _config(args)
     if args.variants:
         from experiments.levelset_tuning import cross_validate, read_variants
 
-        print(cross_validate(cfg, read_variants(args.variants), args.folds, reuse=args.reuse))
+        folds = 3 if args.folds is None else args.folds
+        print(cross_validate(cfg, read_variants(args.variants), folds, reuse=args.reuse))
     elif args.merge:
         from experiments.levelset_study import merge_studies
 
@@ -213,6 +217,8 @@ def cmd_export(args) -> None:
     if args.repository:  # as export.repository: where it exports, or what it checks
         cfg.export.repository = args.repository
     if args.check:  # reads the repository alone, no torch (0.3 s for a missing folder, not 5.7)
+        if args.no_wait:
+            sys.exit("wsss export: --no-wait is for an export; --check takes no lock")
         report = check_repository(cfg.export.repository)
         print(report)
         if not report.ok:
@@ -406,6 +412,9 @@ def _score(score: float) -> str:
 
 
 def cmd_bench(args) -> None:
+    modes = [f"--{m}" for m in ("quantized", "report", "refiners") if getattr(args, m)]
+    if len(modes) > 1:
+        sys.exit(f"wsss bench: {' and '.join(modes)} are separate runs: give one")
     if args.quantized:
         from benchmarks.quantized import quantized_report
 
@@ -594,7 +603,7 @@ LEVELSET_STUDY = (
         help="a YAML file of level-set variants (name: [KEY=VALUE, ...]) chosen between by "
         "cross-validation on the training split, never the test list",
     ),
-    flag("--folds", type=int, default=3, help="with --variants: the number of folds"),
+    flag("--folds", type=int, help="with --variants: the number of folds (default 3)"),
     flag(
         "--merge",
         nargs="+",

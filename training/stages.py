@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -301,8 +302,7 @@ def label_thresholds(
     refiner's: no class where even the top score is below it) applies as it will served."""
     candidates = np.unique(np.quantile(scores, np.linspace(0, 1, 101)))
     flat = [
-        _label_f1(scores, np.full(scores.shape[1], t), truth, missed, min_score)
-        for t in candidates
+        _label_f1(scores, np.full(scores.shape[1], t), truth, missed, min_score) for t in candidates
     ]
     cuts = np.full(scores.shape[1], candidates[int(np.argmax(flat))])
     best = max(flat)
@@ -967,13 +967,21 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES, resume: bool = Fa
     With ``segmenter.arch: passthrough`` nothing reads training pseudo-masks: ``pseudo`` and
     ``supervised`` are skipped and ``segmenter`` writes the pass-through's checkpoint.
     """
-    unknown = set(stages) - set(STAGES)
+    stages = tuple(s.strip() for s in stages if s.strip())  # "classifier, pseudo" too
+    unknown = sorted(set(stages) - set(STAGES))
     if unknown:
-        raise InputError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(STAGES)}")
+        close = [m for u in unknown for m in difflib.get_close_matches(u, STAGES, 1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise InputError(f"unknown stage(s) {unknown}{hint}: choose from {', '.join(STAGES)}")
+    network = RefinerSpec.of(cfg.refine).checkpoint  # a refiner trained here (the level set)
+    if stages == ("levelset",) and not network:  # asked for alone: nothing would run
+        raise InputError(
+            f"--stages levelset: refine.method {cfg.refine.method} trains no level set "
+            "(--set refine.method=levelset)"
+        )
     check_architectures(cfg, stages)
     resolve_device(cfg.train.device)  # under torchrun: join the process group first
     runs = Path(cfg.runs)
-    network = RefinerSpec.of(cfg.refine).checkpoint  # a refiner trained here (the level set)
     # The photos are decoded once, and only when a stage reads them: the ImageNet head and a
     # pass-through segmenter train on nothing; pseudo-masks alone decode only each rank's
     # share (write_pseudo_masks).

@@ -88,6 +88,43 @@ def test_a_study_option_alone_is_refused_not_ignored(flags):
         cli.main(["evaluate", "--config", "configs/quick.yaml", *flags])
 
 
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["study", "levelset", "--folds", "2"], "wsss study: --folds goes with --variants"),
+        (
+            ["study", "levelset", "--variants", "v.yaml", "--merge", "a"],
+            "wsss study: --variants and --merge are separate runs",
+        ),
+        (["bench", "--report", "--quantized"], "wsss bench: --quantized and --report are"),
+        (["bench", "--report", "--refiners"], "wsss bench: --report and --refiners are"),
+        (["export", "--check", "--no-wait"], "wsss export: --no-wait is for an export"),
+    ],
+)
+def test_options_that_would_be_ignored_together_are_refused(argv, said):
+    """Each of these ran one of its options and dropped the other without a word."""
+    with pytest.raises(SystemExit, match=f"^{said}"):
+        cli.main([*argv, "--config", "configs/quick.yaml"])
+
+
+def test_stages_are_read_with_spaces_a_misspelling_is_named_and_a_lone_levelset_refused(
+    tmp_path, monkeypatch
+):
+    from training import stages
+
+    ran = []
+    monkeypatch.setattr(stages, "train_classifier", lambda cfg, data, resume: ran.append(1))
+    monkeypatch.setattr(stages, "check_architectures", lambda cfg, names: None)
+    monkeypatch.setattr(stages, "load_train_set", lambda cfg: None)
+    base = ["--config", "configs/quick.yaml", "--set", f"runs={tmp_path}"]
+    cli.main(["train", "--stages", "classifier, ", *base])  # a space after the comma
+    assert ran == [1]
+    with pytest.raises(SystemExit, match=r"unknown stage\(s\) \['classifer'\] \(did you mean"):
+        cli.main(["train", "--stages", "classifer", *base])
+    with pytest.raises(SystemExit, match="trains no level set"):
+        cli.main(["train", "--stages", "levelset", *base])
+
+
 def test_variants_that_are_not_a_yaml_mapping_of_lists_are_one_line(tmp_path):
     from experiments.levelset_tuning import read_variants
     from wsss.errors import InputError
