@@ -14,6 +14,7 @@ command's --help says more, and every command that reads a profile takes --confi
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import shlex
 import signal
@@ -991,8 +992,40 @@ COMMANDS = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsss", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     _add_commands(parser, COMMANDS, "command")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("wsss")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parse_args``, but a flag the command does not take is said by that command's own
+    usage, with the flag it comes closest to (argparse says it with the top-level usage,
+    the subcommands' flags nowhere in it)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = parser
+        for dest in ("command", "action"):  # down to the subcommand that was run
+            choices = next(
+                (a.choices for a in sub._actions if isinstance(a, argparse._SubParsersAction)),
+                None,
+            )
+            if not choices or getattr(args, dest, None) not in choices:
+                break
+            sub = choices[getattr(args, dest)]
+        known = [o for a in sub._actions for o in a.option_strings]
+        close = [m for x in extra for m in difflib.get_close_matches(x.split("=")[0], known, 1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        sub.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return args
 
 
 def _config_flags(default: str | None, said: str | None = None) -> argparse.ArgumentParser:
@@ -1076,7 +1109,7 @@ def _interrupted(exc: BaseException | None) -> KeyboardInterrupt | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     # A path that is not valid in the terminal's encoding (a file name's stray bytes) is
     # printed escaped, as stderr already does, not raised after the work is done.
     if hasattr(sys.stdout, "reconfigure"):

@@ -334,7 +334,13 @@ _OTHER_PROTOCOL = {
 
 def _port_hint(protocol: str, error: str) -> str:
     """A hint where the error says something answers at the address, but not in
-    ``protocol``: the other protocol's port (or the metrics port) was given."""
+    ``protocol``: the other protocol's port (or the metrics port) was given; or where
+    nothing listens there at all."""
+    if "Connection refused" in error or "ECONNREFUSED" in error:
+        return (
+            " (nothing listens there: start the server, `make serve` or `wsss serve`, or "
+            "give --url where it runs)"
+        )
     if not any(sign in error for sign in _OTHER_PROTOCOL.get(protocol, ())):
         return ""
     name, port = ("HTTP", "HTTP_PORT, default 8000")

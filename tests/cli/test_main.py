@@ -166,6 +166,23 @@ def test_a_url_scheme_picks_the_protocol_and_a_contrary_one_is_refused():
         _url(argparse.Namespace(url="http://127.0.0.1:18000", protocol="grpc"))
 
 
+def test_a_flag_the_command_does_not_take_is_said_by_that_command(capsys):
+    """Said with the command's own usage and the flag it comes closest to (argparse said
+    it with the top-level usage, the command's flags nowhere in it); status 2."""
+    from cli.main import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--stagse", "classifier"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: wsss train ")
+    assert "wsss train: error: unrecognized arguments: --stagse classifier" in err
+    assert "(did you mean --stages?)" in err
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0 and capsys.readouterr().out.startswith("wsss ")
+
+
 def test_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
     import serving.infer
     from cli.main import main
