@@ -686,7 +686,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     raw: dict[str, Any] = {} if path is None else read_yaml(Path(path))
     _override(raw, overrides, Config)
     _upgrade(raw)
-    return _build(Config, raw, "")
+    try:
+        return _build(Config, raw, "")
+    except ConfigError as exc:  # --set keys are checked as given: these are the file's
+        if path is not None and str(exc).startswith("unknown config key"):
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
 
 
 def load_saved_config(path: str | Path) -> Config:
@@ -876,9 +881,17 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     unknown = set(raw) - names
     if unknown:
         keys = sorted(where + str(k) for k in unknown)
-        close = {m for k in unknown for m in difflib.get_close_matches(str(k), names, 1)}
+        close = {where + m for k in unknown for m in difflib.get_close_matches(str(k), names, 1)}
+        if not where:  # a section's key out of its section (`root:` not indented under data:)
+            close |= {
+                f"{f.name}.{k}"
+                for f in dataclasses.fields(cls)
+                if dataclasses.is_dataclass(hints[f.name])
+                for k in map(str, unknown)
+                if k in {g.name for g in dataclasses.fields(hints[f.name])}
+            }
         hint = (
-            f"did you mean {', '.join(where + m for m in sorted(close))}?"
+            f"did you mean {', '.join(sorted(close))}?"
             if close
             else f"{where.rstrip('.') or 'the top level'} takes {', '.join(sorted(names))}"
         )
@@ -942,7 +955,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint in (int, float, str, bool) and not (
         isinstance(value, hint) and not (hint is int and isinstance(value, bool))
     ):
-        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+        expected = "a finite number" if hint is float else hint.__name__
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
     return value
 
 

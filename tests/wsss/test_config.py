@@ -191,7 +191,7 @@ def test_configs_saved_by_older_runs_still_load(tmp_path):
     path.write_text("levelset:\n  feature_energy: true\n")
     assert load_config(path).levelset.feature_energy == 1.0
     assert load_config(None, ["levelset.feature_energy=false"]).levelset.feature_energy == 0.0
-    with pytest.raises(ConfigError, match="expected float"):
+    with pytest.raises(ConfigError, match="expected a finite number"):
         load_config(None, ["levelset.lambda_energy=true"])
     # every network's export section carries calibration settings (saved configs of the
     # time when only the ViT's were read hold them at their defaults), each its own
@@ -273,3 +273,20 @@ def test_a_config_a_run_saved_reads_past_keys_this_version_does_not_know(tmp_pat
     assert cfg.train.epochs == 3 and cfg == load_config(None, ["train.epochs=3"])
     with pytest.raises(ConfigError, match="unknown config key"):
         load_config(saved)
+
+
+def test_a_files_unknown_key_names_the_file_and_a_key_out_of_its_section_its_place(tmp_path):
+    """`root:` not indented under `data:` got the top level's list of sections, and neither
+    error said which file held the key."""
+    from wsss.config import ConfigError, load_config
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("data:\n  task: pets\nroot: photos\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"mine.yaml: unknown config key\(s\) \['root'\] "
+        r"\(did you mean data.root\?\)",
+    ):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^unknown config key\(s\) \['trian'\]"):
+        load_config(None, ["trian.lr=1"])  # a --set key: said as given, no file
