@@ -348,11 +348,45 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame) -> None:
-    raise _Terminated
+    _raise_outside_imports(_Terminated, frame)
 
 
 def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+    _raise_outside_imports(KeyboardInterrupt, frame)
+
+
+# A signal's exception raised while a module is imported can be lost: a C extension's
+# import turns it into its ImportError, which a library's `try: import x / except
+# ImportError` takes as "not installed" and goes on (a SIGTERM to `wsss bench` was once
+# dropped so, and it ran 8 minutes more). It waits until the import is done instead,
+# raised from a short timer (SIGALRM, which nothing else here uses).
+_PENDING: list[type[BaseException]] = []
+_RETRY_SECONDS = 0.05
+
+
+def _raise_outside_imports(exc: type[BaseException], frame) -> None:
+    if _importing(frame):
+        if not _PENDING:
+            signal.signal(signal.SIGALRM, _raise_pending)
+        _PENDING.append(exc)
+        signal.setitimer(signal.ITIMER_REAL, _RETRY_SECONDS)
+        return
+    _PENDING.clear()
+    raise exc
+
+
+def _raise_pending(signum, frame) -> None:
+    if _PENDING:
+        _raise_outside_imports(_PENDING[0], frame)
+
+
+def _importing(frame) -> bool:
+    """Whether ``frame`` runs inside an import (importlib's frames below it)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _url(args) -> str:

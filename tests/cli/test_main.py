@@ -183,6 +183,44 @@ def test_a_flag_the_command_does_not_take_is_said_by_that_command(capsys):
     assert stopped.value.code == 0 and capsys.readouterr().out.startswith("wsss ")
 
 
+def test_a_sigterm_during_an_import_is_raised_after_it_not_lost(tmp_path, monkeypatch):
+    """A C extension's import turns the exception a signal's handler raises into its
+    ImportError, which a library's `try: import x / except ImportError` takes as "not
+    installed" and goes on: a SIGTERM to `wsss bench` was once lost so. The handler waits
+    for the import to end and raises after it."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from cli import main as cli
+
+    (tmp_path / "slow_extension.py").write_text(
+        "import time\n"
+        "try:\n"
+        "    time.sleep(1.0)\n"
+        "except BaseException as exc:  # as a C extension's failed init comes back\n"
+        "    raise ImportError('slow_extension failed to initialise') from exc\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = signal.signal(signal.SIGTERM, cli._terminate)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        timer.start()
+        with pytest.raises(cli._Terminated):
+            try:
+                import slow_extension  # noqa: F401
+            except ImportError:
+                pytest.fail("the SIGTERM came back as the import's ImportError")
+            time.sleep(10)  # the library goes on: the signal is raised here
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, before)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        sys.modules.pop("slow_extension", None)
+
+
 def test_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
     import serving.infer
     from cli.main import main
