@@ -795,7 +795,11 @@ STAGE_SETTINGS = {
 
 def stage_settings(cfg: Config, family: str) -> dict:
     full = dataclasses.asdict(cfg)
-    return {k: full[k] for k in STAGE_SETTINGS[family]}
+    settings = {k: full[k] for k in STAGE_SETTINGS[family]}
+    if family == "classifier" and cfg.classifier.threshold_folds:
+        # its per-class thresholds are chosen under the refiner's min_score
+        settings["refine"] = {"min_score": cfg.refine.min_score}
+    return settings
 
 
 def _changed(saved: dict, now: dict, prefix: str = "") -> list[str]:

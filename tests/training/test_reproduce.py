@@ -140,6 +140,14 @@ def test_a_run_is_reused_only_for_the_settings_its_stage_reads(tmp_path, capsys)
         assert reusable(with_overrides(cfg, [other]), "classifier", tmp_path) is not None
     assert reusable(with_overrides(cfg, ["segmenter.epochs=99"]), "segmenter", tmp_path) is None
     assert reusable(with_overrides(cfg, ["train.epochs=99"]), "classifier", tmp_path) is None
+    # a refiner setting is none of the classifier's, but the one its thresholds are
+    # chosen under where it chooses them
+    assert reusable(with_overrides(cfg, ["refine.min_score=0.3"]), "classifier", tmp_path)
+    folds = with_overrides(cfg, ["classifier.threshold_folds=2"])
+    save_config(folds, tmp_path / "config.yaml")
+    assert reusable(folds, "classifier", tmp_path) is not None
+    assert reusable(with_overrides(folds, ["refine.min_score=0.3"]), "classifier", tmp_path) is None
+    save_config(cfg, tmp_path / "config.yaml")
     assert "not kept: it was trained with other train.epochs" in capsys.readouterr().out
     assert reusable(cfg, "classifier", tmp_path, {"classes": 3}) is not None
     assert reusable(cfg, "classifier", tmp_path, {"classes": 4}) is None
