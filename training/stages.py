@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from training import distributed
+from training.data.base import Sample
 from training.data.dataset import WSSSDataset, random_resized_crop_flip, require_synth
 from training.data.layouts import (
     IGNORE,
@@ -116,7 +117,9 @@ def load_train_set(cfg: Config) -> WSSSDataset:
 def _loaders(cfg: Config, train: Dataset, val: Dataset) -> tuple[DataLoader, DataLoader]:
     """Seeded loaders; under torchrun each rank draws its share of ``train`` (batch_size
     images per rank and step) and validates on its shard of ``val``."""
-    g = torch.Generator().manual_seed(cfg.train.seed)
+    # Per rank: data.num_workers' processes seed numpy from this generator, which would
+    # otherwise give every rank the same crops and flips (rank 0's, one process's, as ever).
+    g = torch.Generator().manual_seed(cfg.train.seed + distributed.rank())
     kw = {"batch_size": cfg.train.batch_size, "num_workers": cfg.data.num_workers}
     sampler = distributed.train_sampler(train, cfg.train.seed)
     per_rank = len(train) // distributed.world_size()
@@ -537,7 +540,8 @@ def pseudo_source(cfg: Config) -> dict[str, str]:
     """What the training pseudo-masks are made from, as digests: the classifier run (its
     checkpoint: weights and thresholds; none where there is none, e.g. a level set's own)
     and the settings that shape the masks (refine, the classifier's, CAM method included,
-    the image size, a trained refiner's settings and checkpoint). Saved with the masks:
+    the image size, a trained refiner's settings and checkpoint) and the photos
+    (``photos_digest``). Saved with the masks:
     masks of another source are made again, and the segmenter records the classifier's."""
     runs = Path(cfg.runs)
     network = RefinerSpec.of(cfg.refine).checkpoint
@@ -552,10 +556,23 @@ def pseudo_source(cfg: Config) -> dict[str, str]:
             settings["network"] = file_digest(runs / network)
     text = json.dumps(settings, sort_keys=True, default=str)
     classifier = runs / "classifier" / "best.pt"
+    d = cfg.data
     return {
         "classifier": file_digest(classifier) if classifier.exists() else "none",
         "settings": hashlib.sha256(text.encode()).hexdigest(),
+        "photos": photos_digest(list_samples(d.root, d.task, "train", d.layout)),
     }
+
+
+def photos_digest(samples: list[Sample]) -> str:
+    """The training photos as listed: each one's name, image-level labels (the masks are
+    made for them) and file (size, modification time), read without decoding: photos
+    replaced or labels edited under the same names give another digest."""
+    digest = hashlib.sha256()
+    for s in samples:
+        st = s.image_path.stat()
+        digest.update(json.dumps([s.name, list(s.labels), st.st_size, st.st_mtime_ns]).encode())
+    return digest.hexdigest()[:16]
 
 
 def write_pseudo_masks(cfg: Config, data: WSSSDataset | None, path: Path) -> None:
@@ -771,13 +788,18 @@ def _untrained(
 
 
 def _data_digest(*views: Dataset) -> str:
-    """Which photos (by name, at which size) and which masks a stage trains and validates
-    on: a complete run is kept by --resume only for the same, a stopped one resumed."""
+    """Which photos (by name, at which size, their pixels and image-level labels) and which
+    masks a stage trains and validates on: a complete run is kept by --resume only for the
+    same, a stopped one resumed (photos replaced or labels edited under the same names were
+    kept by the names alone)."""
     digest = hashlib.sha256()
     for view in views:
         base = view.base
-        names = [base.samples[int(i)].name for i in view.indices]
-        digest.update(json.dumps([base.size, names]).encode())
+        samples = [base.samples[int(i)] for i in view.indices]
+        labels = [[s.name, list(s.labels)] for s in samples]
+        digest.update(json.dumps([base.size, labels]).encode())
+        for i in view.indices:
+            digest.update(base.images[int(i)].tobytes())
         if view.masks is not None:  # the pseudo-masks (or the truth) a segmenter learns
             digest.update(np.ascontiguousarray(view.masks).tobytes())
     return digest.hexdigest()[:16]

@@ -1,6 +1,7 @@
 """The one training loop: an interrupted training leaves the stage's last complete run as it
 was, the checkpoint an export took from it included."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -169,6 +170,15 @@ def test_train_resume_keeps_the_stages_trained_with_these_settings(trained, tmp_
     digest = stages._data_digest(view)
     assert digest != stages._data_digest(stages._View(data, np.arange(1, 5), False, view.masks))
     assert digest != stages._data_digest(stages._View(data, np.arange(4), False, view.masks + 1))
+    # ... nor photos replaced or relabelled under the same names (the names alone kept them)
+    data.images[0] = 255 - data.images[0]
+    assert digest != (pixels := stages._data_digest(view))
+    data.images[0] = 255 - data.images[0]
+    assert digest == stages._data_digest(view)
+    first = data.samples[0]
+    data.samples[0] = dataclasses.replace(first, labels=(first.labels[0] + 1,))
+    assert digest != stages._data_digest(view) != pixels
+    data.samples[0] = first
     ckpt = load_checkpoint(runs / "segmenter" / "best.pt")
     digest_then = ckpt["meta"]["data_digest"]
     ckpt["meta"]["data_digest"] = "another folder"
@@ -223,6 +233,56 @@ def test_a_classifier_stopped_while_choosing_thresholds_leaves_the_last_complete
     assert (out / "metrics.jsonl").read_text() == "B\n"
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "metrics.jsonl"]
     assert stages.reusable(cfg, "classifier", out) is not None
+
+
+def test_each_rank_draws_its_own_augmentations_with_loader_workers(monkeypatch):
+    """With data.num_workers the loader's processes seed numpy from its generator, which
+    every rank seeded alike: each rank drew rank 0's crops and flips."""
+    from torch.utils.data import Dataset
+
+    from training import stages
+    from wsss.config import load_config
+
+    class Draws(Dataset):  # what random_resized_crop_flip draws from: numpy's generator
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.tensor(np.random.random()), 0
+
+    cfg = load_config(None, ["data.num_workers=2", "train.batch_size=2"])
+
+    def drawn(rank: int) -> torch.Tensor:
+        monkeypatch.setenv("RANK", str(rank))
+        train, _ = stages._loaders(cfg, Draws(), Draws())
+        return torch.cat([x for x, _ in train])
+
+    zero, one = drawn(0), drawn(1)
+    assert torch.equal(zero, drawn(0))  # seeded: the same run draws the same
+    assert not torch.isin(one, zero).any(), (zero, one)
+
+
+def test_the_photos_digest_sees_a_relabelled_or_replaced_photo(tmp_path):
+    """Saved pseudo-masks are reused only for the photos and labels they were made for: a
+    label edited or a photo replaced under the same name made no difference before."""
+    import os
+
+    from training import stages
+    from training.data.base import Sample
+
+    photos = [tmp_path / f"{n}.jpg" for n in "ab"]
+    for p in photos:
+        p.write_bytes(b"photo " + p.name.encode())
+    samples = [Sample(p.stem, p, None, (0,)) for p in photos]
+    digest = stages.photos_digest(samples)
+    assert stages.photos_digest(samples) == digest
+    relabelled = [samples[0], dataclasses.replace(samples[1], labels=(1,))]
+    assert stages.photos_digest(relabelled) != digest
+    photos[1].write_bytes(b"another photo, same name")
+    assert stages.photos_digest(samples) != digest
+    photos[1].write_bytes(b"photo b.jpg")  # the same bytes, written again: a new mtime
+    os.utime(photos[1], ns=(0, 0))
+    assert stages.photos_digest(samples) != digest
 
 
 def test_thresholds_for_a_task_they_do_not_fit_are_refused_before_training(tmp_path):
