@@ -88,6 +88,17 @@ def read_names(path: Path) -> list[str]:
     return names
 
 
+def check_listed_once(listing: Path, ids: list[str]) -> list[str]:
+    """``ids`` as ``listing`` gives them, each once: an image listed twice would be trained
+    on twice, and could land in both the training and the validation part of the split."""
+    seen: set[str] = set()
+    twice = sorted({i for i in ids if i in seen or seen.add(i)})
+    if twice:
+        shown = ", ".join(twice[:3]) + (", ..." if len(twice) > 3 else "")
+        raise DataLayoutError(f"{listing}: {len(twice)} image(s) listed more than once ({shown})")
+    return ids
+
+
 def png_palette(folder: Path) -> list[int] | None:
     """The colours of the first palette PNG in ``folder`` (256 RGB triples, VOC's past its
     end), or None where there is none: masks coloured as their authors chose."""

@@ -30,6 +30,7 @@ from training.data.base import (
     DataLayoutError,
     Layout,
     Sample,
+    check_listed_once,
     image_size,
     png_palette,
     read_image,
@@ -139,7 +140,7 @@ class PetsLayout(Layout):
     def samples(self, root: Path, split: str) -> list[Sample]:
         ids, _ = _pets_index(str(root))
         listing = self._listing(root, split)
-        names = self._names(listing)
+        names = check_listed_once(listing, self._names(listing))
         test = self._listing(root, "test")
         if split == "train" and test.exists():
             check_disjoint(listing, names, test, self._names(test))
@@ -176,10 +177,12 @@ class VocLayout(Layout):
         self.train_set, self.train_masks = train_set, train_masks
 
     def class_names(self, root: Path) -> list[str]:
-        # Real VOC has fixed class names; a class list beside the data overrides them.
-        custom = root / "class_names.txt"
-        if custom.exists():
-            return read_names(custom)
+        # Real VOC has fixed class names; a class list beside the data overrides them
+        # (class_names.txt, or classes.txt as the folder layout and the shared COCO subset
+        # name it).
+        for custom in (root / "class_names.txt", root / "classes.txt"):
+            if custom.exists():
+                return read_names(custom)
         return list(VOC_CLASSES)
 
     def palette(self, root: Path) -> list[int] | None:
@@ -204,7 +207,7 @@ class VocLayout(Layout):
 
     def samples(self, root: Path, split: str) -> list[Sample]:
         listing = self._listing(root, split)
-        ids = self.ids(listing)
+        ids = check_listed_once(listing, self.ids(listing))
         test = self._listing(root, "test")
         if split == "train" and test.exists():
             check_disjoint(listing, ids, test, self.ids(test))

@@ -591,6 +591,27 @@ def test_a_class_list_naming_a_class_twice_is_refused(tmp_path, layout, listing)
     assert get_layout("voc", layout).class_names(tmp_path) == ["cat", "dog"]
 
 
+def test_voc_reads_a_classes_txt_beside_the_data_as_a_folder_does(tmp_path):
+    """The shared COCO subset (VOC layout) ships classes.txt: VOC read only class_names.txt."""
+    assert get_layout("voc", "voc").class_names(tmp_path)[:2] == ["aeroplane", "bicycle"]
+    (tmp_path / "classes.txt").write_text("kiwi\nmoa\n")
+    assert get_layout("voc", "voc").class_names(tmp_path) == ["kiwi", "moa"]
+    (tmp_path / "class_names.txt").write_text("tui\n")  # the older name first, as before
+    assert get_layout("voc", "voc").class_names(tmp_path) == ["tui"]
+
+
+def test_an_image_listed_twice_is_refused(roots, tmp_path):
+    """A duplicated line of a VOC (or Pet) list was trained on twice and could land in both
+    the training and the validation part of the split."""
+    root = shutil.copytree(roots["voc_aug"], tmp_path / "voc_aug")
+    listing = root / "ImageSets/Segmentation/train_aug.txt"
+    lines = listing.read_text().splitlines()
+    listing.write_text("\n".join([*lines, lines[1]]) + "\n")
+    first = lines[1].split()[0].rsplit("/", 1)[-1].removesuffix(".jpg")
+    with pytest.raises(DataLayoutError, match=rf"1 image\(s\) listed more than once \({first}\)"):
+        list_samples(root, "voc", "train", "voc_aug")
+
+
 def test_a_missing_synthetic_benchmark_says_how_to_write_it(tmp_path):
     from wsss.config import DataConfig
 
