@@ -570,8 +570,12 @@ def photos_digest(samples: list[Sample]) -> str:
     replaced or labels edited under the same names give another digest."""
     digest = hashlib.sha256()
     for s in samples:
-        st = s.image_path.stat()
-        digest.update(json.dumps([s.name, list(s.labels), st.st_size, st.st_mtime_ns]).encode())
+        try:
+            st = s.image_path.stat()
+            file = [st.st_size, st.st_mtime_ns]
+        except OSError:  # missing: data.skip_unreadable skips it, or the decoder says so
+            file = None
+        digest.update(json.dumps([s.name, list(s.labels), file]).encode())
     return digest.hexdigest()[:16]
 
 

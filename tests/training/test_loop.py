@@ -283,6 +283,8 @@ def test_the_photos_digest_sees_a_relabelled_or_replaced_photo(tmp_path):
     photos[1].write_bytes(b"photo b.jpg")  # the same bytes, written again: a new mtime
     os.utime(photos[1], ns=(0, 0))
     assert stages.photos_digest(samples) != digest
+    photos[1].unlink()  # a missing photo is data.skip_unreadable's or the decoder's to say
+    assert stages.photos_digest(samples) != digest
 
 
 def test_thresholds_for_a_task_they_do_not_fit_are_refused_before_training(tmp_path):
