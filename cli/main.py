@@ -20,6 +20,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -348,36 +349,50 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame) -> None:
-    _raise_outside_imports(_Terminated, frame)
+    _raise_outside_imports(signum, _Terminated, frame)
 
 
 def _interrupt(signum, frame) -> None:
-    _raise_outside_imports(KeyboardInterrupt, frame)
+    _raise_outside_imports(signum, KeyboardInterrupt, frame)
 
 
 # A signal's exception raised while a module is imported can be lost: a C extension's
 # import turns it into its ImportError, which a library's `try: import x / except
 # ImportError` takes as "not installed" and goes on (a SIGTERM to `wsss bench` was once
-# dropped so, and it ran 8 minutes more). It waits until the import is done instead,
-# raised from a short timer (SIGALRM, which nothing else here uses).
-_PENDING: list[type[BaseException]] = []
+# dropped, likely so, and it ran 8 minutes more). It waits until the import is done (at
+# most IMPORT_WAIT_SECONDS), the signal sent again from a short timer (SIGALRM, which wsss
+# uses nowhere else) to whatever handler is in place then: ours raises, an export's commit
+# notes it for after its renames (export.lock._signals_deferred).
+_PENDING: dict[int, float] = {}  # signal -> when it was first held back
 _RETRY_SECONDS = 0.05
+IMPORT_WAIT_SECONDS = 10.0
 
 
-def _raise_outside_imports(exc: type[BaseException], frame) -> None:
-    if _importing(frame):
+def _raise_outside_imports(signum: int, exc: type[BaseException], frame) -> None:
+    since = _PENDING.get(signum)
+    waited = since is not None and time.monotonic() - since > IMPORT_WAIT_SECONDS
+    if _importing(frame) and not waited:
         if not _PENDING:
-            signal.signal(signal.SIGALRM, _raise_pending)
-        _PENDING.append(exc)
+            signal.signal(signal.SIGALRM, _send_pending)
+        _PENDING.setdefault(signum, time.monotonic())
         signal.setitimer(signal.ITIMER_REAL, _RETRY_SECONDS)
         return
-    _PENDING.clear()
+    _PENDING.pop(signum, None)
     raise exc
 
 
-def _raise_pending(signum, frame) -> None:
+def _send_pending(signum, frame) -> None:
+    for held in list(_PENDING):
+        signal.raise_signal(held)  # the handler in place now decides
+
+
+def _forget_pending() -> None:
+    """No signal held back past the command (main() returning to its caller, a test)."""
     if _PENDING:
-        _raise_outside_imports(_PENDING[0], frame)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        _PENDING.clear()
+    if signal.getsignal(signal.SIGALRM) is _send_pending:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
 
 
 def _importing(frame) -> bool:
@@ -1158,6 +1173,11 @@ def main(argv: list[str] | None = None) -> None:
         args.command in UNWIND_ON_SIGTERM and threading.current_thread() is threading.main_thread()
     )
     before = signal.signal(signal.SIGTERM, _terminate) if owns else None
+    # Ctrl-C the same way (held back through an import), where Python's own handler is in
+    # place: one ignored on entry (`wsss export &` from a script) stays ignored.
+    int_before = signal.getsignal(signal.SIGINT) if owns else None
+    if int_before is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         try:
             args.func(args)
@@ -1181,6 +1201,9 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if owns and before is not None:
             signal.signal(signal.SIGTERM, before)
+        if int_before is signal.default_int_handler:
+            signal.signal(signal.SIGINT, int_before)
+        _forget_pending()
 
 
 if __name__ == "__main__":

@@ -221,6 +221,48 @@ def test_a_sigterm_during_an_import_is_raised_after_it_not_lost(tmp_path, monkey
         sys.modules.pop("slow_extension", None)
 
 
+def test_a_signal_held_back_through_an_import_goes_to_the_handler_in_place_after_it(
+    tmp_path, monkeypatch
+):
+    """Sent again, not raised by the timer itself: an export's commit that began meanwhile
+    (its handler notes signals until its renames end) gets it as a note, not an exception
+    in the middle of its renames; and nothing is left pending past main()."""
+    import os
+    import signal
+    import threading
+
+    from cli import main as cli
+
+    got = []
+    (tmp_path / "commit_begins.py").write_text(
+        "import signal, time\n"
+        "time.sleep(0.6)  # the SIGTERM lands here, in the import: held back\n"
+        "import sys\n"
+        f"got = sys.modules['{__name__}']._GOT\n"
+        "signal.signal(signal.SIGTERM, lambda s, f: got.append(s))  # a commit's recorder\n"
+    )
+    monkeypatch.setattr(sys.modules[__name__], "_GOT", got, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = signal.signal(signal.SIGTERM, cli._terminate)
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        timer.start()
+        import commit_begins  # noqa: F401
+
+        for _ in range(100):
+            if got:
+                break
+            threading.Event().wait(0.02)
+        assert got == [signal.SIGTERM]
+        cli._forget_pending()
+        assert not cli._PENDING and signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, before)
+        cli._forget_pending()
+        sys.modules.pop("commit_begins", None)
+
+
 def test_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
     import serving.infer
     from cli.main import main
