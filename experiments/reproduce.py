@@ -22,6 +22,7 @@ only what changed). Writes ``<out>/results.{md,json}`` and figures.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -273,7 +274,11 @@ def _run_once(
             c = dataclasses.replace(c, runs=str(root / "segmenters" / source.slug / seg_name))
             out = Path(c.runs) / ("supervised" if source.spec == TRUTH else "segmenter")
             pseudo_seconds = None
-            if stages.reusable(c, "segmenter", out) is None:
+            # What its masks are made from (the classifier run, the refiner's settings, the
+            # photos): a segmenter of other masks is trained again.
+            made = None if refine_cfg is None else _source_digest(refine_cfg)
+            meta = None if made is None else {"pseudo_source": made}
+            if stages.reusable(c, "segmenter", out, meta) is None:
                 if masks is None:
                     t0 = time.perf_counter()
                     masks = (
@@ -283,7 +288,9 @@ def _run_once(
                     )
                     pseudo_seconds = time.perf_counter() - t0
                 tqdm.write(f"reproduce {bench}: {seg_name} on {source.label}")
-                stages.train_segmenter(c, train_set, masks, supervised=source.spec == TRUTH)
+                stages.train_segmenter(
+                    c, train_set, masks, supervised=source.spec == TRUTH, source=made
+                )
             net, _ = load_model(out / "best.pt")
             pipes[f"{seg_name} {source.spec}"] = Pipeline(None, SegmenterGraph(net).eval(), None)
             row = {"source": source.label, "segmenter": seg_name, "spec": source.spec}
@@ -333,6 +340,13 @@ def _run_once(
         "speed": timings,
         "speed_table": timings_table,
     }
+
+
+def _source_digest(refine_cfg: Config) -> str:
+    """One digest of ``stages.pseudo_source``: the classifier run, the settings and the
+    photos the pseudo-masks of ``refine_cfg`` are made from."""
+    text = json.dumps(stages.pseudo_source(refine_cfg), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _score(scored: dict[str, Evaluation], row: dict, key: str) -> float:

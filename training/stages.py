@@ -566,13 +566,14 @@ def pseudo_source(cfg: Config) -> dict[str, str]:
 
 def photos_digest(samples: list[Sample]) -> str:
     """The training photos as listed: each one's name, image-level labels (the masks are
-    made for them) and file (size, modification time), read without decoding: photos
-    replaced or labels edited under the same names give another digest."""
+    made for them) and file content, read without decoding: photos replaced or labels
+    edited under the same names give another digest. The content, not the file's time: a
+    copy of the data on each node of a torchrun job is the same data (ranks that decided
+    apart whether saved masks fit would wait on each other forever)."""
     digest = hashlib.sha256()
     for s in samples:
         try:
-            st = s.image_path.stat()
-            file = [st.st_size, st.st_mtime_ns]
+            file = file_digest(s.image_path)
         except OSError:  # missing: data.skip_unreadable skips it, or the decoder says so
             file = None
         digest.update(json.dumps([s.name, list(s.labels), file]).encode())
@@ -706,13 +707,15 @@ def train_segmenter(
     supervised: bool = False,
     made_by: str | None = None,
     resume: bool = False,
+    source: str | None = None,
 ) -> nn.Module:
     """The segmenter, fully supervised on ``masks``: the pseudo-masks (the weakly supervised
     result), or with ``supervised`` the ground truth (the upper bound every weakly supervised
     row is read against), written to ``<runs>/supervised``. Boundary pixels (255) are
     ignored, and images with no pseudo-mask at all (255 everywhere) are left out; validation
     loss is on held-out masks of the same kind. ``made_by``: the digest of the classifier
-    run that made the pseudo-masks, recorded for export to compare.
+    run that made the pseudo-masks, recorded for export to compare; ``source``: what made
+    them (``wsss reproduce``'s digest of their ``pseudo_source``), which its reuse reads.
     """
     _seed(cfg)
     seg = cfg.segmenter
@@ -743,6 +746,8 @@ def train_segmenter(
     }
     if made_by is not None:  # the classifier run whose pseudo-masks it learns (its digest)
         meta["classifier_digest"] = made_by
+    if source is not None:
+        meta["pseudo_source"] = source
     out = "supervised" if supervised else "segmenter"
     loss = SegmentationLoss(seg.loss, seg.dice)
     return _train(cfg, model, train, val, loss, meta, seg.epochs, seg.lr, out=out, resume=resume)
@@ -998,6 +1003,8 @@ def run(cfg: Config, stages: tuple[str, ...] = DEFAULT_STAGES, resume: bool = Fa
     ``supervised`` are skipped and ``segmenter`` writes the pass-through's checkpoint.
     """
     stages = tuple(s.strip() for s in stages if s.strip())  # "classifier, pseudo" too
+    if not stages:
+        raise InputError(f"--stages names none: choose from {', '.join(STAGES)}")
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         close = [m for u in unknown for m in difflib.get_close_matches(u, STAGES, 1)]

@@ -123,6 +123,8 @@ def test_stages_are_read_with_spaces_a_misspelling_is_named_and_a_lone_levelset_
         cli.main(["train", "--stages", "classifer", *base])
     with pytest.raises(SystemExit, match="trains no level set"):
         cli.main(["train", "--stages", "levelset", *base])
+    with pytest.raises(SystemExit, match="--stages names none"):
+        cli.main(["train", "--stages", ",", *base])  # an empty shell variable: not a no-op
 
 
 def test_variants_that_are_not_a_yaml_mapping_of_lists_are_one_line(tmp_path):
