@@ -138,16 +138,17 @@ def export_repository(cfg: Config) -> ExportResult:
     repo = Path(cfg.export.repository)
     if repo.exists() and not repo.is_dir():
         raise InputError(f"export.repository {repo}: a file, not a repository folder")
-    made = not repo.exists()
-    repo.mkdir(parents=True, exist_ok=True)
-    try:
-        with locked_staging(repo, cfg.export.lock_wait_seconds) as staging:
+    repo.resolve().parent.mkdir(parents=True, exist_ok=True)  # the lock and staging's home
+    with locked_staging(repo, cfg.export.lock_wait_seconds) as staging:
+        made = not repo.exists()  # under the lock: no other export makes or removes it now
+        repo.mkdir(exist_ok=True)
+        try:
             return _export(cfg, repo, staging)
-    except BaseException:
-        if made:  # a failed first export leaves no empty repository behind it
-            with contextlib.suppress(OSError):  # not empty: another export's, now
-                repo.rmdir()
-        raise
+        except BaseException:
+            if made:  # a failed first export leaves no empty repository behind it
+                with contextlib.suppress(OSError):
+                    repo.rmdir()
+            raise
 
 
 def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:

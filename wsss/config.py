@@ -684,14 +684,33 @@ class _KeyError(ConfigError):
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then ``a.b=c`` overrides, each checked against the types."""
     raw: dict[str, Any] = {} if path is None else read_yaml(Path(path))
+    from_file = _unknown_keys(Config, _upgraded(copy.deepcopy(raw)))
     _override(raw, overrides, Config)
     _upgrade(raw)
     try:
         return _build(Config, raw, "")
-    except ConfigError as exc:  # --set keys are checked as given: these are the file's
-        if path is not None and str(exc).startswith("unknown config key"):
+    except ConfigError as exc:  # the file's own unknown keys are said with its name
+        if from_file and str(exc).startswith("unknown config key"):
             raise ConfigError(f"{path}: {exc}") from None
         raise
+
+
+def _upgraded(raw: dict[str, Any]) -> dict[str, Any]:
+    _upgrade(raw)
+    return raw
+
+
+def _unknown_keys(cls: type, raw: dict[str, Any]) -> bool:
+    """Whether ``raw`` holds a key ``cls`` (a config section, at any depth) does not."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    if set(raw) - names:
+        return True
+    return any(
+        _unknown_keys(hints[k], v)
+        for k, v in raw.items()
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict)
+    )
 
 
 def load_saved_config(path: str | Path) -> Config:

@@ -290,3 +290,5 @@ def test_a_files_unknown_key_names_the_file_and_a_key_out_of_its_section_its_pla
         load_config(path)
     with pytest.raises(ConfigError, match=r"^unknown config key\(s\) \['trian'\]"):
         load_config(None, ["trian.lr=1"])  # a --set key: said as given, no file
+    with pytest.raises(ConfigError, match=r"^unknown config key\(s\) \['trian'\]"):
+        load_config("configs/quick.yaml", ["trian.lr=1"])  # not the file's: not named
