@@ -363,11 +363,13 @@ def test_the_retrain_shell_passes_sigterm_on_to_the_step_it_runs(where, sig, tmp
     # suite run in the background (`make test &`, a CI runner's job) has SIGINT ignored, a
     # non-interactive shell cannot trap a signal ignored on entry, and the Ctrl-C case
     # failed there, not in a container.
-    shell = subprocess.Popen(
-        ["/bin/sh", "-ec", _retrain_scripts()[where]],
-        env=env,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    # (A handler set here for the Popen: exec resets it to the default in the child, and
+    # no preexec_fn runs in the forked child of a threaded process.)
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        shell = subprocess.Popen(["/bin/sh", "-ec", _retrain_scripts()[where]], env=env)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     try:
         wait_for(lambda: (tmp_path / "started").exists(), 30, "the first step to start")
         shell.send_signal(sig)

@@ -182,7 +182,13 @@ class VocLayout(Layout):
         # name it).
         for custom in (root / "class_names.txt", root / "classes.txt"):
             if custom.exists():
-                return read_names(custom)
+                names = read_names(custom)
+                if names and names[0].lower() in ("background", "__background__", "bg"):
+                    raise DataLayoutError(
+                        f"{custom}: list the classes without {names[0]!r} (mask value 0 is "
+                        "background; the first name is value 1)"
+                    )
+                return names
         return list(VOC_CLASSES)
 
     def palette(self, root: Path) -> list[int] | None:

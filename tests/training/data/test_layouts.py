@@ -598,6 +598,9 @@ def test_voc_reads_a_classes_txt_beside_the_data_as_a_folder_does(tmp_path):
     assert get_layout("voc", "voc").class_names(tmp_path) == ["kiwi", "moa"]
     (tmp_path / "class_names.txt").write_text("tui\n")  # the older name first, as before
     assert get_layout("voc", "voc").class_names(tmp_path) == ["tui"]
+    (tmp_path / "class_names.txt").write_text("background\ntui\n")  # would shift each class
+    with pytest.raises(DataLayoutError, match="without 'background'"):
+        get_layout("voc", "voc").class_names(tmp_path)
 
 
 def test_an_image_listed_twice_is_refused(roots, tmp_path):
