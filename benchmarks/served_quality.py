@@ -17,12 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
-from serving.client import PipelineClient
+from serving.client import PipelineClient, present_at
 from training.data.dataset import WSSSDataset
 from training.evaluate import Evaluation, markdown_table, score_masks
 from training.metrics import ConfusionMatrix
 from training.pipeline import mask_values, missing_labels, translate_labels
-from wsss.served.classical import present_classes
 from wsss.tensors import (
     PIPELINE_BYTES,
     PSEUDO_MASK_FULL,
@@ -68,7 +67,7 @@ def served_quality(
                 result.scores.append(out[SCORES][0])
                 result.labels.append(held)
                 if presence is not None:  # the classes the server takes as present
-                    result.predicted.append(tuple(_present(out[SCORES][0], presence)))
+                    result.predicted.append(tuple(present_at(out[SCORES][0], presence)))
                     result.missed.append(missed[i])
             result.images += 1
     seconds = time.perf_counter() - started
@@ -85,13 +84,6 @@ def served_quality(
         "images_per_second": len(data) / seconds,
     }
     return result, meta
-
-
-def _present(scores: np.ndarray, presence: dict) -> list[int]:
-    threshold = np.asarray(presence["threshold"], np.float32)
-    return present_classes(
-        scores, presence["multi_label"], threshold, presence.get("min_score", 0.0)
-    )
 
 
 def scored(meta: dict) -> str:

@@ -269,15 +269,15 @@ def _run_once(
         if spec.segmented is not None and source.spec not in spec.segmented:
             rows.append({"source": source.label, "segmenter": "", "spec": source.spec})
             continue
+        # What its masks are made from (the classifier run, the refiner's settings, the
+        # photos; read once a source): a segmenter of other masks is trained again.
+        made = None if refine_cfg is None else _source_digest(refine_cfg)
+        meta = None if made is None else {"pseudo_source": made}
         for seg_name, seg_sets in profile.segmenters.items():
             c = bench_config(profile, bench, spec, *seg_sets)
             c = dataclasses.replace(c, runs=str(root / "segmenters" / source.slug / seg_name))
             out = Path(c.runs) / ("supervised" if source.spec == TRUTH else "segmenter")
             pseudo_seconds = None
-            # What its masks are made from (the classifier run, the refiner's settings, the
-            # photos): a segmenter of other masks is trained again.
-            made = None if refine_cfg is None else _source_digest(refine_cfg)
-            meta = None if made is None else {"pseudo_source": made}
             if stages.reusable(c, "segmenter", out, meta) is None:
                 if masks is None:
                     t0 = time.perf_counter()

@@ -17,6 +17,7 @@ import numpy as np
 
 from wsss.errors import InputError, WsssError
 from wsss.pruning import outputs_to_request
+from wsss.served.classical import present_classes
 from wsss.served.configs import parameters
 from wsss.served.images import (
     ImageError,
@@ -330,6 +331,15 @@ _OTHER_PROTOCOL = {
     "http": ("Expected HTTP/", "The document is empty"),
     "grpc": ("Socket closed",),
 }
+
+
+def present_at(scores: np.ndarray, presence: dict) -> list[int]:
+    """The classes one image's ``scores`` hold at the server's own thresholds (the
+    ensemble's ``presence`` parameter, as ``PipelineClient.presence`` reads it)."""
+    threshold = np.asarray(presence["threshold"], np.float32)
+    return present_classes(
+        scores, presence["multi_label"], threshold, presence.get("min_score", 0.0)
+    )
 
 
 def _port_hint(protocol: str, error: str) -> str:

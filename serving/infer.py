@@ -40,9 +40,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from serving.client import ClientError, PipelineClient, load_image, resize
+from serving.client import ClientError, PipelineClient, load_image, present_at, resize
 from wsss.palette import VOC_PALETTE
-from wsss.served.classical import present_classes
 from wsss.served.images import IMAGE_SUFFIXES, MAX_ENCODED_BYTES
 from wsss.tensors import (
     CAMS,
@@ -500,12 +499,7 @@ class _Run:
         cam = f"CAM: {label} ({score:.2f})"
         presence = base.presence
         if presence is not None:  # the CAM of a class the masks hold, as the legend says
-            present = present_classes(
-                scores,
-                presence["multi_label"],
-                np.asarray(presence["threshold"], np.float32),
-                presence.get("min_score", 0.0),
-            )
+            present = present_at(scores, presence)
             if present:
                 top = max(present, key=lambda c: scores[c])
                 cam = f"CAM: {class_label(base.class_names, top)} ({scores[top]:.2f})"
@@ -881,10 +875,7 @@ def prediction(
     k = len(scores)
     names = [class_label(class_names, c) for c in range(k)]
     if presence is not None:
-        threshold = np.asarray(presence["threshold"], np.float32)
-        present = present_classes(
-            scores, presence["multi_label"], threshold, presence.get("min_score", 0.0)
-        )
+        present = present_at(scores, presence)
     else:
         held = np.unique(masks[MASK_FILES[PSEUDO_MASK_FULL]])
         present = [int(scores.argmax())]

@@ -684,7 +684,8 @@ class _KeyError(ConfigError):
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then ``a.b=c`` overrides, each checked against the types."""
     raw: dict[str, Any] = {} if path is None else read_yaml(Path(path))
-    from_file = _unknown_keys(Config, _upgraded(copy.deepcopy(raw)))
+    file_raw = _upgraded(copy.deepcopy(raw))
+    from_file = _known(Config, file_raw) != file_raw  # the file holds a key wsss does not
     _override(raw, overrides, Config)
     _upgrade(raw)
     try:
@@ -698,19 +699,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 def _upgraded(raw: dict[str, Any]) -> dict[str, Any]:
     _upgrade(raw)
     return raw
-
-
-def _unknown_keys(cls: type, raw: dict[str, Any]) -> bool:
-    """Whether ``raw`` holds a key ``cls`` (a config section, at any depth) does not."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    if set(raw) - names:
-        return True
-    return any(
-        _unknown_keys(hints[k], v)
-        for k, v in raw.items()
-        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict)
-    )
 
 
 def load_saved_config(path: str | Path) -> Config:
