@@ -34,7 +34,7 @@ from wsss.config import (
     ServeConfig,
     load_config,
 )
-from wsss.errors import InputError, WsssError
+from wsss.errors import InputError, UsageError, WsssError
 from wsss.task import TASKS
 from wsss.tensors import PIPELINE, PIPELINE_BYTES, VIT
 
@@ -118,7 +118,7 @@ def cmd_evaluate(args) -> None:
         return
     stray = [f"--{f.replace('_', '-')}" for f in STUDY_OPTIONS if getattr(args, f) is not None]
     if stray:  # a study's option without its study: refused, not ignored
-        raise InputError(
+        raise UsageError(
             f"{', '.join(stray)}: a study's, not wsss evaluate's (`wsss study --help`)"
         )
     cfg = _config(args)
@@ -151,9 +151,9 @@ def study_cams(args) -> None:
 def study_levelset(args) -> None:
     """Paper 003's study; with --variants their cross-validation, with --merge the seeds'."""
     if args.variants and args.merge:
-        sys.exit("wsss study: --variants and --merge are separate runs: give one")
+        raise UsageError("--variants and --merge are separate runs: give one")
     if args.folds is not None and not args.variants:
-        sys.exit("wsss study: --folds goes with --variants")
+        raise UsageError("--folds goes with --variants")
     cfg = _config(args)
     if args.variants:
         from experiments.levelset_tuning import cross_validate, read_variants
@@ -182,8 +182,9 @@ def study_served(args) -> None:
     from benchmarks.served_quality import report, served_quality
     from training.evaluate import load_test_set
 
-    result, meta = served_quality(load_test_set(cfg), _url(args), args.protocol)
-    print(report(result, meta, args.label or _url(args)))
+    url = _url(args)  # a contrary --url / --protocol: said before the photos are read
+    result, meta = served_quality(load_test_set(cfg), url, args.protocol)
+    print(report(result, meta, args.label or url))
 
 
 # `wsss evaluate --<flag>` (deprecated) -> the `wsss study` handler it now is
@@ -220,7 +221,7 @@ def cmd_export(args) -> None:
         cfg.export.repository = args.repository
     if args.check:  # reads the repository alone, no torch (0.3 s for a missing folder, not 5.7)
         if args.no_wait:
-            sys.exit("wsss export: --no-wait is for an export; --check takes no lock")
+            raise UsageError("--no-wait is for an export; --check takes no lock")
         report = check_repository(cfg.export.repository)
         print(report)
         if not report.ok:
@@ -412,7 +413,7 @@ def _url(args) -> str:
     scheme, sep, _ = (args.url or "").strip().partition("://")
     if sep and scheme.lower() in ("http", "grpc"):
         if args.protocol not in (None, scheme.lower()):
-            raise InputError(
+            raise UsageError(
                 f"--url {args.url} says {scheme.lower()}:// and --protocol says "
                 f"{args.protocol}: give one of them"
             )
@@ -435,11 +436,11 @@ def cmd_infer(args) -> None:
 
     sources = [*args.images, *(s for f in args.list for s in read_list(f))]
     if not sources:
-        sys.exit("wsss infer: name image files, folders or globs, or --list FILE")
+        raise UsageError("name image files, folders or globs, or --list FILE")
     one_file = len(sources) == 1 and Path(sources[0]).is_file()  # figures by default
     figures = one_file if args.figures is None else args.figures
     if not 0 <= args.retry_seconds < float("inf"):  # NaN too
-        sys.exit(f"wsss infer: --retry-seconds is 0 or more, finite: not {args.retry_seconds}")
+        raise UsageError(f"--retry-seconds is 0 or more, finite: not {args.retry_seconds}")
     options = InferOptions(
         Path(args.out), args.concurrency, figures, args.resume, retry_seconds=args.retry_seconds
     )
@@ -464,7 +465,7 @@ def _score(score: float) -> str:
 def cmd_bench(args) -> None:
     modes = [f"--{m}" for m in ("quantized", "report", "refiners") if getattr(args, m)]
     if len(modes) > 1:
-        sys.exit(f"wsss bench: {' and '.join(modes)} are separate runs: give one")
+        raise UsageError(f"{' and '.join(modes)} are separate runs: give one")
     if args.quantized:
         from benchmarks.quantized import quantized_report
 
@@ -481,7 +482,7 @@ def cmd_bench(args) -> None:
         if getattr(args, flag[2:].replace("-", "_")) != default
     ]
     if report_only:
-        sys.exit(f"wsss bench: {', '.join(report_only)} go with --report (or --quantized)")
+        raise UsageError(f"{', '.join(report_only)} go with --report (or --quantized)")
     if args.refiners:
         from benchmarks.refiner_speed import refiner_speed, speed_table
 
@@ -1061,20 +1062,26 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     the subcommands' flags nowhere in it)."""
     args, extra = parser.parse_known_args(argv)
     if extra:
-        sub = parser
-        for dest in ("command", "action"):  # down to the subcommand that was run
-            choices = next(
-                (a.choices for a in sub._actions if isinstance(a, argparse._SubParsersAction)),
-                None,
-            )
-            if not choices or getattr(args, dest, None) not in choices:
-                break
-            sub = choices[getattr(args, dest)]
+        sub = _subparser(parser, args)
         known = [o for a in sub._actions for o in a.option_strings]
         close = [m for x in extra for m in difflib.get_close_matches(x.split("=")[0], known, 1)]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         sub.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     return args
+
+
+def _subparser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The parser of the (sub)command that ``args`` ran: its usage is the one to show."""
+    sub = parser
+    for dest in ("command", "action"):  # down to the subcommand that was run
+        choices = next(
+            (a.choices for a in sub._actions if isinstance(a, argparse._SubParsersAction)),
+            None,
+        )
+        if not choices or getattr(args, dest, None) not in choices:
+            break
+        sub = choices[getattr(args, dest)]
+    return sub
 
 
 def _config_flags(default: str | None, said: str | None = None) -> argparse.ArgumentParser:
@@ -1158,7 +1165,8 @@ def _interrupted(exc: BaseException | None) -> KeyboardInterrupt | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parse(build_parser(), argv)
+    parser = build_parser()
+    args = _parse(parser, argv)
     # A path that is not valid in the terminal's encoding (a file name's stray bytes) is
     # printed escaped, as stderr already does, not raised after the work is done.
     if hasattr(sys.stdout, "reconfigure"):
@@ -1186,6 +1194,8 @@ def main(argv: list[str] | None = None) -> None:
             if stop is None:
                 raise
             raise stop from None
+    except UsageError as exc:  # options that do not go together: the command's usage, 2
+        _subparser(parser, args).error(str(exc))
     except (WsssError, InputError, *PATH_ERRORS) as exc:  # a bug keeps its traceback
         if os.environ.get("WSSS_DEBUG"):  # where it came from, as well
             raise

@@ -5,8 +5,13 @@ a bug and shows its traceback."""
 
 from wsss.served.errors import InputError
 
-__all__ = ["InputError", "WsssError"]
+__all__ = ["InputError", "UsageError", "WsssError"]
 
 
 class WsssError(Exception):
     """Bad input or a failed step, reported to the user as one line."""
+
+
+class UsageError(WsssError):
+    """A command line whose options do not go together, or lack one another: said with
+    the command's own usage, status 2, as argparse says what it finds itself."""

@@ -65,11 +65,14 @@ def test_data_train_evaluate_export(tmp_path):
 
 
 @pytest.mark.parametrize("flag", [["--merge", "a", "b"], ["--url", "127.0.0.1:8001"], ["--reuse"]])
-def test_a_study_option_without_its_study_is_refused(flag):
+def test_a_study_option_without_its_study_is_refused(flag, capsys):
     from cli.main import main
 
-    with pytest.raises(SystemExit, match="a study's, not wsss evaluate's"):
+    with pytest.raises(SystemExit) as stopped:
         main(["evaluate", *flag])
+    assert stopped.value.code == 2  # a usage error, as argparse's own
+    err = capsys.readouterr().err
+    assert err.startswith("usage: wsss evaluate ") and "a study's, not wsss evaluate's" in err
 
 
 def test_bad_config_is_a_clear_error():
@@ -154,7 +157,7 @@ def test_a_url_scheme_picks_the_protocol_and_a_contrary_one_is_refused():
     import argparse
 
     from cli.main import _url
-    from wsss.errors import InputError
+    from wsss.errors import UsageError
 
     args = argparse.Namespace(url="http://127.0.0.1:18000", protocol=None)
     assert _url(args) == "127.0.0.1:18000" and args.protocol == "http"
@@ -162,7 +165,7 @@ def test_a_url_scheme_picks_the_protocol_and_a_contrary_one_is_refused():
     assert _url(args) == "127.0.0.1:18001" and args.protocol == "grpc"
     args = argparse.Namespace(url="GRPC://127.0.0.1:18001", protocol="grpc")
     assert _url(args) == "127.0.0.1:18001" and args.protocol == "grpc"
-    with pytest.raises(InputError, match="says http:// and --protocol says grpc"):
+    with pytest.raises(UsageError, match="says http:// and --protocol says grpc"):
         _url(argparse.Namespace(url="http://127.0.0.1:18000", protocol="grpc"))
 
 
@@ -311,9 +314,12 @@ def test_bench_and_soak_refuse_bad_flags_in_one_line_before_any_server(tmp_path)
         ("soak", "--concurrency", "0"): "at least 1: not 0",
         ("soak", "--images", str(tmp_path / "nowhere")): "no such folder, or no photos in it",
     }
+    usage = {("bench", "--sweep"), ("bench", "--refiners", "--seconds", "2")}
     for args, said in cases.items():
         proc = wsss(*args, check=False)
         assert proc.returncode != 0 and said in proc.stderr, (args, proc.stderr)
+        if args in usage:  # options that do not go together: the command's usage, status 2
+            assert proc.returncode == 2 and proc.stderr.startswith("usage: wsss bench ")
         assert "Traceback" not in proc.stderr and "exported" not in proc.stdout
 
 
@@ -364,3 +370,30 @@ def test_infer_prints_a_small_score_without_hiding_it():
         "0.0099",
         "0.0012",
     ]
+
+
+def test_usage_errors_found_after_parsing_are_said_with_the_usage_and_status_2(capsys):
+    """As argparse says its own: the command's usage line, `wsss <command>: error: ...`,
+    status 2, before anything is read (study served's photos: a data root not there)."""
+    from cli.main import main
+
+    cases = {
+        ("infer",): "wsss infer: error: name image files, folders or globs",
+        ("infer", "a.jpg", "--retry-seconds", "nan"): "--retry-seconds is 0 or more, finite",
+        (
+            "study",
+            "served",
+            "--url",
+            "http://127.0.0.1:1",
+            "--protocol",
+            "grpc",
+            "--set",
+            "data.root=/nonexistent/photos",
+        ): "wsss study served: error: --url http://127.0.0.1:1 says http:// and --protocol",
+    }
+    for argv, said in cases.items():
+        with pytest.raises(SystemExit) as stopped:
+            main(list(argv))
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2, (argv, err)
+        assert err.startswith(f"usage: wsss {argv[0]} ") and said in err, (argv, err)
