@@ -284,6 +284,25 @@ def test_the_photos_digest_sees_a_relabelled_or_replaced_photo(tmp_path):
     assert stages.photos_digest(samples) != digest
 
 
+def test_the_photos_are_read_once_a_process_while_they_stay_as_they_were(tmp_path, monkeypatch):
+    """A run asks for the digest twice (the saved masks' check, then their record): the
+    second reads no photo that is still the file it was; a rewritten one is read again."""
+    from training import stages
+    from training.data.base import Sample
+
+    photos = [tmp_path / f"{n}.jpg" for n in "ab"]
+    for p in photos:
+        p.write_bytes(b"photo " + p.name.encode())
+    samples = [Sample(p.stem, p, None, (0,)) for p in photos]
+    read = []
+    real = stages.file_digest
+    monkeypatch.setattr(stages, "file_digest", lambda path: read.append(path) or real(path))
+    digest = stages.photos_digest(samples)
+    assert stages.photos_digest(samples) == digest and read == photos
+    photos[0].write_bytes(b"a longer photo, written again")
+    assert stages.photos_digest(samples) != digest and read == [*photos, photos[0]]
+
+
 def test_thresholds_for_a_task_they_do_not_fit_are_refused_before_training(tmp_path):
     from training import stages
     from wsss.config import load_config
