@@ -93,6 +93,16 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` in one process): small picklable
+    things, such as each rank's random generators."""
+    if not active():
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def train_sampler(data: Dataset, seed: int) -> DistributedSampler | None:
     """Each rank a disjoint, reshuffled-per-epoch share of the training set (None in one
     process, where the loader shuffles)."""

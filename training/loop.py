@@ -177,6 +177,7 @@ def fit(
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in weights}
                 if main:
                     save_checkpoint({"state_dict": best_state, "meta": meta | record}, partial)
+            rngs = distributed.all_gather_objects(_get_rng(train, device))  # every rank's
             if main:
                 point = {
                     "key": key,
@@ -184,7 +185,7 @@ def fit(
                     "state_dict": model.state_dict(),
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
-                    "rng": _get_rng(train, device),
+                    "rng": rngs,
                     "records": records,
                     "best": best,
                     "best_state": best_state,
@@ -295,13 +296,18 @@ def _get_rng(train: DataLoader, device: torch.device) -> dict:
     }
 
 
-def _set_rng(state: dict, train: DataLoader, device: torch.device) -> None:
-    """The saved generators back (rank 0's: the other ranks keep their own, which differ from
-    rank 0's as the augmentations of a run never stopped did)."""
+def _set_rng(states: list[dict] | dict, train: DataLoader, device: torch.device) -> None:
+    """Each rank's saved generators back, as ``_get_rng`` gave them at the epoch's end, in
+    rank order. A run resumed on more ranks than it had: the new ones keep their own; a
+    point saved before every rank's was kept holds rank 0's alone (one dict), which rank 0
+    takes."""
+    if isinstance(states, dict):
+        states = [states]
+    if distributed.rank() >= len(states):
+        return
+    state = states[distributed.rank()]
     if state["loader"] is not None and train.generator is not None:
         train.generator.set_state(state["loader"])
-    if not distributed.is_main():
-        return
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)

@@ -79,6 +79,10 @@ def test_two_cpu_processes_share_the_data_and_write_one_checkpoint(tmp_path):
         proc.wait()
     point = load_checkpoint(runs / "segmenter" / "resume.pt")
     assert 1 <= point["epoch"] < 6
+    # each rank's generators, to go back to each rank (rank 0's alone were kept: rank 1
+    # replayed its augmentations from the stage's start, and drew rank 0's crops)
+    numpy_keys = [rng["numpy"][1] for rng in point["rng"]]
+    assert len(numpy_keys) == 2 and not numpy_keys[0].equal(numpy_keys[1])
     again = subprocess.run(longer + ["--resume"], capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     said = again.stdout + again.stderr

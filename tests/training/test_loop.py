@@ -116,6 +116,40 @@ def test_a_stopped_training_resumed_ends_as_if_never_stopped(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "metrics.jsonl"]  # done
 
 
+def test_each_rank_takes_back_its_own_generators(monkeypatch):
+    """A resume point holds every rank's generators in rank order; each rank takes its
+    own (a rank past the saved ones keeps its own; an older point's one dict is rank 0's)."""
+    from torch.utils.data import DataLoader
+
+    from training import distributed, loop
+
+    loader = DataLoader(list(range(4)), generator=torch.Generator())
+    states = []
+    for seed in (0, 1):
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        loader.generator.manual_seed(seed)
+        states.append(loop._get_rng(loader, torch.device("cpu")))
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        np.random.seed(99)
+        torch.manual_seed(99)
+        loop._set_rng(states, loader, torch.device("cpu"))
+        assert np.random.rand() == np.random.RandomState(rank).rand()
+        assert (
+            torch.rand(1).item()
+            == torch.rand(1, generator=torch.Generator().manual_seed(rank)).item()
+        )
+        assert loader.generator.get_state().equal(states[rank]["loader"])
+    monkeypatch.setattr(distributed, "rank", lambda: 2)
+    np.random.seed(99)
+    loop._set_rng(states, loader, torch.device("cpu"))  # a third rank: its own, untouched
+    assert np.random.rand() == np.random.RandomState(99).rand()
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    loop._set_rng(states[1], loader, torch.device("cpu"))  # an older point: rank 0's
+    assert np.random.rand() == np.random.RandomState(1).rand()
+
+
 def test_a_resume_with_other_settings_or_nothing_stopped_starts_over_and_says_so(tmp_path, capsys):
     stopped_in_the_second_epoch = _stopped_after(EPOCH_BATCHES)
     with pytest.raises(KeyboardInterrupt):
