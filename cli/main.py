@@ -1063,8 +1063,15 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     args, extra = parser.parse_known_args(argv)
     if extra:
         sub = _subparser(parser, args)
-        known = [o for a in sub._actions for o in a.option_strings]
-        close = [m for x in extra for m in difflib.get_close_matches(x.split("=")[0], known, 1)]
+        # matched without their dashes, which every flag shares (with them `--bogus` came
+        # close enough to `--out`)
+        known = {o.lstrip("-"): o for a in sub._actions for o in a.option_strings}
+        close = [
+            known[m]
+            for x in extra
+            if x.startswith("-")
+            for m in difflib.get_close_matches(x.split("=")[0].lstrip("-"), known, 1)
+        ]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         sub.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     return args

@@ -181,6 +181,10 @@ def test_a_flag_the_command_does_not_take_is_said_by_that_command(capsys):
     assert err.startswith("usage: wsss train ")
     assert "wsss train: error: unrecognized arguments: --stagse classifier" in err
     assert "(did you mean --stages?)" in err
+    with pytest.raises(SystemExit):  # nothing close: no guess (it was `--out`, by the dashes)
+        main(["data", "synth", "--bogus"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --bogus" in err and "did you mean" not in err
     with pytest.raises(SystemExit) as stopped:
         main(["--version"])
     assert stopped.value.code == 0 and capsys.readouterr().out.startswith("wsss ")
