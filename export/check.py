@@ -1,14 +1,19 @@
 """Validate a Triton model repository and say exactly what is wrong.
 
 Checks that every config.pbtxt parses against Triton's schema and names its folder; that each
-served version holds its model file and that the file loads (ONNX in ONNX Runtime, TorchScript
-in torch, Python compiles) with the inputs and outputs its config declares; that every
-output's ``label_filename`` is in the model's folder with one label per class; and that every
-ensemble step exists, is fed only tensors that exist by then, with matching dtypes and shapes.
+version it lists has its folder and each served one holds its model file, and that the file
+loads (ONNX in ONNX Runtime, TorchScript in torch with the inputs and outputs its ``NAME__i``
+names index, Python: model.py and the modules it imports from beside it compile) with the
+inputs and outputs its config declares; that every output's ``label_filename`` is in the
+model's folder with one label per class, and every warmup sample's data file in
+``warmup/``; that preferred batch sizes fit ``max_batch_size``; and that every ensemble step
+exists, takes the ensemble's batch size, and is fed only tensors that exist by then, with
+matching dtypes and shapes.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +47,20 @@ def versions(folder: Path) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def listed_versions_missing(
+    cfg: mc.ModelConfig, folder: Path, elsewhere: Path | None = None
+) -> list[int]:
+    """The versions a ``specific`` policy names that have no folder (in ``folder``, or in
+    ``elsewhere``: the repository a staged export's older versions are in): Triton serves
+    the others, so the ensembles' steps may come from two exports."""
+    if not cfg.version_policy.HasField("specific"):
+        return []
+    found = set(versions(folder))
+    if elsewhere is not None and elsewhere.is_dir():
+        found |= set(versions(elsewhere))
+    return sorted(v for v in set(cfg.version_policy.specific.versions) if v not in found)
+
+
 def served_versions(cfg: mc.ModelConfig, folder: Path) -> list[int]:
     """The versions Triton will load under this config's version_policy."""
     found = versions(folder)
@@ -54,7 +73,12 @@ def served_versions(cfg: mc.ModelConfig, folder: Path) -> list[int]:
     return found[-keep:]
 
 
-def check_repository(root: str | Path, load_models: bool = True) -> Report:
+def check_repository(
+    root: str | Path, load_models: bool = True, versions_in: Path | None = None
+) -> Report:
+    """What is wrong with the repository at ``root``. ``versions_in``: for a staged export,
+    which holds its new version alone, the repository whose folders hold the older
+    versions its configs go on serving."""
     root = Path(root)
     report = Report()
     if not root.is_dir():
@@ -68,10 +92,17 @@ def check_repository(root: str | Path, load_models: bool = True) -> Report:
             continue
         configs[folder.name] = cfg
         _check_labels(cfg, folder, report)
+        _check_batching(cfg, folder, report)
         served = served_versions(cfg, folder)
         report.models[folder.name] = served
         if not served:
             report.problems.append(f"{folder.name}: no numbered version folder to serve")
+        elsewhere = None if versions_in is None else Path(versions_in) / folder.name
+        for v in listed_versions_missing(cfg, folder, elsewhere) if served else ():
+            report.problems.append(
+                f"{folder.name}: version {v} is listed in config.pbtxt but has no folder "
+                "(Triton serves the others: the ensembles' steps may come from two exports)"
+            )
         if cfg.platform != "ensemble" and load_models:
             for v in served:
                 _check_model_file(cfg, folder / str(v), report)
@@ -93,7 +124,7 @@ def _read_config(folder: Path, report: Report) -> mc.ModelConfig | None:
         return None
     try:
         cfg = parse(path.read_text())
-    except text_format.ParseError as exc:
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
         report.problems.append(f"{path}: does not parse as a Triton ModelConfig: {exc}")
         return None
     if cfg.name and cfg.name != folder.name:
@@ -114,12 +145,37 @@ def _check_labels(cfg: mc.ModelConfig, folder: Path, report: Report) -> None:
                 "(Triton reads it from the model's folder)"
             )
             continue
-        count = len(path.read_text().splitlines())
+        try:
+            count = len(path.read_text().splitlines())
+        except UnicodeDecodeError as exc:  # Triton reads it as text: one label a line
+            report.problems.append(f"{cfg.name}: {path.name} is not UTF-8 text: {exc}")
+            continue
         if len(output.dims) == 1 and count != output.dims[0]:
             report.problems.append(
                 f"{cfg.name}: {path.name} has {count} labels, output {output.name} "
                 f"{output.dims[0]} classes"
             )
+
+
+def _check_batching(cfg: mc.ModelConfig, folder: Path, report: Report) -> None:
+    """What Triton refuses at load besides the tensors: a preferred batch size past
+    ``max_batch_size``, and a warmup sample whose data file is not in ``warmup/``."""
+    too_big = [
+        b for b in cfg.dynamic_batching.preferred_batch_size if b > max(cfg.max_batch_size, 0)
+    ]
+    if cfg.HasField("dynamic_batching") and too_big:
+        report.problems.append(
+            f"{cfg.name}: preferred_batch_size {too_big} is over max_batch_size "
+            f"{cfg.max_batch_size} (Triton refuses to load it)"
+        )
+    for sample in cfg.model_warmup:
+        for name, tensor in sample.inputs.items():
+            file = tensor.input_data_file
+            if file and not (folder / "warmup" / file).is_file():
+                report.problems.append(
+                    f"{cfg.name}: warmup {sample.name!r} reads warmup/{file} for {name}, "
+                    "which is missing (Triton fails to load the model)"
+                )
 
 
 def _declared(cfg: mc.ModelConfig, tensors) -> dict[str, tuple[int, list[int]]]:
@@ -142,13 +198,68 @@ def _check_model_file(cfg: mc.ModelConfig, version: Path, report: Report) -> Non
         if fmt == "onnx":
             _check_onnx(cfg, path, where, report)
         elif fmt == "torchscript":
-            import torch
-
-            torch.jit.load(str(path), map_location="cpu")
+            _check_torchscript(cfg, path, where, report)
         else:
-            compile(path.read_text(), str(path), "exec")
+            report.problems += [f"{where}: {p}" for p in python_model_problems(version)]
     except Exception as exc:  # any load failure is the finding
         report.problems.append(f"{where}: {path.name} does not load: {exc}")
+
+
+# The project's own packages: a served Python model that imports one serves whatever the
+# installed project has become (the repository stands alone).
+_PROJECT_IMPORT = re.compile(
+    r"^\s*(from|import)\s+(wsss|training|export|serving|benchmarks|cli)\b", re.M
+)
+_LOCAL_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.M)
+
+
+def python_model_problems(version_dir: Path) -> list[str]:
+    """What keeps a Python model's version folder from loading on its own: model.py or a
+    module it imports from beside it (``from .x import``, followed through those modules)
+    missing or not compiling, or one importing the project. Each version is judged by its
+    own code, so one exported before a helper was added stays servable."""
+    problems, seen, todo = [], set(), [("model", None)]
+    while todo:
+        module, by = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        path = version_dir / f"{module}.py"
+        if not path.is_file():
+            problems.append(f"{path.name} is missing" + (f" ({by}.py imports it)" if by else ""))
+            continue
+        source = path.read_text(errors="replace")
+        try:
+            compile(source, str(path), "exec")
+        except SyntaxError as exc:
+            problems.append(f"{path.name} does not compile: {exc}")
+        if _PROJECT_IMPORT.search(source):
+            problems.append(f"{path.name} imports the project: the repository must stand alone")
+        todo += [(m, module) for m in _LOCAL_IMPORT.findall(source)]
+    return problems
+
+
+def _check_torchscript(cfg: mc.ModelConfig, path: Path, where: str, report: Report) -> None:
+    """The traced module loads and has the inputs and outputs the config's ``NAME__i``
+    names point at (Triton's PyTorch backend maps them by that index)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # torch.jit's deprecation notice, not a finding
+        warnings.simplefilter("ignore")
+        module = torch.jit.load(str(path), map_location="cpu")
+    schema = module.forward.schema
+    takes = len(schema.arguments) - 1  # self
+    returns = schema.returns[0].type if len(schema.returns) == 1 else None
+    gives = len(returns.elements()) if isinstance(returns, torch.TupleType) else 1
+    for kind, tensors, count in (("input", cfg.input, takes), ("output", cfg.output, gives)):
+        for t in tensors:
+            index = t.name.rpartition("__")[2]
+            if index.isdigit() and int(index) >= count:
+                report.problems.append(
+                    f"{where}: {kind} {t.name} names the module's {kind} {index}, which has {count}"
+                )
 
 
 def _check_onnx(cfg: mc.ModelConfig, path: Path, where: str, report: Report) -> None:
@@ -179,6 +290,11 @@ def _check_ensemble(
         if model is None:
             report.problems.append(f"{where} step {i}: model {step.model_name!r} does not exist")
             return
+        if 0 < model.max_batch_size < cfg.max_batch_size:
+            report.problems.append(
+                f"{where} step {i} ({model.name}): max_batch_size {model.max_batch_size} is "
+                f"under the ensemble's {cfg.max_batch_size} (Triton refuses the ensemble)"
+            )
         inputs, outputs = _declared(model, model.input), _declared(model, model.output)
         missing = set(inputs) - set(step.input_map)
         if missing:

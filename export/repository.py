@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 import sys
 import uuid
@@ -31,7 +30,7 @@ import yaml
 from google.protobuf.text_format import ParseError
 from torch import nn
 
-from export.check import check_repository, served_versions, versions
+from export.check import check_repository, python_model_problems, served_versions, versions
 from export.configs import (
     FORMATS,
     PYTHON_MODELS,
@@ -288,7 +287,7 @@ def _export(cfg: Config, repo: Path, staging: Path) -> ExportResult:
     if quantized:
         path = staging / CLASSIFIER / str(version) / "quantized.json"
         path.write_text(json.dumps(quantized, indent=2))
-    report = check_repository(staging)
+    report = check_repository(staging, versions_in=repo)
     if not report.ok:
         raise ExportError(f"the staged export is invalid, nothing was changed:\n{report}")
     order = [n for n in specs if n not in ENSEMBLES] + list(ENSEMBLES)
@@ -822,7 +821,8 @@ def servable_versions(
     before the served code was copied beside model.py import the installed project, which
     may no longer have what they call. Where the model's tensors change
     (``_changed_tensors``; the refiner that now reads the ViT model's map), no older
-    version is kept: Triton serves every version under the one new config.
+    version is kept: Triton serves every version under the one new config; nor, after
+    such a change, a version from before it that the config on disk no longer serves.
     """
     if keep < 1:
         raise InputError("export.keep_versions must be >= 1")
@@ -833,10 +833,22 @@ def servable_versions(
     if fmt == "ensemble":  # nothing to load; Triton serves its latest version
         return (found + [new])[-1:]
     filename = FORMATS[fmt][1]
-    usable = [v for v in found if (folder / str(v) / filename).exists()]
+    usable = [v for v in _served_now(folder, found) if (folder / str(v) / filename).exists()]
     if fmt == "python":
         usable = [v for v in usable if self_contained(folder / str(v))]
     return (usable + [new])[-keep:]
+
+
+def _served_now(folder: Path, found: list[int]) -> list[int]:
+    """The versions the config on disk serves (those of the tensors and classes it names);
+    with no config there, every version found; with one that does not read, none."""
+    path = folder / "config.pbtxt"
+    if not path.is_file():
+        return found
+    try:
+        return served_versions(parse(path.read_text()), folder)
+    except (ParseError, OSError, UnicodeDecodeError):
+        return []
 
 
 def _changed_tensors(
@@ -910,7 +922,7 @@ def _same_tensors(
         return True
     try:
         old = parse(path.read_text())
-    except ParseError:
+    except (ParseError, UnicodeDecodeError):  # replaced, as a config of other tensors
         return False
     names = io_names(spec, fmt)
     on_disk = sorted((t.name, tuple(t.dims), t.data_type) for t in [*old.input, *old.output])
@@ -923,31 +935,9 @@ def _same_tensors(
     )
 
 
-_PROJECT_IMPORT = re.compile(
-    r"^\s*(from|import)\s+(wsss|training|export|serving|benchmarks|cli)\b", re.M
-)
-_LOCAL_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.M)
-
-
 def self_contained(version_dir: Path) -> bool:
-    """A Python model's version folder holds every module its model.py imports from beside
-    it (``from .x import``, followed through those modules), and none imports the project:
-    it serves whatever the installed project has become. Each version is checked against
-    its own code, so a version exported before a helper was added stays servable."""
-    seen, todo = set(), ["model"]
-    while todo:
-        module = todo.pop()
-        path = version_dir / f"{module}.py"
-        if module in seen:
-            continue
-        if not path.is_file():
-            return False
-        seen.add(module)
-        source = path.read_text(errors="replace")
-        if _PROJECT_IMPORT.search(source):
-            return False
-        todo += _LOCAL_IMPORT.findall(source)
-    return True
+    """A Python model's version folder loads on its own (``python_model_problems``)."""
+    return not python_model_problems(version_dir)
 
 
 def next_version(repo: Path) -> int:

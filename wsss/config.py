@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import sys
 import types
 import typing
 from collections.abc import Hashable
@@ -848,7 +849,14 @@ def _upgrade(raw: dict[str, Any], given: bool = True) -> None:
     # The ViT left the refiner for its own model, and its int8 switch with it.
     refiner = _get(export, "refiner")
     if given and _get(refiner, "quantize") not in (None, "none"):
-        export.setdefault("vit", {}).setdefault("quantize", refiner.pop("quantize"))
+        old, vit = refiner.pop("quantize"), export.setdefault("vit", {})
+        if vit.setdefault("quantize", old) != old:
+            raise ConfigError(
+                f"export.refiner.quantize {old} (the ViT's switch when it ran inside the "
+                f"refiner) and export.vit.quantize {vit['quantize']}: give export.vit.quantize"
+            )
+        # said, so that a refusal naming export.vit.quantize names a key the user knows
+        print(f"export.refiner.quantize is now export.vit.quantize: read as {old}", file=sys.stderr)
     levelset = raw.get("levelset")
     # levelset.feature_energy was an on/off switch before it became the feature term's weight.
     if isinstance(levelset, dict) and isinstance(levelset.get("feature_energy"), bool):

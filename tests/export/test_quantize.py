@@ -112,11 +112,17 @@ def test_calibration_needs_a_photo_and_is_each_networks_own():
     assert cfg.export.classifier.calibration == "photos" and cfg.export.vit.calibration == ""
 
 
-def test_old_configs_quantize_the_vit():
+def test_old_configs_quantize_the_vit(capsys):
     """``export.refiner.quantize`` quantized the ViT inside the refiner: it now means the
-    ViT model's."""
+    ViT model's, and says so (a refusal then names export.vit.quantize); against another
+    export.vit.quantize it is refused, not dropped."""
+    from wsss.config import ConfigError
+
     cfg = load_config(None, ["export.refiner.quantize=dynamic"])
     assert cfg.export.vit.quantize == "dynamic" and cfg.export.refiner.quantize == "none"
+    assert "export.refiner.quantize is now export.vit.quantize" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="give export.vit.quantize"):
+        load_config(None, ["export.refiner.quantize=dynamic", "export.vit.quantize=static"])
 
 
 @pytest.mark.parametrize(

@@ -304,7 +304,7 @@ def test_a_failed_export_changes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(
         repository,
         "check_repository",
-        lambda root: type("R", (), {"ok": False, "__str__": lambda s: "bad"})(),
+        lambda root, **kwargs: type("R", (), {"ok": False, "__str__": lambda s: "bad"})(),
     )
     with pytest.raises(ExportError, match="nothing was changed"):
         export_repository(cfg)
@@ -397,6 +397,40 @@ BREAKAGES = {
         lambda r: (r / "classifier" / "labels.txt").write_text("bear\ncat\n"),
         "classifier: labels.txt has 2 labels, output SCORES 3 classes",
     ),
+    # What tritonserver refused to load while the check said OK (a review, 2026-12-07):
+    "missing helper": (
+        lambda r: (r / "preprocess" / "1" / "images.py").unlink(),
+        "preprocess v1: images.py is missing (model.py imports it)",
+    ),
+    "helper that does not compile": (
+        lambda r: (r / "preprocess" / "1" / "images.py").write_text("def broken(:\n"),
+        "preprocess v1: images.py does not compile",
+    ),
+    "missing warmup data": (
+        lambda r: (r / "postprocess" / "warmup" / "ORIGINAL_SIZE").unlink(),
+        "postprocess: warmup 'generated_sample' reads warmup/ORIGINAL_SIZE",
+    ),
+    "preferred batch over the model's": (
+        lambda r: _edit(r, "classifier", "preferred_batch_size: 8", "preferred_batch_size: 16"),
+        "classifier: preferred_batch_size [16] is over max_batch_size 8",
+    ),
+    "ensemble batch over a step's": (
+        lambda r: _edit(r, "wsss_pipeline", "max_batch_size: 8", "max_batch_size: 16"),
+        "ensemble wsss_pipeline step 0 (wsss_pipeline_steps): max_batch_size 8 is under the "
+        "ensemble's 16",
+    ),
+    "listed version without its folder": (
+        lambda r: _edit(r, "classifier", "versions: 1", "versions: 1\n    versions: 2"),
+        "classifier: version 2 is listed in config.pbtxt but has no folder",
+    ),
+    "config not UTF-8": (
+        lambda r: (p := r / "classifier" / "config.pbtxt").write_bytes(p.read_bytes() + b"\xff"),
+        "classifier/config.pbtxt: does not parse as a Triton ModelConfig",
+    ),
+    "labels not UTF-8": (
+        lambda r: (r / "classifier" / "labels.txt").write_bytes(b"cat\n\xff\xfe\nbird\n"),
+        "classifier: labels.txt is not UTF-8 text",
+    ),
 }
 
 
@@ -474,6 +508,44 @@ def test_a_training_only_refiner_is_refused_and_another_served(tmp_path):
     walk = random_export_cfg(tmp_path, "refine.method=walk+crf")
     with pytest.raises(ExportError, match="crf makes training pseudo-masks only.*e.g. walk$"):
         export_repository(walk)
+
+
+def test_a_torchscript_model_has_the_inputs_and_outputs_its_config_names(tmp_path):
+    """Triton's PyTorch backend maps ``NAME__i`` to the module's i-th input or output: an
+    index past them loads, then fails each request."""
+    import torch
+
+    from export.check import Report, _check_torchscript
+    from export.configs import parse
+
+    class TwoOut(torch.nn.Module):
+        def forward(self, x):
+            return x, x * 2
+
+    path = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.trace(TwoOut(), torch.zeros(1, 2)), str(path))
+    text = """name: "m" backend: "pytorch" max_batch_size: 1
+      input { name: "X__0" data_type: TYPE_FP32 dims: 2 }
+      output { name: "A__0" data_type: TYPE_FP32 dims: 2 }
+      output { name: "B__%d" data_type: TYPE_FP32 dims: 2 }"""
+    report = Report()
+    _check_torchscript(parse(text % 1), path, "m v1", report)
+    assert report.ok, report.problems
+    _check_torchscript(parse(text % 7), path, "m v1", report)
+    assert report.problems == ["m v1: output B__7 names the module's output 7, which has 2"]
+
+
+def test_versions_from_before_a_change_of_classes_do_not_come_back(tmp_path):
+    """With keep_versions past 2, the export after a change listed the versions from
+    before it again (their tensors or classes unlike the config's): Triton refused them,
+    or served an old model under the new class names."""
+    keep = "export.keep_versions=3"
+    for names in (["cat", "dog", "bird"], ["cat", "dog", "bird"], ["bird", "dog", "cat"]):
+        export_repository(random_export_cfg(tmp_path, keep, class_names=names))
+    repo = tmp_path / "repo"
+    assert _versions(repo, "classifier") == [3]
+    export_repository(random_export_cfg(tmp_path, keep, class_names=["bird", "dog", "cat"]))
+    assert _versions(repo, "classifier") == [3, 4] and check_repository(repo).ok
 
 
 def test_a_reexport_naming_other_classes_serves_only_its_own_version(tmp_path, capsys):
