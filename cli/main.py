@@ -36,7 +36,7 @@ from wsss.config import (
 )
 from wsss.errors import InputError, UsageError, WsssError
 from wsss.task import TASKS
-from wsss.tensors import PIPELINE, PIPELINE_BYTES, VIT
+from wsss.tensors import PIPELINE, PIPELINE_BYTES
 
 # The ports make serve and make test pass in the environment: serve.<key> from each.
 PORT_VARIABLES = {
@@ -231,66 +231,7 @@ def cmd_export(args) -> None:
 
     if args.no_wait:
         cfg.export.lock_wait_seconds = 0
-    result = export_repository(cfg)
-    print(
-        f"exported version {result.version} to {result.repository} (export id {result.export_id})"
-    )
-    for model, errors in result.parity.items():
-        worst = ", ".join(f"{k} {v:.2g}" for k, v in errors.items())
-        against = "the in-process fp32 ViT" if model == VIT else "PyTorch"
-        if model != VIT and "model" in result.quantized.get(model, {}):
-            against += " (its fp32 graph, before int8: the int8 graph's check is below)"
-        print(f"  {model}: parity with {against} (max abs error / mismatch fraction): {worst}")
-    for model, done in result.quantized.items():
-        agreement = (
-            f"int8 masks vs fp32: IoU {done['mask_iou']:.4f}, pixels agreeing "
-            f"{done['pixel_agreement']:.4f} on {done['photos']}"
-            if "mask_iou" in done
-            else _network_agreement(done)
-        )
-        if "int8_truth_iou" in done:
-            agreement += (
-                f"; against the truth of {done['truth_photos']}: IoU fp32 "
-                f"{done['fp32_truth_iou']:.4f}, int8 {done['int8_truth_iou']:.4f}"
-            )
-        print(f"  {model}: quantize {done['quantize']}; {agreement}".rstrip("; "))
-
-
-def _network_agreement(done: dict) -> str:
-    """What ``wsss export`` says of an int8 classifier or segmenter against its fp32 graph
-    (``export.repository._quantize_network``)."""
-    said = []
-    if "top_class_agreement" in done:
-        said.append(
-            f"top class kept on {done['top_class_agreement']:.1%} of {done['photos']}, scores "
-            f"moved by {done['max_abs_score']:.3f} at most"
-        )
-    if "present_class_agreement" in done:
-        said.append(
-            f"present classes kept on {done['present_class_agreement']:.1%} (served thresholds)"
-        )
-    if "top1_fp32" in done:
-        said.append(
-            f"accuracy fp32 {done['top1_fp32']:.3f}, int8 {done['top1_int8']:.3f} "
-            f"({done['labelled_photos']} photos of one class)"
-        )
-    if "map_fp32" in done:
-        said.append(f"mAP fp32 {done['map_fp32']:.3f}, int8 {done['map_int8']:.3f}")
-    if "truth_iou_fp32" in done:
-        per_image = (
-            f" ({done['truth_image_iou_fp32']:.4f} / {done['truth_image_iou_int8']:.4f} per image)"
-            if "truth_image_iou_int8" in done
-            else ""
-        )
-        said.append(
-            f"against the true masks: {done['truth_scored']} fp32 "
-            f"{done['truth_iou_fp32']:.4f}, int8 {done['truth_iou_int8']:.4f}{per_image}"
-        )
-    for key, value in done.items():
-        if key.endswith("_miou"):
-            mask = key.removesuffix("_miou").upper()
-            said.append(f"{mask} mIoU with fp32's {value:.4f} on {done['photos']}")
-    return "; ".join(said)
+    print(export_repository(cfg).summary())
 
 
 def cmd_serve(args) -> None:

@@ -127,6 +127,72 @@ class ExportResult:
     # Per quantized model: what was done and, on the photos at hand, how far its masks moved.
     quantized: dict[str, dict] = field(default_factory=dict)
 
+    def summary(self) -> str:
+        """What `wsss export` and `make serve`'s first build print: the version, each
+        model's parity with what it was exported from, and each int8 model's check."""
+        lines = [
+            f"exported version {self.version} to {self.repository} (export id {self.export_id})"
+        ]
+        for model, errors in self.parity.items():
+            worst = ", ".join(f"{k} {v:.2g}" for k, v in errors.items())
+            against = "the in-process fp32 ViT" if model == VIT else "PyTorch"
+            if model != VIT and "model" in self.quantized.get(model, {}):
+                against += " (its fp32 graph, before int8: the int8 graph's check is below)"
+            lines.append(
+                f"  {model}: parity with {against} (max abs error / mismatch fraction): {worst}"
+            )
+        for model, done in self.quantized.items():
+            agreement = (
+                f"int8 masks vs fp32: IoU {done['mask_iou']:.4f}, pixels agreeing "
+                f"{done['pixel_agreement']:.4f} on {done['photos']}"
+                if "mask_iou" in done
+                else _network_agreement(done)
+            )
+            if "int8_truth_iou" in done:
+                agreement += (
+                    f"; against the truth of {done['truth_photos']}: IoU fp32 "
+                    f"{done['fp32_truth_iou']:.4f}, int8 {done['int8_truth_iou']:.4f}"
+                )
+            lines.append(f"  {model}: quantize {done['quantize']}; {agreement}".rstrip("; "))
+        return "\n".join(lines)
+
+
+def _network_agreement(done: dict) -> str:
+    """What ``wsss export`` says of an int8 classifier or segmenter against its fp32 graph
+    (``export.repository._quantize_network``)."""
+    said = []
+    if "top_class_agreement" in done:
+        said.append(
+            f"top class kept on {done['top_class_agreement']:.1%} of {done['photos']}, scores "
+            f"moved by {done['max_abs_score']:.3f} at most"
+        )
+    if "present_class_agreement" in done:
+        said.append(
+            f"present classes kept on {done['present_class_agreement']:.1%} (served thresholds)"
+        )
+    if "top1_fp32" in done:
+        said.append(
+            f"accuracy fp32 {done['top1_fp32']:.3f}, int8 {done['top1_int8']:.3f} "
+            f"({done['labelled_photos']} photos of one class)"
+        )
+    if "map_fp32" in done:
+        said.append(f"mAP fp32 {done['map_fp32']:.3f}, int8 {done['map_int8']:.3f}")
+    if "truth_iou_fp32" in done:
+        per_image = (
+            f" ({done['truth_image_iou_fp32']:.4f} / {done['truth_image_iou_int8']:.4f} per image)"
+            if "truth_image_iou_int8" in done
+            else ""
+        )
+        said.append(
+            f"against the true masks: {done['truth_scored']} fp32 "
+            f"{done['truth_iou_fp32']:.4f}, int8 {done['truth_iou_int8']:.4f}{per_image}"
+        )
+    for key, value in done.items():
+        if key.endswith("_miou"):
+            mask = key.removesuffix("_miou").upper()
+            said.append(f"{mask} mIoU with fp32's {value:.4f} on {done['photos']}")
+    return "; ".join(said)
+
 
 def export_repository(cfg: Config) -> ExportResult:
     """Export into ``cfg.export.repository``, one export at a time (see ``export.lock``).
@@ -1013,5 +1079,4 @@ def build_if_missing(cfg: Config) -> None:
     rewritten = ensure_synth(cfg.data.root, SynthOptions.of(cfg.data))
     if rewritten or not (Path(cfg.runs) / "segmenter" / "best.pt").exists():
         stages.run(cfg)
-    result = export_repository(cfg)
-    print(f"exported version {result.version} to {result.repository}", flush=True)
+    print(export_repository(cfg).summary(), flush=True)

@@ -216,6 +216,35 @@ def test_build_if_missing_says_when_the_repository_holds_another_profiles_export
     assert exported_runs(tmp_path / "nothing") is None
 
 
+def test_make_serves_first_build_says_what_wsss_export_says(tmp_path, capsys, monkeypatch):
+    """The parity and int8 checks were printed by `wsss export` alone; `make serve`'s first
+    build said only the version."""
+    import export.repository as repository
+    import training.data.synth as synth
+
+    cfg = random_export_cfg(tmp_path, f"export.repository={tmp_path / 'fresh'}")
+    result = repository.ExportResult(
+        tmp_path / "fresh",
+        1,
+        {"classifier": {"SCORES": 1e-6}},
+        "e1",
+        {
+            "vit": {
+                "quantize": "static",
+                "mask_iou": 0.95,
+                "pixel_agreement": 0.98,
+                "photos": "16 photos",
+            }
+        },
+    )
+    monkeypatch.setattr(synth, "ensure_synth", lambda root, opts: False)
+    monkeypatch.setattr(repository, "export_repository", lambda cfg: result)
+    repository.build_if_missing(cfg)
+    out = capsys.readouterr().out
+    assert out == result.summary() + "\n"
+    assert "classifier: parity with PyTorch" in out and "vit: quantize static; int8 masks" in out
+
+
 def test_format_switch_serves_only_versions_in_the_new_format(tmp_path):
     cfg = random_export_cfg(tmp_path, "export.keep_versions=3")
     export_repository(cfg)

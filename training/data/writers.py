@@ -57,6 +57,10 @@ def _banded(label: np.ndarray, band: np.ndarray) -> np.ndarray:
     return mask
 
 
+# Oxford-IIIT Pet's species column.
+PET_SPECIES = {"cat": 1, "dog": 2}
+
+
 def write_pets(root: Path, records, names) -> None:
     images, trimaps = root / "images", root / "annotations" / "trimaps"
     images.mkdir(parents=True, exist_ok=True)
@@ -70,8 +74,11 @@ def write_pets(root: Path, records, names) -> None:
         trimap = np.where(label > 0, 1, 2).astype(np.uint8)
         trimap[band] = 3
         Image.fromarray(trimap).save(trimaps / f"{name}.png")
-        # <name> <class id 1..N> <species 1 cat / 2 dog> <breed id within species>
-        lists[split].append(f"{name} {cls + 1} 1 {cls + 1}")
+        # <name> <class id 1..N> <species 1 cat / 2 dog> <breed id within species>; the
+        # benchmark's other animals are neither: 0, which names no species (all were "1",
+        # so a cat/dog model scored on them took a zebra for a cat)
+        species = PET_SPECIES.get(names[cls].lower(), 0)
+        lists[split].append(f"{name} {cls + 1} {species} {cls + 1}")
     (root / "annotations" / "trainval.txt").write_text("\n".join(lists["train"]) + "\n")
     (root / "annotations" / "test.txt").write_text("\n".join(lists["test"]) + "\n")
 
