@@ -33,7 +33,7 @@ from benchmarks.serving import machine
 from serving.client import encoded_input
 from serving.infer import find_images
 from serving.server import TritonServer
-from wsss.errors import InputError
+from wsss.errors import InputError, UsageError
 from wsss.tensors import PIPELINE_BYTES, SEGMENTATION_FULL
 
 SERVER = "tritonserver"
@@ -279,16 +279,16 @@ def soak_report(args) -> int:
     """``wsss soak`` (``make soak``): its flags are the CLI table's ``SOAK``; 0 when no
     process grew past --max-growth and every request was answered, else 1."""
     if args.concurrency < 1:
-        raise InputError(
+        raise UsageError(
             f"--concurrency is the requests in flight, at least 1: not {args.concurrency}"
         )
     if not 0 <= args.warmup < args.requests:
-        raise InputError(
+        raise UsageError(
             f"--requests ({args.requests}) must be more than --warmup ({args.warmup}, at least "
             "0): growth is measured over the requests after the warm-up"
         )
     if args.max_growth <= 0:
-        raise InputError(f"--max-growth is a fraction (0.05: 5%), above 0: not {args.max_growth}")
+        raise UsageError(f"--max-growth is a fraction (0.05: 5%), above 0: not {args.max_growth}")
     args.images = args.images or PHOTOS
     items, missing = find_images([args.images])
     if missing or not items:

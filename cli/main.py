@@ -375,6 +375,11 @@ def _url(args) -> str:
 def cmd_infer(args) -> None:
     from serving.infer import FIGURE, InferOptions, read_list, run  # no torch, names: server's
 
+    url = _url(args)  # a contrary --url / --protocol: said before the lists are read
+    if args.concurrency < 1:
+        raise UsageError(
+            f"--concurrency is the requests in flight, at least 1: not {args.concurrency}"
+        )
     sources = [*args.images, *(s for f in args.list for s in read_list(f))]
     if not sources:
         raise UsageError("name image files, folders or globs, or --list FILE")
@@ -385,7 +390,7 @@ def cmd_infer(args) -> None:
     options = InferOptions(
         Path(args.out), args.concurrency, figures, args.resume, retry_seconds=args.retry_seconds
     )
-    report = run(sources, _url(args), args.protocol, options)
+    report = run(sources, url, args.protocol, options)
     for r in report.done if figures else ():
         found = ", ".join(f"{c['class']} ({_score(c['score'])})" for c in r["classes"])
         top = f"{r['top_class']} {_score(r['score'])}"
@@ -431,15 +436,19 @@ def cmd_bench(args) -> None:
         return
     from serving.client import PipelineClient, load_image
     from serving.infer import find_images
-    from serving.perf import PerfSettings, format_table, run_perf_analyzer
+    from serving.perf import BenchError, PerfSettings, format_table, run_perf_analyzer
 
-    settings = PerfSettings(
-        args.batch,
-        args.concurrency,
-        args.interval_ms,
-        args.stability,
-        request_count=args.request_count,
-    )
+    try:  # a flag's value out of its range: a usage error, said with the usage
+        settings = PerfSettings(
+            args.batch,
+            args.concurrency,
+            args.interval_ms,
+            args.stability,
+            request_count=args.request_count,
+        )
+    except BenchError as exc:
+        raise UsageError(str(exc)) from None
+    url = _url(args)  # a contrary --url / --protocol: said before the photos are read
     items, missing = find_images(args.images, writes=False)  # files, folders, globs
     if missing:
         sys.exit(f"wsss bench: {missing[0].path}: {missing[0].reason}")
@@ -448,7 +457,6 @@ def cmd_bench(args) -> None:
     for item in items:
         load_image(item.path)  # one that is not an image: said now, not by perf_analyzer
     files = [item.path.read_bytes() for item in items]
-    url = _url(args)
     client = PipelineClient(url, args.protocol)
     spec = client.all_specs[args.model]
     most = int(client._config(args.model, url).get("max_batch_size", 0))
@@ -1009,8 +1017,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
         known = {o.lstrip("-"): o for a in sub._actions for o in a.option_strings}
         close = [
             known[m]
-            for x in extra
-            if x.startswith("-")
+            for x in extra  # `export check` too: a flag typed without its dashes
             for m in difflib.get_close_matches(x.split("=")[0].lstrip("-"), known, 1)
         ]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""

@@ -200,7 +200,14 @@ def _check_model_file(cfg: mc.ModelConfig, version: Path, report: Report) -> Non
         elif fmt == "torchscript":
             _check_torchscript(cfg, path, where, report)
         else:
-            report.problems += [f"{where}: {p}" for p in python_model_problems(version)]
+            problems, imports = python_model_problems(version)
+            report.problems += [f"{where}: {p}" for p in problems]
+            report.notes += [
+                f"{where}: {name} imports the project (an export from before the served "
+                "code was copied beside model.py): it loads where the project is installed "
+                "and runs what it is now"
+                for name in imports
+            ]
     except Exception as exc:  # any load failure is the finding
         report.problems.append(f"{where}: {path.name} does not load: {exc}")
 
@@ -213,12 +220,14 @@ _PROJECT_IMPORT = re.compile(
 _LOCAL_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.M)
 
 
-def python_model_problems(version_dir: Path) -> list[str]:
-    """What keeps a Python model's version folder from loading on its own: model.py or a
-    module it imports from beside it (``from .x import``, followed through those modules)
-    missing or not compiling, or one importing the project. Each version is judged by its
-    own code, so one exported before a helper was added stays servable."""
-    problems, seen, todo = [], set(), [("model", None)]
+def python_model_problems(version_dir: Path) -> tuple[list[str], list[str]]:
+    """What keeps a Python model's version folder from loading (model.py or a module it
+    imports from beside it, ``from .x import`` followed through those modules, missing or
+    not compiling), and the modules of it that import the project: those load where the
+    project is installed (exports from before the served code was copied beside model.py)
+    and run whatever it has become. Each version is judged by its own code, so one exported
+    before a helper was added stays servable."""
+    problems, imports, seen, todo = [], [], set(), [("model", None)]
     while todo:
         module, by = todo.pop()
         if module in seen:
@@ -234,9 +243,9 @@ def python_model_problems(version_dir: Path) -> list[str]:
         except SyntaxError as exc:
             problems.append(f"{path.name} does not compile: {exc}")
         if _PROJECT_IMPORT.search(source):
-            problems.append(f"{path.name} imports the project: the repository must stand alone")
+            imports.append(path.name)
         todo += [(m, module) for m in _LOCAL_IMPORT.findall(source)]
-    return problems
+    return problems, imports
 
 
 def _check_torchscript(cfg: mc.ModelConfig, path: Path, where: str, report: Report) -> None:

@@ -1002,8 +1002,10 @@ def _same_tensors(
 
 
 def self_contained(version_dir: Path) -> bool:
-    """A Python model's version folder loads on its own (``python_model_problems``)."""
-    return not python_model_problems(version_dir)
+    """A Python model's version folder loads on its own, importing nothing of the project
+    (``python_model_problems``)."""
+    problems, imports = python_model_problems(version_dir)
+    return not problems and not imports
 
 
 def next_version(repo: Path) -> int:

@@ -855,12 +855,24 @@ def _upgrade(raw: dict[str, Any], given: bool = True) -> None:
                 f"export.refiner.quantize {old} (the ViT's switch when it ran inside the "
                 f"refiner) and export.vit.quantize {vit['quantize']}: give export.vit.quantize"
             )
-        # said, so that a refusal naming export.vit.quantize names a key the user knows
-        print(f"export.refiner.quantize is now export.vit.quantize: read as {old}", file=sys.stderr)
+        # said (once: a config is upgraded more than once a load, and loaded more than
+        # once a command), so that a refusal naming export.vit.quantize names a key the
+        # user knows
+        _say_once(f"export.refiner.quantize is now export.vit.quantize: read as {old}")
     levelset = raw.get("levelset")
     # levelset.feature_energy was an on/off switch before it became the feature term's weight.
     if isinstance(levelset, dict) and isinstance(levelset.get("feature_energy"), bool):
         levelset["feature_energy"] = float(levelset["feature_energy"])
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(note: str) -> None:
+    """``note`` on stderr, the first time this process says it."""
+    if note not in _SAID:
+        _SAID.add(note)
+        print(note, file=sys.stderr)
 
 
 def _get(node: Any, key: str) -> Any:

@@ -12,6 +12,8 @@ class WsssError(Exception):
     """Bad input or a failed step, reported to the user as one line."""
 
 
-class UsageError(WsssError):
-    """A command line whose options do not go together, or lack one another: said with
-    the command's own usage, status 2, as argparse says what it finds itself."""
+class UsageError(WsssError, InputError):
+    """A command line whose options do not go together, or an option's value out of its
+    range: said with the command's own usage, status 2, as argparse says what it finds
+    itself. Input refused, too (an ``InputError``) for callers of the functions behind the
+    commands."""

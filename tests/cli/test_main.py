@@ -185,6 +185,9 @@ def test_a_flag_the_command_does_not_take_is_said_by_that_command(capsys):
         main(["data", "synth", "--bogus"])
     err = capsys.readouterr().err
     assert "unrecognized arguments: --bogus" in err and "did you mean" not in err
+    with pytest.raises(SystemExit):  # a flag typed without its dashes
+        main(["export", "check"])
+    assert "(did you mean --check?)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stopped:
         main(["--version"])
     assert stopped.value.code == 0 and capsys.readouterr().out.startswith("wsss ")
@@ -318,12 +321,18 @@ def test_bench_and_soak_refuse_bad_flags_in_one_line_before_any_server(tmp_path)
         ("soak", "--concurrency", "0"): "at least 1: not 0",
         ("soak", "--images", str(tmp_path / "nowhere")): "no such folder, or no photos in it",
     }
-    usage = {("bench", "--sweep"), ("bench", "--refiners", "--seconds", "2")}
+    usage = {  # options that do not go together, or out of range: the usage, status 2
+        ("bench", "--sweep"),
+        ("bench", "--refiners", "--seconds", "2"),
+        ("soak", "--requests", "100"),
+        ("soak", "--concurrency", "0"),
+    }
     for args, said in cases.items():
         proc = wsss(*args, check=False)
         assert proc.returncode != 0 and said in proc.stderr, (args, proc.stderr)
-        if args in usage:  # options that do not go together: the command's usage, status 2
-            assert proc.returncode == 2 and proc.stderr.startswith("usage: wsss bench ")
+        if args in usage:
+            assert proc.returncode == 2, (args, proc.stderr)
+            assert proc.stderr.startswith(f"usage: wsss {args[0]} "), (args, proc.stderr)
         assert "Traceback" not in proc.stderr and "exported" not in proc.stdout
 
 
@@ -384,6 +393,17 @@ def test_usage_errors_found_after_parsing_are_said_with_the_usage_and_status_2(c
     cases = {
         ("infer",): "wsss infer: error: name image files, folders or globs",
         ("infer", "a.jpg", "--retry-seconds", "nan"): "--retry-seconds is 0 or more, finite",
+        ("infer", "a.jpg", "--concurrency", "0"): "--concurrency is the requests in flight",
+        ("bench", "--batch", "0"): "wsss bench: error: batch 0: at least 1",
+        (  # before the images are read (none there)
+            "bench",
+            "--url",
+            "http://127.0.0.1:1",
+            "--protocol",
+            "grpc",
+            "--images",
+            "/nonexistent/photos",
+        ): "says http:// and --protocol says grpc",
         (
             "study",
             "served",

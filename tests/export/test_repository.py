@@ -539,6 +539,18 @@ def test_a_training_only_refiner_is_refused_and_another_served(tmp_path):
         export_repository(walk)
 
 
+def test_an_older_export_importing_the_project_is_a_note_not_a_problem(good_repo, tmp_path):
+    """Exports from before the served code was copied beside model.py import the project:
+    Triton loads them from the project's environment, so --check says so and passes."""
+    repo = tmp_path / "repo"
+    shutil.copytree(good_repo, repo)
+    model = repo / "preprocess" / "1" / "model.py"
+    model.write_text("from wsss.served.images import decode_resized\n" + model.read_text())
+    report = check_repository(repo)
+    assert report.ok, report.problems
+    assert any("preprocess v1: model.py imports the project" in n for n in report.notes)
+
+
 def test_a_torchscript_model_has_the_inputs_and_outputs_its_config_names(tmp_path):
     """Triton's PyTorch backend maps ``NAME__i`` to the module's i-th input or output: an
     index past them loads, then fails each request."""
