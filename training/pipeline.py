@@ -361,6 +361,19 @@ def check_tiles(cfg, net: CAMClassifier, source: Path) -> None:
         )
 
 
+def check_cam_method(cfg, ls_meta: dict, source: Path) -> None:
+    """A level set evolves the CAMs of the method it was trained on (grad-CAM++'s are not
+    CAM's): a config asking another is refused, not fed to it. Checkpoints from before the
+    method was recorded say none."""
+    trained = ls_meta.get("cam_method")
+    if trained is not None and trained != cfg.classifier.cam_method:
+        raise InputError(
+            f"classifier.cam_method is {cfg.classifier.cam_method}, but the level set of "
+            f"{source} was trained on {trained} CAMs: --set classifier.cam_method={trained}, "
+            "or train it again"
+        )
+
+
 def refine_step(cfg, binary: bool | None = None) -> tuple[ClassifierGraph, Refiner, dict]:
     """The served classifier and refiner the config names, and the classifier's metadata
     (task, class names), from the run's checkpoints: the one place that reads them.
@@ -382,6 +395,8 @@ def refine_step(cfg, binary: bool | None = None) -> tuple[ClassifierGraph, Refin
         multi = get_task(meta["task"]).multi_label
         refine = resolved_refine(cfg, meta)
     check_tiles(cfg, net, runs / (network or "classifier"))
+    if network:
+        check_cam_method(cfg, ls_meta, runs / network)
     refiner = build_refiner(refine, multi, binary, levelset)
     served = ClassifierGraph(
         net, multi, refiner.needs_features, cfg.classifier.cam_method, meta["class_names"]

@@ -165,8 +165,9 @@ class LevelSetLoss:
             # or a photo with no mask at all) teaches nothing, as the seed term has it.
             known = (seeds != IGNORE).to(out.phi0.device, out.phi0.dtype)[:, None]
             err = ((out.phi0 - sdf.to(out.phi0.device)) ** 2 * known).sum((-2, -1))
-            err = err / known.sum((-2, -1)).clamp_min(1)
-            p = present.float()
+            decided = known.sum((-2, -1))  # [B, 1]: a photo all in doubt has no error to count
+            err = err / decided.clamp_min(1)
+            p = present.float() * (decided > 0)
             terms["mse"] = (err * p).sum() / p.sum().clamp_min(1)
             loss = loss + cfg.lambda_mse * terms["mse"]
         if cfg.lambda_energy:

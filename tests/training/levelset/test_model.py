@@ -132,6 +132,25 @@ def test_pixels_in_doubt_teach_the_level_set_nothing():
     assert loss(out, (seeds, labels)) > 0
 
 
+def test_a_photo_all_in_doubt_does_not_dilute_the_mse():
+    """Its present class counted in the mean with no error at all: a batch of it and a
+    photo with an error of 1 averaged 0.5."""
+    from types import SimpleNamespace
+
+    masks = np.zeros((2, 32, 32), np.uint8)
+    masks[0, 6:26, 6:26] = 1
+    masks[1] = 255  # no pixel decided
+    loss = LevelSetLoss(LevelSetConfig(lambda_energy=0.0), 1, True, 32)
+    seeds, labels = torch.from_numpy(masks).long(), torch.ones(2, 1)
+    phi0 = torch.from_numpy(sdf_targets(masks, 1, clip=3.2)) + 1.0  # off by 1 everywhere
+    out = SimpleNamespace(phi0=phi0, phi=phi0)
+    alone = SimpleNamespace(phi0=phi0[:1], phi=phi0[:1])
+    assert loss(alone, (seeds[:1], labels[:1])).item() == pytest.approx(1.0)
+    assert loss(out, (seeds, labels)).item() == pytest.approx(
+        loss(alone, (seeds[:1], labels[:1])).item()
+    )
+
+
 def test_weighted_energy_equals_materialised_form():
     torch.manual_seed(0)
     phi = torch.randn(2, 3, 12, 12, dtype=torch.float64)

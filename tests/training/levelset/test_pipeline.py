@@ -46,11 +46,28 @@ def test_training_writes_checkpoint_and_pseudo_masks(levelset_cfg):
     runs = Path(levelset_cfg.runs)
     ckpt = load_checkpoint(runs / "levelset" / "best.pt")
     assert ckpt["meta"]["family"] == "levelset" and not ckpt["meta"]["finetune"]
+    assert ckpt["meta"]["cam_method"] == levelset_cfg.classifier.cam_method
     assert any(k.startswith("head.evolution.layers.3.spectral") for k in ckpt["state_dict"])
     lines = (runs / "levelset" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and all(np.isfinite(json.loads(x)["val_loss"]) for x in lines)
     masks = np.load(runs / "pseudo" / "train_masks.npz")["masks"]
     assert set(np.unique(masks)) <= {0, 1}  # binary task: background / pet
+
+
+def test_a_level_set_is_fed_only_the_cams_it_was_trained_on(levelset_cfg):
+    """Grad-CAM++'s maps are not CAM's: asked of a level set trained on CAM, the served and
+    in-process refiners were built without a word (11% of its mask pixels moved)."""
+    from training.pipeline import refine_step
+    from wsss.errors import InputError
+
+    assert levelset_cfg.classifier.cam_method == "cam"
+    other = dataclasses.replace(
+        levelset_cfg,
+        classifier=dataclasses.replace(levelset_cfg.classifier, cam_method="gradcam++"),
+    )
+    with pytest.raises(InputError, match="trained on cam CAMs: --set classifier.cam_method=cam"):
+        refine_step(other)
+    refine_step(levelset_cfg)  # its own method: built
 
 
 def ckpt_finetuned(runs: Path) -> bool:
