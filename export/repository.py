@@ -395,10 +395,7 @@ def unserved_versions(repo: Path, keep: dict[str, list[int]], new: int, on_disk:
         if not (folder / "config.pbtxt").is_file():
             continue
         found = versions(folder)
-        try:
-            now = served_versions(parse((folder / "config.pbtxt").read_text()), folder)
-        except (ParseError, OSError, UnicodeDecodeError):
-            now = found
+        now = _served_now(folder, found, unreadable=found)
         newest = sorted({*found, new})[-on_disk:]
         unserved += [f"{name}/{v}" for v in found if v not in {*kept, *now, *newest}]
     return unserved
@@ -905,16 +902,17 @@ def servable_versions(
     return (usable + [new])[-keep:]
 
 
-def _served_now(folder: Path, found: list[int]) -> list[int]:
+def _served_now(folder: Path, found: list[int], unreadable: Sequence[int] = ()) -> list[int]:
     """The versions the config on disk serves (those of the tensors and classes it names);
-    with no config there, every version found; with one that does not read, none."""
+    with no config there, every version ``found``; with one that does not read,
+    ``unreadable`` (none to serve again; every one to keep on disk)."""
     path = folder / "config.pbtxt"
     if not path.is_file():
         return found
     try:
         return served_versions(parse(path.read_text()), folder)
     except (ParseError, OSError, UnicodeDecodeError):
-        return []
+        return list(unreadable)
 
 
 def _changed_tensors(

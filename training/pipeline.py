@@ -25,7 +25,7 @@ from training.models import build_classifier, build_segmenter
 from training.models.classifier import CAMClassifier
 from training.models.common import to_pixels
 from training.torch_refiners import Refiner, build_refiner
-from wsss.config import PASSTHROUGH, Config, served_config
+from wsss.config import PASSTHROUGH, Config, load_saved_config, served_config
 from wsss.errors import InputError
 from wsss.served.registry import RefinerSpec
 from wsss.task import get_task
@@ -361,16 +361,19 @@ def check_tiles(cfg, net: CAMClassifier, source: Path) -> None:
         )
 
 
-def check_cam_method(cfg, ls_meta: dict, source: Path) -> None:
+def check_cam_method(cfg, checkpoint: Path) -> None:
     """A level set evolves the CAMs of the method it was trained on (grad-CAM++'s are not
-    CAM's): a config asking another is refused, not fed to it. Checkpoints from before the
-    method was recorded say none."""
-    trained = ls_meta.get("cam_method")
-    if trained is not None and trained != cfg.classifier.cam_method:
+    CAM's), which the config its run saved beside ``checkpoint`` names (as the CAM study
+    reads it): a config asking another is refused, not fed to it."""
+    saved = checkpoint.parent / "config.yaml"
+    if not saved.is_file():  # a checkpoint copied without its run: nothing to compare
+        return
+    trained = load_saved_config(saved).classifier.cam_method
+    if trained != cfg.classifier.cam_method:
         raise InputError(
             f"classifier.cam_method is {cfg.classifier.cam_method}, but the level set of "
-            f"{source} was trained on {trained} CAMs: --set classifier.cam_method={trained}, "
-            "or train it again"
+            f"{checkpoint.parent} was trained on {trained} CAMs: "
+            f"--set classifier.cam_method={trained}, or train it again"
         )
 
 
@@ -396,7 +399,7 @@ def refine_step(cfg, binary: bool | None = None) -> tuple[ClassifierGraph, Refin
         refine = resolved_refine(cfg, meta)
     check_tiles(cfg, net, runs / (network or "classifier"))
     if network:
-        check_cam_method(cfg, ls_meta, runs / network)
+        check_cam_method(cfg, runs / network)
     refiner = build_refiner(refine, multi, binary, levelset)
     served = ClassifierGraph(
         net, multi, refiner.needs_features, cfg.classifier.cam_method, meta["class_names"]

@@ -456,8 +456,6 @@ def train_levelset(
         "kwargs": kwargs,
         "finetune": cfg.levelset.finetune,
         "classifier": cmeta,
-        # the CAMs the head learnt to evolve: another method's feed it maps it never saw
-        "cam_method": cfg.classifier.cam_method,
     }
     epochs, lr = cfg.levelset.epochs, cfg.levelset.lr
     return _train(cfg, model, train, val, loss, meta, epochs, lr, resume=resume)

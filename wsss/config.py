@@ -685,7 +685,8 @@ class _KeyError(ConfigError):
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then ``a.b=c`` overrides, each checked against the types."""
     raw: dict[str, Any] = {} if path is None else read_yaml(Path(path))
-    file_raw = _upgraded(copy.deepcopy(raw))
+    file_raw = copy.deepcopy(raw)
+    _upgrade(file_raw)
     from_file = _known(Config, file_raw) != file_raw  # the file holds a key wsss does not
     _override(raw, overrides, Config)
     _upgrade(raw)
@@ -695,11 +696,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if from_file and str(exc).startswith("unknown config key"):
             raise ConfigError(f"{path}: {exc}") from None
         raise
-
-
-def _upgraded(raw: dict[str, Any]) -> dict[str, Any]:
-    _upgrade(raw)
-    return raw
 
 
 def load_saved_config(path: str | Path) -> Config:
